@@ -1,0 +1,309 @@
+//! The node's configuration: one typed tree, read from YAML, defaults in one place, validated
+//! before anything starts. Every field is documented in `docs/configuration.md`; every field can
+//! also be set by a flag of `anthill node` (see [`crate::cli`]), which wins over the file.
+//!
+//! An invalid configuration is an error that names the field and the reason; the node never
+//! starts half-configured.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node in logs, metrics and `anthill status`.
+    pub node_id: String,
+    /// Directory of the LMDB environment; created if missing.
+    pub data_dir: PathBuf,
+    /// gRPC listen address. Port 0 picks a free port (printed at start).
+    pub listen_addr: SocketAddr,
+    /// Prometheus `/metrics` listen address; absent turns the endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
+    pub storage: StorageConfig,
+    pub group_commit: GroupCommitConfig,
+    pub limits: LimitsConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Number of partitions, fixed when the data directory is created.
+    pub partitions: u32,
+    /// Memory map size at first open; it grows as the database does.
+    pub map_size_initial_bytes: u64,
+    /// The map never grows past this; writes are then refused with a clear error.
+    pub map_size_max_bytes: u64,
+    /// LMDB reader slots: the most read transactions open at once.
+    pub max_readers: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupCommitConfig {
+    /// How long the writer waits for more appends after the first of a batch, in microseconds.
+    /// 0: commit whatever queued up while the previous commit was syncing.
+    pub max_wait_us: u64,
+    /// A batch closes once it holds this many events...
+    pub max_batch_events: usize,
+    /// ... or this many payload bytes.
+    pub max_batch_bytes: usize,
+    /// Appends waiting for the writer; when full, callers wait (backpressure).
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_stream_id_bytes: usize,
+    pub max_event_type_bytes: usize,
+    /// Largest event: payload plus metadata keys and values.
+    pub max_event_bytes: usize,
+    pub max_events_per_append: usize,
+    /// Largest gRPC message the node accepts.
+    pub max_request_bytes: usize,
+    /// Most events one Read or ReadPartition returns.
+    pub max_read_count: u32,
+    /// Events buffered per subscriber before the node waits for it to read.
+    pub subscribe_buffer_events: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. `info` or `anthill_node=debug,info`.
+    pub log_level: String,
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`; absent: no export.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans.
+    pub service_name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: "node-1".into(),
+            data_dir: PathBuf::from("anthill-data"),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            storage: StorageConfig::default(),
+            group_commit: GroupCommitConfig::default(),
+            limits: LimitsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            partitions: 64,
+            map_size_initial_bytes: 1 << 30,
+            map_size_max_bytes: 256 << 30,
+            max_readers: 1024,
+        }
+    }
+}
+
+impl Default for GroupCommitConfig {
+    fn default() -> Self {
+        GroupCommitConfig { max_wait_us: 100, max_batch_events: 20_000, max_batch_bytes: 32 << 20, queue_capacity: 4096 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_stream_id_bytes: 256,
+            max_event_type_bytes: 256,
+            max_event_bytes: 1 << 20,
+            max_events_per_append: 10_000,
+            max_request_bytes: 16 << 20,
+            max_read_count: 10_000,
+            subscribe_buffer_events: 1024,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_format: LogFormat::Human,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            service_name: "anthill".into(),
+        }
+    }
+}
+
+/// Most partitions a cluster may have (keeps per-partition state small and bounded).
+pub const MAX_PARTITIONS: u32 = 4096;
+
+impl NodeConfig {
+    /// Reads and validates a YAML file. Fields the file leaves out take their defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: NodeConfig = if text.trim().is_empty() {
+            NodeConfig::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?
+        };
+        Ok(config)
+    }
+
+    /// Checks every rule the fields must meet together; the first broken one is the error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let s = &self.storage;
+        let g = &self.group_commit;
+        let l = &self.limits;
+        if self.node_id.trim().is_empty() {
+            return invalid("node_id", "must not be empty".into());
+        }
+        if s.partitions == 0 || s.partitions > MAX_PARTITIONS {
+            return invalid("storage.partitions", format!("must be between 1 and {MAX_PARTITIONS}, got {}", s.partitions));
+        }
+        if s.map_size_max_bytes < (16 << 20) {
+            return invalid("storage.map_size_max_bytes", format!("must be at least 16 MiB, got {}", s.map_size_max_bytes));
+        }
+        if s.map_size_initial_bytes == 0 || s.map_size_initial_bytes > s.map_size_max_bytes {
+            return invalid(
+                "storage.map_size_initial_bytes",
+                format!("must be between 1 and storage.map_size_max_bytes ({}), got {}", s.map_size_max_bytes, s.map_size_initial_bytes),
+            );
+        }
+        if s.max_readers < 16 {
+            return invalid("storage.max_readers", format!("must be at least 16, got {}", s.max_readers));
+        }
+        if g.max_wait_us > 1_000_000 {
+            return invalid("group_commit.max_wait_us", format!("must be at most 1000000 (1 s), got {}", g.max_wait_us));
+        }
+        if g.max_batch_events < l.max_events_per_append {
+            return invalid(
+                "group_commit.max_batch_events",
+                format!("must be at least limits.max_events_per_append ({}), got {}", l.max_events_per_append, g.max_batch_events),
+            );
+        }
+        if g.max_batch_bytes < l.max_request_bytes {
+            return invalid(
+                "group_commit.max_batch_bytes",
+                format!("must be at least limits.max_request_bytes ({}), got {}", l.max_request_bytes, g.max_batch_bytes),
+            );
+        }
+        if g.queue_capacity == 0 {
+            return invalid("group_commit.queue_capacity", "must be at least 1".into());
+        }
+        if l.max_stream_id_bytes == 0 || l.max_stream_id_bytes > 1024 {
+            return invalid("limits.max_stream_id_bytes", format!("must be between 1 and 1024, got {}", l.max_stream_id_bytes));
+        }
+        if l.max_event_type_bytes == 0 || l.max_event_type_bytes > 1024 {
+            return invalid("limits.max_event_type_bytes", format!("must be between 1 and 1024, got {}", l.max_event_type_bytes));
+        }
+        if l.max_event_bytes == 0 || l.max_event_bytes > l.max_request_bytes {
+            return invalid(
+                "limits.max_event_bytes",
+                format!("must be between 1 and limits.max_request_bytes ({}), got {}", l.max_request_bytes, l.max_event_bytes),
+            );
+        }
+        if l.max_request_bytes > (256 << 20) {
+            return invalid("limits.max_request_bytes", format!("must be at most 256 MiB, got {}", l.max_request_bytes));
+        }
+        if l.max_events_per_append == 0 {
+            return invalid("limits.max_events_per_append", "must be at least 1".into());
+        }
+        if l.max_read_count == 0 {
+            return invalid("limits.max_read_count", "must be at least 1".into());
+        }
+        if l.subscribe_buffer_events == 0 {
+            return invalid("limits.subscribe_buffer_events", "must be at least 1".into());
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return invalid("telemetry.otlp_endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
+            return invalid("telemetry.log_level", format!("is not a tracing filter: {:?}", self.telemetry.log_level));
+        }
+        Ok(())
+    }
+}
+
+impl GroupCommitConfig {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_micros(self.max_wait_us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = NodeConfig::load(&path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn given_a_partial_file_when_loaded_then_other_fields_take_defaults() {
+        let config = parse("node_id: a\nstorage:\n  partitions: 8\n").unwrap();
+        assert_eq!(config.storage.partitions, 8);
+        assert_eq!(config.storage.map_size_max_bytes, StorageConfig::default().map_size_max_bytes);
+    }
+
+    #[test]
+    fn given_an_unknown_field_when_loaded_then_the_error_names_it() {
+        let err = parse("storage:\n  partitons: 8\n").unwrap_err().to_string();
+        assert!(err.contains("partitons"), "{err}");
+    }
+
+    #[test]
+    fn given_zero_partitions_when_validated_then_the_error_names_the_field_and_reason() {
+        let err = parse("storage:\n  partitions: 0\n").unwrap_err().to_string();
+        assert_eq!(err, "invalid configuration: storage.partitions: must be between 1 and 4096, got 0");
+    }
+
+    #[test]
+    fn given_a_wrong_type_when_loaded_then_the_error_says_where() {
+        let err = parse("listen_addr: not-an-address\n").unwrap_err().to_string();
+        assert!(err.contains("listen_addr") || err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn given_an_event_limit_over_the_request_limit_when_validated_then_it_is_refused() {
+        let err = parse("limits:\n  max_event_bytes: 100000000\n  max_request_bytes: 1000\n").unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: limits.max_event_bytes"), "{err}");
+    }
+}

@@ -1,0 +1,51 @@
+//! Which partition a stream lives in: `fnv1a_64(stream id as UTF-8 bytes) mod partition_count`.
+//!
+//! FNV-1a (64-bit: offset basis 0xcbf29ce484222325, prime 0x100000001b3) is a few lines in any
+//! language, so clients can route without this crate. The mapping is part of the storage
+//! format: changing it would move streams, so it must never change (tests pin known values).
+
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(FNV_OFFSET_BASIS, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME))
+}
+
+/// The partition of `stream` among `partition_count` partitions.
+pub fn partition_of(stream: &str, partition_count: u32) -> u32 {
+    assert!(partition_count > 0, "partition count must be positive");
+    (fnv1a_64(stream.as_bytes()) % u64::from(partition_count)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a_64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a_64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a_64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn given_the_default_64_partitions_then_known_streams_stay_where_they_are() {
+        // Pinned: a change here moves stored streams and breaks every existing data directory.
+        let pinned: Vec<u32> = ["account-1", "account-2", "order-42", "stream"].iter().map(|s| partition_of(s, 64)).collect();
+        let expected: Vec<u32> = ["account-1", "account-2", "order-42", "stream"]
+            .iter()
+            .map(|s| (fnv1a_64(s.as_bytes()) % 64) as u32)
+            .collect();
+        assert_eq!(pinned, expected);
+        assert_eq!(partition_of("foobar", 64), (0x85944171f73967e8u64 % 64) as u32);
+    }
+
+    #[test]
+    fn streams_spread_over_all_partitions() {
+        let mut seen = [0u32; 64];
+        for i in 0..6400 {
+            seen[partition_of(&format!("s-{i}"), 64) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| (50..=150).contains(&n)), "{seen:?}");
+    }
+}

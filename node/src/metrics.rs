@@ -1,0 +1,118 @@
+//! Prometheus metrics of one node and the `/metrics` HTTP endpoint that serves them.
+//!
+//! Every queue and every disk sync has a metric: the append queue's depth, events per group
+//! commit, commit (sync) latency, database and map size. Metrics are updated where the work
+//! happens (the writer, the API) and only read here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Append requests by outcome: `ok`, `wrong_expected_version`, `invalid`, `error`.
+    pub append_requests: Family<Labels, Counter>,
+    pub events_appended: Counter,
+    pub commits: Counter,
+    pub batch_events: Histogram,
+    pub commit_seconds: Histogram,
+    pub append_queue_depth: Gauge,
+    pub db_used_bytes: Gauge,
+    pub map_size_bytes: Gauge,
+    pub events_read: Counter,
+    pub subscribers: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("anthill");
+        let m = Metrics {
+            append_requests: Family::default(),
+            events_appended: Counter::default(),
+            commits: Counter::default(),
+            batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            append_queue_depth: Gauge::default(),
+            db_used_bytes: Gauge::default(),
+            map_size_bytes: Gauge::default(),
+            events_read: Counter::default(),
+            subscribers: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("append_requests", "Append requests by outcome", m.append_requests.clone());
+        registry.register("events_appended", "Events made durable", m.events_appended.clone());
+        registry.register("commits", "Group commits (LMDB write transactions synced)", m.commits.clone());
+        registry.register("batch_events", "Events per group commit", m.batch_events.clone());
+        registry.register("commit_seconds", "Time to write and sync one group commit", m.commit_seconds.clone());
+        registry.register("append_queue_depth", "Appends waiting for the writer", m.append_queue_depth.clone());
+        registry.register("db_used_bytes", "Bytes of the LMDB map in use", m.db_used_bytes.clone());
+        registry.register("map_size_bytes", "Size of the LMDB memory map", m.map_size_bytes.clone());
+        registry.register("events_read", "Events returned by reads and subscriptions", m.events_read.clone());
+        registry.register("subscribers", "Open subscriptions", m.subscribers.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn count_append(&self, outcome: &'static str) {
+        self.append_requests.get_or_create(&vec![("outcome", outcome)]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Binds the metrics listener (port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_text_has_every_metric_with_the_prefix() {
+        let m = Metrics::default();
+        m.count_append("ok");
+        m.events_appended.inc_by(3);
+        let text = m.render();
+        assert!(text.contains("anthill_append_requests_total{outcome=\"ok\"} 1"), "{text}");
+        assert!(text.contains("anthill_events_appended_total 3"), "{text}");
+        assert!(text.contains("anthill_commit_seconds_bucket"), "{text}");
+    }
+}
