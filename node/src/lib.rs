@@ -4,10 +4,19 @@
 //! request → [`api`] (gRPC, validation, error mapping) → [`log`] (partitioning, expected-version
 //! rules, group commit) → [`storage`] (LMDB environment, key layout, record format).
 //! Around them: [`server`] wires a node together and shuts it down cleanly, [`config`] is its
-//! typed configuration, [`telemetry`] and [`metrics`] make it observable, [`client`], [`bench`]
-//! and [`cli`] are the `anthill` command's client side.
+//! typed configuration, [`telemetry`] and [`metrics`] make it observable. The `anthill` command's
+//! side: [`cli`] parses it, [`client`] talks to nodes, [`local`] runs nodes as child processes,
+//! [`bench`] loads them and [`demo`] shows one working.
 
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod demo;
+pub mod local;
 pub mod log;
 pub mod metrics;
+pub mod server;
 pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,237 @@
+//! The gRPC face of a node: the `EventLog` and `Node` services of `proto/anthill/v1`.
+//!
+//! This module turns wire messages into [`crate::log`] calls and log outcomes into gRPC statuses,
+//! one status per error kind, on purpose:
+//!
+//! | outcome                                  | status                |
+//! |------------------------------------------|-----------------------|
+//! | bad input (ids, sizes, partitions, ...)  | `INVALID_ARGUMENT`    |
+//! | expected version not met                 | `FAILED_PRECONDITION` + trailer `anthill-actual-version` |
+//! | storage full (map at its maximum)        | `RESOURCE_EXHAUSTED`  |
+//! | a stored record fails its checksum       | `DATA_LOSS`           |
+//! | node shutting down                       | `UNAVAILABLE`         |
+//! | other storage failure                    | `INTERNAL`            |
+//!
+//! Input is validated before anything is queued, so a refused request writes nothing. Blocking
+//! LMDB reads run on the blocking pool, never on the async workers.
+
+mod subscribe;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anthill_proto::v1 as pb;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::log::{self, AppendError, ExpectedVersion, Log, NewEvent};
+use crate::storage::{EventRecord, StorageError};
+
+/// Shared state of both services.
+#[derive(Clone)]
+pub struct Api {
+    log: Arc<Log>,
+    node_id: String,
+    started: Instant,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Api {
+    /// `shutdown` turns true when the node stops; open subscriptions then end.
+    pub fn new(log: Arc<Log>, node_id: String, shutdown: watch::Receiver<bool>) -> Self {
+        Api { log, node_id, started: Instant::now(), shutdown }
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<(), Status> {
+        let count = self.log.partition_count();
+        if partition >= count {
+            return Err(Status::invalid_argument(format!(
+                "partition: {partition} does not exist; this cluster has partitions 0 to {}",
+                count - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// The number of events a read may return: the request's `max_count`, capped by the limit.
+    fn read_count(&self, max_count: u32) -> usize {
+        let limit = self.log.limits().max_read_count;
+        (if max_count == 0 { limit } else { max_count.min(limit) }) as usize
+    }
+
+    /// Runs a blocking read and turns it into a `ReadResponse`. Reads `max + 1` events to learn
+    /// whether the end was reached, and stops early once the response would pass the size limit.
+    async fn read_slice<F>(&self, max: usize, next_of: fn(&EventRecord) -> u64, read: F, from: u64) -> Result<pb::ReadResponse, Status>
+    where
+        F: FnOnce(&Log, usize) -> Result<Vec<EventRecord>, StorageError> + Send + 'static,
+    {
+        let log = self.log.clone();
+        let mut events = tokio::task::spawn_blocking(move || read(&log, max + 1))
+            .await
+            .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+            .map_err(|e| storage_status(&e))?;
+        let mut end_of_stream = events.len() <= max;
+        events.truncate(max);
+        let byte_limit = self.log.limits().max_request_bytes;
+        let mut bytes = 0;
+        let keep = events
+            .iter()
+            .take_while(|e| {
+                bytes += e.payload.len() + e.stream.len() + e.event_type.len() + 64;
+                bytes <= byte_limit
+            })
+            .count()
+            .max(1)
+            .min(events.len());
+        if keep < events.len() {
+            events.truncate(keep);
+            end_of_stream = false;
+        }
+        let next = events.last().map(|e| next_of(e) + 1).unwrap_or(from.max(1));
+        Ok(pb::ReadResponse { events: events.into_iter().map(recorded_event).collect(), next, end_of_stream })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::event_log_server::EventLog for Api {
+    async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "append",
+            stream = %req.stream,
+            events = req.events.len(),
+            partition = tracing::field::Empty,
+            position = tracing::field::Empty
+        );
+        let request = log::AppendRequest {
+            expected: expected_version(req.expected_version)?,
+            events: req.events.into_iter().map(new_event).collect(),
+            stream: req.stream,
+        };
+        let appended = self.log.append(request).instrument(span.clone()).await.map_err(append_status)?;
+        span.record("partition", appended.partition);
+        span.record("position", appended.last_position);
+        Ok(Response::new(pb::AppendResponse {
+            partition: appended.partition,
+            first_position: appended.first_position,
+            last_position: appended.last_position,
+            stream_version: appended.stream_version,
+        }))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        let req = request.into_inner();
+        log::validate_stream_id(self.log.limits(), &req.stream).map_err(Status::invalid_argument)?;
+        let max = self.read_count(req.max_count);
+        let from = req.from_version;
+        let stream = req.stream;
+        let span = tracing::info_span!("read", stream = %stream, from_version = from);
+        let response = self
+            .read_slice(max, |e| e.stream_version, move |log, n| log.read_stream(&stream, from, n), from)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn read_partition(&self, request: Request<pb::ReadPartitionRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        let req = request.into_inner();
+        self.check_partition(req.partition)?;
+        let max = self.read_count(req.max_count);
+        let (partition, from) = (req.partition, req.from_position);
+        let span = tracing::info_span!("read_partition", partition, from_position = from);
+        let response = self
+            .read_slice(max, |e| e.position, move |log, n| log.read_partition(partition, from, n), from)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    type SubscribeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let plan = subscribe::Plan::from_request(self, request.into_inner())?;
+        Ok(Response::new(subscribe::start(self.log.clone(), plan, self.shutdown.clone())))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for Api {
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let heads = self.log.commits().borrow().heads.clone();
+        let sizes = self.log.store().sizes();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            partition_count: self.log.partition_count(),
+            partitions: heads
+                .iter()
+                .enumerate()
+                .map(|(p, &head)| pb::PartitionStatus { partition: p as u32, head_position: head, epoch: log::SINGLE_NODE_EPOCH })
+                .collect(),
+            total_events: heads.iter().sum(),
+            db_size_bytes: sizes.used_bytes,
+            map_size_bytes: sizes.map_size_bytes,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            data_dir: self.log.store().dir().display().to_string(),
+        }))
+    }
+}
+
+fn expected_version(expected: Option<pb::ExpectedVersion>) -> Result<ExpectedVersion, Status> {
+    use pb::expected_version::Kind;
+    Ok(match expected.and_then(|e| e.kind) {
+        None | Some(Kind::Any(_)) => ExpectedVersion::Any,
+        Some(Kind::NoStream(_)) => ExpectedVersion::NoStream,
+        Some(Kind::StreamExists(_)) => ExpectedVersion::StreamExists,
+        Some(Kind::Exact(v)) => ExpectedVersion::Exact(v),
+    })
+}
+
+fn new_event(event: pb::EventData) -> NewEvent {
+    let mut metadata: Vec<(String, String)> = event.metadata.into_iter().collect();
+    metadata.sort_unstable();
+    NewEvent { event_type: event.r#type, payload: event.payload, metadata }
+}
+
+/// The wire form of a stored event.
+pub fn recorded_event(e: EventRecord) -> pb::RecordedEvent {
+    pb::RecordedEvent {
+        partition: e.partition,
+        position: e.position,
+        stream: e.stream,
+        stream_version: e.stream_version,
+        r#type: e.event_type,
+        payload: e.payload,
+        metadata: e.metadata.into_iter().collect::<HashMap<_, _>>(),
+        append_time_us: e.append_time_us,
+        epoch: e.epoch,
+    }
+}
+
+/// Name of the trailer that carries a stream's actual version on `FAILED_PRECONDITION`.
+pub const ACTUAL_VERSION_TRAILER: &str = "anthill-actual-version";
+
+fn append_status(error: AppendError) -> Status {
+    match &error {
+        AppendError::Invalid(message) => Status::invalid_argument(message.clone()),
+        AppendError::WrongExpectedVersion { actual, .. } => {
+            let mut status = Status::failed_precondition(error.to_string());
+            status
+                .metadata_mut()
+                .insert(ACTUAL_VERSION_TRAILER, actual.to_string().parse().expect("a number is valid metadata"));
+            status
+        }
+        AppendError::Storage(e) => storage_status(e),
+        AppendError::ShuttingDown => Status::unavailable(error.to_string()),
+    }
+}
+
+fn storage_status(error: &StorageError) -> Status {
+    match error {
+        StorageError::Full { .. } => Status::resource_exhausted(error.to_string()),
+        StorageError::Corrupt(_) => Status::data_loss(error.to_string()),
+        _ => Status::internal(error.to_string()),
+    }
+}

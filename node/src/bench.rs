@@ -1,0 +1,429 @@
+//! `anthill bench`: a load generator for a node, and the raw-LMDB baseline it is compared with.
+//!
+//! Workloads:
+//! - `append`: `--concurrency` clients, each sending Appends of `--batch` events of
+//!   `--event-size` bytes to random streams, closed-loop, or open-loop at `--rate` requests/s in
+//!   total (latency is then measured from each request's *scheduled* start, so a stalled server is
+//!   not hidden by clients that slowed down with it — no coordinated omission);
+//! - `read`: clients reading every partition with ReadPartition, `--batch` events per request;
+//! - `raw`: the same appends as `append`, into a [`Log`] in this process — the same LMDB writer
+//!   and group commit, no gRPC, no network: the baseline that shows what the API costs.
+//!
+//! `--suite` runs the set recorded in `docs/benchmarks.md` and prints every figure with its
+//! baseline ratio. Without `--server` a fresh node is started on loopback (a child process, the
+//! real binary) in a temporary directory. Progress goes to stderr once a second; the report goes
+//! to stdout, as a table or `--json`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anthill_proto::v1 as pb;
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use rand::Rng;
+use serde::Serialize;
+
+use crate::client::{self, Clients};
+use crate::config::{GroupCommitConfig, LimitsConfig, StorageConfig};
+use crate::local::ChildNode;
+use crate::log::{self, ExpectedVersion, Log, NewEvent};
+use crate::metrics::Metrics;
+use crate::storage::Store;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Append,
+    Read,
+    Raw,
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Node to load. Without it, a fresh node is started on loopback in a temporary directory.
+    #[arg(long, short)]
+    pub server: Option<String>,
+    #[arg(long, value_enum, default_value = "append")]
+    pub workload: Workload,
+    /// Concurrent clients (each with at most one request in flight).
+    #[arg(long, short, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Events per Append (or per ReadPartition for `read`).
+    #[arg(long, short, default_value_t = 1)]
+    pub batch: usize,
+    /// Payload bytes per event.
+    #[arg(long, default_value_t = 256)]
+    pub event_size: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Stop after this many requests in total (whichever comes first with --seconds).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Open loop: this many requests per second in total.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Number of distinct streams appended to.
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: u64,
+    /// gRPC connections the clients share.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// Run the standard suite of docs/benchmarks.md instead of one workload.
+    #[arg(long)]
+    pub suite: bool,
+    /// Extra flags for the node the benchmark starts (e.g. --node-arg=--group-commit-max-wait-us=0).
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyUs {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub name: String,
+    pub workload: Workload,
+    pub concurrency: usize,
+    pub batch: usize,
+    pub event_size: usize,
+    pub rate: Option<f64>,
+    pub requests: u64,
+    pub events: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub requests_per_sec: f64,
+    pub events_per_sec: f64,
+    pub latency_us: LatencyUs,
+    /// This result's events/s over its baseline's, when it has one.
+    pub baseline: Option<String>,
+    pub ratio_to_baseline: Option<f64>,
+}
+
+/// Shared counters of one run, read by the progress reporter.
+struct Progress {
+    requests: AtomicU64,
+    events: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let needs_node = args.suite || args.workload != Workload::Raw;
+    let (_node, _dir, server) = match (&args.server, needs_node) {
+        (Some(server), _) => (None, None, server.clone()),
+        (None, false) => (None, None, String::new()),
+        (None, true) => {
+            let dir = tempfile::Builder::new().prefix("anthill-bench-").tempdir()?;
+            let exe = std::env::current_exe()?;
+            let mut node_args = vec!["--log-level".to_string(), "warn".to_string()];
+            node_args.extend(args.node_args.iter().cloned());
+            let node = ChildNode::spawn(&exe, &dir.path().join("node"), &node_args)?;
+            eprintln!("bench: started a node at {} (data in {})", node.url(), dir.path().display());
+            let url = node.url();
+            (Some(node), Some(dir), url)
+        }
+    };
+    let results = if args.suite { suite(&args, &server).await? } else { vec![one(&args, &server, None).await?] };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "machine": machine(), "results": results }))?);
+    } else {
+        print!("{}", table(&results));
+    }
+    Ok(())
+}
+
+/// The standard set: each gRPC figure next to its raw baseline, then latency at half load, reads.
+async fn suite(args: &BenchArgs, server: &str) -> anyhow::Result<Vec<BenchResult>> {
+    let base = BenchArgs { suite: false, rate: None, count: None, ..args.clone() };
+    let mut results = Vec::new();
+    let mut add = |mut r: BenchResult, baseline: Option<&BenchResult>| {
+        if let Some(b) = baseline {
+            r.baseline = Some(b.name.clone());
+            r.ratio_to_baseline = Some(r.events_per_sec / b.events_per_sec);
+        }
+        results.push(r.clone());
+        r
+    };
+    let batched = BenchArgs { batch: 100, concurrency: 8, ..base.clone() };
+    let raw100 = add(one(&BenchArgs { workload: Workload::Raw, ..batched.clone() }, server, Some("raw: 100 events/append")).await?, None);
+    add(one(&BenchArgs { workload: Workload::Append, ..batched }, server, Some("grpc: 100 events/append")).await?, Some(&raw100));
+    let single = BenchArgs { batch: 1, concurrency: 64, ..base.clone() };
+    let raw1 = add(one(&BenchArgs { workload: Workload::Raw, ..single.clone() }, server, Some("raw: 1 event/append")).await?, None);
+    let max1 = add(one(&BenchArgs { workload: Workload::Append, ..single.clone() }, server, Some("grpc: 1 event/append")).await?, Some(&raw1));
+    let half = BenchArgs { workload: Workload::Append, rate: Some((max1.requests_per_sec / 2.0).floor().max(1.0)), ..single };
+    add(one(&half, server, Some("grpc: 1 event/append at half max")).await?, Some(&raw1));
+    let read = BenchArgs { workload: Workload::Read, batch: 1000, concurrency: 4, ..base };
+    add(one(&read, server, Some("grpc: ReadPartition 1000/request")).await?, None);
+    Ok(results)
+}
+
+async fn one(args: &BenchArgs, server: &str, name: Option<&str>) -> anyhow::Result<BenchResult> {
+    if args.concurrency == 0 || args.batch == 0 {
+        bail!("--concurrency and --batch must be at least 1");
+    }
+    let name = name.map(str::to_string).unwrap_or_else(|| format!("{:?}", args.workload).to_lowercase());
+    eprintln!("bench: {name}: {} clients, {} events/request, {} s", args.concurrency, args.batch, args.seconds);
+    let progress = Arc::new(Progress {
+        requests: AtomicU64::new(0),
+        events: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
+    let started = Instant::now();
+    match args.workload {
+        Workload::Append => {
+            let pool = connect_pool(server, args.connections.min(args.concurrency)).await?;
+            let target = Target::Grpc(pool);
+            drive(args, &target, &progress, &histogram).await;
+        }
+        Workload::Raw => {
+            let dir = tempfile::Builder::new().prefix("anthill-bench-raw-").tempdir()?;
+            let store = Arc::new(Store::open(dir.path(), &StorageConfig::default())?);
+            let log = Arc::new(Log::start(store, &GroupCommitConfig::default(), &LimitsConfig::default(), Arc::new(Metrics::default()))?);
+            let target = Target::Raw(log.clone());
+            drive(args, &target, &progress, &histogram).await;
+            tokio::task::spawn_blocking(move || log.close()).await?;
+        }
+        Workload::Read => {
+            let pool = connect_pool(server, args.connections.min(args.concurrency)).await?;
+            read_all(args, &pool, &progress, &histogram).await?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.stop.store(true, Ordering::Relaxed);
+    reporter.await?;
+    let h = histogram.lock();
+    let requests = progress.requests.load(Ordering::Relaxed);
+    let events = progress.events.load(Ordering::Relaxed);
+    let errors = progress.errors.load(Ordering::Relaxed);
+    if requests == 0 {
+        bail!("{name}: no request succeeded ({errors} errors)");
+    }
+    Ok(BenchResult {
+        name,
+        workload: args.workload,
+        concurrency: args.concurrency,
+        batch: args.batch,
+        event_size: args.event_size,
+        rate: args.rate,
+        requests,
+        events,
+        errors,
+        seconds,
+        requests_per_sec: requests as f64 / seconds,
+        events_per_sec: events as f64 / seconds,
+        latency_us: LatencyUs {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        },
+        baseline: None,
+        ratio_to_baseline: None,
+    })
+}
+
+async fn connect_pool(server: &str, connections: usize) -> anyhow::Result<Vec<Clients>> {
+    let mut pool = Vec::new();
+    for _ in 0..connections.max(1) {
+        pool.push(client::connect(server).await?);
+    }
+    Ok(pool)
+}
+
+enum Target {
+    Grpc(Vec<Clients>),
+    Raw(Arc<Log>),
+}
+
+/// Runs the append clients until the time or the request count is used up.
+async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, histogram: &Arc<Mutex<Histogram<u64>>>) {
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let budget = Arc::new(AtomicU64::new(args.count.unwrap_or(u64::MAX)));
+    let interval = args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
+    let payload = vec![b'x'; args.event_size];
+    let mut tasks = Vec::new();
+    for worker in 0..args.concurrency {
+        let (progress, histogram, budget, payload) = (progress.clone(), histogram.clone(), budget.clone(), payload.clone());
+        let (batch, streams) = (args.batch, args.streams.max(1));
+        let client = match target {
+            Target::Grpc(pool) => Ok(pool[worker % pool.len()].clone()),
+            Target::Raw(log) => Err(log.clone()),
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut client = client;
+            // Spread open-loop clients over the interval so they do not fire in lockstep.
+            let mut scheduled = Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(worker as f64 / 64.0 % 1.0));
+            while Instant::now() < deadline && take_one(&budget) {
+                if interval.is_some() {
+                    tokio::time::sleep_until(scheduled.into()).await;
+                }
+                let start = if interval.is_some() { scheduled } else { Instant::now() };
+                let stream = format!("bench-{}", rand::rng().random_range(0..streams));
+                let ok = match &mut client {
+                    Ok(clients) => {
+                        let events = (0..batch)
+                            .map(|_| pb::EventData { r#type: "BenchEvent".into(), payload: payload.clone(), metadata: Default::default() })
+                            .collect();
+                        let request = pb::AppendRequest { stream, expected_version: None, events };
+                        clients.log.append(request).await.is_ok()
+                    }
+                    Err(log) => {
+                        let events = (0..batch)
+                            .map(|_| NewEvent { event_type: "BenchEvent".into(), payload: payload.clone(), metadata: vec![] })
+                            .collect();
+                        log.append(log::AppendRequest { stream, expected: ExpectedVersion::Any, events }).await.is_ok()
+                    }
+                };
+                if ok {
+                    let _ = local.record(start.elapsed().as_micros().max(1) as u64);
+                    progress.requests.fetch_add(1, Ordering::Relaxed);
+                    progress.events.fetch_add(batch as u64, Ordering::Relaxed);
+                } else {
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(interval) = interval {
+                    scheduled += interval;
+                }
+            }
+            histogram.lock().add(&local).expect("same bounds");
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+fn take_one(budget: &AtomicU64) -> bool {
+    budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+}
+
+/// Reads every partition front to back with ReadPartition, over and over, until time is up.
+async fn read_all(args: &BenchArgs, pool: &[Clients], progress: &Arc<Progress>, histogram: &Arc<Mutex<Histogram<u64>>>) -> anyhow::Result<()> {
+    let mut node = pool[0].node.clone();
+    let status = node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+    if status.total_events == 0 {
+        bail!("read: the node holds no events; run an append workload first (or use --suite)");
+    }
+    let partitions: Vec<u32> = status.partitions.iter().filter(|p| p.head_position > 0).map(|p| p.partition).collect();
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for worker in 0..args.concurrency {
+        let mut clients = pool[worker % pool.len()].clone();
+        let mine: Vec<u32> = partitions.iter().copied().skip(worker).step_by(args.concurrency).collect();
+        let (progress, histogram, batch) = (progress.clone(), histogram.clone(), args.batch as u32);
+        tasks.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            'outer: while !mine.is_empty() {
+                for &partition in &mine {
+                    let mut from = 1;
+                    loop {
+                        if Instant::now() >= deadline {
+                            break 'outer;
+                        }
+                        let start = Instant::now();
+                        let request = pb::ReadPartitionRequest { partition, from_position: from, max_count: batch };
+                        match clients.log.read_partition(request).await {
+                            Ok(r) => {
+                                let r = r.into_inner();
+                                let _ = local.record(start.elapsed().as_micros().max(1) as u64);
+                                progress.requests.fetch_add(1, Ordering::Relaxed);
+                                progress.events.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+                                from = r.next;
+                                if r.end_of_stream || r.events.is_empty() {
+                                    break;
+                                }
+                            }
+                            Err(_) => {
+                                progress.errors.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            histogram.lock().add(&local).expect("same bounds");
+        }));
+    }
+    for task in tasks {
+        task.await.context("read client failed")?;
+    }
+    Ok(())
+}
+
+async fn report_progress(progress: Arc<Progress>, name: String) {
+    let started = Instant::now();
+    let mut last = (0u64, Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while !progress.stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let events = progress.events.load(Ordering::Relaxed);
+        let rate = (events - last.0) as f64 / last.1.elapsed().as_secs_f64();
+        last = (events, Instant::now());
+        eprintln!(
+            "bench: {name}: {:>5.1} s  {:>12} events  {:>10.0} events/s  {} errors",
+            started.elapsed().as_secs_f64(),
+            events,
+            rate,
+            progress.errors.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// The report as a table for people.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut out = format!(
+        "{:<36} {:>4} {:>5} {:>12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}\n",
+        "benchmark", "conc", "batch", "events/s", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "max µs", "vs raw"
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:<36} {:>4} {:>5} {:>12.0} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}\n",
+            r.name,
+            r.concurrency,
+            r.batch,
+            r.events_per_sec,
+            r.requests_per_sec,
+            r.latency_us.p50,
+            r.latency_us.p90,
+            r.latency_us.p99,
+            r.latency_us.p999,
+            r.latency_us.max,
+            r.ratio_to_baseline.map_or("-".into(), |x| format!("{x:.2}")),
+        ));
+        if r.errors > 0 {
+            out.push_str(&format!("{:<36} {} errors\n", "", r.errors));
+        }
+    }
+    out
+}
+
+/// What the figures were measured on.
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+        "anthill_version": env!("CARGO_PKG_VERSION"),
+    })
+}

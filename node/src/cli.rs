@@ -1,0 +1,400 @@
+//! The `anthill` command line: `node` runs a node; `append`, `read`, `tail` and `status` are a
+//! small client; `bench` is the load generator; `demo` is the README's main job.
+//!
+//! Every report has a `--json` form on stdout; progress and logs go to stderr.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anthill_proto::v1 as pb;
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::StreamExt;
+
+use crate::client::{self, DEFAULT_SERVER};
+use crate::config::{LogFormat, NodeConfig};
+
+#[derive(Parser)]
+#[command(name = "anthill", version, about = "Anthill: a durable, partitioned event log and command processor")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node(Box<NodeArgs>),
+    /// Append events to a stream.
+    Append(AppendArgs),
+    /// Read a stream, or a partition with --partition.
+    Read(ReadArgs),
+    /// Follow new events (replaying from --from first).
+    Tail(TailArgs),
+    /// Show a node's state.
+    Status(StatusArgs),
+    /// Load a node and report throughput and latency.
+    Bench(crate::bench::BenchArgs),
+    /// Start a node on loopback, push a short load at it, and show what happened.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Every field of the config file as a flag; a flag wins over the file.
+#[derive(Args, Default)]
+pub struct NodeArgs {
+    /// YAML config file (see docs/configuration.md). Without it, defaults and flags.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address (port 0: any free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Prometheus listen address, or `none`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    #[arg(long)]
+    partitions: Option<u32>,
+    #[arg(long)]
+    map_size_initial_bytes: Option<u64>,
+    #[arg(long)]
+    map_size_max_bytes: Option<u64>,
+    #[arg(long)]
+    max_readers: Option<u32>,
+    #[arg(long)]
+    group_commit_max_wait_us: Option<u64>,
+    #[arg(long)]
+    group_commit_max_batch_events: Option<usize>,
+    #[arg(long)]
+    group_commit_max_batch_bytes: Option<usize>,
+    #[arg(long)]
+    group_commit_queue_capacity: Option<usize>,
+    #[arg(long)]
+    max_stream_id_bytes: Option<usize>,
+    #[arg(long)]
+    max_event_type_bytes: Option<usize>,
+    #[arg(long)]
+    max_event_bytes: Option<usize>,
+    #[arg(long)]
+    max_events_per_append: Option<usize>,
+    #[arg(long)]
+    max_request_bytes: Option<usize>,
+    #[arg(long)]
+    max_read_count: Option<u32>,
+    #[arg(long)]
+    subscribe_buffer_events: Option<usize>,
+    /// `human` or `json`.
+    #[arg(long, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+    #[arg(long)]
+    log_level: Option<String>,
+    /// OTLP/gRPC endpoint for spans, e.g. http://127.0.0.1:4317.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    #[arg(long)]
+    service_name: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "human" => Ok(LogFormat::Human),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected `human` or `json`, got {s:?}")),
+    }
+}
+
+impl NodeArgs {
+    /// The file's configuration (or the defaults) with every given flag applied over it.
+    pub fn config(&self) -> anyhow::Result<NodeConfig> {
+        let mut c = match &self.config {
+            Some(path) => NodeConfig::load(path)?,
+            None => NodeConfig::default(),
+        };
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(v) = &self.$flag { c.$($field).+ = v.clone().into(); })*
+            };
+        }
+        set!(
+            node_id => node_id, data_dir => data_dir, listen => listen_addr,
+            partitions => storage.partitions, map_size_initial_bytes => storage.map_size_initial_bytes,
+            map_size_max_bytes => storage.map_size_max_bytes, max_readers => storage.max_readers,
+            group_commit_max_wait_us => group_commit.max_wait_us,
+            group_commit_max_batch_events => group_commit.max_batch_events,
+            group_commit_max_batch_bytes => group_commit.max_batch_bytes,
+            group_commit_queue_capacity => group_commit.queue_capacity,
+            max_stream_id_bytes => limits.max_stream_id_bytes, max_event_type_bytes => limits.max_event_type_bytes,
+            max_event_bytes => limits.max_event_bytes, max_events_per_append => limits.max_events_per_append,
+            max_request_bytes => limits.max_request_bytes, max_read_count => limits.max_read_count,
+            subscribe_buffer_events => limits.subscribe_buffer_events,
+            log_format => telemetry.log_format, log_level => telemetry.log_level,
+            service_name => telemetry.service_name,
+        );
+        if let Some(endpoint) = &self.otlp_endpoint {
+            c.telemetry.otlp_endpoint = Some(endpoint.clone());
+        }
+        if let Some(addr) = &self.metrics_listen {
+            c.metrics_addr = match addr.as_str() {
+                "none" => None,
+                a => Some(a.parse().with_context(|| format!("--metrics-listen: {a:?} is not an address or `none`"))?),
+            };
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct ServerArg {
+    /// Node to talk to.
+    #[arg(long, short, env = "ANTHILL_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+}
+
+#[derive(Args)]
+struct AppendArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    stream: String,
+    /// Event type of every appended event.
+    #[arg(long = "type", short = 't')]
+    event_type: String,
+    /// Payload of one event; repeat for several events in one atomic append.
+    #[arg(long, short)]
+    data: Vec<String>,
+    /// Read payloads from stdin, one event per line (after any --data).
+    #[arg(long)]
+    stdin: bool,
+    /// `any`, `no-stream`, `exists` or a version number.
+    #[arg(long, default_value = "any")]
+    expected: String,
+    /// Metadata `key=value` on every event; repeatable.
+    #[arg(long = "meta", short)]
+    metadata: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Stream to read (or use --partition).
+    #[arg(required_unless_present = "partition")]
+    stream: Option<String>,
+    #[arg(long, conflicts_with = "stream")]
+    partition: Option<u32>,
+    /// First version (stream) or position (partition).
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    /// Most events to print (0: all, page by page).
+    #[arg(long, default_value_t = 100)]
+    max: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TailArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Partitions to follow (repeatable); default all.
+    #[arg(long)]
+    partition: Vec<u32>,
+    /// Streams to follow (repeatable).
+    #[arg(long, conflicts_with = "partition")]
+    stream: Vec<String>,
+    /// Start position in each partition (0/1: the beginning). Default: only new events.
+    #[arg(long)]
+    from: Option<u64>,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command; the process's exit code is 0 on success.
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Node(args) => runtime.block_on(run_node(*args)),
+        Command::Append(args) => runtime.block_on(append(args)),
+        Command::Read(args) => runtime.block_on(read(args)),
+        Command::Tail(args) => runtime.block_on(tail(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
+        Command::Demo(args) => runtime.block_on(crate::demo::run(args)),
+    }
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    config.validate()?;
+    if args.print_config {
+        print!("{}", serde_yaml::to_string(&config)?);
+        return Ok(());
+    }
+    let _telemetry = crate::telemetry::init(&config.telemetry)?;
+    let node = crate::server::start(&config).await?;
+    let metrics = node.metrics_addr.map_or("none".to_string(), |a| a.to_string());
+    println!("{} grpc={} metrics={}", crate::local::READY_PREFIX, node.grpc_addr, metrics);
+    std::io::stdout().flush()?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+    }
+    node.stop();
+    node.stopped().await
+}
+
+fn parse_expected(s: &str) -> anyhow::Result<pb::ExpectedVersion> {
+    use pb::expected_version::Kind;
+    let kind = match s {
+        "any" => Kind::Any(pb::Empty {}),
+        "no-stream" => Kind::NoStream(pb::Empty {}),
+        "exists" => Kind::StreamExists(pb::Empty {}),
+        v => Kind::Exact(v.parse().with_context(|| format!("--expected: {v:?} is not any, no-stream, exists or a version"))?),
+    };
+    Ok(pb::ExpectedVersion { kind: Some(kind) })
+}
+
+async fn append(args: AppendArgs) -> anyhow::Result<()> {
+    let mut payloads = args.data.clone();
+    if args.stdin {
+        for line in std::io::stdin().lock().lines() {
+            payloads.push(line?);
+        }
+    }
+    if payloads.is_empty() {
+        bail!("nothing to append: give --data PAYLOAD (repeatable) or --stdin");
+    }
+    let metadata = args
+        .metadata
+        .iter()
+        .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("--meta: {kv:?} is not key=value")))
+        .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
+    let request = pb::AppendRequest {
+        stream: args.stream.clone(),
+        expected_version: Some(parse_expected(&args.expected)?),
+        events: payloads
+            .into_iter()
+            .map(|p| pb::EventData { r#type: args.event_type.clone(), payload: p.into_bytes(), metadata: metadata.clone() })
+            .collect(),
+    };
+    let n = request.events.len();
+    let mut clients = client::connect(&args.server.server).await?;
+    let r = clients.log.append(request).await.map_err(client::status_error)?.into_inner();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"stream": args.stream, "events": n, "partition": r.partition,
+                "first_position": r.first_position, "last_position": r.last_position, "stream_version": r.stream_version})
+        );
+    } else {
+        println!(
+            "appended {n} event(s) to {}: partition {}, positions {}..={}, stream version {}",
+            args.stream, r.partition, r.first_position, r.last_position, r.stream_version
+        );
+    }
+    Ok(())
+}
+
+async fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let mut clients = client::connect(&args.server.server).await?;
+    let mut from = args.from;
+    let mut printed = 0u64;
+    let mut events_json = Vec::new();
+    loop {
+        let want = if args.max == 0 { 0 } else { (args.max - printed).min(u64::from(u32::MAX)) as u32 };
+        let response = match (&args.stream, args.partition) {
+            (Some(stream), _) => clients.log.read(pb::ReadRequest { stream: stream.clone(), from_version: from, max_count: want }).await,
+            (None, Some(partition)) => {
+                clients.log.read_partition(pb::ReadPartitionRequest { partition, from_position: from, max_count: want }).await
+            }
+            (None, None) => unreachable!("clap requires a stream or a partition"),
+        }
+        .map_err(client::status_error)?
+        .into_inner();
+        for event in &response.events {
+            if args.json {
+                events_json.push(client::event_json(event));
+            } else {
+                println!("{}", client::event_line(event));
+            }
+        }
+        printed += response.events.len() as u64;
+        from = response.next;
+        if response.end_of_stream || response.events.is_empty() || (args.max != 0 && printed >= args.max) {
+            if args.json {
+                println!("{}", serde_json::json!({"events": events_json, "next": from, "end_of_stream": response.end_of_stream}));
+            } else if printed == 0 {
+                eprintln!("no events");
+            }
+            return Ok(());
+        }
+    }
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let mut clients = client::connect(&args.server.server).await?;
+    let mut request = pb::SubscribeRequest {
+        partitions: args.partition.clone(),
+        streams: args.stream.clone(),
+        from_position: args.from.unwrap_or(1),
+        ..Default::default()
+    };
+    if args.from.is_none() {
+        // Only new events: start every partition just past its current head.
+        let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+        request.partition_positions = status.partitions.iter().map(|p| (p.partition, p.head_position + 1)).collect();
+    }
+    let mut stream = clients.log.subscribe(request).await.map_err(client::status_error)?.into_inner();
+    let mut seen = 0u64;
+    while let Some(message) = stream.next().await {
+        match message.map_err(client::status_error)?.message {
+            Some(pb::subscribe_response::Message::Event(event)) => {
+                if args.json {
+                    println!("{}", client::event_json(&event));
+                } else {
+                    println!("{}", client::event_line(&event));
+                }
+                seen += 1;
+                if args.count.is_some_and(|c| seen >= c) {
+                    return Ok(());
+                }
+            }
+            Some(pb::subscribe_response::Message::CaughtUp(c)) if args.from.is_some() && !args.json => {
+                eprintln!("-- partition {} caught up at position {}", c.partition, c.position);
+            }
+            _ => {}
+        }
+    }
+    bail!("the node ended the subscription")
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut clients = client::connect(&args.server.server).await?;
+    let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&client::status_json(&status))?);
+    } else {
+        print!("{}", client::status_text(&status));
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The client side used by the CLI, the benchmark and the tests: connecting to a node, and the
+//! human and JSON renderings of what it answers.
+
+use std::time::Duration;
+
+use anthill_proto::v1 as pb;
+use anyhow::Context;
+use pb::event_log_client::EventLogClient;
+use pb::node_client::NodeClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest response a client accepts (a node caps reads well below this).
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// Default server address of the CLI (`ANTHILL_SERVER` overrides it).
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7400";
+
+#[derive(Clone)]
+pub struct Clients {
+    pub log: EventLogClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+/// `host:port` or a URL; plain addresses get `http://`.
+pub fn server_url(server: &str) -> String {
+    if server.contains("://") { server.to_string() } else { format!("http://{server}") }
+}
+
+/// Connects (one HTTP/2 connection, shared by both clients).
+pub async fn connect(server: &str) -> anyhow::Result<Clients> {
+    let url = server_url(server);
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(clients(channel))
+}
+
+pub fn clients(channel: Channel) -> Clients {
+    Clients {
+        log: EventLogClient::new(channel.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        node: NodeClient::new(channel),
+    }
+}
+
+/// A gRPC status as a one-line error: code and message.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// JSON form of an event; the payload as text when it is UTF-8, else as hex.
+pub fn event_json(e: &pb::RecordedEvent) -> Value {
+    let mut metadata: Vec<_> = e.metadata.iter().collect();
+    metadata.sort();
+    let mut v = json!({
+        "partition": e.partition,
+        "position": e.position,
+        "stream": e.stream,
+        "stream_version": e.stream_version,
+        "type": e.r#type,
+        "metadata": metadata.into_iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+        "append_time_us": e.append_time_us,
+        "epoch": e.epoch,
+    });
+    match std::str::from_utf8(&e.payload) {
+        Ok(text) => v["payload"] = Value::String(text.into()),
+        Err(_) => v["payload_hex"] = Value::String(e.payload.iter().map(|b| format!("{b:02x}")).collect()),
+    }
+    v
+}
+
+/// One line per event for people.
+pub fn event_line(e: &pb::RecordedEvent) -> String {
+    let payload = String::from_utf8_lossy(&e.payload);
+    let payload = if payload.len() > 120 { format!("{}…", &payload[..payload.floor_char_boundary(120)]) } else { payload.into_owned() };
+    format!("p{}#{} {}@{} {} {}", e.partition, e.position, e.stream, e.stream_version, e.r#type, payload)
+}
+
+pub fn status_json(s: &pb::StatusResponse) -> Value {
+    json!({
+        "node_id": s.node_id,
+        "version": s.version,
+        "partition_count": s.partition_count,
+        "total_events": s.total_events,
+        "db_size_bytes": s.db_size_bytes,
+        "map_size_bytes": s.map_size_bytes,
+        "uptime_ms": s.uptime_ms,
+        "data_dir": s.data_dir,
+        "partitions": s.partitions.iter().map(|p| json!({
+            "partition": p.partition, "head_position": p.head_position, "epoch": p.epoch,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn status_text(s: &pb::StatusResponse) -> String {
+    let used: Vec<_> = s.partitions.iter().filter(|p| p.head_position > 0).collect();
+    let mut out = format!(
+        "node       {} (anthill {})\nuptime     {:.1} s\ndata dir   {}\nevents     {}\nstorage    {} used of a {} map\npartitions {} ({} hold events)\n",
+        s.node_id,
+        s.version,
+        s.uptime_ms as f64 / 1000.0,
+        s.data_dir,
+        s.total_events,
+        human_bytes(s.db_size_bytes),
+        human_bytes(s.map_size_bytes),
+        s.partition_count,
+        used.len()
+    );
+    if !used.is_empty() {
+        out.push_str("\npartition  head position  epoch\n");
+        for p in used {
+            out.push_str(&format!("{:>9}  {:>13}  {:>5}\n", p.partition, p.head_position, p.epoch));
+        }
+    }
+    out
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_addresses_get_a_scheme() {
+        assert_eq!(server_url("127.0.0.1:7400"), "http://127.0.0.1:7400");
+        assert_eq!(server_url("https://n1:7400"), "https://n1:7400");
+    }
+
+    #[test]
+    fn binary_payloads_render_as_hex() {
+        let e = pb::RecordedEvent { payload: vec![0xff, 0x00], ..Default::default() };
+        assert_eq!(event_json(&e)["payload_hex"], "ff00");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+}

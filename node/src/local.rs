@@ -1,0 +1,151 @@
+//! A node run as a child process on loopback: how the benchmark, the demo and the integration
+//! tests start a real `anthill node`, find its ephemeral ports, and stop or kill it.
+//!
+//! The child prints one line to stdout when it is serving:
+//! `anthill node ready grpc=<addr> metrics=<addr|none>`; everything else goes to its log file.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// The line a node prints on stdout once it serves, followed by its addresses.
+pub const READY_PREFIX: &str = "anthill node ready";
+
+pub struct ChildNode {
+    child: Child,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub log_file: PathBuf,
+}
+
+impl ChildNode {
+    /// Starts `exe node` on `data_dir` with ports picked by the kernel, plus `extra_args`.
+    /// Its logs go to `<data_dir>.log`. Waits until it serves (at most 60 s).
+    pub fn spawn(exe: &Path, data_dir: &Path, extra_args: &[String]) -> anyhow::Result<ChildNode> {
+        let log_file = data_dir.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)
+            .with_context(|| format!("cannot open node log {}", log_file.display()))?;
+        let mut child = Command::new(exe)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if line.starts_with(READY_PREFIX) {
+                    let _ = tx.send(line);
+                    break;
+                }
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+                bail!("node did not become ready; its log ({}):\n{}", log_file.display(), tail(&log, 40));
+            }
+        };
+        let (grpc_addr, metrics_addr) = parse_ready_line(&line)?;
+        Ok(ChildNode { child, grpc_addr, metrics_addr, data_dir: data_dir.to_path_buf(), log_file })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process dies at once, mid-write if it was writing.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit (at most `timeout`, then SIGKILL and an error).
+    pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<()> {
+        // SAFETY: signalling our own child process by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("node exited with {status} after SIGTERM");
+                }
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                bail!("node did not stop within {timeout:?} of SIGTERM; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        // Never leave a node running behind a failed test or an interrupted benchmark.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The addresses in a ready line.
+pub fn parse_ready_line(line: &str) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
+    let mut grpc = None;
+    let mut metrics = None;
+    for field in line.split_whitespace() {
+        if let Some(v) = field.strip_prefix("grpc=") {
+            grpc = Some(v.parse().with_context(|| format!("bad grpc address in {line:?}"))?);
+        } else if let Some(v) = field.strip_prefix("metrics=") {
+            metrics = if v == "none" { None } else { Some(v.parse().with_context(|| format!("bad metrics address in {line:?}"))?) };
+        }
+    }
+    Ok((grpc.with_context(|| format!("no grpc= in {line:?}"))?, metrics))
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_parse() {
+        let (g, m) = parse_ready_line("anthill node ready grpc=127.0.0.1:5000 metrics=none").unwrap();
+        assert_eq!(g.port(), 5000);
+        assert_eq!(m, None);
+        assert!(parse_ready_line("anthill node ready").is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! One running node: opens the store, starts the log's writer, serves gRPC (with health and
+//! reflection) and the metrics endpoint, and shuts all of it down in order.
+//!
+//! Shutdown order: stop accepting requests and end subscriptions; let in-flight requests finish;
+//! close the append queue so the writer commits what it holds and stops; then close LMDB. An
+//! append acknowledged before shutdown is durable; one not yet acknowledged is either committed
+//! or answered with an error, never half-written.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anthill_proto::v1 as pb;
+use anyhow::Context;
+use pb::event_log_server::EventLogServer;
+use pb::node_server::NodeServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::Api;
+use crate::config::NodeConfig;
+use crate::log::Log;
+use crate::metrics::{self, Metrics};
+use crate::storage::Store;
+
+pub struct RunningNode {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    log: Arc<Log>,
+}
+
+/// Starts a node; returns once it is listening.
+pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
+    config.validate()?;
+    let metrics = Arc::new(Metrics::default());
+    let (store_config, dir) = (config.storage.clone(), config.data_dir.clone());
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, &store_config)).await??;
+    let log = Arc::new(Log::start(Arc::new(store), &config.group_commit, &config.limits, metrics.clone())?);
+    let heads = log.commits().borrow().heads.clone();
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        partitions = heads.len(),
+        events = heads.iter().sum::<u64>(),
+        "opened the event log"
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {} (listen_addr)", config.listen_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EventLogServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max_request_bytes = config.limits.max_request_bytes;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes))
+        .add_service(NodeServer::new(api));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut tasks = vec![tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?;
+            Ok(())
+        }
+    })];
+
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics_addr {
+        let listener = metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr} (metrics_addr)"))?;
+        metrics_addr = Some(listener.local_addr()?);
+        let stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            metrics::serve(listener, metrics, wait_for_stop(stopped)).await?;
+            Ok(())
+        }));
+    }
+    tracing::info!(node_id = %config.node_id, %grpc_addr, ?metrics_addr, "node serving");
+    Ok(RunningNode { grpc_addr, metrics_addr, stop, tasks, log })
+}
+
+async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+impl RunningNode {
+    /// Begins shutdown; [`RunningNode::stopped`] waits for it to finish.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Waits until the node has stopped (after [`RunningNode::stop`]) and the log is closed.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for task in self.tasks {
+            if let Err(e) = task.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                first_error.get_or_insert(e);
+            }
+        }
+        let log = self.log;
+        tokio::task::spawn_blocking(move || log.close()).await?;
+        tracing::info!("node stopped; the log is closed");
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+}
