@@ -11,8 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("anthill_v1_descriptor.bin"))
-        .compile_with_config(config, &protos, &["."])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("anthill_v1_descriptor.bin")).compile_with_config(
+        config,
+        &protos,
+        &["."],
+    )?;
     Ok(())
 }

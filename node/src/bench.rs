@@ -161,7 +161,8 @@ async fn suite(args: &BenchArgs, server: &str) -> anyhow::Result<Vec<BenchResult
     add(one(&BenchArgs { workload: Workload::Append, ..batched }, server, Some("grpc: 100 events/append")).await?, Some(&raw100));
     let single = BenchArgs { batch: 1, concurrency: 64, ..base.clone() };
     let raw1 = add(one(&BenchArgs { workload: Workload::Raw, ..single.clone() }, server, Some("raw: 1 event/append")).await?, None);
-    let max1 = add(one(&BenchArgs { workload: Workload::Append, ..single.clone() }, server, Some("grpc: 1 event/append")).await?, Some(&raw1));
+    let max1 =
+        add(one(&BenchArgs { workload: Workload::Append, ..single.clone() }, server, Some("grpc: 1 event/append")).await?, Some(&raw1));
     let half = BenchArgs { workload: Workload::Append, rate: Some((max1.requests_per_sec / 2.0).floor().max(1.0)), ..single };
     add(one(&half, server, Some("grpc: 1 event/append at half max")).await?, Some(&raw1));
     let read = BenchArgs { workload: Workload::Read, batch: 1000, concurrency: 4, ..base };
@@ -315,7 +316,12 @@ fn take_one(budget: &AtomicU64) -> bool {
 }
 
 /// Reads every partition front to back with ReadPartition, over and over, until time is up.
-async fn read_all(args: &BenchArgs, pool: &[Clients], progress: &Arc<Progress>, histogram: &Arc<Mutex<Histogram<u64>>>) -> anyhow::Result<()> {
+async fn read_all(
+    args: &BenchArgs,
+    pool: &[Clients],
+    progress: &Arc<Progress>,
+    histogram: &Arc<Mutex<Histogram<u64>>>,
+) -> anyhow::Result<()> {
     let mut node = pool[0].node.clone();
     let status = node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
     if status.total_events == 0 {

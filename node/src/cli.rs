@@ -287,7 +287,9 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let metadata = args
         .metadata
         .iter()
-        .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("--meta: {kv:?} is not key=value")))
+        .map(|kv| {
+            kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("--meta: {kv:?} is not key=value"))
+        })
         .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
     let request = pb::AppendRequest {
         stream: args.stream.clone(),

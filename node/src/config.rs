@@ -119,18 +119,13 @@ impl Default for NodeConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig {
-            partitions: 64,
-            map_size_initial_bytes: 1 << 30,
-            map_size_max_bytes: 256 << 30,
-            max_readers: 1024,
-        }
+        StorageConfig { partitions: 64, map_size_initial_bytes: 1 << 30, map_size_max_bytes: 256 << 30, max_readers: 1024 }
     }
 }
 
 impl Default for GroupCommitConfig {
     fn default() -> Self {
-        GroupCommitConfig { max_wait_us: 100, max_batch_events: 20_000, max_batch_bytes: 32 << 20, queue_capacity: 4096 }
+        GroupCommitConfig { max_wait_us: 0, max_batch_events: 20_000, max_batch_bytes: 32 << 20, queue_capacity: 4096 }
     }
 }
 
@@ -150,12 +145,7 @@ impl Default for LimitsConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig {
-            log_format: LogFormat::Human,
-            log_level: "info".into(),
-            otlp_endpoint: None,
-            service_name: "anthill".into(),
-        }
+        TelemetryConfig { log_format: LogFormat::Human, log_level: "info".into(), otlp_endpoint: None, service_name: "anthill".into() }
     }
 }
 

@@ -60,7 +60,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
 
     let appends = args.events.div_ceil(EVENTS_PER_APPEND);
-    say(&args, format!("appending {} events to {STREAMS} streams, {EVENTS_PER_APPEND} per append, {WRITERS} writers", appends * EVENTS_PER_APPEND));
+    say(
+        &args,
+        format!("appending {} events to {STREAMS} streams, {EVENTS_PER_APPEND} per append, {WRITERS} writers", appends * EVENTS_PER_APPEND),
+    );
     let started = Instant::now();
     let mut writers = Vec::new();
     for w in 0..WRITERS {
@@ -71,7 +74,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 let events = (0..EVENTS_PER_APPEND)
                     .map(|k| pb::EventData {
                         r#type: "OrderLinePlaced".into(),
-                        payload: format!("{{\"order\":{},\"line\":{k},\"sku\":\"sku-{}\",\"qty\":{}}}", i % STREAMS, (i * 7 + k) % 100, k + 1).into_bytes(),
+                        payload: format!(
+                            "{{\"order\":{},\"line\":{k},\"sku\":\"sku-{}\",\"qty\":{}}}",
+                            i % STREAMS,
+                            (i * 7 + k) % 100,
+                            k + 1
+                        )
+                        .into_bytes(),
                         metadata: [("source".to_string(), "demo".to_string())].into(),
                     })
                     .collect();
@@ -87,7 +96,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         acknowledged += w.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    say(&args, format!("acknowledged {acknowledged} events in {elapsed:.2} s ({:.0} events/s, each durable before its ack)", acknowledged as f64 / elapsed));
+    say(
+        &args,
+        format!(
+            "acknowledged {acknowledged} events in {elapsed:.2} s ({:.0} events/s, each durable before its ack)",
+            acknowledged as f64 / elapsed
+        ),
+    );
 
     let race = race(&mut clients).await?;
     say(&args, race.clone());
@@ -120,7 +135,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         reopened.total_events,
         status.total_events
     );
-    say(&args, format!("restarted the node: all {} events are there, {} of storage used", reopened.total_events, client::human_bytes(reopened.db_size_bytes)));
+    say(
+        &args,
+        format!(
+            "restarted the node: all {} events are there, {} of storage used",
+            reopened.total_events,
+            client::human_bytes(reopened.db_size_bytes)
+        ),
+    );
     node.terminate(Duration::from_secs(30))?;
 
     if args.json {
@@ -148,7 +170,11 @@ async fn race(clients: &mut Clients) -> anyhow::Result<String> {
     let open = |who: &str| pb::AppendRequest {
         stream: stream.clone(),
         expected_version: Some(pb::ExpectedVersion { kind: Some(pb::expected_version::Kind::NoStream(pb::Empty {})) }),
-        events: vec![pb::EventData { r#type: "AccountOpened".into(), payload: format!("{{\"by\":\"{who}\"}}").into_bytes(), metadata: Default::default() }],
+        events: vec![pb::EventData {
+            r#type: "AccountOpened".into(),
+            payload: format!("{{\"by\":\"{who}\"}}").into_bytes(),
+            metadata: Default::default(),
+        }],
     };
     let (mut a, mut b) = (clients.log.clone(), clients.log.clone());
     let (ra, rb) = tokio::join!(a.append(open("alice")), b.append(open("bob")));
@@ -163,9 +189,7 @@ async fn race(clients: &mut Clients) -> anyhow::Result<String> {
     let mut retry = open("bob-retry");
     retry.expected_version = Some(pb::ExpectedVersion { kind: Some(pb::expected_version::Kind::Exact(actual.parse()?)) });
     clients.log.append(retry).await.map_err(client::status_error)?;
-    Ok(format!(
-        "race on {stream}: {winner} won, the other got FAILED_PRECONDITION (actual version {actual}) and retried at that version"
-    ))
+    Ok(format!("race on {stream}: {winner} won, the other got FAILED_PRECONDITION (actual version {actual}) and retried at that version"))
 }
 
 fn say(args: &DemoArgs, line: String) {

@@ -55,9 +55,8 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventLogServer<Api>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection =
+        tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET).build_v1()?;
     let max_request_bytes = config.limits.max_request_bytes;
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -75,9 +74,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
 
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_addr {
-        let listener = metrics::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for metrics on {addr} (metrics_addr)"))?;
+        let listener = metrics::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr} (metrics_addr)"))?;
         metrics_addr = Some(listener.local_addr()?);
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {

@@ -31,10 +31,8 @@ impl Drop for TelemetryGuard {
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `config.log_level`.
 pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&config.log_level));
+    let filter =
+        std::env::var("RUST_LOG").ok().and_then(|f| EnvFilter::try_new(f).ok()).unwrap_or_else(|| EnvFilter::new(&config.log_level));
     let fmt = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
@@ -51,9 +49,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             )
         }
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("anthill")));
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("anthill")));
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
     if let Some(endpoint) = &config.otlp_endpoint {
         tracing::info!(endpoint, "exporting spans over OTLP/gRPC");

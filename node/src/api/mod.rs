@@ -128,10 +128,8 @@ impl pb::event_log_server::EventLog for Api {
         let from = req.from_version;
         let stream = req.stream;
         let span = tracing::info_span!("read", stream = %stream, from_version = from);
-        let response = self
-            .read_slice(max, |e| e.stream_version, move |log, n| log.read_stream(&stream, from, n), from)
-            .instrument(span)
-            .await?;
+        let response =
+            self.read_slice(max, |e| e.stream_version, move |log, n| log.read_stream(&stream, from, n), from).instrument(span).await?;
         Ok(Response::new(response))
     }
 
@@ -141,10 +139,8 @@ impl pb::event_log_server::EventLog for Api {
         let max = self.read_count(req.max_count);
         let (partition, from) = (req.partition, req.from_position);
         let span = tracing::info_span!("read_partition", partition, from_position = from);
-        let response = self
-            .read_slice(max, |e| e.position, move |log, n| log.read_partition(partition, from, n), from)
-            .instrument(span)
-            .await?;
+        let response =
+            self.read_slice(max, |e| e.position, move |log, n| log.read_partition(partition, from, n), from).instrument(span).await?;
         Ok(Response::new(response))
     }
 
@@ -218,9 +214,7 @@ fn append_status(error: AppendError) -> Status {
         AppendError::Invalid(message) => Status::invalid_argument(message.clone()),
         AppendError::WrongExpectedVersion { actual, .. } => {
             let mut status = Status::failed_precondition(error.to_string());
-            status
-                .metadata_mut()
-                .insert(ACTUAL_VERSION_TRAILER, actual.to_string().parse().expect("a number is valid metadata"));
+            status.metadata_mut().insert(ACTUAL_VERSION_TRAILER, actual.to_string().parse().expect("a number is valid metadata"));
             status
         }
         AppendError::Storage(e) => storage_status(e),

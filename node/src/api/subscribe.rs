@@ -51,10 +51,8 @@ impl Plan {
         for partition in req.partition_positions.keys() {
             api.check_partition(*partition).map_err(|s| Status::invalid_argument(format!("partition_positions: {}", s.message())))?;
         }
-        let next = partitions
-            .into_iter()
-            .map(|p| (p, req.partition_positions.get(&p).copied().unwrap_or(req.from_position).max(1)))
-            .collect();
+        let next =
+            partitions.into_iter().map(|p| (p, req.partition_positions.get(&p).copied().unwrap_or(req.from_position).max(1))).collect();
         let streams = (!req.streams.is_empty()).then(|| req.streams.into_iter().collect());
         Ok(Plan { next, streams, buffer_events: limits.subscribe_buffer_events })
     }

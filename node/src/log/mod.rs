@@ -83,7 +83,12 @@ pub struct Log {
 
 impl Log {
     /// Starts the writer over an open store.
-    pub fn start(store: Arc<Store>, group_commit: &GroupCommitConfig, limits: &LimitsConfig, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+    pub fn start(
+        store: Arc<Store>,
+        group_commit: &GroupCommitConfig,
+        limits: &LimitsConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StorageError> {
         let heads = store.read()?.partition_heads(store.partition_count())?;
         let (published, commits) = watch::channel(CommitPoint { seq: 0, heads: heads.clone().into() });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
@@ -100,14 +105,7 @@ impl Log {
             .name("anthill-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| StorageError::DataDir { dir: store.dir().to_path_buf(), source: e })?;
-        Ok(Log {
-            store,
-            limits: limits.clone(),
-            queue: Mutex::new(Some(tx)),
-            commits,
-            writer: Mutex::new(Some(handle)),
-            metrics,
-        })
+        Ok(Log { store, limits: limits.clone(), queue: Mutex::new(Some(tx)), commits, writer: Mutex::new(Some(handle)), metrics })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -228,11 +226,7 @@ pub fn validate_stream_id(limits: &LimitsConfig, stream: &str) -> Result<(), Str
         return Err("stream: must not be empty".into());
     }
     if stream.len() > limits.max_stream_id_bytes {
-        return Err(format!(
-            "stream: {} bytes, the limit is {} (limits.max_stream_id_bytes)",
-            stream.len(),
-            limits.max_stream_id_bytes
-        ));
+        return Err(format!("stream: {} bytes, the limit is {} (limits.max_stream_id_bytes)", stream.len(), limits.max_stream_id_bytes));
     }
     if stream.contains('\0') {
         return Err("stream: must not contain the NUL character".into());
@@ -255,9 +249,7 @@ mod tests {
     }
 
     fn req(stream: &str, expected: ExpectedVersion, n: usize) -> AppendRequest {
-        let events = (0..n)
-            .map(|i| NewEvent { event_type: "E".into(), payload: vec![i as u8; 8], metadata: vec![] })
-            .collect();
+        let events = (0..n).map(|i| NewEvent { event_type: "E".into(), payload: vec![i as u8; 8], metadata: vec![] }).collect();
         AppendRequest { stream: stream.into(), expected, events }
     }
 
@@ -286,7 +278,8 @@ mod tests {
         // Batching really happened: fewer commits than appends.
         let commits = log.metrics().commits.get();
         assert!(commits < 50, "{commits} commits for 50 appends");
-        let mut positions: Vec<(u32, u64)> = results.iter().flat_map(|a| (a.first_position..=a.last_position).map(move |p| (a.partition, p))).collect();
+        let mut positions: Vec<(u32, u64)> =
+            results.iter().flat_map(|a| (a.first_position..=a.last_position).map(move |p| (a.partition, p))).collect();
         positions.sort();
         for p in 0..4 {
             let mine: Vec<u64> = positions.iter().filter(|(q, _)| *q == p).map(|(_, pos)| *pos).collect();

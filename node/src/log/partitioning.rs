@@ -32,10 +32,8 @@ mod tests {
     fn given_the_default_64_partitions_then_known_streams_stay_where_they_are() {
         // Pinned: a change here moves stored streams and breaks every existing data directory.
         let pinned: Vec<u32> = ["account-1", "account-2", "order-42", "stream"].iter().map(|s| partition_of(s, 64)).collect();
-        let expected: Vec<u32> = ["account-1", "account-2", "order-42", "stream"]
-            .iter()
-            .map(|s| (fnv1a_64(s.as_bytes()) % 64) as u32)
-            .collect();
+        let expected: Vec<u32> =
+            ["account-1", "account-2", "order-42", "stream"].iter().map(|s| (fnv1a_64(s.as_bytes()) % 64) as u32).collect();
         assert_eq!(pinned, expected);
         assert_eq!(partition_of("foobar", 64), (0x85944171f73967e8u64 % 64) as u32);
     }

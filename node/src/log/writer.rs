@@ -23,9 +23,12 @@ use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
 use crate::storage::{RecordRef, StorageError, Store};
 
+/// What one append is answered with.
+type Outcome = Result<Appended, AppendError>;
+
 pub(super) struct AppendJob {
     pub request: AppendRequest,
-    pub reply: oneshot::Sender<Result<Appended, AppendError>>,
+    pub reply: oneshot::Sender<Outcome>,
 }
 
 impl AppendJob {
@@ -90,7 +93,7 @@ impl Writer {
     }
 
     /// Commits the batch, growing the LMDB map and retrying when it is full.
-    fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Vec<Result<Appended, AppendError>> {
+    fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Vec<Outcome> {
         let batch_bytes: usize = batch.iter().map(AppendJob::bytes).sum();
         loop {
             let started = Instant::now();
@@ -119,7 +122,7 @@ impl Writer {
         }
     }
 
-    fn commit(&self, batch: &[AppendJob]) -> Result<(Vec<Result<Appended, AppendError>>, Vec<u64>), StorageError> {
+    fn commit(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>), StorageError> {
         let partition_count = self.store.partition_count();
         let mut heads = self.heads.clone();
         let mut txn = self.store.write()?;
@@ -181,7 +184,7 @@ impl Writer {
     }
 }
 
-fn fail_all(batch: &[AppendJob], error: StorageError) -> Vec<Result<Appended, AppendError>> {
+fn fail_all(batch: &[AppendJob], error: StorageError) -> Vec<Outcome> {
     let error = Arc::new(error);
     batch.iter().map(|_| Err(AppendError::Storage(error.clone()))).collect()
 }

@@ -44,7 +44,9 @@ const MAP_ALIGN_BYTES: u64 = 1 << 20;
 pub enum StorageError {
     #[error("storage full: the database needs more than storage.map_size_max_bytes = {max_bytes} bytes; raise it or free disk space")]
     Full { max_bytes: u64 },
-    #[error("data directory {dir} was created with {stored} partitions, but the configuration asks for {configured}; the partition count is fixed when a cluster is created")]
+    #[error(
+        "data directory {dir} was created with {stored} partitions, but the configuration asks for {configured}; the partition count is fixed when a cluster is created"
+    )]
     PartitionCountMismatch { dir: PathBuf, stored: u32, configured: u32 },
     #[error("data directory {dir} has storage format {found}, this node reads format {FORMAT_VERSION}")]
     FormatMismatch { dir: PathBuf, found: u64 },
@@ -125,11 +127,7 @@ impl Store {
         }
         let stored = dbs.meta.get(&wtxn, &partitions_key)?.map(be_u64).unwrap_or(0) as u32;
         if stored != cfg.partitions {
-            return Err(StorageError::PartitionCountMismatch {
-                dir: dir.to_path_buf(),
-                stored,
-                configured: cfg.partitions,
-            });
+            return Err(StorageError::PartitionCountMismatch { dir: dir.to_path_buf(), stored, configured: cfg.partitions });
         }
         wtxn.commit()?;
         Ok(Store {
@@ -166,10 +164,7 @@ impl Store {
     pub fn sizes(&self) -> StorageSizes {
         let info = self.env.info();
         let page_bytes = u64::from(self.env.stat().page_size);
-        StorageSizes {
-            used_bytes: (info.last_page_number as u64 + 1) * page_bytes,
-            map_size_bytes: info.map_size as u64,
-        }
+        StorageSizes { used_bytes: (info.last_page_number as u64 + 1) * page_bytes, map_size_bytes: info.map_size as u64 }
     }
 
     /// Grows the memory map so that at least `needed_bytes` more fit, or fails with
@@ -267,12 +262,9 @@ impl ReadView<'_> {
                 let range = keys::partition_prefix(p)..keys::partition_prefix(p + 1);
                 match self.dbs.events.rev_range(&self.txn, &span(&range.start, &range.end))?.next() {
                     None => Ok(0),
-                    Some(entry) => Ok(keys::decode_event_key(entry?.0).map_err(|_| CorruptRecord {
-                        partition: p,
-                        position: 0,
-                        reason: "undecodable event key",
-                    })?
-                    .1),
+                    Some(entry) => Ok(keys::decode_event_key(entry?.0)
+                        .map_err(|_| CorruptRecord { partition: p, position: 0, reason: "undecodable event key" })?
+                        .1),
                 }
             })
             .collect()
@@ -283,17 +275,16 @@ fn read_partition(txn: &RoTxn<'_, WithoutTls>, dbs: Dbs, partition: u32, from: u
     let start = keys::event_key(partition, from.max(1));
     let end = keys::partition_prefix(partition + 1);
     let mut events = Vec::with_capacity(max.min(1024));
-    let mut expected = from.max(1);
-    for entry in dbs.events.range(txn, &span(&start, &end))?.take(max) {
+    for (expected, entry) in (from.max(1)..).zip(dbs.events.range(txn, &span(&start, &end))?.take(max)) {
         let (key, value) = entry?;
-        let (p, position) = keys::decode_event_key(key).map_err(|_| CorruptRecord { partition, position: expected, reason: "undecodable event key" })?;
+        let (p, position) =
+            keys::decode_event_key(key).map_err(|_| CorruptRecord { partition, position: expected, reason: "undecodable event key" })?;
         debug_assert_eq!(p, partition);
         // Positions are dense: a gap means the file lost an event.
         if position != expected {
             return Err(CorruptRecord { partition, position: expected, reason: "gap in partition positions" }.into());
         }
         events.push(EventRecord::decode(partition, position, value)?);
-        expected += 1;
     }
     Ok(events)
 }

@@ -134,24 +134,14 @@ impl EventRecord {
         for _ in 0..entries {
             let key = r.string16().ok_or_else(short)?;
             let value_len = r.u32().ok_or_else(short)? as usize;
-            let value = String::from_utf8(r.take(value_len).ok_or_else(short)?.to_vec())
-                .map_err(|_| corrupt("metadata value is not UTF-8"))?;
+            let value =
+                String::from_utf8(r.take(value_len).ok_or_else(short)?.to_vec()).map_err(|_| corrupt("metadata value is not UTF-8"))?;
             metadata.push((key, value));
         }
         if r.offset != bytes.len() {
             return Err(corrupt("trailing bytes"));
         }
-        Ok(EventRecord {
-            partition,
-            position,
-            stream,
-            stream_version,
-            event_type,
-            payload,
-            metadata,
-            append_time_us,
-            epoch,
-        })
+        Ok(EventRecord { partition, position, stream, stream_version, event_type, payload, metadata, append_time_us, epoch })
     }
 }
 

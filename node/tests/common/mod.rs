@@ -1,0 +1,64 @@
+//! Shared harness of the integration tests: a real `anthill` binary on loopback, in a
+//! temporary data directory, reached over real gRPC.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use anthill_node::client::{self, Clients};
+use anthill_node::local::ChildNode;
+use anthill_proto::v1 as pb;
+
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_anthill"))
+}
+
+pub struct TestNode {
+    pub node: ChildNode,
+    pub clients: Clients,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start(extra_args: &[&str]) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, clients) = start_in(&dir.path().join("node"), extra_args).await;
+    TestNode { node, clients, dir }
+}
+
+pub async fn start_in(data_dir: &Path, extra_args: &[&str]) -> (ChildNode, Clients) {
+    let args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+    let node = ChildNode::spawn(&exe(), data_dir, &args).unwrap();
+    let clients = client::connect(&node.url()).await.unwrap();
+    (node, clients)
+}
+
+pub fn event(ty: &str, payload: &str) -> pb::EventData {
+    pb::EventData { r#type: ty.into(), payload: payload.as_bytes().to_vec(), metadata: Default::default() }
+}
+
+pub fn append(stream: &str, expected: Option<pb::expected_version::Kind>, events: Vec<pb::EventData>) -> pb::AppendRequest {
+    pb::AppendRequest { stream: stream.into(), expected_version: expected.map(|k| pb::ExpectedVersion { kind: Some(k) }), events }
+}
+
+/// Every event of a partition, page by page.
+pub async fn read_partition_all(clients: &mut Clients, partition: u32) -> Vec<pb::RecordedEvent> {
+    let mut out = Vec::new();
+    let mut from = 1;
+    loop {
+        let r = clients
+            .log
+            .read_partition(pb::ReadPartitionRequest { partition, from_position: from, max_count: 1000 })
+            .await
+            .unwrap()
+            .into_inner();
+        from = r.next;
+        let done = r.end_of_stream;
+        out.extend(r.events);
+        if done {
+            return out;
+        }
+    }
+}
+
+pub async fn total_events(clients: &mut Clients) -> u64 {
+    clients.node.status(pb::StatusRequest {}).await.unwrap().into_inner().total_events
+}

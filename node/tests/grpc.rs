@@ -1,0 +1,240 @@
+//! The real binary on an ephemeral loopback port, spoken to over gRPC: appends, reads,
+//! expected versions, validation, subscriptions, health, reflection, metrics and the CLI.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anthill_proto::v1 as pb;
+use common::{append, event, read_partition_all, start, total_events};
+use pb::expected_version::Kind;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_appended_events_when_read_back_then_every_field_round_trips() {
+    let mut t = start(&[]).await;
+    let mut e = event("OrderPlaced", "{\"total\":12}");
+    e.metadata.insert("correlation".into(), "c-9".into());
+    let r = t
+        .clients
+        .log
+        .append(append("order-1", Some(Kind::NoStream(pb::Empty {})), vec![e, event("OrderPaid", "")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.first_position, r.last_position, r.stream_version), (1, 2, 2));
+
+    let read = t.clients.log.read(pb::ReadRequest { stream: "order-1".into(), from_version: 0, max_count: 0 }).await.unwrap().into_inner();
+    assert!(read.end_of_stream);
+    assert_eq!(read.next, 3);
+    let first = &read.events[0];
+    assert_eq!((first.partition, first.position, first.stream_version, first.epoch), (r.partition, 1, 1, 1));
+    assert_eq!(first.r#type, "OrderPlaced");
+    assert_eq!(first.payload, b"{\"total\":12}");
+    assert_eq!(first.metadata.get("correlation").map(String::as_str), Some("c-9"));
+    assert!(first.append_time_us > 1_600_000_000_000_000);
+
+    let by_partition = read_partition_all(&mut t.clients, r.partition).await;
+    assert_eq!(by_partition, read.events);
+    // Paging: one event at a time, `next` continues where the last page ended.
+    let page = t.clients.log.read(pb::ReadRequest { stream: "order-1".into(), from_version: 2, max_count: 1 }).await.unwrap().into_inner();
+    assert_eq!((page.events.len(), page.events[0].stream_version, page.next), (1, 2, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_stale_expected_version_when_appending_then_failed_precondition_carries_the_actual_version() {
+    let mut t = start(&[]).await;
+    t.clients.log.append(append("acct", None, vec![event("A", "1"), event("B", "2")])).await.unwrap();
+    let err = t.clients.log.append(append("acct", Some(Kind::Exact(1)), vec![event("C", "3")])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.metadata().get("anthill-actual-version").unwrap().to_str().unwrap(), "2");
+    assert!(err.message().contains("expected version 1, actual version 2"), "{}", err.message());
+    let err = t.clients.log.append(append("nope", Some(Kind::StreamExists(pb::Empty {})), vec![event("C", "3")])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let ok = t.clients.log.append(append("acct", Some(Kind::Exact(2)), vec![event("C", "3")])).await.unwrap().into_inner();
+    assert_eq!(ok.stream_version, 3);
+    assert_eq!(total_events(&mut t.clients).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_bad_input_then_invalid_argument_names_the_problem_and_nothing_is_written() {
+    let mut t = start(&["--max-events-per-append", "5", "--max-event-bytes", "1000", "--partitions", "8"]).await;
+    let cases = [
+        (append("", None, vec![event("A", "")]), "stream: must not be empty"),
+        (append(&"s".repeat(300), None, vec![event("A", "")]), "limits.max_stream_id_bytes"),
+        (append("s", None, vec![]), "at least one event"),
+        (append("s", None, vec![event("A", ""); 6]), "6 events in one append, the limit is 5"),
+        (append("s", None, vec![event("A", ""), event("", "")]), "events[1].type: must not be empty"),
+        (append("s", None, vec![event("A", ""), event("A", &"x".repeat(1001))]), "events[1]: payload and metadata are 1001 bytes"),
+    ];
+    for (request, message) in cases {
+        let err = t.clients.log.append(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}");
+        assert!(err.message().contains(message), "{:?} does not contain {message:?}", err.message());
+    }
+    let err = t.clients.log.read_partition(pb::ReadPartitionRequest { partition: 8, from_position: 1, max_count: 1 }).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "partition: 8 does not exist; this cluster has partitions 0 to 7"));
+    let err = t
+        .clients
+        .log
+        .subscribe(pb::SubscribeRequest { partitions: vec![1], streams: vec!["s".into()], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(total_events(&mut t.clients).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_subscription_then_it_replays_reports_caught_up_and_continues_live() {
+    let mut t = start(&["--partitions", "4"]).await;
+    for i in 0..10 {
+        t.clients.log.append(append(&format!("s-{}", i % 3), None, vec![event("Old", &i.to_string())])).await.unwrap();
+    }
+    let mut sub =
+        t.clients.log.subscribe(pb::SubscribeRequest { streams: vec!["s-1".into()], ..Default::default() }).await.unwrap().into_inner();
+    let mut replayed = Vec::new();
+    while let pb::subscribe_response::Message::Event(e) = sub.next().await.unwrap().unwrap().message.unwrap() {
+        replayed.push(e);
+    }
+    assert_eq!(replayed.iter().map(|e| e.stream_version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(replayed.iter().all(|e| e.stream == "s-1"));
+    t.clients.log.append(append("s-2", None, vec![event("New", "other stream")])).await.unwrap();
+    t.clients.log.append(append("s-1", None, vec![event("New", "live")])).await.unwrap();
+    let live = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+    match live.message.unwrap() {
+        pb::subscribe_response::Message::Event(e) => {
+            assert_eq!((e.stream.as_str(), e.stream_version, e.payload.as_slice()), ("s-1", 4, &b"live"[..]))
+        }
+        other => panic!("expected the live event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_subscriber_that_does_not_read_then_appends_go_on_and_it_later_gets_everything_in_order() {
+    let mut t = start(&["--partitions", "1", "--subscribe-buffer-events", "16"]).await;
+    let mut sub = t.clients.log.subscribe(pb::SubscribeRequest { from_position: 1, ..Default::default() }).await.unwrap().into_inner();
+    // 4,000 events of 4 KiB (16 MiB) while the subscriber reads nothing: the node waits for it
+    // instead of buffering, so the appends are not held up.
+    let payload = "x".repeat(4096);
+    let appends = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..40 {
+            let events = (0..100).map(|_| event("Big", &payload)).collect();
+            t.clients.log.append(append("firehose", None, events)).await.unwrap();
+        }
+    });
+    appends.await.expect("appends were blocked by a slow subscriber");
+    let mut position = 0;
+    while position < 4000 {
+        if let pb::subscribe_response::Message::Event(e) = sub.next().await.unwrap().unwrap().message.unwrap() {
+            assert_eq!(e.position, position + 1, "positions arrive dense and in order");
+            position = e.position;
+        }
+    }
+    let metrics = http_get(t.node.metrics_addr.unwrap(), "/metrics");
+    assert!(metrics.contains("anthill_subscribers 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_status_and_metrics_are_served() {
+    let mut t = start(&["--node-id", "n-test"]).await;
+    t.clients.log.append(append("m", None, vec![event("A", "1")])).await.unwrap();
+
+    let channel = tonic::transport::Endpoint::from_shared(t.node.url()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health.check(tonic_health::pb::HealthCheckRequest { service: "anthill.v1.EventLog".into() }).await.unwrap().into_inner();
+    assert_eq!(serving.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = responses.next().await.unwrap().unwrap().message_response else {
+        panic!("no service list")
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"anthill.v1.EventLog") && names.contains(&"anthill.v1.Node"), "{names:?}");
+
+    let status = t.clients.node.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.node_id.as_str(), status.partition_count, status.total_events), ("n-test", 64, 1));
+    assert!(status.db_size_bytes > 0 && status.map_size_bytes >= status.db_size_bytes);
+
+    let metrics = http_get(t.node.metrics_addr.unwrap(), "/metrics");
+    for needle in [
+        "anthill_events_appended_total 1",
+        "anthill_append_requests_total{outcome=\"ok\"} 1",
+        "anthill_commit_seconds_count 1",
+        "anthill_db_used_bytes",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_appends_reads_and_reports_status_as_json() {
+    let t = start(&[]).await;
+    let url = t.node.url();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::exe()).args(args).args(["--server", &url]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let appended =
+        cli(&["append", "cart-1", "--type", "ItemAdded", "--data", "{\"sku\":1}", "--data", "{\"sku\":2}", "--meta", "k=v", "--json"]);
+    assert_eq!(appended["stream_version"], 2);
+    let read = cli(&["read", "cart-1", "--json"]);
+    assert_eq!(read["events"][1]["payload"], "{\"sku\":2}");
+    assert_eq!(read["events"][0]["metadata"]["k"], "v");
+    let status = cli(&["status", "--json"]);
+    assert_eq!(status["total_events"], 2);
+
+    let out = std::process::Command::new(common::exe())
+        .args(["append", "cart-1", "--type", "X", "--data", "1", "--expected", "no-stream", "--server", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"));
+}
+
+#[test]
+fn given_an_invalid_config_the_node_refuses_to_start_and_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.yaml");
+    std::fs::write(&config, "group_commit:\n  max_batch_events: 10\n").unwrap();
+    let out = std::process::Command::new(common::exe()).args(["node", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("group_commit.max_batch_events: must be at least limits.max_events_per_append"), "{stderr}");
+
+    std::fs::write(&config, "storage:\n  partitons: 8\n").unwrap();
+    let out = std::process::Command::new(common::exe()).args(["node", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `partitons`"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_data_dir_created_with_other_partitions_then_the_node_refuses_it() {
+    let t = start(&["--partitions", "8"]).await;
+    let dir = t.node.data_dir.clone();
+    t.node.terminate(Duration::from_secs(20)).unwrap();
+    let out = std::process::Command::new(common::exe())
+        .args(["node", "--partitions", "16", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("created with 8 partitions"));
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
