@@ -250,13 +250,15 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let _telemetry = crate::telemetry::init(&config.telemetry)?;
+    // Handlers first: a SIGTERM sent as soon as the node says it is ready must stop it cleanly.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let node = crate::server::start(&config).await?;
     let metrics = node.metrics_addr.map_or("none".to_string(), |a| a.to_string());
     println!("{} grpc={} metrics={}", crate::local::READY_PREFIX, node.grpc_addr, metrics);
     std::io::stdout().flush()?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
     }
     node.stop();

@@ -4,8 +4,9 @@
 //! ([`partitioning`]), queues appends for the single group-commit [`writer`], and publishes the
 //! committed head of every partition so reads and subscriptions know what is durable.
 //!
-//! Only committed, durable events are ever visible: readers use LMDB snapshots, which never show
-//! an uncommitted transaction, and subscriptions wake on the published [`CommitPoint`].
+//! Only durable events are ever visible: readers use LMDB snapshots (which never show an
+//! uncommitted transaction) cut at the published [`CommitPoint`] (which excludes the newest
+//! commit until it is synced), and subscriptions wake when that point moves.
 
 pub mod expected;
 pub mod partitioning;
@@ -149,16 +150,27 @@ impl Log {
         self.commits.clone()
     }
 
-    /// Reads up to `max` events of a stream, from `from_version` on.
+    /// Reads up to `max` durable events of a stream, from `from_version` on.
     pub fn read_stream(&self, stream: &str, from_version: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
-        let events = self.store.read()?.read_stream(self.partition_of(stream), stream, from_version, max)?;
+        let partition = self.partition_of(stream);
+        // Heads first, snapshot second: the snapshot holds at least every event up to the head.
+        let head = self.commits.borrow().heads[partition as usize];
+        let mut events = self.store.read()?.read_stream(partition, stream, from_version, max)?;
+        // Committed but not yet synced events stay invisible (see writer.rs); they are the newest.
+        events.retain(|e| e.position <= head);
         self.metrics.events_read.inc_by(events.len() as u64);
         Ok(events)
     }
 
-    /// Reads up to `max` events of a partition, from `from_position` on.
+    /// Reads up to `max` durable events of a partition, from `from_position` on.
     pub fn read_partition(&self, partition: u32, from_position: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
-        let events = self.store.read()?.read_partition(partition, from_position, max)?;
+        let from = from_position.max(1);
+        let head = self.commits.borrow().heads[partition as usize];
+        if from > head {
+            return Ok(Vec::new());
+        }
+        let max = max.min(usize::try_from(head - from + 1).unwrap_or(usize::MAX));
+        let events = self.store.read()?.read_partition(partition, from, max)?;
         self.metrics.events_read.inc_by(events.len() as u64);
         Ok(events)
     }

@@ -3,11 +3,18 @@
 //! One OS thread owns the only write transaction. It takes the first queued append, keeps taking
 //! more until the batch is full (`max_batch_events` / `max_batch_bytes`) or `max_wait` has passed
 //! since the first, checks each append's expected version *in order against the transaction's own
-//! view* (so two appends to one stream in one batch see each other), writes the events, commits —
-//! LMDB syncs the file before the commit returns — and only then answers every append of the batch.
+//! view* (so two appends to one stream in one batch see each other), writes the events and commits.
+//!
+//! Pipelined durability (one disk sync per batch under load): the store runs LMDB with
+//! `NO_META_SYNC`, so commit N syncs its data pages but leaves its meta page unsynced. Batch N is
+//! answered only after the next sync: the one inside commit N+1 (which flushes the whole file,
+//! meta page N included) or, when no further appends are queued, an explicit `sync()`. The
+//! durable heads are published to readers at that same moment, so nobody ever reads an event a
+//! machine crash could take back.
 //!
 //! Invariants:
-//! - an append is answered `Ok` only after the transaction holding its events is durable;
+//! - an append is answered `Ok` only after a sync that followed its commit;
+//! - readers and subscribers see only synced events (the published heads);
 //! - an append that fails its expected version writes nothing; the others in the batch go ahead;
 //! - if the transaction fails, nothing of the batch is stored, the in-memory partition heads are
 //!   left as they were, and every append of the batch gets the error;
@@ -55,16 +62,63 @@ impl Writer {
     pub fn run(mut self) {
         let mut batch = Vec::new();
         let mut carry = None;
-        while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
+        // The last committed batch: answered once a later sync has made it durable.
+        let mut unsynced: Option<Pending> = None;
+        loop {
+            let next = carry.take().or_else(|| if unsynced.is_some() { self.rx.try_recv().ok() } else { self.rx.recv().ok() });
+            let Some(first) = next else {
+                match unsynced.take() {
+                    // Nothing more to commit right now: sync explicitly rather than make it wait.
+                    Some(pending) => {
+                        let synced = self.sync();
+                        self.settle(pending, synced);
+                        continue;
+                    }
+                    None => break,
+                }
+            };
             carry = self.collect(first, &mut batch);
             self.metrics.append_queue_depth.set(self.rx.len() as i64);
-            let results = self.commit_with_growth(&batch);
-            for (job, result) in batch.drain(..).zip(results) {
-                // The caller may have gone away (deadline, cancel): its events are stored anyway.
-                let _ = job.reply.send(result);
+            let committed = self.commit_with_growth(&batch);
+            if let Some(pending) = unsynced.take() {
+                // A successful commit synced its data pages and, with them, the previous batch's
+                // meta page. After a failed one, sync explicitly.
+                let synced = if committed.is_ok() { Ok(()) } else { self.sync() };
+                self.settle(pending, synced);
+            }
+            match committed {
+                Ok(outcomes) => unsynced = Some(Pending { jobs: std::mem::take(&mut batch), outcomes, heads: self.heads.clone() }),
+                Err(error) => {
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(AppendError::Storage(error.clone())));
+                    }
+                }
             }
         }
         tracing::info!("append queue closed; writer stopped");
+    }
+
+    fn sync(&self) -> Result<(), Arc<StorageError>> {
+        let started = Instant::now();
+        let synced = self.store.sync().map_err(Arc::new);
+        self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+        synced
+    }
+
+    /// Answers a committed batch: as committed if it is durable, with the sync's error if not.
+    fn settle(&mut self, pending: Pending, synced: Result<(), Arc<StorageError>>) {
+        match synced {
+            Ok(()) => self.publish(pending.heads),
+            Err(ref e) => tracing::error!(error = %e, "sync failed; the appends of the last batch get the error"),
+        }
+        for (job, outcome) in pending.jobs.into_iter().zip(pending.outcomes) {
+            let outcome = match (&synced, outcome) {
+                (Err(e), Ok(_)) => Err(AppendError::Storage(e.clone())),
+                (_, outcome) => outcome,
+            };
+            // The caller may have gone away (deadline, cancel): its events are stored anyway.
+            let _ = job.reply.send(outcome);
+        }
     }
 
     /// Fills `batch` starting with `first`; returns an append that did not fit, for the next one.
@@ -92,31 +146,32 @@ impl Writer {
         }
     }
 
-    /// Commits the batch, growing the LMDB map and retrying when it is full.
-    fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Vec<Outcome> {
+    /// Commits the batch (not yet durable, see [`Writer::run`]), growing the LMDB map and
+    /// retrying when it is full. On success the writer's heads move to the committed ones.
+    fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Result<Vec<Outcome>, Arc<StorageError>> {
         let batch_bytes: usize = batch.iter().map(AppendJob::bytes).sum();
         loop {
             let started = Instant::now();
             match self.commit(batch) {
-                Ok((results, heads)) => {
+                Ok((outcomes, heads)) => {
                     self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.inc();
-                    let events: usize = results.iter().flatten().map(|a| (a.last_position + 1 - a.first_position) as usize).sum();
+                    let events: u64 = heads.iter().zip(&self.heads).map(|(after, before)| after - before).sum();
                     self.metrics.batch_events.observe(events as f64);
-                    self.metrics.events_appended.inc_by(events as u64);
-                    self.publish(heads);
-                    return results;
+                    self.metrics.events_appended.inc_by(events);
+                    self.heads = heads;
+                    return Ok(outcomes);
                 }
                 Err(e) if e.is_map_full() => {
                     // Room for the batch at least three times over: values, indexes and page splits.
                     if let Err(e) = self.store.grow_map(batch_bytes as u64 * 3) {
                         tracing::error!(error = %e, "refusing writes: the database is full");
-                        return fail_all(batch, e);
+                        return Err(Arc::new(e));
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, appends = batch.len(), "group commit failed; nothing of it was stored, the appends get the error");
-                    return fail_all(batch, e);
+                    return Err(Arc::new(e));
                 }
             }
         }
@@ -169,22 +224,27 @@ impl Writer {
         Ok((results, heads))
     }
 
+    /// Makes durable heads visible to readers and subscribers.
     fn publish(&mut self, heads: Vec<u64>) {
-        if heads != self.heads {
-            self.heads = heads;
-            let heads: Arc<[u64]> = self.heads.clone().into();
-            self.published.send_modify(|point| {
+        let heads: Arc<[u64]> = heads.into();
+        self.published.send_if_modified(|point| {
+            let moved = point.heads != heads;
+            if moved {
                 point.seq += 1;
                 point.heads = heads;
-            });
-        }
+            }
+            moved
+        });
         let sizes = self.store.sizes();
         self.metrics.db_used_bytes.set(sizes.used_bytes as i64);
         self.metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
     }
 }
 
-fn fail_all(batch: &[AppendJob], error: StorageError) -> Vec<Outcome> {
-    let error = Arc::new(error);
-    batch.iter().map(|_| Err(AppendError::Storage(error.clone()))).collect()
+/// A committed batch waiting for the sync that makes it durable.
+struct Pending {
+    jobs: Vec<AppendJob>,
+    outcomes: Vec<Outcome>,
+    /// Partition heads once this batch is durable.
+    heads: Vec<u64>,
 }
