@@ -110,11 +110,7 @@ impl Store {
             // sync (or `sync()`) makes it durable. LMDB keeps integrity under this flag and a crash
             // can undo only the last commit, which the log's writer has not acknowledged yet.
             options.flags(EnvFlags::NO_META_SYNC);
-            options
-                .map_size(align_up(cfg.map_size_initial_bytes) as usize)
-                .max_dbs(8)
-                .max_readers(cfg.max_readers)
-                .open(dir)?
+            options.map_size(align_up(cfg.map_size_initial_bytes) as usize).max_dbs(8).max_readers(cfg.max_readers).open(dir)?
         };
         let mut wtxn = env.write_txn()?;
         let dbs = Dbs {
