@@ -150,8 +150,8 @@ pub fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     pack(&[Elem::Str(stream), Elem::U64(version)])
 }
 
-/// Key of a stream in the `stream_heads` database: `(stream,)`.
-pub fn stream_head_key(stream: &str) -> Vec<u8> {
+/// Key prefix shared by every `streams` index entry of one stream: `(stream,)`.
+pub fn stream_prefix(stream: &str) -> Vec<u8> {
     pack(&[Elem::Str(stream)])
 }
 
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn given_a_stream_prefix_when_packed_then_it_prefixes_every_version_key() {
-        let prefix = stream_head_key("orders-1");
+        let prefix = stream_prefix("orders-1");
         assert!(stream_key("orders-1", 7).starts_with(&prefix));
         assert!(!stream_key("orders-10", 7).starts_with(&prefix));
     }

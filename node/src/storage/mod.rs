@@ -4,7 +4,6 @@
 //! |----------------|----------------------------|-----------------------------------------|
 //! | `events`       | `(partition, position)`    | [`record::EventRecord`] stored form     |
 //! | `streams`      | `(stream, version)`        | position, u64 big-endian                |
-//! | `stream_heads` | `(stream,)`                | the stream's version, u64 big-endian     |
 //! | `meta`         | `(name,)`                  | format version, partition count          |
 //!
 //! This module owns the key layout and the LMDB environment's life: opening it (exclusively,
@@ -73,7 +72,6 @@ impl StorageError {
 struct Dbs {
     events: Database<Bytes, Bytes>,
     streams: Database<Bytes, Bytes>,
-    heads: Database<Bytes, Bytes>,
     meta: Database<Bytes, Bytes>,
 }
 
@@ -116,7 +114,6 @@ impl Store {
         let dbs = Dbs {
             events: env.create_database(&mut wtxn, Some("events"))?,
             streams: env.create_database(&mut wtxn, Some("streams"))?,
-            heads: env.create_database(&mut wtxn, Some("stream_heads"))?,
             meta: env.create_database(&mut wtxn, Some("meta"))?,
         };
         let format_key = pack(&[Elem::Str("format_version")]);
@@ -244,7 +241,7 @@ impl ReadView<'_> {
     /// Up to `max` events of `stream` (which lives in `partition`) from `from_version` on.
     pub fn read_stream(&self, partition: u32, stream: &str, from_version: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
         let start = keys::stream_key(stream, from_version.max(1));
-        let mut end = keys::stream_head_key(stream);
+        let mut end = keys::stream_prefix(stream);
         end.push(0xFF);
         let mut events = Vec::new();
         for entry in self.dbs.streams.range(&self.txn, &span(&start, &end))?.take(max) {
@@ -299,8 +296,20 @@ fn read_partition(txn: &RoTxn<'_, WithoutTls>, dbs: Dbs, partition: u32, from: u
     Ok(events)
 }
 
+/// A stream's version is the version in its last `streams` key (0 when it has none): one B-tree
+/// search, and no separate per-stream record to rewrite on every append.
 fn stream_version(txn: &RoTxn<'_, WithoutTls>, dbs: Dbs, stream: &str) -> Result<u64, StorageError> {
-    Ok(dbs.heads.get(txn, &keys::stream_head_key(stream))?.map(be_u64).unwrap_or(0))
+    let prefix = keys::stream_prefix(stream);
+    let mut end = prefix.clone();
+    end.push(0xFF);
+    let Some(entry) = dbs.streams.rev_range(txn, &span(&prefix, &end))?.next() else {
+        return Ok(0);
+    };
+    let (key, position) = entry?;
+    match keys::unpack(&key[prefix.len()..]).as_deref() {
+        Ok([keys::Value::U64(version)]) => Ok(*version),
+        _ => Err(CorruptRecord { partition: 0, position: be_u64(position), reason: "undecodable stream index key" }.into()),
+    }
 }
 
 /// The single write transaction, with the operations the log's writer needs.
@@ -320,10 +329,8 @@ impl WriteTxn<'_> {
     /// partition's next position and `record.stream_version` the stream's next version.
     pub fn put_event(&mut self, partition: u32, position: u64, record: &RecordRef<'_>) -> Result<(), StorageError> {
         record.encode_into(&mut self.buf);
-        let version = record.stream_version.to_be_bytes();
         self.dbs.events.put(&mut self.txn, &keys::event_key(partition, position), &self.buf)?;
         self.dbs.streams.put(&mut self.txn, &keys::stream_key(record.stream, record.stream_version), &position.to_be_bytes())?;
-        self.dbs.heads.put(&mut self.txn, &keys::stream_head_key(record.stream), &version)?;
         Ok(())
     }
 
