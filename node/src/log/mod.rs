@@ -5,8 +5,8 @@
 //! committed head of every partition so reads and subscriptions know what is durable.
 //!
 //! Only durable events are ever visible: readers use LMDB snapshots (which never show an
-//! uncommitted transaction) cut at the published [`CommitPoint`] (which excludes the newest
-//! commit until it is synced), and subscriptions wake when that point moves.
+//! uncommitted transaction) cut at the published [`CommitPoint`] (moved by the writer after each
+//! durable commit), and subscriptions wake when that point moves.
 
 pub mod expected;
 pub mod partitioning;
@@ -156,7 +156,7 @@ impl Log {
         // Heads first, snapshot second: the snapshot holds at least every event up to the head.
         let head = self.commits.borrow().heads[partition as usize];
         let mut events = self.store.read()?.read_stream(partition, stream, from_version, max)?;
-        // Committed but not yet synced events stay invisible (see writer.rs); they are the newest.
+        // Events committed after the heads were read wait for the next read: reads never pass them.
         events.retain(|e| e.position <= head);
         self.metrics.events_read.inc_by(events.len() as u64);
         Ok(events)

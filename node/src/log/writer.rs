@@ -5,16 +5,15 @@
 //! since the first, checks each append's expected version *in order against the transaction's own
 //! view* (so two appends to one stream in one batch see each other), writes the events and commits.
 //!
-//! Pipelined durability (one disk sync per batch under load): the store runs LMDB with
-//! `NO_META_SYNC`, so commit N syncs its data pages but leaves its meta page unsynced. Batch N is
-//! answered only after the next sync: the one inside commit N+1 (which flushes the whole file,
-//! meta page N included) or, when no further appends are queued, an explicit `sync()`. The
-//! durable heads are published to readers at that same moment, so nobody ever reads an event a
-//! machine crash could take back.
+//! LMDB's default durability is kept: `commit` writes the data pages, syncs them, writes the meta
+//! page and syncs again, and returns only then. A variant that pipelined the second sync into the
+//! next commit (`NO_META_SYNC`, answering a batch after the following commit's sync) was measured
+//! slower on this project's benchmark machine at every concurrency tried (docs/benchmarks.md), so
+//! the simple, obviously durable order stays.
 //!
 //! Invariants:
-//! - an append is answered `Ok` only after a sync that followed its commit;
-//! - readers and subscribers see only synced events (the published heads);
+//! - an append is answered `Ok` only after the transaction holding its events is durable;
+//! - readers and subscribers see events up to the published heads, published after the commit;
 //! - an append that fails its expected version writes nothing; the others in the batch go ahead;
 //! - if the transaction fails, nothing of the batch is stored, the in-memory partition heads are
 //!   left as they were, and every append of the batch gets the error;
@@ -62,32 +61,18 @@ impl Writer {
     pub fn run(mut self) {
         let mut batch = Vec::new();
         let mut carry = None;
-        // The last committed batch: answered once a later sync has made it durable.
-        let mut unsynced: Option<Pending> = None;
-        loop {
-            let next = carry.take().or_else(|| if unsynced.is_some() { self.rx.try_recv().ok() } else { self.rx.recv().ok() });
-            let Some(first) = next else {
-                match unsynced.take() {
-                    // Nothing more to commit right now: sync explicitly rather than make it wait.
-                    Some(pending) => {
-                        let synced = self.sync();
-                        self.settle(pending, synced);
-                        continue;
-                    }
-                    None => break,
-                }
-            };
+        while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
             carry = self.collect(first, &mut batch);
             self.metrics.append_queue_depth.set(self.rx.len() as i64);
-            let committed = self.commit_with_growth(&batch);
-            if let Some(pending) = unsynced.take() {
-                // A successful commit synced its data pages and, with them, the previous batch's
-                // meta page. After a failed one, sync explicitly.
-                let synced = if committed.is_ok() { Ok(()) } else { self.sync() };
-                self.settle(pending, synced);
-            }
-            match committed {
-                Ok(outcomes) => unsynced = Some(Pending { jobs: std::mem::take(&mut batch), outcomes, heads: self.heads.clone() }),
+            match self.commit_with_growth(&batch) {
+                Ok(outcomes) => {
+                    // Durable now: readers may see it, then its appends are answered.
+                    self.publish();
+                    for (job, outcome) in batch.drain(..).zip(outcomes) {
+                        // The caller may have gone away (deadline, cancel): its events are stored anyway.
+                        let _ = job.reply.send(outcome);
+                    }
+                }
                 Err(error) => {
                     for job in batch.drain(..) {
                         let _ = job.reply.send(Err(AppendError::Storage(error.clone())));
@@ -96,29 +81,6 @@ impl Writer {
             }
         }
         tracing::info!("append queue closed; writer stopped");
-    }
-
-    fn sync(&self) -> Result<(), Arc<StorageError>> {
-        let started = Instant::now();
-        let synced = self.store.sync().map_err(Arc::new);
-        self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
-        synced
-    }
-
-    /// Answers a committed batch: as committed if it is durable, with the sync's error if not.
-    fn settle(&mut self, pending: Pending, synced: Result<(), Arc<StorageError>>) {
-        match synced {
-            Ok(()) => self.publish(pending.heads),
-            Err(ref e) => tracing::error!(error = %e, "sync failed; the appends of the last batch get the error"),
-        }
-        for (job, outcome) in pending.jobs.into_iter().zip(pending.outcomes) {
-            let outcome = match (&synced, outcome) {
-                (Err(e), Ok(_)) => Err(AppendError::Storage(e.clone())),
-                (_, outcome) => outcome,
-            };
-            // The caller may have gone away (deadline, cancel): its events are stored anyway.
-            let _ = job.reply.send(outcome);
-        }
     }
 
     /// Fills `batch` starting with `first`; returns an append that did not fit, for the next one.
@@ -146,8 +108,8 @@ impl Writer {
         }
     }
 
-    /// Commits the batch (not yet durable, see [`Writer::run`]), growing the LMDB map and
-    /// retrying when it is full. On success the writer's heads move to the committed ones.
+    /// Commits the batch durably, growing the LMDB map and retrying when it is full. On success
+    /// the writer's heads move to the committed ones.
     fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Result<Vec<Outcome>, Arc<StorageError>> {
         let batch_bytes: usize = batch.iter().map(AppendJob::bytes).sum();
         loop {
@@ -224,14 +186,13 @@ impl Writer {
         Ok((results, heads))
     }
 
-    /// Makes durable heads visible to readers and subscribers.
-    fn publish(&mut self, heads: Vec<u64>) {
-        let heads: Arc<[u64]> = heads.into();
+    /// Makes the writer's (durable) heads visible to readers and subscribers.
+    fn publish(&mut self) {
         self.published.send_if_modified(|point| {
-            let moved = point.heads != heads;
+            let moved = *point.heads != *self.heads;
             if moved {
                 point.seq += 1;
-                point.heads = heads;
+                point.heads = self.heads.as_slice().into();
             }
             moved
         });
@@ -239,12 +200,4 @@ impl Writer {
         self.metrics.db_used_bytes.set(sizes.used_bytes as i64);
         self.metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
     }
-}
-
-/// A committed batch waiting for the sync that makes it durable.
-struct Pending {
-    jobs: Vec<AppendJob>,
-    outcomes: Vec<Outcome>,
-    /// Partition heads once this batch is durable.
-    heads: Vec<u64>,
 }

@@ -11,12 +11,10 @@
 //! handing out read views and the one write transaction. It knows nothing of expected versions or
 //! batching; [`crate::log`] owns those rules.
 //!
-//! Durability: a commit is atomic, and after `kill -9` the file holds exactly the transactions
-//! that committed (the OS page cache survives a process crash). Against a machine crash the
-//! environment uses `NO_META_SYNC`: each commit syncs its data pages, and its meta page becomes
-//! durable with the next commit's sync or an explicit [`Store::sync`]. LMDB guarantees integrity
-//! under this flag; a machine crash can undo only the newest commit, which is why the log's writer
-//! acknowledges a batch only after a later sync (see `log/writer.rs`). Growing the map needs no transaction to be open in this process;
+//! Durability: the environment is opened with LMDB's default flags, so every commit syncs its
+//! data pages, then its meta page, before it returns; a commit is atomic, so after `kill -9` or a
+//! machine crash the file holds exactly the transactions that committed. Growing the map needs
+//! no transaction to be open in this process;
 //! the `gate` lock makes every reader hold a shared guard for the (short) life of its transaction
 //! while the writer takes it exclusively to resize.
 
@@ -29,7 +27,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use heed::types::Bytes;
-use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use parking_lot::{RwLock, RwLockReadGuard};
 use thiserror::Error;
 
@@ -101,13 +99,8 @@ impl Store {
         let lock = lock_data_dir(dir)?;
         let env = unsafe {
             // SAFETY: the lock file above guarantees no other process of ours opens this
-            // directory, and this process opens it once per Store. NO_META_SYNC is safe as used:
-            // the writer acknowledges a commit only after a later sync (see log/writer.rs).
+            // directory, and this process opens it once per Store. Default (fully synced) flags.
             let mut options = EnvOpenOptions::new().read_txn_without_tls();
-            // NO_META_SYNC: a commit syncs its data pages but not its meta page; the next commit's
-            // sync (or `sync()`) makes it durable. LMDB keeps integrity under this flag and a crash
-            // can undo only the last commit, which the log's writer has not acknowledged yet.
-            options.flags(EnvFlags::NO_META_SYNC);
             options.map_size(align_up(cfg.map_size_initial_bytes) as usize).max_dbs(8).max_readers(cfg.max_readers).open(dir)?
         };
         let mut wtxn = env.write_txn()?;
@@ -160,12 +153,6 @@ impl Store {
     /// The write transaction. Only the log's single writer calls this.
     pub(crate) fn write(&self) -> Result<WriteTxn<'_>, StorageError> {
         Ok(WriteTxn { txn: self.env.write_txn()?, dbs: self.dbs, buf: Vec::with_capacity(512) })
-    }
-
-    /// Syncs everything committed so far to disk (fdatasync), including the last meta page.
-    pub(crate) fn sync(&self) -> Result<(), StorageError> {
-        self.env.force_sync()?;
-        Ok(())
     }
 
     pub fn sizes(&self) -> StorageSizes {
