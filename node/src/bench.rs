@@ -160,7 +160,8 @@ async fn suite(args: &BenchArgs, server: &str) -> anyhow::Result<Vec<BenchResult
     let single = BenchArgs { batch: 1, concurrency: 64, ..base.clone() };
     let raw1 = add(one(&BenchArgs { workload: Workload::Raw, ..single.clone() }, server, Some("raw: 1 event/append")).await?, None);
     settle().await;
-    let max1 = add(one(&BenchArgs { workload: Workload::Append, ..single.clone() }, server, Some("grpc: 1 event/append")).await?, Some(&raw1));
+    let max1 =
+        add(one(&BenchArgs { workload: Workload::Append, ..single.clone() }, server, Some("grpc: 1 event/append")).await?, Some(&raw1));
     settle().await;
     let half = BenchArgs { workload: Workload::Append, rate: Some((max1.requests_per_sec / 2.0).floor().max(1.0)), ..single };
     add(one(&half, server, Some("grpc: 1 event/append at half max")).await?, Some(&raw1));

@@ -44,7 +44,7 @@ pub struct NodeConfig {
 pub struct StorageConfig {
     /// Number of partitions, fixed when the data directory is created.
     pub partitions: u32,
-    /// Memory map size at first open; it grows as the database does.
+    /// Memory map size at first open (capped at `map_size_max_bytes`); it grows as the database does.
     pub map_size_initial_bytes: u64,
     /// The map never grows past this; writes are then refused with a clear error.
     pub map_size_max_bytes: u64,
@@ -179,11 +179,8 @@ impl NodeConfig {
         if s.map_size_max_bytes < (16 << 20) {
             return invalid("storage.map_size_max_bytes", format!("must be at least 16 MiB, got {}", s.map_size_max_bytes));
         }
-        if s.map_size_initial_bytes == 0 || s.map_size_initial_bytes > s.map_size_max_bytes {
-            return invalid(
-                "storage.map_size_initial_bytes",
-                format!("must be between 1 and storage.map_size_max_bytes ({}), got {}", s.map_size_max_bytes, s.map_size_initial_bytes),
-            );
+        if s.map_size_initial_bytes == 0 {
+            return invalid("storage.map_size_initial_bytes", "must be at least 1".into());
         }
         if s.max_readers < 16 {
             return invalid("storage.max_readers", format!("must be at least 16, got {}", s.max_readers));

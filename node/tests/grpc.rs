@@ -238,3 +238,41 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     body
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_the_map_at_its_maximum_then_appends_get_resource_exhausted_and_stored_events_survive() {
+    let limits = ["--partitions", "4", "--map-size-initial-bytes", "1048576", "--map-size-max-bytes", "16777216"];
+    let mut t = start(&limits).await;
+    let payload = "p".repeat(60_000);
+    let mut acknowledged = 0u64;
+    let refusal = loop {
+        let events = (0..10).map(|_| event("Big", &payload)).collect();
+        match t.clients.log.append(append("filler", None, events)).await {
+            Ok(r) => acknowledged = r.into_inner().stream_version,
+            Err(status) => break status,
+        }
+        assert!(acknowledged < 10_000, "the map never filled");
+    };
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(refusal.message().contains("storage.map_size_max_bytes"), "{}", refusal.message());
+    assert!(acknowledged >= 100, "the map grew to hold only {acknowledged} events");
+    // Reads still work and hold exactly what was acknowledged.
+    let last = t
+        .clients
+        .log
+        .read(pb::ReadRequest { stream: "filler".into(), from_version: acknowledged, max_count: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((last.events.len(), last.events[0].payload.len(), last.end_of_stream), (1, 60_000, true));
+    assert_eq!(total_events(&mut t.clients).await, acknowledged);
+
+    // After a restart with room to grow, every acknowledged event is there and appends go on.
+    let dir = t.node.data_dir.clone();
+    drop(t.clients);
+    t.node.terminate(Duration::from_secs(20)).unwrap();
+    let (node, mut clients) = common::start_in(&dir, &["--partitions", "4", "--map-size-max-bytes", "67108864"]).await;
+    assert_eq!(total_events(&mut clients).await, acknowledged);
+    clients.log.append(append("filler", Some(Kind::Exact(acknowledged)), vec![event("Small", "ok")])).await.unwrap();
+    node.terminate(Duration::from_secs(20)).unwrap();
+}

@@ -101,7 +101,11 @@ impl Store {
             // SAFETY: the lock file above guarantees no other process of ours opens this
             // directory, and this process opens it once per Store. Default (fully synced) flags.
             let mut options = EnvOpenOptions::new().read_txn_without_tls();
-            options.map_size(align_up(cfg.map_size_initial_bytes) as usize).max_dbs(8).max_readers(cfg.max_readers).open(dir)?
+            options
+                .map_size(align_up(cfg.map_size_initial_bytes.min(cfg.map_size_max_bytes)) as usize)
+                .max_dbs(8)
+                .max_readers(cfg.max_readers)
+                .open(dir)?
         };
         let mut wtxn = env.write_txn()?;
         let dbs = Dbs {
