@@ -89,12 +89,14 @@ async fn verify(data_dir: &std::path::Path, acked: &Acked) {
         v.sort_unstable();
         assert_eq!(v, (1..=v.len() as u64).collect::<Vec<_>>(), "stream {stream} versions are not dense");
     }
-    let acked = acked.lock();
-    for (id, at) in acked.iter() {
-        assert_eq!(found.get(id), Some(at), "acknowledged event {id} is missing or moved");
+    {
+        let acked = acked.lock();
+        for (id, at) in acked.iter() {
+            assert_eq!(found.get(id), Some(at), "acknowledged event {id} is missing or moved");
+        }
+        assert!(found.len() >= acked.len());
+        eprintln!("{} acknowledged events survived; {} stored in all", acked.len(), found.len());
     }
-    assert!(found.len() >= acked.len());
-    eprintln!("{} acknowledged events survived; {} stored in all", acked.len(), found.len());
     drop(clients);
     tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(20))).await.unwrap().unwrap();
 }
