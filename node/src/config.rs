@@ -78,8 +78,8 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
     /// Most events one Read or ReadPartition returns.
     pub max_read_count: u32,
-    /// Events buffered per subscriber before the node waits for it to read.
-    pub subscribe_buffer_events: usize,
+    /// Bytes of events buffered per subscriber before the node waits for it to read.
+    pub subscribe_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +138,7 @@ impl Default for LimitsConfig {
             max_events_per_append: 10_000,
             max_request_bytes: 16 << 20,
             max_read_count: 10_000,
-            subscribe_buffer_events: 1024,
+            subscribe_buffer_bytes: 4 << 20,
         }
     }
 }
@@ -224,8 +224,8 @@ impl NodeConfig {
         if l.max_read_count == 0 {
             return invalid("limits.max_read_count", "must be at least 1".into());
         }
-        if l.subscribe_buffer_events == 0 {
-            return invalid("limits.subscribe_buffer_events", "must be at least 1".into());
+        if l.subscribe_buffer_bytes < 1024 || l.subscribe_buffer_bytes > (1 << 30) {
+            return invalid("limits.subscribe_buffer_bytes", format!("must be between 1 KiB and 1 GiB, got {}", l.subscribe_buffer_bytes));
         }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))

@@ -1,13 +1,15 @@
 //! One running node: opens the store, starts the log's writer, serves gRPC (with health and
 //! reflection) and the metrics endpoint, and shuts all of it down in order.
 //!
-//! Shutdown order: stop accepting requests and end subscriptions; let in-flight requests finish;
+//! Shutdown order: stop accepting requests and end subscriptions; let in-flight requests finish
+//! (for at most [`SHUTDOWN_GRACE`], then connections are cut);
 //! close the append queue so the writer commits what it holds and stops; then close LMDB. An
 //! append acknowledged before shutdown is durable; one not yet acknowledged is either committed
 //! or answered with an error, never half-written.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anthill_proto::v1 as pb;
 use anyhow::Context;
@@ -23,6 +25,9 @@ use crate::config::NodeConfig;
 use crate::log::Log;
 use crate::metrics::{self, Metrics};
 use crate::storage::Store;
+
+/// How long in-flight requests and open streams get to finish once a node stops.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub struct RunningNode {
     pub grpc_addr: SocketAddr,
@@ -99,8 +104,17 @@ impl RunningNode {
     /// Waits until the node has stopped (after [`RunningNode::stop`]) and the log is closed.
     pub async fn stopped(self) -> anyhow::Result<()> {
         let mut first_error = None;
-        for task in self.tasks {
-            if let Err(e) = task.await.map_err(anyhow::Error::from).and_then(|r| r) {
+        for mut task in self.tasks {
+            // Connections get a grace period to finish; a client that stalls past it is cut off.
+            let outcome = match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
+                Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
+                Err(_) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+                    task.abort();
+                    Ok(())
+                }
+            };
+            if let Err(e) = outcome {
                 first_error.get_or_insert(e);
             }
         }

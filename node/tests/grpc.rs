@@ -113,7 +113,7 @@ async fn given_a_subscription_then_it_replays_reports_caught_up_and_continues_li
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_a_subscriber_that_does_not_read_then_appends_go_on_and_it_later_gets_everything_in_order() {
-    let mut t = start(&["--partitions", "1", "--subscribe-buffer-events", "16"]).await;
+    let mut t = start(&["--partitions", "1", "--subscribe-buffer-bytes", "65536"]).await;
     let mut sub = t.clients.log.subscribe(pb::SubscribeRequest { from_position: 1, ..Default::default() }).await.unwrap().into_inner();
     // 4,000 events of 4 KiB (16 MiB) while the subscriber reads nothing: the node waits for it
     // instead of buffering, so the appends are not held up.
@@ -275,4 +275,56 @@ async fn given_the_map_at_its_maximum_then_appends_get_resource_exhausted_and_st
     assert_eq!(total_events(&mut clients).await, acknowledged);
     clients.log.append(append("filler", Some(Kind::Exact(acknowledged)), vec![event("Small", "ok")])).await.unwrap();
     node.terminate(Duration::from_secs(20)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_stalled_subscriber_when_the_node_is_stopped_then_it_still_exits_cleanly() {
+    let mut t = start(&["--partitions", "1", "--subscribe-buffer-bytes", "65536"]).await;
+    // Subscribe and never read: the node's buffer and the HTTP/2 window both fill up.
+    let _stalled = t.clients.log.subscribe(pb::SubscribeRequest { from_position: 1, ..Default::default() }).await.unwrap().into_inner();
+    let payload = "s".repeat(4096);
+    for _ in 0..20 {
+        let events = (0..100).map(|_| event("Big", &payload)).collect();
+        t.clients.log.append(append("stall", None, events)).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || t.node.terminate(Duration::from_secs(30))).await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(15), "stopping took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_huge_metadata_key_then_the_append_is_refused_before_anything_is_stored() {
+    let mut t = start(&[]).await;
+    let mut e = event("A", "x");
+    e.metadata.insert("k".repeat(70_000), "v".into());
+    let err = t.clients.log.append(append("meta", None, vec![e])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("events[0].metadata: key of 70000 bytes"), "{}", err.message());
+    assert_eq!(total_events(&mut t.clients).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_events_larger_than_the_response_limit_then_reads_page_by_size_and_miss_nothing() {
+    let mut t = start(&["--partitions", "1", "--max-request-bytes", "1048576", "--max-event-bytes", "300000"]).await;
+    let payload = "r".repeat(250_000);
+    for _ in 0..3 {
+        let events = (0..4).map(|_| event("Large", &payload)).collect();
+        t.clients.log.append(append("large", None, events)).await.unwrap();
+    }
+    // 12 events of 250 kB against a 1 MiB response limit: pages of at most 4, all 12 read.
+    let mut from = 1;
+    let mut seen = 0;
+    loop {
+        let r =
+            t.clients.log.read(pb::ReadRequest { stream: "large".into(), from_version: from, max_count: 0 }).await.unwrap().into_inner();
+        assert!((1..=4).contains(&r.events.len()), "page of {} events", r.events.len());
+        assert_eq!(r.events[0].stream_version, from);
+        seen += r.events.len();
+        from = r.next;
+        if r.end_of_stream {
+            break;
+        }
+    }
+    assert_eq!(seen, 12);
+    assert_eq!(read_partition_all(&mut t.clients, 0).await.len(), 12);
 }

@@ -10,6 +10,7 @@
 //! | storage full (map at its maximum)        | `RESOURCE_EXHAUSTED`  |
 //! | a stored record fails its checksum       | `DATA_LOSS`           |
 //! | node shutting down                       | `UNAVAILABLE`         |
+//! | LMDB reader slots all in use             | `UNAVAILABLE`         |
 //! | other storage failure                    | `INTERNAL`            |
 //!
 //! Input is validated before anything is queued, so a refused request writes nothing. Blocking
@@ -27,7 +28,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::log::{self, AppendError, ExpectedVersion, Log, NewEvent};
-use crate::storage::{EventRecord, StorageError};
+use crate::storage::{EventRecord, ReadLimit, Slice, StorageError};
 
 /// Shared state of both services.
 #[derive(Clone)]
@@ -55,42 +56,26 @@ impl Api {
         Ok(())
     }
 
-    /// The number of events a read may return: the request's `max_count`, capped by the limit.
-    fn read_count(&self, max_count: u32) -> usize {
-        let limit = self.log.limits().max_read_count;
-        (if max_count == 0 { limit } else { max_count.min(limit) }) as usize
+    /// The limit of one read: the request's `max_count` capped by `limits.max_read_count`, and
+    /// the stored size capped by `limits.max_request_bytes`.
+    fn read_limit(&self, max_count: u32) -> ReadLimit {
+        let limits = self.log.limits();
+        let cap = limits.max_read_count;
+        ReadLimit { max_events: (if max_count == 0 { cap } else { max_count.min(cap) }) as usize, max_bytes: limits.max_request_bytes }
     }
 
-    /// Runs a blocking read and turns it into a `ReadResponse`. Reads `max + 1` events to learn
-    /// whether the end was reached, and stops early once the response would pass the size limit.
-    async fn read_slice<F>(&self, max: usize, next_of: fn(&EventRecord) -> u64, read: F, from: u64) -> Result<pb::ReadResponse, Status>
+    /// Runs a blocking read and turns it into a `ReadResponse`.
+    async fn read_slice<F>(&self, next_of: fn(&EventRecord) -> u64, read: F, from: u64) -> Result<pb::ReadResponse, Status>
     where
-        F: FnOnce(&Log, usize) -> Result<Vec<EventRecord>, StorageError> + Send + 'static,
+        F: FnOnce(&Log) -> Result<Slice, StorageError> + Send + 'static,
     {
         let log = self.log.clone();
-        let mut events = tokio::task::spawn_blocking(move || read(&log, max + 1))
+        let slice = tokio::task::spawn_blocking(move || read(&log))
             .await
             .map_err(|e| Status::internal(format!("read task failed: {e}")))?
             .map_err(|e| storage_status(&e))?;
-        let mut end_of_stream = events.len() <= max;
-        events.truncate(max);
-        let byte_limit = self.log.limits().max_request_bytes;
-        let mut bytes = 0;
-        let keep = events
-            .iter()
-            .take_while(|e| {
-                bytes += e.payload.len() + e.stream.len() + e.event_type.len() + 64;
-                bytes <= byte_limit
-            })
-            .count()
-            .max(1)
-            .min(events.len());
-        if keep < events.len() {
-            events.truncate(keep);
-            end_of_stream = false;
-        }
-        let next = events.last().map(|e| next_of(e) + 1).unwrap_or(from.max(1));
-        Ok(pb::ReadResponse { events: events.into_iter().map(recorded_event).collect(), next, end_of_stream })
+        let next = slice.events.last().map(|e| next_of(e) + 1).unwrap_or(from.max(1));
+        Ok(pb::ReadResponse { events: slice.events.into_iter().map(recorded_event).collect(), next, end_of_stream: !slice.more })
     }
 }
 
@@ -124,27 +109,27 @@ impl pb::event_log_server::EventLog for Api {
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         let req = request.into_inner();
         log::validate_stream_id(self.log.limits(), &req.stream).map_err(Status::invalid_argument)?;
-        let max = self.read_count(req.max_count);
+        let limit = self.read_limit(req.max_count);
         let from = req.from_version;
         let stream = req.stream;
         let span = tracing::info_span!("read", stream = %stream, from_version = from);
         let response =
-            self.read_slice(max, |e| e.stream_version, move |log, n| log.read_stream(&stream, from, n), from).instrument(span).await?;
+            self.read_slice(|e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from).instrument(span).await?;
         Ok(Response::new(response))
     }
 
     async fn read_partition(&self, request: Request<pb::ReadPartitionRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         let req = request.into_inner();
         self.check_partition(req.partition)?;
-        let max = self.read_count(req.max_count);
+        let limit = self.read_limit(req.max_count);
         let (partition, from) = (req.partition, req.from_position);
         let span = tracing::info_span!("read_partition", partition, from_position = from);
         let response =
-            self.read_slice(max, |e| e.position, move |log, n| log.read_partition(partition, from, n), from).instrument(span).await?;
+            self.read_slice(|e| e.position, move |log| log.read_partition(partition, from, limit), from).instrument(span).await?;
         Ok(Response::new(response))
     }
 
-    type SubscribeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+    type SubscribeStream = subscribe::EventStream;
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let plan = subscribe::Plan::from_request(self, request.into_inner())?;
@@ -226,6 +211,8 @@ fn storage_status(error: &StorageError) -> Status {
     match error {
         StorageError::Full { .. } => Status::resource_exhausted(error.to_string()),
         StorageError::Corrupt(_) => Status::data_loss(error.to_string()),
+        // Transient: too many concurrent readers; the client may retry.
+        StorageError::Lmdb(heed::Error::Mdb(heed::MdbError::ReadersFull)) => Status::unavailable(error.to_string()),
         _ => Status::internal(error.to_string()),
     }
 }

@@ -1,9 +1,11 @@
 //! Subscriptions: replay from a position, then follow new commits, with bounded memory.
 //!
 //! Each subscription is one task that reads the log itself, a chunk at a time, and pushes events
-//! into a channel of `limits.subscribe_buffer_events` slots that tonic drains as the client reads.
-//! When the client is slow the channel fills and the task simply waits: nothing is buffered beyond
-//! that channel and one chunk, however far behind the subscriber is. New events are never pushed
+//! into a queue that tonic drains as the client reads. The queue is bounded in bytes
+//! (`limits.subscribe_buffer_bytes`, a semaphore whose permits a message holds until tonic takes
+//! it) and in messages. When the client is slow the queue fills and the task simply waits: a
+//! subscriber costs at most its buffer plus one chunk (itself at most the buffer's size, or one
+//! event), however far behind it is. New events are never pushed
 //! to subscribers; a subscriber wakes on the log's commit point and reads them from LMDB, so a
 //! thousand idle subscribers cost a thousand parked tasks and nothing more.
 
@@ -11,12 +13,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anthill_proto::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use std::pin::Pin;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use super::{Api, recorded_event, storage_status};
 use crate::log::{self, Log};
+use crate::storage::ReadLimit;
 
 /// Events read from LMDB per step; also bounds the events held outside the channel.
 const CHUNK_EVENTS: usize = 256;
@@ -28,7 +34,8 @@ pub(super) struct Plan {
     next: BTreeMap<u32, u64>,
     /// Only these streams, when set.
     streams: Option<HashSet<String>>,
-    buffer_events: usize,
+    /// Bytes of events buffered for the client before the task waits.
+    buffer_bytes: usize,
 }
 
 impl Plan {
@@ -54,59 +61,88 @@ impl Plan {
         let next =
             partitions.into_iter().map(|p| (p, req.partition_positions.get(&p).copied().unwrap_or(req.from_position).max(1))).collect();
         let streams = (!req.streams.is_empty()).then(|| req.streams.into_iter().collect());
-        Ok(Plan { next, streams, buffer_events: limits.subscribe_buffer_events })
+        Ok(Plan { next, streams, buffer_bytes: limits.subscribe_buffer_bytes })
     }
 }
 
-type Sender = mpsc::Sender<Result<pb::SubscribeResponse, Status>>;
+/// One message and the buffer bytes it holds until tonic takes it from the stream.
+type Item = (Result<pb::SubscribeResponse, Status>, Option<OwnedSemaphorePermit>);
+type Sender = mpsc::Sender<Item>;
+pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
-pub(super) fn start(log: Arc<Log>, plan: Plan, shutdown: watch::Receiver<bool>) -> ReceiverStream<Result<pb::SubscribeResponse, Status>> {
-    let (tx, rx) = mpsc::channel(plan.buffer_events);
+/// Most messages queued per subscriber, whatever their size (the byte budget usually binds first).
+const QUEUE_MESSAGES: usize = 1024;
+
+pub(super) fn start(log: Arc<Log>, plan: Plan, shutdown: watch::Receiver<bool>) -> EventStream {
+    let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
+    let budget = Arc::new(Semaphore::new(plan.buffer_bytes));
     tokio::spawn(async move {
         log.metrics().subscribers.inc();
         let partitions = plan.next.len();
         tracing::debug!(partitions, "subscription started");
-        let outcome = follow(&log, plan, &tx, shutdown).await;
+        let outcome = follow(&log, plan, &tx, &budget, shutdown).await;
         if let Err(status) = outcome {
-            let _ = tx.send(Err(status)).await;
+            // Never wait here: a stalled client must not hold the task (or shutdown) up.
+            let _ = tx.try_send((Err(status), None));
         }
         log.metrics().subscribers.dec();
         tracing::debug!("subscription ended");
     });
-    ReceiverStream::new(rx)
+    // The permit is released as tonic pulls the message, freeing its bytes of the budget.
+    Box::pin(ReceiverStream::new(rx).map(|(message, _permit)| message))
 }
 
 /// Ok(()) when the client went away; Err with the status to end the stream with otherwise.
-async fn follow(log: &Arc<Log>, mut plan: Plan, tx: &Sender, mut shutdown: watch::Receiver<bool>) -> Result<(), Status> {
+async fn follow(
+    log: &Arc<Log>,
+    mut plan: Plan,
+    tx: &Sender,
+    budget: &Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Status> {
     let mut commits = log.commits();
     let mut caught_up = HashSet::new();
+    let limit = ReadLimit { max_events: CHUNK_EVENTS, max_bytes: plan.buffer_bytes };
     loop {
         let heads = commits.borrow_and_update().heads.clone();
         for (&partition, next) in plan.next.iter_mut() {
             let head = heads[partition as usize];
             while *next <= head {
                 let (reader, from) = (log.clone(), *next);
-                let events = tokio::task::spawn_blocking(move || reader.read_partition(partition, from, CHUNK_EVENTS))
+                let slice = tokio::task::spawn_blocking(move || reader.read_partition(partition, from, limit))
                     .await
                     .map_err(|e| Status::internal(format!("read task failed: {e}")))?
                     .map_err(|e| storage_status(&e))?;
-                if events.is_empty() {
-                    return Err(Status::internal(format!("partition {partition}: head is {head} but nothing is stored at {from}")));
+                if slice.events.is_empty() {
+                    return Err(Status::data_loss(format!("partition {partition}: head is {head} but nothing is stored at {from}")));
                 }
-                for event in events {
+                for event in slice.events {
                     debug_assert_eq!(event.position, *next, "subscription positions are dense");
                     *next = event.position + 1;
                     if plan.streams.as_ref().is_some_and(|s| !s.contains(&event.stream)) {
                         continue;
                     }
-                    if !send(tx, pb::subscribe_response::Message::Event(recorded_event(event)), &mut shutdown).await? {
+                    let bytes = event.payload.len()
+                        + event.stream.len()
+                        + event.event_type.len()
+                        + event.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                        + 64;
+                    if !send(
+                        tx,
+                        (budget, plan.buffer_bytes),
+                        bytes,
+                        pb::subscribe_response::Message::Event(recorded_event(event)),
+                        &mut shutdown,
+                    )
+                    .await?
+                    {
                         return Ok(());
                     }
                 }
             }
             if caught_up.insert(partition) {
-                let message = pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { partition, position: *next - 1 });
-                if !send(tx, message, &mut shutdown).await? {
+                let message = pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { partition, position: (*next - 1).min(head) });
+                if !send(tx, (budget, plan.buffer_bytes), 64, message, &mut shutdown).await? {
                     return Ok(());
                 }
             }
@@ -121,11 +157,24 @@ async fn follow(log: &Arc<Log>, mut plan: Plan, tx: &Sender, mut shutdown: watch
     }
 }
 
-/// Sends one message, waiting while the client's buffer is full. Ok(false): the client is gone.
+/// Sends one message once the buffer has room for its bytes. Ok(false): the client is gone.
 /// A node shutting down ends the wait, so a stalled client never holds up shutdown.
-async fn send(tx: &Sender, message: pb::subscribe_response::Message, shutdown: &mut watch::Receiver<bool>) -> Result<bool, Status> {
+async fn send(
+    tx: &Sender,
+    (budget, total): (&Arc<Semaphore>, usize),
+    bytes: usize,
+    message: pb::subscribe_response::Message,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Status> {
+    // A message larger than the whole budget takes all of it, and so goes alone.
+    let permits = bytes.min(total).max(1) as u32;
+    let stopping = || Status::unavailable("the node is shutting down");
+    let permit = tokio::select! {
+        permit = budget.clone().acquire_many_owned(permits) => permit.expect("the budget is never closed"),
+        _ = shutdown.wait_for(|stop| *stop) => return Err(stopping()),
+    };
     tokio::select! {
-        sent = tx.send(Ok(pb::SubscribeResponse { message: Some(message) })) => Ok(sent.is_ok()),
-        _ = shutdown.wait_for(|stop| *stop) => Err(Status::unavailable("the node is shutting down")),
+        sent = tx.send((Ok(pb::SubscribeResponse { message: Some(message) }), Some(permit))) => Ok(sent.is_ok()),
+        _ = shutdown.wait_for(|stop| *stop) => Err(stopping()),
     }
 }

@@ -67,22 +67,5 @@ mod tests {
         fn no_stream_and_stream_exists_split_every_version(current in any::<u64>()) {
             prop_assert_ne!(ExpectedVersion::NoStream.allows(current), ExpectedVersion::StreamExists.allows(current));
         }
-
-        /// Writers racing at the version they all read: whatever order they are applied in,
-        /// exactly one of them wins and the version moves by one.
-        #[test]
-        fn racing_exact_writers_have_one_winner(current in 0u64..10, writers in 1usize..8) {
-            let mut version = current;
-            let won = (0..writers)
-                .filter(|_| {
-                    let allowed = ExpectedVersion::Exact(current).allows(version);
-                    version += u64::from(allowed);
-                    allowed
-                })
-                .count();
-            prop_assert_eq!(won, 1);
-            prop_assert_eq!(version, current + 1);
-        }
-
     }
 }

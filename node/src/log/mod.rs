@@ -20,9 +20,12 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{GroupCommitConfig, LimitsConfig};
 use crate::metrics::Metrics;
-use crate::storage::{EventRecord, StorageError, Store};
+use crate::storage::{ReadLimit, Slice, StorageError, Store};
 pub use expected::ExpectedVersion;
 pub use partitioning::partition_of;
+
+/// Longest metadata key (the stored format has room for 65,535 bytes; this keeps keys sane).
+pub const MAX_METADATA_KEY_BYTES: usize = 1024;
 
 /// The epoch stamped on events written by a single node. Replication will assign real epochs.
 pub const SINGLE_NODE_EPOCH: u64 = 1;
@@ -150,29 +153,23 @@ impl Log {
         self.commits.clone()
     }
 
-    /// Reads up to `max` durable events of a stream, from `from_version` on.
-    pub fn read_stream(&self, stream: &str, from_version: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
+    /// Durable events of a stream from `from_version` on, within `limit`.
+    pub fn read_stream(&self, stream: &str, from_version: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
         let partition = self.partition_of(stream);
-        // Heads first, snapshot second: the snapshot holds at least every event up to the head.
+        // Heads first, snapshot second: the snapshot holds at least every event up to the head,
+        // and the read stops there, so it never shows what readers elsewhere cannot see yet.
         let head = self.commits.borrow().heads[partition as usize];
-        let mut events = self.store.read()?.read_stream(partition, stream, from_version, max)?;
-        // Events committed after the heads were read wait for the next read: reads never pass them.
-        events.retain(|e| e.position <= head);
-        self.metrics.events_read.inc_by(events.len() as u64);
-        Ok(events)
+        let slice = self.store.read()?.read_stream(partition, stream, from_version, head, limit)?;
+        self.metrics.events_read.inc_by(slice.events.len() as u64);
+        Ok(slice)
     }
 
-    /// Reads up to `max` durable events of a partition, from `from_position` on.
-    pub fn read_partition(&self, partition: u32, from_position: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
-        let from = from_position.max(1);
+    /// Durable events of a partition from `from_position` on, within `limit`.
+    pub fn read_partition(&self, partition: u32, from_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
         let head = self.commits.borrow().heads[partition as usize];
-        if from > head {
-            return Ok(Vec::new());
-        }
-        let max = max.min(usize::try_from(head - from + 1).unwrap_or(usize::MAX));
-        let events = self.store.read()?.read_partition(partition, from, max)?;
-        self.metrics.events_read.inc_by(events.len() as u64);
-        Ok(events)
+        let slice = self.store.read()?.read_partition(partition, from_position, head, limit)?;
+        self.metrics.events_read.inc_by(slice.events.len() as u64);
+        Ok(slice)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -228,6 +225,9 @@ pub fn validate_append(limits: &LimitsConfig, request: &AppendRequest) -> Result
         if event.metadata.len() > usize::from(u16::MAX) {
             return Err(format!("events[{i}].metadata: {} entries, the limit is 65535", event.metadata.len()));
         }
+        if let Some((key, _)) = event.metadata.iter().find(|(k, _)| k.is_empty() || k.len() > MAX_METADATA_KEY_BYTES) {
+            return Err(format!("events[{i}].metadata: key of {} bytes; keys must be 1 to {MAX_METADATA_KEY_BYTES} bytes", key.len()));
+        }
     }
     Ok(())
 }
@@ -253,6 +253,8 @@ mod tests {
     use super::*;
     use crate::config::StorageConfig;
     use proptest::prelude::*;
+
+    const ALL: ReadLimit = ReadLimit { max_events: 100_000, max_bytes: usize::MAX };
 
     fn open(dir: &std::path::Path, wait_us: u64) -> Log {
         let store = Arc::new(Store::open(dir, &StorageConfig { partitions: 4, ..StorageConfig::default() }).unwrap());
@@ -298,12 +300,12 @@ mod tests {
             assert_eq!(mine, (1..=mine.len() as u64).collect::<Vec<_>>(), "partition {p}");
         }
         for s in 0..5 {
-            assert_eq!(log.read_stream(&format!("s-{s}"), 1, 1000).unwrap().len(), 30);
+            assert_eq!(log.read_stream(&format!("s-{s}"), 1, ALL).unwrap().events.len(), 30);
         }
     }
 
     #[test]
-    fn given_two_appends_at_the_same_version_in_one_batch_then_exactly_one_wins() {
+    fn given_two_concurrent_appends_at_the_same_version_then_exactly_one_wins() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(open(dir.path(), 5_000));
         let rt = runtime();
@@ -332,7 +334,7 @@ mod tests {
         let mut big = req("s", ExpectedVersion::Any, 1);
         big.events[0].payload = vec![0; (1 << 20) + 1];
         assert!(rt.block_on(log.append(big)).unwrap_err().to_string().contains("limits.max_event_bytes"));
-        assert!(log.read_stream("s", 1, 10).unwrap().is_empty());
+        assert!(log.read_stream("s", 1, ALL).unwrap().events.is_empty());
         assert_eq!(log.commits().borrow().heads.iter().sum::<u64>(), 0);
     }
 
@@ -380,7 +382,7 @@ mod tests {
                 }
             }
             for (stream, version) in model {
-                let events = log.read_stream(&stream, 1, 1000).unwrap();
+                let events = log.read_stream(&stream, 1, ALL).unwrap().events;
                 prop_assert_eq!(events.len() as u64, version);
                 prop_assert!(events.iter().enumerate().all(|(i, e)| e.stream_version == i as u64 + 1));
             }

@@ -17,7 +17,9 @@
 //! - an append that fails its expected version writes nothing; the others in the batch go ahead;
 //! - if the transaction fails, nothing of the batch is stored, the in-memory partition heads are
 //!   left as they were, and every append of the batch gets the error;
-//! - partition positions and stream versions stay dense (asserted before commit).
+//! - partition positions and stream versions are assigned densely (next head, next version);
+//!   heads never move backwards (asserted before commit);
+//! - a panic in the writer aborts the process: a node never serves on without its writer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,6 +61,9 @@ pub(super) struct Writer {
 impl Writer {
     /// Runs until every sender is dropped and the queue is drained.
     pub fn run(mut self) {
+        // An invariant broken here means the log can no longer be trusted in memory: stop the
+        // process (a restart rebuilds the state from disk) rather than serve on without a writer.
+        let _abort_on_panic = AbortOnPanic;
         let mut batch = Vec::new();
         let mut carry = None;
         while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
@@ -196,8 +201,20 @@ impl Writer {
             }
             moved
         });
+        self.store.refresh_sizes();
         let sizes = self.store.sizes();
         self.metrics.db_used_bytes.set(sizes.used_bytes as i64);
         self.metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
+    }
+}
+
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the log writer panicked; aborting the process so a restart recovers from disk");
+            std::process::abort();
+        }
     }
 }

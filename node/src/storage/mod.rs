@@ -25,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::ops::Bound;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use heed::types::Bytes;
 use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
@@ -81,6 +82,10 @@ pub struct Store {
     partition_count: u32,
     map_size_max_bytes: u64,
     dir: PathBuf,
+    /// Sizes as of the last [`Store::refresh_sizes`]: reading them from LMDB touches the memory
+    /// map, which only the writer thread (the one thread that resizes it) may do unguarded.
+    used_bytes: AtomicU64,
+    map_size_bytes: AtomicU64,
     _lock: File,
 }
 
@@ -128,15 +133,19 @@ impl Store {
             return Err(StorageError::PartitionCountMismatch { dir: dir.to_path_buf(), stored, configured: cfg.partitions });
         }
         wtxn.commit()?;
-        Ok(Store {
+        let store = Store {
             env,
             dbs,
             gate: RwLock::new(()),
             partition_count: cfg.partitions,
             map_size_max_bytes: cfg.map_size_max_bytes,
             dir: dir.to_path_buf(),
+            used_bytes: AtomicU64::new(0),
+            map_size_bytes: AtomicU64::new(0),
             _lock: lock,
-        })
+        };
+        store.refresh_sizes();
+        Ok(store)
     }
 
     pub fn partition_count(&self) -> u32 {
@@ -159,10 +168,18 @@ impl Store {
         Ok(WriteTxn { txn: self.env.write_txn()?, dbs: self.dbs, buf: Vec::with_capacity(512) })
     }
 
+    /// Sizes as of the writer's last commit.
     pub fn sizes(&self) -> StorageSizes {
+        StorageSizes { used_bytes: self.used_bytes.load(Ordering::Relaxed), map_size_bytes: self.map_size_bytes.load(Ordering::Relaxed) }
+    }
+
+    /// Re-reads the sizes from LMDB. Only the writer thread calls this (or `open`, before anyone
+    /// else can), so it never races with [`Store::grow_map`].
+    pub(crate) fn refresh_sizes(&self) {
         let info = self.env.info();
         let page_bytes = u64::from(self.env.stat().page_size);
-        StorageSizes { used_bytes: (info.last_page_number as u64 + 1) * page_bytes, map_size_bytes: info.map_size as u64 }
+        self.used_bytes.store((info.last_page_number as u64 + 1) * page_bytes, Ordering::Relaxed);
+        self.map_size_bytes.store(info.map_size as u64, Ordering::Relaxed);
     }
 
     /// Grows the memory map so that at least `needed_bytes` more fit, or fails with
@@ -179,6 +196,7 @@ impl Store {
         // SAFETY: the exclusive gate guarantees no read transaction is open, and the caller (the
         // single writer) holds no write transaction.
         unsafe { self.env.resize(target as usize)? };
+        self.map_size_bytes.store(target, Ordering::Relaxed);
         tracing::info!(from_bytes = current, to_bytes = target, "grew the LMDB map; writes continue");
         Ok(target)
     }
@@ -223,29 +241,112 @@ pub struct ReadView<'s> {
     _gate: RwLockReadGuard<'s, ()>,
 }
 
+/// How much one read may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    pub max_events: usize,
+    /// Stored bytes (encoded records); the first event is returned whatever its size.
+    pub max_bytes: usize,
+}
+
+/// What one read found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Slice {
+    pub events: Vec<EventRecord>,
+    /// More events follow in the range read (the read stopped at its limit).
+    pub more: bool,
+}
+
+impl Slice {
+    /// Adds one stored event unless the limit is reached; false (and `more` set) when it is.
+    fn push_within(
+        &mut self,
+        limit: ReadLimit,
+        bytes: &mut usize,
+        value: &[u8],
+        decode: impl FnOnce() -> Result<EventRecord, StorageError>,
+    ) -> Result<bool, StorageError> {
+        if self.events.len() >= limit.max_events || (!self.events.is_empty() && *bytes + value.len() > limit.max_bytes) {
+            self.more = true;
+            return Ok(false);
+        }
+        *bytes += value.len();
+        self.events.push(decode()?);
+        Ok(true)
+    }
+}
+
 impl ReadView<'_> {
-    /// Up to `max` events of `partition` from `from_position` on.
-    pub fn read_partition(&self, partition: u32, from_position: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
-        read_partition(&self.txn, self.dbs, partition, from_position, max)
+    /// Events of `partition` from `from_position` up to `until_position` (inclusive), within `limit`.
+    pub fn read_partition(&self, partition: u32, from_position: u64, until_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
+        let from = from_position.max(1);
+        let mut slice = Slice::default();
+        if from > until_position {
+            return Ok(slice);
+        }
+        let start = keys::event_key(partition, from);
+        let end = match until_position.checked_add(1) {
+            Some(next) => keys::event_key(partition, next),
+            None => keys::partition_prefix(partition + 1),
+        };
+        let mut bytes = 0;
+        for (expected, entry) in (from..).zip(self.dbs.events.range(&self.txn, &span(&start, &end))?) {
+            let (key, value) = entry?;
+            let corrupt = |reason| CorruptRecord { partition, position: expected, reason };
+            let (p, position) = keys::decode_event_key(key).map_err(|_| corrupt("undecodable event key"))?;
+            debug_assert_eq!(p, partition);
+            // Positions are dense: a gap means the file lost an event.
+            if position != expected {
+                return Err(corrupt("gap in partition positions").into());
+            }
+            if !slice.push_within(limit, &mut bytes, value, || Ok(EventRecord::decode(partition, position, value)?))? {
+                break;
+            }
+        }
+        Ok(slice)
     }
 
-    /// Up to `max` events of `stream` (which lives in `partition`) from `from_version` on.
-    pub fn read_stream(&self, partition: u32, stream: &str, from_version: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
-        let start = keys::stream_key(stream, from_version.max(1));
-        let mut end = keys::stream_prefix(stream);
+    /// Events of `stream` (which lives in `partition`) from `from_version` on, within `limit`,
+    /// stopping before the first event past `until_position` of the partition.
+    pub fn read_stream(
+        &self,
+        partition: u32,
+        stream: &str,
+        from_version: u64,
+        until_position: u64,
+        limit: ReadLimit,
+    ) -> Result<Slice, StorageError> {
+        let from = from_version.max(1);
+        let start = keys::stream_key(stream, from);
+        let prefix = keys::stream_prefix(stream);
+        let mut end = prefix.clone();
         end.push(0xFF);
-        let mut events = Vec::new();
-        for entry in self.dbs.streams.range(&self.txn, &span(&start, &end))?.take(max) {
-            let (_, position) = entry?;
+        let mut slice = Slice::default();
+        let mut bytes = 0;
+        for (expected, entry) in (from..).zip(self.dbs.streams.range(&self.txn, &span(&start, &end))?) {
+            let (key, position) = entry?;
             let position = be_u64(position);
-            let value = self.dbs.events.get(&self.txn, &keys::event_key(partition, position))?.ok_or(CorruptRecord {
-                partition,
-                position,
-                reason: "stream index points at a missing event",
-            })?;
-            events.push(EventRecord::decode(partition, position, value)?);
+            let corrupt = |reason| CorruptRecord { partition, position, reason };
+            // Versions are dense: a gap means the index lost an entry.
+            match keys::unpack(&key[prefix.len()..]).as_deref() {
+                Ok([keys::Value::U64(version)]) if *version == expected => {}
+                Ok([keys::Value::U64(_)]) => return Err(corrupt("gap in stream versions").into()),
+                _ => return Err(corrupt("undecodable stream index key").into()),
+            }
+            if position > until_position {
+                // Not yet published; the stream's visible end.
+                break;
+            }
+            let value = self
+                .dbs
+                .events
+                .get(&self.txn, &keys::event_key(partition, position))?
+                .ok_or(corrupt("stream index points at a missing event"))?;
+            if !slice.push_within(limit, &mut bytes, value, || Ok(EventRecord::decode(partition, position, value)?))? {
+                break;
+            }
         }
-        Ok(events)
+        Ok(slice)
     }
 
     /// The stream's current version (0 when it has no events).
@@ -267,24 +368,6 @@ impl ReadView<'_> {
             })
             .collect()
     }
-}
-
-fn read_partition(txn: &RoTxn<'_, WithoutTls>, dbs: Dbs, partition: u32, from: u64, max: usize) -> Result<Vec<EventRecord>, StorageError> {
-    let start = keys::event_key(partition, from.max(1));
-    let end = keys::partition_prefix(partition + 1);
-    let mut events = Vec::with_capacity(max.min(1024));
-    for (expected, entry) in (from.max(1)..).zip(dbs.events.range(txn, &span(&start, &end))?.take(max)) {
-        let (key, value) = entry?;
-        let (p, position) =
-            keys::decode_event_key(key).map_err(|_| CorruptRecord { partition, position: expected, reason: "undecodable event key" })?;
-        debug_assert_eq!(p, partition);
-        // Positions are dense: a gap means the file lost an event.
-        if position != expected {
-            return Err(CorruptRecord { partition, position: expected, reason: "gap in partition positions" }.into());
-        }
-        events.push(EventRecord::decode(partition, position, value)?);
-    }
-    Ok(events)
 }
 
 /// A stream's version is the version in its last `streams` key (0 when it has none): one B-tree
@@ -369,9 +452,16 @@ mod tests {
         let view = store.read().unwrap();
         assert_eq!(view.partition_heads(4).unwrap(), vec![0, 1, 2, 0]);
         assert_eq!(view.stream_version("s").unwrap(), 2);
-        assert_eq!(view.read_partition(2, 2, 10).unwrap(), vec![event(2, 2, "s", 2)]);
-        assert_eq!(view.read_stream(2, "s", 0, 10).unwrap().len(), 2);
-        assert!(view.read_stream(2, "s\0", 0, 10).unwrap().is_empty());
+        let all = ReadLimit { max_events: 10, max_bytes: 1 << 20 };
+        assert_eq!(view.read_partition(2, 2, u64::MAX, all).unwrap(), Slice { events: vec![event(2, 2, "s", 2)], more: false });
+        assert_eq!(view.read_stream(2, "s", 0, u64::MAX, all).unwrap().events.len(), 2);
+        assert!(view.read_stream(2, "s\0", 0, u64::MAX, all).unwrap().events.is_empty());
+        // Cut by the position bound, by count, and by bytes (the first event always fits).
+        assert_eq!(view.read_stream(2, "s", 1, 1, all).unwrap(), Slice { events: vec![event(2, 1, "s", 1)], more: false });
+        let one = ReadLimit { max_events: 1, max_bytes: 1 << 20 };
+        assert_eq!(view.read_partition(2, 1, u64::MAX, one).unwrap(), Slice { events: vec![event(2, 1, "s", 1)], more: true });
+        let tiny = ReadLimit { max_events: 10, max_bytes: 1 };
+        assert_eq!(view.read_stream(2, "s", 1, u64::MAX, tiny).unwrap(), Slice { events: vec![event(2, 1, "s", 1)], more: true });
     }
 
     #[test]
@@ -426,6 +516,7 @@ mod tests {
         assert!(grown >= 2, "grew {grown} times");
         // Everything committed before the refusal is intact.
         let view = store.read().unwrap();
-        assert_eq!(view.read_partition(0, 1, usize::MAX).unwrap().len() as u64, position - 1);
+        let all = ReadLimit { max_events: usize::MAX, max_bytes: usize::MAX };
+        assert_eq!(view.read_partition(0, 1, u64::MAX, all).unwrap().events.len() as u64, position - 1);
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! The checksum turns silent corruption of a page into a clear error on read instead of a wrong
 //! event. Partition and position live in the key and are not repeated here. Decoding never trusts a
-//! length: a value that is cut short or inconsistent is reported as corrupt, never a panic.
+//! length: a value that is cut short or inconsistent is reported as corrupt, never a panic. Encoding
+//! asserts every length fits its field; the log's validation keeps requests far inside them.
 
 use thiserror::Error;
 
@@ -76,6 +77,8 @@ impl RecordRef<'_> {
         assert!(self.stream.len() <= usize::from(u16::MAX), "stream id longer than the format allows");
         assert!(self.event_type.len() <= usize::from(u16::MAX), "event type longer than the format allows");
         assert!(self.metadata.len() <= usize::from(u16::MAX), "more metadata entries than the format allows");
+        assert!(self.metadata.iter().all(|(k, _)| k.len() <= usize::from(u16::MAX)), "metadata key longer than the format allows");
+        assert!(self.payload.len() <= u32::MAX as usize, "payload longer than the format allows");
         out.clear();
         out.reserve(self.encoded_len());
         out.push(FORMAT_V1);
@@ -222,6 +225,25 @@ mod tests {
         assert_eq!(err.reason, "checksum mismatch");
     }
 
+    #[test]
+    fn given_a_lying_length_with_a_valid_checksum_when_decoded_then_it_is_reported_not_misread() {
+        let mut buf = Vec::new();
+        record().as_ref().encode_into(&mut buf);
+        // The stream id's length field sits after the header and three u64s.
+        let at = HEADER_BYTES + 24;
+        buf[at..at + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+        let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
+        buf[1..HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(EventRecord::decode(3, 42, &buf).unwrap_err().reason, "value cut short");
+        // One byte more than encoded: trailing bytes, also with a valid checksum.
+        let mut longer = Vec::new();
+        record().as_ref().encode_into(&mut longer);
+        longer.push(0);
+        let crc = crc32fast::hash(&longer[HEADER_BYTES..]);
+        longer[1..HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(EventRecord::decode(3, 42, &longer).unwrap_err().reason, "trailing bytes");
+    }
+
     proptest! {
         #[test]
         fn truncated_values_are_errors_never_panics(cut in 0usize..80) {
@@ -233,7 +255,7 @@ mod tests {
 
         #[test]
         fn arbitrary_records_round_trip(stream in ".{1,20}", ty in ".{0,10}", payload in proptest::collection::vec(any::<u8>(), 0..300),
-                                        version in any::<u64>(), meta in proptest::collection::btree_map(".{0,5}", ".{0,5}", 0..4)) {
+                                        version in any::<u64>(), meta in proptest::collection::btree_map(".{0,300}", ".{0,300}", 0..4)) {
             let rec = EventRecord { stream, event_type: ty, payload, stream_version: version,
                                     metadata: meta.into_iter().collect(), ..record() };
             let mut buf = Vec::new();
