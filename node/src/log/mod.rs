@@ -5,8 +5,8 @@
 //! committed head of every partition so reads and subscriptions know what is durable.
 //!
 //! Only durable events are ever visible: readers use LMDB snapshots (which never show an
-//! uncommitted transaction) cut at the published [`CommitPoint`] (moved by the writer after each
-//! durable commit), and subscriptions wake when that point moves.
+//! uncommitted transaction) cut at the published [`CommitPoint`] (moved once a commit is synced),
+//! and subscriptions wake when that point moves.
 
 pub mod expected;
 pub mod partitioning;

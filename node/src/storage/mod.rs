@@ -11,10 +11,13 @@
 //! handing out read views and the one write transaction. It knows nothing of expected versions or
 //! batching; [`crate::log`] owns those rules.
 //!
-//! Durability: the environment is opened with LMDB's default flags, so every commit syncs its
-//! data pages, then its meta page, before it returns; a commit is atomic, so after `kill -9` or a
-//! machine crash the file holds exactly the transactions that committed. Growing the map needs
-//! no transaction to be open in this process;
+//! Durability: a commit is atomic, and after `kill -9` the file holds exactly the transactions
+//! that committed (the page cache survives a process crash). Against a machine crash the
+//! environment uses `NO_META_SYNC`: a commit syncs its data pages before writing its meta page,
+//! but leaves that page to the next sync ([`Store::sync`], or the next commit's). LMDB keeps the
+//! database intact under this flag; a machine crash can undo only commits not yet synced, which
+//! the log answers no one about before a sync (see `log/writer.rs`). Growing the map needs no
+//! transaction to be open in this process;
 //! the `gate` lock makes every reader hold a shared guard for the (short) life of its transaction
 //! while the writer takes it exclusively to resize.
 
@@ -28,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use heed::types::Bytes;
-use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use parking_lot::{RwLock, RwLockReadGuard};
 use thiserror::Error;
 
@@ -104,8 +107,10 @@ impl Store {
         let lock = lock_data_dir(dir)?;
         let env = unsafe {
             // SAFETY: the lock file above guarantees no other process of ours opens this
-            // directory, and this process opens it once per Store. Default (fully synced) flags.
+            // directory, and this process opens it once per Store. NO_META_SYNC is safe as the
+            // log uses it: nothing is acknowledged or shown to readers before a later sync.
             let mut options = EnvOpenOptions::new().read_txn_without_tls();
+            options.flags(EnvFlags::NO_META_SYNC);
             options
                 .map_size(align_up(cfg.map_size_initial_bytes.min(cfg.map_size_max_bytes)) as usize)
                 .max_dbs(8)
@@ -166,6 +171,12 @@ impl Store {
     /// The write transaction. Only the log's single writer calls this.
     pub(crate) fn write(&self) -> Result<WriteTxn<'_>, StorageError> {
         Ok(WriteTxn { txn: self.env.write_txn()?, dbs: self.dbs, buf: Vec::with_capacity(512) })
+    }
+
+    /// Syncs everything committed so far (fdatasync), including the last meta page.
+    pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        self.env.force_sync()?;
+        Ok(())
     }
 
     /// Sizes as of the writer's last commit.
@@ -408,7 +419,7 @@ impl WriteTxn<'_> {
         Ok(())
     }
 
-    /// Makes everything written durable (LMDB syncs before returning), or nothing on error.
+    /// Commits: atomic, data pages synced; durable once [`Store::sync`] (or a later commit) ran.
     pub fn commit(self) -> Result<(), StorageError> {
         self.txn.commit()?;
         Ok(())
