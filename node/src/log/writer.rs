@@ -165,7 +165,15 @@ impl Writer {
         for job in batch {
             let req = &job.request;
             let partition = partition_of(&req.stream, partition_count);
-            let current = txn.stream_version(&req.stream)?;
+            let current = match txn.stream_version(&req.stream) {
+                Ok(version) => version,
+                // One stream's damaged index fails that append, not the whole batch.
+                Err(e @ StorageError::Corrupt(_)) => {
+                    results.push(Err(AppendError::Storage(Arc::new(e))));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if !req.expected.allows(current) {
                 results.push(Err(AppendError::WrongExpectedVersion {
                     stream: req.stream.clone(),
