@@ -113,10 +113,14 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
         used.len()
     );
     if !used.is_empty() {
-        out.push_str("\npartition  head position  epoch\n");
-        for p in used {
-            out.push_str(&format!("{:>9}  {:>13}  {:>5}\n", p.partition, p.head_position, p.epoch));
+        // Compact: eight partitions a line, `p<partition>=<head position>`, epochs below if mixed.
+        out.push_str("\nhead position by partition:\n");
+        for row in used.chunks(8) {
+            let cells: Vec<String> = row.iter().map(|p| format!("{:>12}", format!("p{}={}", p.partition, p.head_position))).collect();
+            out.push_str(&format!("{}\n", cells.join("")));
         }
+        let epochs: std::collections::BTreeSet<u64> = used.iter().map(|p| p.epoch).collect();
+        out.push_str(&format!("epochs     {}\n", epochs.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")));
     }
     out
 }

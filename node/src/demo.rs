@@ -4,6 +4,8 @@
 //! that every acknowledged event is still there, then prints what happened.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anthill_proto::v1 as pb;
@@ -49,14 +51,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .map_err(client::status_error)?
         .into_inner();
-    let follower = tokio::spawn(async move {
-        let mut live = 0u64;
-        while let Some(Ok(message)) = subscription.next().await {
-            if let Some(pb::subscribe_response::Message::Event(_)) = message.message {
-                live += 1;
+    let live = Arc::new(AtomicU64::new(0));
+    let follower = tokio::spawn({
+        let live = live.clone();
+        async move {
+            while let Some(Ok(message)) = subscription.next().await {
+                if let Some(pb::subscribe_response::Message::Event(_)) = message.message {
+                    live.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        live
     });
 
     let appends = args.events.div_ceil(EVENTS_PER_APPEND);
@@ -118,12 +122,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         say(&args, format!("  {}", client::event_line(e)));
     }
 
-    // Give the subscriber a moment to drain, then stop the node cleanly and reopen its data.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the subscriber catch up with everything acknowledged (bounded), then stop the node
+    // cleanly and reopen its data.
     let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live.load(Ordering::Relaxed) < status.total_events - before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(clients);
     node.terminate(Duration::from_secs(30))?;
-    let live = follower.await.unwrap_or(0);
+    let _ = follower.await;
+    let live = live.load(Ordering::Relaxed);
     say(&args, format!("the subscriber saw {live} events live"));
     let node = ChildNode::spawn(&exe, &data_dir, &node_args)?;
     let mut clients = client::connect(&node.url()).await?;

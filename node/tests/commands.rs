@@ -1,0 +1,80 @@
+//! The `anthill` commands people run first: the README's `demo`, `bench` (one workload and the
+//! suite) and `tail`, each run as the real binary with its `--json` report checked.
+
+mod common;
+
+use std::process::Command;
+
+use common::{append, event, start};
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(common::exe()).args(args).output().unwrap();
+    assert!(out.status.success(), "anthill {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("anthill {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn the_demo_appends_races_restarts_and_finds_every_acknowledged_event() {
+    let report = run_json(&["demo", "--events", "2000", "--json"]);
+    assert_eq!(report["events_acknowledged"], 2000);
+    // The 2,000 load events plus the race's winner and the loser's retry.
+    assert_eq!(report["events_after_restart"], 2002);
+    assert_eq!(report["subscriber_live_events"], 2002);
+    assert!(report["race"].as_str().unwrap().contains("FAILED_PRECONDITION"), "{report}");
+}
+
+#[test]
+fn bench_reports_throughput_and_latency_percentiles_as_json() {
+    let report = run_json(&["bench", "--seconds", "1", "--concurrency", "4", "--batch", "10", "--json"]);
+    let r = &report["results"][0];
+    assert!(r["events"].as_u64().unwrap() > 0 && r["errors"] == 0, "{r}");
+    assert_eq!(r["events"].as_u64().unwrap(), r["requests"].as_u64().unwrap() * 10);
+    let l = &r["latency_us"];
+    assert!(l["p50"].as_u64().unwrap() <= l["p99"].as_u64().unwrap() && l["p99"].as_u64().unwrap() <= l["max"].as_u64().unwrap(), "{l}");
+    assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn the_bench_suite_runs_every_workload_with_its_baseline() {
+    let report = run_json(&["bench", "--suite", "--seconds", "0.5", "--json"]);
+    let results = report["results"].as_array().unwrap();
+    let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    for r in results {
+        assert!(r["events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let grpc = results.iter().find(|r| r["name"] == "grpc: 1 event/append").unwrap();
+    assert_eq!(grpc["baseline"], "raw: 1 event/append");
+    assert!(grpc["ratio_to_baseline"].as_f64().unwrap() > 0.0);
+    let half = results.iter().find(|r| r["name"] == "grpc: 1 event/append at half max").unwrap();
+    assert!(half["rate"].as_f64().unwrap() >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_replays_and_follows_as_json_lines() {
+    let mut t = start(&["--log-format", "json"]).await;
+    t.clients.log.append(append("tailed", None, vec![event("A", "1"), event("B", "2")])).await.unwrap();
+    let url = t.node.url();
+    let tail = tokio::task::spawn_blocking(move || {
+        Command::new(common::exe())
+            .args(["tail", "--stream", "tailed", "--from", "1", "--count", "3", "--json", "--server", &url])
+            .output()
+            .unwrap()
+    });
+    // The third event arrives live, after the replay.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    t.clients.log.append(append("tailed", None, vec![event("C", "3")])).await.unwrap();
+    let out = tail.await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let types: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["A", "B", "C"]);
+    // The node was asked for JSON logs: every line it wrote parses.
+    let log = std::fs::read_to_string(&t.node.log_file).unwrap();
+    assert!(log.lines().count() >= 2, "{log}");
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(entry["level"].is_string() && entry["fields"].is_object(), "{line}");
+    }
+}
