@@ -93,6 +93,9 @@ impl Log {
         limits: &LimitsConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StorageError> {
+        // After a crash the last commits may still sit unsynced in the page cache: make them
+        // durable before publishing heads that readers could act on.
+        store.sync()?;
         let heads = store.read()?.partition_heads(store.partition_count())?;
         let (published, commits) = watch::channel(CommitPoint { seq: 0, heads: heads.clone().into() });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);

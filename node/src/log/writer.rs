@@ -23,11 +23,13 @@
 //! - an append that fails its expected version writes nothing; the others in the batch go ahead;
 //! - if the transaction fails, nothing of the batch is stored, the in-memory partition heads are
 //!   left as they were, and every append of the batch gets the error;
+//! - after an I/O failure of a commit or a sync, nothing more is written, published or
+//!   acknowledged until the node restarts (see [`Poison`]);
 //! - partition positions and stream versions are assigned densely (next head, next version);
 //!   heads never move backwards (asserted before commit);
 //! - a panic in the writer aborts the process: a node never serves on without its writer.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, watch};
@@ -71,18 +73,29 @@ impl Writer {
         // process (a restart rebuilds the state from disk) rather than serve on without a writer.
         let _abort_on_panic = AbortOnPanic;
         let (to_syncer, committed) = flume::bounded::<Committed>(SYNC_QUEUE_BATCHES);
-        let (store, published, metrics) = (self.store.clone(), self.published.clone(), self.metrics.clone());
+        let poison = Poison::default();
+        let (store, published, metrics, syncer_poison) = (self.store.clone(), self.published.clone(), self.metrics.clone(), poison.clone());
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("anthill-syncer".into())
-                .spawn_scoped(scope, move || sync_loop(&store, &committed, &published, &metrics))
+                .spawn_scoped(scope, move || sync_loop(&store, &committed, &published, &metrics, &syncer_poison))
                 .expect("cannot start the syncer thread");
             let mut batch = Vec::new();
             let mut carry = None;
             while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
                 carry = self.collect(first, &mut batch);
                 self.metrics.append_queue_depth.set(self.rx.len() as i64);
-                match self.commit_with_growth(&batch) {
+                let committed = match poisoned_error(&poison) {
+                    Some(error) => Err(error),
+                    None => self.commit_with_growth(&batch).map_err(|error| {
+                        if error.is_io_failure() {
+                            tracing::error!(error = %error, "commit failed on I/O; refusing all writes until the node restarts");
+                            let _ = poison.set(error.clone());
+                        }
+                        AppendError::Storage(error)
+                    }),
+                };
+                match committed {
                     Ok(outcomes) => {
                         self.store.refresh_sizes();
                         let jobs = std::mem::take(&mut batch);
@@ -90,7 +103,7 @@ impl Writer {
                     }
                     Err(error) => {
                         for job in batch.drain(..) {
-                            let _ = job.reply.send(Err(AppendError::Storage(error.clone())));
+                            let _ = job.reply.send(Err(error.clone()));
                         }
                     }
                 }
@@ -212,6 +225,16 @@ impl Writer {
     }
 }
 
+/// Set once a commit or a sync failed with an I/O error. From then on nothing is written,
+/// published or acknowledged until the node restarts: after a failed `fdatasync` the kernel may
+/// have dropped the unwritten pages and report success to the next one (and the writer's and the
+/// syncer's syncs can each consume the other's error), so no later success proves durability.
+type Poison = Arc<OnceLock<Arc<StorageError>>>;
+
+fn poisoned_error(poison: &Poison) -> Option<AppendError> {
+    poison.get().map(|e| AppendError::Storage(e.clone()))
+}
+
 /// Batches the syncer may hold before the writer waits for it.
 const SYNC_QUEUE_BATCHES: usize = 8;
 
@@ -224,35 +247,48 @@ struct Committed {
 }
 
 /// Syncs committed batches (one `fdatasync` for all that queued up), then publishes and answers.
-fn sync_loop(store: &Store, committed: &flume::Receiver<Committed>, published: &watch::Sender<CommitPoint>, metrics: &Metrics) {
+fn sync_loop(
+    store: &Store,
+    committed: &flume::Receiver<Committed>,
+    published: &watch::Sender<CommitPoint>,
+    metrics: &Metrics,
+    poison: &Poison,
+) {
     let _abort_on_panic = AbortOnPanic;
     while let Ok(first) = committed.recv() {
         let mut batches = vec![first];
         batches.extend(committed.try_iter());
-        let started = Instant::now();
-        let synced = store.sync().map_err(Arc::new);
-        metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
-        match &synced {
-            Ok(()) => {
-                let heads = &batches.last().expect("at least one batch").heads;
-                published.send_if_modified(|point| {
-                    let moved = *point.heads != **heads;
-                    if moved {
-                        point.seq += 1;
-                        point.heads = heads.as_slice().into();
-                    }
-                    moved
-                });
+        let failure = match poisoned_error(poison) {
+            Some(error) => Some(error),
+            None => {
+                let started = Instant::now();
+                let synced = store.sync();
+                metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+                synced.err().map(|e| {
+                    let e = Arc::new(e);
+                    tracing::error!(error = %e, "sync failed; refusing all writes until the node restarts");
+                    AppendError::Storage(poison.get_or_init(|| e).clone())
+                })
             }
-            Err(e) => tracing::error!(error = %e, "sync failed; the appends of the batches waiting for it get the error"),
+        };
+        if failure.is_none() {
+            let heads = &batches.last().expect("at least one batch").heads;
+            published.send_if_modified(|point| {
+                let moved = *point.heads != **heads;
+                if moved {
+                    point.seq += 1;
+                    point.heads = heads.as_slice().into();
+                }
+                moved
+            });
         }
         let sizes = store.sizes();
         metrics.db_used_bytes.set(sizes.used_bytes as i64);
         metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
         for batch in batches {
             for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
-                let outcome = match (&synced, outcome) {
-                    (Err(e), Ok(_)) => Err(AppendError::Storage(e.clone())),
+                let outcome = match (&failure, outcome) {
+                    (Some(error), Ok(_)) => Err(error.clone()),
                     (_, outcome) => outcome,
                 };
                 let _ = job.reply.send(outcome);

@@ -65,6 +65,13 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// An I/O failure of the file itself (a failed write or sync). After one, the kernel may
+    /// already have dropped the pages it could not write and report success to the next sync,
+    /// so nothing written afterwards can be trusted to be durable: the log stops writing.
+    pub fn is_io_failure(&self) -> bool {
+        matches!(self, StorageError::Lmdb(heed::Error::Io(_) | heed::Error::Mdb(heed::MdbError::Panic)))
+    }
+
     pub fn is_map_full(&self) -> bool {
         matches!(self, StorageError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)))
     }
@@ -175,6 +182,9 @@ impl Store {
 
     /// Syncs everything committed so far (fdatasync), including the last meta page.
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        // LMDB reads the current meta page through the memory map here: hold the gate so the
+        // writer cannot remap it (grow the map) meanwhile.
+        let _gate = self.gate.read();
         self.env.force_sync()?;
         Ok(())
     }
