@@ -265,6 +265,12 @@ enum Target {
     Raw(Arc<Log>),
 }
 
+/// Where one client sends its appends.
+enum Sink {
+    Grpc(Box<Clients>),
+    Raw(Arc<Log>),
+}
+
 /// Runs the append clients until the time or the request count is used up.
 async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, histogram: &Arc<Mutex<Histogram<u64>>>) {
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
@@ -276,8 +282,8 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
         let (progress, histogram, budget, payload) = (progress.clone(), histogram.clone(), budget.clone(), payload.clone());
         let (batch, streams) = (args.batch, args.streams.max(1));
         let client = match target {
-            Target::Grpc(pool) => Ok(pool[worker % pool.len()].clone()),
-            Target::Raw(log) => Err(log.clone()),
+            Target::Grpc(pool) => Sink::Grpc(Box::new(pool[worker % pool.len()].clone())),
+            Target::Raw(log) => Sink::Raw(log.clone()),
         };
         tasks.push(tokio::spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
@@ -291,14 +297,14 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
                 let start = if interval.is_some() { scheduled } else { Instant::now() };
                 let stream = format!("bench-{}", rand::rng().random_range(0..streams));
                 let ok = match &mut client {
-                    Ok(clients) => {
+                    Sink::Grpc(clients) => {
                         let events = (0..batch)
                             .map(|_| pb::EventData { r#type: "BenchEvent".into(), payload: payload.clone(), metadata: Default::default() })
                             .collect();
                         let request = pb::AppendRequest { stream, expected_version: None, events };
                         clients.log.append(request).await.is_ok()
                     }
-                    Err(log) => {
+                    Sink::Raw(log) => {
                         let events = (0..batch)
                             .map(|_| NewEvent { event_type: "BenchEvent".into(), payload: payload.clone(), metadata: vec![] })
                             .collect();

@@ -70,8 +70,6 @@ pub enum AppendError {
 /// The committed state that readers and subscribers may see.
 #[derive(Debug, Clone)]
 pub struct CommitPoint {
-    /// Grows by one with every commit that moved a head.
-    pub seq: u64,
     /// Position of the last durable event of each partition, indexed by partition.
     pub heads: Arc<[u64]>,
 }
@@ -97,7 +95,7 @@ impl Log {
         // durable before publishing heads that readers could act on.
         store.sync()?;
         let heads = store.read()?.partition_heads(store.partition_count())?;
-        let (published, commits) = watch::channel(CommitPoint { seq: 0, heads: heads.clone().into() });
+        let (published, commits) = watch::channel(CommitPoint { heads: heads.clone().into() });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
         let writer = writer::Writer {
             store: store.clone(),

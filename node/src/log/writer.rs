@@ -276,7 +276,6 @@ fn sync_loop(
             published.send_if_modified(|point| {
                 let moved = *point.heads != **heads;
                 if moved {
-                    point.seq += 1;
                     point.heads = heads.as_slice().into();
                 }
                 moved
