@@ -92,6 +92,7 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
         "map_size_bytes": s.map_size_bytes,
         "uptime_ms": s.uptime_ms,
         "data_dir": s.data_dir,
+        "write_failure": (!s.write_failure.is_empty()).then(|| s.write_failure.clone()),
         "partitions": s.partitions.iter().map(|p| json!({
             "partition": p.partition, "head_position": p.head_position, "epoch": p.epoch,
         })).collect::<Vec<_>>(),
@@ -112,6 +113,9 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
         s.partition_count,
         used.len()
     );
+    if !s.write_failure.is_empty() {
+        out.push_str(&format!("writes     REFUSED until restart: {}\n", s.write_failure));
+    }
     if !used.is_empty() {
         // Compact: eight partitions a line, `p<partition>=<head position>`, epochs below if mixed.
         out.push_str("\nhead position by partition:\n");

@@ -69,6 +69,15 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .add_service(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes))
         .add_service(NodeServer::new(api));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // After an I/O failure the log takes no more writes until a restart: say so to health checks.
+    tokio::spawn({
+        let (log, health) = (log.clone(), health.clone());
+        async move {
+            log.write_failed().await;
+            health.set_not_serving::<EventLogServer<Api>>().await;
+            tracing::error!("writes stopped after a storage failure; EventLog reports NOT_SERVING until the node restarts");
+        }
+    });
     let mut tasks = vec![tokio::spawn({
         let stopped = stopped.clone();
         async move {

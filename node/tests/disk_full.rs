@@ -67,6 +67,21 @@ async fn given_a_full_disk_then_writes_stop_reads_go_on_and_a_restart_keeps_ever
     let refused = clients.log.append(append("tiny", None, vec![event("T", "1")])).await.unwrap_err();
     assert_eq!(refused.code(), Code::Internal);
     assert_eq!(refused.message(), failure.message());
+    // The node says so: Status names the failure, health reports EventLog NOT_SERVING.
+    let status = clients.node.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.write_failure, failure.message());
+    let channel = tonic::transport::Endpoint::from_shared(node.url()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = || tonic_health::pb::HealthCheckRequest { service: "anthill.v1.EventLog".into() };
+    let mut status = health.check(serving()).await.unwrap().into_inner().status();
+    for _ in 0..100 {
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = health.check(serving()).await.unwrap().into_inner().status();
+    }
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::NotServing);
     // Reads still serve exactly what was acknowledged.
     assert_eq!(total_events(&mut clients).await, acknowledged);
     let last =
@@ -78,6 +93,7 @@ async fn given_a_full_disk_then_writes_stop_reads_go_on_and_a_restart_keeps_ever
     fs.resize("64m");
     let (node, mut clients) = start_in(&data_dir, &args).await;
     assert_eq!(total_events(&mut clients).await, acknowledged);
+    assert_eq!(clients.node.status(pb::StatusRequest {}).await.unwrap().into_inner().write_failure, "");
     let r = clients
         .log
         .append(append("fill", Some(pb::expected_version::Kind::Exact(acknowledged)), vec![event("After", "ok")]))

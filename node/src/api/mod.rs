@@ -156,6 +156,7 @@ impl pb::node_server::Node for Api {
             map_size_bytes: sizes.map_size_bytes,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             data_dir: self.log.store().dir().display().to_string(),
+            write_failure: self.log.write_failure().map(|e| e.to_string()).unwrap_or_default(),
         }))
     }
 }

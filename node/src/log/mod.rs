@@ -81,6 +81,7 @@ pub struct Log {
     commits: watch::Receiver<CommitPoint>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
+    poison: Arc<writer::Poison>,
 }
 
 impl Log {
@@ -97,6 +98,7 @@ impl Log {
         let heads = store.read()?.partition_heads(store.partition_count())?;
         let (published, commits) = watch::channel(CommitPoint { heads: heads.clone().into() });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
+        let poison = Arc::new(writer::Poison::default());
         let writer = writer::Writer {
             store: store.clone(),
             rx,
@@ -105,12 +107,13 @@ impl Log {
             epoch: SINGLE_NODE_EPOCH,
             published,
             metrics: metrics.clone(),
+            poison: poison.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("anthill-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| StorageError::DataDir { dir: store.dir().to_path_buf(), source: e })?;
-        Ok(Log { store, limits: limits.clone(), queue: Mutex::new(Some(tx)), commits, writer: Mutex::new(Some(handle)), metrics })
+        Ok(Log { store, limits: limits.clone(), queue: Mutex::new(Some(tx)), commits, writer: Mutex::new(Some(handle)), metrics, poison })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -171,6 +174,18 @@ impl Log {
         let slice = self.store.read()?.read_partition(partition, from_position, head, limit)?;
         self.metrics.events_read.inc_by(slice.events.len() as u64);
         Ok(slice)
+    }
+
+    /// The I/O failure that stopped all writing, if one happened (see `writer.rs`).
+    pub fn write_failure(&self) -> Option<Arc<StorageError>> {
+        self.poison.error().cloned()
+    }
+
+    /// Resolves once writing has stopped for good after an I/O failure.
+    pub async fn write_failed(&self) {
+        if self.poison.error().is_none() {
+            self.poison.poisoned.notified().await;
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

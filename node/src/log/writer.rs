@@ -64,6 +64,7 @@ pub(super) struct Writer {
     pub epoch: u64,
     pub published: watch::Sender<CommitPoint>,
     pub metrics: Arc<Metrics>,
+    pub poison: Arc<Poison>,
 }
 
 impl Writer {
@@ -73,7 +74,7 @@ impl Writer {
         // process (a restart rebuilds the state from disk) rather than serve on without a writer.
         let _abort_on_panic = AbortOnPanic;
         let (to_syncer, committed) = flume::bounded::<Committed>(SYNC_QUEUE_BATCHES);
-        let poison = Poison::default();
+        let poison = self.poison.clone();
         let (store, published, metrics, syncer_poison) = (self.store.clone(), self.published.clone(), self.metrics.clone(), poison.clone());
         std::thread::scope(|scope| {
             std::thread::Builder::new()
@@ -90,7 +91,7 @@ impl Writer {
                     None => self.commit_with_growth(&batch).map_err(|error| {
                         if error.is_io_failure() {
                             tracing::error!(error = %error, "commit failed on I/O; refusing all writes until the node restarts");
-                            let _ = poison.set(error.clone());
+                            poison.set(error.clone());
                         }
                         AppendError::Storage(error)
                     }),
@@ -229,10 +230,28 @@ impl Writer {
 /// published or acknowledged until the node restarts: after a failed `fdatasync` the kernel may
 /// have dropped the unwritten pages and report success to the next one (and the writer's and the
 /// syncer's syncs can each consume the other's error), so no later success proves durability.
-type Poison = Arc<OnceLock<Arc<StorageError>>>;
+#[derive(Default)]
+pub(crate) struct Poison {
+    error: OnceLock<Arc<StorageError>>,
+    /// Woken once when the log is poisoned (the node then reports itself not serving).
+    pub(crate) poisoned: tokio::sync::Notify,
+}
+
+impl Poison {
+    /// Records the first failure; later ones are the same story and are dropped.
+    fn set(&self, error: Arc<StorageError>) -> Arc<StorageError> {
+        let first = self.error.get_or_init(|| error).clone();
+        self.poisoned.notify_one();
+        first
+    }
+
+    pub(crate) fn error(&self) -> Option<&Arc<StorageError>> {
+        self.error.get()
+    }
+}
 
 fn poisoned_error(poison: &Poison) -> Option<AppendError> {
-    poison.get().map(|e| AppendError::Storage(e.clone()))
+    poison.error().map(|e| AppendError::Storage(e.clone()))
 }
 
 /// Batches the syncer may hold before the writer waits for it.
@@ -267,7 +286,7 @@ fn sync_loop(
                 synced.err().map(|e| {
                     let e = Arc::new(e);
                     tracing::error!(error = %e, "sync failed; refusing all writes until the node restarts");
-                    AppendError::Storage(poison.get_or_init(|| e).clone())
+                    AppendError::Storage(poison.set(e))
                 })
             }
         };
