@@ -187,6 +187,14 @@ async fn one(args: &BenchArgs, server: &str, name: Option<&str>) -> anyhow::Resu
     if args.concurrency == 0 || args.batch == 0 {
         bail!("--concurrency and --batch must be at least 1");
     }
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        bail!("--seconds must be a positive number, got {}", args.seconds);
+    }
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--rate must be a positive number of requests per second, got {rate}");
+    }
     let name = name.map(str::to_string).unwrap_or_else(|| format!("{:?}", args.workload).to_lowercase());
     eprintln!("bench: {name}: {} clients, {} events/request, {} s", args.concurrency, args.batch, args.seconds);
     let progress = Arc::new(Progress {

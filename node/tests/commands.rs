@@ -78,3 +78,17 @@ async fn tail_replays_and_follows_as_json_lines() {
         assert!(entry["level"].is_string() && entry["fields"].is_object(), "{line}");
     }
 }
+
+#[test]
+fn bench_refuses_nonsense_durations_and_rates_with_a_clear_error() {
+    for (args, message) in [
+        (vec!["bench", "--workload", "raw", "--seconds=-1"], "--seconds must be a positive number"),
+        (vec!["bench", "--workload", "raw", "--rate", "0"], "--rate must be a positive number"),
+        (vec!["bench", "--workload", "raw", "--concurrency", "0"], "--concurrency and --batch must be at least 1"),
+    ] {
+        let out = Command::new(common::exe()).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
