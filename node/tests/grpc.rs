@@ -328,3 +328,30 @@ async fn given_events_larger_than_the_response_limit_then_reads_page_by_size_and
     assert_eq!(seen, 12);
     assert_eq!(read_partition_all(&mut t.clients, 0).await.len(), 12);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_per_partition_start_positions_then_a_subscription_resumes_exactly_there() {
+    let mut t = start(&["--partitions", "2"]).await;
+    for i in 0..20 {
+        t.clients.log.append(append(&format!("r-{i}"), None, vec![event("Old", &i.to_string())])).await.unwrap();
+    }
+    let status = t.clients.node.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    // Resume partition 0 after its first event, partition 1 past its head (only new events).
+    let positions = [(0u32, 2u64), (1u32, status.partitions[1].head_position + 1)].into_iter().collect();
+    let mut sub =
+        t.clients.log.subscribe(pb::SubscribeRequest { partition_positions: positions, ..Default::default() }).await.unwrap().into_inner();
+    let mut replayed = Vec::new();
+    let mut caught_up = 0;
+    while caught_up < 2 {
+        match sub.next().await.unwrap().unwrap().message.unwrap() {
+            pb::subscribe_response::Message::Event(e) => replayed.push((e.partition, e.position)),
+            pb::subscribe_response::Message::CaughtUp(c) => {
+                assert_eq!(c.position, status.partitions[c.partition as usize].head_position);
+                caught_up += 1;
+            }
+        }
+    }
+    let expected: Vec<(u32, u64)> = (2..=status.partitions[0].head_position).map(|p| (0, p)).collect();
+    assert!(expected.len() >= 2, "partition 0 holds too few events for the test: {status:?}");
+    assert_eq!(replayed, expected);
+}
