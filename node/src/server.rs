@@ -2,7 +2,8 @@
 //! reflection) and the metrics endpoint, and shuts all of it down in order.
 //!
 //! Shutdown order: stop accepting requests and end subscriptions; let in-flight requests finish
-//! (for at most [`SHUTDOWN_GRACE`], then connections are cut);
+//! (for at most [`SHUTDOWN_GRACE`]; then the server stops waiting for connections, which end
+//! when the process exits);
 //! close the append queue so the writer commits what it holds and stops; then close LMDB. An
 //! append acknowledged before shutdown is durable; one not yet acknowledged is either committed
 //! or answered with an error, never half-written.
@@ -71,11 +72,16 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // After an I/O failure the log takes no more writes until a restart: say so to health checks.
     tokio::spawn({
-        let (log, health) = (log.clone(), health.clone());
+        let (log, health, stopped) = (log.clone(), health.clone(), stopped.clone());
         async move {
-            log.write_failed().await;
-            health.set_not_serving::<EventLogServer<Api>>().await;
-            tracing::error!("writes stopped after a storage failure; EventLog reports NOT_SERVING until the node restarts");
+            // Ends with the node too, so it never keeps the log (and LMDB) open past a stop.
+            tokio::select! {
+                _ = log.write_failed() => {
+                    health.set_not_serving::<EventLogServer<Api>>().await;
+                    tracing::error!("writes stopped after a storage failure; EventLog reports NOT_SERVING until the node restarts");
+                }
+                _ = wait_for_stop(stopped) => {}
+            }
         }
     });
     let mut tasks = vec![tokio::spawn({

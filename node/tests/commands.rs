@@ -62,16 +62,25 @@ async fn tail_replays_and_follows_as_json_lines() {
             .output()
             .unwrap()
     });
-    // The third event arrives live, after the replay.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The third event is appended only once `tail` is subscribed, so it arrives live.
+    let metrics = t.node.metrics_addr.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !metrics_text(metrics).contains("anthill_subscribers 1") {
+        assert!(std::time::Instant::now() < deadline, "tail never subscribed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     t.clients.log.append(append("tailed", None, vec![event("C", "3")])).await.unwrap();
     let out = tail.await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let types: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["A", "B", "C"]);
-    // The node was asked for JSON logs: every line it wrote parses.
-    let log = std::fs::read_to_string(&t.node.log_file).unwrap();
+    // The node was asked for JSON logs: every line it wrote (stopped first, so none is half
+    // written) parses.
+    let log_file = t.node.log_file.clone();
+    drop(t.clients);
+    tokio::task::spawn_blocking(move || t.node.terminate(std::time::Duration::from_secs(30))).await.unwrap().unwrap();
+    let log = std::fs::read_to_string(&log_file).unwrap();
     assert!(log.lines().count() >= 2, "{log}");
     for line in log.lines() {
         let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
@@ -91,4 +100,13 @@ fn bench_refuses_nonsense_durations_and_rates_with_a_clear_error() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
+}
+
+fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
 }

@@ -74,7 +74,7 @@ async fn given_a_full_disk_then_writes_stop_reads_go_on_and_a_restart_keeps_ever
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let serving = || tonic_health::pb::HealthCheckRequest { service: "anthill.v1.EventLog".into() };
     let mut status = health.check(serving()).await.unwrap().into_inner().status();
-    for _ in 0..100 {
+    for _ in 0..500 {
         if status == tonic_health::pb::health_check_response::ServingStatus::NotServing {
             break;
         }

@@ -70,7 +70,11 @@ type Item = (Result<pb::SubscribeResponse, Status>, Option<OwnedSemaphorePermit>
 type Sender = mpsc::Sender<Item>;
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
-/// Most messages queued per subscriber, whatever their size (the byte budget usually binds first).
+/// How long the closing status of a subscription may wait for room in the client's queue.
+const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most messages queued per subscriber, whatever their size. With small events this count binds
+/// before the byte budget (1,024 events of under 4 KiB stay under the default 4 MiB).
 const QUEUE_MESSAGES: usize = 1024;
 
 pub(super) fn start(log: Arc<Log>, plan: Plan, shutdown: watch::Receiver<bool>) -> EventStream {
@@ -82,8 +86,9 @@ pub(super) fn start(log: Arc<Log>, plan: Plan, shutdown: watch::Receiver<bool>) 
         tracing::debug!(partitions, "subscription started");
         let outcome = follow(&log, plan, &tx, &budget, shutdown).await;
         if let Err(status) = outcome {
-            // Never wait here: a stalled client must not hold the task (or shutdown) up.
-            let _ = tx.try_send((Err(status), None));
+            // Deliver the closing status behind what is queued, but never wait long: a stalled
+            // client must not hold the task (or shutdown) up.
+            let _ = tokio::time::timeout(FINAL_STATUS_WAIT, tx.send((Err(status), None))).await;
         }
         log.metrics().subscribers.dec();
         tracing::debug!("subscription ended");

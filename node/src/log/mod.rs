@@ -149,6 +149,8 @@ impl Log {
         let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
         queue.send_async(writer::AppendJob { request, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        // Never hold a sender while waiting: `close` ends the writer once all senders are gone.
+        drop(queue);
         answer.await.map_err(|_| AppendError::ShuttingDown)?
     }
 
@@ -183,8 +185,12 @@ impl Log {
 
     /// Resolves once writing has stopped for good after an I/O failure.
     pub async fn write_failed(&self) {
+        // Register before checking, so a failure between the check and the wait is not missed.
+        let notified = self.poison.poisoned.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         if self.poison.error().is_none() {
-            self.poison.poisoned.notified().await;
+            notified.await;
         }
     }
 
