@@ -4,7 +4,6 @@
 //! commit, commit (sync) latency, database and map size. Metrics are updated where the work
 //! happens (the writer, the API) and only read here.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
@@ -106,11 +105,6 @@ pub async fn serve(
             }),
         );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-}
-
-/// Binds the metrics listener (port 0 picks a free port).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

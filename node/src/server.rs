@@ -94,7 +94,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
 
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_addr {
-        let listener = metrics::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr} (metrics_addr)"))?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr} (metrics_addr)"))?;
         metrics_addr = Some(listener.local_addr()?);
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {

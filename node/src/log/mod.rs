@@ -109,10 +109,8 @@ impl Log {
             metrics: metrics.clone(),
             poison: poison.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name("anthill-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| StorageError::DataDir { dir: store.dir().to_path_buf(), source: e })?;
+        let handle =
+            std::thread::Builder::new().name("anthill-writer".into()).spawn(move || writer.run()).map_err(StorageError::WriterThread)?;
         Ok(Log { store, limits: limits.clone(), queue: Mutex::new(Some(tx)), commits, writer: Mutex::new(Some(handle)), metrics, poison })
     }
 

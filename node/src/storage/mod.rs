@@ -58,6 +58,8 @@ pub enum StorageError {
     Locked(PathBuf),
     #[error("cannot prepare data directory {dir}: {source}")]
     DataDir { dir: PathBuf, source: std::io::Error },
+    #[error("cannot start the log writer thread: {0}")]
+    WriterThread(std::io::Error),
     #[error(transparent)]
     Corrupt(#[from] CorruptRecord),
     #[error("LMDB: {0}")]
