@@ -5,6 +5,8 @@
 //!   `--event-size` bytes to random streams, closed-loop, or open-loop at `--rate` requests/s in
 //!   total (latency is then measured from each request's *scheduled* start, so a stalled server is
 //!   not hidden by clients that slowed down with it — no coordinated omission);
+//! - `session`: the same appends, each client sending them over its own `AppendSession` call (one
+//!   message per append instead of one HTTP/2 stream; still one append in flight per client);
 //! - `read`: clients reading every partition with ReadPartition, `--batch` events per request;
 //! - `raw`: the same appends as `append`, into a [`Log`] in this process — the same LMDB writer
 //!   and group commit, no gRPC, no network: the baseline that shows what the API costs.
@@ -37,6 +39,8 @@ use crate::storage::Store;
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     Append,
+    /// The same appends as `append`, each client pipelining them over its own AppendSession call.
+    Session,
     Read,
     Raw,
 }
@@ -106,6 +110,9 @@ pub struct BenchResult {
     pub requests_per_sec: f64,
     pub events_per_sec: f64,
     pub latency_us: LatencyUs,
+    /// Bytes written to the node's disk per event appended, from the device's counters (so it
+    /// includes what the file system adds); absent when the node is not local or for reads.
+    pub disk_write_bytes_per_event: Option<f64>,
     /// This result's events/s over its baseline's, when it has one.
     pub baseline: Option<String>,
     pub ratio_to_baseline: Option<f64>,
@@ -121,7 +128,7 @@ struct Progress {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let needs_node = args.suite || args.workload != Workload::Raw;
-    let (_node, _dir, server) = match (&args.server, needs_node) {
+    let (node, _dir, url) = match (&args.server, needs_node) {
         (Some(server), _) => (None, None, server.clone()),
         (None, false) => (None, None, String::new()),
         (None, true) => {
@@ -135,6 +142,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (Some(node), Some(dir), url)
         }
     };
+    // Disk writes are counted only for a node this process started (its data directory is known).
+    let server = Server { url, data_dir: node.as_ref().map(|n| n.data_dir.clone()) };
     let results = if args.suite { suite(&args, &server).await? } else { vec![one(&args, &server, None).await?] };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "machine": machine(), "results": results }))?);
@@ -145,7 +154,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The standard set: each gRPC figure next to its raw baseline, latency at half load, reads.
-async fn suite(args: &BenchArgs, server: &str) -> anyhow::Result<Vec<BenchResult>> {
+async fn suite(args: &BenchArgs, server: &Server) -> anyhow::Result<Vec<BenchResult>> {
     let base = BenchArgs { suite: false, rate: None, count: None, ..args.clone() };
     let mut results = Vec::new();
     let mut add = |mut r: BenchResult, baseline: Option<&BenchResult>| {
@@ -163,8 +172,14 @@ async fn suite(args: &BenchArgs, server: &str) -> anyhow::Result<Vec<BenchResult
     let max1 =
         add(one(&BenchArgs { workload: Workload::Append, ..single.clone() }, server, Some("grpc: 1 event/append")).await?, Some(&raw1));
     settle().await;
-    let half = BenchArgs { workload: Workload::Append, rate: Some((max1.requests_per_sec / 2.0).floor().max(1.0)), ..single };
+    let half = BenchArgs { workload: Workload::Append, rate: Some((max1.requests_per_sec / 2.0).floor().max(1.0)), ..single.clone() };
     add(one(&half, server, Some("grpc: 1 event/append at half max")).await?, Some(&raw1));
+    settle().await;
+    let session = BenchArgs { workload: Workload::Session, ..single };
+    let max_session = add(one(&session, server, Some("session: 1 event/append")).await?, Some(&raw1));
+    settle().await;
+    let half = BenchArgs { rate: Some((max_session.requests_per_sec / 2.0).floor().max(1.0)), ..session };
+    add(one(&half, server, Some("session: 1 event/append at half max")).await?, Some(&raw1));
     settle().await;
     let batched = BenchArgs { batch: 100, concurrency: 8, ..base.clone() };
     let raw100 = add(one(&BenchArgs { workload: Workload::Raw, ..batched.clone() }, server, Some("raw: 100 events/append")).await?, None);
@@ -183,7 +198,7 @@ async fn settle() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-async fn one(args: &BenchArgs, server: &str, name: Option<&str>) -> anyhow::Result<BenchResult> {
+async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::Result<BenchResult> {
     if args.concurrency == 0 || args.batch == 0 {
         bail!("--concurrency and --batch must be at least 1");
     }
@@ -204,28 +219,32 @@ async fn one(args: &BenchArgs, server: &str, name: Option<&str>) -> anyhow::Resu
         stop: AtomicBool::new(false),
     });
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    // The disk that takes the writes: the temporary directory's for the in-process baseline.
+    let disk = if args.workload == Workload::Raw { Some(std::env::temp_dir()) } else { server.data_dir.clone() };
+    let written_before = disk.as_deref().and_then(disk_written_bytes);
     let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
     let started = Instant::now();
     match args.workload {
-        Workload::Append => {
-            let pool = connect_pool(server, args.connections.min(args.concurrency)).await?;
-            let target = Target::Grpc(pool);
-            drive(args, &target, &progress, &histogram).await;
+        Workload::Append | Workload::Session => {
+            let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
+            let target = if args.workload == Workload::Session { Target::Session(pool) } else { Target::Grpc(pool) };
+            drive(args, &target, &progress, &histogram).await?;
         }
         Workload::Raw => {
             let dir = tempfile::Builder::new().prefix("anthill-bench-raw-").tempdir()?;
             let store = Arc::new(Store::open(dir.path(), &StorageConfig::default())?);
             let log = Arc::new(Log::start(store, &GroupCommitConfig::default(), &LimitsConfig::default(), Arc::new(Metrics::default()))?);
             let target = Target::Raw(log.clone());
-            drive(args, &target, &progress, &histogram).await;
+            drive(args, &target, &progress, &histogram).await?;
             tokio::task::spawn_blocking(move || log.close()).await?;
         }
         Workload::Read => {
-            let pool = connect_pool(server, args.connections.min(args.concurrency)).await?;
+            let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
             read_all(args, &pool, &progress, &histogram).await?;
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let written = written_before.zip(disk.as_deref().and_then(disk_written_bytes)).map(|(before, after)| after.saturating_sub(before));
     progress.stop.store(true, Ordering::Relaxed);
     reporter.await?;
     let h = histogram.lock();
@@ -255,9 +274,27 @@ async fn one(args: &BenchArgs, server: &str, name: Option<&str>) -> anyhow::Resu
             p999: h.value_at_quantile(0.999),
             max: h.max(),
         },
+        disk_write_bytes_per_event: written.filter(|_| args.workload != Workload::Read).map(|bytes| bytes as f64 / events.max(1) as f64),
         baseline: None,
         ratio_to_baseline: None,
     })
+}
+
+/// The node the benchmark loads.
+struct Server {
+    url: String,
+    /// Known when the benchmark started the node itself.
+    data_dir: Option<std::path::PathBuf>,
+}
+
+/// Bytes written so far to the block device holding `path` (its sectors-written counter in
+/// /sys/dev/block/MAJ:MIN/stat), by every process: the benchmark runs on an otherwise idle machine.
+fn disk_written_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/stat", libc::major(dev), libc::minor(dev))).ok()?;
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
 }
 
 async fn connect_pool(server: &str, connections: usize) -> anyhow::Result<Vec<Clients>> {
@@ -270,17 +307,48 @@ async fn connect_pool(server: &str, connections: usize) -> anyhow::Result<Vec<Cl
 
 enum Target {
     Grpc(Vec<Clients>),
+    Session(Vec<Clients>),
     Raw(Arc<Log>),
 }
 
 /// Where one client sends its appends.
 enum Sink {
     Grpc(Box<Clients>),
+    Session(Box<Session>),
     Raw(Arc<Log>),
 }
 
+/// One client's AppendSession call: requests go in through `requests`, answers come back in order.
+struct Session {
+    requests: tokio::sync::mpsc::Sender<pb::AppendSessionRequest>,
+    answers: tonic::Streaming<pb::AppendSessionResponse>,
+    next_id: u64,
+}
+
+impl Session {
+    async fn open(clients: &Clients) -> anyhow::Result<Self> {
+        let (requests, rx) = tokio::sync::mpsc::channel(1);
+        let answers =
+            clients.log.clone().append_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(client::status_error)?;
+        Ok(Session { requests, answers: answers.into_inner(), next_id: 0 })
+    }
+
+    /// Sends one append and waits for its answer; true when it was appended.
+    async fn append(&mut self, append: pb::AppendRequest) -> bool {
+        self.next_id += 1;
+        let id = self.next_id;
+        if self.requests.send(pb::AppendSessionRequest { id, append: Some(append) }).await.is_err() {
+            return false;
+        }
+        match self.answers.message().await {
+            Ok(Some(answer)) => answer.id == id && matches!(answer.result, Some(pb::append_session_response::Result::Appended(_))),
+            _ => false,
+        }
+    }
+}
+
 /// Runs the append clients until the time or the request count is used up.
-async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, histogram: &Arc<Mutex<Histogram<u64>>>) {
+async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, histogram: &Arc<Mutex<Histogram<u64>>>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
     let budget = Arc::new(AtomicU64::new(args.count.unwrap_or(u64::MAX)));
     let interval = args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
@@ -291,6 +359,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
         let (batch, streams) = (args.batch, args.streams.max(1));
         let client = match target {
             Target::Grpc(pool) => Sink::Grpc(Box::new(pool[worker % pool.len()].clone())),
+            Target::Session(pool) => Sink::Session(Box::new(Session::open(&pool[worker % pool.len()]).await?)),
             Target::Raw(log) => Sink::Raw(log.clone()),
         };
         tasks.push(tokio::spawn(async move {
@@ -304,14 +373,15 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
                 }
                 let start = if interval.is_some() { scheduled } else { Instant::now() };
                 let stream = format!("bench-{}", rand::rng().random_range(0..streams));
+                let wire = || {
+                    let events = (0..batch)
+                        .map(|_| pb::EventData { r#type: "BenchEvent".into(), payload: payload.clone(), metadata: Default::default() })
+                        .collect();
+                    pb::AppendRequest { stream: stream.clone(), expected_version: None, events }
+                };
                 let ok = match &mut client {
-                    Sink::Grpc(clients) => {
-                        let events = (0..batch)
-                            .map(|_| pb::EventData { r#type: "BenchEvent".into(), payload: payload.clone(), metadata: Default::default() })
-                            .collect();
-                        let request = pb::AppendRequest { stream, expected_version: None, events };
-                        clients.log.append(request).await.is_ok()
-                    }
+                    Sink::Grpc(clients) => clients.log.append(wire()).await.is_ok(),
+                    Sink::Session(session) => session.append(wire()).await,
                     Sink::Raw(log) => {
                         let events = (0..batch)
                             .map(|_| NewEvent { event_type: "BenchEvent".into(), payload: payload.clone(), metadata: vec![] })
@@ -336,6 +406,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
     for task in tasks {
         let _ = task.await;
     }
+    Ok(())
 }
 
 fn take_one(budget: &AtomicU64) -> bool {
@@ -423,12 +494,12 @@ async fn report_progress(progress: Arc<Progress>, name: String) {
 /// The report as a table for people.
 pub fn table(results: &[BenchResult]) -> String {
     let mut out = format!(
-        "{:<36} {:>4} {:>5} {:>12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}\n",
-        "benchmark", "conc", "batch", "events/s", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "max µs", "vs raw"
+        "{:<36} {:>4} {:>5} {:>12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9}\n",
+        "benchmark", "conc", "batch", "events/s", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "max µs", "vs raw", "disk B/ev"
     );
     for r in results {
         out.push_str(&format!(
-            "{:<36} {:>4} {:>5} {:>12.0} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}\n",
+            "{:<36} {:>4} {:>5} {:>12.0} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9}\n",
             r.name,
             r.concurrency,
             r.batch,
@@ -440,6 +511,7 @@ pub fn table(results: &[BenchResult]) -> String {
             r.latency_us.p999,
             r.latency_us.max,
             r.ratio_to_baseline.map_or("-".into(), |x| format!("{x:.2}")),
+            r.disk_write_bytes_per_event.map_or("-".into(), |b| format!("{b:.0}")),
         ));
         if r.errors > 0 {
             out.push_str(&format!("{:<36} {} errors\n", "", r.errors));

@@ -86,6 +86,8 @@ pub struct NodeArgs {
     max_read_count: Option<u32>,
     #[arg(long)]
     subscribe_buffer_bytes: Option<usize>,
+    #[arg(long)]
+    max_session_in_flight: Option<usize>,
     /// `human` or `json`.
     #[arg(long, value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
@@ -132,7 +134,7 @@ impl NodeArgs {
             max_stream_id_bytes => limits.max_stream_id_bytes, max_event_type_bytes => limits.max_event_type_bytes,
             max_event_bytes => limits.max_event_bytes, max_events_per_append => limits.max_events_per_append,
             max_request_bytes => limits.max_request_bytes, max_read_count => limits.max_read_count,
-            subscribe_buffer_bytes => limits.subscribe_buffer_bytes,
+            subscribe_buffer_bytes => limits.subscribe_buffer_bytes, max_session_in_flight => limits.max_session_in_flight,
             log_format => telemetry.log_format, log_level => telemetry.log_level,
             service_name => telemetry.service_name,
         );

@@ -80,6 +80,8 @@ pub struct LimitsConfig {
     pub max_read_count: u32,
     /// Bytes of events buffered per subscriber before the node waits for it to read.
     pub subscribe_buffer_bytes: usize,
+    /// Appends of one AppendSession call waiting for their answer before the node stops reading it.
+    pub max_session_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +141,7 @@ impl Default for LimitsConfig {
             max_request_bytes: 16 << 20,
             max_read_count: 10_000,
             subscribe_buffer_bytes: 4 << 20,
+            max_session_in_flight: 1024,
         }
     }
 }
@@ -227,6 +230,9 @@ impl NodeConfig {
         if l.subscribe_buffer_bytes < 1024 || l.subscribe_buffer_bytes > (1 << 30) {
             return invalid("limits.subscribe_buffer_bytes", format!("must be between 1 KiB and 1 GiB, got {}", l.subscribe_buffer_bytes));
         }
+        if l.max_session_in_flight == 0 || l.max_session_in_flight > 65_536 {
+            return invalid("limits.max_session_in_flight", format!("must be between 1 and 65536, got {}", l.max_session_in_flight));
+        }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
@@ -286,6 +292,12 @@ mod tests {
     fn given_a_wrong_type_when_loaded_then_the_error_says_where() {
         let err = parse("listen_addr: not-an-address\n").unwrap_err().to_string();
         assert!(err.contains("listen_addr") || err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn given_a_session_without_room_for_one_append_when_validated_then_it_is_refused() {
+        let err = parse("limits:\n  max_session_in_flight: 0\n").unwrap_err().to_string();
+        assert_eq!(err, "invalid configuration: limits.max_session_in_flight: must be between 1 and 65536, got 0");
     }
 
     #[test]

@@ -40,10 +40,19 @@ fn the_bench_suite_runs_every_workload_with_its_baseline() {
     let report = run_json(&["bench", "--suite", "--seconds", "0.5", "--json"]);
     let results = report["results"].as_array().unwrap();
     let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(names.len(), 8, "{names:?}");
     for r in results {
         assert!(r["events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        // Appends say what they cost the disk; reads do not write.
+        let writes = r["disk_write_bytes_per_event"].as_f64();
+        if r["workload"] == "read" {
+            assert!(writes.is_none(), "{r}");
+        } else {
+            assert!(writes.unwrap() > 0.0, "{r}");
+        }
     }
+    let session = results.iter().find(|r| r["name"] == "session: 1 event/append").unwrap();
+    assert_eq!((&session["workload"], &session["baseline"]), (&"session".into(), &"raw: 1 event/append".into()));
     let grpc = results.iter().find(|r| r["name"] == "grpc: 1 event/append").unwrap();
     assert_eq!(grpc["baseline"], "raw: 1 event/append");
     assert!(grpc["ratio_to_baseline"].as_f64().unwrap() > 0.0);

@@ -16,6 +16,7 @@
 //! Input is validated before anything is queued, so a refused request writes nothing. Blocking
 //! LMDB reads run on the blocking pool, never on the async workers.
 
+mod append_session;
 mod subscribe;
 
 use std::collections::HashMap;
@@ -90,20 +91,19 @@ impl pb::event_log_server::EventLog for Api {
             partition = tracing::field::Empty,
             position = tracing::field::Empty
         );
-        let request = log::AppendRequest {
-            expected: expected_version(req.expected_version)?,
-            events: req.events.into_iter().map(new_event).collect(),
-            stream: req.stream,
-        };
-        let appended = self.log.append(request).instrument(span.clone()).await.map_err(append_status)?;
-        span.record("partition", appended.partition);
-        span.record("position", appended.last_position);
-        Ok(Response::new(pb::AppendResponse {
-            partition: appended.partition,
-            first_position: appended.first_position,
-            last_position: appended.last_position,
-            stream_version: appended.stream_version,
-        }))
+        let done = self.log.append(append_request(req)?).instrument(span.clone()).await.map_err(append_status)?;
+        span.record("partition", done.partition);
+        span.record("position", done.last_position);
+        Ok(Response::new(appended(done)))
+    }
+
+    type AppendSessionStream = append_session::AnswerStream;
+
+    async fn append_session(
+        &self,
+        request: Request<tonic::Streaming<pb::AppendSessionRequest>>,
+    ) -> Result<Response<Self::AppendSessionStream>, Status> {
+        Ok(Response::new(append_session::start(self.log.clone(), request.into_inner(), self.shutdown.clone())))
     }
 
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
@@ -169,6 +169,23 @@ fn expected_version(expected: Option<pb::ExpectedVersion>) -> Result<ExpectedVer
         Some(Kind::StreamExists(_)) => ExpectedVersion::StreamExists,
         Some(Kind::Exact(v)) => ExpectedVersion::Exact(v),
     })
+}
+
+fn append_request(req: pb::AppendRequest) -> Result<log::AppendRequest, Status> {
+    Ok(log::AppendRequest {
+        expected: expected_version(req.expected_version)?,
+        events: req.events.into_iter().map(new_event).collect(),
+        stream: req.stream,
+    })
+}
+
+fn appended(done: log::Appended) -> pb::AppendResponse {
+    pb::AppendResponse {
+        partition: done.partition,
+        first_position: done.first_position,
+        last_position: done.last_position,
+        stream_version: done.stream_version,
+    }
 }
 
 fn new_event(event: pb::EventData) -> NewEvent {

@@ -74,6 +74,30 @@ pub struct CommitPoint {
     pub heads: Arc<[u64]>,
 }
 
+/// An append the writer has queued; [`PendingAppend::outcome`] waits for its answer.
+pub struct PendingAppend {
+    answer: oneshot::Receiver<Result<Appended, AppendError>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PendingAppend {
+    /// Resolves once the events are durable (`Ok`) or the append failed; counts the outcome.
+    pub async fn outcome(self) -> Result<Appended, AppendError> {
+        let outcome = self.answer.await.map_err(|_| AppendError::ShuttingDown).and_then(|outcome| outcome);
+        self.metrics.count_append(outcome.as_ref().map_or_else(failure_label, |_| "ok"));
+        outcome
+    }
+}
+
+/// The `outcome` label of `anthill_append_requests_total` for a failed append.
+fn failure_label(error: &AppendError) -> &'static str {
+    match error {
+        AppendError::WrongExpectedVersion { .. } => "wrong_expected_version",
+        AppendError::Invalid(_) => "invalid",
+        _ => "error",
+    }
+}
+
 pub struct Log {
     store: Arc<Store>,
     limits: LimitsConfig,
@@ -132,24 +156,27 @@ impl Log {
 
     /// Appends atomically; resolves once the events are durable or the append failed.
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
-        let outcome = self.append_inner(request).await;
-        self.metrics.count_append(match &outcome {
-            Ok(_) => "ok",
-            Err(AppendError::WrongExpectedVersion { .. }) => "wrong_expected_version",
-            Err(AppendError::Invalid(_)) => "invalid",
-            Err(_) => "error",
-        });
-        outcome
+        match self.submit(request).await {
+            Ok(pending) => pending.outcome().await,
+            Err(error) => {
+                self.metrics.count_append(failure_label(&error));
+                Err(error)
+            }
+        }
     }
 
-    async fn append_inner(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+    /// Validates the append and queues it for the writer, waiting while the queue is full; the
+    /// returned [`PendingAppend`] resolves once it is durable or failed. Appends queued one after
+    /// the other are committed in that order (the queue is FIFO and the writer applies a batch in
+    /// order), which lets one caller pipeline appends to one stream.
+    pub async fn submit(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         validate_append(&self.limits, &request).map_err(AppendError::Invalid)?;
         let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
         queue.send_async(writer::AppendJob { request, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
         // Never hold a sender while waiting: `close` ends the writer once all senders are gone.
         drop(queue);
-        answer.await.map_err(|_| AppendError::ShuttingDown)?
+        Ok(PendingAppend { answer, metrics: self.metrics.clone() })
     }
 
     /// The latest commit point; `changed()` on the receiver wakes on every new commit.

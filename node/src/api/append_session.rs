@@ -1,0 +1,114 @@
+//! `EventLog.AppendSession`: appends pipelined over one long-lived call.
+//!
+//! A unary Append costs an HTTP/2 stream of its own (headers both ways, a task, routing); for a
+//! client that appends one event at a time that costs more CPU than committing the event. A
+//! session carries each append as one message on a call that stays open, so the per-append cost
+//! is decoding one message and encoding one answer.
+//!
+//! One task serves a session. It reads a request, validates it and queues it for the writer
+//! ([`Log::submit`], in arrival order, so the session's appends commit in the order sent), and
+//! keeps the pending answer; answers go back, tagged with the request's id, as appends become
+//! durable. Bounds: at most `limits.max_session_in_flight` appends are pending (the task stops
+//! reading and HTTP/2 flow control holds the client back), and at most [`ANSWER_BUFFER`] answers
+//! wait for tonic to send them (the task then waits, and with it the reading).
+//!
+//! An append that fails is answered with an [`pb::AppendFailure`] carrying the status the unary
+//! call would have returned; the session goes on. At shutdown the task stops reading, answers
+//! every append it took, and ends the call with `UNAVAILABLE`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anthill_proto::v1 as pb;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use tracing::Instrument;
+
+use super::{append_request, append_status, appended};
+use crate::log::{AppendError, Appended, Log};
+
+/// Answers waiting for tonic to send them, per session.
+const ANSWER_BUFFER: usize = 1024;
+
+pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::AppendSessionResponse, Status>> + Send>>;
+
+/// Starts the task serving one session; the answers stream back through the returned stream.
+pub(super) fn start(log: Arc<Log>, requests: Streaming<pb::AppendSessionRequest>, shutdown: watch::Receiver<bool>) -> AnswerStream {
+    let (answers, rx) = mpsc::channel(ANSWER_BUFFER);
+    let span = tracing::info_span!("append_session");
+    tokio::spawn(serve(log, requests, answers, shutdown).instrument(span));
+    Box::pin(ReceiverStream::new(rx))
+}
+
+type Answers = mpsc::Sender<Result<pb::AppendSessionResponse, Status>>;
+
+async fn serve(log: Arc<Log>, mut requests: Streaming<pb::AppendSessionRequest>, answers: Answers, mut shutdown: watch::Receiver<bool>) {
+    let max_in_flight = log.limits().max_session_in_flight;
+    let mut pending = FuturesUnordered::new();
+    let mut reading = true;
+    let mut stopping = false;
+    let mut taken: u64 = 0;
+    let end = loop {
+        if stopping || *shutdown.borrow() {
+            (stopping, reading) = (true, false);
+        }
+        tokio::select! {
+            Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
+                if answers.send(Ok(answer(id, outcome))).await.is_err() {
+                    break None; // The client went away; pending appends still commit.
+                }
+            }
+            request = requests.message(), if reading && pending.len() < max_in_flight => match request {
+                Ok(Some(request)) => {
+                    taken += 1;
+                    let id = request.id;
+                    match submit(&log, request).await {
+                        Ok(pending_append) => pending.push(async move { (id, pending_append.outcome().await) }),
+                        Err(error) => {
+                            if answers.send(Ok(answer(id, Err(error)))).await.is_err() {
+                                break None;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => reading = false,
+                Err(status) => {
+                    tracing::debug!(%status, "append session: the request stream failed; answering what was taken");
+                    reading = false;
+                }
+            },
+            // A dropped sender means the node is gone as well.
+            changed = shutdown.changed(), if reading => stopping = changed.is_err(),
+            else => break stopping.then(|| Status::unavailable("the node is shutting down")),
+        }
+    };
+    tracing::debug!(appends = taken, "append session ended");
+    if let Some(status) = end {
+        let _ = answers.send(Err(status)).await;
+    }
+}
+
+async fn submit(log: &Log, request: pb::AppendSessionRequest) -> Result<crate::log::PendingAppend, AppendError> {
+    let append = request.append.ok_or_else(|| AppendError::Invalid("append: missing".into()))?;
+    let append = append_request(append).map_err(|status| AppendError::Invalid(status.message().to_string()))?;
+    log.submit(append).await
+}
+
+fn answer(id: u64, outcome: Result<Appended, AppendError>) -> pb::AppendSessionResponse {
+    use pb::append_session_response::Result as Answer;
+    let result = match outcome {
+        Ok(done) => Answer::Appended(appended(done)),
+        Err(error) => {
+            let actual_version = match &error {
+                AppendError::WrongExpectedVersion { actual, .. } => *actual,
+                _ => 0,
+            };
+            let status = append_status(error);
+            Answer::Failure(pb::AppendFailure { code: status.code() as i32, message: status.message().to_string(), actual_version })
+        }
+    };
+    pb::AppendSessionResponse { id, result: Some(result) }
+}
