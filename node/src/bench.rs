@@ -8,6 +8,8 @@
 //! - `session`: the same appends, each client sending them over its own `AppendSession` call (one
 //!   message per append instead of one HTTP/2 stream; still one append in flight per client);
 //! - `read`: clients reading every partition with ReadPartition, `--batch` events per request;
+//! - `disk`: no node and no LMDB: random page writes and a sync in a loop, the disk's own cost
+//!   and stalls, measured in the same run as the rest;
 //! - `raw`: the same appends as `append`, into a [`Log`] in this process — the same LMDB writer
 //!   and group commit, no gRPC, no network: the baseline that shows what the API costs.
 //!
@@ -43,6 +45,10 @@ pub enum Workload {
     Session,
     Read,
     Raw,
+    /// The disk alone: [`DISK_PROBE_PAGES`] random 4 KiB page writes and one `fdatasync`, over
+    /// and over, in a file in the temporary directory — what a group commit costs the disk, without
+    /// LMDB, to judge the other figures (and their tail latency) by.
+    Disk,
 }
 
 #[derive(Args, Clone)]
@@ -127,7 +133,7 @@ struct Progress {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let needs_node = args.suite || args.workload != Workload::Raw;
+    let needs_node = args.suite || !matches!(args.workload, Workload::Raw | Workload::Disk);
     let (node, _dir, url) = match (&args.server, needs_node) {
         (Some(server), _) => (None, None, server.clone()),
         (None, false) => (None, None, String::new()),
@@ -166,6 +172,9 @@ async fn suite(args: &BenchArgs, server: &Server) -> anyhow::Result<Vec<BenchRes
         r
     };
     // Single-event runs first, on a node that holds little; each run starts after the disk settled.
+    let disk = BenchArgs { workload: Workload::Disk, concurrency: 1, batch: 1, ..base.clone() };
+    add(one(&disk, server, Some(&format!("disk: {DISK_PROBE_PAGES} random pages + fdatasync"))).await?, None);
+    settle().await;
     let single = BenchArgs { batch: 1, concurrency: 64, ..base.clone() };
     let raw1 = add(one(&BenchArgs { workload: Workload::Raw, ..single.clone() }, server, Some("raw: 1 event/append")).await?, None);
     settle().await;
@@ -222,6 +231,11 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
     // The disk that takes the writes: the temporary directory's for the in-process baseline.
     let disk = if args.workload == Workload::Raw { Some(std::env::temp_dir()) } else { server.data_dir.clone() };
     let written_before = disk.as_deref().and_then(disk_written_bytes);
+    // The disk probe's file is written in full before the clock starts.
+    let mut probe_file = match args.workload {
+        Workload::Disk => Some(tokio::task::spawn_blocking(prepare_disk_probe).await??),
+        _ => None,
+    };
     let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
     let started = Instant::now();
     match args.workload {
@@ -242,6 +256,11 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
             let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
             read_all(args, &pool, &progress, &histogram).await?;
         }
+        Workload::Disk => {
+            let file = probe_file.take().expect("prepared above");
+            let (seconds, progress, histogram) = (args.seconds, progress.clone(), histogram.clone());
+            tokio::task::spawn_blocking(move || probe_disk(&file, seconds, &progress, &histogram)).await??;
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     let written = written_before.zip(disk.as_deref().and_then(disk_written_bytes)).map(|(before, after)| after.saturating_sub(before));
@@ -257,7 +276,8 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
     Ok(BenchResult {
         name,
         workload: args.workload,
-        concurrency: args.concurrency,
+        // The disk probe is one thread whatever --concurrency says.
+        concurrency: if args.workload == Workload::Disk { 1 } else { args.concurrency },
         batch: args.batch,
         event_size: args.event_size,
         rate: args.rate,
@@ -274,7 +294,9 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
             p999: h.value_at_quantile(0.999),
             max: h.max(),
         },
-        disk_write_bytes_per_event: written.filter(|_| args.workload != Workload::Read).map(|bytes| bytes as f64 / events.max(1) as f64),
+        disk_write_bytes_per_event: written
+            .filter(|_| !matches!(args.workload, Workload::Read | Workload::Disk))
+            .map(|bytes| bytes as f64 / events.max(1) as f64),
         baseline: None,
         ratio_to_baseline: None,
     })
@@ -406,6 +428,47 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
     for task in tasks {
         let _ = task.await;
     }
+    Ok(())
+}
+
+/// Random 4 KiB pages written per sync by the `disk` workload: about what a group commit of
+/// twenty single-event appends writes (docs/benchmarks.md).
+pub const DISK_PROBE_PAGES: u64 = 48;
+const DISK_PROBE_FILE_BYTES: u64 = 256 << 20;
+
+/// The probe's file, written in full (not just sized) so the probe measures overwrites, as
+/// LMDB's reused pages are.
+fn prepare_disk_probe() -> anyhow::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::FileExt;
+    let file = tempfile::Builder::new().prefix("anthill-bench-disk-").tempfile()?;
+    let chunk = vec![0u8; 1 << 20];
+    for offset in (0..DISK_PROBE_FILE_BYTES).step_by(chunk.len()) {
+        file.as_file().write_all_at(&chunk, offset)?;
+    }
+    file.as_file().sync_all()?;
+    Ok(file)
+}
+
+/// Writes [`DISK_PROBE_PAGES`] random pages of the probe file and syncs, until time is up; each
+/// sync is one request and one "event".
+fn probe_disk(file: &tempfile::NamedTempFile, seconds: f64, progress: &Progress, histogram: &Mutex<Histogram<u64>>) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let page = vec![0xA5u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut rng = rand::rng();
+    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while Instant::now() < deadline {
+        let start = Instant::now();
+        for _ in 0..DISK_PROBE_PAGES {
+            let offset = rng.random_range(0..DISK_PROBE_FILE_BYTES / 4096) * 4096;
+            file.as_file().write_all_at(&page, offset)?;
+        }
+        file.as_file().sync_data()?;
+        let _ = local.record(start.elapsed().as_micros().max(1) as u64);
+        progress.requests.fetch_add(1, Ordering::Relaxed);
+        progress.events.fetch_add(1, Ordering::Relaxed);
+    }
+    histogram.lock().add(&local)?;
     Ok(())
 }
 

@@ -40,17 +40,19 @@ fn the_bench_suite_runs_every_workload_with_its_baseline() {
     let report = run_json(&["bench", "--suite", "--seconds", "0.5", "--json"]);
     let results = report["results"].as_array().unwrap();
     let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names.len(), 8, "{names:?}");
+    assert_eq!(names.len(), 9, "{names:?}");
     for r in results {
         assert!(r["events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
-        // Appends say what they cost the disk; reads do not write.
+        // Appends say what they cost the disk; reads and the disk probe itself do not.
         let writes = r["disk_write_bytes_per_event"].as_f64();
-        if r["workload"] == "read" {
+        if r["workload"] == "read" || r["workload"] == "disk" {
             assert!(writes.is_none(), "{r}");
         } else {
             assert!(writes.unwrap() > 0.0, "{r}");
         }
     }
+    let disk = results.iter().find(|r| r["workload"] == "disk").unwrap();
+    assert!(disk["latency_us"]["max"].as_u64().unwrap() >= disk["latency_us"]["p50"].as_u64().unwrap(), "{disk}");
     let session = results.iter().find(|r| r["name"] == "session: 1 event/append").unwrap();
     assert_eq!((&session["workload"], &session["baseline"]), (&"session".into(), &"raw: 1 event/append".into()));
     let grpc = results.iter().find(|r| r["name"] == "grpc: 1 event/append").unwrap();
