@@ -233,7 +233,11 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
     let written_before = disk.as_deref().and_then(disk_written_bytes);
     // The disk probe's file is written in full before the clock starts.
     let mut probe_file = match args.workload {
-        Workload::Disk => Some(tokio::task::spawn_blocking(prepare_disk_probe).await??),
+        Workload::Disk => {
+            // Beside the node's data when this benchmark started the node, so it is the same disk.
+            let dir = server.data_dir.as_deref().and_then(std::path::Path::parent).map_or_else(std::env::temp_dir, |d| d.to_path_buf());
+            Some(tokio::task::spawn_blocking(move || prepare_disk_probe(&dir)).await??)
+        }
         _ => None,
     };
     let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
@@ -375,15 +379,19 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
     let budget = Arc::new(AtomicU64::new(args.count.unwrap_or(u64::MAX)));
     let interval = args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
     let payload = vec![b'x'; args.event_size];
-    let mut tasks = Vec::new();
+    // Every client is ready (sessions open) before the first starts, so a failure leaves none running.
+    let mut clients = Vec::with_capacity(args.concurrency);
     for worker in 0..args.concurrency {
-        let (progress, histogram, budget, payload) = (progress.clone(), histogram.clone(), budget.clone(), payload.clone());
-        let (batch, streams) = (args.batch, args.streams.max(1));
-        let client = match target {
+        clients.push(match target {
             Target::Grpc(pool) => Sink::Grpc(Box::new(pool[worker % pool.len()].clone())),
             Target::Session(pool) => Sink::Session(Box::new(Session::open(&pool[worker % pool.len()]).await?)),
             Target::Raw(log) => Sink::Raw(log.clone()),
-        };
+        });
+    }
+    let mut tasks = Vec::new();
+    for (worker, client) in clients.into_iter().enumerate() {
+        let (progress, histogram, budget, payload) = (progress.clone(), histogram.clone(), budget.clone(), payload.clone());
+        let (batch, streams) = (args.batch, args.streams.max(1));
         tasks.push(tokio::spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let mut client = client;
@@ -436,11 +444,11 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
 pub const DISK_PROBE_PAGES: u64 = 48;
 const DISK_PROBE_FILE_BYTES: u64 = 256 << 20;
 
-/// The probe's file, written in full (not just sized) so the probe measures overwrites, as
+/// The probe's file in `dir`, written in full (not just sized) so the probe measures overwrites, as
 /// LMDB's reused pages are.
-fn prepare_disk_probe() -> anyhow::Result<tempfile::NamedTempFile> {
+fn prepare_disk_probe(dir: &std::path::Path) -> anyhow::Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::FileExt;
-    let file = tempfile::Builder::new().prefix("anthill-bench-disk-").tempfile()?;
+    let file = tempfile::Builder::new().prefix("anthill-bench-disk-").tempfile_in(dir)?;
     let chunk = vec![0u8; 1 << 20];
     for offset in (0..DISK_PROBE_FILE_BYTES).step_by(chunk.len()) {
         file.as_file().write_all_at(&chunk, offset)?;

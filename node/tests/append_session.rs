@@ -88,16 +88,50 @@ async fn given_failing_appends_then_each_is_answered_with_its_status_and_the_ses
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn given_an_open_session_when_the_node_stops_then_the_call_ends_with_unavailable() {
+async fn given_an_open_session_when_the_node_stops_then_it_answers_what_it_took_and_ends_with_unavailable() {
     let mut t = start(&[]).await;
     let (tx, mut answers) = open(&mut t).await;
-    tx.send(request(7, append("s", None, vec![event("A", "")]))).await.unwrap();
+    tx.send(request(0, append("s", None, vec![event("A", "")]))).await.unwrap();
     assert!(matches!(next_answer(&mut answers).await.result, Some(Answer::Appended(_))));
+    // Appends still in flight when the stop comes: each is either answered or was never taken.
+    for id in 1..=200 {
+        tx.send(request(id, append("s", None, vec![event("A", "")]))).await.unwrap();
+    }
     let node = t.node;
     let stopping = tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(30)));
+    let started = std::time::Instant::now();
+    let mut appended = 1;
     // The request side stays open: the node itself ends the call.
-    let end = tokio::time::timeout(Duration::from_secs(20), answers.message()).await.expect("the call ends");
-    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(20), answers.message()).await.expect("the call ends") {
+            Ok(Some(answer)) => match answer.result {
+                Some(Answer::Appended(_)) => appended += 1,
+                other => panic!("append {} failed: {other:?}", answer.id),
+            },
+            Ok(None) => panic!("the call ended with OK while the client was still sending"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!((end.code(), end.message()), (Code::Unavailable, "the node is shutting down"));
+    // Ended by the node itself, not cut off at the end of the shutdown grace period (5 s).
+    assert!(started.elapsed() < Duration::from_secs(4), "the call ended after {:?}", started.elapsed());
     stopping.await.unwrap().unwrap();
     drop(tx);
+    // Exactly the answered appends are stored: nothing taken was left unanswered.
+    let (node, mut clients) = common::start_in(&t.dir.path().join("node"), &[]).await;
+    assert_eq!(total_events(&mut clients).await, appended);
+    node.terminate(Duration::from_secs(20)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_request_over_the_size_limit_then_the_call_ends_with_an_error_after_answering_what_it_took() {
+    let mut t = start(&["--max-request-bytes", "1048576", "--max-event-bytes", "1000"]).await;
+    let (tx, mut answers) = open(&mut t).await;
+    tx.send(request(1, append("s", None, vec![event("Small", "ok")]))).await.unwrap();
+    assert!(matches!(next_answer(&mut answers).await.result, Some(Answer::Appended(_))));
+    tx.send(request(2, append("s", None, vec![event("Huge", &"x".repeat(2 << 20))]))).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(20), answers.message()).await.expect("the call ends");
+    let status = end.expect_err("a request the node cannot read ends the call with an error, not OK");
+    assert!(status.message().contains("append session request stream"), "{status:?}");
+    assert_eq!(total_events(&mut t.clients).await, 1);
 }

@@ -49,16 +49,19 @@ async fn serve(log: Arc<Log>, mut requests: Streaming<pb::AppendSessionRequest>,
     let max_in_flight = log.limits().max_session_in_flight;
     let mut pending = FuturesUnordered::new();
     let mut reading = true;
-    let mut stopping = false;
+    // Why the call ends with an error once everything taken is answered: the node is stopping,
+    // or the request stream failed (a message over the size limit, a broken message).
+    let mut failure: Option<Status> = None;
     let mut taken: u64 = 0;
-    let end = loop {
-        if stopping || *shutdown.borrow() {
-            (stopping, reading) = (true, false);
+    let client_gone = loop {
+        if reading && *shutdown.borrow() {
+            reading = false;
+            failure = Some(Status::unavailable("the node is shutting down"));
         }
         tokio::select! {
             Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
                 if answers.send(Ok(answer(id, outcome))).await.is_err() {
-                    break None; // The client went away; pending appends still commit.
+                    break true;
                 }
             }
             request = requests.message(), if reading && pending.len() < max_in_flight => match request {
@@ -69,31 +72,45 @@ async fn serve(log: Arc<Log>, mut requests: Streaming<pb::AppendSessionRequest>,
                         Ok(pending_append) => pending.push(async move { (id, pending_append.outcome().await) }),
                         Err(error) => {
                             if answers.send(Ok(answer(id, Err(error)))).await.is_err() {
-                                break None;
+                                break true;
                             }
                         }
                     }
                 }
                 Ok(None) => reading = false,
                 Err(status) => {
-                    tracing::debug!(%status, "append session: the request stream failed; answering what was taken");
+                    tracing::debug!(%status, "append session: the request stream failed; answering what was taken, then ending the call");
                     reading = false;
+                    failure = Some(Status::new(status.code(), format!("append session request stream: {}", status.message())));
                 }
             },
             // A dropped sender means the node is gone as well.
-            changed = shutdown.changed(), if reading => stopping = changed.is_err(),
-            else => break stopping.then(|| Status::unavailable("the node is shutting down")),
+            changed = shutdown.changed(), if reading => if changed.is_err() {
+                reading = false;
+                failure = Some(Status::unavailable("the node is shutting down"));
+            },
+            else => break false,
         }
     };
-    tracing::debug!(appends = taken, "append session ended");
-    if let Some(status) = end {
+    tracing::debug!(appends = taken, client_gone, "append session ended");
+    if client_gone {
+        // Appends already queued still commit; wait for them only to count their outcomes.
+        tokio::spawn(async move { while pending.next().await.is_some() {} });
+    } else if let Some(status) = failure {
         let _ = answers.send(Err(status)).await;
     }
 }
 
+/// Queues one request's append; a malformed request is refused (and counted) here, the rest
+/// by [`Log::submit`].
 async fn submit(log: &Log, request: pb::AppendSessionRequest) -> Result<crate::log::PendingAppend, AppendError> {
-    let append = request.append.ok_or_else(|| AppendError::Invalid("append: missing".into()))?;
-    let append = append_request(append).map_err(|status| AppendError::Invalid(status.message().to_string()))?;
+    let append = match request.append.ok_or_else(|| Status::invalid_argument("append: missing")).and_then(append_request) {
+        Ok(append) => append,
+        Err(status) => {
+            log.metrics().count_append("invalid");
+            return Err(AppendError::Invalid(status.message().to_string()));
+        }
+    };
     log.submit(append).await
 }
 

@@ -156,20 +156,23 @@ impl Log {
 
     /// Appends atomically; resolves once the events are durable or the append failed.
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
-        match self.submit(request).await {
-            Ok(pending) => pending.outcome().await,
-            Err(error) => {
-                self.metrics.count_append(failure_label(&error));
-                Err(error)
-            }
-        }
+        self.submit(request).await?.outcome().await
     }
 
     /// Validates the append and queues it for the writer, waiting while the queue is full; the
     /// returned [`PendingAppend`] resolves once it is durable or failed. Appends queued one after
     /// the other are committed in that order (the queue is FIFO and the writer applies a batch in
-    /// order), which lets one caller pipeline appends to one stream.
+    /// order), which lets one caller pipeline appends to one stream. Every append is counted in
+    /// the metrics once: a refused one here, a queued one when its outcome is known.
     pub async fn submit(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
+        let queued = self.queue_append(request).await;
+        if let Err(error) = &queued {
+            self.metrics.count_append(failure_label(error));
+        }
+        queued
+    }
+
+    async fn queue_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         validate_append(&self.limits, &request).map_err(AppendError::Invalid)?;
         let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
