@@ -46,8 +46,8 @@ pub enum Workload {
     Read,
     Raw,
     /// The disk alone: [`DISK_PROBE_PAGES`] random 4 KiB page writes and one `fdatasync`, over
-    /// and over, in a file in the temporary directory — what a group commit costs the disk, without
-    /// LMDB, to judge the other figures (and their tail latency) by.
+    /// and over, in a file beside the node's data (or in the temporary directory) — what a group
+    /// commit costs the disk, without LMDB, to judge the other figures (and their tail latency) by.
     Disk,
 }
 
@@ -232,7 +232,7 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
     let disk = if args.workload == Workload::Raw { Some(std::env::temp_dir()) } else { server.data_dir.clone() };
     let written_before = disk.as_deref().and_then(disk_written_bytes);
     // The disk probe's file is written in full before the clock starts.
-    let mut probe_file = match args.workload {
+    let probe_file = match args.workload {
         Workload::Disk => {
             // Beside the node's data when this benchmark started the node, so it is the same disk.
             let dir = server.data_dir.as_deref().and_then(std::path::Path::parent).map_or_else(std::env::temp_dir, |d| d.to_path_buf());
@@ -261,7 +261,7 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
             read_all(args, &pool, &progress, &histogram).await?;
         }
         Workload::Disk => {
-            let file = probe_file.take().expect("prepared above");
+            let file = probe_file.expect("prepared above");
             let (seconds, progress, histogram) = (args.seconds, progress.clone(), histogram.clone());
             tokio::task::spawn_blocking(move || probe_disk(&file, seconds, &progress, &histogram)).await??;
         }

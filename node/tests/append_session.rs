@@ -85,6 +85,15 @@ async fn given_failing_appends_then_each_is_answered_with_its_status_and_the_ses
     assert!(matches!(&by_id[&5], Answer::Appended(done) if done.stream_version == 2));
     // Nothing of the failed appends was written.
     assert_eq!(total_events(&mut t.clients).await, 2);
+    // Each append is counted once, by outcome, as a unary one would be.
+    let metrics = common::http_get(t.node.metrics_addr.unwrap(), "/metrics");
+    for line in [
+        "anthill_append_requests_total{outcome=\"ok\"} 2",
+        "anthill_append_requests_total{outcome=\"wrong_expected_version\"} 1",
+        "anthill_append_requests_total{outcome=\"invalid\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

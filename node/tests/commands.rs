@@ -84,7 +84,7 @@ async fn tail_replays_and_follows_as_json_lines() {
     // The third event is appended only once `tail` is subscribed, so it arrives live.
     let metrics = t.node.metrics_addr.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !metrics_text(metrics).contains("anthill_subscribers 1") {
+    while !common::http_get(metrics, "/metrics").contains("anthill_subscribers 1") {
         assert!(std::time::Instant::now() < deadline, "tail never subscribed");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -119,13 +119,4 @@ fn bench_refuses_nonsense_durations_and_rates_with_a_clear_error() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
-}
-
-fn metrics_text(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body
 }

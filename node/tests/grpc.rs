@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use anthill_proto::v1 as pb;
-use common::{append, event, read_partition_all, start, total_events};
+use common::{append, event, http_get, read_partition_all, start, total_events};
 use pb::expected_version::Kind;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -228,15 +227,6 @@ async fn given_a_data_dir_created_with_other_partitions_then_the_node_refuses_it
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("created with 8 partitions"));
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
