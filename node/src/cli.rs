@@ -65,6 +65,12 @@ pub struct NodeArgs {
     #[arg(long)]
     max_readers: Option<u32>,
     #[arg(long)]
+    index_flush_events: Option<usize>,
+    #[arg(long)]
+    index_flush_interval_ms: Option<u64>,
+    #[arg(long)]
+    index_tail_max_events: Option<usize>,
+    #[arg(long)]
     group_commit_max_wait_us: Option<u64>,
     #[arg(long)]
     group_commit_max_batch_events: Option<usize>,
@@ -127,6 +133,8 @@ impl NodeArgs {
             node_id => node_id, data_dir => data_dir, listen => listen_addr,
             partitions => storage.partitions, map_size_initial_bytes => storage.map_size_initial_bytes,
             map_size_max_bytes => storage.map_size_max_bytes, max_readers => storage.max_readers,
+            index_flush_events => storage.index_flush_events, index_flush_interval_ms => storage.index_flush_interval_ms,
+            index_tail_max_events => storage.index_tail_max_events,
             group_commit_max_wait_us => group_commit.max_wait_us,
             group_commit_max_batch_events => group_commit.max_batch_events,
             group_commit_max_batch_bytes => group_commit.max_batch_bytes,

@@ -50,6 +50,14 @@ pub struct StorageConfig {
     pub map_size_max_bytes: u64,
     /// LMDB reader slots: the most read transactions open at once.
     pub max_readers: u32,
+    /// The indexer writes the index entries held in memory to the index environment once this
+    /// many durable events wait for it (or `index_flush_interval_ms` has passed).
+    pub index_flush_events: usize,
+    /// ... or once this long has passed since its last flush, if any event waits.
+    pub index_flush_interval_ms: u64,
+    /// Most events whose index entries are held only in memory; past it the writer waits for
+    /// the indexer (backpressure). Bounds the memory of the index tail.
+    pub index_tail_max_events: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,7 +129,15 @@ impl Default for NodeConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { partitions: 64, map_size_initial_bytes: 1 << 30, map_size_max_bytes: 256 << 30, max_readers: 1024 }
+        StorageConfig {
+            partitions: 64,
+            map_size_initial_bytes: 1 << 30,
+            map_size_max_bytes: 256 << 30,
+            max_readers: 1024,
+            index_flush_events: 65_536,
+            index_flush_interval_ms: 1_000,
+            index_tail_max_events: 524_288,
+        }
     }
 }
 
@@ -188,6 +204,18 @@ impl NodeConfig {
         if s.max_readers < 16 {
             return invalid("storage.max_readers", format!("must be at least 16, got {}", s.max_readers));
         }
+        if s.index_flush_events == 0 {
+            return invalid("storage.index_flush_events", "must be at least 1".into());
+        }
+        if s.index_flush_interval_ms == 0 || s.index_flush_interval_ms > 60_000 {
+            return invalid("storage.index_flush_interval_ms", format!("must be between 1 and 60000, got {}", s.index_flush_interval_ms));
+        }
+        if s.index_tail_max_events < s.index_flush_events {
+            return invalid(
+                "storage.index_tail_max_events",
+                format!("must be at least storage.index_flush_events ({}), got {}", s.index_flush_events, s.index_tail_max_events),
+            );
+        }
         if g.max_wait_us > 1_000_000 {
             return invalid("group_commit.max_wait_us", format!("must be at most 1000000 (1 s), got {}", g.max_wait_us));
         }
@@ -245,6 +273,12 @@ impl NodeConfig {
     }
 }
 
+impl StorageConfig {
+    pub fn index_flush_interval(&self) -> Duration {
+        Duration::from_millis(self.index_flush_interval_ms)
+    }
+}
+
 impl GroupCommitConfig {
     pub fn max_wait(&self) -> Duration {
         Duration::from_micros(self.max_wait_us)
@@ -298,6 +332,15 @@ mod tests {
     fn given_a_session_without_room_for_one_append_when_validated_then_it_is_refused() {
         let err = parse("limits:\n  max_session_in_flight: 0\n").unwrap_err().to_string();
         assert_eq!(err, "invalid configuration: limits.max_session_in_flight: must be between 1 and 65536, got 0");
+    }
+
+    #[test]
+    fn given_an_index_tail_smaller_than_a_flush_when_validated_then_it_is_refused() {
+        let err = parse("storage:\n  index_flush_events: 1000\n  index_tail_max_events: 999\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: storage.index_tail_max_events: must be at least storage.index_flush_events (1000), got 999"
+        );
     }
 
     #[test]

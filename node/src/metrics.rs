@@ -1,7 +1,7 @@
 //! Prometheus metrics of one node and the `/metrics` HTTP endpoint that serves them.
 //!
 //! Every queue and every disk sync has a metric: the append queue's depth, events per group
-//! commit, commit (sync) latency, database and map size. Metrics are updated where the work
+//! commit, commit (sync) latency, the index tail and its flushes, database and map size. Metrics are updated where the work
 //! happens (the writer, the API) and only read here.
 
 use std::sync::Arc;
@@ -29,6 +29,10 @@ pub struct Metrics {
     pub batch_events: Histogram,
     pub commit_seconds: Histogram,
     pub sync_seconds: Histogram,
+    pub index_flush_seconds: Histogram,
+    pub index_flushed_events: Counter,
+    pub index_tail_events: Gauge,
+    pub index_waits: Counter,
     pub append_queue_depth: Gauge,
     pub db_used_bytes: Gauge,
     pub map_size_bytes: Gauge,
@@ -48,6 +52,10 @@ impl Default for Metrics {
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             sync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            index_flush_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            index_flushed_events: Counter::default(),
+            index_tail_events: Gauge::default(),
+            index_waits: Counter::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
             map_size_bytes: Gauge::default(),
@@ -61,6 +69,18 @@ impl Default for Metrics {
         registry.register("batch_events", "Events per group commit", m.batch_events.clone());
         registry.register("commit_seconds", "Time to write one group commit and sync its data pages", m.commit_seconds.clone());
         registry.register("sync_seconds", "Time of the sync that makes committed batches durable", m.sync_seconds.clone());
+        registry.register(
+            "index_flush_seconds",
+            "Time to write one batch of index entries to the index environment",
+            m.index_flush_seconds.clone(),
+        );
+        registry.register(
+            "index_flushed_events",
+            "Events whose index entries were written to the index environment",
+            m.index_flushed_events.clone(),
+        );
+        registry.register("index_tail_events", "Events whose index entries are held only in memory", m.index_tail_events.clone());
+        registry.register("index_waits", "Group commits that waited for the indexer (index tail full)", m.index_waits.clone());
         registry.register("append_queue_depth", "Appends waiting for the writer", m.append_queue_depth.clone());
         registry.register("db_used_bytes", "Bytes of the LMDB map in use", m.db_used_bytes.clone());
         registry.register("map_size_bytes", "Size of the LMDB memory map", m.map_size_bytes.clone());

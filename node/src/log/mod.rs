@@ -9,6 +9,7 @@
 //! and subscriptions wake when that point moves.
 
 pub mod expected;
+mod indexer;
 pub mod partitioning;
 mod writer;
 
@@ -72,6 +73,8 @@ pub enum AppendError {
 pub struct CommitPoint {
     /// Position of the last durable event of each partition, indexed by partition.
     pub heads: Arc<[u64]>,
+    /// The log sequence of the last durable event.
+    pub seq: u64,
 }
 
 /// An append the writer has queued; [`PendingAppend::outcome`] waits for its answer.
@@ -116,11 +119,10 @@ impl Log {
         limits: &LimitsConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StorageError> {
-        // After a crash the last commits may still sit unsynced in the page cache: make them
-        // durable before publishing heads that readers could act on.
-        store.sync()?;
-        let heads = store.read()?.partition_heads(store.partition_count())?;
-        let (published, commits) = watch::channel(CommitPoint { heads: heads.clone().into() });
+        // `Store::open` synced the log and indexed it: everything in it is durable and findable.
+        let heads = store.partition_heads();
+        let last_seq = store.last_seq_at_open();
+        let (published, commits) = watch::channel(CommitPoint { heads: heads.clone().into(), seq: last_seq });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
         let poison = Arc::new(writer::Poison::default());
         let writer = writer::Writer {
@@ -128,6 +130,7 @@ impl Log {
             rx,
             config: group_commit.clone(),
             heads,
+            last_seq,
             epoch: SINGLE_NODE_EPOCH,
             published,
             metrics: metrics.clone(),
@@ -189,11 +192,10 @@ impl Log {
 
     /// Durable events of a stream from `from_version` on, within `limit`.
     pub fn read_stream(&self, stream: &str, from_version: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
-        let partition = self.partition_of(stream);
-        // Heads first, snapshot second: the snapshot holds at least every event up to the head,
-        // and the read stops there, so it never shows what readers elsewhere cannot see yet.
-        let head = self.commits.borrow().heads[partition as usize];
-        let slice = self.store.read()?.read_stream(partition, stream, from_version, head, limit)?;
+        // The commit point first, snapshots second: they hold at least every event up to it, and
+        // the read stops there, so it never shows what readers elsewhere cannot see yet.
+        let durable_seq = self.commits.borrow().seq;
+        let slice = self.store.read_stream(stream, from_version, durable_seq, limit)?;
         self.metrics.events_read.inc_by(slice.events.len() as u64);
         Ok(slice)
     }
@@ -201,7 +203,7 @@ impl Log {
     /// Durable events of a partition from `from_position` on, within `limit`.
     pub fn read_partition(&self, partition: u32, from_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
         let head = self.commits.borrow().heads[partition as usize];
-        let slice = self.store.read()?.read_partition(partition, from_position, head, limit)?;
+        let slice = self.store.read_partition(partition, from_position, head, limit)?;
         self.metrics.events_read.inc_by(slice.events.len() as u64);
         Ok(slice)
     }

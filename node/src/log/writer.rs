@@ -1,9 +1,12 @@
-//! The single writer: group commit of appends into LMDB.
+//! The single writer: group commit of appends into the log.
 //!
-//! One OS thread owns the only write transaction. It takes the first queued append, keeps taking
-//! more until the batch is full (`max_batch_events` / `max_batch_bytes`) or `max_wait` has passed
-//! since the first, checks each append's expected version *in order against the transaction's own
-//! view* (so two appends to one stream in one batch see each other), writes the events and commits.
+//! One OS thread owns the log's only write transaction. It takes the first queued append, keeps
+//! taking more until the batch is full (`max_batch_events` / `max_batch_bytes`) or `max_wait` has
+//! passed since the first, checks each append's expected version *in order* against the store's
+//! versions plus the batch's own earlier appends (so two appends to one stream in one batch see
+//! each other), appends the accepted events at the end of the log (each with the next global
+//! sequence), commits, and hands the events' index entries to the store's in-memory index tail,
+//! which the indexer thread (`indexer.rs`) moves to the index environment later.
 //!
 //! Durability is split over two threads so that syncing one batch overlaps with building the next.
 //! The store runs LMDB with `NO_META_SYNC`: the writer's commit writes the batch's data pages,
@@ -26,15 +29,21 @@
 //!   left as they were, and every append of the batch gets the error;
 //! - after an I/O failure of a commit or a sync, nothing more is written, published or
 //!   acknowledged until the node restarts (see [`Poison`]);
-//! - partition positions and stream versions are assigned densely (next head, next version);
-//!   heads never move backwards (asserted before commit);
+//! - partition positions, stream versions and log sequences are assigned densely (next head,
+//!   next version, next sequence); heads never move backwards (asserted before commit);
+//! - a batch's index entries reach the tail before the batch goes to the syncer, so a published
+//!   head never names an event that neither the index nor the tail can find;
+//! - the writer does not commit while the index tail holds `storage.index_tail_max_events`
+//!   (it waits for the indexer, see [`super::indexer::Room`]);
 //! - a panic in the writer aborts the process: a node never serves on without its writer.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, watch};
 
+use super::indexer::{Indexer, Room};
 use super::{AppendError, AppendRequest, Appended, CommitPoint, partitioning::partition_of};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
@@ -62,6 +71,8 @@ pub(super) struct Writer {
     pub rx: flume::Receiver<AppendJob>,
     pub config: GroupCommitConfig,
     pub heads: Vec<u64>,
+    /// The log's last sequence committed.
+    pub last_seq: u64,
     pub epoch: u64,
     pub published: watch::Sender<CommitPoint>,
     pub metrics: Arc<Metrics>,
@@ -75,21 +86,43 @@ impl Writer {
         // process (a restart rebuilds the state from disk) rather than serve on without a writer.
         let _abort_on_panic = AbortOnPanic;
         let (to_syncer, committed) = flume::bounded::<Committed>(SYNC_QUEUE_BATCHES);
+        // One pending kick is enough: the indexer looks at the whole tail when it wakes.
+        let (kick, kicked) = flume::bounded::<()>(1);
+        let room = Arc::new(Room::default());
         let poison = self.poison.clone();
-        let (store, published, metrics, syncer_poison) = (self.store.clone(), self.published.clone(), self.metrics.clone(), poison.clone());
+        let indexer = Indexer {
+            store: self.store.clone(),
+            durable: self.published.subscribe(),
+            kick: kicked,
+            room: room.clone(),
+            metrics: self.metrics.clone(),
+            poison: poison.clone(),
+        };
+        let syncer = Syncer {
+            store: self.store.clone(),
+            published: self.published.clone(),
+            metrics: self.metrics.clone(),
+            poison: poison.clone(),
+            kick: kick.clone(),
+        };
+        let tail_max_events = self.store.config().index_tail_max_events;
         std::thread::scope(|scope| {
             std::thread::Builder::new()
+                .name("anthill-indexer".into())
+                .spawn_scoped(scope, move || indexer.run())
+                .expect("cannot start the indexer thread");
+            std::thread::Builder::new()
                 .name("anthill-syncer".into())
-                .spawn_scoped(scope, move || sync_loop(&store, &committed, &published, &metrics, &syncer_poison))
+                .spawn_scoped(scope, move || syncer.run(&committed))
                 .expect("cannot start the syncer thread");
             let mut batch = Vec::new();
             let mut carry = None;
             while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
                 carry = self.collect(first, &mut batch);
                 self.metrics.append_queue_depth.set(self.rx.len() as i64);
-                let committed = match poisoned_error(&poison) {
-                    Some(error) => Err(error),
-                    None => self.commit_with_growth(&batch).map_err(|error| {
+                let committed = match self.ready_to_commit(&room, &kick, tail_max_events) {
+                    Err(error) => Err(error),
+                    Ok(()) => self.commit_with_growth(&batch).map_err(|error| {
                         if error.is_io_failure() {
                             tracing::error!(error = %error, "commit failed on I/O; refusing all writes until the node restarts");
                             poison.set(error.clone());
@@ -99,9 +132,9 @@ impl Writer {
                 };
                 match committed {
                     Ok(outcomes) => {
-                        self.store.refresh_sizes();
+                        self.store.refresh_log_sizes();
                         let jobs = std::mem::take(&mut batch);
-                        let _ = to_syncer.send(Committed { jobs, outcomes, heads: self.heads.clone() });
+                        let _ = to_syncer.send(Committed { jobs, outcomes, heads: self.heads.clone(), seq: self.last_seq });
                     }
                     Err(error) => {
                         for job in batch.drain(..) {
@@ -111,8 +144,22 @@ impl Writer {
                 }
             }
             drop(to_syncer);
+            drop(kick);
         });
         tracing::info!("append queue closed; writer stopped");
+    }
+
+    /// Ok once a batch may be committed: the log is not poisoned and the index tail has room
+    /// (waiting for the indexer while it has none).
+    fn ready_to_commit(&self, room: &Room, kick: &flume::Sender<()>, tail_max_events: usize) -> Result<(), AppendError> {
+        if let Some(error) = poisoned_error(&self.poison) {
+            return Err(error);
+        }
+        if self.store.tail_events() >= tail_max_events {
+            self.metrics.index_waits.inc();
+            room.wait(&self.store, tail_max_events, kick, &self.poison).map_err(AppendError::Storage)?;
+        }
+        Ok(())
     }
 
     /// Fills `batch` starting with `first`; returns an append that did not fit, for the next one.
@@ -140,25 +187,28 @@ impl Writer {
         }
     }
 
-    /// Commits the batch durably, growing the LMDB map and retrying when it is full. On success
-    /// the writer's heads move to the committed ones.
+    /// Commits the batch, growing the log's map and retrying when it is full. On success the
+    /// batch's index entries are in the tail and the writer's heads and sequence move on.
     fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Result<Vec<Outcome>, Arc<StorageError>> {
         let batch_bytes: usize = batch.iter().map(AppendJob::bytes).sum();
         loop {
             let started = Instant::now();
             match self.commit(batch) {
-                Ok((outcomes, heads)) => {
+                Ok((outcomes, heads, last_seq)) => {
+                    self.store.extend_tail(index_entries(batch, &outcomes, self.last_seq));
                     self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.inc();
                     let events: u64 = heads.iter().zip(&self.heads).map(|(after, before)| after - before).sum();
                     self.metrics.batch_events.observe(events as f64);
                     self.metrics.events_appended.inc_by(events);
+                    debug_assert_eq!(last_seq - self.last_seq, events, "one sequence per event");
                     self.heads = heads;
+                    self.last_seq = last_seq;
                     return Ok(outcomes);
                 }
                 Err(e) if e.is_map_full() => {
-                    // Room for the batch at least three times over: values, indexes and page splits.
-                    if let Err(e) = self.store.grow_map(batch_bytes as u64 * 3) {
+                    // Room for the batch at least three times over: values, keys and page splits.
+                    if let Err(e) = self.store.grow_log_map(batch_bytes as u64 * 3) {
                         tracing::error!(error = %e, "refusing writes: the database is full");
                         return Err(Arc::new(e));
                     }
@@ -171,60 +221,97 @@ impl Writer {
         }
     }
 
-    fn commit(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>), StorageError> {
-        let partition_count = self.store.partition_count();
-        let mut heads = self.heads.clone();
-        let mut txn = self.store.write()?;
+    /// Decides every append of the batch against the current versions, then appends the
+    /// accepted events to the log and commits. Returns the outcomes, the new heads and the new
+    /// last sequence; nothing of the batch is stored when it fails.
+    fn commit(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>, u64), StorageError> {
+        let (outcomes, heads) = self.decide(batch)?;
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64;
-        let mut results = Vec::with_capacity(batch.len());
-        for job in batch {
+        let mut seq = self.last_seq;
+        let mut txn = self.store.write()?;
+        for (job, outcome) in batch.iter().zip(&outcomes) {
+            let Ok(appended) = outcome else { continue };
             let req = &job.request;
-            let partition = partition_of(&req.stream, partition_count);
-            let current = match txn.stream_version(&req.stream) {
-                Ok(version) => version,
-                // One stream's damaged index fails that append, not the whole batch.
-                Err(e @ StorageError::Corrupt(_)) => {
-                    results.push(Err(AppendError::Storage(Arc::new(e))));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if !req.expected.allows(current) {
-                results.push(Err(AppendError::WrongExpectedVersion {
-                    stream: req.stream.clone(),
-                    expected: req.expected,
-                    actual: current,
-                }));
-                continue;
-            }
-            let head = &mut heads[partition as usize];
-            let first_position = *head + 1;
+            let first_version = appended.stream_version + 1 - req.events.len() as u64;
             for (i, event) in req.events.iter().enumerate() {
+                seq += 1;
                 let record = RecordRef {
+                    partition: appended.partition,
+                    position: appended.first_position + i as u64,
                     stream: &req.stream,
-                    stream_version: current + 1 + i as u64,
+                    stream_version: first_version + i as u64,
                     event_type: &event.event_type,
                     payload: &event.payload,
                     metadata: &event.metadata,
                     append_time_us: now_us,
                     epoch: self.epoch,
                 };
-                txn.put_event(partition, first_position + i as u64, &record)?;
+                txn.append(seq, &record)?;
             }
-            *head += req.events.len() as u64;
-            results.push(Ok(Appended {
-                partition,
-                first_position,
-                last_position: *head,
-                stream_version: current + req.events.len() as u64,
-            }));
         }
         for (before, after) in self.heads.iter().zip(&heads) {
             assert!(after >= before, "partition head went backwards: {before} -> {after}");
         }
         txn.commit()?;
-        Ok((results, heads))
+        Ok((outcomes, heads, seq))
     }
+
+    /// Checks each append's expected version in batch order and places the accepted ones: their
+    /// partition positions and stream versions. Writes nothing.
+    fn decide(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>), StorageError> {
+        let partition_count = self.store.partition_count();
+        let mut heads = self.heads.clone();
+        let versions = self.store.versions()?;
+        // Versions this batch already moved: later appends to the same stream see them.
+        let mut moved: HashMap<&str, u64> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            let req = &job.request;
+            let current = match moved.get(req.stream.as_str()) {
+                Some(version) => *version,
+                None => match versions.stream_version(&req.stream) {
+                    Ok(version) => version,
+                    // One stream's damaged index fails that append, not the whole batch.
+                    Err(e @ StorageError::Corrupt(_)) => {
+                        outcomes.push(Err(AppendError::Storage(Arc::new(e))));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            if !req.expected.allows(current) {
+                outcomes.push(Err(AppendError::WrongExpectedVersion {
+                    stream: req.stream.clone(),
+                    expected: req.expected,
+                    actual: current,
+                }));
+                continue;
+            }
+            let partition = partition_of(&req.stream, partition_count);
+            let head = &mut heads[partition as usize];
+            let first_position = *head + 1;
+            *head += req.events.len() as u64;
+            let stream_version = current + req.events.len() as u64;
+            moved.insert(&req.stream, stream_version);
+            outcomes.push(Ok(Appended { partition, first_position, last_position: *head, stream_version }));
+        }
+        Ok((outcomes, heads))
+    }
+}
+
+/// The index entries of a committed batch, `(partition, position, stream, version, seq)`, in the
+/// order [`Writer::commit`] appended the events (sequences from `last_seq + 1` on).
+fn index_entries<'b>(
+    batch: &'b [AppendJob],
+    outcomes: &'b [Outcome],
+    last_seq: u64,
+) -> impl Iterator<Item = (u32, u64, &'b str, u64, u64)> + 'b {
+    let accepted = batch.iter().zip(outcomes).filter_map(|(job, outcome)| outcome.as_ref().ok().map(|appended| (&job.request, appended)));
+    let events = accepted.flat_map(|(req, appended)| {
+        let first_version = appended.stream_version + 1 - req.events.len() as u64;
+        (0..req.events.len() as u64).map(move |i| (appended.partition, appended.first_position + i, req.stream.as_str(), first_version + i))
+    });
+    events.zip(last_seq + 1..).map(|((partition, position, stream, version), seq)| (partition, position, stream, version, seq))
 }
 
 /// Set once a commit or a sync failed with an I/O error. From then on nothing is written,
@@ -240,7 +327,7 @@ pub(crate) struct Poison {
 
 impl Poison {
     /// Records the first failure; later ones are the same story and are dropped.
-    fn set(&self, error: Arc<StorageError>) -> Arc<StorageError> {
+    pub(super) fn set(&self, error: Arc<StorageError>) -> Arc<StorageError> {
         let first = self.error.get_or_init(|| error).clone();
         self.poisoned.notify_waiters();
         first
@@ -264,59 +351,74 @@ struct Committed {
     outcomes: Vec<Outcome>,
     /// Partition heads once this batch is durable.
     heads: Vec<u64>,
+    /// The log's last sequence once this batch is durable.
+    seq: u64,
 }
 
-/// Syncs committed batches (one `fdatasync` for all that queued up), then publishes and answers.
-fn sync_loop(
-    store: &Store,
-    committed: &flume::Receiver<Committed>,
-    published: &watch::Sender<CommitPoint>,
-    metrics: &Metrics,
-    poison: &Poison,
-) {
-    let _abort_on_panic = AbortOnPanic;
-    while let Ok(first) = committed.recv() {
-        let mut batches = vec![first];
-        batches.extend(committed.try_iter());
-        let failure = match poisoned_error(poison) {
-            Some(error) => Some(error),
-            None => {
-                let started = Instant::now();
-                let synced = store.sync();
-                metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
-                synced.err().map(|e| {
-                    let e = Arc::new(e);
-                    tracing::error!(error = %e, "sync failed; refusing all writes until the node restarts");
-                    AppendError::Storage(poison.set(e))
-                })
-            }
-        };
-        if failure.is_none() {
-            let heads = &batches.last().expect("at least one batch").heads;
-            published.send_if_modified(|point| {
-                let moved = *point.heads != **heads;
-                if moved {
-                    point.heads = heads.as_slice().into();
+/// The syncer thread: syncs committed batches (one `fdatasync` for all that queued up), then
+/// publishes and answers, and kicks the indexer when enough durable events wait for it.
+struct Syncer {
+    store: Arc<Store>,
+    published: watch::Sender<CommitPoint>,
+    metrics: Arc<Metrics>,
+    poison: Arc<Poison>,
+    kick: flume::Sender<()>,
+}
+
+impl Syncer {
+    fn run(self, committed: &flume::Receiver<Committed>) {
+        let _abort_on_panic = AbortOnPanic;
+        let flush_events = self.store.config().index_flush_events;
+        while let Ok(first) = committed.recv() {
+            let mut batches = vec![first];
+            batches.extend(committed.try_iter());
+            let failure = match poisoned_error(&self.poison) {
+                Some(error) => Some(error),
+                None => {
+                    let started = Instant::now();
+                    let synced = self.store.sync_log();
+                    self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+                    synced.err().map(|e| {
+                        let e = Arc::new(e);
+                        tracing::error!(error = %e, "sync failed; refusing all writes until the node restarts");
+                        AppendError::Storage(self.poison.set(e))
+                    })
                 }
-                moved
-            });
-        }
-        let sizes = store.sizes();
-        metrics.db_used_bytes.set(sizes.used_bytes as i64);
-        metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
-        for batch in batches {
-            for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
-                let outcome = match (&failure, outcome) {
-                    (Some(error), Ok(_)) => Err(error.clone()),
-                    (_, outcome) => outcome,
-                };
-                let _ = job.reply.send(outcome);
+            };
+            if failure.is_none() {
+                let last = batches.last().expect("at least one batch");
+                self.published.send_if_modified(|point| {
+                    let moved = point.seq != last.seq;
+                    if moved {
+                        debug_assert!(last.seq > point.seq, "the durable sequence only grows");
+                        point.heads = last.heads.as_slice().into();
+                        point.seq = last.seq;
+                    }
+                    moved
+                });
+                let tail_events = self.store.tail_events();
+                self.metrics.index_tail_events.set(tail_events as i64);
+                if tail_events >= flush_events {
+                    let _ = self.kick.try_send(());
+                }
+            }
+            let sizes = self.store.sizes();
+            self.metrics.db_used_bytes.set(sizes.used_bytes as i64);
+            self.metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
+            for batch in batches {
+                for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
+                    let outcome = match (&failure, outcome) {
+                        (Some(error), Ok(_)) => Err(error.clone()),
+                        (_, outcome) => outcome,
+                    };
+                    let _ = job.reply.send(outcome);
+                }
             }
         }
     }
 }
 
-struct AbortOnPanic;
+pub(super) struct AbortOnPanic;
 
 impl Drop for AbortOnPanic {
     fn drop(&mut self) {

@@ -135,7 +135,20 @@ fn unpack_bytes(key: &[u8], mut offset: usize) -> Result<(Vec<u8>, usize), KeyEr
     }
 }
 
-/// Key of an event in the `events` database: `(partition, position)`.
+/// Key of an event in the `log` database: `(seq,)`, the global commit sequence.
+pub fn log_key(seq: u64) -> Vec<u8> {
+    pack(&[Elem::U64(seq)])
+}
+
+/// Decodes a `log` key into its sequence number.
+pub fn decode_log_key(key: &[u8]) -> Result<u64, KeyError> {
+    match unpack(key)?.as_slice() {
+        [Value::U64(seq)] => Ok(*seq),
+        _ => Err(KeyError::UnknownCode { offset: 0, code: key.first().copied().unwrap_or(0) }),
+    }
+}
+
+/// Key of an entry in the `partitions` index: `(partition, position)`.
 pub fn event_key(partition: u32, position: u64) -> Vec<u8> {
     pack(&[Elem::U64(u64::from(partition)), Elem::U64(position)])
 }
@@ -155,7 +168,7 @@ pub fn stream_prefix(stream: &str) -> Vec<u8> {
     pack(&[Elem::Str(stream)])
 }
 
-/// Decodes an `events` key into `(partition, position)`.
+/// Decodes a `partitions` index key into `(partition, position)`.
 pub fn decode_event_key(key: &[u8]) -> Result<(u32, u64), KeyError> {
     match unpack(key)?.as_slice() {
         [Value::U64(p), Value::U64(pos)] if u32::try_from(*p).is_ok() => Ok((*p as u32, *pos)),

@@ -1,28 +1,47 @@
-//! The node's one LMDB environment and the databases inside it.
+//! The node's storage: a log in commit order and the indexes that find events in it.
 //!
-//! | database       | key (tuple, see [`keys`])  | value                                   |
-//! |----------------|----------------------------|-----------------------------------------|
-//! | `events`       | `(partition, position)`    | [`record::EventRecord`] stored form     |
-//! | `streams`      | `(stream, version)`        | position, u64 big-endian                |
-//! | `meta`         | `(name,)`                  | format version, partition count          |
+//! Two LMDB environments under the data directory ([`env::Lmdb`] each):
 //!
-//! This module owns the key layout and the LMDB environment's life: opening it (exclusively,
-//! through a lock file, so two nodes never share a data directory), growing its memory map, and
-//! handing out read views and the one write transaction. It knows nothing of expected versions or
-//! batching; [`crate::log`] owns those rules.
+//! | environment | database     | key (tuple, see [`keys`]) | value                              |
+//! |-------------|--------------|---------------------------|------------------------------------|
+//! | `log/`      | `log`        | `(seq,)`                  | [`record::EventRecord`] stored form |
+//! | `log/`      | `meta`       | `(name,)`                 | format version, partition count     |
+//! | `index/`    | `partitions` | `(partition, position)`   | seq, u64 big-endian                 |
+//! | `index/`    | `streams`    | `(stream, version)`       | seq, u64 big-endian                 |
+//! | `index/`    | `meta`       | `(name,)`                 | format version, `indexed_through`   |
 //!
-//! Durability: a commit is atomic, and after `kill -9` the file holds exactly the transactions
-//! that committed (the page cache survives a process crash). Against a machine crash the
-//! environment uses `NO_META_SYNC`: a commit syncs its data pages before writing its meta page,
-//! but leaves that page to the next sync ([`Store::sync`], or the next commit's). LMDB keeps the
-//! database intact under this flag; a machine crash can undo only commits not yet synced, which
-//! the log answers no one about before a sync (see `log/writer.rs`). Growing the map needs no
-//! transaction to be open in this process;
-//! the `gate` lock makes every reader hold a shared guard for the (short) life of its transaction
-//! while the writer takes it exclusively to resize.
+//! Why two: a group commit appends its events at the end of the log (`MDB_APPEND`, sequential
+//! pages) and syncs only that. The index entries of the same events would land in random leaves
+//! (one per partition touched and one per stream), so they are written by the indexer thread into
+//! the second environment in large sorted batches, where many entries share a page. Until then they
+//! live in memory in the [`tail::IndexTail`]; reads merge the index environment with the tail.
+//!
+//! Invariants:
+//! - `seq` is dense from 1 in the log; every record names its partition, position, stream and
+//!   version, so the index environment is derived data, rebuilt from the log at [`Store::open`];
+//! - the index environment holds exactly the entries of the events with `seq <= indexed_through`
+//!   (entries and watermark commit in one transaction), and only ever entries of durable events
+//!   (the indexer is given the durable sequence), so a machine crash can never leave it pointing
+//!   at an event the log lost;
+//! - every event in the log past `indexed_through` has its entries in the tail; entries leave the
+//!   tail only after the index commit that holds them;
+//! - a reader takes the tail lock, then opens its index snapshot, then copies what it needs from
+//!   the tail: the tail then holds at least everything the snapshot lacks (a trim needs the write
+//!   lock and happens after the commit), and reads stitch the two at the run's first key.
+//!
+//! Locks are taken in the order tail, index gate, log gate; growing a map takes its gate alone.
+//!
+//! Durability of the log: a commit is atomic, and after `kill -9` the file holds exactly the
+//! transactions that committed (the page cache survives a process crash). Against a machine crash
+//! the log runs with `NO_META_SYNC`: a commit syncs its data pages before writing its meta page,
+//! but leaves that page to the next sync ([`Store::sync_log`]). LMDB keeps the database intact under
+//! this flag; a machine crash can undo only commits not yet synced, which the log answers no one
+//! about before a sync (see `log/writer.rs`). The index environment commits fully synced.
 
+mod env;
 pub mod keys;
 pub mod record;
+mod tail;
 
 use std::fs::{File, OpenOptions};
 use std::ops::Bound;
@@ -31,18 +50,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use heed::types::Bytes;
-use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use heed::{Database, EnvFlags, PutFlags, RoTxn, RwTxn, WithoutTls};
 use parking_lot::{RwLock, RwLockReadGuard};
 use thiserror::Error;
 
 use crate::config::StorageConfig;
+use env::{Lmdb, Snapshot};
 use keys::{Elem, pack};
 pub use record::{CorruptRecord, EventRecord, RecordRef};
+use tail::IndexTail;
 
 /// Version of the on-disk layout described above; a node refuses a data directory of another.
-const FORMAT_VERSION: u64 = 1;
-const MAP_GROWTH_MAX_STEP_BYTES: u64 = 8 << 30;
-const MAP_ALIGN_BYTES: u64 = 1 << 20;
+/// Format 1 kept events under `(partition, position)` in one environment at the directory's top.
+const FORMAT_VERSION: u64 = 2;
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -54,6 +74,10 @@ pub enum StorageError {
     PartitionCountMismatch { dir: PathBuf, stored: u32, configured: u32 },
     #[error("data directory {dir} has storage format {found}, this node reads format {FORMAT_VERSION}")]
     FormatMismatch { dir: PathBuf, found: u64 },
+    #[error(
+        "data directory {dir}: the index holds events up to log sequence {indexed_through} but the log ends at {last_seq}; the log lost committed events (restore the directory from a backup)"
+    )]
+    IndexAhead { dir: PathBuf, indexed_through: u64, last_seq: u64 },
     #[error("data directory {0} is in use by another process (lock file held)")]
     Locked(PathBuf),
     #[error("cannot prepare data directory {dir}: {source}")]
@@ -67,7 +91,7 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// An I/O failure of the file itself (a failed write or sync). After one, the kernel may
+    /// An I/O failure of a file itself (a failed write or sync). After one, the kernel may
     /// already have dropped the pages it could not write and report success to the next sync,
     /// so nothing written afterwards can be trusted to be durable: the log stops writing.
     pub fn is_io_failure(&self) -> bool {
@@ -80,86 +104,153 @@ impl StorageError {
 }
 
 #[derive(Clone, Copy)]
-struct Dbs {
-    events: Database<Bytes, Bytes>,
+struct LogDbs {
+    log: Database<Bytes, Bytes>,
+    meta: Database<Bytes, Bytes>,
+}
+
+#[derive(Clone, Copy)]
+struct IndexDbs {
+    partitions: Database<Bytes, Bytes>,
     streams: Database<Bytes, Bytes>,
     meta: Database<Bytes, Bytes>,
 }
 
 /// An open data directory.
 pub struct Store {
-    env: Env<WithoutTls>,
-    dbs: Dbs,
-    gate: RwLock<()>,
+    log: Lmdb,
+    log_dbs: LogDbs,
+    index: Lmdb,
+    index_dbs: IndexDbs,
+    tail: RwLock<IndexTail>,
+    /// Every event up to this sequence is in the index environment (its `meta` says the same).
+    indexed_through: AtomicU64,
+    /// The log's last sequence when it was opened; the writer continues from it.
+    last_seq_at_open: u64,
     partition_count: u32,
-    map_size_max_bytes: u64,
+    config: StorageConfig,
     dir: PathBuf,
-    /// Sizes as of the last [`Store::refresh_sizes`]: reading them from LMDB touches the memory
-    /// map, which only the writer thread (the one thread that resizes it) may do unguarded.
-    used_bytes: AtomicU64,
-    map_size_bytes: AtomicU64,
     _lock: File,
 }
 
-/// How much of the memory map and the disk the database uses.
+/// How much of the memory maps and the disk the two environments use together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageSizes {
     pub used_bytes: u64,
     pub map_size_bytes: u64,
 }
 
+fn meta_key(name: &str) -> Vec<u8> {
+    pack(&[Elem::Str(name)])
+}
+
 impl Store {
-    /// Opens (creating if needed) the environment under `dir`.
+    /// Opens (creating if needed) the data directory under `dir`, syncs the log and brings the
+    /// index up to date with it (re-indexing what a crash left only in the log), so the store
+    /// returned is whole: every committed event is durable and found by every read.
     pub fn open(dir: &Path, cfg: &StorageConfig) -> Result<Self, StorageError> {
-        let data_dir_err = |source| StorageError::DataDir { dir: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir).map_err(data_dir_err)?;
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::DataDir { dir: dir.to_path_buf(), source })?;
         let lock = lock_data_dir(dir)?;
-        let env = unsafe {
-            // SAFETY: the lock file above guarantees no other process of ours opens this
-            // directory, and this process opens it once per Store. NO_META_SYNC is safe as the
-            // log uses it: nothing is acknowledged or shown to readers before a later sync.
-            let mut options = EnvOpenOptions::new().read_txn_without_tls();
-            options.flags(EnvFlags::NO_META_SYNC);
-            options
-                .map_size(align_up(cfg.map_size_initial_bytes.min(cfg.map_size_max_bytes)) as usize)
-                .max_dbs(8)
-                .max_readers(cfg.max_readers)
-                .open(dir)?
-        };
-        let mut wtxn = env.write_txn()?;
-        let dbs = Dbs {
-            events: env.create_database(&mut wtxn, Some("events"))?,
-            streams: env.create_database(&mut wtxn, Some("streams"))?,
-            meta: env.create_database(&mut wtxn, Some("meta"))?,
-        };
-        let format_key = pack(&[Elem::Str("format_version")]);
-        let partitions_key = pack(&[Elem::Str("partition_count")]);
-        match dbs.meta.get(&wtxn, &format_key)?.map(be_u64) {
-            None => {
-                dbs.meta.put(&mut wtxn, &format_key, &FORMAT_VERSION.to_be_bytes())?;
-                dbs.meta.put(&mut wtxn, &partitions_key, &u64::from(cfg.partitions).to_be_bytes())?;
-            }
-            Some(FORMAT_VERSION) => {}
-            Some(found) => return Err(StorageError::FormatMismatch { dir: dir.to_path_buf(), found }),
+        if dir.join("data.mdb").exists() {
+            return Err(StorageError::FormatMismatch { dir: dir.to_path_buf(), found: 1 });
         }
-        let stored = dbs.meta.get(&wtxn, &partitions_key)?.map(be_u64).unwrap_or(0) as u32;
-        if stored != cfg.partitions {
-            return Err(StorageError::PartitionCountMismatch { dir: dir.to_path_buf(), stored, configured: cfg.partitions });
+        // SAFETY: the lock file above guarantees no other process of ours opens this directory,
+        // and this process opens it once per Store. NO_META_SYNC is safe as the log uses it:
+        // nothing is acknowledged or shown to readers before a later sync.
+        let log = unsafe { Lmdb::open(&dir.join("log"), "log", EnvFlags::NO_META_SYNC, 2, cfg)? };
+        // SAFETY: as above.
+        let index = unsafe { Lmdb::open(&dir.join("index"), "index", EnvFlags::empty(), 3, cfg)? };
+
+        let mut wtxn = log.write()?;
+        let log_dbs =
+            LogDbs { log: log.env().create_database(&mut wtxn, Some("log"))?, meta: log.env().create_database(&mut wtxn, Some("meta"))? };
+        check_format(&mut wtxn, log_dbs.meta, dir)?;
+        let partitions_key = meta_key("partition_count");
+        match log_dbs.meta.get(&wtxn, &partitions_key)?.map(be_u64) {
+            None => log_dbs.meta.put(&mut wtxn, &partitions_key, &u64::from(cfg.partitions).to_be_bytes())?,
+            Some(stored) if stored == u64::from(cfg.partitions) => {}
+            Some(stored) => {
+                return Err(StorageError::PartitionCountMismatch {
+                    dir: dir.to_path_buf(),
+                    stored: stored as u32,
+                    configured: cfg.partitions,
+                });
+            }
         }
         wtxn.commit()?;
+
+        let mut wtxn = index.write()?;
+        let index_dbs = IndexDbs {
+            partitions: index.env().create_database(&mut wtxn, Some("partitions"))?,
+            streams: index.env().create_database(&mut wtxn, Some("streams"))?,
+            meta: index.env().create_database(&mut wtxn, Some("meta"))?,
+        };
+        check_format(&mut wtxn, index_dbs.meta, dir)?;
+        let indexed_through = index_dbs.meta.get(&wtxn, &meta_key("indexed_through"))?.map(be_u64).unwrap_or(0);
+        let heads = index_partition_heads(&wtxn, index_dbs, cfg.partitions)?;
+        wtxn.commit()?;
+
+        // After a crash the last commits may still sit unsynced in the page cache: make them
+        // durable before anything (the index, a reader) acts on them.
+        log.sync()?;
+        let last_seq_at_open = match log_dbs.log.last(&log.read()?.txn)? {
+            Some((key, _)) => keys::decode_log_key(key).map_err(|_| CorruptRecord::at_seq(0, "undecodable last log key"))?,
+            None => 0,
+        };
+        if indexed_through > last_seq_at_open {
+            return Err(StorageError::IndexAhead { dir: dir.to_path_buf(), indexed_through, last_seq: last_seq_at_open });
+        }
         let store = Store {
-            env,
-            dbs,
-            gate: RwLock::new(()),
+            log,
+            log_dbs,
+            index,
+            index_dbs,
+            tail: RwLock::new(IndexTail::new(heads.iter().map(|head| head + 1))),
+            indexed_through: AtomicU64::new(indexed_through),
+            last_seq_at_open,
             partition_count: cfg.partitions,
-            map_size_max_bytes: cfg.map_size_max_bytes,
+            config: cfg.clone(),
             dir: dir.to_path_buf(),
-            used_bytes: AtomicU64::new(0),
-            map_size_bytes: AtomicU64::new(0),
             _lock: lock,
         };
-        store.refresh_sizes();
+        store.reindex_log_tail(cfg.index_flush_events)?;
         Ok(store)
+    }
+
+    /// Indexes the events a crash (or a missing index directory) left only in the log, in chunks
+    /// of `chunk_events`, through the same path the indexer uses.
+    fn reindex_log_tail(&self, chunk_events: usize) -> Result<(), StorageError> {
+        let last_seq = self.last_seq_at_open;
+        let mut next = self.indexed_through() + 1;
+        if next > last_seq {
+            return Ok(());
+        }
+        tracing::info!(events = last_seq + 1 - next, from_seq = next, "indexing events the index had not taken yet");
+        while next <= last_seq {
+            {
+                let mut tail = self.tail.write();
+                let log = self.log.read()?;
+                let start = keys::log_key(next);
+                let range = (Bound::Included(start.as_slice()), Bound::Unbounded);
+                for entry in self.log_dbs.log.range(&log.txn, &range)?.take(chunk_events) {
+                    let (key, value) = entry?;
+                    let seq = keys::decode_log_key(key).map_err(|_| CorruptRecord::at_seq(next, "undecodable log key"))?;
+                    if seq != next {
+                        return Err(CorruptRecord::at_seq(next, "gap in log sequences").into());
+                    }
+                    let record = EventRecord::decode(seq, value)?;
+                    let run = tail.partition(record.partition);
+                    if record.partition >= self.partition_count || record.position != run.next() {
+                        return Err(CorruptRecord::at_seq(seq, "record does not continue its partition").into());
+                    }
+                    tail.push(record.partition, record.position, &record.stream, record.stream_version, seq);
+                    next += 1;
+                }
+            }
+            self.flush_index(next - 1)?;
+            tracing::info!(through_seq = next - 1, last_seq, "indexed from the log");
+        }
+        Ok(())
     }
 
     pub fn partition_count(&self) -> u32 {
@@ -170,59 +261,262 @@ impl Store {
         &self.dir
     }
 
-    /// A consistent snapshot to read from. Keep it short-lived: it holds back map growth.
-    pub fn read(&self) -> Result<ReadView<'_>, StorageError> {
-        let gate = self.gate.read();
-        let txn = self.env.read_txn()?;
-        Ok(ReadView { txn, dbs: self.dbs, _gate: gate })
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
     }
 
-    /// The write transaction. Only the log's single writer calls this.
-    pub(crate) fn write(&self) -> Result<WriteTxn<'_>, StorageError> {
-        Ok(WriteTxn { txn: self.env.write_txn()?, dbs: self.dbs, buf: Vec::with_capacity(512) })
+    /// The log's last sequence when the store was opened.
+    pub fn last_seq_at_open(&self) -> u64 {
+        self.last_seq_at_open
     }
 
-    /// Syncs everything committed so far (fdatasync), including the last meta page.
-    pub(crate) fn sync(&self) -> Result<(), StorageError> {
-        // LMDB reads the current meta page through the memory map here: hold the gate so the
-        // writer cannot remap it (grow the map) meanwhile.
-        let _gate = self.gate.read();
-        self.env.force_sync()?;
+    /// Position of the last event of each partition (0 when empty), as far as the writer has
+    /// committed.
+    pub fn partition_heads(&self) -> Vec<u64> {
+        let tail = self.tail.read();
+        (0..self.partition_count).map(|p| tail.partition(p).next() - 1).collect()
+    }
+
+    /// Every event up to this sequence is in the index environment.
+    pub fn indexed_through(&self) -> u64 {
+        self.indexed_through.load(Ordering::Acquire)
+    }
+
+    /// Events whose index entries are held only in memory.
+    pub fn tail_events(&self) -> usize {
+        self.tail.read().events()
+    }
+
+    /// Sizes of both environments together, as of their last refresh.
+    pub fn sizes(&self) -> StorageSizes {
+        let (log_used, log_map) = self.log.sizes();
+        let (index_used, index_map) = self.index.sizes();
+        StorageSizes { used_bytes: log_used + index_used, map_size_bytes: log_map + index_map }
+    }
+
+    /// The view the writer decides expected versions with.
+    pub(crate) fn versions(&self) -> Result<Versions<'_>, StorageError> {
+        let tail = self.tail.read();
+        let index = self.index.read()?;
+        Ok(Versions { tail, index, dbs: self.index_dbs })
+    }
+
+    /// The log's write transaction. Only the log's writer calls this.
+    pub(crate) fn write(&self) -> Result<LogTxn<'_>, StorageError> {
+        Ok(LogTxn { txn: self.log.write()?, db: self.log_dbs.log, buf: Vec::with_capacity(512) })
+    }
+
+    /// Records the index entries of a committed batch: `(partition, position, stream, version,
+    /// seq)` in sequence order. The writer calls this after the commit and before anyone is told.
+    pub(crate) fn extend_tail<'a>(&self, entries: impl IntoIterator<Item = (u32, u64, &'a str, u64, u64)>) {
+        let mut tail = self.tail.write();
+        for (partition, position, stream, version, seq) in entries {
+            tail.push(partition, position, stream, version, seq);
+        }
+    }
+
+    /// Syncs everything committed to the log so far (fdatasync), including the last meta page.
+    pub(crate) fn sync_log(&self) -> Result<(), StorageError> {
+        self.log.sync()
+    }
+
+    /// Grows the log's map (see [`Lmdb::grow_map`]). Only the log's writer calls this.
+    pub(crate) fn grow_log_map(&self, needed_bytes: u64) -> Result<u64, StorageError> {
+        self.log.grow_map(needed_bytes)
+    }
+
+    pub(crate) fn refresh_log_sizes(&self) {
+        self.log.refresh_sizes();
+    }
+
+    /// Moves the tail's entries of every event up to `through_seq` into the index environment,
+    /// then drops them from the tail; returns how many events that was. The caller guarantees
+    /// that every event up to `through_seq` is durable in the log, and is the index's one writer.
+    pub(crate) fn flush_index(&self, through_seq: u64) -> Result<usize, StorageError> {
+        let indexed = self.indexed_through();
+        if through_seq <= indexed {
+            return Ok(0);
+        }
+        let unindexed = self.tail.read().unindexed(through_seq);
+        let events = unindexed.partitions.len();
+        assert_eq!(events as u64, through_seq - indexed, "the tail holds every event past the index, once");
+        // Partition entries come in key order already; sorting the stream entries lets the
+        // B-tree inserts walk the leaves in order.
+        let partitions: Vec<(Vec<u8>, u64)> = unindexed.partitions.iter().map(|&(p, pos, seq)| (keys::event_key(p, pos), seq)).collect();
+        let mut streams: Vec<(Vec<u8>, u64)> =
+            unindexed.streams.iter().map(|(stream, version, seq)| (keys::stream_key(stream, *version), *seq)).collect();
+        streams.sort_unstable();
+        loop {
+            match self.write_index(&partitions, &streams, through_seq) {
+                Ok(()) => break,
+                Err(e) if e.is_map_full() => {
+                    // Room for the entries three times over: keys, values and page splits.
+                    let entry_bytes: usize = partitions.iter().chain(&streams).map(|(key, _)| key.len() + 16).sum();
+                    self.index.grow_map(entry_bytes as u64 * 3)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.indexed_through.store(through_seq, Ordering::Release);
+        self.tail.write().trim(through_seq);
+        self.index.refresh_sizes();
+        Ok(events)
+    }
+
+    fn write_index(&self, partitions: &[(Vec<u8>, u64)], streams: &[(Vec<u8>, u64)], through_seq: u64) -> Result<(), StorageError> {
+        let mut txn = self.index.write()?;
+        for (key, seq) in partitions {
+            self.index_dbs.partitions.put(&mut txn, key, &seq.to_be_bytes())?;
+        }
+        for (key, seq) in streams {
+            self.index_dbs.streams.put(&mut txn, key, &seq.to_be_bytes())?;
+        }
+        self.index_dbs.meta.put(&mut txn, &meta_key("indexed_through"), &through_seq.to_be_bytes())?;
+        txn.commit()?;
         Ok(())
     }
 
-    /// Sizes as of the writer's last commit.
-    pub fn sizes(&self) -> StorageSizes {
-        StorageSizes { used_bytes: self.used_bytes.load(Ordering::Relaxed), map_size_bytes: self.map_size_bytes.load(Ordering::Relaxed) }
-    }
-
-    /// Re-reads the sizes from LMDB. Only the writer thread calls this (or `open`, before anyone
-    /// else can), so it never races with [`Store::grow_map`].
-    pub(crate) fn refresh_sizes(&self) {
-        let info = self.env.info();
-        let page_bytes = u64::from(self.env.stat().page_size);
-        self.used_bytes.store((info.last_page_number as u64 + 1) * page_bytes, Ordering::Relaxed);
-        self.map_size_bytes.store(info.map_size as u64, Ordering::Relaxed);
-    }
-
-    /// Grows the memory map so that at least `needed_bytes` more fit, or fails with
-    /// [`StorageError::Full`] when that would pass the configured maximum. The caller must hold no
-    /// transaction; readers are waited for.
-    pub(crate) fn grow_map(&self, needed_bytes: u64) -> Result<u64, StorageError> {
-        let _exclusive = self.gate.write();
-        let current = self.env.info().map_size as u64;
-        let step = current.clamp(MAP_ALIGN_BYTES, MAP_GROWTH_MAX_STEP_BYTES).max(needed_bytes);
-        let target = align_up(current.saturating_add(step)).min(self.map_size_max_bytes / MAP_ALIGN_BYTES * MAP_ALIGN_BYTES);
-        if target <= current {
-            return Err(StorageError::Full { max_bytes: self.map_size_max_bytes });
+    /// Events of `partition` from `from_position` up to `until_position` (inclusive), within `limit`.
+    pub fn read_partition(&self, partition: u32, from_position: u64, until_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
+        let from = from_position.max(1);
+        let mut reader = EventReader::new(limit);
+        if from > until_position {
+            return Ok(reader.slice);
         }
-        // SAFETY: the exclusive gate guarantees no read transaction is open, and the caller (the
-        // single writer) holds no write transaction.
-        unsafe { self.env.resize(target as usize)? };
-        self.map_size_bytes.store(target, Ordering::Relaxed);
-        tracing::info!(from_bytes = current, to_bytes = target, "grew the LMDB map; writes continue");
-        Ok(target)
+        let (index, run_first, held) = {
+            let tail = self.tail.read();
+            let index = self.index.read()?;
+            let run = tail.partition(partition);
+            // One past the limit, so the read can tell that more follow.
+            (index, run.first(), run.entries_from(from, limit.max_events.saturating_add(1)).collect::<Vec<_>>())
+        };
+        let log = self.log.read()?;
+        let mut expected = from;
+        // Positions below the run's first are in the index environment, the rest in the tail.
+        let index_last = until_position.min(run_first - 1);
+        if expected <= index_last {
+            let (start, end) = (keys::event_key(partition, from), keys::event_key(partition, index_last + 1));
+            for entry in self.index_dbs.partitions.range(&index.txn, &span(&start, &end))? {
+                let (key, value) = entry?;
+                let corrupt = |reason| CorruptRecord::in_partition(partition, expected, reason);
+                let (_, position) = keys::decode_event_key(key).map_err(|_| corrupt("undecodable index key"))?;
+                if position != expected {
+                    return Err(corrupt("gap in partition positions").into());
+                }
+                let found = |r: &EventRecord| r.partition == partition && r.position == position;
+                if !reader.push(self, &log, be_u64(value), found, || corrupt("index entry leads to another event"))? {
+                    return Ok(reader.slice);
+                }
+                expected += 1;
+            }
+            if expected <= index_last {
+                return Err(CorruptRecord::in_partition(partition, expected, "missing from the partition index").into());
+            }
+        }
+        for (position, seq) in held.into_iter().take_while(|(position, _)| *position <= until_position) {
+            debug_assert_eq!(position, expected);
+            let found = |r: &EventRecord| r.partition == partition && r.position == position;
+            let corrupt = || CorruptRecord::in_partition(partition, position, "index entry leads to another event");
+            if !reader.push(self, &log, seq, found, corrupt)? {
+                break;
+            }
+            expected += 1;
+        }
+        Ok(reader.slice)
     }
+
+    /// Events of `stream` from `from_version` on, within `limit`, stopping before the first event
+    /// past log sequence `until_seq`.
+    pub fn read_stream(&self, stream: &str, from_version: u64, until_seq: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
+        let from = from_version.max(1);
+        let mut reader = EventReader::new(limit);
+        let (index, held) = {
+            let tail = self.tail.read();
+            let index = self.index.read()?;
+            let held = tail
+                .stream(stream)
+                .map(|run| (run.first(), run.entries_from(from, limit.max_events.saturating_add(1)).collect::<Vec<_>>()));
+            (index, held)
+        };
+        let log = self.log.read()?;
+        let mut expected = from;
+        let prefix = keys::stream_prefix(stream);
+        // Versions below the run's first (all of them, without a run) are in the index environment.
+        let end = match &held {
+            Some((run_first, _)) => keys::stream_key(stream, *run_first),
+            None => [prefix.as_slice(), &[0xFF]].concat(),
+        };
+        let run_first = held.as_ref().map_or(u64::MAX, |(first, _)| *first);
+        if expected < run_first {
+            let start = keys::stream_key(stream, from);
+            for entry in self.index_dbs.streams.range(&index.txn, &span(&start, &end))? {
+                let (key, value) = entry?;
+                let corrupt = |reason| CorruptRecord::in_stream(stream, expected, reason);
+                match keys::unpack(&key[prefix.len()..]).as_deref() {
+                    Ok([keys::Value::U64(version)]) if *version == expected => {}
+                    Ok([keys::Value::U64(_)]) => return Err(corrupt("gap in stream versions").into()),
+                    _ => return Err(corrupt("undecodable stream index key").into()),
+                }
+                let seq = be_u64(value);
+                if seq > until_seq {
+                    // Not yet published; the stream's visible end.
+                    return Ok(reader.slice);
+                }
+                let version = expected;
+                let found = |r: &EventRecord| r.stream == stream && r.stream_version == version;
+                if !reader.push(self, &log, seq, found, || corrupt("index entry leads to another event"))? {
+                    return Ok(reader.slice);
+                }
+                expected += 1;
+            }
+            if held.is_some() && expected < run_first {
+                return Err(CorruptRecord::in_stream(stream, expected, "missing from the stream index").into());
+            }
+        }
+        for (version, seq) in held.map(|(_, entries)| entries).unwrap_or_default() {
+            debug_assert_eq!(version, expected);
+            if seq > until_seq {
+                break;
+            }
+            let found = |r: &EventRecord| r.stream == stream && r.stream_version == version;
+            let corrupt = || CorruptRecord::in_stream(stream, version, "index entry leads to another event");
+            if !reader.push(self, &log, seq, found, corrupt)? {
+                break;
+            }
+            expected += 1;
+        }
+        Ok(reader.slice)
+    }
+
+    /// The stream's current version (0 when it has no events), including events not yet durable.
+    pub fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
+        self.versions()?.stream_version(stream)
+    }
+}
+
+fn check_format(wtxn: &mut RwTxn<'_>, meta: Database<Bytes, Bytes>, dir: &Path) -> Result<(), StorageError> {
+    let key = meta_key("format_version");
+    match meta.get(wtxn, &key)?.map(be_u64) {
+        None => meta.put(wtxn, &key, &FORMAT_VERSION.to_be_bytes())?,
+        Some(FORMAT_VERSION) => {}
+        Some(found) => return Err(StorageError::FormatMismatch { dir: dir.to_path_buf(), found }),
+    }
+    Ok(())
+}
+
+/// Position of the last indexed event of each partition (0 when none), indexed by partition.
+fn index_partition_heads(txn: &RoTxn<'_, WithoutTls>, dbs: IndexDbs, partition_count: u32) -> Result<Vec<u64>, StorageError> {
+    (0..partition_count)
+        .map(|p| {
+            let range = keys::partition_prefix(p)..keys::partition_prefix(p + 1);
+            match dbs.partitions.rev_range(txn, &span(&range.start, &range.end))?.next() {
+                None => Ok(0),
+                Some(entry) => Ok(keys::decode_event_key(entry?.0)
+                    .map_err(|_| CorruptRecord::in_partition(p, 0, "undecodable partition index key"))?
+                    .1),
+            }
+        })
+        .collect()
 }
 
 fn lock_data_dir(dir: &Path) -> Result<File, StorageError> {
@@ -241,10 +535,6 @@ fn lock_data_dir(dir: &Path) -> Result<File, StorageError> {
     Ok(file)
 }
 
-fn align_up(bytes: u64) -> u64 {
-    bytes.div_ceil(MAP_ALIGN_BYTES).max(1) * MAP_ALIGN_BYTES
-}
-
 /// The key range `[start, end)` in the form heed takes for unsized keys.
 fn span<'k>(start: &'k [u8], end: &'k [u8]) -> (Bound<&'k [u8]>, Bound<&'k [u8]>) {
     (Bound::Included(start), Bound::Excluded(end))
@@ -255,13 +545,6 @@ fn be_u64(bytes: &[u8]) -> u64 {
     let n = bytes.len().min(8);
     be[8 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
     u64::from_be_bytes(be)
-}
-
-/// A read snapshot. Field order matters: the transaction is dropped before the gate guard.
-pub struct ReadView<'s> {
-    txn: RoTxn<'s, WithoutTls>,
-    dbs: Dbs,
-    _gate: RwLockReadGuard<'s, ()>,
 }
 
 /// How much one read may return.
@@ -280,158 +563,95 @@ pub struct Slice {
     pub more: bool,
 }
 
-impl Slice {
-    /// Adds one stored event unless the limit is reached; false (and `more` set) when it is.
-    fn push_within(
+/// Fills a [`Slice`] with events fetched from the log by sequence, within a limit.
+struct EventReader {
+    slice: Slice,
+    limit: ReadLimit,
+    bytes: usize,
+}
+
+impl EventReader {
+    fn new(limit: ReadLimit) -> Self {
+        EventReader { slice: Slice::default(), limit, bytes: 0 }
+    }
+
+    /// Adds the event at `seq` unless the limit is reached; false (and `more` set) when it is.
+    /// `found` checks that the record is the one its index entry meant.
+    fn push(
         &mut self,
-        limit: ReadLimit,
-        bytes: &mut usize,
-        value: &[u8],
-        decode: impl FnOnce() -> Result<EventRecord, StorageError>,
+        store: &Store,
+        log: &Snapshot<'_>,
+        seq: u64,
+        found: impl FnOnce(&EventRecord) -> bool,
+        corrupt: impl FnOnce() -> CorruptRecord,
     ) -> Result<bool, StorageError> {
-        if self.events.len() >= limit.max_events || (!self.events.is_empty() && *bytes + value.len() > limit.max_bytes) {
-            self.more = true;
+        let slice = &mut self.slice;
+        if slice.events.len() >= self.limit.max_events {
+            slice.more = true;
             return Ok(false);
         }
-        *bytes += value.len();
-        self.events.push(decode()?);
+        let Some(value) = store.log_dbs.log.get(&log.txn, &keys::log_key(seq))? else {
+            return Err(corrupt().into());
+        };
+        if !slice.events.is_empty() && self.bytes + value.len() > self.limit.max_bytes {
+            slice.more = true;
+            return Ok(false);
+        }
+        self.bytes += value.len();
+        let record = EventRecord::decode(seq, value)?;
+        if !found(&record) {
+            return Err(corrupt().into());
+        }
+        slice.events.push(record);
         Ok(true)
     }
 }
 
-impl ReadView<'_> {
-    /// Events of `partition` from `from_position` up to `until_position` (inclusive), within `limit`.
-    pub fn read_partition(&self, partition: u32, from_position: u64, until_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
-        let from = from_position.max(1);
-        let mut slice = Slice::default();
-        if from > until_position {
-            return Ok(slice);
-        }
-        let start = keys::event_key(partition, from);
-        let end = match until_position.checked_add(1) {
-            Some(next) => keys::event_key(partition, next),
-            None => keys::partition_prefix(partition + 1),
-        };
-        let mut bytes = 0;
-        for (expected, entry) in (from..).zip(self.dbs.events.range(&self.txn, &span(&start, &end))?) {
-            let (key, value) = entry?;
-            let corrupt = |reason| CorruptRecord { partition, position: expected, reason };
-            let (p, position) = keys::decode_event_key(key).map_err(|_| corrupt("undecodable event key"))?;
-            debug_assert_eq!(p, partition);
-            // Positions are dense: a gap means the file lost an event.
-            if position != expected {
-                return Err(corrupt("gap in partition positions").into());
-            }
-            if !slice.push_within(limit, &mut bytes, value, || Ok(EventRecord::decode(partition, position, value)?))? {
-                break;
-            }
-        }
-        Ok(slice)
-    }
+/// The writer's view of stream versions: the tail first, the index environment for streams the
+/// tail holds nothing of.
+pub(crate) struct Versions<'s> {
+    tail: RwLockReadGuard<'s, IndexTail>,
+    index: Snapshot<'s>,
+    dbs: IndexDbs,
+}
 
-    /// Events of `stream` (which lives in `partition`) from `from_version` on, within `limit`,
-    /// stopping before the first event past `until_position` of the partition.
-    pub fn read_stream(
-        &self,
-        partition: u32,
-        stream: &str,
-        from_version: u64,
-        until_position: u64,
-        limit: ReadLimit,
-    ) -> Result<Slice, StorageError> {
-        let from = from_version.max(1);
-        let start = keys::stream_key(stream, from);
-        let prefix = keys::stream_prefix(stream);
-        let mut end = prefix.clone();
-        end.push(0xFF);
-        let mut slice = Slice::default();
-        let mut bytes = 0;
-        for (expected, entry) in (from..).zip(self.dbs.streams.range(&self.txn, &span(&start, &end))?) {
-            let (key, position) = entry?;
-            let position = be_u64(position);
-            let corrupt = |reason| CorruptRecord { partition, position, reason };
-            // Versions are dense: a gap means the index lost an entry.
-            match keys::unpack(&key[prefix.len()..]).as_deref() {
-                Ok([keys::Value::U64(version)]) if *version == expected => {}
-                Ok([keys::Value::U64(_)]) => return Err(corrupt("gap in stream versions").into()),
-                _ => return Err(corrupt("undecodable stream index key").into()),
-            }
-            if position > until_position {
-                // Not yet published; the stream's visible end.
-                break;
-            }
-            let value = self
-                .dbs
-                .events
-                .get(&self.txn, &keys::event_key(partition, position))?
-                .ok_or(corrupt("stream index points at a missing event"))?;
-            if !slice.push_within(limit, &mut bytes, value, || Ok(EventRecord::decode(partition, position, value)?))? {
-                break;
-            }
-        }
-        Ok(slice)
-    }
-
+impl Versions<'_> {
     /// The stream's current version (0 when it has no events).
     pub fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        stream_version(&self.txn, self.dbs, stream)
-    }
-
-    /// Position of the last event of each partition (0 when empty), indexed by partition.
-    pub fn partition_heads(&self, partition_count: u32) -> Result<Vec<u64>, StorageError> {
-        (0..partition_count)
-            .map(|p| {
-                let range = keys::partition_prefix(p)..keys::partition_prefix(p + 1);
-                match self.dbs.events.rev_range(&self.txn, &span(&range.start, &range.end))?.next() {
-                    None => Ok(0),
-                    Some(entry) => Ok(keys::decode_event_key(entry?.0)
-                        .map_err(|_| CorruptRecord { partition: p, position: 0, reason: "undecodable event key" })?
-                        .1),
-                }
-            })
-            .collect()
+        if let Some(run) = self.tail.stream(stream) {
+            return Ok(run.next() - 1);
+        }
+        let prefix = keys::stream_prefix(stream);
+        let end = [prefix.as_slice(), &[0xFF]].concat();
+        let Some(entry) = self.dbs.streams.rev_range(&self.index.txn, &span(&prefix, &end))?.next() else {
+            return Ok(0);
+        };
+        let (key, _) = entry?;
+        match keys::unpack(&key[prefix.len()..]).as_deref() {
+            Ok([keys::Value::U64(version)]) => Ok(*version),
+            _ => Err(CorruptRecord::in_stream(stream, 0, "undecodable stream index key").into()),
+        }
     }
 }
 
-/// A stream's version is the version in its last `streams` key (0 when it has none): one B-tree
-/// search, and no separate per-stream record to rewrite on every append.
-fn stream_version(txn: &RoTxn<'_, WithoutTls>, dbs: Dbs, stream: &str) -> Result<u64, StorageError> {
-    let prefix = keys::stream_prefix(stream);
-    let mut end = prefix.clone();
-    end.push(0xFF);
-    let Some(entry) = dbs.streams.rev_range(txn, &span(&prefix, &end))?.next() else {
-        return Ok(0);
-    };
-    let (key, position) = entry?;
-    match keys::unpack(&key[prefix.len()..]).as_deref() {
-        Ok([keys::Value::U64(version)]) => Ok(*version),
-        _ => Err(CorruptRecord { partition: 0, position: be_u64(position), reason: "undecodable stream index key" }.into()),
-    }
-}
-
-/// The single write transaction, with the operations the log's writer needs.
-pub(crate) struct WriteTxn<'s> {
+/// The log's single write transaction.
+pub(crate) struct LogTxn<'s> {
     txn: RwTxn<'s>,
-    dbs: Dbs,
+    db: Database<Bytes, Bytes>,
     buf: Vec<u8>,
 }
 
-impl WriteTxn<'_> {
-    /// The stream's version as this transaction sees it, including its own uncommitted writes.
-    pub fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        stream_version(&self.txn, self.dbs, stream)
-    }
-
-    /// Writes one event and its index entries. The caller guarantees that `position` is the
-    /// partition's next position and `record.stream_version` the stream's next version.
-    pub fn put_event(&mut self, partition: u32, position: u64, record: &RecordRef<'_>) -> Result<(), StorageError> {
+impl LogTxn<'_> {
+    /// Appends one event at `seq`, which must follow the log's last sequence.
+    pub fn append(&mut self, seq: u64, record: &RecordRef<'_>) -> Result<(), StorageError> {
         record.encode_into(&mut self.buf);
-        self.dbs.events.put(&mut self.txn, &keys::event_key(partition, position), &self.buf)?;
-        self.dbs.streams.put(&mut self.txn, &keys::stream_key(record.stream, record.stream_version), &position.to_be_bytes())?;
+        // APPEND: LMDB puts the key at the end without a search and fills pages completely; it
+        // refuses (KEYEXIST) a key that does not sort after the last one.
+        self.db.put_with_flags(&mut self.txn, PutFlags::APPEND, &keys::log_key(seq), &self.buf)?;
         Ok(())
     }
 
-    /// Commits: atomic, data pages synced; durable once [`Store::sync`] (or a later commit) ran.
+    /// Commits: atomic, data pages synced; durable once [`Store::sync_log`] (or a later commit) ran.
     pub fn commit(self) -> Result<(), StorageError> {
         self.txn.commit()?;
         Ok(())
@@ -445,6 +665,8 @@ mod tests {
     fn cfg(partitions: u32) -> StorageConfig {
         StorageConfig { partitions, ..StorageConfig::default() }
     }
+
+    const ALL: ReadLimit = ReadLimit { max_events: usize::MAX, max_bytes: usize::MAX };
 
     fn event(partition: u32, position: u64, stream: &str, version: u64) -> EventRecord {
         EventRecord {
@@ -460,41 +682,146 @@ mod tests {
         }
     }
 
+    /// Commits `events` as the log's writer does: appended to the log from `first_seq` on, then
+    /// their entries handed to the tail.
+    fn commit(store: &Store, first_seq: u64, events: &[EventRecord]) {
+        let mut w = store.write().unwrap();
+        for (seq, e) in (first_seq..).zip(events) {
+            w.append(seq, &e.as_ref()).unwrap();
+        }
+        w.commit().unwrap();
+        store.extend_tail((first_seq..).zip(events).map(|(seq, e)| (e.partition, e.position, e.stream.as_str(), e.stream_version, seq)));
+    }
+
+    fn positions(slice: &Slice) -> Vec<(u32, u64)> {
+        slice.events.iter().map(|e| (e.partition, e.position)).collect()
+    }
+
+    fn versions(slice: &Slice) -> Vec<u64> {
+        slice.events.iter().map(|e| e.stream_version).collect()
+    }
+
     #[test]
-    fn given_committed_events_when_reopened_then_they_read_back_in_order() {
+    fn given_committed_events_when_read_and_reopened_then_they_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
+        let events = [event(2, 1, "s", 1), event(2, 2, "s", 2), event(1, 1, "t", 1)];
+        let check = |store: &Store| {
+            assert_eq!(store.partition_heads(), vec![0, 1, 2, 0]);
+            assert_eq!(store.stream_version("s").unwrap(), 2);
+            assert_eq!(store.read_partition(2, 2, u64::MAX, ALL).unwrap(), Slice { events: vec![events[1].clone()], more: false });
+            assert_eq!(store.read_stream("s", 0, u64::MAX, ALL).unwrap().events, events[..2].to_vec());
+            assert!(store.read_stream("s\0", 0, u64::MAX, ALL).unwrap().events.is_empty());
+            // Cut by the durable sequence, by count, and by bytes (the first event always fits).
+            assert_eq!(store.read_stream("s", 1, 1, ALL).unwrap(), Slice { events: vec![events[0].clone()], more: false });
+            let one = ReadLimit { max_events: 1, max_bytes: 1 << 20 };
+            assert_eq!(store.read_partition(2, 1, u64::MAX, one).unwrap(), Slice { events: vec![events[0].clone()], more: true });
+            let tiny = ReadLimit { max_events: 10, max_bytes: 1 };
+            assert_eq!(store.read_stream("s", 1, u64::MAX, tiny).unwrap(), Slice { events: vec![events[0].clone()], more: true });
+        };
         {
             let store = Store::open(dir.path(), &cfg(4)).unwrap();
-            let mut w = store.write().unwrap();
-            w.put_event(2, 1, &event(2, 1, "s", 1).as_ref()).unwrap();
-            w.put_event(2, 2, &event(2, 2, "s", 2).as_ref()).unwrap();
-            w.put_event(1, 1, &event(1, 1, "t", 1).as_ref()).unwrap();
-            w.commit().unwrap();
+            commit(&store, 1, &events);
+            assert_eq!(store.tail_events(), 3, "nothing flushed yet: every entry is in the tail");
+            check(&store);
         }
+        // Reopened without a flush: the log is indexed again at open.
         let store = Store::open(dir.path(), &cfg(4)).unwrap();
-        let view = store.read().unwrap();
-        assert_eq!(view.partition_heads(4).unwrap(), vec![0, 1, 2, 0]);
-        assert_eq!(view.stream_version("s").unwrap(), 2);
-        let all = ReadLimit { max_events: 10, max_bytes: 1 << 20 };
-        assert_eq!(view.read_partition(2, 2, u64::MAX, all).unwrap(), Slice { events: vec![event(2, 2, "s", 2)], more: false });
-        assert_eq!(view.read_stream(2, "s", 0, u64::MAX, all).unwrap().events.len(), 2);
-        assert!(view.read_stream(2, "s\0", 0, u64::MAX, all).unwrap().events.is_empty());
-        // Cut by the position bound, by count, and by bytes (the first event always fits).
-        assert_eq!(view.read_stream(2, "s", 1, 1, all).unwrap(), Slice { events: vec![event(2, 1, "s", 1)], more: false });
-        let one = ReadLimit { max_events: 1, max_bytes: 1 << 20 };
-        assert_eq!(view.read_partition(2, 1, u64::MAX, one).unwrap(), Slice { events: vec![event(2, 1, "s", 1)], more: true });
-        let tiny = ReadLimit { max_events: 10, max_bytes: 1 };
-        assert_eq!(view.read_stream(2, "s", 1, u64::MAX, tiny).unwrap(), Slice { events: vec![event(2, 1, "s", 1)], more: true });
+        assert_eq!((store.last_seq_at_open(), store.indexed_through(), store.tail_events()), (3, 3, 0));
+        check(&store);
+    }
+
+    #[test]
+    fn given_events_split_between_the_index_and_the_tail_then_reads_stitch_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &cfg(2)).unwrap();
+        commit(&store, 1, &[event(1, 1, "s", 1), event(0, 1, "u", 1), event(1, 2, "s", 2)]);
+        assert_eq!(store.flush_index(2).unwrap(), 2, "only up to the given sequence");
+        assert_eq!((store.indexed_through(), store.tail_events()), (2, 1));
+        commit(&store, 4, &[event(1, 3, "s", 3), event(1, 4, "s", 4)]);
+        assert_eq!(store.flush_index(2).unwrap(), 0, "an old sequence flushes nothing");
+        // Partition 1: position 1 in the index, 2..=4 in the tail.
+        let all = store.read_partition(1, 1, u64::MAX, ALL).unwrap();
+        assert_eq!(positions(&all), vec![(1, 1), (1, 2), (1, 3), (1, 4)]);
+        assert_eq!(positions(&store.read_partition(1, 1, 3, ALL).unwrap()), vec![(1, 1), (1, 2), (1, 3)]);
+        let two = ReadLimit { max_events: 2, max_bytes: usize::MAX };
+        assert_eq!(store.read_partition(1, 1, u64::MAX, two).unwrap(), Slice { events: all.events[..2].to_vec(), more: true });
+        // Stream s: version 1 in the index, 2..=4 in the tail; cut at durable sequence 4.
+        assert_eq!(versions(&store.read_stream("s", 1, u64::MAX, ALL).unwrap()), vec![1, 2, 3, 4]);
+        assert_eq!(versions(&store.read_stream("s", 1, 4, ALL).unwrap()), vec![1, 2, 3]);
+        assert_eq!(versions(&store.read_stream("s", 3, u64::MAX, ALL).unwrap()), vec![3, 4]);
+        assert_eq!(store.stream_version("s").unwrap(), 4);
+        assert_eq!(store.stream_version("u").unwrap(), 1, "a stream wholly in the index");
+        // Everything flushed: the same answers from the index alone.
+        assert_eq!(store.flush_index(5).unwrap(), 3);
+        assert_eq!(store.tail_events(), 0);
+        assert_eq!(store.read_partition(1, 1, u64::MAX, ALL).unwrap(), all);
+        assert_eq!(versions(&store.read_stream("s", 2, u64::MAX, ALL).unwrap()), vec![2, 3, 4]);
+        assert_eq!(store.stream_version("s").unwrap(), 4);
     }
 
     #[test]
     fn given_an_uncommitted_transaction_when_dropped_then_nothing_is_stored() {
         let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &cfg(4)).unwrap();
+            let mut w = store.write().unwrap();
+            w.append(1, &event(0, 1, "s", 1).as_ref()).unwrap();
+            drop(w);
+            assert_eq!(store.stream_version("s").unwrap(), 0);
+        }
         let store = Store::open(dir.path(), &cfg(4)).unwrap();
-        let mut w = store.write().unwrap();
-        w.put_event(0, 1, &event(0, 1, "s", 1).as_ref()).unwrap();
-        drop(w);
-        assert_eq!(store.read().unwrap().stream_version("s").unwrap(), 0);
+        assert_eq!(store.last_seq_at_open(), 0);
+        assert_eq!(store.partition_heads(), vec![0; 4]);
+    }
+
+    #[test]
+    fn given_a_deleted_index_when_reopened_then_it_is_rebuilt_from_the_log_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        // Ten events over 3 partitions and 2 streams, positions and versions dense.
+        let (mut heads, mut versions) = ([0u64; 3], [0u64; 2]);
+        let events: Vec<_> = (0..10usize)
+            .map(|i| {
+                let (p, s) = (i % 3, i % 2);
+                heads[p] += 1;
+                versions[s] += 1;
+                event(p as u32, heads[p], &format!("s{s}"), versions[s])
+            })
+            .collect();
+        {
+            let store = Store::open(dir.path(), &cfg(3)).unwrap();
+            commit(&store, 1, &events);
+            store.flush_index(10).unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        let store = Store::open(dir.path(), &StorageConfig { index_flush_events: 3, ..cfg(3) }).unwrap();
+        assert_eq!((store.indexed_through(), store.tail_events()), (10, 0));
+        assert_eq!(store.partition_heads(), heads.to_vec());
+        assert_eq!(store.read_stream("s0", 1, u64::MAX, ALL).unwrap().events.len(), 5);
+        for p in 0..3 {
+            assert_eq!(store.read_partition(p, 1, u64::MAX, ALL).unwrap().events.len() as u64, heads[p as usize]);
+        }
+    }
+
+    #[test]
+    fn given_an_index_ahead_of_the_log_when_opened_then_it_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &cfg(1)).unwrap();
+            commit(&store, 1, &[event(0, 1, "s", 1)]);
+            store.flush_index(1).unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+        let err = Store::open(dir.path(), &cfg(1)).err().unwrap();
+        assert!(matches!(err, StorageError::IndexAhead { indexed_through: 1, last_seq: 0, .. }), "{err}");
+        assert!(err.to_string().contains("the log lost committed events"), "{err}");
+    }
+
+    #[test]
+    fn given_a_directory_of_format_1_when_opened_then_it_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("data.mdb"), b"").unwrap();
+        let err = Store::open(dir.path(), &cfg(4)).err().unwrap();
+        assert!(err.to_string().contains("has storage format 1, this node reads format 2"), "{err}");
     }
 
     #[test]
@@ -520,12 +847,15 @@ mod tests {
         let mut grown = 0;
         let mut position = 1;
         loop {
-            let mut w = store.write().unwrap();
             let mut big = event(0, position, "s", position);
             big.payload = vec![1; 64 << 10];
-            match w.put_event(0, position, &big.as_ref()).and_then(|()| w.commit()) {
-                Ok(()) => position += 1,
-                Err(e) if e.is_map_full() => match store.grow_map(0) {
+            let mut w = store.write().unwrap();
+            match w.append(position, &big.as_ref()).and_then(|()| w.commit()) {
+                Ok(()) => {
+                    store.extend_tail([(0, position, "s", position, position)]);
+                    position += 1;
+                }
+                Err(e) if e.is_map_full() => match store.grow_log_map(0) {
                     Ok(_) => grown += 1,
                     Err(StorageError::Full { max_bytes }) => {
                         assert_eq!(max_bytes, 4 << 20);
@@ -538,8 +868,6 @@ mod tests {
         }
         assert!(grown >= 2, "grew {grown} times");
         // Everything committed before the refusal is intact.
-        let view = store.read().unwrap();
-        let all = ReadLimit { max_events: usize::MAX, max_bytes: usize::MAX };
-        assert_eq!(view.read_partition(0, 1, u64::MAX, all).unwrap().events.len() as u64, position - 1);
+        assert_eq!(store.read_partition(0, 1, u64::MAX, ALL).unwrap().events.len() as u64, position - 1);
     }
 }

@@ -1,24 +1,28 @@
-//! The stored form of one event: the value under its `(partition, position)` key.
+//! The stored form of one event: the value under its log sequence key.
 //!
-//! Layout (all integers big-endian), format 1:
+//! Layout (all integers big-endian), format 2:
 //!
 //! ```text
-//! u8  format = 1
+//! u8  format = 2
 //! u32 crc32 (IEEE) of every byte after this field
-//! u64 stream_version | u64 append_time_us | u64 epoch
+//! u32 partition | u64 position | u64 stream_version | u64 append_time_us | u64 epoch
 //! u16 len + stream id | u16 len + event type | u32 len + payload
 //! u16 metadata entries, each: u16 len + key, u32 len + value
 //! ```
 //!
 //! The checksum turns silent corruption of a page into a clear error on read instead of a wrong
-//! event. Partition and position live in the key and are not repeated here. Decoding never trusts a
-//! length: a value that is cut short or inconsistent is reported as corrupt, never a panic. Encoding
-//! asserts every length fits its field; the log's validation keeps requests far inside them.
+//! event. The record names its own partition, position, stream and version, so the indexes can be
+//! rebuilt from the log alone and a read can check that an index entry led to the event it meant.
+//! Decoding never trusts a length: a value that is cut short or inconsistent is reported as corrupt,
+//! never a panic. Encoding asserts every length fits its field; the log's validation keeps requests
+//! far inside them.
 
 use thiserror::Error;
 
-const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 const HEADER_BYTES: usize = 1 + 4;
+/// partition, position, stream version, append time, epoch.
+const FIXED_BYTES: usize = 4 + 8 * 4;
 
 /// One event as the log stores and returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,18 +39,32 @@ pub struct EventRecord {
     pub epoch: u64,
 }
 
+/// Stored data that cannot be what was written: a record or an index entry, named by `what`.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("event record at partition {partition} position {position} is corrupt: {reason}")]
+#[error("{what} is corrupt: {reason}")]
 pub struct CorruptRecord {
-    pub partition: u32,
-    pub position: u64,
+    pub what: String,
     pub reason: &'static str,
 }
 
+impl CorruptRecord {
+    pub fn at_seq(seq: u64, reason: &'static str) -> Self {
+        CorruptRecord { what: format!("event record at log sequence {seq}"), reason }
+    }
+    pub fn in_partition(partition: u32, position: u64, reason: &'static str) -> Self {
+        CorruptRecord { what: format!("partition {partition} at position {position}"), reason }
+    }
+    pub fn in_stream(stream: &str, version: u64, reason: &'static str) -> Self {
+        CorruptRecord { what: format!("stream {stream:?} at version {version}"), reason }
+    }
+}
+
 /// The fields of an event to store, borrowed from wherever they live (an append request or an
-/// [`EventRecord`]); partition and position go into the key.
+/// [`EventRecord`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RecordRef<'a> {
+    pub partition: u32,
+    pub position: u64,
     pub stream: &'a str,
     pub stream_version: u64,
     pub event_type: &'a str,
@@ -60,7 +78,7 @@ impl RecordRef<'_> {
     /// Size of the encoded value.
     pub fn encoded_len(&self) -> usize {
         HEADER_BYTES
-            + 24
+            + FIXED_BYTES
             + 2
             + self.stream.len()
             + 2
@@ -81,8 +99,10 @@ impl RecordRef<'_> {
         assert!(self.payload.len() <= u32::MAX as usize, "payload longer than the format allows");
         out.clear();
         out.reserve(self.encoded_len());
-        out.push(FORMAT_V1);
+        out.push(FORMAT_V2);
         out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.partition.to_be_bytes());
+        out.extend_from_slice(&self.position.to_be_bytes());
         out.extend_from_slice(&self.stream_version.to_be_bytes());
         out.extend_from_slice(&self.append_time_us.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
@@ -103,6 +123,8 @@ impl RecordRef<'_> {
 impl EventRecord {
     pub fn as_ref(&self) -> RecordRef<'_> {
         RecordRef {
+            partition: self.partition,
+            position: self.position,
             stream: &self.stream,
             stream_version: self.stream_version,
             event_type: &self.event_type,
@@ -113,11 +135,11 @@ impl EventRecord {
         }
     }
 
-    /// Decodes a stored value found under `(partition, position)`.
-    pub fn decode(partition: u32, position: u64, bytes: &[u8]) -> Result<Self, CorruptRecord> {
-        let corrupt = |reason| CorruptRecord { partition, position, reason };
+    /// Decodes a stored value found under log sequence `seq` (named in errors).
+    pub fn decode(seq: u64, bytes: &[u8]) -> Result<Self, CorruptRecord> {
+        let corrupt = |reason| CorruptRecord::at_seq(seq, reason);
         let mut r = Reader { bytes, offset: 0 };
-        if r.u8().ok_or(corrupt("empty value"))? != FORMAT_V1 {
+        if r.u8().ok_or(corrupt("empty value"))? != FORMAT_V2 {
             return Err(corrupt("unknown record format"));
         }
         let crc = r.u32().ok_or(corrupt("header cut short"))?;
@@ -125,6 +147,8 @@ impl EventRecord {
             return Err(corrupt("checksum mismatch"));
         }
         let short = || corrupt("value cut short");
+        let partition = r.u32().ok_or_else(short)?;
+        let position = r.u64().ok_or_else(short)?;
         let stream_version = r.u64().ok_or_else(short)?;
         let append_time_us = r.u64().ok_or_else(short)?;
         let epoch = r.u64().ok_or_else(short)?;
@@ -212,7 +236,7 @@ mod tests {
         let mut buf = Vec::new();
         record().as_ref().encode_into(&mut buf);
         assert_eq!(buf.len(), record().as_ref().encoded_len());
-        assert_eq!(EventRecord::decode(3, 42, &buf), Ok(record()));
+        assert_eq!(EventRecord::decode(9, &buf), Ok(record()));
     }
 
     #[test]
@@ -221,7 +245,7 @@ mod tests {
         record().as_ref().encode_into(&mut buf);
         let last = buf.len() - 1;
         buf[last] ^= 0x01;
-        let err = EventRecord::decode(3, 42, &buf).unwrap_err();
+        let err = EventRecord::decode(9, &buf).unwrap_err();
         assert_eq!(err.reason, "checksum mismatch");
     }
 
@@ -229,19 +253,19 @@ mod tests {
     fn given_a_lying_length_with_a_valid_checksum_when_decoded_then_it_is_reported_not_misread() {
         let mut buf = Vec::new();
         record().as_ref().encode_into(&mut buf);
-        // The stream id's length field sits after the header and three u64s.
-        let at = HEADER_BYTES + 24;
+        // The stream id's length field sits after the header and the fixed-width fields.
+        let at = HEADER_BYTES + FIXED_BYTES;
         buf[at..at + 2].copy_from_slice(&u16::MAX.to_be_bytes());
         let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
         buf[1..HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(EventRecord::decode(3, 42, &buf).unwrap_err().reason, "value cut short");
+        assert_eq!(EventRecord::decode(9, &buf).unwrap_err().reason, "value cut short");
         // One byte more than encoded: trailing bytes, also with a valid checksum.
         let mut longer = Vec::new();
         record().as_ref().encode_into(&mut longer);
         longer.push(0);
         let crc = crc32fast::hash(&longer[HEADER_BYTES..]);
         longer[1..HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(EventRecord::decode(3, 42, &longer).unwrap_err().reason, "trailing bytes");
+        assert_eq!(EventRecord::decode(9, &longer).unwrap_err().reason, "trailing bytes");
     }
 
     proptest! {
@@ -250,7 +274,7 @@ mod tests {
             let mut buf = Vec::new();
             record().as_ref().encode_into(&mut buf);
             let cut = cut.min(buf.len() - 1);
-            prop_assert!(EventRecord::decode(3, 42, &buf[..cut]).is_err());
+            prop_assert!(EventRecord::decode(9, &buf[..cut]).is_err());
         }
 
         #[test]
@@ -260,7 +284,7 @@ mod tests {
                                     metadata: meta.into_iter().collect(), ..record() };
             let mut buf = Vec::new();
             rec.as_ref().encode_into(&mut buf);
-            prop_assert_eq!(EventRecord::decode(rec.partition, rec.position, &buf).unwrap(), rec);
+            prop_assert_eq!(EventRecord::decode(9, &buf).unwrap(), rec);
         }
     }
 }
