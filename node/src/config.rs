@@ -135,7 +135,7 @@ impl Default for StorageConfig {
             map_size_max_bytes: 256 << 30,
             max_readers: 1024,
             index_flush_events: 65_536,
-            index_flush_interval_ms: 1_000,
+            index_flush_interval_ms: 5_000,
             index_tail_max_events: 524_288,
         }
     }

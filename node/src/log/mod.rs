@@ -309,7 +309,11 @@ mod tests {
     const ALL: ReadLimit = ReadLimit { max_events: 100_000, max_bytes: usize::MAX };
 
     fn open(dir: &std::path::Path, wait_us: u64) -> Log {
-        let store = Arc::new(Store::open(dir, &StorageConfig { partitions: 4, ..StorageConfig::default() }).unwrap());
+        open_with(dir, wait_us, StorageConfig { partitions: 4, ..StorageConfig::default() })
+    }
+
+    fn open_with(dir: &std::path::Path, wait_us: u64, storage: StorageConfig) -> Log {
+        let store = Arc::new(Store::open(dir, &storage).unwrap());
         let gc = GroupCommitConfig { max_wait_us: wait_us, ..GroupCommitConfig::default() };
         Log::start(store, &gc, &LimitsConfig::default(), Arc::new(Metrics::default())).unwrap()
     }
@@ -388,6 +392,62 @@ mod tests {
         assert!(rt.block_on(log.append(big)).unwrap_err().to_string().contains("limits.max_event_bytes"));
         assert!(log.read_stream("s", 1, ALL).unwrap().events.is_empty());
         assert_eq!(log.commits().borrow().heads.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn given_a_small_index_tail_when_loaded_then_the_writer_waits_for_the_indexer_and_every_append_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = StorageConfig {
+            partitions: 4,
+            index_flush_events: 8,
+            index_tail_max_events: 16,
+            index_flush_interval_ms: 60_000,
+            ..StorageConfig::default()
+        };
+        let log = Arc::new(open_with(dir.path(), 0, storage));
+        let rt = runtime();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..20)
+                .map(|i| {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..10 {
+                            log.append(req(&format!("s-{}", i % 7), ExpectedVersion::Any, 2)).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let metrics = log.metrics();
+        assert!(metrics.index_waits.get() > 0, "the tail never filled: the bound was not exercised");
+        // A group commit is checked against the bound before it runs, so the tail may pass the
+        // bound by at most one batch (20 appends of 2 events here).
+        let held = log.store().tail_events();
+        assert!(held <= 16 + 20 * 2, "tail holds {held}");
+        assert_eq!(metrics.index_flushed_events.get() + held as u64, 400, "every event is flushed or held, once");
+        let all: usize = (0..4).map(|p| log.read_partition(p, 1, ALL).unwrap().events.len()).sum();
+        assert_eq!(all, 400);
+        for s in 0..7 {
+            let events = log.read_stream(&format!("s-{s}"), 1, ALL).unwrap().events;
+            assert!(events.iter().enumerate().all(|(i, e)| e.stream_version == i as u64 + 1), "stream s-{s}");
+        }
+    }
+
+    #[test]
+    fn given_a_closed_log_then_every_durable_event_is_indexed_and_the_tail_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 0);
+        let rt = runtime();
+        for i in 0..5 {
+            rt.block_on(log.append(req(&format!("s-{i}"), ExpectedVersion::Any, 3))).unwrap();
+        }
+        assert_eq!(log.store().indexed_through(), 0, "the default thresholds are not reached by 15 events");
+        log.close();
+        assert_eq!((log.store().indexed_through(), log.store().tail_events()), (15, 0));
+        assert_eq!(log.commits().borrow().seq, 15);
     }
 
     #[test]

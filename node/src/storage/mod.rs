@@ -36,7 +36,9 @@
 //! the log runs with `NO_META_SYNC`: a commit syncs its data pages before writing its meta page,
 //! but leaves that page to the next sync ([`Store::sync_log`]). LMDB keeps the database intact under
 //! this flag; a machine crash can undo only commits not yet synced, which the log answers no one
-//! about before a sync (see `log/writer.rs`). The index environment commits fully synced.
+//! about before a sync (see `log/writer.rs`). The index environment runs with `NO_META_SYNC` too:
+//! a machine crash may undo its last commits, which only lowers `indexed_through`; the events past
+//! it are indexed again from the log at the next open.
 
 mod env;
 pub mod keys;
@@ -109,6 +111,16 @@ struct LogDbs {
     meta: Database<Bytes, Bytes>,
 }
 
+/// Which index database an entry goes to; partitions sort first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum IndexDb {
+    Partitions,
+    Streams,
+}
+
+/// Most index entries one index transaction writes (see [`Store::flush_index`]).
+const INDEX_TXN_ENTRIES: usize = 4096;
+
 #[derive(Clone, Copy)]
 struct IndexDbs {
     partitions: Database<Bytes, Bytes>,
@@ -158,8 +170,9 @@ impl Store {
         // and this process opens it once per Store. NO_META_SYNC is safe as the log uses it:
         // nothing is acknowledged or shown to readers before a later sync.
         let log = unsafe { Lmdb::open(&dir.join("log"), "log", EnvFlags::NO_META_SYNC, 2, cfg)? };
-        // SAFETY: as above.
-        let index = unsafe { Lmdb::open(&dir.join("index"), "index", EnvFlags::empty(), 3, cfg)? };
+        // SAFETY: as above. The index is derived from the log: a machine crash that undoes its
+        // last commits only lowers `indexed_through`, and the next open indexes those events again.
+        let index = unsafe { Lmdb::open(&dir.join("index"), "index", EnvFlags::NO_META_SYNC, 3, cfg)? };
 
         let mut wtxn = log.write()?;
         let log_dbs =
@@ -187,7 +200,6 @@ impl Store {
         };
         check_format(&mut wtxn, index_dbs.meta, dir)?;
         let indexed_through = index_dbs.meta.get(&wtxn, &meta_key("indexed_through"))?.map(be_u64).unwrap_or(0);
-        let heads = index_partition_heads(&wtxn, index_dbs, cfg.partitions)?;
         wtxn.commit()?;
 
         // After a crash the last commits may still sit unsynced in the page cache: make them
@@ -200,12 +212,12 @@ impl Store {
         if indexed_through > last_seq_at_open {
             return Err(StorageError::IndexAhead { dir: dir.to_path_buf(), indexed_through, last_seq: last_seq_at_open });
         }
-        let store = Store {
+        let mut store = Store {
             log,
             log_dbs,
             index,
             index_dbs,
-            tail: RwLock::new(IndexTail::new(heads.iter().map(|head| head + 1))),
+            tail: RwLock::new(IndexTail::new([])),
             indexed_through: AtomicU64::new(indexed_through),
             last_seq_at_open,
             partition_count: cfg.partitions,
@@ -214,11 +226,14 @@ impl Store {
             _lock: lock,
         };
         store.reindex_log_tail(cfg.index_flush_events)?;
+        let heads = index_partition_heads(&store.index.read()?.txn, store.index_dbs, cfg.partitions)?;
+        store.tail = RwLock::new(IndexTail::new(heads.iter().map(|head| head + 1)));
         Ok(store)
     }
 
-    /// Indexes the events a crash (or a missing index directory) left only in the log, in chunks
-    /// of `chunk_events`, through the same path the indexer uses.
+    /// Indexes the events a crash (or a missing index directory) left only in the log, straight
+    /// into the index environment, `chunk_events` per transaction. Entries the index may already
+    /// hold (a flush cut short) are written again with the same value.
     fn reindex_log_tail(&self, chunk_events: usize) -> Result<(), StorageError> {
         let last_seq = self.last_seq_at_open;
         let mut next = self.indexed_through() + 1;
@@ -226,9 +241,10 @@ impl Store {
             return Ok(());
         }
         tracing::info!(events = last_seq + 1 - next, from_seq = next, "indexing events the index had not taken yet");
+        let mut heads: Vec<Option<u64>> = vec![None; self.partition_count as usize];
         while next <= last_seq {
+            let mut entries = Vec::with_capacity(2 * chunk_events);
             {
-                let mut tail = self.tail.write();
                 let log = self.log.read()?;
                 let start = keys::log_key(next);
                 let range = (Bound::Included(start.as_slice()), Bound::Unbounded);
@@ -239,15 +255,19 @@ impl Store {
                         return Err(CorruptRecord::at_seq(next, "gap in log sequences").into());
                     }
                     let record = EventRecord::decode(seq, value)?;
-                    let run = tail.partition(record.partition);
-                    if record.partition >= self.partition_count || record.position != run.next() {
+                    let head = heads.get_mut(record.partition as usize).ok_or(CorruptRecord::at_seq(seq, "unknown partition"))?;
+                    if head.is_some_and(|head| record.position != head + 1) {
                         return Err(CorruptRecord::at_seq(seq, "record does not continue its partition").into());
                     }
-                    tail.push(record.partition, record.position, &record.stream, record.stream_version, seq);
+                    *head = Some(record.position);
+                    entries.push((IndexDb::Partitions, keys::event_key(record.partition, record.position), seq));
+                    entries.push((IndexDb::Streams, keys::stream_key(&record.stream, record.stream_version), seq));
                     next += 1;
                 }
             }
-            self.flush_index(next - 1)?;
+            entries.sort_unstable();
+            self.write_index_with_growth(&entries, Some(next - 1))?;
+            self.indexed_through.store(next - 1, Ordering::Release);
             tracing::info!(through_seq = next - 1, last_seq, "indexed from the log");
         }
         Ok(())
@@ -340,22 +360,20 @@ impl Store {
         let unindexed = self.tail.read().unindexed(through_seq);
         let events = unindexed.partitions.len();
         assert_eq!(events as u64, through_seq - indexed, "the tail holds every event past the index, once");
-        // Partition entries come in key order already; sorting the stream entries lets the
-        // B-tree inserts walk the leaves in order.
-        let partitions: Vec<(Vec<u8>, u64)> = unindexed.partitions.iter().map(|&(p, pos, seq)| (keys::event_key(p, pos), seq)).collect();
-        let mut streams: Vec<(Vec<u8>, u64)> =
-            unindexed.streams.iter().map(|(stream, version, seq)| (keys::stream_key(stream, *version), *seq)).collect();
-        streams.sort_unstable();
-        loop {
-            match self.write_index(&partitions, &streams, through_seq) {
-                Ok(()) => break,
-                Err(e) if e.is_map_full() => {
-                    // Room for the entries three times over: keys, values and page splits.
-                    let entry_bytes: usize = partitions.iter().chain(&streams).map(|(key, _)| key.len() + 16).sum();
-                    self.index.grow_map(entry_bytes as u64 * 3)?;
-                }
-                Err(e) => return Err(e),
-            }
+        // Sorted, so the B-tree inserts walk the leaves in order and each chunk below touches
+        // its own leaves.
+        let mut entries: Vec<(IndexDb, Vec<u8>, u64)> = Vec::with_capacity(2 * events);
+        entries.extend(unindexed.partitions.iter().map(|&(p, pos, seq)| (IndexDb::Partitions, keys::event_key(p, pos), seq)));
+        entries.extend(unindexed.streams.iter().map(|(stream, version, seq)| (IndexDb::Streams, keys::stream_key(stream, *version), *seq)));
+        entries.sort_unstable();
+        // One transaction per chunk bounds the pages a commit writes and syncs at once, and so
+        // the time a log sync waits behind it on the disk. Only the last chunk moves the mark; a
+        // crash before it leaves entries past the mark, which reads do not use (they take those
+        // from the tail) and the next open writes again.
+        let mut chunks = entries.chunks(INDEX_TXN_ENTRIES).peekable();
+        while let Some(chunk) = chunks.next() {
+            let mark = chunks.peek().is_none().then_some(through_seq);
+            self.write_index_with_growth(chunk, mark)?;
         }
         self.indexed_through.store(through_seq, Ordering::Release);
         self.tail.write().trim(through_seq);
@@ -363,15 +381,34 @@ impl Store {
         Ok(events)
     }
 
-    fn write_index(&self, partitions: &[(Vec<u8>, u64)], streams: &[(Vec<u8>, u64)], through_seq: u64) -> Result<(), StorageError> {
+    /// Writes index entries (sorted) in one transaction, with `indexed_through` when given,
+    /// growing the index map when it is full.
+    fn write_index_with_growth(&self, entries: &[(IndexDb, Vec<u8>, u64)], indexed_through: Option<u64>) -> Result<(), StorageError> {
+        loop {
+            match self.write_index(entries, indexed_through) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_map_full() => {
+                    // Room for the entries three times over: keys, values and page splits.
+                    let entry_bytes: usize = entries.iter().map(|(_, key, _)| key.len() + 16).sum();
+                    self.index.grow_map(entry_bytes as u64 * 3)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn write_index(&self, entries: &[(IndexDb, Vec<u8>, u64)], indexed_through: Option<u64>) -> Result<(), StorageError> {
         let mut txn = self.index.write()?;
-        for (key, seq) in partitions {
-            self.index_dbs.partitions.put(&mut txn, key, &seq.to_be_bytes())?;
+        for (db, key, seq) in entries {
+            let db = match db {
+                IndexDb::Partitions => self.index_dbs.partitions,
+                IndexDb::Streams => self.index_dbs.streams,
+            };
+            db.put(&mut txn, key, &seq.to_be_bytes())?;
         }
-        for (key, seq) in streams {
-            self.index_dbs.streams.put(&mut txn, key, &seq.to_be_bytes())?;
+        if let Some(mark) = indexed_through {
+            self.index_dbs.meta.put(&mut txn, &meta_key("indexed_through"), &mark.to_be_bytes())?;
         }
-        self.index_dbs.meta.put(&mut txn, &meta_key("indexed_through"), &through_seq.to_be_bytes())?;
         txn.commit()?;
         Ok(())
     }
