@@ -119,7 +119,7 @@ enum IndexDb {
 }
 
 /// Most index entries one index transaction writes (see [`Store::flush_index`]).
-const INDEX_TXN_ENTRIES: usize = 4096;
+const INDEX_TXN_ENTRIES: usize = 512;
 
 #[derive(Clone, Copy)]
 struct IndexDbs {
