@@ -76,7 +76,6 @@ impl Indexer {
     /// what is durable one last time, so the next start has nothing to re-index.
     pub fn run(self) {
         let _abort_on_panic = AbortOnPanic;
-        lower_cpu_priority();
         let config = self.store.config().clone();
         let mut last_flush = Instant::now();
         loop {
@@ -113,18 +112,5 @@ impl Indexer {
         }
         self.metrics.index_tail_events.set(self.store.tail_events() as i64);
         self.room.notify();
-    }
-}
-
-/// Niceness of the indexer thread: it runs when the cores have time the writer, the syncer and the
-/// API threads do not use, so its flushes do not delay acknowledgements. Under full load it is
-/// starved until the tail fills and the writer waits for it, which frees the cores it needs.
-const INDEXER_NICE: libc::c_int = 19;
-
-fn lower_cpu_priority() {
-    // SAFETY: plain syscalls on the calling thread's own id. On Linux a nice value is per thread.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, INDEXER_NICE) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lower the indexer's CPU priority; it competes with appends");
     }
 }
