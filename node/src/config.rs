@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::storage::MAX_STREAM_ID_BYTES;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -234,8 +236,14 @@ impl NodeConfig {
         if g.queue_capacity == 0 {
             return invalid("group_commit.queue_capacity", "must be at least 1".into());
         }
-        if l.max_stream_id_bytes == 0 || l.max_stream_id_bytes > 1024 {
-            return invalid("limits.max_stream_id_bytes", format!("must be between 1 and 1024, got {}", l.max_stream_id_bytes));
+        if l.max_stream_id_bytes == 0 || l.max_stream_id_bytes > MAX_STREAM_ID_BYTES {
+            return invalid(
+                "limits.max_stream_id_bytes",
+                format!(
+                    "must be between 1 and {MAX_STREAM_ID_BYTES} (the stream index's keys must fit LMDB's), got {}",
+                    l.max_stream_id_bytes
+                ),
+            );
         }
         if l.max_event_type_bytes == 0 || l.max_event_type_bytes > 1024 {
             return invalid("limits.max_event_type_bytes", format!("must be between 1 and 1024, got {}", l.max_event_type_bytes));
@@ -332,6 +340,12 @@ mod tests {
     fn given_a_session_without_room_for_one_append_when_validated_then_it_is_refused() {
         let err = parse("limits:\n  max_session_in_flight: 0\n").unwrap_err().to_string();
         assert_eq!(err, "invalid configuration: limits.max_session_in_flight: must be between 1 and 65536, got 0");
+    }
+
+    #[test]
+    fn given_a_stream_id_limit_past_what_the_index_can_hold_when_validated_then_it_is_refused() {
+        let err = parse("limits:\n  max_stream_id_bytes: 501\n").unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: limits.max_stream_id_bytes: must be between 1 and 500"), "{err}");
     }
 
     #[test]

@@ -49,7 +49,7 @@ use std::fs::{File, OpenOptions};
 use std::ops::Bound;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use heed::types::Bytes;
 use heed::{Database, EnvFlags, PutFlags, RoTxn, RwTxn, WithoutTls};
@@ -68,7 +68,9 @@ const FORMAT_VERSION: u64 = 2;
 
 #[derive(Debug, Error)]
 pub enum StorageError {
-    #[error("storage full: the database needs more than storage.map_size_max_bytes = {max_bytes} bytes; raise it or free disk space")]
+    #[error(
+        "storage full: the log or its index needs more than storage.map_size_max_bytes = {max_bytes} bytes; raise it or free disk space"
+    )]
     Full { max_bytes: u64 },
     #[error(
         "data directory {dir} was created with {stored} partitions, but the configuration asks for {configured}; the partition count is fixed when a cluster is created"
@@ -118,6 +120,12 @@ enum IndexDb {
     Streams,
 }
 
+/// Longest stream id the storage can index. LMDB (as heed builds it) refuses keys over 511 bytes,
+/// and a `streams` key is the id plus at most 11 bytes of tuple encoding (type code, terminator,
+/// a version of up to 8 bytes with its code). The configuration's limit may not exceed this, so an
+/// append the log accepted can always be indexed.
+pub const MAX_STREAM_ID_BYTES: usize = 500;
+
 /// Most index entries one index transaction writes (see [`Store::flush_index`]).
 const INDEX_TXN_ENTRIES: usize = 512;
 
@@ -135,6 +143,8 @@ pub struct Store {
     index: Lmdb,
     index_dbs: IndexDbs,
     tail: RwLock<IndexTail>,
+    /// The tail's event count, kept beside it so the syncer reads it without the tail's lock.
+    tail_events: AtomicUsize,
     /// Every event up to this sequence is in the index environment (its `meta` says the same).
     indexed_through: AtomicU64,
     /// The log's last sequence when it was opened; the writer continues from it.
@@ -218,6 +228,7 @@ impl Store {
             index,
             index_dbs,
             tail: RwLock::new(IndexTail::new([])),
+            tail_events: AtomicUsize::new(0),
             indexed_through: AtomicU64::new(indexed_through),
             last_seq_at_open,
             partition_count: cfg.partitions,
@@ -304,7 +315,7 @@ impl Store {
 
     /// Events whose index entries are held only in memory.
     pub fn tail_events(&self) -> usize {
-        self.tail.read().events()
+        self.tail_events.load(Ordering::Acquire)
     }
 
     /// Sizes of both environments together, as of their last refresh.
@@ -333,6 +344,7 @@ impl Store {
         for (partition, position, stream, version, seq) in entries {
             tail.push(partition, position, stream, version, seq);
         }
+        self.tail_events.store(tail.events(), Ordering::Release);
     }
 
     /// Syncs everything committed to the log so far (fdatasync), including the last meta page.
@@ -376,7 +388,10 @@ impl Store {
             self.write_index_with_growth(chunk, mark)?;
         }
         self.indexed_through.store(through_seq, Ordering::Release);
-        self.tail.write().trim(through_seq);
+        let mut tail = self.tail.write();
+        tail.trim(through_seq);
+        self.tail_events.store(tail.events(), Ordering::Release);
+        drop(tail);
         self.index.refresh_sizes();
         Ok(events)
     }
@@ -794,6 +809,18 @@ mod tests {
         assert_eq!(store.read_partition(1, 1, u64::MAX, ALL).unwrap(), all);
         assert_eq!(versions(&store.read_stream("s", 2, u64::MAX, ALL).unwrap()), vec![2, 3, 4]);
         assert_eq!(store.stream_version("s").unwrap(), 4);
+    }
+
+    #[test]
+    fn given_the_longest_stream_id_when_indexed_then_it_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &cfg(1)).unwrap();
+        let stream = "x".repeat(MAX_STREAM_ID_BYTES);
+        // A version of 8 significant bytes: the longest key encoding.
+        let version = 1 << 60;
+        commit(&store, 1, &[event(0, 1, &stream, version)]);
+        assert_eq!(store.flush_index(1).unwrap(), 1, "an index key this long fits LMDB's limit");
+        assert_eq!(versions(&store.read_stream(&stream, version, u64::MAX, ALL).unwrap()), vec![version]);
     }
 
     #[test]

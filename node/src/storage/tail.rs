@@ -43,8 +43,9 @@ impl Run {
 
     /// Up to `max` `(key, seq)` entries from key `from` on.
     pub fn entries_from(&self, from: u64, max: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let skip = from.saturating_sub(self.first) as usize;
-        (self.first..).zip(self.seqs.iter().copied()).skip(skip).take(max)
+        // Straight to the entry: readers following a long run's end must not walk it.
+        let skip = (from.saturating_sub(self.first) as usize).min(self.seqs.len());
+        (self.first + skip as u64..).zip(self.seqs.range(skip..).copied()).take(max)
     }
 
     fn push(&mut self, key: u64, seq: u64) {
@@ -152,6 +153,7 @@ mod tests {
         assert_eq!(tail.events(), 3);
         assert_eq!(tail.partition(1).entries_from(6, 10).collect::<Vec<_>>(), vec![(6, 12)]);
         assert_eq!(tail.partition(1).entries_from(1, 1).collect::<Vec<_>>(), vec![(5, 10)]);
+        assert_eq!(tail.partition(1).entries_from(9, 10).count(), 0, "past the run's end");
         let a = tail.stream("a").unwrap();
         assert_eq!((a.first(), a.next()), (1, 3));
         assert_eq!(tail.stream("b").unwrap().first(), 3);
