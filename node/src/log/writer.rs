@@ -194,8 +194,9 @@ impl Writer {
         loop {
             let started = Instant::now();
             match self.commit(batch) {
-                Ok((outcomes, heads, last_seq)) => {
-                    self.store.extend_tail(index_entries(batch, &outcomes, self.last_seq));
+                Ok(BatchCommit { outcomes, heads, entries }) => {
+                    let last_seq = self.last_seq + entries.len() as u64;
+                    self.store.extend_tail(entries);
                     self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.inc();
                     let events: u64 = heads.iter().zip(&self.heads).map(|(after, before)| after - before).sum();
@@ -222,12 +223,12 @@ impl Writer {
     }
 
     /// Decides every append of the batch against the current versions, then appends the
-    /// accepted events to the log and commits. Returns the outcomes, the new heads and the new
-    /// last sequence; nothing of the batch is stored when it fails.
-    fn commit(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>, u64), StorageError> {
+    /// accepted events to the log and commits. Nothing of the batch is stored when it fails.
+    fn commit<'b>(&self, batch: &'b [AppendJob]) -> Result<BatchCommit<'b>, StorageError> {
         let (outcomes, heads) = self.decide(batch)?;
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64;
         let mut seq = self.last_seq;
+        let mut entries = Vec::new();
         let mut txn = self.store.write()?;
         for (job, outcome) in batch.iter().zip(&outcomes) {
             let Ok(appended) = outcome else { continue };
@@ -247,13 +248,14 @@ impl Writer {
                     epoch: self.epoch,
                 };
                 txn.append(seq, &record)?;
+                entries.push((record.partition, record.position, record.stream, record.stream_version, seq));
             }
         }
         for (before, after) in self.heads.iter().zip(&heads) {
             assert!(after >= before, "partition head went backwards: {before} -> {after}");
         }
         txn.commit()?;
-        Ok((outcomes, heads, seq))
+        Ok(BatchCommit { outcomes, heads, entries })
     }
 
     /// Checks each append's expected version in batch order and places the accepted ones: their
@@ -261,15 +263,17 @@ impl Writer {
     fn decide(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>), StorageError> {
         let partition_count = self.store.partition_count();
         let mut heads = self.heads.clone();
-        let versions = self.store.versions()?;
+        let streams: Vec<&str> = batch.iter().map(|job| job.request.stream.as_str()).collect();
+        // Versions as stored, one per append, taken before the batch moves any.
+        let stored = self.store.stream_versions(&streams)?;
         // Versions this batch already moved: later appends to the same stream see them.
         let mut moved: HashMap<&str, u64> = HashMap::new();
         let mut outcomes = Vec::with_capacity(batch.len());
-        for job in batch {
+        for (job, stored) in batch.iter().zip(stored) {
             let req = &job.request;
             let current = match moved.get(req.stream.as_str()) {
                 Some(version) => *version,
-                None => match versions.stream_version(&req.stream) {
+                None => match stored {
                     Ok(version) => version,
                     // One stream's damaged index fails that append, not the whole batch.
                     Err(e @ StorageError::Corrupt(_)) => {
@@ -299,19 +303,15 @@ impl Writer {
     }
 }
 
-/// The index entries of a committed batch, `(partition, position, stream, version, seq)`, in the
-/// order [`Writer::commit`] appended the events (sequences from `last_seq + 1` on).
-fn index_entries<'b>(
-    batch: &'b [AppendJob],
-    outcomes: &'b [Outcome],
-    last_seq: u64,
-) -> impl Iterator<Item = (u32, u64, &'b str, u64, u64)> + 'b {
-    let accepted = batch.iter().zip(outcomes).filter_map(|(job, outcome)| outcome.as_ref().ok().map(|appended| (&job.request, appended)));
-    let events = accepted.flat_map(|(req, appended)| {
-        let first_version = appended.stream_version + 1 - req.events.len() as u64;
-        (0..req.events.len() as u64).map(move |i| (appended.partition, appended.first_position + i, req.stream.as_str(), first_version + i))
-    });
-    events.zip(last_seq + 1..).map(|((partition, position, stream, version), seq)| (partition, position, stream, version, seq))
+/// What a committed batch produced.
+struct BatchCommit<'b> {
+    /// One per append, in batch order.
+    outcomes: Vec<Outcome>,
+    /// Partition heads after the batch.
+    heads: Vec<u64>,
+    /// Each appended event's index entries, `(partition, position, stream, version, seq)`, in
+    /// sequence order (from the log's last sequence + 1 on), as they were appended.
+    entries: Vec<(u32, u64, &'b str, u64, u64)>,
 }
 
 /// Set once a commit or a sync failed with an I/O error. From then on nothing is written,

@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use heed::types::Bytes;
 use heed::{Database, EnvFlags, PutFlags, RoTxn, RwTxn, WithoutTls};
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::RwLock;
 use thiserror::Error;
 
 use crate::config::StorageConfig;
@@ -325,11 +325,22 @@ impl Store {
         StorageSizes { used_bytes: log_used + index_used, map_size_bytes: log_map + index_map }
     }
 
-    /// The view the writer decides expected versions with.
-    pub(crate) fn versions(&self) -> Result<Versions<'_>, StorageError> {
-        let tail = self.tail.read();
-        let index = self.index.read()?;
-        Ok(Versions { tail, index, dbs: self.index_dbs })
+    /// The current version (0 when none) of each of `streams`, including events not yet
+    /// durable: the tail's last version where the tail holds the stream, else the index's. Each is
+    /// its own result, so one stream's damaged index entry fails only that stream. The tail lock
+    /// is held only to read the tail and open the index snapshot (a stream the tail lacks then is
+    /// wholly in that snapshot); the index lookups run after it is released.
+    pub(crate) fn stream_versions(&self, streams: &[&str]) -> Result<Vec<Result<u64, StorageError>>, StorageError> {
+        let (index, in_tail) = {
+            let tail = self.tail.read();
+            let index = self.index.read()?;
+            (index, streams.iter().map(|stream| tail.stream(stream).map(|run| run.next() - 1)).collect::<Vec<_>>())
+        };
+        let versions = streams.iter().zip(in_tail).map(|(stream, in_tail)| match in_tail {
+            Some(version) => Ok(version),
+            None => index_stream_version(&index.txn, self.index_dbs, stream),
+        });
+        Ok(versions.collect())
     }
 
     /// The log's write transaction. Only the log's writer calls this.
@@ -542,7 +553,7 @@ impl Store {
 
     /// The stream's current version (0 when it has no events), including events not yet durable.
     pub fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        self.versions()?.stream_version(stream)
+        self.stream_versions(&[stream])?.pop().expect("one version per stream asked")
     }
 }
 
@@ -659,30 +670,17 @@ impl EventReader {
     }
 }
 
-/// The writer's view of stream versions: the tail first, the index environment for streams the
-/// tail holds nothing of.
-pub(crate) struct Versions<'s> {
-    tail: RwLockReadGuard<'s, IndexTail>,
-    index: Snapshot<'s>,
-    dbs: IndexDbs,
-}
-
-impl Versions<'_> {
-    /// The stream's current version (0 when it has no events).
-    pub fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        if let Some(run) = self.tail.stream(stream) {
-            return Ok(run.next() - 1);
-        }
-        let prefix = keys::stream_prefix(stream);
-        let end = [prefix.as_slice(), &[0xFF]].concat();
-        let Some(entry) = self.dbs.streams.rev_range(&self.index.txn, &span(&prefix, &end))?.next() else {
-            return Ok(0);
-        };
-        let (key, _) = entry?;
-        match keys::unpack(&key[prefix.len()..]).as_deref() {
-            Ok([keys::Value::U64(version)]) => Ok(*version),
-            _ => Err(CorruptRecord::in_stream(stream, 0, "undecodable stream index key").into()),
-        }
+/// The stream's last version in the index environment (0 when it has none there).
+fn index_stream_version(txn: &RoTxn<'_, WithoutTls>, dbs: IndexDbs, stream: &str) -> Result<u64, StorageError> {
+    let prefix = keys::stream_prefix(stream);
+    let end = [prefix.as_slice(), &[0xFF]].concat();
+    let Some(entry) = dbs.streams.rev_range(txn, &span(&prefix, &end))?.next() else {
+        return Ok(0);
+    };
+    let (key, _) = entry?;
+    match keys::unpack(&key[prefix.len()..]).as_deref() {
+        Ok([keys::Value::U64(version)]) => Ok(*version),
+        _ => Err(CorruptRecord::in_stream(stream, 0, "undecodable stream index key").into()),
     }
 }
 
