@@ -251,7 +251,13 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
         Workload::Raw => {
             let dir = tempfile::Builder::new().prefix("anthill-bench-raw-").tempdir()?;
             let store = Arc::new(Store::open(dir.path(), &StorageConfig::default())?);
-            let log = Arc::new(Log::start(store, &GroupCommitConfig::default(), &LimitsConfig::default(), Arc::new(Metrics::default()))?);
+            let log = Arc::new(Log::start(
+                store,
+                &GroupCommitConfig::default(),
+                &LimitsConfig::default(),
+                &crate::config::AppConfig::default(),
+                Arc::new(Metrics::default()),
+            )?);
             let target = Target::Raw(log.clone());
             drive(args, &target, &progress, &histogram).await?;
             tokio::task::spawn_blocking(move || log.close()).await?;

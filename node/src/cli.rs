@@ -38,6 +38,8 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Start a node on loopback, push a short load at it, and show what happened.
     Demo(crate::demo::DemoArgs),
+    /// Run given-when-then specs (or measure their speed with --perf).
+    Specs(crate::app::specs::command::SpecsArgs),
 }
 
 /// Every field of the config file as a flag; a flag wins over the file.
@@ -94,6 +96,8 @@ pub struct NodeArgs {
     subscribe_buffer_bytes: Option<usize>,
     #[arg(long)]
     max_session_in_flight: Option<usize>,
+    #[arg(long)]
+    command_id_retention_s: Option<u64>,
     /// `human` or `json`.
     #[arg(long, value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
@@ -143,6 +147,7 @@ impl NodeArgs {
             max_event_bytes => limits.max_event_bytes, max_events_per_append => limits.max_events_per_append,
             max_request_bytes => limits.max_request_bytes, max_read_count => limits.max_read_count,
             subscribe_buffer_bytes => limits.subscribe_buffer_bytes, max_session_in_flight => limits.max_session_in_flight,
+            command_id_retention_s => app.command_id_retention_s,
             log_format => telemetry.log_format, log_level => telemetry.log_level,
             service_name => telemetry.service_name,
         );
@@ -249,6 +254,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
         Command::Demo(args) => runtime.block_on(crate::demo::run(args)),
+        Command::Specs(args) => crate::app::specs::command::run(args),
     }
 }
 

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::storage::MAX_STREAM_ID_BYTES;
 use thiserror::Error;
 
+/// Longest command id retention: a week.
+pub const MAX_COMMAND_ID_RETENTION_S: u64 = 7 * 24 * 3600;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -38,7 +41,28 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     pub group_commit: GroupCommitConfig,
     pub limits: LimitsConfig,
+    pub app: AppConfig,
     pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// How long an accepted command's id is remembered: a retry within this window returns the
+    /// first result and writes nothing (the duplicate window; see `app/commands.rs`).
+    pub command_id_retention_s: u64,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig { command_id_retention_s: 600 }
+    }
+}
+
+impl AppConfig {
+    pub fn command_id_retention(&self) -> Duration {
+        Duration::from_secs(self.command_id_retention_s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +148,7 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             group_commit: GroupCommitConfig::default(),
             limits: LimitsConfig::default(),
+            app: AppConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -216,6 +241,12 @@ impl NodeConfig {
             return invalid(
                 "storage.index_tail_max_events",
                 format!("must be at least storage.index_flush_events ({}), got {}", s.index_flush_events, s.index_tail_max_events),
+            );
+        }
+        if self.app.command_id_retention_s == 0 || self.app.command_id_retention_s > MAX_COMMAND_ID_RETENTION_S {
+            return invalid(
+                "app.command_id_retention_s",
+                format!("must be between 1 and {MAX_COMMAND_ID_RETENTION_S} (7 days), got {}", self.app.command_id_retention_s),
             );
         }
         if g.max_wait_us > 1_000_000 {

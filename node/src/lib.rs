@@ -9,6 +9,7 @@
 //! [`bench`] loads them and [`demo`] shows one working.
 
 pub mod api;
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -24,6 +24,8 @@ pub struct Metrics {
     append_outcomes: [Counter; 4],
     /// Append requests by outcome: `ok`, `wrong_expected_version`, `invalid`, `error`.
     pub append_requests: Family<Labels, Counter>,
+    /// Commands by outcome: `ok`, `duplicate`, `rejected`, `error`.
+    pub commands: Family<Labels, Counter>,
     pub events_appended: Counter,
     pub commits: Counter,
     pub batch_events: Histogram,
@@ -47,6 +49,7 @@ impl Default for Metrics {
         let m = Metrics {
             append_outcomes: APPEND_OUTCOMES.map(|o| append_requests.get_or_create_owned(&vec![("outcome", o)])),
             append_requests,
+            commands: Family::default(),
             events_appended: Counter::default(),
             commits: Counter::default(),
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
@@ -64,6 +67,7 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("append_requests", "Append requests by outcome", m.append_requests.clone());
+        registry.register("commands", "Commands by outcome (ok, duplicate, rejected, error)", m.commands.clone());
         registry.register("events_appended", "Events made durable", m.events_appended.clone());
         registry.register("commits", "Group commits (LMDB write transactions synced)", m.commits.clone());
         registry.register("batch_events", "Events per group commit", m.batch_events.clone());
@@ -98,6 +102,11 @@ impl Metrics {
             Some(i) => self.append_outcomes[i].inc(),
             None => self.append_requests.get_or_create_owned(&vec![("outcome", outcome)]).inc(),
         };
+    }
+
+    /// Counts one command by outcome.
+    pub fn count_command(&self, outcome: &'static str) {
+        self.commands.get_or_create_owned(&vec![("outcome", outcome)]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

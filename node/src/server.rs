@@ -44,7 +44,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let metrics = Arc::new(Metrics::default());
     let (store_config, dir) = (config.storage.clone(), config.data_dir.clone());
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, &store_config)).await??;
-    let log = Arc::new(Log::start(Arc::new(store), &config.group_commit, &config.limits, metrics.clone())?);
+    let log = Arc::new(Log::start(Arc::new(store), &config.group_commit, &config.limits, &config.app, metrics.clone())?);
     let heads = log.commits().borrow().heads.clone();
     tracing::info!(
         data_dir = %config.data_dir.display(),

@@ -19,7 +19,10 @@ use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{GroupCommitConfig, LimitsConfig};
+use crate::app::commands::CommandRecord;
+use crate::app::processor::{Rejected, Routed};
+use crate::app::{StateView, state::subspace};
+use crate::config::{AppConfig, GroupCommitConfig, LimitsConfig};
 use crate::metrics::Metrics;
 use crate::storage::{ReadLimit, Slice, StorageError, Store};
 pub use expected::ExpectedVersion;
@@ -54,6 +57,25 @@ pub struct Appended {
     pub first_position: u64,
     pub last_position: u64,
     pub stream_version: u64,
+}
+
+/// What an accepted (or repeated) command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandDone {
+    /// Where its events landed (the first result, for a duplicate).
+    pub record: CommandRecord,
+    /// The command id was seen before: nothing was decided or written now.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Error)]
+pub enum CommandError {
+    /// The domain said no; nothing was written.
+    #[error("rejected: {}: {}", .0.code, .0.message)]
+    Rejected(Rejected),
+    /// The command could not be run (invalid, storage, shutdown); nothing of it was written.
+    #[error("{0}")]
+    Failed(AppendError),
 }
 
 #[derive(Debug, Clone, Error)]
@@ -104,7 +126,7 @@ fn failure_label(error: &AppendError) -> &'static str {
 pub struct Log {
     store: Arc<Store>,
     limits: LimitsConfig,
-    queue: Mutex<Option<flume::Sender<writer::AppendJob>>>,
+    queue: Mutex<Option<flume::Sender<writer::Job>>>,
     commits: watch::Receiver<CommitPoint>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
@@ -117,6 +139,7 @@ impl Log {
         store: Arc<Store>,
         group_commit: &GroupCommitConfig,
         limits: &LimitsConfig,
+        app: &AppConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StorageError> {
         // `Store::open` synced the log and indexed it: everything in it is durable and findable.
@@ -135,6 +158,7 @@ impl Log {
             published,
             metrics: metrics.clone(),
             poison: poison.clone(),
+            command_id_retention: app.command_id_retention(),
         };
         let handle =
             std::thread::Builder::new().name("anthill-writer".into()).spawn(move || writer.run()).map_err(StorageError::WriterThread)?;
@@ -179,10 +203,46 @@ impl Log {
         validate_append(&self.limits, &request).map_err(AppendError::Invalid)?;
         let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::AppendJob { request, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        queue.send_async(writer::Job::Append { request, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
         // Never hold a sender while waiting: `close` ends the writer once all senders are gone.
         drop(queue);
         Ok(PendingAppend { answer, metrics: self.metrics.clone() })
+    }
+
+    /// Runs a command on its domain's processor (the writer); resolves once its events and state
+    /// changes are durable, or it was rejected or failed (then nothing of it was written). The
+    /// caller validated the command's scope and id.
+    pub async fn command(&self, command: Box<dyn Routed>) -> Result<CommandDone, CommandError> {
+        let queue = self.queue.lock().clone().ok_or(CommandError::Failed(AppendError::ShuttingDown))?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Command { command, reply }).await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown))?;
+        drop(queue);
+        let outcome = answer.await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown)).and_then(|outcome| outcome);
+        self.metrics.count_command(match &outcome {
+            Ok(done) if done.duplicate => "duplicate",
+            Ok(_) => "ok",
+            Err(CommandError::Rejected(_)) => "rejected",
+            Err(CommandError::Failed(_)) => "error",
+        });
+        outcome
+    }
+
+    /// Answers a query from the state of `scope` of `domain`, once every command that state
+    /// reflects is durable: a query never shows what a crash could still undo.
+    pub async fn query<R>(&self, domain: &str, scope: &str, read: impl FnOnce(&StateView<'_>) -> R) -> Result<R, AppendError> {
+        let prefix = subspace(domain, scope);
+        let (answer, seq) =
+            self.store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix))).map_err(|e| AppendError::Storage(Arc::new(e)))?;
+        let mut commits = self.commits.clone();
+        if commits.borrow().seq < seq {
+            tokio::select! {
+                reached = commits.wait_for(|point| point.seq >= seq) => { reached.map_err(|_| AppendError::ShuttingDown)?; }
+                _ = self.write_failed() => {
+                    return Err(AppendError::Storage(self.write_failure().expect("write_failed resolves once poisoned")));
+                }
+            }
+        }
+        Ok(answer)
     }
 
     /// The latest commit point; `changed()` on the receiver wakes on every new commit.
@@ -246,6 +306,9 @@ impl Drop for Log {
 /// Checks an append against the limits. The message names what is wrong and where.
 pub fn validate_append(limits: &LimitsConfig, request: &AppendRequest) -> Result<(), String> {
     validate_stream_id(limits, &request.stream)?;
+    if crate::app::is_domain_stream(&request.stream) {
+        return Err(format!("stream: {:?} belongs to a domain; only its commands append to it (e.g. `anthill ledger`)", request.stream));
+    }
     if request.events.is_empty() {
         return Err("events: an append needs at least one event".into());
     }
@@ -315,7 +378,7 @@ mod tests {
     fn open_with(dir: &std::path::Path, wait_us: u64, storage: StorageConfig) -> Log {
         let store = Arc::new(Store::open(dir, &storage).unwrap());
         let gc = GroupCommitConfig { max_wait_us: wait_us, ..GroupCommitConfig::default() };
-        Log::start(store, &gc, &LimitsConfig::default(), Arc::new(Metrics::default())).unwrap()
+        Log::start(store, &gc, &LimitsConfig::default(), &AppConfig::default(), Arc::new(Metrics::default())).unwrap()
     }
 
     fn req(stream: &str, expected: ExpectedVersion, n: usize) -> AppendRequest {

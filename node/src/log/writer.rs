@@ -1,12 +1,15 @@
 //! The single writer: group commit of appends into the log.
 //!
-//! One OS thread owns the log's only write transaction. It takes the first queued append, keeps
-//! taking more until the batch is full (`max_batch_events` / `max_batch_bytes`) or `max_wait` has
-//! passed since the first, checks each append's expected version *in order* against the store's
-//! versions plus the batch's own earlier appends (so two appends to one stream in one batch see
-//! each other), appends the accepted events at the end of the log (each with the next global
-//! sequence), commits, and hands the events' index entries to the store's in-memory index tail,
-//! which the indexer thread (`indexer.rs`) moves to the index environment later.
+//! One OS thread owns the log's only write transaction. It takes the first queued job (an append,
+//! or a command of a domain), keeps taking more until the batch is full (`max_batch_events` /
+//! `max_batch_bytes`) or `max_wait` has passed since the first, and runs the jobs *in order* in one
+//! transaction: an append's expected version is checked against the store's versions plus the
+//! batch's own earlier jobs (so two appends to one stream in one batch see each other); a command
+//! is decided against the domain state as the batch has left it and its events are evolved into
+//! that state (the LMAX processor, see `app/processor.rs`). Accepted events go at the end of the
+//! log, each with the next global sequence. Then it commits, and hands the events' index entries
+//! to the store's in-memory index tail, which the indexer thread (`indexer.rs`) moves to the index
+//! environment later.
 //!
 //! Durability is split over two threads so that syncing one batch overlaps with building the next.
 //! The store runs LMDB with `NO_META_SYNC`: the writer's commit writes the batch's data pages,
@@ -24,7 +27,9 @@
 //! - an append is answered `Ok` only after a sync that started after its commit returned;
 //! - readers and subscribers see events up to the published heads, published at that sync;
 //! - batches are synced, published and answered in commit order, so heads only move forward;
-//! - an append that fails its expected version writes nothing; the others in the batch go ahead;
+//! - an append that fails its expected version, and a command that is rejected (or whose state
+//!   cannot be read while deciding), writes nothing; the others in the batch go ahead;
+//! - a command's events and its state changes commit in the same transaction;
 //! - if the transaction fails, nothing of the batch is stored, the in-memory partition heads are
 //!   left as they were, and every append of the batch gets the error;
 //! - after an I/O failure of a commit or a sync, nothing more is written, published or
@@ -43,32 +48,89 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, watch};
 
+use heed::RwTxn;
+
 use super::indexer::{Indexer, Room};
-use super::{AppendError, AppendRequest, Appended, CommitPoint, partitioning::partition_of};
+use super::{AppendError, AppendRequest, Appended, CommandDone, CommandError, CommitPoint, NewEvent, partitioning::partition_of};
+use crate::app::StateError;
+use crate::app::commands::{self, CommandRecord};
+use crate::app::processor::{Executed, Failure, Routed};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
-use crate::storage::{RecordRef, StorageError, Store};
+use crate::storage::{Appender, RecordRef, StorageError, Store};
 
 /// What one append is answered with.
-type Outcome = Result<Appended, AppendError>;
+type AppendOutcome = Result<Appended, AppendError>;
+type CommandOutcome = Result<CommandDone, CommandError>;
 
-pub(super) struct AppendJob {
-    pub request: AppendRequest,
-    pub reply: oneshot::Sender<Outcome>,
+/// What the writer runs: appends and commands share the queue and the group commit.
+pub(super) enum Job {
+    Append { request: AppendRequest, reply: oneshot::Sender<AppendOutcome> },
+    Command { command: Box<dyn Routed>, reply: oneshot::Sender<CommandOutcome> },
 }
 
-impl AppendJob {
+/// A job's answer, kept until the batch is durable.
+enum Outcome {
+    Append(AppendOutcome),
+    Command(CommandOutcome),
+}
+
+impl Job {
+    fn stream(&self) -> &str {
+        match self {
+            Job::Append { request, .. } => &request.stream,
+            Job::Command { command, .. } => command.stream(),
+        }
+    }
+    /// Events the job adds (a command's are not known before it is decided: counted as one).
     fn events(&self) -> usize {
-        self.request.events.len()
+        match self {
+            Job::Append { request, .. } => request.events.len(),
+            Job::Command { .. } => 1,
+        }
     }
     fn bytes(&self) -> usize {
-        self.request.events.iter().map(|e| e.payload.len() + e.event_type.len()).sum::<usize>() + self.request.stream.len()
+        match self {
+            Job::Append { request, .. } => {
+                request.events.iter().map(|e| e.payload.len() + e.event_type.len()).sum::<usize>() + request.stream.len()
+            }
+            Job::Command { command, .. } => command.size_bytes(),
+        }
+    }
+    /// Answers the job; a failure of the whole batch (`failure`) overrides a success.
+    fn answer(self, outcome: Outcome, failure: Option<&AppendError>) {
+        match (self, outcome) {
+            (Job::Append { reply, .. }, Outcome::Append(outcome)) => {
+                let _ = reply.send(match (failure, outcome) {
+                    (Some(error), Ok(_)) => Err(error.clone()),
+                    (_, outcome) => outcome,
+                });
+            }
+            (Job::Command { reply, .. }, Outcome::Command(outcome)) => {
+                let _ = reply.send(match (failure, outcome) {
+                    (Some(error), Ok(_)) => Err(CommandError::Failed(error.clone())),
+                    (_, outcome) => outcome,
+                });
+            }
+            _ => unreachable!("every job gets an outcome of its own kind"),
+        }
+    }
+    /// Answers the job with the error that failed its whole batch.
+    fn fail(self, error: AppendError) {
+        match self {
+            Job::Append { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Job::Command { reply, .. } => {
+                let _ = reply.send(Err(CommandError::Failed(error)));
+            }
+        }
     }
 }
 
 pub(super) struct Writer {
     pub store: Arc<Store>,
-    pub rx: flume::Receiver<AppendJob>,
+    pub rx: flume::Receiver<Job>,
     pub config: GroupCommitConfig,
     pub heads: Vec<u64>,
     /// The log's last sequence committed.
@@ -77,6 +139,8 @@ pub(super) struct Writer {
     pub published: watch::Sender<CommitPoint>,
     pub metrics: Arc<Metrics>,
     pub poison: Arc<Poison>,
+    /// How long accepted command ids are remembered.
+    pub command_id_retention: Duration,
 }
 
 impl Writer {
@@ -138,7 +202,7 @@ impl Writer {
                     }
                     Err(error) => {
                         for job in batch.drain(..) {
-                            let _ = job.reply.send(Err(error.clone()));
+                            job.fail(error.clone());
                         }
                     }
                 }
@@ -163,7 +227,7 @@ impl Writer {
     }
 
     /// Fills `batch` starting with `first`; returns an append that did not fit, for the next one.
-    fn collect(&self, first: AppendJob, batch: &mut Vec<AppendJob>) -> Option<AppendJob> {
+    fn collect(&self, first: Job, batch: &mut Vec<Job>) -> Option<Job> {
         debug_assert!(batch.is_empty());
         let (mut events, mut bytes) = (first.events(), first.bytes());
         batch.push(first);
@@ -189,8 +253,8 @@ impl Writer {
 
     /// Commits the batch, growing the log's map and retrying when it is full. On success the
     /// batch's index entries are in the tail and the writer's heads and sequence move on.
-    fn commit_with_growth(&mut self, batch: &[AppendJob]) -> Result<Vec<Outcome>, Arc<StorageError>> {
-        let batch_bytes: usize = batch.iter().map(AppendJob::bytes).sum();
+    fn commit_with_growth(&mut self, batch: &[Job]) -> Result<Vec<Outcome>, Arc<StorageError>> {
+        let batch_bytes: usize = batch.iter().map(Job::bytes).sum();
         loop {
             let started = Instant::now();
             match self.commit(batch) {
@@ -222,84 +286,169 @@ impl Writer {
         }
     }
 
-    /// Decides every append of the batch against the current versions, then appends the
-    /// accepted events to the log and commits. Nothing of the batch is stored when it fails.
-    fn commit<'b>(&self, batch: &'b [AppendJob]) -> Result<BatchCommit<'b>, StorageError> {
-        let (outcomes, heads) = self.decide(batch)?;
+    /// Runs the batch's jobs in order in one transaction and commits. Nothing of the batch is
+    /// stored when it fails.
+    fn commit<'b>(&self, batch: &'b [Job]) -> Result<BatchCommit<'b>, StorageError> {
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64;
-        let mut seq = self.last_seq;
-        let mut entries = Vec::new();
-        let mut txn = self.store.write()?;
-        for (job, outcome) in batch.iter().zip(&outcomes) {
-            let Ok(appended) = outcome else { continue };
-            let req = &job.request;
-            let first_version = appended.stream_version + 1 - req.events.len() as u64;
-            for (i, event) in req.events.iter().enumerate() {
-                seq += 1;
-                let record = RecordRef {
-                    partition: appended.partition,
-                    position: appended.first_position + i as u64,
-                    stream: &req.stream,
-                    stream_version: first_version + i as u64,
-                    event_type: &event.event_type,
-                    payload: &event.payload,
-                    metadata: &event.metadata,
-                    append_time_us: now_us,
-                    epoch: self.epoch,
-                };
-                txn.append(seq, &record)?;
-                entries.push((record.partition, record.position, record.stream, record.stream_version, seq));
-            }
+        let streams: Vec<&str> = batch.iter().map(Job::stream).collect();
+        // Versions as stored, one per job, taken before the batch moves any.
+        let stored = self.store.stream_versions(&streams)?;
+        let mut placer = Placer {
+            heads: self.heads.clone(),
+            seq: self.last_seq,
+            moved: HashMap::new(),
+            entries: Vec::new(),
+            partition_count: self.store.partition_count(),
+            epoch: self.epoch,
+            now_us,
+        };
+        let mut log_txn = self.store.write()?;
+        let (txn, appender, state_db) = log_txn.parts();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut commands_run = false;
+        for (job, stored) in batch.iter().zip(stored) {
+            let current = match placer.current(job.stream(), stored) {
+                Ok(version) => version,
+                // One stream's damaged index fails that job, not the whole batch.
+                Err(e @ StorageError::Corrupt(_)) => {
+                    let error = AppendError::Storage(Arc::new(e));
+                    outcomes.push(match job {
+                        Job::Append { .. } => Outcome::Append(Err(error)),
+                        Job::Command { .. } => Outcome::Command(Err(CommandError::Failed(error))),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            outcomes.push(match job {
+                Job::Append { request, .. } => Outcome::Append(placer.append(txn, appender, request, current)?),
+                Job::Command { command, .. } => {
+                    commands_run = true;
+                    Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
+                }
+            });
         }
-        for (before, after) in self.heads.iter().zip(&heads) {
+        if commands_run {
+            let before_us = now_us.saturating_sub(self.command_id_retention.as_micros() as u64);
+            commands::expire(txn, state_db, before_us, commands::EXPIRE_PER_COMMIT)?;
+        }
+        for (before, after) in self.heads.iter().zip(&placer.heads) {
             assert!(after >= before, "partition head went backwards: {before} -> {after}");
         }
-        txn.commit()?;
+        let Placer { heads, entries, .. } = placer;
+        log_txn.commit()?;
         Ok(BatchCommit { outcomes, heads, entries })
     }
+}
 
-    /// Checks each append's expected version in batch order and places the accepted ones: their
-    /// partition positions and stream versions. Writes nothing.
-    fn decide(&self, batch: &[AppendJob]) -> Result<(Vec<Outcome>, Vec<u64>), StorageError> {
-        let partition_count = self.store.partition_count();
-        let mut heads = self.heads.clone();
-        let streams: Vec<&str> = batch.iter().map(|job| job.request.stream.as_str()).collect();
-        // Versions as stored, one per append, taken before the batch moves any.
-        let stored = self.store.stream_versions(&streams)?;
-        // Versions this batch already moved: later appends to the same stream see them.
-        let mut moved: HashMap<&str, u64> = HashMap::new();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (job, stored) in batch.iter().zip(stored) {
-            let req = &job.request;
-            let current = match moved.get(req.stream.as_str()) {
-                Some(version) => *version,
-                None => match stored {
-                    Ok(version) => version,
-                    // One stream's damaged index fails that append, not the whole batch.
-                    Err(e @ StorageError::Corrupt(_)) => {
-                        outcomes.push(Err(AppendError::Storage(Arc::new(e))));
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                },
-            };
-            if !req.expected.allows(current) {
-                outcomes.push(Err(AppendError::WrongExpectedVersion {
-                    stream: req.stream.clone(),
-                    expected: req.expected,
-                    actual: current,
-                }));
-                continue;
-            }
-            let partition = partition_of(&req.stream, partition_count);
-            let head = &mut heads[partition as usize];
-            let first_position = *head + 1;
-            *head += req.events.len() as u64;
-            let stream_version = current + req.events.len() as u64;
-            moved.insert(&req.stream, stream_version);
-            outcomes.push(Ok(Appended { partition, first_position, last_position: *head, stream_version }));
+/// Places a batch's events: partition positions, stream versions, log sequences, index entries.
+struct Placer<'b> {
+    heads: Vec<u64>,
+    /// The log's last sequence used.
+    seq: u64,
+    /// Versions this batch already moved: later jobs on the same stream see them.
+    moved: HashMap<&'b str, u64>,
+    entries: Vec<(u32, u64, &'b str, u64, u64)>,
+    partition_count: u32,
+    epoch: u64,
+    now_us: u64,
+}
+
+impl<'b> Placer<'b> {
+    /// The stream's version as the batch has left it so far.
+    fn current(&self, stream: &str, stored: Result<u64, StorageError>) -> Result<u64, StorageError> {
+        match self.moved.get(stream) {
+            Some(version) => Ok(*version),
+            None => stored,
         }
-        Ok((outcomes, heads))
+    }
+
+    /// An append: checks its expected version, then places its events.
+    fn append(
+        &mut self,
+        txn: &mut RwTxn<'_>,
+        appender: &mut Appender,
+        req: &'b AppendRequest,
+        current: u64,
+    ) -> Result<AppendOutcome, StorageError> {
+        if !req.expected.allows(current) {
+            return Ok(Err(AppendError::WrongExpectedVersion { stream: req.stream.clone(), expected: req.expected, actual: current }));
+        }
+        self.place(txn, appender, &req.stream, current, &req.events).map(Ok)
+    }
+
+    /// A command: runs it against state (see `app/processor.rs`), placing its events if accepted.
+    fn command(
+        &mut self,
+        txn: &mut RwTxn<'_>,
+        appender: &mut Appender,
+        state_db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+        command: &'b dyn Routed,
+        current: u64,
+    ) -> Result<CommandOutcome, StorageError> {
+        let now_us = self.now_us;
+        let stream = command.stream();
+        let mut place = |txn: &mut RwTxn<'_>, events: Vec<NewEvent>| -> Result<CommandRecord, StateError> {
+            let record = CommandRecord {
+                partition: partition_of(stream, self.partition_count),
+                first_position: 0,
+                last_position: 0,
+                stream_version: current,
+                events: 0,
+                recorded_at_us: now_us,
+            };
+            if events.is_empty() {
+                return Ok(record);
+            }
+            let appended = self.place(txn, appender, stream, current, &events).map_err(|e| StateError::Log(Box::new(e)))?;
+            Ok(CommandRecord {
+                first_position: appended.first_position,
+                last_position: appended.last_position,
+                stream_version: appended.stream_version,
+                events: events.len() as u32,
+                ..record
+            })
+        };
+        Ok(match command.execute(txn, state_db, now_us, &mut place)? {
+            Ok(Executed::Accepted { record, .. }) => Ok(CommandDone { record, duplicate: false }),
+            Ok(Executed::Duplicate(record)) => Ok(CommandDone { record, duplicate: true }),
+            Err(Failure::Rejected(rejected)) => Err(CommandError::Rejected(rejected)),
+            Err(Failure::Unreadable(e)) => Err(CommandError::Failed(AppendError::Storage(Arc::new(e.into())))),
+        })
+    }
+
+    /// Appends `events` to `stream` (at version `current`) at the end of the log.
+    fn place(
+        &mut self,
+        txn: &mut RwTxn<'_>,
+        appender: &mut Appender,
+        stream: &'b str,
+        current: u64,
+        events: &[NewEvent],
+    ) -> Result<Appended, StorageError> {
+        debug_assert!(!events.is_empty());
+        let partition = partition_of(stream, self.partition_count);
+        let first_position = self.heads[partition as usize] + 1;
+        for (i, event) in events.iter().enumerate() {
+            self.seq += 1;
+            let record = RecordRef {
+                partition,
+                position: first_position + i as u64,
+                stream,
+                stream_version: current + 1 + i as u64,
+                event_type: &event.event_type,
+                payload: &event.payload,
+                metadata: &event.metadata,
+                append_time_us: self.now_us,
+                epoch: self.epoch,
+            };
+            appender.append(txn, self.seq, &record)?;
+            self.entries.push((partition, record.position, stream, record.stream_version, self.seq));
+        }
+        let n = events.len() as u64;
+        self.heads[partition as usize] += n;
+        self.moved.insert(stream, current + n);
+        Ok(Appended { partition, first_position, last_position: first_position + n - 1, stream_version: current + n })
     }
 }
 
@@ -347,7 +496,7 @@ const SYNC_QUEUE_BATCHES: usize = 8;
 
 /// A committed batch whose meta page still has to reach the disk.
 struct Committed {
-    jobs: Vec<AppendJob>,
+    jobs: Vec<Job>,
     outcomes: Vec<Outcome>,
     /// Partition heads once this batch is durable.
     heads: Vec<u64>,
@@ -407,11 +556,7 @@ impl Syncer {
             self.metrics.map_size_bytes.set(sizes.map_size_bytes as i64);
             for batch in batches {
                 for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
-                    let outcome = match (&failure, outcome) {
-                        (Some(error), Ok(_)) => Err(error.clone()),
-                        (_, outcome) => outcome,
-                    };
-                    let _ = job.reply.send(outcome);
+                    job.answer(outcome, failure.as_ref());
                 }
             }
         }

@@ -6,6 +6,7 @@
 //! |-------------|--------------|---------------------------|------------------------------------|
 //! | `log/`      | `log`        | `(seq,)`                  | [`record::EventRecord`] stored form |
 //! | `log/`      | `meta`       | `(name,)`                 | format version, partition count     |
+//! | `log/`      | `state`      | `(domain, scope, ...)`    | domain state, command ids (see [`crate::app`]) |
 //! | `index/`    | `partitions` | `(partition, position)`   | seq, u64 big-endian                 |
 //! | `index/`    | `streams`    | `(stream, version)`       | seq, u64 big-endian                 |
 //! | `index/`    | `meta`       | `(name,)`                 | format version, `indexed_through`   |
@@ -90,6 +91,8 @@ pub enum StorageError {
     WriterThread(std::io::Error),
     #[error(transparent)]
     Corrupt(#[from] CorruptRecord),
+    #[error("domain state: {0}")]
+    State(String),
     #[error("LMDB: {0}")]
     Lmdb(#[from] heed::Error),
 }
@@ -111,6 +114,8 @@ impl StorageError {
 struct LogDbs {
     log: Database<Bytes, Bytes>,
     meta: Database<Bytes, Bytes>,
+    /// Domain state, written in the same transactions as the events that change it.
+    state: Database<Bytes, Bytes>,
 }
 
 /// Which index database an entry goes to; partitions sort first.
@@ -179,14 +184,17 @@ impl Store {
         // SAFETY: the lock file above guarantees no other process of ours opens this directory,
         // and this process opens it once per Store. NO_META_SYNC is safe as the log uses it:
         // nothing is acknowledged or shown to readers before a later sync.
-        let log = unsafe { Lmdb::open(&dir.join("log"), "log", EnvFlags::NO_META_SYNC, 2, cfg)? };
+        let log = unsafe { Lmdb::open(&dir.join("log"), "log", EnvFlags::NO_META_SYNC, 3, cfg)? };
         // SAFETY: as above. The index is derived from the log: a machine crash that undoes its
         // last commits only lowers `indexed_through`, and the next open indexes those events again.
         let index = unsafe { Lmdb::open(&dir.join("index"), "index", EnvFlags::NO_META_SYNC, 3, cfg)? };
 
         let mut wtxn = log.write()?;
-        let log_dbs =
-            LogDbs { log: log.env().create_database(&mut wtxn, Some("log"))?, meta: log.env().create_database(&mut wtxn, Some("meta"))? };
+        let log_dbs = LogDbs {
+            log: log.env().create_database(&mut wtxn, Some("log"))?,
+            meta: log.env().create_database(&mut wtxn, Some("meta"))?,
+            state: log.env().create_database(&mut wtxn, Some("state"))?,
+        };
         check_format(&mut wtxn, log_dbs.meta, dir)?;
         let partitions_key = meta_key("partition_count");
         match log_dbs.meta.get(&wtxn, &partitions_key)?.map(be_u64) {
@@ -345,7 +353,23 @@ impl Store {
 
     /// The log's write transaction. Only the log's writer calls this.
     pub(crate) fn write(&self) -> Result<LogTxn<'_>, StorageError> {
-        Ok(LogTxn { txn: self.log.write()?, db: self.log_dbs.log, buf: Vec::with_capacity(512) })
+        Ok(LogTxn {
+            txn: self.log.write()?,
+            appender: Appender { db: self.log_dbs.log, buf: Vec::with_capacity(512) },
+            state: self.log_dbs.state,
+        })
+    }
+
+    /// Runs `read` on a snapshot of the domain state; returns its answer and the log sequence
+    /// the snapshot holds state up to. That sequence may not be durable yet (a commit is visible
+    /// before its sync): the caller waits for it before answering anyone.
+    pub fn read_state<R>(&self, read: impl FnOnce(&RoTxn<'_, WithoutTls>, Database<Bytes, Bytes>) -> R) -> Result<(R, u64), StorageError> {
+        let snapshot = self.log.read()?;
+        let seq = match self.log_dbs.log.last(&snapshot.txn)? {
+            Some((key, _)) => keys::decode_log_key(key).map_err(|_| CorruptRecord::at_seq(0, "undecodable last log key"))?,
+            None => 0,
+        };
+        Ok((read(&snapshot.txn, self.log_dbs.state), seq))
     }
 
     /// Records the index entries of a committed batch: `(partition, position, stream, version,
@@ -684,21 +708,41 @@ fn index_stream_version(txn: &RoTxn<'_, WithoutTls>, dbs: IndexDbs, stream: &str
     }
 }
 
-/// The log's single write transaction.
+/// The log's single write transaction: events, and the domain state they change.
 pub(crate) struct LogTxn<'s> {
     txn: RwTxn<'s>,
+    appender: Appender,
+    state: Database<Bytes, Bytes>,
+}
+
+/// Appends events to the log in a transaction it is handed.
+pub(crate) struct Appender {
     db: Database<Bytes, Bytes>,
     buf: Vec<u8>,
 }
 
-impl LogTxn<'_> {
+impl Appender {
     /// Appends one event at `seq`, which must follow the log's last sequence.
-    pub fn append(&mut self, seq: u64, record: &RecordRef<'_>) -> Result<(), StorageError> {
+    pub fn append(&mut self, txn: &mut RwTxn<'_>, seq: u64, record: &RecordRef<'_>) -> Result<(), StorageError> {
         record.encode_into(&mut self.buf);
         // APPEND: LMDB puts the key at the end without a search and fills pages completely; it
         // refuses (KEYEXIST) a key that does not sort after the last one.
-        self.db.put_with_flags(&mut self.txn, PutFlags::APPEND, &keys::log_key(seq), &self.buf)?;
+        self.db.put_with_flags(txn, PutFlags::APPEND, &keys::log_key(seq), &self.buf)?;
         Ok(())
+    }
+}
+
+impl<'s> LogTxn<'s> {
+    /// Appends one event at `seq`, which must follow the log's last sequence.
+    #[cfg(test)]
+    pub fn append(&mut self, seq: u64, record: &RecordRef<'_>) -> Result<(), StorageError> {
+        self.appender.append(&mut self.txn, seq, record)
+    }
+
+    /// The transaction, the log's appender and the state database, for a command that writes
+    /// state and appends its events in this transaction.
+    pub fn parts(&mut self) -> (&mut RwTxn<'s>, &mut Appender, Database<Bytes, Bytes>) {
+        (&mut self.txn, &mut self.appender, self.state)
     }
 
     /// Commits: atomic, data pages synced; durable once [`Store::sync_log`] (or a later commit) ran.

@@ -1,0 +1,176 @@
+//! Command ids: a retried command returns its first result and writes nothing new.
+//!
+//! Every accepted command leaves a record under `("$commands", stream, command_id)` in the
+//! `state` database, written in the transaction that appends its events, plus an expiry entry
+//! under `("$command_expiry", recorded_at_us, stream, command_id)`. Before deciding a command the
+//! processor looks its id up; a hit is answered with the recorded result (`duplicate = true`) and
+//! nothing is decided or written.
+//!
+//! Decisions a later engineer must know:
+//! - ids are per stream (per ledger book): two books may use the same id;
+//! - only accepted commands are recorded: a rejected command wrote nothing, so its retry is
+//!   decided again (and may succeed if the state changed meanwhile) — the danger retries guard
+//!   against, doing a thing twice, cannot arise from a rejection;
+//! - records expire `app.command_id_retention_s` after they were written (the duplicate window of
+//!   NATS JetStream, default 10 minutes): each group commit deletes at most
+//!   [`EXPIRE_PER_COMMIT`] expired records, oldest first, so expiry never stalls a commit;
+//! - every event also carries its command id in its metadata ([`super::COMMAND_ID_METADATA_KEY`]),
+//!   so a follower (or a rebuild) can derive the same records from the log.
+
+use heed::types::Bytes;
+use heed::{Database, RoTxn, RwTxn, WithoutTls};
+
+use super::StateError;
+use crate::storage::keys::{Elem, Value, pack, unpack};
+
+/// Most expired records one group commit deletes.
+pub const EXPIRE_PER_COMMIT: usize = 256;
+
+const RECORDS: &str = "$commands";
+const EXPIRY: &str = "$command_expiry";
+
+/// Where an accepted command's events landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandRecord {
+    pub partition: u32,
+    /// Positions of its first and last event (both 0 when it produced none).
+    pub first_position: u64,
+    pub last_position: u64,
+    /// The stream's version after its events.
+    pub stream_version: u64,
+    pub events: u32,
+    pub recorded_at_us: u64,
+}
+
+const RECORD_BYTES: usize = 40;
+
+impl CommandRecord {
+    fn encode(&self) -> [u8; RECORD_BYTES] {
+        let mut out = [0u8; RECORD_BYTES];
+        out[0..4].copy_from_slice(&self.partition.to_be_bytes());
+        out[4..8].copy_from_slice(&self.events.to_be_bytes());
+        out[8..16].copy_from_slice(&self.first_position.to_be_bytes());
+        out[16..24].copy_from_slice(&self.last_position.to_be_bytes());
+        out[24..32].copy_from_slice(&self.stream_version.to_be_bytes());
+        out[32..40].copy_from_slice(&self.recorded_at_us.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; RECORD_BYTES] = bytes.try_into().ok()?;
+        let u32_at = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        Some(CommandRecord {
+            partition: u32_at(0),
+            events: u32_at(4),
+            first_position: u64_at(8),
+            last_position: u64_at(16),
+            stream_version: u64_at(24),
+            recorded_at_us: u64_at(32),
+        })
+    }
+}
+
+fn record_key(stream: &str, command_id: &str) -> Vec<u8> {
+    pack(&[Elem::Str(RECORDS), Elem::Str(stream), Elem::Str(command_id)])
+}
+
+/// The record of `command_id` on `stream`, if that command was accepted (and has not expired).
+pub fn lookup(
+    txn: &RoTxn<'_, WithoutTls>,
+    db: Database<Bytes, Bytes>,
+    stream: &str,
+    command_id: &str,
+) -> Result<Option<CommandRecord>, StateError> {
+    let key = record_key(stream, command_id);
+    match db.get(txn, &key)? {
+        None => Ok(None),
+        Some(bytes) => CommandRecord::decode(bytes).map(Some).ok_or_else(|| StateError::Undecodable {
+            key: format!("command {command_id} of {stream}"),
+            reason: format!("{} bytes, expected {RECORD_BYTES}", bytes.len()),
+        }),
+    }
+}
+
+/// Records an accepted command.
+pub fn record(
+    txn: &mut RwTxn<'_>,
+    db: Database<Bytes, Bytes>,
+    stream: &str,
+    command_id: &str,
+    record: &CommandRecord,
+) -> Result<(), StateError> {
+    db.put(txn, &record_key(stream, command_id), &record.encode())?;
+    let expiry = pack(&[Elem::Str(EXPIRY), Elem::U64(record.recorded_at_us), Elem::Str(stream), Elem::Str(command_id)]);
+    db.put(txn, &expiry, &[])?;
+    Ok(())
+}
+
+/// Deletes up to `max` records written before `before_us`, oldest first; returns how many.
+pub fn expire(txn: &mut RwTxn<'_>, db: Database<Bytes, Bytes>, before_us: u64, max: usize) -> Result<usize, StateError> {
+    let start = pack(&[Elem::Str(EXPIRY)]);
+    let end = pack(&[Elem::Str(EXPIRY), Elem::U64(before_us)]);
+    let mut doomed = Vec::new();
+    for entry in db.range(txn, &(std::ops::Bound::Included(start.as_slice()), std::ops::Bound::Excluded(end.as_slice())))?.take(max) {
+        let (key, _) = entry?;
+        doomed.push(key.to_vec());
+    }
+    for key in &doomed {
+        match unpack(key).as_deref() {
+            Ok([_, Value::U64(_), Value::Str(stream), Value::Str(id)]) => {
+                db.delete(txn, &record_key(stream, id))?;
+            }
+            _ => return Err(StateError::Undecodable { key: format!("{key:02x?}"), reason: "not a command expiry key".into() }),
+        }
+        db.delete(txn, key)?;
+    }
+    Ok(doomed.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> (tempfile::TempDir, heed::Env<WithoutTls>, Database<Bytes, Bytes>) {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: a fresh directory opened once by this test.
+        let env = unsafe { heed::EnvOpenOptions::new().read_txn_without_tls().map_size(16 << 20).max_dbs(1).open(dir.path()).unwrap() };
+        let mut txn = env.write_txn().unwrap();
+        let db = env.create_database(&mut txn, Some("state")).unwrap();
+        txn.commit().unwrap();
+        (dir, env, db)
+    }
+
+    fn rec(at_us: u64) -> CommandRecord {
+        CommandRecord { partition: 3, first_position: 10, last_position: 11, stream_version: 7, events: 2, recorded_at_us: at_us }
+    }
+
+    #[test]
+    fn given_a_recorded_command_then_lookup_returns_it_for_its_stream_only() {
+        let (_dir, env, db) = env();
+        let mut txn = env.write_txn().unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
+        assert_eq!(lookup(&txn, db, "ledger/a", "c-1").unwrap(), Some(rec(100)));
+        assert_eq!(lookup(&txn, db, "ledger/b", "c-1").unwrap(), None);
+        assert_eq!(lookup(&txn, db, "ledger/a", "c-2").unwrap(), None);
+    }
+
+    #[test]
+    fn given_records_of_several_ages_when_expired_then_only_older_ones_go_and_at_most_max() {
+        let (_dir, env, db) = env();
+        let mut txn = env.write_txn().unwrap();
+        for (i, at) in [50u64, 10, 300, 20, 200].into_iter().enumerate() {
+            record(&mut txn, db, "ledger/a", &format!("c-{i}"), &rec(at)).unwrap();
+        }
+        assert_eq!(expire(&mut txn, db, 100, 2).unwrap(), 2, "bounded by max");
+        // The two oldest (10 and 20) went first.
+        assert!(lookup(&txn, db, "ledger/a", "c-1").unwrap().is_none());
+        assert!(lookup(&txn, db, "ledger/a", "c-3").unwrap().is_none());
+        assert!(lookup(&txn, db, "ledger/a", "c-0").unwrap().is_some());
+        assert_eq!(expire(&mut txn, db, 100, 10).unwrap(), 1);
+        assert!(lookup(&txn, db, "ledger/a", "c-0").unwrap().is_none());
+        assert!(lookup(&txn, db, "ledger/a", "c-2").unwrap().is_some());
+        assert!(lookup(&txn, db, "ledger/a", "c-4").unwrap().is_some());
+        assert_eq!(expire(&mut txn, db, 100, 10).unwrap(), 0);
+    }
+}

@@ -1,0 +1,190 @@
+//! The ledger's queries: balances, holds, history, totals, and an audit of every invariant.
+//!
+//! Queries read a snapshot of state and write nothing. `Totals` and `Audit` are how the stress
+//! and chaos tests check the ledger from outside: per currency, the sum of balances must equal
+//! deposits minus withdrawals, and `Audit` recomputes that from every account.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as Json, json};
+
+use super::model::{self, Account, HistoryEntry, Hold, Totals};
+use super::{LedgerError, check_id};
+use crate::app::{Refusal, StateView};
+use crate::storage::keys::{Elem, Value};
+
+/// Most history entries one query returns.
+pub const MAX_HISTORY_ENTRIES: u32 = 1_000;
+
+/// Most accounts and holds one audit reads; past it the audit says it is incomplete.
+pub const MAX_AUDIT_RECORDS: usize = 1_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum LedgerQuery {
+    Balance {
+        account: String,
+    },
+    Hold {
+        hold: String,
+    },
+    /// Entries from `from` (1 when absent), at most `limit` (100 when absent, up to 1,000).
+    History {
+        account: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// The book's totals per currency.
+    Totals {},
+    /// Recomputes totals from every account and hold and lists every broken invariant.
+    Audit {},
+}
+
+type Answer = Result<Json, Refusal<LedgerError>>;
+
+pub fn run(state: &StateView<'_>, query: &LedgerQuery) -> Answer {
+    match query {
+        LedgerQuery::Balance { account } => balance(state, account),
+        LedgerQuery::Hold { hold } => {
+            check_id("hold", hold)?;
+            match model::hold(state, hold)? {
+                None => Err(Refusal::Rejected(LedgerError::HoldNotFound { hold: hold.clone() })),
+                Some(Hold { account, amount, placed_at_us }) => {
+                    Ok(json!({"hold": hold, "account": account, "amount": amount, "placed_at_us": placed_at_us}))
+                }
+            }
+        }
+        LedgerQuery::History { account, from, limit } => history(state, account, from.unwrap_or(1), limit.unwrap_or(100)),
+        LedgerQuery::Totals {} => {
+            let all: Vec<(Vec<Value>, Totals)> = state.scan(&[Elem::Str("t")], None, usize::MAX)?;
+            let mut out = serde_json::Map::new();
+            for (key, totals) in all {
+                if let [Value::Str(currency)] = key.as_slice() {
+                    out.insert(currency.clone(), serde_json::to_value(totals).expect("totals serialize"));
+                }
+            }
+            Ok(Json::Object(out))
+        }
+        LedgerQuery::Audit {} => audit(state),
+    }
+}
+
+fn balance(state: &StateView<'_>, id: &str) -> Answer {
+    check_id("account", id)?;
+    let Some(a) = model::account(state, id)? else {
+        return Err(Refusal::Rejected(LedgerError::AccountNotFound { account: id.into() }));
+    };
+    Ok(json!({
+        "account": id,
+        "currency": a.currency,
+        "balance": a.balance,
+        "held": a.held,
+        "available": i64::try_from(a.available()).unwrap_or(i64::MAX),
+        "credit_limit": a.credit_limit,
+        "holds": a.holds,
+        "closed": a.closed,
+    }))
+}
+
+fn history(state: &StateView<'_>, id: &str, from: u64, limit: u32) -> Answer {
+    check_id("account", id)?;
+    if limit == 0 || limit > MAX_HISTORY_ENTRIES {
+        return Err(Refusal::Rejected(LedgerError::InvalidCommand {
+            field: "limit".into(),
+            reason: format!("must be 1 to {MAX_HISTORY_ENTRIES}, got {limit}"),
+        }));
+    }
+    if model::account(state, id)?.is_none() {
+        return Err(Refusal::Rejected(LedgerError::AccountNotFound { account: id.into() }));
+    }
+    // One more than asked, to tell whether more follow.
+    let mut entries: Vec<(Vec<Value>, HistoryEntry)> =
+        state.scan(&[Elem::Str("x"), Elem::Str(id)], Some(Elem::U64(from.max(1))), limit as usize + 1)?;
+    let next = (entries.len() > limit as usize).then(|| entries.pop().map(|(_, e)| e.entry)).flatten();
+    let entries: Vec<HistoryEntry> = entries.into_iter().map(|(_, e)| e).collect();
+    Ok(json!({"entries": entries, "next": next}))
+}
+
+/// What the audit sums per currency.
+#[derive(Default, Serialize)]
+struct Sums {
+    accounts: u64,
+    #[serde(serialize_with = "as_string")]
+    balance: i128,
+    #[serde(serialize_with = "as_string")]
+    held: i128,
+}
+
+fn as_string<S: serde::Serializer>(v: &i128, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn audit(state: &StateView<'_>) -> Answer {
+    let accounts: Vec<(Vec<Value>, Account)> = state.scan(&[Elem::Str("a")], None, MAX_AUDIT_RECORDS + 1)?;
+    let holds: Vec<(Vec<Value>, Hold)> = state.scan(&[Elem::Str("h")], None, MAX_AUDIT_RECORDS + 1)?;
+    let complete = accounts.len() <= MAX_AUDIT_RECORDS && holds.len() <= MAX_AUDIT_RECORDS;
+    let mut violations = Vec::new();
+    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
+    let mut held_by: BTreeMap<String, (u64, u32)> = BTreeMap::new();
+    let ids: std::collections::BTreeSet<&str> =
+        accounts.iter().filter_map(|(k, _)| if let [Value::Str(id)] = k.as_slice() { Some(id.as_str()) } else { None }).collect();
+    for (key, hold) in &holds {
+        let entry = held_by.entry(hold.account.clone()).or_default();
+        entry.0 += hold.amount;
+        entry.1 += 1;
+        if let [Value::Str(id)] = key.as_slice()
+            && !ids.contains(hold.account.as_str())
+        {
+            violations.push(format!("hold {id} names account {}, which does not exist", hold.account));
+        }
+    }
+    for (key, a) in &accounts {
+        let [Value::Str(id)] = key.as_slice() else { continue };
+        let s = sums.entry(a.currency.clone()).or_default();
+        s.accounts += 1;
+        s.balance += i128::from(a.balance);
+        s.held += i128::from(a.held);
+        if i128::from(a.balance) - i128::from(a.held) < -i128::from(a.credit_limit) {
+            violations
+                .push(format!("account {id}: balance {} minus held {} is below its credit limit {}", a.balance, a.held, a.credit_limit));
+        }
+        if held_by.get(id).copied().unwrap_or_default() != (a.held, a.holds) {
+            violations.push(format!("account {id}: held {} in {} holds, but its holds add up to {:?}", a.held, a.holds, held_by.get(id)));
+        }
+        if a.closed && (a.balance != 0 || a.holds != 0) {
+            violations.push(format!("account {id} is closed with balance {} and {} holds", a.balance, a.holds));
+        }
+    }
+    let totals: Vec<(Vec<Value>, Totals)> = state.scan(&[Elem::Str("t")], None, usize::MAX)?;
+    for (key, t) in &totals {
+        let [Value::Str(currency)] = key.as_slice() else { continue };
+        let s = sums.get(currency.as_str());
+        let (balance, held, count) = s.map_or((0, 0, 0), |s| (s.balance, s.held, s.accounts));
+        if t.deposited - t.withdrawn != t.balance {
+            violations.push(format!(
+                "{currency}: deposited {} minus withdrawn {} is not the total balance {}",
+                t.deposited, t.withdrawn, t.balance
+            ));
+        }
+        if complete && (balance != t.balance || held != t.held || count != t.accounts_opened) {
+            violations.push(format!(
+                "{currency}: accounts add up to balance {balance}, held {held}, {count} accounts; totals say {}, {}, {}",
+                t.balance, t.held, t.accounts_opened
+            ));
+        }
+    }
+    for currency in sums.keys().filter(|c| totals.iter().all(|(k, _)| !matches!(k.as_slice(), [Value::Str(t)] if t == *c))) {
+        violations.push(format!("{currency}: accounts exist but the book has no totals for it"));
+    }
+    Ok(json!({
+        "ok": violations.is_empty(),
+        "complete": complete,
+        "accounts": accounts.len().min(MAX_AUDIT_RECORDS),
+        "holds": holds.len().min(MAX_AUDIT_RECORDS),
+        "currencies": sums,
+        "violations": violations,
+    }))
+}

@@ -1,0 +1,165 @@
+//! Running one command: the one implementation shared by the node's processor (the log's writer
+//! thread, `log/writer.rs`) and the spec runner ([`super::specs`]).
+//!
+//! [`execute`] looks the command id up, decides, evolves the events into state, lets the caller
+//! place the events (the writer appends them to the log; specs count versions), and records the
+//! command id — all inside the caller's LMDB write transaction. Its three ways out:
+//! - `Ok(Ok(executed))`: accepted (or a duplicate, which wrote nothing);
+//! - `Ok(Err(failure))`: rejected, or state unreadable while deciding; nothing was written, the
+//!   transaction may go on with other commands;
+//! - `Err(error)`: writing failed part way (evolve, placing, recording); the caller must abort the
+//!   whole transaction.
+//!
+//! [`Routed`] erases the domain so the writer can hold commands of any domain in one queue.
+
+use heed::RwTxn;
+use heed::types::Bytes;
+use serde_json::Value as Json;
+
+use super::commands::{self, CommandRecord};
+use super::{Context, Domain, Refusal, Rejection, RejectionKind, State, StateError, state};
+use crate::log::NewEvent;
+
+/// What an accepted or repeated command did.
+#[derive(Debug)]
+pub enum Executed<E> {
+    /// Decided and written now: its events and where they landed.
+    Accepted { events: Vec<E>, record: CommandRecord },
+    /// The id was seen before: the first result, nothing written.
+    Duplicate(CommandRecord),
+}
+
+/// Why a command wrote nothing.
+#[derive(Debug)]
+pub enum Failure<E> {
+    Rejected(E),
+    /// State could not be read while deciding.
+    Unreadable(StateError),
+}
+
+/// A rejection with its domain erased: what the API reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub code: &'static str,
+    pub kind: RejectionKind,
+    pub message: String,
+    /// The rejection's fields, e.g. `{"InsufficientFunds": {"available": 5, ...}}`.
+    pub detail: Json,
+}
+
+impl Rejected {
+    pub fn from_domain<E: Rejection>(error: &E) -> Self {
+        Rejected {
+            code: error.code(),
+            kind: error.kind(),
+            message: error.to_string(),
+            detail: serde_json::to_value(error).unwrap_or(Json::Null),
+        }
+    }
+}
+
+type Db = heed::Database<Bytes, Bytes>;
+
+/// Runs `command` on `scope` of domain `D` inside `txn` (see the module doc for the outcomes).
+/// `place` gets the transaction and the events once they are in state, and says where they
+/// landed; it is not called for a rejection or a duplicate.
+pub fn execute<D: Domain>(
+    txn: &mut RwTxn<'_>,
+    db: Db,
+    stream: &str,
+    scope: &str,
+    command: &D::Command,
+    ctx: &Context<'_>,
+    place: impl FnOnce(&mut RwTxn<'_>, &[D::Event]) -> Result<CommandRecord, StateError>,
+) -> Result<Result<Executed<D::Event>, Failure<D::Error>>, StateError> {
+    match commands::lookup(txn, db, stream, ctx.command_id) {
+        Ok(Some(record)) => return Ok(Ok(Executed::Duplicate(record))),
+        Ok(None) => {}
+        Err(e) => return Ok(Err(Failure::Unreadable(e))),
+    }
+    let prefix = state::subspace(D::NAME, scope);
+    let events = {
+        let view_txn: &RwTxn<'_> = txn;
+        let view = state::StateView::new(view_txn, db, &prefix);
+        match D::decide(&view, command, ctx) {
+            Ok(events) => events,
+            Err(Refusal::Rejected(e)) => return Ok(Err(Failure::Rejected(e))),
+            Err(Refusal::State(e)) => return Ok(Err(Failure::Unreadable(e))),
+        }
+    };
+    {
+        let mut state = State::new(txn, db, &prefix);
+        for event in &events {
+            D::evolve(&mut state, event)?;
+        }
+    }
+    let record = place(txn, &events)?;
+    commands::record(txn, db, stream, ctx.command_id, &record)?;
+    Ok(Ok(Executed::Accepted { events, record }))
+}
+
+/// A command of some domain, routed to its scope and stream: what the writer queues.
+pub trait Routed: Send + Sync {
+    fn stream(&self) -> &str;
+    fn command_id(&self) -> &str;
+    /// A rough size for group-commit batching.
+    fn size_bytes(&self) -> usize;
+    /// [`execute`] with the events handed to `place` in their log form.
+    fn execute(
+        &self,
+        txn: &mut RwTxn<'_>,
+        db: Db,
+        now_us: u64,
+        place: &mut dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError>,
+    ) -> Result<Result<Executed<()>, Failure<Rejected>>, StateError>;
+}
+
+/// A command of domain `D` for one scope.
+pub struct Command<D: Domain> {
+    pub scope: String,
+    pub stream: String,
+    pub command_id: String,
+    pub command: D::Command,
+    size_bytes: usize,
+}
+
+impl<D: Domain> Command<D> {
+    pub fn new(scope: String, command_id: String, command: D::Command) -> Self {
+        let size_bytes = serde_json::to_vec(&command).map_or(256, |v| v.len()) + scope.len() + command_id.len();
+        Command { stream: super::stream_of(D::NAME, &scope), scope, command_id, command, size_bytes }
+    }
+}
+
+impl<D: Domain> Routed for Command<D> {
+    fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    fn command_id(&self) -> &str {
+        &self.command_id
+    }
+
+    fn size_bytes(&self) -> usize {
+        self.size_bytes
+    }
+
+    fn execute(
+        &self,
+        txn: &mut RwTxn<'_>,
+        db: Db,
+        now_us: u64,
+        place: &mut dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError>,
+    ) -> Result<Result<Executed<()>, Failure<Rejected>>, StateError> {
+        let ctx = Context { now_us, command_id: &self.command_id };
+        let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events| {
+            let events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
+            place(txn, events)
+        })?;
+        Ok(match executed {
+            Ok(Executed::Accepted { record, .. }) => Ok(Executed::Accepted { events: Vec::new(), record }),
+            Ok(Executed::Duplicate(record)) => Ok(Executed::Duplicate(record)),
+            Err(Failure::Rejected(e)) => Err(Failure::Rejected(Rejected::from_domain(&e))),
+            Err(Failure::Unreadable(e)) => Err(Failure::Unreadable(e)),
+        })
+    }
+}
