@@ -1,5 +1,6 @@
 //! The `anthill` command line: `node` runs a node; `append`, `read`, `tail` and `status` are a
-//! small client; `bench` is the load generator; `demo` is the README's main job.
+//! small client; `ledger` drives the ledger domain ([`ledger`]); `specs` runs specifications;
+//! `bench` is the load generator; `demo` is the README's main job.
 //!
 //! Every report has a `--json` form on stdout; progress and logs go to stderr.
 
@@ -11,6 +12,8 @@ use anthill_proto::v1 as pb;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
+
+mod ledger;
 
 use crate::client::{self, DEFAULT_SERVER};
 use crate::config::{LogFormat, NodeConfig};
@@ -38,6 +41,8 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Start a node on loopback, push a short load at it, and show what happened.
     Demo(crate::demo::DemoArgs),
+    /// Ledger commands and queries (accounts, transfers, holds).
+    Ledger(ledger::LedgerArgs),
     /// Run given-when-then specs (or measure their speed with --perf).
     Specs(crate::app::specs::command::SpecsArgs),
 }
@@ -165,10 +170,10 @@ impl NodeArgs {
 }
 
 #[derive(Args)]
-struct ServerArg {
+pub(crate) struct ServerArg {
     /// Node to talk to.
     #[arg(long, short, env = "ANTHILL_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    pub(crate) server: String,
 }
 
 #[derive(Args)]
@@ -255,6 +260,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
         Command::Demo(args) => runtime.block_on(crate::demo::run(args)),
         Command::Specs(args) => crate::app::specs::command::run(args),
+        Command::Ledger(args) => runtime.block_on(ledger::run(args)),
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anthill_proto::v1 as pb;
 use anyhow::Context;
 use pb::event_log_client::EventLogClient;
+use pb::ledger_client::LedgerClient;
 use pb::node_client::NodeClient;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
@@ -20,6 +21,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7400";
 pub struct Clients {
     pub log: EventLogClient<Channel>,
     pub node: NodeClient<Channel>,
+    pub ledger: LedgerClient<Channel>,
 }
 
 /// `host:port` or a URL; plain addresses get `http://`.
@@ -45,7 +47,8 @@ pub fn clients(channel: Channel) -> Clients {
         log: EventLogClient::new(channel.clone())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES),
-        node: NodeClient::new(channel),
+        node: NodeClient::new(channel.clone()),
+        ledger: LedgerClient::new(channel),
     }
 }
 

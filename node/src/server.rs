@@ -15,6 +15,7 @@ use std::time::Duration;
 use anthill_proto::v1 as pb;
 use anyhow::Context;
 use pb::event_log_server::EventLogServer;
+use pb::ledger_server::LedgerServer;
 use pb::node_server::NodeServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
+use crate::api::ledger::LedgerApi;
 use crate::config::NodeConfig;
 use crate::log::Log;
 use crate::metrics::{self, Metrics};
@@ -68,7 +70,8 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes))
-        .add_service(NodeServer::new(api));
+        .add_service(NodeServer::new(api))
+        .add_service(LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // After an I/O failure the log takes no more writes until a restart: say so to health checks.
     tokio::spawn({

@@ -1,4 +1,5 @@
-//! The gRPC face of a node: the `EventLog` and `Node` services of `proto/anthill/v1`.
+//! The gRPC face of a node: the `EventLog` and `Node` services of `proto/anthill/v1`, and the
+//! domains' services ([`ledger`]).
 //!
 //! This module turns wire messages into [`crate::log`] calls and log outcomes into gRPC statuses,
 //! one status per error kind, on purpose:
@@ -17,6 +18,7 @@
 //! LMDB reads run on the blocking pool, never on the async workers.
 
 mod append_session;
+pub mod ledger;
 mod subscribe;
 
 use std::collections::HashMap;
@@ -212,7 +214,7 @@ pub fn recorded_event(e: EventRecord) -> pb::RecordedEvent {
 /// Name of the trailer that carries a stream's actual version on `FAILED_PRECONDITION`.
 pub const ACTUAL_VERSION_TRAILER: &str = "anthill-actual-version";
 
-fn append_status(error: AppendError) -> Status {
+pub(crate) fn append_status(error: AppendError) -> Status {
     match &error {
         AppendError::Invalid(message) => Status::invalid_argument(message.clone()),
         AppendError::WrongExpectedVersion { actual, .. } => {

@@ -227,12 +227,19 @@ impl Log {
         outcome
     }
 
-    /// Answers a query from the state of `scope` of `domain`, once every command that state
-    /// reflects is durable: a query never shows what a crash could still undo.
-    pub async fn query<R>(&self, domain: &str, scope: &str, read: impl FnOnce(&StateView<'_>) -> R) -> Result<R, AppendError> {
-        let prefix = subspace(domain, scope);
-        let (answer, seq) =
-            self.store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix))).map_err(|e| AppendError::Storage(Arc::new(e)))?;
+    /// Answers a query from the state of `scope` of `domain` (the read runs on the blocking
+    /// pool), once every command that state reflects is durable: a query never shows what a
+    /// crash could still undo.
+    pub async fn query<R, F>(&self, domain: &str, scope: &str, read: F) -> Result<R, AppendError>
+    where
+        F: FnOnce(&StateView<'_>) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (store, prefix) = (self.store.clone(), subspace(domain, scope));
+        let (answer, seq) = tokio::task::spawn_blocking(move || store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix))))
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?
+            .map_err(|e| AppendError::Storage(Arc::new(e)))?;
         let mut commits = self.commits.clone();
         if commits.borrow().seq < seq {
             tokio::select! {

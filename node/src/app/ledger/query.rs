@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 
 use super::model::{self, Account, HistoryEntry, Hold, Totals};
 use super::{LedgerError, check_id};
@@ -43,53 +43,85 @@ pub enum LedgerQuery {
     Audit {},
 }
 
-type Answer = Result<Json, Refusal<LedgerError>>;
+type Answer<T> = Result<T, Refusal<LedgerError>>;
 
-pub fn run(state: &StateView<'_>, query: &LedgerQuery) -> Answer {
-    match query {
-        LedgerQuery::Balance { account } => balance(state, account),
-        LedgerQuery::Hold { hold } => {
-            check_id("hold", hold)?;
-            match model::hold(state, hold)? {
-                None => Err(Refusal::Rejected(LedgerError::HoldNotFound { hold: hold.clone() })),
-                Some(Hold { account, amount, placed_at_us }) => {
-                    Ok(json!({"hold": hold, "account": account, "amount": amount, "placed_at_us": placed_at_us}))
-                }
-            }
-        }
-        LedgerQuery::History { account, from, limit } => history(state, account, from.unwrap_or(1), limit.unwrap_or(100)),
-        LedgerQuery::Totals {} => {
-            let all: Vec<(Vec<Value>, Totals)> = state.scan(&[Elem::Str("t")], None, usize::MAX)?;
-            let mut out = serde_json::Map::new();
-            for (key, totals) in all {
-                if let [Value::Str(currency)] = key.as_slice() {
-                    out.insert(currency.clone(), serde_json::to_value(totals).expect("totals serialize"));
-                }
-            }
-            Ok(Json::Object(out))
-        }
-        LedgerQuery::Audit {} => audit(state),
+/// Runs a query; the answer as JSON (the shape specs compare).
+pub fn run(state: &StateView<'_>, query: &LedgerQuery) -> Answer<Json> {
+    fn json<T: Serialize>(answer: T) -> Json {
+        serde_json::to_value(answer).expect("query answers serialize")
     }
+    Ok(match query {
+        LedgerQuery::Balance { account } => json(balance(state, account)?),
+        LedgerQuery::Hold { hold } => json(hold_info(state, hold)?),
+        LedgerQuery::History { account, from, limit } => json(history(state, account, from.unwrap_or(1), limit.unwrap_or(100))?),
+        LedgerQuery::Totals {} => json(totals(state)?),
+        LedgerQuery::Audit {} => json(audit(state)?),
+    })
 }
 
-fn balance(state: &StateView<'_>, id: &str) -> Answer {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BalanceView {
+    pub account: String,
+    pub currency: String,
+    pub balance: i64,
+    pub held: u64,
+    /// `balance - held + credit_limit`.
+    pub available: i64,
+    pub credit_limit: u64,
+    pub holds: u32,
+    pub closed: bool,
+}
+
+pub fn balance(state: &StateView<'_>, id: &str) -> Answer<BalanceView> {
     check_id("account", id)?;
     let Some(a) = model::account(state, id)? else {
         return Err(Refusal::Rejected(LedgerError::AccountNotFound { account: id.into() }));
     };
-    Ok(json!({
-        "account": id,
-        "currency": a.currency,
-        "balance": a.balance,
-        "held": a.held,
-        "available": i64::try_from(a.available()).unwrap_or(i64::MAX),
-        "credit_limit": a.credit_limit,
-        "holds": a.holds,
-        "closed": a.closed,
-    }))
+    Ok(BalanceView {
+        account: id.into(),
+        available: i64::try_from(a.available()).unwrap_or(i64::MAX),
+        currency: a.currency,
+        balance: a.balance,
+        held: a.held,
+        credit_limit: a.credit_limit,
+        holds: a.holds,
+        closed: a.closed,
+    })
 }
 
-fn history(state: &StateView<'_>, id: &str, from: u64, limit: u32) -> Answer {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldView {
+    pub hold: String,
+    pub account: String,
+    pub amount: u64,
+    pub placed_at_us: u64,
+}
+
+pub fn hold_info(state: &StateView<'_>, hold: &str) -> Answer<HoldView> {
+    check_id("hold", hold)?;
+    match model::hold(state, hold)? {
+        None => Err(Refusal::Rejected(LedgerError::HoldNotFound { hold: hold.into() })),
+        Some(Hold { account, amount, placed_at_us }) => Ok(HoldView { hold: hold.into(), account, amount, placed_at_us }),
+    }
+}
+
+/// The book's totals by currency.
+pub fn totals(state: &StateView<'_>) -> Answer<BTreeMap<String, Totals>> {
+    let all: Vec<(Vec<Value>, Totals)> = state.scan(&[Elem::Str("t")], None, usize::MAX)?;
+    Ok(all
+        .into_iter()
+        .filter_map(|(key, t)| if let [Value::Str(currency)] = key.as_slice() { Some((currency.clone(), t)) } else { None })
+        .collect())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// The entry to continue from, when more follow.
+    pub next: Option<u64>,
+}
+
+pub fn history(state: &StateView<'_>, id: &str, from: u64, limit: u32) -> Answer<HistoryPage> {
     check_id("account", id)?;
     if limit == 0 || limit > MAX_HISTORY_ENTRIES {
         return Err(Refusal::Rejected(LedgerError::InvalidCommand {
@@ -104,25 +136,35 @@ fn history(state: &StateView<'_>, id: &str, from: u64, limit: u32) -> Answer {
     let mut entries: Vec<(Vec<Value>, HistoryEntry)> =
         state.scan(&[Elem::Str("x"), Elem::Str(id)], Some(Elem::U64(from.max(1))), limit as usize + 1)?;
     let next = (entries.len() > limit as usize).then(|| entries.pop().map(|(_, e)| e.entry)).flatten();
-    let entries: Vec<HistoryEntry> = entries.into_iter().map(|(_, e)| e).collect();
-    Ok(json!({"entries": entries, "next": next}))
+    Ok(HistoryPage { entries: entries.into_iter().map(|(_, e)| e).collect(), next })
 }
 
 /// What the audit sums per currency.
-#[derive(Default, Serialize)]
-struct Sums {
-    accounts: u64,
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Sums {
+    pub accounts: u64,
     #[serde(serialize_with = "as_string")]
-    balance: i128,
+    pub balance: i128,
     #[serde(serialize_with = "as_string")]
-    held: i128,
+    pub held: i128,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditReport {
+    pub ok: bool,
+    /// False when the book has more than [`MAX_AUDIT_RECORDS`] accounts or holds.
+    pub complete: bool,
+    pub accounts: usize,
+    pub holds: usize,
+    pub currencies: BTreeMap<String, Sums>,
+    pub violations: Vec<String>,
 }
 
 fn as_string<S: serde::Serializer>(v: &i128, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 
-fn audit(state: &StateView<'_>) -> Answer {
+pub fn audit(state: &StateView<'_>) -> Answer<AuditReport> {
     let accounts: Vec<(Vec<Value>, Account)> = state.scan(&[Elem::Str("a")], None, MAX_AUDIT_RECORDS + 1)?;
     let holds: Vec<(Vec<Value>, Hold)> = state.scan(&[Elem::Str("h")], None, MAX_AUDIT_RECORDS + 1)?;
     let complete = accounts.len() <= MAX_AUDIT_RECORDS && holds.len() <= MAX_AUDIT_RECORDS;
@@ -179,12 +221,12 @@ fn audit(state: &StateView<'_>) -> Answer {
     for currency in sums.keys().filter(|c| totals.iter().all(|(k, _)| !matches!(k.as_slice(), [Value::Str(t)] if t == *c))) {
         violations.push(format!("{currency}: accounts exist but the book has no totals for it"));
     }
-    Ok(json!({
-        "ok": violations.is_empty(),
-        "complete": complete,
-        "accounts": accounts.len().min(MAX_AUDIT_RECORDS),
-        "holds": holds.len().min(MAX_AUDIT_RECORDS),
-        "currencies": sums,
-        "violations": violations,
-    }))
+    Ok(AuditReport {
+        ok: violations.is_empty(),
+        complete,
+        accounts: accounts.len().min(MAX_AUDIT_RECORDS),
+        holds: holds.len().min(MAX_AUDIT_RECORDS),
+        currencies: sums,
+        violations,
+    })
 }
