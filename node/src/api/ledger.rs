@@ -105,7 +105,12 @@ fn optional(s: String) -> Option<String> {
 impl pb::ledger_server::Ledger for LedgerApi {
     async fn open_account(&self, request: Request<pb::OpenAccountRequest>) -> Result<Response<pb::CommandResponse>, Status> {
         let r = request.into_inner();
-        self.run(r.book, r.command_id, LedgerCommand::OpenAccount { account: r.account, currency: r.currency, credit_limit: r.credit_limit }).await
+        self.run(
+            r.book,
+            r.command_id,
+            LedgerCommand::OpenAccount { account: r.account, currency: r.currency, credit_limit: r.credit_limit },
+        )
+        .await
     }
 
     async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::CommandResponse>, Status> {

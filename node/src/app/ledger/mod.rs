@@ -21,6 +21,8 @@
 
 pub mod model;
 pub mod query;
+#[cfg(test)]
+mod tests;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

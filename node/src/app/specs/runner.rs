@@ -43,6 +43,32 @@ impl Sandbox {
         txn.commit()?;
         Ok(Sandbox { env, db, _dir: dir })
     }
+
+    /// Runs `work` in a write transaction of the sandbox that is aborted afterwards.
+    pub fn scratch<R>(&self, work: impl FnOnce(&mut RwTxn<'_>, Database<Bytes, Bytes>) -> R) -> Result<R, heed::Error> {
+        let mut txn = self.env.write_txn()?;
+        let out = work(&mut txn, self.db);
+        txn.abort();
+        Ok(out)
+    }
+
+    /// Evolves `events` into an empty state of `scope` and runs `read` on the result: what a
+    /// follower, or a rebuild from the log, would hold.
+    pub fn replay<D: Domain, R>(
+        &self,
+        scope: &str,
+        events: &[D::Event],
+        read: impl FnOnce(&StateView<'_>) -> R,
+    ) -> Result<R, crate::app::StateError> {
+        self.scratch(|txn, db| {
+            let prefix = state::subspace(D::NAME, scope);
+            let mut state = State::new(txn, db, &prefix);
+            for event in events {
+                D::evolve(&mut state, event)?;
+            }
+            Ok(read(&state.view()))
+        })?
+    }
 }
 
 /// A spec of some domain.
