@@ -4,7 +4,8 @@
 //! an optional credit limit. Money moves by deposit, withdrawal, transfer between two accounts of
 //! the same currency, and by holds: a hold reserves funds on an account (they stop being
 //! available) and is later captured (moved to another account, or out of the book) or released —
-//! the same shape as reserving stock without overselling.
+//! the same shape as reserving stock without overselling. Hold ids are single-use: an ended hold
+//! keeps its record, so placing its id again is `HoldExists` and ending it again `HoldEnded`.
 //!
 //! Amounts are integers in the currency's minor unit (cents), 1 to [`MAX_AMOUNT`]. An account's
 //! `available` is `balance - held + credit_limit`; no command may take it below zero.
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::{Context, Domain, Refusal, Rejection, RejectionKind, State, StateError, StateView};
-use model::{Account, Hold};
+use model::{Account, Hold, HoldStatus};
 
 /// Largest amount of one command, and largest credit limit: 10^15 minor units.
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
@@ -152,8 +153,10 @@ pub enum LedgerError {
     SameAccount { account: String },
     #[error("hold {hold} already exists")]
     HoldExists { hold: String },
-    #[error("hold {hold} does not exist (never placed, or already captured or released)")]
+    #[error("hold {hold} does not exist")]
     HoldNotFound { hold: String },
+    #[error("hold {hold} was already {status}")]
+    HoldEnded { hold: String, status: String },
     #[error("hold {hold} is for {held}, {requested} requested")]
     CaptureExceedsHold { hold: String, held: u64, requested: u64 },
     #[error("account {account} has balance {balance}; only an account at zero can close")]
@@ -176,6 +179,7 @@ impl Rejection for LedgerError {
             LedgerError::SameAccount { .. } => "SameAccount",
             LedgerError::HoldExists { .. } => "HoldExists",
             LedgerError::HoldNotFound { .. } => "HoldNotFound",
+            LedgerError::HoldEnded { .. } => "HoldEnded",
             LedgerError::CaptureExceedsHold { .. } => "CaptureExceedsHold",
             LedgerError::BalanceNotZero { .. } => "BalanceNotZero",
             LedgerError::HoldsOutstanding { .. } => "HoldsOutstanding",
@@ -231,6 +235,18 @@ fn open_account(state: &StateView<'_>, account: &str) -> Result<Account, Refusal
         None => reject(LedgerError::AccountNotFound { account: account.into() }),
         Some(a) if a.closed => reject(LedgerError::AccountClosed { account: account.into() }),
         Some(a) => Ok(a),
+    }
+}
+
+/// The hold, open: rejects a missing or ended one.
+fn open_hold(state: &StateView<'_>, hold: &str) -> Result<Hold, Refusal<LedgerError>> {
+    match model::hold(state, hold)? {
+        None => reject(LedgerError::HoldNotFound { hold: hold.into() }),
+        Some(h) if h.status != HoldStatus::Open => {
+            let status = serde_json::to_value(h.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            reject(LedgerError::HoldEnded { hold: hold.into(), status })
+        }
+        Some(h) => Ok(h),
     }
 }
 
@@ -332,9 +348,7 @@ impl Domain for Ledger {
                 if let Some(amount) = amount {
                     check_amount("amount", *amount)?;
                 }
-                let Some(Hold { account, amount: held, .. }) = model::hold(state, hold)? else {
-                    return reject(LedgerError::HoldNotFound { hold: hold.clone() });
-                };
+                let Hold { account, amount: held, .. } = open_hold(state, hold)?;
                 let captured = amount.unwrap_or(held);
                 if captured > held {
                     return reject(LedgerError::CaptureExceedsHold { hold: hold.clone(), held, requested: captured });
@@ -360,9 +374,7 @@ impl Domain for Ledger {
             }
             C::ReleaseHold { hold } => {
                 check_id("hold", hold)?;
-                let Some(Hold { account, amount, .. }) = model::hold(state, hold)? else {
-                    return reject(LedgerError::HoldNotFound { hold: hold.clone() });
-                };
+                let Hold { account, amount, .. } = open_hold(state, hold)?;
                 Ok(vec![E::HoldReleased { hold: hold.clone(), account, amount }])
             }
             C::CloseAccount { account } => {

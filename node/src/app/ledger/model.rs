@@ -5,7 +5,7 @@
 //! | key                       | value            | what                                     |
 //! |---------------------------|------------------|------------------------------------------|
 //! | `("a", account)`          | [`Account`]      | balance, held, limits, open/closed       |
-//! | `("h", hold)`             | [`Hold`]         | an open hold (deleted when it ends)      |
+//! | `("h", hold)`             | [`Hold`]         | a hold, open or ended (ids are single-use) |
 //! | `("x", account, entry)`   | [`HistoryEntry`] | the account's history, `entry` dense from 1 |
 //! | `("t", currency)`         | [`Totals`]       | the book's totals in one currency        |
 //!
@@ -45,6 +45,19 @@ pub struct Hold {
     pub account: String,
     pub amount: u64,
     pub placed_at_us: u64,
+    #[serde(default)]
+    pub status: HoldStatus,
+}
+
+/// Where a hold is in its life. An ended hold keeps its record, so its id cannot be placed
+/// again: a retried `PlaceHold` without a command id must not reserve the money twice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoldStatus {
+    #[default]
+    Open,
+    Captured,
+    Released,
 }
 
 /// One line of an account's history: the event, and the account right after it.
@@ -212,12 +225,12 @@ pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), Stat
             let mut a = existing(state, id)?;
             a.holds += 1;
             let a = book_entry(state, id, a, Change::new("HoldPlaced", 0).held(amount_of(amount)).with(None, Some(hold_id)))?;
-            state
-                .put(&[Elem::Str("h"), Elem::Str(hold_id)], &Hold { account: id.clone(), amount: *amount, placed_at_us: *placed_at_us })?;
+            let hold = Hold { account: id.clone(), amount: *amount, placed_at_us: *placed_at_us, status: HoldStatus::Open };
+            state.put(&[Elem::Str("h"), Elem::Str(hold_id)], &hold)?;
             update_totals(state, &a.currency, |t| t.held += amount_of(amount))
         }
         E::HoldCaptured { hold: hold_id, account: id, amount, released, to } => {
-            let freed = end_hold(state, hold_id, id, amount_of(amount) + amount_of(released))?;
+            let freed = end_hold(state, hold_id, id, amount_of(amount) + amount_of(released), HoldStatus::Captured)?;
             let mut a = existing(state, id)?;
             a.holds -= 1;
             let a =
@@ -234,7 +247,7 @@ pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), Stat
             })
         }
         E::HoldReleased { hold: hold_id, account: id, amount } => {
-            let freed = end_hold(state, hold_id, id, amount_of(amount))?;
+            let freed = end_hold(state, hold_id, id, amount_of(amount), HoldStatus::Released)?;
             let mut a = existing(state, id)?;
             a.holds -= 1;
             let a = book_entry(state, id, a, Change::new("HoldReleased", 0).held(-freed).with(None, Some(hold_id)))?;
@@ -252,12 +265,13 @@ pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), Stat
     }
 }
 
-/// Deletes a hold that must exist on `account` for exactly `amount`; returns that amount.
-fn end_hold(state: &mut State<'_, '_>, hold_id: &str, account: &str, amount: i128) -> Result<i128, StateError> {
-    match hold(&state.view(), hold_id)? {
-        Some(h) if h.account == account && i128::from(h.amount) == amount => {}
-        other => return Err(inconsistent(format!("hold {hold_id} of {account} for {amount} ends, but the state has {other:?}"))),
-    }
-    state.delete(&[Elem::Str("h"), Elem::Str(hold_id)])?;
+/// Ends a hold that must be open on `account` for exactly `amount`; returns that amount.
+fn end_hold(state: &mut State<'_, '_>, hold_id: &str, account: &str, amount: i128, status: HoldStatus) -> Result<i128, StateError> {
+    let mut h = match hold(&state.view(), hold_id)? {
+        Some(h) if h.account == account && i128::from(h.amount) == amount && h.status == HoldStatus::Open => h,
+        other => return Err(inconsistent(format!("open hold {hold_id} of {account} for {amount} ends, but the state has {other:?}"))),
+    };
+    h.status = status;
+    state.put(&[Elem::Str("h"), Elem::Str(hold_id)], &h)?;
     Ok(amount)
 }

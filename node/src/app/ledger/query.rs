@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::model::{self, Account, HistoryEntry, Hold, Totals};
+use super::model::{self, Account, HistoryEntry, Hold, HoldStatus, Totals};
 use super::{LedgerError, check_id};
 use crate::app::{Refusal, StateView};
 use crate::storage::keys::{Elem, Value};
@@ -95,13 +95,14 @@ pub struct HoldView {
     pub account: String,
     pub amount: u64,
     pub placed_at_us: u64,
+    pub status: HoldStatus,
 }
 
 pub fn hold_info(state: &StateView<'_>, hold: &str) -> Answer<HoldView> {
     check_id("hold", hold)?;
     match model::hold(state, hold)? {
         None => Err(Refusal::Rejected(LedgerError::HoldNotFound { hold: hold.into() })),
-        Some(Hold { account, amount, placed_at_us }) => Ok(HoldView { hold: hold.into(), account, amount, placed_at_us }),
+        Some(Hold { account, amount, placed_at_us, status }) => Ok(HoldView { hold: hold.into(), account, amount, placed_at_us, status }),
     }
 }
 
@@ -155,6 +156,7 @@ pub struct AuditReport {
     /// False when the book has more than [`MAX_AUDIT_RECORDS`] accounts or holds.
     pub complete: bool,
     pub accounts: usize,
+    /// Open holds.
     pub holds: usize,
     pub currencies: BTreeMap<String, Sums>,
     pub violations: Vec<String>,
@@ -166,14 +168,16 @@ fn as_string<S: serde::Serializer>(v: &i128, s: S) -> Result<S::Ok, S::Error> {
 
 pub fn audit(state: &StateView<'_>) -> Answer<AuditReport> {
     let accounts: Vec<(Vec<Value>, Account)> = state.scan(&[Elem::Str("a")], None, MAX_AUDIT_RECORDS + 1)?;
-    let holds: Vec<(Vec<Value>, Hold)> = state.scan(&[Elem::Str("h")], None, MAX_AUDIT_RECORDS + 1)?;
-    let complete = accounts.len() <= MAX_AUDIT_RECORDS && holds.len() <= MAX_AUDIT_RECORDS;
+    let all_holds: Vec<(Vec<Value>, Hold)> = state.scan(&[Elem::Str("h")], None, MAX_AUDIT_RECORDS + 1)?;
+    let complete = accounts.len() <= MAX_AUDIT_RECORDS && all_holds.len() <= MAX_AUDIT_RECORDS;
+    // Ended holds hold nothing.
+    let holds: Vec<&(Vec<Value>, Hold)> = all_holds.iter().filter(|(_, h)| h.status == HoldStatus::Open).collect();
     let mut violations = Vec::new();
     let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
     let mut held_by: BTreeMap<String, (u64, u32)> = BTreeMap::new();
     let ids: std::collections::BTreeSet<&str> =
         accounts.iter().filter_map(|(k, _)| if let [Value::Str(id)] = k.as_slice() { Some(id.as_str()) } else { None }).collect();
-    for (key, hold) in &holds {
+    for (key, hold) in holds.iter().copied() {
         let entry = held_by.entry(hold.account.clone()).or_default();
         entry.0 += hold.amount;
         entry.1 += 1;
