@@ -8,6 +8,9 @@
 //! - `session`: the same appends, each client sending them over its own `AppendSession` call (one
 //!   message per append instead of one HTTP/2 stream; still one append in flight per client);
 //! - `read`: clients reading every partition with ReadPartition, `--batch` events per request;
+//! - `ledger`: ledger Transfer commands between random accounts of [`LEDGER_BOOKS`] books of
+//!   [`LEDGER_ACCOUNTS`] accounts each (opened and funded before the clock starts): the command
+//!   processor's cost (decide, evolve, state in the same transaction) over plain appends;
 //! - `disk`: no node and no LMDB: random page writes and a sync in a loop, the disk's own cost
 //!   and stalls, measured in the same run as the rest;
 //! - `raw`: the same appends as `append`, into a [`Log`] in this process — the same LMDB writer
@@ -44,6 +47,8 @@ pub enum Workload {
     /// The same appends as `append`, each client pipelining them over its own AppendSession call.
     Session,
     Read,
+    /// Ledger transfers (commands) instead of appends.
+    Ledger,
     Raw,
     /// The disk alone: [`DISK_PROBE_PAGES`] random 4 KiB page writes and one `fdatasync`, over
     /// and over, in a file beside the node's data (or in the temporary directory) — what a group
@@ -184,11 +189,17 @@ async fn suite(args: &BenchArgs, server: &Server) -> anyhow::Result<Vec<BenchRes
     let half = BenchArgs { workload: Workload::Append, rate: Some((max1.requests_per_sec / 2.0).floor().max(1.0)), ..single.clone() };
     add(one(&half, server, Some("grpc: 1 event/append at half max")).await?, Some(&raw1));
     settle().await;
-    let session = BenchArgs { workload: Workload::Session, ..single };
+    let session = BenchArgs { workload: Workload::Session, ..single.clone() };
     let max_session = add(one(&session, server, Some("session: 1 event/append")).await?, Some(&raw1));
     settle().await;
     let half = BenchArgs { rate: Some((max_session.requests_per_sec / 2.0).floor().max(1.0)), ..session };
     add(one(&half, server, Some("session: 1 event/append at half max")).await?, Some(&raw1));
+    settle().await;
+    let ledger = BenchArgs { workload: Workload::Ledger, ..single };
+    let max_ledger = add(one(&ledger, server, Some("ledger: 1 transfer/command")).await?, Some(&raw1));
+    settle().await;
+    let half = BenchArgs { rate: Some((max_ledger.requests_per_sec / 2.0).floor().max(1.0)), ..ledger };
+    add(one(&half, server, Some("ledger: 1 transfer/command at half max")).await?, Some(&raw1));
     settle().await;
     let batched = BenchArgs { batch: 100, concurrency: 8, ..base.clone() };
     let raw100 = add(one(&BenchArgs { workload: Workload::Raw, ..batched.clone() }, server, Some("raw: 100 events/append")).await?, None);
@@ -240,6 +251,9 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
         }
         _ => None,
     };
+    if args.workload == Workload::Ledger {
+        open_ledger_books(&connect_pool(&server.url, 1).await?[0]).await?;
+    }
     let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
     let started = Instant::now();
     match args.workload {
@@ -265,6 +279,10 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
         Workload::Read => {
             let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
             read_all(args, &pool, &progress, &histogram).await?;
+        }
+        Workload::Ledger => {
+            let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
+            drive(args, &Target::Ledger(pool), &progress, &histogram).await?;
         }
         Workload::Disk => {
             let file = probe_file.expect("prepared above");
@@ -339,6 +357,7 @@ async fn connect_pool(server: &str, connections: usize) -> anyhow::Result<Vec<Cl
 
 enum Target {
     Grpc(Vec<Clients>),
+    Ledger(Vec<Clients>),
     Session(Vec<Clients>),
     Raw(Arc<Log>),
 }
@@ -346,6 +365,7 @@ enum Target {
 /// Where one client sends its appends.
 enum Sink {
     Grpc(Box<Clients>),
+    Ledger(Box<Clients>),
     Session(Box<Session>),
     Raw(Arc<Log>),
 }
@@ -390,6 +410,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
     for worker in 0..args.concurrency {
         clients.push(match target {
             Target::Grpc(pool) => Sink::Grpc(Box::new(pool[worker % pool.len()].clone())),
+            Target::Ledger(pool) => Sink::Ledger(Box::new(pool[worker % pool.len()].clone())),
             Target::Session(pool) => Sink::Session(Box::new(Session::open(&pool[worker % pool.len()]).await?)),
             Target::Raw(log) => Sink::Raw(log.clone()),
         });
@@ -418,6 +439,11 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
                 let ok = match &mut client {
                     Sink::Grpc(clients) => clients.log.append(wire()).await.is_ok(),
                     Sink::Session(session) => session.append(wire()).await,
+                    // A rejection (insufficient funds) is the processor's answer too: it counts.
+                    Sink::Ledger(clients) => match clients.ledger.transfer(random_transfer()).await {
+                        Ok(_) => true,
+                        Err(status) => status.metadata().get(crate::api::ledger::REJECTION_TRAILER).is_some(),
+                    },
                     Sink::Raw(log) => {
                         let events = (0..batch)
                             .map(|_| NewEvent { event_type: "BenchEvent".into(), payload: payload.clone(), metadata: vec![] })
@@ -443,6 +469,58 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Books of the `ledger` workload (spread over the partitions by their stream's hash).
+pub const LEDGER_BOOKS: usize = 64;
+/// Accounts per book of the `ledger` workload.
+pub const LEDGER_ACCOUNTS: usize = 64;
+/// Each account's opening deposit; transfers move 1 to 100.
+const LEDGER_FUNDING: u64 = 1_000_000;
+
+/// Opens and funds every account of the `ledger` workload, 64 commands in flight. Command ids
+/// make it idempotent, so a node benchmarked before keeps its books.
+async fn open_ledger_books(clients: &Clients) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    eprintln!("bench: opening {LEDGER_BOOKS} books of {LEDGER_ACCOUNTS} accounts");
+    let accounts = (0..LEDGER_BOOKS).flat_map(|b| (0..LEDGER_ACCOUNTS).map(move |a| (format!("bench-{b}"), format!("acct-{a}"))));
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(accounts)
+        .map(|(book, account)| {
+            let mut c = clients.clone();
+            async move {
+                let open = pb::OpenAccountRequest {
+                    book: book.clone(),
+                    command_id: format!("open-{account}"),
+                    account: account.clone(),
+                    currency: "EUR".into(),
+                    credit_limit: 0,
+                };
+                c.ledger.open_account(open).await.map_err(client::status_error)?;
+                let fund = pb::DepositRequest { book, command_id: format!("fund-{account}"), account, amount: LEDGER_FUNDING };
+                c.ledger.deposit(fund).await.map_err(client::status_error)?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>().context("opening the ledger workload's accounts")?;
+    Ok(())
+}
+
+/// A transfer between two random accounts of a random book of the `ledger` workload.
+fn random_transfer() -> pb::TransferRequest {
+    let mut rng = rand::rng();
+    let from = rng.random_range(0..LEDGER_ACCOUNTS);
+    let to = (from + rng.random_range(1..LEDGER_ACCOUNTS)) % LEDGER_ACCOUNTS;
+    pb::TransferRequest {
+        book: format!("bench-{}", rng.random_range(0..LEDGER_BOOKS)),
+        command_id: String::new(),
+        from: format!("acct-{from}"),
+        to: format!("acct-{to}"),
+        amount: rng.random_range(1..=100),
+        transfer: String::new(),
+    }
 }
 
 /// Random 4 KiB pages written per sync by the `disk` workload: about what a group commit of

@@ -221,3 +221,18 @@ async fn given_sigkill_during_concurrent_transfers_when_restarted_then_money_is_
     drop(c);
     tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(20))).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_command_id_older_than_the_retention_when_retried_then_it_is_a_new_command() {
+    let mut t = start(&["--command-id-retention-s", "1"]).await;
+    let c = &mut t.clients;
+    c.ledger.open_account(open("b", "alice", "EUR", 0)).await.unwrap();
+    c.ledger.deposit(deposit("b", "old", "alice", 10)).await.unwrap();
+    assert!(c.ledger.deposit(deposit("b", "old", "alice", 10)).await.unwrap().into_inner().duplicate, "within the window");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Any command's group commit expires the records past the window.
+    c.ledger.deposit(deposit("b", "new", "alice", 1)).await.unwrap();
+    let retried = c.ledger.deposit(deposit("b", "old", "alice", 10)).await.unwrap().into_inner();
+    assert!(!retried.duplicate, "the id outlived its retention");
+    assert_eq!(balance_of(c, "b", "alice").await.balance, 21);
+}

@@ -44,12 +44,14 @@ impl LedgerApi {
     async fn run(&self, book: String, command_id: String, command: LedgerCommand) -> Result<Response<pb::CommandResponse>, Status> {
         validate_id("book", &book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         let command_id = if command_id.is_empty() {
-            format!("anthill-{:032x}", rand::random::<u128>())
+            None
         } else {
             validate_id("command_id", &command_id, MAX_COMMAND_ID_BYTES).map_err(Status::invalid_argument)?;
-            command_id
+            Some(command_id)
         };
-        let done = self.log.command(Box::new(Command::<Ledger>::new(book, command_id.clone(), command))).await.map_err(|e| match e {
+        let command = Command::<Ledger>::new(book, command_id, command);
+        let command_id = command.command_id.clone();
+        let done = self.log.command(Box::new(command)).await.map_err(|e| match e {
             CommandError::Rejected(rejected) => rejection_status(&rejected),
             CommandError::Failed(e) => super::append_status(e),
         })?;

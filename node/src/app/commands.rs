@@ -8,6 +8,8 @@
 //!
 //! Decisions a later engineer must know:
 //! - ids are per stream (per ledger book): two books may use the same id;
+//! - an id the node generated (the client gave none) is neither looked up nor recorded: no
+//!   retry can carry it, and recording it would cost two writes per command for nothing;
 //! - only accepted commands are recorded: a rejected command wrote nothing, so its retry is
 //!   decided again (and may succeed if the state changed meanwhile) — the danger retries guard
 //!   against, doing a thing twice, cannot arise from a rejection;

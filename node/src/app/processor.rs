@@ -72,10 +72,12 @@ pub fn execute<D: Domain>(
     ctx: &Context<'_>,
     place: impl FnOnce(&mut RwTxn<'_>, &[D::Event]) -> Result<CommandRecord, StateError>,
 ) -> Result<Result<Executed<D::Event>, Failure<D::Error>>, StateError> {
-    match commands::lookup(txn, db, stream, ctx.command_id) {
-        Ok(Some(record)) => return Ok(Ok(Executed::Duplicate(record))),
-        Ok(None) => {}
-        Err(e) => return Ok(Err(Failure::Unreadable(e))),
+    if ctx.remember_id {
+        match commands::lookup(txn, db, stream, ctx.command_id) {
+            Ok(Some(record)) => return Ok(Ok(Executed::Duplicate(record))),
+            Ok(None) => {}
+            Err(e) => return Ok(Err(Failure::Unreadable(e))),
+        }
     }
     let prefix = state::subspace(D::NAME, scope);
     let events = {
@@ -94,7 +96,9 @@ pub fn execute<D: Domain>(
         }
     }
     let record = place(txn, &events)?;
-    commands::record(txn, db, stream, ctx.command_id, &record)?;
+    if ctx.remember_id {
+        commands::record(txn, db, stream, ctx.command_id, &record)?;
+    }
     Ok(Ok(Executed::Accepted { events, record }))
 }
 
@@ -119,14 +123,19 @@ pub struct Command<D: Domain> {
     pub scope: String,
     pub stream: String,
     pub command_id: String,
+    /// The client chose `command_id` (see [`Context::remember_id`]).
+    pub client_chose_id: bool,
     pub command: D::Command,
     size_bytes: usize,
 }
 
 impl<D: Domain> Command<D> {
-    pub fn new(scope: String, command_id: String, command: D::Command) -> Self {
+    /// A command for `scope`; without a client-chosen id, the node makes one up (random, 128 bits).
+    pub fn new(scope: String, command_id: Option<String>, command: D::Command) -> Self {
+        let client_chose_id = command_id.is_some();
+        let command_id = command_id.unwrap_or_else(|| format!("anthill-{:032x}", rand::random::<u128>()));
         let size_bytes = serde_json::to_vec(&command).map_or(256, |v| v.len()) + scope.len() + command_id.len();
-        Command { stream: super::stream_of(D::NAME, &scope), scope, command_id, command, size_bytes }
+        Command { stream: super::stream_of(D::NAME, &scope), scope, command_id, client_chose_id, command, size_bytes }
     }
 }
 
@@ -150,7 +159,7 @@ impl<D: Domain> Routed for Command<D> {
         now_us: u64,
         place: &mut dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError>,
     ) -> Result<Result<Executed<()>, Failure<Rejected>>, StateError> {
-        let ctx = Context { now_us, command_id: &self.command_id };
+        let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id };
         let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events| {
             let events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
             place(txn, events)

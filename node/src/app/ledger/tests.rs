@@ -86,7 +86,7 @@ proptest! {
             for (i, (command, id)) in commands.iter().enumerate() {
                 // Ids 0..=3 repeat across the sequence (retries); the others are unique.
                 let command_id = if *id < 4 { format!("retry-{id}") } else { format!("c-{i}") };
-                let ctx = Context { now_us: 1_000 + i as u64, command_id: &command_id };
+                let ctx = Context { now_us: 1_000 + i as u64, command_id: &command_id, remember_id: true };
                 let before = dump(&StateView::new(txn, db, &prefix));
                 let place = |_: &mut heed::RwTxn<'_>, events: &[E]| {
                     version += events.len() as u64;

@@ -114,7 +114,7 @@ impl<D: Domain> Session<'_, D> {
     fn command(&mut self, txn: &mut RwTxn<'_>, command: &D::Command, command_id: Option<&str>) -> Result<Outcome<D>, String> {
         self.commands += 1;
         let generated = format!("spec-command-{}", self.commands);
-        let ctx = Context { now_us: self.spec.now_us, command_id: command_id.unwrap_or(&generated) };
+        let ctx = Context { now_us: self.spec.now_us, command_id: command_id.unwrap_or(&generated), remember_id: command_id.is_some() };
         let version = &mut self.version;
         let place = |_: &mut RwTxn<'_>, events: &[D::Event]| {
             let first = *version + 1;
