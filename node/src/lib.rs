@@ -2,7 +2,9 @@
 //!
 //! Data flows top to bottom through these modules:
 //! request → [`api`] (gRPC, validation, error mapping) → [`log`] (partitioning, expected-version
-//! rules, group commit) → [`storage`] (LMDB environment, key layout, record format).
+//! rules, group commit; the writer is also the processor of commands) → [`storage`] (LMDB
+//! environments, key layout, record format). [`app`] holds the domains the processor runs
+//! (decide/evolve over LMDB state, command ids, the ledger) and their given-when-then specs.
 //! Around them: [`server`] wires a node together and shuts it down cleanly, [`config`] is its
 //! typed configuration, [`telemetry`] and [`metrics`] make it observable. The `anthill` command's
 //! side: [`cli`] parses it, [`client`] talks to nodes, [`local`] runs nodes as child processes,
