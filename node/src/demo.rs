@@ -1,7 +1,9 @@
 //! `anthill demo`: the README's main job. Starts a real node on loopback with a fresh data
 //! directory, pushes a short load at it while a subscriber follows along, shows optimistic
-//! concurrency (two writers racing at the same expected version), restarts the node and checks
-//! that every acknowledged event is still there, then prints what happened.
+//! concurrency (two writers racing at the same expected version), runs ledger commands (transfers
+//! between accounts from many clients, a retried command, a rejection, an audit), restarts the
+//! node and checks that every acknowledged event is still there and the books still balance, then
+//! prints what happened.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -110,6 +112,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let race = race(&mut clients).await?;
     say(&args, race.clone());
+    let ledger = ledger(&args, &clients).await?;
 
     let order = clients
         .log
@@ -137,13 +140,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let node = ChildNode::spawn(&exe, &data_dir, &node_args)?;
     let mut clients = client::connect(&node.url()).await?;
     let reopened = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
-    let expected_total = before + acknowledged + 2; // + the race's winner (1 event) and the setup event
+    // + the race's winner (1 event), the setup event, and the ledger's events
+    let expected_total = before + acknowledged + 2 + ledger.events;
     ensure!(
         reopened.total_events == status.total_events && status.total_events == expected_total,
         "after restart the node holds {} events; before it held {}, and {expected_total} were acknowledged",
         reopened.total_events,
         status.total_events
     );
+    let audit = clients.ledger.audit(pb::AuditRequest { book: LEDGER_BOOK.into() }).await.map_err(client::status_error)?.into_inner();
+    let totals =
+        clients.ledger.get_totals(pb::GetTotalsRequest { book: LEDGER_BOOK.into() }).await.map_err(client::status_error)?.into_inner();
+    ensure!(audit.ok, "after restart the ledger audit failed: {:?}", audit.violations);
+    ensure!(totals.currencies["EUR"].balance == ledger.total_balance, "after restart the book's total balance changed");
+    say(&args, format!("restarted: the ledger audit passes and book {LEDGER_BOOK} still holds {} EUR cents", ledger.total_balance));
     say(
         &args,
         format!(
@@ -164,6 +174,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "subscriber_live_events": live,
                 "events_after_restart": reopened.total_events,
                 "race": race,
+                "ledger": {"transfers_accepted": ledger.accepted, "transfers_rejected": ledger.rejected, "total_balance": ledger.total_balance},
                 "status": client::status_json(&reopened),
             })
         );
@@ -199,6 +210,153 @@ async fn race(clients: &mut Clients) -> anyhow::Result<String> {
     retry.expected_version = Some(pb::ExpectedVersion { kind: Some(pb::expected_version::Kind::Exact(actual.parse()?)) });
     clients.log.append(retry).await.map_err(client::status_error)?;
     Ok(format!("race on {stream}: {winner} won, the other got FAILED_PRECONDITION (actual version {actual}) and retried at that version"))
+}
+
+const LEDGER_BOOK: &str = "demo-shop";
+const LEDGER_ACCOUNTS: u64 = 20;
+const LEDGER_TRANSFERS: u64 = 2_000;
+
+/// What the ledger part did.
+struct LedgerRun {
+    /// Events its accepted commands wrote.
+    events: u64,
+    accepted: u64,
+    rejected: u64,
+    total_balance: String,
+}
+
+/// Opens and funds accounts in one book, moves money between them from many clients (some
+/// transfers are refused for lack of funds), retries one command by id, and audits the book.
+async fn ledger(args: &DemoArgs, clients: &Clients) -> anyhow::Result<LedgerRun> {
+    let book = || LEDGER_BOOK.to_string();
+    let mut c = clients.clone();
+    for a in 0..LEDGER_ACCOUNTS {
+        let account = format!("acct-{a}");
+        let open = pb::OpenAccountRequest {
+            book: book(),
+            command_id: format!("open-{a}"),
+            account: account.clone(),
+            currency: "EUR".into(),
+            credit_limit: 0,
+        };
+        c.ledger.open_account(open).await.map_err(client::status_error)?;
+        let fund = pb::DepositRequest { book: book(), command_id: format!("fund-{a}"), account, amount: 10_000 };
+        c.ledger.deposit(fund).await.map_err(client::status_error)?;
+    }
+    say(
+        args,
+        format!(
+            "ledger: opened {LEDGER_ACCOUNTS} accounts in book {LEDGER_BOOK} with 100.00 EUR each; {LEDGER_TRANSFERS} transfers from {WRITERS} clients"
+        ),
+    );
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..WRITERS {
+        let mut c = clients.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut accepted, mut rejected) = (0u64, 0u64);
+            for i in (w..LEDGER_TRANSFERS).step_by(WRITERS as usize) {
+                let (from, to) = (i * 7 % LEDGER_ACCOUNTS, (i * 7 + 1 + i % 5) % LEDGER_ACCOUNTS);
+                let request = pb::TransferRequest {
+                    book: book(),
+                    command_id: format!("t-{i}"),
+                    from: format!("acct-{from}"),
+                    to: format!("acct-{to}"),
+                    amount: 1 + i * 37 % 4_000,
+                    transfer: String::new(),
+                };
+                match c.ledger.transfer(request).await {
+                    Ok(_) => accepted += 1,
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => rejected += 1,
+                    Err(status) => return Err(client::status_error(status)),
+                }
+            }
+            anyhow::Ok((accepted, rejected))
+        }));
+    }
+    let (mut accepted, mut rejected) = (0, 0);
+    for w in workers {
+        let (a, r) = w.await??;
+        accepted += a;
+        rejected += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    say(
+        args,
+        format!(
+            "ledger: {accepted} transfers accepted, {rejected} refused for insufficient funds, in {elapsed:.2} s ({:.0} commands/s)",
+            LEDGER_TRANSFERS as f64 / elapsed
+        ),
+    );
+    let retry = pb::TransferRequest {
+        book: book(),
+        command_id: "t-0".into(),
+        from: "acct-0".into(),
+        to: "acct-1".into(),
+        amount: 1,
+        transfer: String::new(),
+    };
+    // Events the retry wrote: none for a duplicate; t-0 may have been refused the first time, and
+    // a refused command is decided again.
+    let retry_events = match c.ledger.transfer(retry).await {
+        Ok(r) if r.get_ref().duplicate => {
+            say(
+                args,
+                format!(
+                    "ledger: retrying command t-0 returned its first result (position {}), nothing new written",
+                    r.get_ref().first_position
+                ),
+            );
+            0
+        }
+        Ok(_) => {
+            say(args, "ledger: command t-0 was refused the first time, so its retry was decided again and went through".into());
+            1
+        }
+        Err(status) => {
+            say(args, format!("ledger: command t-0 was refused the first time, and again: {}", status.message()));
+            0
+        }
+    };
+    let audit = c.ledger.audit(pb::AuditRequest { book: book() }).await.map_err(client::status_error)?.into_inner();
+    ensure!(audit.ok, "the ledger audit failed: {:?}", audit.violations);
+    let totals = c.ledger.get_totals(pb::GetTotalsRequest { book: book() }).await.map_err(client::status_error)?.into_inner();
+    let total_balance = totals.currencies["EUR"].balance.clone();
+    ensure!(total_balance == (LEDGER_ACCOUNTS * 10_000).to_string(), "transfers changed the book's total: {total_balance}");
+    say(args, format!("ledger: audit ok, money conserved: the book holds {total_balance} EUR cents across {} accounts", audit.accounts));
+    let stream = c
+        .log
+        .read(pb::ReadRequest { stream: format!("ledger/{LEDGER_BOOK}"), from_version: 1, max_count: 1 })
+        .await
+        .map_err(client::status_error)?
+        .into_inner();
+    if let Some(first) = stream.events.first() {
+        say(args, format!("  {}", client::event_line(first)));
+    }
+    // Two events per account (opened, funded), one per accepted transfer, and the retry's.
+    let events = 2 * LEDGER_ACCOUNTS + accepted + retry_events;
+    let stored = ledger_stream_events(&mut c).await?;
+    ensure!(stored == events, "the book's stream holds {stored} events, but {events} were acknowledged");
+    Ok(LedgerRun { events, accepted, rejected, total_balance })
+}
+
+/// Events in the demo book's stream.
+async fn ledger_stream_events(c: &mut Clients) -> anyhow::Result<u64> {
+    let mut events = 0;
+    let mut from = 1;
+    loop {
+        let r = c
+            .log
+            .read(pb::ReadRequest { stream: format!("ledger/{LEDGER_BOOK}"), from_version: from, max_count: 0 })
+            .await
+            .map_err(client::status_error)?
+            .into_inner();
+        events += r.events.len() as u64;
+        from = r.next;
+        if r.end_of_stream {
+            return Ok(events);
+        }
+    }
 }
 
 fn say(args: &DemoArgs, line: String) {
