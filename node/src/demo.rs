@@ -174,7 +174,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "subscriber_live_events": live,
                 "events_after_restart": reopened.total_events,
                 "race": race,
-                "ledger": {"transfers_accepted": ledger.accepted, "transfers_rejected": ledger.rejected, "total_balance": ledger.total_balance},
+                "ledger": {"events": ledger.events, "transfers_accepted": ledger.accepted, "transfers_rejected": ledger.rejected, "total_balance": ledger.total_balance},
                 "status": client::status_json(&reopened),
             })
         );

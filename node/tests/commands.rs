@@ -15,12 +15,19 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn the_demo_appends_races_restarts_and_finds_every_acknowledged_event() {
+fn the_demo_appends_races_runs_the_ledger_restarts_and_finds_every_acknowledged_event() {
     let report = run_json(&["demo", "--events", "2000", "--json"]);
     assert_eq!(report["events_acknowledged"], 2000);
-    // The 2,000 load events plus the race's winner and the loser's retry.
-    assert_eq!(report["events_after_restart"], 2002);
-    assert_eq!(report["subscriber_live_events"], 2002);
+    // Ledger: 20 accounts opened and funded, the accepted transfers, and at most one more if the
+    // retried t-0 had been refused the first time.
+    let ledger = &report["ledger"];
+    let (events, accepted) = (ledger["events"].as_u64().unwrap(), ledger["transfers_accepted"].as_u64().unwrap());
+    assert!(events == 40 + accepted || events == 41 + accepted, "{ledger}");
+    assert_eq!(accepted + ledger["transfers_rejected"].as_u64().unwrap(), 2000, "{ledger}");
+    assert_eq!(ledger["total_balance"], "200000", "{ledger}");
+    // The 2,000 load events plus the race's winner and the loser's retry, and the ledger's.
+    assert_eq!(report["events_after_restart"].as_u64().unwrap(), 2002 + events);
+    assert_eq!(report["subscriber_live_events"].as_u64().unwrap(), 2002 + events);
     assert!(report["race"].as_str().unwrap().contains("FAILED_PRECONDITION"), "{report}");
 }
 
@@ -46,7 +53,7 @@ fn the_bench_suite_runs_every_workload_with_its_baseline() {
     let report = run_json(&["bench", "--suite", "--seconds", "0.5", "--json"]);
     let results = report["results"].as_array().unwrap();
     let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names.len(), 9, "{names:?}");
+    assert_eq!(names.len(), 11, "{names:?}");
     for r in results {
         assert!(r["events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
         // Appends say what they cost the disk (where the data sits on a block device with
@@ -68,6 +75,8 @@ fn the_bench_suite_runs_every_workload_with_its_baseline() {
     assert!(grpc["ratio_to_baseline"].as_f64().unwrap() > 0.0);
     let half = results.iter().find(|r| r["name"] == "grpc: 1 event/append at half max").unwrap();
     assert!(half["rate"].as_f64().unwrap() >= 1.0);
+    let ledger = results.iter().find(|r| r["name"] == "ledger: 1 transfer/command").unwrap();
+    assert_eq!((&ledger["workload"], &ledger["errors"]), (&"ledger".into(), &0.into()), "{ledger}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
