@@ -60,6 +60,13 @@ impl Rejected {
 
 type Db = heed::Database<Bytes, Bytes>;
 
+/// What [`execute`] returns: the outcome of the command, or (outer error) a failure that leaves
+/// the transaction half-written.
+pub type ExecuteResult<E, R> = Result<Result<Executed<E>, Failure<R>>, StateError>;
+
+/// How the writer places a command's events (in their log form) and says where they landed.
+pub type PlaceInLog<'p> = dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError> + 'p;
+
 /// Runs `command` on `scope` of domain `D` inside `txn` (see the module doc for the outcomes).
 /// `place` gets the transaction and the events once they are in state, and says where they
 /// landed; it is not called for a rejection or a duplicate.
@@ -71,7 +78,7 @@ pub fn execute<D: Domain>(
     command: &D::Command,
     ctx: &Context<'_>,
     place: impl FnOnce(&mut RwTxn<'_>, &[D::Event]) -> Result<CommandRecord, StateError>,
-) -> Result<Result<Executed<D::Event>, Failure<D::Error>>, StateError> {
+) -> ExecuteResult<D::Event, D::Error> {
     if ctx.remember_id {
         match commands::lookup(txn, db, stream, ctx.command_id) {
             Ok(Some(record)) => return Ok(Ok(Executed::Duplicate(record))),
@@ -109,13 +116,7 @@ pub trait Routed: Send + Sync {
     /// A rough size for group-commit batching.
     fn size_bytes(&self) -> usize;
     /// [`execute`] with the events handed to `place` in their log form.
-    fn execute(
-        &self,
-        txn: &mut RwTxn<'_>,
-        db: Db,
-        now_us: u64,
-        place: &mut dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError>,
-    ) -> Result<Result<Executed<()>, Failure<Rejected>>, StateError>;
+    fn execute(&self, txn: &mut RwTxn<'_>, db: Db, now_us: u64, place: &mut PlaceInLog<'_>) -> ExecuteResult<(), Rejected>;
 }
 
 /// A command of domain `D` for one scope.
@@ -152,13 +153,7 @@ impl<D: Domain> Routed for Command<D> {
         self.size_bytes
     }
 
-    fn execute(
-        &self,
-        txn: &mut RwTxn<'_>,
-        db: Db,
-        now_us: u64,
-        place: &mut dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError>,
-    ) -> Result<Result<Executed<()>, Failure<Rejected>>, StateError> {
+    fn execute(&self, txn: &mut RwTxn<'_>, db: Db, now_us: u64, place: &mut PlaceInLog<'_>) -> ExecuteResult<(), Rejected> {
         let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id };
         let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events| {
             let events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;

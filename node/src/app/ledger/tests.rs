@@ -117,7 +117,7 @@ proptest! {
             }
             Ok((produced, dump(&StateView::new(txn, db, &prefix))))
         }).unwrap()?;
-        let rebuilt = sandbox.replay::<Ledger, _>(SCOPE, &produced, |view| dump(view)).unwrap();
+        let rebuilt = sandbox.replay::<Ledger, _>(SCOPE, &produced, dump).unwrap();
         prop_assert_eq!(rebuilt, final_state, "replaying the events must rebuild the same state");
     }
 }
