@@ -256,15 +256,7 @@ async fn ledger(args: &DemoArgs, clients: &Clients) -> anyhow::Result<LedgerRun>
         workers.push(tokio::spawn(async move {
             let (mut accepted, mut rejected) = (0u64, 0u64);
             for i in (w..LEDGER_TRANSFERS).step_by(WRITERS as usize) {
-                let (from, to) = (i * 7 % LEDGER_ACCOUNTS, (i * 7 + 1 + i % 5) % LEDGER_ACCOUNTS);
-                let request = pb::TransferRequest {
-                    book: book(),
-                    command_id: format!("t-{i}"),
-                    from: format!("acct-{from}"),
-                    to: format!("acct-{to}"),
-                    amount: 1 + i * 37 % 4_000,
-                    transfer: String::new(),
-                };
+                let request = demo_transfer(i);
                 match c.ledger.transfer(request).await {
                     Ok(_) => accepted += 1,
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => rejected += 1,
@@ -288,14 +280,8 @@ async fn ledger(args: &DemoArgs, clients: &Clients) -> anyhow::Result<LedgerRun>
             LEDGER_TRANSFERS as f64 / elapsed
         ),
     );
-    let retry = pb::TransferRequest {
-        book: book(),
-        command_id: "t-0".into(),
-        from: "acct-0".into(),
-        to: "acct-1".into(),
-        amount: 1,
-        transfer: String::new(),
-    };
+    // The very same command again, under its id: a client's retry after a lost answer.
+    let retry = demo_transfer(0);
     // Events the retry wrote: none for a duplicate; t-0 may have been refused the first time, and
     // a refused command is decided again.
     let retry_events = match c.ledger.transfer(retry).await {
@@ -338,6 +324,19 @@ async fn ledger(args: &DemoArgs, clients: &Clients) -> anyhow::Result<LedgerRun>
     let stored = ledger_stream_events(&mut c).await?;
     ensure!(stored == events, "the book's stream holds {stored} events, but {events} were acknowledged");
     Ok(LedgerRun { events, accepted, rejected, total_balance })
+}
+
+/// The demo's `i`-th transfer, with command id `t-{i}`.
+fn demo_transfer(i: u64) -> pb::TransferRequest {
+    let (from, to) = (i * 7 % LEDGER_ACCOUNTS, (i * 7 + 1 + i % 5) % LEDGER_ACCOUNTS);
+    pb::TransferRequest {
+        book: LEDGER_BOOK.into(),
+        command_id: format!("t-{i}"),
+        from: format!("acct-{from}"),
+        to: format!("acct-{to}"),
+        amount: 1 + i * 37 % 4_000,
+        transfer: String::new(),
+    }
 }
 
 /// Events in the demo book's stream.

@@ -100,12 +100,21 @@ async fn given_accounts_when_money_moves_then_balances_history_and_totals_follow
     let totals = c.ledger.get_totals(pb::GetTotalsRequest { book: "shop".into() }).await.unwrap().into_inner();
     let eur = &totals.currencies["EUR"];
     assert_eq!((eur.balance.as_str(), eur.deposited.as_str(), eur.accounts_opened), ("100", "100", 2));
+    // A captured hold keeps its record, with its status.
+    let hold =
+        pb::PlaceHoldRequest { book: "shop".into(), command_id: String::new(), hold: "h-1".into(), account: "bob".into(), amount: 20 };
+    c.ledger.place_hold(hold).await.unwrap();
+    let capture =
+        pb::CaptureHoldRequest { book: "shop".into(), command_id: String::new(), hold: "h-1".into(), amount: 0, to: "alice".into() };
+    c.ledger.capture_hold(capture).await.unwrap();
+    let info = c.ledger.get_hold(pb::GetHoldRequest { book: "shop".into(), hold: "h-1".into() }).await.unwrap().into_inner();
+    assert_eq!((info.status.as_str(), info.amount), ("captured", 20));
     assert!(c.ledger.audit(pb::AuditRequest { book: "shop".into() }).await.unwrap().into_inner().ok);
 
     // Rejected commands wrote nothing: the book's stream holds exactly the four accepted ones,
     // each with its command id in its metadata.
     let events = book_events(c, "shop").await;
-    assert_eq!(events.len(), 4);
+    assert_eq!(events.len(), 6, "four commands, a hold and its capture");
     assert_eq!(events[3].1.metadata.get(COMMAND_ID_METADATA_KEY).map(String::as_str), Some("t-1"));
 }
 
@@ -119,6 +128,10 @@ async fn given_a_retried_command_id_then_the_first_result_returns_even_after_a_r
     let again = c.ledger.deposit(deposit("b", "pay-1", "alice", 40)).await.unwrap().into_inner();
     assert!(again.duplicate && !first.duplicate);
     assert_eq!((again.first_position, again.stream_version), (first.first_position, first.stream_version));
+    // The same id for another command is refused, not taken for a retry.
+    let reused = c.ledger.deposit(deposit("b", "pay-1", "alice", 41)).await.unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::AlreadyExists);
+    assert_eq!(reused.metadata().get(REJECTION_TRAILER).unwrap(), "CommandIdReused");
     // The same id on another book is another command.
     c.ledger.open_account(open("other", "alice", "EUR", 0)).await.unwrap();
     assert!(!c.ledger.deposit(deposit("other", "pay-1", "alice", 5)).await.unwrap().into_inner().duplicate);
@@ -147,8 +160,8 @@ const ACCOUNTS: usize = 8;
 const INITIAL_BALANCE: u64 = 1_000;
 const WORKERS: usize = 16;
 
-/// Command ids acknowledged by the node.
-type Acked = Arc<Mutex<Vec<String>>>;
+/// Transfers acknowledged by the node.
+type Acked = Arc<Mutex<Vec<pb::TransferRequest>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_sigkill_during_concurrent_transfers_when_restarted_then_money_is_conserved_and_state_matches_a_replay_of_the_log() {
@@ -171,8 +184,8 @@ async fn given_sigkill_during_concurrent_transfers_when_restarted_then_money_is_
                     }
                     let id = format!("w{w}-{i}");
                     let request = transfer("load", &id, &format!("acct-{from}"), &format!("acct-{to}"), 1 + i % 97);
-                    match c.ledger.transfer(request).await {
-                        Ok(_) => acked.lock().push(id),
+                    match c.ledger.transfer(request.clone()).await {
+                        Ok(_) => acked.lock().push(request),
                         Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
                         Err(_) => return,
                     }
@@ -201,10 +214,11 @@ async fn given_sigkill_during_concurrent_transfers_when_restarted_then_money_is_
     for (_, e) in &events {
         *by_id.entry(e.metadata[COMMAND_ID_METADATA_KEY].as_str()).or_default() += 1;
     }
-    for id in &acked {
+    for request in &acked {
+        let id = &request.command_id;
         assert_eq!(by_id.get(id.as_str()), Some(&1), "acknowledged transfer {id} is missing or stored twice");
     }
-    let retry = c.ledger.transfer(transfer("load", &acked[acked.len() / 2], "acct-0", "acct-1", 1)).await.unwrap().into_inner();
+    let retry = c.ledger.transfer(acked[acked.len() / 2].clone()).await.unwrap().into_inner();
     assert!(retry.duplicate);
 
     // The state the node holds is what the log rebuilds.

@@ -34,11 +34,13 @@ pub const REJECTION_DETAIL_TRAILER: &str = "anthill-rejection-detail";
 #[derive(Clone)]
 pub struct LedgerApi {
     log: Arc<Log>,
+    /// One audit at a time: each reads up to 500,000 records in one snapshot.
+    audits: Arc<tokio::sync::Semaphore>,
 }
 
 impl LedgerApi {
     pub fn new(log: Arc<Log>) -> Self {
-        LedgerApi { log }
+        LedgerApi { log, audits: Arc::new(tokio::sync::Semaphore::new(1)) }
     }
 
     async fn run(&self, book: String, command_id: String, command: LedgerCommand) -> Result<Response<pb::CommandResponse>, Status> {
@@ -170,7 +172,8 @@ impl pb::ledger_server::Ledger for LedgerApi {
     async fn get_hold(&self, request: Request<pb::GetHoldRequest>) -> Result<Response<pb::HoldInfo>, Status> {
         let r = request.into_inner();
         let h: HoldView = self.query(&r.book, move |state| query::hold_info(state, &r.hold)).await?;
-        Ok(Response::new(pb::HoldInfo { hold: h.hold, account: h.account, amount: h.amount, placed_at_us: h.placed_at_us }))
+        let status = serde_json::to_value(h.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        Ok(Response::new(pb::HoldInfo { hold: h.hold, account: h.account, amount: h.amount, placed_at_us: h.placed_at_us, status }))
     }
 
     async fn get_history(&self, request: Request<pb::GetHistoryRequest>) -> Result<Response<pb::History>, Status> {
@@ -215,6 +218,7 @@ impl pb::ledger_server::Ledger for LedgerApi {
 
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditReport>, Status> {
         let r = request.into_inner();
+        let _one_at_a_time = self.audits.acquire().await.map_err(|_| Status::unavailable("the node is shutting down"))?;
         let report = self.query(&r.book, query::audit).await?;
         Ok(Response::new(pb::AuditReport {
             ok: report.ok,

@@ -10,12 +10,17 @@
 //! - ids are per stream (per ledger book): two books may use the same id;
 //! - an id the node generated (the client gave none) is neither looked up nor recorded: no
 //!   retry can carry it, and recording it would cost two writes per command for nothing;
+//! - a record keeps a hash of the command (FNV-1a over its JSON): the same id with another command
+//!   is refused (`CommandIdReused`, as Stripe does with idempotency keys) instead of answering the
+//!   first result for a command that was never run;
 //! - only accepted commands are recorded: a rejected command wrote nothing, so its retry is
 //!   decided again (and may succeed if the state changed meanwhile) — the danger retries guard
 //!   against, doing a thing twice, cannot arise from a rejection;
 //! - records expire `app.command_id_retention_s` after they were written (the duplicate window of
-//!   NATS JetStream, default 10 minutes): each group commit deletes at most
-//!   [`EXPIRE_PER_COMMIT`] expired records, oldest first, so expiry never stalls a commit;
+//!   NATS JetStream, default 10 minutes): a lookup ignores an expired record at once, and every
+//!   group commit deletes expired ones, oldest first, at most [`EXPIRE_PER_COMMIT`] plus twice
+//!   the batch's commands — more than the batch can add, so the backlog cannot grow under load
+//!   (an idle node deletes nothing until its next commit);
 //! - every event also carries its command id in its metadata ([`super::COMMAND_ID_METADATA_KEY`]),
 //!   so a follower (or a rebuild) can derive the same records from the log.
 
@@ -42,9 +47,20 @@ pub struct CommandRecord {
     pub stream_version: u64,
     pub events: u32,
     pub recorded_at_us: u64,
+    /// [`command_hash`] of the command (0: not known).
+    pub command_hash: u64,
 }
 
-const RECORD_BYTES: usize = 40;
+const RECORD_BYTES: usize = 48;
+/// Records written before the hash was kept.
+const RECORD_BYTES_WITHOUT_HASH: usize = 40;
+
+/// FNV-1a (64 bits) of the command's JSON: tells a retry from another command under the same id.
+pub fn command_hash(command_json: &[u8]) -> u64 {
+    let hash = command_json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
+    // 0 means "unknown"; a command never hashes to it.
+    hash.max(1)
+}
 
 impl CommandRecord {
     fn encode(&self) -> [u8; RECORD_BYTES] {
@@ -55,11 +71,14 @@ impl CommandRecord {
         out[16..24].copy_from_slice(&self.last_position.to_be_bytes());
         out[24..32].copy_from_slice(&self.stream_version.to_be_bytes());
         out[32..40].copy_from_slice(&self.recorded_at_us.to_be_bytes());
+        out[40..48].copy_from_slice(&self.command_hash.to_be_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
-        let bytes: &[u8; RECORD_BYTES] = bytes.try_into().ok()?;
+        if bytes.len() != RECORD_BYTES && bytes.len() != RECORD_BYTES_WITHOUT_HASH {
+            return None;
+        }
         let u32_at = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
         Some(CommandRecord {
@@ -69,6 +88,7 @@ impl CommandRecord {
             last_position: u64_at(16),
             stream_version: u64_at(24),
             recorded_at_us: u64_at(32),
+            command_hash: if bytes.len() == RECORD_BYTES { u64_at(40) } else { 0 },
         })
     }
 }
@@ -77,20 +97,25 @@ fn record_key(stream: &str, command_id: &str) -> Vec<u8> {
     pack(&[Elem::Str(RECORDS), Elem::Str(stream), Elem::Str(command_id)])
 }
 
-/// The record of `command_id` on `stream`, if that command was accepted (and has not expired).
+/// The record of `command_id` on `stream`, if that command was accepted at or after `since_us`
+/// (an older record has expired, whether or not it was deleted yet).
 pub fn lookup(
     txn: &RoTxn<'_, WithoutTls>,
     db: Database<Bytes, Bytes>,
     stream: &str,
     command_id: &str,
+    since_us: u64,
 ) -> Result<Option<CommandRecord>, StateError> {
     let key = record_key(stream, command_id);
     match db.get(txn, &key)? {
         None => Ok(None),
-        Some(bytes) => CommandRecord::decode(bytes).map(Some).ok_or_else(|| StateError::Undecodable {
-            key: format!("command {command_id} of {stream}"),
-            reason: format!("{} bytes, expected {RECORD_BYTES}", bytes.len()),
-        }),
+        Some(bytes) => match CommandRecord::decode(bytes) {
+            Some(record) => Ok((record.recorded_at_us >= since_us).then_some(record)),
+            None => Err(StateError::Undecodable {
+                key: format!("command {command_id} of {stream}"),
+                reason: format!("{} bytes, expected {RECORD_BYTES}", bytes.len()),
+            }),
+        },
     }
 }
 
@@ -119,8 +144,14 @@ pub fn expire(txn: &mut RwTxn<'_>, db: Database<Bytes, Bytes>, before_us: u64, m
     }
     for key in &doomed {
         match unpack(key).as_deref() {
-            Ok([_, Value::U64(_), Value::Str(stream), Value::Str(id)]) => {
-                db.delete(txn, &record_key(stream, id))?;
+            Ok([_, Value::U64(at_us), Value::Str(stream), Value::Str(id)]) => {
+                // The id may have been accepted again after it expired: that newer record has
+                // an expiry entry of its own and stays.
+                let record_key = record_key(stream, id);
+                let current = db.get(txn, &record_key)?.and_then(CommandRecord::decode);
+                if current.is_some_and(|r| r.recorded_at_us == *at_us) {
+                    db.delete(txn, &record_key)?;
+                }
             }
             _ => return Err(StateError::Undecodable { key: format!("{key:02x?}"), reason: "not a command expiry key".into() }),
         }
@@ -144,7 +175,15 @@ mod tests {
     }
 
     fn rec(at_us: u64) -> CommandRecord {
-        CommandRecord { partition: 3, first_position: 10, last_position: 11, stream_version: 7, events: 2, recorded_at_us: at_us }
+        CommandRecord {
+            partition: 3,
+            first_position: 10,
+            last_position: 11,
+            stream_version: 7,
+            events: 2,
+            recorded_at_us: at_us,
+            command_hash: 9,
+        }
     }
 
     #[test]
@@ -152,9 +191,9 @@ mod tests {
         let (_dir, env, db) = env();
         let mut txn = env.write_txn().unwrap();
         record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
-        assert_eq!(lookup(&txn, db, "ledger/a", "c-1").unwrap(), Some(rec(100)));
-        assert_eq!(lookup(&txn, db, "ledger/b", "c-1").unwrap(), None);
-        assert_eq!(lookup(&txn, db, "ledger/a", "c-2").unwrap(), None);
+        assert_eq!(lookup(&txn, db, "ledger/a", "c-1", 0).unwrap(), Some(rec(100)));
+        assert_eq!(lookup(&txn, db, "ledger/b", "c-1", 0).unwrap(), None);
+        assert_eq!(lookup(&txn, db, "ledger/a", "c-2", 0).unwrap(), None);
     }
 
     #[test]
@@ -166,13 +205,38 @@ mod tests {
         }
         assert_eq!(expire(&mut txn, db, 100, 2).unwrap(), 2, "bounded by max");
         // The two oldest (10 and 20) went first.
-        assert!(lookup(&txn, db, "ledger/a", "c-1").unwrap().is_none());
-        assert!(lookup(&txn, db, "ledger/a", "c-3").unwrap().is_none());
-        assert!(lookup(&txn, db, "ledger/a", "c-0").unwrap().is_some());
+        assert!(lookup(&txn, db, "ledger/a", "c-1", 0).unwrap().is_none());
+        assert!(lookup(&txn, db, "ledger/a", "c-3", 0).unwrap().is_none());
+        assert!(lookup(&txn, db, "ledger/a", "c-0", 0).unwrap().is_some());
         assert_eq!(expire(&mut txn, db, 100, 10).unwrap(), 1);
-        assert!(lookup(&txn, db, "ledger/a", "c-0").unwrap().is_none());
-        assert!(lookup(&txn, db, "ledger/a", "c-2").unwrap().is_some());
-        assert!(lookup(&txn, db, "ledger/a", "c-4").unwrap().is_some());
+        assert!(lookup(&txn, db, "ledger/a", "c-0", 0).unwrap().is_none());
+        assert!(lookup(&txn, db, "ledger/a", "c-2", 0).unwrap().is_some());
+        assert!(lookup(&txn, db, "ledger/a", "c-4", 0).unwrap().is_some());
         assert_eq!(expire(&mut txn, db, 100, 10).unwrap(), 0);
+    }
+
+    #[test]
+    fn given_an_expired_record_then_lookup_ignores_it_before_it_is_deleted() {
+        let (_dir, env, db) = env();
+        let mut txn = env.write_txn().unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
+        assert!(lookup(&txn, db, "ledger/a", "c-1", 100).unwrap().is_some());
+        assert!(lookup(&txn, db, "ledger/a", "c-1", 101).unwrap().is_none());
+    }
+
+    #[test]
+    fn given_an_id_accepted_again_after_it_expired_when_the_old_entry_expires_then_the_new_record_stays() {
+        let (_dir, env, db) = env();
+        let mut txn = env.write_txn().unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(500)).unwrap();
+        assert_eq!(expire(&mut txn, db, 200, 10).unwrap(), 1);
+        assert_eq!(lookup(&txn, db, "ledger/a", "c-1", 0).unwrap(), Some(rec(500)));
+    }
+
+    #[test]
+    fn a_command_never_hashes_to_the_unknown_value_and_different_commands_differ() {
+        assert_ne!(command_hash(b""), 0);
+        assert_ne!(command_hash(br#"{"Deposit":{"amount":5}}"#), command_hash(br#"{"Deposit":{"amount":6}}"#));
     }
 }

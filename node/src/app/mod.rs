@@ -53,6 +53,8 @@ pub struct Context<'a> {
     /// The client chose the id: look it up before deciding and remember it after (a generated
     /// id cannot come back in a retry, so it is neither).
     pub remember_id: bool,
+    /// Ids recorded before this time (microseconds since the epoch) have expired.
+    pub ids_since_us: u64,
 }
 
 /// How a rejection is reported over gRPC.

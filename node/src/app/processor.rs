@@ -33,6 +33,9 @@ pub enum Executed<E> {
 #[derive(Debug)]
 pub enum Failure<E> {
     Rejected(E),
+    /// The command id was accepted before for another command: refused, so a client bug that
+    /// reuses an id is not mistaken for a retry (and silently dropped).
+    IdReused,
     /// State could not be read while deciding.
     Unreadable(StateError),
 }
@@ -56,7 +59,20 @@ impl Rejected {
             detail: serde_json::to_value(error).unwrap_or(Json::Null),
         }
     }
+
+    /// The rejection of a command id already used for another command.
+    pub fn id_reused(command_id: &str) -> Self {
+        Rejected {
+            code: ID_REUSED,
+            kind: RejectionKind::AlreadyExists,
+            message: format!("command id {command_id} was already used on this book for another command; a new command needs a new id"),
+            detail: serde_json::json!({ ID_REUSED: { "command_id": command_id } }),
+        }
+    }
 }
+
+/// Code of [`Rejected::id_reused`].
+pub const ID_REUSED: &str = "CommandIdReused";
 
 type Db = heed::Database<Bytes, Bytes>;
 
@@ -79,13 +95,19 @@ pub fn execute<D: Domain>(
     ctx: &Context<'_>,
     place: impl FnOnce(&mut RwTxn<'_>, &[D::Event]) -> Result<CommandRecord, StateError>,
 ) -> ExecuteResult<D::Event, D::Error> {
-    if ctx.remember_id {
-        match commands::lookup(txn, db, stream, ctx.command_id) {
-            Ok(Some(record)) => return Ok(Ok(Executed::Duplicate(record))),
+    let command_hash = if ctx.remember_id {
+        let json = serde_json::to_vec(command).map_err(|e| StateError::Inconsistent(format!("cannot encode a command: {e}")))?;
+        let hash = commands::command_hash(&json);
+        match commands::lookup(txn, db, stream, ctx.command_id, ctx.ids_since_us) {
+            Ok(Some(record)) if record.command_hash == 0 || record.command_hash == hash => return Ok(Ok(Executed::Duplicate(record))),
+            Ok(Some(_)) => return Ok(Err(Failure::IdReused)),
             Ok(None) => {}
             Err(e) => return Ok(Err(Failure::Unreadable(e))),
         }
-    }
+        hash
+    } else {
+        0
+    };
     let prefix = state::subspace(D::NAME, scope);
     let events = {
         let view_txn: &RwTxn<'_> = txn;
@@ -102,7 +124,7 @@ pub fn execute<D: Domain>(
             D::evolve(&mut state, event)?;
         }
     }
-    let record = place(txn, &events)?;
+    let record = CommandRecord { command_hash, ..place(txn, &events)? };
     if ctx.remember_id {
         commands::record(txn, db, stream, ctx.command_id, &record)?;
     }
@@ -116,7 +138,15 @@ pub trait Routed: Send + Sync {
     /// A rough size for group-commit batching.
     fn size_bytes(&self) -> usize;
     /// [`execute`] with the events handed to `place` in their log form.
-    fn execute(&self, txn: &mut RwTxn<'_>, db: Db, now_us: u64, place: &mut PlaceInLog<'_>) -> ExecuteResult<(), Rejected>;
+    /// Ids recorded before `ids_since_us` have expired.
+    fn execute(
+        &self,
+        txn: &mut RwTxn<'_>,
+        db: Db,
+        now_us: u64,
+        ids_since_us: u64,
+        place: &mut PlaceInLog<'_>,
+    ) -> ExecuteResult<(), Rejected>;
 }
 
 /// A command of domain `D` for one scope.
@@ -153,8 +183,15 @@ impl<D: Domain> Routed for Command<D> {
         self.size_bytes
     }
 
-    fn execute(&self, txn: &mut RwTxn<'_>, db: Db, now_us: u64, place: &mut PlaceInLog<'_>) -> ExecuteResult<(), Rejected> {
-        let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id };
+    fn execute(
+        &self,
+        txn: &mut RwTxn<'_>,
+        db: Db,
+        now_us: u64,
+        ids_since_us: u64,
+        place: &mut PlaceInLog<'_>,
+    ) -> ExecuteResult<(), Rejected> {
+        let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id, ids_since_us };
         let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events| {
             let events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
             place(txn, events)
@@ -163,6 +200,7 @@ impl<D: Domain> Routed for Command<D> {
             Ok(Executed::Accepted { record, .. }) => Ok(Executed::Accepted { events: Vec::new(), record }),
             Ok(Executed::Duplicate(record)) => Ok(Executed::Duplicate(record)),
             Err(Failure::Rejected(e)) => Err(Failure::Rejected(Rejected::from_domain(&e))),
+            Err(Failure::IdReused) => Err(Failure::Rejected(Rejected::id_reused(&self.command_id))),
             Err(Failure::Unreadable(e)) => Err(Failure::Unreadable(e)),
         })
     }

@@ -103,23 +103,41 @@ impl<'t> StateView<'t> {
         from: Option<Elem<'_>>,
         limit: usize,
     ) -> Result<Vec<(Vec<Value>, T)>, StateError> {
+        let mut out = Vec::new();
+        self.for_each(elems, from, limit, |key, value| {
+            out.push((key, value));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Like [`StateView::scan`], but hands each entry to `visit` instead of collecting them;
+    /// returns how many it visited (at most `limit`).
+    pub fn for_each<T: DeserializeOwned>(
+        &self,
+        elems: &[Elem<'_>],
+        from: Option<Elem<'_>>,
+        limit: usize,
+        mut visit: impl FnMut(Vec<Value>, T) -> Result<(), StateError>,
+    ) -> Result<usize, StateError> {
         let prefix = full_key(self.prefix, elems);
         let start = match from {
             Some(from) => full_key(&prefix, &[from]),
             None => prefix.clone(),
         };
-        let mut out = Vec::new();
+        let mut visited = 0;
         let range = (std::ops::Bound::Included(start.as_slice()), std::ops::Bound::Unbounded);
         for entry in self.db.range(self.txn, &range)? {
             let (key, value) = entry?;
-            if !key.starts_with(&prefix) || out.len() == limit {
+            if !key.starts_with(&prefix) || visited == limit {
                 break;
             }
             let rest =
                 unpack(&key[prefix.len()..]).map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })?;
-            out.push((rest, decode(key, value)?));
+            visit(rest, decode(key, value)?)?;
+            visited += 1;
         }
-        Ok(out)
+        Ok(visited)
     }
 }
 

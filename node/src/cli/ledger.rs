@@ -68,6 +68,8 @@ enum Action {
     Close { account: String },
     /// Show an account's balance.
     Balance { account: String },
+    /// Show a hold: its account, amount and status (open, captured or released).
+    ShowHold { hold: String },
     /// Show an account's history.
     History {
         account: String,
@@ -150,6 +152,11 @@ async fn run_query(
             let answer = json!({"account": b.account, "currency": b.currency, "balance": b.balance, "held": b.held,
                 "available": b.available, "credit_limit": b.credit_limit, "holds": b.holds, "closed": b.closed});
             (answer, text)
+        }
+        Action::ShowHold { hold } => {
+            let h = ledger.get_hold(pb::GetHoldRequest { book, hold }).await.map_err(status_error)?.into_inner();
+            let text = format!("hold {} on {}: {} ({}), placed at {} µs\n", h.hold, h.account, h.amount, h.status, h.placed_at_us);
+            (json!({"hold": h.hold, "account": h.account, "amount": h.amount, "status": h.status, "placed_at_us": h.placed_at_us}), text)
         }
         Action::History { account, from, limit } => {
             let h = ledger.get_history(pb::GetHistoryRequest { book, account, from, limit }).await.map_err(status_error)?.into_inner();

@@ -97,20 +97,19 @@ impl Job {
             Job::Command { command, .. } => command.size_bytes(),
         }
     }
-    /// Answers the job; a failure of the whole batch (`failure`) overrides a success.
+    /// Answers the job. A failure of the whole batch (`failure`) overrides every outcome, a
+    /// refusal too: a wrong expected version or a rejection was decided against state of this
+    /// batch or an earlier one that never became durable, so it must not be shown either.
     fn answer(self, outcome: Outcome, failure: Option<&AppendError>) {
+        if let Some(error) = failure {
+            return self.fail(error.clone());
+        }
         match (self, outcome) {
             (Job::Append { reply, .. }, Outcome::Append(outcome)) => {
-                let _ = reply.send(match (failure, outcome) {
-                    (Some(error), Ok(_)) => Err(error.clone()),
-                    (_, outcome) => outcome,
-                });
+                let _ = reply.send(outcome);
             }
             (Job::Command { reply, .. }, Outcome::Command(outcome)) => {
-                let _ = reply.send(match (failure, outcome) {
-                    (Some(error), Ok(_)) => Err(CommandError::Failed(error.clone())),
-                    (_, outcome) => outcome,
-                });
+                let _ = reply.send(outcome);
             }
             _ => unreachable!("every job gets an outcome of its own kind"),
         }
@@ -301,11 +300,12 @@ impl Writer {
             partition_count: self.store.partition_count(),
             epoch: self.epoch,
             now_us,
+            ids_since_us: now_us.saturating_sub(self.command_id_retention.as_micros() as u64),
         };
         let mut log_txn = self.store.write()?;
         let (txn, appender, state_db) = log_txn.parts();
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut commands_run = false;
+        let mut commands_run = 0;
         for (job, stored) in batch.iter().zip(stored) {
             let current = match placer.current(job.stream(), stored) {
                 Ok(version) => version,
@@ -323,15 +323,14 @@ impl Writer {
             outcomes.push(match job {
                 Job::Append { request, .. } => Outcome::Append(placer.append(txn, appender, request, current)?),
                 Job::Command { command, .. } => {
-                    commands_run = true;
+                    commands_run += 1;
                     Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
                 }
             });
         }
-        if commands_run {
-            let before_us = now_us.saturating_sub(self.command_id_retention.as_micros() as u64);
-            commands::expire(txn, state_db, before_us, commands::EXPIRE_PER_COMMIT)?;
-        }
+        // More than the batch can have recorded, so expired records never pile up under load.
+        let expire_max = commands::EXPIRE_PER_COMMIT + 2 * commands_run;
+        commands::expire(txn, state_db, placer.ids_since_us, expire_max)?;
         for (before, after) in self.heads.iter().zip(&placer.heads) {
             assert!(after >= before, "partition head went backwards: {before} -> {after}");
         }
@@ -352,6 +351,8 @@ struct Placer<'b> {
     partition_count: u32,
     epoch: u64,
     now_us: u64,
+    /// Command ids recorded before this have expired.
+    ids_since_us: u64,
 }
 
 impl<'b> Placer<'b> {
@@ -386,7 +387,7 @@ impl<'b> Placer<'b> {
         command: &'b dyn Routed,
         current: u64,
     ) -> Result<CommandOutcome, StorageError> {
-        let now_us = self.now_us;
+        let (now_us, ids_since_us) = (self.now_us, self.ids_since_us);
         let stream = command.stream();
         let mut place = |txn: &mut RwTxn<'_>, events: Vec<NewEvent>| -> Result<CommandRecord, StateError> {
             let record = CommandRecord {
@@ -396,6 +397,7 @@ impl<'b> Placer<'b> {
                 stream_version: current,
                 events: 0,
                 recorded_at_us: now_us,
+                command_hash: 0,
             };
             if events.is_empty() {
                 return Ok(record);
@@ -409,10 +411,11 @@ impl<'b> Placer<'b> {
                 ..record
             })
         };
-        Ok(match command.execute(txn, state_db, now_us, &mut place)? {
+        Ok(match command.execute(txn, state_db, now_us, ids_since_us, &mut place)? {
             Ok(Executed::Accepted { record, .. }) => Ok(CommandDone { record, duplicate: false }),
             Ok(Executed::Duplicate(record)) => Ok(CommandDone { record, duplicate: true }),
             Err(Failure::Rejected(rejected)) => Err(CommandError::Rejected(rejected)),
+            Err(Failure::IdReused) => Err(CommandError::Rejected(crate::app::processor::Rejected::id_reused(command.command_id()))),
             Err(Failure::Unreadable(e)) => Err(CommandError::Failed(AppendError::Storage(Arc::new(e.into())))),
         })
     }
@@ -571,5 +574,55 @@ impl Drop for AbortOnPanic {
             tracing::error!("the log writer panicked; aborting the process so a restart recovers from disk");
             std::process::abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::processor::Rejected;
+    use crate::app::{Domain, ledger};
+
+    fn command_job() -> (Job, oneshot::Receiver<CommandOutcome>) {
+        let (reply, answer) = oneshot::channel();
+        let command = crate::app::processor::Command::<ledger::Ledger>::new(
+            "b".into(),
+            Some("c-1".into()),
+            ledger::LedgerCommand::CloseAccount { account: "a".into() },
+        );
+        assert_eq!(ledger::Ledger::NAME, "ledger");
+        (Job::Command { command: Box::new(command), reply }, answer)
+    }
+
+    fn append_job() -> (Job, oneshot::Receiver<AppendOutcome>) {
+        let (reply, answer) = oneshot::channel();
+        (
+            Job::Append {
+                request: AppendRequest { stream: "s".into(), expected: super::super::ExpectedVersion::NoStream, events: vec![] },
+                reply,
+            },
+            answer,
+        )
+    }
+
+    #[test]
+    fn given_a_failed_sync_then_refusals_decided_on_undurable_state_are_answered_with_the_failure_too() {
+        let failure = AppendError::ShuttingDown;
+        let (job, mut answer) = command_job();
+        let rejected = Rejected::id_reused("c-1");
+        job.answer(Outcome::Command(Err(CommandError::Rejected(rejected))), Some(&failure));
+        assert!(matches!(answer.try_recv().unwrap(), Err(CommandError::Failed(AppendError::ShuttingDown))));
+
+        let (job, mut answer) = append_job();
+        let wrong = AppendError::WrongExpectedVersion { stream: "s".into(), expected: super::super::ExpectedVersion::NoStream, actual: 3 };
+        job.answer(Outcome::Append(Err(wrong)), Some(&failure));
+        assert!(matches!(answer.try_recv().unwrap(), Err(AppendError::ShuttingDown)));
+    }
+
+    #[test]
+    fn given_a_durable_batch_then_each_job_gets_its_own_outcome() {
+        let (job, mut answer) = command_job();
+        job.answer(Outcome::Command(Err(CommandError::Rejected(Rejected::id_reused("c-1")))), None);
+        assert!(matches!(answer.try_recv().unwrap(), Err(CommandError::Rejected(r)) if r.code == "CommandIdReused"));
     }
 }

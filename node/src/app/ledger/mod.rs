@@ -224,7 +224,10 @@ fn check_amount(field: &str, amount: u64) -> Result<(), Refusal<LedgerError>> {
 
 fn check_currency(currency: &str) -> Result<(), Refusal<LedgerError>> {
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(invalid("currency", format!("must be three uppercase letters (e.g. EUR), got {currency:?}")));
+        // Echo at most a few characters of what was sent: it can be as long as a request.
+        let shown: String = currency.chars().take(8).collect();
+        let more = if currency.chars().count() > 8 { "..." } else { "" };
+        return Err(invalid("currency", format!("must be three uppercase letters (e.g. EUR), got {shown:?}{more}")));
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! | key                       | value            | what                                     |
 //! |---------------------------|------------------|------------------------------------------|
 //! | `("a", account)`          | [`Account`]      | balance, held, limits, open/closed       |
-//! | `("h", hold)`             | [`Hold`]         | a hold, open or ended (ids are single-use) |
+//! | `("h", hold)`             | [`Hold`]         | an open hold                             |
+//! | `("e", hold)`             | [`Hold`]         | an ended hold (kept: ids are single-use) |
 //! | `("x", account, entry)`   | [`HistoryEntry`] | the account's history, `entry` dense from 1 |
 //! | `("t", currency)`         | [`Totals`]       | the book's totals in one currency        |
 //!
@@ -110,8 +111,12 @@ pub fn account(state: &StateView<'_>, account: &str) -> Result<Option<Account>, 
     state.get(&[Elem::Str("a"), Elem::Str(account)])
 }
 
+/// The hold, open or ended.
 pub fn hold(state: &StateView<'_>, hold: &str) -> Result<Option<Hold>, StateError> {
-    state.get(&[Elem::Str("h"), Elem::Str(hold)])
+    match state.get(&[Elem::Str("h"), Elem::Str(hold)])? {
+        Some(open) => Ok(Some(open)),
+        None => state.get(&[Elem::Str("e"), Elem::Str(hold)]),
+    }
 }
 
 pub fn totals(state: &StateView<'_>, currency: &str) -> Result<Option<Totals>, StateError> {
@@ -173,10 +178,24 @@ fn book_entry(state: &mut State<'_, '_>, id: &str, mut a: Account, c: Change<'_>
     Ok(a)
 }
 
-fn update_totals(state: &mut State<'_, '_>, currency: &str, change: impl FnOnce(&mut Totals)) -> Result<(), StateError> {
+/// Applies `change` to the book's totals in `currency`; `change` says `None` when a sum would
+/// overflow (the state then does not match the events).
+fn update_totals(state: &mut State<'_, '_>, currency: &str, change: impl FnOnce(&mut Totals) -> Option<()>) -> Result<(), StateError> {
     let mut t = totals(&state.view(), currency)?.unwrap_or_default();
-    change(&mut t);
+    change(&mut t).ok_or_else(|| inconsistent(format!("the {currency} totals overflow")))?;
     state.put(&[Elem::Str("t"), Elem::Str(currency)], &t)
+}
+
+/// `*sum += by`, or `None` on overflow.
+fn add(sum: &mut i128, by: i128) -> Option<()> {
+    *sum = sum.checked_add(by)?;
+    Some(())
+}
+
+/// `*count += by` (by may be negative), or `None` when it would leave the type's range.
+fn count<T: TryFrom<i128> + Into<i128> + Copy>(count: &mut T, by: i128) -> Option<()> {
+    *count = T::try_from((*count).into().checked_add(by)?).ok()?;
+    Some(())
 }
 
 pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), StateError> {
@@ -197,20 +216,20 @@ pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), Stat
                 entries: 0,
             };
             book_entry(state, id, a, Change::new("AccountOpened", 0))?;
-            update_totals(state, currency, |t| t.accounts_opened += 1)
+            update_totals(state, currency, |t| count(&mut t.accounts_opened, 1))
         }
         E::Deposited { account: id, amount } => {
             let a = book_entry(state, id, existing(state, id)?, Change::new("Deposited", amount_of(amount)))?;
             update_totals(state, &a.currency, |t| {
-                t.balance += amount_of(amount);
-                t.deposited += amount_of(amount);
+                add(&mut t.balance, amount_of(amount))?;
+                add(&mut t.deposited, amount_of(amount))
             })
         }
         E::Withdrawn { account: id, amount } => {
             let a = book_entry(state, id, existing(state, id)?, Change::new("Withdrawn", -amount_of(amount)))?;
             update_totals(state, &a.currency, |t| {
-                t.balance -= amount_of(amount);
-                t.withdrawn += amount_of(amount);
+                add(&mut t.balance, -amount_of(amount))?;
+                add(&mut t.withdrawn, amount_of(amount))
             })
         }
         E::Transferred { transfer, from, to, amount } => {
@@ -223,35 +242,36 @@ pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), Stat
                 return Err(inconsistent(format!("hold {hold_id} is placed twice")));
             }
             let mut a = existing(state, id)?;
-            a.holds += 1;
+            count(&mut a.holds, 1).ok_or_else(|| inconsistent(format!("account {id} has too many holds")))?;
             let a = book_entry(state, id, a, Change::new("HoldPlaced", 0).held(amount_of(amount)).with(None, Some(hold_id)))?;
             let hold = Hold { account: id.clone(), amount: *amount, placed_at_us: *placed_at_us, status: HoldStatus::Open };
             state.put(&[Elem::Str("h"), Elem::Str(hold_id)], &hold)?;
-            update_totals(state, &a.currency, |t| t.held += amount_of(amount))
+            update_totals(state, &a.currency, |t| add(&mut t.held, amount_of(amount)))
         }
         E::HoldCaptured { hold: hold_id, account: id, amount, released, to } => {
             let freed = end_hold(state, hold_id, id, amount_of(amount) + amount_of(released), HoldStatus::Captured)?;
             let mut a = existing(state, id)?;
-            a.holds -= 1;
+            count(&mut a.holds, -1).ok_or_else(|| inconsistent(format!("account {id} ends a hold it does not have")))?;
             let a =
                 book_entry(state, id, a, Change::new("HoldCaptured", -amount_of(amount)).held(-freed).with(to.as_deref(), Some(hold_id)))?;
             if let Some(to) = to {
                 book_entry(state, to, existing(state, to)?, Change::new("HoldCaptured", amount_of(amount)).with(Some(id), Some(hold_id)))?;
             }
             update_totals(state, &a.currency, |t| {
-                t.held -= freed;
+                add(&mut t.held, -freed)?;
                 if to.is_none() {
-                    t.balance -= amount_of(amount);
-                    t.withdrawn += amount_of(amount);
+                    add(&mut t.balance, -amount_of(amount))?;
+                    add(&mut t.withdrawn, amount_of(amount))?;
                 }
+                Some(())
             })
         }
         E::HoldReleased { hold: hold_id, account: id, amount } => {
             let freed = end_hold(state, hold_id, id, amount_of(amount), HoldStatus::Released)?;
             let mut a = existing(state, id)?;
-            a.holds -= 1;
+            count(&mut a.holds, -1).ok_or_else(|| inconsistent(format!("account {id} ends a hold it does not have")))?;
             let a = book_entry(state, id, a, Change::new("HoldReleased", 0).held(-freed).with(None, Some(hold_id)))?;
-            update_totals(state, &a.currency, |t| t.held -= freed)
+            update_totals(state, &a.currency, |t| add(&mut t.held, -freed))
         }
         E::AccountClosed { account: id } => {
             let mut a = existing(state, id)?;
@@ -260,7 +280,7 @@ pub fn evolve(state: &mut State<'_, '_>, event: &LedgerEvent) -> Result<(), Stat
             }
             a.closed = true;
             let a = book_entry(state, id, a, Change::new("AccountClosed", 0))?;
-            update_totals(state, &a.currency, |t| t.accounts_closed += 1)
+            update_totals(state, &a.currency, |t| count(&mut t.accounts_closed, 1))
         }
     }
 }
@@ -272,6 +292,7 @@ fn end_hold(state: &mut State<'_, '_>, hold_id: &str, account: &str, amount: i12
         other => return Err(inconsistent(format!("open hold {hold_id} of {account} for {amount} ends, but the state has {other:?}"))),
     };
     h.status = status;
-    state.put(&[Elem::Str("h"), Elem::Str(hold_id)], &h)?;
+    state.delete(&[Elem::Str("h"), Elem::Str(hold_id)])?;
+    state.put(&[Elem::Str("e"), Elem::Str(hold_id)], &h)?;
     Ok(amount)
 }

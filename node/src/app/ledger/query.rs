@@ -11,14 +11,16 @@ use serde_json::Value as Json;
 
 use super::model::{self, Account, HistoryEntry, Hold, HoldStatus, Totals};
 use super::{LedgerError, check_id};
-use crate::app::{Refusal, StateView};
+use crate::app::{Refusal, StateError, StateView};
 use crate::storage::keys::{Elem, Value};
 
 /// Most history entries one query returns.
 pub const MAX_HISTORY_ENTRIES: u32 = 1_000;
 
-/// Most accounts and holds one audit reads; past it the audit says it is incomplete.
-pub const MAX_AUDIT_RECORDS: usize = 1_000_000;
+/// Most accounts and open holds one audit reads; past it the audit says it is incomplete and
+/// checks only what it read (each account's own invariants). An audit holds one LMDB snapshot
+/// for its whole run, so this also bounds how long it holds back map growth.
+pub const MAX_AUDIT_RECORDS: usize = 250_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,7 +155,7 @@ pub struct Sums {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditReport {
     pub ok: bool,
-    /// False when the book has more than [`MAX_AUDIT_RECORDS`] accounts or holds.
+    /// False when the book has more than [`MAX_AUDIT_RECORDS`] accounts or open holds.
     pub complete: bool,
     pub accounts: usize,
     /// Open holds.
@@ -167,28 +169,27 @@ fn as_string<S: serde::Serializer>(v: &i128, s: S) -> Result<S::Ok, S::Error> {
 }
 
 pub fn audit(state: &StateView<'_>) -> Answer<AuditReport> {
-    let accounts: Vec<(Vec<Value>, Account)> = state.scan(&[Elem::Str("a")], None, MAX_AUDIT_RECORDS + 1)?;
-    let all_holds: Vec<(Vec<Value>, Hold)> = state.scan(&[Elem::Str("h")], None, MAX_AUDIT_RECORDS + 1)?;
-    let complete = accounts.len() <= MAX_AUDIT_RECORDS && all_holds.len() <= MAX_AUDIT_RECORDS;
-    // Ended holds hold nothing.
-    let holds: Vec<&(Vec<Value>, Hold)> = all_holds.iter().filter(|(_, h)| h.status == HoldStatus::Open).collect();
     let mut violations = Vec::new();
-    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
+    // Open holds, summed per account (ended holds are under another key and hold nothing).
     let mut held_by: BTreeMap<String, (u64, u32)> = BTreeMap::new();
-    let ids: std::collections::BTreeSet<&str> =
-        accounts.iter().filter_map(|(k, _)| if let [Value::Str(id)] = k.as_slice() { Some(id.as_str()) } else { None }).collect();
-    for (key, hold) in holds.iter().copied() {
-        let entry = held_by.entry(hold.account.clone()).or_default();
-        entry.0 += hold.amount;
-        entry.1 += 1;
-        if let [Value::Str(id)] = key.as_slice()
-            && !ids.contains(hold.account.as_str())
-        {
-            violations.push(format!("hold {id} names account {}, which does not exist", hold.account));
+    let holds = state.for_each(&[Elem::Str("h")], None, MAX_AUDIT_RECORDS + 1, |_, hold: Hold| {
+        let entry = held_by.entry(hold.account).or_default();
+        entry.0 = entry.0.saturating_add(hold.amount);
+        entry.1 = entry.1.saturating_add(1);
+        Ok(())
+    })?;
+    let holds_complete = holds <= MAX_AUDIT_RECORDS;
+    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
+    // One account past the limit is read only to learn that there are more.
+    let mut seen = 0;
+    let visited = state.for_each(&[Elem::Str("a")], None, MAX_AUDIT_RECORDS + 1, |key, a: Account| {
+        seen += 1;
+        if seen > MAX_AUDIT_RECORDS {
+            return Ok(());
         }
-    }
-    for (key, a) in &accounts {
-        let [Value::Str(id)] = key.as_slice() else { continue };
+        let [Value::Str(id)] = key.as_slice() else {
+            return Err(StateError::Inconsistent(format!("account key {key:?} is not (\"a\", id)")));
+        };
         let s = sums.entry(a.currency.clone()).or_default();
         s.accounts += 1;
         s.balance += i128::from(a.balance);
@@ -197,18 +198,29 @@ pub fn audit(state: &StateView<'_>) -> Answer<AuditReport> {
             violations
                 .push(format!("account {id}: balance {} minus held {} is below its credit limit {}", a.balance, a.held, a.credit_limit));
         }
-        if held_by.get(id).copied().unwrap_or_default() != (a.held, a.holds) {
-            violations.push(format!("account {id}: held {} in {} holds, but its holds add up to {:?}", a.held, a.holds, held_by.get(id)));
+        let holds_of = held_by.remove(id).unwrap_or_default();
+        if holds_complete && holds_of != (a.held, a.holds) {
+            violations.push(format!(
+                "account {id}: held {} in {} holds, but its open holds add up to {} in {}",
+                a.held, a.holds, holds_of.0, holds_of.1
+            ));
         }
         if a.closed && (a.balance != 0 || a.holds != 0) {
             violations.push(format!("account {id} is closed with balance {} and {} holds", a.balance, a.holds));
+        }
+        Ok(())
+    })?;
+    let accounts = visited.min(MAX_AUDIT_RECORDS);
+    let complete = holds_complete && visited <= MAX_AUDIT_RECORDS;
+    if complete {
+        for account in held_by.keys() {
+            violations.push(format!("open holds name account {account}, which does not exist"));
         }
     }
     let totals: Vec<(Vec<Value>, Totals)> = state.scan(&[Elem::Str("t")], None, usize::MAX)?;
     for (key, t) in &totals {
         let [Value::Str(currency)] = key.as_slice() else { continue };
-        let s = sums.get(currency.as_str());
-        let (balance, held, count) = s.map_or((0, 0, 0), |s| (s.balance, s.held, s.accounts));
+        let (balance, held, count) = sums.get(currency.as_str()).map_or((0, 0, 0), |s| (s.balance, s.held, s.accounts));
         if t.deposited - t.withdrawn != t.balance {
             violations.push(format!(
                 "{currency}: deposited {} minus withdrawn {} is not the total balance {}",
@@ -225,12 +237,5 @@ pub fn audit(state: &StateView<'_>) -> Answer<AuditReport> {
     for currency in sums.keys().filter(|c| totals.iter().all(|(k, _)| !matches!(k.as_slice(), [Value::Str(t)] if t == *c))) {
         violations.push(format!("{currency}: accounts exist but the book has no totals for it"));
     }
-    Ok(AuditReport {
-        ok: violations.is_empty(),
-        complete,
-        accounts: accounts.len().min(MAX_AUDIT_RECORDS),
-        holds: holds.len().min(MAX_AUDIT_RECORDS),
-        currencies: sums,
-        violations,
-    })
+    Ok(AuditReport { ok: violations.is_empty(), complete, accounts, holds: holds.min(MAX_AUDIT_RECORDS), currencies: sums, violations })
 }

@@ -86,11 +86,11 @@ proptest! {
             for (i, (command, id)) in commands.iter().enumerate() {
                 // Ids 0..=3 repeat across the sequence (retries); the others are unique.
                 let command_id = if *id < 4 { format!("retry-{id}") } else { format!("c-{i}") };
-                let ctx = Context { now_us: 1_000 + i as u64, command_id: &command_id, remember_id: true };
+                let ctx = Context { now_us: 1_000 + i as u64, command_id: &command_id, remember_id: true, ids_since_us: 0 };
                 let before = dump(&StateView::new(txn, db, &prefix));
                 let place = |_: &mut heed::RwTxn<'_>, events: &[E]| {
                     version += events.len() as u64;
-                    Ok(CommandRecord { partition: 0, first_position: 0, last_position: 0, stream_version: version, events: events.len() as u32, recorded_at_us: 0 })
+                    Ok(CommandRecord { partition: 0, first_position: 0, last_position: 0, stream_version: version, events: events.len() as u32, recorded_at_us: 0, command_hash: 0 })
                 };
                 match execute::<Ledger>(txn, db, &stream, SCOPE, command, &ctx, place).unwrap() {
                     Ok(Executed::Accepted { events, .. }) => {
@@ -100,7 +100,7 @@ proptest! {
                         }
                         produced.extend(events);
                     }
-                    Ok(Executed::Duplicate(_)) | Err(Failure::Rejected(_)) => {
+                    Ok(Executed::Duplicate(_)) | Err(Failure::Rejected(_) | Failure::IdReused) => {
                         prop_assert_eq!(&dump(&StateView::new(txn, db, &prefix)), &before, "{:?} changed state without events", command);
                     }
                     Err(Failure::Unreadable(e)) => prop_assert!(false, "state unreadable: {}", e),

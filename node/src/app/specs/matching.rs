@@ -20,9 +20,9 @@ pub type Bindings = HashMap<String, Json>;
 pub fn compare(expected: &Json, actual: &Json, path: &str, bindings: &mut Bindings, diffs: &mut Vec<String>) {
     match (expected, actual) {
         (Json::String(wild), _) if wild == "*" => {}
-        (Json::String(literal), Json::String(got)) if literal.starts_with("$$") => {
-            if literal[1..] != *got {
-                diffs.push(format!("{path}: expected {:?}, got {got:?}", &literal[1..]));
+        (Json::String(literal), _) if literal.starts_with("$$") => {
+            if actual.as_str() != Some(&literal[1..]) {
+                diffs.push(format!("{path}: expected {:?}, got {}", &literal[1..], show(actual)));
             }
         }
         (Json::String(name), _) if name.len() > 1 && name.starts_with('$') => match bindings.get(&name[1..]) {
@@ -107,5 +107,9 @@ mod tests {
     fn given_a_doubled_dollar_then_it_is_a_literal() {
         assert!(diff(json!("$$5"), json!("$5")).is_empty());
         assert_eq!(diff(json!("$$5"), json!("5")).len(), 1);
+        // Not a placeholder, whatever the actual value is.
+        for other in [json!(5), json!(null), json!({"a": 1}), json!(["$5"])] {
+            assert_eq!(diff(json!("$$5"), other.clone()).len(), 1, "{other}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use super::matching::{Bindings, compare};
 use super::{SpecError, SpecResult};
 use crate::app::commands::CommandRecord;
 use crate::app::ledger::Ledger;
-use crate::app::processor::{Executed, Failure, execute};
+use crate::app::processor::{Executed, Failure, Rejected, execute};
 use crate::app::{Context, Domain, Refusal, Rejection, State, StateView, state};
 
 /// An LMDB environment specs run in, never committed to after its creation.
@@ -99,6 +99,8 @@ enum Outcome<D: Domain> {
     Accepted(Vec<D::Event>),
     Duplicate,
     Rejected(D::Error),
+    /// Its id was used before for another command.
+    IdReused(Rejected),
 }
 
 /// Runs commands of one spec, counting the stream's version as the log would.
@@ -114,7 +116,12 @@ impl<D: Domain> Session<'_, D> {
     fn command(&mut self, txn: &mut RwTxn<'_>, command: &D::Command, command_id: Option<&str>) -> Result<Outcome<D>, String> {
         self.commands += 1;
         let generated = format!("spec-command-{}", self.commands);
-        let ctx = Context { now_us: self.spec.now_us, command_id: command_id.unwrap_or(&generated), remember_id: command_id.is_some() };
+        let ctx = Context {
+            now_us: self.spec.now_us,
+            command_id: command_id.unwrap_or(&generated),
+            remember_id: command_id.is_some(),
+            ids_since_us: 0,
+        };
         let version = &mut self.version;
         let place = |_: &mut RwTxn<'_>, events: &[D::Event]| {
             let first = *version + 1;
@@ -126,12 +133,14 @@ impl<D: Domain> Session<'_, D> {
                 stream_version: *version,
                 events: events.len() as u32,
                 recorded_at_us: ctx.now_us,
+                command_hash: 0,
             })
         };
         match execute::<D>(txn, self.db, &self.stream, &self.spec.scope, command, &ctx, place) {
             Ok(Ok(Executed::Accepted { events, .. })) => Ok(Outcome::Accepted(events)),
             Ok(Ok(Executed::Duplicate(_))) => Ok(Outcome::Duplicate),
             Ok(Err(Failure::Rejected(e))) => Ok(Outcome::Rejected(e)),
+            Ok(Err(Failure::IdReused)) => Ok(Outcome::IdReused(Rejected::id_reused(ctx.command_id))),
             Ok(Err(Failure::Unreadable(e))) | Err(e) => Err(format!("state failed: {e}")),
         }
     }
@@ -173,6 +182,7 @@ impl<D: Domain> Spec<D> {
         for (i, (command, id)) in self.given_commands.iter().enumerate() {
             match session.command(txn, command, id.as_deref()) {
                 Ok(Outcome::Rejected(e)) => diffs.push(format!("given_commands[{i}]: must be accepted, was rejected: {} ({e})", e.code())),
+                Ok(Outcome::IdReused(r)) => diffs.push(format!("given_commands[{i}]: must be accepted, was rejected: {}", r.message)),
                 Err(e) => diffs.push(format!("given_commands[{i}]: {e}")),
                 Ok(_) => {}
             }
@@ -198,6 +208,19 @@ impl<D: Domain> Spec<D> {
                     Expect::Value(expected) => compare(expected, &Json::Array(Vec::new()), "then.events", &mut bindings, &mut diffs),
                     Expect::Error(expected) => diffs.push(format!("then.error: expected {expected}, but the command was a duplicate")),
                 }
+            }
+            (Ok(Outcome::IdReused(rejected)), expect) => {
+                match expect {
+                    Expect::Error(Json::String(code)) if code == rejected.code => {}
+                    Expect::Error(Json::String(code)) => {
+                        diffs.push(format!("then.error: expected {code}, got {} ({})", rejected.code, rejected.message))
+                    }
+                    Expect::Error(whole) => compare(whole, &rejected.detail, "then.error", &mut bindings, &mut diffs),
+                    Expect::Value(_) => {
+                        diffs.push(format!("then.events: expected events, but the command was rejected: {}", rejected.message))
+                    }
+                }
+                actual.insert("error".into(), rejected.detail);
             }
             (Ok(Outcome::Rejected(error)), expect) => {
                 match expect {
