@@ -20,6 +20,7 @@ pub mod demo;
 pub mod local;
 pub mod log;
 pub mod metrics;
+pub mod replication;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

@@ -1,0 +1,72 @@
+//! What replicas of one partition say to each other. The transport (one multiplexed stream per
+//! pair of nodes) adds the partition; the replica core ([`super::replica`]) neither knows nor
+//! cares how messages travel, and tolerates them being lost, repeated, delayed and reordered.
+
+use super::{Entry, Epoch, EpochHistory, Position};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A new leader asks every replica to stop taking anything from older epochs and to tell
+    /// it where its log ends.
+    Recover {
+        epoch: Epoch,
+    },
+    /// The replica's promise for `epoch`, and its durable log.
+    RecoverReply {
+        epoch: Epoch,
+        history: EpochHistory,
+        last: Position,
+    },
+    /// A recovering leader fetches the entries from `from` on of the most advanced replica.
+    Fetch {
+        epoch: Epoch,
+        from: Position,
+    },
+    FetchReply {
+        epoch: Epoch,
+        entries: Vec<Entry>,
+        last: Position,
+    },
+    /// The leader's entries after `prev_position` (whose entry has `prev_epoch`; 0 and 0 for the
+    /// start of the log), and how far it knows the log to be committed. With no entries it is a
+    /// probe and a heartbeat.
+    Append {
+        epoch: Epoch,
+        prev_position: Position,
+        prev_epoch: Epoch,
+        entries: Vec<Entry>,
+        commit: Position,
+    },
+    AppendReply {
+        epoch: Epoch,
+        outcome: AppendOutcome,
+    },
+    /// The receiver has promised a higher epoch than the message's: its sender is deposed.
+    Stale {
+        promised: Epoch,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The follower's log matches the leader's and is durable up to here.
+    Durable(Position),
+    /// The follower has no entry at `prev_position` with `prev_epoch`: here is its log, so the
+    /// leader can find where they part.
+    Diverged { history: EpochHistory, last: Position },
+}
+
+impl Message {
+    /// The epoch the message was sent in (for `Stale`, the one its sender promised).
+    pub fn epoch(&self) -> Epoch {
+        match self {
+            Message::Recover { epoch }
+            | Message::RecoverReply { epoch, .. }
+            | Message::Fetch { epoch, .. }
+            | Message::FetchReply { epoch, .. }
+            | Message::Append { epoch, .. }
+            | Message::AppendReply { epoch, .. } => *epoch,
+            Message::Stale { promised } => *promised,
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Replication of a partition's log across its replica set: the protocol core.
+//!
+//! This module is sans-IO: [`replica::Replica`] is a state machine fed with leadership grants,
+//! messages, proposals, ticks and durability reports, and it answers with effects (persist,
+//! truncate, append, send, committed). The node's shell and the deterministic simulator drive
+//! the very same code. `docs/replication.md` states the protocol and why no committed entry is
+//! ever lost.
+//!
+//! Status: the core and its simulation test; the shell (gRPC transport, LMDB effects), the
+//! coordination store that grants leadership, and routing are still to come (issue 4).
+
+pub mod epochs;
+pub mod message;
+pub mod replica;
+#[cfg(test)]
+mod sim_tests;
+
+pub use epochs::EpochHistory;
+
+/// Names a node of the cluster.
+pub type NodeId = u32;
+/// A leader's term for one partition; granted by the coordination store, only ever grows.
+pub type Epoch = u64;
+/// A position in a partition's log, dense from 1.
+pub type Position = u64;
+
+/// One entry of a partition's replicated log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub position: Position,
+    /// The epoch of the leader that wrote it.
+    pub epoch: Epoch,
+    pub kind: EntryKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// What the leader's processor wrote (an event record, opaque here).
+    Data(Vec<u8>),
+    /// Written by a new leader at the start of its epoch: committing it commits every entry
+    /// before it.
+    Marker,
+}

@@ -1,0 +1,592 @@
+//! One replica of one partition: the replication protocol as a sans-IO state machine.
+//!
+//! Inputs: leadership granted by the coordination store ([`Replica::become_leader`]), messages
+//! from the other replicas, proposals of the serving leader, timer ticks, and the shell's report
+//! that a batch of effects is durable. Outputs: [`Effect`]s, taken in batches with
+//! [`Replica::take_effects`]. The same code runs in the node (the shell executes effects on
+//! LMDB and gRPC) and in the simulator (effects on memory, messages through a seeded network).
+//!
+//! **The shell's contract.** Execute a batch's effects in order: persist the promise, truncate,
+//! append; make all of it durable; only then send the batch's messages; then call
+//! [`Replica::on_durable`] with the batch's ticket. Batches are executed in the order taken. A
+//! crash may lose batches that were not yet durable, never part of one. Reads through
+//! [`ReplicaLog`] are only made below the durable position, so they see executed entries only.
+//!
+//! The protocol (docs/replication.md has the safety argument):
+//! - **Epochs and fencing.** Leadership of epoch `E` comes from the coordination store (its lock
+//!   index), one leader per epoch. A replica durably *promises* the highest epoch it has seen and
+//!   refuses (`Stale`) anything from a lower one, so a deposed leader can neither append nor count
+//!   a majority.
+//! - **Recovery.** A new leader asks every replica for its promise and its log (`Recover`). With
+//!   a majority (itself included), it adopts the most advanced log of them — highest last epoch,
+//!   then longest — truncating its own divergent suffix and fetching what it lacks, then appends
+//!   a marker entry in its own epoch and serves.
+//! - **Replication.** The leader sends entries after a `(prev_position, prev_epoch)` the follower
+//!   must hold; a follower that does not replies with its epoch history and the leader resends
+//!   from the logs' common prefix ([`super::epochs::common_prefix`]); a follower truncates only
+//!   entries that conflict with the leader's.
+//! - **Commit.** The leader's commit position is the highest position durable on a majority,
+//!   but only once that position is in its own epoch (at or past its marker): entries of earlier
+//!   epochs are committed by the marker after them (Raft's rule, which avoids its "figure 8").
+//!   Committed entries are never truncated (asserted).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::epochs::common_prefix;
+use super::message::{AppendOutcome, Message};
+use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position};
+
+/// Reads entries of the local log for sending. The replica reads only durable positions.
+pub trait ReplicaLog {
+    /// At most `max` consecutive entries from `from` on (fewer at the end of the log).
+    fn entries(&self, from: Position, max: usize) -> Vec<Entry>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub me: NodeId,
+    /// The replica set, `me` included.
+    pub members: Vec<NodeId>,
+    /// Most entries in one Append or FetchReply.
+    pub max_batch_entries: usize,
+    /// Most entries a follower may have been sent beyond what it acknowledged.
+    pub max_inflight_entries: u64,
+    /// Ticks without progress before a leader resends (and heartbeats) or a recovering leader
+    /// asks again.
+    pub resend_ticks: u32,
+}
+
+/// What a replica keeps on disk and starts again from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DurableState {
+    pub promised: Epoch,
+    pub history: EpochHistory,
+    pub last: Position,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Persist the promised epoch (before any later message is sent).
+    PersistPromise(Epoch),
+    /// Drop every entry after this position.
+    Truncate {
+        after: Position,
+    },
+    /// Append these entries (consecutive, right after the log's last).
+    Append(Vec<Entry>),
+    Send {
+        to: NodeId,
+        message: Message,
+    },
+    /// Every entry up to here is committed: durable on a majority, never to be undone.
+    Committed(Position),
+    /// This replica now leads `epoch`; its entries start at `start` (the marker).
+    Serving {
+        epoch: Epoch,
+        start: Position,
+    },
+    /// This replica led (or was recovering) an epoch and learned of a higher one: uncommitted
+    /// proposals of its epoch may be lost.
+    SteppedDown {
+        epoch: Epoch,
+    },
+}
+
+/// A batch of effects and the ticket to report its durability with.
+#[derive(Debug)]
+pub struct Effects {
+    pub ticket: u64,
+    pub effects: Vec<Effect>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Follower { leader: Option<NodeId> },
+    Recovering { epoch: Epoch },
+    Leader { epoch: Epoch, start: Position },
+}
+
+#[derive(Debug, Clone)]
+struct Progress {
+    /// Durable on the follower and matching this leader's log.
+    matched: Position,
+    /// Next position to send.
+    next: Position,
+    idle_ticks: u32,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Following {
+        leader: Option<NodeId>,
+        /// Highest position known to match the current leader's log.
+        matched: Position,
+    },
+    Recovering {
+        replies: BTreeMap<NodeId, (EpochHistory, Position)>,
+        /// The replica fetched from, and how far its log goes.
+        fetching: Option<(NodeId, Position)>,
+        idle_ticks: u32,
+    },
+    Leading {
+        start: Position,
+        peers: BTreeMap<NodeId, Progress>,
+    },
+}
+
+pub struct Replica {
+    config: ReplicaConfig,
+    promised: Epoch,
+    history: EpochHistory,
+    last: Position,
+    durable: Position,
+    commit: Position,
+    phase: Phase,
+    effects: Vec<Effect>,
+    next_ticket: u64,
+    /// Taken batches not yet durable, with the log's last position as of each.
+    pending: VecDeque<(u64, Position)>,
+}
+
+impl Replica {
+    /// A replica starting from what it has on disk, as a follower of an unknown leader.
+    pub fn new(config: ReplicaConfig, state: DurableState) -> Self {
+        assert!(config.members.contains(&config.me), "the replica set must contain this replica");
+        assert!(config.max_batch_entries > 0 && config.max_inflight_entries > 0 && config.resend_ticks > 0);
+        Replica {
+            config,
+            promised: state.promised,
+            history: state.history,
+            last: state.last,
+            durable: state.last,
+            commit: 0,
+            phase: Phase::Following { leader: None, matched: 0 },
+            effects: Vec::new(),
+            next_ticket: 1,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match &self.phase {
+            Phase::Following { leader, .. } => Role::Follower { leader: *leader },
+            Phase::Recovering { .. } => Role::Recovering { epoch: self.promised },
+            Phase::Leading { start, .. } => Role::Leader { epoch: self.promised, start: *start },
+        }
+    }
+
+    pub fn promised(&self) -> Epoch {
+        self.promised
+    }
+
+    pub fn last(&self) -> Position {
+        self.last
+    }
+
+    pub fn durable(&self) -> Position {
+        self.durable
+    }
+
+    pub fn commit(&self) -> Position {
+        self.commit
+    }
+
+    pub fn history(&self) -> &EpochHistory {
+        &self.history
+    }
+
+    /// The effects so far, to execute under the shell's contract (module doc).
+    pub fn take_effects(&mut self) -> Effects {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.pending.push_back((ticket, self.last));
+        Effects { ticket, effects: std::mem::take(&mut self.effects) }
+    }
+
+    /// Every batch up to `ticket` is durable.
+    pub fn on_durable(&mut self, ticket: u64, log: &impl ReplicaLog) {
+        let mut durable = self.durable;
+        while let Some(&(t, last)) = self.pending.front() {
+            if t > ticket {
+                break;
+            }
+            durable = durable.max(last);
+            self.pending.pop_front();
+        }
+        let durable = durable.min(self.last);
+        if durable == self.durable {
+            return;
+        }
+        self.durable = durable;
+        match &self.phase {
+            Phase::Following { leader: Some(leader), matched } => {
+                let (leader, acked) = (*leader, (*matched).min(durable));
+                self.send(leader, Message::AppendReply { epoch: self.promised, outcome: AppendOutcome::Durable(acked) });
+            }
+            Phase::Leading { .. } => {
+                self.advance_commit();
+                let peers: Vec<NodeId> = self.peers();
+                for peer in peers {
+                    self.replicate(peer, log);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The coordination store made this replica the leader of `epoch`. Refused (false) when it
+    /// already promised that epoch or a higher one.
+    pub fn become_leader(&mut self, epoch: Epoch) -> bool {
+        if epoch <= self.promised {
+            return false;
+        }
+        self.promise(epoch);
+        let mut replies = BTreeMap::new();
+        replies.insert(self.config.me, (self.history.clone(), self.last));
+        self.phase = Phase::Recovering { replies, fetching: None, idle_ticks: 0 };
+        for peer in self.peers() {
+            self.send(peer, Message::Recover { epoch });
+        }
+        self.try_finish_recovery();
+        true
+    }
+
+    /// The serving leader appends `data`; returns its position, or `None` when not serving.
+    pub fn propose(&mut self, data: Vec<u8>) -> Option<Position> {
+        let Phase::Leading { .. } = self.phase else { return None };
+        let entry = Entry { position: self.last + 1, epoch: self.promised, kind: EntryKind::Data(data) };
+        self.append_local(vec![entry]);
+        Some(self.last)
+    }
+
+    pub fn on_message(&mut self, from: NodeId, message: Message, log: &impl ReplicaLog) {
+        let epoch = message.epoch();
+        if let Message::Stale { promised } = message {
+            if promised > self.promised {
+                self.promise(promised);
+                self.phase = Phase::Following { leader: None, matched: 0 };
+            }
+            return;
+        }
+        if epoch < self.promised {
+            // From a deposed leader, or a reply to one of ours from an earlier epoch.
+            if matches!(message, Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. }) {
+                self.send(from, Message::Stale { promised: self.promised });
+            }
+            return;
+        }
+        match message {
+            Message::Recover { epoch } => {
+                self.follow(epoch, from);
+                self.send(from, Message::RecoverReply { epoch, history: self.history.clone(), last: self.last });
+            }
+            Message::Fetch { epoch, from: start } => {
+                self.follow(epoch, from);
+                let entries = self.read(log, start);
+                self.send(from, Message::FetchReply { epoch, entries, last: self.durable });
+            }
+            Message::Append { epoch, prev_position, prev_epoch, entries, commit } => {
+                self.follow(epoch, from);
+                self.on_append(from, prev_position, prev_epoch, entries, commit);
+            }
+            Message::RecoverReply { epoch, history, last } if epoch == self.promised => {
+                if let Phase::Recovering { replies, .. } = &mut self.phase {
+                    replies.insert(from, (history, last));
+                    self.try_finish_recovery();
+                }
+            }
+            Message::FetchReply { epoch, entries, last } if epoch == self.promised => self.on_fetched(from, entries, last),
+            Message::AppendReply { epoch, outcome } if epoch == self.promised => self.on_append_reply(from, outcome, log),
+            // A reply for an epoch this replica promised but no longer acts in.
+            _ => {}
+        }
+    }
+
+    /// Resends what went unanswered.
+    pub fn tick(&mut self, log: &impl ReplicaLog) {
+        let resend_ticks = self.config.resend_ticks;
+        match &mut self.phase {
+            Phase::Leading { peers, .. } => {
+                let mut due = Vec::new();
+                for (peer, progress) in peers.iter_mut() {
+                    progress.idle_ticks += 1;
+                    if progress.idle_ticks >= resend_ticks {
+                        progress.idle_ticks = 0;
+                        progress.next = progress.matched + 1;
+                        due.push(*peer);
+                    }
+                }
+                for peer in due {
+                    self.send_append(peer, log, true);
+                }
+            }
+            Phase::Recovering { replies, fetching, idle_ticks } => {
+                *idle_ticks += 1;
+                if *idle_ticks < resend_ticks {
+                    return;
+                }
+                *idle_ticks = 0;
+                let epoch = self.promised;
+                match *fetching {
+                    Some((source, _)) => self.send(source, Message::Fetch { epoch, from: self.last + 1 }),
+                    None => {
+                        let missing: Vec<NodeId> = self.config.members.iter().copied().filter(|m| !replies.contains_key(m)).collect();
+                        for peer in missing {
+                            self.send(peer, Message::Recover { epoch });
+                        }
+                    }
+                }
+            }
+            Phase::Following { .. } => {}
+        }
+    }
+
+    // ---- following ----
+
+    /// Takes `epoch` (promised already or now) and `leader` as the one to follow.
+    fn follow(&mut self, epoch: Epoch, leader: NodeId) {
+        if epoch > self.promised {
+            self.promise(epoch);
+        }
+        debug_assert_eq!(epoch, self.promised);
+        match &self.phase {
+            Phase::Following { leader: Some(current), .. } if *current == leader => {}
+            Phase::Following { .. } => self.phase = Phase::Following { leader: Some(leader), matched: 0 },
+            // One leader per epoch: this replica leads `epoch`, so nobody else can send in it.
+            _ => debug_assert!(leader == self.config.me, "two leaders claim epoch {epoch}"),
+        }
+    }
+
+    fn on_append(&mut self, leader: NodeId, prev_position: Position, prev_epoch: Epoch, entries: Vec<Entry>, commit: Position) {
+        if !matches!(self.phase, Phase::Following { .. }) {
+            return;
+        }
+        let epoch = self.promised;
+        if !entries.iter().enumerate().all(|(i, e)| e.position == prev_position + 1 + i as Position && e.epoch <= epoch) {
+            tracing::warn!(from = leader, prev_position, "ignoring an Append whose entries do not follow its previous position");
+            return;
+        }
+        let holds_prev = prev_position == 0 || (prev_position <= self.last && self.history.epoch_at(prev_position) == Some(prev_epoch));
+        if !holds_prev {
+            let outcome = AppendOutcome::Diverged { history: self.history.clone(), last: self.last };
+            self.send(leader, Message::AppendReply { epoch, outcome });
+            return;
+        }
+        let count = entries.len() as Position;
+        let mut fresh = Vec::new();
+        for entry in entries {
+            if fresh.is_empty() && entry.position <= self.last {
+                if self.history.epoch_at(entry.position) == Some(entry.epoch) {
+                    continue;
+                }
+                self.truncate_local(entry.position - 1);
+            }
+            fresh.push(entry);
+        }
+        if !fresh.is_empty() {
+            self.append_local(fresh);
+        }
+        let Phase::Following { matched, .. } = &mut self.phase else { unreachable!() };
+        *matched = (*matched).max(prev_position + count);
+        let matched = *matched;
+        let committed = commit.min(matched);
+        if committed > self.commit {
+            self.commit = committed;
+            self.effects.push(Effect::Committed(committed));
+        }
+        let acked = matched.min(self.durable);
+        self.send(leader, Message::AppendReply { epoch, outcome: AppendOutcome::Durable(acked) });
+    }
+
+    // ---- recovering ----
+
+    fn try_finish_recovery(&mut self) {
+        let majority = self.majority();
+        let Phase::Recovering { replies, fetching, .. } = &self.phase else { return };
+        if fetching.is_some() || replies.len() < majority {
+            return;
+        }
+        // The most advanced log of a majority: highest last epoch, then longest; this
+        // replica's own on a tie.
+        let me = self.config.me;
+        let (best, (best_history, best_last)) = replies
+            .iter()
+            .max_by_key(|(node, (history, last))| (history.last_epoch(), *last, **node == me))
+            .map(|(node, log)| (*node, log.clone()))
+            .expect("at least this replica's own log");
+        if best == me {
+            return self.start_serving();
+        }
+        let shared = common_prefix(&self.history, self.last, &best_history, best_last);
+        self.truncate_local(shared);
+        if let Phase::Recovering { fetching, .. } = &mut self.phase {
+            *fetching = Some((best, best_last));
+        }
+        if self.last >= best_last {
+            return self.start_serving();
+        }
+        self.send(best, Message::Fetch { epoch: self.promised, from: self.last + 1 });
+    }
+
+    fn on_fetched(&mut self, from: NodeId, entries: Vec<Entry>, source_last: Position) {
+        let Phase::Recovering { fetching: Some((source, target)), .. } = self.phase else { return };
+        if from != source {
+            return;
+        }
+        // A repeated reply may overlap what was already appended: it is the same source's log.
+        let fresh: Vec<Entry> = entries.into_iter().filter(|e| e.position > self.last).collect();
+        if fresh.first().is_some_and(|e| e.position == self.last + 1) {
+            self.append_local(fresh);
+        }
+        if self.last >= target {
+            return self.start_serving();
+        }
+        if source_last < target {
+            // The source's durable log is shorter than it said: ask again after its next sync.
+            debug_assert!(source_last >= self.last);
+        }
+        self.send(source, Message::Fetch { epoch: self.promised, from: self.last + 1 });
+    }
+
+    fn start_serving(&mut self) {
+        let epoch = self.promised;
+        let start = self.last + 1;
+        self.append_local(vec![Entry { position: start, epoch, kind: EntryKind::Marker }]);
+        let peers = self.peers().into_iter().map(|peer| (peer, Progress { matched: 0, next: start, idle_ticks: 0 })).collect();
+        self.phase = Phase::Leading { start, peers };
+        self.effects.push(Effect::Serving { epoch, start });
+    }
+
+    // ---- leading ----
+
+    fn on_append_reply(&mut self, from: NodeId, outcome: AppendOutcome, log: &impl ReplicaLog) {
+        let Phase::Leading { peers, .. } = &mut self.phase else { return };
+        let Some(progress) = peers.get_mut(&from) else { return };
+        progress.idle_ticks = 0;
+        match outcome {
+            AppendOutcome::Durable(position) => {
+                progress.matched = progress.matched.max(position);
+                progress.next = progress.next.max(progress.matched + 1);
+                self.advance_commit();
+            }
+            AppendOutcome::Diverged { history, last } => {
+                let shared = common_prefix(&self.history, self.last, &history, last);
+                progress.next = shared + 1;
+            }
+        }
+        self.replicate(from, log);
+    }
+
+    /// Sends `peer` what it lacks, within the in-flight bound.
+    fn replicate(&mut self, peer: NodeId, log: &impl ReplicaLog) {
+        let Phase::Leading { peers, .. } = &self.phase else { return };
+        let progress = &peers[&peer];
+        let sent_ahead = (progress.next - 1).saturating_sub(progress.matched);
+        if progress.next <= self.durable && sent_ahead < self.config.max_inflight_entries {
+            self.send_append(peer, log, false);
+        }
+    }
+
+    /// Sends `peer` the durable entries from its `next` on (or, as a heartbeat, none).
+    fn send_append(&mut self, peer: NodeId, log: &impl ReplicaLog, heartbeat: bool) {
+        let epoch = self.promised;
+        let commit = self.commit;
+        let next = match &self.phase {
+            Phase::Leading { peers, .. } => peers[&peer].next,
+            _ => return,
+        };
+        let entries = self.read(log, next);
+        if entries.is_empty() && !heartbeat {
+            return;
+        }
+        let prev_position = next - 1;
+        let prev_epoch = self.history.epoch_at(prev_position).unwrap_or(0);
+        if let Phase::Leading { peers, .. } = &mut self.phase {
+            let progress = peers.get_mut(&peer).expect("a member");
+            progress.next = next + entries.len() as Position;
+        }
+        self.send(peer, Message::Append { epoch, prev_position, prev_epoch, entries, commit });
+    }
+
+    /// Commits the highest position durable on a majority, once it is in this epoch.
+    fn advance_commit(&mut self) {
+        let majority = self.majority();
+        let Phase::Leading { start, peers } = &self.phase else { return };
+        let mut durable: Vec<Position> = peers.values().map(|p| p.matched).chain([self.durable]).collect();
+        durable.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum = durable[majority - 1];
+        if quorum >= *start && quorum > self.commit {
+            self.commit = quorum;
+            self.effects.push(Effect::Committed(quorum));
+        }
+    }
+
+    // ---- the local log ----
+
+    fn promise(&mut self, epoch: Epoch) {
+        debug_assert!(epoch > self.promised);
+        if !matches!(self.phase, Phase::Following { .. }) {
+            self.effects.push(Effect::SteppedDown { epoch: self.promised });
+            self.phase = Phase::Following { leader: None, matched: 0 };
+        }
+        self.promised = epoch;
+        self.effects.push(Effect::PersistPromise(epoch));
+    }
+
+    fn append_local(&mut self, entries: Vec<Entry>) {
+        for entry in &entries {
+            assert_eq!(entry.position, self.last + 1, "entries are appended densely");
+            self.history.record(entry.epoch, entry.position);
+            self.last = entry.position;
+        }
+        self.effects.push(Effect::Append(entries));
+    }
+
+    fn truncate_local(&mut self, after: Position) {
+        if after >= self.last {
+            return;
+        }
+        assert!(
+            after >= self.commit,
+            "replica {} would truncate committed entries: commit {}, truncating after {after}",
+            self.config.me,
+            self.commit
+        );
+        self.history.truncate_after(after);
+        self.last = after;
+        self.durable = self.durable.min(after);
+        for (_, last) in self.pending.iter_mut() {
+            *last = (*last).min(after);
+        }
+        if let Phase::Following { matched, .. } = &mut self.phase {
+            *matched = (*matched).min(after);
+        }
+        self.effects.push(Effect::Truncate { after });
+    }
+
+    /// Durable entries from `from` on, one batch's worth.
+    fn read(&self, log: &impl ReplicaLog, from: Position) -> Vec<Entry> {
+        if from == 0 || from > self.durable {
+            return Vec::new();
+        }
+        let max = self.config.max_batch_entries.min((self.durable - from + 1) as usize);
+        let entries = log.entries(from, max);
+        debug_assert!(
+            entries.iter().enumerate().all(|(i, e)| e.position == from + i as Position),
+            "the log returned non-consecutive entries"
+        );
+        entries
+    }
+
+    fn send(&mut self, to: NodeId, message: Message) {
+        self.effects.push(Effect::Send { to, message });
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.config.members.iter().copied().filter(|m| *m != self.config.me).collect()
+    }
+
+    fn majority(&self) -> usize {
+        self.config.members.len() / 2 + 1
+    }
+}
