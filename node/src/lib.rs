@@ -16,6 +16,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod coordination;
 pub mod demo;
 pub mod local;
 pub mod log;
