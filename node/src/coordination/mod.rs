@@ -15,6 +15,7 @@
 //! from the live members.
 
 pub mod election;
+pub mod embedded;
 pub mod memory;
 pub mod placement;
 pub mod state;

@@ -73,6 +73,9 @@ struct Session {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvState {
     index: u64,
+    /// The latest time any operation was applied at: time never runs backwards here, even when
+    /// operations stamped by different nodes' clocks arrive out of order.
+    clock_ms: u64,
     sessions_created: u64,
     sessions: BTreeMap<SessionId, Session>,
     kv: BTreeMap<String, KvEntry>,
@@ -101,8 +104,10 @@ impl KvState {
         self.sessions.get(session).map(|s| s.node.as_str())
     }
 
-    /// Expires what is due at `now_ms`, then applies `op`.
+    /// Expires what is due at `now_ms` (or the latest time seen, if later), then applies `op`.
     pub fn apply(&mut self, op: &Op, now_ms: u64) -> Outcome {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let now_ms = self.clock_ms;
         self.expire(now_ms);
         match op {
             Op::CreateSession { node, ttl_ms } => {

@@ -1,0 +1,396 @@
+//! The embedded coordination store's core: [`KvState`] replicated by a Raft group of the
+//! cluster's nodes, so 1 to 12 servers need no external service.
+//!
+//! Consensus is tikv's `raft` crate (raft-rs), not a hand-written algorithm: it is sans-IO
+//! (messages, ticks and storage in; messages, entries to persist and committed entries out),
+//! has run in TiKV's production for years, and a deterministic simulator can drive it.
+//! (`openraft` was the other candidate; it owns its runtime and I/O, which the simulator of
+//! issue 5 would have to fake.)
+//!
+//! Every operation ([`Op`]) is a Raft entry, stamped with the proposer's clock; every node
+//! applies the committed entries in order to its own `KvState`, which is deterministic, so all
+//! nodes hold the same store and compute the same outcomes. The node that proposed an
+//! operation reports its outcome to the caller ([`RaftKv::take_outcomes`]). The leader proposes
+//! a [`Op::Tick`] now and then so sessions expire even when nobody writes.
+//!
+//! This type is the state machine and its Raft node; the shell around it (LMDB storage for the
+//! Raft log and hard state, the gRPC transport between nodes, proposals from async callers with
+//! timeouts) is the next part of issue 4. Here the Raft log is in memory (`MemStorage`), which is
+//! what the tests use.
+//!
+//! Determinism: raft-rs randomizes election timeouts with a thread-local RNG. With
+//! `max_election_tick = min_election_tick + 1` the timeout is fixed; the shell (or the simulator,
+//! from its seed) jitters when it ticks each node instead, which breaks ties just as well.
+
+use raft::eraftpb::{EntryType, Message};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, StateRole};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::state::{KvState, Op, Outcome};
+
+/// Names a Raft member (raft-rs ids are non-zero).
+pub type RaftId = u64;
+
+#[derive(Debug, Error)]
+pub enum RaftKvError {
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("no leader is known yet; retry shortly")]
+    NoLeader,
+}
+
+/// A Raft entry's payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Proposal {
+    /// The proposing node, its incarnation and its counter: who reports the outcome, and to
+    /// which caller. After a restart the node re-applies its own old entries; their incarnation
+    /// is not its current one, so their outcomes are not mistaken for new proposals'.
+    origin: RaftId,
+    incarnation: u64,
+    id: u64,
+    now_ms: u64,
+    op: Op,
+}
+
+pub struct RaftKv {
+    id: RaftId,
+    incarnation: u64,
+    node: RawNode<MemStorage>,
+    state: KvState,
+    next_proposal: u64,
+    outcomes: Vec<(u64, Outcome)>,
+    /// The index of the last entry applied to `state`.
+    applied: u64,
+}
+
+/// Ticks between a leader's heartbeats, and before a follower calls an election.
+pub const HEARTBEAT_TICKS: usize = 2;
+pub const ELECTION_TICKS: usize = 10;
+
+impl RaftKv {
+    /// A member of a group of `members` (ids, `id` among them), starting empty. `incarnation`
+    /// must differ each time the node starts (e.g. a random number, or the simulator's).
+    pub fn new(id: RaftId, members: &[RaftId], incarnation: u64) -> Result<Self, RaftKvError> {
+        let storage = MemStorage::new_with_conf_state((members.to_vec(), vec![]));
+        Self::with_storage(id, storage, 0, incarnation)
+    }
+
+    /// Restarts from `storage` (what a crash left on disk), re-applying its committed entries to
+    /// an empty state.
+    pub fn restart(id: RaftId, storage: MemStorage, incarnation: u64) -> Result<Self, RaftKvError> {
+        Self::with_storage(id, storage, 0, incarnation)
+    }
+
+    fn with_storage(id: RaftId, storage: MemStorage, applied: u64, incarnation: u64) -> Result<Self, RaftKvError> {
+        let config = Config {
+            id,
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            min_election_tick: ELECTION_TICKS,
+            max_election_tick: ELECTION_TICKS + 1,
+            applied,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Config::default()
+        };
+        config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(&config, storage, &logger)?;
+        Ok(RaftKv { id, incarnation, node, state: KvState::default(), next_proposal: 1, outcomes: Vec::new(), applied })
+    }
+
+    pub fn id(&self) -> RaftId {
+        self.id
+    }
+
+    /// The store as this node has applied it.
+    pub fn state(&self) -> &KvState {
+        &self.state
+    }
+
+    /// The Raft storage (what would be on disk).
+    pub fn storage(&self) -> &MemStorage {
+        self.node.store()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<RaftId> {
+        let leader = self.node.raft.leader_id;
+        (leader != raft::INVALID_ID).then_some(leader)
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    pub fn step(&mut self, message: Message) -> Result<(), RaftKvError> {
+        Ok(self.node.step(message)?)
+    }
+
+    /// Proposes `op`, stamped `now_ms`; returns the id its outcome will be reported under, once
+    /// committed and applied here. A proposal can be lost (leader change): the caller times out.
+    pub fn propose(&mut self, op: Op, now_ms: u64) -> Result<u64, RaftKvError> {
+        if self.leader().is_none() {
+            return Err(RaftKvError::NoLeader);
+        }
+        let id = self.next_proposal;
+        self.next_proposal += 1;
+        let proposal = Proposal { origin: self.id, incarnation: self.incarnation, id, now_ms, op };
+        let data = serde_json::to_vec(&proposal).expect("a proposal serializes");
+        self.node.propose(vec![], data)?;
+        Ok(id)
+    }
+
+    /// Outcomes of this node's proposals applied since the last call: `(proposal id, outcome)`.
+    pub fn take_outcomes(&mut self) -> Vec<(u64, Outcome)> {
+        std::mem::take(&mut self.outcomes)
+    }
+
+    /// Persists what Raft asks for, applies what it committed, and returns the messages to send
+    /// (raft-rs's `Ready` cycle). Storage writes here are to memory; the LMDB shell must make
+    /// them durable before sending the messages that follow them.
+    pub fn handle_ready(&mut self) -> Result<Vec<Message>, RaftKvError> {
+        let mut out = Vec::new();
+        if !self.node.has_ready() {
+            return Ok(out);
+        }
+        let mut ready = self.node.ready();
+        out.extend(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.node.mut_store().wl().apply_snapshot(ready.snapshot().clone())?;
+        }
+        self.apply(ready.take_committed_entries());
+        if !ready.entries().is_empty() {
+            self.node.mut_store().wl().append(ready.entries())?;
+        }
+        if let Some(hard_state) = ready.hs() {
+            self.node.mut_store().wl().set_hardstate(hard_state.clone());
+        }
+        out.extend(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.node.mut_store().wl().mut_hard_state().set_commit(commit);
+        }
+        out.extend(light.take_messages());
+        self.apply(light.take_committed_entries());
+        self.node.advance_apply();
+        Ok(out)
+    }
+
+    fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) {
+        for entry in entries {
+            self.applied = entry.index;
+            // Empty entries are a new leader's no-op; configuration changes are not used yet
+            // (the group is fixed by the node's peer list).
+            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+                continue;
+            }
+            let proposal: Proposal = match serde_json::from_slice(&entry.data) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Every node skips it alike, so the states stay equal.
+                    tracing::error!(index = entry.index, error = %e, "skipping an undecodable coordination entry");
+                    continue;
+                }
+            };
+            let outcome = self.state.apply(&proposal.op, proposal.now_ms);
+            if proposal.origin == self.id && proposal.incarnation == self.incarnation {
+                self.outcomes.push((proposal.id, outcome));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::coordination::SessionId;
+
+    const IDS: [RaftId; 3] = [1, 2, 3];
+
+    struct Group {
+        nodes: BTreeMap<RaftId, RaftKv>,
+        down: BTreeMap<RaftId, MemStorage>,
+        network: Vec<(u64, Message)>,
+        rng: StdRng,
+        step: u64,
+        lossy: bool,
+        incarnations: u64,
+    }
+
+    impl Group {
+        fn new(seed: u64) -> Self {
+            let nodes = IDS.iter().map(|&id| (id, RaftKv::new(id, &IDS, 0).unwrap())).collect();
+            Group {
+                nodes,
+                down: BTreeMap::new(),
+                network: Vec::new(),
+                rng: StdRng::seed_from_u64(seed),
+                step: 0,
+                lossy: true,
+                incarnations: 0,
+            }
+        }
+
+        fn run(&mut self, steps: u64) {
+            for _ in 0..steps {
+                self.step += 1;
+                let ids: Vec<RaftId> = self.nodes.keys().copied().collect();
+                for id in ids {
+                    // Jittered ticking breaks election ties deterministically (module doc).
+                    if self.rng.random_bool(0.7) {
+                        self.nodes.get_mut(&id).unwrap().tick();
+                    }
+                    let messages = self.nodes.get_mut(&id).unwrap().handle_ready().unwrap();
+                    for m in messages {
+                        if self.lossy && self.rng.random_bool(0.05) {
+                            continue;
+                        }
+                        let delay = if self.lossy { self.rng.random_range(1..4) } else { 1 };
+                        self.network.push((self.step + delay, m));
+                    }
+                }
+                let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.network).into_iter().partition(|(at, _)| *at <= self.step);
+                self.network = later;
+                for (_, m) in due {
+                    if let Some(node) = self.nodes.get_mut(&m.to) {
+                        let _ = node.step(m);
+                    }
+                }
+            }
+        }
+
+        fn leader(&self) -> Option<RaftId> {
+            self.nodes.values().find(|n| n.is_leader()).map(|n| n.id())
+        }
+
+        /// Proposes on `id` and runs until its outcome is applied there (or gives up).
+        fn call(&mut self, id: RaftId, op: Op, now_ms: u64) -> Option<Outcome> {
+            // Like a client retrying until the node knows a leader.
+            for _ in 0..200 {
+                if self.nodes.get(&id)?.leader().is_some() {
+                    break;
+                }
+                self.run(1);
+            }
+            let proposal = self.nodes.get_mut(&id)?.propose(op, now_ms).ok()?;
+            for _ in 0..200 {
+                self.run(1);
+                let outcomes = self.nodes.get_mut(&id)?.take_outcomes();
+                if let Some((_, outcome)) = outcomes.into_iter().find(|(p, _)| *p == proposal) {
+                    return Some(outcome);
+                }
+            }
+            None
+        }
+
+        fn crash(&mut self, id: RaftId) {
+            let node = self.nodes.remove(&id).unwrap();
+            self.down.insert(id, node.storage().clone());
+        }
+
+        fn restart(&mut self, id: RaftId) {
+            let storage = self.down.remove(&id).unwrap();
+            self.incarnations += 1;
+            self.nodes.insert(id, RaftKv::restart(id, storage, self.incarnations).unwrap());
+        }
+    }
+
+    #[test]
+    fn given_three_members_then_one_leader_is_elected_and_proposals_apply_alike_everywhere() {
+        let mut g = Group::new(1);
+        g.run(100);
+        let leader = g.leader().expect("a leader within 100 steps");
+        let Some(Outcome::Session(session)) = g.call(leader, Op::CreateSession { node: "n1".into(), ttl_ms: 10_000 }, 0) else {
+            panic!("no session")
+        };
+        let follower = IDS.into_iter().find(|id| *id != leader).unwrap();
+        // A follower's proposal is forwarded to the leader and its outcome reported to it.
+        let acquired = g.call(follower, Op::Acquire { key: "leaders/0".into(), value: b"n1".to_vec(), session: session.clone() }, 1);
+        assert_eq!(acquired, Some(Outcome::Acquired(Some(1))));
+        g.run(20);
+        let states: Vec<&KvState> = g.nodes.values().map(|n| n.state()).collect();
+        assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas differ");
+        assert_eq!(states[0].get("leaders/0").unwrap().session, Some(session));
+    }
+
+    /// Many sessions race for the same locks on every node while messages are lost and delayed
+    /// and members crash and restart from their Raft storage: each lock index of each key is
+    /// granted to at most one session, and every replica ends with the same state.
+    #[test]
+    fn under_loss_and_crashes_lock_epochs_are_granted_once_and_replicas_converge() {
+        let (mut restarts, mut grants) = (0, 0);
+        for seed in 0..20 {
+            let mut g = Group::new(seed);
+            g.run(60);
+            let mut sessions: Vec<SessionId> = Vec::new();
+            let mut granted: HashMap<(String, u64), SessionId> = HashMap::new();
+            for round in 0..60u64 {
+                let now = round * 100;
+                let proposer = IDS[g.rng.random_range(0..IDS.len())];
+                if !g.nodes.contains_key(&proposer) {
+                    g.restart(proposer);
+                    continue;
+                }
+                if sessions.len() < 6 || g.rng.random_bool(0.1) {
+                    if let Some(Outcome::Session(s)) = g.call(proposer, Op::CreateSession { node: format!("n{round}"), ttl_ms: 2_000 }, now)
+                    {
+                        sessions.push(s);
+                    }
+                    continue;
+                }
+                let session = sessions[g.rng.random_range(0..sessions.len())].clone();
+                let key = format!("leaders/{}", g.rng.random_range(0..3));
+                let op = if g.rng.random_bool(0.3) {
+                    Op::RenewSession { session: session.clone() }
+                } else {
+                    Op::Acquire { key: key.clone(), value: vec![], session: session.clone() }
+                };
+                let expected_kind = matches!(op, Op::Acquire { .. });
+                let got = g.call(proposer, op, now);
+                assert!(
+                    got.is_none() || matches!(got, Some(Outcome::Acquired(_))) == expected_kind,
+                    "seed {seed}: an outcome of another proposal: {got:?}"
+                );
+                if let Some(Outcome::Acquired(Some(epoch))) = got {
+                    let holder = granted.entry((key.clone(), epoch)).or_insert(session.clone());
+                    assert_eq!(*holder, session, "seed {seed}: epoch {epoch} of {key} granted to two sessions");
+                }
+                if g.down.is_empty() && g.rng.random_bool(0.05) {
+                    let victim = IDS[g.rng.random_range(0..IDS.len())];
+                    g.crash(victim);
+                }
+            }
+            let down: Vec<RaftId> = g.down.keys().copied().collect();
+            for id in down {
+                g.restart(id);
+            }
+            g.lossy = false;
+            g.run(300);
+            let applied: Vec<u64> = g.nodes.values().map(|n| n.applied()).collect();
+            assert!(applied.windows(2).all(|w| w[0] == w[1]), "seed {seed}: applied {applied:?}");
+            let states: Vec<&KvState> = g.nodes.values().map(|n| n.state()).collect();
+            assert!(states.windows(2).all(|w| w[0] == w[1]), "seed {seed}: replicas differ");
+            assert!(!granted.is_empty(), "seed {seed}: no lock was ever granted");
+            restarts += g.incarnations;
+            grants += granted.len();
+        }
+        assert!(restarts >= 5 && grants >= 100, "the runs must crash members and grant locks: {restarts} restarts, {grants} grants");
+    }
+}
