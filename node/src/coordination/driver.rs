@@ -1,0 +1,295 @@
+//! The embedded coordination store as a [`CoordinationStore`]: a task per member that drives a
+//! [`RaftKv`] (ticks, messages, proposals, ready cycles), and handles that turn async calls into
+//! proposals and wait for their outcomes.
+//!
+//! Writes are Raft proposals stamped with the wall clock (milliseconds since the Unix epoch: the
+//! members' clocks agree to within NTP's error, and the state's clock never runs backwards).
+//! The leader proposes a `Tick` every [`EXPIRY_TICK`] so sessions expire when nobody writes.
+//! Reads (`get`, `list`) answer from the member's own applied state: they may lag the leader by a
+//! few milliseconds, which ownership tolerates (every decision it takes is a write: a lock
+//! acquisition or a compare-and-set). Blocking lists wake when the applied index moves.
+//!
+//! Transport between members is a [`Transport`]: in-process channels here (tests, and a cluster
+//! of one); gRPC between nodes is the next part of issue 4. The Raft log is in memory
+//! (`MemStorage`) until the LMDB storage lands: a member that restarts rejoins empty and catches
+//! up from the others, which is safe only while a majority keeps running.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use raft::eraftpb::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::embedded::{RaftId, RaftKv, RaftKvError};
+use super::state::{KvState, Op, Outcome};
+use super::{Cas, CoordinationError, CoordinationStore, KvEntry, Listing, Result, SessionId};
+
+/// How often a member ticks its Raft node.
+pub const TICK: Duration = Duration::from_millis(50);
+/// How often the leader proposes a clock tick for session expiry.
+pub const EXPIRY_TICK: Duration = Duration::from_millis(500);
+/// How long a write waits for its outcome before it is tried again.
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many times a write is tried before the caller gets `Unavailable`.
+const PROPOSAL_ATTEMPTS: usize = 5;
+/// Proposals waiting for the driver.
+const QUEUE: usize = 1024;
+
+/// Carries Raft messages between members.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, message: Message);
+}
+
+/// In-process transport: one channel per member.
+#[derive(Default, Clone)]
+pub struct LocalTransport {
+    members: Arc<Mutex<HashMap<RaftId, mpsc::UnboundedSender<Message>>>>,
+}
+
+impl LocalTransport {
+    fn register(&self, id: RaftId) -> mpsc::UnboundedReceiver<Message> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.members.lock().insert(id, tx);
+        rx
+    }
+
+    /// Cuts a member off (as if its process died): messages to it are dropped.
+    pub fn disconnect(&self, id: RaftId) {
+        self.members.lock().remove(&id);
+    }
+}
+
+impl Transport for LocalTransport {
+    fn send(&self, message: Message) {
+        if let Some(member) = self.members.lock().get(&message.to) {
+            let _ = member.send(message);
+        }
+    }
+}
+
+struct Proposal {
+    op: Op,
+    reply: oneshot::Sender<std::result::Result<Outcome, RaftKvError>>,
+}
+
+/// A member's handle: implements [`CoordinationStore`] over the member's driver task.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    proposals: mpsc::Sender<Proposal>,
+    state: watch::Receiver<Arc<KvState>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
+}
+
+impl EmbeddedStore {
+    /// Starts member `id` of `members` on the current tokio runtime; it stops when every
+    /// handle is dropped.
+    pub fn start(id: RaftId, members: &[RaftId], transport: LocalTransport) -> std::result::Result<Self, RaftKvError> {
+        let node = RaftKv::new(id, members, rand::random())?;
+        let inbox = transport.register(id);
+        let (proposals, queue) = mpsc::channel(QUEUE);
+        let (state_tx, state) = watch::channel(Arc::new(KvState::default()));
+        tokio::spawn(drive(node, inbox, queue, transport, state_tx));
+        Ok(EmbeddedStore { proposals, state })
+    }
+
+    async fn write(&self, op: Op) -> Result<Outcome> {
+        let mut last_error = String::new();
+        for attempt in 0..PROPOSAL_ATTEMPTS {
+            let (reply, outcome) = oneshot::channel();
+            self.proposals
+                .send(Proposal { op: op.clone(), reply })
+                .await
+                .map_err(|_| CoordinationError::Unavailable("the member stopped".into()))?;
+            match tokio::time::timeout(PROPOSAL_TIMEOUT, outcome).await {
+                Ok(Ok(Ok(outcome))) => return Ok(outcome),
+                Ok(Ok(Err(e))) => last_error = e.to_string(),
+                Ok(Err(_)) => last_error = "the member dropped the proposal".into(),
+                Err(_) => last_error = format!("no outcome within {PROPOSAL_TIMEOUT:?}"),
+            }
+            // Back off a little more each time, with jitter, so members do not retry in step.
+            let backoff = TICK * (attempt as u32 + 1) + Duration::from_millis(rand::random::<u64>() % 50);
+            tokio::time::sleep(backoff).await;
+        }
+        Err(CoordinationError::Unavailable(format!("no quorum answered after {PROPOSAL_ATTEMPTS} attempts: {last_error}")))
+    }
+
+    fn done(outcome: Outcome) -> Result<bool> {
+        match outcome {
+            Outcome::Done(done) => Ok(done),
+            other => Err(CoordinationError::Other(format!("unexpected outcome {other:?}"))),
+        }
+    }
+}
+
+/// The member's task: ticks, messages, proposals, ready cycles.
+async fn drive(
+    mut node: RaftKv,
+    mut inbox: mpsc::UnboundedReceiver<Message>,
+    mut queue: mpsc::Receiver<Proposal>,
+    transport: LocalTransport,
+    state: watch::Sender<Arc<KvState>>,
+) {
+    let mut waiting: HashMap<u64, oneshot::Sender<std::result::Result<Outcome, RaftKvError>>> = HashMap::new();
+    let mut ticks = tokio::time::interval(TICK);
+    let mut expiry = tokio::time::interval(EXPIRY_TICK);
+    let mut published = 0;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => node.tick(),
+            _ = expiry.tick() => {
+                if node.is_leader() {
+                    let _ = node.propose(Op::Tick, now_ms());
+                }
+            }
+            message = inbox.recv() => match message {
+                Some(message) => { let _ = node.step(message); }
+                None => return,
+            },
+            proposal = queue.recv() => match proposal {
+                Some(Proposal { op, reply }) => match node.propose(op, now_ms()) {
+                    Ok(id) => { waiting.insert(id, reply); }
+                    Err(e) => { let _ = reply.send(Err(e)); }
+                },
+                // Every handle is gone: the member stops.
+                None => return,
+            },
+        }
+        match node.handle_ready() {
+            Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
+            Err(e) => tracing::error!(error = %e, "coordination member failed a ready cycle"),
+        }
+        for (id, outcome) in node.take_outcomes() {
+            if let Some(reply) = waiting.remove(&id) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        // Callers whose proposal was lost gave up after their timeout; forget them.
+        waiting.retain(|_, reply| !reply.is_closed());
+        if node.applied() != published {
+            published = node.applied();
+            state.send_replace(Arc::new(node.state().clone()));
+        }
+    }
+}
+
+impl CoordinationStore for EmbeddedStore {
+    async fn create_session(&self, node: &str, ttl: Duration) -> Result<SessionId> {
+        match self.write(Op::CreateSession { node: node.into(), ttl_ms: ttl.as_millis() as u64 }).await? {
+            Outcome::Session(id) => Ok(id),
+            other => Err(CoordinationError::Other(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn renew_session(&self, session: &SessionId) -> Result<bool> {
+        Self::done(self.write(Op::RenewSession { session: session.clone() }).await?)
+    }
+
+    async fn destroy_session(&self, session: &SessionId) -> Result<()> {
+        Self::done(self.write(Op::DestroySession { session: session.clone() }).await?).map(|_| ())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
+        Ok(self.state.borrow().get(key).cloned())
+    }
+
+    async fn list(&self, prefix: &str, min_index: u64, wait: Duration) -> Result<Listing> {
+        let mut state = self.state.clone();
+        if min_index > 0 {
+            let _ = tokio::time::timeout(wait, state.wait_for(|s| s.index() > min_index)).await;
+        }
+        let s = state.borrow();
+        Ok(Listing { entries: s.list(prefix), index: s.index() })
+    }
+
+    async fn put(&self, key: &str, value: &[u8], cas: Cas) -> Result<bool> {
+        Self::done(self.write(Op::Put { key: key.into(), value: value.to_vec(), cas }).await?)
+    }
+
+    async fn delete(&self, key: &str, cas: Cas) -> Result<bool> {
+        Self::done(self.write(Op::Delete { key: key.into(), cas }).await?)
+    }
+
+    async fn acquire(&self, key: &str, value: &[u8], session: &SessionId) -> Result<Option<u64>> {
+        match self.write(Op::Acquire { key: key.into(), value: value.to_vec(), session: session.clone() }).await? {
+            Outcome::Acquired(index) => Ok(index),
+            other => Err(CoordinationError::Other(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn release(&self, key: &str, session: &SessionId) -> Result<bool> {
+        Self::done(self.write(Op::Release { key: key.into(), session: session.clone() }).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordination::election::{ClusterView, Elector, ElectorConfig};
+
+    const IDS: [RaftId; 3] = [1, 2, 3];
+
+    fn elector(store: EmbeddedStore, node: &str) -> Elector<EmbeddedStore> {
+        Elector::new(
+            Arc::new(store),
+            ElectorConfig {
+                node: node.into(),
+                address: format!("{node}:7400"),
+                partitions: 8,
+                replication_factor: 3,
+                session_ttl: Duration::from_secs(2),
+                prefix: "anthill/".into(),
+            },
+        )
+    }
+
+    async fn rounds(electors: &mut [&mut Elector<EmbeddedStore>], times: usize) -> ClusterView {
+        let mut view = ClusterView::default();
+        for _ in 0..times {
+            for e in electors.iter_mut() {
+                view = e.round().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        view
+    }
+
+    /// The ownership algorithm over the real Raft store (three members in one process): leaders
+    /// are elected, and when one member's node stops and its Raft member is cut off, its
+    /// partitions fail over with a higher epoch through the two that remain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn given_a_raft_backed_store_then_ownership_elects_and_fails_over() {
+        let transport = LocalTransport::default();
+        let stores: Vec<EmbeddedStore> = IDS.iter().map(|&id| EmbeddedStore::start(id, &IDS, transport.clone()).unwrap()).collect();
+        let (mut a, mut b, mut c) =
+            (elector(stores[0].clone(), "node-1"), elector(stores[1].clone(), "node-2"), elector(stores[2].clone(), "node-3"));
+        let before = rounds(&mut [&mut a, &mut b, &mut c], 3).await;
+        assert_eq!(before.members.len(), 3, "{before:?}");
+        assert!(before.partitions.values().all(|o| o.leader.as_ref().is_some_and(|(_, epoch)| *epoch == 1)), "{before:?}");
+        let lost = before.led_by("node-2");
+        assert!(!lost.is_empty());
+
+        // node-2 dies: its elector stops and its Raft member is cut off.
+        drop(b);
+        transport.disconnect(2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let after = loop {
+            let view = rounds(&mut [&mut a, &mut c], 1).await;
+            let moved =
+                lost.keys().all(|p| view.partitions[p].leader.as_ref().is_some_and(|(leader, epoch)| leader != "node-2" && *epoch == 2));
+            if moved || tokio::time::Instant::now() > deadline {
+                break view;
+            }
+        };
+        for p in lost.keys() {
+            let (leader, epoch) = after.partitions[p].leader.clone().expect("a new leader");
+            assert_ne!(leader, "node-2", "partition {p}");
+            assert_eq!(epoch, 2, "partition {p}");
+        }
+        assert!(!after.members.contains_key("node-2"));
+    }
+}
