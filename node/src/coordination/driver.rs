@@ -10,9 +10,10 @@
 //! acquisition or a compare-and-set). Blocking lists wake when the applied index moves.
 //!
 //! Transport between members is a [`Transport`]: in-process channels here (tests, and a cluster
-//! of one); gRPC between nodes is the next part of issue 4. The Raft log is in memory
-//! (`MemStorage`) until the LMDB storage lands: a member that restarts rejoins empty and catches
-//! up from the others, which is safe only while a majority keeps running.
+//! of one); gRPC between nodes is the next part of issue 4. The driver runs on an in-memory Raft
+//! log for now; a node will open its [`RaftLog`] in LMDB instead (it is built and tested, see
+//! `raft_log.rs`), without which a member that restarts rejoins empty — safe only while a
+//! majority keeps running.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use parking_lot::Mutex;
 use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::embedded::{RaftId, RaftKv, RaftKvError};
+use super::embedded::{Elections, RaftId, RaftKv, RaftKvError};
+use super::raft_log::RaftLog;
 use super::state::{KvState, Op, Outcome};
 use super::{Cas, CoordinationError, CoordinationStore, KvEntry, Listing, Result, SessionId};
 
@@ -32,8 +34,9 @@ pub const TICK: Duration = Duration::from_millis(50);
 pub const EXPIRY_TICK: Duration = Duration::from_millis(500);
 /// How long a write waits for its outcome before it is tried again.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How many times a write is tried before the caller gets `Unavailable`.
-const PROPOSAL_ATTEMPTS: usize = 5;
+/// How long a write is tried (through elections and lost proposals) before the caller gets
+/// `Unavailable`.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Proposals waiting for the driver.
 const QUEUE: usize = 1024;
 
@@ -89,7 +92,7 @@ impl EmbeddedStore {
     /// Starts member `id` of `members` on the current tokio runtime; it stops when every
     /// handle is dropped.
     pub fn start(id: RaftId, members: &[RaftId], transport: LocalTransport) -> std::result::Result<Self, RaftKvError> {
-        let node = RaftKv::new(id, members, rand::random())?;
+        let node = RaftKv::open(id, RaftLog::in_memory(members), rand::random(), Elections::Randomized)?;
         let inbox = transport.register(id);
         let (proposals, queue) = mpsc::channel(QUEUE);
         let (state_tx, state) = watch::channel(Arc::new(KvState::default()));
@@ -99,7 +102,10 @@ impl EmbeddedStore {
 
     async fn write(&self, op: Op) -> Result<Outcome> {
         let mut last_error = String::new();
-        for attempt in 0..PROPOSAL_ATTEMPTS {
+        let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
+        let mut attempt = 0u32;
+        while tokio::time::Instant::now() < deadline {
+            attempt += 1;
             let (reply, outcome) = oneshot::channel();
             self.proposals
                 .send(Proposal { op: op.clone(), reply })
@@ -112,10 +118,10 @@ impl EmbeddedStore {
                 Err(_) => last_error = format!("no outcome within {PROPOSAL_TIMEOUT:?}"),
             }
             // Back off a little more each time, with jitter, so members do not retry in step.
-            let backoff = TICK * (attempt as u32 + 1) + Duration::from_millis(rand::random::<u64>() % 50);
+            let backoff = TICK * attempt.min(10) + Duration::from_millis(rand::random::<u64>() % 50);
             tokio::time::sleep(backoff).await;
         }
-        Err(CoordinationError::Unavailable(format!("no quorum answered after {PROPOSAL_ATTEMPTS} attempts: {last_error}")))
+        Err(CoordinationError::Unavailable(format!("no quorum answered within {WRITE_DEADLINE:?} ({attempt} attempts): {last_error}")))
     }
 
     fn done(outcome: Outcome) -> Result<bool> {

@@ -23,12 +23,22 @@
 //! from its seed) jitters when it ticks each node instead, which breaks ties just as well.
 
 use raft::eraftpb::{EntryType, Message};
-use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::raft_log::RaftLog;
 use super::state::{KvState, Op, Outcome};
+
+/// How election timeouts are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elections {
+    /// raft-rs draws each timeout from a thread-local RNG (production: ties are broken by chance).
+    Randomized,
+    /// Every timeout is the same; whoever drives the node must jitter its ticks to break ties
+    /// (simulations, which must replay exactly).
+    Fixed,
+}
 
 /// Names a Raft member (raft-rs ids are non-zero).
 pub type RaftId = u64;
@@ -57,7 +67,7 @@ struct Proposal {
 pub struct RaftKv {
     id: RaftId,
     incarnation: u64,
-    node: RawNode<MemStorage>,
+    node: RawNode<RaftLog>,
     state: KvState,
     next_proposal: u64,
     outcomes: Vec<(u64, Outcome)>,
@@ -72,24 +82,28 @@ pub const ELECTION_TICKS: usize = 10;
 impl RaftKv {
     /// A member of a group of `members` (ids, `id` among them), starting empty. `incarnation`
     /// must differ each time the node starts (e.g. a random number, or the simulator's).
+    /// In memory, with fixed election timeouts (see [`Elections`]).
     pub fn new(id: RaftId, members: &[RaftId], incarnation: u64) -> Result<Self, RaftKvError> {
-        let storage = MemStorage::new_with_conf_state((members.to_vec(), vec![]));
-        Self::with_storage(id, storage, 0, incarnation)
+        Self::open(id, RaftLog::in_memory(members), incarnation, Elections::Fixed)
     }
 
-    /// Restarts from `storage` (what a crash left on disk), re-applying its committed entries to
-    /// an empty state.
-    pub fn restart(id: RaftId, storage: MemStorage, incarnation: u64) -> Result<Self, RaftKvError> {
-        Self::with_storage(id, storage, 0, incarnation)
+    /// Starts from `storage` (a fresh log, or what a crash left on disk), re-applying its
+    /// committed entries to an empty state.
+    pub fn restart(id: RaftId, storage: RaftLog, incarnation: u64) -> Result<Self, RaftKvError> {
+        Self::open(id, storage, incarnation, Elections::Fixed)
     }
 
-    fn with_storage(id: RaftId, storage: MemStorage, applied: u64, incarnation: u64) -> Result<Self, RaftKvError> {
+    pub fn open(id: RaftId, storage: RaftLog, incarnation: u64, elections: Elections) -> Result<Self, RaftKvError> {
+        let applied = 0;
         let config = Config {
             id,
             election_tick: ELECTION_TICKS,
             heartbeat_tick: HEARTBEAT_TICKS,
             min_election_tick: ELECTION_TICKS,
-            max_election_tick: ELECTION_TICKS + 1,
+            max_election_tick: match elections {
+                Elections::Fixed => ELECTION_TICKS + 1,
+                Elections::Randomized => 2 * ELECTION_TICKS,
+            },
             applied,
             pre_vote: true,
             check_quorum: true,
@@ -112,8 +126,8 @@ impl RaftKv {
         &self.state
     }
 
-    /// The Raft storage (what would be on disk).
-    pub fn storage(&self) -> &MemStorage {
+    /// The Raft storage (what is, or would be, on disk).
+    pub fn storage(&self) -> &RaftLog {
         self.node.store()
     }
 
@@ -168,19 +182,19 @@ impl RaftKv {
         let mut ready = self.node.ready();
         out.extend(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            self.node.mut_store().wl().apply_snapshot(ready.snapshot().clone())?;
+            self.node.store().apply_snapshot(ready.snapshot().clone())?;
         }
         self.apply(ready.take_committed_entries());
         if !ready.entries().is_empty() {
-            self.node.mut_store().wl().append(ready.entries())?;
+            self.node.store().append(ready.entries())?;
         }
         if let Some(hard_state) = ready.hs() {
-            self.node.mut_store().wl().set_hardstate(hard_state.clone());
+            self.node.store().set_hardstate(hard_state.clone())?;
         }
         out.extend(ready.take_persisted_messages());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
-            self.node.mut_store().wl().mut_hard_state().set_commit(commit);
+            self.node.store().set_commit(commit)?;
         }
         out.extend(light.take_messages());
         self.apply(light.take_committed_entries());
@@ -226,7 +240,9 @@ mod tests {
 
     struct Group {
         nodes: BTreeMap<RaftId, RaftKv>,
-        down: BTreeMap<RaftId, MemStorage>,
+        /// Crashed members: their Raft logs stay on disk.
+        down: Vec<RaftId>,
+        dir: tempfile::TempDir,
         network: Vec<(u64, Message)>,
         rng: StdRng,
         step: u64,
@@ -236,10 +252,15 @@ mod tests {
 
     impl Group {
         fn new(seed: u64) -> Self {
-            let nodes = IDS.iter().map(|&id| (id, RaftKv::new(id, &IDS, 0).unwrap())).collect();
+            let dir = tempfile::tempdir().unwrap();
+            let nodes = IDS
+                .iter()
+                .map(|&id| (id, RaftKv::restart(id, RaftLog::open(&dir.path().join(id.to_string()), &IDS).unwrap(), 0).unwrap()))
+                .collect();
             Group {
                 nodes,
-                down: BTreeMap::new(),
+                down: Vec::new(),
+                dir,
                 network: Vec::new(),
                 rng: StdRng::seed_from_u64(seed),
                 step: 0,
@@ -300,15 +321,17 @@ mod tests {
             None
         }
 
+        /// The process dies: only what its Raft log made durable survives.
         fn crash(&mut self, id: RaftId) {
-            let node = self.nodes.remove(&id).unwrap();
-            self.down.insert(id, node.storage().clone());
+            drop(self.nodes.remove(&id).unwrap());
+            self.down.push(id);
         }
 
         fn restart(&mut self, id: RaftId) {
-            let storage = self.down.remove(&id).unwrap();
+            self.down.retain(|d| *d != id);
             self.incarnations += 1;
-            self.nodes.insert(id, RaftKv::restart(id, storage, self.incarnations).unwrap());
+            let log = RaftLog::open(&self.dir.path().join(id.to_string()), &IDS).unwrap();
+            self.nodes.insert(id, RaftKv::restart(id, log, self.incarnations).unwrap());
         }
     }
 
@@ -377,7 +400,7 @@ mod tests {
                     g.crash(victim);
                 }
             }
-            let down: Vec<RaftId> = g.down.keys().copied().collect();
+            let down: Vec<RaftId> = g.down.clone();
             for id in down {
                 g.restart(id);
             }

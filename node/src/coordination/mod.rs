@@ -19,6 +19,7 @@ pub mod election;
 pub mod embedded;
 pub mod memory;
 pub mod placement;
+pub mod raft_log;
 pub mod state;
 
 use std::future::Future;
