@@ -99,7 +99,56 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
         "partitions": s.partitions.iter().map(|p| json!({
             "partition": p.partition, "head_position": p.head_position, "epoch": p.epoch,
         })).collect::<Vec<_>>(),
+        "cluster": s.cluster.as_ref().map(cluster_json),
     })
+}
+
+fn cluster_json(c: &pb::ClusterStatus) -> Value {
+    json!({
+        "members": c.members.iter().map(|m| json!({"name": m.name, "address": m.address, "live": m.live})).collect::<Vec<_>>(),
+        "partitions": c.partitions.iter().map(|p| json!({
+            "partition": p.partition, "replicas": p.replicas,
+            "leader": (!p.leader.is_empty()).then(|| p.leader.clone()), "epoch": p.epoch,
+        })).collect::<Vec<_>>(),
+        "coordination_leader": c.coordination_leader,
+        "coordination_applied": c.coordination_applied,
+    })
+}
+
+/// The cluster part of `anthill status`: members, then each partition's leader and epoch.
+fn cluster_text(c: &pb::ClusterStatus) -> String {
+    let members: Vec<String> =
+        c.members.iter().map(|m| format!("{} ({}{})", m.name, m.address, if m.live { "" } else { ", down" })).collect();
+    let mut out = format!(
+        "
+cluster    {}
+",
+        members.join(", ")
+    );
+    out.push_str(&format!(
+        "coordination leader {} (raft id), applied through {}
+",
+        c.coordination_leader, c.coordination_applied
+    ));
+    if c.partitions.is_empty() {
+        out.push_str(
+            "partitions not placed yet (waiting for enough live members)
+",
+        );
+        return out;
+    }
+    out.push_str("leader@epoch by partition:\n");
+    for row in c.partitions.chunks(4) {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|p| {
+                let leader = if p.leader.is_empty() { "none".to_string() } else { format!("{}@{}", p.leader, p.epoch) };
+                format!("{:>22}", format!("p{}={leader}", p.partition))
+            })
+            .collect();
+        out.push_str(&format!("{}\n", cells.join("")));
+    }
+    out
 }
 
 pub fn status_text(s: &pb::StatusResponse) -> String {
@@ -118,6 +167,9 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
     );
     if !s.write_failure.is_empty() {
         out.push_str(&format!("writes     REFUSED until restart: {}\n", s.write_failure));
+    }
+    if let Some(cluster) = &s.cluster {
+        out.push_str(&cluster_text(cluster));
     }
     if !used.is_empty() {
         // Compact: eight partitions a line, `p<partition>=<head position>`, epochs below if mixed.

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::storage::MAX_STREAM_ID_BYTES;
 use thiserror::Error;
 
+/// Most members of a cluster (the embedded store's Raft group is all of them).
+pub const MAX_CLUSTER_MEMBERS: usize = 12;
+
 /// Longest command id retention: a week.
 pub const MAX_COMMAND_ID_RETENTION_S: u64 = 7 * 24 * 3600;
 
@@ -42,7 +45,44 @@ pub struct NodeConfig {
     pub group_commit: GroupCommitConfig,
     pub limits: LimitsConfig,
     pub app: AppConfig,
+    pub cluster: ClusterConfig,
     pub telemetry: TelemetryConfig,
+}
+
+/// The cluster this node belongs to. No members: a single node, as before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Every node of the cluster, this one included (its `name` is `node_id`). The embedded
+    /// coordination store runs on all of them.
+    pub members: Vec<MemberConfig>,
+    /// Replicas per partition.
+    pub replication_factor: usize,
+    /// A node is taken for dead this long after its last renewal of its coordination session.
+    pub session_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// The member's Raft id in the coordination store: unique, not 0, never reused.
+    pub id: u64,
+    /// Its `node_id`.
+    pub name: String,
+    /// Its gRPC address (its `listen_addr`, as the others reach it).
+    pub address: SocketAddr,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { members: Vec::new(), replication_factor: 3, session_ttl_ms: 3_000 }
+    }
+}
+
+impl ClusterConfig {
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_millis(self.session_ttl_ms)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +189,7 @@ impl Default for NodeConfig {
             group_commit: GroupCommitConfig::default(),
             limits: LimitsConfig::default(),
             app: AppConfig::default(),
+            cluster: ClusterConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -211,6 +252,45 @@ impl NodeConfig {
     }
 
     /// Checks every rule the fields must meet together; the first broken one is the error.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let c = &self.cluster;
+        if c.members.is_empty() {
+            return Ok(());
+        }
+        if c.members.len() > MAX_CLUSTER_MEMBERS {
+            return invalid("cluster.members", format!("at most {MAX_CLUSTER_MEMBERS} members, got {}", c.members.len()));
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
+        for m in &c.members {
+            if m.id == 0 || !ids.insert(m.id) {
+                return invalid("cluster.members", format!("member ids must be unique and not 0; {} is not", m.id));
+            }
+            if m.name.trim().is_empty() || !names.insert(m.name.as_str()) {
+                return invalid("cluster.members", format!("member names must be unique and not empty; {:?} is not", m.name));
+            }
+        }
+        if !names.contains(self.node_id.as_str()) {
+            return invalid("cluster.members", format!("no member is named {:?} (node_id)", self.node_id));
+        }
+        if c.replication_factor == 0 || c.replication_factor > c.members.len() {
+            return invalid(
+                "cluster.replication_factor",
+                format!("must be between 1 and the number of members ({}), got {}", c.members.len(), c.replication_factor),
+            );
+        }
+        if !(500..=600_000).contains(&c.session_ttl_ms) {
+            return invalid("cluster.session_ttl_ms", format!("must be between 500 and 600000, got {}", c.session_ttl_ms));
+        }
+        Ok(())
+    }
+
+    /// This node's member entry, when it runs in a cluster.
+    pub fn me(&self) -> Option<&MemberConfig> {
+        self.cluster.members.iter().find(|m| m.name == self.node_id)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
         let s = &self.storage;
@@ -249,6 +329,7 @@ impl NodeConfig {
                 format!("must be between 1 and {MAX_COMMAND_ID_RETENTION_S} (7 days), got {}", self.app.command_id_retention_s),
             );
         }
+        self.validate_cluster()?;
         if g.max_wait_us > 1_000_000 {
             return invalid("group_commit.max_wait_us", format!("must be at most 1000000 (1 s), got {}", g.max_wait_us));
         }

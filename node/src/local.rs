@@ -27,6 +27,12 @@ impl ChildNode {
     /// Starts `exe node` on `data_dir` with ports picked by the kernel, plus `extra_args`.
     /// Its logs go to `<data_dir>.log`. Waits until it serves (at most 60 s).
     pub fn spawn(exe: &Path, data_dir: &Path, extra_args: &[String]) -> anyhow::Result<ChildNode> {
+        Self::spawn_at(exe, data_dir, "127.0.0.1:0".parse().expect("an address"), extra_args)
+    }
+
+    /// Like [`ChildNode::spawn`], with gRPC on `listen` (a cluster's members must know each
+    /// other's addresses before they start).
+    pub fn spawn_at(exe: &Path, data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> anyhow::Result<ChildNode> {
         let log_file = data_dir.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -37,7 +43,9 @@ impl ChildNode {
             .arg("node")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--listen")
+            .arg(listen.to_string())
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

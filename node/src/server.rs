@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anthill_proto::v1 as pb;
 use anyhow::Context;
+use pb::cluster_server::ClusterServer;
 use pb::event_log_server::EventLogServer;
 use pb::ledger_server::LedgerServer;
 use pb::node_server::NodeServer;
@@ -60,7 +61,9 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .await
         .with_context(|| format!("cannot listen for gRPC on {} (listen_addr)", config.listen_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone());
+    let cluster = crate::coordination::member::start(config, stopped.clone()).await?;
+    let (cluster_handle, cluster_service) = cluster.map_or((None, None), |(h, s)| (Some(h), Some(s)));
+    let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone()).with_cluster(cluster_handle);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventLogServer<Api>>().await;
     let reflection =
@@ -71,7 +74,10 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .add_service(reflection)
         .add_service(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes))
         .add_service(NodeServer::new(api))
-        .add_service(LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes));
+        .add_service(LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes))
+        .add_optional_service(
+            cluster_service.map(|s| ClusterServer::new(s).max_decoding_message_size(crate::coordination::transport::MAX_MESSAGE_BYTES)),
+        );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // After an I/O failure the log takes no more writes until a restart: say so to health checks.
     tokio::spawn({

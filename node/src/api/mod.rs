@@ -37,6 +37,7 @@ use crate::storage::{EventRecord, ReadLimit, Slice, StorageError};
 #[derive(Clone)]
 pub struct Api {
     log: Arc<Log>,
+    cluster: Option<crate::coordination::member::ClusterHandle>,
     node_id: String,
     started: Instant,
     shutdown: watch::Receiver<bool>,
@@ -45,7 +46,13 @@ pub struct Api {
 impl Api {
     /// `shutdown` turns true when the node stops; open subscriptions then end.
     pub fn new(log: Arc<Log>, node_id: String, shutdown: watch::Receiver<bool>) -> Self {
-        Api { log, node_id, started: Instant::now(), shutdown }
+        Api { log, cluster: None, node_id, started: Instant::now(), shutdown }
+    }
+
+    /// The node runs in a cluster: `Node.Status` shows it.
+    pub fn with_cluster(mut self, cluster: Option<crate::coordination::member::ClusterHandle>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     fn check_partition(&self, partition: u32) -> Result<(), Status> {
@@ -159,6 +166,7 @@ impl pb::node_server::Node for Api {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             data_dir: self.log.store().dir().display().to_string(),
             write_failure: self.log.write_failure().map(|e| e.to_string()).unwrap_or_default(),
+            cluster: self.cluster.as_ref().map(|c| c.status()),
         }))
     }
 }

@@ -48,12 +48,13 @@ pub trait Transport: Send + Sync + 'static {
 /// In-process transport: one channel per member.
 #[derive(Default, Clone)]
 pub struct LocalTransport {
-    members: Arc<Mutex<HashMap<RaftId, mpsc::UnboundedSender<Message>>>>,
+    members: Arc<Mutex<HashMap<RaftId, mpsc::Sender<Message>>>>,
 }
 
 impl LocalTransport {
-    fn register(&self, id: RaftId) -> mpsc::UnboundedReceiver<Message> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// The inbox of member `id`.
+    pub fn register(&self, id: RaftId) -> mpsc::Receiver<Message> {
+        let (tx, rx) = mpsc::channel(super::transport::QUEUE_MESSAGES);
         self.members.lock().insert(id, tx);
         rx
     }
@@ -67,7 +68,7 @@ impl LocalTransport {
 impl Transport for LocalTransport {
     fn send(&self, message: Message) {
         if let Some(member) = self.members.lock().get(&message.to) {
-            let _ = member.send(message);
+            let _ = member.try_send(message);
         }
     }
 }
@@ -82,6 +83,16 @@ struct Proposal {
 pub struct EmbeddedStore {
     proposals: mpsc::Sender<Proposal>,
     state: watch::Receiver<Arc<KvState>>,
+    member: watch::Receiver<MemberStatus>,
+}
+
+/// What a member knows of its Raft group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// The Raft leader, when one is known.
+    pub leader: Option<RaftId>,
+    /// The last entry applied to this member's state.
+    pub applied: u64,
 }
 
 fn now_ms() -> u64 {
@@ -89,15 +100,26 @@ fn now_ms() -> u64 {
 }
 
 impl EmbeddedStore {
-    /// Starts member `id` of `members` on the current tokio runtime; it stops when every
-    /// handle is dropped.
-    pub fn start(id: RaftId, members: &[RaftId], transport: LocalTransport) -> std::result::Result<Self, RaftKvError> {
+    /// Starts member `id` of `members`, with its Raft log in memory, on an in-process transport.
+    pub fn start_local(id: RaftId, members: &[RaftId], transport: LocalTransport) -> std::result::Result<Self, RaftKvError> {
         let node = RaftKv::open(id, RaftLog::in_memory(members), rand::random(), Elections::Randomized)?;
         let inbox = transport.register(id);
+        Ok(Self::start(node, inbox, Arc::new(transport)))
+    }
+
+    /// Starts driving `node` on the current tokio runtime: it takes Raft messages from `inbox`
+    /// and sends through `transport`, and stops when every handle is dropped.
+    pub fn start(node: RaftKv, inbox: mpsc::Receiver<Message>, transport: Arc<dyn Transport>) -> Self {
         let (proposals, queue) = mpsc::channel(QUEUE);
         let (state_tx, state) = watch::channel(Arc::new(KvState::default()));
-        tokio::spawn(drive(node, inbox, queue, transport, state_tx));
-        Ok(EmbeddedStore { proposals, state })
+        let (member_tx, member) = watch::channel(MemberStatus::default());
+        tokio::spawn(drive(node, inbox, queue, transport, state_tx, member_tx));
+        EmbeddedStore { proposals, state, member }
+    }
+
+    /// What this member knows of its Raft group.
+    pub fn member_status(&self) -> MemberStatus {
+        *self.member.borrow()
     }
 
     async fn write(&self, op: Op) -> Result<Outcome> {
@@ -135,10 +157,11 @@ impl EmbeddedStore {
 /// The member's task: ticks, messages, proposals, ready cycles.
 async fn drive(
     mut node: RaftKv,
-    mut inbox: mpsc::UnboundedReceiver<Message>,
+    mut inbox: mpsc::Receiver<Message>,
     mut queue: mpsc::Receiver<Proposal>,
-    transport: LocalTransport,
+    transport: Arc<dyn Transport>,
     state: watch::Sender<Arc<KvState>>,
+    member: watch::Sender<MemberStatus>,
 ) {
     let mut waiting: HashMap<u64, oneshot::Sender<std::result::Result<Outcome, RaftKvError>>> = HashMap::new();
     let mut ticks = tokio::time::interval(TICK);
@@ -180,6 +203,10 @@ async fn drive(
             published = node.applied();
             state.send_replace(Arc::new(node.state().clone()));
         }
+        member.send_if_modified(|m| {
+            let now = MemberStatus { leader: node.leader(), applied: node.applied() };
+            std::mem::replace(m, now) != now
+        });
     }
 }
 
@@ -270,7 +297,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn given_a_raft_backed_store_then_ownership_elects_and_fails_over() {
         let transport = LocalTransport::default();
-        let stores: Vec<EmbeddedStore> = IDS.iter().map(|&id| EmbeddedStore::start(id, &IDS, transport.clone()).unwrap()).collect();
+        let stores: Vec<EmbeddedStore> = IDS.iter().map(|&id| EmbeddedStore::start_local(id, &IDS, transport.clone()).unwrap()).collect();
         let (mut a, mut b, mut c) =
             (elector(stores[0].clone(), "node-1"), elector(stores[1].clone(), "node-2"), elector(stores[2].clone(), "node-3"));
         let before = rounds(&mut [&mut a, &mut b, &mut c], 3).await;

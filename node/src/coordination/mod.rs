@@ -17,10 +17,12 @@
 pub mod driver;
 pub mod election;
 pub mod embedded;
+pub mod member;
 pub mod memory;
 pub mod placement;
 pub mod raft_log;
 pub mod state;
+pub mod transport;
 
 use std::future::Future;
 use std::time::Duration;
