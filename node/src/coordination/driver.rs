@@ -4,7 +4,9 @@
 //!
 //! Writes are Raft proposals stamped with the wall clock (milliseconds since the Unix epoch: the
 //! members' clocks agree to within NTP's error, and the state's clock never runs backwards).
-//! The leader proposes a `Tick` every [`EXPIRY_TICK`] so sessions expire when nobody writes.
+//! The leader proposes a `Tick` every [`EXPIRY_TICK`] so sessions expire when nobody writes, and a
+//! new leader first proposes `RenewAll`, so the time the group spent without a leader (when
+//! nobody could renew) does not expire anyone.
 //! Reads (`get`, `list`) answer from the member's own applied state: they may lag the leader by a
 //! few milliseconds, which ownership tolerates (every decision it takes is a write: a lock
 //! acquisition or a compare-and-set). Blocking lists wake when the applied index moves.
@@ -167,6 +169,7 @@ async fn drive(
     let mut ticks = tokio::time::interval(TICK);
     let mut expiry = tokio::time::interval(EXPIRY_TICK);
     let mut published = 0;
+    let mut leading = false;
     loop {
         tokio::select! {
             _ = ticks.tick() => node.tick(),
@@ -191,6 +194,14 @@ async fn drive(
         match node.handle_ready() {
             Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
             Err(e) => tracing::error!(error = %e, "coordination member failed a ready cycle"),
+        }
+        // A new leader first gives every session a full TTL: while the group had no leader,
+        // nobody could renew, and its first expiry tick must not count that time against them.
+        if node.is_leader() != leading {
+            leading = node.is_leader();
+            if leading {
+                let _ = node.propose(Op::RenewAll, now_ms());
+            }
         }
         for (id, outcome) in node.take_outcomes() {
             if let Some(reply) = waiting.remove(&id) {

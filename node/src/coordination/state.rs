@@ -53,6 +53,9 @@ pub enum Op {
     },
     /// Only expires sessions whose time is up.
     Tick,
+    /// A new leader of the store's Raft group took over: every session gets a full TTL from now,
+    /// since nobody could renew while the group had no leader (Consul does the same).
+    RenewAll,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,7 +111,10 @@ impl KvState {
     pub fn apply(&mut self, op: &Op, now_ms: u64) -> Outcome {
         self.clock_ms = self.clock_ms.max(now_ms);
         let now_ms = self.clock_ms;
-        self.expire(now_ms);
+        // `RenewAll` saves what the leaderless time would have expired, so it expires nothing.
+        if *op != Op::RenewAll {
+            self.expire(now_ms);
+        }
         match op {
             Op::CreateSession { node, ttl_ms } => {
                 self.sessions_created += 1;
@@ -189,6 +195,12 @@ impl KvState {
                 Outcome::Done(holds)
             }
             Op::Tick => Outcome::Done(true),
+            Op::RenewAll => {
+                for s in self.sessions.values_mut() {
+                    s.expires_at_ms = s.expires_at_ms.max(now_ms.saturating_add(s.ttl_ms));
+                }
+                Outcome::Done(true)
+            }
         }
     }
 
@@ -262,6 +274,17 @@ mod tests {
         assert_eq!(st.get("p/1").unwrap().session, Some(b));
         assert_eq!(st.apply(&Op::RenewSession { session: a.clone() }, 191), Outcome::Done(false));
         assert_eq!(acquire(&mut st, "p/2", &a, 192), None, "an expired session acquires nothing");
+    }
+
+    #[test]
+    fn given_a_leader_change_then_every_session_gets_a_full_ttl_from_then() {
+        let mut st = KvState::default();
+        let a = session(&mut st, "a", 100, 0);
+        // The group had no leader from 50 to 140: nobody could renew.
+        assert_eq!(st.apply(&Op::RenewAll, 140), Outcome::Done(true));
+        assert_eq!(st.apply(&Op::RenewSession { session: a.clone() }, 230), Outcome::Done(true), "alive until 240");
+        assert_eq!(st.apply(&Op::Tick, 331), Outcome::Done(true));
+        assert_eq!(st.apply(&Op::RenewSession { session: a }, 331), Outcome::Done(false), "renewed at 230, gone at 330");
     }
 
     #[test]

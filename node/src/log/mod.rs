@@ -252,6 +252,20 @@ impl Log {
         Ok(answer)
     }
 
+    /// Removes `partition`'s events after position `after` (a replica's uncommitted suffix that
+    /// conflicts with a new leader's log; docs/replication.md); returns how many. Appends queued
+    /// before it are committed first; the partition's head then moves back to `after`.
+    pub async fn truncate_partition(&self, partition: u32, after: u64) -> Result<usize, AppendError> {
+        if partition >= self.partition_count() {
+            return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
+        }
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Truncate { partition, after, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        drop(queue);
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
     /// The latest commit point; `changed()` on the receiver wakes on every new commit.
     pub fn commits(&self) -> watch::Receiver<CommitPoint> {
         self.commits.clone()
@@ -518,6 +532,30 @@ mod tests {
         log.close();
         assert_eq!((log.store().indexed_through(), log.store().tail_events()), (15, 0));
         assert_eq!(log.commits().borrow().seq, 15);
+    }
+
+    #[test]
+    fn given_a_truncated_partition_then_its_head_moves_back_and_appends_continue_while_other_partitions_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 0);
+        let rt = runtime();
+        let p = log.partition_of("s");
+        let other = (0..100).map(|i| format!("o-{i}")).find(|s| log.partition_of(s) != p).unwrap();
+        rt.block_on(async {
+            log.append(req("s", ExpectedVersion::Any, 3)).await.unwrap();
+            log.append(req(&other, ExpectedVersion::Any, 2)).await.unwrap();
+            log.append(req("s", ExpectedVersion::Any, 2)).await.unwrap();
+            assert_eq!(log.truncate_partition(p, 3).await.unwrap(), 2);
+            assert_eq!(log.commits().borrow().heads[p as usize], 3);
+            // The stream is back at version 3: an exact expectation of 3 holds, 5 does not.
+            assert!(log.append(req("s", ExpectedVersion::Exact(5), 1)).await.is_err());
+            let again = log.append(req("s", ExpectedVersion::Exact(3), 1)).await.unwrap();
+            assert_eq!((again.first_position, again.stream_version), (4, 4));
+        });
+        let positions: Vec<u64> = log.read_partition(p, 1, ALL).unwrap().events.iter().map(|e| e.position).collect();
+        assert_eq!(positions, [1, 2, 3, 4]);
+        assert_eq!(log.read_stream(&other, 1, ALL).unwrap().events.len(), 2);
+        assert!(matches!(rt.block_on(log.truncate_partition(99, 0)), Err(AppendError::Invalid(_))));
     }
 
     #[test]

@@ -65,8 +65,21 @@ type CommandOutcome = Result<CommandDone, CommandError>;
 
 /// What the writer runs: appends and commands share the queue and the group commit.
 pub(super) enum Job {
-    Append { request: AppendRequest, reply: oneshot::Sender<AppendOutcome> },
-    Command { command: Box<dyn Routed>, reply: oneshot::Sender<CommandOutcome> },
+    Append {
+        request: AppendRequest,
+        reply: oneshot::Sender<AppendOutcome>,
+    },
+    Command {
+        command: Box<dyn Routed>,
+        reply: oneshot::Sender<CommandOutcome>,
+    },
+    /// Remove a partition's events after a position (a replica reconciling with a new leader);
+    /// run alone, between batches (see [`Writer::truncate`]).
+    Truncate {
+        partition: u32,
+        after: u64,
+        reply: oneshot::Sender<Result<usize, AppendError>>,
+    },
 }
 
 /// A job's answer, kept until the batch is durable.
@@ -80,13 +93,14 @@ impl Job {
         match self {
             Job::Append { request, .. } => &request.stream,
             Job::Command { command, .. } => command.stream(),
+            Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
         }
     }
     /// Events the job adds (a command's are not known before it is decided: counted as one).
     fn events(&self) -> usize {
         match self {
             Job::Append { request, .. } => request.events.len(),
-            Job::Command { .. } => 1,
+            Job::Command { .. } | Job::Truncate { .. } => 1,
         }
     }
     fn bytes(&self) -> usize {
@@ -95,6 +109,7 @@ impl Job {
                 request.events.iter().map(|e| e.payload.len() + e.event_type.len()).sum::<usize>() + request.stream.len()
             }
             Job::Command { command, .. } => command.size_bytes(),
+            Job::Truncate { .. } => 0,
         }
     }
     /// Answers the job. A failure of the whole batch (`failure`) overrides every outcome, a
@@ -122,6 +137,9 @@ impl Job {
             }
             Job::Command { reply, .. } => {
                 let _ = reply.send(Err(CommandError::Failed(error)));
+            }
+            Job::Truncate { reply, .. } => {
+                let _ = reply.send(Err(error));
             }
         }
     }
@@ -181,6 +199,10 @@ impl Writer {
             let mut batch = Vec::new();
             let mut carry = None;
             while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
+                if let Job::Truncate { partition, after, reply } = first {
+                    let _ = reply.send(self.truncate(partition, after));
+                    continue;
+                }
                 carry = self.collect(first, &mut batch);
                 self.metrics.append_queue_depth.set(self.rx.len() as i64);
                 let committed = match self.ready_to_commit(&room, &kick, tail_max_events) {
@@ -212,6 +234,34 @@ impl Writer {
         tracing::info!("append queue closed; writer stopped");
     }
 
+    /// Removes `partition`'s events after `after`, alone: once every batch handed to the syncer
+    /// is published (so no older heads are published after the new ones), the store truncates
+    /// (`storage/truncate.rs`) and the partition's head moves back.
+    fn truncate(&mut self, partition: u32, after: u64) -> Result<usize, AppendError> {
+        if let Some(error) = poisoned_error(&self.poison) {
+            return Err(error);
+        }
+        while self.published.borrow().seq < self.last_seq {
+            if let Some(error) = poisoned_error(&self.poison) {
+                return Err(error);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let removed = self.store.truncate_partition(partition, after, self.last_seq).map_err(|e| {
+            let e = Arc::new(e);
+            if e.is_io_failure() {
+                tracing::error!(error = %e, "truncation failed on I/O; refusing all writes until the node restarts");
+                self.poison.set(e.clone());
+            }
+            AppendError::Storage(e)
+        })?;
+        let head = &mut self.heads[partition as usize];
+        *head = (*head).min(after);
+        let heads: Arc<[u64]> = self.heads.as_slice().into();
+        self.published.send_modify(|point| point.heads = heads);
+        Ok(removed)
+    }
+
     /// Ok once a batch may be committed: the log is not poisoned and the index tail has room
     /// (waiting for the indexer while it has none).
     fn ready_to_commit(&self, room: &Room, kick: &flume::Sender<()>, tail_max_events: usize) -> Result<(), AppendError> {
@@ -241,7 +291,10 @@ impl Writer {
                     Err(_) => return None,
                 },
             };
-            if events + next.events() > self.config.max_batch_events || bytes + next.bytes() > self.config.max_batch_bytes {
+            if matches!(next, Job::Truncate { .. })
+                || events + next.events() > self.config.max_batch_events
+                || bytes + next.bytes() > self.config.max_batch_bytes
+            {
                 return Some(next);
             }
             events += next.events();
@@ -315,6 +368,7 @@ impl Writer {
                     outcomes.push(match job {
                         Job::Append { .. } => Outcome::Append(Err(error)),
                         Job::Command { .. } => Outcome::Command(Err(CommandError::Failed(error))),
+                        Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
                     });
                     continue;
                 }
@@ -326,6 +380,7 @@ impl Writer {
                     commands_run += 1;
                     Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
                 }
+                Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
             });
         }
         // More than the batch can have recorded, so expired records never pile up under load.

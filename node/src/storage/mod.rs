@@ -18,8 +18,10 @@
 //! live in memory in the [`tail::IndexTail`]; reads merge the index environment with the tail.
 //!
 //! Invariants:
-//! - `seq` is dense from 1 in the log; every record names its partition, position, stream and
-//!   version, so the index environment is derived data, rebuilt from the log at [`Store::open`];
+//! - `seq` grows from 1 in the log, one per event, and is never reused; it is dense except where a
+//!   partition's suffix was truncated (replication, see `truncate.rs`); every record names its
+//!   partition, position, stream and version, so the index environment is derived data, rebuilt
+//!   from the log at [`Store::open`];
 //! - the index environment holds exactly the entries of the events with `seq <= indexed_through`
 //!   (entries and watermark commit in one transaction), and only ever entries of durable events
 //!   (the indexer is given the durable sequence), so a machine crash can never leave it pointing
@@ -45,6 +47,7 @@ mod env;
 pub mod keys;
 pub mod record;
 mod tail;
+mod truncate;
 
 use std::fs::{File, OpenOptions};
 use std::ops::Bound;
@@ -152,8 +155,11 @@ pub struct Store {
     tail_events: AtomicUsize,
     /// Every event up to this sequence is in the index environment (its `meta` says the same).
     indexed_through: AtomicU64,
-    /// The log's last sequence when it was opened; the writer continues from it.
+    /// The log's last sequence when it was opened (or the highest ever used, when a truncation
+    /// removed the last records); the writer continues from it.
     last_seq_at_open: u64,
+    /// Held by whoever writes the index environment: the indexer's flushes, a truncation.
+    index_writer: parking_lot::Mutex<()>,
     partition_count: u32,
     config: StorageConfig,
     dir: PathBuf,
@@ -223,10 +229,13 @@ impl Store {
         // After a crash the last commits may still sit unsynced in the page cache: make them
         // durable before anything (the index, a reader) acts on them.
         log.sync()?;
-        let last_seq_at_open = match log_dbs.log.last(&log.read()?.txn)? {
+        let last_key = match log_dbs.log.last(&log.read()?.txn)? {
             Some((key, _)) => keys::decode_log_key(key).map_err(|_| CorruptRecord::at_seq(0, "undecodable last log key"))?,
             None => 0,
         };
+        // A truncation may have removed the last records; their sequences are never reused.
+        let seq_floor = log_dbs.meta.get(&log.read()?.txn, &meta_key("seq_floor"))?.map(be_u64).unwrap_or(0);
+        let last_seq_at_open = last_key.max(seq_floor);
         if indexed_through > last_seq_at_open {
             return Err(StorageError::IndexAhead { dir: dir.to_path_buf(), indexed_through, last_seq: last_seq_at_open });
         }
@@ -239,11 +248,13 @@ impl Store {
             tail_events: AtomicUsize::new(0),
             indexed_through: AtomicU64::new(indexed_through),
             last_seq_at_open,
+            index_writer: parking_lot::Mutex::new(()),
             partition_count: cfg.partitions,
             config: cfg.clone(),
             dir: dir.to_path_buf(),
             _lock: lock,
         };
+        store.finish_truncation()?;
         store.reindex_log_tail(cfg.index_flush_events)?;
         let heads = index_partition_heads(&store.index.read()?.txn, store.index_dbs, cfg.partitions)?;
         store.tail = RwLock::new(IndexTail::new(heads.iter().map(|head| head + 1)));
@@ -270,9 +281,11 @@ impl Store {
                 for entry in self.log_dbs.log.range(&log.txn, &range)?.take(chunk_events) {
                     let (key, value) = entry?;
                     let seq = keys::decode_log_key(key).map_err(|_| CorruptRecord::at_seq(next, "undecodable log key"))?;
-                    if seq != next {
-                        return Err(CorruptRecord::at_seq(next, "gap in log sequences").into());
+                    // Sequences a truncation removed leave holes; they never go backwards.
+                    if seq < next {
+                        return Err(CorruptRecord::at_seq(next, "log sequences out of order").into());
                     }
+                    next = seq;
                     let record = EventRecord::decode(seq, value)?;
                     let head = heads.get_mut(record.partition as usize).ok_or(CorruptRecord::at_seq(seq, "unknown partition"))?;
                     if head.is_some_and(|head| record.position != head + 1) {
@@ -283,6 +296,10 @@ impl Store {
                     entries.push((IndexDb::Streams, keys::stream_key(&record.stream, record.stream_version), seq));
                     next += 1;
                 }
+            }
+            if entries.is_empty() {
+                // Only holes are left up to the highest sequence used.
+                next = last_seq + 1;
             }
             entries.sort_unstable();
             self.write_index_with_growth(&entries, Some(next - 1))?;
@@ -400,13 +417,20 @@ impl Store {
     /// then drops them from the tail; returns how many events that was. The caller guarantees
     /// that every event up to `through_seq` is durable in the log, and is the index's one writer.
     pub(crate) fn flush_index(&self, through_seq: u64) -> Result<usize, StorageError> {
+        let _only_writer = self.index_writer.lock();
+        self.flush_index_locked(through_seq)
+    }
+
+    /// [`Store::flush_index`], for a caller that holds `index_writer`.
+    fn flush_index_locked(&self, through_seq: u64) -> Result<usize, StorageError> {
         let indexed = self.indexed_through();
         if through_seq <= indexed {
             return Ok(0);
         }
         let unindexed = self.tail.read().unindexed(through_seq);
         let events = unindexed.partitions.len();
-        assert_eq!(events as u64, through_seq - indexed, "the tail holds every event past the index, once");
+        // Fewer than the sequences when a truncation left holes.
+        assert!(events as u64 <= through_seq - indexed, "the tail holds every event past the index, once");
         // Sorted, so the B-tree inserts walk the leaves in order and each chunk below touches
         // its own leaves.
         let mut entries: Vec<(IndexDb, Vec<u8>, u64)> = Vec::with_capacity(2 * events);

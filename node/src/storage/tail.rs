@@ -127,6 +127,13 @@ impl IndexTail {
         out
     }
 
+    /// Makes an empty partition run continue at `next` (after a truncation of the partition).
+    pub fn restart_partition(&mut self, partition: u32, next: u64) {
+        let run = &mut self.partitions[partition as usize];
+        assert!(run.seqs.is_empty(), "a partition is truncated only once its tail is flushed");
+        run.first = next;
+    }
+
     /// Drops every entry with a sequence up to `through_seq` (now in the index environment).
     pub fn trim(&mut self, through_seq: u64) {
         let trimmed: usize = self.partitions.iter_mut().map(|run| run.trim(through_seq)).sum();

@@ -1,0 +1,245 @@
+//! Truncating a partition's suffix: what a replica does when its newest events conflict with a
+//! new leader's log (docs/replication.md). Only events that were never committed by the replica
+//! set are ever truncated; the protocol core asserts it.
+//!
+//! The log is one sequence for all partitions, so a truncation leaves holes in it: sequences are
+//! never reused (the highest one used is kept in `meta` as `seq_floor`), and the index drops the
+//! removed events' entries. Both environments change, so the truncation is made crash-safe with
+//! an intent:
+//! 1. with the index writer held, sync the log and flush the whole index tail, so every event is
+//!    in the index environment and the tail holds nothing;
+//! 2. in one log transaction (synced): delete the events' records, and write the intent — the
+//!    partition, the position kept, and the `(stream, version)` of every event removed;
+//! 3. in one index transaction (synced): delete the partition's entries after the position and
+//!    the listed stream entries; then clear the intent;
+//! 4. reset the tail's run of the partition to continue right after the position.
+//!
+//! A crash after 2 leaves the intent; [`Store::open`] applies step 3 again (idempotent) before it
+//! serves. A crash before 2 changed nothing.
+//!
+//! Readers: a concurrent read of the truncated partition may find an index entry whose record is
+//! gone and report it as lost data; a replica serves reads of a partition only up to its commit
+//! position, which truncation never touches.
+
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{CorruptRecord, EventRecord};
+use super::{StorageError, Store, be_u64, keys, meta_key};
+
+const INTENT: &str = "truncate_intent";
+
+/// What a truncation removes from the index, kept in the log's `meta` until it is done.
+#[derive(Debug, Serialize, Deserialize)]
+struct Intent {
+    partition: u32,
+    after: u64,
+    /// `(stream, version)` of every event removed.
+    streams: Vec<(String, u64)>,
+}
+
+impl Store {
+    /// Removes every event of `partition` after position `after`; returns how many. The caller
+    /// is the log's writer, holds no transaction, and has committed everything up to `last_seq`.
+    pub(crate) fn truncate_partition(&self, partition: u32, after: u64, last_seq: u64) -> Result<usize, StorageError> {
+        let _only_writer = self.index_writer.lock();
+        self.sync_log()?;
+        self.flush_index_locked(last_seq)?;
+        let victims = self.events_after(partition, after)?;
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let intent = Intent { partition, after, streams: victims.iter().map(|(_, stream, version)| (stream.clone(), *version)).collect() };
+        let mut txn = self.log.write()?;
+        for (seq, _, _) in &victims {
+            self.log_dbs.log.delete(&mut txn, &keys::log_key(*seq))?;
+        }
+        let floor = self.log_dbs.meta.get(&txn, &meta_key("seq_floor"))?.map(be_u64).unwrap_or(0).max(last_seq);
+        self.log_dbs.meta.put(&mut txn, &meta_key("seq_floor"), &floor.to_be_bytes())?;
+        let encoded = serde_json::to_vec(&intent).map_err(|e| StorageError::State(format!("cannot encode a truncation: {e}")))?;
+        self.log_dbs.meta.put(&mut txn, &meta_key(INTENT), &encoded)?;
+        txn.commit()?;
+        self.sync_log()?;
+        self.apply_intent(&intent)?;
+        let mut tail = self.tail.write();
+        tail.restart_partition(partition, after + 1);
+        tracing::info!(partition, after, events = victims.len(), "truncated a partition's suffix");
+        Ok(victims.len())
+    }
+
+    /// `(seq, stream, version)` of the events of `partition` after `after`, from the index
+    /// environment (which holds every event once the tail is flushed).
+    fn events_after(&self, partition: u32, after: u64) -> Result<Vec<(u64, String, u64)>, StorageError> {
+        let index = self.index.read()?;
+        let log = self.log.read()?;
+        let (start, end) = (keys::event_key(partition, after + 1), keys::event_key(partition, u64::MAX));
+        let mut victims = Vec::new();
+        for entry in self.index_dbs.partitions.range(&index.txn, &(Bound::Included(start.as_slice()), Bound::Included(end.as_slice())))? {
+            let (_, value) = entry?;
+            let seq = be_u64(value);
+            let bytes = self
+                .log_dbs
+                .log
+                .get(&log.txn, &keys::log_key(seq))?
+                .ok_or(CorruptRecord::at_seq(seq, "indexed event missing from the log"))?;
+            let record = EventRecord::decode(seq, bytes)?;
+            victims.push((seq, record.stream, record.stream_version));
+        }
+        Ok(victims)
+    }
+
+    /// Step 3 of the module doc: the index forgets the removed events; then the intent goes.
+    fn apply_intent(&self, intent: &Intent) -> Result<(), StorageError> {
+        let mut txn = self.index.write()?;
+        let (start, end) = (keys::event_key(intent.partition, intent.after + 1), keys::event_key(intent.partition, u64::MAX));
+        self.index_dbs.partitions.delete_range(&mut txn, &(Bound::Included(start.as_slice()), Bound::Included(end.as_slice())))?;
+        for (stream, version) in &intent.streams {
+            self.index_dbs.streams.delete(&mut txn, &keys::stream_key(stream, *version))?;
+        }
+        txn.commit()?;
+        self.index.sync()?;
+        let mut txn = self.log.write()?;
+        self.log_dbs.meta.delete(&mut txn, &meta_key(INTENT))?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// At open: finishes a truncation a crash interrupted after its log step.
+    pub(super) fn finish_truncation(&self) -> Result<(), StorageError> {
+        let stored = self.log_dbs.meta.get(&self.log.read()?.txn, &meta_key(INTENT))?.map(<[u8]>::to_vec);
+        let Some(bytes) = stored else { return Ok(()) };
+        let intent: Intent =
+            serde_json::from_slice(&bytes).map_err(|e| StorageError::State(format!("undecodable truncation intent: {e}")))?;
+        tracing::warn!(partition = intent.partition, after = intent.after, "finishing a truncation a crash interrupted");
+        self.apply_intent(&intent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::storage::{ReadLimit, RecordRef};
+
+    const ALL: ReadLimit = ReadLimit { max_events: usize::MAX, max_bytes: usize::MAX };
+
+    fn cfg() -> StorageConfig {
+        StorageConfig { partitions: 2, ..StorageConfig::default() }
+    }
+
+    /// Appends `(partition, stream)` events one transaction each, as the writer would; returns
+    /// the last sequence.
+    fn append(
+        store: &Store,
+        seq: &mut u64,
+        heads: &mut [u64],
+        versions: &mut std::collections::HashMap<String, u64>,
+        events: &[(u32, &str)],
+    ) {
+        let mut txn = store.write().unwrap();
+        let mut entries = Vec::new();
+        for (partition, stream) in events {
+            *seq += 1;
+            heads[*partition as usize] += 1;
+            let version = versions.entry(stream.to_string()).or_insert(0);
+            *version += 1;
+            let record = RecordRef {
+                partition: *partition,
+                position: heads[*partition as usize],
+                stream,
+                stream_version: *version,
+                event_type: "E",
+                payload: b"x",
+                metadata: &[],
+                append_time_us: 0,
+                epoch: 1,
+            };
+            txn.append(*seq, &record).unwrap();
+            entries.push((*partition, record.position, *stream, *version, *seq));
+        }
+        txn.commit().unwrap();
+        store.extend_tail(entries);
+    }
+
+    #[test]
+    fn given_a_partition_suffix_when_truncated_then_reads_versions_and_new_appends_continue_from_the_kept_position_also_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut seq, mut heads, mut versions) = (0, vec![0u64; 2], std::collections::HashMap::new());
+        {
+            let store = Store::open(dir.path(), &cfg()).unwrap();
+            append(&store, &mut seq, &mut heads, &mut versions, &[(0, "a"), (1, "b"), (0, "a"), (0, "c")]);
+            store.flush_index(seq).unwrap(); // some in the index...
+            append(&store, &mut seq, &mut heads, &mut versions, &[(0, "a"), (1, "b"), (0, "c")]); // ...some in the tail
+            // Partition 0 holds a@1 a@2 c@1 a@3 c@2 at positions 1..=5; keep 1..=2.
+            assert_eq!(store.truncate_partition(0, 2, seq).unwrap(), 3);
+            let kept = store.read_partition(0, 1, u64::MAX, ALL).unwrap().events;
+            assert_eq!(
+                kept.iter().map(|e| (e.position, e.stream.as_str(), e.stream_version)).collect::<Vec<_>>(),
+                [(1, "a", 1), (2, "a", 2)]
+            );
+            assert_eq!(store.stream_version("a").unwrap(), 2);
+            assert_eq!(store.stream_version("c").unwrap(), 0, "every event of c was after the kept position");
+            assert_eq!(store.read_partition(1, 1, u64::MAX, ALL).unwrap().events.len(), 2, "other partitions are untouched");
+            assert_eq!(store.partition_heads(), [2, 2]);
+            // New events continue at position 3 with new sequences.
+            heads[0] = 2;
+            versions.insert("a".into(), 2);
+            versions.insert("c".into(), 0);
+            append(&store, &mut seq, &mut heads, &mut versions, &[(0, "c")]);
+            let read = store.read_partition(0, 3, u64::MAX, ALL).unwrap().events;
+            assert_eq!(read.iter().map(|e| (e.position, e.stream.as_str())).collect::<Vec<_>>(), [(3, "c")]);
+        }
+        let store = Arc::new(Store::open(dir.path(), &cfg()).unwrap());
+        assert_eq!(store.partition_heads(), [3, 2]);
+        assert_eq!(store.last_seq_at_open(), seq, "sequences are not reused");
+        let events = store.read_partition(0, 1, u64::MAX, ALL).unwrap().events;
+        assert_eq!(
+            events.iter().map(|e| (e.position, e.stream.as_str(), e.stream_version)).collect::<Vec<_>>(),
+            [(1, "a", 1), (2, "a", 2), (3, "c", 1)]
+        );
+        assert_eq!(store.read_stream("c", 1, u64::MAX, ALL).unwrap().events.len(), 1);
+    }
+
+    #[test]
+    fn given_the_last_events_truncated_when_reopened_then_their_sequences_stay_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut seq, mut heads, mut versions) = (0, vec![0u64; 2], std::collections::HashMap::new());
+        {
+            let store = Store::open(dir.path(), &cfg()).unwrap();
+            append(&store, &mut seq, &mut heads, &mut versions, &[(1, "b"), (0, "a"), (0, "a")]);
+            assert_eq!(store.truncate_partition(0, 0, seq).unwrap(), 2);
+        }
+        let store = Store::open(dir.path(), &cfg()).unwrap();
+        assert_eq!(store.last_seq_at_open(), 3);
+        assert_eq!(store.partition_heads(), [0, 1]);
+        assert_eq!(store.stream_version("a").unwrap(), 0);
+    }
+
+    #[test]
+    fn given_a_crash_after_the_log_step_when_reopened_then_the_index_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut seq, mut heads, mut versions) = (0, vec![0u64; 2], std::collections::HashMap::new());
+        {
+            let store = Store::open(dir.path(), &cfg()).unwrap();
+            append(&store, &mut seq, &mut heads, &mut versions, &[(0, "a"), (0, "a"), (0, "a")]);
+            store.flush_index(seq).unwrap();
+            // Steps 1 and 2 only: the records go and the intent stays, as if the process died.
+            let intent = Intent { partition: 0, after: 1, streams: vec![("a".into(), 2), ("a".into(), 3)] };
+            let mut txn = store.log.write().unwrap();
+            for s in 2..=3u64 {
+                store.log_dbs.log.delete(&mut txn, &keys::log_key(s)).unwrap();
+            }
+            store.log_dbs.meta.put(&mut txn, &meta_key("seq_floor"), &seq.to_be_bytes()).unwrap();
+            store.log_dbs.meta.put(&mut txn, &meta_key(INTENT), &serde_json::to_vec(&intent).unwrap()).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path(), &cfg()).unwrap();
+        assert_eq!(store.partition_heads(), [1, 0]);
+        assert_eq!(store.stream_version("a").unwrap(), 1);
+        assert_eq!(store.read_stream("a", 1, u64::MAX, ALL).unwrap().events.len(), 1);
+        assert!(store.log_dbs.meta.get(&store.log.read().unwrap().txn, &meta_key(INTENT)).unwrap().is_none(), "the intent is cleared");
+    }
+}
