@@ -252,6 +252,17 @@ impl Log {
         Ok(answer)
     }
 
+    /// Appends a leader's events to this replica, at the leader's positions, epochs and times
+    /// (they must continue the partition and every stream exactly); resolves once durable with
+    /// the partition's new head.
+    pub async fn replicate(&self, records: Vec<crate::storage::EventRecord>) -> Result<u64, AppendError> {
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Replicate { records, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        drop(queue);
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
     /// Removes `partition`'s events after position `after` (a replica's uncommitted suffix that
     /// conflicts with a new leader's log; docs/replication.md); returns how many. Appends queued
     /// before it are committed first; the partition's head then moves back to `after`.
@@ -556,6 +567,32 @@ mod tests {
         assert_eq!(positions, [1, 2, 3, 4]);
         assert_eq!(log.read_stream(&other, 1, ALL).unwrap().events.len(), 2);
         assert!(matches!(rt.block_on(log.truncate_partition(99, 0)), Err(AppendError::Invalid(_))));
+    }
+
+    #[test]
+    fn given_a_leaders_events_when_replicated_then_the_follower_holds_them_at_the_same_positions_epochs_and_versions() {
+        let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (leader, follower) = (open(leader_dir.path(), 0), open(follower_dir.path(), 0));
+        let rt = runtime();
+        let p = leader.partition_of("s");
+        let other = (0..100).map(|i| format!("o-{i}")).find(|s| leader.partition_of(s) == p && s != "s").unwrap();
+        rt.block_on(async {
+            leader.append(req("s", ExpectedVersion::Any, 2)).await.unwrap();
+            leader.append(req(&other, ExpectedVersion::Any, 1)).await.unwrap();
+            leader.append(req("s", ExpectedVersion::Any, 1)).await.unwrap();
+        });
+        let events = leader.read_partition(p, 1, ALL).unwrap().events;
+        assert_eq!(events.len(), 4);
+        // In two pieces, as a leader sends them; a piece that does not follow is refused whole.
+        assert!(matches!(rt.block_on(follower.replicate(events[1..].to_vec())), Err(AppendError::Invalid(_))));
+        assert_eq!(rt.block_on(follower.replicate(events[..2].to_vec())).unwrap(), 2);
+        assert_eq!(rt.block_on(follower.replicate(events[2..].to_vec())).unwrap(), 4);
+        let copied = follower.read_partition(p, 1, ALL).unwrap().events;
+        assert_eq!(copied, events, "same positions, streams, versions, payloads, times and epochs");
+        assert_eq!(follower.read_stream("s", 1, ALL).unwrap().events.len(), 3);
+        // The follower's own appends (if it later leads) continue the streams.
+        let next = rt.block_on(follower.append(req("s", ExpectedVersion::Exact(3), 1))).unwrap();
+        assert_eq!((next.first_position, next.stream_version), (5, 4));
     }
 
     #[test]

@@ -57,7 +57,7 @@ use crate::app::commands::{self, CommandRecord};
 use crate::app::processor::{Executed, Failure, Routed};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
-use crate::storage::{Appender, RecordRef, StorageError, Store};
+use crate::storage::{Appender, EventRecord, RecordRef, StorageError, Store};
 
 /// What one append is answered with.
 type AppendOutcome = Result<Appended, AppendError>;
@@ -73,6 +73,12 @@ pub(super) enum Job {
         command: Box<dyn Routed>,
         reply: oneshot::Sender<CommandOutcome>,
     },
+    /// Events a replica receives from its partition's leader: appended at the leader's
+    /// positions (the partition's next ones) with the leader's epochs and times.
+    Replicate {
+        records: Vec<EventRecord>,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
     /// Remove a partition's events after a position (a replica reconciling with a new leader);
     /// run alone, between batches (see [`Writer::truncate`]).
     Truncate {
@@ -86,6 +92,8 @@ pub(super) enum Job {
 enum Outcome {
     Append(AppendOutcome),
     Command(CommandOutcome),
+    /// The partition's position after a replicated job.
+    Replicate(Result<u64, AppendError>),
 }
 
 impl Job {
@@ -93,6 +101,8 @@ impl Job {
         match self {
             Job::Append { request, .. } => &request.stream,
             Job::Command { command, .. } => command.stream(),
+            // Its own streams are looked up when it is placed.
+            Job::Replicate { records, .. } => records.first().map_or("", |r| r.stream.as_str()),
             Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
         }
     }
@@ -101,6 +111,7 @@ impl Job {
         match self {
             Job::Append { request, .. } => request.events.len(),
             Job::Command { .. } | Job::Truncate { .. } => 1,
+            Job::Replicate { records, .. } => records.len(),
         }
     }
     fn bytes(&self) -> usize {
@@ -109,6 +120,7 @@ impl Job {
                 request.events.iter().map(|e| e.payload.len() + e.event_type.len()).sum::<usize>() + request.stream.len()
             }
             Job::Command { command, .. } => command.size_bytes(),
+            Job::Replicate { records, .. } => records.iter().map(|r| r.payload.len() + r.event_type.len() + r.stream.len()).sum(),
             Job::Truncate { .. } => 0,
         }
     }
@@ -126,6 +138,9 @@ impl Job {
             (Job::Command { reply, .. }, Outcome::Command(outcome)) => {
                 let _ = reply.send(outcome);
             }
+            (Job::Replicate { reply, .. }, Outcome::Replicate(outcome)) => {
+                let _ = reply.send(outcome);
+            }
             _ => unreachable!("every job gets an outcome of its own kind"),
         }
     }
@@ -139,6 +154,9 @@ impl Job {
                 let _ = reply.send(Err(CommandError::Failed(error)));
             }
             Job::Truncate { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Job::Replicate { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -368,6 +386,7 @@ impl Writer {
                     outcomes.push(match job {
                         Job::Append { .. } => Outcome::Append(Err(error)),
                         Job::Command { .. } => Outcome::Command(Err(CommandError::Failed(error))),
+                        Job::Replicate { .. } => Outcome::Replicate(Err(error)),
                         Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
                     });
                     continue;
@@ -380,6 +399,7 @@ impl Writer {
                     commands_run += 1;
                     Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
                 }
+                Job::Replicate { records, .. } => Outcome::Replicate(placer.replicate(txn, appender, &self.store, records)?),
                 Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
             });
         }
@@ -473,6 +493,60 @@ impl<'b> Placer<'b> {
             Err(Failure::IdReused) => Err(CommandError::Rejected(crate::app::processor::Rejected::id_reused(command.command_id()))),
             Err(Failure::Unreadable(e)) => Err(CommandError::Failed(AppendError::Storage(Arc::new(e.into())))),
         })
+    }
+
+    /// A leader's events for one partition, at its positions: checked to continue the partition
+    /// and each stream exactly, then appended with their own epochs and times. Nothing of the
+    /// job is written when a check fails.
+    fn replicate(
+        &mut self,
+        txn: &mut RwTxn<'_>,
+        appender: &mut Appender,
+        store: &Store,
+        records: &'b [EventRecord],
+    ) -> Result<Result<u64, AppendError>, StorageError> {
+        let Some(first) = records.first() else { return Ok(Err(AppendError::Invalid("a replicated batch needs events".into()))) };
+        let partition = first.partition;
+        if partition >= self.partition_count {
+            return Ok(Err(AppendError::Invalid(format!("partition {partition} does not exist"))));
+        }
+        let streams: Vec<&str> = records.iter().map(|r| r.stream.as_str()).collect();
+        let stored = store.stream_versions(&streams)?;
+        let mut versions: HashMap<&str, u64> = HashMap::new();
+        let mut head = self.heads[partition as usize];
+        for (record, stored) in records.iter().zip(stored) {
+            let current = match versions.get(record.stream.as_str()) {
+                Some(v) => *v,
+                None => self.current(&record.stream, stored)?,
+            };
+            if record.partition != partition || record.position != head + 1 || record.stream_version != current + 1 {
+                return Ok(Err(AppendError::Invalid(format!(
+                    "replicated event {}@{} at partition {} position {} does not continue this replica (head {head}, stream version {current})",
+                    record.stream, record.stream_version, record.partition, record.position
+                ))));
+            }
+            head = record.position;
+            versions.insert(&record.stream, record.stream_version);
+        }
+        for record in records {
+            self.seq += 1;
+            let stored = RecordRef {
+                partition,
+                position: record.position,
+                stream: &record.stream,
+                stream_version: record.stream_version,
+                event_type: &record.event_type,
+                payload: &record.payload,
+                metadata: &record.metadata,
+                append_time_us: record.append_time_us,
+                epoch: record.epoch,
+            };
+            appender.append(txn, self.seq, &stored)?;
+            self.entries.push((partition, record.position, &record.stream, record.stream_version, self.seq));
+            self.moved.insert(&record.stream, record.stream_version);
+        }
+        self.heads[partition as usize] = head;
+        Ok(Ok(head))
     }
 
     /// Appends `events` to `stream` (at version `current`) at the end of the log.
