@@ -145,6 +145,7 @@ impl Log {
         // `Store::open` synced the log and indexed it: everything in it is durable and findable.
         let heads = store.partition_heads();
         let last_seq = store.last_seq_at_open();
+        let histories = (0..store.partition_count()).map(|p| store.epoch_history(p)).collect::<Result<Vec<_>, _>>()?;
         let (published, commits) = watch::channel(CommitPoint { heads: heads.clone().into(), seq: last_seq });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
         let poison = Arc::new(writer::Poison::default());
@@ -153,6 +154,7 @@ impl Log {
             rx,
             config: group_commit.clone(),
             heads,
+            histories,
             last_seq,
             epoch: SINGLE_NODE_EPOCH,
             published,
@@ -263,6 +265,29 @@ impl Log {
         answer.await.map_err(|_| AppendError::ShuttingDown)?
     }
 
+    /// Persists the epoch this replica of `partition` promised (docs/replication.md): durable
+    /// once this resolves.
+    pub async fn promise(&self, partition: u32, epoch: u64) -> Result<(), AppendError> {
+        if partition >= self.partition_count() {
+            return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
+        }
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Promise { partition, epoch, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        drop(queue);
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// What this replica of `partition` keeps for replication: its promise, its epoch history
+    /// and its durable head (what `Replica::new` starts from).
+    pub fn replica_state(&self, partition: u32) -> Result<crate::replication::replica::DurableState, StorageError> {
+        Ok(crate::replication::replica::DurableState {
+            promised: self.store.promised_epoch(partition)?,
+            history: self.store.epoch_history(partition)?,
+            last: self.commits.borrow().heads[partition as usize],
+        })
+    }
+
     /// Removes `partition`'s events after position `after` (a replica's uncommitted suffix that
     /// conflicts with a new leader's log; docs/replication.md); returns how many. Appends queued
     /// before it are committed first; the partition's head then moves back to `after`.
@@ -338,6 +363,9 @@ impl Drop for Log {
 /// Checks an append against the limits. The message names what is wrong and where.
 pub fn validate_append(limits: &LimitsConfig, request: &AppendRequest) -> Result<(), String> {
     validate_stream_id(limits, &request.stream)?;
+    if request.stream.starts_with('$') {
+        return Err(format!("stream: {:?} is a system stream (names starting with '$' are reserved)", request.stream));
+    }
     if crate::app::is_domain_stream(&request.stream) {
         return Err(format!("stream: {:?} belongs to a domain; only its commands append to it (e.g. `anthill ledger`)", request.stream));
     }
@@ -593,6 +621,41 @@ mod tests {
         // The follower's own appends (if it later leads) continue the streams.
         let next = rt.block_on(follower.append(req("s", ExpectedVersion::Exact(3), 1))).unwrap();
         assert_eq!((next.first_position, next.stream_version), (5, 4));
+    }
+
+    #[test]
+    fn given_epochs_and_a_promise_then_the_replica_state_is_kept_across_restarts_and_truncation_trims_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let p;
+        {
+            let log = open(dir.path(), 0);
+            p = log.partition_of("s");
+            rt.block_on(log.append(req("s", ExpectedVersion::Any, 2))).unwrap();
+            assert_eq!(log.replica_state(p).unwrap().history.starts(), [(SINGLE_NODE_EPOCH, 1)]);
+            // A leader of epoch 3 sends two more events.
+            let mut more = log.read_partition(p, 1, ALL).unwrap().events;
+            for (i, e) in more.iter_mut().enumerate() {
+                e.position = 3 + i as u64;
+                e.stream_version = 3 + i as u64;
+                e.epoch = 3;
+            }
+            assert_eq!(rt.block_on(log.replicate(more.clone())).unwrap(), 4);
+            rt.block_on(log.promise(p, 5)).unwrap();
+            // An event of an older epoch than the log's last cannot follow.
+            let mut old = more[1].clone();
+            (old.position, old.stream_version, old.epoch) = (5, 5, 2);
+            assert!(matches!(rt.block_on(log.replicate(vec![old])), Err(AppendError::Invalid(_))));
+        }
+        let log = open(dir.path(), 0);
+        let state = log.replica_state(p).unwrap();
+        assert_eq!((state.promised, state.history.starts(), state.last), (5, &[(SINGLE_NODE_EPOCH, 1), (3, 3)][..], 4));
+        assert_eq!(rt.block_on(log.truncate_partition(p, 2)).unwrap(), 2);
+        assert_eq!(log.replica_state(p).unwrap().history.starts(), [(SINGLE_NODE_EPOCH, 1)]);
+        drop(log);
+        let log = open(dir.path(), 0);
+        let state = log.replica_state(p).unwrap();
+        assert_eq!((state.history.starts(), state.last), (&[(SINGLE_NODE_EPOCH, 1)][..], 2));
     }
 
     #[test]

@@ -42,7 +42,7 @@
 //!   (it waits for the indexer, see [`super::indexer::Room`]);
 //! - a panic in the writer aborts the process: a node never serves on without its writer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,7 @@ use crate::app::commands::{self, CommandRecord};
 use crate::app::processor::{Executed, Failure, Routed};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
+use crate::replication::EpochHistory;
 use crate::storage::{Appender, EventRecord, RecordRef, StorageError, Store};
 
 /// What one append is answered with.
@@ -72,6 +73,12 @@ pub(super) enum Job {
     Command {
         command: Box<dyn Routed>,
         reply: oneshot::Sender<CommandOutcome>,
+    },
+    /// Persist the epoch a replica of a partition promised (docs/replication.md).
+    Promise {
+        partition: u32,
+        epoch: u64,
+        reply: oneshot::Sender<Result<(), AppendError>>,
     },
     /// Events a replica receives from its partition's leader: appended at the leader's
     /// positions (the partition's next ones) with the leader's epochs and times.
@@ -94,6 +101,7 @@ enum Outcome {
     Command(CommandOutcome),
     /// The partition's position after a replicated job.
     Replicate(Result<u64, AppendError>),
+    Promise(Result<(), AppendError>),
 }
 
 impl Job {
@@ -103,6 +111,7 @@ impl Job {
             Job::Command { command, .. } => command.stream(),
             // Its own streams are looked up when it is placed.
             Job::Replicate { records, .. } => records.first().map_or("", |r| r.stream.as_str()),
+            Job::Promise { .. } => "",
             Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
         }
     }
@@ -110,7 +119,7 @@ impl Job {
     fn events(&self) -> usize {
         match self {
             Job::Append { request, .. } => request.events.len(),
-            Job::Command { .. } | Job::Truncate { .. } => 1,
+            Job::Command { .. } | Job::Truncate { .. } | Job::Promise { .. } => 1,
             Job::Replicate { records, .. } => records.len(),
         }
     }
@@ -121,7 +130,7 @@ impl Job {
             }
             Job::Command { command, .. } => command.size_bytes(),
             Job::Replicate { records, .. } => records.iter().map(|r| r.payload.len() + r.event_type.len() + r.stream.len()).sum(),
-            Job::Truncate { .. } => 0,
+            Job::Truncate { .. } | Job::Promise { .. } => 0,
         }
     }
     /// Answers the job. A failure of the whole batch (`failure`) overrides every outcome, a
@@ -139,6 +148,9 @@ impl Job {
                 let _ = reply.send(outcome);
             }
             (Job::Replicate { reply, .. }, Outcome::Replicate(outcome)) => {
+                let _ = reply.send(outcome);
+            }
+            (Job::Promise { reply, .. }, Outcome::Promise(outcome)) => {
                 let _ = reply.send(outcome);
             }
             _ => unreachable!("every job gets an outcome of its own kind"),
@@ -159,6 +171,9 @@ impl Job {
             Job::Replicate { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
+            Job::Promise { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }
@@ -168,6 +183,8 @@ pub(super) struct Writer {
     pub rx: flume::Receiver<Job>,
     pub config: GroupCommitConfig,
     pub heads: Vec<u64>,
+    /// Each partition's epoch history, as committed.
+    pub histories: Vec<EpochHistory>,
     /// The log's last sequence committed.
     pub last_seq: u64,
     pub epoch: u64,
@@ -275,6 +292,7 @@ impl Writer {
         })?;
         let head = &mut self.heads[partition as usize];
         *head = (*head).min(after);
+        self.histories[partition as usize].truncate_after(after);
         let heads: Arc<[u64]> = self.heads.as_slice().into();
         self.published.send_modify(|point| point.heads = heads);
         Ok(removed)
@@ -328,7 +346,10 @@ impl Writer {
         loop {
             let started = Instant::now();
             match self.commit(batch) {
-                Ok(BatchCommit { outcomes, heads, entries }) => {
+                Ok(BatchCommit { outcomes, heads, entries, histories }) => {
+                    for (partition, history) in histories {
+                        self.histories[partition as usize] = history;
+                    }
                     let last_seq = self.last_seq + entries.len() as u64;
                     self.store.extend_tail(entries);
                     self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -372,9 +393,12 @@ impl Writer {
             epoch: self.epoch,
             now_us,
             ids_since_us: now_us.saturating_sub(self.command_id_retention.as_micros() as u64),
+            histories: &self.histories,
+            changed_histories: BTreeMap::new(),
         };
         let mut log_txn = self.store.write()?;
-        let (txn, appender, state_db) = log_txn.parts();
+        let parts = log_txn.parts();
+        let (txn, appender, state_db, replicas) = (parts.txn, parts.appender, parts.state, parts.replicas);
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut commands_run = 0;
         for (job, stored) in batch.iter().zip(stored) {
@@ -387,6 +411,7 @@ impl Writer {
                         Job::Append { .. } => Outcome::Append(Err(error)),
                         Job::Command { .. } => Outcome::Command(Err(CommandError::Failed(error))),
                         Job::Replicate { .. } => Outcome::Replicate(Err(error)),
+                        Job::Promise { .. } => Outcome::Promise(Err(error)),
                         Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
                     });
                     continue;
@@ -400,6 +425,14 @@ impl Writer {
                     Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
                 }
                 Job::Replicate { records, .. } => Outcome::Replicate(placer.replicate(txn, appender, &self.store, records)?),
+                Job::Promise { partition, epoch, .. } => {
+                    if *partition >= placer.partition_count {
+                        Outcome::Promise(Err(AppendError::Invalid(format!("partition {partition} does not exist"))))
+                    } else {
+                        replicas.put_promise(txn, *partition, *epoch)?;
+                        Outcome::Promise(Ok(()))
+                    }
+                }
                 Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
             });
         }
@@ -409,15 +442,21 @@ impl Writer {
         for (before, after) in self.heads.iter().zip(&placer.heads) {
             assert!(after >= before, "partition head went backwards: {before} -> {after}");
         }
-        let Placer { heads, entries, .. } = placer;
+        for (partition, history) in &placer.changed_histories {
+            replicas.put_history(txn, *partition, history)?;
+        }
+        let Placer { heads, entries, changed_histories, .. } = placer;
         log_txn.commit()?;
-        Ok(BatchCommit { outcomes, heads, entries })
+        Ok(BatchCommit { outcomes, heads, entries, histories: changed_histories })
     }
 }
 
 /// Places a batch's events: partition positions, stream versions, log sequences, index entries.
-struct Placer<'b> {
+struct Placer<'b, 'h> {
     heads: Vec<u64>,
+    /// Each partition's epoch history as committed, and as this batch changed it.
+    histories: &'h [EpochHistory],
+    changed_histories: BTreeMap<u32, EpochHistory>,
     /// The log's last sequence used.
     seq: u64,
     /// Versions this batch already moved: later jobs on the same stream see them.
@@ -430,7 +469,7 @@ struct Placer<'b> {
     ids_since_us: u64,
 }
 
-impl<'b> Placer<'b> {
+impl<'b> Placer<'b, '_> {
     /// The stream's version as the batch has left it so far.
     fn current(&self, stream: &str, stored: Result<u64, StorageError>) -> Result<u64, StorageError> {
         match self.moved.get(stream) {
@@ -514,11 +553,19 @@ impl<'b> Placer<'b> {
         let stored = store.stream_versions(&streams)?;
         let mut versions: HashMap<&str, u64> = HashMap::new();
         let mut head = self.heads[partition as usize];
+        let mut last_epoch = self.history(partition).last_epoch();
         for (record, stored) in records.iter().zip(stored) {
             let current = match versions.get(record.stream.as_str()) {
                 Some(v) => *v,
                 None => self.current(&record.stream, stored)?,
             };
+            if record.epoch < last_epoch {
+                return Ok(Err(AppendError::Invalid(format!(
+                    "replicated event at position {} has epoch {}, older than this replica's last epoch {last_epoch}",
+                    record.position, record.epoch
+                ))));
+            }
+            last_epoch = record.epoch;
             if record.partition != partition || record.position != head + 1 || record.stream_version != current + 1 {
                 return Ok(Err(AppendError::Invalid(format!(
                     "replicated event {}@{} at partition {} position {} does not continue this replica (head {head}, stream version {current})",
@@ -544,9 +591,24 @@ impl<'b> Placer<'b> {
             appender.append(txn, self.seq, &stored)?;
             self.entries.push((partition, record.position, &record.stream, record.stream_version, self.seq));
             self.moved.insert(&record.stream, record.stream_version);
+            self.record_epoch(partition, record.epoch, record.position);
         }
         self.heads[partition as usize] = head;
         Ok(Ok(head))
+    }
+
+    /// The partition's epoch history as this batch has left it.
+    fn history(&self, partition: u32) -> &EpochHistory {
+        self.changed_histories.get(&partition).unwrap_or(&self.histories[partition as usize])
+    }
+
+    /// Notes that the event at `position` of `partition` has `epoch`.
+    fn record_epoch(&mut self, partition: u32, epoch: u64, position: u64) {
+        if self.history(partition).last_epoch() == epoch {
+            return;
+        }
+        let base = &self.histories[partition as usize];
+        self.changed_histories.entry(partition).or_insert_with(|| base.clone()).record(epoch, position);
     }
 
     /// Appends `events` to `stream` (at version `current`) at the end of the log.
@@ -576,6 +638,7 @@ impl<'b> Placer<'b> {
             };
             appender.append(txn, self.seq, &record)?;
             self.entries.push((partition, record.position, stream, record.stream_version, self.seq));
+            self.record_epoch(partition, self.epoch, record.position);
         }
         let n = events.len() as u64;
         self.heads[partition as usize] += n;
@@ -593,6 +656,8 @@ struct BatchCommit<'b> {
     /// Each appended event's index entries, `(partition, position, stream, version, seq)`, in
     /// sequence order (from the log's last sequence + 1 on), as they were appended.
     entries: Vec<(u32, u64, &'b str, u64, u64)>,
+    /// Epoch histories the batch changed.
+    histories: BTreeMap<u32, EpochHistory>,
 }
 
 /// Set once a commit or a sync failed with an I/O error. From then on nothing is written,

@@ -12,6 +12,7 @@
 pub mod epochs;
 pub mod message;
 pub mod replica;
+pub mod shell;
 #[cfg(test)]
 mod sim_tests;
 

@@ -374,7 +374,26 @@ impl Store {
             txn: self.log.write()?,
             appender: Appender { db: self.log_dbs.log, buf: Vec::with_capacity(512) },
             state: self.log_dbs.state,
+            meta: self.log_dbs.meta,
         })
+    }
+
+    /// The epoch history of `partition`'s events (empty for a partition never written).
+    pub fn epoch_history(&self, partition: u32) -> Result<crate::replication::EpochHistory, StorageError> {
+        let snapshot = self.log.read()?;
+        match self.log_dbs.meta.get(&snapshot.txn, &history_key(partition))? {
+            None => Ok(crate::replication::EpochHistory::default()),
+            Some(bytes) => {
+                let starts: Vec<(u64, u64)> =
+                    serde_json::from_slice(bytes).map_err(|_| CorruptRecord::in_partition(partition, 0, "undecodable epoch history"))?;
+                Ok(crate::replication::EpochHistory::from_starts(starts))
+            }
+        }
+    }
+
+    /// The highest epoch this replica of `partition` promised (0: none).
+    pub fn promised_epoch(&self, partition: u32) -> Result<u64, StorageError> {
+        Ok(self.log_dbs.meta.get(&self.log.read()?.txn, &promise_key(partition))?.map(be_u64).unwrap_or(0))
     }
 
     /// Runs `read` on a snapshot of the domain state; returns its answer and the log sequence
@@ -737,6 +756,43 @@ pub(crate) struct LogTxn<'s> {
     txn: RwTxn<'s>,
     appender: Appender,
     state: Database<Bytes, Bytes>,
+    meta: Database<Bytes, Bytes>,
+}
+
+/// A log transaction taken apart for one group commit (see [`LogTxn::parts`]).
+pub(crate) struct TxnParts<'t, 's> {
+    pub txn: &'t mut RwTxn<'s>,
+    pub appender: &'t mut Appender,
+    pub state: Database<Bytes, Bytes>,
+    pub replicas: ReplicaMeta,
+}
+
+/// Where a partition's replication state is kept: its promised epoch and its epoch history,
+/// in the log's `meta` database, changed in the transactions that append the events.
+#[derive(Clone, Copy)]
+pub(crate) struct ReplicaMeta {
+    meta: Database<Bytes, Bytes>,
+}
+
+impl ReplicaMeta {
+    pub fn put_history(&self, txn: &mut RwTxn<'_>, partition: u32, history: &crate::replication::EpochHistory) -> Result<(), StorageError> {
+        let encoded = serde_json::to_vec(history.starts()).expect("pairs of numbers serialize");
+        self.meta.put(txn, &history_key(partition), &encoded)?;
+        Ok(())
+    }
+
+    pub fn put_promise(&self, txn: &mut RwTxn<'_>, partition: u32, epoch: u64) -> Result<(), StorageError> {
+        self.meta.put(txn, &promise_key(partition), &epoch.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+fn history_key(partition: u32) -> Vec<u8> {
+    pack(&[Elem::Str("epochs"), Elem::U64(partition.into())])
+}
+
+fn promise_key(partition: u32) -> Vec<u8> {
+    pack(&[Elem::Str("promised"), Elem::U64(partition.into())])
 }
 
 /// Appends events to the log in a transaction it is handed.
@@ -765,8 +821,8 @@ impl<'s> LogTxn<'s> {
 
     /// The transaction, the log's appender and the state database, for a command that writes
     /// state and appends its events in this transaction.
-    pub fn parts(&mut self) -> (&mut RwTxn<'s>, &mut Appender, Database<Bytes, Bytes>) {
-        (&mut self.txn, &mut self.appender, self.state)
+    pub fn parts(&mut self) -> TxnParts<'_, 's> {
+        TxnParts { txn: &mut self.txn, appender: &mut self.appender, state: self.state, replicas: ReplicaMeta { meta: self.meta } }
     }
 
     /// Commits: atomic, data pages synced; durable once [`Store::sync_log`] (or a later commit) ran.

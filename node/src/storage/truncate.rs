@@ -8,8 +8,9 @@
 //! an intent:
 //! 1. with the index writer held, sync the log and flush the whole index tail, so every event is
 //!    in the index environment and the tail holds nothing;
-//! 2. in one log transaction (synced): delete the events' records, and write the intent — the
-//!    partition, the position kept, and the `(stream, version)` of every event removed;
+//! 2. in one log transaction (synced): delete the events' records, drop the partition's epochs
+//!    that started after the position, and write the intent — the partition, the position kept,
+//!    and the `(stream, version)` of every event removed;
 //! 3. in one index transaction (synced): delete the partition's entries after the position and
 //!    the listed stream entries; then clear the intent;
 //! 4. reset the tail's run of the partition to continue right after the position.
@@ -51,7 +52,10 @@ impl Store {
             return Ok(0);
         }
         let intent = Intent { partition, after, streams: victims.iter().map(|(_, stream, version)| (stream.clone(), *version)).collect() };
+        let mut history = self.epoch_history(partition)?;
+        history.truncate_after(after);
         let mut txn = self.log.write()?;
+        super::ReplicaMeta { meta: self.log_dbs.meta }.put_history(&mut txn, partition, &history)?;
         for (seq, _, _) in &victims {
             self.log_dbs.log.delete(&mut txn, &keys::log_key(*seq))?;
         }

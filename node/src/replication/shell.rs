@@ -1,0 +1,126 @@
+//! The first pieces of the replica's LMDB shell: how a partition's stored events are the
+//! protocol's entries, and how a leader's epoch marker is stored.
+//!
+//! An entry's data is the event's stored record (record format 2: partition, position, stream,
+//! version, type, payload, metadata, time, epoch), so a follower stores exactly what the leader
+//! stored ([`crate::log::Log::replicate`]). A new leader's marker is an event too, of the system
+//! stream `$epochs-{partition}` placed in its partition, so it has a position like any event;
+//! streams whose names start with `$` are the system's, and clients cannot append to them.
+
+use super::replica::ReplicaLog;
+use super::{Entry, EntryKind, Epoch, Position};
+use crate::log::Log;
+use crate::storage::{EventRecord, ReadLimit};
+
+/// Most bytes one read for replication returns (the first event whatever its size).
+pub const MAX_READ_BYTES: usize = 16 << 20;
+
+/// The system stream of `partition`'s epoch markers.
+pub fn marker_stream(partition: u32) -> String {
+    format!("$epochs-{partition}")
+}
+
+/// A new leader's marker, as the event it is stored as.
+pub fn marker_record(partition: u32, position: Position, epoch: Epoch, stream_version: u64, now_us: u64) -> EventRecord {
+    EventRecord {
+        partition,
+        position,
+        stream: marker_stream(partition),
+        stream_version,
+        event_type: "$LeaderElected".into(),
+        payload: format!("{{\"epoch\":{epoch}}}").into_bytes(),
+        metadata: Vec::new(),
+        append_time_us: now_us,
+        epoch,
+    }
+}
+
+/// A stored event as the protocol's entry.
+pub fn entry_of(record: &EventRecord) -> Entry {
+    let mut bytes = Vec::new();
+    record.as_ref().encode_into(&mut bytes);
+    Entry { position: record.position, epoch: record.epoch, kind: EntryKind::Data(bytes) }
+}
+
+/// A received entry as the event to store. Markers travel as the leader stored them (data), so a
+/// bare [`EntryKind::Marker`] never arrives here.
+pub fn record_of(entry: &Entry) -> Result<EventRecord, String> {
+    match &entry.kind {
+        EntryKind::Data(bytes) => {
+            let record = EventRecord::decode(0, bytes).map_err(|e| format!("entry at position {}: {e}", entry.position))?;
+            if (record.position, record.epoch) != (entry.position, entry.epoch) {
+                return Err(format!(
+                    "entry at position {} epoch {} holds an event of position {} epoch {}",
+                    entry.position, entry.epoch, record.position, record.epoch
+                ));
+            }
+            Ok(record)
+        }
+        EntryKind::Marker => {
+            Err(format!("entry at position {} is a bare marker; the leader's shell stores markers as events", entry.position))
+        }
+    }
+}
+
+/// One partition of a [`Log`], read as the protocol's entries (durable events only).
+pub struct LogView<'a> {
+    pub log: &'a Log,
+    pub partition: u32,
+}
+
+impl ReplicaLog for LogView<'_> {
+    fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
+        let limit = ReadLimit { max_events: max, max_bytes: MAX_READ_BYTES };
+        match self.log.read_partition(self.partition, from, limit) {
+            Ok(slice) => slice.events.iter().map(entry_of).collect(),
+            Err(e) => {
+                // The replica resends on its next tick; a lasting failure shows in the reads too.
+                tracing::error!(partition = self.partition, from, error = %e, "cannot read entries to replicate");
+                Vec::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{AppConfig, GroupCommitConfig, LimitsConfig, StorageConfig};
+    use crate::log::{AppendRequest, ExpectedVersion, NewEvent};
+    use crate::metrics::Metrics;
+    use crate::storage::Store;
+
+    #[test]
+    fn given_stored_events_then_the_view_gives_entries_that_decode_back_to_the_same_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &StorageConfig { partitions: 2, ..StorageConfig::default() }).unwrap());
+        let log =
+            Log::start(store, &GroupCommitConfig::default(), &LimitsConfig::default(), &AppConfig::default(), Arc::new(Metrics::default()))
+                .unwrap();
+        let events =
+            (0..3).map(|i| NewEvent { event_type: "E".into(), payload: vec![i], metadata: vec![("k".into(), "v".into())] }).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(log.append(AppendRequest { stream: "s".into(), expected: ExpectedVersion::Any, events })).unwrap();
+        let p = log.partition_of("s");
+        let view = LogView { log: &log, partition: p };
+        let entries = view.entries(2, 10);
+        assert_eq!(entries.iter().map(|e| e.position).collect::<Vec<_>>(), [2, 3]);
+        let stored = log.read_partition(p, 2, ReadLimit { max_events: 10, max_bytes: usize::MAX }).unwrap().events;
+        let decoded: Vec<EventRecord> = entries.iter().map(|e| record_of(e).unwrap()).collect();
+        assert_eq!(decoded, stored);
+        assert_eq!(view.entries(2, 1).len(), 1, "at most `max`");
+        assert!(view.entries(9, 10).is_empty(), "nothing past the head");
+    }
+
+    #[test]
+    fn a_marker_is_an_event_of_its_partitions_system_stream_and_a_bare_marker_is_refused() {
+        let marker = marker_record(3, 7, 4, 2, 100);
+        assert_eq!((marker.stream.as_str(), marker.epoch, marker.position), ("$epochs-3", 4, 7));
+        assert_eq!(record_of(&entry_of(&marker)).unwrap(), marker);
+        assert!(record_of(&Entry { position: 7, epoch: 4, kind: EntryKind::Marker }).is_err());
+        let mismatched = Entry { position: 8, ..entry_of(&marker) };
+        assert!(record_of(&mismatched).is_err());
+    }
+}
