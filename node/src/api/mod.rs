@@ -11,6 +11,7 @@
 //! | storage full (map at its maximum)        | `RESOURCE_EXHAUSTED`  |
 //! | a stored record fails its checksum       | `DATA_LOSS`           |
 //! | node shutting down                       | `UNAVAILABLE`         |
+//! | partition led by another node            | `UNAVAILABLE` + trailer `anthill-not-leader` (the partition) |
 //! | LMDB reader slots all in use             | `UNAVAILABLE`         |
 //! | other storage failure                    | `INTERNAL`            |
 //!
@@ -219,6 +220,9 @@ pub fn recorded_event(e: EventRecord) -> pb::RecordedEvent {
     }
 }
 
+/// Name of the trailer that says which partition a node does not lead, on `UNAVAILABLE`.
+pub const NOT_LEADER_TRAILER: &str = "anthill-not-leader";
+
 /// Name of the trailer that carries a stream's actual version on `FAILED_PRECONDITION`.
 pub const ACTUAL_VERSION_TRAILER: &str = "anthill-actual-version";
 
@@ -232,6 +236,11 @@ pub(crate) fn append_status(error: AppendError) -> Status {
         }
         AppendError::Storage(e) => storage_status(e),
         AppendError::ShuttingDown => Status::unavailable(error.to_string()),
+        AppendError::NotLeader { partition } => {
+            let mut status = Status::unavailable(error.to_string());
+            status.metadata_mut().insert(NOT_LEADER_TRAILER, partition.to_string().parse().expect("a number is valid metadata"));
+            status
+        }
     }
 }
 

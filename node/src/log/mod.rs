@@ -88,6 +88,35 @@ pub enum AppendError {
     Storage(Arc<StorageError>),
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The partition is led by another node (or by none right now): send it to its leader.
+    #[error("this node does not lead partition {partition} now; send the request to its leader")]
+    NotLeader { partition: u32 },
+}
+
+/// Which partitions this node may append to, and in which epoch: the leader's epoch of each
+/// partition this node serves, 0 for the others. A single node serves all of them in
+/// [`SINGLE_NODE_EPOCH`]; in a cluster the replication manager sets them.
+pub struct Roles {
+    epochs: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Roles {
+    pub fn new(partitions: u32, epoch: u64) -> Self {
+        Roles { epochs: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(epoch)).collect() }
+    }
+
+    /// The epoch this node appends to `partition` in, 0 when it does not lead it.
+    pub fn epoch(&self, partition: u32) -> u64 {
+        self.epochs[partition as usize].load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set(&self, partition: u32, epoch: u64) {
+        self.epochs[partition as usize].store(epoch, std::sync::atomic::Ordering::Release);
+    }
+
+    fn snapshot(&self) -> Vec<u64> {
+        (0..self.epochs.len() as u32).map(|p| self.epoch(p)).collect()
+    }
 }
 
 /// The committed state that readers and subscribers may see.
@@ -131,6 +160,7 @@ pub struct Log {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     poison: Arc<writer::Poison>,
+    roles: Arc<Roles>,
 }
 
 impl Log {
@@ -149,6 +179,7 @@ impl Log {
         let (published, commits) = watch::channel(CommitPoint { heads: heads.clone().into(), seq: last_seq });
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
         let poison = Arc::new(writer::Poison::default());
+        let roles = Arc::new(Roles::new(store.partition_count(), SINGLE_NODE_EPOCH));
         let writer = writer::Writer {
             store: store.clone(),
             rx,
@@ -156,7 +187,7 @@ impl Log {
             heads,
             histories,
             last_seq,
-            epoch: SINGLE_NODE_EPOCH,
+            roles: roles.clone(),
             published,
             metrics: metrics.clone(),
             poison: poison.clone(),
@@ -164,7 +195,21 @@ impl Log {
         };
         let handle =
             std::thread::Builder::new().name("anthill-writer".into()).spawn(move || writer.run()).map_err(StorageError::WriterThread)?;
-        Ok(Log { store, limits: limits.clone(), queue: Mutex::new(Some(tx)), commits, writer: Mutex::new(Some(handle)), metrics, poison })
+        Ok(Log {
+            store,
+            limits: limits.clone(),
+            queue: Mutex::new(Some(tx)),
+            commits,
+            writer: Mutex::new(Some(handle)),
+            metrics,
+            poison,
+            roles,
+        })
+    }
+
+    /// Which partitions this node appends to, in which epoch.
+    pub fn roles(&self) -> &Arc<Roles> {
+        &self.roles
     }
 
     pub fn store(&self) -> &Arc<Store> {

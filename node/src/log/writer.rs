@@ -187,7 +187,8 @@ pub(super) struct Writer {
     pub histories: Vec<EpochHistory>,
     /// The log's last sequence committed.
     pub last_seq: u64,
-    pub epoch: u64,
+    /// The epoch each partition is appended to in (0: not led here).
+    pub roles: Arc<super::Roles>,
     pub published: watch::Sender<CommitPoint>,
     pub metrics: Arc<Metrics>,
     pub poison: Arc<Poison>,
@@ -390,7 +391,7 @@ impl Writer {
             moved: HashMap::new(),
             entries: Vec::new(),
             partition_count: self.store.partition_count(),
-            epoch: self.epoch,
+            epochs: self.roles.snapshot(),
             now_us,
             ids_since_us: now_us.saturating_sub(self.command_id_retention.as_micros() as u64),
             histories: &self.histories,
@@ -463,7 +464,8 @@ struct Placer<'b, 'h> {
     moved: HashMap<&'b str, u64>,
     entries: Vec<(u32, u64, &'b str, u64, u64)>,
     partition_count: u32,
-    epoch: u64,
+    /// The epoch each partition is appended to in, as the batch started (0: not led here).
+    epochs: Vec<u64>,
     now_us: u64,
     /// Command ids recorded before this have expired.
     ids_since_us: u64,
@@ -486,6 +488,10 @@ impl<'b> Placer<'b, '_> {
         req: &'b AppendRequest,
         current: u64,
     ) -> Result<AppendOutcome, StorageError> {
+        let partition = partition_of(&req.stream, self.partition_count);
+        if self.epochs[partition as usize] == 0 {
+            return Ok(Err(AppendError::NotLeader { partition }));
+        }
         if !req.expected.allows(current) {
             return Ok(Err(AppendError::WrongExpectedVersion { stream: req.stream.clone(), expected: req.expected, actual: current }));
         }
@@ -503,6 +509,10 @@ impl<'b> Placer<'b, '_> {
     ) -> Result<CommandOutcome, StorageError> {
         let (now_us, ids_since_us) = (self.now_us, self.ids_since_us);
         let stream = command.stream();
+        let partition = partition_of(stream, self.partition_count);
+        if self.epochs[partition as usize] == 0 {
+            return Ok(Err(CommandError::Failed(AppendError::NotLeader { partition })));
+        }
         let mut place = |txn: &mut RwTxn<'_>, events: Vec<NewEvent>| -> Result<CommandRecord, StateError> {
             let record = CommandRecord {
                 partition: partition_of(stream, self.partition_count),
@@ -634,11 +644,11 @@ impl<'b> Placer<'b, '_> {
                 payload: &event.payload,
                 metadata: &event.metadata,
                 append_time_us: self.now_us,
-                epoch: self.epoch,
+                epoch: self.epochs[partition as usize],
             };
             appender.append(txn, self.seq, &record)?;
             self.entries.push((partition, record.position, stream, record.stream_version, self.seq));
-            self.record_epoch(partition, self.epoch, record.position);
+            self.record_epoch(partition, self.epochs[partition as usize], record.position);
         }
         let n = events.len() as u64;
         self.heads[partition as usize] += n;

@@ -10,6 +10,7 @@
 //! coordination store that grants leadership, and routing are still to come (issue 4).
 
 pub mod epochs;
+pub mod manager;
 pub mod message;
 pub mod replica;
 pub mod shell;

@@ -195,6 +195,11 @@ impl Replica {
         &self.history
     }
 
+    /// Whether effects wait to be taken.
+    pub fn has_effects(&self) -> bool {
+        !self.effects.is_empty()
+    }
+
     /// The effects so far, to execute under the shell's contract (module doc).
     pub fn take_effects(&mut self) -> Effects {
         let ticket = self.next_ticket;
@@ -257,6 +262,23 @@ impl Replica {
         let entry = Entry { position: self.last + 1, epoch: self.promised, kind: EntryKind::Data(data) };
         self.append_local(vec![entry]);
         Some(self.last)
+    }
+
+    /// The serving leader's shell appended entries of this epoch up to `last` itself (the node's
+    /// processor writes events in its group commits), and they are durable: replicate them.
+    /// Ignored when not serving (the shell refuses appends then; this may be a late report).
+    pub fn leader_appended(&mut self, last: Position, log: &impl ReplicaLog) {
+        let Phase::Leading { .. } = self.phase else { return };
+        if last <= self.last {
+            return;
+        }
+        self.history.record(self.promised, self.last + 1);
+        self.last = last;
+        self.durable = self.durable.max(last);
+        self.advance_commit();
+        for peer in self.peers() {
+            self.replicate(peer, log);
+        }
     }
 
     pub fn on_message(&mut self, from: NodeId, message: Message, log: &impl ReplicaLog) {

@@ -1,0 +1,376 @@
+//! The replication shell of one node: a task per partition it replicates, driving that
+//! partition's [`Replica`] over the node's [`Log`].
+//!
+//! Effects run through the log's writer, each awaited until durable, in order (the shell's
+//! contract of `replica.rs`): a promise through [`Log::promise`], a truncation through
+//! [`Log::truncate_partition`], entries through [`Log::replicate`] (a new leader's marker becomes
+//! an event of the partition's `$epochs-` stream); then the batch's messages go out. Leadership:
+//! the partition serves (the writer takes appends for it, stamped with its epoch, see
+//! [`crate::log::Roles`]) from the `Serving` effect until it steps down. The leader's own appends
+//! reach the protocol when the log publishes them durable ([`Replica::leader_appended`]).
+//!
+//! A failed effect (which the protocol does not expect) restarts the partition's replica from
+//! what the log holds, as a crash would.
+//!
+//! Status: driven by tests over an in-process transport; the gRPC transport, the link to the
+//! ownership view and `quorum` acknowledgements are the next steps (docs/replication.md).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use super::message::Message;
+use super::replica::{Effect, Effects, Replica, ReplicaConfig};
+use super::shell::{LogView, marker_record, marker_stream, record_of};
+use super::{EntryKind, Epoch, NodeId, Position};
+use crate::log::{AppendError, Log};
+
+/// How often a partition's replica ticks (resends, heartbeats).
+pub const TICK: Duration = Duration::from_millis(50);
+/// Messages and grants queued for one partition's task before new ones are dropped.
+const QUEUE: usize = 1024;
+
+/// Carries one partition's messages to another node's replica of it. Lossy is fine.
+pub trait ReplicaTransport: Send + Sync + 'static {
+    fn send(&self, partition: u32, to: NodeId, message: Message);
+}
+
+/// What a node holds of one partition's task.
+pub struct PartitionHandle {
+    inbox: mpsc::Sender<(NodeId, Message)>,
+    grants: mpsc::Sender<Epoch>,
+    /// The partition's commit position as this replica knows it.
+    pub commit: watch::Receiver<Position>,
+}
+
+impl PartitionHandle {
+    /// A message from `from` for this partition (dropped when the task is behind).
+    pub fn deliver(&self, from: NodeId, message: Message) {
+        let _ = self.inbox.try_send((from, message));
+    }
+
+    /// The coordination store made this node the partition's leader in `epoch`.
+    pub fn grant(&self, epoch: Epoch) {
+        let _ = self.grants.try_send(epoch);
+    }
+}
+
+/// Starts the task of `partition` on `log`; it runs until the handle is dropped.
+pub fn start_partition(log: Arc<Log>, partition: u32, config: ReplicaConfig, transport: Arc<dyn ReplicaTransport>) -> PartitionHandle {
+    let (inbox, messages) = mpsc::channel(QUEUE);
+    let (grants, granted) = mpsc::channel(16);
+    let (commit_tx, commit) = watch::channel(0);
+    // Nothing is appended here until this replica serves.
+    log.roles().set(partition, 0);
+    tokio::spawn(run_partition(log, partition, config, transport, messages, granted, commit_tx));
+    PartitionHandle { inbox, grants, commit }
+}
+
+async fn run_partition(
+    log: Arc<Log>,
+    partition: u32,
+    config: ReplicaConfig,
+    transport: Arc<dyn ReplicaTransport>,
+    mut messages: mpsc::Receiver<(NodeId, Message)>,
+    mut grants: mpsc::Receiver<Epoch>,
+    commit: watch::Sender<Position>,
+) {
+    let Some(mut replica) = fresh(&log, partition, &config) else { return };
+    let mut commits = log.commits();
+    let mut ticks = tokio::time::interval(TICK);
+    loop {
+        {
+            let view = LogView { log: &log, partition };
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Some((from, message)) => replica.on_message(from, message, &view),
+                    None => return,
+                },
+                grant = grants.recv() => match grant {
+                    Some(epoch) => { replica.become_leader(epoch); }
+                    None => return,
+                },
+                _ = ticks.tick() => replica.tick(&view),
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let head = commits.borrow_and_update().heads[partition as usize];
+                    replica.leader_appended(head, &view);
+                }
+            }
+        }
+        // Effects until the replica has nothing more to do (durability reports make sends).
+        loop {
+            let batch = replica.take_effects();
+            let ticket = batch.ticket;
+            if !batch.effects.is_empty()
+                && let Err(e) = execute(&log, partition, batch, transport.as_ref(), &commit).await
+            {
+                tracing::error!(partition, error = %e, "a replication effect failed; restarting the partition's replica from the log");
+                log.roles().set(partition, 0);
+                let Some(again) = fresh(&log, partition, &config) else { return };
+                replica = again;
+                break;
+            }
+            replica.on_durable(ticket, &LogView { log: &log, partition });
+            if !replica.has_effects() {
+                break;
+            }
+        }
+    }
+}
+
+fn fresh(log: &Log, partition: u32, config: &ReplicaConfig) -> Option<Replica> {
+    match log.replica_state(partition) {
+        Ok(state) => Some(Replica::new(config.clone(), state)),
+        Err(e) => {
+            tracing::error!(partition, error = %e, "cannot read the partition's replica state; it will not replicate");
+            None
+        }
+    }
+}
+
+/// Runs one batch of effects, each durable before the next; sends last.
+async fn execute(
+    log: &Log,
+    partition: u32,
+    batch: Effects,
+    transport: &dyn ReplicaTransport,
+    commit: &watch::Sender<Position>,
+) -> Result<(), AppendError> {
+    let mut sends = Vec::new();
+    for effect in batch.effects {
+        match effect {
+            Effect::PersistPromise(epoch) => log.promise(partition, epoch).await?,
+            Effect::Truncate { after } => {
+                log.truncate_partition(partition, after).await?;
+            }
+            Effect::Append(entries) => {
+                let mut records = Vec::with_capacity(entries.len());
+                for entry in &entries {
+                    records.push(match entry.kind {
+                        EntryKind::Marker => {
+                            let version =
+                                log.store().stream_version(&marker_stream(partition)).map_err(|e| AppendError::Storage(Arc::new(e)))? + 1;
+                            let now_us =
+                                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+                            marker_record(partition, entry.position, entry.epoch, version, now_us)
+                        }
+                        EntryKind::Data(_) => record_of(entry).map_err(AppendError::Invalid)?,
+                    });
+                }
+                log.replicate(records).await?;
+            }
+            Effect::Send { to, message } => sends.push((to, message)),
+            Effect::Committed(position) => {
+                commit.send_replace(position);
+            }
+            Effect::Serving { epoch, .. } => log.roles().set(partition, epoch),
+            Effect::SteppedDown { .. } => log.roles().set(partition, 0),
+        }
+    }
+    for (to, message) in sends {
+        transport.send(partition, to, message);
+    }
+    Ok(())
+}
+
+/// In-process transport between nodes' partition tasks (tests, and one process running several
+/// nodes); messages to a node not registered, or cut off, are dropped.
+#[derive(Default, Clone)]
+pub struct LocalNet {
+    nodes: Arc<Mutex<HashMap<NodeId, NodePartitions>>>,
+    cut: Arc<Mutex<std::collections::HashSet<NodeId>>>,
+}
+
+/// One node's partition tasks, by partition.
+pub type NodePartitions = Arc<HashMap<u32, PartitionHandle>>;
+
+/// One node's sending side on a [`LocalNet`].
+pub struct LocalSender {
+    net: LocalNet,
+    from: NodeId,
+}
+
+impl LocalNet {
+    pub fn sender(&self, from: NodeId) -> Arc<LocalSender> {
+        Arc::new(LocalSender { net: self.clone(), from })
+    }
+
+    pub fn register(&self, node: NodeId, partitions: NodePartitions) {
+        self.nodes.lock().insert(node, partitions);
+    }
+
+    /// Cuts `node` off (both ways) or reconnects it.
+    pub fn set_cut(&self, node: NodeId, cut: bool) {
+        let mut set = self.cut.lock();
+        if cut {
+            set.insert(node);
+        } else {
+            set.remove(&node);
+        }
+    }
+}
+
+impl ReplicaTransport for LocalSender {
+    fn send(&self, partition: u32, to: NodeId, message: Message) {
+        {
+            let cut = self.net.cut.lock();
+            if cut.contains(&self.from) || cut.contains(&to) {
+                return;
+            }
+        }
+        let target = self.net.nodes.lock().get(&to).cloned();
+        if let Some(handle) = target.as_ref().and_then(|partitions| partitions.get(&partition)) {
+            handle.deliver(self.from, message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::config::{AppConfig, GroupCommitConfig, LimitsConfig, StorageConfig};
+    use crate::log::{AppendRequest, ExpectedVersion, NewEvent};
+    use crate::metrics::Metrics;
+    use crate::storage::{EventRecord, ReadLimit, Store};
+
+    const ALL: ReadLimit = ReadLimit { max_events: 10_000, max_bytes: usize::MAX };
+    const IDS: [NodeId; 3] = [1, 2, 3];
+
+    struct Cluster {
+        logs: Vec<Arc<Log>>,
+        partitions: Vec<Arc<HashMap<u32, PartitionHandle>>>,
+        net: LocalNet,
+        _dirs: Vec<tempfile::TempDir>,
+    }
+
+    impl Cluster {
+        fn start() -> Self {
+            let net = LocalNet::default();
+            let (mut logs, mut partitions, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+            for id in IDS {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(Store::open(dir.path(), &StorageConfig { partitions: 2, ..StorageConfig::default() }).unwrap());
+                let log = Arc::new(
+                    Log::start(
+                        store,
+                        &GroupCommitConfig::default(),
+                        &LimitsConfig::default(),
+                        &AppConfig::default(),
+                        Arc::new(Metrics::default()),
+                    )
+                    .unwrap(),
+                );
+                let config =
+                    ReplicaConfig { me: id, members: IDS.to_vec(), max_batch_entries: 64, max_inflight_entries: 256, resend_ticks: 4 };
+                let handles: HashMap<u32, PartitionHandle> =
+                    (0..2).map(|p| (p, start_partition(log.clone(), p, config.clone(), net.sender(id)))).collect();
+                let handles = Arc::new(handles);
+                net.register(id, handles.clone());
+                logs.push(log);
+                partitions.push(handles);
+                dirs.push(dir);
+            }
+            Cluster { logs, partitions, net, _dirs: dirs }
+        }
+
+        fn node(&self, id: NodeId) -> &Arc<Log> {
+            &self.logs[id as usize - 1]
+        }
+
+        fn events(&self, id: NodeId) -> Vec<EventRecord> {
+            self.node(id).read_partition(0, 1, ALL).unwrap().events
+        }
+    }
+
+    /// A stream of partition 0 (of 2).
+    fn stream(log: &Log) -> String {
+        (0..100).map(|i| format!("s-{i}")).find(|s| log.partition_of(s) == 0).unwrap()
+    }
+
+    fn append(stream: &str, payload: &str) -> AppendRequest {
+        AppendRequest {
+            stream: stream.into(),
+            expected: ExpectedVersion::Any,
+            events: vec![NewEvent { event_type: "E".into(), payload: payload.into(), metadata: vec![] }],
+        }
+    }
+
+    async fn until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn given_a_leader_then_followers_hold_its_events_only_it_takes_appends_and_a_new_leader_continues_the_same_log() {
+        let c = Cluster::start();
+        let s = stream(c.node(1));
+        c.partitions[0][&0].grant(1);
+        until("node 1 to serve", Duration::from_secs(10), || c.node(1).roles().epoch(0) == 1).await;
+        for i in 0..5 {
+            c.node(1).append(append(&s, &format!("a{i}"))).await.unwrap();
+        }
+        assert!(matches!(c.node(2).append(append(&s, "x")).await, Err(AppendError::NotLeader { partition: 0 })));
+        until("followers to hold the marker and five events", Duration::from_secs(10), || {
+            let leader = c.events(1);
+            leader.len() == 6 && c.events(2) == leader && c.events(3) == leader
+        })
+        .await;
+        until("the leader to commit them", Duration::from_secs(10), || *c.partitions[0][&0].commit.borrow() == 6).await;
+        assert_eq!(c.events(1)[0].stream, marker_stream(0), "the leader's epoch starts with its marker");
+
+        c.partitions[1][&0].grant(2);
+        until("node 2 to serve and node 1 to step down", Duration::from_secs(10), || {
+            c.node(2).roles().epoch(0) == 2 && c.node(1).roles().epoch(0) == 0
+        })
+        .await;
+        for i in 0..2 {
+            c.node(2).append(append(&s, &format!("b{i}"))).await.unwrap();
+        }
+        until("every replica to hold both epochs", Duration::from_secs(10), || {
+            let leader = c.events(2);
+            leader.len() == 9 && c.events(1) == leader && c.events(3) == leader
+        })
+        .await;
+        let epochs: Vec<u64> = c.events(3).iter().map(|e| e.epoch).collect();
+        assert_eq!(epochs, [1, 1, 1, 1, 1, 1, 2, 2, 2]);
+        assert_eq!(c.node(3).read_stream(&s, 1, ALL).unwrap().events.len(), 7, "stream versions continue across epochs");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn given_a_cut_off_leaders_unreplicated_events_when_a_new_leader_serves_then_the_old_leader_truncates_them_and_converges() {
+        let c = Cluster::start();
+        let s = stream(c.node(1));
+        c.partitions[0][&0].grant(1);
+        until("node 1 to serve", Duration::from_secs(10), || c.node(1).roles().epoch(0) == 1).await;
+        until("the marker to reach the followers", Duration::from_secs(10), || c.events(2).len() == 1 && c.events(3).len() == 1).await;
+        c.net.set_cut(1, true);
+        for i in 0..3 {
+            c.node(1).append(append(&s, &format!("lost{i}"))).await.unwrap();
+        }
+        assert_eq!(c.events(1).len(), 4, "durable on the cut-off leader only");
+        c.partitions[1][&0].grant(2);
+        until("node 2 to serve", Duration::from_secs(10), || c.node(2).roles().epoch(0) == 2).await;
+        c.node(2).append(append(&s, "kept")).await.unwrap();
+        c.net.set_cut(1, false);
+        until("node 1 to converge on node 2's log", Duration::from_secs(10), || {
+            let leader = c.events(2);
+            leader.len() == 3 && c.events(1) == leader && c.events(3) == leader
+        })
+        .await;
+        let payloads: Vec<String> = c.events(1).iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
+        assert!(!payloads.iter().any(|p| p.starts_with("lost")), "{payloads:?}");
+        assert_eq!(c.node(1).roles().epoch(0), 0);
+        assert_eq!(c.node(1).store().stream_version(&s).unwrap(), 1, "the truncated events are gone from the stream too");
+    }
+}
