@@ -264,8 +264,8 @@ impl NodeConfig {
         let mut ids = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
         for m in &c.members {
-            if m.id == 0 || !ids.insert(m.id) {
-                return invalid("cluster.members", format!("member ids must be unique and not 0; {} is not", m.id));
+            if m.id == 0 || m.id > u64::from(u32::MAX) || !ids.insert(m.id) {
+                return invalid("cluster.members", format!("member ids must be unique, 1 to {}; {} is not", u32::MAX, m.id));
             }
             if m.name.trim().is_empty() || !names.insert(m.name.as_str()) {
                 return invalid("cluster.members", format!("member names must be unique and not empty; {:?} is not", m.name));

@@ -61,7 +61,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .await
         .with_context(|| format!("cannot listen for gRPC on {} (listen_addr)", config.listen_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let cluster = crate::coordination::member::start(config, stopped.clone()).await?;
+    let cluster = crate::coordination::member::start(config, log.clone(), stopped.clone()).await?;
     let (cluster_handle, cluster_service) = cluster.map_or((None, None), |(h, s)| (Some(h), Some(s)));
     let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone()).with_cluster(cluster_handle);
     let (health, health_service) = tonic_health::server::health_reporter();

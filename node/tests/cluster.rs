@@ -15,7 +15,11 @@ use anthill_proto::v1 as pb;
 
 const NODES: usize = 3;
 const PARTITIONS: u32 = 8;
-const SESSION_TTL_MS: u64 = 1_500;
+const SESSION_TTL_MS: u64 = 2_000;
+
+/// The tests of this file run one at a time: each starts three nodes on the same two cores, and
+/// a starved node that misses its session renewals would fail over for no reason.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn free_addr(ip: &str) -> SocketAddr {
     TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
@@ -85,6 +89,7 @@ fn leaders(s: &pb::ClusterStatus) -> BTreeMap<u32, (String, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_three_nodes_then_partitions_get_leaders_and_a_killed_leaders_partitions_fail_over_in_a_higher_epoch() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start();
     let formed = cluster.wait_for(0, Duration::from_secs(60), |s| all_led(s) && s.members.iter().all(|m| m.live)).await;
     for p in &formed.partitions {
@@ -138,4 +143,96 @@ async fn given_three_nodes_then_partitions_get_leaders_and_a_killed_leaders_part
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["cluster"]["partitions"].as_array().unwrap().len(), PARTITIONS as usize, "{json}");
     assert!(json["cluster"]["members"].as_array().unwrap().iter().all(|m| m["live"] == true), "{json}");
+}
+
+async fn clients_of(cluster: &Cluster, i: usize) -> anthill_node::client::Clients {
+    client::connect(&format!("http://{}", cluster.addrs[i])).await.unwrap()
+}
+
+fn index_of(name: &str) -> usize {
+    name.trim_start_matches("node-").parse::<usize>().unwrap() - 1
+}
+
+async fn partition_events(cluster: &Cluster, i: usize, partition: u32) -> Vec<pb::RecordedEvent> {
+    let mut c = clients_of(cluster, i).await;
+    common::read_partition_all(&mut c, partition).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_hold_them_and_a_new_leader_continues_after_a_kill() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start();
+    let formed = cluster.wait_for(0, Duration::from_secs(60), |s| all_led(s) && s.members.iter().all(|m| m.live)).await;
+    let stream = "order-7";
+    let partition = anthill_node::log::partition_of(stream, PARTITIONS);
+    let owner = formed.partitions.iter().find(|p| p.partition == partition).unwrap().clone();
+    let leader = index_of(&owner.leader);
+    let follower = (leader + 1) % NODES;
+
+    // The leader serves once it has recovered and written its epoch's marker.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = clients_of(&cluster, leader).await;
+        match c.log.append(common::append(stream, None, vec![common::event("Placed", "1")])).await {
+            Ok(_) => break,
+            Err(status) => assert!(Instant::now() < deadline, "the leader never took the append: {status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 2..=3 {
+        clients_of(&cluster, leader)
+            .await
+            .log
+            .append(common::append(stream, None, vec![common::event("Placed", &i.to_string())]))
+            .await
+            .unwrap();
+    }
+    let refused = clients_of(&cluster, follower)
+        .await
+        .log
+        .append(common::append(stream, None, vec![common::event("Placed", "x")]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(refused.metadata().get(anthill_node::api::NOT_LEADER_TRAILER).unwrap().to_str().unwrap(), partition.to_string());
+
+    // Every replica holds the same partition: the marker, then the three events.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let on_leader = partition_events(&cluster, leader, partition).await;
+    assert_eq!(on_leader.len(), 4, "{on_leader:?}");
+    for i in 0..NODES {
+        loop {
+            let held = partition_events(&cluster, i, partition).await;
+            if held == on_leader {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{} never caught up: {} events", i + 1, held.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // The leader dies; a live replica takes over in a higher epoch and continues the log.
+    cluster.nodes[leader].take().unwrap().kill9().unwrap();
+    let moved = cluster
+        .wait_for(follower, Duration::from_secs(30), |s| {
+            s.partitions.iter().find(|p| p.partition == partition).is_some_and(|p| !p.leader.is_empty() && p.leader != owner.leader)
+        })
+        .await;
+    let successor = index_of(&moved.partitions.iter().find(|p| p.partition == partition).unwrap().leader);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = clients_of(&cluster, successor).await;
+        match c.log.append(common::append(stream, None, vec![common::event("Placed", "4")])).await {
+            Ok(response) => {
+                let r = response.into_inner();
+                assert_eq!((r.first_position, r.stream_version), (6, 4), "after the old events and the new leader's marker");
+                break;
+            }
+            Err(status) => assert!(Instant::now() < deadline, "the new leader never took the append: {status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = partition_events(&cluster, successor, partition).await;
+    assert_eq!(&events[..4], &on_leader[..], "the new leader kept every event of the old one");
+    assert!(events[5].epoch > events[0].epoch);
 }

@@ -1,6 +1,7 @@
-//! Raft messages of the embedded coordination store between nodes, over gRPC: the client side
-//! ([`GrpcTransport`]: one long-lived `Cluster.Raft` call to each peer) and the server side
-//! ([`ClusterService`]: hands what arrives to the local member's driver).
+//! Messages between nodes over gRPC: the coordination store's Raft messages ([`GrpcTransport`],
+//! one long-lived `Cluster.Raft` call to each peer) and the partitions' replication messages
+//! ([`GrpcReplicaTransport`], one `Cluster.Replicate` call to each peer, every partition on it);
+//! [`ClusterService`] is the receiving side of both.
 //!
 //! Everything is bounded and lossy on purpose: Raft resends what matters, so a full queue or a
 //! broken call drops messages instead of building up memory. A call that fails is opened again
@@ -8,7 +9,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::RwLock;
 
 use anthill_proto::v1 as pb;
 use protobuf::Message as _;
@@ -19,6 +23,10 @@ use tonic::{Request, Response, Status};
 
 use super::driver::Transport;
 use super::embedded::RaftId;
+use crate::replication::NodeId;
+use crate::replication::manager::{PartitionHandle, ReplicaTransport};
+use crate::replication::message::Message as ReplicaMessage;
+use crate::replication::wire::{from_wire, to_wire};
 
 /// Messages queued for one peer (or for the local member) before new ones are dropped.
 pub const QUEUE_MESSAGES: usize = 4096;
@@ -39,7 +47,14 @@ impl GrpcTransport {
             .iter()
             .map(|&(id, address)| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
-                tokio::spawn(send_to_peer(id, address, rx, stopped.clone()));
+                tokio::spawn(stream_to_peer(
+                    id,
+                    address,
+                    rx,
+                    stopped.clone(),
+                    |message: Message| message.write_to_bytes().map(|message| pb::RaftMessage { message }).map_err(|e| e.to_string()),
+                    |mut client, stream| async move { client.raft(stream).await },
+                ));
                 (id, tx)
             })
             .collect();
@@ -56,7 +71,55 @@ impl Transport for GrpcTransport {
     }
 }
 
-async fn send_to_peer(id: RaftId, address: SocketAddr, mut queue: mpsc::Receiver<Message>, mut stopped: watch::Receiver<bool>) {
+/// Sends the partitions' replication messages to peers over gRPC (one `Cluster.Replicate` call
+/// per peer, every partition on it).
+pub struct GrpcReplicaTransport {
+    me: NodeId,
+    peers: HashMap<NodeId, mpsc::Sender<pb::ReplicaEnvelope>>,
+}
+
+impl GrpcReplicaTransport {
+    pub fn start(me: NodeId, peers: &[(NodeId, SocketAddr)], stopped: watch::Receiver<bool>) -> Self {
+        let peers = peers
+            .iter()
+            .map(|&(id, address)| {
+                let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
+                tokio::spawn(stream_to_peer(u64::from(id), address, rx, stopped.clone(), Ok, |mut client, stream| async move {
+                    client.replicate(stream).await
+                }));
+                (id, tx)
+            })
+            .collect();
+        GrpcReplicaTransport { me, peers }
+    }
+}
+
+impl ReplicaTransport for GrpcReplicaTransport {
+    fn send(&self, partition: u32, to: NodeId, message: ReplicaMessage) {
+        if let Some(peer) = self.peers.get(&to) {
+            let envelope = pb::ReplicaEnvelope { partition, from: u64::from(self.me), message: Some(to_wire(message)) };
+            // Full: the peer is slow or away; the protocol resends.
+            let _ = peer.try_send(envelope);
+        }
+    }
+}
+
+/// Keeps one long-lived call to a peer open, feeding it what arrives on `queue` (encoded by
+/// `encode`), and opens it again after a jittered backoff when it breaks.
+async fn stream_to_peer<T, W, E, O, F>(
+    id: u64,
+    address: SocketAddr,
+    mut queue: mpsc::Receiver<T>,
+    mut stopped: watch::Receiver<bool>,
+    encode: E,
+    open: O,
+) where
+    T: Send + 'static,
+    W: Send + 'static,
+    E: Fn(T) -> Result<W, String> + Send + 'static,
+    O: Fn(pb::cluster_client::ClusterClient<tonic::transport::Channel>, tokio_stream::wrappers::ReceiverStream<W>) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<Response<pb::RaftAck>, Status>> + Send + 'static,
+{
     let mut backoff = RECONNECT_MIN;
     loop {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
@@ -64,19 +127,19 @@ async fn send_to_peer(id: RaftId, address: SocketAddr, mut queue: mpsc::Receiver
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
-        let mut client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let (tx, rx) = mpsc::channel::<pb::RaftMessage>(256);
-        let call = tokio::spawn(async move { client.raft(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        let client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<W>(256);
+        let call = tokio::spawn(open(client, tokio_stream::wrappers::ReceiverStream::new(rx)));
         // Forward until the call breaks (its receiver closes) or the node stops.
         loop {
             tokio::select! {
-                message = queue.recv() => {
-                    let Some(message) = message else { return };
-                    let bytes = match message.write_to_bytes() {
-                        Ok(bytes) => bytes,
-                        Err(e) => { tracing::error!(peer = id, error = %e, "cannot encode a Raft message; dropped"); continue; }
+                item = queue.recv() => {
+                    let Some(item) = item else { return };
+                    let wire = match encode(item) {
+                        Ok(wire) => wire,
+                        Err(e) => { tracing::error!(peer = id, error = %e, "cannot encode a message for a peer; dropped"); continue; }
                     };
-                    if tx.send(pb::RaftMessage { message: bytes }).await.is_err() {
+                    if tx.send(wire).await.is_err() {
                         break;
                     }
                     backoff = RECONNECT_MIN;
@@ -85,7 +148,7 @@ async fn send_to_peer(id: RaftId, address: SocketAddr, mut queue: mpsc::Receiver
             }
         }
         if let Ok(Err(status)) = call.await {
-            tracing::debug!(peer = id, %address, %status, "Raft call to a peer ended; reconnecting");
+            tracing::debug!(peer = id, %address, %status, "call to a peer ended; reconnecting");
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % 50);
         tokio::select! {
@@ -100,14 +163,19 @@ pub(crate) async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-/// The `Cluster` service: Raft messages from peers go to the local member's driver.
+/// The partitions this node replicates, by partition: where replication messages go.
+pub type PartitionTasks = Arc<RwLock<HashMap<u32, PartitionHandle>>>;
+
+/// The `Cluster` service: Raft messages from peers go to the local member's driver, replication
+/// messages to the partitions' tasks.
 pub struct ClusterService {
     inbox: mpsc::Sender<Message>,
+    partitions: PartitionTasks,
 }
 
 impl ClusterService {
-    pub fn new(inbox: mpsc::Sender<Message>) -> Self {
-        ClusterService { inbox }
+    pub fn new(inbox: mpsc::Sender<Message>, partitions: PartitionTasks) -> Self {
+        ClusterService { inbox, partitions }
     }
 }
 
@@ -123,6 +191,27 @@ impl pb::cluster_server::Cluster for ClusterService {
                     let _ = self.inbox.try_send(message);
                 }
                 Err(e) => tracing::warn!(error = %e, "dropping an undecodable Raft message"),
+            }
+        }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn replicate(&self, request: Request<tonic::Streaming<pb::ReplicaEnvelope>>) -> Result<Response<pb::RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(envelope) = stream.next().await {
+            let envelope = envelope?;
+            let Ok(from) = NodeId::try_from(envelope.from) else { continue };
+            let message = match envelope.message.map(from_wire) {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::warn!(from, partition = envelope.partition, error = %e, "dropping a malformed replication message");
+                    continue;
+                }
+                None => continue,
+            };
+            // A partition this node does not replicate (yet): the sender resends.
+            if let Some(task) = self.partitions.read().get(&envelope.partition) {
+                task.deliver(from, message);
             }
         }
         Ok(Response::new(pb::RaftAck {}))

@@ -26,6 +26,15 @@ impl EpochHistory {
         EpochHistory { starts }
     }
 
+    /// Like [`EpochHistory::from_starts`], for pairs from the network or the disk: an error
+    /// instead of a panic when they do not strictly increase.
+    pub fn try_from_starts(starts: Vec<(Epoch, Position)>) -> Result<Self, String> {
+        if starts.windows(2).any(|pair| pair[0].0 >= pair[1].0 || pair[0].1 >= pair[1].1) {
+            return Err(format!("an epoch history must strictly increase, got {starts:?}"));
+        }
+        Ok(EpochHistory { starts })
+    }
+
     pub fn starts(&self) -> &[(Epoch, Position)] {
         &self.starts
     }

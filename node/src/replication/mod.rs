@@ -16,6 +16,7 @@ pub mod replica;
 pub mod shell;
 #[cfg(test)]
 mod sim_tests;
+pub mod wire;
 
 pub use epochs::EpochHistory;
 
