@@ -434,7 +434,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
                     let events = (0..batch)
                         .map(|_| pb::EventData { r#type: "BenchEvent".into(), payload: payload.clone(), metadata: Default::default() })
                         .collect();
-                    pb::AppendRequest { stream: stream.clone(), expected_version: None, events }
+                    pb::AppendRequest { durability: pb::Durability::Leader as i32, stream: stream.clone(), expected_version: None, events }
                 };
                 let ok = match &mut client {
                     Sink::Grpc(clients) => clients.log.append(wire()).await.is_ok(),

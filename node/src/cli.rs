@@ -316,6 +316,7 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
     let request = pb::AppendRequest {
+        durability: pb::Durability::Leader as i32,
         stream: args.stream.clone(),
         expected_version: Some(parse_expected(&args.expected)?),
         events: payloads

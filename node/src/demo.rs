@@ -90,7 +90,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                         metadata: [("source".to_string(), "demo".to_string())].into(),
                     })
                     .collect();
-                let request = pb::AppendRequest { stream: format!("order-{}", i % STREAMS), expected_version: None, events };
+                let request = pb::AppendRequest {
+                    durability: pb::Durability::Leader as i32,
+                    stream: format!("order-{}", i % STREAMS),
+                    expected_version: None,
+                    events,
+                };
                 c.log.append(request).await.map_err(client::status_error)?;
                 acknowledged += EVENTS_PER_APPEND;
             }
@@ -188,6 +193,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 async fn race(clients: &mut Clients) -> anyhow::Result<String> {
     let stream = format!("account-{}", std::process::id());
     let open = |who: &str| pb::AppendRequest {
+        durability: pb::Durability::Leader as i32,
         stream: stream.clone(),
         expected_version: Some(pb::ExpectedVersion { kind: Some(pb::expected_version::Kind::NoStream(pb::Empty {})) }),
         events: vec![pb::EventData {

@@ -173,19 +173,19 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut c = clients_of(&cluster, leader).await;
-        match c.log.append(common::append(stream, None, vec![common::event("Placed", "1")])).await {
+        let mut first = common::append(stream, None, vec![common::event("Placed", "1")]);
+        first.durability = pb::Durability::Quorum as i32;
+        match c.log.append(first).await {
             Ok(_) => break,
             Err(status) => assert!(Instant::now() < deadline, "the leader never took the append: {status:?}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Acknowledged only once a majority of the partition's replicas holds them.
     for i in 2..=3 {
-        clients_of(&cluster, leader)
-            .await
-            .log
-            .append(common::append(stream, None, vec![common::event("Placed", &i.to_string())]))
-            .await
-            .unwrap();
+        let mut request = common::append(stream, None, vec![common::event("Placed", &i.to_string())]);
+        request.durability = pb::Durability::Quorum as i32;
+        clients_of(&cluster, leader).await.log.append(request).await.unwrap();
     }
     let refused = clients_of(&cluster, follower)
         .await

@@ -50,8 +50,12 @@ async fn load_and_stop(data_dir: &std::path::Path, rounds: usize, stop: fn(anthi
                         let n = 1 + (i % 4) as usize;
                         let ids: Vec<String> = (0..n).map(|k| format!("r{round}-w{w}-i{i}-k{k}")).collect();
                         let events = ids.iter().map(|id| event("Written", id)).collect();
-                        let request =
-                            pb::AppendRequest { stream: format!("s-{}", (w as u64 * 31 + i) % 40), expected_version: None, events };
+                        let request = pb::AppendRequest {
+                            durability: pb::Durability::Leader as i32,
+                            stream: format!("s-{}", (w as u64 * 31 + i) % 40),
+                            expected_version: None,
+                            events,
+                        };
                         let Ok(response) = clients.log.append(request).await else { return };
                         let r = response.into_inner();
                         let mut acked = acked.lock();

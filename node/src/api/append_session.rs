@@ -68,8 +68,20 @@ async fn serve(log: Arc<Log>, mut requests: Streaming<pb::AppendSessionRequest>,
                 Ok(Some(request)) => {
                     taken += 1;
                     let id = request.id;
+                    let quorum = request.append.as_ref().is_some_and(|a| a.durability == pb::Durability::Quorum as i32);
                     match submit(&log, request).await {
-                        Ok(pending_append) => pending.push(async move { (id, pending_append.outcome().await) }),
+                        Ok(pending_append) => {
+                            let log = log.clone();
+                            pending.push(async move {
+                                let mut outcome = pending_append.outcome().await;
+                                if let (true, Ok(done)) = (quorum, &outcome)
+                                    && let Err(e) = log.wait_quorum(done, crate::log::QUORUM_WAIT).await
+                                {
+                                    outcome = Err(e);
+                                }
+                                (id, outcome)
+                            })
+                        }
                         Err(error) => {
                             if answers.send(Ok(answer(id, Err(error)))).await.is_err() {
                                 break true;

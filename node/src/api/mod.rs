@@ -101,7 +101,11 @@ impl pb::event_log_server::EventLog for Api {
             partition = tracing::field::Empty,
             position = tracing::field::Empty
         );
+        let quorum = req.durability == pb::Durability::Quorum as i32;
         let done = self.log.append(append_request(req)?).instrument(span.clone()).await.map_err(append_status)?;
+        if quorum {
+            self.log.wait_quorum(&done, log::QUORUM_WAIT).instrument(span.clone()).await.map_err(append_status)?;
+        }
         span.record("partition", done.partition);
         span.record("position", done.last_position);
         Ok(Response::new(appended(done)))
@@ -236,6 +240,7 @@ pub(crate) fn append_status(error: AppendError) -> Status {
         }
         AppendError::Storage(e) => storage_status(e),
         AppendError::ShuttingDown => Status::unavailable(error.to_string()),
+        AppendError::QuorumTimeout { .. } => Status::deadline_exceeded(error.to_string()),
         AppendError::NotLeader { partition } => {
             let mut status = Status::unavailable(error.to_string());
             status.metadata_mut().insert(NOT_LEADER_TRAILER, partition.to_string().parse().expect("a number is valid metadata"));

@@ -99,7 +99,9 @@ pub async fn start(
         config.cluster.session_ttl(),
         stopped.clone(),
     ));
-    // Replication: nothing is appended here until a partition serves.
+    // Replication: nothing is appended here until a partition serves, and `quorum` appends wait
+    // for a majority.
+    log.set_replicated();
     for p in 0..log.partition_count() {
         log.roles().set(p, 0);
     }

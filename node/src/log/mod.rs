@@ -57,6 +57,8 @@ pub struct Appended {
     pub first_position: u64,
     pub last_position: u64,
     pub stream_version: u64,
+    /// The epoch the events were appended in.
+    pub epoch: u64,
 }
 
 /// What an accepted (or repeated) command did.
@@ -88,6 +90,9 @@ pub enum AppendError {
     Storage(Arc<StorageError>),
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// A `quorum` append's majority did not answer within [`QUORUM_WAIT`]; it may still commit.
+    #[error("partition {partition}: no majority of its replicas acknowledged the append in time; it may still be committed")]
+    QuorumTimeout { partition: u32 },
     /// The partition is led by another node (or by none right now): send it to its leader.
     #[error("this node does not lead partition {partition} now; send the request to its leader")]
     NotLeader { partition: u32 },
@@ -161,7 +166,14 @@ pub struct Log {
     metrics: Arc<Metrics>,
     poison: Arc<writer::Poison>,
     roles: Arc<Roles>,
+    /// Per partition, `(epoch, position)`: how far this node, leading in `epoch`, knows the
+    /// partition committed by a majority. Unused by a single node (see [`Log::wait_quorum`]).
+    committed: Vec<watch::Sender<(u64, u64)>>,
+    replicated: std::sync::atomic::AtomicBool,
 }
+
+/// How long an append waits for its partition's majority before it gives up.
+pub const QUORUM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Log {
     /// Starts the writer over an open store.
@@ -203,8 +215,51 @@ impl Log {
             writer: Mutex::new(Some(handle)),
             metrics,
             poison,
+            committed: (0..roles.epochs.len()).map(|_| watch::Sender::new((0, 0))).collect(),
             roles,
+            replicated: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// This node's partitions are replicated (a cluster): `quorum` appends wait for a majority.
+    pub fn set_replicated(&self) {
+        self.replicated.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The replication shell reports that, leading `partition` in `epoch`, it knows a majority
+    /// holds everything up to `position`.
+    pub fn publish_commit(&self, partition: u32, epoch: u64, position: u64) {
+        self.committed[partition as usize].send_if_modified(|current| {
+            let changed = *current != (epoch, position);
+            *current = (epoch, position);
+            changed
+        });
+    }
+
+    /// Waits until a majority holds `appended` (committed in the epoch it was appended in).
+    /// Fails with `NotLeader` when this node stops leading that epoch first — the append's fate
+    /// is then unknown — and with `QuorumTimeout` after `timeout` (the API uses [`QUORUM_WAIT`]).
+    /// A single node returns at once: it is its own majority.
+    pub async fn wait_quorum(&self, appended: &Appended, timeout: std::time::Duration) -> Result<(), AppendError> {
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let (partition, epoch, position) = (appended.partition, appended.epoch, appended.last_position);
+        let mut committed = self.committed[partition as usize].subscribe();
+        let wait = async {
+            loop {
+                if self.roles.epoch(partition) != epoch {
+                    return Err(AppendError::NotLeader { partition });
+                }
+                let (e, p) = *committed.borrow_and_update();
+                if e == epoch && p >= position {
+                    return Ok(());
+                }
+                // Woken by the commit watch; checked at least every 50 ms for a lost leadership.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(50), committed.changed()).await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| AppendError::QuorumTimeout { partition })?
     }
 
     /// Which partitions this node appends to, in which epoch.

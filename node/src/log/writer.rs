@@ -653,7 +653,8 @@ impl<'b> Placer<'b, '_> {
         let n = events.len() as u64;
         self.heads[partition as usize] += n;
         self.moved.insert(stream, current + n);
-        Ok(Appended { partition, first_position, last_position: first_position + n - 1, stream_version: current + n })
+        let epoch = self.epochs[partition as usize];
+        Ok(Appended { partition, first_position, last_position: first_position + n - 1, stream_version: current + n, epoch })
     }
 }
 

@@ -121,6 +121,9 @@ async fn run_partition(
                 break;
             }
         }
+        if matches!(replica.role(), super::replica::Role::Leader { .. }) {
+            log.publish_commit(partition, replica.promised(), replica.commit());
+        }
     }
 }
 
@@ -268,6 +271,7 @@ mod tests {
                     )
                     .unwrap(),
                 );
+                log.set_replicated();
                 let config =
                     ReplicaConfig { me: id, members: IDS.to_vec(), max_batch_entries: 64, max_inflight_entries: 256, resend_ticks: 4 };
                 let handles: HashMap<u32, PartitionHandle> =
@@ -318,7 +322,11 @@ mod tests {
         c.partitions[0][&0].grant(1);
         until("node 1 to serve", Duration::from_secs(10), || c.node(1).roles().epoch(0) == 1).await;
         for i in 0..5 {
-            c.node(1).append(append(&s, &format!("a{i}"))).await.unwrap();
+            let done = c.node(1).append(append(&s, &format!("a{i}"))).await.unwrap();
+            // A majority holds every acknowledged `quorum` append.
+            c.node(1).wait_quorum(&done, Duration::from_secs(10)).await.unwrap();
+            let on_majority = [2, 3].iter().filter(|id| c.events(**id).len() as u64 >= done.last_position).count();
+            assert!(on_majority >= 1, "committed at {} with no follower holding it", done.last_position);
         }
         assert!(matches!(c.node(2).append(append(&s, "x")).await, Err(AppendError::NotLeader { partition: 0 })));
         until("followers to hold the marker and five events", Duration::from_secs(10), || {
@@ -356,7 +364,10 @@ mod tests {
         until("the marker to reach the followers", Duration::from_secs(10), || c.events(2).len() == 1 && c.events(3).len() == 1).await;
         c.net.set_cut(1, true);
         for i in 0..3 {
-            c.node(1).append(append(&s, &format!("lost{i}"))).await.unwrap();
+            let done = c.node(1).append(append(&s, &format!("lost{i}"))).await.unwrap();
+            // Acknowledged by the leader alone: a `quorum` append would still be waiting.
+            let quorum = c.node(1).wait_quorum(&done, Duration::from_millis(300)).await;
+            assert!(matches!(quorum, Err(AppendError::QuorumTimeout { partition: 0 })), "{quorum:?}");
         }
         assert_eq!(c.events(1).len(), 4, "durable on the cut-off leader only");
         c.partitions[1][&0].grant(2);

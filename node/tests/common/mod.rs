@@ -36,7 +36,12 @@ pub fn event(ty: &str, payload: &str) -> pb::EventData {
 }
 
 pub fn append(stream: &str, expected: Option<pb::expected_version::Kind>, events: Vec<pb::EventData>) -> pb::AppendRequest {
-    pb::AppendRequest { stream: stream.into(), expected_version: expected.map(|k| pb::ExpectedVersion { kind: Some(k) }), events }
+    pb::AppendRequest {
+        durability: pb::Durability::Leader as i32,
+        stream: stream.into(),
+        expected_version: expected.map(|k| pb::ExpectedVersion { kind: Some(k) }),
+        events,
+    }
 }
 
 /// Every event of a partition, page by page.
