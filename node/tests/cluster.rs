@@ -196,6 +196,17 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     assert_eq!(refused.metadata().get(anthill_node::api::NOT_LEADER_TRAILER).unwrap().to_str().unwrap(), partition.to_string());
 
+    // Domain commands are refused in a cluster until followers build domain state.
+    let command = pb::OpenAccountRequest {
+        book: "b".into(),
+        command_id: String::new(),
+        account: "a".into(),
+        currency: "EUR".into(),
+        credit_limit: 0,
+    };
+    let refused = clients_of(&cluster, leader).await.ledger.open_account(command).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
     // Every replica holds the same partition: the marker, then the three events.
     let deadline = Instant::now() + Duration::from_secs(30);
     let on_leader = partition_events(&cluster, leader, partition).await;

@@ -315,6 +315,15 @@ impl Log {
     /// changes are durable, or it was rejected or failed (then nothing of it was written). The
     /// caller validated the command's scope and id.
     pub async fn command(&self, command: Box<dyn Routed>) -> Result<CommandDone, CommandError> {
+        // Followers do not build domain state from replicated events yet: a new leader would
+        // decide against an empty state. Until they do, a cluster refuses commands.
+        if self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            let error = AppendError::Invalid(
+                "commands are not available in a cluster yet: followers do not build domain state (docs/replication.md)".into(),
+            );
+            self.metrics.count_command("error");
+            return Err(CommandError::Failed(error));
+        }
         let queue = self.queue.lock().clone().ok_or(CommandError::Failed(AppendError::ShuttingDown))?;
         let (reply, answer) = oneshot::channel();
         queue.send_async(writer::Job::Command { command, reply }).await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown))?;
