@@ -40,6 +40,8 @@ pub struct Metrics {
     pub map_size_bytes: Gauge,
     pub events_read: Counter,
     pub subscribers: Gauge,
+    /// Partition replicas rebuilt from the log after a failed effect or a protocol panic.
+    pub replica_restarts: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +61,7 @@ impl Default for Metrics {
             index_flushed_events: Counter::default(),
             index_tail_events: Gauge::default(),
             index_waits: Counter::default(),
+            replica_restarts: Counter::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
             map_size_bytes: Gauge::default(),
@@ -85,6 +88,11 @@ impl Default for Metrics {
         );
         registry.register("index_tail_events", "Events whose index entries are held only in memory", m.index_tail_events.clone());
         registry.register("index_waits", "Group commits that waited for the indexer (index tail full)", m.index_waits.clone());
+        registry.register(
+            "replica_restarts",
+            "Partition replicas rebuilt from the log after a failed effect or a protocol panic",
+            m.replica_restarts.clone(),
+        );
         registry.register("append_queue_depth", "Appends waiting for the writer", m.append_queue_depth.clone());
         registry.register("db_used_bytes", "Bytes of the LMDB map in use", m.db_used_bytes.clone());
         registry.register("map_size_bytes", "Size of the LMDB memory map", m.map_size_bytes.clone());

@@ -7,16 +7,21 @@
 //! (`openraft` was the other candidate; it owns its runtime and I/O, which the simulator of
 //! issue 5 would have to fake.)
 //!
-//! Every operation ([`Op`]) is a Raft entry, stamped with the proposer's clock; every node
-//! applies the committed entries in order to its own `KvState`, which is deterministic, so all
-//! nodes hold the same store and compute the same outcomes. The node that proposed an
-//! operation reports its outcome to the caller ([`RaftKv::take_outcomes`]). The leader proposes
-//! a [`Op::Tick`] now and then so sessions expire even when nobody writes.
+//! Every operation ([`Op`]) is a Raft entry; every node applies the committed entries in order
+//! to its own `KvState`, which is deterministic, so all nodes hold the same store and compute
+//! the same outcomes. The node that proposed an operation reports its outcome to the caller
+//! ([`RaftKv::take_outcomes`]). The leader proposes a [`Op::Tick`] now and then so sessions
+//! expire even when nobody writes.
 //!
-//! This type is the state machine and its Raft node; the shell around it (LMDB storage for the
-//! Raft log and hard state, the gRPC transport between nodes, proposals from async callers with
-//! timeouts) is the next part of issue 4. Here the Raft log is in memory (`MemStorage`), which is
-//! what the tests use.
+//! Time comes from the Raft leader alone, as in Consul: only its `Tick` and `RenewAll` carry
+//! its clock; every other operation is stamped 0 (the store's clock stays where the leader
+//! put it). A member with a clock far ahead therefore cannot expire everyone's sessions; a new
+//! leader whose clock is ahead gives every session a full TTL from its time first (`RenewAll`);
+//! one whose clock is behind only makes sessions live longer until it catches up, and the
+//! epochs fence a holder that lived too long (docs/replication.md).
+//!
+//! This type is the state machine and its Raft node; `driver.rs` is its shell (the Raft log in
+//! LMDB via `raft_log.rs`, the gRPC transport, proposals from async callers with timeouts).
 //!
 //! Determinism: raft-rs randomizes election timeouts with a thread-local RNG. With
 //! `max_election_tick = min_election_tick + 1` the timeout is fixed; the shell (or the simulator,
@@ -152,12 +157,15 @@ impl RaftKv {
         Ok(self.node.step(message)?)
     }
 
-    /// Proposes `op`, stamped `now_ms`; returns the id its outcome will be reported under, once
-    /// committed and applied here. A proposal can be lost (leader change): the caller times out.
+    /// Proposes `op`; returns the id its outcome will be reported under, once committed and
+    /// applied here. A proposal can be lost (leader change): the caller times out. `now_ms` is
+    /// kept only for the leader's `Tick` and `RenewAll` (module doc: time comes from the leader).
     pub fn propose(&mut self, op: Op, now_ms: u64) -> Result<u64, RaftKvError> {
         if self.leader().is_none() {
             return Err(RaftKvError::NoLeader);
         }
+        let keeps_time = self.is_leader() && matches!(op, Op::Tick | Op::RenewAll);
+        let now_ms = if keeps_time { now_ms } else { 0 };
         let id = self.next_proposal;
         self.next_proposal += 1;
         let proposal = Proposal { origin: self.id, incarnation: self.incarnation, id, now_ms, op };
@@ -353,6 +361,28 @@ mod tests {
         assert_eq!(states[0].get("leaders/0").unwrap().session, Some(session));
     }
 
+    #[test]
+    fn given_a_member_whose_clock_runs_far_ahead_then_its_operations_expire_no_session() {
+        let mut g = Group::new(3);
+        g.run(100);
+        let leader = g.leader().expect("a leader within 100 steps");
+        let Some(Outcome::Session(session)) = g.call(leader, Op::CreateSession { node: "n1".into(), ttl_ms: 10_000 }, 1_000) else {
+            panic!("no session")
+        };
+        assert!(g.call(leader, Op::Tick, 2_000).is_some());
+        let skewed = IDS.into_iter().find(|id| *id != leader).unwrap();
+        let an_hour_ahead = 2_000 + 3_600_000;
+        assert!(g.call(skewed, Op::CreateSession { node: "n2".into(), ttl_ms: 10_000 }, an_hour_ahead).is_some());
+        assert!(g.call(leader, Op::Tick, 3_000).is_some());
+        g.run(20);
+        for node in g.nodes.values() {
+            assert_eq!(node.state().session_node(&session), Some("n1"), "the leader's clock says the session has 9 s left");
+        }
+        // The leader's own clock does expire it.
+        assert!(g.call(leader, Op::Tick, 12_000).is_some());
+        assert_eq!(g.nodes[&leader].state().session_node(&session), None);
+    }
+
     /// Many sessions race for the same locks on every node while messages are lost and delayed
     /// and members crash and restart from their Raft storage: each lock index of each key is
     /// granted to at most one session, and every replica ends with the same state.
@@ -366,6 +396,12 @@ mod tests {
             let mut granted: HashMap<(String, u64), SessionId> = HashMap::new();
             for round in 0..60u64 {
                 let now = round * 100;
+                // Time moves with the leader's ticks (module doc): sessions do expire.
+                if let Some(leader) = g.leader()
+                    && g.rng.random_bool(0.5)
+                {
+                    g.call(leader, Op::Tick, now);
+                }
                 let proposer = IDS[g.rng.random_range(0..IDS.len())];
                 if !g.nodes.contains_key(&proposer) {
                     g.restart(proposer);

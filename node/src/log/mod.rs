@@ -375,8 +375,10 @@ impl Log {
     }
 
     /// Persists the epoch this replica of `partition` promised (docs/replication.md): durable
-    /// once this resolves.
-    pub async fn promise(&self, partition: u32, epoch: u64) -> Result<(), AppendError> {
+    /// once this resolves. Returns the partition's head as of the promise: it counts every
+    /// append the writer placed before it, all durable now — with the partition's role cleared
+    /// first, this is a fence after which no append of the old epoch lands.
+    pub async fn promise(&self, partition: u32, epoch: u64) -> Result<u64, AppendError> {
         if partition >= self.partition_count() {
             return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
         }
@@ -420,6 +422,7 @@ impl Log {
     pub fn read_stream(&self, stream: &str, from_version: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
         // The commit point first, snapshots second: they hold at least every event up to it, and
         // the read stops there, so it never shows what readers elsewhere cannot see yet.
+        let _no_truncation = self.store.reading();
         let durable_seq = self.commits.borrow().seq;
         let slice = self.store.read_stream(stream, from_version, durable_seq, limit)?;
         self.metrics.events_read.inc_by(slice.events.len() as u64);
@@ -428,6 +431,7 @@ impl Log {
 
     /// Durable events of a partition from `from_position` on, within `limit`.
     pub fn read_partition(&self, partition: u32, from_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
+        let _no_truncation = self.store.reading();
         let head = self.commits.borrow().heads[partition as usize];
         let slice = self.store.read_partition(partition, from_position, head, limit)?;
         self.metrics.events_read.inc_by(slice.events.len() as u64);

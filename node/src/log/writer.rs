@@ -78,7 +78,8 @@ pub(super) enum Job {
     Promise {
         partition: u32,
         epoch: u64,
-        reply: oneshot::Sender<Result<(), AppendError>>,
+        /// The partition's head once the promise is durable: every append placed before it.
+        reply: oneshot::Sender<Result<u64, AppendError>>,
     },
     /// Events a replica receives from its partition's leader: appended at the leader's
     /// positions (the partition's next ones) with the leader's epochs and times.
@@ -101,7 +102,7 @@ enum Outcome {
     Command(CommandOutcome),
     /// The partition's position after a replicated job.
     Replicate(Result<u64, AppendError>),
-    Promise(Result<(), AppendError>),
+    Promise(Result<u64, AppendError>),
 }
 
 impl Job {
@@ -283,6 +284,8 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        let store = self.store.clone();
+        let _readers_wait = store.truncating();
         let removed = self.store.truncate_partition(partition, after, self.last_seq).map_err(|e| {
             let e = Arc::new(e);
             if e.is_io_failure() {
@@ -431,7 +434,7 @@ impl Writer {
                         Outcome::Promise(Err(AppendError::Invalid(format!("partition {partition} does not exist"))))
                     } else {
                         replicas.put_promise(txn, *partition, *epoch)?;
-                        Outcome::Promise(Ok(()))
+                        Outcome::Promise(Ok(placer.heads[*partition as usize]))
                     }
                 }
                 Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),

@@ -9,11 +9,14 @@
 //! [`crate::log::Roles`]) from the `Serving` effect until it steps down. The leader's own appends
 //! reach the protocol when the log publishes them durable ([`Replica::leader_appended`]).
 //!
-//! A failed effect (which the protocol does not expect) restarts the partition's replica from
-//! what the log holds, as a crash would.
+//! Stepping down is fenced: before a leader's replica takes an input of a higher epoch, the
+//! partition's role is cleared and a promise goes through the writer, which answers with the
+//! partition's head counting every append it placed before; the replica learns those appends
+//! first, so its view of the log is the log's.
 //!
-//! Status: driven by tests over an in-process transport; the gRPC transport, the link to the
-//! ownership view and `quorum` acknowledgements are the next steps (docs/replication.md).
+//! A failed effect or a panic of the protocol (on input it did not expect) restarts the
+//! partition's replica from what the log holds, as a crash would, and it resumes the leadership
+//! this node was granted if that is still its epoch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use super::message::Message;
-use super::replica::{Effect, Effects, Replica, ReplicaConfig};
+use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role};
 use super::shell::{LogView, marker_record, marker_stream, record_of};
 use super::{EntryKind, Epoch, NodeId, Position};
 use crate::log::{AppendError, Log};
@@ -69,6 +72,26 @@ pub fn start_partition(log: Arc<Log>, partition: u32, config: ReplicaConfig, tra
     PartitionHandle { inbox, grants, commit }
 }
 
+/// One input of a partition's replica.
+enum Input {
+    Message(NodeId, Message),
+    Grant(Epoch),
+    Tick,
+    /// The log published this head for the partition (the leader's own appends, durable).
+    Head(Position),
+}
+
+impl Input {
+    /// Whether the input takes the replica past the epoch it promised (a leader steps down).
+    fn raises(&self, promised: Epoch) -> bool {
+        match self {
+            Input::Message(_, message) => message.epoch() > promised,
+            Input::Grant(epoch) => *epoch > promised,
+            Input::Tick | Input::Head(_) => false,
+        }
+    }
+}
+
 async fn run_partition(
     log: Arc<Log>,
     partition: u32,
@@ -78,58 +101,119 @@ async fn run_partition(
     mut grants: mpsc::Receiver<Epoch>,
     commit: watch::Sender<Position>,
 ) {
-    let Some(mut replica) = fresh(&log, partition, &config) else { return };
+    // The highest epoch the coordination store granted this node: a replica restarted from the
+    // log resumes it (`Replica::become_leader`).
+    let mut granted: Epoch = 0;
+    let Some(mut replica) = restart(&log, partition, &config, granted).await else { return };
     let mut commits = log.commits();
     let mut ticks = tokio::time::interval(TICK);
     loop {
-        {
-            let view = LogView { log: &log, partition };
-            tokio::select! {
-                message = messages.recv() => match message {
-                    Some((from, message)) => replica.on_message(from, message, &view),
-                    None => return,
-                },
-                grant = grants.recv() => match grant {
-                    Some(epoch) => { replica.become_leader(epoch); }
-                    None => return,
-                },
-                _ = ticks.tick() => replica.tick(&view),
-                changed = commits.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let head = commits.borrow_and_update().heads[partition as usize];
-                    replica.leader_appended(head, &view);
+        let input = tokio::select! {
+            message = messages.recv() => match message {
+                Some((from, message)) => Input::Message(from, message),
+                None => return,
+            },
+            grant = grants.recv() => match grant {
+                Some(epoch) => Input::Grant(epoch),
+                None => return,
+            },
+            _ = ticks.tick() => Input::Tick,
+            changed = commits.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                Input::Head(commits.borrow_and_update().heads[partition as usize])
+            }
+        };
+        if let Input::Grant(epoch) = input {
+            granted = granted.max(epoch);
+        }
+        let mut healthy = true;
+        if matches!(replica.role(), Role::Leader { .. }) && input.raises(replica.promised()) {
+            // Fence before stepping down: once the role is cleared and a promise went through
+            // the writer after every append it placed, the replica learns the true head of its
+            // epoch; no append of that epoch lands after it decides anything in the next.
+            log.roles().set(partition, 0);
+            match log.promise(partition, replica.promised()).await {
+                Ok(head) => healthy = guarded(partition, || replica.leader_appended(head, &LogView { log: &log, partition })),
+                Err(e) => {
+                    tracing::error!(partition, error = %e, "cannot fence the partition's appends before stepping down");
+                    healthy = false;
                 }
             }
         }
+        healthy = healthy
+            && guarded(partition, || {
+                let view = LogView { log: &log, partition };
+                match input {
+                    Input::Message(from, message) => replica.on_message(from, message, &view),
+                    Input::Grant(epoch) => {
+                        replica.become_leader(epoch);
+                    }
+                    Input::Tick => replica.tick(&view),
+                    Input::Head(head) => replica.leader_appended(head, &view),
+                }
+            });
         // Effects until the replica has nothing more to do (durability reports make sends).
-        loop {
+        while healthy {
             let batch = replica.take_effects();
             let ticket = batch.ticket;
             if !batch.effects.is_empty()
                 && let Err(e) = execute(&log, partition, batch, transport.as_ref(), &commit).await
             {
-                tracing::error!(partition, error = %e, "a replication effect failed; restarting the partition's replica from the log");
-                log.roles().set(partition, 0);
-                let Some(again) = fresh(&log, partition, &config) else { return };
-                replica = again;
+                tracing::error!(partition, error = %e, "a replication effect failed");
+                healthy = false;
                 break;
             }
-            replica.on_durable(ticket, &LogView { log: &log, partition });
+            healthy = guarded(partition, || replica.on_durable(ticket, &LogView { log: &log, partition }));
             if !replica.has_effects() {
                 break;
             }
         }
-        if matches!(replica.role(), super::replica::Role::Leader { .. }) {
+        if !healthy {
+            tracing::warn!(partition, "restarting the partition's replica from the log");
+            log.metrics().replica_restarts.inc();
+            let Some(again) = restart(&log, partition, &config, granted).await else { return };
+            replica = again;
+            continue;
+        }
+        if matches!(replica.role(), Role::Leader { .. }) {
             log.publish_commit(partition, replica.promised(), replica.commit());
         }
     }
 }
 
-fn fresh(log: &Log, partition: u32, config: &ReplicaConfig) -> Option<Replica> {
-    match log.replica_state(partition) {
-        Ok(state) => Some(Replica::new(config.clone(), state)),
+/// Runs a step of the protocol; false if it panicked (on input it did not expect: the replica
+/// is then rebuilt from the log rather than the node brought down).
+fn guarded(partition: u32, step: impl FnOnce()) -> bool {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(()) => true,
+        Err(panic) => {
+            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied());
+            tracing::error!(partition, panic = what.unwrap_or("?"), "the partition's replica panicked");
+            false
+        }
+    }
+}
+
+/// A replica of `partition` from what the log holds, as after a crash: the partition takes no
+/// appends until it serves again, and it first fences the writer (appends placed before are
+/// durable and counted). It resumes leading `granted` when that is still its epoch.
+async fn restart(log: &Log, partition: u32, config: &ReplicaConfig, granted: Epoch) -> Option<Replica> {
+    log.roles().set(partition, 0);
+    let fenced = match log.store().promised_epoch(partition) {
+        Ok(promised) => log.promise(partition, promised).await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let state = fenced.and_then(|()| log.replica_state(partition).map_err(|e| e.to_string()));
+    match state {
+        Ok(state) => {
+            let mut replica = Replica::new(config.clone(), state);
+            if granted > 0 && replica.become_leader(granted) {
+                tracing::info!(partition, epoch = granted, "resuming the leadership granted to this node");
+            }
+            Some(replica)
+        }
         Err(e) => {
             tracing::error!(partition, error = %e, "cannot read the partition's replica state; it will not replicate");
             None
@@ -148,7 +232,9 @@ async fn execute(
     let mut sends = Vec::new();
     for effect in batch.effects {
         match effect {
-            Effect::PersistPromise(epoch) => log.promise(partition, epoch).await?,
+            Effect::PersistPromise(epoch) => {
+                log.promise(partition, epoch).await?;
+            }
             Effect::Truncate { after } => {
                 log.truncate_partition(partition, after).await?;
             }
@@ -383,5 +469,47 @@ mod tests {
         assert!(!payloads.iter().any(|p| p.starts_with("lost")), "{payloads:?}");
         assert_eq!(c.node(1).roles().epoch(0), 0);
         assert_eq!(c.node(1).store().stream_version(&s).unwrap(), 1, "the truncated events are gone from the stream too");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn given_a_leader_under_load_when_it_steps_down_and_is_granted_again_then_it_serves_again_and_the_logs_converge() {
+        let c = Arc::new(Cluster::start());
+        let s = stream(c.node(1));
+        c.partitions[0][&0].grant(1);
+        until("node 1 to serve", Duration::from_secs(10), || c.node(1).roles().epoch(0) == 1).await;
+        // Appends to node 1 all along: some land while it steps down.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let (c, s, stop) = (c.clone(), s.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut ok = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if c.node(1).append(append(&s, "load")).await.is_ok() {
+                        ok += 1;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                ok
+            })
+        };
+        until("some appends", Duration::from_secs(10), || c.events(1).len() > 20).await;
+        c.partitions[1][&0].grant(2);
+        until("node 2 to serve", Duration::from_secs(10), || c.node(2).roles().epoch(0) == 2).await;
+        c.partitions[0][&0].grant(3);
+        until("node 1 to serve again", Duration::from_secs(10), || c.node(1).roles().epoch(0) == 3).await;
+        let before = c.events(1).len();
+        until("appends to land in epoch 3", Duration::from_secs(10), || c.events(1).len() > before + 20).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(load.await.unwrap() > 40);
+        until("every replica to hold node 1's log", Duration::from_secs(10), || {
+            let leader = c.events(1);
+            c.events(2) == leader && c.events(3) == leader
+        })
+        .await;
+        let restarts: u64 = c.logs.iter().map(|l| l.metrics().replica_restarts.get()).sum();
+        assert_eq!(restarts, 0, "stepping down under load is fenced, not repaired by a restart");
+        let epochs: Vec<u64> = c.events(1).iter().map(|e| e.epoch).collect();
+        assert!(epochs.windows(2).all(|w| w[0] <= w[1]) && epochs.contains(&2) && epochs.last() == Some(&3), "{epochs:?}");
     }
 }

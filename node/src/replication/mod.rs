@@ -6,8 +6,9 @@
 //! the very same code. `docs/replication.md` states the protocol and why no committed entry is
 //! ever lost.
 //!
-//! Status: the core and its simulation test; the shell (gRPC transport, LMDB effects), the
-//! coordination store that grants leadership, and routing are still to come (issue 4).
+//! Where the parts are: the core (`replica.rs`, its simulation `sim_tests.rs`), the node's shell
+//! (`manager.rs` over the log, `shell.rs`), the wire form (`wire.rs`, sent by
+//! `coordination/transport.rs`); leadership comes from `coordination/member.rs`.
 
 pub mod epochs;
 pub mod manager;

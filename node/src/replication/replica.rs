@@ -127,12 +127,18 @@ enum Phase {
         /// The replica fetched from, and how far its log goes.
         fetching: Option<(NodeId, Position)>,
         idle_ticks: u32,
+        /// Fetches resent without an answer; past [`FETCH_RETRIES`] the source is taken as gone
+        /// and recovery starts over with whichever majority answers.
+        unanswered: u32,
     },
     Leading {
         start: Position,
         peers: BTreeMap<NodeId, Progress>,
     },
 }
+
+/// Unanswered fetches before a recovering leader gives up on its source.
+const FETCH_RETRIES: u32 = 3;
 
 pub struct Replica {
     config: ReplicaConfig,
@@ -240,20 +246,35 @@ impl Replica {
     }
 
     /// The coordination store made this replica the leader of `epoch`. Refused (false) when it
-    /// already promised that epoch or a higher one.
+    /// promised a higher epoch, or promised `epoch` and acts in it (follows a leader of it, or
+    /// recovers or leads it already).
+    ///
+    /// `epoch` equal to the promise, while following nobody, is this replica resuming its own
+    /// epoch after it restarted from its log (the grant is unique to this node: the lock index).
+    /// That is safe: every replica that answered in `epoch` holds at most what this leader made
+    /// durable before sending it, so recovery adopts this replica's own log, truncates nothing,
+    /// and serves after a second marker of the epoch.
     pub fn become_leader(&mut self, epoch: Epoch) -> bool {
-        if epoch <= self.promised {
+        let resumes = epoch == self.promised && matches!(self.phase, Phase::Following { leader: None, .. });
+        if epoch < self.promised || (epoch == self.promised && !resumes) {
             return false;
         }
-        self.promise(epoch);
+        if epoch > self.promised {
+            self.promise(epoch);
+        }
+        self.start_recovery();
+        true
+    }
+
+    fn start_recovery(&mut self) {
+        let epoch = self.promised;
         let mut replies = BTreeMap::new();
         replies.insert(self.config.me, (self.history.clone(), self.last));
-        self.phase = Phase::Recovering { replies, fetching: None, idle_ticks: 0 };
+        self.phase = Phase::Recovering { replies, fetching: None, idle_ticks: 0, unanswered: 0 };
         for peer in self.peers() {
             self.send(peer, Message::Recover { epoch });
         }
         self.try_finish_recovery();
-        true
     }
 
     /// The serving leader appends `data`; returns its position, or `None` when not serving.
@@ -342,7 +363,7 @@ impl Replica {
                     self.send_append(peer, log, true);
                 }
             }
-            Phase::Recovering { replies, fetching, idle_ticks } => {
+            Phase::Recovering { replies, fetching, idle_ticks, unanswered } => {
                 *idle_ticks += 1;
                 if *idle_ticks < resend_ticks {
                     return;
@@ -350,7 +371,15 @@ impl Replica {
                 *idle_ticks = 0;
                 let epoch = self.promised;
                 match *fetching {
-                    Some((source, _)) => self.send(source, Message::Fetch { epoch, from: self.last + 1 }),
+                    Some(_) if *unanswered >= FETCH_RETRIES => {
+                        // The source went quiet (crashed, cut off): what it was to provide is
+                        // held by some replica of any majority, so ask again.
+                        self.start_recovery();
+                    }
+                    Some((source, _)) => {
+                        *unanswered += 1;
+                        self.send(source, Message::Fetch { epoch, from: self.last + 1 });
+                    }
                     None => {
                         let missing: Vec<NodeId> = self.config.members.iter().copied().filter(|m| !replies.contains_key(m)).collect();
                         for peer in missing {
@@ -369,6 +398,10 @@ impl Replica {
     fn follow(&mut self, epoch: Epoch, leader: NodeId) {
         if epoch > self.promised {
             self.promise(epoch);
+            // What matched the leader of an earlier epoch says nothing about this one's log, even
+            // when the same node leads both (its recovery may have adopted another log).
+            self.phase = Phase::Following { leader: Some(leader), matched: 0 };
+            return;
         }
         debug_assert_eq!(epoch, self.promised);
         match &self.phase {
@@ -384,8 +417,8 @@ impl Replica {
             return;
         }
         let epoch = self.promised;
-        if !entries.iter().enumerate().all(|(i, e)| e.position == prev_position + 1 + i as Position && e.epoch <= epoch) {
-            tracing::warn!(from = leader, prev_position, "ignoring an Append whose entries do not follow its previous position");
+        if !well_formed(prev_position, prev_epoch, &entries, epoch) {
+            tracing::warn!(from = leader, prev_position, "ignoring a malformed Append (positions or epochs out of order)");
             return;
         }
         let holds_prev = prev_position == 0 || (prev_position <= self.last && self.history.epoch_at(prev_position) == Some(prev_epoch));
@@ -455,9 +488,17 @@ impl Replica {
         if from != source {
             return;
         }
+        if let Phase::Recovering { idle_ticks, unanswered, .. } = &mut self.phase {
+            (*idle_ticks, *unanswered) = (0, 0);
+        }
         // A repeated reply may overlap what was already appended: it is the same source's log.
         let fresh: Vec<Entry> = entries.into_iter().filter(|e| e.position > self.last).collect();
+        let prev_epoch = self.history.last_epoch();
         if fresh.first().is_some_and(|e| e.position == self.last + 1) {
+            if !well_formed(self.last, prev_epoch, &fresh, self.promised) {
+                tracing::warn!(from, "ignoring a malformed FetchReply (positions or epochs out of order)");
+                return;
+            }
             self.append_local(fresh);
         }
         if self.last >= target {
@@ -487,7 +528,8 @@ impl Replica {
         progress.idle_ticks = 0;
         match outcome {
             AppendOutcome::Durable(position) => {
-                progress.matched = progress.matched.max(position);
+                // Nobody holds more of this leader's log than it has.
+                progress.matched = progress.matched.max(position.min(self.last));
                 progress.next = progress.next.max(progress.matched + 1);
                 self.advance_commit();
             }
@@ -610,5 +652,109 @@ impl Replica {
 
     fn majority(&self) -> usize {
         self.config.members.len() / 2 + 1
+    }
+}
+
+/// Whether `entries` may follow `(prev_position, prev_epoch)` in a log of an epoch up to
+/// `epoch`: consecutive positions, epochs never decreasing and never past `epoch`. Messages
+/// come from the network; one that breaks this is ignored, never applied (nor a panic).
+fn well_formed(prev_position: Position, prev_epoch: Epoch, entries: &[Entry], epoch: Epoch) -> bool {
+    let mut last_epoch = prev_epoch;
+    prev_epoch <= epoch
+        && entries.iter().enumerate().all(|(i, e)| {
+            let ok = e.position == prev_position + 1 + i as Position && e.epoch >= last_epoch && e.epoch <= epoch && e.epoch > 0;
+            last_epoch = e.epoch;
+            ok
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Mem(Vec<Entry>);
+
+    impl ReplicaLog for Mem {
+        fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
+            self.0.iter().skip(from as usize - 1).take(max).cloned().collect()
+        }
+    }
+
+    fn data(position: Position, epoch: Epoch) -> Entry {
+        Entry { position, epoch, kind: EntryKind::Data(vec![position as u8]) }
+    }
+
+    /// Replica 1 of five, holding positions 1..=6 of epoch 1, durable.
+    fn follower() -> Replica {
+        let mut history = EpochHistory::default();
+        history.record(1, 1);
+        let config = ReplicaConfig { me: 1, members: vec![0, 1, 2, 3, 4], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        Replica::new(config, DurableState { promised: 1, history, last: 6 })
+    }
+
+    fn durable_acks(replica: &mut Replica) -> Vec<Position> {
+        let batch = replica.take_effects();
+        replica.on_durable(batch.ticket, &Mem(Vec::new()));
+        let mut effects = batch.effects;
+        effects.extend(replica.take_effects().effects);
+        effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { message: Message::AppendReply { outcome: AppendOutcome::Durable(p), .. }, .. } => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn given_a_follower_matched_in_one_epoch_when_the_same_leader_sends_a_prefix_in_a_later_epoch_then_it_acks_only_that_prefix() {
+        let mut f = follower();
+        let log = Mem((1..=6).map(|p| data(p, 1)).collect());
+        f.on_message(0, Message::Append { epoch: 1, prev_position: 0, prev_epoch: 0, entries: log.0.clone(), commit: 0 }, &log);
+        assert_eq!(durable_acks(&mut f), [6]);
+        // Node 0 leads epoch 3 over a log that shares positions 1..=4 only (epoch 2's leader
+        // replaced the rest); its first Append in epoch 3 resends 1..=4.
+        let prefix: Vec<Entry> = (1..=4).map(|p| data(p, 1)).collect();
+        f.on_message(0, Message::Append { epoch: 3, prev_position: 0, prev_epoch: 0, entries: prefix, commit: 6 }, &log);
+        assert_eq!(durable_acks(&mut f), [4], "positions 5 and 6 matched epoch 1's log, not epoch 3's");
+        assert_eq!(f.commit(), 4, "nor may the follower take them as committed");
+    }
+
+    #[test]
+    fn given_malformed_appends_then_the_follower_ignores_them_without_panicking() {
+        let mut f = follower();
+        let log = Mem(Vec::new());
+        let malformed = [
+            // Positions skip.
+            (0, 0, vec![data(1, 1), data(3, 1)]),
+            // Epochs go down.
+            (0, 0, vec![data(1, 2), data(2, 1)]),
+            // An entry of a later epoch than the message's.
+            (0, 0, vec![data(1, 5)]),
+            // An entry older than the previous one.
+            (6, 2, vec![data(7, 1)]),
+        ];
+        for (prev_position, prev_epoch, entries) in malformed {
+            f.on_message(0, Message::Append { epoch: 2, prev_position, prev_epoch, entries, commit: 0 }, &log);
+            assert_eq!(f.last(), 6);
+            assert!(!f.take_effects().effects.iter().any(|e| matches!(e, Effect::Append(_) | Effect::Truncate { .. })));
+        }
+    }
+
+    #[test]
+    fn given_a_leader_then_followers_claiming_more_than_it_holds_count_only_for_what_it_holds() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let mut leader = Replica::new(config, DurableState::default());
+        assert!(leader.become_leader(1));
+        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker }]);
+        for peer in [1, 2] {
+            leader.on_message(peer, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
+        }
+        let batch = leader.take_effects();
+        leader.on_durable(batch.ticket, &log);
+        for peer in [1, 2] {
+            leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1_000) }, &log);
+        }
+        assert_eq!((leader.last(), leader.commit()), (1, 1), "its whole log is committed, and nothing beyond");
     }
 }

@@ -160,6 +160,9 @@ pub struct Store {
     last_seq_at_open: u64,
     /// Held by whoever writes the index environment: the indexer's flushes, a truncation.
     index_writer: parking_lot::Mutex<()>,
+    /// Shared by the log's reads (published heads, then the store), exclusive to a truncation
+    /// (the store, then the heads moved back), so no read pairs old heads with a truncated store.
+    truncation: parking_lot::RwLock<()>,
     partition_count: u32,
     config: StorageConfig,
     dir: PathBuf,
@@ -249,6 +252,7 @@ impl Store {
             indexed_through: AtomicU64::new(indexed_through),
             last_seq_at_open,
             index_writer: parking_lot::Mutex::new(()),
+            truncation: parking_lot::RwLock::new(()),
             partition_count: cfg.partitions,
             config: cfg.clone(),
             dir: dir.to_path_buf(),
@@ -504,6 +508,16 @@ impl Store {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Held while reading published heads and then the store: a truncation waits for it.
+    pub(crate) fn reading(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.truncation.read()
+    }
+
+    /// Held by the writer from a truncation until its heads are published.
+    pub(crate) fn truncating(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.truncation.write()
     }
 
     /// Events of `partition` from `from_position` up to `until_position` (inclusive), within `limit`.

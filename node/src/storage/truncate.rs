@@ -48,12 +48,21 @@ impl Store {
         self.sync_log()?;
         self.flush_index_locked(last_seq)?;
         let victims = self.events_after(partition, after)?;
+        let mut history = self.epoch_history(partition)?;
+        let before = history.clone();
+        history.truncate_after(after);
         if victims.is_empty() {
+            // No events to remove, but the history may still name an epoch starting after `after`
+            // (a marker never stored): it goes too, as the writer's copy does.
+            if history != before {
+                let mut txn = self.log.write()?;
+                super::ReplicaMeta { meta: self.log_dbs.meta }.put_history(&mut txn, partition, &history)?;
+                txn.commit()?;
+                self.sync_log()?;
+            }
             return Ok(0);
         }
         let intent = Intent { partition, after, streams: victims.iter().map(|(_, stream, version)| (stream.clone(), *version)).collect() };
-        let mut history = self.epoch_history(partition)?;
-        history.truncate_after(after);
         let mut txn = self.log.write()?;
         super::ReplicaMeta { meta: self.log_dbs.meta }.put_history(&mut txn, partition, &history)?;
         for (seq, _, _) in &victims {
