@@ -171,9 +171,29 @@ impl NodeArgs {
 
 #[derive(Args)]
 pub(crate) struct ServerArg {
-    /// Node to talk to.
+    /// Node to talk to; for `append`, any node of the cluster (or several, comma-separated):
+    /// the append goes to its partition's leader.
     #[arg(long, short, env = "ANTHILL_SERVER", default_value = DEFAULT_SERVER)]
     pub(crate) server: String,
+}
+
+/// When an append is acknowledged (docs/replication.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    /// Once the partition's leader has it on disk: fast, lost if the leader fails before a
+    /// majority has it.
+    Leader,
+    /// Once a majority of the partition's replicas has it on disk: never lost.
+    Quorum,
+}
+
+impl DurabilityArg {
+    pub fn wire(self) -> i32 {
+        match self {
+            DurabilityArg::Leader => pb::Durability::Leader as i32,
+            DurabilityArg::Quorum => pb::Durability::Quorum as i32,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -196,6 +216,8 @@ struct AppendArgs {
     /// Metadata `key=value` on every event; repeatable.
     #[arg(long = "meta", short)]
     metadata: Vec<String>,
+    #[arg(long, value_enum, default_value = "quorum")]
+    durability: DurabilityArg,
     #[arg(long)]
     json: bool,
 }
@@ -316,7 +338,7 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
     let request = pb::AppendRequest {
-        durability: pb::Durability::Leader as i32,
+        durability: args.durability.wire(),
         stream: args.stream.clone(),
         expected_version: Some(parse_expected(&args.expected)?),
         events: payloads
@@ -325,8 +347,9 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
             .collect(),
     };
     let n = request.events.len();
-    let mut clients = client::connect(&args.server.server).await?;
-    let r = clients.log.append(request).await.map_err(client::status_error)?.into_inner();
+    let seeds: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let router = crate::router::Router::connect(&seeds).await?;
+    let r = router.append(request).await.map_err(client::status_error)?;
     if args.json {
         println!(
             "{}",

@@ -7,7 +7,7 @@
 //! (decide/evolve over LMDB state, command ids, the ledger) and their given-when-then specs.
 //! Around them: [`server`] wires a node together and shuts it down cleanly, [`config`] is its
 //! typed configuration, [`telemetry`] and [`metrics`] make it observable. The `anthill` command's
-//! side: [`cli`] parses it, [`client`] talks to nodes, [`local`] runs nodes as child processes,
+//! side: [`cli`] parses it, [`client`] talks to nodes, [`router`] routes requests to partition leaders, [`local`] runs nodes as child processes,
 //! [`bench`] loads them and [`demo`] shows one working.
 
 pub mod api;
@@ -22,6 +22,7 @@ pub mod local;
 pub mod log;
 pub mod metrics;
 pub mod replication;
+pub mod router;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

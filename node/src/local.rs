@@ -126,6 +126,105 @@ impl Drop for ChildNode {
     }
 }
 
+/// What a [`LocalCluster`] is made of.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub partitions: u32,
+    pub replication_factor: u32,
+    pub session_ttl_ms: u64,
+    /// Flags every node gets (e.g. `--log-level warn`).
+    pub node_args: Vec<String>,
+}
+
+/// A cluster of real `anthill node` processes on loopback, node `i` (named `node-{i+1}`) on
+/// 127.0.0.{11+i} with a port the kernel picked: what the integration tests, the benchmark and
+/// the demo run. Every node's process is killed when this is dropped.
+pub struct LocalCluster {
+    exe: PathBuf,
+    dir: PathBuf,
+    pub addrs: Vec<SocketAddr>,
+    pub nodes: Vec<Option<ChildNode>>,
+}
+
+impl LocalCluster {
+    /// Writes each node's configuration under `dir` and starts them all (each waits until it
+    /// serves; the cluster forms on its own after that).
+    pub fn start(exe: &Path, dir: &Path, spec: &ClusterSpec) -> anyhow::Result<LocalCluster> {
+        if spec.nodes == 0 || spec.nodes > 200 {
+            bail!("a local cluster has 1 to 200 nodes, not {}", spec.nodes);
+        }
+        let addrs = (0..spec.nodes)
+            .map(|i| {
+                let ip = format!("127.0.0.{}", 11 + i);
+                let listener = std::net::TcpListener::bind((ip.as_str(), 0)).with_context(|| format!("cannot bind {ip}"))?;
+                Ok(listener.local_addr()?)
+            })
+            .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
+        let members: String = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("    - {{id: {}, name: {}, address: \"{a}\"}}\n", i + 1, Self::name(i)))
+            .collect();
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for i in 0..spec.nodes {
+            let config = format!(
+                "node_id: {}\nstorage:\n  partitions: {}\ncluster:\n  replication_factor: {}\n  session_ttl_ms: {}\n  members:\n{members}",
+                Self::name(i),
+                spec.partitions,
+                spec.replication_factor,
+                spec.session_ttl_ms,
+            );
+            std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
+        }
+        let mut cluster =
+            LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect() };
+        for i in 0..spec.nodes {
+            cluster.start_node(i, &spec.node_args)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The name of node `i`.
+    pub fn name(i: usize) -> String {
+        format!("node-{}", i + 1)
+    }
+
+    /// The index of the node named `name`.
+    pub fn index_of(name: &str) -> Option<usize> {
+        name.strip_prefix("node-")?.parse::<usize>().ok()?.checked_sub(1)
+    }
+
+    /// (Re)starts node `i` on its data directory and address.
+    pub fn start_node(&mut self, i: usize, node_args: &[String]) -> anyhow::Result<()> {
+        let name = Self::name(i);
+        let mut args = vec!["--config".to_string(), self.dir.join(format!("{name}.yaml")).display().to_string()];
+        args.extend(node_args.iter().cloned());
+        self.nodes[i] = Some(ChildNode::spawn_at(&self.exe, &self.dir.join(&name), self.addrs[i], &args)?);
+        Ok(())
+    }
+
+    /// SIGKILL node `i` (nothing if it is not running).
+    pub fn kill9(&mut self, i: usize) -> anyhow::Result<()> {
+        match self.nodes[i].take() {
+            Some(node) => node.kill9(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("http://{}", self.addrs[i])
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.addrs.len()).map(|i| self.url(i)).collect()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 /// The addresses in a ready line.
 pub fn parse_ready_line(line: &str) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
     let mut grpc = None;

@@ -6,11 +6,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anthill_node::client;
-use anthill_node::local::ChildNode;
+use anthill_node::local::{ClusterSpec, LocalCluster};
 use anthill_proto::v1 as pb;
 
 const NODES: usize = 3;
@@ -21,41 +21,33 @@ const SESSION_TTL_MS: u64 = 2_000;
 /// a starved node that misses its session renewals would fail over for no reason.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn free_addr(ip: &str) -> SocketAddr {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
-
 struct Cluster {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    local: LocalCluster,
     addrs: Vec<SocketAddr>,
-    nodes: Vec<Option<ChildNode>>,
 }
 
 impl Cluster {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let addrs: Vec<SocketAddr> = (0..NODES).map(|i| free_addr(&format!("127.0.0.{}", 11 + i))).collect();
-        let members: String =
-            addrs.iter().enumerate().map(|(i, a)| format!("    - {{id: {}, name: node-{}, address: \"{a}\"}}\n", i + 1, i + 1)).collect();
-        for i in 0..NODES {
-            let config = format!(
-                "node_id: node-{}\nstorage:\n  partitions: {PARTITIONS}\ncluster:\n  replication_factor: 3\n  session_ttl_ms: {SESSION_TTL_MS}\n  members:\n{members}",
-                i + 1
-            );
-            std::fs::write(dir.path().join(format!("node-{}.yaml", i + 1)), config).unwrap();
-        }
-        let mut cluster = Cluster { dir, addrs, nodes: (0..NODES).map(|_| None).collect() };
-        for i in 0..NODES {
-            cluster.start_node(i);
-        }
-        cluster
+        let spec = ClusterSpec {
+            nodes: NODES,
+            partitions: PARTITIONS,
+            replication_factor: 3,
+            session_ttl_ms: SESSION_TTL_MS,
+            node_args: Vec::new(),
+        };
+        let local = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+        let addrs = local.addrs.clone();
+        Cluster { _dir: dir, local, addrs }
     }
 
     fn start_node(&mut self, i: usize) {
-        let config = self.dir.path().join(format!("node-{}.yaml", i + 1));
-        let args = vec!["--config".to_string(), config.display().to_string()];
-        let data = self.dir.path().join(format!("node-{}", i + 1));
-        self.nodes[i] = Some(ChildNode::spawn_at(&common::exe(), &data, self.addrs[i], &args).unwrap());
+        self.local.start_node(i, &[]).unwrap();
+    }
+
+    fn kill9(&mut self, i: usize) {
+        self.local.kill9(i).unwrap();
     }
 
     async fn status(&self, i: usize) -> Option<pb::ClusterStatus> {
@@ -111,7 +103,7 @@ async fn given_three_nodes_then_partitions_get_leaders_and_a_killed_leaders_part
     let lost: Vec<u32> = formed.partitions.iter().filter(|p| p.leader == victim).map(|p| p.partition).collect();
     let observer = (victim_index + 1) % NODES;
     let killed_at = Instant::now();
-    cluster.nodes[victim_index].take().unwrap().kill9().unwrap();
+    cluster.kill9(victim_index);
     let moved = cluster
         .wait_for(observer, Duration::from_secs(30), |s| {
             all_led(s) && s.partitions.iter().filter(|p| lost.contains(&p.partition)).all(|p| p.leader != victim)
@@ -150,7 +142,7 @@ async fn clients_of(cluster: &Cluster, i: usize) -> anthill_node::client::Client
 }
 
 fn index_of(name: &str) -> usize {
-    name.trim_start_matches("node-").parse::<usize>().unwrap() - 1
+    LocalCluster::index_of(name).unwrap()
 }
 
 async fn partition_events(cluster: &Cluster, i: usize, partition: u32) -> Vec<pb::RecordedEvent> {
@@ -223,7 +215,7 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     }
 
     // The leader dies; a live replica takes over in a higher epoch and continues the log.
-    cluster.nodes[leader].take().unwrap().kill9().unwrap();
+    cluster.kill9(leader);
     let moved = cluster
         .wait_for(follower, Duration::from_secs(30), |s| {
             s.partitions.iter().find(|p| p.partition == partition).is_some_and(|p| !p.leader.is_empty() && p.leader != owner.leader)
@@ -246,4 +238,101 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     let events = partition_events(&cluster, successor, partition).await;
     assert_eq!(&events[..4], &on_leader[..], "the new leader kept every event of the old one");
     assert!(events[5].epoch > events[0].epoch);
+}
+
+/// One stream of each partition.
+fn stream_per_partition() -> Vec<String> {
+    (0..PARTITIONS)
+        .map(|p| (0..).map(|i| format!("cart-{i}")).find(|s| anthill_node::log::partition_of(s, PARTITIONS) == p).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_appends_go_on_at_the_new_leader_and_none_acknowledged_is_lost()
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start();
+    cluster.wait_for(0, Duration::from_secs(60), |s| all_led(s) && s.members.iter().all(|m| m.live)).await;
+    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
+    let streams = stream_per_partition();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A writer per partition: quorum appends, each payload unique; what was acknowledged, when.
+    let mut writers = Vec::new();
+    for stream in streams.clone() {
+        let (router, stop) = (router.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked: Vec<(String, Instant)> = Vec::new();
+            let mut failures = 0u32;
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let payload = format!("{stream}/{i}");
+                let mut request = common::append(&stream, None, vec![common::event("Added", &payload)]);
+                request.durability = pb::Durability::Quorum as i32;
+                match router.append(request).await {
+                    Ok(_) => acked.push((payload, Instant::now())),
+                    // Outcome unknown (the leader died mid-request): not acknowledged.
+                    Err(_) => failures += 1,
+                }
+            }
+            (stream, acked, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let table = router.table();
+    let victim_url = table.leaders[0].clone().expect("partition 0 has a leader");
+    let victim = cluster.local.urls().iter().position(|u| *u == victim_url).unwrap();
+    let killed_at = Instant::now();
+    cluster.kill9(victim);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let survivor = (victim + 1) % NODES;
+    let mut unavailable = Duration::ZERO;
+    for writer in writers {
+        let (stream, acked, failures) = writer.await.unwrap();
+        let before = acked.iter().filter(|(_, at)| *at < killed_at).count();
+        let after = acked.len() - before;
+        assert!(before > 0 && after > 0, "{stream}: {before} appends acknowledged before the kill, {after} after ({failures} failures)");
+        if let Some((_, first_after)) = acked.iter().find(|(_, at)| *at >= killed_at) {
+            unavailable = unavailable.max(*first_after - killed_at);
+        }
+        // Every acknowledged append is on the partition's (new) leader, once, in order.
+        let read = router.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0 }).await.unwrap();
+        let stored: Vec<String> = read.events.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
+        let acked: Vec<String> = acked.into_iter().map(|(p, _)| p).collect();
+        let mut next = stored.iter();
+        for payload in &acked {
+            assert!(next.any(|s| s == payload), "{stream}: acknowledged {payload} is missing or out of order on the leader");
+        }
+        // The survivors' copies agree with the leader's (the partition is fully replicated).
+        let partition = anthill_node::log::partition_of(&stream, PARTITIONS);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let leader_events = loop {
+            let leader = router.table().leaders[partition as usize].clone().unwrap();
+            let index = cluster.local.urls().iter().position(|u| *u == leader).unwrap();
+            let on_leader = partition_events(&cluster, index, partition).await;
+            let on_survivor = partition_events(&cluster, survivor, partition).await;
+            if on_leader == on_survivor || Instant::now() > deadline {
+                break (on_leader, on_survivor);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(leader_events.0, leader_events.1, "partition {partition}: the replicas did not converge");
+    }
+    eprintln!("the longest time an append of any partition waited after the kill: {unavailable:?} (session TTL {SESSION_TTL_MS} ms)");
+    assert!(unavailable < Duration::from_secs(6), "partition 0 never came back within 6 s");
+
+    // The command line routes too: `anthill append` to a node that does not lead the stream.
+    let stream = &streams[0];
+    let leader = router.table().leaders[0].clone().unwrap();
+    let other = cluster.local.urls().into_iter().enumerate().find(|(i, u)| *u != leader && *i != victim).unwrap().1;
+    let out = std::process::Command::new(common::exe())
+        .args(["append", "--server", &other, "--type", "Added", "--data", "via-cli", "--json", stream])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["partition"], 0);
 }

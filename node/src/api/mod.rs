@@ -11,7 +11,9 @@
 //! | storage full (map at its maximum)        | `RESOURCE_EXHAUSTED`  |
 //! | a stored record fails its checksum       | `DATA_LOSS`           |
 //! | node shutting down                       | `UNAVAILABLE`         |
-//! | partition led by another node            | `UNAVAILABLE` + trailer `anthill-not-leader` (the partition) |
+//! | partition led by another node            | `UNAVAILABLE` + trailer `anthill-not-leader` (the partition); nothing written, safe to resend to the leader |
+//! | `quorum` append, leadership lost first   | `ABORTED`: outcome unknown (retry with an expected version or a command id) |
+//! | `quorum` append, no majority in 10 s     | `DEADLINE_EXCEEDED`: outcome unknown  |
 //! | LMDB reader slots all in use             | `UNAVAILABLE`         |
 //! | other storage failure                    | `INTERNAL`            |
 //!
@@ -241,6 +243,7 @@ pub(crate) fn append_status(error: AppendError) -> Status {
         AppendError::Storage(e) => storage_status(e),
         AppendError::ShuttingDown => Status::unavailable(error.to_string()),
         AppendError::QuorumTimeout { .. } => Status::deadline_exceeded(error.to_string()),
+        AppendError::OutcomeUnknown { .. } => Status::aborted(error.to_string()),
         AppendError::NotLeader { partition } => {
             let mut status = Status::unavailable(error.to_string());
             status.metadata_mut().insert(NOT_LEADER_TRAILER, partition.to_string().parse().expect("a number is valid metadata"));

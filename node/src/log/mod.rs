@@ -94,8 +94,16 @@ pub enum AppendError {
     #[error("partition {partition}: no majority of its replicas acknowledged the append in time; it may still be committed")]
     QuorumTimeout { partition: u32 },
     /// The partition is led by another node (or by none right now): send it to its leader.
+    /// Nothing of the request was written, so it is safe to send again.
     #[error("this node does not lead partition {partition} now; send the request to its leader")]
     NotLeader { partition: u32 },
+    /// A `quorum` append was written here, but this node stopped leading the partition before a
+    /// majority confirmed it: the new leader may or may not hold it.
+    #[error(
+        "partition {partition}: leadership moved before a majority confirmed the append; it may or may not be committed \
+         (retry with an expected version, or as a command with the same command id)"
+    )]
+    OutcomeUnknown { partition: u32 },
 }
 
 /// Which partitions this node may append to, and in which epoch: the leader's epoch of each
@@ -237,8 +245,7 @@ impl Log {
     }
 
     /// Waits until a majority holds `appended` (committed in the epoch it was appended in).
-    /// Fails with `NotLeader` when this node stops leading that epoch first — the append's fate
-    /// is then unknown — and with `QuorumTimeout` after `timeout` (the API uses [`QUORUM_WAIT`]).
+    /// Fails with `OutcomeUnknown` when this node stops leading that epoch first, and with `QuorumTimeout` after `timeout` (the API uses [`QUORUM_WAIT`]).
     /// A single node returns at once: it is its own majority.
     pub async fn wait_quorum(&self, appended: &Appended, timeout: std::time::Duration) -> Result<(), AppendError> {
         if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
@@ -249,7 +256,7 @@ impl Log {
         let wait = async {
             loop {
                 if self.roles.epoch(partition) != epoch {
-                    return Err(AppendError::NotLeader { partition });
+                    return Err(AppendError::OutcomeUnknown { partition });
                 }
                 let (e, p) = *committed.borrow_and_update();
                 if e == epoch && p >= position {

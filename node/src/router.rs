@@ -1,0 +1,281 @@
+//! The routing client: sends each request to the node that leads its stream's partition.
+//!
+//! A [`Router`] starts from seed addresses, asks a node for its view of the cluster
+//! (`Node.Status`: members with their addresses, each partition's leader) and caches it as a
+//! routing table. Each append goes to the leader of `partition_of(stream)`, over one HTTP/2
+//! connection per node, shared by every caller of the router. A single node (no `cluster` in its
+//! status) leads every partition.
+//!
+//! Retries are automatic only where they cannot write twice:
+//! - `UNAVAILABLE` with the trailer `anthill-not-leader`: the node refused before writing
+//!   anything. The router reloads the table (from any node that answers) and resends;
+//! - a connection that could not be made: nothing was sent;
+//! - while a partition has no leader (a failover in progress), the router waits and reloads.
+//!
+//! Both go on with a growing pause (10 ms up to 200 ms) until [`Router::retry_for`] has passed
+//! (10 s by default: a failover takes the session TTL plus a recovery). Any other error goes
+//! back to the caller: `ABORTED` or `DEADLINE_EXCEEDED` on a `quorum` append, or a connection
+//! lost mid-request, mean the outcome is unknown. A command resent with the same command id
+//! is answered once (its first outcome), so commands may be resent safely; plain appends should
+//! carry an expected version to be resent safely.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anthill_proto::v1 as pb;
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+use tonic::{Code, Status};
+
+use crate::api::NOT_LEADER_TRAILER;
+use crate::client::{self, Clients};
+
+/// How long to wait for a node that does not answer a connection or a status request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where each partition's requests go, as one node last described the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub partition_count: u32,
+    /// Each partition's leader's URL, `None` while it has none.
+    pub leaders: Vec<Option<String>>,
+    /// Every member's URL (where to ask next time).
+    pub members: Vec<String>,
+}
+
+impl RouteTable {
+    /// The table a node's status describes; `asked` is the URL it was reached at.
+    pub fn from_status(status: &pb::StatusResponse, asked: &str) -> RouteTable {
+        let Some(cluster) = &status.cluster else {
+            return RouteTable {
+                partition_count: status.partition_count,
+                leaders: vec![Some(asked.to_string()); status.partition_count as usize],
+                members: vec![asked.to_string()],
+            };
+        };
+        let url_of: HashMap<&str, String> = cluster.members.iter().map(|m| (m.name.as_str(), client::server_url(&m.address))).collect();
+        let mut leaders = vec![None; status.partition_count as usize];
+        for p in &cluster.partitions {
+            if let Some(slot) = leaders.get_mut(p.partition as usize) {
+                *slot = url_of.get(p.leader.as_str()).cloned();
+            }
+        }
+        RouteTable { partition_count: status.partition_count, leaders, members: url_of.into_values().collect() }
+    }
+}
+
+/// What went wrong with one attempt, and whether resending is safe.
+enum Attempt {
+    /// Nothing was written: reload the table and resend.
+    Retry(String),
+    /// The answer for the caller.
+    Fail(Status),
+}
+
+pub struct Router {
+    seeds: Vec<String>,
+    table: Mutex<RouteTable>,
+    channels: Mutex<HashMap<String, Clients>>,
+    /// How long a request keeps being resent while no leader takes it.
+    pub retry_for: Duration,
+}
+
+impl Router {
+    /// A router that has loaded its table from one of `seeds` (URLs or `host:port`).
+    pub async fn connect(seeds: &[String]) -> anyhow::Result<Router> {
+        if seeds.is_empty() {
+            bail!("the router needs at least one node address");
+        }
+        let router = Router {
+            seeds: seeds.iter().map(|s| client::server_url(s)).collect(),
+            table: Mutex::new(RouteTable::default()),
+            channels: Mutex::new(HashMap::new()),
+            retry_for: Duration::from_secs(10),
+        };
+        router.refresh().await?;
+        Ok(router)
+    }
+
+    pub fn table(&self) -> RouteTable {
+        self.table.lock().clone()
+    }
+
+    /// The partition `stream` belongs to.
+    pub fn partition_of(&self, stream: &str) -> u32 {
+        crate::log::partition_of(stream, self.table.lock().partition_count.max(1))
+    }
+
+    /// Reloads the table from the first node that answers: the known members, then the seeds.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let mut candidates = self.table.lock().members.clone();
+        for seed in &self.seeds {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
+        let mut last_error = None;
+        for url in candidates {
+            match self.status_of(&url).await {
+                Ok(status) => {
+                    *self.table.lock() = RouteTable::from_status(&status, &url);
+                    return Ok(());
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("at least one seed").context("no node of the cluster answered"))
+    }
+
+    async fn status_of(&self, url: &str) -> anyhow::Result<pb::StatusResponse> {
+        let mut clients = self.clients(url).await?;
+        let status = tokio::time::timeout(CONNECT_TIMEOUT, clients.node.status(pb::StatusRequest {}))
+            .await
+            .with_context(|| format!("{url} did not answer within {CONNECT_TIMEOUT:?}"))?
+            .map_err(client::status_error)?;
+        Ok(status.into_inner())
+    }
+
+    /// The connection to `url`, made once and shared.
+    async fn clients(&self, url: &str) -> anyhow::Result<Clients> {
+        if let Some(clients) = self.channels.lock().get(url) {
+            return Ok(clients.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("bad node address {url:?}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
+        let clients = client::clients(channel);
+        self.channels.lock().insert(url.to_string(), clients.clone());
+        Ok(clients)
+    }
+
+    /// The leader's connection for `partition`, or why there is none now.
+    async fn leader_of(&self, partition: u32) -> Result<Clients, Attempt> {
+        let leader = self.table.lock().leaders.get(partition as usize).cloned().flatten();
+        let Some(url) = leader else { return Err(Attempt::Retry(format!("partition {partition} has no leader now"))) };
+        self.clients(&url).await.map_err(|e| {
+            // A dead node's connection is dropped, so a restarted one gets a fresh one.
+            self.channels.lock().remove(&url);
+            Attempt::Retry(format!("{e:#}"))
+        })
+    }
+
+    /// Runs `call` against `partition`'s leader, resending while that is safe (module doc).
+    pub async fn on_leader<T, F, Fut>(&self, partition: u32, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(Clients) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.retry_for;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let attempt = match self.leader_of(partition).await {
+                Ok(clients) => match call(clients).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(status) => classify(status),
+                },
+                Err(attempt) => attempt,
+            };
+            let why = match attempt {
+                Attempt::Fail(status) => return Err(status),
+                Attempt::Retry(why) => why,
+            };
+            if Instant::now() + pause > deadline {
+                return Err(Status::unavailable(format!(
+                    "partition {partition}: no leader took the request within {:?}: {why}",
+                    self.retry_for
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+            // A failed reload leaves the table as it was; the next attempt tells.
+            let _ = self.refresh().await;
+        }
+    }
+
+    /// Appends to the leader of the request's stream.
+    pub async fn append(&self, request: pb::AppendRequest) -> Result<pb::AppendResponse, Status> {
+        let partition = self.partition_of(&request.stream);
+        self.on_leader(partition, |mut c| {
+            let request = request.clone();
+            async move { c.log.append(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Reads a stream from its partition's leader.
+    pub async fn read(&self, request: pb::ReadRequest) -> Result<pb::ReadResponse, Status> {
+        let partition = self.partition_of(&request.stream);
+        self.on_leader(partition, |mut c| {
+            let request = request.clone();
+            async move { c.log.read(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+}
+
+fn classify(status: Status) -> Attempt {
+    if status.code() == Code::Unavailable && status.metadata().get(NOT_LEADER_TRAILER).is_some() {
+        return Attempt::Retry(status.message().to_string());
+    }
+    if status.code() == Code::Unavailable && never_sent(&status) {
+        return Attempt::Retry(format!("connection refused: {}", status.message()));
+    }
+    Attempt::Fail(status)
+}
+
+/// Whether the status comes from a connection that could not be made (so the request never
+/// left): the transport error's chain says so.
+fn never_sent(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        let text = error.to_string().to_ascii_lowercase();
+        if text.contains("connection refused") || text.contains("tcp connect error") || text.contains("error trying to connect") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(cluster: Option<pb::ClusterStatus>) -> pb::StatusResponse {
+        pb::StatusResponse { partition_count: 3, cluster, ..Default::default() }
+    }
+
+    #[test]
+    fn a_single_node_leads_every_partition() {
+        let table = RouteTable::from_status(&status(None), "http://n:1");
+        assert_eq!(table.leaders, vec![Some("http://n:1".to_string()); 3]);
+    }
+
+    #[test]
+    fn a_cluster_maps_leader_names_to_member_addresses_and_leaderless_partitions_to_none() {
+        let member = |name: &str, address: &str| pb::ClusterMember { name: name.into(), address: address.into(), live: true };
+        let partition = |partition, leader: &str| pb::PartitionOwnership { partition, leader: leader.into(), ..Default::default() };
+        let cluster = pb::ClusterStatus {
+            members: vec![member("a", "127.0.0.11:7400"), member("b", "127.0.0.12:7400")],
+            partitions: vec![partition(0, "b"), partition(1, ""), partition(2, "a")],
+            ..Default::default()
+        };
+        let table = RouteTable::from_status(&status(Some(cluster)), "http://127.0.0.11:7400");
+        assert_eq!(table.leaders, [Some("http://127.0.0.12:7400".to_string()), None, Some("http://127.0.0.11:7400".to_string())]);
+        assert_eq!(table.members.len(), 2);
+    }
+
+    #[test]
+    fn only_refusals_that_wrote_nothing_are_resent() {
+        let mut not_leader = Status::unavailable("not the leader");
+        not_leader.metadata_mut().insert(NOT_LEADER_TRAILER, "2".parse().unwrap());
+        assert!(matches!(classify(not_leader), Attempt::Retry(_)));
+        assert!(matches!(classify(Status::aborted("outcome unknown")), Attempt::Fail(_)));
+        assert!(matches!(classify(Status::unavailable("the node is shutting down")), Attempt::Fail(_)));
+        assert!(matches!(classify(Status::deadline_exceeded("no majority")), Attempt::Fail(_)));
+    }
+}
