@@ -35,9 +35,10 @@ use serde::Serialize;
 
 use crate::client::{self, Clients};
 use crate::config::{GroupCommitConfig, LimitsConfig, StorageConfig};
-use crate::local::ChildNode;
+use crate::local::{ChildNode, ClusterSpec, LocalCluster};
 use crate::log::{self, ExpectedVersion, Log, NewEvent};
 use crate::metrics::Metrics;
+use crate::router::Router;
 use crate::storage::Store;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -93,6 +94,21 @@ pub struct BenchArgs {
     /// Extra flags for the node the benchmark starts (e.g. --node-arg=--group-commit-max-wait-us=0).
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
+    /// When appends are acknowledged: by the partition's leader, or by a majority of its replicas.
+    #[arg(long, value_enum, default_value = "leader")]
+    pub durability: crate::cli::DurabilityArg,
+    /// Run the `append` workload against a cluster of this many nodes started on loopback
+    /// (127.0.0.11 on), through the routing client, after the same load against one node (the
+    /// baseline, measured in the same run).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(2..=12))]
+    pub cluster: Option<u16>,
+    /// With --cluster: then kill a partition's leader this many times (SIGKILL, one at a time,
+    /// restarting it after) and measure how long until appends to that partition succeed again.
+    #[arg(long, default_value_t = 0)]
+    pub kills: usize,
+    /// With --cluster: the nodes' session TTL (how long a dead node goes unnoticed).
+    #[arg(long, default_value_t = 1_000)]
+    pub session_ttl_ms: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -138,6 +154,12 @@ struct Progress {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(nodes) = args.cluster {
+        return cluster_run(&args, nodes as usize).await;
+    }
+    if args.kills > 0 {
+        bail!("--kills needs --cluster");
+    }
     let needs_node = args.suite || !matches!(args.workload, Workload::Raw | Workload::Disk);
     let (node, _dir, url) = match (&args.server, needs_node) {
         (Some(server), _) => (None, None, server.clone()),
@@ -154,7 +176,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     // Disk writes are counted only for a node this process started (its data directory is known).
-    let server = Server { url, data_dir: node.as_ref().map(|n| n.data_dir.clone()) };
+    let server = Server { url, data_dir: node.as_ref().map(|n| n.data_dir.clone()), seeds: None };
     let results = if args.suite { suite(&args, &server).await? } else { vec![one(&args, &server, None).await?] };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "machine": machine(), "results": results }))?);
@@ -211,6 +233,241 @@ async fn suite(args: &BenchArgs, server: &Server) -> anyhow::Result<Vec<BenchRes
     Ok(results)
 }
 
+/// Failover times measured by `--kills`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    pub kills: usize,
+    pub session_ttl_ms: u64,
+    /// From each SIGKILL of a partition's leader to the first `quorum` append to that partition
+    /// acknowledged after it (sent after it), in milliseconds, in kill order.
+    pub samples_ms: Vec<f64>,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+    /// `quorum` appends the probes had acknowledged over all kills, and how many of them were
+    /// missing from their stream at the end (must be 0).
+    pub acknowledged: u64,
+    pub lost: u64,
+}
+
+/// `--cluster N`: the append load against one node (the baseline), then against N nodes through
+/// the routing client, then `--kills` failovers.
+async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
+    if args.server.is_some() || args.suite || args.workload != Workload::Append {
+        bail!("--cluster starts its own nodes and runs the append workload: leave out --server, --suite and --workload");
+    }
+    let dir = tempfile::Builder::new().prefix("anthill-bench-cluster-").tempdir()?;
+    let exe = std::env::current_exe()?;
+    let mut node_args = vec!["--log-level".to_string(), "warn".to_string()];
+    node_args.extend(args.node_args.iter().cloned());
+
+    let single = ChildNode::spawn(&exe, &dir.path().join("single"), &node_args)?;
+    eprintln!("bench: started one node at {} for the baseline", single.url());
+    let server = Server { url: single.url(), data_dir: Some(single.data_dir.clone()), seeds: None };
+    let mut baseline = one(args, &server, Some("append: 1 node")).await?;
+    baseline.baseline = None;
+    single.terminate(Duration::from_secs(30))?;
+    settle().await;
+
+    let spec = ClusterSpec {
+        nodes,
+        partitions: crate::config::StorageConfig::default().partitions,
+        replication_factor: nodes.min(3) as u32,
+        session_ttl_ms: args.session_ttl_ms,
+        node_args: node_args.clone(),
+    };
+    let mut cluster = LocalCluster::start(&exe, &dir.path().join("cluster"), &spec)?;
+    eprintln!("bench: started {nodes} nodes at {}", cluster.urls().join(", "));
+    wait_whole(&cluster, &spec, Duration::from_secs(60)).await?;
+    let server = Server { url: cluster.url(0), data_dir: Some(cluster.dir().to_path_buf()), seeds: Some(cluster.urls()) };
+    let durability = format!("{:?}", args.durability).to_lowercase();
+    let mut routed = one(args, &server, Some(&format!("append: {nodes} nodes, {durability} acks"))).await?;
+    routed.baseline = Some(baseline.name.clone());
+    routed.ratio_to_baseline = Some(routed.events_per_sec / baseline.events_per_sec);
+    let results = vec![baseline, routed];
+
+    let failover = if args.kills > 0 { Some(failovers(args.kills, &mut cluster, &spec).await?) } else { None };
+    if args.json {
+        let report = serde_json::json!({ "machine": machine(), "results": results, "failover": failover });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&results));
+        if let Some(f) = &failover {
+            println!(
+                "failover: {} kills, session TTL {} ms: p50 {:.0} ms, max {:.0} ms; {} quorum appends acknowledged, {} lost",
+                f.kills, f.session_ttl_ms, f.p50_ms, f.max_ms, f.acknowledged, f.lost
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every member is live and every partition has a leader that takes appends.
+async fn wait_whole(cluster: &LocalCluster, spec: &ClusterSpec, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut whole = false;
+        for i in (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].is_some()) {
+            let Ok(mut c) = client::connect(&cluster.url(i)).await else { continue };
+            let Ok(status) = c.node.status(pb::StatusRequest {}).await else { continue };
+            if let Some(view) = status.into_inner().cluster {
+                whole = view.members.iter().all(|m| m.live)
+                    && view.partitions.len() == spec.partitions as usize
+                    && view.partitions.iter().all(|p| !p.leader.is_empty());
+            }
+            break;
+        }
+        if whole {
+            // Each leader serves once it recovered: one quorum append per partition says so.
+            let router = Router::connect(&cluster.urls()).await?;
+            for stream in streams_per_partition("bench-probe", spec.partitions) {
+                let request = probe_append(&stream, "ready");
+                router.append(request).await.map_err(|e| anyhow::anyhow!("partition of {stream} does not take appends: {e}"))?;
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not form within {timeout:?} (logs in {})", cluster.dir().display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The live node that leads `partition` in the highest epoch, as the nodes' statuses say.
+async fn serving_node(cluster: &LocalCluster, partition: u32) -> Option<usize> {
+    let mut best: Option<(u64, usize)> = None;
+    for i in (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].is_some()) {
+        let Ok(mut c) = client::connect(&cluster.url(i)).await else { continue };
+        let Ok(status) = c.node.status(pb::StatusRequest {}).await else { continue };
+        let epoch = status.into_inner().partitions.get(partition as usize).map_or(0, |p| p.epoch);
+        if epoch > 0 && best.is_none_or(|(e, _)| epoch > e) {
+            best = Some((epoch, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// One stream name per partition, `{prefix}-{n}`.
+fn streams_per_partition(prefix: &str, partitions: u32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| (0..).map(|n| format!("{prefix}-{n}")).find(|s| log::partition_of(s, partitions) == p).expect("some name hashes there"))
+        .collect()
+}
+
+fn probe_append(stream: &str, payload: &str) -> pb::AppendRequest {
+    pb::AppendRequest {
+        durability: pb::Durability::Quorum as i32,
+        stream: stream.to_string(),
+        expected_version: None,
+        events: vec![pb::EventData { r#type: "Probe".into(), payload: payload.as_bytes().to_vec(), metadata: Default::default() }],
+    }
+}
+
+/// Kills the leader of partition `k` (of the current routing table) `kills` times.
+async fn failovers(kills: usize, cluster: &mut LocalCluster, spec: &ClusterSpec) -> anyhow::Result<FailoverReport> {
+    let router = Arc::new(Router::connect(&cluster.urls()).await?);
+    let streams = streams_per_partition("bench-failover", spec.partitions);
+    let mut samples = Vec::new();
+    let mut acked: Vec<(String, String)> = Vec::new();
+    for k in 0..kills {
+        wait_whole(cluster, spec, Duration::from_secs(60)).await?;
+        router.refresh().await?;
+        let partition = (k as u32 * 7) % spec.partitions;
+        let stream = streams[partition as usize].clone();
+        // The node that serves the partition now, by its own word (a view may lag).
+        let victim = serving_node(cluster, partition).await.with_context(|| format!("no node serves partition {partition}"))?;
+        // The probe appends to the partition all along: (sent, answered, payload) of each ack.
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks: Arc<Mutex<Vec<(Instant, Instant, String)>>> = Arc::default();
+        let probe = {
+            let (router, stop, stream, acks) = (router.clone(), stop.clone(), stream.clone(), acks.clone());
+            tokio::spawn(async move {
+                for n in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let payload = format!("kill-{k}-{n}");
+                    let sent = Instant::now();
+                    match router.append(probe_append(&stream, &payload)).await {
+                        Ok(_) => acks.lock().push((sent, Instant::now(), payload)),
+                        Err(e) if std::env::var_os("ANTHILL_BENCH_DEBUG").is_some() => {
+                            eprintln!("probe {:?}: {:?} {}", sent.elapsed(), e.code(), e.message())
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed_at = Instant::now();
+        cluster.kill9(victim)?;
+        let deadline = killed_at + Duration::from_secs(30);
+        let first_after = |acks: &[(Instant, Instant, String)]| {
+            acks.iter().find(|(sent, _, _)| *sent > killed_at).map(|(_, answered, _)| *answered - killed_at)
+        };
+        let took = loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(took) = first_after(&acks.lock()) {
+                break Some(took);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        probe.await?;
+        let Some(took) = took else {
+            bail!(
+                "kill {}: partition {partition} took no append within 30 s of killing {} (logs in {})",
+                k + 1,
+                LocalCluster::name(victim),
+                cluster.dir().display()
+            );
+        };
+        eprintln!(
+            "bench: kill {}/{kills}: {} (leader of partition {partition}) → appends acknowledged again after {:.0} ms",
+            k + 1,
+            LocalCluster::name(victim),
+            took.as_secs_f64() * 1000.0
+        );
+        samples.push(took.as_secs_f64() * 1000.0);
+        acked.extend(acks.lock().drain(..).map(|(_, _, payload)| (stream.clone(), payload)));
+        cluster.start_node(victim, &spec.node_args)?;
+    }
+    // Every acknowledged probe append is in its stream.
+    let mut lost = 0;
+    let mut by_stream: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (stream, payload) in &acked {
+        by_stream.entry(stream).or_default().push(payload);
+    }
+    for (stream, payloads) in by_stream {
+        let mut stored = std::collections::HashSet::new();
+        let mut from = 1;
+        loop {
+            let read = router
+                .read(pb::ReadRequest { stream: stream.to_string(), from_version: from, max_count: 0 })
+                .await
+                .map_err(client::status_error)?;
+            if read.events.is_empty() {
+                break;
+            }
+            from = read.events.last().map_or(from, |e| e.stream_version + 1);
+            stored.extend(read.events.into_iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()));
+        }
+        lost += payloads.iter().filter(|p| !stored.contains(**p)).count() as u64;
+    }
+    let mut sorted = samples.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(FailoverReport {
+        kills,
+        session_ttl_ms: spec.session_ttl_ms,
+        p50_ms: sorted[sorted.len() / 2],
+        max_ms: *sorted.last().expect("at least one kill"),
+        samples_ms: samples,
+        acknowledged: acked.len() as u64,
+        lost,
+    })
+}
+
 /// Lets the previous run's writeback finish so it does not bill the next run.
 async fn settle() {
     // SAFETY: sync(2) has no preconditions.
@@ -257,6 +514,15 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
     let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
     let started = Instant::now();
     match args.workload {
+        Workload::Append if server.seeds.is_some() => {
+            let seeds = server.seeds.as_deref().expect("checked");
+            // As many routers (each with one connection per node) as the pool has connections.
+            let mut routers = Vec::new();
+            for _ in 0..args.connections.min(args.concurrency).max(1) {
+                routers.push(Arc::new(Router::connect(seeds).await?));
+            }
+            drive(args, &Target::Routed(routers), &progress, &histogram).await?;
+        }
         Workload::Append | Workload::Session => {
             let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
             let target = if args.workload == Workload::Session { Target::Session(pool) } else { Target::Grpc(pool) };
@@ -335,6 +601,8 @@ struct Server {
     url: String,
     /// Known when the benchmark started the node itself.
     data_dir: Option<std::path::PathBuf>,
+    /// A cluster's nodes: appends go through the routing client.
+    seeds: Option<Vec<String>>,
 }
 
 /// Bytes written so far to the block device holding `path` (its sectors-written counter in
@@ -357,6 +625,7 @@ async fn connect_pool(server: &str, connections: usize) -> anyhow::Result<Vec<Cl
 
 enum Target {
     Grpc(Vec<Clients>),
+    Routed(Vec<Arc<Router>>),
     Ledger(Vec<Clients>),
     Session(Vec<Clients>),
     Raw(Arc<Log>),
@@ -365,6 +634,7 @@ enum Target {
 /// Where one client sends its appends.
 enum Sink {
     Grpc(Box<Clients>),
+    Routed(Arc<Router>),
     Ledger(Box<Clients>),
     Session(Box<Session>),
     Raw(Arc<Log>),
@@ -410,6 +680,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
     for worker in 0..args.concurrency {
         clients.push(match target {
             Target::Grpc(pool) => Sink::Grpc(Box::new(pool[worker % pool.len()].clone())),
+            Target::Routed(routers) => Sink::Routed(routers[worker % routers.len()].clone()),
             Target::Ledger(pool) => Sink::Ledger(Box::new(pool[worker % pool.len()].clone())),
             Target::Session(pool) => Sink::Session(Box::new(Session::open(&pool[worker % pool.len()]).await?)),
             Target::Raw(log) => Sink::Raw(log.clone()),
@@ -418,7 +689,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
     let mut tasks = Vec::new();
     for (worker, client) in clients.into_iter().enumerate() {
         let (progress, histogram, budget, payload) = (progress.clone(), histogram.clone(), budget.clone(), payload.clone());
-        let (batch, streams) = (args.batch, args.streams.max(1));
+        let (batch, streams, durability) = (args.batch, args.streams.max(1), args.durability.wire());
         tasks.push(tokio::spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let mut client = client;
@@ -434,10 +705,11 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
                     let events = (0..batch)
                         .map(|_| pb::EventData { r#type: "BenchEvent".into(), payload: payload.clone(), metadata: Default::default() })
                         .collect();
-                    pb::AppendRequest { durability: pb::Durability::Leader as i32, stream: stream.clone(), expected_version: None, events }
+                    pb::AppendRequest { durability, stream: stream.clone(), expected_version: None, events }
                 };
                 let ok = match &mut client {
                     Sink::Grpc(clients) => clients.log.append(wire()).await.is_ok(),
+                    Sink::Routed(router) => router.append(wire()).await.is_ok(),
                     Sink::Session(session) => session.append(wire()).await,
                     // A rejection (insufficient funds) is the processor's answer too: it counts.
                     Sink::Ledger(clients) => match clients.ledger.transfer(random_transfer()).await {

@@ -105,7 +105,8 @@ impl Router {
         crate::log::partition_of(stream, self.table.lock().partition_count.max(1))
     }
 
-    /// Reloads the table from the first node that answers: the known members, then the seeds.
+    /// Reloads the table from the first node that answers, asking the known members and the
+    /// seeds at once (a dead member would otherwise cost a whole timeout first).
     pub async fn refresh(&self) -> anyhow::Result<()> {
         let mut candidates = self.table.lock().members.clone();
         for seed in &self.seeds {
@@ -113,9 +114,16 @@ impl Router {
                 candidates.push(seed.clone());
             }
         }
+        let mut asking: futures_util::stream::FuturesUnordered<_> = candidates
+            .into_iter()
+            .map(|url| async move {
+                let status = self.status_of(&url).await;
+                (url, status)
+            })
+            .collect();
         let mut last_error = None;
-        for url in candidates {
-            match self.status_of(&url).await {
+        while let Some((url, status)) = futures_util::StreamExt::next(&mut asking).await {
+            match status {
                 Ok(status) => {
                     *self.table.lock() = RouteTable::from_status(&status, &url);
                     return Ok(());

@@ -336,3 +336,26 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["partition"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_benchmark_compares_quorum_appends_with_one_node_and_measures_failovers_without_losing_an_ack() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(common::exe())
+            .args(["bench", "--cluster", "3", "--durability", "quorum", "--seconds", "1", "--concurrency", "8", "--kills", "2", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{report}");
+    assert_eq!(results[1]["baseline"], "append: 1 node");
+    assert!(results[1]["events_per_sec"].as_f64().unwrap() > 0.0 && results[1]["ratio_to_baseline"].as_f64().unwrap() > 0.0);
+    let failover = &report["failover"];
+    assert_eq!(failover["samples_ms"].as_array().unwrap().len(), 2, "{failover}");
+    assert!(failover["acknowledged"].as_u64().unwrap() > 0, "{failover}");
+    assert_eq!(failover["lost"], 0, "{failover}");
+}

@@ -165,7 +165,7 @@ impl pb::node_server::Node for Api {
             partitions: heads
                 .iter()
                 .enumerate()
-                .map(|(p, &head)| pb::PartitionStatus { partition: p as u32, head_position: head, epoch: log::SINGLE_NODE_EPOCH })
+                .map(|(p, &head)| pb::PartitionStatus { partition: p as u32, head_position: head, epoch: self.log.roles().epoch(p as u32) })
                 .collect(),
             total_events: heads.iter().sum(),
             db_size_bytes: sizes.used_bytes,

@@ -2,20 +2,19 @@
 //! [`RaftKv`] (ticks, messages, proposals, ready cycles), and handles that turn async calls into
 //! proposals and wait for their outcomes.
 //!
-//! Writes are Raft proposals stamped with the wall clock (milliseconds since the Unix epoch: the
-//! members' clocks agree to within NTP's error, and the state's clock never runs backwards).
-//! The leader proposes a `Tick` every [`EXPIRY_TICK`] so sessions expire when nobody writes, and a
-//! new leader first proposes `RenewAll`, so the time the group spent without a leader (when
-//! nobody could renew) does not expire anyone.
+//! Writes are Raft proposals. Time comes from the Raft leader's wall clock alone (see
+//! `embedded.rs`): it proposes a `Tick` every [`EXPIRY_TICK`] to keep the store's clock fresh (a
+//! renewal counts from the store's clock, at most that much behind), and as soon as a session is
+//! due by its clock (checked every [`TICK`]), so a dead node's session ends at most a tick after
+//! its TTL. A new leader first proposes `RenewAll`, so the time the group spent without a leader
+//! (when nobody could renew) does not expire anyone.
 //! Reads (`get`, `list`) answer from the member's own applied state: they may lag the leader by a
 //! few milliseconds, which ownership tolerates (every decision it takes is a write: a lock
 //! acquisition or a compare-and-set). Blocking lists wake when the applied index moves.
 //!
-//! Transport between members is a [`Transport`]: in-process channels here (tests, and a cluster
-//! of one); gRPC between nodes is the next part of issue 4. The driver runs on an in-memory Raft
-//! log for now; a node will open its [`RaftLog`] in LMDB instead (it is built and tested, see
-//! `raft_log.rs`), without which a member that restarts rejoins empty — safe only while a
-//! majority keeps running.
+//! Transport between members is a [`Transport`]: in-process channels in tests, gRPC between
+//! nodes (`transport.rs`). A node's member keeps its Raft log and hard state in LMDB
+//! ([`RaftLog`], opened by `member.rs`), so a member that restarts rejoins with its log.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,8 +31,8 @@ use super::{Cas, CoordinationError, CoordinationStore, KvEntry, Listing, Result,
 
 /// How often a member ticks its Raft node.
 pub const TICK: Duration = Duration::from_millis(50);
-/// How often the leader proposes a clock tick for session expiry.
-pub const EXPIRY_TICK: Duration = Duration::from_millis(500);
+/// How often the leader proposes a clock tick when no session is due.
+pub const EXPIRY_TICK: Duration = Duration::from_millis(250);
 /// How long a write waits for its outcome before it is tried again.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a write is tried (through elections and lost proposals) before the caller gets
@@ -170,11 +169,22 @@ async fn drive(
     let mut expiry = tokio::time::interval(EXPIRY_TICK);
     let mut published = 0;
     let mut leading = false;
+    let mut last_tick = std::time::Instant::now();
+    let mut known_leader = node.leader();
     loop {
         tokio::select! {
-            _ = ticks.tick() => node.tick(),
+            _ = ticks.tick() => {
+                node.tick();
+                // A session is due: expire it now rather than at the next periodic tick.
+                let due = node.state().next_expiry_ms().is_some_and(|at| at <= now_ms());
+                if due && node.is_leader() && last_tick.elapsed() >= TICK {
+                    last_tick = std::time::Instant::now();
+                    let _ = node.propose(Op::Tick, now_ms());
+                }
+            }
             _ = expiry.tick() => {
                 if node.is_leader() {
+                    last_tick = std::time::Instant::now();
                     let _ = node.propose(Op::Tick, now_ms());
                 }
             }
@@ -194,6 +204,14 @@ async fn drive(
         match node.handle_ready() {
             Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
             Err(e) => tracing::error!(error = %e, "coordination member failed a ready cycle"),
+        }
+        // Proposals made to a leader that is gone may be lost: their callers retry now rather
+        // than after PROPOSAL_TIMEOUT (a retried write is idempotent or re-checked by its caller).
+        if node.leader() != known_leader {
+            known_leader = node.leader();
+            for (_, reply) in waiting.drain() {
+                let _ = reply.send(Err(RaftKvError::LeaderChanged));
+            }
         }
         // A new leader first gives every session a full TTL: while the group had no leader,
         // nobody could renew, and its first expiry tick must not count that time against them.

@@ -96,8 +96,17 @@ impl<S: CoordinationStore> Elector<S> {
     pub async fn round(&mut self) -> Result<ClusterView> {
         let session = self.ensure_session().await?;
         let member_key = self.key("members", &self.config.node);
-        // `None`: an earlier session of this node still holds it; it expires on its own.
-        self.store.acquire(&member_key, self.config.address.as_bytes(), &session).await?;
+        // Acquired only when this session does not hold it yet: acquiring again would bump the
+        // store's index and wake every other node's round, which would do the same, forever.
+        let held = self
+            .store
+            .get(&member_key)
+            .await?
+            .is_some_and(|e| e.session.as_ref() == Some(&session) && e.value == self.config.address.as_bytes());
+        if !held {
+            // `None`: an earlier session of this node still holds it; it expires on its own.
+            self.store.acquire(&member_key, self.config.address.as_bytes(), &session).await?;
+        }
         let view = self.view().await?;
         if view.members.len() >= self.config.replication_factor {
             let members: Vec<String> = view.members.keys().cloned().collect();
@@ -220,6 +229,9 @@ mod tests {
             assert_eq!((leader.as_str(), epoch), (o.replicas[0].as_str(), 1), "partition {p}");
         }
         assert!(["node-1", "node-2", "node-3"].iter().all(|n| !view.led_by(n).is_empty()), "leadership spreads: {view:?}");
+        // Once settled, a round changes nothing in the store, so it wakes no other node's round.
+        let settled = rounds(&mut [&mut a, &mut b, &mut c], 1).await.index;
+        assert_eq!(rounds(&mut [&mut a, &mut b, &mut c], 2).await.index, settled, "rounds of a settled cluster keep writing");
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,6 +54,10 @@ pub enum RaftKvError {
     Raft(#[from] raft::Error),
     #[error("no leader is known yet; retry shortly")]
     NoLeader,
+    /// The group's leader changed while the proposal waited: it may have been lost with the old
+    /// leader (or may still apply). Proposing again at once beats waiting out its timeout.
+    #[error("the coordination group changed leaders; retry")]
+    LeaderChanged,
 }
 
 /// A Raft entry's payload.
@@ -82,7 +86,7 @@ pub struct RaftKv {
 
 /// Ticks between a leader's heartbeats, and before a follower calls an election.
 pub const HEARTBEAT_TICKS: usize = 2;
-pub const ELECTION_TICKS: usize = 10;
+pub const ELECTION_TICKS: usize = 6;
 
 impl RaftKv {
     /// A member of a group of `members` (ids, `id` among them), starting empty. `incarnation`
