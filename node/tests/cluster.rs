@@ -1,7 +1,8 @@
-//! A 3-node cluster of real `anthill` processes on loopback addresses (127.0.0.11–13): the
-//! embedded coordination store forms over gRPC, every partition gets a leader, and when the
-//! node leading the most partitions is killed with SIGKILL, its partitions move to live replicas
-//! in a higher epoch. (Replicating the partitions' events comes next; see docs/replication.md.)
+//! A 3-node cluster of real `anthill` processes on loopback addresses (127.0.0.11–13, via
+//! `local::LocalCluster`): the embedded coordination store forms over gRPC and every partition
+//! gets a leader; a killed leader's partitions move to live replicas in a higher epoch; events
+//! replicate and survive the leader's SIGKILL; the routing client keeps `quorum` appends going
+//! through a kill without losing an acknowledged one; and `anthill bench --cluster` runs.
 
 mod common;
 
