@@ -205,14 +205,6 @@ async fn drive(
             Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
             Err(e) => tracing::error!(error = %e, "coordination member failed a ready cycle"),
         }
-        // Proposals made to a leader that is gone may be lost: their callers retry now rather
-        // than after PROPOSAL_TIMEOUT (a retried write is idempotent or re-checked by its caller).
-        if node.leader() != known_leader {
-            known_leader = node.leader();
-            for (_, reply) in waiting.drain() {
-                let _ = reply.send(Err(RaftKvError::LeaderChanged));
-            }
-        }
         // A new leader first gives every session a full TTL: while the group had no leader,
         // nobody could renew, and its first expiry tick must not count that time against them.
         if node.is_leader() != leading {
@@ -224,6 +216,15 @@ async fn drive(
         for (id, outcome) in node.take_outcomes() {
             if let Some(reply) = waiting.remove(&id) {
                 let _ = reply.send(Ok(outcome));
+            }
+        }
+        // Proposals made to a leader that is gone may be lost: their callers retry now rather
+        // than after PROPOSAL_TIMEOUT (a retried write is idempotent or re-checked by its caller).
+        // After the outcomes above, so a proposal applied in this very cycle gets its own.
+        if node.leader() != known_leader {
+            known_leader = node.leader();
+            for (_, reply) in waiting.drain() {
+                let _ = reply.send(Err(RaftKvError::LeaderChanged));
             }
         }
         // Callers whose proposal was lost gave up after their timeout; forget them.

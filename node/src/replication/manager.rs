@@ -82,10 +82,15 @@ enum Input {
 }
 
 impl Input {
-    /// Whether the input takes the replica past the epoch it promised (a leader steps down).
+    /// Whether the input takes the replica past the epoch it promised (a leader steps down):
+    /// a grant, or a message the replica promises on (replies of a higher epoch are ignored).
     fn raises(&self, promised: Epoch) -> bool {
         match self {
-            Input::Message(_, message) => message.epoch() > promised,
+            Input::Message(
+                _,
+                message @ (Message::Stale { .. } | Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. }),
+            ) => message.epoch() > promised,
+            Input::Message(..) => false,
             Input::Grant(epoch) => *epoch > promised,
             Input::Tick | Input::Head(_) => false,
         }
@@ -190,7 +195,14 @@ fn guarded(partition: u32, step: impl FnOnce()) -> bool {
         Ok(()) => true,
         Err(panic) => {
             let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied());
-            tracing::error!(partition, panic = what.unwrap_or("?"), "the partition's replica panicked");
+            let what = what.unwrap_or("?");
+            tracing::error!(partition, panic = what, "the partition's replica panicked");
+            // A broken safety invariant is not bad input: rebuilding would forget the commit
+            // position that guards it, and the next attempt could pass. Stop the node loudly.
+            if what.contains("would truncate committed entries") || what.contains("two leaders claim") {
+                eprintln!("anthill: partition {partition}: replication invariant broken: {what}; stopping");
+                std::process::abort();
+            }
             false
         }
     }

@@ -488,9 +488,6 @@ impl Replica {
         if from != source {
             return;
         }
-        if let Phase::Recovering { idle_ticks, unanswered, .. } = &mut self.phase {
-            (*idle_ticks, *unanswered) = (0, 0);
-        }
         // A repeated reply may overlap what was already appended: it is the same source's log.
         let fresh: Vec<Entry> = entries.into_iter().filter(|e| e.position > self.last).collect();
         let prev_epoch = self.history.last_epoch();
@@ -500,6 +497,11 @@ impl Replica {
                 return;
             }
             self.append_local(fresh);
+            // Progress: the source is alive and useful (only then, or a source answering
+            // nothing useful would never be given up on).
+            if let Phase::Recovering { idle_ticks, unanswered, .. } = &mut self.phase {
+                (*idle_ticks, *unanswered) = (0, 0);
+            }
         }
         if self.last >= target {
             return self.start_serving();
