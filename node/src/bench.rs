@@ -110,6 +110,12 @@ pub struct BenchArgs {
     /// restarting it after) and measure how long until appends to that partition succeed again.
     #[arg(long, default_value_t = 0)]
     pub kills: usize,
+    /// With --cluster: keep the nodes' data directories and logs (the path is printed).
+    #[arg(long)]
+    pub keep: bool,
+    /// With --cluster: partitions of the single node and of the cluster.
+    #[arg(long, default_value_t = crate::config::StorageConfig::default().partitions)]
+    pub partitions: u32,
     /// With --cluster: the nodes' session TTL (how long a dead node goes unnoticed).
     #[arg(long, default_value_t = 1_000)]
     pub session_ttl_ms: u64,
@@ -171,8 +177,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         (None, true) => {
             let dir = tempfile::Builder::new().prefix("anthill-bench-").tempdir()?;
             let exe = std::env::current_exe()?;
-            let mut node_args = vec!["--log-level".to_string(), "warn".to_string()];
-            node_args.extend(args.node_args.iter().cloned());
+            let node_args = started_node_args(&args);
             let node = ChildNode::spawn(&exe, &dir.path().join("node"), &node_args)?;
             eprintln!("bench: started a node at {} (data in {})", node.url(), dir.path().display());
             let url = node.url();
@@ -237,6 +242,16 @@ async fn suite(args: &BenchArgs, server: &Server) -> anyhow::Result<Vec<BenchRes
     Ok(results)
 }
 
+/// Flags of the nodes the benchmark starts: quiet (`--log-level warn`) unless `--node-arg` says.
+fn started_node_args(args: &BenchArgs) -> Vec<String> {
+    let mut node_args = Vec::new();
+    if !args.node_args.iter().any(|a| a.starts_with("--log-level")) {
+        node_args.extend(["--log-level".to_string(), "warn".to_string()]);
+    }
+    node_args.extend(args.node_args.iter().cloned());
+    node_args
+}
+
 /// Failover times measured by `--kills`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailoverReport {
@@ -259,12 +274,17 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     if args.server.is_some() || args.suite || args.workload != Workload::Append {
         bail!("--cluster starts its own nodes and runs the append workload: leave out --server, --suite and --workload");
     }
-    let dir = tempfile::Builder::new().prefix("anthill-bench-cluster-").tempdir()?;
+    let mut dir = tempfile::Builder::new().prefix("anthill-bench-cluster-").tempdir()?;
+    if args.keep {
+        dir.disable_cleanup(true);
+        eprintln!("bench: the nodes' data and logs stay in {}", dir.path().display());
+    }
     let exe = std::env::current_exe()?;
-    let mut node_args = vec!["--log-level".to_string(), "warn".to_string()];
-    node_args.extend(args.node_args.iter().cloned());
+    let node_args = started_node_args(args);
 
-    let single = ChildNode::spawn(&exe, &dir.path().join("single"), &node_args)?;
+    let mut single_args = node_args.clone();
+    single_args.extend(["--partitions".to_string(), args.partitions.to_string()]);
+    let single = ChildNode::spawn(&exe, &dir.path().join("single"), &single_args)?;
     eprintln!("bench: started one node at {} for the baseline", single.url());
     let server = Server { url: single.url(), data_dir: Some(single.data_dir.clone()), seeds: None };
     let mut baseline = one(args, &server, Some("append: 1 node")).await?;
@@ -274,7 +294,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
 
     let spec = ClusterSpec {
         nodes,
-        partitions: crate::config::StorageConfig::default().partitions,
+        partitions: args.partitions,
         replication_factor: nodes.min(3) as u32,
         session_ttl_ms: args.session_ttl_ms,
         node_args: node_args.clone(),

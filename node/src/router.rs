@@ -12,7 +12,7 @@
 //! - a connection that could not be made: nothing was sent;
 //! - while a partition has no leader (a failover in progress), the router waits and reloads.
 //!
-//! Both go on with a growing pause (10 ms up to 200 ms) until [`Router::retry_for`] has passed
+//! Both go on with a growing pause (5 ms up to 50 ms) until [`Router::retry_for`] has passed
 //! (10 s by default: a failover takes the session TTL plus a recovery). Any other error goes
 //! back to the caller: `ABORTED` or `DEADLINE_EXCEEDED` on a `quorum` append, or a connection
 //! lost mid-request, mean the outcome is unknown. A command resent with the same command id
@@ -32,6 +32,11 @@ use crate::client::{self, Clients};
 
 /// How long to wait for a node that does not answer a connection or a status request.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest pause between two resends of a request.
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+/// A table this fresh is not reloaded for a resend: the callers waiting on a failover share one
+/// reload instead of each asking every node.
+const FRESH_ENOUGH: Duration = Duration::from_millis(20);
 
 /// Where each partition's requests go, as one node last described the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -76,6 +81,8 @@ pub struct Router {
     seeds: Vec<String>,
     table: Mutex<RouteTable>,
     channels: Mutex<HashMap<String, Clients>>,
+    /// When the table was last loaded; held while loading, so concurrent reloads become one.
+    loaded: tokio::sync::Mutex<Instant>,
     /// How long a request keeps being resent while no leader takes it.
     pub retry_for: Duration,
 }
@@ -90,6 +97,7 @@ impl Router {
             seeds: seeds.iter().map(|s| client::server_url(s)).collect(),
             table: Mutex::new(RouteTable::default()),
             channels: Mutex::new(HashMap::new()),
+            loaded: tokio::sync::Mutex::new(Instant::now()),
             retry_for: Duration::from_secs(10),
         };
         router.refresh().await?;
@@ -108,6 +116,26 @@ impl Router {
     /// Reloads the table from the first node that answers, asking the known members and the
     /// seeds at once (a dead member would otherwise cost a whole timeout first).
     pub async fn refresh(&self) -> anyhow::Result<()> {
+        let mut loaded = self.loaded.lock().await;
+        self.load().await?;
+        *loaded = Instant::now();
+        Ok(())
+    }
+
+    /// Reloads the table unless it was loaded within [`FRESH_ENOUGH`] (or while this call
+    /// waited for another caller's reload).
+    async fn refresh_if_stale(&self) -> anyhow::Result<()> {
+        let asked = Instant::now();
+        let mut loaded = self.loaded.lock().await;
+        if *loaded + FRESH_ENOUGH > asked {
+            return Ok(());
+        }
+        self.load().await?;
+        *loaded = Instant::now();
+        Ok(())
+    }
+
+    async fn load(&self) -> anyhow::Result<()> {
         let mut candidates = self.table.lock().members.clone();
         for seed in &self.seeds {
             if !candidates.contains(seed) {
@@ -178,7 +206,7 @@ impl Router {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let deadline = Instant::now() + self.retry_for;
-        let mut pause = Duration::from_millis(10);
+        let mut pause = Duration::from_millis(5);
         loop {
             let attempt = match self.leader_of(partition).await {
                 Ok(clients) => match call(clients).await {
@@ -198,9 +226,9 @@ impl Router {
                 )));
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(MAX_PAUSE);
             // A failed reload leaves the table as it was; the next attempt tells.
-            let _ = self.refresh().await;
+            let _ = self.refresh_if_stale().await;
         }
     }
 

@@ -80,12 +80,14 @@ pub struct Elector<S> {
     store: Arc<S>,
     config: ElectorConfig,
     session: Option<SessionId>,
+    /// When the session was last created or renewed.
+    renewed: Option<tokio::time::Instant>,
 }
 
 impl<S: CoordinationStore> Elector<S> {
     pub fn new(store: Arc<S>, config: ElectorConfig) -> Self {
         assert!(config.replication_factor >= 1 && config.partitions >= 1);
-        Elector { store, config, session: None }
+        Elector { store, config, session: None, renewed: None }
     }
 
     fn key(&self, kind: &str, name: impl std::fmt::Display) -> String {
@@ -116,11 +118,16 @@ impl<S: CoordinationStore> Elector<S> {
             }
         }
         let view = self.view().await?;
-        for (p, ownership) in &view.partitions {
+        // All at once: after a node dies, this one may take many locks, and each is a write.
+        let takes = view.partitions.iter().filter(|(_, ownership)| {
             let first_live = ownership.replicas.iter().find(|r| view.members.contains_key(*r));
-            if ownership.leader.is_none() && first_live == Some(&self.config.node) {
-                self.store.acquire(&self.key("leaders", p), self.config.node.as_bytes(), &session).await?;
-            }
+            ownership.leader.is_none() && first_live == Some(&self.config.node)
+        });
+        let keys: Vec<String> = takes.map(|(p, _)| self.key("leaders", p)).collect();
+        let acquired =
+            futures_util::future::join_all(keys.iter().map(|key| self.store.acquire(key, self.config.node.as_bytes(), &session))).await;
+        for outcome in acquired {
+            outcome?;
         }
         self.view().await
     }
@@ -140,13 +147,20 @@ impl<S: CoordinationStore> Elector<S> {
 
     async fn ensure_session(&mut self) -> Result<SessionId> {
         if let Some(session) = &self.session {
+            // Renewed moments ago (a round woken by a change): no need to write again before
+            // taking locks, which is what a failover waits for.
+            if self.renewed.is_some_and(|at| at.elapsed() < self.config.session_ttl / 6) {
+                return Ok(session.clone());
+            }
             if self.store.renew_session(session).await? {
+                self.renewed = Some(tokio::time::Instant::now());
                 return Ok(session.clone());
             }
             tracing::warn!(node = %self.config.node, %session, "coordination session expired; every lock it held is gone, starting a new one");
         }
         let session = self.store.create_session(&self.config.node, self.config.session_ttl).await?;
         self.session = Some(session.clone());
+        self.renewed = Some(tokio::time::Instant::now());
         Ok(session)
     }
 

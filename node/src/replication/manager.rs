@@ -113,6 +113,9 @@ async fn run_partition(
     let mut commits = log.commits();
     let mut ticks = tokio::time::interval(TICK);
     loop {
+        // Only a leader needs the log's commits (its own appends): followers are not woken by
+        // every group commit of the node.
+        let leading = matches!(replica.role(), Role::Leader { .. });
         let input = tokio::select! {
             message = messages.recv() => match message {
                 Some((from, message)) => Input::Message(from, message),
@@ -123,7 +126,7 @@ async fn run_partition(
                 None => return,
             },
             _ = ticks.tick() => Input::Tick,
-            changed = commits.changed() => {
+            changed = commits.changed(), if leading => {
                 if changed.is_err() {
                     return;
                 }
