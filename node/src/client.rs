@@ -98,6 +98,10 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
         "write_failure": (!s.write_failure.is_empty()).then(|| s.write_failure.clone()),
         "partitions": s.partitions.iter().map(|p| json!({
             "partition": p.partition, "head_position": p.head_position, "epoch": p.epoch,
+            "commit_position": p.commit_position,
+            "followers": p.followers.iter().map(|f| json!({
+                "node": f.node, "matched_position": f.matched_position, "lag": f.lag,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "cluster": s.cluster.as_ref().map(cluster_json),
     })
@@ -180,6 +184,37 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
         }
         let epochs: std::collections::BTreeSet<u64> = used.iter().map(|p| p.epoch).collect();
         out.push_str(&format!("epochs     {}\n", epochs.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")));
+    }
+    if s.cluster.is_some() {
+        out.push_str(&replication_text(&s.partitions));
+    }
+    out
+}
+
+/// A cluster node's replication: commit positions, and its followers' lag where it leads.
+fn replication_text(partitions: &[pb::PartitionStatus]) -> String {
+    let behind: Vec<String> = partitions
+        .iter()
+        .filter(|p| p.commit_position < p.head_position)
+        .map(|p| format!("p{}={}", p.partition, p.head_position - p.commit_position))
+        .collect();
+    let mut out = format!(
+        "uncommitted {}\n",
+        if behind.is_empty() { "none (every event here is on a majority)".to_string() } else { behind.join(" ") }
+    );
+    let led: Vec<&pb::PartitionStatus> = partitions.iter().filter(|p| !p.followers.is_empty()).collect();
+    if !led.is_empty() {
+        out.push_str(&format!("followers' lag on the {} partitions this node leads:\n", led.len()));
+        for row in led.chunks(4) {
+            let cells: Vec<String> = row
+                .iter()
+                .map(|p| {
+                    let lags: Vec<String> = p.followers.iter().map(|f| format!("{}:{}", f.node, f.lag)).collect();
+                    format!("{:<30}", format!("p{} {}", p.partition, lags.join(" ")))
+                })
+                .collect();
+            out.push_str(&format!("{}\n", cells.join("").trim_end()));
+        }
     }
     out
 }

@@ -325,6 +325,32 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
     eprintln!("the longest time an append of any partition waited after the kill: {unavailable:?} (session TTL {SESSION_TTL_MS} ms)");
     assert!(unavailable < Duration::from_secs(6), "partition 0 never came back within 6 s");
 
+    // The leader's status shows partition 0 committed through its head, the live follower caught
+    // up and the killed one behind; `anthill status` says the same.
+    let leader_url = router.table().leaders[0].clone().unwrap();
+    let leader = cluster.local.urls().iter().position(|u| *u == leader_url).unwrap();
+    let survivor_name = LocalCluster::name((0..NODES).find(|i| *i != leader && *i != victim).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = clients_of(&cluster, leader).await.node.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        let p0 = &status.partitions[0];
+        let survivor = p0.followers.iter().find(|f| f.node == survivor_name);
+        let dead = p0.followers.iter().find(|f| f.node == LocalCluster::name(victim));
+        if p0.commit_position == p0.head_position && survivor.is_some_and(|f| f.lag == 0) {
+            assert!(p0.epoch > 1 && p0.head_position > 0, "{p0:?}");
+            assert!(dead.is_some_and(|f| f.lag > 0), "the killed node holds nothing of the new epoch: {p0:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "partition 0 never showed committed and caught up: {p0:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = std::process::Command::new(common::exe()).args(["status", "--server", &leader_url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("followers' lag on the") && text.contains(&format!("{survivor_name}:0")), "{text}");
+    let out = std::process::Command::new(common::exe()).args(["status", "--json", "--server", &leader_url]).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["partitions"][0]["commit_position"], json["partitions"][0]["head_position"], "{json}");
+
     // The command line routes too: `anthill append` to a node that does not lead the stream.
     let stream = &streams[0];
     let leader = router.table().leaders[0].clone().unwrap();

@@ -158,15 +158,34 @@ impl pb::node_server::Node for Api {
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let heads = self.log.commits().borrow().heads.clone();
         let sizes = self.log.store().sizes();
+        let name_of = |id: u32| {
+            let member = self.cluster.as_ref().and_then(|c| c.members.iter().find(|m| m.id == u64::from(id)));
+            member.map_or_else(|| id.to_string(), |m| m.name.clone())
+        };
+        let partition = |p: usize, head: u64| {
+            let report = self.log.replica_report(p as u32);
+            let followers = report
+                .followers
+                .iter()
+                .map(|&(node, matched)| pb::FollowerProgress {
+                    node: name_of(node),
+                    matched_position: matched,
+                    lag: head.saturating_sub(matched),
+                })
+                .collect();
+            pb::PartitionStatus {
+                partition: p as u32,
+                head_position: head,
+                epoch: self.log.roles().epoch(p as u32),
+                commit_position: report.commit,
+                followers,
+            }
+        };
         Ok(Response::new(pb::StatusResponse {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             partition_count: self.log.partition_count(),
-            partitions: heads
-                .iter()
-                .enumerate()
-                .map(|(p, &head)| pb::PartitionStatus { partition: p as u32, head_position: head, epoch: self.log.roles().epoch(p as u32) })
-                .collect(),
+            partitions: heads.iter().enumerate().map(|(p, &head)| partition(p, head)).collect(),
             total_events: heads.iter().sum(),
             db_size_bytes: sizes.used_bytes,
             map_size_bytes: sizes.map_size_bytes,

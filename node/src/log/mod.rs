@@ -132,6 +132,16 @@ impl Roles {
     }
 }
 
+/// What a partition's replica on this node knows of its replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaReport {
+    /// Every event up to here is on a majority of the replica set.
+    pub commit: u64,
+    /// On the leader: each follower's node id and the position up to which it durably holds
+    /// the leader's log. Empty elsewhere.
+    pub followers: Vec<(u32, u64)>,
+}
+
 /// The committed state that readers and subscribers may see.
 #[derive(Debug, Clone)]
 pub struct CommitPoint {
@@ -177,6 +187,8 @@ pub struct Log {
     /// Per partition, `(epoch, position)`: how far this node, leading in `epoch`, knows the
     /// partition committed by a majority. Unused by a single node (see [`Log::wait_quorum`]).
     committed: Vec<watch::Sender<(u64, u64)>>,
+    /// What this node's replica of each partition last reported, for `Node.Status`.
+    replica_reports: parking_lot::Mutex<Vec<ReplicaReport>>,
     replicated: std::sync::atomic::AtomicBool,
 }
 
@@ -224,6 +236,7 @@ impl Log {
             metrics,
             poison,
             committed: (0..roles.epochs.len()).map(|_| watch::Sender::new((0, 0))).collect(),
+            replica_reports: parking_lot::Mutex::new(vec![ReplicaReport::default(); roles.epochs.len()]),
             roles,
             replicated: std::sync::atomic::AtomicBool::new(false),
         })
@@ -242,6 +255,23 @@ impl Log {
             *current = (epoch, position);
             changed
         });
+    }
+
+    /// Records what this node's replica of `partition` knows (the replication shell calls it).
+    pub fn report_replica(&self, partition: u32, report: ReplicaReport) {
+        let mut reports = self.replica_reports.lock();
+        if reports[partition as usize] != report {
+            reports[partition as usize] = report;
+        }
+    }
+
+    /// The partition's commit position as this node knows it, and, on its leader, how far each
+    /// follower holds its log. A single node commits what it holds.
+    pub fn replica_report(&self, partition: u32) -> ReplicaReport {
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            return ReplicaReport { commit: self.commits.borrow().heads[partition as usize], followers: Vec::new() };
+        }
+        self.replica_reports.lock()[partition as usize].clone()
     }
 
     /// Waits until a majority holds `appended` (committed in the epoch it was appended in).

@@ -188,6 +188,7 @@ async fn run_partition(
         if matches!(replica.role(), Role::Leader { .. }) {
             log.publish_commit(partition, replica.promised(), replica.commit());
         }
+        log.report_replica(partition, crate::log::ReplicaReport { commit: replica.commit(), followers: replica.followers() });
     }
 }
 

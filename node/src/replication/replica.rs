@@ -197,6 +197,15 @@ impl Replica {
         self.commit
     }
 
+    /// On the leader: each follower and the position up to which it holds this leader's log,
+    /// durably. Empty when not leading.
+    pub fn followers(&self) -> Vec<(NodeId, Position)> {
+        match &self.phase {
+            Phase::Leading { peers, .. } => peers.iter().map(|(peer, progress)| (*peer, progress.matched)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn history(&self) -> &EpochHistory {
         &self.history
     }
