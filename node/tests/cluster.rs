@@ -215,6 +215,26 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
         }
     }
 
+    // A subscription on a follower gets the committed events, marker included.
+    let mut subscription = clients_of(&cluster, follower)
+        .await
+        .log
+        .subscribe(pb::SubscribeRequest { partitions: vec![partition], from_position: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    while received.len() < on_leader.len() {
+        let next = tokio::time::timeout(Duration::from_secs(10), subscription.message()).await;
+        match next.expect("the follower's subscription stalled").unwrap().and_then(|m| m.message) {
+            Some(pb::subscribe_response::Message::Event(event)) => received.push(event),
+            Some(pb::subscribe_response::Message::CaughtUp(_)) => {}
+            None => panic!("the follower's subscription ended after {} events", received.len()),
+        }
+    }
+    assert_eq!(received, on_leader);
+    drop(subscription);
+
     // The leader dies; a live replica takes over in a higher epoch and continues the log.
     cluster.kill9(leader);
     let moved = cluster
@@ -344,6 +364,12 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
         assert!(Instant::now() < deadline, "partition 0 never showed committed and caught up: {p0:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A follower serves the committed events, and says it is not the leader.
+    let mut on_survivor = clients_of(&cluster, index_of(&survivor_name)).await;
+    let read =
+        on_survivor.log.read(pb::ReadRequest { stream: streams[0].clone(), from_version: 1, max_count: 0 }).await.unwrap().into_inner();
+    assert!(!read.leader && read.commit_position > 0 && !read.events.is_empty(), "{:?}", (read.leader, read.commit_position));
+    assert!(read.events.iter().all(|e| e.position <= read.commit_position));
     let out = std::process::Command::new(common::exe()).args(["status", "--server", &leader_url]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("followers' lag on the") && text.contains(&format!("{survivor_name}:0")), "{text}");

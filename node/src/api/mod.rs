@@ -78,7 +78,7 @@ impl Api {
     }
 
     /// Runs a blocking read and turns it into a `ReadResponse`.
-    async fn read_slice<F>(&self, next_of: fn(&EventRecord) -> u64, read: F, from: u64) -> Result<pb::ReadResponse, Status>
+    async fn read_slice<F>(&self, partition: u32, next_of: fn(&EventRecord) -> u64, read: F, from: u64) -> Result<pb::ReadResponse, Status>
     where
         F: FnOnce(&Log) -> Result<Slice, StorageError> + Send + 'static,
     {
@@ -88,7 +88,13 @@ impl Api {
             .map_err(|e| Status::internal(format!("read task failed: {e}")))?
             .map_err(|e| storage_status(&e))?;
         let next = slice.events.last().map(|e| next_of(e) + 1).unwrap_or(from.max(1));
-        Ok(pb::ReadResponse { events: slice.events.into_iter().map(recorded_event).collect(), next, end_of_stream: !slice.more })
+        Ok(pb::ReadResponse {
+            events: slice.events.into_iter().map(recorded_event).collect(),
+            next,
+            end_of_stream: !slice.more,
+            commit_position: self.log.replica_report(partition).commit,
+            leader: self.log.leads(partition),
+        })
     }
 }
 
@@ -129,8 +135,11 @@ impl pb::event_log_server::EventLog for Api {
         let from = req.from_version;
         let stream = req.stream;
         let span = tracing::info_span!("read", stream = %stream, from_version = from);
-        let response =
-            self.read_slice(|e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from).instrument(span).await?;
+        let partition = self.log.partition_of(&stream);
+        let response = self
+            .read_slice(partition, |e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from)
+            .instrument(span)
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -140,8 +149,10 @@ impl pb::event_log_server::EventLog for Api {
         let limit = self.read_limit(req.max_count);
         let (partition, from) = (req.partition, req.from_position);
         let span = tracing::info_span!("read_partition", partition, from_position = from);
-        let response =
-            self.read_slice(|e| e.position, move |log| log.read_partition(partition, from, limit), from).instrument(span).await?;
+        let response = self
+            .read_slice(partition, |e| e.position, move |log| log.read_partition(partition, from, limit), from)
+            .instrument(span)
+            .await?;
         Ok(Response::new(response))
     }
 

@@ -111,7 +111,8 @@ async fn follow(
     loop {
         let heads = commits.borrow_and_update().heads.clone();
         for (&partition, next) in plan.next.iter_mut() {
-            let head = heads[partition as usize];
+            // On a follower, only what it knows committed (docs/replication.md, "Reads").
+            let head = heads[partition as usize].min(log.readable_through(partition));
             while *next <= head {
                 let (reader, from) = (log.clone(), *next);
                 let slice = tokio::task::spawn_blocking(move || reader.read_partition(partition, from, limit))

@@ -257,6 +257,22 @@ impl Log {
         });
     }
 
+    /// The position up to which readers of `partition` see its events here: everything durable
+    /// when this node leads it (or is a single node), else only what it knows committed, which
+    /// may trail the leader by the follower's lag (docs/replication.md, "Reads").
+    pub fn readable_through(&self, partition: u32) -> u64 {
+        let head = self.commits.borrow().heads[partition as usize];
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) || self.roles.epoch(partition) != 0 {
+            return head;
+        }
+        head.min(self.replica_reports.lock()[partition as usize].commit)
+    }
+
+    /// Whether this node serves `partition` as its leader (a single node leads them all).
+    pub fn leads(&self, partition: u32) -> bool {
+        self.roles.epoch(partition) != 0
+    }
+
     /// Records what this node's replica of `partition` knows (the replication shell calls it).
     pub fn report_replica(&self, partition: u32, report: ReplicaReport) {
         let mut reports = self.replica_reports.lock();
@@ -461,13 +477,28 @@ impl Log {
         // the read stops there, so it never shows what readers elsewhere cannot see yet.
         let _no_truncation = self.store.reading();
         let durable_seq = self.commits.borrow().seq;
-        let slice = self.store.read_stream(stream, from_version, durable_seq, limit)?;
+        let mut slice = self.store.read_stream(stream, from_version, durable_seq, limit)?;
+        // A follower shows only committed events (a leader's uncommitted ones may be undone).
+        let readable = self.readable_through(self.partition_of(stream));
+        if let Some(cut) = slice.events.iter().position(|e| e.position > readable) {
+            slice.events.truncate(cut);
+            slice.more = false;
+        }
         self.metrics.events_read.inc_by(slice.events.len() as u64);
         Ok(slice)
     }
 
     /// Durable events of a partition from `from_position` on, within `limit`.
     pub fn read_partition(&self, partition: u32, from_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
+        let _no_truncation = self.store.reading();
+        let slice = self.store.read_partition(partition, from_position, self.readable_through(partition), limit)?;
+        self.metrics.events_read.inc_by(slice.events.len() as u64);
+        Ok(slice)
+    }
+
+    /// Every durable event of a partition from `from_position` on, committed or not: what
+    /// replication sends and compares (readers use [`Log::read_partition`]).
+    pub fn read_partition_durable(&self, partition: u32, from_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
         let _no_truncation = self.store.reading();
         let head = self.commits.borrow().heads[partition as usize];
         let slice = self.store.read_partition(partition, from_position, head, limit)?;
@@ -745,6 +776,28 @@ mod tests {
         assert_eq!(positions, [1, 2, 3, 4]);
         assert_eq!(log.read_stream(&other, 1, ALL).unwrap().events.len(), 2);
         assert!(matches!(rt.block_on(log.truncate_partition(99, 0)), Err(AppendError::Invalid(_))));
+    }
+
+    #[test]
+    fn given_a_follower_then_readers_see_only_what_it_knows_committed_and_its_leader_sees_everything() {
+        let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (leader, follower) = (open(leader_dir.path(), 0), open(follower_dir.path(), 0));
+        let rt = runtime();
+        let p = leader.partition_of("s");
+        rt.block_on(leader.append(req("s", ExpectedVersion::Any, 5))).unwrap();
+        let events = leader.read_partition(p, 1, ALL).unwrap().events;
+        follower.set_replicated();
+        follower.roles().set(p, 0);
+        rt.block_on(follower.replicate(events.clone())).unwrap();
+        follower.report_replica(p, ReplicaReport { commit: 3, followers: Vec::new() });
+        let positions = |slice: Slice| slice.events.iter().map(|e| e.position).collect::<Vec<_>>();
+        assert_eq!(positions(follower.read_partition(p, 1, ALL).unwrap()), [1, 2, 3]);
+        let stream = follower.read_stream("s", 1, ALL).unwrap();
+        assert_eq!((positions(stream.clone()), stream.more), (vec![1, 2, 3], false), "the end of what is readable now");
+        assert_eq!(follower.read_partition_durable(p, 1, ALL).unwrap().events, events, "replication sees every durable event");
+        // Leading the partition, it serves everything it holds.
+        follower.roles().set(p, 2);
+        assert_eq!(positions(follower.read_partition(p, 1, ALL).unwrap()), [1, 2, 3, 4, 5]);
     }
 
     #[test]

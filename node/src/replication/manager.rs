@@ -392,7 +392,7 @@ mod tests {
         }
 
         fn events(&self, id: NodeId) -> Vec<EventRecord> {
-            self.node(id).read_partition(0, 1, ALL).unwrap().events
+            self.node(id).read_partition_durable(0, 1, ALL).unwrap().events
         }
     }
 

@@ -71,7 +71,7 @@ pub struct LogView<'a> {
 impl ReplicaLog for LogView<'_> {
     fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
         let limit = ReadLimit { max_events: max, max_bytes: MAX_READ_BYTES };
-        match self.log.read_partition(self.partition, from, limit) {
+        match self.log.read_partition_durable(self.partition, from, limit) {
             Ok(slice) => slice.events.iter().map(entry_of).collect(),
             Err(e) => {
                 // The replica resends on its next tick; a lasting failure shows in the reads too.
