@@ -454,7 +454,12 @@ mod tests {
         .await;
         let epochs: Vec<u64> = c.events(3).iter().map(|e| e.epoch).collect();
         assert_eq!(epochs, [1, 1, 1, 1, 1, 1, 2, 2, 2]);
-        assert_eq!(c.node(3).read_stream(&s, 1, ALL).unwrap().events.len(), 7, "stream versions continue across epochs");
+        // Stream versions continue across epochs; a follower shows them once it knows them
+        // committed (the next Append or heartbeat tells it).
+        until("node 3 to show the stream's seven events", Duration::from_secs(10), || {
+            c.node(3).read_stream(&s, 1, ALL).unwrap().events.iter().map(|e| e.stream_version).eq(1..=7)
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
