@@ -326,7 +326,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
 }
 
 /// Waits until every member is live and every partition has a leader that takes appends.
-async fn wait_whole(cluster: &LocalCluster, spec: &ClusterSpec, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_whole(cluster: &LocalCluster, spec: &ClusterSpec, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut whole = false;

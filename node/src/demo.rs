@@ -2,8 +2,9 @@
 //! directory, pushes a short load at it while a subscriber follows along, shows optimistic
 //! concurrency (two writers racing at the same expected version), runs ledger commands (transfers
 //! between accounts from many clients, a retried command, a rejection, an audit), restarts the
-//! node and checks that every acknowledged event is still there and the books still balance, then
-//! prints what happened.
+//! node and checks that every acknowledged event is still there and the books still balance; then
+//! runs a 3-node cluster, kills a leader under `quorum` load and shows the failover
+//! ([`cluster`]), and prints what happened.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use anthill_proto::v1 as pb;
 use anyhow::{Context, ensure};
 use clap::Args;
 use tokio_stream::StreamExt;
+
+mod cluster;
 
 use crate::client::{self, Clients};
 use crate::local::ChildNode;
@@ -26,6 +29,9 @@ pub struct DemoArgs {
     /// Keep the node's data here (default: a temporary directory, removed at the end).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Nodes of the cluster act, on 127.0.0.11 on (2 to 12; 0 leaves the act out).
+    #[arg(long, default_value_t = 3, value_parser = parse_nodes)]
+    nodes: u16,
     #[arg(long)]
     json: bool,
 }
@@ -169,6 +175,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     node.terminate(Duration::from_secs(30))?;
 
+    if !args.json {
+        print!("\n{}", client::status_text(&reopened));
+    }
+    let cluster = if args.nodes > 0 {
+        say(&args, String::new());
+        Some(cluster::run(&args, &temp.path().join("cluster")).await?)
+    } else {
+        None
+    };
+
     if args.json {
         println!(
             "{}",
@@ -181,10 +197,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "race": race,
                 "ledger": {"events": ledger.events, "transfers_accepted": ledger.accepted, "transfers_rejected": ledger.rejected, "total_balance": ledger.total_balance},
                 "status": client::status_json(&reopened),
+                "cluster": cluster,
             })
         );
-    } else {
-        print!("\n{}", client::status_text(&reopened));
     }
     Ok(())
 }
@@ -361,6 +376,13 @@ async fn ledger_stream_events(c: &mut Clients) -> anyhow::Result<u64> {
         if r.end_of_stream {
             return Ok(events);
         }
+    }
+}
+
+fn parse_nodes(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(n) if n == 0 || (2..=12).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?}: give 0 (no cluster) or 2 to 12 nodes")),
     }
 }
 

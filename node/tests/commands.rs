@@ -29,6 +29,12 @@ fn the_demo_appends_races_runs_the_ledger_restarts_and_finds_every_acknowledged_
     assert_eq!(report["events_after_restart"].as_u64().unwrap(), 2002 + events);
     assert_eq!(report["subscriber_live_events"].as_u64().unwrap(), 2002 + events);
     assert!(report["race"].as_str().unwrap().contains("FAILED_PRECONDITION"), "{report}");
+    // The cluster act: a leader killed under quorum load, its partitions back, nothing lost.
+    let cluster = &report["cluster"];
+    assert_eq!(cluster["nodes"], 3, "{cluster}");
+    assert!(cluster["partitions_failed_over"].as_u64().unwrap() > 0, "{cluster}");
+    assert!(cluster["appends_acknowledged"].as_u64().unwrap() > 0 && cluster["failover_ms"].as_f64().unwrap() > 0.0, "{cluster}");
+    assert_eq!(cluster["lost"], 0, "{cluster}");
 }
 
 #[test]
