@@ -24,6 +24,9 @@ const STREAMS: u64 = 200;
 const WRITERS: u64 = 16;
 const SESSION_TTL_MS: u64 = 1_000;
 
+/// An acknowledged append: (partition, sent, answered, stream, payload).
+type Ack = (u32, Instant, Instant, String, String);
+
 #[derive(Debug, Serialize)]
 pub struct ClusterRun {
     pub nodes: usize,
@@ -58,8 +61,8 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
     let view = status_of(&cluster, 0).await?.cluster.context("a cluster node reports its cluster")?;
     say(args, format!("every partition has a leader: {}", leaders_line(&view)));
 
-    // Writers append with `quorum` acks until stopped: (partition, sent, answered, stream, payload).
-    let acks: Arc<Mutex<Vec<(u32, Instant, Instant, String, String)>>> = Arc::default();
+    // Writers append with `quorum` acks until stopped.
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let (stop, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
