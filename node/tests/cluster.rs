@@ -174,6 +174,14 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A subscriber on the leader, from the start: it gets events once they are committed.
+    let leader_subscription = clients_of(&cluster, leader)
+        .await
+        .log
+        .subscribe(pb::SubscribeRequest { partitions: vec![partition], from_position: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     // Acknowledged only once a majority of the partition's replicas holds them.
     for i in 2..=3 {
         let mut request = common::append(stream, None, vec![common::event("Placed", &i.to_string())]);
@@ -215,25 +223,16 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
         }
     }
 
-    // A subscription on a follower gets the committed events, marker included.
-    let mut subscription = clients_of(&cluster, follower)
+    // Subscriptions on the leader and on a follower get the committed events, marker included.
+    assert_eq!(first_events(leader_subscription, on_leader.len()).await, on_leader);
+    let follower_subscription = clients_of(&cluster, follower)
         .await
         .log
         .subscribe(pb::SubscribeRequest { partitions: vec![partition], from_position: 1, ..Default::default() })
         .await
         .unwrap()
         .into_inner();
-    let mut received = Vec::new();
-    while received.len() < on_leader.len() {
-        let next = tokio::time::timeout(Duration::from_secs(10), subscription.message()).await;
-        match next.expect("the follower's subscription stalled").unwrap().and_then(|m| m.message) {
-            Some(pb::subscribe_response::Message::Event(event)) => received.push(event),
-            Some(pb::subscribe_response::Message::CaughtUp(_)) => {}
-            None => panic!("the follower's subscription ended after {} events", received.len()),
-        }
-    }
-    assert_eq!(received, on_leader);
-    drop(subscription);
+    assert_eq!(first_events(follower_subscription, on_leader.len()).await, on_leader);
 
     // The leader dies; a live replica takes over in a higher epoch and continues the log.
     cluster.kill9(leader);
@@ -259,6 +258,20 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     let events = partition_events(&cluster, successor, partition).await;
     assert_eq!(&events[..4], &on_leader[..], "the new leader kept every event of the old one");
     assert!(events[5].epoch > events[0].epoch);
+}
+
+/// The first `n` events of a subscription (at most 10 s for each).
+async fn first_events(mut subscription: tonic::Streaming<pb::SubscribeResponse>, n: usize) -> Vec<pb::RecordedEvent> {
+    let mut received = Vec::new();
+    while received.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(10), subscription.message()).await;
+        match next.expect("the subscription stalled").unwrap().and_then(|m| m.message) {
+            Some(pb::subscribe_response::Message::Event(event)) => received.push(event),
+            Some(pb::subscribe_response::Message::CaughtUp(_)) => {}
+            None => panic!("the subscription ended after {} events", received.len()),
+        }
+    }
+    received
 }
 
 /// One stream of each partition.

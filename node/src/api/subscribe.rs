@@ -106,13 +106,15 @@ async fn follow(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Status> {
     let mut commits = log.commits();
+    let mut commit_moves = log.commit_moves();
     let mut caught_up = HashSet::new();
     let limit = ReadLimit { max_events: CHUNK_EVENTS, max_bytes: plan.buffer_bytes };
     loop {
         let heads = commits.borrow_and_update().heads.clone();
         for (&partition, next) in plan.next.iter_mut() {
-            // On a follower, only what it knows committed (docs/replication.md, "Reads").
-            let head = heads[partition as usize].min(log.readable_through(partition));
+            // Only committed events, on a leader too: a read model never sees what a failover
+            // undoes (docs/replication.md, "Reads").
+            let head = heads[partition as usize].min(log.committed_through(partition));
             while *next <= head {
                 let (reader, from) = (log.clone(), *next);
                 let slice = tokio::task::spawn_blocking(move || reader.read_partition(partition, from, limit))
@@ -155,6 +157,10 @@ async fn follow(
         }
         tokio::select! {
             changed = commits.changed() => if changed.is_err() {
+                return Err(Status::unavailable("the node is shutting down"));
+            },
+            // In a cluster the commit position moves after the head (a majority acknowledged).
+            changed = commit_moves.changed() => if changed.is_err() {
                 return Err(Status::unavailable("the node is shutting down"));
             },
             _ = shutdown.wait_for(|stop| *stop) => return Err(Status::unavailable("the node is shutting down")),

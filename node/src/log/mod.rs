@@ -189,6 +189,8 @@ pub struct Log {
     committed: Vec<watch::Sender<(u64, u64)>>,
     /// What this node's replica of each partition last reported, for `Node.Status`.
     replica_reports: parking_lot::Mutex<Vec<ReplicaReport>>,
+    /// Bumped whenever a partition's reported commit position moves (subscribers wake on it).
+    commit_moved: watch::Sender<u64>,
     replicated: std::sync::atomic::AtomicBool,
 }
 
@@ -237,6 +239,7 @@ impl Log {
             poison,
             committed: (0..roles.epochs.len()).map(|_| watch::Sender::new((0, 0))).collect(),
             replica_reports: parking_lot::Mutex::new(vec![ReplicaReport::default(); roles.epochs.len()]),
+            commit_moved: watch::Sender::new(0),
             roles,
             replicated: std::sync::atomic::AtomicBool::new(false),
         })
@@ -276,9 +279,31 @@ impl Log {
     /// Records what this node's replica of `partition` knows (the replication shell calls it).
     pub fn report_replica(&self, partition: u32, report: ReplicaReport) {
         let mut reports = self.replica_reports.lock();
-        if reports[partition as usize] != report {
-            reports[partition as usize] = report;
+        let current = &mut reports[partition as usize];
+        if *current != report {
+            let moved = current.commit != report.commit;
+            *current = report;
+            drop(reports);
+            if moved {
+                self.commit_moved.send_modify(|n| *n += 1);
+            }
         }
+    }
+
+    /// Through which position `partition`'s events are committed here: its head on a single
+    /// node; in a cluster, what this node's replica knows committed (leader or follower).
+    /// Subscriptions deliver up to it, so no subscriber ever sees an event a failover undoes.
+    pub fn committed_through(&self, partition: u32) -> u64 {
+        let head = self.commits.borrow().heads[partition as usize];
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            return head;
+        }
+        head.min(self.replica_reports.lock()[partition as usize].commit)
+    }
+
+    /// Changes whenever some partition's commit position moves (see [`Log::committed_through`]).
+    pub fn commit_moves(&self) -> watch::Receiver<u64> {
+        self.commit_moved.subscribe()
     }
 
     /// The partition's commit position as this node knows it, and, on its leader, how far each
