@@ -316,7 +316,8 @@ impl Log {
     }
 
     /// Waits until a majority holds `appended` (committed in the epoch it was appended in).
-    /// Fails with `OutcomeUnknown` when this node stops leading that epoch first, and with `QuorumTimeout` after `timeout` (the API uses [`QUORUM_WAIT`]).
+    /// Fails with `OutcomeUnknown` when this node stops leading that epoch first, and with
+    /// `QuorumTimeout` after `timeout` (the API uses [`QUORUM_WAIT`]).
     /// A single node returns at once: it is its own majority.
     pub async fn wait_quorum(&self, appended: &Appended, timeout: std::time::Duration) -> Result<(), AppendError> {
         if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
