@@ -340,17 +340,26 @@ pub(crate) async fn wait_whole(cluster: &LocalCluster, spec: &ClusterSpec, timeo
             }
             break;
         }
+        let mut why = "not every member is live and every partition led".to_string();
         if whole {
-            // Each leader serves once it recovered: one quorum append per partition says so.
+            // Each leader serves once it recovered: one quorum append per partition says so. A
+            // leadership that moves meanwhile (a starved node's session expiring) fails one:
+            // then the cluster is not whole yet, and the check starts over.
             let router = Router::connect(&cluster.urls()).await?;
+            let mut failed = None;
             for stream in streams_per_partition("bench-probe", spec.partitions) {
-                let request = probe_append(&stream, "ready");
-                router.append(request).await.map_err(|e| anyhow::anyhow!("partition of {stream} does not take appends: {e}"))?;
+                if let Err(e) = router.append(probe_append(&stream, "ready")).await {
+                    failed = Some(format!("the partition of {stream} does not take appends: {}", e.message()));
+                    break;
+                }
             }
-            return Ok(());
+            match failed {
+                None => return Ok(()),
+                Some(e) => why = e,
+            }
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not form within {timeout:?} (logs in {})", cluster.dir().display());
+            bail!("the cluster did not become whole within {timeout:?}: {why} (logs in {})", cluster.dir().display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

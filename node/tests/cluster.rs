@@ -408,7 +408,9 @@ async fn the_cluster_benchmark_compares_quorum_appends_with_one_node_and_measure
     let _one = ONE_AT_A_TIME.lock().await;
     let out = tokio::task::spawn_blocking(|| {
         std::process::Command::new(common::exe())
-            .args(["bench", "--cluster", "3", "--durability", "quorum", "--seconds", "1", "--concurrency", "8", "--kills", "2", "--json"])
+            // A debug build on a loaded machine: a longer TTL keeps starved nodes from failing over.
+            .args(["bench", "--cluster", "3", "--durability", "quorum", "--seconds", "1", "--concurrency", "8", "--kills", "2"])
+            .args(["--session-ttl-ms", "2000", "--json"])
             .output()
             .unwrap()
     })
