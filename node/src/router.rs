@@ -150,16 +150,36 @@ impl Router {
             })
             .collect();
         let mut last_error = None;
-        while let Some((url, status)) = futures_util::StreamExt::next(&mut asking).await {
+        // The first answer, then whichever others come within [`FRESH_ENOUGH`]: the view that
+        // has applied the most of the coordination store wins (a node that just restarted may
+        // still describe leaders that are gone).
+        let mut best: Option<(u64, String, pb::StatusResponse)> = None;
+        let mut until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = futures_util::StreamExt::next(&mut asking);
+            let answer = match until {
+                None => next.await,
+                Some(at) => tokio::time::timeout_at(at, next).await.unwrap_or(None),
+            };
+            let Some((url, status)) = answer else { break };
             match status {
                 Ok(status) => {
-                    *self.table.lock() = RouteTable::from_status(&status, &url);
-                    return Ok(());
+                    let applied = status.cluster.as_ref().map_or(0, |c| c.coordination_applied);
+                    if best.as_ref().is_none_or(|(seen, _, _)| applied > *seen) {
+                        best = Some((applied, url, status));
+                    }
+                    until.get_or_insert_with(|| tokio::time::Instant::now() + FRESH_ENOUGH);
                 }
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(last_error.expect("at least one seed").context("no node of the cluster answered"))
+        match best {
+            Some((_, url, status)) => {
+                *self.table.lock() = RouteTable::from_status(&status, &url);
+                Ok(())
+            }
+            None => Err(last_error.expect("at least one seed").context("no node of the cluster answered")),
+        }
     }
 
     async fn status_of(&self, url: &str) -> anyhow::Result<pb::StatusResponse> {
