@@ -126,8 +126,10 @@ impl<S: CoordinationStore> Elector<S> {
         let keys: Vec<String> = takes.map(|(p, _)| self.key("leaders", p)).collect();
         let acquired =
             futures_util::future::join_all(keys.iter().map(|key| self.store.acquire(key, self.config.node.as_bytes(), &session))).await;
-        for outcome in acquired {
-            outcome?;
+        for (key, outcome) in keys.iter().zip(acquired) {
+            if let Some(epoch) = outcome? {
+                tracing::info!(node = %self.config.node, %key, epoch, "took a free leader lock");
+            }
         }
         self.view().await
     }

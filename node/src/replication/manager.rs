@@ -156,7 +156,8 @@ async fn run_partition(
                 match input {
                     Input::Message(from, message) => replica.on_message(from, message, &view),
                     Input::Grant(epoch) => {
-                        replica.become_leader(epoch);
+                        let recovering = replica.become_leader(epoch);
+                        tracing::info!(partition, epoch, recovering, "granted the partition's leadership");
                     }
                     Input::Tick => replica.tick(&view),
                     Input::Head(head) => replica.leader_appended(head, &view),
@@ -274,8 +275,14 @@ async fn execute(
             Effect::Committed(position) => {
                 commit.send_replace(position);
             }
-            Effect::Serving { epoch, .. } => log.roles().set(partition, epoch),
-            Effect::SteppedDown { .. } => log.roles().set(partition, 0),
+            Effect::Serving { epoch, start } => {
+                log.roles().set(partition, epoch);
+                tracing::info!(partition, epoch, start, "serving the partition as its leader");
+            }
+            Effect::SteppedDown { epoch } => {
+                log.roles().set(partition, 0);
+                tracing::info!(partition, epoch, "stepped down: a higher epoch exists");
+            }
         }
     }
     for (to, message) in sends {
