@@ -470,19 +470,9 @@ async fn failovers(kills: usize, cluster: &mut LocalCluster, spec: &ClusterSpec)
         by_stream.entry(stream).or_default().push(payload);
     }
     for (stream, payloads) in by_stream {
-        let mut stored = std::collections::HashSet::new();
-        let mut from = 1;
-        loop {
-            let read = router
-                .read(pb::ReadRequest { stream: stream.to_string(), from_version: from, max_count: 0 })
-                .await
-                .map_err(client::status_error)?;
-            if read.events.is_empty() {
-                break;
-            }
-            from = read.events.last().map_or(from, |e| e.stream_version + 1);
-            stored.extend(read.events.into_iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()));
-        }
+        let events = router.read_stream_all(stream).await.map_err(client::status_error)?;
+        let stored: std::collections::HashSet<String> =
+            events.into_iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
         lost += payloads.iter().filter(|p| !stored.contains(**p)).count() as u64;
     }
     let mut sorted = samples.clone();

@@ -262,6 +262,21 @@ impl Router {
         .await
     }
 
+    /// Every event of `stream` the partition's leader serves, read page by page.
+    pub async fn read_stream_all(&self, stream: &str) -> Result<Vec<pb::RecordedEvent>, Status> {
+        let mut events = Vec::new();
+        let mut from = 1;
+        loop {
+            let read = self.read(pb::ReadRequest { stream: stream.to_string(), from_version: from, max_count: 0 }).await?;
+            let done = read.end_of_stream || read.events.is_empty();
+            from = read.next;
+            events.extend(read.events);
+            if done {
+                return Ok(events);
+            }
+        }
+    }
+
     /// Reads a stream from its partition's leader.
     pub async fn read(&self, request: pb::ReadRequest) -> Result<pb::ReadResponse, Status> {
         let partition = self.partition_of(&request.stream);

@@ -175,13 +175,7 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A subscriber on the leader, from the start: it gets events once they are committed.
-    let leader_subscription = clients_of(&cluster, leader)
-        .await
-        .log
-        .subscribe(pb::SubscribeRequest { partitions: vec![partition], from_position: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let leader_subscription = subscribe_partition(&cluster, leader, partition).await;
     // Acknowledged only once a majority of the partition's replicas holds them.
     for i in 2..=3 {
         let mut request = common::append(stream, None, vec![common::event("Placed", &i.to_string())]);
@@ -225,13 +219,7 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
 
     // Subscriptions on the leader and on a follower get the committed events, marker included.
     assert_eq!(first_events(leader_subscription, on_leader.len()).await, on_leader);
-    let follower_subscription = clients_of(&cluster, follower)
-        .await
-        .log
-        .subscribe(pb::SubscribeRequest { partitions: vec![partition], from_position: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let follower_subscription = subscribe_partition(&cluster, follower, partition).await;
     assert_eq!(first_events(follower_subscription, on_leader.len()).await, on_leader);
 
     // The leader dies; a live replica takes over in a higher epoch and continues the log.
@@ -258,6 +246,12 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     let events = partition_events(&cluster, successor, partition).await;
     assert_eq!(&events[..4], &on_leader[..], "the new leader kept every event of the old one");
     assert!(events[5].epoch > events[0].epoch);
+}
+
+/// A subscription to `partition` on node `i`, from its first event.
+async fn subscribe_partition(cluster: &Cluster, i: usize, partition: u32) -> tonic::Streaming<pb::SubscribeResponse> {
+    let request = pb::SubscribeRequest { partitions: vec![partition], from_position: 1, ..Default::default() };
+    clients_of(cluster, i).await.log.subscribe(request).await.unwrap().into_inner()
 }
 
 /// The first `n` events of a subscription (at most 10 s for each).

@@ -164,7 +164,8 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
     }
     let mut lost = 0;
     for (stream, payloads) in &by_stream {
-        let stored = read_stream(&router, stream).await?;
+        let events = router.read_stream_all(stream).await.map_err(client::status_error)?;
+        let stored: HashSet<String> = events.into_iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
         lost += payloads.iter().filter(|p| !stored.contains(**p)).count() as u64;
     }
     let run = ClusterRun {
@@ -215,20 +216,4 @@ async fn lags_of(cluster: &LocalCluster, node: &str) -> Option<Vec<u64>> {
         lags.extend(status.partitions.iter().flat_map(|p| p.followers.iter()).filter(|f| f.node == node).map(|f| f.lag));
     }
     Some(lags)
-}
-
-async fn read_stream(router: &Router, stream: &str) -> anyhow::Result<HashSet<String>> {
-    let mut stored = HashSet::new();
-    let mut from = 1;
-    loop {
-        let read = router
-            .read(pb::ReadRequest { stream: stream.to_string(), from_version: from, max_count: 0 })
-            .await
-            .map_err(client::status_error)?;
-        stored.extend(read.events.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()));
-        if read.end_of_stream || read.events.is_empty() {
-            return Ok(stored);
-        }
-        from = read.next;
-    }
 }
