@@ -6,8 +6,9 @@
 //! `embedded.rs`): it proposes a `Tick` every [`EXPIRY_TICK`] to keep the store's clock fresh (a
 //! renewal counts from the store's clock, at most that much behind), and as soon as a session is
 //! due by its clock (checked every [`TICK`]), so a dead node's session ends at most a tick after
-//! its TTL. A new leader first proposes `RenewAll`, so the time the group spent without a leader
-//! (when nobody could renew) does not expire anyone.
+//! its TTL. A new leader first proposes `RenewAll`, which gives every session at least half a TTL
+//! from then, so the time the group spent without a leader (when nobody could renew) does not
+//! expire a live owner, while a dead owner's session still ends close to its own TTL.
 //! Reads (`get`, `list`) answer from the member's own applied state: they may lag the leader by a
 //! few milliseconds, which ownership tolerates (every decision it takes is a write: a lock
 //! acquisition or a compare-and-set). Blocking lists wake when the applied index moves.
@@ -205,8 +206,8 @@ async fn drive(
             Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
             Err(e) => tracing::error!(error = %e, "coordination member failed a ready cycle"),
         }
-        // A new leader first gives every session a full TTL: while the group had no leader,
-        // nobody could renew, and its first expiry tick must not count that time against them.
+        // A new leader first gives every session at least half a TTL: while the group had no
+        // leader, nobody could renew, and its first expiry tick must not count that against them.
         if node.is_leader() != leading {
             leading = node.is_leader();
             if leading {

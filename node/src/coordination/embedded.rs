@@ -16,9 +16,10 @@
 //! Time comes from the Raft leader alone, as in Consul: only its `Tick` and `RenewAll` carry
 //! its clock; every other operation is stamped 0 (the store's clock stays where the leader
 //! put it). A member with a clock far ahead therefore cannot expire everyone's sessions; a new
-//! leader whose clock is ahead gives every session a full TTL from its time first (`RenewAll`);
-//! one whose clock is behind only makes sessions live longer until it catches up, and the
-//! epochs fence a holder that lived too long (docs/replication.md).
+//! leader whose clock is ahead gives every session at least half a TTL from its time first
+//! (`RenewAll`), time for a live owner to renew; one whose clock is behind only makes sessions
+//! live longer until it catches up, and the epochs fence a holder that lived too long
+//! (docs/replication.md).
 //!
 //! This type is the state machine and its Raft node; `driver.rs` is its shell (the Raft log in
 //! LMDB via `raft_log.rs`, the gRPC transport, proposals from async callers with timeouts).

@@ -196,8 +196,12 @@ impl KvState {
             }
             Op::Tick => Outcome::Done(true),
             Op::RenewAll => {
+                // Half a TTL from the new leader's time: enough for a live owner (it renews every
+                // third of a TTL) to get a renewal through, while a session whose owner died with
+                // the old leader still ends near its own TTL instead of a whole TTL after the
+                // election (the slow failovers in docs/benchmarks.md, 2026-12-01).
                 for s in self.sessions.values_mut() {
-                    s.expires_at_ms = s.expires_at_ms.max(now_ms.saturating_add(s.ttl_ms));
+                    s.expires_at_ms = s.expires_at_ms.max(now_ms.saturating_add(s.ttl_ms / 2));
                 }
                 Outcome::Done(true)
             }
@@ -277,14 +281,19 @@ mod tests {
     }
 
     #[test]
-    fn given_a_leader_change_then_every_session_gets_a_full_ttl_from_then() {
+    fn given_a_leader_change_then_every_session_lives_at_least_half_a_ttl_from_then() {
         let mut st = KvState::default();
         let a = session(&mut st, "a", 100, 0);
-        // The group had no leader from 50 to 140: nobody could renew.
-        assert_eq!(st.apply(&Op::RenewAll, 140), Outcome::Done(true));
-        assert_eq!(st.apply(&Op::RenewSession { session: a.clone() }, 230), Outcome::Done(true), "alive until 240");
-        assert_eq!(st.apply(&Op::Tick, 331), Outcome::Done(true));
-        assert_eq!(st.apply(&Op::RenewSession { session: a }, 331), Outcome::Done(false), "renewed at 230, gone at 330");
+        let b = session(&mut st, "b", 100, 0);
+        assert_eq!(st.apply(&Op::RenewSession { session: b.clone() }, 45), Outcome::Done(true), "b: until 145");
+        // The group had no leader from 50 to 90: nobody could renew. a, due at 100, gets until 140.
+        assert_eq!(st.apply(&Op::RenewAll, 90), Outcome::Done(true));
+        assert_eq!(st.apply(&Op::RenewSession { session: a.clone() }, 139), Outcome::Done(true), "a: until 239");
+        // b keeps its own later expiry rather than a full TTL from the election (that would be 190).
+        assert_eq!(st.apply(&Op::Tick, 146), Outcome::Done(true));
+        assert_eq!(st.apply(&Op::RenewSession { session: b }, 146), Outcome::Done(false), "b ended at 145");
+        assert_eq!(st.apply(&Op::Tick, 240), Outcome::Done(true));
+        assert_eq!(st.apply(&Op::RenewSession { session: a }, 240), Outcome::Done(false), "renewed at 139, gone at 239");
     }
 
     #[test]
