@@ -30,8 +30,10 @@ use crate::replication::wire::{from_wire, to_wire};
 
 /// Messages queued for one peer (or for the local member) before new ones are dropped.
 pub const QUEUE_MESSAGES: usize = 4096;
-/// Largest Raft message accepted over the wire.
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Largest message (Raft or replication) sent or accepted over the wire. A replication message
+/// holds whole appends, about 4 MiB of them (`replication/shell.rs`), or one larger append: up to
+/// `limits.max_request_bytes` (256 MiB at most) plus each event's record header and stream id.
+pub const MAX_MESSAGE_BYTES: usize = 288 << 20;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 

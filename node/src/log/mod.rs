@@ -840,8 +840,13 @@ mod tests {
         });
         let events = leader.read_partition(p, 1, ALL).unwrap().events;
         assert_eq!(events.len(), 4);
-        // In two pieces, as a leader sends them; a piece that does not follow is refused whole.
+        let continued: Vec<bool> = events.iter().map(|e| e.atomic_with_next).collect();
+        assert_eq!(continued, [true, false, false, false], "the events of one append but its last go on at the next position");
+        // In two pieces, as a leader sends them; a piece that does not follow, or that ends inside
+        // an append, is refused whole.
         assert!(matches!(rt.block_on(follower.replicate(events[1..].to_vec())), Err(AppendError::Invalid(_))));
+        assert!(matches!(rt.block_on(follower.replicate(events[..1].to_vec())), Err(AppendError::Invalid(_))));
+        assert!(follower.read_partition_durable(p, 1, ALL).unwrap().events.is_empty());
         assert_eq!(rt.block_on(follower.replicate(events[..2].to_vec())).unwrap(), 2);
         assert_eq!(rt.block_on(follower.replicate(events[2..].to_vec())).unwrap(), 4);
         let copied = follower.read_partition(p, 1, ALL).unwrap().events;

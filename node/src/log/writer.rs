@@ -559,6 +559,12 @@ impl<'b> Placer<'b, '_> {
     ) -> Result<Result<u64, AppendError>, StorageError> {
         let Some(first) = records.first() else { return Ok(Err(AppendError::Invalid("a replicated batch needs events".into()))) };
         let partition = first.partition;
+        if records.last().is_some_and(|r| r.atomic_with_next) {
+            return Ok(Err(AppendError::Invalid(format!(
+                "a replicated batch of partition {partition} ends inside an append (at position {}): appends are stored whole",
+                records[records.len() - 1].position
+            ))));
+        }
         if partition >= self.partition_count {
             return Ok(Err(AppendError::Invalid(format!("partition {partition} does not exist"))));
         }
@@ -600,6 +606,7 @@ impl<'b> Placer<'b, '_> {
                 metadata: &record.metadata,
                 append_time_us: record.append_time_us,
                 epoch: record.epoch,
+                atomic_with_next: record.atomic_with_next,
             };
             appender.append(txn, self.seq, &stored)?;
             self.entries.push((partition, record.position, &record.stream, record.stream_version, self.seq));
@@ -648,6 +655,7 @@ impl<'b> Placer<'b, '_> {
                 metadata: &event.metadata,
                 append_time_us: self.now_us,
                 epoch: self.epochs[partition as usize],
+                atomic_with_next: i + 1 < events.len(),
             };
             appender.append(txn, self.seq, &record)?;
             self.entries.push((partition, record.position, stream, record.stream_version, self.seq));

@@ -35,6 +35,10 @@ pub struct Entry {
     /// The epoch of the leader that wrote it.
     pub epoch: Epoch,
     pub kind: EntryKind,
+    /// The entry's append goes on at the next position: the entries of one append (or one
+    /// command) are written, sent and stored together or not at all (docs/replication.md,
+    /// "Atomic appends").
+    pub atomic_with_next: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

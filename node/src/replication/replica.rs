@@ -286,11 +286,25 @@ impl Replica {
         self.try_finish_recovery();
     }
 
-    /// The serving leader appends `data`; returns its position, or `None` when not serving.
-    pub fn propose(&mut self, data: Vec<u8>) -> Option<Position> {
+    /// The serving leader appends `group` atomically (see [`Entry::atomic_with_next`]); returns
+    /// the position of its last entry, or `None` when not serving (or the group is empty).
+    pub fn propose(&mut self, group: Vec<Vec<u8>>) -> Option<Position> {
         let Phase::Leading { .. } = self.phase else { return None };
-        let entry = Entry { position: self.last + 1, epoch: self.promised, kind: EntryKind::Data(data) };
-        self.append_local(vec![entry]);
+        let (first, n) = (self.last + 1, group.len());
+        if n == 0 {
+            return None;
+        }
+        let entries = group
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| Entry {
+                position: first + i as Position,
+                epoch: self.promised,
+                kind: EntryKind::Data(data),
+                atomic_with_next: i + 1 < n,
+            })
+            .collect();
+        self.append_local(entries);
         Some(self.last)
     }
 
@@ -525,7 +539,7 @@ impl Replica {
     fn start_serving(&mut self) {
         let epoch = self.promised;
         let start = self.last + 1;
-        self.append_local(vec![Entry { position: start, epoch, kind: EntryKind::Marker }]);
+        self.append_local(vec![Entry { position: start, epoch, kind: EntryKind::Marker, atomic_with_next: false }]);
         let peers = self.peers().into_iter().map(|peer| (peer, Progress { matched: 0, next: start, idle_ticks: 0 })).collect();
         self.phase = Phase::Leading { start, peers };
         self.effects.push(Effect::Serving { epoch, start });
@@ -639,18 +653,30 @@ impl Replica {
         self.effects.push(Effect::Truncate { after });
     }
 
-    /// Durable entries from `from` on, one batch's worth.
+    /// Durable entries from `from` on, one batch's worth of whole appends: the batch ends with
+    /// the last entry of an append (more than `max_batch_entries` when one append is longer).
+    /// `from` starts an append: every log holds whole appends only, so every position a peer
+    /// holds up to, and every durable position, ends one.
     fn read(&self, log: &impl ReplicaLog, from: Position) -> Vec<Entry> {
         if from == 0 || from > self.durable {
             return Vec::new();
         }
-        let max = self.config.max_batch_entries.min((self.durable - from + 1) as usize);
-        let entries = log.entries(from, max);
-        debug_assert!(
-            entries.iter().enumerate().all(|(i, e)| e.position == from + i as Position),
-            "the log returned non-consecutive entries"
-        );
-        entries
+        let available = (self.durable - from + 1) as usize;
+        let mut max = self.config.max_batch_entries.min(available);
+        loop {
+            let mut entries = log.entries(from, max);
+            debug_assert!(
+                entries.iter().enumerate().all(|(i, e)| e.position == from + i as Position),
+                "the log returned non-consecutive entries"
+            );
+            let whole = entries.iter().rposition(|e| !e.atomic_with_next).map_or(0, |i| i + 1);
+            if whole > 0 || entries.len() < max || max == available {
+                debug_assert!(whole > 0 || entries.is_empty() || entries.len() < max, "the durable log ends inside an append");
+                entries.truncate(whole);
+                return entries;
+            }
+            max = (max * 2).min(available);
+        }
     }
 
     fn send(&mut self, to: NodeId, message: Message) {
@@ -667,11 +693,14 @@ impl Replica {
 }
 
 /// Whether `entries` may follow `(prev_position, prev_epoch)` in a log of an epoch up to
-/// `epoch`: consecutive positions, epochs never decreasing and never past `epoch`. Messages
-/// come from the network; one that breaks this is ignored, never applied (nor a panic).
+/// `epoch`: consecutive positions, epochs never decreasing and never past `epoch`, whole
+/// appends only (the last entry ends one, and an append has one epoch). Messages come from the
+/// network; one that breaks this is ignored, never applied (nor a panic).
 fn well_formed(prev_position: Position, prev_epoch: Epoch, entries: &[Entry], epoch: Epoch) -> bool {
     let mut last_epoch = prev_epoch;
     prev_epoch <= epoch
+        && entries.last().is_none_or(|e| !e.atomic_with_next)
+        && entries.windows(2).all(|w| !w[0].atomic_with_next || w[0].epoch == w[1].epoch)
         && entries.iter().enumerate().all(|(i, e)| {
             let ok = e.position == prev_position + 1 + i as Position && e.epoch >= last_epoch && e.epoch <= epoch && e.epoch > 0;
             last_epoch = e.epoch;
@@ -692,7 +721,7 @@ mod tests {
     }
 
     fn data(position: Position, epoch: Epoch) -> Entry {
-        Entry { position, epoch, kind: EntryKind::Data(vec![position as u8]) }
+        Entry { position, epoch, kind: EntryKind::Data(vec![position as u8]), atomic_with_next: false }
     }
 
     /// Replica 1 of five, holding positions 1..=6 of epoch 1, durable.
@@ -757,7 +786,7 @@ mod tests {
         let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
         let mut leader = Replica::new(config, DurableState::default());
         assert!(leader.become_leader(1));
-        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker }]);
+        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker, atomic_with_next: false }]);
         for peer in [1, 2] {
             leader.on_message(peer, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
         }

@@ -1,7 +1,7 @@
 //! The first pieces of the replica's LMDB shell: how a partition's stored events are the
 //! protocol's entries, and how a leader's epoch marker is stored.
 //!
-//! An entry's data is the event's stored record (record format 2: partition, position, stream,
+//! An entry's data is the event's stored record (record format 3: partition, position, stream,
 //! version, type, payload, metadata, time, epoch), so a follower stores exactly what the leader
 //! stored ([`crate::log::Log::replicate`]). A new leader's marker is an event too, of the system
 //! stream `$epochs-{partition}` placed in its partition, so it has a position like any event;
@@ -12,8 +12,10 @@ use super::{Entry, EntryKind, Epoch, Position};
 use crate::log::Log;
 use crate::storage::{EventRecord, ReadLimit};
 
-/// Most bytes one read for replication returns (the first event whatever its size).
-pub const MAX_READ_BYTES: usize = 16 << 20;
+/// About the most bytes one read for replication returns: it always returns whole appends, so
+/// the first append whatever its size (bounded by `limits.max_request_bytes` and the record
+/// overhead, within the Cluster API's message bound, `coordination/transport.rs`).
+pub const MAX_READ_BYTES: usize = 4 << 20;
 
 /// The system stream of `partition`'s epoch markers.
 pub fn marker_stream(partition: u32) -> String {
@@ -32,6 +34,7 @@ pub fn marker_record(partition: u32, position: Position, epoch: Epoch, stream_ve
         metadata: Vec::new(),
         append_time_us: now_us,
         epoch,
+        atomic_with_next: false,
     }
 }
 
@@ -39,7 +42,7 @@ pub fn marker_record(partition: u32, position: Position, epoch: Epoch, stream_ve
 pub fn entry_of(record: &EventRecord) -> Entry {
     let mut bytes = Vec::new();
     record.as_ref().encode_into(&mut bytes);
-    Entry { position: record.position, epoch: record.epoch, kind: EntryKind::Data(bytes) }
+    Entry { position: record.position, epoch: record.epoch, kind: EntryKind::Data(bytes), atomic_with_next: record.atomic_with_next }
 }
 
 /// A received entry as the event to store. Markers travel as the leader stored them (data), so a
@@ -48,10 +51,10 @@ pub fn record_of(entry: &Entry) -> Result<EventRecord, String> {
     match &entry.kind {
         EntryKind::Data(bytes) => {
             let record = EventRecord::decode(0, bytes).map_err(|e| format!("entry at position {}: {e}", entry.position))?;
-            if (record.position, record.epoch) != (entry.position, entry.epoch) {
+            if (record.position, record.epoch, record.atomic_with_next) != (entry.position, entry.epoch, entry.atomic_with_next) {
                 return Err(format!(
-                    "entry at position {} epoch {} holds an event of position {} epoch {}",
-                    entry.position, entry.epoch, record.position, record.epoch
+                    "entry at position {} epoch {} (continued: {}) holds an event of position {} epoch {} (continued: {})",
+                    entry.position, entry.epoch, entry.atomic_with_next, record.position, record.epoch, record.atomic_with_next
                 ));
             }
             Ok(record)
@@ -69,14 +72,24 @@ pub struct LogView<'a> {
 }
 
 impl ReplicaLog for LogView<'_> {
+    /// Stops at the byte bound only where an append ends: a read that the bound cut inside an
+    /// append goes on until that append is whole (or `max` is reached; the replica core trims).
     fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
-        let limit = ReadLimit { max_events: max, max_bytes: MAX_READ_BYTES };
-        match self.log.read_partition_durable(self.partition, from, limit) {
-            Ok(slice) => slice.events.iter().map(entry_of).collect(),
-            Err(e) => {
-                // The replica resends on its next tick; a lasting failure shows in the reads too.
-                tracing::error!(partition = self.partition, from, error = %e, "cannot read entries to replicate");
-                Vec::new()
+        let mut entries: Vec<Entry> = Vec::new();
+        loop {
+            let next = from + entries.len() as Position;
+            let limit = ReadLimit { max_events: max - entries.len(), max_bytes: MAX_READ_BYTES };
+            match self.log.read_partition_durable(self.partition, next, limit) {
+                Ok(slice) => entries.extend(slice.events.iter().map(entry_of)),
+                Err(e) => {
+                    // The replica resends on its next tick; a lasting failure shows in the reads too.
+                    tracing::error!(partition = self.partition, from, error = %e, "cannot read entries to replicate");
+                    return Vec::new();
+                }
+            }
+            let cut_inside = entries.last().is_some_and(|e| e.atomic_with_next && e.position >= next);
+            if !cut_inside || entries.len() >= max {
+                return entries;
             }
         }
     }
@@ -115,11 +128,29 @@ mod tests {
     }
 
     #[test]
+    fn given_an_append_larger_than_the_read_bound_then_the_view_returns_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &StorageConfig { partitions: 2, ..StorageConfig::default() }).unwrap());
+        let log =
+            Log::start(store, &GroupCommitConfig::default(), &LimitsConfig::default(), &AppConfig::default(), Arc::new(Metrics::default()))
+                .unwrap();
+        let big = |n: usize| (0..n).map(|_| NewEvent { event_type: "E".into(), payload: vec![7; 1 << 20], metadata: vec![] }).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // 6 MiB in one append, then 1 MiB in another: the bound (4 MiB) falls inside the first.
+        rt.block_on(log.append(AppendRequest { stream: "s".into(), expected: ExpectedVersion::Any, events: big(6) })).unwrap();
+        rt.block_on(log.append(AppendRequest { stream: "s".into(), expected: ExpectedVersion::Any, events: big(1) })).unwrap();
+        let view = LogView { log: &log, partition: log.partition_of("s") };
+        let entries = view.entries(1, 100);
+        assert_eq!(entries.len(), 6, "the first append whole, and nothing past the bound after it");
+        assert!(!entries[5].atomic_with_next && entries[..5].iter().all(|e| e.atomic_with_next));
+    }
+
+    #[test]
     fn a_marker_is_an_event_of_its_partitions_system_stream_and_a_bare_marker_is_refused() {
         let marker = marker_record(3, 7, 4, 2, 100);
         assert_eq!((marker.stream.as_str(), marker.epoch, marker.position), ("$epochs-3", 4, 7));
         assert_eq!(record_of(&entry_of(&marker)).unwrap(), marker);
-        assert!(record_of(&Entry { position: 7, epoch: 4, kind: EntryKind::Marker }).is_err());
+        assert!(record_of(&Entry { position: 7, epoch: 4, kind: EntryKind::Marker, atomic_with_next: false }).is_err());
         let mismatched = Entry { position: 8, ..entry_of(&marker) };
         assert!(record_of(&mismatched).is_err());
     }

@@ -6,7 +6,8 @@
 //!
 //! Checked: no two replicas ever commit different entries at a position; a committed entry is
 //! never truncated (asserted inside the replica); every proposal its leader saw committed is in
-//! the final log; at the end every log is identical and fully committed. A failing seed is
+//! the final log; proposals are groups of 1–3 entries (an atomic append), and no log ever holds,
+//! nor any replica commits, part of one; at the end every log is identical and fully committed. A failing seed is
 //! printed and replays exactly. (The whole-cluster simulator of issue 5 grows from this.)
 
 use std::collections::{BTreeMap, VecDeque};
@@ -60,8 +61,8 @@ struct Sim {
     committed: BTreeMap<Position, Entry>,
     /// Proposals whose leader saw them committed in their own epoch: (position, data).
     acknowledged: Vec<(Position, Vec<u8>)>,
-    /// Proposals waiting for their leader's commit: node → (epoch, position, data).
-    proposed: Vec<(NodeId, Epoch, Position, Vec<u8>)>,
+    /// Groups proposed and waiting for their leader's commit: (node, epoch, last position, data).
+    proposed: Vec<(NodeId, Epoch, Position, Vec<Vec<u8>>)>,
     storm: bool,
     stats: Stats,
 }
@@ -133,6 +134,8 @@ impl Sim {
                 }
                 Effect::Send { to, message } => sends.push((to, message)),
                 Effect::Committed(position) => {
+                    let end = &node.log.0[position as usize - 1];
+                    assert!(!end.atomic_with_next, "node {n} commits through {position}, inside an append");
                     for e in &node.log.0[..position as usize] {
                         match self.committed.get(&e.position) {
                             Some(first) => {
@@ -147,12 +150,17 @@ impl Sim {
                     let (done, waiting): (Vec<_>, Vec<_>) =
                         self.proposed.drain(..).partition(|(leader, e, p, _)| *leader == n && *e == epoch && *p <= position);
                     self.proposed = waiting;
-                    self.acknowledged.extend(done.into_iter().map(|(_, _, p, data)| (p, data)));
+                    for (_, _, last, group) in done {
+                        let first = last + 1 - group.len() as Position;
+                        self.acknowledged.extend((first..=last).zip(group));
+                    }
                 }
                 Effect::Serving { .. } => {}
                 Effect::SteppedDown { .. } => self.proposed.retain(|(leader, _, _, _)| *leader != n),
             }
         }
+        let end = node.log.0.last();
+        assert!(end.is_none_or(|e| !e.atomic_with_next), "node {n}'s log ends inside an append at {:?}", end.map(|e| e.position));
         node.unsynced.push_back((batch.ticket, sends));
     }
 
@@ -263,10 +271,11 @@ impl Sim {
                 self.drain(n);
             }
             if self.rng.random_bool(0.3) {
-                let data = format!("s{}-n{n}", self.step).into_bytes();
+                let size = self.rng.random_range(1..=3);
+                let group: Vec<Vec<u8>> = (0..size).map(|i| format!("s{}-n{n}-{i}", self.step).into_bytes()).collect();
                 let node = &mut self.nodes[n as usize];
-                if let Some(position) = node.replica.propose(data.clone()) {
-                    self.proposed.push((n, node.replica.promised(), position, data));
+                if let Some(last) = node.replica.propose(group.clone()) {
+                    self.proposed.push((n, node.replica.promised(), last, group));
                     self.drain(n);
                 }
             }
@@ -296,8 +305,13 @@ impl Sim {
         for _ in 0..calm_steps {
             self.one_step();
         }
-        // Quiesce: sync and tick until nothing moves.
-        for _ in 0..200 {
+        // Quiesce: sync and tick until nothing moves (or long enough that something is stuck).
+        for _ in 0..2_000 {
+            // (Heartbeats keep the network busy forever: settled is about the logs.)
+            let settled = self.nodes.iter().all(|n| n.replica.commit() == n.log.0.len() as Position && n.log.0 == self.nodes[0].log.0);
+            if settled {
+                break;
+            }
             self.step += 1;
             for n in self.members.clone() {
                 self.sync(n);
@@ -322,6 +336,13 @@ impl Sim {
         }
         for (position, entry) in &self.committed {
             assert_eq!(reference.get(*position as usize - 1), Some(entry), "seed {seed}: committed entry at {position} lost");
+        }
+        for pair in reference.windows(2) {
+            assert!(
+                !pair[0].atomic_with_next || pair[0].epoch == pair[1].epoch,
+                "seed {seed}: an append at {} goes on in another epoch",
+                pair[0].position
+            );
         }
         for (position, data) in &self.acknowledged {
             let entry = &reference[*position as usize - 1];

@@ -20,8 +20,16 @@ fn entries_out(entries: Vec<Entry>) -> Vec<pb::ReplicaEntry> {
     entries
         .into_iter()
         .map(|e| match e.kind {
-            EntryKind::Data(data) => pb::ReplicaEntry { position: e.position, epoch: e.epoch, data, marker: false },
-            EntryKind::Marker => pb::ReplicaEntry { position: e.position, epoch: e.epoch, data: Vec::new(), marker: true },
+            EntryKind::Data(data) => {
+                pb::ReplicaEntry { position: e.position, epoch: e.epoch, data, marker: false, atomic_with_next: e.atomic_with_next }
+            }
+            EntryKind::Marker => pb::ReplicaEntry {
+                position: e.position,
+                epoch: e.epoch,
+                data: Vec::new(),
+                marker: true,
+                atomic_with_next: e.atomic_with_next,
+            },
         })
         .collect()
 }
@@ -29,7 +37,12 @@ fn entries_out(entries: Vec<Entry>) -> Vec<pb::ReplicaEntry> {
 fn entries_in(entries: Vec<pb::ReplicaEntry>) -> Vec<Entry> {
     entries
         .into_iter()
-        .map(|e| Entry { position: e.position, epoch: e.epoch, kind: if e.marker { EntryKind::Marker } else { EntryKind::Data(e.data) } })
+        .map(|e| Entry {
+            position: e.position,
+            epoch: e.epoch,
+            kind: if e.marker { EntryKind::Marker } else { EntryKind::Data(e.data) },
+            atomic_with_next: e.atomic_with_next,
+        })
         .collect()
 }
 
@@ -95,8 +108,8 @@ mod tests {
     #[test]
     fn every_message_survives_the_wire() {
         let entries = vec![
-            Entry { position: 4, epoch: 2, kind: EntryKind::Data(vec![1, 2, 3]) },
-            Entry { position: 5, epoch: 2, kind: EntryKind::Marker },
+            Entry { position: 4, epoch: 2, kind: EntryKind::Data(vec![1, 2, 3]), atomic_with_next: true },
+            Entry { position: 5, epoch: 2, kind: EntryKind::Marker, atomic_with_next: false },
         ];
         let messages = vec![
             Message::Recover { epoch: 3 },

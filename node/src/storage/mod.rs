@@ -867,6 +867,7 @@ mod tests {
             metadata: vec![],
             append_time_us: 1,
             epoch: 1,
+            atomic_with_next: false,
         }
     }
 

@@ -1,14 +1,22 @@
 //! The stored form of one event: the value under its log sequence key.
 //!
-//! Layout (all integers big-endian), format 2:
+//! Layout (all integers big-endian), format 3:
 //!
 //! ```text
-//! u8  format = 2
+//! u8  format = 3
 //! u32 crc32 (IEEE) of every byte after this field
 //! u32 partition | u64 position | u64 stream_version | u64 append_time_us | u64 epoch
+//! u8  flags: bit 0 = the event's append goes on at the next position of its partition
 //! u16 len + stream id | u16 len + event type | u32 len + payload
 //! u16 metadata entries, each: u16 len + key, u32 len + value
 //! ```
+//!
+//! Format 2 is format 3 without the flags byte; it is still read (as flags 0: every event ends its
+//! append, which is what replication assumed before format 3).
+//!
+//! The flag marks the events of one atomic append (or of one command) but its last, so that
+//! replication never moves part of an append: a leader sends, and a replica stores, whole appends
+//! only (docs/replication.md, "Atomic appends").
 //!
 //! The checksum turns silent corruption of a page into a clear error on read instead of a wrong
 //! event. The record names its own partition, position, stream and version, so the indexes can be
@@ -20,9 +28,12 @@
 use thiserror::Error;
 
 const FORMAT_V2: u8 = 2;
+const FORMAT_V3: u8 = 3;
 const HEADER_BYTES: usize = 1 + 4;
-/// partition, position, stream version, append time, epoch.
-const FIXED_BYTES: usize = 4 + 8 * 4;
+/// partition, position, stream version, append time, epoch, flags.
+const FIXED_BYTES: usize = 4 + 8 * 4 + 1;
+/// Flag bit: the event's append goes on at the next position.
+const ATOMIC_WITH_NEXT: u8 = 1;
 
 /// One event as the log stores and returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +48,9 @@ pub struct EventRecord {
     pub metadata: Vec<(String, String)>,
     pub append_time_us: u64,
     pub epoch: u64,
+    /// The append (or command) that wrote this event goes on at the next position of the
+    /// partition: the two stand or fall together.
+    pub atomic_with_next: bool,
 }
 
 /// Stored data that cannot be what was written: a record or an index entry, named by `what`.
@@ -72,6 +86,7 @@ pub struct RecordRef<'a> {
     pub metadata: &'a [(String, String)],
     pub append_time_us: u64,
     pub epoch: u64,
+    pub atomic_with_next: bool,
 }
 
 impl RecordRef<'_> {
@@ -99,13 +114,14 @@ impl RecordRef<'_> {
         assert!(self.payload.len() <= u32::MAX as usize, "payload longer than the format allows");
         out.clear();
         out.reserve(self.encoded_len());
-        out.push(FORMAT_V2);
+        out.push(FORMAT_V3);
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.partition.to_be_bytes());
         out.extend_from_slice(&self.position.to_be_bytes());
         out.extend_from_slice(&self.stream_version.to_be_bytes());
         out.extend_from_slice(&self.append_time_us.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.push(if self.atomic_with_next { ATOMIC_WITH_NEXT } else { 0 });
         put_u16_bytes(out, self.stream.as_bytes());
         put_u16_bytes(out, self.event_type.as_bytes());
         put_u32_bytes(out, self.payload);
@@ -132,6 +148,7 @@ impl EventRecord {
             metadata: &self.metadata,
             append_time_us: self.append_time_us,
             epoch: self.epoch,
+            atomic_with_next: self.atomic_with_next,
         }
     }
 
@@ -139,7 +156,8 @@ impl EventRecord {
     pub fn decode(seq: u64, bytes: &[u8]) -> Result<Self, CorruptRecord> {
         let corrupt = |reason| CorruptRecord::at_seq(seq, reason);
         let mut r = Reader { bytes, offset: 0 };
-        if r.u8().ok_or(corrupt("empty value"))? != FORMAT_V2 {
+        let format = r.u8().ok_or(corrupt("empty value"))?;
+        if format != FORMAT_V2 && format != FORMAT_V3 {
             return Err(corrupt("unknown record format"));
         }
         let crc = r.u32().ok_or(corrupt("header cut short"))?;
@@ -152,6 +170,10 @@ impl EventRecord {
         let stream_version = r.u64().ok_or_else(short)?;
         let append_time_us = r.u64().ok_or_else(short)?;
         let epoch = r.u64().ok_or_else(short)?;
+        let flags = if format == FORMAT_V3 { r.u8().ok_or_else(short)? } else { 0 };
+        if flags & !ATOMIC_WITH_NEXT != 0 {
+            return Err(corrupt("unknown flags"));
+        }
         let stream = r.string16().ok_or_else(short)?;
         let event_type = r.string16().ok_or_else(short)?;
         let payload_len = r.u32().ok_or_else(short)? as usize;
@@ -168,7 +190,18 @@ impl EventRecord {
         if r.offset != bytes.len() {
             return Err(corrupt("trailing bytes"));
         }
-        Ok(EventRecord { partition, position, stream, stream_version, event_type, payload, metadata, append_time_us, epoch })
+        Ok(EventRecord {
+            partition,
+            position,
+            stream,
+            stream_version,
+            event_type,
+            payload,
+            metadata,
+            append_time_us,
+            epoch,
+            atomic_with_next: flags & ATOMIC_WITH_NEXT != 0,
+        })
     }
 }
 
@@ -228,15 +261,38 @@ mod tests {
             metadata: vec![("correlation".into(), "c-1".into())],
             append_time_us: 1_700_000_000_000_000,
             epoch: 1,
+            atomic_with_next: false,
         }
     }
 
     #[test]
     fn given_a_record_when_encoded_then_it_decodes_to_the_same_record() {
-        let mut buf = Vec::new();
-        record().as_ref().encode_into(&mut buf);
-        assert_eq!(buf.len(), record().as_ref().encoded_len());
-        assert_eq!(EventRecord::decode(9, &buf), Ok(record()));
+        for atomic_with_next in [false, true] {
+            let record = EventRecord { atomic_with_next, ..record() };
+            let mut buf = Vec::new();
+            record.as_ref().encode_into(&mut buf);
+            assert_eq!(buf.len(), record.as_ref().encoded_len());
+            assert_eq!(EventRecord::decode(9, &buf), Ok(record));
+        }
+    }
+
+    #[test]
+    fn given_a_format_2_record_then_it_decodes_as_ending_its_append_and_unknown_flags_are_corrupt() {
+        let mut v3 = Vec::new();
+        EventRecord { atomic_with_next: true, ..record() }.as_ref().encode_into(&mut v3);
+        // Format 2 is format 3 without the flags byte, right after the fixed-width fields.
+        let flags_at = HEADER_BYTES + FIXED_BYTES - 1;
+        let mut v2 = v3.clone();
+        v2[0] = FORMAT_V2;
+        v2.remove(flags_at);
+        let crc = crc32fast::hash(&v2[HEADER_BYTES..]);
+        v2[1..HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(EventRecord::decode(9, &v2), Ok(record()));
+        let mut unknown = v3;
+        unknown[flags_at] = 0b10;
+        let crc = crc32fast::hash(&unknown[HEADER_BYTES..]);
+        unknown[1..HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(EventRecord::decode(9, &unknown).unwrap_err().reason, "unknown flags");
     }
 
     #[test]

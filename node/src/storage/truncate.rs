@@ -169,6 +169,7 @@ mod tests {
                 metadata: &[],
                 append_time_us: 0,
                 epoch: 1,
+                atomic_with_next: false,
             };
             txn.append(*seq, &record).unwrap();
             entries.push((*partition, record.position, *stream, *version, *seq));
