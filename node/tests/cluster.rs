@@ -2,7 +2,8 @@
 //! `local::LocalCluster`): the embedded coordination store forms over gRPC and every partition
 //! gets a leader; a killed leader's partitions move to live replicas in a higher epoch; events
 //! replicate and survive the leader's SIGKILL; the routing client keeps `quorum` appends going
-//! through a kill without losing an acknowledged one; and `anthill bench --cluster` runs.
+//! through a kill without losing an acknowledged one; ledger commands go on through a kill, each
+//! applied once, with every replica's balances equal; and `anthill bench --cluster` runs.
 
 mod common;
 
@@ -191,16 +192,19 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     assert_eq!(refused.metadata().get(anthill_node::api::NOT_LEADER_TRAILER).unwrap().to_str().unwrap(), partition.to_string());
 
-    // Domain commands are refused in a cluster until followers build domain state.
+    // A command sent to a node that does not lead its book's partition is refused the same way.
+    let book =
+        (0..100).map(|k| format!("b-{k}")).find(|b| anthill_node::log::partition_of(&format!("ledger/{b}"), PARTITIONS) == partition);
     let command = pb::OpenAccountRequest {
-        book: "b".into(),
+        book: book.expect("a book in the partition"),
         command_id: String::new(),
         account: "a".into(),
         currency: "EUR".into(),
         credit_limit: 0,
     };
-    let refused = clients_of(&cluster, leader).await.ledger.open_account(command).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let refused = clients_of(&cluster, follower).await.ledger.open_account(command).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.metadata().get(anthill_node::api::NOT_LEADER_TRAILER).is_some(), "{refused:?}");
 
     // Every replica holds the same partition: the marker, then the three events.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -420,4 +424,140 @@ async fn the_cluster_benchmark_compares_quorum_appends_with_one_node_and_measure
     assert_eq!(failover["samples_ms"].as_array().unwrap().len(), 2, "{failover}");
     assert!(failover["acknowledged"].as_u64().unwrap() > 0, "{failover}");
     assert_eq!(failover["lost"], 0, "{failover}");
+}
+
+const BOOKS: usize = 4;
+const OPENING: u64 = 1_000_000;
+
+/// A ledger command sent to the leader of its book's partition and resent with its command id
+/// until acknowledged (an unknown outcome's resend is answered as a duplicate if it had been
+/// applied); how many sends it took.
+async fn transfer_until_done(router: &anthill_node::router::Router, request: pb::TransferRequest) -> (pb::CommandResponse, u32) {
+    let partition = router.partition_of(&format!("ledger/{}", request.book));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sends = 0;
+    loop {
+        sends += 1;
+        let answer = router
+            .on_leader(partition, |mut c| {
+                let request = request.clone();
+                async move { c.ledger.transfer(request).await.map(tonic::Response::into_inner) }
+            })
+            .await;
+        match answer {
+            Ok(done) => return (done, sends),
+            Err(status) => assert!(Instant::now() < deadline, "{}: never acknowledged: {status}", request.command_id),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn balances(cluster: &Cluster, i: usize, book: &str) -> Option<Vec<i64>> {
+    let mut c = client::connect(&format!("http://{}", cluster.addrs[i])).await.ok()?;
+    let mut out = Vec::new();
+    for account in ["a", "b", "c"] {
+        let request = pb::GetBalanceRequest { book: book.into(), account: account.into() };
+        out.push(c.ledger.get_balance(request).await.ok()?.into_inner().balance);
+    }
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_ledger_commands_when_a_books_leader_is_killed_then_transfers_go_on_each_applied_once_and_every_replica_holds_the_same_balances()
+ {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start();
+    cluster.wait_for(0, Duration::from_secs(60), |s| all_led(s) && s.members.iter().all(|m| m.live)).await;
+    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
+    let books: Vec<String> = (0..BOOKS).map(|k| format!("book-{k}")).collect();
+    // The command line routes commands to the book's leader, from any node.
+    for book in &books {
+        for (account, id) in [("a", "open-a"), ("b", "open-b"), ("c", "open-c")] {
+            let out = std::process::Command::new(common::exe())
+                .args(["ledger", "--server", &cluster.local.urls().join(","), "--book", book, "--command-id", id])
+                .args(["open-account", account, "EUR"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let deposit = pb::DepositRequest { book: book.clone(), command_id: "deposit".into(), account: "a".into(), amount: OPENING };
+        let partition = router.partition_of(&format!("ledger/{book}"));
+        router
+            .on_leader(partition, |mut c| {
+                let deposit = deposit.clone();
+                async move { c.ledger.deposit(deposit).await }
+            })
+            .await
+            .unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for book in books.clone() {
+        let (router, stop) = (router.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut acked, mut resent) = (Vec::new(), 0);
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let to = if i % 2 == 0 { "b" } else { "c" };
+                let request = pb::TransferRequest {
+                    book: book.clone(),
+                    command_id: format!("t-{i}"),
+                    from: "a".into(),
+                    to: to.into(),
+                    amount: 1,
+                    transfer: String::new(),
+                };
+                let (done, sends) = transfer_until_done(&router, request).await;
+                assert_eq!(done.events, 1);
+                resent += sends - 1;
+                acked.push((format!("t-{i}"), to));
+            }
+            (book, acked, resent)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let partition = router.partition_of("ledger/book-0");
+    let victim_url = router.table().leaders[partition as usize].clone().expect("book-0's partition has a leader");
+    let victim = cluster.local.urls().iter().position(|u| *u == victim_url).unwrap();
+    cluster.kill9(victim);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut expected = BTreeMap::new();
+    for worker in workers {
+        let (book, acked, resent) = worker.await.unwrap();
+        let to_b = acked.iter().filter(|(_, to)| *to == "b").count() as i64;
+        let to_c = acked.len() as i64 - to_b;
+        eprintln!("{book}: {} transfers acknowledged, {resent} resends", acked.len());
+        assert!(!acked.is_empty(), "{book}: no transfer went through");
+        // Each acknowledged transfer is in the book's stream exactly once, by its command id.
+        let events = router.read_stream_all(&format!("ledger/{book}")).await.unwrap();
+        let mut ids: Vec<&str> = events
+            .iter()
+            .filter(|e| e.r#type == "Transferred")
+            .map(|e| e.metadata.get("anthill.command_id").map(String::as_str).unwrap_or(""))
+            .collect();
+        ids.sort_unstable();
+        let mut want: Vec<&str> = acked.iter().map(|(id, _)| id.as_str()).collect();
+        want.sort_unstable();
+        assert_eq!(ids, want, "{book}: the stream's transfers are not exactly the acknowledged ones");
+        expected.insert(book, vec![OPENING as i64 - to_b - to_c, to_b, to_c]);
+    }
+    // Every replica, the restarted victim too (its state rebuilt if it had to truncate), holds the
+    // balances the acknowledged transfers make, from its own state.
+    cluster.start_node(victim);
+    for (book, want) in &expected {
+        for i in 0..NODES {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let got = balances(&cluster, i, book).await;
+                if got.as_ref() == Some(want) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{book} on node-{}: balances {got:?}, want {want:?}", i + 1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

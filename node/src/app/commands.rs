@@ -133,6 +133,29 @@ pub fn record(
     Ok(())
 }
 
+/// Deletes every record of `stream`, with its expiry entry (a replica truncating the stream's
+/// events rebuilds them, `app/follow.rs`).
+pub fn forget_stream(txn: &mut RwTxn<'_>, db: Database<Bytes, Bytes>, stream: &str) -> Result<(), StateError> {
+    let prefix = pack(&[Elem::Str(RECORDS), Elem::Str(stream)]);
+    let mut doomed = Vec::new();
+    for entry in db.prefix_iter(txn, &prefix)? {
+        let (key, value) = entry?;
+        let id = match unpack(key).as_deref() {
+            Ok([_, _, Value::Str(id)]) => id.clone(),
+            _ => return Err(StateError::Undecodable { key: format!("{key:02x?}"), reason: "not a command record key".into() }),
+        };
+        let at_us = CommandRecord::decode(value).map(|r| r.recorded_at_us);
+        doomed.push((key.to_vec(), at_us.map(|at| pack(&[Elem::Str(EXPIRY), Elem::U64(at), Elem::Str(stream), Elem::Str(&id)]))));
+    }
+    for (key, expiry) in doomed {
+        db.delete(txn, &key)?;
+        if let Some(expiry) = expiry {
+            db.delete(txn, &expiry)?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes up to `max` records written before `before_us`, oldest first; returns how many.
 pub fn expire(txn: &mut RwTxn<'_>, db: Database<Bytes, Bytes>, before_us: u64, max: usize) -> Result<usize, StateError> {
     let start = pack(&[Elem::Str(EXPIRY)]);

@@ -9,8 +9,8 @@
 //! looks up the command id ([`commands`]), calls `decide` against the state as the batch has left
 //! it so far, `evolve`s the events into the state and appends them to the domain's stream — all
 //! in the group commit's one LMDB transaction, so a command's events and state changes are
-//! durable together or not at all. A rejection writes nothing. Followers (replication, later)
-//! run only `evolve`, on the same events.
+//! durable together or not at all. A rejection writes nothing. Followers run only `evolve`, on
+//! the same events, in the transaction that stores them ([`follow`]).
 //!
 //! Every domain instance lives in a *scope* (a ledger's book): its events go to the stream
 //! `{domain}/{scope}` (see [`stream_of`]) and its state to the `(domain, scope)` subspace of the
@@ -21,6 +21,7 @@
 //! runner ([`specs`]); the reference domain is the [`ledger`].
 
 pub mod commands;
+pub mod follow;
 pub mod ledger;
 pub mod processor;
 pub mod specs;
@@ -36,6 +37,7 @@ pub use state::{State, StateError, StateView};
 
 /// Metadata key carrying the id of the command that produced an event.
 pub const COMMAND_ID_METADATA_KEY: &str = "anthill.command_id";
+pub use follow::COMMAND_HASH_METADATA_KEY;
 
 /// Most bytes of a client-chosen command id.
 pub const MAX_COMMAND_ID_BYTES: usize = 128;

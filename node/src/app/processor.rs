@@ -84,8 +84,9 @@ pub type ExecuteResult<E, R> = Result<Result<Executed<E>, Failure<R>>, StateErro
 pub type PlaceInLog<'p> = dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError> + 'p;
 
 /// Runs `command` on `scope` of domain `D` inside `txn` (see the module doc for the outcomes).
-/// `place` gets the transaction and the events once they are in state, and says where they
-/// landed; it is not called for a rejection or a duplicate.
+/// `place` gets the transaction, the events once they are in state, and the command's hash when
+/// its id is remembered (else 0), and says where the events landed; it is not called for a
+/// rejection or a duplicate.
 pub fn execute<D: Domain>(
     txn: &mut RwTxn<'_>,
     db: Db,
@@ -93,7 +94,7 @@ pub fn execute<D: Domain>(
     scope: &str,
     command: &D::Command,
     ctx: &Context<'_>,
-    place: impl FnOnce(&mut RwTxn<'_>, &[D::Event]) -> Result<CommandRecord, StateError>,
+    place: impl FnOnce(&mut RwTxn<'_>, &[D::Event], u64) -> Result<CommandRecord, StateError>,
 ) -> ExecuteResult<D::Event, D::Error> {
     let command_hash = if ctx.remember_id {
         let json = serde_json::to_vec(command).map_err(|e| StateError::Inconsistent(format!("cannot encode a command: {e}")))?;
@@ -124,7 +125,7 @@ pub fn execute<D: Domain>(
             D::evolve(&mut state, event)?;
         }
     }
-    let record = CommandRecord { command_hash, ..place(txn, &events)? };
+    let record = CommandRecord { command_hash, ..place(txn, &events, command_hash)? };
     if ctx.remember_id {
         commands::record(txn, db, stream, ctx.command_id, &record)?;
     }
@@ -192,8 +193,12 @@ impl<D: Domain> Routed for Command<D> {
         place: &mut PlaceInLog<'_>,
     ) -> ExecuteResult<(), Rejected> {
         let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id, ids_since_us };
-        let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events| {
-            let events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
+        let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events, command_hash| {
+            let mut events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
+            // Followers record the id from the last event (app/follow.rs); metadata stays sorted.
+            if let Some(last) = events.last_mut().filter(|_| command_hash != 0) {
+                last.metadata.insert(0, (super::COMMAND_HASH_METADATA_KEY.to_string(), command_hash.to_string()));
+            }
             place(txn, events)
         })?;
         Ok(match executed {

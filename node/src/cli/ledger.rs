@@ -3,6 +3,8 @@
 //! Every subcommand names its `--book`. Commands take `--command-id` (a retry with the same id
 //! returns the first result; without one the node generates an id and a retry is a new command).
 //! A rejection is an error naming its code and reason; `--json` prints answers as JSON.
+//! `--server` may name several nodes of a cluster: commands and queries go to the leader of the
+//! book's partition (`router.rs`), resent only when nothing was written.
 
 use anthill_proto::v1 as pb;
 use anyhow::anyhow;
@@ -12,6 +14,7 @@ use serde_json::{Value, json};
 use super::ServerArg;
 use crate::api::ledger::REJECTION_TRAILER;
 use crate::client;
+use crate::router::Router;
 
 #[derive(Args)]
 pub struct LedgerArgs {
@@ -92,26 +95,69 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// A command's request, to send to whichever node leads the book's partition.
+#[derive(Clone)]
+enum CommandRequest {
+    Open(pb::OpenAccountRequest),
+    Deposit(pb::DepositRequest),
+    Withdraw(pb::WithdrawRequest),
+    Transfer(pb::TransferRequest),
+    Hold(pb::PlaceHoldRequest),
+    Capture(pb::CaptureHoldRequest),
+    Release(pb::ReleaseHoldRequest),
+    Close(pb::CloseAccountRequest),
+}
+
+impl CommandRequest {
+    async fn send(
+        self,
+        ledger: &mut pb::ledger_client::LedgerClient<tonic::transport::Channel>,
+    ) -> Result<pb::CommandResponse, tonic::Status> {
+        let response = match self {
+            CommandRequest::Open(r) => ledger.open_account(r).await,
+            CommandRequest::Deposit(r) => ledger.deposit(r).await,
+            CommandRequest::Withdraw(r) => ledger.withdraw(r).await,
+            CommandRequest::Transfer(r) => ledger.transfer(r).await,
+            CommandRequest::Hold(r) => ledger.place_hold(r).await,
+            CommandRequest::Capture(r) => ledger.capture_hold(r).await,
+            CommandRequest::Release(r) => ledger.release_hold(r).await,
+            CommandRequest::Close(r) => ledger.close_account(r).await,
+        };
+        response.map(tonic::Response::into_inner)
+    }
+}
+
 pub async fn run(args: LedgerArgs) -> anyhow::Result<()> {
-    let mut clients = client::connect(&args.server.server).await?;
-    let ledger = &mut clients.ledger;
+    let seeds: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let router = Router::connect(&seeds).await?;
+    let partition = router.partition_of(&crate::app::stream_of("ledger", &args.book));
     let (book, command_id) = (args.book.clone(), args.command_id.clone());
-    let done = match args.action {
+    let request = match args.action {
         Action::OpenAccount { account, currency, credit_limit } => {
-            ledger.open_account(pb::OpenAccountRequest { book, command_id, account, currency, credit_limit }).await
+            CommandRequest::Open(pb::OpenAccountRequest { book, command_id, account, currency, credit_limit })
         }
-        Action::Deposit { account, amount } => ledger.deposit(pb::DepositRequest { book, command_id, account, amount }).await,
-        Action::Withdraw { account, amount } => ledger.withdraw(pb::WithdrawRequest { book, command_id, account, amount }).await,
+        Action::Deposit { account, amount } => CommandRequest::Deposit(pb::DepositRequest { book, command_id, account, amount }),
+        Action::Withdraw { account, amount } => CommandRequest::Withdraw(pb::WithdrawRequest { book, command_id, account, amount }),
         Action::Transfer { from, to, amount, transfer } => {
-            ledger.transfer(pb::TransferRequest { book, command_id, from, to, amount, transfer }).await
+            CommandRequest::Transfer(pb::TransferRequest { book, command_id, from, to, amount, transfer })
         }
-        Action::Hold { hold, account, amount } => ledger.place_hold(pb::PlaceHoldRequest { book, command_id, hold, account, amount }).await,
-        Action::Capture { hold, amount, to } => ledger.capture_hold(pb::CaptureHoldRequest { book, command_id, hold, amount, to }).await,
-        Action::Release { hold } => ledger.release_hold(pb::ReleaseHoldRequest { book, command_id, hold }).await,
-        Action::Close { account } => ledger.close_account(pb::CloseAccountRequest { book, command_id, account }).await,
-        query => return run_query(ledger, book, query, args.json).await,
+        Action::Hold { hold, account, amount } => CommandRequest::Hold(pb::PlaceHoldRequest { book, command_id, hold, account, amount }),
+        Action::Capture { hold, amount, to } => CommandRequest::Capture(pb::CaptureHoldRequest { book, command_id, hold, amount, to }),
+        Action::Release { hold } => CommandRequest::Release(pb::ReleaseHoldRequest { book, command_id, hold }),
+        Action::Close { account } => CommandRequest::Close(pb::CloseAccountRequest { book, command_id, account }),
+        query => {
+            let json = args.json;
+            let leader = router.on_leader(partition, |c| async move { Ok(c) }).await.map_err(status_error)?;
+            return run_query(&mut leader.ledger.clone(), book, query, json).await;
+        }
     };
-    let done = done.map_err(status_error)?.into_inner();
+    let done = router
+        .on_leader(partition, |mut c| {
+            let request = request.clone();
+            async move { request.send(&mut c.ledger).await }
+        })
+        .await
+        .map_err(status_error)?;
     let answer = json!({
         "command_id": done.command_id, "duplicate": done.duplicate, "partition": done.partition,
         "first_position": done.first_position, "last_position": done.last_position,

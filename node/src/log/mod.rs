@@ -68,6 +68,10 @@ pub struct CommandDone {
     pub record: CommandRecord,
     /// The command id was seen before: nothing was decided or written now.
     pub duplicate: bool,
+    /// The epoch this node led the partition in when it ran the command: its events (a
+    /// duplicate's too, which this node's log holds) are committed once the partition is
+    /// committed through them in that epoch.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Error)]
@@ -391,23 +395,15 @@ impl Log {
     }
 
     /// Runs a command on its domain's processor (the writer); resolves once its events and state
-    /// changes are durable, or it was rejected or failed (then nothing of it was written). The
+    /// changes are durable — in a cluster, once they are committed (`quorum`: a command is never
+    /// acknowledged before it is safe) — or it was rejected or failed (then nothing of it was
+    /// written, except for `OutcomeUnknown`/`QuorumTimeout`, see [`Log::wait_quorum`]). The
     /// caller validated the command's scope and id.
     pub async fn command(&self, command: Box<dyn Routed>) -> Result<CommandDone, CommandError> {
-        // Followers do not build domain state from replicated events yet: a new leader would
-        // decide against an empty state. Until they do, a cluster refuses commands.
-        if self.replicated.load(std::sync::atomic::Ordering::Acquire) {
-            let error = AppendError::Invalid(
-                "commands are not available in a cluster yet: followers do not build domain state (docs/replication.md)".into(),
-            );
-            self.metrics.count_command("error");
-            return Err(CommandError::Failed(error));
-        }
-        let queue = self.queue.lock().clone().ok_or(CommandError::Failed(AppendError::ShuttingDown))?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Command { command, reply }).await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown))?;
-        drop(queue);
-        let outcome = answer.await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown)).and_then(|outcome| outcome);
+        let outcome = match self.run_command(command).await {
+            Ok(done) => self.command_committed(done).await,
+            failed => failed,
+        };
         self.metrics.count_command(match &outcome {
             Ok(done) if done.duplicate => "duplicate",
             Ok(_) => "ok",
@@ -417,9 +413,36 @@ impl Log {
         outcome
     }
 
+    /// In a cluster, waits until the command's events (a duplicate's first ones too) are
+    /// committed in the epoch it ran in.
+    async fn command_committed(&self, done: CommandDone) -> Result<CommandDone, CommandError> {
+        let record = done.record;
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) || record.last_position == 0 {
+            return Ok(done);
+        }
+        let appended = Appended {
+            partition: record.partition,
+            first_position: record.first_position,
+            last_position: record.last_position,
+            stream_version: record.stream_version,
+            epoch: done.epoch,
+        };
+        self.wait_quorum(&appended, QUORUM_WAIT).await.map_err(CommandError::Failed)?;
+        Ok(done)
+    }
+
+    async fn run_command(&self, command: Box<dyn Routed>) -> Result<CommandDone, CommandError> {
+        let queue = self.queue.lock().clone().ok_or(CommandError::Failed(AppendError::ShuttingDown))?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Command { command, reply }).await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown))?;
+        drop(queue);
+        answer.await.map_err(|_| CommandError::Failed(AppendError::ShuttingDown)).and_then(|outcome| outcome)
+    }
+
     /// Answers a query from the state of `scope` of `domain` (the read runs on the blocking
-    /// pool), once every command that state reflects is durable: a query never shows what a
-    /// crash could still undo.
+    /// pool), once every command that state reflects is durable — in a cluster, committed: a
+    /// query never shows what a crash or a failover could still undo. On a follower that is its
+    /// read model, as far as it knows the partition committed (docs/replication.md, "Reads").
     pub async fn query<R, F>(&self, domain: &str, scope: &str, read: F) -> Result<R, AppendError>
     where
         F: FnOnce(&StateView<'_>) -> R + Send + 'static,
@@ -439,7 +462,26 @@ impl Log {
                 }
             }
         }
+        if self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            // The state reflects at most the partition's durable head, published by now.
+            let partition = self.partition_of(&crate::app::stream_of(domain, scope));
+            let head = commits.borrow().heads[partition as usize];
+            self.wait_committed_through(partition, head).await?;
+        }
         Ok(answer)
+    }
+
+    /// Waits (at most [`QUORUM_WAIT`]) until this node knows `partition` committed through
+    /// `position`.
+    async fn wait_committed_through(&self, partition: u32, position: u64) -> Result<(), AppendError> {
+        let mut moves = self.commit_moves();
+        let wait = async {
+            while self.committed_through(partition) < position {
+                // Woken when a commit moves; checked every 50 ms too, in case one was missed.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(50), moves.changed()).await;
+            }
+        };
+        tokio::time::timeout(QUORUM_WAIT, wait).await.map_err(|_| AppendError::QuorumTimeout { partition })
     }
 
     /// Appends a leader's events to this replica, at the leader's positions, epochs and times
@@ -855,6 +897,76 @@ mod tests {
         // The follower's own appends (if it later leads) continue the streams.
         let next = rt.block_on(follower.append(req("s", ExpectedVersion::Exact(3), 1))).unwrap();
         assert_eq!((next.first_position, next.stream_version), (5, 4));
+    }
+
+    /// Every key and value of the `state` database: domain state and command records.
+    fn state_dump(log: &Log) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let (dump, _) = log
+            .store()
+            .read_state(|txn, db| db.iter(txn).unwrap().map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()).collect::<Vec<_>>())
+            .unwrap();
+        dump
+    }
+
+    fn ledger(id: Option<&str>, command: crate::app::ledger::LedgerCommand) -> Box<dyn Routed> {
+        Box::new(crate::app::processor::Command::<crate::app::ledger::Ledger>::new("book".into(), id.map(String::from), command))
+    }
+
+    fn open_account(account: &str) -> crate::app::ledger::LedgerCommand {
+        crate::app::ledger::LedgerCommand::OpenAccount { account: account.into(), currency: "EUR".into(), credit_limit: 0 }
+    }
+
+    fn transfer(amount: u64) -> crate::app::ledger::LedgerCommand {
+        crate::app::ledger::LedgerCommand::Transfer { from: "a".into(), to: "b".into(), amount, transfer: None }
+    }
+
+    /// A follower of `leader`'s partition `p` that stored its first `n` events.
+    fn follower_of(leader: &Log, p: u32, n: usize, dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> Log {
+        let follower = open(dir, 0);
+        follower.set_replicated();
+        follower.roles().set(p, 0);
+        let events = leader.read_partition(p, 1, ALL).unwrap().events;
+        rt.block_on(follower.replicate(events[..n].to_vec())).unwrap();
+        follower
+    }
+
+    #[test]
+    fn given_a_leaders_commands_when_a_follower_stores_their_events_then_it_holds_the_same_state_and_command_records() {
+        use crate::app::ledger::LedgerCommand::Deposit;
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let leader = open(dirs[0].path(), 0);
+        let rt = runtime();
+        let p = leader.partition_of("ledger/book");
+        rt.block_on(async {
+            leader.command(ledger(Some("c1"), open_account("a"))).await.unwrap();
+            leader.command(ledger(Some("c2"), open_account("b"))).await.unwrap();
+            leader.command(ledger(Some("c3"), Deposit { account: "a".into(), amount: 100 })).await.unwrap();
+            // No id of the client's: nothing recorded, on either side.
+            leader.command(ledger(None, Deposit { account: "b".into(), amount: 5 })).await.unwrap();
+            leader.command(ledger(Some("c5"), transfer(30))).await.unwrap();
+        });
+        let events = leader.read_partition(p, 1, ALL).unwrap().events;
+        assert_eq!(events.len(), 5);
+        let follower = follower_of(&leader, p, 5, dirs[1].path(), &rt);
+        assert_eq!(state_dump(&follower), state_dump(&leader), "the same balances, history and command records");
+
+        // A replica that truncates the last two events holds what one that never had them holds.
+        let truncated = follower_of(&leader, p, 5, dirs[2].path(), &rt);
+        assert_eq!(rt.block_on(truncated.truncate_partition(p, events[2].position)).unwrap(), 2);
+        let shorter = follower_of(&leader, p, 3, dirs[3].path(), &rt);
+        assert_eq!(state_dump(&truncated), state_dump(&shorter));
+        assert_ne!(state_dump(&truncated), state_dump(&leader), "the truncated events changed state");
+
+        // Promoted, the follower answers a retry of the old leader's command as a duplicate with
+        // its first result, and refuses the id for another command.
+        follower.roles().set(p, 2);
+        follower.publish_commit(p, 2, events[4].position);
+        let first = rt.block_on(leader.command(ledger(Some("c5"), transfer(30)))).unwrap();
+        let retried = rt.block_on(follower.command(ledger(Some("c5"), transfer(30)))).unwrap();
+        assert!(retried.duplicate);
+        assert_eq!(retried.record, first.record);
+        let reused = rt.block_on(follower.command(ledger(Some("c5"), transfer(31)))).unwrap_err();
+        assert!(matches!(&reused, CommandError::Rejected(r) if r.code == crate::app::processor::ID_REUSED), "{reused:?}");
     }
 
     #[test]

@@ -286,7 +286,8 @@ impl Writer {
         }
         let store = self.store.clone();
         let _readers_wait = store.truncating();
-        let removed = self.store.truncate_partition(partition, after, self.last_seq).map_err(|e| {
+        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
+        let removed = self.store.truncate_partition(partition, after, self.last_seq, &derived).map_err(|e| {
             let e = Arc::new(e);
             if e.is_io_failure() {
                 tracing::error!(error = %e, "truncation failed on I/O; refusing all writes until the node restarts");
@@ -300,6 +301,12 @@ impl Writer {
         let heads: Arc<[u64]> = self.heads.as_slice().into();
         self.published.send_modify(|point| point.heads = heads);
         Ok(removed)
+    }
+
+    /// Command ids recorded before this time (microseconds since the epoch) have expired.
+    fn ids_since_us(&self) -> u64 {
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64;
+        now_us.saturating_sub(self.command_id_retention.as_micros() as u64)
     }
 
     /// Ok once a batch may be committed: the log is not poisoned and the index tail has room
@@ -428,7 +435,7 @@ impl Writer {
                     commands_run += 1;
                     Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
                 }
-                Job::Replicate { records, .. } => Outcome::Replicate(placer.replicate(txn, appender, &self.store, records)?),
+                Job::Replicate { records, .. } => Outcome::Replicate(placer.replicate(txn, appender, state_db, &self.store, records)?),
                 Job::Promise { partition, epoch, .. } => {
                     if *partition >= placer.partition_count {
                         Outcome::Promise(Err(AppendError::Invalid(format!("partition {partition} does not exist"))))
@@ -513,7 +520,8 @@ impl<'b> Placer<'b, '_> {
         let (now_us, ids_since_us) = (self.now_us, self.ids_since_us);
         let stream = command.stream();
         let partition = partition_of(stream, self.partition_count);
-        if self.epochs[partition as usize] == 0 {
+        let epoch = self.epochs[partition as usize];
+        if epoch == 0 {
             return Ok(Err(CommandError::Failed(AppendError::NotLeader { partition })));
         }
         let mut place = |txn: &mut RwTxn<'_>, events: Vec<NewEvent>| -> Result<CommandRecord, StateError> {
@@ -539,8 +547,8 @@ impl<'b> Placer<'b, '_> {
             })
         };
         Ok(match command.execute(txn, state_db, now_us, ids_since_us, &mut place)? {
-            Ok(Executed::Accepted { record, .. }) => Ok(CommandDone { record, duplicate: false }),
-            Ok(Executed::Duplicate(record)) => Ok(CommandDone { record, duplicate: true }),
+            Ok(Executed::Accepted { record, .. }) => Ok(CommandDone { record, duplicate: false, epoch }),
+            Ok(Executed::Duplicate(record)) => Ok(CommandDone { record, duplicate: true, epoch }),
             Err(Failure::Rejected(rejected)) => Err(CommandError::Rejected(rejected)),
             Err(Failure::IdReused) => Err(CommandError::Rejected(crate::app::processor::Rejected::id_reused(command.command_id()))),
             Err(Failure::Unreadable(e)) => Err(CommandError::Failed(AppendError::Storage(Arc::new(e.into())))),
@@ -554,6 +562,7 @@ impl<'b> Placer<'b, '_> {
         &mut self,
         txn: &mut RwTxn<'_>,
         appender: &mut Appender,
+        state_db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
         store: &Store,
         records: &'b [EventRecord],
     ) -> Result<Result<u64, AppendError>, StorageError> {
@@ -593,7 +602,16 @@ impl<'b> Placer<'b, '_> {
             }
             head = record.position;
             versions.insert(&record.stream, record.stream_version);
+            // A domain's event that cannot be read refuses the job here, before anything of it
+            // is written; one that `evolve` refuses below fails the whole batch (like a command's).
+            if let Some((domain, _)) = crate::app::follow::domain_scope(&record.stream)
+                && let Err(e) = crate::app::follow::readable(domain, record)
+            {
+                return Ok(Err(AppendError::Invalid(format!("replicated event at position {}: {e}", record.position))));
+            }
         }
+        // This batch starts an append: the replica's head ends one.
+        let mut group_first = first.position;
         for record in records {
             self.seq += 1;
             let stored = RecordRef {
@@ -612,6 +630,11 @@ impl<'b> Placer<'b, '_> {
             self.entries.push((partition, record.position, &record.stream, record.stream_version, self.seq));
             self.moved.insert(&record.stream, record.stream_version);
             self.record_epoch(partition, record.epoch, record.position);
+            // The follower's read models (app/follow.rs), in the transaction that stores the event.
+            crate::app::follow::apply(txn, state_db, record, group_first, self.ids_since_us)?;
+            if !record.atomic_with_next {
+                group_first = record.position + 1;
+            }
         }
         self.heads[partition as usize] = head;
         Ok(Ok(head))

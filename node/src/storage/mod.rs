@@ -65,6 +65,7 @@ use env::{Lmdb, Snapshot};
 use keys::{Elem, pack};
 pub use record::{CorruptRecord, EventRecord, RecordRef};
 use tail::IndexTail;
+pub use truncate::{Derived, NothingDerived};
 
 /// Version of the on-disk layout described above; a node refuses a data directory of another.
 /// Format 1 kept events under `(partition, position)` in one environment at the directory's top.

@@ -9,8 +9,10 @@
 //! 1. with the index writer held, sync the log and flush the whole index tail, so every event is
 //!    in the index environment and the tail holds nothing;
 //! 2. in one log transaction (synced): delete the events' records, drop the partition's epochs
-//!    that started after the position, and write the intent — the partition, the position kept,
-//!    and the `(stream, version)` of every event removed;
+//!    that started after the position, rebuild what the removed events derived (a domain scope's
+//!    state: forgotten, then the scope's kept events applied again, see [`Derived`] and
+//!    `app/follow.rs`), and write the intent — the partition, the position kept, and the
+//!    `(stream, version)` of every event removed;
 //! 3. in one index transaction (synced): delete the partition's entries after the position and
 //!    the listed stream entries; then clear the intent;
 //! 4. reset the tail's run of the partition to continue right after the position.
@@ -22,14 +24,44 @@
 //! gone and report it as lost data; a replica serves reads of a partition only up to its commit
 //! position, which truncation never touches.
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use heed::types::Bytes;
+use heed::{Database, RwTxn};
 use serde::{Deserialize, Serialize};
 
 use super::record::{CorruptRecord, EventRecord};
 use super::{StorageError, Store, be_u64, keys, meta_key};
 
 const INTENT: &str = "truncate_intent";
+
+/// What events derive outside the log, in the log's own `state` database (a domain's state):
+/// rebuilt, in the truncation's transaction, for every stream that loses events.
+pub trait Derived {
+    /// Whether `stream`'s events derive anything.
+    fn derives(&self, stream: &str) -> bool;
+    /// Forgets everything `stream`'s events derived.
+    fn reset(&self, txn: &mut RwTxn<'_>, state: Database<Bytes, Bytes>, stream: &str) -> Result<(), StorageError>;
+    /// Applies one kept event again; `group_first` is the position its append starts at.
+    fn apply(&self, txn: &mut RwTxn<'_>, state: Database<Bytes, Bytes>, record: &EventRecord, group_first: u64)
+    -> Result<(), StorageError>;
+}
+
+/// Events that derive nothing.
+pub struct NothingDerived;
+
+impl Derived for NothingDerived {
+    fn derives(&self, _: &str) -> bool {
+        false
+    }
+    fn reset(&self, _: &mut RwTxn<'_>, _: Database<Bytes, Bytes>, _: &str) -> Result<(), StorageError> {
+        Ok(())
+    }
+    fn apply(&self, _: &mut RwTxn<'_>, _: Database<Bytes, Bytes>, _: &EventRecord, _: u64) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
 
 /// What a truncation removes from the index, kept in the log's `meta` until it is done.
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,7 +75,13 @@ struct Intent {
 impl Store {
     /// Removes every event of `partition` after position `after`; returns how many. The caller
     /// is the log's writer, holds no transaction, and has committed everything up to `last_seq`.
-    pub(crate) fn truncate_partition(&self, partition: u32, after: u64, last_seq: u64) -> Result<usize, StorageError> {
+    pub(crate) fn truncate_partition(
+        &self,
+        partition: u32,
+        after: u64,
+        last_seq: u64,
+        derived: &dyn Derived,
+    ) -> Result<usize, StorageError> {
         let _only_writer = self.index_writer.lock();
         self.sync_log()?;
         self.flush_index_locked(last_seq)?;
@@ -68,6 +106,16 @@ impl Store {
         for (seq, _, _) in &victims {
             self.log_dbs.log.delete(&mut txn, &keys::log_key(*seq))?;
         }
+        // Each stream that loses events keeps its versions below the first one removed.
+        let mut rebuilt: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, stream, version) in victims.iter().filter(|(_, stream, _)| derived.derives(stream)) {
+            let kept = rebuilt.entry(stream.as_str()).or_insert(u64::MAX);
+            *kept = (*kept).min(version - 1);
+        }
+        for (stream, kept) in &rebuilt {
+            derived.reset(&mut txn, self.log_dbs.state, stream)?;
+            self.apply_stream(&mut txn, stream, *kept, derived)?;
+        }
         let floor = self.log_dbs.meta.get(&txn, &meta_key("seq_floor"))?.map(be_u64).unwrap_or(0).max(last_seq);
         self.log_dbs.meta.put(&mut txn, &meta_key("seq_floor"), &floor.to_be_bytes())?;
         let encoded = serde_json::to_vec(&intent).map_err(|e| StorageError::State(format!("cannot encode a truncation: {e}")))?;
@@ -79,6 +127,26 @@ impl Store {
         tail.restart_partition(partition, after + 1);
         tracing::info!(partition, after, events = victims.len(), "truncated a partition's suffix");
         Ok(victims.len())
+    }
+
+    /// Applies `stream`'s events up to `version` through `derived`, in order, from the index
+    /// environment (which holds every event once the tail is flushed) and `txn`'s log.
+    fn apply_stream(&self, txn: &mut RwTxn<'_>, stream: &str, version: u64, derived: &dyn Derived) -> Result<(), StorageError> {
+        let index = self.index.read()?;
+        let (start, end) = (keys::stream_key(stream, 1), keys::stream_key(stream, version));
+        let mut group_first = None;
+        for entry in self.index_dbs.streams.range(&index.txn, &(Bound::Included(start.as_slice()), Bound::Included(end.as_slice())))? {
+            let seq = be_u64(entry?.1);
+            let bytes =
+                self.log_dbs.log.get(txn, &keys::log_key(seq))?.ok_or(CorruptRecord::at_seq(seq, "indexed event missing from the log"))?;
+            let record = EventRecord::decode(seq, bytes)?;
+            let first = *group_first.get_or_insert(record.position);
+            derived.apply(txn, self.log_dbs.state, &record, first)?;
+            if !record.atomic_with_next {
+                group_first = None;
+            }
+        }
+        Ok(())
     }
 
     /// `(seq, stream, version)` of the events of `partition` after `after`, from the index
@@ -188,7 +256,7 @@ mod tests {
             store.flush_index(seq).unwrap(); // some in the index...
             append(&store, &mut seq, &mut heads, &mut versions, &[(0, "a"), (1, "b"), (0, "c")]); // ...some in the tail
             // Partition 0 holds a@1 a@2 c@1 a@3 c@2 at positions 1..=5; keep 1..=2.
-            assert_eq!(store.truncate_partition(0, 2, seq).unwrap(), 3);
+            assert_eq!(store.truncate_partition(0, 2, seq, &NothingDerived).unwrap(), 3);
             let kept = store.read_partition(0, 1, u64::MAX, ALL).unwrap().events;
             assert_eq!(
                 kept.iter().map(|e| (e.position, e.stream.as_str(), e.stream_version)).collect::<Vec<_>>(),
@@ -224,7 +292,7 @@ mod tests {
         {
             let store = Store::open(dir.path(), &cfg()).unwrap();
             append(&store, &mut seq, &mut heads, &mut versions, &[(1, "b"), (0, "a"), (0, "a")]);
-            assert_eq!(store.truncate_partition(0, 0, seq).unwrap(), 2);
+            assert_eq!(store.truncate_partition(0, 0, seq, &NothingDerived).unwrap(), 2);
         }
         let store = Store::open(dir.path(), &cfg()).unwrap();
         assert_eq!(store.last_seq_at_open(), 3);

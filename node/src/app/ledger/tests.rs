@@ -88,7 +88,7 @@ proptest! {
                 let command_id = if *id < 4 { format!("retry-{id}") } else { format!("c-{i}") };
                 let ctx = Context { now_us: 1_000 + i as u64, command_id: &command_id, remember_id: true, ids_since_us: 0 };
                 let before = dump(&StateView::new(txn, db, &prefix));
-                let place = |_: &mut heed::RwTxn<'_>, events: &[E]| {
+                let place = |_: &mut heed::RwTxn<'_>, events: &[E], _hash: u64| {
                     version += events.len() as u64;
                     Ok(CommandRecord { partition: 0, first_position: 0, last_position: 0, stream_version: version, events: events.len() as u32, recorded_at_us: 0, command_hash: 0 })
                 };

@@ -123,7 +123,7 @@ impl<D: Domain> Session<'_, D> {
             ids_since_us: 0,
         };
         let version = &mut self.version;
-        let place = |_: &mut RwTxn<'_>, events: &[D::Event]| {
+        let place = |_: &mut RwTxn<'_>, events: &[D::Event], _hash: u64| {
             let first = *version + 1;
             *version += events.len() as u64;
             Ok(CommandRecord {
