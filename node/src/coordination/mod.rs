@@ -14,6 +14,7 @@
 //! embedded Raft store and Consul (issue 4, next parts). [`placement`] derives replica sets
 //! from the live members.
 
+pub mod consul;
 pub mod driver;
 pub mod election;
 pub mod embedded;
