@@ -33,9 +33,9 @@
 //! - its delete takes the check-and-set index as a `u32`; Consul's indexes are 64-bit.
 //!
 //! Where Consul differs from the in-process rules (`state.rs`), and what follows:
-//! - a session's TTL is at least 10 s, and Consul invalidates it up to twice its TTL after the last
-//!   renewal (its leader waits 2×TTL); a new Consul leader gives every session a fresh 2×TTL. A
-//!   dead node's partitions therefore move about 2×TTL after its last renewal;
+//! - a session's TTL is at least 10 s, and Consul's leader invalidates a session only once twice
+//!   its TTL has passed since the last renewal; a new Consul leader gives every session a fresh
+//!   2×TTL. A dead node's partitions therefore move about 2×TTL after its last renewal;
 //! - sessions are created with `LockDelay: 0s` (fencing by epoch makes Consul's default 15 s wait
 //!   unnecessary; it would add 15 s to every failover), `Behavior: release` (an expired holder's
 //!   keys stay, with no session), and no health checks (`NodeChecks: []`): the TTL alone decides,
@@ -47,7 +47,8 @@
 //! - an unconditional delete of a missing key answers `true` (the in-process store says `false`);
 //!   the ownership algorithm does not delete.
 //!
-//! What is tested here is the mapping; a later issue runs this store against a real Consul cluster.
+//! Tested here: the mapping, and two calls against a scripted Consul on loopback. A later issue runs
+//! this store against a real Consul cluster.
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
