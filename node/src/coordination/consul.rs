@@ -532,7 +532,7 @@ impl ConsulStore {
     async fn send(&self, call: Call) -> Result<Reply> {
         let target = format!("{} {}", call.method, call.path);
         let uri = format!("{}{}", self.base, call.path_and_query());
-        let mut request = hyper::Request::builder().method(call.method).uri(uri);
+        let mut request = http::Request::builder().method(call.method).uri(uri);
         if let Some(headers) = request.headers_mut() {
             headers.extend(call.headers);
         }
