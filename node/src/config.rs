@@ -54,12 +54,51 @@ pub struct NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Every node of the cluster, this one included (its `name` is `node_id`). The embedded
-    /// coordination store runs on all of them.
+    /// coordination store, when chosen, runs on all of them.
     pub members: Vec<MemberConfig>,
     /// Replicas per partition.
     pub replication_factor: usize,
     /// A node is taken for dead this long after its last renewal of its coordination session.
     pub session_ttl_ms: u64,
+    /// Where ownership is decided: the embedded store (default) or Consul.
+    pub coordination: CoordinationConfig,
+}
+
+/// The coordination store a cluster decides ownership in (docs/replication.md, "Ownership").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CoordinationConfig {
+    /// A Raft group of all members, its log in `data_dir/coordination/` (the default).
+    // A struct variant, so fields of another kind under `kind: embedded` are refused.
+    Embedded {},
+    /// A Consul cluster the members share.
+    Consul(ConsulConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsulConfig {
+    /// Consul's HTTP API, best a local agent: `http://host:port`.
+    pub address: String,
+    /// A file holding the ACL token. Unset: the `ANTHILL_CONSUL_TOKEN` environment variable, if
+    /// set; the token itself never goes in this file.
+    pub token_file: Option<PathBuf>,
+    /// The cluster's keys live under this prefix; clusters sharing a Consul need different ones.
+    pub key_prefix: String,
+    /// The Consul datacenter; unset: the agent's own.
+    pub datacenter: Option<String>,
+}
+
+impl Default for CoordinationConfig {
+    fn default() -> Self {
+        CoordinationConfig::Embedded {}
+    }
+}
+
+impl Default for ConsulConfig {
+    fn default() -> Self {
+        ConsulConfig { address: "http://127.0.0.1:8500".into(), token_file: None, key_prefix: "anthill/".into(), datacenter: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +114,7 @@ pub struct MemberConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { members: Vec::new(), replication_factor: 3, session_ttl_ms: 3_000 }
+        ClusterConfig { members: Vec::new(), replication_factor: 3, session_ttl_ms: 3_000, coordination: CoordinationConfig::Embedded {} }
     }
 }
 
@@ -256,6 +295,9 @@ impl NodeConfig {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
         let c = &self.cluster;
         if c.members.is_empty() {
+            if c.coordination != (CoordinationConfig::Embedded {}) {
+                return invalid("cluster.coordination", "a coordination store is for a cluster, and cluster.members is empty".into());
+            }
             return Ok(());
         }
         if c.members.len() > MAX_CLUSTER_MEMBERS {
@@ -282,6 +324,46 @@ impl NodeConfig {
         }
         if !(500..=600_000).contains(&c.session_ttl_ms) {
             return invalid("cluster.session_ttl_ms", format!("must be between 500 and 600000, got {}", c.session_ttl_ms));
+        }
+        match &c.coordination {
+            CoordinationConfig::Embedded {} => Ok(()),
+            CoordinationConfig::Consul(consul) => self.validate_consul(consul),
+        }
+    }
+
+    fn validate_consul(&self, consul: &ConsulConfig) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let min_ttl_ms = crate::coordination::consul::MIN_SESSION_TTL.as_millis();
+        if u128::from(self.cluster.session_ttl_ms) < min_ttl_ms {
+            return invalid(
+                "cluster.session_ttl_ms",
+                format!(
+                    "Consul's sessions live at least 10 s: must be at least {min_ttl_ms} with consul, got {}",
+                    self.cluster.session_ttl_ms
+                ),
+            );
+        }
+        if let Err(reason) = crate::coordination::consul::parse_address(&consul.address) {
+            return invalid("cluster.coordination.address", reason);
+        }
+        let key_char = |c: char| c.is_ascii_alphanumeric() || "-_./".contains(c);
+        let p = &consul.key_prefix;
+        if p.is_empty() || p.starts_with('/') || !p.ends_with('/') || p.contains("//") || !p.chars().all(key_char) {
+            return invalid(
+                "cluster.coordination.key_prefix",
+                format!("must be like anthill/ (letters, digits, - _ . and /, ending in /, not starting with it), got {p:?}"),
+            );
+        }
+        if let Some(dc) = &consul.datacenter
+            && (dc.is_empty() || !dc.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            return invalid(
+                "cluster.coordination.datacenter",
+                format!("must be a Consul datacenter name (letters, digits, - _ .), got {dc:?}"),
+            );
+        }
+        if consul.token_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            return invalid("cluster.coordination.token_file", "must not be empty; leave it out to read ANTHILL_CONSUL_TOKEN".into());
         }
         Ok(())
     }
@@ -467,6 +549,91 @@ mod tests {
             err,
             "invalid configuration: storage.index_tail_max_events: must be at least storage.index_flush_events (1000), got 999"
         );
+    }
+
+    const CLUSTER: &str = "node_id: a\ncluster:\n  members:\n    - {id: 1, name: a, address: 127.0.0.1:7400}\n  replication_factor: 1\n";
+
+    #[test]
+    fn given_no_coordination_section_then_the_embedded_store_is_used() {
+        assert_eq!(parse(CLUSTER).unwrap().cluster.coordination, CoordinationConfig::Embedded {});
+        let config = parse(&format!("{CLUSTER}  coordination:\n    kind: embedded\n")).unwrap();
+        assert_eq!(config.cluster.coordination, CoordinationConfig::Embedded {});
+    }
+
+    #[test]
+    fn given_consul_with_only_an_address_then_the_other_fields_take_their_defaults() {
+        let yaml = format!("{CLUSTER}  session_ttl_ms: 10000\n  coordination:\n    kind: consul\n    address: http://10.0.0.5:8500\n");
+        let config = parse(&yaml).unwrap();
+        let expected = ConsulConfig { address: "http://10.0.0.5:8500".into(), ..ConsulConfig::default() };
+        assert_eq!(config.cluster.coordination, CoordinationConfig::Consul(expected));
+        assert_eq!(ConsulConfig::default().key_prefix, "anthill/");
+    }
+
+    #[test]
+    fn given_consul_with_every_field_then_each_is_read() {
+        let yaml = format!(
+            "{CLUSTER}  session_ttl_ms: 15000\n  coordination:\n    kind: consul\n    address: http://consul:8500\n    token_file: /etc/anthill/consul-token\n    key_prefix: prod/anthill/\n    datacenter: eu-west-1\n"
+        );
+        let CoordinationConfig::Consul(consul) = parse(&yaml).unwrap().cluster.coordination else { panic!("not consul") };
+        assert_eq!(consul.token_file.as_deref(), Some(Path::new("/etc/anthill/consul-token")));
+        assert_eq!((consul.key_prefix.as_str(), consul.datacenter.as_deref()), ("prod/anthill/", Some("eu-west-1")));
+    }
+
+    #[test]
+    fn given_consul_with_the_default_ttl_when_validated_then_the_ttl_is_refused_for_consuls_minimum() {
+        let err = parse(&format!("{CLUSTER}  coordination:\n    kind: consul\n")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: cluster.session_ttl_ms: Consul's sessions live at least 10 s: must be at least 10000 with consul, got 3000"
+        );
+    }
+
+    #[test]
+    fn given_consul_with_a_bad_address_prefix_or_datacenter_when_validated_then_the_error_names_the_field() {
+        let consul = |fields: &str| parse(&format!("{CLUSTER}  session_ttl_ms: 10000\n  coordination:\n    kind: consul\n{fields}"));
+        for (fields, field) in [
+            ("    address: 127.0.0.1:8500\n", "cluster.coordination.address"),
+            ("    address: https://consul:8501\n", "cluster.coordination.address"),
+            ("    key_prefix: anthill\n", "cluster.coordination.key_prefix"),
+            ("    key_prefix: /anthill/\n", "cluster.coordination.key_prefix"),
+            ("    key_prefix: \"an thill/\"\n", "cluster.coordination.key_prefix"),
+            ("    datacenter: \"\"\n", "cluster.coordination.datacenter"),
+            ("    token_file: \"\"\n", "cluster.coordination.token_file"),
+        ] {
+            let err = consul(fields).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid configuration: {field}: ")), "{fields:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn given_a_token_or_an_unknown_field_in_the_consul_section_when_loaded_then_it_is_refused() {
+        let err = parse(&format!("{CLUSTER}  session_ttl_ms: 10000\n  coordination:\n    kind: consul\n    token: s3cret\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `token`"), "{err}");
+        let err = parse(&format!("{CLUSTER}  coordination:\n    kind: etcd\n")).unwrap_err();
+        assert!(err.to_string().contains("etcd"), "{err}");
+    }
+
+    #[test]
+    fn given_consul_fields_under_the_embedded_kind_when_loaded_then_they_are_refused() {
+        let err = parse(&format!("{CLUSTER}  coordination:\n    kind: embedded\n    address: http://consul:8500\n")).unwrap_err();
+        assert!(err.to_string().contains("address"), "{err}");
+    }
+
+    #[test]
+    fn a_consul_configuration_printed_as_yaml_reads_back_the_same() {
+        let mut config = parse(CLUSTER).unwrap();
+        config.cluster.session_ttl_ms = 10_000;
+        config.cluster.coordination =
+            CoordinationConfig::Consul(ConsulConfig { datacenter: Some("dc1".into()), ..ConsulConfig::default() });
+        let yaml = serde_yaml::to_string(&config).unwrap();
+        assert!(yaml.contains("kind: consul"), "{yaml}");
+        assert_eq!(parse(&yaml).unwrap(), config);
+    }
+
+    #[test]
+    fn given_consul_without_cluster_members_when_validated_then_it_is_refused() {
+        let err = parse("cluster:\n  session_ttl_ms: 10000\n  coordination:\n    kind: consul\n").unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: cluster.coordination: "), "{err}");
     }
 
     #[test]

@@ -1,7 +1,12 @@
-//! A node's part in its cluster: it opens its member of the embedded coordination store (the
-//! Raft log under `data_dir/coordination`), talks to the other members over gRPC, runs the
-//! ownership algorithm in a loop, publishing the cluster as it sees it, and replicates the
-//! partitions placed on it (`replication/manager.rs`), leading those whose lock it holds.
+//! A node's part in its cluster: it opens its coordination store, runs the ownership algorithm
+//! against it in a loop, publishing the cluster as it sees it, and replicates the partitions
+//! placed on it (`replication/manager.rs`), leading those whose lock it holds.
+//!
+//! The store is the one `cluster.coordination` names: its member of the embedded store (the Raft
+//! log under `data_dir/coordination`, Raft messages to the other members over gRPC), or a
+//! [`ConsulStore`], in which case no Raft member is opened and `Cluster.Raft` calls are refused.
+//! Either way the same [`Elector`] runs, and replication between the members uses
+//! `cluster.members`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,24 +16,51 @@ use anthill_proto::v1 as pb;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
+use super::CoordinationStore;
+use super::consul::{self, ConsulStore};
 use super::driver::EmbeddedStore;
 use super::election::{ClusterView, Elector, ElectorConfig};
 use super::embedded::{Elections, RaftKv};
 use super::raft_log::RaftLog;
 use super::transport::{ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, until_stopped};
-use crate::config::{MemberConfig, NodeConfig};
+use crate::config::{ConsulConfig, CoordinationConfig, MemberConfig, NodeConfig};
 use crate::log::Log;
 use crate::replication::NodeId;
 use crate::replication::manager::start_partition;
 use crate::replication::replica::ReplicaConfig;
 
-/// The cluster's key prefix in the coordination store.
+/// The cluster's key prefix in the embedded store (Consul's is `cluster.coordination.key_prefix`).
 pub const PREFIX: &str = "anthill/";
+/// The first pause after the store failed to answer a wait; it doubles up to a third of a TTL.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The coordination store a member runs against.
+#[derive(Clone)]
+pub enum Coordination {
+    Embedded(EmbeddedStore),
+    Consul(Arc<ConsulStore>),
+}
+
+impl Coordination {
+    /// `Node.Status`'s `(coordination_leader, coordination_applied)`: the embedded store's Raft
+    /// leader (0 when none is known) and the last entry this member applied; with Consul, 0 and
+    /// the index of the last read of the cluster's prefix (every node reads the same Consul, so
+    /// the router can still compare them).
+    pub fn status(&self) -> (u64, u64) {
+        match self {
+            Coordination::Embedded(store) => {
+                let member = store.member_status();
+                (member.leader.unwrap_or(0), member.applied)
+            }
+            Coordination::Consul(store) => (0, store.last_index()),
+        }
+    }
+}
 
 /// A running member: the store, and the cluster as the latest round saw it.
 #[derive(Clone)]
 pub struct ClusterHandle {
-    pub store: EmbeddedStore,
+    pub coordination: Coordination,
     pub view: watch::Receiver<ClusterView>,
     pub members: Vec<MemberConfig>,
 }
@@ -37,7 +69,7 @@ impl ClusterHandle {
     /// `Node.Status`'s cluster part.
     pub fn status(&self) -> pb::ClusterStatus {
         let view = self.view.borrow().clone();
-        let member = self.store.member_status();
+        let (coordination_leader, coordination_applied) = self.coordination.status();
         pb::ClusterStatus {
             members: self
                 .members
@@ -58,8 +90,8 @@ impl ClusterHandle {
                     epoch: o.leader.as_ref().map_or(0, |(_, e)| *e),
                 })
                 .collect(),
-            coordination_leader: member.leader.unwrap_or(0),
-            coordination_applied: member.applied,
+            coordination_leader,
+            coordination_applied,
         }
     }
 }
@@ -73,32 +105,39 @@ pub async fn start(
     stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<(ClusterHandle, ClusterService)>> {
     let Some(me) = config.me().cloned() else { return Ok(None) };
-    let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
-    let dir = config.data_dir.join("coordination");
-    let raft_log = tokio::task::spawn_blocking(move || RaftLog::open(&dir, &members))
-        .await?
-        .context("cannot open the coordination store's Raft log")?;
-    let node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
-    let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
-    let peers: Vec<(u64, std::net::SocketAddr)> =
-        config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
-    let transport = GrpcTransport::start(&peers, stopped.clone());
-    let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
-    let elector_config = ElectorConfig {
+    let elector_config = |prefix: &str| ElectorConfig {
         node: me.name.clone(),
         address: me.address.to_string(),
         partitions: config.storage.partitions,
         replication_factor: config.cluster.replication_factor,
         session_ttl: config.cluster.session_ttl(),
-        prefix: PREFIX.into(),
+        prefix: prefix.into(),
     };
     let (view_tx, view) = watch::channel(ClusterView::default());
-    tokio::spawn(run_elector(
-        Elector::new(Arc::new(store.clone()), elector_config),
-        view_tx,
-        config.cluster.session_ttl(),
-        stopped.clone(),
-    ));
+    let (coordination, raft_inbox) = match &config.cluster.coordination {
+        CoordinationConfig::Embedded {} => {
+            let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
+            let dir = config.data_dir.join("coordination");
+            let raft_log = tokio::task::spawn_blocking(move || RaftLog::open(&dir, &members))
+                .await?
+                .context("cannot open the coordination store's Raft log")?;
+            let node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
+            let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
+            let peers: Vec<(u64, std::net::SocketAddr)> =
+                config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
+            let transport = GrpcTransport::start(&peers, stopped.clone());
+            let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
+            let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
+            tokio::spawn(run_elector(elector, view_tx, config.cluster.session_ttl(), stopped.clone()));
+            (Coordination::Embedded(store), Some(inbox_tx))
+        }
+        CoordinationConfig::Consul(consul) => {
+            let store = Arc::new(open_consul(consul)?);
+            let elector = Elector::new(store.clone(), elector_config(&consul.key_prefix));
+            tokio::spawn(run_elector(elector, view_tx, config.cluster.session_ttl(), stopped.clone()));
+            (Coordination::Consul(store), None)
+        }
+    };
     // Replication: nothing is appended here until a partition serves, and `quorum` appends wait
     // for a majority.
     log.set_replicated();
@@ -112,8 +151,24 @@ pub async fn start(
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();
     let replication = Replication { log, me: me.id as NodeId, name: me.name.clone(), ids, partitions: partitions.clone(), transport };
     tokio::spawn(follow_ownership(replication, view.clone(), stopped));
-    let handle = ClusterHandle { store, view, members: config.cluster.members.clone() };
-    Ok(Some((handle, ClusterService::new(inbox_tx, partitions))))
+    let handle = ClusterHandle { coordination, view, members: config.cluster.members.clone() };
+    Ok(Some((handle, ClusterService::new(raft_inbox, partitions))))
+}
+
+/// The Consul store `consul` describes, its ACL token read from `token_file` or the environment.
+fn open_consul(consul: &ConsulConfig) -> anyhow::Result<ConsulStore> {
+    let base = consul::parse_address(&consul.address).map_err(|reason| anyhow::anyhow!("cluster.coordination.address {reason}"))?;
+    let token = consul::read_token(consul.token_file.as_deref(), std::env::var(consul::TOKEN_ENV).ok()).map_err(anyhow::Error::msg)?;
+    let token_from = match (&consul.token_file, &token) {
+        (Some(_), _) => "token_file",
+        (None, Some(_)) => consul::TOKEN_ENV,
+        (None, None) => "none",
+    };
+    tracing::info!(
+        address = %base, datacenter = ?consul.datacenter, key_prefix = %consul.key_prefix, token_from,
+        "coordinating through Consul; no embedded store member runs on this node"
+    );
+    Ok(ConsulStore::new(base, token, consul.datacenter.clone()))
 }
 
 /// What [`follow_ownership`] works with.
@@ -162,14 +217,16 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
 }
 
 /// Rounds of the ownership algorithm: at least three per session TTL (each renews the session),
-/// and one after every change in the store.
-async fn run_elector(
-    mut elector: Elector<EmbeddedStore>,
+/// and one after every change in the store. When the store cannot even be waited on (Consul out
+/// of reach answers at once), the next round waits [`retry_delay`] instead of starting at once.
+async fn run_elector<S: CoordinationStore>(
+    mut elector: Elector<S>,
     view: watch::Sender<ClusterView>,
     ttl: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut index = 0;
+    let mut failed_waits = 0u32;
     loop {
         match elector.round().await {
             Ok(seen) => {
@@ -182,14 +239,98 @@ async fn run_elector(
             }
             Err(e) => tracing::warn!(error = %e, "ownership round failed; trying again"),
         }
+        let waited = tokio::select! {
+            waited = elector.wait(index, ttl / 3) => waited,
+            _ = until_stopped(&mut stopped) => return resign(&mut elector).await,
+        };
+        let Err(e) = waited else {
+            failed_waits = 0;
+            continue;
+        };
+        failed_waits = failed_waits.saturating_add(1);
+        let delay = retry_delay(failed_waits, ttl);
+        tracing::debug!(error = %e, ?delay, "could not wait for changes in the coordination store; next round after a pause");
         tokio::select! {
-            _ = elector.wait(index, ttl / 3) => {}
-            _ = until_stopped(&mut stopped) => {
-                if let Err(e) = elector.resign().await {
-                    tracing::warn!(error = %e, "could not resign from the coordination store; the session will expire");
-                }
-                return;
-            }
+            _ = tokio::time::sleep(delay) => {}
+            _ = until_stopped(&mut stopped) => return resign(&mut elector).await,
+        }
+    }
+}
+
+/// Ends the node's session, so its locks go at once instead of after the TTL.
+async fn resign<S: CoordinationStore>(elector: &mut Elector<S>) {
+    if let Err(e) = elector.resign().await {
+        tracing::warn!(error = %e, "could not resign from the coordination store; the session will expire");
+    }
+}
+
+/// The pause after `failures` failed waits in a row: [`RETRY_MIN`] doubling up to a third of a
+/// TTL (how often rounds renew the session), plus up to a quarter of it as jitter so the nodes
+/// do not all come back at once.
+fn retry_delay(failures: u32, ttl: Duration) -> Duration {
+    let doubled = RETRY_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let delay = doubled.min(ttl / 3).max(RETRY_MIN);
+    let jitter_ms = rand::random::<u64>() % (delay.as_millis() as u64 / 4 + 1);
+    delay + Duration::from_millis(jitter_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AppConfig, GroupCommitConfig, LimitsConfig};
+    use crate::metrics::Metrics;
+    use crate::storage::Store;
+
+    /// A one-member cluster in `dir` coordinating through `coordination`, and its log.
+    fn one_member(dir: &std::path::Path, coordination: CoordinationConfig) -> (NodeConfig, Arc<Log>) {
+        let mut config = NodeConfig { node_id: "node-1".into(), data_dir: dir.to_path_buf(), ..NodeConfig::default() };
+        config.storage.partitions = 2;
+        config.cluster.members = vec![MemberConfig { id: 1, name: "node-1".into(), address: "127.0.0.1:7400".parse().unwrap() }];
+        config.cluster.replication_factor = 1;
+        config.cluster.session_ttl_ms = 10_000;
+        config.cluster.coordination = coordination;
+        config.validate().unwrap();
+        let store = Arc::new(Store::open(dir, &config.storage).unwrap());
+        let log =
+            Log::start(store, &GroupCommitConfig::default(), &LimitsConfig::default(), &AppConfig::default(), Arc::new(Metrics::default()))
+                .unwrap();
+        (config, Arc::new(log))
+    }
+
+    #[tokio::test]
+    async fn given_consul_coordination_then_the_node_opens_no_raft_member_and_reports_consuls_index() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nobody listens there: the elector's rounds fail and pause, the node still starts.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let consul = ConsulConfig { address: format!("http://127.0.0.1:{port}"), ..ConsulConfig::default() };
+        let (config, log) = one_member(dir.path(), CoordinationConfig::Consul(consul));
+        let (stop, stopped) = watch::channel(false);
+        let (handle, _service) = start(&config, log, stopped).await.unwrap().expect("a cluster member");
+        assert!(matches!(handle.coordination, Coordination::Consul(_)));
+        assert!(!dir.path().join("coordination").exists(), "no Raft log is opened");
+        let status = handle.status();
+        assert_eq!((status.coordination_leader, status.coordination_applied), (0, 0), "no prefix read has succeeded");
+        stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn given_the_default_coordination_then_the_node_opens_its_embedded_store_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, log) = one_member(dir.path(), CoordinationConfig::default());
+        let (stop, stopped) = watch::channel(false);
+        let (handle, _service) = start(&config, log, stopped).await.unwrap().expect("a cluster member");
+        assert!(matches!(handle.coordination, Coordination::Embedded(_)));
+        assert!(dir.path().join("coordination").exists(), "the Raft log is opened in data_dir/coordination");
+        stop.send(true).unwrap();
+    }
+
+    #[test]
+    fn retry_delays_double_from_the_minimum_and_stay_under_a_third_of_a_ttl_plus_jitter() {
+        let ttl = Duration::from_secs(12);
+        for (failures, base_ms) in [(1, 100), (2, 200), (3, 400), (6, 3_200), (7, 4_000), (40, 4_000)] {
+            let delay = retry_delay(failures, ttl);
+            let base = Duration::from_millis(base_ms);
+            assert!(delay >= base && delay <= base + base / 4, "{failures} failures: {delay:?}, expected {base:?} plus a quarter at most");
         }
     }
 }

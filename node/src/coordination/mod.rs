@@ -9,11 +9,13 @@
 //!   partition's **epoch** (the fencing token of docs/replication.md);
 //! - **blocking lists** of a prefix that return once the store's index passes a given one.
 //!
-//! Implementations: [`memory::MemoryStore`] (one process: tests and single-node use; it is also
-//! the state machine the embedded Raft store will replicate, [`state::KvState`]), then the
-//! embedded Raft store and Consul (issue 4, next parts). [`placement`] derives replica sets
-//! from the live members.
+//! Implementations: [`memory::MemoryStore`] (one process: tests and single-node use; it runs
+//! [`state::KvState`], the state machine the embedded store replicates), the embedded Raft store
+//! ([`driver::EmbeddedStore`], the default of a cluster) and Consul ([`consul::ConsulStore`]);
+//! `cluster.coordination` chooses ([`member`]). [`placement`] derives replica sets from the live
+//! members.
 
+pub mod consul;
 pub mod driver;
 pub mod election;
 pub mod embedded;

@@ -171,12 +171,13 @@ pub type PartitionTasks = Arc<RwLock<HashMap<u32, PartitionHandle>>>;
 /// The `Cluster` service: Raft messages from peers go to the local member's driver, replication
 /// messages to the partitions' tasks.
 pub struct ClusterService {
-    inbox: mpsc::Sender<Message>,
+    /// `None` when the node coordinates through Consul: it runs no embedded store member.
+    inbox: Option<mpsc::Sender<Message>>,
     partitions: PartitionTasks,
 }
 
 impl ClusterService {
-    pub fn new(inbox: mpsc::Sender<Message>, partitions: PartitionTasks) -> Self {
+    pub fn new(inbox: Option<mpsc::Sender<Message>>, partitions: PartitionTasks) -> Self {
         ClusterService { inbox, partitions }
     }
 }
@@ -184,13 +185,18 @@ impl ClusterService {
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
     async fn raft(&self, request: Request<tonic::Streaming<pb::RaftMessage>>) -> Result<Response<pb::RaftAck>, Status> {
+        let Some(inbox) = &self.inbox else {
+            return Err(Status::failed_precondition(
+                "this node coordinates through Consul and runs no embedded store member: cluster.coordination must be the same on every member",
+            ));
+        };
         let mut stream = request.into_inner();
         while let Some(message) = stream.next().await {
             let message = message?;
             match Message::parse_from_bytes(&message.message) {
                 // Full: the member is behind; Raft will resend.
                 Ok(message) => {
-                    let _ = self.inbox.try_send(message);
+                    let _ = inbox.try_send(message);
                 }
                 Err(e) => tracing::warn!(error = %e, "dropping an undecodable Raft message"),
             }
