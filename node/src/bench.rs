@@ -889,7 +889,7 @@ async fn read_all(
                             break 'outer;
                         }
                         let start = Instant::now();
-                        let request = pb::ReadPartitionRequest { partition, from_position: from, max_count: batch };
+                        let request = pb::ReadPartitionRequest { partition, from_position: from, max_count: batch, linearizable: false };
                         match clients.log.read_partition(request).await {
                             Ok(r) => {
                                 let r = r.into_inner();

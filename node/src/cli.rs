@@ -237,6 +237,10 @@ struct ReadArgs {
     /// Most events to print (0: all, page by page).
     #[arg(long, default_value_t = 100)]
     max: u64,
+    /// Read at the partition's leader once a majority confirmed its leadership: the read sees
+    /// every write acknowledged before it (--server may list several nodes of the cluster).
+    #[arg(long)]
+    linearizable: bool,
     #[arg(long)]
     json: bool,
 }
@@ -366,21 +370,37 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
 }
 
 async fn read(args: ReadArgs) -> anyhow::Result<()> {
-    let mut clients = client::connect(&args.server.server).await?;
+    // A linearizable read goes to the partition's leader, wherever it is; others to `--server`.
+    let seeds: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let router = if args.linearizable { Some(crate::router::Router::connect(&seeds).await?) } else { None };
+    let mut clients = client::connect(seeds.first().map_or(DEFAULT_SERVER, String::as_str)).await?;
+    let linearizable = args.linearizable;
     let mut from = args.from;
     let mut printed = 0u64;
     let mut events_json = Vec::new();
     loop {
         let want = if args.max == 0 { 0 } else { (args.max - printed).min(u64::from(u32::MAX)) as u32 };
-        let response = match (&args.stream, args.partition) {
-            (Some(stream), _) => clients.log.read(pb::ReadRequest { stream: stream.clone(), from_version: from, max_count: want }).await,
-            (None, Some(partition)) => {
-                clients.log.read_partition(pb::ReadPartitionRequest { partition, from_position: from, max_count: want }).await
+        let response = match (&args.stream, args.partition, &router) {
+            (Some(stream), _, Some(router)) => {
+                router.read(pb::ReadRequest { stream: stream.clone(), from_version: from, max_count: want, linearizable }).await
             }
-            (None, None) => unreachable!("clap requires a stream or a partition"),
+            (Some(stream), _, None) => {
+                let request = pb::ReadRequest { stream: stream.clone(), from_version: from, max_count: want, linearizable };
+                clients.log.read(request).await.map(tonic::Response::into_inner)
+            }
+            (None, Some(partition), Some(router)) => {
+                let request = pb::ReadPartitionRequest { partition, from_position: from, max_count: want, linearizable };
+                router
+                    .on_leader(partition, |mut c| async move { c.log.read_partition(request).await.map(tonic::Response::into_inner) })
+                    .await
+            }
+            (None, Some(partition), None) => {
+                let request = pb::ReadPartitionRequest { partition, from_position: from, max_count: want, linearizable };
+                clients.log.read_partition(request).await.map(tonic::Response::into_inner)
+            }
+            (None, None, _) => unreachable!("clap requires a stream or a partition"),
         }
-        .map_err(client::status_error)?
-        .into_inner();
+        .map_err(client::status_error)?;
         for event in &response.events {
             if args.json {
                 events_json.push(client::event_json(event));

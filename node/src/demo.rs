@@ -127,7 +127,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let order = clients
         .log
-        .read(pb::ReadRequest { stream: "order-7".into(), from_version: 1, max_count: 3 })
+        .read(pb::ReadRequest { stream: "order-7".into(), from_version: 1, max_count: 3, linearizable: false })
         .await
         .map_err(client::status_error)?
         .into_inner();
@@ -333,7 +333,7 @@ async fn ledger(args: &DemoArgs, clients: &Clients) -> anyhow::Result<LedgerRun>
     say(args, format!("ledger: audit ok, money conserved: the book holds {total_balance} EUR cents across {} accounts", audit.accounts));
     let stream = c
         .log
-        .read(pb::ReadRequest { stream: format!("ledger/{LEDGER_BOOK}"), from_version: 1, max_count: 1 })
+        .read(pb::ReadRequest { stream: format!("ledger/{LEDGER_BOOK}"), from_version: 1, max_count: 1, linearizable: false })
         .await
         .map_err(client::status_error)?
         .into_inner();
@@ -367,7 +367,7 @@ async fn ledger_stream_events(c: &mut Clients) -> anyhow::Result<u64> {
     loop {
         let r = c
             .log
-            .read(pb::ReadRequest { stream: format!("ledger/{LEDGER_BOOK}"), from_version: from, max_count: 0 })
+            .read(pb::ReadRequest { stream: format!("ledger/{LEDGER_BOOK}"), from_version: from, max_count: 0, linearizable: false })
             .await
             .map_err(client::status_error)?
             .into_inner();

@@ -267,7 +267,8 @@ impl Router {
         let mut events = Vec::new();
         let mut from = 1;
         loop {
-            let read = self.read(pb::ReadRequest { stream: stream.to_string(), from_version: from, max_count: 0 }).await?;
+            let read =
+                self.read(pb::ReadRequest { stream: stream.to_string(), from_version: from, max_count: 0, linearizable: false }).await?;
             let done = read.end_of_stream || read.events.is_empty();
             from = read.next;
             events.extend(read.events);

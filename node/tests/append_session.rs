@@ -48,8 +48,13 @@ async fn given_appends_pipelined_to_one_stream_then_they_commit_in_the_order_sen
         }
     }
     assert_eq!(versions, (1..=N).collect::<Vec<_>>());
-    let read =
-        t.clients.log.read(pb::ReadRequest { stream: "pipelined".into(), from_version: 1, max_count: 0 }).await.unwrap().into_inner();
+    let read = t
+        .clients
+        .log
+        .read(pb::ReadRequest { stream: "pipelined".into(), from_version: 1, max_count: 0, linearizable: false })
+        .await
+        .unwrap()
+        .into_inner();
     let payloads: Vec<String> = read.events.iter().map(|e| String::from_utf8(e.payload.clone()).unwrap()).collect();
     assert_eq!(payloads, (0..N).map(|i| i.to_string()).collect::<Vec<_>>());
 }

@@ -192,6 +192,21 @@ async fn given_a_cluster_then_a_partitions_leader_takes_appends_its_followers_ho
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     assert_eq!(refused.metadata().get(anthill_node::api::NOT_LEADER_TRAILER).unwrap().to_str().unwrap(), partition.to_string());
 
+    // A linearizable read: the leader serves it once a majority confirmed its leadership, up to
+    // its commit position (the three quorum appends); a follower refuses it as not the leader.
+    let linearizable = pb::ReadRequest { stream: stream.into(), from_version: 1, max_count: 0, linearizable: true };
+    let read = clients_of(&cluster, leader).await.log.read(linearizable.clone()).await.unwrap().into_inner();
+    assert!(read.leader && read.events.len() == 3 && read.events.iter().all(|e| e.position <= read.commit_position), "{read:?}");
+    let refused = clients_of(&cluster, follower).await.log.read(linearizable).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.metadata().get(anthill_node::api::NOT_LEADER_TRAILER).is_some(), "{refused:?}");
+    let out = std::process::Command::new(common::exe())
+        .args(["read", "--linearizable", "--json", "--server", &cluster.local.urls()[follower], stream])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the CLI routes a linearizable read to the leader: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("Placed").count(), 3, "{}", String::from_utf8_lossy(&out.stdout));
+
     // A command sent to a node that does not lead its book's partition is refused the same way.
     let book =
         (0..100).map(|k| format!("b-{k}")).find(|b| anthill_node::log::partition_of(&format!("ledger/{b}"), PARTITIONS) == partition);
@@ -331,7 +346,8 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
             unavailable = unavailable.max(*first_after - killed_at);
         }
         // Every acknowledged append is on the partition's (new) leader, once, in order.
-        let read = router.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0 }).await.unwrap();
+        let read =
+            router.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0, linearizable: false }).await.unwrap();
         let stored: Vec<String> = read.events.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
         let acked: Vec<String> = acked.into_iter().map(|(p, _)| p).collect();
         let mut next = stored.iter();
@@ -377,8 +393,12 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
     }
     // A follower serves the committed events, and says it is not the leader.
     let mut on_survivor = clients_of(&cluster, index_of(&survivor_name)).await;
-    let read =
-        on_survivor.log.read(pb::ReadRequest { stream: streams[0].clone(), from_version: 1, max_count: 0 }).await.unwrap().into_inner();
+    let read = on_survivor
+        .log
+        .read(pb::ReadRequest { stream: streams[0].clone(), from_version: 1, max_count: 0, linearizable: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!read.leader && read.commit_position > 0 && !read.events.is_empty(), "{:?}", (read.leader, read.commit_position));
     assert!(read.events.iter().all(|e| e.position <= read.commit_position));
     let out = std::process::Command::new(common::exe()).args(["status", "--server", &leader_url]).output().unwrap();

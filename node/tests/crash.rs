@@ -96,7 +96,12 @@ async fn verify(data_dir: &std::path::Path, acked: &Acked) {
         v.sort_unstable();
         assert_eq!(v, (1..=v.len() as u64).collect::<Vec<_>>(), "stream {stream} versions are not dense");
         // The stream index (rebuilt in part from the log at each start) finds the same events.
-        let read = clients.log.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0 }).await.unwrap().into_inner();
+        let read = clients
+            .log
+            .read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0, linearizable: false })
+            .await
+            .unwrap()
+            .into_inner();
         let by_index: Vec<u64> = read.events.iter().map(|e| e.stream_version).collect();
         assert_eq!(by_index, v, "stream {stream}: the stream index disagrees with the partitions");
     }

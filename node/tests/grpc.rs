@@ -25,7 +25,13 @@ async fn given_appended_events_when_read_back_then_every_field_round_trips() {
         .into_inner();
     assert_eq!((r.first_position, r.last_position, r.stream_version), (1, 2, 2));
 
-    let read = t.clients.log.read(pb::ReadRequest { stream: "order-1".into(), from_version: 0, max_count: 0 }).await.unwrap().into_inner();
+    let read = t
+        .clients
+        .log
+        .read(pb::ReadRequest { stream: "order-1".into(), from_version: 0, max_count: 0, linearizable: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(read.end_of_stream);
     assert_eq!(read.next, 3);
     let first = &read.events[0];
@@ -38,7 +44,13 @@ async fn given_appended_events_when_read_back_then_every_field_round_trips() {
     let by_partition = read_partition_all(&mut t.clients, r.partition).await;
     assert_eq!(by_partition, read.events);
     // Paging: one event at a time, `next` continues where the last page ended.
-    let page = t.clients.log.read(pb::ReadRequest { stream: "order-1".into(), from_version: 2, max_count: 1 }).await.unwrap().into_inner();
+    let page = t
+        .clients
+        .log
+        .read(pb::ReadRequest { stream: "order-1".into(), from_version: 2, max_count: 1, linearizable: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((page.events.len(), page.events[0].stream_version, page.next), (1, 2, 3));
 }
 
@@ -73,7 +85,12 @@ async fn given_bad_input_then_invalid_argument_names_the_problem_and_nothing_is_
         assert_eq!(err.code(), Code::InvalidArgument, "{message}");
         assert!(err.message().contains(message), "{:?} does not contain {message:?}", err.message());
     }
-    let err = t.clients.log.read_partition(pb::ReadPartitionRequest { partition: 8, from_position: 1, max_count: 1 }).await.unwrap_err();
+    let err = t
+        .clients
+        .log
+        .read_partition(pb::ReadPartitionRequest { partition: 8, from_position: 1, max_count: 1, linearizable: false })
+        .await
+        .unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "partition: 8 does not exist; this cluster has partitions 0 to 7"));
     let err = t
         .clients
@@ -250,7 +267,7 @@ async fn given_the_map_at_its_maximum_then_appends_get_resource_exhausted_and_st
     let last = t
         .clients
         .log
-        .read(pb::ReadRequest { stream: "filler".into(), from_version: acknowledged, max_count: 0 })
+        .read(pb::ReadRequest { stream: "filler".into(), from_version: acknowledged, max_count: 0, linearizable: false })
         .await
         .unwrap()
         .into_inner();
@@ -305,8 +322,13 @@ async fn given_events_larger_than_the_response_limit_then_reads_page_by_size_and
     let mut from = 1;
     let mut seen = 0;
     loop {
-        let r =
-            t.clients.log.read(pb::ReadRequest { stream: "large".into(), from_version: from, max_count: 0 }).await.unwrap().into_inner();
+        let r = t
+            .clients
+            .log
+            .read(pb::ReadRequest { stream: "large".into(), from_version: from, max_count: 0, linearizable: false })
+            .await
+            .unwrap()
+            .into_inner();
         assert!((1..=4).contains(&r.events.len()), "page of {} events", r.events.len());
         assert_eq!(r.events[0].stream_version, from);
         seen += r.events.len();

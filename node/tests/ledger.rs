@@ -47,7 +47,7 @@ async fn book_events(clients: &mut Clients, book: &str) -> Vec<(LedgerEvent, pb:
     loop {
         let r = clients
             .log
-            .read(pb::ReadRequest { stream: format!("ledger/{book}"), from_version: from, max_count: 1000 })
+            .read(pb::ReadRequest { stream: format!("ledger/{book}"), from_version: from, max_count: 1000, linearizable: false })
             .await
             .unwrap()
             .into_inner();

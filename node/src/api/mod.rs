@@ -78,15 +78,31 @@ impl Api {
     }
 
     /// Runs a blocking read and turns it into a `ReadResponse`.
-    async fn read_slice<F>(&self, partition: u32, next_of: fn(&EventRecord) -> u64, read: F, from: u64) -> Result<pb::ReadResponse, Status>
+    /// Reads on the blocking pool; a linearizable read first learns its read index from the
+    /// partition's leader (`Log::read_index`) and shows nothing past it.
+    async fn read_slice<F>(
+        &self,
+        partition: u32,
+        next_of: fn(&EventRecord) -> u64,
+        read: F,
+        from: u64,
+        linearizable: bool,
+    ) -> Result<pb::ReadResponse, Status>
     where
         F: FnOnce(&Log) -> Result<Slice, StorageError> + Send + 'static,
     {
+        let through = if linearizable { Some(self.log.read_index(partition).await.map_err(append_status)?) } else { None };
         let log = self.log.clone();
-        let slice = tokio::task::spawn_blocking(move || read(&log))
+        let mut slice = tokio::task::spawn_blocking(move || read(&log))
             .await
             .map_err(|e| Status::internal(format!("read task failed: {e}")))?
             .map_err(|e| storage_status(&e))?;
+        if let Some(through) = through
+            && let Some(cut) = slice.events.iter().position(|e| e.position > through)
+        {
+            slice.events.truncate(cut);
+            slice.more = false;
+        }
         let next = slice.events.last().map(|e| next_of(e) + 1).unwrap_or(from.max(1));
         Ok(pb::ReadResponse {
             events: slice.events.into_iter().map(recorded_event).collect(),
@@ -137,7 +153,7 @@ impl pb::event_log_server::EventLog for Api {
         let span = tracing::info_span!("read", stream = %stream, from_version = from);
         let partition = self.log.partition_of(&stream);
         let response = self
-            .read_slice(partition, |e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from)
+            .read_slice(partition, |e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from, req.linearizable)
             .instrument(span)
             .await?;
         Ok(Response::new(response))
@@ -150,7 +166,7 @@ impl pb::event_log_server::EventLog for Api {
         let (partition, from) = (req.partition, req.from_position);
         let span = tracing::info_span!("read_partition", partition, from_position = from);
         let response = self
-            .read_slice(partition, |e| e.position, move |log| log.read_partition(partition, from, limit), from)
+            .read_slice(partition, |e| e.position, move |log| log.read_partition(partition, from, limit), from, req.linearizable)
             .instrument(span)
             .await?;
         Ok(Response::new(response))

@@ -196,7 +196,14 @@ pub struct Log {
     /// Bumped whenever a partition's reported commit position moves (subscribers wake on it).
     commit_moved: watch::Sender<u64>,
     replicated: std::sync::atomic::AtomicBool,
+    /// Per partition, where this node's replica takes linearizable read requests.
+    read_indexes: parking_lot::Mutex<Vec<Option<tokio::sync::mpsc::Sender<ReadIndexRequest>>>>,
 }
+
+/// A linearizable read's request to its partition's replica: answered with the position to read
+/// up to once a majority confirmed the leadership, or `None` when this node does not serve the
+/// partition (docs/replication.md, "Reads").
+pub type ReadIndexRequest = oneshot::Sender<Option<u64>>;
 
 /// How long an append waits for its partition's majority before it gives up.
 pub const QUORUM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -244,6 +251,7 @@ impl Log {
             committed: (0..roles.epochs.len()).map(|_| watch::Sender::new((0, 0))).collect(),
             replica_reports: parking_lot::Mutex::new(vec![ReplicaReport::default(); roles.epochs.len()]),
             commit_moved: watch::Sender::new(0),
+            read_indexes: parking_lot::Mutex::new(vec![None; roles.epochs.len()]),
             roles,
             replicated: std::sync::atomic::AtomicBool::new(false),
         })
@@ -303,6 +311,33 @@ impl Log {
             return head;
         }
         head.min(self.replica_reports.lock()[partition as usize].commit)
+    }
+
+    /// Where `partition`'s replica takes linearizable read requests (the replication shell).
+    pub fn serve_read_index(&self, partition: u32, requests: tokio::sync::mpsc::Sender<ReadIndexRequest>) {
+        self.read_indexes.lock()[partition as usize] = Some(requests);
+    }
+
+    /// The position through which a linearizable read of `partition` must see its events: on a
+    /// single node its head (everything durable is committed); in a cluster, the commit position
+    /// of its leader, once a majority confirmed that leadership after this call (Raft's
+    /// ReadIndex). `NotLeader` when this node does not serve the partition, `QuorumTimeout`
+    /// when no majority answers within [`QUORUM_WAIT`].
+    pub async fn read_index(&self, partition: u32) -> Result<u64, AppendError> {
+        if partition >= self.partition_count() {
+            return Err(AppendError::Invalid(format!("partition {partition} does not exist")));
+        }
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(self.commits.borrow().heads[partition as usize]);
+        }
+        let requests = self.read_indexes.lock()[partition as usize].clone().ok_or(AppendError::NotLeader { partition })?;
+        let (reply, answer) = oneshot::channel();
+        requests.send(reply).await.map_err(|_| AppendError::NotLeader { partition })?;
+        match tokio::time::timeout(QUORUM_WAIT, answer).await {
+            Ok(Ok(Some(position))) => Ok(position),
+            Ok(_) => Err(AppendError::NotLeader { partition }),
+            Err(_) => Err(AppendError::QuorumTimeout { partition }),
+        }
     }
 
     /// Changes whenever some partition's commit position moves (see [`Log::committed_through`]).

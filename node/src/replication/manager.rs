@@ -29,7 +29,7 @@ use super::message::Message;
 use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role};
 use super::shell::{LogView, marker_record, marker_stream, record_of};
 use super::{EntryKind, Epoch, NodeId, Position};
-use crate::log::{AppendError, Log};
+use crate::log::{AppendError, Log, ReadIndexRequest};
 
 /// How often a partition's replica ticks (resends, heartbeats).
 pub const TICK: Duration = Duration::from_millis(50);
@@ -66,10 +66,21 @@ pub fn start_partition(log: Arc<Log>, partition: u32, config: ReplicaConfig, tra
     let (inbox, messages) = mpsc::channel(QUEUE);
     let (grants, granted) = mpsc::channel(16);
     let (commit_tx, commit) = watch::channel(0);
+    let (reads_tx, reads) = mpsc::channel(QUEUE);
     // Nothing is appended here until this replica serves.
     log.roles().set(partition, 0);
-    tokio::spawn(run_partition(log, partition, config, transport, messages, granted, commit_tx));
+    log.serve_read_index(partition, reads_tx);
+    let inputs = Inputs { messages, grants: granted, reads };
+    tokio::spawn(run_partition(log, partition, config, transport, inputs, commit_tx));
     PartitionHandle { inbox, grants, commit }
+}
+
+/// Where a partition's task takes its inputs from.
+struct Inputs {
+    messages: mpsc::Receiver<(NodeId, Message)>,
+    grants: mpsc::Receiver<Epoch>,
+    /// Linearizable reads asking for their read index ([`Log::read_index`]).
+    reads: mpsc::Receiver<ReadIndexRequest>,
 }
 
 /// One input of a partition's replica.
@@ -79,6 +90,7 @@ enum Input {
     Tick,
     /// The log published this head for the partition (the leader's own appends, durable).
     Head(Position),
+    ReadIndex(ReadIndexRequest),
 }
 
 impl Input {
@@ -92,7 +104,7 @@ impl Input {
             ) => message.epoch() > promised,
             Input::Message(..) => false,
             Input::Grant(epoch) => *epoch > promised,
-            Input::Tick | Input::Head(_) => false,
+            Input::Tick | Input::Head(_) | Input::ReadIndex(_) => false,
         }
     }
 }
@@ -102,10 +114,12 @@ async fn run_partition(
     partition: u32,
     config: ReplicaConfig,
     transport: Arc<dyn ReplicaTransport>,
-    mut messages: mpsc::Receiver<(NodeId, Message)>,
-    mut grants: mpsc::Receiver<Epoch>,
+    inputs: Inputs,
     commit: watch::Sender<Position>,
 ) {
+    let Inputs { mut messages, mut grants, mut reads } = inputs;
+    // Linearizable reads waiting for a majority to confirm their round.
+    let mut waiting_reads: Vec<(u64, ReadIndexRequest)> = Vec::new();
     // The highest epoch the coordination store granted this node: a replica restarted from the
     // log resumes it (`Replica::become_leader`).
     let mut granted: Epoch = 0;
@@ -123,6 +137,10 @@ async fn run_partition(
             },
             grant = grants.recv() => match grant {
                 Some(epoch) => Input::Grant(epoch),
+                None => return,
+            },
+            request = reads.recv() => match request {
+                Some(reply) => Input::ReadIndex(reply),
                 None => return,
             },
             _ = ticks.tick() => Input::Tick,
@@ -161,6 +179,12 @@ async fn run_partition(
                     }
                     Input::Tick => replica.tick(&view),
                     Input::Head(head) => replica.leader_appended(head, &view),
+                    Input::ReadIndex(reply) => match replica.read_index(&view) {
+                        Some(round) => waiting_reads.push((round, reply)),
+                        None => {
+                            let _ = reply.send(None);
+                        }
+                    },
                 }
             });
         // Effects until the replica has nothing more to do (durability reports make sends).
@@ -179,6 +203,7 @@ async fn run_partition(
                 break;
             }
         }
+        answer_reads(&replica, &mut waiting_reads, healthy);
         if !healthy {
             tracing::warn!(partition, "restarting the partition's replica from the log");
             log.metrics().replica_restarts.inc();
@@ -190,6 +215,25 @@ async fn run_partition(
             log.publish_commit(partition, replica.promised(), replica.commit());
         }
         log.report_replica(partition, crate::log::ReplicaReport { commit: replica.commit(), followers: replica.followers() });
+    }
+}
+
+/// Answers the reads whose round a majority confirmed (with the commit position: everything
+/// committed before they arrived is at or below it), and fails them all when the replica no
+/// longer leads (or is about to restart).
+fn answer_reads(replica: &Replica, waiting: &mut Vec<(u64, ReadIndexRequest)>, healthy: bool) {
+    if waiting.is_empty() {
+        return;
+    }
+    if !healthy || !matches!(replica.role(), Role::Leader { .. }) {
+        for (_, reply) in waiting.drain(..) {
+            let _ = reply.send(None);
+        }
+        return;
+    }
+    let (confirmed, commit) = (replica.confirmed_round(), replica.commit());
+    for (_, reply) in waiting.extract_if(.., |(round, _)| *round <= confirmed) {
+        let _ = reply.send(Some(commit));
     }
 }
 

@@ -29,17 +29,21 @@ pub enum Message {
     },
     /// The leader's entries after `prev_position` (whose entry has `prev_epoch`; 0 and 0 for the
     /// start of the log), and how far it knows the log to be committed. With no entries it is a
-    /// probe and a heartbeat.
+    /// probe and a heartbeat. `round` is the leader's latest read round (see
+    /// [`super::replica::Replica::read_index`]).
     Append {
         epoch: Epoch,
         prev_position: Position,
         prev_epoch: Epoch,
         entries: Vec<Entry>,
         commit: Position,
+        round: u64,
     },
+    /// `round`: the highest read round the follower has heard from its leader in this epoch.
     AppendReply {
         epoch: Epoch,
         outcome: AppendOutcome,
+        round: u64,
     },
     /// The receiver has promised a higher epoch than the message's: its sender is deposed.
     Stale {

@@ -113,6 +113,8 @@ struct Progress {
     /// Next position to send.
     next: Position,
     idle_ticks: u32,
+    /// The highest read round the follower echoed in this epoch.
+    round: u64,
 }
 
 #[derive(Debug)]
@@ -150,6 +152,10 @@ pub struct Replica {
     phase: Phase,
     effects: Vec<Effect>,
     next_ticket: u64,
+    /// Leading: the latest read round (linearizable reads, [`Replica::read_index`]).
+    round: u64,
+    /// Following: the highest read round heard from the leader of the promised epoch.
+    leader_round: u64,
     /// Taken batches not yet durable, with the log's last position as of each.
     pending: VecDeque<(u64, Position)>,
 }
@@ -169,6 +175,8 @@ impl Replica {
             phase: Phase::Following { leader: None, matched: 0 },
             effects: Vec::new(),
             next_ticket: 1,
+            round: 0,
+            leader_round: 0,
             pending: VecDeque::new(),
         }
     }
@@ -241,7 +249,8 @@ impl Replica {
         match &self.phase {
             Phase::Following { leader: Some(leader), matched } => {
                 let (leader, acked) = (*leader, (*matched).min(durable));
-                self.send(leader, Message::AppendReply { epoch: self.promised, outcome: AppendOutcome::Durable(acked) });
+                let round = self.leader_round;
+                self.send(leader, Message::AppendReply { epoch: self.promised, outcome: AppendOutcome::Durable(acked), round });
             }
             Phase::Leading { .. } => {
                 self.advance_commit();
@@ -351,8 +360,9 @@ impl Replica {
                 let entries = self.read(log, start);
                 self.send(from, Message::FetchReply { epoch, entries, last: self.durable });
             }
-            Message::Append { epoch, prev_position, prev_epoch, entries, commit } => {
+            Message::Append { epoch, prev_position, prev_epoch, entries, commit, round } => {
                 self.follow(epoch, from);
+                self.leader_round = self.leader_round.max(round);
                 self.on_append(from, prev_position, prev_epoch, entries, commit);
             }
             Message::RecoverReply { epoch, history, last } if epoch == self.promised => {
@@ -362,10 +372,38 @@ impl Replica {
                 }
             }
             Message::FetchReply { epoch, entries, last } if epoch == self.promised => self.on_fetched(from, entries, last),
-            Message::AppendReply { epoch, outcome } if epoch == self.promised => self.on_append_reply(from, outcome, log),
+            Message::AppendReply { epoch, outcome, round } if epoch == self.promised => self.on_append_reply(from, outcome, round, log),
             // A reply for an epoch this replica promised but no longer acts in.
             _ => {}
         }
+    }
+
+    /// A linearizable read (Raft's ReadIndex): the serving leader starts a read round and sends
+    /// every follower an Append carrying it; returns the round, or `None` when not serving (or
+    /// its marker is not committed yet, so its commit position may miss earlier epochs' entries).
+    /// Once [`Replica::confirmed_round`] reaches the round, a majority still followed this epoch
+    /// after the read arrived: no later leader had committed anything before then, so a read of
+    /// the log up to [`Replica::commit`] (as of then or later) sees every write acknowledged
+    /// before the read began.
+    pub fn read_index(&mut self, log: &impl ReplicaLog) -> Option<u64> {
+        let Phase::Leading { start, .. } = &self.phase else { return None };
+        if self.commit < *start {
+            return None;
+        }
+        self.round += 1;
+        for peer in self.peers() {
+            self.send_append(peer, log, true);
+        }
+        Some(self.round)
+    }
+
+    /// The highest read round a majority of the replica set (this leader included) has
+    /// confirmed in its epoch; 0 when not leading.
+    pub fn confirmed_round(&self) -> u64 {
+        let Phase::Leading { peers, .. } = &self.phase else { return 0 };
+        let mut rounds: Vec<u64> = peers.values().map(|p| p.round).chain([self.round]).collect();
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        rounds[self.majority() - 1]
     }
 
     /// Resends what went unanswered.
@@ -424,12 +462,16 @@ impl Replica {
             // What matched the leader of an earlier epoch says nothing about this one's log, even
             // when the same node leads both (its recovery may have adopted another log).
             self.phase = Phase::Following { leader: Some(leader), matched: 0 };
+            self.leader_round = 0;
             return;
         }
         debug_assert_eq!(epoch, self.promised);
         match &self.phase {
             Phase::Following { leader: Some(current), .. } if *current == leader => {}
-            Phase::Following { .. } => self.phase = Phase::Following { leader: Some(leader), matched: 0 },
+            Phase::Following { .. } => {
+                self.phase = Phase::Following { leader: Some(leader), matched: 0 };
+                self.leader_round = 0;
+            }
             // One leader per epoch: this replica leads `epoch`, so nobody else can send in it.
             _ => debug_assert!(leader == self.config.me, "two leaders claim epoch {epoch}"),
         }
@@ -447,7 +489,7 @@ impl Replica {
         let holds_prev = prev_position == 0 || (prev_position <= self.last && self.history.epoch_at(prev_position) == Some(prev_epoch));
         if !holds_prev {
             let outcome = AppendOutcome::Diverged { history: self.history.clone(), last: self.last };
-            self.send(leader, Message::AppendReply { epoch, outcome });
+            self.send(leader, Message::AppendReply { epoch, outcome, round: self.leader_round });
             return;
         }
         let count = entries.len() as Position;
@@ -473,7 +515,7 @@ impl Replica {
             self.effects.push(Effect::Committed(committed));
         }
         let acked = matched.min(self.durable);
-        self.send(leader, Message::AppendReply { epoch, outcome: AppendOutcome::Durable(acked) });
+        self.send(leader, Message::AppendReply { epoch, outcome: AppendOutcome::Durable(acked), round: self.leader_round });
     }
 
     // ---- recovering ----
@@ -540,17 +582,21 @@ impl Replica {
         let epoch = self.promised;
         let start = self.last + 1;
         self.append_local(vec![Entry { position: start, epoch, kind: EntryKind::Marker, atomic_with_next: false }]);
-        let peers = self.peers().into_iter().map(|peer| (peer, Progress { matched: 0, next: start, idle_ticks: 0 })).collect();
+        let peers = self.peers().into_iter().map(|peer| (peer, Progress { matched: 0, next: start, idle_ticks: 0, round: 0 })).collect();
         self.phase = Phase::Leading { start, peers };
         self.effects.push(Effect::Serving { epoch, start });
     }
 
     // ---- leading ----
 
-    fn on_append_reply(&mut self, from: NodeId, outcome: AppendOutcome, log: &impl ReplicaLog) {
+    fn on_append_reply(&mut self, from: NodeId, outcome: AppendOutcome, round: u64, log: &impl ReplicaLog) {
         let Phase::Leading { peers, .. } = &mut self.phase else { return };
         let Some(progress) = peers.get_mut(&from) else { return };
         progress.idle_ticks = 0;
+        // A round this leader never sent is not an echo: it confirms nothing.
+        if round <= self.round {
+            progress.round = progress.round.max(round);
+        }
         match outcome {
             AppendOutcome::Durable(position) => {
                 // Nobody holds more of this leader's log than it has.
@@ -594,7 +640,8 @@ impl Replica {
             let progress = peers.get_mut(&peer).expect("a member");
             progress.next = next + entries.len() as Position;
         }
-        self.send(peer, Message::Append { epoch, prev_position, prev_epoch, entries, commit });
+        let round = self.round;
+        self.send(peer, Message::Append { epoch, prev_position, prev_epoch, entries, commit, round });
     }
 
     /// Commits the highest position durable on a majority, once it is in this epoch.
@@ -750,12 +797,12 @@ mod tests {
     fn given_a_follower_matched_in_one_epoch_when_the_same_leader_sends_a_prefix_in_a_later_epoch_then_it_acks_only_that_prefix() {
         let mut f = follower();
         let log = Mem((1..=6).map(|p| data(p, 1)).collect());
-        f.on_message(0, Message::Append { epoch: 1, prev_position: 0, prev_epoch: 0, entries: log.0.clone(), commit: 0 }, &log);
+        f.on_message(0, Message::Append { epoch: 1, prev_position: 0, prev_epoch: 0, entries: log.0.clone(), commit: 0, round: 0 }, &log);
         assert_eq!(durable_acks(&mut f), [6]);
         // Node 0 leads epoch 3 over a log that shares positions 1..=4 only (epoch 2's leader
         // replaced the rest); its first Append in epoch 3 resends 1..=4.
         let prefix: Vec<Entry> = (1..=4).map(|p| data(p, 1)).collect();
-        f.on_message(0, Message::Append { epoch: 3, prev_position: 0, prev_epoch: 0, entries: prefix, commit: 6 }, &log);
+        f.on_message(0, Message::Append { epoch: 3, prev_position: 0, prev_epoch: 0, entries: prefix, commit: 6, round: 0 }, &log);
         assert_eq!(durable_acks(&mut f), [4], "positions 5 and 6 matched epoch 1's log, not epoch 3's");
         assert_eq!(f.commit(), 4, "nor may the follower take them as committed");
     }
@@ -775,7 +822,7 @@ mod tests {
             (6, 2, vec![data(7, 1)]),
         ];
         for (prev_position, prev_epoch, entries) in malformed {
-            f.on_message(0, Message::Append { epoch: 2, prev_position, prev_epoch, entries, commit: 0 }, &log);
+            f.on_message(0, Message::Append { epoch: 2, prev_position, prev_epoch, entries, commit: 0, round: 0 }, &log);
             assert_eq!(f.last(), 6);
             assert!(!f.take_effects().effects.iter().any(|e| matches!(e, Effect::Append(_) | Effect::Truncate { .. })));
         }
@@ -793,8 +840,47 @@ mod tests {
         let batch = leader.take_effects();
         leader.on_durable(batch.ticket, &log);
         for peer in [1, 2] {
-            leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1_000) }, &log);
+            leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1_000), round: 0 }, &log);
         }
         assert_eq!((leader.last(), leader.commit()), (1, 1), "its whole log is committed, and nothing beyond");
+    }
+
+    #[test]
+    fn given_a_read_round_then_it_is_confirmed_only_by_a_majority_echoing_it_in_the_leaders_epoch() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2, 3, 4], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let mut leader = Replica::new(config, DurableState::default());
+        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker, atomic_with_next: false }]);
+        assert_eq!(leader.read_index(&log), None, "not leading");
+        assert!(leader.become_leader(1));
+        for peer in [1, 2, 3, 4] {
+            leader.on_message(peer, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
+        }
+        let batch = leader.take_effects();
+        leader.on_durable(batch.ticket, &log);
+        assert_eq!(leader.read_index(&log), None, "its marker is not committed yet");
+        let reply = |round| Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1), round };
+        for peer in [1, 2] {
+            leader.on_message(peer, reply(0), &log);
+        }
+        leader.take_effects();
+        let round = leader.read_index(&log).expect("serving, marker committed");
+        let sent: Vec<u64> = leader
+            .take_effects()
+            .effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { message: Message::Append { round, .. }, .. } => Some(round),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [round; 4], "every follower is asked");
+        // A reply of another epoch, or naming a round never sent, confirms nothing.
+        leader.on_message(1, Message::AppendReply { epoch: 0, outcome: AppendOutcome::Durable(1), round }, &log);
+        leader.on_message(3, reply(round + 5), &log);
+        assert_eq!(leader.confirmed_round(), round - 1, "itself alone");
+        leader.on_message(2, reply(round), &log);
+        assert_eq!(leader.confirmed_round(), round - 1, "itself and one follower: two of five");
+        leader.on_message(4, reply(round), &log);
+        assert_eq!(leader.confirmed_round(), round, "itself and two followers: a majority");
     }
 }

@@ -1,5 +1,6 @@
 //! A seeded, single-threaded model of a replica set that drives the real [`Replica`] code:
-//! messages are delayed, dropped, duplicated and reordered; nodes crash and lose what they had
+//! messages are delayed, dropped, duplicated and reordered; a node is cut off from the others for
+//! a while now and then (a network partition); nodes crash and lose what they had
 //! not synced; the "coordination store" grants leadership of ever higher epochs to random nodes
 //! while older leaders still believe they lead. After the storm the network heals, one last
 //! leader is granted, and the replicas must converge.
@@ -7,7 +8,9 @@
 //! Checked: no two replicas ever commit different entries at a position; a committed entry is
 //! never truncated (asserted inside the replica); every proposal its leader saw committed is in
 //! the final log; proposals are groups of 1–3 entries (an atomic append), and no log ever holds,
-//! nor any replica commits, part of one; at the end every log is identical and fully committed. A failing seed is
+//! nor any replica commits, part of one; a linearizable read (`Replica::read_index`) confirmed by
+//! a leader never misses an entry committed anywhere before the read began; at the end every log
+//! is identical and fully committed. A failing seed is
 //! printed and replays exactly. (The whole-cluster simulator of issue 5 grows from this.)
 
 use std::collections::{BTreeMap, VecDeque};
@@ -16,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::message::Message;
-use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog};
+use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
 use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position};
 
 struct Log(Vec<Entry>);
@@ -63,6 +66,11 @@ struct Sim {
     acknowledged: Vec<(Position, Vec<u8>)>,
     /// Groups proposed and waiting for their leader's commit: (node, epoch, last position, data).
     proposed: Vec<(NodeId, Epoch, Position, Vec<Vec<u8>>)>,
+    /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
+    /// committed anywhere when the read began).
+    reads: Vec<(NodeId, Epoch, u64, Position)>,
+    /// A node cut off from the others (both ways) until a step.
+    isolated: Option<(NodeId, u64)>,
     storm: bool,
     stats: Stats,
 }
@@ -75,6 +83,8 @@ struct Stats {
     truncations: u64,
     lost_messages: u64,
     resumed: u64,
+    /// Linearizable reads confirmed (and checked).
+    reads: u64,
 }
 
 const STORM_STEPS: u64 = 1_500;
@@ -109,6 +119,8 @@ impl Sim {
             committed: BTreeMap::new(),
             acknowledged: Vec::new(),
             proposed: Vec::new(),
+            reads: Vec::new(),
+            isolated: None,
             storm: true,
             stats: Stats::default(),
         }
@@ -182,7 +194,8 @@ impl Sim {
     }
 
     fn post(&mut self, from: NodeId, to: NodeId, message: Message) {
-        if self.storm && self.rng.random_bool(0.1) {
+        let cut_off = self.isolated.is_some_and(|(n, until)| (n == from || n == to) && self.step < until);
+        if self.storm && (cut_off || self.rng.random_bool(0.1)) {
             self.stats.lost_messages += 1;
             return;
         }
@@ -201,6 +214,7 @@ impl Sim {
         node.promise = node.durable_promise;
         node.unsynced.clear();
         self.proposed.retain(|(leader, _, _, _)| *leader != n);
+        self.reads.retain(|(reader, ..)| *reader != n);
     }
 
     fn restart(&mut self, n: NodeId) {
@@ -279,6 +293,14 @@ impl Sim {
                     self.drain(n);
                 }
             }
+            if self.rng.random_bool(0.1) {
+                let required = self.committed.keys().next_back().copied().unwrap_or(0);
+                let node = &mut self.nodes[n as usize];
+                if let Some(round) = node.replica.read_index(&node.log) {
+                    self.reads.push((n, node.replica.promised(), round, required));
+                    self.drain(n);
+                }
+            }
             if self.storm && self.rng.random_bool(0.004) {
                 self.crash(n);
             }
@@ -287,6 +309,37 @@ impl Sim {
             let n = self.rng.random_range(0..self.members.len()) as NodeId;
             self.grant(n);
         }
+        // A network partition: one node cut off for a while (a deposed leader that does not know).
+        if self.storm && self.isolated.is_none_or(|(_, until)| until <= self.step) && self.rng.random_bool(0.005) {
+            let n = self.rng.random_range(0..self.members.len()) as NodeId;
+            self.isolated = Some((n, self.step + self.rng.random_range(30..150)));
+        }
+        self.check_reads();
+    }
+
+    /// A read its leader confirmed sees everything committed before it began; a read whose
+    /// leader stepped down or crashed is dropped (it failed, and its client retries).
+    fn check_reads(&mut self) {
+        let nodes = &self.nodes;
+        let mut confirmed = 0;
+        self.reads.retain(|(n, epoch, round, required)| {
+            let replica = &nodes[*n as usize].replica;
+            let leading = nodes[*n as usize].up && replica.promised() == *epoch && matches!(replica.role(), Role::Leader { .. });
+            if !leading {
+                return false;
+            }
+            if replica.confirmed_round() < *round {
+                return true;
+            }
+            assert!(
+                replica.commit() >= *required,
+                "node {n} confirmed a read of epoch {epoch} at commit {}, missing the entry committed at {required} before the read began",
+                replica.commit()
+            );
+            confirmed += 1;
+            false
+        });
+        self.stats.reads += confirmed;
     }
 
     fn run(&mut self, storm_steps: u64, calm_steps: u64) {
@@ -373,11 +426,13 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
         total.truncations += sim.stats.truncations;
         total.lost_messages += sim.stats.lost_messages;
         total.resumed += sim.stats.resumed;
+        total.reads += sim.stats.reads;
     }
     eprintln!("{seeds} seeds of {size} replicas: {acknowledged} proposals committed; {total:?}");
     // The storm was one (leaders changed, nodes crashed, followers had to truncate, restarted
     // leaders resumed their epoch), and it did not starve the protocol: proposals get committed.
     assert!(total.leaders > 2 * seeds && total.crashes > seeds && total.truncations > seeds / 4 && total.resumed > 0, "{total:?}");
+    assert!(total.reads > seeds * 10, "few linearizable reads were confirmed: {total:?}");
     assert!(acknowledged > seeds as usize * 20, "only {acknowledged} proposals committed over {seeds} seeds");
     (acknowledged, total)
 }

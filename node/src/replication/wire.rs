@@ -56,11 +56,12 @@ pub fn to_wire(message: Message) -> pb::ReplicaMessage {
         Message::FetchReply { epoch, entries, last } => {
             Kind::FetchReply(pb::ReplicaFetchReply { epoch, entries: entries_out(entries), last })
         }
-        Message::Append { epoch, prev_position, prev_epoch, entries, commit } => {
-            Kind::Append(pb::ReplicaAppend { epoch, prev_position, prev_epoch, entries: entries_out(entries), commit })
+        Message::Append { epoch, prev_position, prev_epoch, entries, commit, round } => {
+            Kind::Append(pb::ReplicaAppend { epoch, prev_position, prev_epoch, entries: entries_out(entries), commit, round })
         }
-        Message::AppendReply { epoch, outcome } => Kind::AppendReply(pb::ReplicaAppendReply {
+        Message::AppendReply { epoch, outcome, round } => Kind::AppendReply(pb::ReplicaAppendReply {
             epoch,
+            round,
             outcome: Some(match outcome {
                 AppendOutcome::Durable(position) => pb::replica_append_reply::Outcome::Durable(position),
                 AppendOutcome::Diverged { history, last } => {
@@ -85,6 +86,7 @@ pub fn from_wire(message: pb::ReplicaMessage) -> Result<Message, String> {
             prev_epoch: m.prev_epoch,
             entries: entries_in(m.entries),
             commit: m.commit,
+            round: m.round,
         },
         Kind::AppendReply(m) => Message::AppendReply {
             epoch: m.epoch,
@@ -92,6 +94,7 @@ pub fn from_wire(message: pb::ReplicaMessage) -> Result<Message, String> {
                 pb::replica_append_reply::Outcome::Durable(position) => AppendOutcome::Durable(position),
                 pb::replica_append_reply::Outcome::Diverged(d) => AppendOutcome::Diverged { history: history_in(d.history)?, last: d.last },
             },
+            round: m.round,
         },
         Kind::Stale(m) => Message::Stale { promised: m.promised },
     })
@@ -116,9 +119,9 @@ mod tests {
             Message::RecoverReply { epoch: 3, history: history(&[(1, 1), (2, 4)]), last: 9 },
             Message::Fetch { epoch: 3, from: 5 },
             Message::FetchReply { epoch: 3, entries: entries.clone(), last: 9 },
-            Message::Append { epoch: 3, prev_position: 3, prev_epoch: 1, entries, commit: 2 },
-            Message::AppendReply { epoch: 3, outcome: AppendOutcome::Durable(7) },
-            Message::AppendReply { epoch: 3, outcome: AppendOutcome::Diverged { history: history(&[(1, 1)]), last: 2 } },
+            Message::Append { epoch: 3, prev_position: 3, prev_epoch: 1, entries, commit: 2, round: 9 },
+            Message::AppendReply { epoch: 3, outcome: AppendOutcome::Durable(7), round: 9 },
+            Message::AppendReply { epoch: 3, outcome: AppendOutcome::Diverged { history: history(&[(1, 1)]), last: 2 }, round: 8 },
             Message::Stale { promised: 8 },
         ];
         for message in messages {
@@ -132,7 +135,7 @@ mod tests {
         let bad_history = vec![pb::EpochStart { epoch: 3, position: 5 }, pb::EpochStart { epoch: 2, position: 9 }];
         let reply = pb::ReplicaRecoverReply { epoch: 3, history: bad_history, last: 9 };
         assert!(from_wire(pb::ReplicaMessage { kind: Some(Kind::RecoverReply(reply)) }).is_err());
-        let no_outcome = pb::ReplicaAppendReply { epoch: 1, outcome: None };
+        let no_outcome = pb::ReplicaAppendReply { epoch: 1, outcome: None, round: 0 };
         assert!(from_wire(pb::ReplicaMessage { kind: Some(Kind::AppendReply(no_outcome)) }).is_err());
     }
 }

@@ -51,7 +51,7 @@ pub async fn read_partition_all(clients: &mut Clients, partition: u32) -> Vec<pb
     loop {
         let r = clients
             .log
-            .read_partition(pb::ReadPartitionRequest { partition, from_position: from, max_count: 1000 })
+            .read_partition(pb::ReadPartitionRequest { partition, from_position: from, max_count: 1000, linearizable: false })
             .await
             .unwrap()
             .into_inner();
