@@ -195,6 +195,8 @@ pub struct Log {
     replica_reports: parking_lot::Mutex<Vec<ReplicaReport>>,
     /// Bumped whenever a partition's reported commit position moves (subscribers wake on it).
     commit_moved: watch::Sender<u64>,
+    /// Each partition's published head alone: a partition's leader wakes only when its own moves.
+    partition_heads: Arc<[watch::Sender<u64>]>,
     replicated: std::sync::atomic::AtomicBool,
     /// Per partition, where this node's replica takes linearizable read requests.
     read_indexes: parking_lot::Mutex<Vec<Option<tokio::sync::mpsc::Sender<ReadIndexRequest>>>>,
@@ -225,7 +227,9 @@ impl Log {
         let (tx, rx) = flume::bounded(group_commit.queue_capacity);
         let poison = Arc::new(writer::Poison::default());
         let roles = Arc::new(Roles::new(store.partition_count(), SINGLE_NODE_EPOCH));
+        let partition_heads: Arc<[watch::Sender<u64>]> = heads.iter().map(|h| watch::Sender::new(*h)).collect();
         let writer = writer::Writer {
+            partition_heads: partition_heads.clone(),
             store: store.clone(),
             rx,
             config: group_commit.clone(),
@@ -252,6 +256,7 @@ impl Log {
             replica_reports: parking_lot::Mutex::new(vec![ReplicaReport::default(); roles.epochs.len()]),
             commit_moved: watch::Sender::new(0),
             read_indexes: parking_lot::Mutex::new(vec![None; roles.epochs.len()]),
+            partition_heads,
             roles,
             replicated: std::sync::atomic::AtomicBool::new(false),
         })
@@ -567,6 +572,11 @@ impl Log {
         queue.send_async(writer::Job::Truncate { partition, after, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
         drop(queue);
         answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// `partition`'s published head (as in [`Log::commits`]); `changed()` wakes only when it moves.
+    pub fn partition_head(&self, partition: u32) -> watch::Receiver<u64> {
+        self.partition_heads[partition as usize].subscribe()
     }
 
     /// The latest commit point; `changed()` on the receiver wakes on every new commit.

@@ -180,6 +180,8 @@ impl Job {
 }
 
 pub(super) struct Writer {
+    /// Each partition's published head alone (moved with `published`).
+    pub partition_heads: Arc<[watch::Sender<u64>]>,
     pub store: Arc<Store>,
     pub rx: flume::Receiver<Job>,
     pub config: GroupCommitConfig,
@@ -217,6 +219,7 @@ impl Writer {
             poison: poison.clone(),
         };
         let syncer = Syncer {
+            partition_heads: self.partition_heads.clone(),
             store: self.store.clone(),
             published: self.published.clone(),
             metrics: self.metrics.clone(),
@@ -300,6 +303,7 @@ impl Writer {
         self.histories[partition as usize].truncate_after(after);
         let heads: Arc<[u64]> = self.heads.as_slice().into();
         self.published.send_modify(|point| point.heads = heads);
+        self.partition_heads[partition as usize].send_replace(self.heads[partition as usize]);
         Ok(removed)
     }
 
@@ -749,6 +753,7 @@ struct Committed {
 /// The syncer thread: syncs committed batches (one `fdatasync` for all that queued up), then
 /// publishes and answers, and kicks the indexer when enough durable events wait for it.
 struct Syncer {
+    partition_heads: Arc<[watch::Sender<u64>]>,
     store: Arc<Store>,
     published: watch::Sender<CommitPoint>,
     metrics: Arc<Metrics>,
@@ -787,6 +792,9 @@ impl Syncer {
                     }
                     moved
                 });
+                for (head, published) in last.heads.iter().zip(self.partition_heads.iter()) {
+                    published.send_if_modified(|h| std::mem::replace(h, *head) != *head);
+                }
                 let tail_events = self.store.tail_events();
                 self.metrics.index_tail_events.set(tail_events as i64);
                 if tail_events >= flush_events {

@@ -124,11 +124,11 @@ async fn run_partition(
     // log resumes it (`Replica::become_leader`).
     let mut granted: Epoch = 0;
     let Some(mut replica) = restart(&log, partition, &config, granted).await else { return };
-    let mut commits = log.commits();
+    let mut head = log.partition_head(partition);
     let mut ticks = tokio::time::interval(TICK);
     loop {
-        // Only a leader needs the log's commits (its own appends): followers are not woken by
-        // every group commit of the node.
+        // Only a leader needs its partition's published head (its own appends), and it wakes
+        // only when that head moves, not on every group commit of the node.
         let leading = matches!(replica.role(), Role::Leader { .. });
         let input = tokio::select! {
             message = messages.recv() => match message {
@@ -144,11 +144,11 @@ async fn run_partition(
                 None => return,
             },
             _ = ticks.tick() => Input::Tick,
-            changed = commits.changed(), if leading => {
+            changed = head.changed(), if leading => {
                 if changed.is_err() {
                     return;
                 }
-                Input::Head(commits.borrow_and_update().heads[partition as usize])
+                Input::Head(*head.borrow_and_update())
             }
         };
         if let Input::Grant(epoch) = input {
