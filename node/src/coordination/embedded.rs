@@ -83,7 +83,17 @@ pub struct RaftKv {
     outcomes: Vec<(u64, Outcome)>,
     /// The index of the last entry applied to `state`.
     applied: u64,
+    /// Applied entries between snapshots (log compaction, `raft_log.rs`).
+    compact_every: u64,
+    /// The index of the latest snapshot.
+    snapshot_index: u64,
+    /// Snapshots received from a leader and installed.
+    installed: u64,
 }
+
+/// Applied entries between two snapshots of a member's state, after which its log drops the
+/// entries before the latest: at a few entries a second, about an hour's worth.
+pub const COMPACT_EVERY: u64 = 10_000;
 
 /// Ticks between a leader's heartbeats, and before a follower calls an election.
 pub const HEARTBEAT_TICKS: usize = 2;
@@ -104,7 +114,11 @@ impl RaftKv {
     }
 
     pub fn open(id: RaftId, storage: RaftLog, incarnation: u64, elections: Elections) -> Result<Self, RaftKvError> {
-        let applied = 0;
+        // A compacted log starts from its snapshot: the state as of the snapshot's index.
+        let (state, applied) = match storage.latest_snapshot() {
+            Some(snapshot) => (decode_snapshot(&snapshot)?, snapshot.get_metadata().index),
+            None => (KvState::default(), 0),
+        };
         let config = Config {
             id,
             election_tick: ELECTION_TICKS,
@@ -124,7 +138,33 @@ impl RaftKv {
         config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let node = RawNode::new(&config, storage, &logger)?;
-        Ok(RaftKv { id, incarnation, node, state: KvState::default(), next_proposal: 1, outcomes: Vec::new(), applied })
+        Ok(RaftKv {
+            id,
+            incarnation,
+            node,
+            state,
+            next_proposal: 1,
+            outcomes: Vec::new(),
+            applied,
+            compact_every: COMPACT_EVERY,
+            snapshot_index: applied,
+            installed: 0,
+        })
+    }
+
+    /// Takes a snapshot every `entries` applied entries instead of [`COMPACT_EVERY`] (tests).
+    pub fn set_compaction(&mut self, entries: u64) {
+        self.compact_every = entries.max(1);
+    }
+
+    /// The index of the latest snapshot (0: never compacted).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot_index
+    }
+
+    /// How many snapshots this member installed from a leader.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.installed
     }
 
     pub fn id(&self) -> RaftId {
@@ -195,7 +235,14 @@ impl RaftKv {
         let mut ready = self.node.ready();
         out.extend(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            self.node.store().apply_snapshot(ready.snapshot().clone())?;
+            // The leader's state replaces this member's (its log was behind the leader's).
+            let snapshot = ready.snapshot().clone();
+            let state = decode_snapshot(&snapshot)?;
+            self.node.store().apply_snapshot(snapshot.clone())?;
+            self.state = state;
+            self.applied = snapshot.get_metadata().index;
+            self.snapshot_index = self.applied;
+            self.installed += 1;
         }
         self.apply(ready.take_committed_entries());
         if !ready.entries().is_empty() {
@@ -212,7 +259,23 @@ impl RaftKv {
         out.extend(light.take_messages());
         self.apply(light.take_committed_entries());
         self.node.advance_apply();
+        if self.applied >= self.snapshot_index + self.compact_every {
+            self.compact()?;
+        }
         Ok(out)
+    }
+
+    /// Snapshots the state at the applied index and drops the log's entries before it.
+    fn compact(&mut self) -> Result<(), RaftKvError> {
+        let data = serde_json::to_vec(&self.state).map_err(|e| raft::Error::Store(raft::StorageError::Other(e.into())))?;
+        let mut snapshot = raft::eraftpb::Snapshot { data: data.into(), ..Default::default() };
+        let meta = snapshot.mut_metadata();
+        meta.index = self.applied;
+        meta.term = raft::Storage::term(self.node.store(), self.applied)?;
+        meta.set_conf_state(raft::Storage::initial_state(self.node.store())?.conf_state);
+        self.node.store().compact(snapshot)?;
+        self.snapshot_index = self.applied;
+        Ok(())
     }
 
     fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) {
@@ -239,6 +302,14 @@ impl RaftKv {
     }
 }
 
+/// The store's state a snapshot carries.
+fn decode_snapshot(snapshot: &raft::eraftpb::Snapshot) -> Result<KvState, RaftKvError> {
+    serde_json::from_slice(&snapshot.data).map_err(|e| {
+        let reason = format!("undecodable coordination snapshot at index {}: {e}", snapshot.get_metadata().index);
+        RaftKvError::Raft(raft::Error::Store(raft::StorageError::Other(reason.into())))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashMap};
@@ -261,17 +332,21 @@ mod tests {
         step: u64,
         lossy: bool,
         incarnations: u64,
+        /// Applied entries between snapshots (`None`: the production setting).
+        compact_every: Option<u64>,
+        /// Snapshots installed by members that have since crashed.
+        installed: u64,
     }
 
     impl Group {
         fn new(seed: u64) -> Self {
+            Self::compacting(seed, None)
+        }
+
+        fn compacting(seed: u64, compact_every: Option<u64>) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let nodes = IDS
-                .iter()
-                .map(|&id| (id, RaftKv::restart(id, RaftLog::open(&dir.path().join(id.to_string()), &IDS).unwrap(), 0).unwrap()))
-                .collect();
-            Group {
-                nodes,
+            let mut g = Group {
+                nodes: BTreeMap::new(),
                 down: Vec::new(),
                 dir,
                 network: Vec::new(),
@@ -279,7 +354,22 @@ mod tests {
                 step: 0,
                 lossy: true,
                 incarnations: 0,
+                compact_every,
+                installed: 0,
+            };
+            for id in IDS {
+                g.start(id, 0);
             }
+            g
+        }
+
+        fn start(&mut self, id: RaftId, incarnation: u64) {
+            let log = RaftLog::open(&self.dir.path().join(id.to_string()), &IDS).unwrap();
+            let mut node = RaftKv::restart(id, log, incarnation).unwrap();
+            if let Some(entries) = self.compact_every {
+                node.set_compaction(entries);
+            }
+            self.nodes.insert(id, node);
         }
 
         fn run(&mut self, steps: u64) {
@@ -336,15 +426,14 @@ mod tests {
 
         /// The process dies: only what its Raft log made durable survives.
         fn crash(&mut self, id: RaftId) {
-            drop(self.nodes.remove(&id).unwrap());
+            self.installed += self.nodes.remove(&id).unwrap().snapshots_installed();
             self.down.push(id);
         }
 
         fn restart(&mut self, id: RaftId) {
             self.down.retain(|d| *d != id);
             self.incarnations += 1;
-            let log = RaftLog::open(&self.dir.path().join(id.to_string()), &IDS).unwrap();
-            self.nodes.insert(id, RaftKv::restart(id, log, self.incarnations).unwrap());
+            self.start(id, self.incarnations);
         }
     }
 
@@ -393,9 +482,25 @@ mod tests {
     /// granted to at most one session, and every replica ends with the same state.
     #[test]
     fn under_loss_and_crashes_lock_epochs_are_granted_once_and_replicas_converge() {
-        let (mut restarts, mut grants) = (0, 0);
+        let (restarts, grants, _) = lock_storm(None);
+        assert!(restarts >= 5 && grants >= 100, "the runs must crash members and grant locks: {restarts} restarts, {grants} grants");
+    }
+
+    /// The same storm with a snapshot every 25 applied entries: members restart from their
+    /// snapshots, and members that fell behind the leader's compacted log install its snapshot.
+    #[test]
+    fn under_loss_crashes_and_compaction_lock_epochs_are_granted_once_and_replicas_converge() {
+        let (restarts, grants, installed) = lock_storm(Some(25));
+        assert!(restarts >= 5 && grants >= 100, "the runs must crash members and grant locks: {restarts} restarts, {grants} grants");
+        assert!(installed > 0, "no member ever installed a leader's snapshot");
+    }
+
+    /// Runs the lock storm over 20 seeds; returns the restarts, the locks granted, and the
+    /// snapshots installed.
+    fn lock_storm(compact_every: Option<u64>) -> (u64, usize, u64) {
+        let (mut restarts, mut grants, mut installed) = (0, 0, 0);
         for seed in 0..20 {
-            let mut g = Group::new(seed);
+            let mut g = Group::compacting(seed, compact_every);
             g.run(60);
             let mut sessions: Vec<SessionId> = Vec::new();
             let mut granted: HashMap<(String, u64), SessionId> = HashMap::new();
@@ -452,9 +557,13 @@ mod tests {
             let states: Vec<&KvState> = g.nodes.values().map(|n| n.state()).collect();
             assert!(states.windows(2).all(|w| w[0] == w[1]), "seed {seed}: replicas differ");
             assert!(!granted.is_empty(), "seed {seed}: no lock was ever granted");
+            if compact_every.is_some() {
+                assert!(g.nodes.values().all(|n| n.snapshot_index() > 0), "seed {seed}: a member never compacted");
+            }
             restarts += g.incarnations;
             grants += granted.len();
+            installed += g.installed + g.nodes.values().map(|n| n.snapshots_installed()).sum::<u64>();
         }
-        assert!(restarts >= 5 && grants >= 100, "the runs must crash members and grant locks: {restarts} restarts, {grants} grants");
+        (restarts, grants, installed)
     }
 }

@@ -7,14 +7,19 @@
 //! full sync before raft-rs is told it is stored (so before the messages that depend on it are
 //! sent: raft-rs's `Ready` contract). Reads are served from the in-memory copy, loaded at open.
 //!
-//! Left for later (noted on issue 4): log compaction with snapshots of the store's state. Until
-//! then the log grows by every operation (a few per second per node: session renewals and the
-//! leader's expiry ticks), and a member never needs a snapshot because nothing is compacted.
+//! Compaction: every so many applied entries the member takes a snapshot of the store's state
+//! at its applied index ([`RaftLog::compact`], called by `embedded.rs`) and drops the entries
+//! before that index, in one transaction; `meta` then holds the snapshot too. A member that
+//! restarts starts from its snapshot and the entries after it; a member whose next entry the
+//! leader no longer holds gets the leader's snapshot ([`Storage::snapshot`]) and replaces its
+//! log with it ([`RaftLog::apply_snapshot`]). The entry at the snapshot's index is kept, so its
+//! term is known without the snapshot's metadata.
 
 use std::path::Path;
 
 use heed::types::Bytes;
 use heed::{Database, Env, EnvOpenOptions, WithoutTls};
+use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
@@ -34,6 +39,8 @@ struct Disk {
 pub struct RaftLog {
     mem: MemStorage,
     disk: Option<Disk>,
+    /// The latest snapshot (its data is the store's state), if the log was ever compacted.
+    snapshot: Mutex<Option<Snapshot>>,
 }
 
 fn storage_error(e: impl std::fmt::Display) -> raft::Error {
@@ -43,7 +50,7 @@ fn storage_error(e: impl std::fmt::Display) -> raft::Error {
 impl RaftLog {
     /// A log that lives in memory only (tests and the simulator).
     pub fn in_memory(members: &[RaftId]) -> Self {
-        RaftLog { mem: MemStorage::new_with_conf_state((members.to_vec(), vec![])), disk: None }
+        RaftLog { mem: MemStorage::new_with_conf_state((members.to_vec(), vec![])), disk: None, snapshot: Mutex::new(None) }
     }
 
     /// Opens (creating if needed) the log in `dir`. A new log starts with `members` as its
@@ -58,6 +65,10 @@ impl RaftLog {
         let entries: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("entries")).map_err(storage_error)?;
         let meta: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("meta")).map_err(storage_error)?;
         let mem = MemStorage::new();
+        let snapshot = match meta.get(&txn, b"snapshot").map_err(storage_error)? {
+            Some(bytes) => Some(Snapshot::parse_from_bytes(bytes).map_err(storage_error)?),
+            None => None,
+        };
         let conf_state = match meta.get(&txn, b"conf_state").map_err(storage_error)? {
             Some(bytes) => ConfState::parse_from_bytes(bytes).map_err(storage_error)?,
             None => {
@@ -66,8 +77,12 @@ impl RaftLog {
                 cs
             }
         };
+        let since = snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
         {
             let mut core = mem.wl();
+            if let Some(snapshot) = &snapshot {
+                core.apply_snapshot(snapshot.clone())?;
+            }
             core.set_conf_state(conf_state);
             if let Some(bytes) = meta.get(&txn, b"hard_state").map_err(storage_error)? {
                 core.set_hardstate(HardState::parse_from_bytes(bytes).map_err(storage_error)?);
@@ -75,12 +90,39 @@ impl RaftLog {
             let mut stored = Vec::new();
             for entry in entries.iter(&txn).map_err(storage_error)? {
                 let (_, bytes) = entry.map_err(storage_error)?;
-                stored.push(Entry::parse_from_bytes(bytes).map_err(storage_error)?);
+                let entry = Entry::parse_from_bytes(bytes).map_err(storage_error)?;
+                // The snapshot stands for its index and everything before it.
+                if entry.index > since {
+                    stored.push(entry);
+                }
             }
             core.append(&stored)?;
         }
         txn.commit().map_err(storage_error)?;
-        Ok(RaftLog { mem, disk: Some(Disk { env, entries, meta }) })
+        Ok(RaftLog { mem, disk: Some(Disk { env, entries, meta }), snapshot: Mutex::new(snapshot) })
+    }
+
+    /// The snapshot the log was last compacted to (or installed from a leader), if any.
+    pub fn latest_snapshot(&self) -> Option<Snapshot> {
+        self.snapshot.lock().clone()
+    }
+
+    /// Keeps `snapshot` (the store's state at an applied index) and drops the entries before its
+    /// index, on disk in one transaction. The caller applied everything up to that index.
+    pub fn compact(&self, snapshot: Snapshot) -> raft::Result<()> {
+        let index = snapshot.get_metadata().index;
+        if let Some(disk) = &self.disk {
+            let mut txn = disk.env.write_txn().map_err(storage_error)?;
+            disk.meta.put(&mut txn, b"snapshot", &snapshot.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
+            let below = index.to_be_bytes();
+            disk.entries
+                .delete_range(&mut txn, &(std::ops::Bound::Unbounded, std::ops::Bound::Excluded(&below[..])))
+                .map_err(storage_error)?;
+            txn.commit().map_err(storage_error)?;
+        }
+        self.mem.wl().compact(index)?;
+        *self.snapshot.lock() = Some(snapshot);
+        Ok(())
     }
 
     /// Appends entries, replacing any stored from the first one's index on (a new leader's log
@@ -124,15 +166,20 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Snapshots are not produced yet (no compaction), so none can arrive.
+    /// Replaces the log with a leader's snapshot: the snapshot is kept, every entry goes, and
+    /// the hard state commits through the snapshot's index (one transaction on disk).
     pub fn apply_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
-        if self.disk.is_some() {
-            return Err(storage_error(format!(
-                "a snapshot at index {} arrived, but this log does not take snapshots yet",
-                snapshot.get_metadata().index
-            )));
+        let mut core = self.mem.wl();
+        core.apply_snapshot(snapshot.clone())?;
+        if let Some(disk) = &self.disk {
+            let mut txn = disk.env.write_txn().map_err(storage_error)?;
+            disk.meta.put(&mut txn, b"snapshot", &snapshot.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
+            disk.meta.put(&mut txn, b"hard_state", &core.hard_state().write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
+            disk.entries.clear(&mut txn).map_err(storage_error)?;
+            txn.commit().map_err(storage_error)?;
         }
-        self.mem.wl().apply_snapshot(snapshot)
+        *self.snapshot.lock() = Some(snapshot);
+        Ok(())
     }
 }
 
@@ -157,7 +204,8 @@ impl Storage for RaftLog {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.mem.snapshot(request_index, to)
+    /// The latest snapshot: raft-rs asks for one when a follower needs entries compacted away.
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        self.latest_snapshot().ok_or(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
     }
 }
