@@ -35,6 +35,12 @@ fn the_demo_appends_races_runs_the_ledger_restarts_and_finds_every_acknowledged_
     assert!(cluster["partitions_failed_over"].as_u64().unwrap() > 0, "{cluster}");
     assert!(cluster["appends_acknowledged"].as_u64().unwrap() > 0 && cluster["failover_ms"].as_f64().unwrap() > 0.0, "{cluster}");
     assert_eq!(cluster["lost"], 0, "{cluster}");
+    // Its ledger part: transfers went on through the kill, and every book's balances match them
+    // on the leaders and in the restarted node's own state.
+    let ledger = &cluster["ledger"];
+    assert_eq!(ledger["books"], 16, "{ledger}");
+    assert!(ledger["transfers_acknowledged"].as_u64().unwrap() > 0, "{ledger}");
+    assert_eq!(ledger["balances_match"], true, "{ledger}");
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The demo's second act: a 3-node cluster on loopback (127.0.0.11 on) with the embedded
-//! coordination store. Writers append with `quorum` durability through the routing client; midway
-//! the node leading the most partitions is killed with SIGKILL; its partitions fail over and the
-//! writers go on. Then the node comes back and catches up, and every acknowledged append is read
-//! back from the partitions' leaders.
+//! coordination store. Writers append with `quorum` durability through the routing client, and a
+//! ledger book per partition takes transfers (commands, resent with their command id when their
+//! outcome is unknown); midway the node leading the most partitions is killed with SIGKILL; its
+//! partitions fail over and the writers go on. Then the node comes back and catches up, every
+//! acknowledged append is read back from the partitions' leaders, and every book's balances are
+//! checked against the acknowledged transfers on its leader and on the restarted node.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -23,6 +25,8 @@ const PARTITIONS: u32 = 16;
 const STREAMS: u64 = 200;
 const WRITERS: u64 = 16;
 const SESSION_TTL_MS: u64 = 1_000;
+/// What each book's account `a` starts with; every transfer moves 1 to `b`.
+const OPENING: u64 = 1_000_000;
 
 /// An acknowledged append: (partition, sent, answered, stream, payload).
 type Ack = (u32, Instant, Instant, String, String);
@@ -42,6 +46,22 @@ pub struct ClusterRun {
     pub lost: u64,
     /// From the restart until the node held every partition's log again.
     pub caught_up_ms: f64,
+    pub ledger: LedgerRun,
+}
+
+/// The ledger's part of the act.
+#[derive(Debug, Serialize)]
+pub struct LedgerRun {
+    pub books: usize,
+    pub transfers_acknowledged: u64,
+    /// Sends of a transfer after its first one failed with an unknown outcome (same command id).
+    pub resends: u64,
+    /// Resends answered as a duplicate: the first send had been applied (by the killed leader,
+    /// or by its successor).
+    pub duplicates: u64,
+    /// Every book's balances equal its acknowledged transfers on its leader and, from its own
+    /// state, on the restarted node.
+    pub balances_match: bool,
 }
 
 pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<ClusterRun> {
@@ -94,6 +114,13 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
         }));
     }
     say(args, format!("{WRITERS} writers append with quorum acks through the routing client"));
+    let books = open_books(&router, PARTITIONS).await?;
+    let mut tellers = Vec::new();
+    for book in books.clone() {
+        let (router, stop) = (router.clone(), stop.clone());
+        tellers.push(tokio::spawn(async move { transfers(&router, &book, &stop).await }));
+    }
+    say(args, format!("a ledger book on each of the {} partitions takes transfers, resent with their command id when unsure", books.len()));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Kill the node that leads the most partitions.
@@ -136,6 +163,13 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
     for w in writers {
         w.await?;
     }
+    let mut done = BTreeMap::new();
+    let (mut resends, mut duplicates) = (0, 0);
+    for (book, teller) in books.iter().zip(tellers) {
+        let (acked, resent, duplicate) = teller.await??;
+        done.insert(book.clone(), acked);
+        (resends, duplicates) = (resends + resent, duplicates + duplicate);
+    }
 
     // The node comes back and catches up: every leader shows it at lag 0.
     let restarted_at = Instant::now();
@@ -168,6 +202,34 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
         let stored: HashSet<String> = events.into_iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
         lost += payloads.iter().filter(|p| !stored.contains(**p)).count() as u64;
     }
+    // Every book: `a` gave exactly its acknowledged transfers to `b`, on its leader and in the
+    // restarted node's own state (it rebuilt what the failover truncated).
+    let mut balances_match = true;
+    for (book, acked) in &done {
+        let want = vec![(OPENING - acked) as i64, *acked as i64];
+        let partition = router.partition_of(&format!("ledger/{book}"));
+        let on_leader = router.on_leader(partition, |mut c| async move { Ok(balances(&mut c.ledger, book).await) }).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let on_victim = loop {
+            let mut c = client::connect(&cluster.url(victim)).await?;
+            let got = balances(&mut c.ledger, book).await;
+            if got.as_ref() == Some(&want) || Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        balances_match &= on_leader.ok().flatten().as_ref() == Some(&want) && on_victim.as_ref() == Some(&want);
+    }
+    let transfers_acknowledged: u64 = done.values().sum();
+    say(
+        args,
+        format!(
+            "ledger: {transfers_acknowledged} transfers acknowledged over {} books ({resends} resent after an unknown outcome, {duplicates} of them answered as duplicates); balances {} on the leaders and on {victim_name}",
+            done.len(),
+            if balances_match { "match them" } else { "DO NOT match them" }
+        ),
+    );
+    let ledger = LedgerRun { books: done.len(), transfers_acknowledged, resends, duplicates, balances_match };
     let run = ClusterRun {
         nodes,
         killed: victim_name,
@@ -177,6 +239,7 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
         appends_failed: failed.load(Ordering::Relaxed),
         lost,
         caught_up_ms: caught_up.as_secs_f64() * 1000.0,
+        ledger,
     };
     say(
         args,
@@ -186,10 +249,98 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
         ),
     );
     ensure!(run.lost == 0, "{} acknowledged appends are missing after the failover", run.lost);
+    ensure!(run.ledger.balances_match, "a book's balances do not match its acknowledged transfers");
     for i in 0..nodes {
         cluster.kill9(i)?;
     }
     Ok(run)
+}
+
+/// A book on each partition, each with accounts `a` (holding [`OPENING`]) and `b`.
+async fn open_books(router: &Router, partitions: u32) -> anyhow::Result<Vec<String>> {
+    let mut books = Vec::new();
+    for p in 0..partitions {
+        let book = (0..)
+            .map(|k| format!("demo-{k}"))
+            .find(|b| crate::log::partition_of(&format!("ledger/{b}"), partitions) == p)
+            .expect("some book lands on every partition");
+        let partition = router.partition_of(&format!("ledger/{book}"));
+        for account in ["a", "b"] {
+            let open = pb::OpenAccountRequest {
+                book: book.clone(),
+                command_id: format!("open-{account}"),
+                account: account.into(),
+                currency: "EUR".into(),
+                credit_limit: 0,
+            };
+            router
+                .on_leader(partition, |mut c| {
+                    let open = open.clone();
+                    async move { c.ledger.open_account(open).await }
+                })
+                .await
+                .map_err(client::status_error)?;
+        }
+        let deposit = pb::DepositRequest { book: book.clone(), command_id: "deposit".into(), account: "a".into(), amount: OPENING };
+        router
+            .on_leader(partition, |mut c| {
+                let deposit = deposit.clone();
+                async move { c.ledger.deposit(deposit).await }
+            })
+            .await
+            .map_err(client::status_error)?;
+        books.push(book);
+    }
+    Ok(books)
+}
+
+/// Transfers 1 from `a` to `b` of `book` until stopped, each resent with its command id until
+/// acknowledged; returns (acknowledged, resends, resends answered as duplicates).
+async fn transfers(router: &Router, book: &str, stop: &AtomicBool) -> anyhow::Result<(u64, u64, u64)> {
+    let partition = router.partition_of(&format!("ledger/{book}"));
+    let (mut acked, mut resends, mut duplicates) = (0, 0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let request = pb::TransferRequest {
+            book: book.into(),
+            command_id: format!("t-{acked}"),
+            from: "a".into(),
+            to: "b".into(),
+            amount: 1,
+            transfer: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut first = true;
+        loop {
+            let answer = router
+                .on_leader(partition, |mut c| {
+                    let request = request.clone();
+                    async move { c.ledger.transfer(request).await.map(tonic::Response::into_inner) }
+                })
+                .await;
+            match answer {
+                Ok(done) => {
+                    duplicates += u64::from(done.duplicate && !first);
+                    break;
+                }
+                Err(status) => ensure!(Instant::now() < deadline, "{book}: transfer {} never acknowledged: {status}", request.command_id),
+            }
+            resends += 1;
+            first = false;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        acked += 1;
+    }
+    Ok((acked, resends, duplicates))
+}
+
+/// Accounts `a` and `b` of `book` as a node's state has them (None if it cannot answer).
+async fn balances(ledger: &mut pb::ledger_client::LedgerClient<tonic::transport::Channel>, book: &str) -> Option<Vec<i64>> {
+    let mut out = Vec::new();
+    for account in ["a", "b"] {
+        let request = pb::GetBalanceRequest { book: book.into(), account: account.into() };
+        out.push(ledger.get_balance(request).await.ok()?.into_inner().balance);
+    }
+    Some(out)
 }
 
 async fn status_of(cluster: &LocalCluster, i: usize) -> anyhow::Result<pb::StatusResponse> {
