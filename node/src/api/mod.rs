@@ -92,11 +92,20 @@ impl Api {
         F: FnOnce(&Log) -> Result<Slice, StorageError> + Send + 'static,
     {
         let through = if linearizable { Some(self.log.read_index(partition).await.map_err(append_status)?) } else { None };
+        // The read serves up to what this node shows readers; if that fell below the read index
+        // (its replica restarted and stopped leading meanwhile), it would come back short.
+        let short = |log: &Log| through.is_some_and(|through| log.readable_through(partition) < through);
+        if short(&self.log) {
+            return Err(append_status(AppendError::NotLeader { partition }));
+        }
         let log = self.log.clone();
         let mut slice = tokio::task::spawn_blocking(move || read(&log))
             .await
             .map_err(|e| Status::internal(format!("read task failed: {e}")))?
             .map_err(|e| storage_status(&e))?;
+        if short(&self.log) {
+            return Err(append_status(AppendError::NotLeader { partition }));
+        }
         if let Some(through) = through
             && let Some(cut) = slice.events.iter().position(|e| e.position > through)
         {

@@ -197,6 +197,9 @@ pub struct Log {
     commit_moved: watch::Sender<u64>,
     /// Each partition's published head alone: a partition's leader wakes only when its own moves.
     partition_heads: Arc<[watch::Sender<u64>]>,
+    /// Per partition, how many truncations it went through: an answer decided against state
+    /// that a truncation then undid is not given (see [`Log::query`]).
+    truncations: Vec<std::sync::atomic::AtomicU64>,
     replicated: std::sync::atomic::AtomicBool,
     /// Per partition, where this node's replica takes linearizable read requests.
     read_indexes: parking_lot::Mutex<Vec<Option<tokio::sync::mpsc::Sender<ReadIndexRequest>>>>,
@@ -256,6 +259,7 @@ impl Log {
             replica_reports: parking_lot::Mutex::new(vec![ReplicaReport::default(); roles.epochs.len()]),
             commit_moved: watch::Sender::new(0),
             read_indexes: parking_lot::Mutex::new(vec![None; roles.epochs.len()]),
+            truncations: (0..roles.epochs.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
             partition_heads,
             roles,
             replicated: std::sync::atomic::AtomicBool::new(false),
@@ -337,12 +341,11 @@ impl Log {
         }
         let requests = self.read_indexes.lock()[partition as usize].clone().ok_or(AppendError::NotLeader { partition })?;
         let (reply, answer) = oneshot::channel();
-        requests.send(reply).await.map_err(|_| AppendError::NotLeader { partition })?;
-        match tokio::time::timeout(QUORUM_WAIT, answer).await {
-            Ok(Ok(Some(position))) => Ok(position),
-            Ok(_) => Err(AppendError::NotLeader { partition }),
-            Err(_) => Err(AppendError::QuorumTimeout { partition }),
-        }
+        let asked = async {
+            requests.send(reply).await.map_err(|_| AppendError::NotLeader { partition })?;
+            answer.await.ok().flatten().ok_or(AppendError::NotLeader { partition })
+        };
+        tokio::time::timeout(QUORUM_WAIT, asked).await.map_err(|_| AppendError::QuorumTimeout { partition })?
     }
 
     /// Changes whenever some partition's commit position moves (see [`Log::committed_through`]).
@@ -440,8 +443,11 @@ impl Log {
     /// written, except for `OutcomeUnknown`/`QuorumTimeout`, see [`Log::wait_quorum`]). The
     /// caller validated the command's scope and id.
     pub async fn command(&self, command: Box<dyn Routed>) -> Result<CommandDone, CommandError> {
+        let partition = self.partition_of(command.stream());
+        let truncations = self.truncations_of(partition);
         let outcome = match self.run_command(command).await {
             Ok(done) => self.command_committed(done).await,
+            Err(CommandError::Rejected(rejected)) => self.rejection_committed(partition, truncations, rejected).await,
             failed => failed,
         };
         self.metrics.count_command(match &outcome {
@@ -471,6 +477,23 @@ impl Log {
         Ok(done)
     }
 
+    /// In a cluster, a rejection stands once the state it was decided against is committed: if a
+    /// truncation undid part of that state first, the command was decided on events that never
+    /// happened, and the caller is told to resend it (nothing was written) as from a node that
+    /// no longer leads.
+    async fn rejection_committed(&self, partition: u32, truncations: u64, rejected: Rejected) -> Result<CommandDone, CommandError> {
+        if !self.replicated.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(CommandError::Rejected(rejected));
+        }
+        // Answered after the batch that decided it was published: the head covers that state.
+        let head = self.commits.borrow().heads[partition as usize];
+        self.wait_committed_through(partition, head).await.map_err(CommandError::Failed)?;
+        if self.truncations_of(partition) != truncations {
+            return Err(CommandError::Failed(AppendError::NotLeader { partition }));
+        }
+        Err(CommandError::Rejected(rejected))
+    }
+
     async fn run_command(&self, command: Box<dyn Routed>) -> Result<CommandDone, CommandError> {
         let queue = self.queue.lock().clone().ok_or(CommandError::Failed(AppendError::ShuttingDown))?;
         let (reply, answer) = oneshot::channel();
@@ -489,6 +512,8 @@ impl Log {
         R: Send + 'static,
     {
         let (store, prefix) = (self.store.clone(), subspace(domain, scope));
+        let partition = self.partition_of(&crate::app::stream_of(domain, scope));
+        let truncations = self.truncations_of(partition);
         let (answer, seq) = tokio::task::spawn_blocking(move || store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix))))
             .await
             .map_err(|_| AppendError::ShuttingDown)?
@@ -503,10 +528,14 @@ impl Log {
             }
         }
         if self.replicated.load(std::sync::atomic::Ordering::Acquire) {
-            // The state reflects at most the partition's durable head, published by now.
-            let partition = self.partition_of(&crate::app::stream_of(domain, scope));
+            // The state reflects at most the partition's durable head, published by now. If a
+            // truncation undid part of it meanwhile (the commit then passes the head with other
+            // events), the answer is not given: the caller asks again (UNAVAILABLE, not leader).
             let head = commits.borrow().heads[partition as usize];
             self.wait_committed_through(partition, head).await?;
+            if self.truncations_of(partition) != truncations {
+                return Err(AppendError::NotLeader { partition });
+            }
         }
         Ok(answer)
     }
@@ -571,7 +600,15 @@ impl Log {
         let (reply, answer) = oneshot::channel();
         queue.send_async(writer::Job::Truncate { partition, after, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
         drop(queue);
-        answer.await.map_err(|_| AppendError::ShuttingDown)?
+        let removed = answer.await.map_err(|_| AppendError::ShuttingDown)?;
+        // After the truncation (and its state rebuild): whoever read state before it sees the
+        // count move; whoever reads after it reads the rebuilt state.
+        self.truncations[partition as usize].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        removed
+    }
+
+    fn truncations_of(&self, partition: u32) -> u64 {
+        self.truncations[partition as usize].load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// `partition`'s published head (as in [`Log::commits`]); `changed()` wakes only when it moves.
@@ -1006,12 +1043,53 @@ mod tests {
         // its first result, and refuses the id for another command.
         follower.roles().set(p, 2);
         follower.publish_commit(p, 2, events[4].position);
+        follower.report_replica(p, ReplicaReport { commit: events[4].position, followers: Vec::new() });
         let first = rt.block_on(leader.command(ledger(Some("c5"), transfer(30)))).unwrap();
         let retried = rt.block_on(follower.command(ledger(Some("c5"), transfer(30)))).unwrap();
         assert!(retried.duplicate);
         assert_eq!(retried.record, first.record);
         let reused = rt.block_on(follower.command(ledger(Some("c5"), transfer(31)))).unwrap_err();
         assert!(matches!(&reused, CommandError::Rejected(r) if r.code == crate::app::processor::ID_REUSED), "{reused:?}");
+    }
+
+    #[test]
+    fn given_a_query_waiting_for_its_commit_when_a_truncation_undoes_what_it_read_then_it_is_not_answered() {
+        use crate::app::ledger::LedgerCommand::Deposit;
+        use crate::app::ledger::query::LedgerQuery;
+        let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(leader_dir.path(), 0);
+        let rt = runtime();
+        let p = leader.partition_of("ledger/book");
+        rt.block_on(async {
+            leader.command(ledger(Some("c1"), open_account("a"))).await.unwrap();
+            leader.command(ledger(Some("c2"), Deposit { account: "a".into(), amount: 100 })).await.unwrap();
+        });
+        let follower = Arc::new(follower_of(&leader, p, 2, follower_dir.path(), &rt));
+        follower.report_replica(p, ReplicaReport { commit: 1, followers: Vec::new() });
+        // Another leader's event at position 2 (the deposit never committed).
+        let other = (0..1000).map(|k| format!("other-{k}")).find(|s| leader.partition_of(s) == p).unwrap();
+        let mut replaced = leader.read_partition(p, 2, ALL).unwrap().events[0].clone();
+        (replaced.stream, replaced.stream_version, replaced.epoch, replaced.event_type) = (other, 1, 2, "E".into());
+        (replaced.payload, replaced.metadata) = (b"{}".to_vec(), Vec::new());
+        let balance = |log: Arc<Log>| async move {
+            log.query("ledger", "book", |view| {
+                <crate::app::ledger::Ledger as crate::app::Domain>::query(view, &LedgerQuery::Balance { account: "a".into() }).ok()
+            })
+            .await
+        };
+        let answer = rt.block_on(async {
+            // The query reads the deposit (not committed) and waits for the commit to cover it.
+            let waiting = tokio::spawn(balance(follower.clone()));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            follower.truncate_partition(p, 1).await.unwrap();
+            follower.replicate(vec![replaced]).await.unwrap();
+            follower.report_replica(p, ReplicaReport { commit: 2, followers: Vec::new() });
+            waiting.await.unwrap()
+        });
+        assert!(matches!(answer, Err(AppendError::NotLeader { .. })), "answered from undone state: {answer:?}");
+        // Asked again, it answers from the rebuilt state: the deposit is gone.
+        let again = rt.block_on(balance(follower.clone())).unwrap().unwrap();
+        assert_eq!(again["balance"], 0, "{again}");
     }
 
     #[test]

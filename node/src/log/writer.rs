@@ -179,6 +179,10 @@ impl Job {
     }
 }
 
+/// Times a truncation grows a full map and tries again, and by how much each time.
+const TRUNCATE_GROWTHS: usize = 8;
+const TRUNCATE_GROWTH_BYTES: u64 = 256 << 20;
+
 pub(super) struct Writer {
     /// Each partition's published head alone (moved with `published`).
     pub partition_heads: Arc<[watch::Sender<u64>]>,
@@ -290,7 +294,23 @@ impl Writer {
         let store = self.store.clone();
         let _readers_wait = store.truncating();
         let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
-        let removed = self.store.truncate_partition(partition, after, self.last_seq, &derived).map_err(|e| {
+        let mut attempt = self.store.truncate_partition(partition, after, self.last_seq, &derived);
+        // Rebuilding a scope's state rewrites it in the truncation's transaction, which may not
+        // fit the map: grow it and try again (nothing of a failed attempt was stored), as the
+        // group commit does.
+        for _ in 0..TRUNCATE_GROWTHS {
+            match &attempt {
+                Err(e) if e.is_map_full() => {
+                    if let Err(e) = self.store.grow_log_map(TRUNCATE_GROWTH_BYTES) {
+                        attempt = Err(e);
+                        break;
+                    }
+                    attempt = self.store.truncate_partition(partition, after, self.last_seq, &derived);
+                }
+                _ => break,
+            }
+        }
+        let removed = attempt.map_err(|e| {
             let e = Arc::new(e);
             if e.is_io_failure() {
                 tracing::error!(error = %e, "truncation failed on I/O; refusing all writes until the node restarts");

@@ -123,7 +123,7 @@ async fn run_partition(
     // The highest epoch the coordination store granted this node: a replica restarted from the
     // log resumes it (`Replica::become_leader`).
     let mut granted: Epoch = 0;
-    let Some(mut replica) = restart(&log, partition, &config, granted).await else { return };
+    let Some(mut replica) = restart(&log, partition, &config, granted, 0).await else { return };
     let mut head = log.partition_head(partition);
     let mut ticks = tokio::time::interval(TICK);
     loop {
@@ -207,7 +207,7 @@ async fn run_partition(
         if !healthy {
             tracing::warn!(partition, "restarting the partition's replica from the log");
             log.metrics().replica_restarts.inc();
-            let Some(again) = restart(&log, partition, &config, granted).await else { return };
+            let Some(again) = restart(&log, partition, &config, granted, replica.round()).await else { return };
             replica = again;
             continue;
         }
@@ -259,8 +259,10 @@ fn guarded(partition: u32, step: impl FnOnce()) -> bool {
 
 /// A replica of `partition` from what the log holds, as after a crash: the partition takes no
 /// appends until it serves again, and it first fences the writer (appends placed before are
-/// durable and counted). It resumes leading `granted` when that is still its epoch.
-async fn restart(log: &Log, partition: u32, config: &ReplicaConfig, granted: Epoch) -> Option<Replica> {
+/// durable and counted). It resumes leading `granted` when that is still its epoch, with read
+/// rounds above `after_round` (the replica it replaces) and above the clock in microseconds
+/// (an earlier process's): see [`Replica::start_rounds_at`].
+async fn restart(log: &Log, partition: u32, config: &ReplicaConfig, granted: Epoch, after_round: u64) -> Option<Replica> {
     log.roles().set(partition, 0);
     let fenced = match log.store().promised_epoch(partition) {
         Ok(promised) => log.promise(partition, promised).await.map(|_| ()).map_err(|e| e.to_string()),
@@ -270,6 +272,8 @@ async fn restart(log: &Log, partition: u32, config: &ReplicaConfig, granted: Epo
     match state {
         Ok(state) => {
             let mut replica = Replica::new(config.clone(), state);
+            let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+            replica.start_rounds_at(now_us.max(after_round + 1));
             if granted > 0 && replica.become_leader(granted) {
                 tracing::info!(partition, epoch = granted, "resuming the leadership granted to this node");
             }

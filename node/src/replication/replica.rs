@@ -378,6 +378,21 @@ impl Replica {
         }
     }
 
+    /// Starts this replica's read rounds above `base`. Rounds must grow across every replica
+    /// object that leads one epoch: a replica rebuilt or restarted while its node still holds the
+    /// lock resumes the same epoch, and followers may still echo (or be about to receive) the
+    /// rounds of its previous incarnation; a new read's round must be above all of them, or an
+    /// echo sent before the read arrived could confirm it. The shell seeds it from the wall clock
+    /// in microseconds (and above the previous incarnation's round).
+    pub fn start_rounds_at(&mut self, base: u64) {
+        self.round = self.round.max(base);
+    }
+
+    /// The latest read round.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
     /// A linearizable read (Raft's ReadIndex): the serving leader starts a read round and sends
     /// every follower an Append carrying it; returns the round, or `None` when not serving (or
     /// its marker is not committed yet, so its commit position may miss earlier epochs' entries).
@@ -882,5 +897,46 @@ mod tests {
         assert_eq!(leader.confirmed_round(), round - 1, "itself and one follower: two of five");
         leader.on_message(4, reply(round), &log);
         assert_eq!(leader.confirmed_round(), round, "itself and two followers: a majority");
+    }
+
+    #[test]
+    fn given_a_leader_rebuilt_in_its_epoch_then_echoes_of_its_old_rounds_confirm_none_of_its_new_reads() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let marker = |position| Entry { position, epoch: 1, kind: EntryKind::Marker, atomic_with_next: false };
+        let log = Mem(vec![marker(1), marker(2)]);
+        // Serving epoch 1 with `last` held, marker committed, followers echoing `echo`.
+        let serve = |leader: &mut Replica, last: Position, echo: u64| {
+            let history = EpochHistory::from_starts(vec![(1, 1)]);
+            for peer in [1, 2] {
+                leader.on_message(peer, Message::RecoverReply { epoch: 1, history: history.clone(), last: last - 1 }, &log);
+            }
+            let batch = leader.take_effects();
+            leader.on_durable(batch.ticket, &log);
+            for peer in [1, 2] {
+                leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(last), round: echo }, &log);
+            }
+            assert_eq!(leader.commit(), last);
+        };
+        let mut first = Replica::new(config.clone(), DurableState::default());
+        assert!(first.become_leader(1));
+        serve(&mut first, 1, 0);
+        for _ in 0..5 {
+            first.read_index(&log).unwrap();
+        }
+        let old = first.round();
+        // Rebuilt from its log (a failed effect), it resumes epoch 1; the followers still echo
+        // the old incarnation's last round in every reply, including replies sent before a new
+        // read begins.
+        let mut second = Replica::new(config, DurableState { promised: 1, history: EpochHistory::from_starts(vec![(1, 1)]), last: 1 });
+        second.start_rounds_at(1_000);
+        assert!(second.become_leader(1), "resumes its own epoch");
+        serve(&mut second, 2, old);
+        for _ in 0..10 {
+            let round = second.read_index(&log).unwrap();
+            for peer in [1, 2] {
+                second.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(2), round: old }, &log);
+            }
+            assert!(second.confirmed_round() < round, "a stale echo ({old}) confirmed read round {round}");
+        }
     }
 }

@@ -73,14 +73,29 @@ pub struct LogView<'a> {
 
 impl ReplicaLog for LogView<'_> {
     /// Stops at the byte bound only where an append ends: a read that the bound cut inside an
-    /// append goes on until that append is whole (or `max` is reached; the replica core trims).
+    /// append goes on until that append is whole and no further (or until `max`; the replica
+    /// core trims), so a batch is at most the bound plus one append.
     fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
         let mut entries: Vec<Entry> = Vec::new();
         loop {
             let next = from + entries.len() as Position;
             let limit = ReadLimit { max_events: max - entries.len(), max_bytes: MAX_READ_BYTES };
+            let continuing = !entries.is_empty();
             match self.log.read_partition_durable(self.partition, next, limit) {
-                Ok(slice) => entries.extend(slice.events.iter().map(entry_of)),
+                Ok(slice) => {
+                    let read = slice.events.iter().map(entry_of);
+                    if continuing {
+                        // Only the rest of the append the first read cut.
+                        let mut ended = false;
+                        entries.extend(read.take_while(|e| {
+                            let take = !ended;
+                            ended = !e.atomic_with_next;
+                            take
+                        }));
+                    } else {
+                        entries.extend(read);
+                    }
+                }
                 Err(e) => {
                     // The replica resends on its next tick; a lasting failure shows in the reads too.
                     tracing::error!(partition = self.partition, from, error = %e, "cannot read entries to replicate");
@@ -143,6 +158,15 @@ mod tests {
         let entries = view.entries(1, 100);
         assert_eq!(entries.len(), 6, "the first append whole, and nothing past the bound after it");
         assert!(!entries[5].atomic_with_next && entries[..5].iter().all(|e| e.atomic_with_next));
+        // Appends of 5 MiB one after the other, each cut by the bound: the read past the bound
+        // finishes the append it cut and stops there, so a batch stays within the bound plus
+        // one append (it used to read a whole bound more, cut the next append, and go on).
+        for _ in 0..4 {
+            rt.block_on(log.append(AppendRequest { stream: "s".into(), expected: ExpectedVersion::Any, events: big(5) })).unwrap();
+        }
+        let entries = view.entries(8, 100);
+        assert_eq!(entries.len(), 5, "the first 5 MiB append, no more");
+        assert!(!entries[4].atomic_with_next);
     }
 
     #[test]

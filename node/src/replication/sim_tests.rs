@@ -226,6 +226,8 @@ impl Sim {
             last: node.durable_log.len() as Position,
         };
         node.replica = Replica::new(config, state);
+        // Read rounds above every earlier incarnation's (what the shell does with its clock).
+        node.replica.start_rounds_at(self.step * 1_000_000);
         node.up = true;
         // A node restarted from its log while the store still shows it holding its lock resumes
         // its own epoch (what the node's shell does after a failed effect).
