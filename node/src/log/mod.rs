@@ -1093,6 +1093,40 @@ mod tests {
     }
 
     #[test]
+    fn given_a_rejection_decided_on_state_a_truncation_then_undoes_then_it_is_turned_into_not_leader() {
+        use crate::app::ledger::LedgerCommand::{Deposit, Withdraw};
+        let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(leader_dir.path(), 0);
+        let rt = runtime();
+        let p = leader.partition_of("ledger/book");
+        rt.block_on(async {
+            leader.command(ledger(Some("c1"), open_account("a"))).await.unwrap();
+            leader.command(ledger(Some("c2"), Deposit { account: "a".into(), amount: 100 })).await.unwrap();
+            leader.command(ledger(Some("c3"), Withdraw { account: "a".into(), amount: 100 })).await.unwrap();
+        });
+        // The node holds all three, the withdrawal not committed, and leads (as a deposed leader
+        // that does not know it yet would).
+        let node = Arc::new(follower_of(&leader, p, 3, follower_dir.path(), &rt));
+        node.report_replica(p, ReplicaReport { commit: 2, followers: Vec::new() });
+        node.roles().set(p, 2);
+        let other = (0..1000).map(|k| format!("other-{k}")).find(|s| leader.partition_of(s) == p).unwrap();
+        let mut replaced = leader.read_partition(p, 3, ALL).unwrap().events[0].clone();
+        (replaced.stream, replaced.stream_version, replaced.epoch, replaced.event_type) = (other, 1, 3, "E".into());
+        (replaced.payload, replaced.metadata) = (b"{}".to_vec(), Vec::new());
+        let answer = rt.block_on(async {
+            // Rejected against a balance of 0, which counts the withdrawal nobody committed.
+            let n = node.clone();
+            let waiting = tokio::spawn(async move { n.command(ledger(Some("c4"), Withdraw { account: "a".into(), amount: 50 })).await });
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            node.truncate_partition(p, 2).await.unwrap();
+            node.replicate(vec![replaced]).await.unwrap();
+            node.report_replica(p, ReplicaReport { commit: 3, followers: Vec::new() });
+            waiting.await.unwrap()
+        });
+        assert!(matches!(answer, Err(CommandError::Failed(AppendError::NotLeader { .. }))), "{answer:?}");
+    }
+
+    #[test]
     fn given_epochs_and_a_promise_then_the_replica_state_is_kept_across_restarts_and_truncation_trims_it() {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime();
