@@ -101,9 +101,10 @@ pub struct BenchArgs {
     /// When appends are acknowledged: by the partition's leader, or by a majority of its replicas.
     #[arg(long, value_enum, default_value = "leader")]
     pub durability: crate::cli::DurabilityArg,
-    /// Run the `append` workload against a cluster of this many nodes started on loopback
-    /// (127.0.0.11 on), through the routing client, after the same load against one node (the
-    /// baseline, measured in the same run).
+    /// Run the `append` (or `ledger`) workload against a cluster of this many nodes started on
+    /// loopback (127.0.0.11 on), through the routing client, after the same load against one
+    /// node (the baseline, measured in the same run). Ledger commands are acknowledged once
+    /// committed in a cluster, whatever --durability says.
     #[arg(long, value_parser = clap::value_parser!(u16).range(2..=12))]
     pub cluster: Option<u16>,
     /// With --cluster: then kill a partition's leader this many times (SIGKILL, one at a time,
@@ -271,9 +272,10 @@ pub struct FailoverReport {
 /// `--cluster N`: the append load against one node (the baseline), then against N nodes through
 /// the routing client, then `--kills` failovers.
 async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
-    if args.server.is_some() || args.suite || args.workload != Workload::Append {
-        bail!("--cluster starts its own nodes and runs the append workload: leave out --server, --suite and --workload");
+    if args.server.is_some() || args.suite || !matches!(args.workload, Workload::Append | Workload::Ledger) {
+        bail!("--cluster starts its own nodes and runs the append or the ledger workload: leave out --server and --suite");
     }
+    let workload = format!("{:?}", args.workload).to_lowercase();
     let mut dir = tempfile::Builder::new().prefix("anthill-bench-cluster-").tempdir()?;
     if args.keep {
         dir.disable_cleanup(true);
@@ -287,7 +289,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     let single = ChildNode::spawn(&exe, &dir.path().join("single"), &single_args)?;
     eprintln!("bench: started one node at {} for the baseline", single.url());
     let server = Server { url: single.url(), data_dir: Some(single.data_dir.clone()), seeds: None };
-    let mut baseline = one(args, &server, Some("append: 1 node")).await?;
+    let mut baseline = one(args, &server, Some(&format!("{workload}: 1 node"))).await?;
     baseline.baseline = None;
     single.terminate(Duration::from_secs(30))?;
     settle().await;
@@ -303,8 +305,9 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     eprintln!("bench: started {nodes} nodes at {}", cluster.urls().join(", "));
     wait_whole(&cluster, &spec, Duration::from_secs(60)).await?;
     let server = Server { url: cluster.url(0), data_dir: Some(cluster.dir().to_path_buf()), seeds: Some(cluster.urls()) };
-    let durability = format!("{:?}", args.durability).to_lowercase();
-    let mut routed = one(args, &server, Some(&format!("append: {nodes} nodes, {durability} acks"))).await?;
+    // Commands are acknowledged once committed in a cluster, whatever --durability says.
+    let durability = if args.workload == Workload::Ledger { "quorum".to_string() } else { format!("{:?}", args.durability).to_lowercase() };
+    let mut routed = one(args, &server, Some(&format!("{workload}: {nodes} nodes, {durability} acks"))).await?;
     routed.baseline = Some(baseline.name.clone());
     routed.ratio_to_baseline = Some(routed.events_per_sec / baseline.events_per_sec);
     let results = vec![baseline, routed];
@@ -529,7 +532,11 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
         _ => None,
     };
     if args.workload == Workload::Ledger {
-        open_ledger_books(&connect_pool(&server.url, 1).await?[0]).await?;
+        let books = match &server.seeds {
+            Some(seeds) => Books::Routed(Arc::new(Router::connect(seeds).await?)),
+            None => Books::Direct(Box::new(connect_pool(&server.url, 1).await?.remove(0))),
+        };
+        open_ledger_books(&books).await?;
     }
     let reporter = tokio::spawn(report_progress(progress.clone(), name.clone()));
     let started = Instant::now();
@@ -565,6 +572,14 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
         Workload::Read => {
             let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
             read_all(args, &pool, &progress, &histogram).await?;
+        }
+        Workload::Ledger if server.seeds.is_some() => {
+            let seeds = server.seeds.as_deref().expect("checked");
+            let mut routers = Vec::new();
+            for _ in 0..args.connections.min(args.concurrency).max(1) {
+                routers.push(Arc::new(Router::connect(seeds).await?));
+            }
+            drive(args, &Target::RoutedLedger(routers), &progress, &histogram).await?;
         }
         Workload::Ledger => {
             let pool = connect_pool(&server.url, args.connections.min(args.concurrency)).await?;
@@ -647,6 +662,8 @@ enum Target {
     Grpc(Vec<Clients>),
     Routed(Vec<Arc<Router>>),
     Ledger(Vec<Clients>),
+    /// Transfers, each to the leader of its book's partition.
+    RoutedLedger(Vec<Arc<Router>>),
     Session(Vec<Clients>),
     Raw(Arc<Log>),
 }
@@ -656,6 +673,7 @@ enum Sink {
     Grpc(Box<Clients>),
     Routed(Arc<Router>),
     Ledger(Box<Clients>),
+    RoutedLedger(Arc<Router>),
     Session(Box<Session>),
     Raw(Arc<Log>),
 }
@@ -702,6 +720,7 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
             Target::Grpc(pool) => Sink::Grpc(Box::new(pool[worker % pool.len()].clone())),
             Target::Routed(routers) => Sink::Routed(routers[worker % routers.len()].clone()),
             Target::Ledger(pool) => Sink::Ledger(Box::new(pool[worker % pool.len()].clone())),
+            Target::RoutedLedger(routers) => Sink::RoutedLedger(routers[worker % routers.len()].clone()),
             Target::Session(pool) => Sink::Session(Box::new(Session::open(&pool[worker % pool.len()]).await?)),
             Target::Raw(log) => Sink::Raw(log.clone()),
         });
@@ -736,6 +755,20 @@ async fn drive(args: &BenchArgs, target: &Target, progress: &Arc<Progress>, hist
                         Ok(_) => true,
                         Err(status) => status.metadata().get(crate::api::ledger::REJECTION_TRAILER).is_some(),
                     },
+                    Sink::RoutedLedger(router) => {
+                        let transfer = random_transfer();
+                        let partition = router.partition_of(&format!("ledger/{}", transfer.book));
+                        let sent = router
+                            .on_leader(partition, |mut c| {
+                                let transfer = transfer.clone();
+                                async move { c.ledger.transfer(transfer).await }
+                            })
+                            .await;
+                        match sent {
+                            Ok(_) => true,
+                            Err(status) => status.metadata().get(crate::api::ledger::REJECTION_TRAILER).is_some(),
+                        }
+                    }
                     Sink::Raw(log) => {
                         let events = (0..batch)
                             .map(|_| NewEvent { event_type: "BenchEvent".into(), payload: payload.clone(), metadata: vec![] })
@@ -770,28 +803,63 @@ pub const LEDGER_ACCOUNTS: usize = 64;
 /// Each account's opening deposit; transfers move 1 to 100.
 const LEDGER_FUNDING: u64 = 1_000_000;
 
+/// Where the `ledger` workload's books are opened: one node, or each book's leader in a cluster.
+enum Books {
+    Direct(Box<Clients>),
+    Routed(Arc<Router>),
+}
+
+impl Books {
+    async fn open(&self, open: pb::OpenAccountRequest) -> Result<(), tonic::Status> {
+        match self {
+            Books::Direct(clients) => clients.ledger.clone().open_account(open).await.map(|_| ()),
+            Books::Routed(router) => {
+                let partition = router.partition_of(&format!("ledger/{}", open.book));
+                router
+                    .on_leader(partition, |mut c| {
+                        let open = open.clone();
+                        async move { c.ledger.open_account(open).await.map(|_| ()) }
+                    })
+                    .await
+            }
+        }
+    }
+
+    async fn fund(&self, fund: pb::DepositRequest) -> Result<(), tonic::Status> {
+        match self {
+            Books::Direct(clients) => clients.ledger.clone().deposit(fund).await.map(|_| ()),
+            Books::Routed(router) => {
+                let partition = router.partition_of(&format!("ledger/{}", fund.book));
+                router
+                    .on_leader(partition, |mut c| {
+                        let fund = fund.clone();
+                        async move { c.ledger.deposit(fund).await.map(|_| ()) }
+                    })
+                    .await
+            }
+        }
+    }
+}
+
 /// Opens and funds every account of the `ledger` workload, 64 commands in flight. Command ids
 /// make it idempotent, so a node benchmarked before keeps its books.
-async fn open_ledger_books(clients: &Clients) -> anyhow::Result<()> {
+async fn open_ledger_books(books: &Books) -> anyhow::Result<()> {
     use futures_util::StreamExt;
     eprintln!("bench: opening {LEDGER_BOOKS} books of {LEDGER_ACCOUNTS} accounts");
     let accounts = (0..LEDGER_BOOKS).flat_map(|b| (0..LEDGER_ACCOUNTS).map(move |a| (format!("bench-{b}"), format!("acct-{a}"))));
     let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(accounts)
-        .map(|(book, account)| {
-            let mut c = clients.clone();
-            async move {
-                let open = pb::OpenAccountRequest {
-                    book: book.clone(),
-                    command_id: format!("open-{account}"),
-                    account: account.clone(),
-                    currency: "EUR".into(),
-                    credit_limit: 0,
-                };
-                c.ledger.open_account(open).await.map_err(client::status_error)?;
-                let fund = pb::DepositRequest { book, command_id: format!("fund-{account}"), account, amount: LEDGER_FUNDING };
-                c.ledger.deposit(fund).await.map_err(client::status_error)?;
-                Ok(())
-            }
+        .map(|(book, account)| async move {
+            let open = pb::OpenAccountRequest {
+                book: book.clone(),
+                command_id: format!("open-{account}"),
+                account: account.clone(),
+                currency: "EUR".into(),
+                credit_limit: 0,
+            };
+            books.open(open).await.map_err(client::status_error)?;
+            let fund = pb::DepositRequest { book, command_id: format!("fund-{account}"), account, amount: LEDGER_FUNDING };
+            books.fund(fund).await.map_err(client::status_error)?;
+            Ok(())
         })
         .buffer_unordered(64)
         .collect()

@@ -581,3 +581,25 @@ async fn given_ledger_commands_when_a_books_leader_is_killed_then_transfers_go_o
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_benchmark_runs_ledger_commands_on_each_books_leader() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(common::exe())
+            .args(["bench", "--cluster", "3", "--workload", "ledger", "--seconds", "1", "--concurrency", "8"])
+            .args(["--session-ttl-ms", "2000", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ledger: 1 node", "ledger: 3 nodes, quorum acks"], "{report}");
+    for r in results {
+        assert!(r["events_per_sec"].as_f64().unwrap() > 0.0 && r["errors"] == 0, "{r}");
+    }
+}
