@@ -16,8 +16,10 @@
 //! (10 s by default: a failover takes the session TTL plus a recovery). Any other error goes
 //! back to the caller: `ABORTED` or `DEADLINE_EXCEEDED` on a `quorum` append, or a connection
 //! lost mid-request, mean the outcome is unknown. A command resent with the same command id
-//! is answered once (its first outcome), so commands may be resent safely; plain appends should
-//! carry an expected version to be resent safely.
+//! is answered once (its first outcome), so commands may be resent safely:
+//! [`Router::on_leader_idempotent`] resends those unknown outcomes too, for requests that carry
+//! a command id of the client's; plain appends should carry an expected version to be resent
+//! safely.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -220,7 +222,27 @@ impl Router {
     }
 
     /// Runs `call` against `partition`'s leader, resending while that is safe (module doc).
-    pub async fn on_leader<T, F, Fut>(&self, partition: u32, mut call: F) -> Result<T, Status>
+    pub async fn on_leader<T, F, Fut>(&self, partition: u32, call: F) -> Result<T, Status>
+    where
+        F: FnMut(Clients) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.on_leader_with(partition, call, classify).await
+    }
+
+    /// Like [`Router::on_leader`], for a request that writes at most once however often it is
+    /// sent (a command with a command id the client chose): it is also resent when its outcome
+    /// is unknown (`ABORTED`, `DEADLINE_EXCEEDED`, any `UNAVAILABLE`, a connection lost
+    /// mid-request), and the node answers a resend of what it already ran with the first result.
+    pub async fn on_leader_idempotent<T, F, Fut>(&self, partition: u32, call: F) -> Result<T, Status>
+    where
+        F: FnMut(Clients) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.on_leader_with(partition, call, classify_idempotent).await
+    }
+
+    async fn on_leader_with<T, F, Fut>(&self, partition: u32, mut call: F, classify: fn(Status) -> Attempt) -> Result<T, Status>
     where
         F: FnMut(Clients) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -289,6 +311,17 @@ impl Router {
     }
 }
 
+/// For requests that write at most once: every answer that is not the application's own
+/// (a rejection, a bad request, a missing or existing thing) may be resent.
+fn classify_idempotent(status: Status) -> Attempt {
+    match status.code() {
+        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+            Attempt::Retry(format!("{:?}: {}", status.code(), status.message()))
+        }
+        _ => Attempt::Fail(status),
+    }
+}
+
 fn classify(status: Status) -> Attempt {
     if status.code() == Code::Unavailable && status.metadata().get(NOT_LEADER_TRAILER).is_some() {
         return Attempt::Retry(status.message().to_string());
@@ -349,5 +382,15 @@ mod tests {
         assert!(matches!(classify(Status::aborted("outcome unknown")), Attempt::Fail(_)));
         assert!(matches!(classify(Status::unavailable("the node is shutting down")), Attempt::Fail(_)));
         assert!(matches!(classify(Status::deadline_exceeded("no majority")), Attempt::Fail(_)));
+    }
+
+    #[test]
+    fn a_request_that_writes_at_most_once_is_resent_on_unknown_outcomes_but_not_on_answers() {
+        for unknown in [Status::aborted("outcome unknown"), Status::deadline_exceeded("no majority"), Status::unavailable("gone")] {
+            assert!(matches!(classify_idempotent(unknown), Attempt::Retry(_)));
+        }
+        for answer in [Status::failed_precondition("InsufficientFunds"), Status::invalid_argument("bad"), Status::already_exists("id")] {
+            assert!(matches!(classify_idempotent(answer), Attempt::Fail(_)));
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! returns the first result; without one the node generates an id and a retry is a new command).
 //! A rejection is an error naming its code and reason; `--json` prints answers as JSON.
 //! `--server` may name several nodes of a cluster: commands and queries go to the leader of the
-//! book's partition (`router.rs`), resent only when nothing was written.
+//! book's partition (`router.rs`), resent when nothing was written and, for a command with
+//! `--command-id`, also when its outcome is unknown (it runs at most once).
 
 use anthill_proto::v1 as pb;
 use anyhow::anyhow;
@@ -151,13 +152,17 @@ pub async fn run(args: LedgerArgs) -> anyhow::Result<()> {
             return run_query(&mut leader.ledger.clone(), book, query, json).await;
         }
     };
-    let done = router
-        .on_leader(partition, |mut c| {
-            let request = request.clone();
-            async move { request.send(&mut c.ledger).await }
-        })
-        .await
-        .map_err(status_error)?;
+    // With an id of the caller's the command runs at most once: resend it until it is answered.
+    let send = |mut c: client::Clients| {
+        let request = request.clone();
+        async move { request.send(&mut c.ledger).await }
+    };
+    let done = if args.command_id.is_empty() {
+        router.on_leader(partition, send).await
+    } else {
+        router.on_leader_idempotent(partition, send).await
+    }
+    .map_err(status_error)?;
     let answer = json!({
         "command_id": done.command_id, "duplicate": done.duplicate, "partition": done.partition,
         "first_position": done.first_position, "last_position": done.last_position,
