@@ -114,6 +114,7 @@ fn cluster_json(c: &pb::ClusterStatus) -> Value {
             "partition": p.partition, "replicas": p.replicas,
             "leader": (!p.leader.is_empty()).then(|| p.leader.clone()), "epoch": p.epoch,
         })).collect::<Vec<_>>(),
+        "coordination": c.coordination,
         "coordination_leader": c.coordination_leader,
         "coordination_applied": c.coordination_applied,
     })
@@ -129,11 +130,19 @@ cluster    {}
 ",
         members.join(", ")
     );
-    out.push_str(&format!(
-        "coordination leader {} (raft id), applied through {}
+    if c.coordination == "consul" {
+        out.push_str(&format!(
+            "coordination Consul, last index read {}
 ",
-        c.coordination_leader, c.coordination_applied
-    ));
+            c.coordination_applied
+        ));
+    } else {
+        out.push_str(&format!(
+            "coordination embedded, leader {} (raft id), applied through {}
+",
+            c.coordination_leader, c.coordination_applied
+        ));
+    }
     if c.partitions.is_empty() {
         out.push_str(
             "partitions not placed yet (waiting for enough live members)

@@ -404,9 +404,11 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
     let out = std::process::Command::new(common::exe()).args(["status", "--server", &leader_url]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("followers' lag on the") && text.contains(&format!("{survivor_name}:0")), "{text}");
+    assert!(text.contains("coordination embedded, leader "), "{text}");
     let out = std::process::Command::new(common::exe()).args(["status", "--json", "--server", &leader_url]).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["partitions"][0]["commit_position"], json["partitions"][0]["head_position"], "{json}");
+    assert_eq!(json["cluster"]["coordination"], "embedded", "{json}");
 
     // The command line routes too: `anthill append` to a node that does not lead the stream.
     let stream = &streams[0];

@@ -92,6 +92,10 @@ impl ClusterHandle {
                 .collect(),
             coordination_leader,
             coordination_applied,
+            coordination: match self.coordination {
+                Coordination::Embedded(_) => "embedded".into(),
+                Coordination::Consul(_) => "consul".into(),
+            },
         }
     }
 }
