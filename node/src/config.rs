@@ -114,7 +114,10 @@ pub struct MemberConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { members: Vec::new(), replication_factor: 3, session_ttl_ms: 3_000, coordination: CoordinationConfig::Embedded {} }
+        // 1 s: failovers within 2 s with the embedded store (docs/benchmarks.md); a node starved
+        // of CPU for most of a second may then be taken for dead, which moves its partitions but
+        // loses nothing (raise it on overloaded machines).
+        ClusterConfig { members: Vec::new(), replication_factor: 3, session_ttl_ms: 1_000, coordination: CoordinationConfig::Embedded {} }
     }
 }
 
@@ -584,7 +587,7 @@ mod tests {
         let err = parse(&format!("{CLUSTER}  coordination:\n    kind: consul\n")).unwrap_err().to_string();
         assert_eq!(
             err,
-            "invalid configuration: cluster.session_ttl_ms: Consul's sessions live at least 10 s: must be at least 10000 with consul, got 3000"
+            "invalid configuration: cluster.session_ttl_ms: Consul's sessions live at least 10 s: must be at least 10000 with consul, got 1000"
         );
     }
 
