@@ -423,21 +423,28 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
     assert_eq!(json["partition"], 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_benchmark_compares_quorum_appends_with_one_node_and_measures_failovers_without_losing_an_ack() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let out = tokio::task::spawn_blocking(|| {
+/// `anthill bench --cluster 3` for a second with 8 clients plus `args`; its JSON report.
+async fn cluster_bench(args: &[&str]) -> serde_json::Value {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(common::exe())
+            .args(["bench", "--cluster", "3", "--seconds", "1", "--concurrency", "8", "--json"])
             // A debug build on a loaded machine: a longer TTL keeps starved nodes from failing over.
-            .args(["bench", "--cluster", "3", "--durability", "quorum", "--seconds", "1", "--concurrency", "8", "--kills", "2"])
-            .args(["--session-ttl-ms", "2000", "--json"])
+            .args(["--session-ttl-ms", "2000"])
+            .args(&args)
             .output()
             .unwrap()
     })
     .await
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_benchmark_compares_quorum_appends_with_one_node_and_measures_failovers_without_losing_an_ack() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let report = cluster_bench(&["--durability", "quorum", "--kills", "2"]).await;
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 2, "{report}");
     assert_eq!(results[1]["baseline"], "append: 1 node");
@@ -587,17 +594,7 @@ async fn given_ledger_commands_when_a_books_leader_is_killed_then_transfers_go_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_benchmark_runs_ledger_commands_on_each_books_leader() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let out = tokio::task::spawn_blocking(|| {
-        std::process::Command::new(common::exe())
-            .args(["bench", "--cluster", "3", "--workload", "ledger", "--seconds", "1", "--concurrency", "8"])
-            .args(["--session-ttl-ms", "2000", "--json"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = cluster_bench(&["--workload", "ledger"]).await;
     let results = report["results"].as_array().unwrap();
     let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["ledger: 1 node", "ledger: 3 nodes, quorum acks"], "{report}");

@@ -1062,6 +1062,16 @@ mod tests {
         assert!(matches!(&reused, CommandError::Rejected(r) if r.code == crate::app::processor::ID_REUSED), "{reused:?}");
     }
 
+    /// What a later leader of `epoch` wrote at `position` of `partition` instead of `leader`'s
+    /// event there: the first event of a stream of no domain.
+    fn another_leaders_event(leader: &Log, partition: u32, position: u64, epoch: u64) -> crate::storage::EventRecord {
+        let other = (0..1000).map(|k| format!("other-{k}")).find(|s| leader.partition_of(s) == partition).unwrap();
+        let mut replaced = leader.read_partition(partition, position, ALL).unwrap().events[0].clone();
+        (replaced.stream, replaced.stream_version, replaced.epoch, replaced.event_type) = (other, 1, epoch, "E".into());
+        (replaced.payload, replaced.metadata) = (b"{}".to_vec(), Vec::new());
+        replaced
+    }
+
     #[test]
     fn given_a_query_waiting_for_its_commit_when_a_truncation_undoes_what_it_read_then_it_is_not_answered() {
         use crate::app::ledger::LedgerCommand::Deposit;
@@ -1077,10 +1087,7 @@ mod tests {
         let follower = Arc::new(follower_of(&leader, p, 2, follower_dir.path(), &rt));
         follower.report_replica(p, ReplicaReport { commit: 1, followers: Vec::new() });
         // Another leader's event at position 2 (the deposit never committed).
-        let other = (0..1000).map(|k| format!("other-{k}")).find(|s| leader.partition_of(s) == p).unwrap();
-        let mut replaced = leader.read_partition(p, 2, ALL).unwrap().events[0].clone();
-        (replaced.stream, replaced.stream_version, replaced.epoch, replaced.event_type) = (other, 1, 2, "E".into());
-        (replaced.payload, replaced.metadata) = (b"{}".to_vec(), Vec::new());
+        let replaced = another_leaders_event(&leader, p, 2, 2);
         let balance = |log: Arc<Log>| async move {
             log.query("ledger", "book", |view| {
                 <crate::app::ledger::Ledger as crate::app::Domain>::query(view, &LedgerQuery::Balance { account: "a".into() }).ok()
@@ -1119,10 +1126,7 @@ mod tests {
         let node = Arc::new(follower_of(&leader, p, 3, follower_dir.path(), &rt));
         node.report_replica(p, ReplicaReport { commit: 2, followers: Vec::new() });
         node.roles().set(p, 2);
-        let other = (0..1000).map(|k| format!("other-{k}")).find(|s| leader.partition_of(s) == p).unwrap();
-        let mut replaced = leader.read_partition(p, 3, ALL).unwrap().events[0].clone();
-        (replaced.stream, replaced.stream_version, replaced.epoch, replaced.event_type) = (other, 1, 3, "E".into());
-        (replaced.payload, replaced.metadata) = (b"{}".to_vec(), Vec::new());
+        let replaced = another_leaders_event(&leader, p, 3, 3);
         let answer = rt.block_on(async {
             // Rejected against a balance of 0, which counts the withdrawal nobody committed.
             let n = node.clone();
