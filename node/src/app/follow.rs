@@ -43,15 +43,46 @@ pub fn domain_scope(stream: &str) -> Option<(&str, &str)> {
     super::DOMAINS.contains(&domain).then_some((domain, scope))
 }
 
+/// A stored event of a domain's stream, read as that domain's event.
+pub enum DomainEvent {
+    Ledger(<ledger::Ledger as Domain>::Event),
+}
+
+/// `record` read as its domain's event: `None` for a stream that is no domain's, an error when
+/// it does not read as one (state could not follow the log).
+pub fn decode(record: &EventRecord) -> Result<Option<DomainEvent>, String> {
+    let Some((domain, _)) = domain_scope(&record.stream) else { return Ok(None) };
+    let unreadable = |e: String| format!("event {}@{} cannot be read as a {domain} event: {e}", record.stream, record.stream_version);
+    match domain {
+        ledger::Ledger::NAME => {
+            from_log_event(&record.event_type, &record.payload).map(|e| Some(DomainEvent::Ledger(e))).map_err(unreadable)
+        }
+        other => Err(format!("no evolve for domain {other}")),
+    }
+}
+
 /// Applies one stored event to state, as its leader's processor did when it wrote it (module
 /// doc). `group_first` is the position of the first event of the event's append (a command's
 /// events are one append). Events of streams that are not a domain's change nothing. Ids recorded
 /// before `ids_since_us` have expired and are not recorded again.
 pub fn apply(txn: &mut RwTxn<'_>, db: Db, record: &EventRecord, group_first: u64, ids_since_us: u64) -> Result<(), StateError> {
-    let Some((domain, scope)) = domain_scope(&record.stream) else { return Ok(()) };
-    match domain {
-        ledger::Ledger::NAME => evolve::<ledger::Ledger>(txn, db, scope, record)?,
-        other => return Err(StateError::Inconsistent(format!("no evolve for domain {other}"))),
+    let event = decode(record).map_err(StateError::Inconsistent)?;
+    apply_decoded(txn, db, record, event.as_ref(), group_first, ids_since_us)
+}
+
+/// [`apply`] with the event already read by [`decode`] (`None`: of no domain's stream).
+pub fn apply_decoded(
+    txn: &mut RwTxn<'_>,
+    db: Db,
+    record: &EventRecord,
+    event: Option<&DomainEvent>,
+    group_first: u64,
+    ids_since_us: u64,
+) -> Result<(), StateError> {
+    let Some(event) = event else { return Ok(()) };
+    let Some((_, scope)) = domain_scope(&record.stream) else { return Ok(()) };
+    match event {
+        DomainEvent::Ledger(event) => evolve::<ledger::Ledger>(txn, db, scope, event)?,
     }
     if record.atomic_with_next || record.append_time_us < ids_since_us {
         return Ok(());
@@ -75,20 +106,9 @@ pub fn apply(txn: &mut RwTxn<'_>, db: Db, record: &EventRecord, group_first: u64
     commands::record(txn, db, &record.stream, command_id, &recorded)
 }
 
-/// Whether `record` reads as an event of `domain` (what [`apply`] will evolve).
-pub fn readable(domain: &str, record: &EventRecord) -> Result<(), String> {
-    match domain {
-        ledger::Ledger::NAME => from_log_event::<<ledger::Ledger as Domain>::Event>(&record.event_type, &record.payload).map(|_| ()),
-        other => Err(format!("no evolve for domain {other}")),
-    }
-}
-
-fn evolve<D: Domain>(txn: &mut RwTxn<'_>, db: Db, scope: &str, record: &EventRecord) -> Result<(), StateError> {
-    let event: D::Event = from_log_event(&record.event_type, &record.payload).map_err(|e| {
-        StateError::Inconsistent(format!("event {}@{} cannot be read as a {} event: {e}", record.stream, record.stream_version, D::NAME))
-    })?;
+fn evolve<D: Domain>(txn: &mut RwTxn<'_>, db: Db, scope: &str, event: &D::Event) -> Result<(), StateError> {
     let prefix = subspace(D::NAME, scope);
-    D::evolve(&mut State::new(txn, db, &prefix), &event)
+    D::evolve(&mut State::new(txn, db, &prefix), event)
 }
 
 /// Forgets everything `stream`'s events put into state: its scope's subspace and its command

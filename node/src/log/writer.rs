@@ -606,6 +606,8 @@ impl<'b> Placer<'b, '_> {
         let mut versions: HashMap<&str, u64> = HashMap::new();
         let mut head = self.heads[partition as usize];
         let mut last_epoch = self.history(partition).last_epoch();
+        // Each record read as its domain's event (None: of no domain), read once.
+        let mut decoded = Vec::with_capacity(records.len());
         for (record, stored) in records.iter().zip(stored) {
             let current = match versions.get(record.stream.as_str()) {
                 Some(v) => *v,
@@ -628,15 +630,14 @@ impl<'b> Placer<'b, '_> {
             versions.insert(&record.stream, record.stream_version);
             // A domain's event that cannot be read refuses the job here, before anything of it
             // is written; one that `evolve` refuses below fails the whole batch (like a command's).
-            if let Some((domain, _)) = crate::app::follow::domain_scope(&record.stream)
-                && let Err(e) = crate::app::follow::readable(domain, record)
-            {
-                return Ok(Err(AppendError::Invalid(format!("replicated event at position {}: {e}", record.position))));
+            match crate::app::follow::decode(record) {
+                Ok(event) => decoded.push(event),
+                Err(e) => return Ok(Err(AppendError::Invalid(format!("replicated event at position {}: {e}", record.position)))),
             }
         }
         // This batch starts an append: the replica's head ends one.
         let mut group_first = first.position;
-        for record in records {
+        for (record, event) in records.iter().zip(&decoded) {
             self.seq += 1;
             let stored = RecordRef {
                 partition,
@@ -655,7 +656,7 @@ impl<'b> Placer<'b, '_> {
             self.moved.insert(&record.stream, record.stream_version);
             self.record_epoch(partition, record.epoch, record.position);
             // The follower's read models (app/follow.rs), in the transaction that stores the event.
-            crate::app::follow::apply(txn, state_db, record, group_first, self.ids_since_us)?;
+            crate::app::follow::apply_decoded(txn, state_db, record, event.as_ref(), group_first, self.ids_since_us)?;
             if !record.atomic_with_next {
                 group_first = record.position + 1;
             }
