@@ -106,6 +106,12 @@ pub enum Role {
     Leader { epoch: Epoch, start: Position },
 }
 
+impl Progress {
+    fn new(next: Position, voter: bool) -> Self {
+        Progress { matched: 0, next, idle_ticks: 0, round: 0, voter }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Progress {
     /// Durable on the follower and matching this leader's log.
@@ -115,6 +121,8 @@ struct Progress {
     idle_ticks: u32,
     /// The highest read round the follower echoed in this epoch.
     round: u64,
+    /// A member of the replica set (counted for commits and reads), not a learner.
+    voter: bool,
 }
 
 #[derive(Debug)]
@@ -135,7 +143,10 @@ enum Phase {
     },
     Leading {
         start: Position,
+        /// The members and the learners (the target set's newcomers).
         peers: BTreeMap<NodeId, Progress>,
+        /// Taking no proposals: handing the partition over to the target set.
+        paused: bool,
     },
 }
 
@@ -158,6 +169,8 @@ pub struct Replica {
     leader_round: u64,
     /// Taken batches not yet durable, with the log's last position as of each.
     pending: VecDeque<(u64, Position)>,
+    /// The replica set the partition moves to ([`Replica::set_target`]); empty when none.
+    target: Vec<NodeId>,
 }
 
 impl Replica {
@@ -178,6 +191,7 @@ impl Replica {
             round: 0,
             leader_round: 0,
             pending: VecDeque::new(),
+            target: Vec::new(),
         }
     }
 
@@ -254,8 +268,7 @@ impl Replica {
             }
             Phase::Leading { .. } => {
                 self.advance_commit();
-                let peers: Vec<NodeId> = self.peers();
-                for peer in peers {
+                for peer in self.leading_peers() {
                     self.replicate(peer, log);
                 }
             }
@@ -298,7 +311,7 @@ impl Replica {
     /// The serving leader appends `group` atomically (see [`Entry::atomic_with_next`]); returns
     /// the position of its last entry, or `None` when not serving (or the group is empty).
     pub fn propose(&mut self, group: Vec<Vec<u8>>) -> Option<Position> {
-        let Phase::Leading { .. } = self.phase else { return None };
+        let Phase::Leading { paused: false, .. } = self.phase else { return None };
         let (first, n) = (self.last + 1, group.len());
         if n == 0 {
             return None;
@@ -329,7 +342,7 @@ impl Replica {
         self.last = last;
         self.durable = self.durable.max(last);
         self.advance_commit();
-        for peer in self.peers() {
+        for peer in self.leading_peers() {
             self.replicate(peer, log);
         }
     }
@@ -406,7 +419,7 @@ impl Replica {
             return None;
         }
         self.round += 1;
-        for peer in self.peers() {
+        for peer in self.leading_peers() {
             self.send_append(peer, log, true);
         }
         Some(self.round)
@@ -416,7 +429,7 @@ impl Replica {
     /// confirmed in its epoch; 0 when not leading.
     pub fn confirmed_round(&self) -> u64 {
         let Phase::Leading { peers, .. } = &self.phase else { return 0 };
-        let mut rounds: Vec<u64> = peers.values().map(|p| p.round).chain([self.round]).collect();
+        let mut rounds: Vec<u64> = peers.values().filter(|p| p.voter).map(|p| p.round).chain([self.round]).collect();
         rounds.sort_unstable_by(|a, b| b.cmp(a));
         rounds[self.majority() - 1]
     }
@@ -466,6 +479,82 @@ impl Replica {
             }
             Phase::Following { .. } => {}
         }
+    }
+
+    // ---- moving the partition to another replica set ----
+
+    /// The replica set the partition moves to (empty: none). A leader replicates to its
+    /// newcomers as learners from now on; nothing else changes until [`Replica::set_members`].
+    pub fn set_target(&mut self, target: Vec<NodeId>) {
+        self.target = target;
+        self.track_learners();
+    }
+
+    pub fn target(&self) -> &[NodeId] {
+        &self.target
+    }
+
+    /// The replica set is now `members` (the coordination store switched it). A leader (its
+    /// own handover done) steps down without a higher epoch, and takes nothing more in its
+    /// epoch; a recovering one starts its recovery over the new set.
+    pub fn set_members(&mut self, mut members: Vec<NodeId>) {
+        assert!(members.contains(&self.config.me), "the replica set must contain this replica");
+        let (mut old, mut new) = (self.config.members.clone(), members.clone());
+        old.sort_unstable();
+        new.sort_unstable();
+        if old == new {
+            return;
+        }
+        std::mem::swap(&mut self.config.members, &mut members);
+        match self.phase {
+            Phase::Leading { .. } => {
+                self.effects.push(Effect::SteppedDown { epoch: self.promised });
+                self.phase = Phase::Following { leader: None, matched: 0 };
+            }
+            Phase::Recovering { .. } => self.start_recovery(),
+            Phase::Following { .. } => {}
+        }
+    }
+
+    pub fn members(&self) -> &[NodeId] {
+        &self.config.members
+    }
+
+    /// The serving leader stops (`true`) or resumes taking proposals. The shell fences its
+    /// appends first, so the replica has learned every one it placed.
+    pub fn pause(&mut self, pause: bool) {
+        if let Phase::Leading { paused, .. } = &mut self.phase {
+            *paused = pause;
+        }
+    }
+
+    pub fn paused(&self) -> bool {
+        matches!(self.phase, Phase::Leading { paused: true, .. })
+    }
+
+    /// Lowest position any newcomer of the target set holds this leader's log up to (the
+    /// leader's last when there are none); `None` when not leading towards a target.
+    pub fn learners_matched(&self) -> Option<Position> {
+        let Phase::Leading { peers, .. } = &self.phase else { return None };
+        if self.target.is_empty() {
+            return None;
+        }
+        Some(peers.values().filter(|p| !p.voter).map(|p| p.matched).min().unwrap_or(self.last))
+    }
+
+    /// Whether the paused leader may hand the partition over to its target set: its whole log
+    /// is durable here, on every newcomer, and on a majority of the target set. Recovery in a
+    /// later epoch over any majority of the target set then finds every entry this leader
+    /// committed (docs/replication.md, "Moving a replica set"). Once the shell acts on it, this
+    /// leader must never take a proposal in its epoch again.
+    pub fn handover_ready(&self) -> bool {
+        let Phase::Leading { peers, paused: true, .. } = &self.phase else { return false };
+        if self.target.is_empty() || self.durable != self.last {
+            return false;
+        }
+        let holds = |n: &NodeId| *n == self.config.me || peers.get(n).is_some_and(|p| p.matched == self.last);
+        let newcomers_hold = self.target.iter().filter(|n| !self.config.members.contains(n)).all(holds);
+        newcomers_hold && self.target.iter().filter(|n| holds(n)).count() > self.target.len() / 2
     }
 
     // ---- following ----
@@ -597,8 +686,9 @@ impl Replica {
         let epoch = self.promised;
         let start = self.last + 1;
         self.append_local(vec![Entry { position: start, epoch, kind: EntryKind::Marker, atomic_with_next: false }]);
-        let peers = self.peers().into_iter().map(|peer| (peer, Progress { matched: 0, next: start, idle_ticks: 0, round: 0 })).collect();
-        self.phase = Phase::Leading { start, peers };
+        let peers = self.peers().into_iter().map(|peer| (peer, Progress::new(start, true))).collect();
+        self.phase = Phase::Leading { start, peers, paused: false };
+        self.track_learners();
         self.effects.push(Effect::Serving { epoch, start });
     }
 
@@ -662,8 +752,8 @@ impl Replica {
     /// Commits the highest position durable on a majority, once it is in this epoch.
     fn advance_commit(&mut self) {
         let majority = self.majority();
-        let Phase::Leading { start, peers } = &self.phase else { return };
-        let mut durable: Vec<Position> = peers.values().map(|p| p.matched).chain([self.durable]).collect();
+        let Phase::Leading { start, peers, .. } = &self.phase else { return };
+        let mut durable: Vec<Position> = peers.values().filter(|p| p.voter).map(|p| p.matched).chain([self.durable]).collect();
         durable.sort_unstable_by(|a, b| b.cmp(a));
         let quorum = durable[majority - 1];
         if quorum >= *start && quorum > self.commit {
@@ -747,6 +837,27 @@ impl Replica {
 
     fn peers(&self) -> Vec<NodeId> {
         self.config.members.iter().copied().filter(|m| *m != self.config.me).collect()
+    }
+
+    /// Whom a leader replicates to: its peers and the learners.
+    fn leading_peers(&self) -> Vec<NodeId> {
+        match &self.phase {
+            Phase::Leading { peers, .. } => peers.keys().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Leading: replicates to the target set's newcomers as learners (not counted), from the
+    /// end of the log back to where theirs matches; stops replicating to those no longer in it.
+    fn track_learners(&mut self) {
+        let (me, last) = (self.config.me, self.last);
+        let members = &self.config.members;
+        let target = &self.target;
+        let Phase::Leading { peers, .. } = &mut self.phase else { return };
+        peers.retain(|peer, progress| progress.voter || target.contains(peer));
+        for learner in target.iter().filter(|n| **n != me && !members.contains(n)) {
+            peers.entry(*learner).or_insert_with(|| Progress::new(last + 1, false));
+        }
     }
 
     fn majority(&self) -> usize {

@@ -10,10 +10,18 @@
 //! the final log; proposals are groups of 1–3 entries (an atomic append), and no log ever holds,
 //! nor any replica commits, part of one; a linearizable read (`Replica::read_index`) confirmed by
 //! a leader never misses an entry committed anywhere before the read began; at the end every log
-//! is identical and fully committed. A failing seed is
-//! printed and replays exactly. (The whole-cluster simulator of issue 5 grows from this.)
+//! is identical and fully committed.
+//!
+//! The replica set moves, too: the "store" picks another set from a pool of two more nodes than
+//! it holds; the leader replicates to the newcomers as learners, pauses, and asks for the switch
+//! once [`Replica::handover_ready`]; the switch lands some steps later only if no other epoch was
+//! granted meanwhile (the node's claim compare-and-set, docs/replication.md) and the target is
+//! still the same, and then a node of the new set is granted the next epoch. Checked as well:
+//! nothing committed before a move is missing from the new set's log, and a handed-over leader
+//! never takes another proposal in its epoch. A failing seed is printed and replays exactly.
+//! (The whole-cluster simulator of issue 5 grows from this.)
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -59,7 +67,17 @@ struct Sim {
     next_epoch: Epoch,
     /// The last epoch granted to each node.
     granted: BTreeMap<NodeId, Epoch>,
+    /// The store's replica set, and the set it moves to (empty: none).
     members: Vec<NodeId>,
+    target: Vec<NodeId>,
+    /// Every node that may ever replicate: the set and two spares.
+    pool: Vec<NodeId>,
+    /// The last epoch granted (the store's claim on the placement).
+    claim: Epoch,
+    /// A leader's handover request: (its epoch, the target it is for, the step it lands at).
+    handover: Option<(Epoch, Vec<NodeId>, u64)>,
+    /// (node, epoch) of leaders that asked for a handover: never to take a proposal again.
+    handed_over: BTreeSet<(NodeId, Epoch)>,
     /// Every committed position's entry, as the first replica to commit it saw it.
     committed: BTreeMap<Position, Entry>,
     /// Proposals whose leader saw them committed in their own epoch: (position, data).
@@ -69,8 +87,8 @@ struct Sim {
     /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
     /// committed anywhere when the read began).
     reads: Vec<(NodeId, Epoch, u64, Position)>,
-    /// A node cut off from the others (both ways) until a step.
-    isolated: Option<(NodeId, u64)>,
+    /// A node cut off (both ways) from some of the others, or all of them, until a step.
+    isolated: Option<(NodeId, Vec<NodeId>, u64)>,
     storm: bool,
     stats: Stats,
 }
@@ -85,6 +103,11 @@ struct Stats {
     resumed: u64,
     /// Linearizable reads confirmed (and checked).
     reads: u64,
+    /// Handovers asked for, and replica sets switched, during the storm.
+    handovers: u64,
+    moves: u64,
+    /// Paused leaders that resumed before their handover was ready.
+    resumed_pauses: u64,
 }
 
 const STORM_STEPS: u64 = 1_500;
@@ -94,8 +117,12 @@ impl Sim {
     /// A replica set of `size` nodes.
     fn new(seed: u64, size: u64) -> Self {
         let members: Vec<NodeId> = (0..size as NodeId).collect();
-        let config = |me| ReplicaConfig { me, members: members.clone(), max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
-        let nodes = members
+        let pool: Vec<NodeId> = (0..size as NodeId + 2).collect();
+        let config = |me| {
+            let members = if members.contains(&me) { members.clone() } else { vec![me] };
+            ReplicaConfig { me, members, max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 }
+        };
+        let nodes = pool
             .iter()
             .map(|&me| Node {
                 replica: Replica::new(config(me), DurableState::default()),
@@ -116,6 +143,11 @@ impl Sim {
             next_epoch: 1,
             granted: BTreeMap::new(),
             members,
+            target: Vec::new(),
+            pool,
+            claim: 0,
+            handover: None,
+            handed_over: BTreeSet::new(),
             committed: BTreeMap::new(),
             acknowledged: Vec::new(),
             proposed: Vec::new(),
@@ -193,8 +225,21 @@ impl Sim {
         self.drain(n);
     }
 
+    /// Whether `n` replicates the partition: a member, or a newcomer of the target set.
+    fn active(&self, n: NodeId) -> bool {
+        self.members.contains(&n) || self.target.contains(&n)
+    }
+
+    /// The replica set `n`'s replica works with: the store's, or the target for a newcomer.
+    fn set_of(&self, n: NodeId) -> Vec<NodeId> {
+        if self.members.contains(&n) { self.members.clone() } else { self.target.clone() }
+    }
+
     fn post(&mut self, from: NodeId, to: NodeId, message: Message) {
-        let cut_off = self.isolated.is_some_and(|(n, until)| (n == from || n == to) && self.step < until);
+        let cut_off = self.isolated.as_ref().is_some_and(|(n, from_these, until)| {
+            let between = (*n == from && from_these.contains(&to)) || (*n == to && from_these.contains(&from));
+            between && self.step < *until
+        });
         if self.storm && (cut_off || self.rng.random_bool(0.1)) {
             self.stats.lost_messages += 1;
             return;
@@ -218,7 +263,8 @@ impl Sim {
     }
 
     fn restart(&mut self, n: NodeId) {
-        let config = ReplicaConfig { me: n, ..self.config.clone() };
+        let config = ReplicaConfig { me: n, members: self.set_of(n), ..self.config.clone() };
+        let target = self.target.clone();
         let node = &mut self.nodes[n as usize];
         let state = DurableState {
             promised: node.durable_promise,
@@ -226,13 +272,16 @@ impl Sim {
             last: node.durable_log.len() as Position,
         };
         node.replica = Replica::new(config, state);
+        node.replica.set_target(target);
         // Read rounds above every earlier incarnation's (what the shell does with its clock).
         node.replica.start_rounds_at(self.step * 1_000_000);
         node.up = true;
         // A node restarted from its log while the store still shows it holding its lock resumes
-        // its own epoch (what the node's shell does after a failed effect).
+        // its own epoch (what the node's shell does after a failed effect), unless it handed the
+        // partition over in that epoch.
         let promised = node.durable_promise;
-        if self.storm && self.granted.get(&n) == Some(&promised) && self.rng.random_bool(0.5) {
+        let may_resume = self.granted.get(&n) == Some(&promised) && !self.handed_over.contains(&(n, promised));
+        if self.storm && may_resume && self.rng.random_bool(0.5) {
             let node = &mut self.nodes[n as usize];
             if node.replica.become_leader(promised) {
                 self.stats.resumed += 1;
@@ -244,6 +293,7 @@ impl Sim {
     fn grant(&mut self, n: NodeId) {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        self.claim = epoch;
         self.granted.insert(n, epoch);
         if self.nodes[n as usize].up && self.nodes[n as usize].replica.become_leader(epoch) {
             self.stats.leaders += 1;
@@ -265,13 +315,19 @@ impl Sim {
         }
         while !due.is_empty() {
             let (_, from, to, message) = due.swap_remove(self.rng.random_range(0..due.len()));
+            if !self.active(to) {
+                continue;
+            }
             let node = &mut self.nodes[to as usize];
             if node.up {
                 node.replica.on_message(from, message, &node.log);
                 self.drain(to);
             }
         }
-        for n in self.members.clone() {
+        for n in self.pool.clone() {
+            if !self.active(n) {
+                continue;
+            }
             if !self.nodes[n as usize].up {
                 if self.rng.random_bool(0.05) {
                     self.restart(n);
@@ -303,20 +359,123 @@ impl Sim {
                     self.drain(n);
                 }
             }
+            self.drive_handover(n);
             if self.storm && self.rng.random_bool(0.004) {
                 self.crash(n);
             }
         }
         if self.storm && self.rng.random_bool(0.01) {
-            let n = self.rng.random_range(0..self.members.len()) as NodeId;
+            let n = self.members[self.rng.random_range(0..self.members.len())];
             self.grant(n);
         }
-        // A network partition: one node cut off for a while (a deposed leader that does not know).
-        if self.storm && self.isolated.is_none_or(|(_, until)| until <= self.step) && self.rng.random_bool(0.005) {
-            let n = self.rng.random_range(0..self.members.len()) as NodeId;
-            self.isolated = Some((n, self.step + self.rng.random_range(30..150)));
+        // A new target now and then; one in progress changes only rarely.
+        let retarget = if self.target.is_empty() { 0.01 } else { 0.001 };
+        if self.storm && self.rng.random_bool(retarget) {
+            self.retarget();
+        }
+        if self.handover.as_ref().is_some_and(|(_, _, at)| *at <= self.step) {
+            self.land_handover();
+        }
+        // A network partition: one node cut off for a while from all the others, or from some
+        // (a deposed leader that does not know, yet still reaches a target set's newcomers).
+        if self.storm && self.isolated.as_ref().is_none_or(|(_, _, until)| *until <= self.step) && self.rng.random_bool(0.005) {
+            let n = self.pool[self.rng.random_range(0..self.pool.len())];
+            let all = self.rng.random_bool(0.5);
+            let others: Vec<NodeId> = self.pool.iter().copied().filter(|m| *m != n && (all || self.rng.random_bool(0.5))).collect();
+            self.isolated = Some((n, others, self.step + self.rng.random_range(30..150)));
         }
         self.check_reads();
+    }
+
+    /// The store picks another replica set of the same size from the pool (or, now and then,
+    /// none): every active node learns it, newcomers start replicating from their durable logs.
+    fn retarget(&mut self) {
+        let mut target = self.pool.clone();
+        for i in (1..target.len()).rev() {
+            target.swap(i, self.rng.random_range(0..=i));
+        }
+        target.truncate(self.members.len());
+        let same = |a: &[NodeId], b: &[NodeId]| a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>();
+        if same(&target, &self.members) || self.rng.random_bool(0.1) {
+            target.clear();
+        }
+        let before: Vec<NodeId> = self.pool.iter().copied().filter(|n| self.active(*n)).collect();
+        self.target = target;
+        for n in self.pool.clone() {
+            let (was, is) = (before.contains(&n), self.active(n));
+            if was && !is {
+                self.deactivate(n);
+            } else if !was && is {
+                // A newcomer's task starts from its durable log.
+                self.sync(n);
+                self.restart(n);
+            } else if is && self.nodes[n as usize].up {
+                let target = self.target.clone();
+                self.nodes[n as usize].replica.set_target(target);
+                self.drain(n);
+            }
+        }
+    }
+
+    /// `n` no longer replicates the partition: its task stops (what it wrote stays).
+    fn deactivate(&mut self, n: NodeId) {
+        if self.nodes[n as usize].up {
+            self.sync(n);
+        }
+        self.proposed.retain(|(leader, _, _, _)| *leader != n);
+        self.reads.retain(|(reader, ..)| *reader != n);
+    }
+
+    /// A leader with a target: pauses once its newcomers are close, asks for the switch once the
+    /// handover is ready, or (not yet asked) resumes now and then.
+    fn drive_handover(&mut self, n: NodeId) {
+        let replica = &mut self.nodes[n as usize].replica;
+        let epoch = replica.promised();
+        if !matches!(replica.role(), Role::Leader { .. }) || replica.target().is_empty() || self.handed_over.contains(&(n, epoch)) {
+            return;
+        }
+        if !replica.paused() {
+            let close = replica.learners_matched().is_some_and(|m| m + 64 >= replica.last());
+            if close && self.rng.random_bool(0.2) {
+                replica.pause(true);
+            }
+        } else if replica.handover_ready() {
+            let delay = if self.storm { self.rng.random_range(1..30) } else { 1 };
+            self.handover = Some((epoch, replica.target().to_vec(), self.step + delay));
+            self.handed_over.insert((n, epoch));
+            self.stats.handovers += 1;
+        } else if self.rng.random_bool(0.05) {
+            replica.pause(false);
+            self.stats.resumed_pauses += 1;
+        }
+    }
+
+    /// The switch lands if no epoch was granted since the request (the claim compare-and-set)
+    /// and the target is the one it was for; a node of the new set is then granted leadership.
+    fn land_handover(&mut self) {
+        let Some((epoch, target, _)) = self.handover.take() else { return };
+        if self.claim != epoch || self.target != target {
+            return;
+        }
+        let before = self.members.clone();
+        self.members = target;
+        self.target.clear();
+        if self.storm {
+            self.stats.moves += 1;
+        }
+        for n in self.pool.clone() {
+            if before.contains(&n) && !self.members.contains(&n) {
+                self.deactivate(n);
+            } else if self.members.contains(&n) && self.nodes[n as usize].up {
+                let members = self.members.clone();
+                let replica = &mut self.nodes[n as usize].replica;
+                replica.set_members(members);
+                replica.set_target(Vec::new());
+                self.drain(n);
+            }
+        }
+        let next = self.members[self.rng.random_range(0..self.members.len())];
+        self.grant(next);
     }
 
     /// A read its leader confirmed sees everything committed before it began; a read whose
@@ -355,7 +514,12 @@ impl Sim {
                 self.restart(n);
             }
         }
-        let leader = self.rng.random_range(0..self.members.len()) as NodeId;
+        for n in self.pool.clone() {
+            if self.active(n) && !self.nodes[n as usize].up {
+                self.restart(n);
+            }
+        }
+        let leader = self.members[self.rng.random_range(0..self.members.len())];
         self.grant(leader);
         for _ in 0..calm_steps {
             self.one_step();
@@ -363,12 +527,24 @@ impl Sim {
         // Quiesce: sync and tick until nothing moves (or long enough that something is stuck).
         for _ in 0..2_000 {
             // (Heartbeats keep the network busy forever: settled is about the logs.)
-            let settled = self.nodes.iter().all(|n| n.replica.commit() == n.log.0.len() as Position && n.log.0 == self.nodes[0].log.0);
-            if settled {
+            let reference = &self.nodes[self.members[0] as usize].log.0;
+            let settled = self
+                .members
+                .iter()
+                .map(|n| &self.nodes[*n as usize])
+                .all(|n| n.replica.commit() == n.log.0.len() as Position && n.log.0 == *reference);
+            if settled && self.target.is_empty() {
                 break;
             }
             self.step += 1;
-            for n in self.members.clone() {
+            if self.handover.is_some() {
+                self.land_handover();
+            }
+            for n in self.pool.clone() {
+                if !self.active(n) {
+                    continue;
+                }
+                self.drive_handover(n);
                 self.sync(n);
                 let node = &mut self.nodes[n as usize];
                 node.replica.tick(&node.log);
@@ -376,6 +552,9 @@ impl Sim {
             }
             let due: Vec<_> = std::mem::take(&mut self.network);
             for (_, from, to, message) in due {
+                if !self.active(to) {
+                    continue;
+                }
                 let node = &mut self.nodes[to as usize];
                 node.replica.on_message(from, message, &node.log);
                 self.drain(to);
@@ -384,8 +563,9 @@ impl Sim {
     }
 
     fn check_converged(&self, seed: u64) {
-        let reference = &self.nodes[0].log.0;
-        for node in &self.nodes {
+        assert!(self.target.is_empty(), "seed {seed}: the move to {:?} never finished", self.target);
+        let reference = &self.nodes[self.members[0] as usize].log.0;
+        for node in self.members.iter().map(|n| &self.nodes[*n as usize]) {
             assert_eq!(&node.log.0, reference, "seed {seed}: logs differ after healing");
             assert_eq!(node.replica.commit(), reference.len() as Position, "seed {seed}: not everything is committed after healing");
         }
@@ -429,12 +609,17 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
         total.lost_messages += sim.stats.lost_messages;
         total.resumed += sim.stats.resumed;
         total.reads += sim.stats.reads;
+        total.moves += sim.stats.moves;
+        total.handovers += sim.stats.handovers;
+        total.resumed_pauses += sim.stats.resumed_pauses;
     }
     eprintln!("{seeds} seeds of {size} replicas: {acknowledged} proposals committed; {total:?}");
     // The storm was one (leaders changed, nodes crashed, followers had to truncate, restarted
     // leaders resumed their epoch), and it did not starve the protocol: proposals get committed.
     assert!(total.leaders > 2 * seeds && total.crashes > seeds && total.truncations > seeds / 4 && total.resumed > 0, "{total:?}");
     assert!(total.reads > seeds * 10, "few linearizable reads were confirmed: {total:?}");
+    // Moves land during the storm, and some handovers are fenced off by a later epoch.
+    assert!(total.moves > seeds / 4 && total.handovers > total.moves && total.resumed_pauses > 0, "replica sets hardly moved: {total:?}");
     assert!(acknowledged > seeds as usize * 20, "only {acknowledged} proposals committed over {seeds} seeds");
     (acknowledged, total)
 }
