@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
+mod decommission;
 mod ledger;
 
 use crate::client::{self, DEFAULT_SERVER};
@@ -37,6 +38,8 @@ enum Command {
     Tail(TailArgs),
     /// Show a node's state.
     Status(StatusArgs),
+    /// Take a member out of every replica set (its partitions move to the others), or back in.
+    Decommission(decommission::DecommissionArgs),
     /// Load a node and report throughput and latency.
     Bench(crate::bench::BenchArgs),
     /// Start a node on loopback, push a short load at it, and show what happened.
@@ -283,6 +286,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Read(args) => runtime.block_on(read(args)),
         Command::Tail(args) => runtime.block_on(tail(args)),
         Command::Status(args) => runtime.block_on(status(args)),
+        Command::Decommission(args) => runtime.block_on(decommission::run(args)),
         Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
         Command::Demo(args) => runtime.block_on(crate::demo::run(args)),
         Command::Specs(args) => crate::app::specs::command::run(args),

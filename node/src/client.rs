@@ -109,10 +109,13 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
 
 fn cluster_json(c: &pb::ClusterStatus) -> Value {
     json!({
-        "members": c.members.iter().map(|m| json!({"name": m.name, "address": m.address, "live": m.live})).collect::<Vec<_>>(),
+        "members": c.members.iter().map(|m| json!({
+            "name": m.name, "address": m.address, "live": m.live, "decommissioned": m.decommissioned,
+        })).collect::<Vec<_>>(),
         "partitions": c.partitions.iter().map(|p| json!({
             "partition": p.partition, "replicas": p.replicas,
             "leader": (!p.leader.is_empty()).then(|| p.leader.clone()), "epoch": p.epoch,
+            "moving_to": (!p.target.is_empty()).then(|| p.target.clone()),
         })).collect::<Vec<_>>(),
         "coordination": c.coordination,
         "coordination_leader": c.coordination_leader,
@@ -122,8 +125,15 @@ fn cluster_json(c: &pb::ClusterStatus) -> Value {
 
 /// The cluster part of `anthill status`: members, then each partition's leader and epoch.
 fn cluster_text(c: &pb::ClusterStatus) -> String {
-    let members: Vec<String> =
-        c.members.iter().map(|m| format!("{} ({}{})", m.name, m.address, if m.live { "" } else { ", down" })).collect();
+    let members: Vec<String> = c
+        .members
+        .iter()
+        .map(|m| {
+            let down = if m.live { "" } else { ", down" };
+            let out = if m.decommissioned { ", decommissioned" } else { "" };
+            format!("{} ({}{down}{out})", m.name, m.address)
+        })
+        .collect();
     let mut out = format!(
         "
 cluster    {}
@@ -160,6 +170,15 @@ cluster    {}
             })
             .collect();
         out.push_str(&format!("{}\n", cells.join("")));
+    }
+    let moving: Vec<String> = c
+        .partitions
+        .iter()
+        .filter(|p| !p.target.is_empty())
+        .map(|p| format!("p{} {} -> {}", p.partition, p.replicas.join(","), p.target.join(",")))
+        .collect();
+    if !moving.is_empty() {
+        out.push_str(&format!("moving     {}\n", moving.join("; ")));
     }
     out
 }

@@ -151,6 +151,16 @@ impl LocalCluster {
     /// Writes each node's configuration under `dir` and starts them all (each waits until it
     /// serves; the cluster forms on its own after that).
     pub fn start(exe: &Path, dir: &Path, spec: &ClusterSpec) -> anyhow::Result<LocalCluster> {
+        let mut cluster = Self::configure(exe, dir, spec)?;
+        for i in 0..spec.nodes {
+            cluster.start_node(i, &spec.node_args)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Writes each node's configuration under `dir` (every node a member) and starts none:
+    /// [`LocalCluster::start_node`] starts each.
+    pub fn configure(exe: &Path, dir: &Path, spec: &ClusterSpec) -> anyhow::Result<LocalCluster> {
         if spec.nodes == 0 || spec.nodes > 200 {
             bail!("a local cluster has 1 to 200 nodes, not {}", spec.nodes);
         }
@@ -177,12 +187,7 @@ impl LocalCluster {
             );
             std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
         }
-        let mut cluster =
-            LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect() };
-        for i in 0..spec.nodes {
-            cluster.start_node(i, &spec.node_args)?;
-        }
-        Ok(cluster)
+        Ok(LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect() })
     }
 
     /// The name of node `i`.

@@ -362,7 +362,8 @@ mod tests {
 
     #[test]
     fn a_cluster_maps_leader_names_to_member_addresses_and_leaderless_partitions_to_none() {
-        let member = |name: &str, address: &str| pb::ClusterMember { name: name.into(), address: address.into(), live: true };
+        let member =
+            |name: &str, address: &str| pb::ClusterMember { name: name.into(), address: address.into(), live: true, ..Default::default() };
         let partition = |partition, leader: &str| pb::PartitionOwnership { partition, leader: leader.into(), ..Default::default() };
         let cluster = pb::ClusterStatus {
             members: vec![member("a", "127.0.0.11:7400"), member("b", "127.0.0.12:7400")],

@@ -602,3 +602,117 @@ async fn the_cluster_benchmark_runs_ledger_commands_on_each_books_leader() {
         assert!(r["events_per_sec"].as_f64().unwrap() > 0.0 && r["errors"] == 0, "{r}");
     }
 }
+
+/// Every partition's events on node `i`, or `None` when it cannot be reached.
+async fn partition_events_on(addr: SocketAddr, partition: u32) -> Option<Vec<pb::RecordedEvent>> {
+    let mut c = client::connect(&format!("http://{addr}")).await.ok()?;
+    let request = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 0, ..Default::default() };
+    Some(c.log.read_partition(request).await.ok()?.into_inner().events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_then_replica_sets_move_to_caught_up_members_and_no_acknowledged_append_is_lost()
+ {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec =
+        ClusterSpec { nodes: 4, partitions: PARTITIONS, replication_factor: 3, session_ttl_ms: SESSION_TTL_MS, node_args: Vec::new() };
+    let mut local = LocalCluster::configure(&common::exe(), dir.path(), &spec).unwrap();
+    for i in 0..3 {
+        local.start_node(i, &[]).unwrap();
+    }
+    let cluster = Cluster { _dir: dir, addrs: local.addrs.clone(), local };
+    let named = |s: &pb::ClusterStatus, node: &str| s.partitions.iter().filter(|p| p.replicas.iter().any(|r| r == node)).count();
+    let settled = |s: &pb::ClusterStatus| all_led(s) && s.partitions.iter().all(|p| p.target.is_empty());
+    let first = cluster.wait_for(0, Duration::from_secs(60), |s| settled(s) && s.members.iter().filter(|m| m.live).count() == 3).await;
+    assert_eq!(named(&first, "node-4"), 0);
+
+    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for stream in stream_per_partition() {
+        let (router, stop) = (router.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut last_ack, mut longest_gap) = (Vec::new(), Instant::now(), Duration::ZERO);
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let payload = format!("{stream}/{i}");
+                let mut request = common::append(&stream, None, vec![common::event("Added", &payload)]);
+                request.durability = pb::Durability::Quorum as i32;
+                if router.append(request).await.is_ok() {
+                    acked.push(payload);
+                    longest_gap = longest_gap.max(last_ack.elapsed());
+                    last_ack = Instant::now();
+                }
+            }
+            (stream, acked, longest_gap)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // node-4 joins: the partitions whose desired set now names it move to it, once it caught up.
+    let mut cluster = cluster;
+    cluster.start_node(3);
+    let joined = cluster.wait_for(0, Duration::from_secs(90), |s| settled(s) && named(s, "node-4") > 0).await;
+    let moved_in: Vec<u32> = joined.partitions.iter().filter(|p| p.replicas.iter().any(|r| r == "node-4")).map(|p| p.partition).collect();
+    eprintln!("node-4 joined the replica sets of partitions {moved_in:?}");
+    for p in &joined.partitions {
+        assert_eq!(p.replicas.len(), 3, "{p:?}");
+        if moved_in.contains(&p.partition) {
+            assert!(p.epoch > first.partitions[p.partition as usize].epoch, "a moved set leads in a higher epoch: {p:?}");
+        }
+    }
+
+    // node-1 is decommissioned (the command follows the moves until no set names it), then killed.
+    let out = tokio::task::spawn_blocking({
+        let server = cluster.local.url(1);
+        move || std::process::Command::new(common::exe()).args(["decommission", "node-1", "--server", &server, "--json"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["partitions_naming_it"], serde_json::json!([]), "{report}");
+    assert!(!report["partitions_at_start"].as_array().unwrap().is_empty(), "{report}");
+    let out =
+        std::process::Command::new(common::exe()).args(["decommission", "node-9", "--server", &cluster.local.url(1)]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown member \"node-9\""), "{out:?}");
+    cluster.kill9(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let last = cluster.wait_for(1, Duration::from_secs(30), |s| settled(s) && named(s, "node-1") == 0).await;
+    assert!(last.members.iter().any(|m| m.name == "node-1" && m.decommissioned && !m.live), "{:?}", last.members);
+    for writer in writers {
+        let (stream, acked, longest_gap) = writer.await.unwrap();
+        eprintln!("{stream}: {} appends acknowledged; the longest wait between two: {longest_gap:?}", acked.len());
+        assert!(acked.len() > 10, "{stream}: only {} appends acknowledged", acked.len());
+        let read =
+            router.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0, linearizable: false }).await.unwrap();
+        let stored: Vec<String> = read.events.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
+        let mut next = stored.iter();
+        for payload in &acked {
+            assert!(next.any(|s| s == payload), "{stream}: acknowledged {payload} is missing or out of order");
+        }
+    }
+    // Every member of each partition's set holds the same log, and the events acknowledged
+    // before node-4 joined are in it on node-4 too.
+    for p in &last.partitions {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut logs = Vec::new();
+            for r in &p.replicas {
+                logs.push(partition_events_on(cluster.addrs[index_of(r)], p.partition).await);
+            }
+            let same = logs.iter().all(|l| l.is_some() && *l == logs[0]);
+            if same {
+                assert!(!logs[0].as_ref().unwrap().is_empty(), "partition {} is empty", p.partition);
+                break;
+            }
+            assert!(Instant::now() < deadline, "partition {}: the replicas {:?} never converged", p.partition, p.replicas);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -191,6 +191,20 @@ impl pb::event_log_server::EventLog for Api {
 
 #[tonic::async_trait]
 impl pb::node_server::Node for Api {
+    async fn decommission(&self, request: Request<pb::DecommissionRequest>) -> Result<Response<pb::DecommissionResponse>, Status> {
+        use crate::coordination::member::DecommissionError;
+        let request = request.into_inner();
+        let Some(cluster) = &self.cluster else {
+            return Err(Status::failed_precondition("this node runs alone (no cluster.members): there are no replica sets to leave"));
+        };
+        match cluster.decommission(&request.node, request.undo).await {
+            Ok(partitions) => Ok(Response::new(pb::DecommissionResponse { partitions })),
+            Err(e @ DecommissionError::Unknown { .. }) => Err(Status::not_found(e.to_string())),
+            Err(e @ DecommissionError::TooFew { .. }) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ DecommissionError::Store(_)) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let heads = self.log.commits().borrow().heads.clone();
         let sizes = self.log.store().sizes();

@@ -5,8 +5,9 @@
 //!
 //! | key               | value            | held by (lock)      | meaning                               |
 //! |-------------------|------------------|---------------------|---------------------------------------|
-//! | `members/{node}`  | the node's address | the node's session | the node is alive                   |
-//! | `placement/{p}`   | `a,b,c`          | —                   | partition `p`'s replica set, written once |
+//! | `members/{node}`  | the node's address | the node's session | the node is alive (the key stays when it dies: a known member) |
+//! | `decommissioned/{node}` | empty      | —                   | an operator takes the node out of every replica set |
+//! | `placement/{p}`   | [`Placement`]    | —                   | partition `p`'s replica set, the set it moves to, and the epoch of the leader that claimed it |
 //! | `leaders/{p}`     | the leader's name | the leader's session | `p`'s leader; the lock index is its epoch |
 //!
 //! Each node runs [`Elector::round`] in a loop, and between rounds waits for a change
@@ -18,20 +19,37 @@
 //!    node ends up with the same sets whoever writes them first;
 //! 4. for each partition whose leader lock is free, if this node is the first live member of its
 //!    replica set, take the lock: the lock index it gets is the epoch it leads in
-//!    (`Replica::become_leader`).
+//!    (`Replica::become_leader`);
+//! 5. for each partition it holds the lock of: **claim** the placement for its epoch (a
+//!    compare-and-set on the placement's modify index that writes the epoch into it) before the
+//!    partition serves; then, as the claimed leader, write a target set when the desired set
+//!    (rendezvous hashing over the known, not decommissioned members) differs from the current
+//!    one and its newcomers are live, and switch the placement to the target once its replica
+//!    reports the handover ready (`Replica::handover_ready`), releasing the lock so the new set
+//!    elects its leader in a higher epoch.
 //!
 //! A node that dies stops renewing; once its session's TTL passes, the store releases its locks
 //! and the next live replica of each of its partitions takes over with a higher epoch. The
 //! epochs fence the old leader if it was only slow (docs/replication.md).
 //!
-//! Decisions a later engineer must know: a replica set is written once and does not follow
-//! membership (moving a replica needs the newcomer caught up first; not built yet). Only the
-//! first live replica of a set takes a free lock, so leadership spreads like the placement and
-//! does not flap when a node comes back (it does not take back locks held by others).
+//! Why the claim: the switch is a compare-and-set on the modify index the switching leader saw
+//! with its own claim. A later leader claims (bumping that index) before it serves anything, so
+//! a switch from a deposed leader, however late it arrives, can only land before any later
+//! epoch served, when the deposed leader's log was still the whole log (docs/replication.md,
+//! "Moving a replica set").
+//!
+//! Decisions a later engineer must know: a dead member is not replaced on its own (a restart
+//! must not move data); an operator decommissions it (`anthill decommission`), and a member
+//! seen for the first time joins the desired sets. Only the first live replica of a set takes a
+//! free lock, so leadership spreads like the placement and does not flap when a node comes back
+//! (it does not take back locks held by others).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use super::placement::replica_set;
 use super::{Cas, CoordinationStore, Result, SessionId};
@@ -49,12 +67,71 @@ pub struct ElectorConfig {
     pub prefix: String,
 }
 
+/// A partition's `placement/{p}` value: `a,b,c`, then `;target=d,b,c` while it moves and
+/// `;claim=E` once the leader of epoch `E` claimed it (a bare `a,b,c` is a placement as first
+/// written).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub replicas: Vec<String>,
+    /// The set the partition moves to; empty when it does not.
+    pub target: Vec<String>,
+    /// The epoch of the last leader that claimed the placement (0: none yet).
+    pub claim: u64,
+}
+
+impl Placement {
+    pub fn encode(&self) -> String {
+        let mut value = self.replicas.join(",");
+        if !self.target.is_empty() {
+            value.push_str(";target=");
+            value.push_str(&self.target.join(","));
+        }
+        if self.claim > 0 {
+            value.push_str(&format!(";claim={}", self.claim));
+        }
+        value
+    }
+
+    pub fn decode(value: &str) -> Option<Placement> {
+        let names = |list: &str| list.split(',').filter(|r| !r.is_empty()).map(str::to_string).collect::<Vec<_>>();
+        let mut parts = value.split(';');
+        let mut placement = Placement { replicas: names(parts.next()?), ..Placement::default() };
+        for part in parts {
+            match part.split_once('=')? {
+                ("target", list) => placement.target = names(list),
+                ("claim", epoch) => placement.claim = epoch.parse().ok()?,
+                _ => return None,
+            }
+        }
+        Some(placement)
+    }
+}
+
+/// Whether two lists name the same members, in any order.
+pub fn same_set(a: &[String], b: &[String]) -> bool {
+    a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+}
+
 /// Who replicates and who leads one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionOwnership {
     pub replicas: Vec<String>,
     /// The leader and its epoch, when the lock is held.
     pub leader: Option<(String, u64)>,
+    /// The set the partition moves to (empty: none).
+    pub target: Vec<String>,
+    /// The epoch of the leader that claimed the placement; a leader serves only once its
+    /// epoch is claimed.
+    pub claim: u64,
+    /// The placement key's modify index (what a claim or a switch compares against).
+    pub modify_index: u64,
+}
+
+impl PartitionOwnership {
+    /// The leader, when it holds the lock and claimed the placement for its epoch.
+    pub fn serving_leader(&self) -> Option<(&str, u64)> {
+        self.leader.as_ref().filter(|(_, epoch)| *epoch == self.claim).map(|(leader, epoch)| (leader.as_str(), *epoch))
+    }
 }
 
 /// The cluster as the store showed it at `index`.
@@ -62,8 +139,34 @@ pub struct PartitionOwnership {
 pub struct ClusterView {
     /// Live members and their addresses.
     pub members: BTreeMap<String, String>,
+    /// Every member that ever joined (live or not).
+    pub known: BTreeSet<String>,
+    /// Members an operator took out of the replica sets.
+    pub decommissioned: BTreeSet<String>,
     pub partitions: BTreeMap<u32, PartitionOwnership>,
     pub index: u64,
+}
+
+/// Handovers the partitions' replicas report ready (`Replica::handover_ready`), for the
+/// elector to switch: partition to (epoch, target set).
+#[derive(Default)]
+pub struct Handovers {
+    ready: Mutex<BTreeMap<u32, (u64, Vec<String>)>>,
+    notify: Notify,
+}
+
+impl Handovers {
+    /// The leader of `partition` in `epoch` paused with its whole log on `target`'s newcomers
+    /// and a majority of it, and will take nothing more in that epoch.
+    pub fn report(&self, partition: u32, epoch: u64, target: Vec<String>) {
+        self.ready.lock().insert(partition, (epoch, target));
+        self.notify.notify_one();
+    }
+
+    /// Resolves when a handover is reported (or was since the last call).
+    pub async fn reported(&self) {
+        self.notify.notified().await;
+    }
 }
 
 impl ClusterView {
@@ -79,6 +182,7 @@ impl ClusterView {
 pub struct Elector<S> {
     store: Arc<S>,
     config: ElectorConfig,
+    handovers: Arc<Handovers>,
     session: Option<SessionId>,
     /// When the session was last created or renewed.
     renewed: Option<tokio::time::Instant>,
@@ -87,7 +191,12 @@ pub struct Elector<S> {
 impl<S: CoordinationStore> Elector<S> {
     pub fn new(store: Arc<S>, config: ElectorConfig) -> Self {
         assert!(config.replication_factor >= 1 && config.partitions >= 1);
-        Elector { store, config, session: None, renewed: None }
+        Elector { store, config, handovers: Arc::default(), session: None, renewed: None }
+    }
+
+    /// Where this node's replicas report handovers ready.
+    pub fn handovers(&self) -> Arc<Handovers> {
+        self.handovers.clone()
     }
 
     fn key(&self, kind: &str, name: impl std::fmt::Display) -> String {
@@ -110,11 +219,11 @@ impl<S: CoordinationStore> Elector<S> {
             self.store.acquire(&member_key, self.config.address.as_bytes(), &session).await?;
         }
         let view = self.view().await?;
-        if view.members.len() >= self.config.replication_factor {
-            let members: Vec<String> = view.members.keys().cloned().collect();
+        let live: Vec<String> = view.members.keys().filter(|m| !view.decommissioned.contains(*m)).cloned().collect();
+        if live.len() >= self.config.replication_factor {
             for p in (0..self.config.partitions).filter(|p| !view.partitions.contains_key(p)) {
-                let set = replica_set(p, &members, self.config.replication_factor);
-                self.store.put(&self.key("placement", p), set.join(",").as_bytes(), Cas::Absent).await?;
+                let placement = Placement { replicas: replica_set(p, &live, self.config.replication_factor), ..Placement::default() };
+                self.store.put(&self.key("placement", p), placement.encode().as_bytes(), Cas::Absent).await?;
             }
         }
         let view = self.view().await?;
@@ -126,12 +235,93 @@ impl<S: CoordinationStore> Elector<S> {
         let keys: Vec<String> = takes.map(|(p, _)| self.key("leaders", p)).collect();
         let acquired =
             futures_util::future::join_all(keys.iter().map(|key| self.store.acquire(key, self.config.node.as_bytes(), &session))).await;
+        let mut took = false;
         for (key, outcome) in keys.iter().zip(acquired) {
             if let Some(epoch) = outcome? {
                 tracing::info!(node = %self.config.node, %key, epoch, "took a free leader lock");
+                took = true;
             }
         }
-        self.view().await
+        let view = if took { self.view().await? } else { view };
+        if self.lead(&view, &session).await? { self.view().await } else { Ok(view) }
+    }
+
+    /// Step 5 of a round (module doc) for every partition whose lock this node holds: claims,
+    /// targets, switches, and releases. Whether it wrote anything.
+    async fn lead(&self, view: &ClusterView, session: &SessionId) -> Result<bool> {
+        let eligible: Vec<String> = view.known.iter().filter(|m| !view.decommissioned.contains(*m)).cloned().collect();
+        // Reports stay until their outcome is known, or their epoch is no longer this node's.
+        let ready = {
+            let mut ready = self.handovers.ready.lock();
+            ready.retain(|p, (epoch, _)| {
+                view.partitions.get(p).and_then(|o| o.leader.as_ref()) == Some(&(self.config.node.clone(), *epoch))
+            });
+            ready.clone()
+        };
+        let mut writes = Vec::new();
+        let mut releases = Vec::new();
+        for (p, o) in &view.partitions {
+            let Some((leader, epoch)) = &o.leader else { continue };
+            if *leader != self.config.node {
+                continue;
+            }
+            let current = Placement { replicas: o.replicas.clone(), target: o.target.clone(), claim: o.claim };
+            if !o.replicas.contains(&self.config.node) {
+                // Took the lock of a set that switched away from this node meanwhile.
+                releases.push(*p);
+            } else if o.claim < *epoch {
+                writes.push((*p, o.modify_index, Placement { claim: *epoch, ..current }, false));
+            } else if o.claim > *epoch {
+                // A later epoch claimed it: this lock is stale (the view will show it gone).
+            } else if let Some((_, target)) = ready.get(p).filter(|(at, _)| at == epoch) {
+                if *target == o.target {
+                    let switched = Placement { replicas: target.clone(), target: Vec::new(), claim: *epoch };
+                    writes.push((*p, o.modify_index, switched, true));
+                } else {
+                    // The switch landed (a write whose answer was lost), or this node wrote
+                    // another target since: either way its paused leader is done with its epoch.
+                    self.handovers.ready.lock().remove(p);
+                    releases.push(*p);
+                }
+            } else if eligible.len() >= self.config.replication_factor {
+                let desired = replica_set(*p, &eligible, self.config.replication_factor);
+                let newcomers_live = desired.iter().all(|m| o.replicas.contains(m) || view.members.contains_key(m));
+                let target = if same_set(&desired, &o.replicas) {
+                    Vec::new()
+                } else if newcomers_live {
+                    desired
+                } else {
+                    o.target.clone()
+                };
+                if !same_set(&target, &o.target) {
+                    tracing::info!(partition = p, from = ?o.replicas, to = ?target, "moving the partition's replica set");
+                    writes.push((*p, o.modify_index, Placement { target, ..current }, false));
+                }
+            }
+        }
+        let wrote = !writes.is_empty() || !releases.is_empty();
+        let puts: Vec<(String, String, u64)> =
+            writes.iter().map(|(p, index, placement, _)| (self.key("placement", p), placement.encode(), *index)).collect();
+        let outcomes = futures_util::future::join_all(
+            puts.iter().map(|(key, value, index)| self.store.put(key, value.as_bytes(), Cas::ModifyIndex(*index))),
+        )
+        .await;
+        for ((p, _, placement, switch), outcome) in writes.iter().zip(outcomes) {
+            // An unknown outcome keeps a switch's report: the next round compares again (the
+            // claim or the modify index then says whether it landed).
+            let done = outcome?;
+            if *switch {
+                self.handovers.ready.lock().remove(p);
+                // Switched or not (a later epoch claimed meanwhile), this leader is done with
+                // its epoch: the set's first live member takes the lock in a higher one.
+                tracing::info!(partition = p, switched = done, to = ?placement.replicas, "handing the partition over");
+                releases.push(*p);
+            }
+        }
+        for p in releases {
+            self.store.release(&self.key("leaders", p), session).await?;
+        }
+        Ok(wrote)
     }
 
     /// Waits until the cluster changes after `index`, at most `wait`.
@@ -174,15 +364,23 @@ impl<S: CoordinationStore> Elector<S> {
             let Some(rest) = entry.key.strip_prefix(&self.config.prefix) else { continue };
             let value = String::from_utf8_lossy(&entry.value).into_owned();
             match rest.split_once('/') {
-                Some(("members", node)) if entry.session.is_some() => {
-                    view.members.insert(node.to_string(), value);
-                }
-                Some(("placement", p)) => {
-                    if let Ok(p) = p.parse::<u32>() {
-                        let replicas = value.split(',').filter(|r| !r.is_empty()).map(str::to_string).collect();
-                        view.partitions.insert(p, PartitionOwnership { replicas, leader: None });
+                Some(("members", node)) => {
+                    view.known.insert(node.to_string());
+                    if entry.session.is_some() {
+                        view.members.insert(node.to_string(), value);
                     }
                 }
+                Some(("decommissioned", node)) => {
+                    view.decommissioned.insert(node.to_string());
+                }
+                Some(("placement", p)) => match (p.parse::<u32>(), Placement::decode(&value)) {
+                    (Ok(p), Some(placement)) => {
+                        let Placement { replicas, target, claim } = placement;
+                        let modify_index = entry.modify_index;
+                        view.partitions.insert(p, PartitionOwnership { replicas, leader: None, target, claim, modify_index });
+                    }
+                    _ => tracing::warn!(key = %entry.key, %value, "ignoring a placement this version cannot read"),
+                },
                 Some(("leaders", p)) if entry.session.is_some() => {
                     if let Ok(p) = p.parse::<u32>() {
                         leaders.insert(p, (value, entry.lock_index));
@@ -290,6 +488,131 @@ mod tests {
         let view = rounds(&mut [&mut a, &mut b], 2).await;
         assert_eq!(view.members.len(), 2);
         assert!(view.partitions.is_empty());
+    }
+
+    #[test]
+    fn placements_read_back_what_they_wrote_and_a_bare_list_is_a_first_placement() {
+        let moving = Placement { replicas: vec!["a".into(), "b".into()], target: vec!["c".into(), "b".into()], claim: 7 };
+        assert_eq!(Placement::decode(&moving.encode()), Some(moving));
+        let first = Placement::decode("a,b,c").unwrap();
+        assert_eq!((first.replicas.len(), first.target.len(), first.claim), (3, 0, 0));
+        assert_eq!(Placement::decode("a,b;claim=x"), None);
+        assert_eq!(Placement::decode("a,b;colour=red"), None);
+    }
+
+    /// Rounds until `done` holds for the view (at most `max`); the handover of every partition
+    /// whose leader has a target is reported ready by its leader when `ready` says so.
+    async fn rounds_until(
+        electors: &mut [&mut Elector<MemoryStore>],
+        max: usize,
+        ready: impl Fn(&ClusterView, u32) -> bool,
+        done: impl Fn(&ClusterView) -> bool,
+    ) -> ClusterView {
+        let mut view = ClusterView::default();
+        for _ in 0..max {
+            for e in electors.iter_mut() {
+                view = e.round().await.unwrap();
+                for (p, o) in &view.partitions {
+                    if let Some((leader, epoch)) = o.serving_leader()
+                        && leader == e.config.node
+                        && !o.target.is_empty()
+                        && ready(&view, *p)
+                    {
+                        e.handovers().report(*p, epoch, o.target.clone());
+                    }
+                }
+            }
+            if done(&view) {
+                return view;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not done after {max} rounds: {view:#?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn given_a_decommissioned_member_then_each_of_its_partitions_targets_a_live_member_and_switches_when_its_leader_is_ready() {
+        let store = Arc::new(MemoryStore::default());
+        let (mut a, mut b, mut c, mut d) =
+            (elector(&store, "node-1"), elector(&store, "node-2"), elector(&store, "node-3"), elector(&store, "node-4"));
+        let before = rounds(&mut [&mut a, &mut b, &mut c, &mut d], 2).await;
+        assert!(
+            before.partitions.values().all(|o| o.leader.as_ref().is_some_and(|(_, e)| *e == o.claim)),
+            "every leader claimed: {before:#?}"
+        );
+        let holding: Vec<u32> =
+            before.partitions.iter().filter(|(_, o)| o.replicas.contains(&"node-2".to_string())).map(|(p, _)| *p).collect();
+        assert!(!holding.is_empty());
+        store.put("anthill/decommissioned/node-2", b"", Cas::Any).await.unwrap();
+        // Nobody reports ready: the targets are written and nothing switches.
+        let targeted = rounds(&mut [&mut a, &mut b, &mut c, &mut d], 3).await;
+        for (p, o) in &targeted.partitions {
+            if holding.contains(p) {
+                assert_eq!(o.replicas, before.partitions[p].replicas, "partition {p} switched before its handover was ready");
+                assert!(o.target.len() == 3 && !o.target.contains(&"node-2".to_string()), "partition {p}: {o:?}");
+            } else {
+                assert!(o.target.is_empty(), "partition {p} moves without cause: {o:?}");
+            }
+        }
+        let after = rounds_until(
+            &mut [&mut a, &mut b, &mut c, &mut d],
+            20,
+            |_, _| true,
+            |v| {
+                v.partitions
+                    .values()
+                    .all(|o| o.target.is_empty() && !o.replicas.contains(&"node-2".to_string()) && o.serving_leader().is_some())
+            },
+        )
+        .await;
+        for p in &holding {
+            let (o, was) = (&after.partitions[p], &before.partitions[p]);
+            let (leader, epoch) = o.serving_leader().unwrap();
+            assert!(o.replicas.contains(&leader.to_string()), "partition {p}: {o:?}");
+            assert!(epoch > was.leader.as_ref().unwrap().1, "partition {p}: the new set leads in a higher epoch: {o:?}");
+            let kept = was.replicas.iter().filter(|r| *r != "node-2").count();
+            assert_eq!(
+                o.replicas.iter().filter(|r| was.replicas.contains(r)).count(),
+                kept,
+                "only node-2's place changed: {was:?} -> {o:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_reported_for_an_epoch_a_later_leader_claimed_does_not_switch() {
+        let store = Arc::new(MemoryStore::default());
+        let (mut a, mut b, mut c, mut d) =
+            (elector(&store, "node-1"), elector(&store, "node-2"), elector(&store, "node-3"), elector(&store, "node-4"));
+        rounds(&mut [&mut a, &mut b, &mut c, &mut d], 2).await;
+        store.put("anthill/decommissioned/node-3", b"", Cas::Any).await.unwrap();
+        let view = rounds(&mut [&mut a, &mut b, &mut c, &mut d], 2).await;
+        let (p, o) = view
+            .partitions
+            .iter()
+            .find(|(_, o)| !o.target.is_empty() && o.leader.as_ref().unwrap().0 == "node-1")
+            .expect("node-1 leads a moving partition");
+        let (p, epoch) = (*p, o.leader.as_ref().unwrap().1);
+        // node-1's handover is ready as of this view, but its switch is delayed (a slow
+        // process, a write stuck in the network) while its session expires and another node
+        // claims the partition in a later epoch.
+        let (o, session) = (o.clone(), a.session.clone().unwrap());
+        let later = rounds(&mut [&mut b, &mut c, &mut d], 8).await;
+        let (leader, later_epoch) =
+            later.partitions[&p].serving_leader().map(|(l, e)| (l.to_string(), e)).expect("a new leader claimed it");
+        assert!(leader != "node-1" && later_epoch > epoch);
+        a.handovers().report(p, epoch, o.target.clone());
+        a.lead(&view, &session).await.unwrap();
+        let after = b.round().await.unwrap();
+        assert_eq!(after.partitions[&p].replicas, o.replicas, "a deposed leader's late handover switched the set");
+        assert_eq!(after.partitions[&p].claim, later_epoch);
+        // Its own leadership (the control): a report in the current epoch switches.
+        let (later_leader, o) = (later.partitions[&p].leader.clone().unwrap(), later.partitions[&p].clone());
+        let mut electors = [b, c, d];
+        let e = electors.iter_mut().find(|e| e.config.node == later_leader.0).unwrap();
+        e.handovers().report(p, later_epoch, o.target.clone());
+        let switched = e.round().await.unwrap();
+        assert!(same_set(&switched.partitions[&p].replicas, &o.target), "{:?}", switched.partitions[&p]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::CoordinationStore;
 use super::consul::{self, ConsulStore};
 use super::driver::EmbeddedStore;
-use super::election::{ClusterView, Elector, ElectorConfig};
+use super::election::{ClusterView, Elector, ElectorConfig, Handovers};
 use super::embedded::{Elections, RaftKv};
 use super::raft_log::RaftLog;
 use super::transport::{ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, until_stopped};
@@ -42,6 +42,21 @@ pub enum Coordination {
 }
 
 impl Coordination {
+    /// Writes `key` (empty), whatever it held.
+    async fn put(&self, key: &str) -> super::Result<bool> {
+        match self {
+            Coordination::Embedded(store) => store.put(key, b"", super::Cas::Any).await,
+            Coordination::Consul(store) => store.put(key, b"", super::Cas::Any).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> super::Result<bool> {
+        match self {
+            Coordination::Embedded(store) => store.delete(key, super::Cas::Any).await,
+            Coordination::Consul(store) => store.delete(key, super::Cas::Any).await,
+        }
+    }
+
     /// `Node.Status`'s `(coordination_leader, coordination_applied)`: the embedded store's Raft
     /// leader (0 when none is known) and the last entry this member applied; with Consul, 0 and
     /// the index of the last read of the cluster's prefix (every node reads the same Consul, so
@@ -63,9 +78,45 @@ pub struct ClusterHandle {
     pub coordination: Coordination,
     pub view: watch::Receiver<ClusterView>,
     pub members: Vec<MemberConfig>,
+    /// The cluster's key prefix in the store.
+    pub prefix: String,
+    pub replication_factor: usize,
+}
+
+/// Why a decommission request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DecommissionError {
+    #[error("unknown member {node:?}: the cluster knows {known:?}")]
+    Unknown { node: String, known: Vec<String> },
+    #[error("decommissioning {node:?} would leave {left} members in the replica sets, fewer than the replication factor {factor}")]
+    TooFew { node: String, left: usize, factor: usize },
+    #[error(transparent)]
+    Store(#[from] super::CoordinationError),
 }
 
 impl ClusterHandle {
+    /// Takes `node` out of every replica set (`undo`: lets it back in) by writing (deleting) its
+    /// `decommissioned/` key; each partition's leader then moves the replica. Returns the
+    /// partitions whose set names the node now.
+    pub async fn decommission(&self, node: &str, undo: bool) -> Result<Vec<u32>, DecommissionError> {
+        let view = self.view.borrow().clone();
+        if !view.known.contains(node) {
+            return Err(DecommissionError::Unknown { node: node.into(), known: view.known.iter().cloned().collect() });
+        }
+        let key = format!("{}decommissioned/{node}", self.prefix);
+        if undo {
+            self.coordination.delete(&key).await?;
+        } else {
+            let left = view.known.iter().filter(|m| *m != node && !view.decommissioned.contains(*m)).count();
+            if left < self.replication_factor {
+                return Err(DecommissionError::TooFew { node: node.into(), left, factor: self.replication_factor });
+            }
+            self.coordination.put(&key).await?;
+        }
+        tracing::info!(node, undo, "decommission requested");
+        Ok(view.partitions.iter().filter(|(_, o)| o.replicas.iter().any(|r| r == node)).map(|(p, _)| *p).collect())
+    }
+
     /// `Node.Status`'s cluster part.
     pub fn status(&self) -> pb::ClusterStatus {
         let view = self.view.borrow().clone();
@@ -78,6 +129,7 @@ impl ClusterHandle {
                     name: m.name.clone(),
                     address: m.address.to_string(),
                     live: view.members.contains_key(&m.name),
+                    decommissioned: view.decommissioned.contains(&m.name),
                 })
                 .collect(),
             partitions: view
@@ -88,6 +140,7 @@ impl ClusterHandle {
                     replicas: o.replicas.clone(),
                     leader: o.leader.as_ref().map(|(l, _)| l.clone()).unwrap_or_default(),
                     epoch: o.leader.as_ref().map_or(0, |(_, e)| *e),
+                    target: o.target.clone(),
                 })
                 .collect(),
             coordination_leader,
@@ -118,7 +171,7 @@ pub async fn start(
         prefix: prefix.into(),
     };
     let (view_tx, view) = watch::channel(ClusterView::default());
-    let (coordination, raft_inbox) = match &config.cluster.coordination {
+    let (coordination, raft_inbox, handovers) = match &config.cluster.coordination {
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
             let dir = config.data_dir.join("coordination");
@@ -132,14 +185,16 @@ pub async fn start(
             let transport = GrpcTransport::start(&peers, stopped.clone());
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
+            let handovers = elector.handovers();
             tokio::spawn(run_elector(elector, view_tx, config.cluster.session_ttl(), stopped.clone()));
-            (Coordination::Embedded(store), Some(inbox_tx))
+            (Coordination::Embedded(store), Some(inbox_tx), handovers)
         }
         CoordinationConfig::Consul(consul) => {
             let store = Arc::new(open_consul(consul)?);
             let elector = Elector::new(store.clone(), elector_config(&consul.key_prefix));
+            let handovers = elector.handovers();
             tokio::spawn(run_elector(elector, view_tx, config.cluster.session_ttl(), stopped.clone()));
-            (Coordination::Consul(store), None)
+            (Coordination::Consul(store), None, handovers)
         }
     };
     // Replication: nothing is appended here until a partition serves, and `quorum` appends wait
@@ -153,9 +208,20 @@ pub async fn start(
         config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id as NodeId, m.address)).collect();
     let transport = Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, stopped.clone()));
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();
-    let replication = Replication { log, me: me.id as NodeId, name: me.name.clone(), ids, partitions: partitions.clone(), transport };
+    let replication =
+        Replication { log, me: me.id as NodeId, name: me.name.clone(), ids, partitions: partitions.clone(), transport, handovers };
     tokio::spawn(follow_ownership(replication, view.clone(), stopped));
-    let handle = ClusterHandle { coordination, view, members: config.cluster.members.clone() };
+    let prefix = match &config.cluster.coordination {
+        CoordinationConfig::Embedded {} => PREFIX.to_string(),
+        CoordinationConfig::Consul(consul) => consul.key_prefix.clone(),
+    };
+    let handle = ClusterHandle {
+        coordination,
+        view,
+        members: config.cluster.members.clone(),
+        prefix,
+        replication_factor: config.cluster.replication_factor,
+    };
     Ok(Some((handle, ClusterService::new(raft_inbox, partitions))))
 }
 
@@ -184,33 +250,61 @@ struct Replication {
     ids: HashMap<String, NodeId>,
     partitions: PartitionTasks,
     transport: Arc<GrpcReplicaTransport>,
+    handovers: Arc<Handovers>,
 }
 
 /// Replicates what the ownership view places on this node: starts a partition's replica once its
-/// replica set names this node, and grants it leadership when the view shows this node holding
-/// the partition's lock (the lock index is the epoch).
+/// replica set or the set it moves to names this node (stops it once neither does), tells it
+/// both sets as they change, and grants it leadership when the view shows this node holding the
+/// partition's lock (the lock index is the epoch) and the placement claimed for that epoch.
 async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>, mut stopped: watch::Receiver<bool>) {
-    let Replication { log, me, name, ids, partitions, transport } = r;
+    let Replication { log, me, name, ids, partitions, transport, handovers } = r;
     let mut granted: HashMap<u32, u64> = HashMap::new();
+    // The sets each task was last told.
+    let mut told: HashMap<u32, (Vec<NodeId>, Vec<NodeId>)> = HashMap::new();
     loop {
         let current = view.borrow_and_update().clone();
         for (p, ownership) in &current.partitions {
-            if !ownership.replicas.contains(&name) {
+            let members: Vec<NodeId> = ownership.replicas.iter().filter_map(|r| ids.get(r).copied()).collect();
+            // A target naming a node this one cannot reach (not in `cluster.members`) is not
+            // followed: the leader could not tell whether it caught up.
+            let target: Vec<NodeId> = match ownership.target.iter().map(|r| ids.get(r).copied()).collect::<Option<Vec<_>>>() {
+                Some(target) => target,
+                None => {
+                    tracing::warn!(partition = p, target = ?ownership.target, "the target set names a node missing from cluster.members; not moving");
+                    Vec::new()
+                }
+            };
+            if !members.contains(&me) && !target.contains(&me) {
+                if partitions.write().remove(p).is_some() {
+                    log.roles().set(*p, 0);
+                    tracing::info!(partition = p, replicas = ?ownership.replicas, "this node no longer replicates the partition");
+                }
+                granted.remove(p);
+                told.remove(p);
                 continue;
             }
             if !partitions.read().contains_key(p) {
-                let members: Vec<NodeId> = ownership.replicas.iter().filter_map(|r| ids.get(r).copied()).collect();
-                let config = ReplicaConfig { me, members, max_batch_entries: 256, max_inflight_entries: 4096, resend_ticks: 4 };
-                let handle = start_partition(log.clone(), *p, config, transport.clone());
+                let set = if members.contains(&me) { members.clone() } else { target.clone() };
+                let config = ReplicaConfig { me, members: set, max_batch_entries: 256, max_inflight_entries: 4096, resend_ticks: 4 };
+                let handle = start_partition(log.clone(), *p, config, transport.clone(), handovers.clone());
                 partitions.write().insert(*p, handle);
             }
-            if let Some((leader, epoch)) = &ownership.leader
-                && *leader == name
-                && granted.get(p) != Some(epoch)
+            let sets = (members.clone(), target.clone());
+            if told.get(p) != Some(&sets)
                 && let Some(task) = partitions.read().get(p)
             {
-                task.grant(*epoch);
-                granted.insert(*p, *epoch);
+                task.set_replicas(members.clone(), target, ownership.target.clone());
+                told.insert(*p, sets);
+            }
+            if let Some((leader, epoch)) = ownership.serving_leader()
+                && leader == name
+                && members.contains(&me)
+                && granted.get(p) != Some(&epoch)
+                && let Some(task) = partitions.read().get(p)
+            {
+                task.grant(epoch);
+                granted.insert(*p, epoch);
             }
         }
         tokio::select! {
@@ -243,8 +337,10 @@ async fn run_elector<S: CoordinationStore>(
             }
             Err(e) => tracing::warn!(error = %e, "ownership round failed; trying again"),
         }
+        let handovers = elector.handovers();
         let waited = tokio::select! {
             waited = elector.wait(index, ttl / 3) => waited,
+            () = handovers.reported() => Ok(()),
             _ = until_stopped(&mut stopped) => return resign(&mut elector).await,
         };
         let Err(e) = waited else {

@@ -16,7 +16,15 @@
 //!
 //! A failed effect or a panic of the protocol (on input it did not expect) restarts the
 //! partition's replica from what the log holds, as a crash would, and it resumes the leadership
-//! this node was granted if that is still its epoch.
+//! this node was granted if that is still its epoch (and it did not hand the partition over in
+//! it).
+//!
+//! Moving the replica set ([`PartitionHandle::set_replicas`]): a leader with a target set
+//! replicates to its newcomers as learners while it serves; once they are within
+//! [`HANDOVER_CLOSE`] entries it pauses (the role cleared and the writer fenced, as for stepping
+//! down) for at most [`HANDOVER_PAUSE`]. If the handover is ready meanwhile it reports it
+//! ([`Handovers`]) and never serves that epoch again; otherwise it resumes and tries again after
+//! as long a pause.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,12 +37,19 @@ use super::message::Message;
 use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role};
 use super::shell::{LogView, marker_record, marker_stream, record_of};
 use super::{EntryKind, Epoch, NodeId, Position};
+use crate::coordination::election::Handovers;
 use crate::log::{AppendError, Log, ReadIndexRequest};
 
 /// How often a partition's replica ticks (resends, heartbeats).
 pub const TICK: Duration = Duration::from_millis(50);
 /// Messages and grants queued for one partition's task before new ones are dropped.
 const QUEUE: usize = 1024;
+/// How close (in entries) every newcomer must be to the leader's log before it pauses to hand
+/// the partition over.
+pub const HANDOVER_CLOSE: Position = 2_048;
+/// The longest a leader stays paused waiting for its handover to be ready; it then serves again
+/// for as long before it tries again.
+pub const HANDOVER_PAUSE: Duration = Duration::from_millis(500);
 
 /// Carries one partition's messages to another node's replica of it. Lossy is fine.
 pub trait ReplicaTransport: Send + Sync + 'static {
@@ -44,7 +59,8 @@ pub trait ReplicaTransport: Send + Sync + 'static {
 /// What a node holds of one partition's task.
 pub struct PartitionHandle {
     inbox: mpsc::Sender<(NodeId, Message)>,
-    grants: mpsc::Sender<Epoch>,
+    /// Grants and replica-set changes, in the order the view showed them.
+    control: mpsc::Sender<Control>,
     /// The partition's commit position as this replica knows it.
     pub commit: watch::Receiver<Position>,
 }
@@ -57,28 +73,47 @@ impl PartitionHandle {
 
     /// The coordination store made this node the partition's leader in `epoch`.
     pub fn grant(&self, epoch: Epoch) {
-        let _ = self.grants.try_send(epoch);
+        let _ = self.control.try_send(Control::Grant(epoch));
+    }
+
+    /// The partition's replica set is `members` and it moves to `target` (empty: it does
+    /// not); `target_names` names the target's nodes for the handover report.
+    pub fn set_replicas(&self, members: Vec<NodeId>, target: Vec<NodeId>, target_names: Vec<String>) {
+        let _ = self.control.try_send(Control::Replicas { members, target, target_names });
     }
 }
 
-/// Starts the task of `partition` on `log`; it runs until the handle is dropped.
-pub fn start_partition(log: Arc<Log>, partition: u32, config: ReplicaConfig, transport: Arc<dyn ReplicaTransport>) -> PartitionHandle {
+/// What the coordination store tells a partition's task.
+enum Control {
+    Grant(Epoch),
+    Replicas { members: Vec<NodeId>, target: Vec<NodeId>, target_names: Vec<String> },
+}
+
+/// Starts the task of `partition` on `log`; it runs until the handle is dropped. Handovers
+/// ready are reported to `handovers`.
+pub fn start_partition(
+    log: Arc<Log>,
+    partition: u32,
+    config: ReplicaConfig,
+    transport: Arc<dyn ReplicaTransport>,
+    handovers: Arc<Handovers>,
+) -> PartitionHandle {
     let (inbox, messages) = mpsc::channel(QUEUE);
-    let (grants, granted) = mpsc::channel(16);
+    let (control, controls) = mpsc::channel(64);
     let (commit_tx, commit) = watch::channel(0);
     let (reads_tx, reads) = mpsc::channel(QUEUE);
     // Nothing is appended here until this replica serves.
     log.roles().set(partition, 0);
     log.serve_read_index(partition, reads_tx);
-    let inputs = Inputs { messages, grants: granted, reads };
-    tokio::spawn(run_partition(log, partition, config, transport, inputs, commit_tx));
-    PartitionHandle { inbox, grants, commit }
+    let inputs = Inputs { messages, controls, reads };
+    tokio::spawn(run_partition(log, partition, config, transport, inputs, commit_tx, handovers));
+    PartitionHandle { inbox, control, commit }
 }
 
 /// Where a partition's task takes its inputs from.
 struct Inputs {
     messages: mpsc::Receiver<(NodeId, Message)>,
-    grants: mpsc::Receiver<Epoch>,
+    controls: mpsc::Receiver<Control>,
     /// Linearizable reads asking for their read index ([`Log::read_index`]).
     reads: mpsc::Receiver<ReadIndexRequest>,
 }
@@ -86,7 +121,7 @@ struct Inputs {
 /// One input of a partition's replica.
 enum Input {
     Message(NodeId, Message),
-    Grant(Epoch),
+    Control(Control),
     Tick,
     /// The log published this head for the partition (the leader's own appends, durable).
     Head(Position),
@@ -103,27 +138,44 @@ impl Input {
                 message @ (Message::Stale { .. } | Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. }),
             ) => message.epoch() > promised,
             Input::Message(..) => false,
-            Input::Grant(epoch) => *epoch > promised,
+            Input::Control(Control::Grant(epoch)) => *epoch > promised,
+            Input::Control(Control::Replicas { .. }) => false,
             Input::Tick | Input::Head(_) | Input::ReadIndex(_) => false,
         }
     }
 }
 
+/// Where a leader stands in handing its partition over to a target set.
+#[derive(Default)]
+struct Handover {
+    /// The target set's names, as the store wrote them.
+    target_names: Vec<String>,
+    /// Paused since, waiting for the handover to be ready.
+    paused_at: Option<tokio::time::Instant>,
+    /// No new pause before then (a pause timed out).
+    not_before: Option<tokio::time::Instant>,
+    /// The epoch in which this node reported the handover ready: it never serves it again.
+    reported: Epoch,
+}
+
 async fn run_partition(
     log: Arc<Log>,
     partition: u32,
-    config: ReplicaConfig,
+    mut config: ReplicaConfig,
     transport: Arc<dyn ReplicaTransport>,
     inputs: Inputs,
     commit: watch::Sender<Position>,
+    handovers: Arc<Handovers>,
 ) {
-    let Inputs { mut messages, mut grants, mut reads } = inputs;
+    let Inputs { mut messages, mut controls, mut reads } = inputs;
+    let mut handover = Handover::default();
     // Linearizable reads waiting for a majority to confirm their round.
     let mut waiting_reads: Vec<(u64, ReadIndexRequest)> = Vec::new();
     // The highest epoch the coordination store granted this node: a replica restarted from the
     // log resumes it (`Replica::become_leader`).
     let mut granted: Epoch = 0;
     let Some(mut replica) = restart(&log, partition, &config, granted, 0).await else { return };
+    let mut target: Vec<NodeId> = Vec::new();
     let mut head = log.partition_head(partition);
     let mut ticks = tokio::time::interval(TICK);
     loop {
@@ -135,8 +187,8 @@ async fn run_partition(
                 Some((from, message)) => Input::Message(from, message),
                 None => return,
             },
-            grant = grants.recv() => match grant {
-                Some(epoch) => Input::Grant(epoch),
+            control = controls.recv() => match control {
+                Some(control) => Input::Control(control),
                 None => return,
             },
             request = reads.recv() => match request {
@@ -151,11 +203,18 @@ async fn run_partition(
                 Input::Head(*head.borrow_and_update())
             }
         };
-        if let Input::Grant(epoch) = input {
+        if let Input::Control(Control::Grant(epoch)) = input {
             granted = granted.max(epoch);
         }
+        if let Input::Control(Control::Replicas { members, target: to, target_names }) = &input {
+            // A newcomer's replica works with the target set until the switch.
+            config.members = if members.contains(&config.me) { members.clone() } else { to.clone() };
+            target = to.clone();
+            handover.target_names = target_names.clone();
+        }
         let mut healthy = true;
-        if matches!(replica.role(), Role::Leader { .. }) && input.raises(replica.promised()) {
+        let regrouped = matches!(&input, Input::Control(Control::Replicas { .. })) && !same_members(replica.members(), &config.members);
+        if matches!(replica.role(), Role::Leader { .. }) && (input.raises(replica.promised()) || regrouped) {
             // Fence before stepping down: once the role is cleared and a promise went through
             // the writer after every append it placed, the replica learns the true head of its
             // epoch; no append of that epoch lands after it decides anything in the next.
@@ -173,9 +232,13 @@ async fn run_partition(
                 let view = LogView { log: &log, partition };
                 match input {
                     Input::Message(from, message) => replica.on_message(from, message, &view),
-                    Input::Grant(epoch) => {
+                    Input::Control(Control::Grant(epoch)) => {
                         let recovering = replica.become_leader(epoch);
                         tracing::info!(partition, epoch, recovering, "granted the partition's leadership");
+                    }
+                    Input::Control(Control::Replicas { .. }) => {
+                        replica.set_members(config.members.clone());
+                        replica.set_target(target.clone());
                     }
                     Input::Tick => replica.tick(&view),
                     Input::Head(head) => replica.leader_appended(head, &view),
@@ -187,6 +250,10 @@ async fn run_partition(
                     },
                 }
             });
+        if healthy && let Err(e) = drive_handover(&log, partition, &mut replica, &mut handover, &handovers).await {
+            tracing::error!(partition, error = %e, "cannot fence the partition's appends to hand it over");
+            healthy = false;
+        }
         // Effects until the replica has nothing more to do (durability reports make sends).
         while healthy {
             let batch = replica.take_effects();
@@ -207,8 +274,11 @@ async fn run_partition(
         if !healthy {
             tracing::warn!(partition, "restarting the partition's replica from the log");
             log.metrics().replica_restarts.inc();
-            let Some(again) = restart(&log, partition, &config, granted, replica.round()).await else { return };
+            // A leader never serves again an epoch it handed over.
+            let resume = if granted == handover.reported { 0 } else { granted };
+            let Some(again) = restart(&log, partition, &config, resume, replica.round()).await else { return };
             replica = again;
+            replica.set_target(target.clone());
             continue;
         }
         if matches!(replica.role(), Role::Leader { .. }) {
@@ -216,6 +286,62 @@ async fn run_partition(
         }
         log.report_replica(partition, crate::log::ReplicaReport { commit: replica.commit(), followers: replica.followers() });
     }
+}
+
+fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+/// A leader with a target set: pauses once its newcomers are close (fencing the writer so the
+/// replica knows every append placed), reports the handover once ready, or resumes after
+/// [`HANDOVER_PAUSE`] (module doc). Errors only when the fence fails.
+async fn drive_handover(
+    log: &Log,
+    partition: u32,
+    replica: &mut Replica,
+    handover: &mut Handover,
+    handovers: &Handovers,
+) -> Result<(), AppendError> {
+    let Role::Leader { epoch, .. } = replica.role() else {
+        handover.paused_at = None;
+        return Ok(());
+    };
+    if replica.target().is_empty() || handover.reported == epoch {
+        return Ok(());
+    }
+    let now = tokio::time::Instant::now();
+    match handover.paused_at {
+        None => {
+            let close = replica.learners_matched().is_some_and(|m| m + HANDOVER_CLOSE >= replica.last());
+            if !close || handover.not_before.is_some_and(|t| now < t) {
+                return Ok(());
+            }
+            log.roles().set(partition, 0);
+            let head = log.promise(partition, epoch).await?;
+            replica.leader_appended(head, &LogView { log, partition });
+            replica.pause(true);
+            handover.paused_at = Some(now);
+            tracing::info!(partition, epoch, "paused to hand the partition over");
+        }
+        Some(since) => {
+            if replica.handover_ready() {
+                handover.reported = epoch;
+                handover.paused_at = None;
+                handovers.report(partition, epoch, handover.target_names.clone());
+                tracing::info!(partition, epoch, target = ?handover.target_names, "handover ready");
+            } else if now.duration_since(since) >= HANDOVER_PAUSE {
+                replica.pause(false);
+                log.roles().set(partition, epoch);
+                handover.paused_at = None;
+                handover.not_before = Some(now + HANDOVER_PAUSE);
+                tracing::info!(partition, epoch, "the handover was not ready in time; serving again");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Answers the reads whose round a majority confirmed (with the commit position: everything
@@ -432,7 +558,7 @@ mod tests {
                 let config =
                     ReplicaConfig { me: id, members: IDS.to_vec(), max_batch_entries: 64, max_inflight_entries: 256, resend_ticks: 4 };
                 let handles: HashMap<u32, PartitionHandle> =
-                    (0..2).map(|p| (p, start_partition(log.clone(), p, config.clone(), net.sender(id)))).collect();
+                    (0..2).map(|p| (p, start_partition(log.clone(), p, config.clone(), net.sender(id), Arc::default()))).collect();
                 let handles = Arc::new(handles);
                 net.register(id, handles.clone());
                 logs.push(log);
