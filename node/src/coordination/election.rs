@@ -125,6 +125,8 @@ pub struct PartitionOwnership {
     pub claim: u64,
     /// The placement key's modify index (what a claim or a switch compares against).
     pub modify_index: u64,
+    /// The session holding the leader lock.
+    pub leader_session: Option<SessionId>,
 }
 
 impl PartitionOwnership {
@@ -145,6 +147,21 @@ pub struct ClusterView {
     pub decommissioned: BTreeSet<String>,
     pub partitions: BTreeMap<u32, PartitionOwnership>,
     pub index: u64,
+    /// This node's session as of the view.
+    pub session: Option<SessionId>,
+}
+
+impl ClusterView {
+    /// The epoch this node's current session leads `partition` in, with the placement claimed
+    /// for it. A lock held by an earlier session of this node (a process restarted within its
+    /// TTL) is not this node's to serve: that process may have handed the epoch over, so the
+    /// partition waits for the old session to expire and a new epoch.
+    pub fn serving_here(&self, partition: u32, node: &str) -> Option<u64> {
+        let o = self.partitions.get(&partition)?;
+        let (leader, epoch) = o.serving_leader()?;
+        (leader == node && o.leader_session.is_some() && o.leader_session == self.session && o.replicas.iter().any(|r| r == node))
+            .then_some(epoch)
+    }
 }
 
 /// Handovers the partitions' replicas report ready (`Replica::handover_ready`), for the
@@ -259,16 +276,18 @@ impl<S: CoordinationStore> Elector<S> {
             ready.clone()
         };
         let mut writes = Vec::new();
-        let mut releases = Vec::new();
+        // Locks to release, and whether a handover report is settled once released.
+        let mut releases: Vec<(u32, bool)> = Vec::new();
         for (p, o) in &view.partitions {
             let Some((leader, epoch)) = &o.leader else { continue };
-            if *leader != self.config.node {
+            // Only a lock of this session: an earlier session's is left to expire.
+            if *leader != self.config.node || o.leader_session.as_ref() != Some(session) {
                 continue;
             }
             let current = Placement { replicas: o.replicas.clone(), target: o.target.clone(), claim: o.claim };
             if !o.replicas.contains(&self.config.node) {
                 // Took the lock of a set that switched away from this node meanwhile.
-                releases.push(*p);
+                releases.push((*p, false));
             } else if o.claim < *epoch {
                 writes.push((*p, o.modify_index, Placement { claim: *epoch, ..current }, false));
             } else if o.claim > *epoch {
@@ -280,19 +299,14 @@ impl<S: CoordinationStore> Elector<S> {
                 } else {
                     // The switch landed (a write whose answer was lost), or this node wrote
                     // another target since: either way its paused leader is done with its epoch.
-                    self.handovers.ready.lock().remove(p);
-                    releases.push(*p);
+                    releases.push((*p, true));
                 }
             } else if eligible.len() >= self.config.replication_factor {
                 let desired = replica_set(*p, &eligible, self.config.replication_factor);
+                // A target whose newcomer is down is dropped: the leader would pause for it in
+                // vain, again and again. It is written again once the newcomer is back.
                 let newcomers_live = desired.iter().all(|m| o.replicas.contains(m) || view.members.contains_key(m));
-                let target = if same_set(&desired, &o.replicas) {
-                    Vec::new()
-                } else if newcomers_live {
-                    desired
-                } else {
-                    o.target.clone()
-                };
+                let target = if same_set(&desired, &o.replicas) || !newcomers_live { Vec::new() } else { desired };
                 if !same_set(&target, &o.target) {
                     tracing::info!(partition = p, from = ?o.replicas, to = ?target, "moving the partition's replica set");
                     writes.push((*p, o.modify_index, Placement { target, ..current }, false));
@@ -311,15 +325,18 @@ impl<S: CoordinationStore> Elector<S> {
             // claim or the modify index then says whether it landed).
             let done = outcome?;
             if *switch {
-                self.handovers.ready.lock().remove(p);
                 // Switched or not (a later epoch claimed meanwhile), this leader is done with
                 // its epoch: the set's first live member takes the lock in a higher one.
                 tracing::info!(partition = p, switched = done, to = ?placement.replicas, "handing the partition over");
-                releases.push(*p);
+                releases.push((*p, true));
             }
         }
-        for p in releases {
+        for (p, settles_report) in releases {
+            // The report stays until the lock is gone, so a failed release is tried again.
             self.store.release(&self.key("leaders", p), session).await?;
+            if settles_report {
+                self.handovers.ready.lock().remove(&p);
+            }
         }
         Ok(wrote)
     }
@@ -358,7 +375,7 @@ impl<S: CoordinationStore> Elector<S> {
 
     async fn view(&self) -> Result<ClusterView> {
         let listing = self.store.list(&self.config.prefix, 0, Duration::ZERO).await?;
-        let mut view = ClusterView { index: listing.index, ..ClusterView::default() };
+        let mut view = ClusterView { index: listing.index, session: self.session.clone(), ..ClusterView::default() };
         let mut leaders = BTreeMap::new();
         for entry in listing.entries {
             let Some(rest) = entry.key.strip_prefix(&self.config.prefix) else { continue };
@@ -377,21 +394,23 @@ impl<S: CoordinationStore> Elector<S> {
                     (Ok(p), Some(placement)) => {
                         let Placement { replicas, target, claim } = placement;
                         let modify_index = entry.modify_index;
-                        view.partitions.insert(p, PartitionOwnership { replicas, leader: None, target, claim, modify_index });
+                        let ownership = PartitionOwnership { replicas, leader: None, target, claim, modify_index, leader_session: None };
+                        view.partitions.insert(p, ownership);
                     }
                     _ => tracing::warn!(key = %entry.key, %value, "ignoring a placement this version cannot read"),
                 },
                 Some(("leaders", p)) if entry.session.is_some() => {
                     if let Ok(p) = p.parse::<u32>() {
-                        leaders.insert(p, (value, entry.lock_index));
+                        leaders.insert(p, ((value, entry.lock_index), entry.session.clone()));
                     }
                 }
                 _ => {}
             }
         }
-        for (p, leader) in leaders {
+        for (p, (leader, session)) in leaders {
             if let Some(ownership) = view.partitions.get_mut(&p) {
                 ownership.leader = Some(leader);
+                ownership.leader_session = session;
             }
         }
         Ok(view)
@@ -613,6 +632,49 @@ mod tests {
         e.handovers().report(p, later_epoch, o.target.clone());
         let switched = e.round().await.unwrap();
         assert!(same_set(&switched.partitions[&p].replicas, &o.target), "{:?}", switched.partitions[&p]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_restarted_while_its_old_session_holds_its_locks_serves_none_of_them_until_a_new_epoch() {
+        let store = Arc::new(MemoryStore::default());
+        let (mut a, mut b, mut c) = (elector(&store, "node-1"), elector(&store, "node-2"), elector(&store, "node-3"));
+        rounds(&mut [&mut a, &mut b, &mut c], 2).await;
+        let before = a.round().await.unwrap();
+        let led = before.led_by("node-1");
+        assert!(!led.is_empty() && led.keys().all(|p| before.serving_here(*p, "node-1").is_some()), "its current session serves them");
+        // node-1's process restarts: a new elector, a new session; the old one still holds the locks.
+        let mut a = elector(&store, "node-1");
+        let restarted = a.round().await.unwrap();
+        for (p, epoch) in &led {
+            assert_eq!(restarted.partitions[p].leader.as_ref().map(|(_, e)| *e), Some(*epoch), "the old session's lock");
+            assert_eq!(restarted.serving_here(*p, "node-1"), None, "partition {p} served again in epoch {epoch} by a new process");
+        }
+        // Once the old session expires, each of them gets a higher epoch.
+        let after = rounds(&mut [&mut a, &mut b, &mut c], 8).await;
+        for (p, epoch) in &led {
+            let (leader, now) = after.partitions[p].serving_leader().unwrap();
+            assert!(now > *epoch, "partition {p} led by {leader} in {now}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_whose_newcomer_goes_down_is_dropped_and_written_again_when_it_is_back() {
+        let store = Arc::new(MemoryStore::default());
+        let (mut a, mut b, mut c) = (elector(&store, "node-1"), elector(&store, "node-2"), elector(&store, "node-3"));
+        rounds(&mut [&mut a, &mut b, &mut c], 2).await;
+        // node-4 joins: sets that now want it get a target naming it.
+        let mut d = elector(&store, "node-4");
+        let joined = rounds(&mut [&mut a, &mut b, &mut c, &mut d], 2).await;
+        let moving: Vec<u32> =
+            joined.partitions.iter().filter(|(_, o)| o.target.contains(&"node-4".to_string())).map(|(p, _)| *p).collect();
+        assert!(!moving.is_empty(), "{joined:#?}");
+        // node-4 stops before any handover: once its session expires, those targets go.
+        let gone = rounds(&mut [&mut a, &mut b, &mut c], 8).await;
+        assert!(gone.partitions.values().all(|o| o.target.is_empty()), "{gone:#?}");
+        let mut d = elector(&store, "node-4");
+        let back = rounds(&mut [&mut a, &mut b, &mut c, &mut d], 2).await;
+        let again: Vec<u32> = back.partitions.iter().filter(|(_, o)| o.target.contains(&"node-4".to_string())).map(|(p, _)| *p).collect();
+        assert_eq!(again, moving);
     }
 
     #[tokio::test(start_paused = true)]

@@ -259,9 +259,6 @@ struct Replication {
 /// partition's lock (the lock index is the epoch) and the placement claimed for that epoch.
 async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>, mut stopped: watch::Receiver<bool>) {
     let Replication { log, me, name, ids, partitions, transport, handovers } = r;
-    let mut granted: HashMap<u32, u64> = HashMap::new();
-    // The sets each task was last told.
-    let mut told: HashMap<u32, (Vec<NodeId>, Vec<NodeId>)> = HashMap::new();
     loop {
         let current = view.borrow_and_update().clone();
         for (p, ownership) in &current.partitions {
@@ -280,8 +277,6 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
                     log.roles().set(*p, 0);
                     tracing::info!(partition = p, replicas = ?ownership.replicas, "this node no longer replicates the partition");
                 }
-                granted.remove(p);
-                told.remove(p);
                 continue;
             }
             if !partitions.read().contains_key(p) {
@@ -290,21 +285,12 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
                 let handle = start_partition(log.clone(), *p, config, transport.clone(), handovers.clone());
                 partitions.write().insert(*p, handle);
             }
-            let sets = (members.clone(), target.clone());
-            if told.get(p) != Some(&sets)
-                && let Some(task) = partitions.read().get(p)
-            {
+            // Both are idempotent; the sets go first, so a grant finds the set it belongs to.
+            if let Some(task) = partitions.read().get(p) {
                 task.set_replicas(members.clone(), target, ownership.target.clone());
-                told.insert(*p, sets);
-            }
-            if let Some((leader, epoch)) = ownership.serving_leader()
-                && leader == name
-                && members.contains(&me)
-                && granted.get(p) != Some(&epoch)
-                && let Some(task) = partitions.read().get(p)
-            {
-                task.grant(epoch);
-                granted.insert(*p, epoch);
+                if let Some(epoch) = current.serving_here(*p, &name) {
+                    task.grant(epoch);
+                }
             }
         }
         tokio::select! {

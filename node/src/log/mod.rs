@@ -115,11 +115,22 @@ pub enum AppendError {
 /// [`SINGLE_NODE_EPOCH`]; in a cluster the replication manager sets them.
 pub struct Roles {
     epochs: Vec<std::sync::atomic::AtomicU64>,
+    /// A leader handing its partition over: it still leads its epoch (its `quorum` appends
+    /// still wait for their commit) but the writer takes no new appends.
+    paused: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl Roles {
     pub fn new(partitions: u32, epoch: u64) -> Self {
-        Roles { epochs: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(epoch)).collect() }
+        Roles {
+            epochs: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(epoch)).collect(),
+            paused: (0..partitions).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Stops (or resumes) the writer taking appends for `partition`, whose leader it stays.
+    pub fn pause(&self, partition: u32, paused: bool) {
+        self.paused[partition as usize].store(paused, std::sync::atomic::Ordering::Release);
     }
 
     /// The epoch this node appends to `partition` in, 0 when it does not lead it.
@@ -127,12 +138,17 @@ impl Roles {
         self.epochs[partition as usize].load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// This node appends to `partition` in `epoch` (0: not at all), not paused.
     pub fn set(&self, partition: u32, epoch: u64) {
+        self.paused[partition as usize].store(false, std::sync::atomic::Ordering::Release);
         self.epochs[partition as usize].store(epoch, std::sync::atomic::Ordering::Release);
     }
 
+    /// What the writer appends in: each partition's epoch, 0 where it does not lead or paused.
     fn snapshot(&self) -> Vec<u64> {
-        (0..self.epochs.len() as u32).map(|p| self.epoch(p)).collect()
+        (0..self.epochs.len() as u32)
+            .map(|p| if self.paused[p as usize].load(std::sync::atomic::Ordering::Acquire) { 0 } else { self.epoch(p) })
+            .collect()
     }
 }
 

@@ -59,8 +59,9 @@ pub trait ReplicaTransport: Send + Sync + 'static {
 /// What a node holds of one partition's task.
 pub struct PartitionHandle {
     inbox: mpsc::Sender<(NodeId, Message)>,
-    /// Grants and replica-set changes, in the order the view showed them.
-    control: mpsc::Sender<Control>,
+    /// What the coordination store wants of the task: the latest always reaches it (a queue
+    /// that drops when full could lose a set change and deliver the grant after it).
+    control: watch::Sender<Desired>,
     /// The partition's commit position as this replica knows it.
     pub commit: watch::Receiver<Position>,
 }
@@ -73,20 +74,33 @@ impl PartitionHandle {
 
     /// The coordination store made this node the partition's leader in `epoch`.
     pub fn grant(&self, epoch: Epoch) {
-        let _ = self.control.try_send(Control::Grant(epoch));
+        self.control.send_if_modified(|d| {
+            let higher = epoch > d.grant;
+            d.grant = d.grant.max(epoch);
+            higher
+        });
     }
 
     /// The partition's replica set is `members` and it moves to `target` (empty: it does
-    /// not); `target_names` names the target's nodes for the handover report.
+    /// not); `target_names` names the target's nodes for the handover report. Call it before
+    /// granting an epoch the new sets belong to: the task applies the sets first.
     pub fn set_replicas(&self, members: Vec<NodeId>, target: Vec<NodeId>, target_names: Vec<String>) {
-        let _ = self.control.try_send(Control::Replicas { members, target, target_names });
+        self.control.send_if_modified(|d| {
+            let changed = d.members != members || d.target != target || d.target_names != target_names;
+            (d.members, d.target, d.target_names) = (members, target, target_names);
+            changed
+        });
     }
 }
 
-/// What the coordination store tells a partition's task.
-enum Control {
-    Grant(Epoch),
-    Replicas { members: Vec<NodeId>, target: Vec<NodeId>, target_names: Vec<String> },
+/// What the coordination store wants of a partition's task: its replica set, the set it moves
+/// to, and the highest epoch granted to this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Desired {
+    members: Vec<NodeId>,
+    target: Vec<NodeId>,
+    target_names: Vec<String>,
+    grant: Epoch,
 }
 
 /// Starts the task of `partition` on `log`; it runs until the handle is dropped. Handovers
@@ -99,7 +113,7 @@ pub fn start_partition(
     handovers: Arc<Handovers>,
 ) -> PartitionHandle {
     let (inbox, messages) = mpsc::channel(QUEUE);
-    let (control, controls) = mpsc::channel(64);
+    let (control, controls) = watch::channel(Desired { members: config.members.clone(), ..Desired::default() });
     let (commit_tx, commit) = watch::channel(0);
     let (reads_tx, reads) = mpsc::channel(QUEUE);
     // Nothing is appended here until this replica serves.
@@ -113,7 +127,7 @@ pub fn start_partition(
 /// Where a partition's task takes its inputs from.
 struct Inputs {
     messages: mpsc::Receiver<(NodeId, Message)>,
-    controls: mpsc::Receiver<Control>,
+    controls: watch::Receiver<Desired>,
     /// Linearizable reads asking for their read index ([`Log::read_index`]).
     reads: mpsc::Receiver<ReadIndexRequest>,
 }
@@ -121,7 +135,7 @@ struct Inputs {
 /// One input of a partition's replica.
 enum Input {
     Message(NodeId, Message),
-    Control(Control),
+    Desired(Desired),
     Tick,
     /// The log published this head for the partition (the leader's own appends, durable).
     Head(Position),
@@ -138,8 +152,7 @@ impl Input {
                 message @ (Message::Stale { .. } | Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. }),
             ) => message.epoch() > promised,
             Input::Message(..) => false,
-            Input::Control(Control::Grant(epoch)) => *epoch > promised,
-            Input::Control(Control::Replicas { .. }) => false,
+            Input::Desired(desired) => desired.grant > promised,
             Input::Tick | Input::Head(_) | Input::ReadIndex(_) => false,
         }
     }
@@ -176,6 +189,8 @@ async fn run_partition(
     let mut granted: Epoch = 0;
     let Some(mut replica) = restart(&log, partition, &config, granted, 0).await else { return };
     let mut target: Vec<NodeId> = Vec::new();
+    // The replica set as the store last named it (a newcomer's `config.members` is the target).
+    let mut applied_members = config.members.clone();
     let mut head = log.partition_head(partition);
     let mut ticks = tokio::time::interval(TICK);
     loop {
@@ -187,10 +202,12 @@ async fn run_partition(
                 Some((from, message)) => Input::Message(from, message),
                 None => return,
             },
-            control = controls.recv() => match control {
-                Some(control) => Input::Control(control),
-                None => return,
-            },
+            changed = controls.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                Input::Desired(controls.borrow_and_update().clone())
+            }
             request = reads.recv() => match request {
                 Some(reply) => Input::ReadIndex(reply),
                 None => return,
@@ -203,17 +220,25 @@ async fn run_partition(
                 Input::Head(*head.borrow_and_update())
             }
         };
-        if let Input::Control(Control::Grant(epoch)) = input {
-            granted = granted.max(epoch);
-        }
-        if let Input::Control(Control::Replicas { members, target: to, target_names }) = &input {
-            // A newcomer's replica works with the target set until the switch.
-            config.members = if members.contains(&config.me) { members.clone() } else { to.clone() };
-            target = to.clone();
-            handover.target_names = target_names.clone();
+        // What changed in what the store wants: the sets first, then a grant (of the new sets).
+        let (mut regroup, mut grant) = (false, None);
+        if let Input::Desired(desired) = &input {
+            if desired.target != target || !same_members(&desired.members, &applied_members) {
+                // A newcomer's replica works with the target set until the switch.
+                let me = config.me;
+                config.members = if desired.members.contains(&me) { desired.members.clone() } else { desired.target.clone() };
+                applied_members = desired.members.clone();
+                target = desired.target.clone();
+                handover.target_names = desired.target_names.clone();
+                regroup = true;
+            }
+            if desired.grant > granted {
+                granted = desired.grant;
+                grant = Some(desired.grant);
+            }
         }
         let mut healthy = true;
-        let regrouped = matches!(&input, Input::Control(Control::Replicas { .. })) && !same_members(replica.members(), &config.members);
+        let regrouped = regroup && !same_members(replica.members(), &config.members);
         if matches!(replica.role(), Role::Leader { .. }) && (input.raises(replica.promised()) || regrouped) {
             // Fence before stepping down: once the role is cleared and a promise went through
             // the writer after every append it placed, the replica learns the true head of its
@@ -232,13 +257,15 @@ async fn run_partition(
                 let view = LogView { log: &log, partition };
                 match input {
                     Input::Message(from, message) => replica.on_message(from, message, &view),
-                    Input::Control(Control::Grant(epoch)) => {
-                        let recovering = replica.become_leader(epoch);
-                        tracing::info!(partition, epoch, recovering, "granted the partition's leadership");
-                    }
-                    Input::Control(Control::Replicas { .. }) => {
-                        replica.set_members(config.members.clone());
-                        replica.set_target(target.clone());
+                    Input::Desired(_) => {
+                        if regroup {
+                            replica.set_members(config.members.clone());
+                            replica.set_target(target.clone());
+                        }
+                        if let Some(epoch) = grant {
+                            let recovering = replica.become_leader(epoch);
+                            tracing::info!(partition, epoch, recovering, "granted the partition's leadership");
+                        }
                     }
                     Input::Tick => replica.tick(&view),
                     Input::Head(head) => replica.leader_appended(head, &view),
@@ -309,7 +336,16 @@ async fn drive_handover(
         handover.paused_at = None;
         return Ok(());
     };
-    if replica.target().is_empty() || handover.reported == epoch {
+    if handover.reported == epoch {
+        return Ok(());
+    }
+    if replica.target().is_empty() {
+        if handover.paused_at.take().is_some() {
+            // The move was called off while paused (the target dropped): serve again.
+            replica.pause(false);
+            log.roles().pause(partition, false);
+            tracing::info!(partition, epoch, "the move was called off; serving again");
+        }
         return Ok(());
     }
     let now = tokio::time::Instant::now();
@@ -319,7 +355,9 @@ async fn drive_handover(
             if !close || handover.not_before.is_some_and(|t| now < t) {
                 return Ok(());
             }
-            log.roles().set(partition, 0);
+            // Fenced like a step-down (the writer takes no more, the promise counts what it
+            // placed), while `quorum` appends already placed still wait for their commit.
+            log.roles().pause(partition, true);
             let head = log.promise(partition, epoch).await?;
             replica.leader_appended(head, &LogView { log, partition });
             replica.pause(true);
@@ -334,7 +372,7 @@ async fn drive_handover(
                 tracing::info!(partition, epoch, target = ?handover.target_names, "handover ready");
             } else if now.duration_since(since) >= HANDOVER_PAUSE {
                 replica.pause(false);
-                log.roles().set(partition, epoch);
+                log.roles().pause(partition, false);
                 handover.paused_at = None;
                 handover.not_before = Some(now + HANDOVER_PAUSE);
                 tracing::info!(partition, epoch, "the handover was not ready in time; serving again");

@@ -378,7 +378,8 @@ impl Replica {
                 self.leader_round = self.leader_round.max(round);
                 self.on_append(from, prev_position, prev_epoch, entries, commit);
             }
-            Message::RecoverReply { epoch, history, last } if epoch == self.promised => {
+            // Only members count for recovery: a node the set moved away from may still answer.
+            Message::RecoverReply { epoch, history, last } if epoch == self.promised && self.config.members.contains(&from) => {
                 if let Phase::Recovering { replies, .. } = &mut self.phase {
                     replies.insert(from, (history, last));
                     self.try_finish_recovery();
@@ -952,6 +953,54 @@ mod tests {
             assert_eq!(f.last(), 6);
             assert!(!f.take_effects().effects.iter().any(|e| matches!(e, Effect::Append(_) | Effect::Truncate { .. })));
         }
+    }
+
+    #[test]
+    fn given_a_set_moved_while_recovering_then_only_the_new_members_answers_count() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let mut leader = Replica::new(config, DurableState::default());
+        assert!(leader.become_leader(1));
+        leader.set_members(vec![0, 3, 4]);
+        let log = Mem(Vec::new());
+        // Node 1 left the set; its late answer must not make a majority with node 0.
+        leader.on_message(1, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
+        assert_eq!(leader.role(), Role::Recovering { epoch: 1 });
+        leader.on_message(3, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
+        assert!(matches!(leader.role(), Role::Leader { epoch: 1, .. }), "{:?}", leader.role());
+    }
+
+    #[test]
+    fn given_a_leader_with_a_target_then_learners_do_not_count_and_the_handover_waits_for_every_newcomer_and_a_majority() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let mut leader = Replica::new(config, DurableState::default());
+        assert!(leader.become_leader(1));
+        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker, atomic_with_next: false }]);
+        for peer in [1, 2] {
+            leader.on_message(peer, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
+        }
+        let batch = leader.take_effects();
+        leader.on_durable(batch.ticket, &log);
+        // Moving from {0,1,2} to {0,3,4}: learners 3 and 4 hold the log, the members do not.
+        leader.set_target(vec![0, 3, 4]);
+        let durable = |leader: &mut Replica, peer, position| {
+            leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(position), round: 0 }, &log)
+        };
+        durable(&mut leader, 3, 1);
+        durable(&mut leader, 4, 1);
+        assert_eq!(leader.commit(), 0, "learners do not commit");
+        assert_eq!(leader.learners_matched(), Some(1));
+        assert!(!leader.handover_ready(), "not paused");
+        leader.pause(true);
+        assert!(leader.propose(vec![b"x".to_vec()]).is_none(), "a paused leader takes no proposal");
+        assert!(leader.handover_ready(), "itself and both newcomers: every newcomer and a majority of the target");
+        // Moving to {1,2,3} instead: newcomer 3 holds the log, but only it and none of 1 and 2.
+        leader.set_target(vec![1, 2, 3]);
+        assert!(!leader.handover_ready(), "one of three holds the log: no majority of the target");
+        durable(&mut leader, 1, 1);
+        assert!(leader.handover_ready());
+        leader.set_target(vec![1, 2, 4]);
+        leader.set_target(vec![1, 2, 5]);
+        assert!(!leader.handover_ready(), "newcomer 5 holds nothing");
     }
 
     #[test]

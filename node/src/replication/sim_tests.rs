@@ -431,7 +431,12 @@ impl Sim {
     fn drive_handover(&mut self, n: NodeId) {
         let replica = &mut self.nodes[n as usize].replica;
         let epoch = replica.promised();
-        if !matches!(replica.role(), Role::Leader { .. }) || replica.target().is_empty() || self.handed_over.contains(&(n, epoch)) {
+        if !matches!(replica.role(), Role::Leader { .. }) || self.handed_over.contains(&(n, epoch)) {
+            return;
+        }
+        if replica.target().is_empty() {
+            // The move was called off: a paused leader serves again.
+            replica.pause(false);
             return;
         }
         if !replica.paused() {
