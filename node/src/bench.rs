@@ -39,6 +39,7 @@ use serde::Serialize;
 
 use crate::client::{self, Clients};
 use crate::config::{GroupCommitConfig, LimitsConfig, StorageConfig};
+use crate::cpu_quota::CpuQuota;
 use crate::local::{ChildNode, ClusterSpec, LocalCluster};
 use crate::log::{self, ExpectedVersion, Log, NewEvent};
 use crate::metrics::Metrics;
@@ -120,6 +121,11 @@ pub struct BenchArgs {
     /// With --cluster: the nodes' session TTL (how long a dead node goes unnoticed).
     #[arg(long, default_value_t = 1_000)]
     pub session_ttl_ms: u64,
+    /// With --cluster: hold every node process to this many cores (a cgroup CPU quota), in the
+    /// one-node run and in the cluster alike, as a node per machine would be; the client is not
+    /// held. Nodes restarted by --kills run without it.
+    #[arg(long)]
+    pub cpu_per_node: Option<f64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -170,6 +176,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.kills > 0 {
         bail!("--kills needs --cluster");
+    }
+    if args.cpu_per_node.is_some() {
+        bail!("--cpu-per-node needs --cluster (it holds the nodes the cluster benchmark starts)");
     }
     let needs_node = args.suite || !matches!(args.workload, Workload::Raw | Workload::Disk);
     let (node, _dir, url) = match (&args.server, needs_node) {
@@ -288,10 +297,15 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     single_args.extend(["--partitions".to_string(), args.partitions.to_string()]);
     let single = ChildNode::spawn(&exe, &dir.path().join("single"), &single_args)?;
     eprintln!("bench: started one node at {} for the baseline", single.url());
+    let quota = |pid: u32, name: &str| -> anyhow::Result<Option<CpuQuota>> {
+        args.cpu_per_node.map(|cores| CpuQuota::limit(pid, cores, &format!("bench-{name}"))).transpose()
+    };
+    let single_quota = quota(single.pid(), "single")?;
     let server = Server { url: single.url(), data_dir: Some(single.data_dir.clone()), seeds: None };
     let mut baseline = one(args, &server, Some(&format!("{workload}: 1 node"))).await?;
     baseline.baseline = None;
     single.terminate(Duration::from_secs(30))?;
+    drop(single_quota);
     settle().await;
 
     let spec = ClusterSpec {
@@ -303,6 +317,15 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     };
     let mut cluster = LocalCluster::start(&exe, &dir.path().join("cluster"), &spec)?;
     eprintln!("bench: started {nodes} nodes at {}", cluster.urls().join(", "));
+    let mut quotas = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        if let Some(node) = node {
+            quotas.extend(quota(node.pid(), &LocalCluster::name(i))?);
+        }
+    }
+    if let Some(cores) = args.cpu_per_node {
+        eprintln!("bench: every node held to {cores} cores (the one-node run too)");
+    }
     wait_whole(&cluster, &spec, Duration::from_secs(60)).await?;
     let server = Server { url: cluster.url(0), data_dir: Some(cluster.dir().to_path_buf()), seeds: Some(cluster.urls()) };
     // Commands are acknowledged once committed in a cluster, whatever --durability says.
@@ -313,8 +336,12 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     let results = vec![baseline, routed];
 
     let failover = if args.kills > 0 { Some(failovers(args.kills, &mut cluster, &spec).await?) } else { None };
+    // The nodes first (each is waited for), then their now empty groups.
+    drop(cluster);
+    drop(quotas);
     if args.json {
-        let report = serde_json::json!({ "machine": machine(), "results": results, "failover": failover });
+        let report =
+            serde_json::json!({ "machine": machine(), "cpu_per_node": args.cpu_per_node, "results": results, "failover": failover });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&results));

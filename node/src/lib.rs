@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod coordination;
+pub mod cpu_quota;
 pub mod demo;
 pub mod local;
 pub mod log;
