@@ -684,6 +684,9 @@ async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_the
     let out =
         std::process::Command::new(common::exe()).args(["decommission", "node-9", "--server", &cluster.local.url(1)]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown member \"node-9\""), "{out:?}");
+    let out = std::process::Command::new(common::exe()).args(["decommission", "node-2", "--server", &cluster.local.url(1)]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("fewer than the replication factor 3"), "two members would be left: {stderr}");
     cluster.kill9(0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
