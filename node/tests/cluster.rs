@@ -610,10 +610,79 @@ async fn partition_events_on(addr: SocketAddr, partition: u32) -> Option<Vec<pb:
     Some(c.log.read_partition(request).await.ok()?.into_inner().events)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_then_replica_sets_move_to_caught_up_members_and_no_acknowledged_append_is_lost()
- {
-    let _one = ONE_AT_A_TIME.lock().await;
+/// A `quorum` writer per partition through the router, until `stop`: each its stream, the
+/// payloads acknowledged, and the longest wait between two acknowledgements.
+type QuorumWriters = Vec<tokio::task::JoinHandle<(String, Vec<String>, Duration)>>;
+
+fn quorum_writers(
+    router: &std::sync::Arc<anthill_node::router::Router>,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> QuorumWriters {
+    stream_per_partition()
+        .into_iter()
+        .map(|stream| {
+            let (router, stop) = (router.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut last_ack, mut longest_gap) = (Vec::new(), Instant::now(), Duration::ZERO);
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let payload = format!("{stream}/{i}");
+                    let mut request = common::append(&stream, None, vec![common::event("Added", &payload)]);
+                    request.durability = pb::Durability::Quorum as i32;
+                    if router.append(request).await.is_ok() {
+                        acked.push(payload);
+                        longest_gap = longest_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                    }
+                }
+                (stream, acked, longest_gap)
+            })
+        })
+        .collect()
+}
+
+/// Every acknowledged append is read back through the router, once and in order; then every
+/// member of each partition's set in `status` holds the same, non-empty log.
+async fn check_acknowledged_and_converged(
+    cluster: &Cluster,
+    router: &anthill_node::router::Router,
+    writers: QuorumWriters,
+    status: &pb::ClusterStatus,
+) {
+    for writer in writers {
+        let (stream, acked, longest_gap) = writer.await.unwrap();
+        eprintln!("{stream}: {} appends acknowledged; the longest wait between two: {longest_gap:?}", acked.len());
+        assert!(acked.len() > 10, "{stream}: only {} appends acknowledged", acked.len());
+        let read =
+            router.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0, linearizable: false }).await.unwrap();
+        let stored: Vec<String> = read.events.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
+        let mut next = stored.iter();
+        for payload in &acked {
+            assert!(next.any(|s| s == payload), "{stream}: acknowledged {payload} is missing or out of order");
+        }
+    }
+    for p in &status.partitions {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut logs = Vec::new();
+            for r in &p.replicas {
+                logs.push(partition_events_on(cluster.addrs[index_of(r)], p.partition).await);
+            }
+            if logs.iter().all(|l| l.is_some() && *l == logs[0]) {
+                assert!(!logs[0].as_ref().unwrap().is_empty(), "partition {} is empty", p.partition);
+                break;
+            }
+            assert!(Instant::now() < deadline, "partition {}: the replicas {:?} never converged", p.partition, p.replicas);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Four configured members, the first three started and settled (every partition led, none
+/// moving); the fourth is left for the test to start.
+async fn three_of_four() -> (Cluster, pb::ClusterStatus) {
     let dir = tempfile::tempdir().unwrap();
     let spec =
         ClusterSpec { nodes: 4, partitions: PARTITIONS, replication_factor: 3, session_ttl_ms: SESSION_TTL_MS, node_args: Vec::new() };
@@ -622,38 +691,39 @@ async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_the
         local.start_node(i, &[]).unwrap();
     }
     let cluster = Cluster { _dir: dir, addrs: local.addrs.clone(), local };
-    let named = |s: &pb::ClusterStatus, node: &str| s.partitions.iter().filter(|p| p.replicas.iter().any(|r| r == node)).count();
-    let settled = |s: &pb::ClusterStatus| all_led(s) && s.partitions.iter().all(|p| p.target.is_empty());
     let first = cluster.wait_for(0, Duration::from_secs(60), |s| settled(s) && s.members.iter().filter(|m| m.live).count() == 3).await;
     assert_eq!(named(&first, "node-4"), 0);
+    (cluster, first)
+}
 
+/// How many partitions' sets name `node`.
+fn named(s: &pb::ClusterStatus, node: &str) -> usize {
+    s.partitions.iter().filter(|p| p.replicas.iter().any(|r| r == node)).count()
+}
+
+/// Every partition led, none moving.
+fn settled(s: &pb::ClusterStatus) -> bool {
+    all_led(s) && s.partitions.iter().all(|p| p.target.is_empty())
+}
+
+/// `anthill decommission` with `args` against node `i`.
+async fn decommission(cluster: &Cluster, i: usize, args: &[&str]) -> std::process::Output {
+    let mut all: Vec<String> = vec!["decommission".into(), "--server".into(), cluster.local.url(i)];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || std::process::Command::new(common::exe()).args(all).output().unwrap()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_then_replica_sets_move_to_caught_up_members_and_no_acknowledged_append_is_lost()
+ {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, first) = three_of_four().await;
     let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for stream in stream_per_partition() {
-        let (router, stop) = (router.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let (mut acked, mut last_ack, mut longest_gap) = (Vec::new(), Instant::now(), Duration::ZERO);
-            for i in 0.. {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let payload = format!("{stream}/{i}");
-                let mut request = common::append(&stream, None, vec![common::event("Added", &payload)]);
-                request.durability = pb::Durability::Quorum as i32;
-                if router.append(request).await.is_ok() {
-                    acked.push(payload);
-                    longest_gap = longest_gap.max(last_ack.elapsed());
-                    last_ack = Instant::now();
-                }
-            }
-            (stream, acked, longest_gap)
-        }));
-    }
+    let writers = quorum_writers(&router, &stop);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // node-4 joins: the partitions whose desired set now names it move to it, once it caught up.
-    let mut cluster = cluster;
     cluster.start_node(3);
     // Settled: each set that took node-4 leads in a higher epoch (between a switch and the old
     // leader's release, the status briefly shows the new set under the old lock).
@@ -671,20 +741,14 @@ async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_the
     assert!(joined.partitions.iter().all(|p| p.replicas.len() == 3), "{joined:?}");
 
     // node-1 is decommissioned (the command follows the moves until no set names it), then killed.
-    let out = tokio::task::spawn_blocking({
-        let server = cluster.local.url(1);
-        move || std::process::Command::new(common::exe()).args(["decommission", "node-1", "--server", &server, "--json"]).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = decommission(&cluster, 1, &["node-1", "--json"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["partitions_naming_it"], serde_json::json!([]), "{report}");
     assert!(!report["partitions_at_start"].as_array().unwrap().is_empty(), "{report}");
-    let out =
-        std::process::Command::new(common::exe()).args(["decommission", "node-9", "--server", &cluster.local.url(1)]).output().unwrap();
+    let out = decommission(&cluster, 1, &["node-9"]).await;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown member \"node-9\""), "{out:?}");
-    let out = std::process::Command::new(common::exe()).args(["decommission", "node-2", "--server", &cluster.local.url(1)]).output().unwrap();
+    let out = decommission(&cluster, 1, &["node-2"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("fewer than the replication factor 3"), "two members would be left: {stderr}");
     cluster.kill9(0);
@@ -693,34 +757,49 @@ async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_the
 
     let last = cluster.wait_for(1, Duration::from_secs(30), |s| settled(s) && named(s, "node-1") == 0).await;
     assert!(last.members.iter().any(|m| m.name == "node-1" && m.decommissioned && !m.live), "{:?}", last.members);
-    for writer in writers {
-        let (stream, acked, longest_gap) = writer.await.unwrap();
-        eprintln!("{stream}: {} appends acknowledged; the longest wait between two: {longest_gap:?}", acked.len());
-        assert!(acked.len() > 10, "{stream}: only {} appends acknowledged", acked.len());
-        let read =
-            router.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 0, linearizable: false }).await.unwrap();
-        let stored: Vec<String> = read.events.iter().map(|e| String::from_utf8_lossy(&e.payload).into_owned()).collect();
-        let mut next = stored.iter();
-        for payload in &acked {
-            assert!(next.any(|s| s == payload), "{stream}: acknowledged {payload} is missing or out of order");
+    check_acknowledged_and_converged(&cluster, &router, writers, &last).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_replica_sets_moving_under_quorum_load_when_nodes_are_killed_and_restarted_then_no_acknowledged_append_is_lost_and_sets_converge()
+ {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, _) = three_of_four().await;
+    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = quorum_writers(&router, &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // node-4 joins and the moves start; meanwhile one node at a time is killed and restarted
+    // (a leader handing over, a newcomer catching up, a member of both sets), node-2 is
+    // decommissioned and let back in. A majority of every set stays up throughout.
+    cluster.start_node(3);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300 + next(700))).await;
+        let victim = next(4) as usize;
+        cluster.kill9(victim);
+        tokio::time::sleep(Duration::from_millis(200 + next(1_000))).await;
+        cluster.start_node(victim);
+        if round == 1 {
+            assert!(decommission(&cluster, (victim + 1) % 4, &["node-2", "--no-wait"]).await.status.success());
         }
-    }
-    // Every member of each partition's set holds the same log, and the events acknowledged
-    // before node-4 joined are in it on node-4 too.
-    for p in &last.partitions {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut logs = Vec::new();
-            for r in &p.replicas {
-                logs.push(partition_events_on(cluster.addrs[index_of(r)], p.partition).await);
-            }
-            let same = logs.iter().all(|l| l.is_some() && *l == logs[0]);
-            if same {
-                assert!(!logs[0].as_ref().unwrap().is_empty(), "partition {} is empty", p.partition);
-                break;
-            }
-            assert!(Instant::now() < deadline, "partition {}: the replicas {:?} never converged", p.partition, p.replicas);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if round == 4 {
+            assert!(decommission(&cluster, (victim + 1) % 4, &["node-2", "--undo", "--no-wait"]).await.status.success());
         }
+        eprintln!("round {round}: killed and restarted node-{}", victim + 1);
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = cluster
+        .wait_for(2, Duration::from_secs(90), |s| {
+            settled(s) && s.members.iter().all(|m| m.live && !m.decommissioned) && named(s, "node-4") > 0
+        })
+        .await;
+    check_acknowledged_and_converged(&cluster, &router, writers, &last).await;
 }
