@@ -120,6 +120,7 @@ fn cluster_json(c: &pb::ClusterStatus) -> Value {
         "coordination": c.coordination,
         "coordination_leader": c.coordination_leader,
         "coordination_applied": c.coordination_applied,
+        "coordination_voters": c.coordination_voters,
     })
 }
 
@@ -147,10 +148,13 @@ cluster    {}
             c.coordination_applied
         ));
     } else {
+        let voters: Vec<String> = c.coordination_voters.iter().map(u64::to_string).collect();
         out.push_str(&format!(
-            "coordination embedded, leader {} (raft id), applied through {}
+            "coordination embedded, leader {} (raft id), applied through {}, voters {}
 ",
-            c.coordination_leader, c.coordination_applied
+            c.coordination_leader,
+            c.coordination_applied,
+            voters.join(",")
         ));
     }
     if c.partitions.is_empty() {

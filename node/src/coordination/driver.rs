@@ -89,12 +89,14 @@ pub struct EmbeddedStore {
 }
 
 /// What a member knows of its Raft group.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemberStatus {
     /// The Raft leader, when one is known.
     pub leader: Option<RaftId>,
     /// The last entry applied to this member's state.
     pub applied: u64,
+    /// The group's voters as this member applied them.
+    pub voters: Vec<RaftId>,
 }
 
 fn now_ms() -> u64 {
@@ -121,7 +123,7 @@ impl EmbeddedStore {
 
     /// What this member knows of its Raft group.
     pub fn member_status(&self) -> MemberStatus {
-        *self.member.borrow()
+        self.member.borrow().clone()
     }
 
     async fn write(&self, op: Op) -> Result<Outcome> {
@@ -235,8 +237,11 @@ async fn drive(
             state.send_replace(Arc::new(node.state().clone()));
         }
         member.send_if_modified(|m| {
-            let now = MemberStatus { leader: node.leader(), applied: node.applied() };
-            std::mem::replace(m, now) != now
+            if (m.leader, m.applied) == (node.leader(), node.applied()) {
+                return false;
+            }
+            *m = MemberStatus { leader: node.leader(), applied: node.applied(), voters: node.voters() };
+            true
         });
     }
 }

@@ -89,6 +89,9 @@ pub struct RaftKv {
     snapshot_index: u64,
     /// Snapshots received from a leader and installed.
     installed: u64,
+    /// The voters this member's configuration names: as the leader, it adds those the group
+    /// lacks, one at a time ([`RaftKv::want_voters`]).
+    wanted_voters: Vec<RaftId>,
 }
 
 /// Applied entries between two snapshots of a member's state, after which its log drops the
@@ -149,7 +152,40 @@ impl RaftKv {
             compact_every: COMPACT_EVERY,
             snapshot_index: applied,
             installed: 0,
+            wanted_voters: Vec::new(),
         })
+    }
+
+    /// The voters this member's configuration names (`cluster.members`). While it leads, a
+    /// member adds each one the group lacks as a voter, one configuration change at a time
+    /// (Raft's single-server change: any two majorities of consecutive configurations overlap).
+    /// Nothing is ever removed this way: during a rolling change of the configuration files an
+    /// old file must not undo a new one.
+    pub fn want_voters(&mut self, voters: &[RaftId]) {
+        self.wanted_voters = voters.to_vec();
+    }
+
+    /// The group's voters as this member last applied them.
+    pub fn voters(&self) -> Vec<RaftId> {
+        let mut voters = raft::Storage::initial_state(self.node.store()).map(|s| s.conf_state.voters).unwrap_or_default();
+        voters.sort_unstable();
+        voters
+    }
+
+    /// As the leader with no configuration change in flight, proposes adding the first wanted
+    /// voter the group lacks.
+    fn add_missing_voter(&mut self) {
+        if !self.is_leader() || self.node.raft.has_pending_conf() {
+            return;
+        }
+        let voters = self.voters();
+        let Some(&missing) = self.wanted_voters.iter().find(|id| !voters.contains(id)) else { return };
+        let change =
+            raft::eraftpb::ConfChange { change_type: raft::eraftpb::ConfChangeType::AddNode, node_id: missing, ..Default::default() };
+        match self.node.propose_conf_change(Vec::new(), change) {
+            Ok(()) => tracing::info!(member = missing, voters = ?voters, "adding a member to the coordination group"),
+            Err(e) => tracing::warn!(member = missing, error = %e, "cannot propose adding a member to the coordination group"),
+        }
     }
 
     /// Takes a snapshot every `entries` applied entries instead of [`COMPACT_EVERY`] (tests).
@@ -196,6 +232,7 @@ impl RaftKv {
 
     pub fn tick(&mut self) {
         self.node.tick();
+        self.add_missing_voter();
     }
 
     pub fn step(&mut self, message: Message) -> Result<(), RaftKvError> {
@@ -281,8 +318,11 @@ impl RaftKv {
     fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) {
         for entry in entries {
             self.applied = entry.index;
-            // Empty entries are a new leader's no-op; configuration changes are not used yet
-            // (the group is fixed by the node's peer list).
+            if entry.get_entry_type() == EntryType::EntryConfChange {
+                self.apply_conf_change(&entry);
+                continue;
+            }
+            // Empty entries are a new leader's no-op.
             if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
                 continue;
             }
@@ -298,6 +338,23 @@ impl RaftKv {
             if proposal.origin == self.id && proposal.incarnation == self.incarnation {
                 self.outcomes.push((proposal.id, outcome));
             }
+        }
+    }
+}
+
+impl RaftKv {
+    /// A committed configuration change: raft-rs takes the new configuration, and the log keeps
+    /// it (a restart starts from it; a snapshot carries it).
+    fn apply_conf_change(&mut self, entry: &raft::eraftpb::Entry) {
+        use protobuf::Message as _;
+        let outcome = raft::eraftpb::ConfChange::parse_from_bytes(&entry.data)
+            .map_err(|e| e.to_string())
+            .and_then(|change| self.node.apply_conf_change(&change).map_err(|e| e.to_string()))
+            .and_then(|conf| self.node.store().set_conf_state(conf).map_err(|e| e.to_string()));
+        match outcome {
+            Ok(()) => tracing::info!(index = entry.index, voters = ?self.voters(), "the coordination group's members changed"),
+            // Every member fails alike on the same entry, so their configurations stay equal.
+            Err(e) => tracing::error!(index = entry.index, error = %e, "cannot apply a coordination group change"),
         }
     }
 }
@@ -453,6 +510,48 @@ mod tests {
         let states: Vec<&KvState> = g.nodes.values().map(|n| n.state()).collect();
         assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas differ");
         assert_eq!(states[0].get("leaders/0").unwrap().session, Some(session));
+    }
+
+    #[test]
+    fn given_a_fourth_member_the_members_want_then_the_leader_adds_it_as_a_voter_that_counts_and_stays_after_restarts() {
+        let mut g = Group::new(5);
+        g.lossy = false;
+        g.run(100);
+        // Node 4 starts with a configuration naming all four (its `cluster.members`).
+        let four = [1, 2, 3, 4];
+        let log = RaftLog::open(&g.dir.path().join("4"), &four).unwrap();
+        g.nodes.insert(4, RaftKv::restart(4, log, 0).unwrap());
+        g.run(100);
+        assert!(IDS.iter().all(|id| g.nodes[id].voters() == [1, 2, 3]), "nobody wanted it yet");
+        assert_ne!(g.leader(), Some(4), "a newcomer with an empty log never leads");
+        for id in IDS {
+            g.nodes.get_mut(&id).unwrap().want_voters(&four);
+        }
+        g.run(200);
+        for id in four {
+            assert_eq!(g.nodes[&id].voters(), [1, 2, 3, 4], "member {id}");
+        }
+        let leader = g.leader().expect("a leader");
+        assert!(matches!(g.call(leader, Op::CreateSession { node: "n1".into(), ttl_ms: 10_000 }, 0), Some(Outcome::Session(_))));
+        g.run(20);
+        assert_eq!(g.nodes[&4].state(), g.nodes[&leader].state(), "the new member applies what the group commits");
+        // Every member restarts from its disk: the configuration is the one it applied.
+        for id in four {
+            g.crash(id);
+        }
+        for id in four {
+            g.restart(id);
+        }
+        g.run(200);
+        assert!(four.iter().all(|id| g.nodes[id].voters() == [1, 2, 3, 4]));
+        // Member 4 counts: with 3 and 4 down, members 1 and 2 are a majority of the old group
+        // but not of the new one, so nothing commits until 4 is back.
+        g.crash(3);
+        g.crash(4);
+        g.run(50);
+        assert!(g.call(1, Op::CreateSession { node: "n2".into(), ttl_ms: 10_000 }, 0).is_none(), "two of four voters committed");
+        g.restart(4);
+        assert!(matches!(g.call(1, Op::CreateSession { node: "n3".into(), ttl_ms: 10_000 }, 0), Some(Outcome::Session(_))));
     }
 
     #[test]

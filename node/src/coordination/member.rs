@@ -70,6 +70,14 @@ impl Coordination {
             Coordination::Consul(store) => (0, store.last_index()),
         }
     }
+
+    /// The embedded store's voters (empty with Consul).
+    pub fn voters(&self) -> Vec<u64> {
+        match self {
+            Coordination::Embedded(store) => store.member_status().voters,
+            Coordination::Consul(_) => Vec::new(),
+        }
+    }
 }
 
 /// A running member: the store, and the cluster as the latest round saw it.
@@ -145,6 +153,7 @@ impl ClusterHandle {
                 .collect(),
             coordination_leader,
             coordination_applied,
+            coordination_voters: self.coordination.voters(),
             coordination: match self.coordination {
                 Coordination::Embedded(_) => "embedded".into(),
                 Coordination::Consul(_) => "consul".into(),
@@ -175,10 +184,12 @@ pub async fn start(
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
             let dir = config.data_dir.join("coordination");
-            let raft_log = tokio::task::spawn_blocking(move || RaftLog::open(&dir, &members))
+            let bootstrap = members.clone();
+            let raft_log = tokio::task::spawn_blocking(move || RaftLog::open(&dir, &bootstrap))
                 .await?
                 .context("cannot open the coordination store's Raft log")?;
-            let node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
+            let mut node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
+            node.want_voters(&members);
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
             let peers: Vec<(u64, std::net::SocketAddr)> =
                 config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();

@@ -166,14 +166,28 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Replaces the log with a leader's snapshot: the snapshot is kept, every entry goes, and
-    /// the hard state commits through the snapshot's index (one transaction on disk).
+    /// The group's configuration changed (a committed configuration change was applied).
+    pub fn set_conf_state(&self, conf_state: ConfState) -> raft::Result<()> {
+        if let Some(disk) = &self.disk {
+            let mut txn = disk.env.write_txn().map_err(storage_error)?;
+            disk.meta.put(&mut txn, b"conf_state", &conf_state.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
+            txn.commit().map_err(storage_error)?;
+        }
+        self.mem.wl().set_conf_state(conf_state);
+        Ok(())
+    }
+
+    /// Replaces the log with a leader's snapshot: the snapshot is kept with its configuration,
+    /// every entry goes, and the hard state commits through the snapshot's index (one
+    /// transaction on disk).
     pub fn apply_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
         let mut core = self.mem.wl();
         core.apply_snapshot(snapshot.clone())?;
         if let Some(disk) = &self.disk {
             let mut txn = disk.env.write_txn().map_err(storage_error)?;
             disk.meta.put(&mut txn, b"snapshot", &snapshot.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
+            let conf_state = snapshot.get_metadata().get_conf_state();
+            disk.meta.put(&mut txn, b"conf_state", &conf_state.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
             disk.meta.put(&mut txn, b"hard_state", &core.hard_state().write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
             disk.entries.clear(&mut txn).map_err(storage_error)?;
             txn.commit().map_err(storage_error)?;
