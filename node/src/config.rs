@@ -62,6 +62,10 @@ pub struct ClusterConfig {
     pub session_ttl_ms: u64,
     /// Where ownership is decided: the embedded store (default) or Consul.
     pub coordination: CoordinationConfig,
+    /// This server is added to a running cluster (not one of its founders): its embedded
+    /// coordination member starts with no voters and waits for the group to add it. Read only
+    /// when its coordination log is new.
+    pub join: bool,
 }
 
 /// The coordination store a cluster decides ownership in (docs/replication.md, "Ownership").
@@ -117,7 +121,13 @@ impl Default for ClusterConfig {
         // 1 s: failovers within 2 s with the embedded store (docs/benchmarks.md); a node starved
         // of CPU for most of a second may then be taken for dead, which moves its partitions but
         // loses nothing (raise it on overloaded machines).
-        ClusterConfig { members: Vec::new(), replication_factor: 3, session_ttl_ms: 1_000, coordination: CoordinationConfig::Embedded {} }
+        ClusterConfig {
+            members: Vec::new(),
+            replication_factor: 3,
+            session_ttl_ms: 1_000,
+            coordination: CoordinationConfig::Embedded {},
+            join: false,
+        }
     }
 }
 

@@ -836,6 +836,10 @@ async fn given_three_nodes_when_a_fourth_is_added_to_every_config_by_a_rolling_r
         cluster.start_node(i);
         cluster.wait_for(i, Duration::from_secs(60), |s| settled(s) && s.members.iter().filter(|m| m.live).count() == 3).await;
     }
+    // node-4 is added to a running cluster: `cluster.join` (its coordination member starts with
+    // no voters and waits to be added).
+    let yaml = std::fs::read_to_string(config(3)).unwrap().replace("cluster:\n", "cluster:\n  join: true\n");
+    std::fs::write(config(3), yaml).unwrap();
     cluster.start_node(3);
     let joined = cluster
         .wait_for(3, Duration::from_secs(90), |s| s.coordination_voters == [1, 2, 3, 4] && settled(s) && named(s, "node-4") > 0)

@@ -172,19 +172,30 @@ impl RaftKv {
         voters
     }
 
-    /// As the leader with no configuration change in flight, proposes adding the first wanted
-    /// voter the group lacks.
+    /// As the leader with no configuration change in flight, takes the next step for the first
+    /// wanted member the group lacks: add it as a *learner* (it gets the log, it does not
+    /// count), then, once it holds everything committed, promote it to voter. A member that is
+    /// not running yet thus never enlarges the majority the group needs.
     fn add_missing_voter(&mut self) {
-        if !self.is_leader() || self.node.raft.has_pending_conf() {
+        if !self.is_leader() || self.node.raft.has_pending_conf() || self.node.raft.lead_transferee.is_some() {
             return;
         }
-        let voters = self.voters();
-        let Some(&missing) = self.wanted_voters.iter().find(|id| !voters.contains(id)) else { return };
-        let change =
-            raft::eraftpb::ConfChange { change_type: raft::eraftpb::ConfChangeType::AddNode, node_id: missing, ..Default::default() };
+        let conf = raft::Storage::initial_state(self.node.store()).map(|s| s.conf_state).unwrap_or_default();
+        let Some(&missing) = self.wanted_voters.iter().find(|id| !conf.voters.contains(id)) else { return };
+        let change_type = if !conf.learners.contains(&missing) {
+            raft::eraftpb::ConfChangeType::AddLearnerNode
+        } else {
+            let committed = self.node.raft.raft_log.committed;
+            let caught_up = self.node.raft.prs().get(missing).is_some_and(|p| p.matched >= committed && p.recent_active);
+            if !caught_up {
+                return;
+            }
+            raft::eraftpb::ConfChangeType::AddNode
+        };
+        let change = raft::eraftpb::ConfChange { change_type, node_id: missing, ..Default::default() };
         match self.node.propose_conf_change(Vec::new(), change) {
-            Ok(()) => tracing::info!(member = missing, voters = ?voters, "adding a member to the coordination group"),
-            Err(e) => tracing::warn!(member = missing, error = %e, "cannot propose adding a member to the coordination group"),
+            Ok(()) => tracing::info!(member = missing, ?change_type, voters = ?conf.voters, "changing the coordination group"),
+            Err(e) => tracing::debug!(member = missing, error = %e, "cannot propose a change of the coordination group now"),
         }
     }
 
@@ -271,6 +282,7 @@ impl RaftKv {
         }
         let mut ready = self.node.ready();
         out.extend(ready.take_messages());
+        self.report_snapshots(&out);
         if !ready.snapshot().is_empty() {
             // The leader's state replaces this member's (its log was behind the leader's).
             let snapshot = ready.snapshot().clone();
@@ -281,7 +293,7 @@ impl RaftKv {
             self.snapshot_index = self.applied;
             self.installed += 1;
         }
-        self.apply(ready.take_committed_entries());
+        let mut regrouped = self.apply(ready.take_committed_entries())?;
         if !ready.entries().is_empty() {
             self.node.store().append(ready.entries())?;
         }
@@ -294,9 +306,12 @@ impl RaftKv {
             self.node.store().set_commit(commit)?;
         }
         out.extend(light.take_messages());
-        self.apply(light.take_committed_entries());
+        self.report_snapshots(&out);
+        regrouped |= self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
-        if self.applied >= self.snapshot_index + self.compact_every {
+        // After a change of the group at once: a member added later gets the group from the
+        // leader's latest snapshot (its own log starts empty), which must therefore name it.
+        if regrouped || self.applied >= self.snapshot_index + self.compact_every {
             self.compact()?;
         }
         Ok(out)
@@ -315,11 +330,14 @@ impl RaftKv {
         Ok(())
     }
 
-    fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) {
+    /// Applies committed entries; whether one changed the group.
+    fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) -> Result<bool, RaftKvError> {
+        let mut regrouped = false;
         for entry in entries {
             self.applied = entry.index;
-            if entry.get_entry_type() == EntryType::EntryConfChange {
-                self.apply_conf_change(&entry);
+            if matches!(entry.get_entry_type(), EntryType::EntryConfChange | EntryType::EntryConfChangeV2) {
+                self.apply_conf_change(&entry)?;
+                regrouped = true;
                 continue;
             }
             // Empty entries are a new leader's no-op.
@@ -339,23 +357,36 @@ impl RaftKv {
                 self.outcomes.push((proposal.id, outcome));
             }
         }
+        Ok(regrouped)
+    }
+
+    /// A snapshot handed to the transport is reported sent at once: the follower's progress
+    /// then probes after it, and if the snapshot was lost the probe is refused and the leader
+    /// sends it again (raft-rs otherwise waits for a report forever).
+    fn report_snapshots(&mut self, messages: &[Message]) {
+        for m in messages.iter().filter(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot) {
+            self.node.report_snapshot(m.to, raft::SnapshotStatus::Finish);
+        }
     }
 }
 
 impl RaftKv {
     /// A committed configuration change: raft-rs takes the new configuration, and the log keeps
     /// it (a restart starts from it; a snapshot carries it).
-    fn apply_conf_change(&mut self, entry: &raft::eraftpb::Entry) {
+    fn apply_conf_change(&mut self, entry: &raft::eraftpb::Entry) -> Result<(), RaftKvError> {
         use protobuf::Message as _;
-        let outcome = raft::eraftpb::ConfChange::parse_from_bytes(&entry.data)
-            .map_err(|e| e.to_string())
-            .and_then(|change| self.node.apply_conf_change(&change).map_err(|e| e.to_string()))
-            .and_then(|conf| self.node.store().set_conf_state(conf).map_err(|e| e.to_string()));
-        match outcome {
-            Ok(()) => tracing::info!(index = entry.index, voters = ?self.voters(), "the coordination group's members changed"),
-            // Every member fails alike on the same entry, so their configurations stay equal.
-            Err(e) => tracing::error!(index = entry.index, error = %e, "cannot apply a coordination group change"),
-        }
+        let conf = if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+            let change = raft::eraftpb::ConfChangeV2::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
+            self.node.apply_conf_change(&change)?
+        } else {
+            let change = raft::eraftpb::ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
+            self.node.apply_conf_change(&change)?
+        };
+        // Failing to keep it fails the member (as any storage write here does): raft-rs already
+        // took the new group, the disk must not keep the old one.
+        self.node.store().set_conf_state(conf.clone())?;
+        tracing::info!(index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "the coordination group changed");
+        Ok(())
     }
 }
 
@@ -512,38 +543,62 @@ mod tests {
         assert_eq!(states[0].get("leaders/0").unwrap().session, Some(session));
     }
 
+    /// Starts members `ids` as servers added to the running group (`cluster.join`): empty
+    /// logs with no voters.
+    fn join(g: &mut Group, ids: &[RaftId]) {
+        for id in ids {
+            let log = RaftLog::open(&g.dir.path().join(id.to_string()), &[]).unwrap();
+            let mut node = RaftKv::restart(*id, log, 0).unwrap();
+            if let Some(entries) = g.compact_every {
+                node.set_compaction(entries);
+            }
+            g.nodes.insert(*id, node);
+        }
+    }
+
+    fn want(g: &mut Group, voters: &[RaftId]) {
+        for node in g.nodes.values_mut() {
+            node.want_voters(voters);
+        }
+    }
+
+    fn sessions(g: &mut Group, n: usize) {
+        for i in 0..n {
+            let leader = g.leader().expect("a leader");
+            let outcome = g.call(leader, Op::CreateSession { node: format!("s{i}"), ttl_ms: 60_000 }, 0);
+            assert!(matches!(outcome, Some(Outcome::Session(_))), "{outcome:?}");
+        }
+    }
+
     #[test]
-    fn given_a_fourth_member_the_members_want_then_the_leader_adds_it_as_a_voter_that_counts_and_stays_after_restarts() {
-        let mut g = Group::new(5);
+    fn given_a_member_added_to_a_compacted_group_then_it_joins_as_a_learner_gets_a_snapshot_and_becomes_a_voter_that_counts() {
+        let mut g = Group::compacting(5, Some(10));
         g.lossy = false;
         g.run(100);
-        // Node 4 starts with a configuration naming all four (its `cluster.members`).
-        let four = [1, 2, 3, 4];
-        let log = RaftLog::open(&g.dir.path().join("4"), &four).unwrap();
-        g.nodes.insert(4, RaftKv::restart(4, log, 0).unwrap());
-        g.run(100);
-        assert!(IDS.iter().all(|id| g.nodes[id].voters() == [1, 2, 3]), "nobody wanted it yet");
-        assert_ne!(g.leader(), Some(4), "a newcomer with an empty log never leads");
-        for id in IDS {
-            g.nodes.get_mut(&id).unwrap().want_voters(&four);
-        }
-        g.run(200);
-        for id in four {
+        sessions(&mut g, 30);
+        assert!(g.nodes[&1].snapshot_index() > 1, "the group compacted its log");
+        join(&mut g, &[4]);
+        g.run(50);
+        assert!(g.leader() != Some(4) && IDS.iter().all(|id| g.nodes[id].voters() == [1, 2, 3]), "nobody wanted it yet");
+        want(&mut g, &[1, 2, 3, 4]);
+        g.run(300);
+        for id in [1, 2, 3, 4] {
             assert_eq!(g.nodes[&id].voters(), [1, 2, 3, 4], "member {id}");
         }
-        let leader = g.leader().expect("a leader");
-        assert!(matches!(g.call(leader, Op::CreateSession { node: "n1".into(), ttl_ms: 10_000 }, 0), Some(Outcome::Session(_))));
+        assert!(g.nodes[&4].snapshots_installed() >= 1, "the newcomer started from a snapshot");
+        sessions(&mut g, 2);
         g.run(20);
+        let leader = g.leader().unwrap();
         assert_eq!(g.nodes[&4].state(), g.nodes[&leader].state(), "the new member applies what the group commits");
-        // Every member restarts from its disk: the configuration is the one it applied.
-        for id in four {
+        // Every member restarts from its disk and keeps the group it applied.
+        for id in [1, 2, 3, 4] {
             g.crash(id);
         }
-        for id in four {
+        for id in [1, 2, 3, 4] {
             g.restart(id);
         }
         g.run(200);
-        assert!(four.iter().all(|id| g.nodes[id].voters() == [1, 2, 3, 4]));
+        assert!([1, 2, 3, 4].iter().all(|id| g.nodes[id].voters() == [1, 2, 3, 4]));
         // Member 4 counts: with 3 and 4 down, members 1 and 2 are a majority of the old group
         // but not of the new one, so nothing commits until 4 is back.
         g.crash(3);
@@ -552,6 +607,43 @@ mod tests {
         assert!(g.call(1, Op::CreateSession { node: "n2".into(), ttl_ms: 10_000 }, 0).is_none(), "two of four voters committed");
         g.restart(4);
         assert!(matches!(g.call(1, Op::CreateSession { node: "n3".into(), ttl_ms: 10_000 }, 0), Some(Outcome::Session(_))));
+    }
+
+    #[test]
+    fn given_a_wanted_member_that_is_not_running_then_it_stays_a_learner_and_the_group_keeps_its_majority() {
+        let mut g = Group::new(6);
+        g.lossy = false;
+        g.run(100);
+        want(&mut g, &[1, 2, 3, 4]);
+        g.run(100);
+        assert_eq!(g.nodes[&1].voters(), [1, 2, 3], "not promoted before it holds the log");
+        // One of three down: the old majority still commits (a voter 4 that never answers
+        // would have made it two of four).
+        let leader = g.leader().unwrap();
+        let other = IDS.into_iter().find(|id| *id != leader).unwrap();
+        g.crash(other);
+        sessions(&mut g, 1);
+    }
+
+    #[test]
+    fn given_more_newcomers_than_founders_started_at_once_then_they_elect_nobody_until_added_and_the_group_stays_one() {
+        let mut g = Group::new(7);
+        g.run(100);
+        let founders_leader = g.leader().unwrap();
+        sessions(&mut g, 3);
+        join(&mut g, &[4, 5, 6, 7]);
+        g.run(300);
+        assert!(g.nodes.values().filter(|n| n.is_leader()).count() == 1 && g.leader().is_some_and(|l| l <= 3), "a newcomer leads");
+        want(&mut g, &[1, 2, 3, 4, 5, 6, 7]);
+        g.run(1_500);
+        for id in 1..=7 {
+            assert_eq!(g.nodes[&id].voters(), [1, 2, 3, 4, 5, 6, 7], "member {id}");
+        }
+        sessions(&mut g, 2);
+        g.run(50);
+        let states: Vec<&KvState> = g.nodes.values().map(|n| n.state()).collect();
+        assert!(states.windows(2).all(|w| w[0] == w[1]), "members differ");
+        let _ = founders_leader;
     }
 
     #[test]

@@ -184,7 +184,9 @@ pub async fn start(
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
             let dir = config.data_dir.join("coordination");
-            let bootstrap = members.clone();
+            // A founder starts its log with every member as a voter; a server added later starts
+            // with none and learns the group from the leader's snapshot once it is added.
+            let bootstrap = if config.cluster.join { Vec::new() } else { members.clone() };
             let raft_log = tokio::task::spawn_blocking(move || RaftLog::open(&dir, &bootstrap))
                 .await?
                 .context("cannot open the coordination store's Raft log")?;
