@@ -206,7 +206,13 @@ async fn drive(
         }
         match node.handle_ready() {
             Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
-            Err(e) => tracing::error!(error = %e, "coordination member failed a ready cycle"),
+            Err(e) => {
+                // raft-rs has moved past the cycle's entries: going on would leave this member's
+                // state short of them. It stops; its callers get "the member stopped", this
+                // node's sessions lapse, and the other members carry on.
+                tracing::error!(error = %e, "coordination member failed a ready cycle; it stops");
+                return;
+            }
         }
         // A new leader first gives every session at least half a TTL: while the group had no
         // leader, nobody could renew, and its first expiry tick must not count that against them.

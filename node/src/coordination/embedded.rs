@@ -282,7 +282,6 @@ impl RaftKv {
         }
         let mut ready = self.node.ready();
         out.extend(ready.take_messages());
-        self.report_snapshots(&out);
         if !ready.snapshot().is_empty() {
             // The leader's state replaces this member's (its log was behind the leader's).
             let snapshot = ready.snapshot().clone();
@@ -306,6 +305,7 @@ impl RaftKv {
             self.node.store().set_commit(commit)?;
         }
         out.extend(light.take_messages());
+        // After `advance`, as raft-rs asks of calls on the node.
         self.report_snapshots(&out);
         regrouped |= self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
@@ -382,8 +382,9 @@ impl RaftKv {
             let change = raft::eraftpb::ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
             self.node.apply_conf_change(&change)?
         };
-        // Failing to keep it fails the member (as any storage write here does): raft-rs already
-        // took the new group, the disk must not keep the old one.
+        // In memory now; on disk with the snapshot taken right after this cycle (a restart
+        // before it replays this entry from the log, so the disk never names a group ahead of
+        // what its snapshot and entries hold).
         self.node.store().set_conf_state(conf.clone())?;
         tracing::info!(index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "the coordination group changed");
         Ok(())

@@ -114,6 +114,8 @@ impl RaftLog {
         if let Some(disk) = &self.disk {
             let mut txn = disk.env.write_txn().map_err(storage_error)?;
             disk.meta.put(&mut txn, b"snapshot", &snapshot.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
+            let conf_state = snapshot.get_metadata().get_conf_state();
+            disk.meta.put(&mut txn, b"conf_state", &conf_state.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
             let below = index.to_be_bytes();
             disk.entries
                 .delete_range(&mut txn, &(std::ops::Bound::Unbounded, std::ops::Bound::Excluded(&below[..])))
@@ -166,13 +168,12 @@ impl RaftLog {
         Ok(())
     }
 
-    /// The group's configuration changed (a committed configuration change was applied).
+    /// The group's configuration changed (a committed configuration change was applied): in
+    /// memory only. The disk keeps it with the next snapshot ([`RaftLog::compact`]), which the
+    /// member takes right after such a change; until then a restart replays the change from
+    /// the log. Written at once, it could name a group ahead of the log, and a restarted leader
+    /// would then feed a newcomer entries from index 1 (found by review).
     pub fn set_conf_state(&self, conf_state: ConfState) -> raft::Result<()> {
-        if let Some(disk) = &self.disk {
-            let mut txn = disk.env.write_txn().map_err(storage_error)?;
-            disk.meta.put(&mut txn, b"conf_state", &conf_state.write_to_bytes().map_err(storage_error)?).map_err(storage_error)?;
-            txn.commit().map_err(storage_error)?;
-        }
         self.mem.wl().set_conf_state(conf_state);
         Ok(())
     }
