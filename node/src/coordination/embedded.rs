@@ -28,6 +28,8 @@
 //! `max_election_tick = min_election_tick + 1` the timeout is fixed; the shell (or the simulator,
 //! from its seed) jitters when it ticks each node instead, which breaks ties just as well.
 
+use std::collections::BTreeMap;
+
 use raft::eraftpb::{EntryType, Message};
 use raft::{Config, RawNode, StateRole};
 use serde::{Deserialize, Serialize};
@@ -92,6 +94,10 @@ pub struct RaftKv {
     /// The voters this member's configuration names: as the leader, it adds those the group
     /// lacks, one at a time ([`RaftKv::want_voters`]).
     wanted_voters: Vec<RaftId>,
+    /// Members' names and the cluster's key prefix: a member whose `decommissioned/` key is set
+    /// is not added, and leaves the group once no placement names it ([`RaftKv::name_members`]).
+    names: BTreeMap<RaftId, String>,
+    prefix: String,
 }
 
 /// Applied entries between two snapshots of a member's state, after which its log drops the
@@ -153,6 +159,8 @@ impl RaftKv {
             snapshot_index: applied,
             installed: 0,
             wanted_voters: Vec::new(),
+            names: BTreeMap::new(),
+            prefix: String::new(),
         })
     }
 
@@ -163,6 +171,29 @@ impl RaftKv {
     /// old file must not undo a new one.
     pub fn want_voters(&mut self, voters: &[RaftId]) {
         self.wanted_voters = voters.to_vec();
+    }
+
+    /// The members' names and the cluster's key prefix in the store: a decommissioned member
+    /// (`{prefix}decommissioned/{name}`) is not added, and once no placement (`{prefix}placement/`)
+    /// names it any more, the leader removes it from the group (handing its leadership to
+    /// another voter first if it is the one decommissioned). `anthill decommission --undo`
+    /// lets it back in, as a learner first.
+    pub fn name_members(&mut self, names: BTreeMap<RaftId, String>, prefix: &str) {
+        self.names = names;
+        self.prefix = prefix.to_string();
+    }
+
+    fn decommissioned(&self, id: RaftId) -> bool {
+        self.names.get(&id).is_some_and(|name| self.state.get(&format!("{}decommissioned/{name}", self.prefix)).is_some())
+    }
+
+    /// Whether a placement names member `id` (in its set or its target).
+    fn placed(&self, id: RaftId) -> bool {
+        let Some(name) = self.names.get(&id) else { return true };
+        self.state.list(&format!("{}placement/", self.prefix)).iter().any(|entry| {
+            super::election::Placement::decode(&String::from_utf8_lossy(&entry.value))
+                .is_none_or(|p| p.replicas.contains(name) || p.target.contains(name))
+        })
     }
 
     /// The group's voters as this member last applied them.
@@ -181,7 +212,11 @@ impl RaftKv {
             return;
         }
         let conf = raft::Storage::initial_state(self.node.store()).map(|s| s.conf_state).unwrap_or_default();
-        let Some(&missing) = self.wanted_voters.iter().find(|id| !conf.voters.contains(id)) else { return };
+        if self.remove_decommissioned(&conf) {
+            return;
+        }
+        let wanted = self.wanted_voters.iter().filter(|id| !self.decommissioned(**id));
+        let Some(&missing) = wanted.clone().find(|id| !conf.voters.contains(id)) else { return };
         let change_type = if !conf.learners.contains(&missing) {
             raft::eraftpb::ConfChangeType::AddLearnerNode
         } else {
@@ -197,6 +232,37 @@ impl RaftKv {
             Ok(()) => tracing::info!(member = missing, ?change_type, voters = ?conf.voters, "changing the coordination group"),
             Err(e) => tracing::debug!(member = missing, error = %e, "cannot propose a change of the coordination group now"),
         }
+    }
+
+    /// The leader's step for a decommissioned member no placement names: remove it from the
+    /// group (a voter or a learner), or, if it is this leader, hand leadership to a caught-up
+    /// voter first. Whether it took (or waits on) such a step.
+    fn remove_decommissioned(&mut self, conf: &raft::eraftpb::ConfState) -> bool {
+        let gone = |id: &&RaftId| self.decommissioned(**id) && !self.placed(**id);
+        let Some(&member) = conf.voters.iter().chain(&conf.learners).find(gone) else { return false };
+        if member == self.id {
+            let committed = self.node.raft.raft_log.committed;
+            let to = conf.voters.iter().copied().find(|v| {
+                *v != self.id
+                    && !self.decommissioned(*v)
+                    && self.node.raft.prs().get(*v).is_some_and(|p| p.matched >= committed && p.recent_active)
+            });
+            if let Some(to) = to {
+                tracing::info!(to, "handing the coordination group's leadership over before leaving it");
+                self.node.transfer_leader(to);
+            }
+            return true;
+        }
+        if conf.voters.len() <= 1 && conf.voters.contains(&member) {
+            return false;
+        }
+        let change =
+            raft::eraftpb::ConfChange { change_type: raft::eraftpb::ConfChangeType::RemoveNode, node_id: member, ..Default::default() };
+        match self.node.propose_conf_change(Vec::new(), change) {
+            Ok(()) => tracing::info!(member, voters = ?conf.voters, "removing a decommissioned member from the coordination group"),
+            Err(e) => tracing::debug!(member, error = %e, "cannot propose a change of the coordination group now"),
+        }
+        true
     }
 
     /// Takes a snapshot every `entries` applied entries instead of [`COMPACT_EVERY`] (tests).
@@ -645,6 +711,46 @@ mod tests {
         let states: Vec<&KvState> = g.nodes.values().map(|n| n.state()).collect();
         assert!(states.windows(2).all(|w| w[0] == w[1]), "members differ");
         let _ = founders_leader;
+    }
+
+    fn put(g: &mut Group, key: &str, value: &str) {
+        let leader = g.leader().expect("a leader");
+        let op = Op::Put { key: key.into(), value: value.as_bytes().to_vec(), cas: crate::coordination::Cas::Any };
+        assert_eq!(g.call(leader, op, 0), Some(Outcome::Done(true)));
+    }
+
+    #[test]
+    fn given_a_decommissioned_member_then_it_leaves_the_group_once_no_placement_names_it_and_comes_back_when_let_in() {
+        let mut g = Group::new(8);
+        g.lossy = false;
+        g.run(100);
+        let names: BTreeMap<RaftId, String> = IDS.iter().map(|id| (*id, format!("node-{id}"))).collect();
+        for node in g.nodes.values_mut() {
+            node.want_voters(&IDS);
+            node.name_members(names.clone(), "anthill/");
+        }
+        put(&mut g, "anthill/placement/0", "node-1,node-2,node-3");
+        // The leader itself is decommissioned: it stays while a placement names it...
+        let first = g.leader().unwrap();
+        put(&mut g, &format!("anthill/decommissioned/node-{first}"), "");
+        g.run(100);
+        assert!(g.nodes.values().all(|n| n.voters() == [1, 2, 3]), "removed while a placement names it");
+        // ...and leaves once none does, handing its leadership over first.
+        let rest: Vec<String> = IDS.iter().filter(|id| **id != first).map(|id| format!("node-{id}")).collect();
+        put(&mut g, "anthill/placement/0", &rest.join(","));
+        g.run(300);
+        let left: Vec<RaftId> = IDS.into_iter().filter(|id| *id != first).collect();
+        for id in &left {
+            assert_eq!(g.nodes[id].voters(), left, "member {id}");
+        }
+        assert!(g.leader().is_some_and(|l| l != first), "a remaining member leads");
+        sessions(&mut g, 1);
+        // Undone: the member comes back, as a learner first.
+        let leader = g.leader().unwrap();
+        let op = Op::Delete { key: format!("anthill/decommissioned/node-{first}"), cas: crate::coordination::Cas::Any };
+        assert_eq!(g.call(leader, op, 0), Some(Outcome::Done(true)));
+        g.run(300);
+        assert!(IDS.iter().all(|id| g.nodes[id].voters() == [1, 2, 3]), "let back in");
     }
 
     #[test]

@@ -192,6 +192,7 @@ pub async fn start(
                 .context("cannot open the coordination store's Raft log")?;
             let mut node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
             node.want_voters(&members);
+            node.name_members(config.cluster.members.iter().map(|m| (m.id, m.name.clone())).collect(), PREFIX);
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
             let peers: Vec<(u64, std::net::SocketAddr)> =
                 config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
