@@ -94,9 +94,8 @@ pub struct RaftKv {
     /// The voters this member's configuration names: as the leader, it adds those the group
     /// lacks, one at a time ([`RaftKv::want_voters`]).
     wanted_voters: Vec<RaftId>,
-    /// Members' names and the cluster's key prefix: a member whose `decommissioned/` key is set
-    /// is not added, and leaves the group once no placement names it ([`RaftKv::name_members`]).
-    names: BTreeMap<RaftId, String>,
+    /// The cluster's key prefix: a member under `{prefix}decommissioned/` is not added, and
+    /// leaves the group once no placement names it ([`RaftKv::set_prefix`]).
     prefix: String,
 }
 
@@ -159,7 +158,6 @@ impl RaftKv {
             snapshot_index: applied,
             installed: 0,
             wanted_voters: Vec::new(),
-            names: BTreeMap::new(),
             prefix: String::new(),
         })
     }
@@ -173,26 +171,39 @@ impl RaftKv {
         self.wanted_voters = voters.to_vec();
     }
 
-    /// The members' names and the cluster's key prefix in the store: a decommissioned member
-    /// (`{prefix}decommissioned/{name}`) is not added, and once no placement (`{prefix}placement/`)
-    /// names it any more, the leader removes it from the group (handing its leadership to
-    /// another voter first if it is the one decommissioned). `anthill decommission --undo`
-    /// lets it back in, as a learner first.
-    pub fn name_members(&mut self, names: BTreeMap<RaftId, String>, prefix: &str) {
-        self.names = names;
+    /// The cluster's key prefix in the store. A member decommissioned there
+    /// (`{prefix}decommissioned/{name}`, its value the member's Raft id) is not added, and once
+    /// no placement (`{prefix}placement/`) names it any more, the leader removes it from the
+    /// group if the voters left still hold a majority of live ones. A leader leaving the group
+    /// hands its leadership to another voter first. `anthill decommission --undo` lets it back
+    /// in, as a learner first. The ids come from the store, not from this member's
+    /// configuration, so a configuration that no longer lists the member changes nothing.
+    pub fn set_prefix(&mut self, prefix: &str) {
         self.prefix = prefix.to_string();
     }
 
-    fn decommissioned(&self, id: RaftId) -> bool {
-        self.names.get(&id).is_some_and(|name| self.state.get(&format!("{}decommissioned/{name}", self.prefix)).is_some())
+    /// Decommissioned members: Raft id to name.
+    fn decommissioned(&self) -> BTreeMap<RaftId, String> {
+        if self.prefix.is_empty() {
+            return BTreeMap::new();
+        }
+        let prefix = format!("{}decommissioned/", self.prefix);
+        self.state
+            .list(&prefix)
+            .into_iter()
+            .filter_map(|e| {
+                let id = String::from_utf8_lossy(&e.value).trim().parse::<RaftId>().ok()?;
+                Some((id, e.key.strip_prefix(&prefix)?.to_string()))
+            })
+            .collect()
     }
 
-    /// Whether a placement names member `id` (in its set or its target).
-    fn placed(&self, id: RaftId) -> bool {
-        let Some(name) = self.names.get(&id) else { return true };
+    /// Whether a placement names `name` (in its set or its target; an unreadable one counts).
+    fn placed(&self, name: &str) -> bool {
+        let name = name.to_string();
         self.state.list(&format!("{}placement/", self.prefix)).iter().any(|entry| {
             super::election::Placement::decode(&String::from_utf8_lossy(&entry.value))
-                .is_none_or(|p| p.replicas.contains(name) || p.target.contains(name))
+                .is_none_or(|p| p.replicas.contains(&name) || p.target.contains(&name))
         })
     }
 
@@ -203,66 +214,104 @@ impl RaftKv {
         voters
     }
 
-    /// As the leader with no configuration change in flight, takes the next step for the first
-    /// wanted member the group lacks: add it as a *learner* (it gets the log, it does not
-    /// count), then, once it holds everything committed, promote it to voter. A member that is
-    /// not running yet thus never enlarges the majority the group needs.
+    /// As the leader with no configuration change in flight, takes the next step in shaping the
+    /// group (at most one change at a time):
+    /// 1. a leader no longer among the voters (it applied its own removal) hands its leadership
+    ///    to a voter: raft-rs would let it lead on, dropping every proposal;
+    /// 2. the first wanted member the group lacks (not decommissioned) is added as a *learner*
+    ///    (it gets the log, it does not count), and promoted to voter once it holds everything
+    ///    committed and answers: a member not running yet never enlarges the majority;
+    /// 3. a decommissioned member no placement names leaves: other members before this leader,
+    ///    silent ones first, and a voter only if the voters left still hold a majority of live
+    ///    ones; this leader leaves last, after handing its leadership over.
     fn add_missing_voter(&mut self) {
         if !self.is_leader() || self.node.raft.has_pending_conf() || self.node.raft.lead_transferee.is_some() {
             return;
         }
         let conf = raft::Storage::initial_state(self.node.store()).map(|s| s.conf_state).unwrap_or_default();
-        if self.remove_decommissioned(&conf) {
+        if !conf.voters.contains(&self.id) {
+            if let Some(&to) = conf.voters.first() {
+                tracing::info!(to, "no longer a voter of the coordination group: handing its leadership over");
+                self.node.transfer_leader(to);
+            }
             return;
         }
-        let wanted = self.wanted_voters.iter().filter(|id| !self.decommissioned(**id));
-        let Some(&missing) = wanted.clone().find(|id| !conf.voters.contains(id)) else { return };
-        let change_type = if !conf.learners.contains(&missing) {
-            raft::eraftpb::ConfChangeType::AddLearnerNode
-        } else {
-            let committed = self.node.raft.raft_log.committed;
-            let caught_up = self.node.raft.prs().get(missing).is_some_and(|p| p.matched >= committed && p.recent_active);
-            if !caught_up {
-                return;
-            }
-            raft::eraftpb::ConfChangeType::AddNode
-        };
-        let change = raft::eraftpb::ConfChange { change_type, node_id: missing, ..Default::default() };
-        match self.node.propose_conf_change(Vec::new(), change) {
-            Ok(()) => tracing::info!(member = missing, ?change_type, voters = ?conf.voters, "changing the coordination group"),
-            Err(e) => tracing::debug!(member = missing, error = %e, "cannot propose a change of the coordination group now"),
+        let decommissioned = self.decommissioned();
+        if self.add_or_promote(&conf, &decommissioned) {
+            return;
         }
+        self.remove_decommissioned(&conf, &decommissioned);
     }
 
-    /// The leader's step for a decommissioned member no placement names: remove it from the
-    /// group (a voter or a learner), or, if it is this leader, hand leadership to a caught-up
-    /// voter first. Whether it took (or waits on) such a step.
-    fn remove_decommissioned(&mut self, conf: &raft::eraftpb::ConfState) -> bool {
-        let gone = |id: &&RaftId| self.decommissioned(**id) && !self.placed(**id);
-        let Some(&member) = conf.voters.iter().chain(&conf.learners).find(gone) else { return false };
-        if member == self.id {
+    /// Step 2 of [`RaftKv::add_missing_voter`]; whether it proposed a change.
+    fn add_or_promote(&mut self, conf: &raft::eraftpb::ConfState, decommissioned: &BTreeMap<RaftId, String>) -> bool {
+        let committed = self.node.raft.raft_log.committed;
+        let caught_up = |kv: &Self, id: RaftId| kv.node.raft.prs().get(id).is_some_and(|p| p.matched >= committed && p.recent_active);
+        let wanted: Vec<RaftId> =
+            self.wanted_voters.iter().copied().filter(|id| !conf.voters.contains(id) && !decommissioned.contains_key(id)).collect();
+        let step = wanted.iter().find_map(|&id| {
+            if !conf.learners.contains(&id) {
+                Some((id, raft::eraftpb::ConfChangeType::AddLearnerNode))
+            } else if caught_up(self, id) {
+                Some((id, raft::eraftpb::ConfChangeType::AddNode))
+            } else {
+                None
+            }
+        });
+        let Some((member, change_type)) = step else { return false };
+        self.propose_change(member, change_type, conf)
+    }
+
+    /// Step 3 of [`RaftKv::add_missing_voter`].
+    fn remove_decommissioned(&mut self, conf: &raft::eraftpb::ConfState, decommissioned: &BTreeMap<RaftId, String>) {
+        let leaving: Vec<RaftId> = decommissioned
+            .iter()
+            .filter(|(id, name)| (conf.voters.contains(id) || conf.learners.contains(id)) && !self.placed(name))
+            .map(|(id, _)| *id)
+            .collect();
+        let active = |kv: &Self, id: RaftId| id == kv.id || kv.node.raft.prs().get(id).is_some_and(|p| p.recent_active);
+        // Learners first (they count for nothing), then silent voters, then live ones.
+        let mut order: Vec<RaftId> = leaving.iter().copied().filter(|id| *id != self.id).collect();
+        order.sort_by_key(|id| (conf.voters.contains(id), active(self, *id)));
+        for member in order {
+            if conf.learners.contains(&member) {
+                self.propose_change(member, raft::eraftpb::ConfChangeType::RemoveNode, conf);
+                return;
+            }
+            let rest: Vec<RaftId> = conf.voters.iter().copied().filter(|v| *v != member).collect();
+            let live = rest.iter().filter(|v| active(self, **v)).count();
+            if !rest.is_empty() && live > rest.len() / 2 {
+                self.propose_change(member, raft::eraftpb::ConfChangeType::RemoveNode, conf);
+                return;
+            }
+        }
+        if leaving.contains(&self.id) {
             let committed = self.node.raft.raft_log.committed;
             let to = conf.voters.iter().copied().find(|v| {
                 *v != self.id
-                    && !self.decommissioned(*v)
+                    && !decommissioned.contains_key(v)
                     && self.node.raft.prs().get(*v).is_some_and(|p| p.matched >= committed && p.recent_active)
             });
             if let Some(to) = to {
                 tracing::info!(to, "handing the coordination group's leadership over before leaving it");
                 self.node.transfer_leader(to);
             }
-            return true;
         }
-        if conf.voters.len() <= 1 && conf.voters.contains(&member) {
-            return false;
-        }
-        let change =
-            raft::eraftpb::ConfChange { change_type: raft::eraftpb::ConfChangeType::RemoveNode, node_id: member, ..Default::default() };
+    }
+
+    /// Proposes one change of the group; whether raft-rs took it.
+    fn propose_change(&mut self, member: RaftId, change_type: raft::eraftpb::ConfChangeType, conf: &raft::eraftpb::ConfState) -> bool {
+        let change = raft::eraftpb::ConfChange { change_type, node_id: member, ..Default::default() };
         match self.node.propose_conf_change(Vec::new(), change) {
-            Ok(()) => tracing::info!(member, voters = ?conf.voters, "removing a decommissioned member from the coordination group"),
-            Err(e) => tracing::debug!(member, error = %e, "cannot propose a change of the coordination group now"),
+            Ok(()) => {
+                tracing::info!(member, ?change_type, voters = ?conf.voters, learners = ?conf.learners, "changing the coordination group");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(member, error = %e, "cannot propose a change of the coordination group now");
+                false
+            }
         }
-        true
     }
 
     /// Takes a snapshot every `entries` applied entries instead of [`COMPACT_EVERY`] (tests).
@@ -724,15 +773,14 @@ mod tests {
         let mut g = Group::new(8);
         g.lossy = false;
         g.run(100);
-        let names: BTreeMap<RaftId, String> = IDS.iter().map(|id| (*id, format!("node-{id}"))).collect();
         for node in g.nodes.values_mut() {
             node.want_voters(&IDS);
-            node.name_members(names.clone(), "anthill/");
+            node.set_prefix("anthill/");
         }
         put(&mut g, "anthill/placement/0", "node-1,node-2,node-3");
         // The leader itself is decommissioned: it stays while a placement names it...
         let first = g.leader().unwrap();
-        put(&mut g, &format!("anthill/decommissioned/node-{first}"), "");
+        put(&mut g, &format!("anthill/decommissioned/node-{first}"), &first.to_string());
         g.run(100);
         assert!(g.nodes.values().all(|n| n.voters() == [1, 2, 3]), "removed while a placement names it");
         // ...and leaves once none does, handing its leadership over first.
@@ -751,6 +799,38 @@ mod tests {
         assert_eq!(g.call(leader, op, 0), Some(Outcome::Done(true)));
         g.run(300);
         assert!(IDS.iter().all(|id| g.nodes[id].voters() == [1, 2, 3]), "let back in");
+    }
+
+    #[test]
+    fn a_decommissioned_voter_leaves_only_if_the_voters_left_hold_a_majority_of_live_ones() {
+        let mut g = Group::new(9);
+        g.lossy = false;
+        g.run(100);
+        join(&mut g, &[4, 5]);
+        for node in g.nodes.values_mut() {
+            node.set_prefix("anthill/");
+        }
+        want(&mut g, &[1, 2, 3, 4, 5]);
+        g.run(400);
+        assert!(g.nodes.values().all(|n| n.voters() == [1, 2, 3, 4, 5]));
+        // 4 and 5 die; live node 1 (not the leader, say) is decommissioned. Removing it would
+        // leave 2 and 3 alive of four voters: it stays, and the group goes on.
+        g.crash(4);
+        g.crash(5);
+        g.run(50);
+        let leader = g.leader().unwrap();
+        let member = IDS.into_iter().find(|id| *id != leader).unwrap();
+        put(&mut g, &format!("anthill/decommissioned/node-{member}"), &member.to_string());
+        g.run(200);
+        assert!(g.nodes.values().all(|n| n.voters() == [1, 2, 3, 4, 5]), "a live voter left while two were dead");
+        sessions(&mut g, 1);
+        // The dead ones decommissioned too: they go first (silent), then the live one.
+        put(&mut g, "anthill/decommissioned/node-4", "4");
+        put(&mut g, "anthill/decommissioned/node-5", "5");
+        g.run(600);
+        let left: Vec<RaftId> = IDS.into_iter().filter(|id| *id != member).collect();
+        assert!(g.nodes.values().all(|n| n.voters() == left), "{:?}", g.nodes.values().map(|n| n.voters()).collect::<Vec<_>>());
+        sessions(&mut g, 1);
     }
 
     #[test]

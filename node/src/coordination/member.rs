@@ -42,11 +42,11 @@ pub enum Coordination {
 }
 
 impl Coordination {
-    /// Writes `key` (empty), whatever it held.
-    async fn put(&self, key: &str) -> super::Result<bool> {
+    /// Writes `value` under `key`, whatever it held.
+    async fn put(&self, key: &str, value: &[u8]) -> super::Result<bool> {
         match self {
-            Coordination::Embedded(store) => store.put(key, b"", super::Cas::Any).await,
-            Coordination::Consul(store) => store.put(key, b"", super::Cas::Any).await,
+            Coordination::Embedded(store) => store.put(key, value, super::Cas::Any).await,
+            Coordination::Consul(store) => store.put(key, value, super::Cas::Any).await,
         }
     }
 
@@ -119,7 +119,10 @@ impl ClusterHandle {
             if left < self.replication_factor {
                 return Err(DecommissionError::TooFew { node: node.into(), left, factor: self.replication_factor });
             }
-            self.coordination.put(&key).await?;
+            // The value is the member's Raft id: the embedded store's leader takes it out of the
+            // coordination group by that, whatever its own configuration lists.
+            let id = self.members.iter().find(|m| m.name == node).map(|m| m.id.to_string()).unwrap_or_default();
+            self.coordination.put(&key, id.as_bytes()).await?;
         }
         tracing::info!(node, undo, "decommission requested");
         Ok(view.partitions.iter().filter(|(_, o)| o.replicas.iter().any(|r| r == node)).map(|(p, _)| *p).collect())
@@ -192,7 +195,7 @@ pub async fn start(
                 .context("cannot open the coordination store's Raft log")?;
             let mut node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
             node.want_voters(&members);
-            node.name_members(config.cluster.members.iter().map(|m| (m.id, m.name.clone())).collect(), PREFIX);
+            node.set_prefix(PREFIX);
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
             let peers: Vec<(u64, std::net::SocketAddr)> =
                 config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
