@@ -200,7 +200,9 @@ impl pb::node_server::Node for Api {
         match cluster.decommission(&request.node, request.undo).await {
             Ok(partitions) => Ok(Response::new(pb::DecommissionResponse { partitions })),
             Err(e @ DecommissionError::Unknown { .. }) => Err(Status::not_found(e.to_string())),
-            Err(e @ DecommissionError::TooFew { .. }) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ (DecommissionError::TooFew { .. } | DecommissionError::NotConfigured { .. })) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
             Err(e @ DecommissionError::Store(_)) => Err(Status::unavailable(e.to_string())),
         }
     }

@@ -6,7 +6,7 @@
 //! | key               | value            | held by (lock)      | meaning                               |
 //! |-------------------|------------------|---------------------|---------------------------------------|
 //! | `members/{node}`  | the node's address | the node's session | the node is alive (the key stays when it dies: a known member) |
-//! | `decommissioned/{node}` | empty      | —                   | an operator takes the node out of every replica set |
+//! | `decommissioned/{node}` | its Raft id | —                  | an operator takes the node out of every replica set (and the embedded store's group) |
 //! | `placement/{p}`   | [`Placement`]    | —                   | partition `p`'s replica set, the set it moves to, and the epoch of the leader that claimed it |
 //! | `leaders/{p}`     | the leader's name | the leader's session | `p`'s leader; the lock index is its epoch |
 //!

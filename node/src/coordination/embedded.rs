@@ -97,6 +97,9 @@ pub struct RaftKv {
     /// The cluster's key prefix: a member under `{prefix}decommissioned/` is not added, and
     /// leaves the group once no placement names it ([`RaftKv::set_prefix`]).
     prefix: String,
+    /// Members' names from this member's configuration: the id of a decommissioned member
+    /// whose key holds none.
+    names: BTreeMap<String, RaftId>,
 }
 
 /// Applied entries between two snapshots of a member's state, after which its log drops the
@@ -159,6 +162,7 @@ impl RaftKv {
             installed: 0,
             wanted_voters: Vec::new(),
             prefix: String::new(),
+            names: BTreeMap::new(),
         })
     }
 
@@ -178,8 +182,9 @@ impl RaftKv {
     /// hands its leadership to another voter first. `anthill decommission --undo` lets it back
     /// in, as a learner first. The ids come from the store, not from this member's
     /// configuration, so a configuration that no longer lists the member changes nothing.
-    pub fn set_prefix(&mut self, prefix: &str) {
+    pub fn set_prefix(&mut self, prefix: &str, names: BTreeMap<String, RaftId>) {
         self.prefix = prefix.to_string();
+        self.names = names;
     }
 
     /// Decommissioned members: Raft id to name.
@@ -192,8 +197,11 @@ impl RaftKv {
             .list(&prefix)
             .into_iter()
             .filter_map(|e| {
-                let id = String::from_utf8_lossy(&e.value).trim().parse::<RaftId>().ok()?;
-                Some((id, e.key.strip_prefix(&prefix)?.to_string()))
+                let name = e.key.strip_prefix(&prefix)?.to_string();
+                // A key without an id (written by a node that did not list the member): the id
+                // this member's configuration gives the name, if any.
+                let id = String::from_utf8_lossy(&e.value).trim().parse::<RaftId>().ok().or_else(|| self.names.get(&name).copied())?;
+                Some((id, name))
             })
             .collect()
     }
@@ -230,10 +238,11 @@ impl RaftKv {
         }
         let conf = raft::Storage::initial_state(self.node.store()).map(|s| s.conf_state).unwrap_or_default();
         if !conf.voters.contains(&self.id) {
-            if let Some(&to) = conf.voters.first() {
-                tracing::info!(to, "no longer a voter of the coordination group: handing its leadership over");
-                self.node.transfer_leader(to);
-            }
+            // Not a transfer: its target could be dead, and raft-rs would retry it for ever. A
+            // follower that is no voter never campaigns; the voters elect one of them.
+            tracing::info!("no longer a voter of the coordination group: stepping down");
+            let term = self.node.raft.term;
+            self.node.raft.become_follower(term, raft::INVALID_ID);
             return;
         }
         let decommissioned = self.decommissioned();
@@ -775,7 +784,7 @@ mod tests {
         g.run(100);
         for node in g.nodes.values_mut() {
             node.want_voters(&IDS);
-            node.set_prefix("anthill/");
+            node.set_prefix("anthill/", BTreeMap::new());
         }
         put(&mut g, "anthill/placement/0", "node-1,node-2,node-3");
         // The leader itself is decommissioned: it stays while a placement names it...
@@ -808,7 +817,7 @@ mod tests {
         g.run(100);
         join(&mut g, &[4, 5]);
         for node in g.nodes.values_mut() {
-            node.set_prefix("anthill/");
+            node.set_prefix("anthill/", BTreeMap::new());
         }
         want(&mut g, &[1, 2, 3, 4, 5]);
         g.run(400);

@@ -98,6 +98,8 @@ pub enum DecommissionError {
     Unknown { node: String, known: Vec<String> },
     #[error("decommissioning {node:?} would leave {left} members in the replica sets, fewer than the replication factor {factor}")]
     TooFew { node: String, left: usize, factor: usize },
+    #[error("{node:?} is not in this node's cluster.members, so its Raft id is unknown here: ask a node that lists it")]
+    NotConfigured { node: String },
     #[error(transparent)]
     Store(#[from] super::CoordinationError),
 }
@@ -121,8 +123,11 @@ impl ClusterHandle {
             }
             // The value is the member's Raft id: the embedded store's leader takes it out of the
             // coordination group by that, whatever its own configuration lists.
-            let id = self.members.iter().find(|m| m.name == node).map(|m| m.id.to_string()).unwrap_or_default();
-            self.coordination.put(&key, id.as_bytes()).await?;
+            let id = self.members.iter().find(|m| m.name == node).map(|m| m.id.to_string());
+            if id.is_none() && matches!(self.coordination, Coordination::Embedded(_)) {
+                return Err(DecommissionError::NotConfigured { node: node.into() });
+            }
+            self.coordination.put(&key, id.unwrap_or_default().as_bytes()).await?;
         }
         tracing::info!(node, undo, "decommission requested");
         Ok(view.partitions.iter().filter(|(_, o)| o.replicas.iter().any(|r| r == node)).map(|(p, _)| *p).collect())
@@ -195,7 +200,7 @@ pub async fn start(
                 .context("cannot open the coordination store's Raft log")?;
             let mut node = RaftKv::open(me.id, raft_log, rand::random(), Elections::Randomized)?;
             node.want_voters(&members);
-            node.set_prefix(PREFIX);
+            node.set_prefix(PREFIX, config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect());
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
             let peers: Vec<(u64, std::net::SocketAddr)> =
                 config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
