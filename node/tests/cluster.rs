@@ -696,6 +696,24 @@ async fn three_of_four() -> (Cluster, pb::ClusterStatus) {
     (cluster, first)
 }
 
+/// [`three_of_four`] with [`quorum_writers`] running for half a second already.
+struct Loaded {
+    cluster: Cluster,
+    first: pb::ClusterStatus,
+    router: std::sync::Arc<anthill_node::router::Router>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: QuorumWriters,
+}
+
+async fn three_of_four_under_quorum_load() -> Loaded {
+    let (cluster, first) = three_of_four().await;
+    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = quorum_writers(&router, &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Loaded { cluster, first, router, stop, writers }
+}
+
 /// How many partitions' sets name `node`.
 fn named(s: &pb::ClusterStatus, node: &str) -> usize {
     s.partitions.iter().filter(|p| p.replicas.iter().any(|r| r == node)).count()
@@ -717,11 +735,7 @@ async fn decommission(cluster: &Cluster, i: usize, args: &[&str]) -> std::proces
 async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_then_replica_sets_move_to_caught_up_members_and_no_acknowledged_append_is_lost()
  {
     let _one = ONE_AT_A_TIME.lock().await;
-    let (mut cluster, first) = three_of_four().await;
-    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers = quorum_writers(&router, &stop);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let Loaded { mut cluster, first, router, stop, writers } = three_of_four_under_quorum_load().await;
 
     // node-4 joins: the partitions whose desired set now names it move to it, once it caught up.
     cluster.start_node(3);
@@ -766,11 +780,7 @@ async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_the
 async fn given_replica_sets_moving_under_quorum_load_when_nodes_are_killed_and_restarted_then_no_acknowledged_append_is_lost_and_sets_converge()
  {
     let _one = ONE_AT_A_TIME.lock().await;
-    let (mut cluster, _) = three_of_four().await;
-    let router = std::sync::Arc::new(anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers = quorum_writers(&router, &stop);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Loaded { mut cluster, router, stop, writers, .. } = three_of_four_under_quorum_load().await;
     // node-4 joins and the moves start; meanwhile one node at a time is killed and restarted
     // (a leader handing over, a newcomer catching up, a member of both sets), node-2 is
     // decommissioned and let back in. A majority of every set stays up throughout.

@@ -969,8 +969,9 @@ mod tests {
         assert!(matches!(leader.role(), Role::Leader { epoch: 1, .. }), "{:?}", leader.role());
     }
 
-    #[test]
-    fn given_a_leader_with_a_target_then_learners_do_not_count_and_the_handover_waits_for_every_newcomer_and_a_majority() {
+    /// Replica 0 of {0, 1, 2}, serving epoch 1 with its marker durable at position 1 (1 and 2
+    /// answered its recovery with empty logs), and its log.
+    fn serving_leader() -> (Replica, Mem) {
         let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
         let mut leader = Replica::new(config, DurableState::default());
         assert!(leader.become_leader(1));
@@ -980,6 +981,12 @@ mod tests {
         }
         let batch = leader.take_effects();
         leader.on_durable(batch.ticket, &log);
+        (leader, log)
+    }
+
+    #[test]
+    fn given_a_leader_with_a_target_then_learners_do_not_count_and_the_handover_waits_for_every_newcomer_and_a_majority() {
+        let (mut leader, log) = serving_leader();
         // Moving from {0,1,2} to {0,3,4}: learners 3 and 4 hold the log, the members do not.
         leader.set_target(vec![0, 3, 4]);
         let durable = |leader: &mut Replica, peer, position| {
@@ -1005,15 +1012,7 @@ mod tests {
 
     #[test]
     fn given_a_leader_then_followers_claiming_more_than_it_holds_count_only_for_what_it_holds() {
-        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
-        let mut leader = Replica::new(config, DurableState::default());
-        assert!(leader.become_leader(1));
-        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker, atomic_with_next: false }]);
-        for peer in [1, 2] {
-            leader.on_message(peer, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
-        }
-        let batch = leader.take_effects();
-        leader.on_durable(batch.ticket, &log);
+        let (mut leader, log) = serving_leader();
         for peer in [1, 2] {
             leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1_000), round: 0 }, &log);
         }
