@@ -28,6 +28,7 @@ use heed::types::Bytes;
 use heed::{Database, RoTxn, RwTxn, WithoutTls};
 
 use super::StateError;
+use crate::storage::Journal;
 use crate::storage::keys::{Elem, Value, pack, unpack};
 
 /// Most expired records one group commit deletes.
@@ -119,16 +120,23 @@ pub fn lookup(
     }
 }
 
-/// Records an accepted command.
+/// Records an accepted command, noting in `journal` (when given) what it replaces
+/// (`storage/undo.rs`).
 pub fn record(
     txn: &mut RwTxn<'_>,
     db: Database<Bytes, Bytes>,
     stream: &str,
     command_id: &str,
     record: &CommandRecord,
+    journal: Option<&mut Journal>,
 ) -> Result<(), StateError> {
-    db.put(txn, &record_key(stream, command_id), &record.encode())?;
+    let key = record_key(stream, command_id);
     let expiry = pack(&[Elem::Str(EXPIRY), Elem::U64(record.recorded_at_us), Elem::Str(stream), Elem::Str(command_id)]);
+    if let Some(journal) = journal {
+        journal.before_write(txn, db, &key)?;
+        journal.before_write(txn, db, &expiry)?;
+    }
+    db.put(txn, &key, &record.encode())?;
     db.put(txn, &expiry, &[])?;
     Ok(())
 }
@@ -213,7 +221,7 @@ mod tests {
     fn given_a_recorded_command_then_lookup_returns_it_for_its_stream_only() {
         let (_dir, env, db) = env();
         let mut txn = env.write_txn().unwrap();
-        record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(100), None).unwrap();
         assert_eq!(lookup(&txn, db, "ledger/a", "c-1", 0).unwrap(), Some(rec(100)));
         assert_eq!(lookup(&txn, db, "ledger/b", "c-1", 0).unwrap(), None);
         assert_eq!(lookup(&txn, db, "ledger/a", "c-2", 0).unwrap(), None);
@@ -224,7 +232,7 @@ mod tests {
         let (_dir, env, db) = env();
         let mut txn = env.write_txn().unwrap();
         for (i, at) in [50u64, 10, 300, 20, 200].into_iter().enumerate() {
-            record(&mut txn, db, "ledger/a", &format!("c-{i}"), &rec(at)).unwrap();
+            record(&mut txn, db, "ledger/a", &format!("c-{i}"), &rec(at), None).unwrap();
         }
         assert_eq!(expire(&mut txn, db, 100, 2).unwrap(), 2, "bounded by max");
         // The two oldest (10 and 20) went first.
@@ -242,7 +250,7 @@ mod tests {
     fn given_an_expired_record_then_lookup_ignores_it_before_it_is_deleted() {
         let (_dir, env, db) = env();
         let mut txn = env.write_txn().unwrap();
-        record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(100), None).unwrap();
         assert!(lookup(&txn, db, "ledger/a", "c-1", 100).unwrap().is_some());
         assert!(lookup(&txn, db, "ledger/a", "c-1", 101).unwrap().is_none());
     }
@@ -251,8 +259,8 @@ mod tests {
     fn given_an_id_accepted_again_after_it_expired_when_the_old_entry_expires_then_the_new_record_stays() {
         let (_dir, env, db) = env();
         let mut txn = env.write_txn().unwrap();
-        record(&mut txn, db, "ledger/a", "c-1", &rec(100)).unwrap();
-        record(&mut txn, db, "ledger/a", "c-1", &rec(500)).unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(100), None).unwrap();
+        record(&mut txn, db, "ledger/a", "c-1", &rec(500), None).unwrap();
         assert_eq!(expire(&mut txn, db, 200, 10).unwrap(), 1);
         assert_eq!(lookup(&txn, db, "ledger/a", "c-1", 0).unwrap(), Some(rec(500)));
     }

@@ -29,7 +29,7 @@ use heed::types::Bytes;
 use super::commands::{self, CommandRecord};
 use super::state::subspace;
 use super::{COMMAND_ID_METADATA_KEY, Domain, State, StateError, from_log_event, ledger};
-use crate::storage::{Derived, EventRecord, StorageError};
+use crate::storage::{Derived, EventRecord, Journal, StorageError};
 
 /// Metadata key carrying the hash of the command (see [`commands::command_hash`]) on the last
 /// event of a command whose client chose its id: what followers record the id with.
@@ -67,10 +67,11 @@ pub fn decode(record: &EventRecord) -> Result<Option<DomainEvent>, String> {
 /// before `ids_since_us` have expired and are not recorded again.
 pub fn apply(txn: &mut RwTxn<'_>, db: Db, record: &EventRecord, group_first: u64, ids_since_us: u64) -> Result<(), StateError> {
     let event = decode(record).map_err(StateError::Inconsistent)?;
-    apply_decoded(txn, db, record, event.as_ref(), group_first, ids_since_us)
+    apply_decoded(txn, db, record, event.as_ref(), group_first, ids_since_us, None)
 }
 
 /// [`apply`] with the event already read by [`decode`] (`None`: of no domain's stream).
+/// `journal`, when given, notes what each state write replaces (`storage/undo.rs`).
 pub fn apply_decoded(
     txn: &mut RwTxn<'_>,
     db: Db,
@@ -78,11 +79,12 @@ pub fn apply_decoded(
     event: Option<&DomainEvent>,
     group_first: u64,
     ids_since_us: u64,
+    mut journal: Option<&mut Journal>,
 ) -> Result<(), StateError> {
     let Some(event) = event else { return Ok(()) };
     let Some((_, scope)) = domain_scope(&record.stream) else { return Ok(()) };
     match event {
-        DomainEvent::Ledger(event) => evolve::<ledger::Ledger>(txn, db, scope, event)?,
+        DomainEvent::Ledger(event) => evolve::<ledger::Ledger>(txn, db, scope, event, journal.as_deref_mut())?,
     }
     if record.atomic_with_next || record.append_time_us < ids_since_us {
         return Ok(());
@@ -103,12 +105,12 @@ pub fn apply_decoded(
         recorded_at_us: record.append_time_us,
         command_hash,
     };
-    commands::record(txn, db, &record.stream, command_id, &recorded)
+    commands::record(txn, db, &record.stream, command_id, &recorded, journal)
 }
 
-fn evolve<D: Domain>(txn: &mut RwTxn<'_>, db: Db, scope: &str, event: &D::Event) -> Result<(), StateError> {
+fn evolve<D: Domain>(txn: &mut RwTxn<'_>, db: Db, scope: &str, event: &D::Event, journal: Option<&mut Journal>) -> Result<(), StateError> {
     let prefix = subspace(D::NAME, scope);
-    D::evolve(&mut State::new(txn, db, &prefix), event)
+    D::evolve(&mut State::journaled(txn, db, &prefix, journal), event)
 }
 
 /// Forgets everything `stream`'s events put into state: its scope's subspace and its command

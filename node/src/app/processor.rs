@@ -19,6 +19,7 @@ use serde_json::Value as Json;
 use super::commands::{self, CommandRecord};
 use super::{Context, Domain, Refusal, Rejection, RejectionKind, State, StateError, state};
 use crate::log::NewEvent;
+use crate::storage::Journal;
 
 /// What an accepted or repeated command did.
 #[derive(Debug)]
@@ -86,7 +87,9 @@ pub type PlaceInLog<'p> = dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<Com
 /// Runs `command` on `scope` of domain `D` inside `txn` (see the module doc for the outcomes).
 /// `place` gets the transaction, the events once they are in state, and the command's hash when
 /// its id is remembered (else 0), and says where the events landed; it is not called for a
-/// rejection or a duplicate.
+/// rejection or a duplicate. `journal`, when given, notes what the command's state writes replace
+/// (a replicated node, `storage/undo.rs`).
+#[allow(clippy::too_many_arguments)]
 pub fn execute<D: Domain>(
     txn: &mut RwTxn<'_>,
     db: Db,
@@ -94,6 +97,7 @@ pub fn execute<D: Domain>(
     scope: &str,
     command: &D::Command,
     ctx: &Context<'_>,
+    mut journal: Option<&mut Journal>,
     place: impl FnOnce(&mut RwTxn<'_>, &[D::Event], u64) -> Result<CommandRecord, StateError>,
 ) -> ExecuteResult<D::Event, D::Error> {
     let command_hash = if ctx.remember_id {
@@ -120,14 +124,14 @@ pub fn execute<D: Domain>(
         }
     };
     {
-        let mut state = State::new(txn, db, &prefix);
+        let mut state = State::journaled(txn, db, &prefix, journal.as_deref_mut());
         for event in &events {
             D::evolve(&mut state, event)?;
         }
     }
     let record = CommandRecord { command_hash, ..place(txn, &events, command_hash)? };
     if ctx.remember_id {
-        commands::record(txn, db, stream, ctx.command_id, &record)?;
+        commands::record(txn, db, stream, ctx.command_id, &record, journal)?;
     }
     Ok(Ok(Executed::Accepted { events, record }))
 }
@@ -146,6 +150,7 @@ pub trait Routed: Send + Sync {
         db: Db,
         now_us: u64,
         ids_since_us: u64,
+        journal: Option<&mut Journal>,
         place: &mut PlaceInLog<'_>,
     ) -> ExecuteResult<(), Rejected>;
 }
@@ -190,10 +195,11 @@ impl<D: Domain> Routed for Command<D> {
         db: Db,
         now_us: u64,
         ids_since_us: u64,
+        journal: Option<&mut Journal>,
         place: &mut PlaceInLog<'_>,
     ) -> ExecuteResult<(), Rejected> {
         let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id, ids_since_us };
-        let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, |txn, events, command_hash| {
+        let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, journal, |txn, events, command_hash| {
             let mut events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
             // Followers record the id from the last event (app/follow.rs); metadata stays sorted.
             if let Some(last) = events.last_mut().filter(|_| command_hash != 0) {

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::storage::Journal;
 use crate::storage::keys::{Elem, Value, pack, pack_into, unpack};
 
 /// A failure to read or write state. Not a domain rejection: the command (or the whole group
@@ -147,11 +148,19 @@ pub struct State<'t, 'e> {
     db: Database<Bytes, Bytes>,
     prefix: &'t [u8],
     buf: Vec<u8>,
+    /// Notes each key's value before its first write, when the append may be undone
+    /// (`storage/undo.rs`).
+    journal: Option<&'t mut Journal>,
 }
 
 impl<'t, 'e> State<'t, 'e> {
     pub fn new(txn: &'t mut RwTxn<'e>, db: Database<Bytes, Bytes>, prefix: &'t [u8]) -> Self {
-        State { txn, db, prefix, buf: Vec::new() }
+        State { txn, db, prefix, buf: Vec::new(), journal: None }
+    }
+
+    /// Like [`State::new`], noting in `journal` (when given) what each write replaces.
+    pub fn journaled(txn: &'t mut RwTxn<'e>, db: Database<Bytes, Bytes>, prefix: &'t [u8], journal: Option<&'t mut Journal>) -> Self {
+        State { txn, db, prefix, buf: Vec::new(), journal }
     }
 
     /// Reads through the same transaction, so they see this transaction's own writes.
@@ -168,12 +177,18 @@ impl<'t, 'e> State<'t, 'e> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, value)
             .map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })?;
+        if let Some(journal) = self.journal.as_deref_mut() {
+            journal.before_write(self.txn, self.db, &key)?;
+        }
         self.db.put(self.txn, &key, &self.buf)?;
         Ok(())
     }
 
     pub fn delete(&mut self, elems: &[Elem<'_>]) -> Result<bool, StateError> {
         let key = full_key(self.prefix, elems);
+        if let Some(journal) = self.journal.as_deref_mut() {
+            journal.before_write(self.txn, self.db, &key)?;
+        }
         Ok(self.db.delete(self.txn, &key)?)
     }
 }

@@ -118,6 +118,11 @@ pub struct Roles {
     /// A leader handing its partition over: it still leads its epoch (its `quorum` appends
     /// still wait for their commit) but the writer takes no new appends.
     paused: Vec<std::sync::atomic::AtomicBool>,
+    /// Replicated: appends of domain streams keep an undo journal until committed
+    /// (`storage/undo.rs`).
+    journaling: std::sync::atomic::AtomicBool,
+    /// Per partition, the highest position this node's replica reported committed.
+    committed: Vec<std::sync::atomic::AtomicU64>,
 }
 
 impl Roles {
@@ -125,7 +130,19 @@ impl Roles {
         Roles {
             epochs: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(epoch)).collect(),
             paused: (0..partitions).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+            journaling: std::sync::atomic::AtomicBool::new(false),
+            committed: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// Whether appends that change state keep an undo journal (a replicated node).
+    pub fn journaling(&self) -> bool {
+        self.journaling.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The highest position of `partition` this node knows committed (0 on a single node).
+    pub fn known_committed(&self, partition: u32) -> u64 {
+        self.committed[partition as usize].load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Stops (or resumes) the writer taking appends for `partition`, whose leader it stays.
@@ -260,6 +277,7 @@ impl Log {
             metrics: metrics.clone(),
             poison: poison.clone(),
             command_id_retention: app.command_id_retention(),
+            pruned: vec![0; store.partition_count() as usize],
         };
         let handle =
             std::thread::Builder::new().name("anthill-writer".into()).spawn(move || writer.run()).map_err(StorageError::WriterThread)?;
@@ -284,6 +302,7 @@ impl Log {
 
     /// This node's partitions are replicated (a cluster): `quorum` appends wait for a majority.
     pub fn set_replicated(&self) {
+        self.roles.journaling.store(true, std::sync::atomic::Ordering::Release);
         self.replicated.store(true, std::sync::atomic::Ordering::Release);
     }
 
@@ -315,6 +334,7 @@ impl Log {
 
     /// Records what this node's replica of `partition` knows (the replication shell calls it).
     pub fn report_replica(&self, partition: u32, report: ReplicaReport) {
+        self.roles.committed[partition as usize].fetch_max(report.commit, std::sync::atomic::Ordering::AcqRel);
         let mut reports = self.replica_reports.lock();
         let current = &mut reports[partition as usize];
         if *current != report {
@@ -1016,6 +1036,13 @@ mod tests {
         dump
     }
 
+    /// Asserts that two replicas hold the same state, naming the first key they differ at.
+    fn same_state(a: &Log, b: &Log, what: &str) {
+        let (a, b) = (state_dump(a), state_dump(b));
+        let differ = a.iter().zip(&b).find(|(x, y)| x != y).map(|(x, y)| (String::from_utf8_lossy(&x.0), String::from_utf8_lossy(&y.0)));
+        assert!(a == b, "{what}: {} keys against {}, first difference {differ:?}", a.len(), b.len());
+    }
+
     fn ledger(id: Option<&str>, command: crate::app::ledger::LedgerCommand) -> Box<dyn Routed> {
         Box::new(crate::app::processor::Command::<crate::app::ledger::Ledger>::new("book".into(), id.map(String::from), command))
     }
@@ -1034,8 +1061,129 @@ mod tests {
         follower.set_replicated();
         follower.roles().set(p, 0);
         let events = leader.read_partition(p, 1, ALL).unwrap().events;
-        rt.block_on(follower.replicate(events[..n].to_vec())).unwrap();
+        if n > 0 {
+            rt.block_on(follower.replicate(events[..n].to_vec())).unwrap();
+        }
         follower
+    }
+
+    /// `n` random ledger commands of book `book` (accounts, money, holds; ids repeated now and
+    /// then, so some are duplicates or reused ids; many are refused).
+    fn random_ledger_commands(seed: u64, n: usize) -> Vec<(Option<String>, crate::app::ledger::LedgerCommand)> {
+        use crate::app::ledger::LedgerCommand::*;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let accounts = ["a", "b", "c"];
+        let mut commands: Vec<(Option<String>, crate::app::ledger::LedgerCommand)> = accounts
+            .iter()
+            .map(|a| (Some(format!("open-{a}")), OpenAccount { account: (*a).into(), currency: "EUR".into(), credit_limit: 50 }))
+            .collect();
+        for i in 0..n {
+            let account = accounts[rng.random_range(0..3)].to_string();
+            let other = accounts[rng.random_range(0..3)].to_string();
+            let amount = rng.random_range(1..120);
+            let hold = format!("h{}", rng.random_range(0..4));
+            let command = match rng.random_range(0..7) {
+                0 | 1 => Deposit { account, amount },
+                2 => Withdraw { account, amount },
+                3 => Transfer { from: account, to: other, amount, transfer: None },
+                4 => PlaceHold { hold, account, amount },
+                5 => CaptureHold { hold, amount: None, to: Some(other) },
+                _ => ReleaseHold { hold },
+            };
+            let id = match rng.random_range(0..6) {
+                0 => None,
+                1 if i > 0 => Some(format!("c{}", rng.random_range(0..i))),
+                _ => Some(format!("c{i}")),
+            };
+            commands.push((id, command));
+        }
+        commands
+    }
+
+    #[test]
+    fn given_random_commands_when_a_replica_truncates_any_suffix_then_its_undo_records_leave_the_state_of_a_replica_that_never_had_it() {
+        let rt = runtime();
+        for seed in 0..4 {
+            let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+            // A replicated leader whose commits are known at once: its commands keep undo
+            // records (nothing reports them committed, so none is pruned).
+            let leader = Arc::new(open(dirs[0].path(), 0));
+            leader.set_replicated();
+            let p = leader.partition_of("ledger/book");
+            leader.publish_commit(p, SINGLE_NODE_EPOCH, u64::MAX);
+            // Queued in order; refusals wait for the commit to cover what they read, which is
+            // reported (and prunes) only once a last append behind them all is stored.
+            let waiting: Vec<_> = random_ledger_commands(seed, 60)
+                .into_iter()
+                .map(|(id, command)| {
+                    let leader = leader.clone();
+                    rt.spawn(async move { leader.command(ledger(id.as_deref(), command)).await })
+                })
+                .collect();
+            let elsewhere = (0..).map(|i| format!("s{i}")).find(|s| leader.partition_of(s) != p).unwrap();
+            rt.block_on(async {
+                // Each command queued at its first poll, before the last append.
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+                leader.append(req(&elsewhere, ExpectedVersion::Any, 1)).await
+            })
+            .unwrap();
+            let events = leader.read_partition(p, 1, ALL).unwrap().events;
+            let (leader_undo, leader_state) = (leader.store().undo_positions(p), state_dump(&leader));
+            leader.report_replica(p, ReplicaReport { commit: u64::MAX, followers: Vec::new() });
+            for answer in waiting {
+                let _ = rt.block_on(answer).unwrap();
+            }
+            let ends: Vec<u64> = events.iter().filter(|e| !e.atomic_with_next).map(|e| e.position).collect();
+            assert!(ends.len() > 20, "seed {seed}: only {} accepted commands", ends.len());
+            assert_eq!(leader_undo, ends, "seed {seed}: one undo record per accepted command");
+            // Followers store the same events in other batches: the same records.
+            let follower = follower_of(&leader, p, events.len(), dirs[1].path(), &rt);
+            assert_eq!(follower.store().undo_positions(p), ends);
+            assert_eq!(state_dump(&follower), leader_state);
+            // Cut at several append ends, newest first, on the follower; then the leader, at once
+            // to the first of them: each state is that of a replica holding only the kept events.
+            let mut cuts: Vec<u64> = [ends.len() * 3 / 4, ends.len() / 2, ends.len() / 5].iter().map(|i| ends[*i]).collect();
+            cuts.push(0);
+            for after in &cuts {
+                rt.block_on(follower.truncate_partition(p, *after)).unwrap();
+                let kept = events.iter().filter(|e| e.position <= *after).count();
+                let dir = tempfile::tempdir().unwrap();
+                let shorter = follower_of(&leader, p, kept, dir.path(), &rt);
+                same_state(&follower, &shorter, &format!("seed {seed}: truncated after {after}"));
+                assert!(follower.store().undo_positions(p).iter().all(|e| e <= after), "the undone appends' records go");
+            }
+            // The leader's records are still there: no batch ran after the commit was reported.
+            assert_eq!(leader.store().undo_positions(p), ends);
+            rt.block_on(leader.truncate_partition(p, cuts[1])).unwrap();
+            let kept = events.iter().filter(|e| e.position <= cuts[1]).count();
+            let shorter = follower_of(&leader, p, kept, dirs[2].path(), &rt);
+            same_state(&leader, &shorter, &format!("seed {seed}: the leader's own commands undone"));
+        }
+    }
+
+    #[test]
+    fn given_a_follower_when_it_learns_a_commit_then_the_undo_records_of_committed_appends_are_pruned() {
+        use crate::app::ledger::LedgerCommand::Deposit;
+        let rt = runtime();
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let leader = open(dirs[0].path(), 0);
+        let p = leader.partition_of("ledger/book");
+        rt.block_on(async {
+            leader.command(ledger(Some("c1"), open_account("a"))).await.unwrap();
+            for i in 0..4 {
+                leader.command(ledger(None, Deposit { account: "a".into(), amount: 10 + i })).await.unwrap();
+            }
+        });
+        assert!(leader.store().undo_positions(p).is_empty(), "a single node keeps no undo records");
+        let events = leader.read_partition(p, 1, ALL).unwrap().events;
+        let follower = follower_of(&leader, p, 3, dirs[1].path(), &rt);
+        assert_eq!(follower.store().undo_positions(p), [1, 2, 3]);
+        follower.report_replica(p, ReplicaReport { commit: 2, followers: Vec::new() });
+        rt.block_on(follower.replicate(events[3..].to_vec())).unwrap();
+        assert_eq!(follower.store().undo_positions(p), [3, 4, 5], "records through the commit go with the next batch");
     }
 
     #[test]

@@ -58,7 +58,9 @@ use crate::app::processor::{Executed, Failure, Routed};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
 use crate::replication::EpochHistory;
-use crate::storage::{Appender, EventRecord, RecordRef, StorageError, Store};
+use crate::storage::{Appender, EventRecord, Journal, RecordRef, StorageError, Store, undo};
+
+type Db = heed::Database<heed::types::Bytes, heed::types::Bytes>;
 
 /// What one append is answered with.
 type AppendOutcome = Result<Appended, AppendError>;
@@ -201,6 +203,8 @@ pub(super) struct Writer {
     pub poison: Arc<Poison>,
     /// How long accepted command ids are remembered.
     pub command_id_retention: Duration,
+    /// Per partition, through which position the undo journal was pruned (`storage/undo.rs`).
+    pub pruned: Vec<u64>,
 }
 
 impl Writer {
@@ -381,9 +385,12 @@ impl Writer {
         loop {
             let started = Instant::now();
             match self.commit(batch) {
-                Ok(BatchCommit { outcomes, heads, entries, histories }) => {
+                Ok(BatchCommit { outcomes, heads, entries, histories, pruned }) => {
                     for (partition, history) in histories {
                         self.histories[partition as usize] = history;
+                    }
+                    for (partition, through) in pruned {
+                        self.pruned[partition as usize] = through;
                     }
                     let last_seq = self.last_seq + entries.len() as u64;
                     self.store.extend_tail(entries);
@@ -430,10 +437,11 @@ impl Writer {
             ids_since_us: now_us.saturating_sub(self.command_id_retention.as_micros() as u64),
             histories: &self.histories,
             changed_histories: BTreeMap::new(),
+            journaling: self.roles.journaling(),
         };
         let mut log_txn = self.store.write()?;
         let parts = log_txn.parts();
-        let (txn, appender, state_db, replicas) = (parts.txn, parts.appender, parts.state, parts.replicas);
+        let (txn, appender, state_db, undo_db, replicas) = (parts.txn, parts.appender, parts.state, parts.undo, parts.replicas);
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut commands_run = 0;
         for (job, stored) in batch.iter().zip(stored) {
@@ -457,9 +465,11 @@ impl Writer {
                 Job::Append { request, .. } => Outcome::Append(placer.append(txn, appender, request, current)?),
                 Job::Command { command, .. } => {
                     commands_run += 1;
-                    Outcome::Command(placer.command(txn, appender, state_db, command.as_ref(), current)?)
+                    Outcome::Command(placer.command(txn, appender, (state_db, undo_db), command.as_ref(), current)?)
                 }
-                Job::Replicate { records, .. } => Outcome::Replicate(placer.replicate(txn, appender, state_db, &self.store, records)?),
+                Job::Replicate { records, .. } => {
+                    Outcome::Replicate(placer.replicate(txn, appender, (state_db, undo_db), &self.store, records)?)
+                }
                 Job::Promise { partition, epoch, .. } => {
                     if *partition >= placer.partition_count {
                         Outcome::Promise(Err(AppendError::Invalid(format!("partition {partition} does not exist"))))
@@ -480,9 +490,20 @@ impl Writer {
         for (partition, history) in &placer.changed_histories {
             replicas.put_history(txn, *partition, history)?;
         }
+        // The undo records of appends this node now knows committed are never needed again.
+        let mut pruned = Vec::new();
+        if placer.journaling {
+            for (partition, done) in self.pruned.iter().enumerate() {
+                let committed = self.roles.known_committed(partition as u32);
+                if committed > *done {
+                    undo::prune(txn, undo_db, partition as u32, committed)?;
+                    pruned.push((partition as u32, committed));
+                }
+            }
+        }
         let Placer { heads, entries, changed_histories, .. } = placer;
         log_txn.commit()?;
-        Ok(BatchCommit { outcomes, heads, entries, histories: changed_histories })
+        Ok(BatchCommit { outcomes, heads, entries, histories: changed_histories, pruned })
     }
 }
 
@@ -503,6 +524,8 @@ struct Placer<'b, 'h> {
     now_us: u64,
     /// Command ids recorded before this have expired.
     ids_since_us: u64,
+    /// Appends that change state keep an undo journal (`storage/undo.rs`).
+    journaling: bool,
 }
 
 impl<'b> Placer<'b, '_> {
@@ -537,11 +560,11 @@ impl<'b> Placer<'b, '_> {
         &mut self,
         txn: &mut RwTxn<'_>,
         appender: &mut Appender,
-        state_db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+        (state_db, undo_db): (Db, Db),
         command: &'b dyn Routed,
         current: u64,
     ) -> Result<CommandOutcome, StorageError> {
-        let (now_us, ids_since_us) = (self.now_us, self.ids_since_us);
+        let (now_us, ids_since_us, journaling) = (self.now_us, self.ids_since_us, self.journaling);
         let stream = command.stream();
         let partition = partition_of(stream, self.partition_count);
         let epoch = self.epochs[partition as usize];
@@ -570,7 +593,14 @@ impl<'b> Placer<'b, '_> {
                 ..record
             })
         };
-        Ok(match command.execute(txn, state_db, now_us, ids_since_us, &mut place)? {
+        let mut journal = journaling.then(Journal::default);
+        let executed = command.execute(txn, state_db, now_us, ids_since_us, journal.as_mut(), &mut place)?;
+        if let (Some(journal), Ok(Executed::Accepted { record, .. })) = (&journal, &executed)
+            && record.events > 0
+        {
+            undo::record(txn, undo_db, partition, record.last_position, journal)?;
+        }
+        Ok(match executed {
             Ok(Executed::Accepted { record, .. }) => Ok(CommandDone { record, duplicate: false, epoch }),
             Ok(Executed::Duplicate(record)) => Ok(CommandDone { record, duplicate: true, epoch }),
             Err(Failure::Rejected(rejected)) => Err(CommandError::Rejected(rejected)),
@@ -586,7 +616,7 @@ impl<'b> Placer<'b, '_> {
         &mut self,
         txn: &mut RwTxn<'_>,
         appender: &mut Appender,
-        state_db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+        (state_db, undo_db): (Db, Db),
         store: &Store,
         records: &'b [EventRecord],
     ) -> Result<Result<u64, AppendError>, StorageError> {
@@ -637,6 +667,8 @@ impl<'b> Placer<'b, '_> {
         }
         // This batch starts an append: the replica's head ends one.
         let mut group_first = first.position;
+        // What the append's events change in state, and whether any is a domain's.
+        let (mut journal, mut derives) = (Journal::default(), false);
         for (record, event) in records.iter().zip(&decoded) {
             self.seq += 1;
             let stored = RecordRef {
@@ -656,9 +688,15 @@ impl<'b> Placer<'b, '_> {
             self.moved.insert(&record.stream, record.stream_version);
             self.record_epoch(partition, record.epoch, record.position);
             // The follower's read models (app/follow.rs), in the transaction that stores the event.
-            crate::app::follow::apply_decoded(txn, state_db, record, event.as_ref(), group_first, self.ids_since_us)?;
+            let noted = self.journaling.then_some(&mut journal);
+            crate::app::follow::apply_decoded(txn, state_db, record, event.as_ref(), group_first, self.ids_since_us, noted)?;
+            derives |= event.is_some();
             if !record.atomic_with_next {
                 group_first = record.position + 1;
+                if self.journaling && derives {
+                    undo::record(txn, undo_db, partition, record.position, &journal)?;
+                }
+                (journal, derives) = (Journal::default(), false);
             }
         }
         self.heads[partition as usize] = head;
@@ -728,6 +766,8 @@ struct BatchCommit<'b> {
     entries: Vec<(u32, u64, &'b str, u64, u64)>,
     /// Epoch histories the batch changed.
     histories: BTreeMap<u32, EpochHistory>,
+    /// Partitions whose undo journal the batch pruned, and through which position.
+    pruned: Vec<(u32, u64)>,
 }
 
 /// Set once a commit or a sync failed with an I/O error. From then on nothing is written,

@@ -7,6 +7,7 @@
 //! | `log/`      | `log`        | `(seq,)`                  | [`record::EventRecord`] stored form |
 //! | `log/`      | `meta`       | `(name,)`                 | format version, partition count     |
 //! | `log/`      | `state`      | `(domain, scope, ...)`    | domain state, command ids (see [`crate::app`]) |
+//! | `log/`      | `undo`       | `(partition, position)`   | state before an uncommitted append ([`undo`]) |
 //! | `index/`    | `partitions` | `(partition, position)`   | seq, u64 big-endian                 |
 //! | `index/`    | `streams`    | `(stream, version)`       | seq, u64 big-endian                 |
 //! | `index/`    | `meta`       | `(name,)`                 | format version, `indexed_through`   |
@@ -48,6 +49,7 @@ pub mod keys;
 pub mod record;
 mod tail;
 mod truncate;
+pub mod undo;
 
 use std::fs::{File, OpenOptions};
 use std::ops::Bound;
@@ -66,6 +68,7 @@ use keys::{Elem, pack};
 pub use record::{CorruptRecord, EventRecord, RecordRef};
 use tail::IndexTail;
 pub use truncate::{Derived, NothingDerived};
+pub use undo::Journal;
 
 /// Version of the on-disk layout described above; a node refuses a data directory of another.
 /// Format 1 kept events under `(partition, position)` in one environment at the directory's top.
@@ -120,6 +123,8 @@ struct LogDbs {
     meta: Database<Bytes, Bytes>,
     /// Domain state, written in the same transactions as the events that change it.
     state: Database<Bytes, Bytes>,
+    /// What uncommitted appends changed in `state`, to take back on a truncation ([`undo`]).
+    undo: Database<Bytes, Bytes>,
 }
 
 /// Which index database an entry goes to; partitions sort first.
@@ -194,7 +199,7 @@ impl Store {
         // SAFETY: the lock file above guarantees no other process of ours opens this directory,
         // and this process opens it once per Store. NO_META_SYNC is safe as the log uses it:
         // nothing is acknowledged or shown to readers before a later sync.
-        let log = unsafe { Lmdb::open(&dir.join("log"), "log", EnvFlags::NO_META_SYNC, 3, cfg)? };
+        let log = unsafe { Lmdb::open(&dir.join("log"), "log", EnvFlags::NO_META_SYNC, 4, cfg)? };
         // SAFETY: as above. The index is derived from the log: a machine crash that undoes its
         // last commits only lowers `indexed_through`, and the next open indexes those events again.
         let index = unsafe { Lmdb::open(&dir.join("index"), "index", EnvFlags::NO_META_SYNC, 3, cfg)? };
@@ -204,6 +209,7 @@ impl Store {
             log: log.env().create_database(&mut wtxn, Some("log"))?,
             meta: log.env().create_database(&mut wtxn, Some("meta"))?,
             state: log.env().create_database(&mut wtxn, Some("state"))?,
+            undo: log.env().create_database(&mut wtxn, Some("undo"))?,
         };
         check_format(&mut wtxn, log_dbs.meta, dir)?;
         let partitions_key = meta_key("partition_count");
@@ -373,12 +379,22 @@ impl Store {
         Ok(versions.collect())
     }
 
+    /// The positions of `partition`'s appends that have undo records (`undo.rs`).
+    #[cfg(test)]
+    pub(crate) fn undo_positions(&self, partition: u32) -> Vec<u64> {
+        let snapshot = self.log.read().unwrap();
+        let prefix = partition.to_be_bytes();
+        let records = self.log_dbs.undo.prefix_iter(&snapshot.txn, &prefix).unwrap();
+        records.map(|e| u64::from_be_bytes(e.unwrap().0[4..12].try_into().unwrap())).collect()
+    }
+
     /// The log's write transaction. Only the log's writer calls this.
     pub(crate) fn write(&self) -> Result<LogTxn<'_>, StorageError> {
         Ok(LogTxn {
             txn: self.log.write()?,
             appender: Appender { db: self.log_dbs.log, buf: Vec::with_capacity(512) },
             state: self.log_dbs.state,
+            undo: self.log_dbs.undo,
             meta: self.log_dbs.meta,
         })
     }
@@ -771,6 +787,7 @@ pub(crate) struct LogTxn<'s> {
     txn: RwTxn<'s>,
     appender: Appender,
     state: Database<Bytes, Bytes>,
+    undo: Database<Bytes, Bytes>,
     meta: Database<Bytes, Bytes>,
 }
 
@@ -779,6 +796,8 @@ pub(crate) struct TxnParts<'t, 's> {
     pub txn: &'t mut RwTxn<'s>,
     pub appender: &'t mut Appender,
     pub state: Database<Bytes, Bytes>,
+    /// The undo journal's records ([`undo`]).
+    pub undo: Database<Bytes, Bytes>,
     pub replicas: ReplicaMeta,
 }
 
@@ -837,7 +856,13 @@ impl<'s> LogTxn<'s> {
     /// The transaction, the log's appender and the state database, for a command that writes
     /// state and appends its events in this transaction.
     pub fn parts(&mut self) -> TxnParts<'_, 's> {
-        TxnParts { txn: &mut self.txn, appender: &mut self.appender, state: self.state, replicas: ReplicaMeta { meta: self.meta } }
+        TxnParts {
+            txn: &mut self.txn,
+            appender: &mut self.appender,
+            state: self.state,
+            undo: self.undo,
+            replicas: ReplicaMeta { meta: self.meta },
+        }
     }
 
     /// Commits: atomic, data pages synced; durable once [`Store::sync_log`] (or a later commit) ran.

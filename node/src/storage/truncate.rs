@@ -9,10 +9,11 @@
 //! 1. with the index writer held, sync the log and flush the whole index tail, so every event is
 //!    in the index environment and the tail holds nothing;
 //! 2. in one log transaction (synced): delete the events' records, drop the partition's epochs
-//!    that started after the position, rebuild what the removed events derived (a domain scope's
-//!    state: forgotten, then the scope's kept events applied again, see [`Derived`] and
-//!    `app/follow.rs`), and write the intent — the partition, the position kept, and the
-//!    `(stream, version)` of every event removed;
+//!    that started after the position, take back what the removed appends changed in domain
+//!    state (from their undo records, `undo.rs`; for appends stored without one, a scope's state
+//!    is forgotten and its kept events applied again, see [`Derived`] and `app/follow.rs`), and
+//!    write the intent — the partition, the position kept, and the `(stream, version)` of every
+//!    event removed;
 //! 3. in one index transaction (synced): delete the partition's entries after the position and
 //!    the listed stream entries; then clear the intent;
 //! 4. reset the tail's run of the partition to continue right after the position.
@@ -32,7 +33,7 @@ use heed::{Database, RwTxn};
 use serde::{Deserialize, Serialize};
 
 use super::record::{CorruptRecord, EventRecord};
-use super::{StorageError, Store, be_u64, keys, meta_key};
+use super::{StorageError, Store, be_u64, keys, meta_key, undo};
 
 const INTENT: &str = "truncate_intent";
 
@@ -61,6 +62,16 @@ impl Derived for NothingDerived {
     fn apply(&self, _: &mut RwTxn<'_>, _: Database<Bytes, Bytes>, _: &EventRecord, _: u64) -> Result<(), StorageError> {
         Ok(())
     }
+}
+
+/// An event a truncation removes.
+struct Victim {
+    seq: u64,
+    position: u64,
+    stream: String,
+    version: u64,
+    /// Not the last event of its append.
+    continued: bool,
 }
 
 /// What a truncation removes from the index, kept in the log's `meta` until it is done.
@@ -100,21 +111,34 @@ impl Store {
             }
             return Ok(0);
         }
-        let intent = Intent { partition, after, streams: victims.iter().map(|(_, stream, version)| (stream.clone(), *version)).collect() };
+        let intent = Intent { partition, after, streams: victims.iter().map(|v| (v.stream.clone(), v.version)).collect() };
         let mut txn = self.log.write()?;
         super::ReplicaMeta { meta: self.log_dbs.meta }.put_history(&mut txn, partition, &history)?;
-        for (seq, _, _) in &victims {
-            self.log_dbs.log.delete(&mut txn, &keys::log_key(*seq))?;
+        for victim in &victims {
+            self.log_dbs.log.delete(&mut txn, &keys::log_key(victim.seq))?;
         }
-        // Each stream that loses events keeps its versions below the first one removed.
-        let mut rebuilt: BTreeMap<&str, u64> = BTreeMap::new();
-        for (_, stream, version) in victims.iter().filter(|(_, stream, _)| derived.derives(stream)) {
-            let kept = rebuilt.entry(stream.as_str()).or_insert(u64::MAX);
-            *kept = (*kept).min(version - 1);
+        // What the removed appends derived goes: taken back through their undo records when
+        // every one of them has its record (`undo.rs`), else by forgetting each stream's state and
+        // applying its kept events again (appends stored before the journal existed).
+        let mut journaled = true;
+        for victim in victims.iter().filter(|v| !v.continued && derived.derives(&v.stream)) {
+            journaled &= undo::has(&txn, self.log_dbs.undo, partition, victim.position)?;
         }
-        for (stream, kept) in &rebuilt {
-            derived.reset(&mut txn, self.log_dbs.state, stream)?;
-            self.apply_stream(&mut txn, stream, *kept, derived)?;
+        if journaled {
+            undo::undo_after(&mut txn, self.log_dbs.undo, self.log_dbs.state, partition, after)?;
+        } else {
+            tracing::warn!(partition, after, "truncating appends without undo records: applying the kept events of their streams again");
+            // Each stream that loses events keeps its versions below the first one removed.
+            let mut rebuilt: BTreeMap<&str, u64> = BTreeMap::new();
+            for victim in victims.iter().filter(|v| derived.derives(&v.stream)) {
+                let kept = rebuilt.entry(victim.stream.as_str()).or_insert(u64::MAX);
+                *kept = (*kept).min(victim.version - 1);
+            }
+            for (stream, kept) in &rebuilt {
+                derived.reset(&mut txn, self.log_dbs.state, stream)?;
+                self.apply_stream(&mut txn, stream, *kept, derived)?;
+            }
+            undo::forget_after(&mut txn, self.log_dbs.undo, partition, after)?;
         }
         let floor = self.log_dbs.meta.get(&txn, &meta_key("seq_floor"))?.map(be_u64).unwrap_or(0).max(last_seq);
         self.log_dbs.meta.put(&mut txn, &meta_key("seq_floor"), &floor.to_be_bytes())?;
@@ -149,9 +173,9 @@ impl Store {
         Ok(())
     }
 
-    /// `(seq, stream, version)` of the events of `partition` after `after`, from the index
-    /// environment (which holds every event once the tail is flushed).
-    fn events_after(&self, partition: u32, after: u64) -> Result<Vec<(u64, String, u64)>, StorageError> {
+    /// The events of `partition` after `after`, from the index environment (which holds every
+    /// event once the tail is flushed).
+    fn events_after(&self, partition: u32, after: u64) -> Result<Vec<Victim>, StorageError> {
         let index = self.index.read()?;
         let log = self.log.read()?;
         let (start, end) = (keys::event_key(partition, after + 1), keys::event_key(partition, u64::MAX));
@@ -165,7 +189,13 @@ impl Store {
                 .get(&log.txn, &keys::log_key(seq))?
                 .ok_or(CorruptRecord::at_seq(seq, "indexed event missing from the log"))?;
             let record = EventRecord::decode(seq, bytes)?;
-            victims.push((seq, record.stream, record.stream_version));
+            victims.push(Victim {
+                seq,
+                position: record.position,
+                stream: record.stream,
+                version: record.stream_version,
+                continued: record.atomic_with_next,
+            });
         }
         Ok(victims)
     }
