@@ -483,6 +483,14 @@ async fn execute(
                 }
                 log.replicate(records).await?;
             }
+            Effect::Install(snapshot) => {
+                // Only a log that gives entries up sends snapshots, and this node's keeps them
+                // all (`LogView::floor`); a peer that sends one anyway is refused.
+                return Err(AppendError::Invalid(format!(
+                    "partition {partition}: a snapshot through position {} arrived, and this node's log cannot install one yet",
+                    snapshot.position
+                )));
+            }
             Effect::Send { to, message } => sends.push((to, message)),
             Effect::Committed(position) => {
                 commit.send_replace(position);

@@ -41,6 +41,18 @@ pub struct Entry {
     pub atomic_with_next: bool,
 }
 
+/// A replica's state through a position, standing for its log up to there: what a leader sends a
+/// replica that needs entries its log no longer holds (docs/replication.md, "State transfer").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last position the state covers (the end of an append).
+    pub position: Position,
+    /// The epochs of the log up to `position`.
+    pub history: EpochHistory,
+    /// The state itself, opaque to the protocol (the shell's encoding).
+    pub data: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     /// What the leader's processor wrote (an event record, opaque here).

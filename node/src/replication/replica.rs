@@ -29,17 +29,30 @@
 //!   but only once that position is in its own epoch (at or past its marker): entries of earlier
 //!   epochs are committed by the marker after them (Raft's rule, which avoids its "figure 8").
 //!   Committed entries are never truncated (asserted).
+//! - **State transfer.** A log may no longer hold its oldest entries (retention trims what is
+//!   committed; [`ReplicaLog::floor`]). A peer that needs them gets a [`Snapshot`] instead: the
+//!   sender's state through some durable position, standing for its log up to there, with the
+//!   epochs of that log. The receiver replaces its log up to there with it ([`Effect::Install`])
+//!   and goes on from the entries after it.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use super::epochs::common_prefix;
 use super::message::{AppendOutcome, Message};
-use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position};
+use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 
-/// Reads entries of the local log for sending. The replica reads only durable positions.
+/// Reads the local log for sending. The replica reads only durable positions.
 pub trait ReplicaLog {
-    /// At most `max` consecutive entries from `from` on (fewer at the end of the log).
+    /// At most `max` consecutive entries from `from` on (fewer at the end of the log). Never
+    /// asked for positions at or below [`ReplicaLog::floor`].
     fn entries(&self, from: Position, max: usize) -> Vec<Entry>;
+    /// The last position whose entry the log no longer holds (its state stands for it), 0 when
+    /// it holds them all. Only committed entries are ever given up.
+    fn floor(&self) -> Position;
+    /// The state through some position at or past `through` and at or past the floor, durable
+    /// (so never more than a crash keeps), with the epochs of the log up to there; `None` when
+    /// it cannot be made now (the replica tries again later).
+    fn snapshot(&self, through: Position) -> Option<Snapshot>;
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +87,9 @@ pub enum Effect {
     },
     /// Append these entries (consecutive, right after the log's last).
     Append(Vec<Entry>),
+    /// Replace the log through the snapshot's position, and the state, with the snapshot: the
+    /// log then holds nothing up to there (its floor) and ends there.
+    Install(Snapshot),
     Send {
         to: NodeId,
         message: Message,
@@ -108,7 +124,7 @@ pub enum Role {
 
 impl Progress {
     fn new(next: Position, voter: bool) -> Self {
-        Progress { matched: 0, next, idle_ticks: 0, round: 0, voter }
+        Progress { matched: 0, next, idle_ticks: 0, round: 0, voter, snapshot_wait: 0 }
     }
 }
 
@@ -123,6 +139,8 @@ struct Progress {
     round: u64,
     /// A member of the replica set (counted for commits and reads), not a learner.
     voter: bool,
+    /// Ticks to wait before another snapshot is sent (one is on its way).
+    snapshot_wait: u32,
 }
 
 #[derive(Debug)]
@@ -152,6 +170,10 @@ enum Phase {
 
 /// Unanswered fetches before a recovering leader gives up on its source.
 const FETCH_RETRIES: u32 = 3;
+
+/// A snapshot sent is given this many resend periods to be installed and acknowledged before
+/// another is sent: a snapshot is large, and installing it takes longer than an append.
+const SNAPSHOT_RESEND_PERIODS: u32 = 10;
 
 pub struct Replica {
     config: ReplicaConfig,
@@ -358,7 +380,7 @@ impl Replica {
         }
         if epoch < self.promised {
             // From a deposed leader, or a reply to one of ours from an earlier epoch.
-            if matches!(message, Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. }) {
+            if matches!(message, Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. } | Message::Snapshot { .. }) {
                 self.send(from, Message::Stale { promised: self.promised });
             }
             return;
@@ -370,8 +392,17 @@ impl Replica {
             }
             Message::Fetch { epoch, from: start } => {
                 self.follow(epoch, from);
-                let entries = self.read(log, start);
-                self.send(from, Message::FetchReply { epoch, entries, last: self.durable });
+                let (entries, snapshot) = if start <= log.floor() && start <= self.durable {
+                    (Vec::new(), log.snapshot(start))
+                } else {
+                    (self.read(log, start), None)
+                };
+                self.send(from, Message::FetchReply { epoch, entries, last: self.durable, snapshot });
+            }
+            Message::Snapshot { epoch, snapshot, commit, round } => {
+                self.follow(epoch, from);
+                self.leader_round = self.leader_round.max(round);
+                self.on_snapshot(from, snapshot, commit);
             }
             Message::Append { epoch, prev_position, prev_epoch, entries, commit, round } => {
                 self.follow(epoch, from);
@@ -385,7 +416,9 @@ impl Replica {
                     self.try_finish_recovery();
                 }
             }
-            Message::FetchReply { epoch, entries, last } if epoch == self.promised => self.on_fetched(from, entries, last),
+            Message::FetchReply { epoch, entries, last, snapshot } if epoch == self.promised => {
+                self.on_fetched(from, entries, last, snapshot)
+            }
             Message::AppendReply { epoch, outcome, round } if epoch == self.promised => self.on_append_reply(from, outcome, round, log),
             // A reply for an epoch this replica promised but no longer acts in.
             _ => {}
@@ -442,6 +475,7 @@ impl Replica {
             Phase::Leading { peers, .. } => {
                 let mut due = Vec::new();
                 for (peer, progress) in peers.iter_mut() {
+                    progress.snapshot_wait = progress.snapshot_wait.saturating_sub(1);
                     progress.idle_ticks += 1;
                     if progress.idle_ticks >= resend_ticks {
                         progress.idle_ticks = 0;
@@ -623,6 +657,33 @@ impl Replica {
         self.send(leader, Message::AppendReply { epoch, outcome: AppendOutcome::Durable(acked), round: self.leader_round });
     }
 
+    /// A leader's snapshot: installed unless this replica's log already holds its position in
+    /// the same epoch (and so, by the logs' matching, everything it stands for).
+    fn on_snapshot(&mut self, leader: NodeId, snapshot: Snapshot, commit: Position) {
+        if !matches!(self.phase, Phase::Following { .. }) {
+            return;
+        }
+        if !snapshot_well_formed(&snapshot, self.promised) {
+            tracing::warn!(from = leader, position = snapshot.position, "ignoring a malformed Snapshot");
+            return;
+        }
+        let position = snapshot.position;
+        let holds = position <= self.last && self.history.epoch_at(position) == snapshot.history.epoch_at(position);
+        if !holds {
+            self.install_local(snapshot);
+        }
+        let Phase::Following { matched, .. } = &mut self.phase else { unreachable!() };
+        *matched = (*matched).max(position);
+        let matched = *matched;
+        let committed = commit.min(matched);
+        if committed > self.commit {
+            self.commit = committed;
+            self.effects.push(Effect::Committed(committed));
+        }
+        let acked = matched.min(self.durable);
+        self.send(leader, Message::AppendReply { epoch: self.promised, outcome: AppendOutcome::Durable(acked), round: self.leader_round });
+    }
+
     // ---- recovering ----
 
     fn try_finish_recovery(&mut self) {
@@ -653,10 +714,24 @@ impl Replica {
         self.send(best, Message::Fetch { epoch: self.promised, from: self.last + 1 });
     }
 
-    fn on_fetched(&mut self, from: NodeId, entries: Vec<Entry>, source_last: Position) {
+    fn on_fetched(&mut self, from: NodeId, entries: Vec<Entry>, source_last: Position, snapshot: Option<Snapshot>) {
         let Phase::Recovering { fetching: Some((source, target)), .. } = self.phase else { return };
         if from != source {
             return;
+        }
+        if let Some(snapshot) = snapshot {
+            // The source no longer holds the entries asked for: its state through a later
+            // position replaces this replica's log (which matches the source's up to its last).
+            if snapshot.position > self.last && snapshot_well_formed(&snapshot, self.promised) {
+                self.install_local(snapshot);
+                if let Phase::Recovering { idle_ticks, unanswered, .. } = &mut self.phase {
+                    (*idle_ticks, *unanswered) = (0, 0);
+                }
+            }
+            if self.last >= target {
+                return self.start_serving();
+            }
+            return self.send(source, Message::Fetch { epoch: self.promised, from: self.last + 1 });
         }
         // A repeated reply may overlap what was already appended: it is the same source's log.
         let fresh: Vec<Entry> = entries.into_iter().filter(|e| e.position > self.last).collect();
@@ -708,6 +783,10 @@ impl Replica {
                 // Nobody holds more of this leader's log than it has.
                 progress.matched = progress.matched.max(position.min(self.last));
                 progress.next = progress.next.max(progress.matched + 1);
+                if progress.matched + 1 >= progress.next {
+                    // Everything sent, a snapshot too, is held.
+                    progress.snapshot_wait = 0;
+                }
                 self.advance_commit();
             }
             AppendOutcome::Diverged { history, last } => {
@@ -728,14 +807,27 @@ impl Replica {
         }
     }
 
-    /// Sends `peer` the durable entries from its `next` on (or, as a heartbeat, none).
+    /// Sends `peer` the durable entries from its `next` on (or, as a heartbeat, none); a
+    /// snapshot when the log no longer holds them (and none is on its way).
     fn send_append(&mut self, peer: NodeId, log: &impl ReplicaLog, heartbeat: bool) {
         let epoch = self.promised;
         let commit = self.commit;
-        let next = match &self.phase {
-            Phase::Leading { peers, .. } => peers[&peer].next,
+        let (next, snapshot_wait) = match &self.phase {
+            Phase::Leading { peers, .. } => (peers[&peer].next, peers[&peer].snapshot_wait),
             _ => return,
         };
+        if next <= log.floor()
+            && snapshot_wait == 0
+            && let Some(snapshot) = log.snapshot(self.durable)
+        {
+            let wait = self.config.resend_ticks * SNAPSHOT_RESEND_PERIODS;
+            if let Phase::Leading { peers, .. } = &mut self.phase {
+                let progress = peers.get_mut(&peer).expect("a member");
+                (progress.next, progress.snapshot_wait) = (snapshot.position + 1, wait);
+            }
+            let round = self.round;
+            return self.send(peer, Message::Snapshot { epoch, snapshot, commit, round });
+        }
         let entries = self.read(log, next);
         if entries.is_empty() && !heartbeat {
             return;
@@ -811,7 +903,7 @@ impl Replica {
     /// `from` starts an append: every log holds whole appends only, so every position a peer
     /// holds up to, and every durable position, ends one.
     fn read(&self, log: &impl ReplicaLog, from: Position) -> Vec<Entry> {
-        if from == 0 || from > self.durable {
+        if from == 0 || from > self.durable || from <= log.floor() {
             return Vec::new();
         }
         let available = (self.durable - from + 1) as usize;
@@ -830,6 +922,32 @@ impl Replica {
             }
             max = (max * 2).min(available);
         }
+    }
+
+    /// Replaces the log through the snapshot's position with it. Only entries that no committed
+    /// entry follows in another epoch can differ from it (asserted, as for a truncation).
+    fn install_local(&mut self, mut snapshot: Snapshot) {
+        let position = snapshot.position;
+        snapshot.history.truncate_after(position);
+        let shared = common_prefix(&self.history, self.last, &snapshot.history, position);
+        assert!(
+            shared >= self.commit,
+            "replica {} would replace committed entries: commit {}, snapshot at {position} shares {shared}",
+            self.config.me,
+            self.commit
+        );
+        self.history = snapshot.history.clone();
+        self.last = position;
+        // What stays durable is what the old log shares with the snapshot; batches taken before
+        // speak of the old log.
+        self.durable = self.durable.min(shared);
+        for (_, last) in self.pending.iter_mut() {
+            *last = (*last).min(shared);
+        }
+        if let Phase::Following { matched, .. } = &mut self.phase {
+            *matched = (*matched).min(shared);
+        }
+        self.effects.push(Effect::Install(snapshot));
     }
 
     fn send(&mut self, to: NodeId, message: Message) {
@@ -866,6 +984,14 @@ impl Replica {
     }
 }
 
+/// Whether a snapshot received in `epoch` can be installed: it covers a position, and its
+/// history says the epoch of that position and names no epoch past `epoch`.
+fn snapshot_well_formed(snapshot: &Snapshot, epoch: Epoch) -> bool {
+    snapshot.position > 0
+        && snapshot.history.epoch_at(snapshot.position).is_some()
+        && snapshot.history.starts().iter().all(|(e, _)| *e <= epoch && *e > 0)
+}
+
 /// Whether `entries` may follow `(prev_position, prev_epoch)` in a log of an epoch up to
 /// `epoch`: consecutive positions, epochs never decreasing and never past `epoch`, whole
 /// appends only (the last entry ends one, and an append has one epoch). Messages come from the
@@ -891,6 +1017,12 @@ mod tests {
     impl ReplicaLog for Mem {
         fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
             self.0.iter().skip(from as usize - 1).take(max).cloned().collect()
+        }
+        fn floor(&self) -> Position {
+            0
+        }
+        fn snapshot(&self, _: Position) -> Option<Snapshot> {
+            None
         }
     }
 

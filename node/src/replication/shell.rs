@@ -108,6 +108,15 @@ impl ReplicaLog for LogView<'_> {
             }
         }
     }
+
+    /// The node's log keeps every entry (no retention yet).
+    fn floor(&self) -> Position {
+        0
+    }
+
+    fn snapshot(&self, _through: Position) -> Option<crate::replication::Snapshot> {
+        None
+    }
 }
 
 #[cfg(test)]

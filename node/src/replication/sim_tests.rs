@@ -18,7 +18,9 @@
 //! granted meanwhile (the node's claim compare-and-set, docs/replication.md) and the target is
 //! still the same, and then a node of the new set is granted the next epoch. Checked as well:
 //! nothing committed before a move is missing from the new set's log, and a handed-over leader
-//! never takes another proposal in its epoch. A failing seed is printed and replays exactly.
+//! never takes another proposal in its epoch. Logs give up committed entries now and then
+//! (retention: a floor), so replicas that need them get snapshots ([`Snapshot`]) and install
+//! them. A failing seed is printed and replays exactly.
 //! (The whole-cluster simulator of issue 5 grows from this.)
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -28,14 +30,80 @@ use rand::{Rng, SeedableRng};
 
 use super::message::Message;
 use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
-use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position};
+use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 
-struct Log(Vec<Entry>);
+/// A node's log. The sim keeps every entry (to check logs against each other), and models
+/// retention with a floor: entries at or below it stand for the state the log gave them up to,
+/// and are never read; a snapshot carries the entries it stands for.
+#[derive(Default)]
+struct Log {
+    entries: Vec<Entry>,
+    floor: Position,
+    /// As of the last sync (what a crash keeps), with its floor.
+    durable: Vec<Entry>,
+    durable_floor: Position,
+}
 
 impl ReplicaLog for Log {
     fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
-        self.0.iter().skip(from as usize - 1).take(max).cloned().collect()
+        assert!(from > self.floor, "read at {from}, at or below the log's floor {}", self.floor);
+        self.entries.iter().skip(from as usize - 1).take(max).cloned().collect()
     }
+
+    fn floor(&self) -> Position {
+        self.floor
+    }
+
+    /// The durable state, as the node's LMDB shell gives it (its whole durable log: at or past
+    /// what the replica asks for).
+    fn snapshot(&self, through: Position) -> Option<Snapshot> {
+        let position = self.durable.len() as Position;
+        assert!(position >= through && position >= self.durable_floor, "a snapshot short of {through}");
+        (position > 0).then(|| Snapshot { position, history: history_of(&self.durable), data: encode(&self.durable) })
+    }
+}
+
+/// Entries as a snapshot's bytes: per entry, position, epoch, continued, marker, data length, data.
+fn encode(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        out.extend_from_slice(&e.position.to_be_bytes());
+        out.extend_from_slice(&e.epoch.to_be_bytes());
+        out.push(u8::from(e.atomic_with_next));
+        let data: &[u8] = match &e.kind {
+            EntryKind::Marker => {
+                out.push(1);
+                &[]
+            }
+            EntryKind::Data(data) => {
+                out.push(0);
+                data
+            }
+        };
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+fn decode(mut bytes: &[u8]) -> Vec<Entry> {
+    fn take(bytes: &mut &[u8], n: usize) -> Vec<u8> {
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        head.to_vec()
+    }
+    let mut entries = Vec::new();
+    while !bytes.is_empty() {
+        let mut take = |n| take(&mut bytes, n);
+        let position = u64::from_be_bytes(take(8).try_into().unwrap());
+        let epoch = u64::from_be_bytes(take(8).try_into().unwrap());
+        let (continued, marker) = (take(1)[0] == 1, take(1)[0] == 1);
+        let len = u32::from_be_bytes(take(4).try_into().unwrap()) as usize;
+        let data = take(len);
+        let kind = if marker { EntryKind::Marker } else { EntryKind::Data(data) };
+        entries.push(Entry { position, epoch, kind, atomic_with_next: continued });
+    }
+    entries
 }
 
 fn history_of(log: &[Entry]) -> EpochHistory {
@@ -49,7 +117,6 @@ fn history_of(log: &[Entry]) -> EpochHistory {
 struct Node {
     replica: Replica,
     up: bool,
-    durable_log: Vec<Entry>,
     durable_promise: Epoch,
     log: Log,
     promise: Epoch,
@@ -108,6 +175,9 @@ struct Stats {
     moves: u64,
     /// Paused leaders that resumed before their handover was ready.
     resumed_pauses: u64,
+    /// Logs trimmed (retention), and snapshots installed.
+    trims: u64,
+    installs: u64,
 }
 
 const STORM_STEPS: u64 = 1_500;
@@ -127,9 +197,8 @@ impl Sim {
             .map(|&me| Node {
                 replica: Replica::new(config(me), DurableState::default()),
                 up: true,
-                durable_log: Vec::new(),
                 durable_promise: 0,
-                log: Log(Vec::new()),
+                log: Log::default(),
                 promise: 0,
                 unsynced: VecDeque::new(),
             })
@@ -167,20 +236,29 @@ impl Sim {
             match effect {
                 Effect::PersistPromise(epoch) => node.promise = epoch,
                 Effect::Truncate { after } => {
-                    node.log.0.truncate(after as usize);
+                    node.log.entries.truncate(after as usize);
+                    node.log.floor = node.log.floor.min(after);
                     self.stats.truncations += 1;
                 }
                 Effect::Append(entries) => {
                     for e in entries {
-                        assert_eq!(e.position as usize, node.log.0.len() + 1, "node {n}: append not at the end");
-                        node.log.0.push(e);
+                        assert_eq!(e.position as usize, node.log.entries.len() + 1, "node {n}: append not at the end");
+                        node.log.entries.push(e);
                     }
+                }
+                Effect::Install(snapshot) => {
+                    let entries = decode(&snapshot.data);
+                    assert_eq!(entries.len() as Position, snapshot.position, "node {n}: a snapshot that is not a whole prefix");
+                    assert_eq!(history_of(&entries), snapshot.history, "node {n}: a snapshot whose history is not its log's");
+                    node.log.entries = entries;
+                    node.log.floor = snapshot.position;
+                    self.stats.installs += 1;
                 }
                 Effect::Send { to, message } => sends.push((to, message)),
                 Effect::Committed(position) => {
-                    let end = &node.log.0[position as usize - 1];
+                    let end = &node.log.entries[position as usize - 1];
                     assert!(!end.atomic_with_next, "node {n} commits through {position}, inside an append");
-                    for e in &node.log.0[..position as usize] {
+                    for e in &node.log.entries[..position as usize] {
                         match self.committed.get(&e.position) {
                             Some(first) => {
                                 assert_eq!(first, e, "node {n} commits another entry at {} than was committed before", e.position)
@@ -203,7 +281,7 @@ impl Sim {
                 Effect::SteppedDown { .. } => self.proposed.retain(|(leader, _, _, _)| *leader != n),
             }
         }
-        let end = node.log.0.last();
+        let end = node.log.entries.last();
         assert!(end.is_none_or(|e| !e.atomic_with_next), "node {n}'s log ends inside an append at {:?}", end.map(|e| e.position));
         node.unsynced.push_back((batch.ticket, sends));
     }
@@ -212,7 +290,8 @@ impl Sim {
     fn sync(&mut self, n: NodeId) {
         let node = &mut self.nodes[n as usize];
         let Some(&(ticket, _)) = node.unsynced.back() else { return };
-        node.durable_log = node.log.0.clone();
+        node.log.durable = node.log.entries.clone();
+        node.log.durable_floor = node.log.floor;
         node.durable_promise = node.promise;
         let batches: Vec<_> = node.unsynced.drain(..).collect();
         for (_, sends) in batches {
@@ -255,7 +334,8 @@ impl Sim {
         self.stats.crashes += 1;
         let node = &mut self.nodes[n as usize];
         node.up = false;
-        node.log.0 = node.durable_log.clone();
+        node.log.entries = node.log.durable.clone();
+        node.log.floor = node.log.durable_floor;
         node.promise = node.durable_promise;
         node.unsynced.clear();
         self.proposed.retain(|(leader, _, _, _)| *leader != n);
@@ -268,8 +348,8 @@ impl Sim {
         let node = &mut self.nodes[n as usize];
         let state = DurableState {
             promised: node.durable_promise,
-            history: history_of(&node.durable_log),
-            last: node.durable_log.len() as Position,
+            history: history_of(&node.log.durable),
+            last: node.log.durable.len() as Position,
         };
         node.replica = Replica::new(config, state);
         node.replica.set_target(target);
@@ -360,6 +440,9 @@ impl Sim {
                 }
             }
             self.drive_handover(n);
+            if self.storm && self.rng.random_bool(0.02) {
+                self.trim(n);
+            }
             if self.storm && self.rng.random_bool(0.004) {
                 self.crash(n);
             }
@@ -385,6 +468,25 @@ impl Sim {
             self.isolated = Some((n, others, self.step + self.rng.random_range(30..150)));
         }
         self.check_reads();
+    }
+
+    /// Retention: `n` gives up the entries of its log up to the end of some append it knows
+    /// committed and holds durably (a trim is durable at once, as the node's is).
+    fn trim(&mut self, n: NodeId) {
+        let node = &mut self.nodes[n as usize];
+        let bound = node.replica.commit().min(node.log.durable.len() as Position);
+        let ends: Vec<Position> = node.log.durable[..bound as usize]
+            .iter()
+            .filter(|e| !e.atomic_with_next && e.position > node.log.floor)
+            .map(|e| e.position)
+            .collect();
+        if ends.is_empty() {
+            return;
+        }
+        let floor = ends[self.rng.random_range(0..ends.len())];
+        node.log.floor = floor;
+        node.log.durable_floor = node.log.durable_floor.max(floor);
+        self.stats.trims += 1;
     }
 
     /// The store picks another replica set of the same size from the pool (or, now and then,
@@ -532,12 +634,12 @@ impl Sim {
         // Quiesce: sync and tick until nothing moves (or long enough that something is stuck).
         for _ in 0..2_000 {
             // (Heartbeats keep the network busy forever: settled is about the logs.)
-            let reference = &self.nodes[self.members[0] as usize].log.0;
+            let reference = &self.nodes[self.members[0] as usize].log.entries;
             let settled = self
                 .members
                 .iter()
                 .map(|n| &self.nodes[*n as usize])
-                .all(|n| n.replica.commit() == n.log.0.len() as Position && n.log.0 == *reference);
+                .all(|n| n.replica.commit() == n.log.entries.len() as Position && n.log.entries == *reference);
             if settled && self.target.is_empty() {
                 break;
             }
@@ -569,9 +671,9 @@ impl Sim {
 
     fn check_converged(&self, seed: u64) {
         assert!(self.target.is_empty(), "seed {seed}: the move to {:?} never finished", self.target);
-        let reference = &self.nodes[self.members[0] as usize].log.0;
+        let reference = &self.nodes[self.members[0] as usize].log.entries;
         for node in self.members.iter().map(|n| &self.nodes[*n as usize]) {
-            assert_eq!(&node.log.0, reference, "seed {seed}: logs differ after healing");
+            assert_eq!(&node.log.entries, reference, "seed {seed}: logs differ after healing");
             assert_eq!(node.replica.commit(), reference.len() as Position, "seed {seed}: not everything is committed after healing");
         }
         for (position, entry) in &self.committed {
@@ -617,6 +719,8 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
         total.moves += sim.stats.moves;
         total.handovers += sim.stats.handovers;
         total.resumed_pauses += sim.stats.resumed_pauses;
+        total.trims += sim.stats.trims;
+        total.installs += sim.stats.installs;
     }
     eprintln!("{seeds} seeds of {size} replicas: {acknowledged} proposals committed; {total:?}");
     // The storm was one (leaders changed, nodes crashed, followers had to truncate, restarted
@@ -626,6 +730,8 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
     // Moves land during the storm, and some handovers are fenced off by a later epoch.
     assert!(total.moves > seeds / 4 && total.handovers > total.moves && total.resumed_pauses > 0, "replica sets hardly moved: {total:?}");
     assert!(acknowledged > seeds as usize * 20, "only {acknowledged} proposals committed over {seeds} seeds");
+    // Logs gave entries up, and replicas that needed them got snapshots instead.
+    assert!(total.trims > seeds && total.installs > seeds / 4, "few trims or snapshots: {total:?}");
     (acknowledged, total)
 }
 
@@ -650,7 +756,7 @@ fn a_single_seed_replays_exactly() {
         let mut sim = Sim::new(seed, size);
         sim.run(STORM_STEPS, CALM_STEPS);
         sim.check_converged(seed);
-        (sim.nodes[0].log.0.clone(), sim.acknowledged.clone())
+        (sim.nodes[0].log.entries.clone(), sim.acknowledged.clone())
     };
     assert_eq!(run(seed), run(seed));
 }

@@ -6,7 +6,7 @@ use anthill_proto::v1 as pb;
 use pb::replica_message::Kind;
 
 use super::message::{AppendOutcome, Message};
-use super::{Entry, EntryKind, EpochHistory};
+use super::{Entry, EntryKind, EpochHistory, Snapshot};
 
 fn history_out(h: &EpochHistory) -> Vec<pb::EpochStart> {
     h.starts().iter().map(|&(epoch, position)| pb::EpochStart { epoch, position }).collect()
@@ -46,6 +46,14 @@ fn entries_in(entries: Vec<pb::ReplicaEntry>) -> Vec<Entry> {
         .collect()
 }
 
+fn snapshot_out(s: Snapshot) -> pb::SnapshotData {
+    pb::SnapshotData { position: s.position, history: history_out(&s.history), data: s.data }
+}
+
+fn snapshot_in(s: pb::SnapshotData) -> Result<Snapshot, String> {
+    Ok(Snapshot { position: s.position, history: history_in(s.history)?, data: s.data })
+}
+
 pub fn to_wire(message: Message) -> pb::ReplicaMessage {
     let kind = match message {
         Message::Recover { epoch } => Kind::Recover(pb::ReplicaRecover { epoch }),
@@ -53,8 +61,11 @@ pub fn to_wire(message: Message) -> pb::ReplicaMessage {
             Kind::RecoverReply(pb::ReplicaRecoverReply { epoch, history: history_out(&history), last })
         }
         Message::Fetch { epoch, from } => Kind::Fetch(pb::ReplicaFetch { epoch, from }),
-        Message::FetchReply { epoch, entries, last } => {
-            Kind::FetchReply(pb::ReplicaFetchReply { epoch, entries: entries_out(entries), last })
+        Message::FetchReply { epoch, entries, last, snapshot } => {
+            Kind::FetchReply(pb::ReplicaFetchReply { epoch, entries: entries_out(entries), last, snapshot: snapshot.map(snapshot_out) })
+        }
+        Message::Snapshot { epoch, snapshot, commit, round } => {
+            Kind::Snapshot(pb::ReplicaSnapshot { epoch, snapshot: Some(snapshot_out(snapshot)), commit, round })
         }
         Message::Append { epoch, prev_position, prev_epoch, entries, commit, round } => {
             Kind::Append(pb::ReplicaAppend { epoch, prev_position, prev_epoch, entries: entries_out(entries), commit, round })
@@ -79,7 +90,18 @@ pub fn from_wire(message: pb::ReplicaMessage) -> Result<Message, String> {
         Kind::Recover(m) => Message::Recover { epoch: m.epoch },
         Kind::RecoverReply(m) => Message::RecoverReply { epoch: m.epoch, history: history_in(m.history)?, last: m.last },
         Kind::Fetch(m) => Message::Fetch { epoch: m.epoch, from: m.from },
-        Kind::FetchReply(m) => Message::FetchReply { epoch: m.epoch, entries: entries_in(m.entries), last: m.last },
+        Kind::FetchReply(m) => Message::FetchReply {
+            epoch: m.epoch,
+            entries: entries_in(m.entries),
+            last: m.last,
+            snapshot: m.snapshot.map(snapshot_in).transpose()?,
+        },
+        Kind::Snapshot(m) => Message::Snapshot {
+            epoch: m.epoch,
+            snapshot: snapshot_in(m.snapshot.ok_or("a snapshot message without its snapshot")?)?,
+            commit: m.commit,
+            round: m.round,
+        },
         Kind::Append(m) => Message::Append {
             epoch: m.epoch,
             prev_position: m.prev_position,
@@ -118,7 +140,19 @@ mod tests {
             Message::Recover { epoch: 3 },
             Message::RecoverReply { epoch: 3, history: history(&[(1, 1), (2, 4)]), last: 9 },
             Message::Fetch { epoch: 3, from: 5 },
-            Message::FetchReply { epoch: 3, entries: entries.clone(), last: 9 },
+            Message::FetchReply { epoch: 3, entries: entries.clone(), last: 9, snapshot: None },
+            Message::FetchReply {
+                epoch: 3,
+                entries: Vec::new(),
+                last: 9,
+                snapshot: Some(Snapshot { position: 7, history: history(&[(1, 1), (2, 4)]), data: b"state".to_vec() }),
+            },
+            Message::Snapshot {
+                epoch: 3,
+                snapshot: Snapshot { position: 7, history: history(&[(2, 1)]), data: vec![0, 1] },
+                commit: 5,
+                round: 4,
+            },
             Message::Append { epoch: 3, prev_position: 3, prev_epoch: 1, entries, commit: 2, round: 9 },
             Message::AppendReply { epoch: 3, outcome: AppendOutcome::Durable(7), round: 9 },
             Message::AppendReply { epoch: 3, outcome: AppendOutcome::Diverged { history: history(&[(1, 1)]), last: 2 }, round: 8 },
