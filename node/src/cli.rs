@@ -81,6 +81,10 @@ pub struct NodeArgs {
     #[arg(long)]
     index_tail_max_events: Option<usize>,
     #[arg(long)]
+    retention_max_events: Option<u64>,
+    #[arg(long)]
+    retention_max_age_s: Option<u64>,
+    #[arg(long)]
     group_commit_max_wait_us: Option<u64>,
     #[arg(long)]
     group_commit_max_batch_events: Option<usize>,
@@ -147,6 +151,7 @@ impl NodeArgs {
             map_size_max_bytes => storage.map_size_max_bytes, max_readers => storage.max_readers,
             index_flush_events => storage.index_flush_events, index_flush_interval_ms => storage.index_flush_interval_ms,
             index_tail_max_events => storage.index_tail_max_events,
+            retention_max_events => storage.retention_max_events, retention_max_age_s => storage.retention_max_age_s,
             group_commit_max_wait_us => group_commit.max_wait_us,
             group_commit_max_batch_events => group_commit.max_batch_events,
             group_commit_max_batch_bytes => group_commit.max_batch_bytes,

@@ -98,7 +98,7 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
         "write_failure": (!s.write_failure.is_empty()).then(|| s.write_failure.clone()),
         "partitions": s.partitions.iter().map(|p| json!({
             "partition": p.partition, "head_position": p.head_position, "epoch": p.epoch,
-            "commit_position": p.commit_position,
+            "commit_position": p.commit_position, "floor_position": p.floor_position,
             "followers": p.followers.iter().map(|f| json!({
                 "node": f.node, "matched_position": f.matched_position, "lag": f.lag,
             })).collect::<Vec<_>>(),
@@ -213,6 +213,11 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
         for row in used.chunks(8) {
             let cells: Vec<String> = row.iter().map(|p| format!("{:>12}", format!("p{}={}", p.partition, p.head_position))).collect();
             out.push_str(&format!("{}\n", cells.join("")));
+        }
+        let trimmed: Vec<String> =
+            used.iter().filter(|p| p.floor_position > 0).map(|p| format!("p{}={}", p.partition, p.floor_position)).collect();
+        if !trimmed.is_empty() {
+            out.push_str(&format!("given up through (retention): {}\n", trimmed.join(" ")));
         }
         let epochs: std::collections::BTreeSet<u64> = used.iter().map(|p| p.epoch).collect();
         out.push_str(&format!("epochs     {}\n", epochs.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")));

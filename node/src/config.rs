@@ -176,6 +176,11 @@ pub struct StorageConfig {
     /// Most events whose index entries are held only in memory; past it the writer waits for
     /// the indexer (backpressure). Bounds the memory of the index tail.
     pub index_tail_max_events: usize,
+    /// Retention: a partition gives up its oldest events beyond this many (0: keeps them all).
+    /// The state they made stays (docs/storage.md, "Retention").
+    pub retention_max_events: u64,
+    /// ... and events older than this, in seconds (0: keeps them at any age).
+    pub retention_max_age_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +262,8 @@ impl Default for StorageConfig {
             index_flush_events: 65_536,
             index_flush_interval_ms: 5_000,
             index_tail_max_events: 524_288,
+            retention_max_events: 0,
+            retention_max_age_s: 0,
         }
     }
 }
@@ -393,6 +400,16 @@ impl NodeConfig {
         let l = &self.limits;
         if self.node_id.trim().is_empty() {
             return invalid("node_id", "must not be empty".into());
+        }
+        let retains = s.retention_max_events > 0 || s.retention_max_age_s > 0;
+        if retains && !self.cluster.members.is_empty() {
+            let field = if s.retention_max_events > 0 { "storage.retention_max_events" } else { "storage.retention_max_age_s" };
+            return invalid(
+                field,
+                "retention needs state transfer between replicas, which this version's storage does not do yet: \
+                 keep it 0 (every event kept) in a cluster"
+                    .into(),
+            );
         }
         if s.partitions == 0 || s.partitions > MAX_PARTITIONS {
             return invalid("storage.partitions", format!("must be between 1 and {MAX_PARTITIONS}, got {}", s.partitions));
@@ -565,6 +582,14 @@ mod tests {
     }
 
     const CLUSTER: &str = "node_id: a\ncluster:\n  members:\n    - {id: 1, name: a, address: 127.0.0.1:7400}\n  replication_factor: 1\n";
+
+    #[test]
+    fn given_retention_in_a_cluster_when_validated_then_it_is_refused_by_name_and_a_single_node_takes_it() {
+        let err = parse(&format!("{CLUSTER}storage:\n  retention_max_age_s: 60\n")).unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: storage.retention_max_age_s: retention needs state transfer"), "{err}");
+        let single = parse("storage:\n  retention_max_events: 1000\n  retention_max_age_s: 60\n").unwrap();
+        assert_eq!((single.storage.retention_max_events, single.storage.retention_max_age_s), (1000, 60));
+    }
 
     #[test]
     fn given_no_coordination_section_then_the_embedded_store_is_used() {

@@ -93,6 +93,11 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
             }
         }
     });
+    let retention =
+        crate::log::retention::Retention { max_events: config.storage.retention_max_events, max_age_s: config.storage.retention_max_age_s };
+    if retention.is_on() {
+        tokio::spawn(crate::log::retention::run(log.clone(), retention, stopped.clone()));
+    }
     let mut tasks = vec![tokio::spawn({
         let stopped = stopped.clone();
         async move {

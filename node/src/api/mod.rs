@@ -231,6 +231,7 @@ impl pb::node_server::Node for Api {
                 epoch: self.log.roles().epoch(p as u32),
                 commit_position: report.commit,
                 followers,
+                floor_position: self.log.store().partition_floor(p as u32),
             }
         };
         Ok(Response::new(pb::StatusResponse {
@@ -238,7 +239,8 @@ impl pb::node_server::Node for Api {
             version: env!("CARGO_PKG_VERSION").into(),
             partition_count: self.log.partition_count(),
             partitions: heads.iter().enumerate().map(|(p, &head)| partition(p, head)).collect(),
-            total_events: heads.iter().sum(),
+            // Events held: what retention gave up is not counted.
+            total_events: heads.iter().enumerate().map(|(p, head)| head - self.log.store().partition_floor(p as u32)).sum(),
             db_size_bytes: sizes.used_bytes,
             map_size_bytes: sizes.map_size_bytes,
             uptime_ms: self.started.elapsed().as_millis() as u64,

@@ -11,6 +11,7 @@
 pub mod expected;
 mod indexer;
 pub mod partitioning;
+pub mod retention;
 mod writer;
 
 use std::sync::Arc;
@@ -625,6 +626,20 @@ impl Log {
         })
     }
 
+    /// Gives up `partition`'s events up to position `through`, the end of an append this node
+    /// knows committed (retention, `storage/trim.rs`); returns how many went. Reads then start
+    /// after it.
+    pub async fn trim_partition(&self, partition: u32, through: u64) -> Result<usize, AppendError> {
+        if partition >= self.partition_count() {
+            return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
+        }
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Trim { partition, through, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        drop(queue);
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
     /// Removes `partition`'s events after position `after` (a replica's uncommitted suffix that
     /// conflicts with a new leader's log; docs/replication.md); returns how many. Appends queued
     /// before it are committed first; the partition's head then moves back to `after`.
@@ -1065,6 +1080,100 @@ mod tests {
             rt.block_on(follower.replicate(events[..n].to_vec())).unwrap();
         }
         follower
+    }
+
+    #[test]
+    fn given_committed_events_when_a_partition_is_trimmed_then_reads_start_after_its_floor_versions_go_on_and_state_stays_also_after_reopening()
+     {
+        use crate::app::ledger::LedgerCommand::Deposit;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let p;
+        let state;
+        {
+            let log = open(dir.path(), 0);
+            p = log.partition_of("ledger/book");
+            let other = (0..).map(|i| format!("s{i}")).find(|s| log.partition_of(s) == p).unwrap();
+            rt.block_on(async {
+                log.command(ledger(Some("c1"), open_account("a"))).await.unwrap();
+                log.append(req(&other, ExpectedVersion::Any, 3)).await.unwrap(); // positions 2..=4
+                log.command(ledger(Some("c2"), Deposit { account: "a".into(), amount: 7 })).await.unwrap(); // 5
+                log.append(req(&other, ExpectedVersion::Any, 2)).await.unwrap(); // 6..=7
+            });
+            state = state_dump(&log);
+            // Only whole appends, only what is committed (everything durable, on a single node).
+            let inside = rt.block_on(log.trim_partition(p, 3)).unwrap_err();
+            assert!(inside.to_string().contains("no append of the log ends there"), "{inside}");
+            let past = rt.block_on(log.trim_partition(p, 8)).unwrap_err();
+            assert!(past.to_string().contains("past what is known committed"), "{past}");
+            assert_eq!(rt.block_on(log.trim_partition(p, 4)).unwrap(), 4);
+            assert_eq!(log.store().partition_floor(p), 4);
+            let read = log.read_partition(p, 1, ALL).unwrap().events;
+            assert_eq!(read.iter().map(|e| e.position).collect::<Vec<_>>(), [5, 6, 7], "reads start after the floor");
+            let versions: Vec<u64> = log.read_stream(&other, 1, ALL).unwrap().events.iter().map(|e| e.stream_version).collect();
+            assert_eq!(versions, [4, 5], "the stream's first three versions went");
+            assert_eq!(log.read_stream("ledger/book", 1, ALL).unwrap().events.len(), 1);
+            assert_eq!(state_dump(&log), state, "the state the events made stays");
+            // Appends go on at the stream's version; a repeat of a trimmed command is still
+            // known by its id.
+            rt.block_on(log.append(req(&other, ExpectedVersion::Exact(5), 1))).unwrap();
+            let again = rt.block_on(log.command(ledger(Some("c1"), open_account("a")))).unwrap();
+            assert!(again.duplicate);
+            // Everything of the partition goes: its head and versions stay.
+            assert_eq!(rt.block_on(log.trim_partition(p, 8)).unwrap(), 4);
+            assert!(log.read_partition(p, 1, ALL).unwrap().events.is_empty());
+        }
+        let log = open(dir.path(), 0);
+        assert_eq!((log.store().partition_floor(p), log.store().partition_heads()[p as usize]), (8, 8));
+        let other = (0..).map(|i| format!("s{i}")).find(|s| log.partition_of(s) == p).unwrap();
+        assert_eq!(log.store().stream_version(&other).unwrap(), 6);
+        let appended = rt.block_on(log.append(req(&other, ExpectedVersion::Exact(6), 1))).unwrap();
+        assert_eq!((appended.first_position, appended.stream_version), (9, 7));
+        let balance = rt.block_on(log.query("ledger", "book", |view| {
+            <crate::app::ledger::Ledger as crate::app::Domain>::query(
+                view,
+                &crate::app::ledger::query::LedgerQuery::Balance { account: "a".into() },
+            )
+            .ok()
+        }));
+        assert_eq!(balance.unwrap().unwrap()["balance"], 7, "state outlives the events that made it");
+    }
+
+    #[test]
+    fn given_retention_limits_then_each_partition_keeps_at_most_its_newest_events_and_none_older_than_the_age_whole_appends_only() {
+        use super::retention::{Retention, trim_all};
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let log = open(dir.path(), 0);
+        let streams: Vec<String> = {
+            let p0 = log.partition_of("a");
+            let other = (0..).map(|i| format!("s{i}")).find(|s| log.partition_of(s) != p0).unwrap();
+            vec!["a".into(), other]
+        };
+        rt.block_on(async {
+            for stream in &streams {
+                for _ in 0..4 {
+                    log.append(req(stream, ExpectedVersion::Any, 3)).await.unwrap(); // 12 events, appends of 3
+                }
+            }
+        });
+        let positions = |stream: &str| {
+            log.read_partition(log.partition_of(stream), 1, ALL).unwrap().events.iter().map(|e| e.position).collect::<Vec<_>>()
+        };
+        // At most 5 events: 7 would go, but only whole appends do, so 6 go and 6 stay.
+        rt.block_on(trim_all(&log, Retention { max_events: 5, max_age_s: 0 }));
+        for stream in &streams {
+            assert_eq!(positions(stream), (7..=12).collect::<Vec<_>>(), "{stream}");
+        }
+        rt.block_on(trim_all(&log, Retention { max_events: 5, max_age_s: 0 }));
+        assert_eq!(positions(&streams[0]).len(), 6, "nothing more goes while within the limit");
+        // By age: what was appended before the pause goes, what came after stays.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        rt.block_on(log.append(req(&streams[0], ExpectedVersion::Any, 2))).unwrap();
+        rt.block_on(trim_all(&log, Retention { max_events: 0, max_age_s: 1 }));
+        assert_eq!(positions(&streams[0]), [13, 14]);
+        assert!(positions(&streams[1]).is_empty(), "every event of the other partition is older than a second");
+        assert_eq!(log.store().stream_version(&streams[1]).unwrap(), 12);
     }
 
     /// `n` random ledger commands of book `book` (accounts, money, holds; ids repeated now and

@@ -96,6 +96,12 @@ pub(super) enum Job {
         after: u64,
         reply: oneshot::Sender<Result<usize, AppendError>>,
     },
+    /// Give up a partition's committed events up to a position (retention); run alone.
+    Trim {
+        partition: u32,
+        through: u64,
+        reply: oneshot::Sender<Result<usize, AppendError>>,
+    },
 }
 
 /// A job's answer, kept until the batch is durable.
@@ -115,14 +121,14 @@ impl Job {
             // Its own streams are looked up when it is placed.
             Job::Replicate { records, .. } => records.first().map_or("", |r| r.stream.as_str()),
             Job::Promise { .. } => "",
-            Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
+            Job::Truncate { .. } | Job::Trim { .. } => unreachable!("a truncation or a trim is never part of a batch"),
         }
     }
     /// Events the job adds (a command's are not known before it is decided: counted as one).
     fn events(&self) -> usize {
         match self {
             Job::Append { request, .. } => request.events.len(),
-            Job::Command { .. } | Job::Truncate { .. } | Job::Promise { .. } => 1,
+            Job::Command { .. } | Job::Truncate { .. } | Job::Trim { .. } | Job::Promise { .. } => 1,
             Job::Replicate { records, .. } => records.len(),
         }
     }
@@ -133,7 +139,7 @@ impl Job {
             }
             Job::Command { command, .. } => command.size_bytes(),
             Job::Replicate { records, .. } => records.iter().map(|r| r.payload.len() + r.event_type.len() + r.stream.len()).sum(),
-            Job::Truncate { .. } | Job::Promise { .. } => 0,
+            Job::Truncate { .. } | Job::Trim { .. } | Job::Promise { .. } => 0,
         }
     }
     /// Answers the job. A failure of the whole batch (`failure`) overrides every outcome, a
@@ -168,7 +174,7 @@ impl Job {
             Job::Command { reply, .. } => {
                 let _ = reply.send(Err(CommandError::Failed(error)));
             }
-            Job::Truncate { reply, .. } => {
+            Job::Truncate { reply, .. } | Job::Trim { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Job::Replicate { reply, .. } => {
@@ -251,6 +257,10 @@ impl Writer {
                     let _ = reply.send(self.truncate(partition, after));
                     continue;
                 }
+                if let Job::Trim { partition, through, reply } = first {
+                    let _ = reply.send(self.trim(partition, through));
+                    continue;
+                }
                 carry = self.collect(first, &mut batch);
                 self.metrics.append_queue_depth.set(self.rx.len() as i64);
                 let committed = match self.ready_to_commit(&room, &kick, tail_max_events) {
@@ -331,6 +341,36 @@ impl Writer {
         Ok(removed)
     }
 
+    /// Gives up `partition`'s events up to `through` (`storage/trim.rs`), alone, once everything
+    /// committed is published; only what this node knows committed (its head on a single node).
+    fn trim(&mut self, partition: u32, through: u64) -> Result<usize, AppendError> {
+        if let Some(error) = poisoned_error(&self.poison) {
+            return Err(error);
+        }
+        let committed = if self.roles.journaling() { self.roles.known_committed(partition) } else { self.heads[partition as usize] };
+        if through > committed.min(self.heads[partition as usize]) {
+            return Err(AppendError::Invalid(format!(
+                "partition {partition}: cannot give up events through position {through}, past what is known committed ({committed})"
+            )));
+        }
+        while self.published.borrow().seq < self.last_seq {
+            if let Some(error) = poisoned_error(&self.poison) {
+                return Err(error);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let store = self.store.clone();
+        let _readers_wait = store.truncating();
+        self.store.trim_partition(partition, through, self.last_seq).map_err(|e| {
+            let e = Arc::new(e);
+            if e.is_io_failure() {
+                tracing::error!(error = %e, "trimming failed on I/O; refusing all writes until the node restarts");
+                self.poison.set(e.clone());
+            }
+            AppendError::Storage(e)
+        })
+    }
+
     /// Command ids recorded before this time (microseconds since the epoch) have expired.
     fn ids_since_us(&self) -> u64 {
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64;
@@ -366,7 +406,7 @@ impl Writer {
                     Err(_) => return None,
                 },
             };
-            if matches!(next, Job::Truncate { .. })
+            if matches!(next, Job::Truncate { .. } | Job::Trim { .. })
                 || events + next.events() > self.config.max_batch_events
                 || bytes + next.bytes() > self.config.max_batch_bytes
             {
@@ -455,7 +495,7 @@ impl Writer {
                         Job::Command { .. } => Outcome::Command(Err(CommandError::Failed(error))),
                         Job::Replicate { .. } => Outcome::Replicate(Err(error)),
                         Job::Promise { .. } => Outcome::Promise(Err(error)),
-                        Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
+                        Job::Truncate { .. } | Job::Trim { .. } => unreachable!("a truncation or a trim is never part of a batch"),
                     });
                     continue;
                 }
@@ -478,7 +518,7 @@ impl Writer {
                         Outcome::Promise(Ok(placer.heads[*partition as usize]))
                     }
                 }
-                Job::Truncate { .. } => unreachable!("a truncation is never part of a batch"),
+                Job::Truncate { .. } | Job::Trim { .. } => unreachable!("a truncation or a trim is never part of a batch"),
             });
         }
         // More than the batch can have recorded, so expired records never pile up under load.

@@ -109,11 +109,12 @@ impl ReplicaLog for LogView<'_> {
         }
     }
 
-    /// The node's log keeps every entry (no retention yet).
     fn floor(&self) -> Position {
-        0
+        self.log.store().partition_floor(self.partition)
     }
 
+    /// Not made yet by this node's storage: retention, the one way a log gives entries up, is
+    /// refused in a cluster (`config.rs`), so no replica needs one.
     fn snapshot(&self, _through: Position) -> Option<crate::replication::Snapshot> {
         None
     }

@@ -48,6 +48,7 @@ mod env;
 pub mod keys;
 pub mod record;
 mod tail;
+mod trim;
 mod truncate;
 pub mod undo;
 
@@ -170,6 +171,8 @@ pub struct Store {
     /// (the store, then the heads moved back), so no read pairs old heads with a truncated store.
     truncation: parking_lot::RwLock<()>,
     partition_count: u32,
+    /// Each partition's floor: the last position its log no longer holds (`trim.rs`).
+    floors: Vec<AtomicU64>,
     config: StorageConfig,
     dir: PathBuf,
     _lock: File,
@@ -261,13 +264,21 @@ impl Store {
             index_writer: parking_lot::Mutex::new(()),
             truncation: parking_lot::RwLock::new(()),
             partition_count: cfg.partitions,
+            floors: (0..cfg.partitions).map(|_| AtomicU64::new(0)).collect(),
             config: cfg.clone(),
             dir: dir.to_path_buf(),
             _lock: lock,
         };
         store.finish_truncation()?;
+        for (p, floor) in store.load_floors()?.into_iter().enumerate() {
+            store.floors[p].store(floor, Ordering::Release);
+        }
         store.reindex_log_tail(cfg.index_flush_events)?;
-        let heads = index_partition_heads(&store.index.read()?.txn, store.index_dbs, cfg.partitions)?;
+        let mut heads = index_partition_heads(&store.index.read()?.txn, store.index_dbs, cfg.partitions)?;
+        // A partition whose every event was given up goes on after its floor.
+        for (head, floor) in heads.iter_mut().zip(&store.floors) {
+            *head = (*head).max(floor.load(Ordering::Acquire));
+        }
         store.tail = RwLock::new(IndexTail::new(heads.iter().map(|head| head + 1)));
         Ok(store)
     }
@@ -374,7 +385,11 @@ impl Store {
         };
         let versions = streams.iter().zip(in_tail).map(|(stream, in_tail)| match in_tail {
             Some(version) => Ok(version),
-            None => index_stream_version(&index.txn, self.index_dbs, stream),
+            // A stream whose every event was given up goes on after its floor.
+            None => match index_stream_version(&index.txn, self.index_dbs, stream) {
+                Ok(0) => self.stream_floor(stream),
+                other => other,
+            },
         });
         Ok(versions.collect())
     }
@@ -538,8 +553,9 @@ impl Store {
     }
 
     /// Events of `partition` from `from_position` up to `until_position` (inclusive), within `limit`.
+    /// Events the log gave up (below its floor, `trim.rs`) are skipped.
     pub fn read_partition(&self, partition: u32, from_position: u64, until_position: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
-        let from = from_position.max(1);
+        let from = from_position.max(self.partition_floor(partition) + 1);
         let mut reader = EventReader::new(limit);
         if from > until_position {
             return Ok(reader.slice);
@@ -588,8 +604,9 @@ impl Store {
 
     /// Events of `stream` from `from_version` on, within `limit`, stopping before the first event
     /// past log sequence `until_seq`.
+    /// Versions the log gave up (at or below the stream's floor, `trim.rs`) are skipped.
     pub fn read_stream(&self, stream: &str, from_version: u64, until_seq: u64, limit: ReadLimit) -> Result<Slice, StorageError> {
-        let from = from_version.max(1);
+        let from = from_version.max(self.stream_floor(stream)? + 1);
         let mut reader = EventReader::new(limit);
         let (index, held) = {
             let tail = self.tail.read();

@@ -64,23 +64,26 @@ impl Derived for NothingDerived {
     }
 }
 
-/// An event a truncation removes.
-struct Victim {
-    seq: u64,
-    position: u64,
-    stream: String,
-    version: u64,
+/// An event a truncation (or a trim) removes.
+pub(super) struct Victim {
+    pub seq: u64,
+    pub position: u64,
+    pub stream: String,
+    pub version: u64,
     /// Not the last event of its append.
-    continued: bool,
+    pub continued: bool,
 }
 
-/// What a truncation removes from the index, kept in the log's `meta` until it is done.
+/// What a truncation (or a trim, `trim.rs`) removes from the index, kept in the log's `meta`
+/// until it is done: the partition's entries after `after` (up to `through`, when given).
 #[derive(Debug, Serialize, Deserialize)]
-struct Intent {
-    partition: u32,
-    after: u64,
+pub(super) struct Intent {
+    pub partition: u32,
+    pub after: u64,
+    #[serde(default)]
+    pub through: Option<u64>,
     /// `(stream, version)` of every event removed.
-    streams: Vec<(String, u64)>,
+    pub streams: Vec<(String, u64)>,
 }
 
 impl Store {
@@ -93,10 +96,18 @@ impl Store {
         last_seq: u64,
         derived: &dyn Derived,
     ) -> Result<usize, StorageError> {
+        // Only committed events are given up (`trim.rs`), and committed events are never
+        // truncated: a truncation below the floor is a broken invariant, refused.
+        let floor = self.partition_floor(partition);
+        if after < floor {
+            return Err(StorageError::State(format!(
+                "partition {partition}: a truncation after position {after} reaches below the log's floor {floor}"
+            )));
+        }
         let _only_writer = self.index_writer.lock();
         self.sync_log()?;
         self.flush_index_locked(last_seq)?;
-        let victims = self.events_after(partition, after)?;
+        let victims = self.events_in(partition, after, u64::MAX)?;
         let mut history = self.epoch_history(partition)?;
         let before = history.clone();
         history.truncate_after(after);
@@ -111,7 +122,7 @@ impl Store {
             }
             return Ok(0);
         }
-        let intent = Intent { partition, after, streams: victims.iter().map(|v| (v.stream.clone(), v.version)).collect() };
+        let intent = Intent { partition, after, through: None, streams: victims.iter().map(|v| (v.stream.clone(), v.version)).collect() };
         let mut txn = self.log.write()?;
         super::ReplicaMeta { meta: self.log_dbs.meta }.put_history(&mut txn, partition, &history)?;
         for victim in &victims {
@@ -142,8 +153,7 @@ impl Store {
         }
         let floor = self.log_dbs.meta.get(&txn, &meta_key("seq_floor"))?.map(be_u64).unwrap_or(0).max(last_seq);
         self.log_dbs.meta.put(&mut txn, &meta_key("seq_floor"), &floor.to_be_bytes())?;
-        let encoded = serde_json::to_vec(&intent).map_err(|e| StorageError::State(format!("cannot encode a truncation: {e}")))?;
-        self.log_dbs.meta.put(&mut txn, &meta_key(INTENT), &encoded)?;
+        self.put_intent(&mut txn, &intent)?;
         txn.commit()?;
         self.sync_log()?;
         self.apply_intent(&intent)?;
@@ -173,12 +183,18 @@ impl Store {
         Ok(())
     }
 
-    /// The events of `partition` after `after`, from the index environment (which holds every
-    /// event once the tail is flushed).
-    fn events_after(&self, partition: u32, after: u64) -> Result<Vec<Victim>, StorageError> {
+    pub(super) fn put_intent(&self, txn: &mut RwTxn<'_>, intent: &Intent) -> Result<(), StorageError> {
+        let encoded = serde_json::to_vec(intent).map_err(|e| StorageError::State(format!("cannot encode a truncation: {e}")))?;
+        self.log_dbs.meta.put(txn, &meta_key(INTENT), &encoded)?;
+        Ok(())
+    }
+
+    /// The events of `partition` after `after` up to `through`, from the index environment
+    /// (which holds every event once the tail is flushed).
+    pub(super) fn events_in(&self, partition: u32, after: u64, through: u64) -> Result<Vec<Victim>, StorageError> {
         let index = self.index.read()?;
         let log = self.log.read()?;
-        let (start, end) = (keys::event_key(partition, after + 1), keys::event_key(partition, u64::MAX));
+        let (start, end) = (keys::event_key(partition, after + 1), keys::event_key(partition, through));
         let mut victims = Vec::new();
         for entry in self.index_dbs.partitions.range(&index.txn, &(Bound::Included(start.as_slice()), Bound::Included(end.as_slice())))? {
             let (_, value) = entry?;
@@ -201,9 +217,10 @@ impl Store {
     }
 
     /// Step 3 of the module doc: the index forgets the removed events; then the intent goes.
-    fn apply_intent(&self, intent: &Intent) -> Result<(), StorageError> {
+    pub(super) fn apply_intent(&self, intent: &Intent) -> Result<(), StorageError> {
         let mut txn = self.index.write()?;
-        let (start, end) = (keys::event_key(intent.partition, intent.after + 1), keys::event_key(intent.partition, u64::MAX));
+        let through = intent.through.unwrap_or(u64::MAX);
+        let (start, end) = (keys::event_key(intent.partition, intent.after + 1), keys::event_key(intent.partition, through));
         self.index_dbs.partitions.delete_range(&mut txn, &(Bound::Included(start.as_slice()), Bound::Included(end.as_slice())))?;
         for (stream, version) in &intent.streams {
             self.index_dbs.streams.delete(&mut txn, &keys::stream_key(stream, *version))?;
@@ -339,7 +356,7 @@ mod tests {
             append(&store, &mut seq, &mut heads, &mut versions, &[(0, "a"), (0, "a"), (0, "a")]);
             store.flush_index(seq).unwrap();
             // Steps 1 and 2 only: the records go and the intent stays, as if the process died.
-            let intent = Intent { partition: 0, after: 1, streams: vec![("a".into(), 2), ("a".into(), 3)] };
+            let intent = Intent { partition: 0, after: 1, through: None, streams: vec![("a".into(), 2), ("a".into(), 3)] };
             let mut txn = store.log.write().unwrap();
             for s in 2..=3u64 {
                 store.log_dbs.log.delete(&mut txn, &keys::log_key(s)).unwrap();
