@@ -492,6 +492,11 @@ async fn execute(
                 )));
             }
             Effect::Send { to, message } => sends.push((to, message)),
+            Effect::SendSnapshot { to, .. } => {
+                // Only a log that gave entries up is asked for one, and retention (the one way
+                // this node's log does) is refused in a cluster for now (`config.rs`).
+                tracing::warn!(partition, to, "a replica needs a snapshot, which this node's storage cannot make yet");
+            }
             Effect::Committed(position) => {
                 commit.send_replace(position);
             }

@@ -30,10 +30,10 @@
 //!   epochs are committed by the marker after them (Raft's rule, which avoids its "figure 8").
 //!   Committed entries are never truncated (asserted).
 //! - **State transfer.** A log may no longer hold its oldest entries (retention trims what is
-//!   committed; [`ReplicaLog::floor`]). A peer that needs them gets a [`Snapshot`] instead: the
-//!   sender's state through some durable position, standing for its log up to there, with the
-//!   epochs of that log. The receiver replaces its log up to there with it ([`Effect::Install`])
-//!   and goes on from the entries after it.
+//!   committed; [`ReplicaLog::floor`]). A peer that needs them gets a [`Snapshot`] instead
+//!   ([`Effect::SendSnapshot`]: the shell makes it): the sender's state through some durable
+//!   position, standing for its log up to there, with the epochs of that log. The receiver
+//!   replaces its log up to there with it ([`Effect::Install`]) and goes on after it.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -49,10 +49,6 @@ pub trait ReplicaLog {
     /// The last position whose entry the log no longer holds (its state stands for it), 0 when
     /// it holds them all. Only committed entries are ever given up.
     fn floor(&self) -> Position;
-    /// The state through some position at or past `through` and at or past the floor, durable
-    /// (so never more than a crash keeps), with the epochs of the log up to there; `None` when
-    /// it cannot be made now (the replica tries again later).
-    fn snapshot(&self, through: Position) -> Option<Snapshot>;
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +90,13 @@ pub enum Effect {
         to: NodeId,
         message: Message,
     },
+    /// Make a snapshot of the local state (durable only, so never more than a crash keeps: at
+    /// or past the durable position, and at or past the floor) and send it to `to` as `reply`
+    /// says. A snapshot that cannot be made is not sent (the replica tries again later).
+    SendSnapshot {
+        to: NodeId,
+        reply: SnapshotReply,
+    },
     /// Every entry up to here is committed: durable on a majority, never to be undone.
     Committed(Position),
     /// This replica now leads `epoch`; its entries start at `start` (the marker).
@@ -106,6 +109,15 @@ pub enum Effect {
     SteppedDown {
         epoch: Epoch,
     },
+}
+
+/// How a snapshot travels ([`Effect::SendSnapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotReply {
+    /// In a [`Message::Snapshot`] from the leader of `epoch`.
+    Leader { epoch: Epoch, commit: Position, round: u64 },
+    /// In a [`Message::FetchReply`] of `epoch`, with the sender's durable position.
+    Fetch { epoch: Epoch, last: Position },
 }
 
 /// A batch of effects and the ticket to report its durability with.
@@ -392,12 +404,13 @@ impl Replica {
             }
             Message::Fetch { epoch, from: start } => {
                 self.follow(epoch, from);
-                let (entries, snapshot) = if start <= log.floor() && start <= self.durable {
-                    (Vec::new(), log.snapshot(start))
+                if start <= log.floor() && start <= self.durable {
+                    let reply = SnapshotReply::Fetch { epoch, last: self.durable };
+                    self.effects.push(Effect::SendSnapshot { to: from, reply });
                 } else {
-                    (self.read(log, start), None)
-                };
-                self.send(from, Message::FetchReply { epoch, entries, last: self.durable, snapshot });
+                    let entries = self.read(log, start);
+                    self.send(from, Message::FetchReply { epoch, entries, last: self.durable, snapshot: None });
+                }
             }
             Message::Snapshot { epoch, snapshot, commit, round } => {
                 self.follow(epoch, from);
@@ -816,17 +829,13 @@ impl Replica {
             Phase::Leading { peers, .. } => (peers[&peer].next, peers[&peer].snapshot_wait),
             _ => return,
         };
-        if next <= log.floor()
-            && snapshot_wait == 0
-            && let Some(snapshot) = log.snapshot(self.durable)
-        {
-            let wait = self.config.resend_ticks * SNAPSHOT_RESEND_PERIODS;
+        if next <= log.floor() && snapshot_wait == 0 {
+            // The follower's acknowledgement of the snapshot's position moves `next` past it.
             if let Phase::Leading { peers, .. } = &mut self.phase {
-                let progress = peers.get_mut(&peer).expect("a member");
-                (progress.next, progress.snapshot_wait) = (snapshot.position + 1, wait);
+                peers.get_mut(&peer).expect("a member").snapshot_wait = self.config.resend_ticks * SNAPSHOT_RESEND_PERIODS;
             }
-            let round = self.round;
-            return self.send(peer, Message::Snapshot { epoch, snapshot, commit, round });
+            let reply = SnapshotReply::Leader { epoch, commit, round: self.round };
+            return self.effects.push(Effect::SendSnapshot { to: peer, reply });
         }
         let entries = self.read(log, next);
         if entries.is_empty() && !heartbeat {
@@ -1020,9 +1029,6 @@ mod tests {
         }
         fn floor(&self) -> Position {
             0
-        }
-        fn snapshot(&self, _: Position) -> Option<Snapshot> {
-            None
         }
     }
 

@@ -112,12 +112,6 @@ impl ReplicaLog for LogView<'_> {
     fn floor(&self) -> Position {
         self.log.store().partition_floor(self.partition)
     }
-
-    /// Not made yet by this node's storage: retention, the one way a log gives entries up, is
-    /// refused in a cluster (`config.rs`), so no replica needs one.
-    fn snapshot(&self, _through: Position) -> Option<crate::replication::Snapshot> {
-        None
-    }
 }
 
 #[cfg(test)]

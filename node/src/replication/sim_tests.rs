@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::message::Message;
-use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
+use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role, SnapshotReply};
 use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 
 /// A node's log. The sim keeps every entry (to check logs against each other), and models
@@ -53,12 +53,14 @@ impl ReplicaLog for Log {
     fn floor(&self) -> Position {
         self.floor
     }
+}
 
-    /// The durable state, as the node's LMDB shell gives it (its whole durable log: at or past
-    /// what the replica asks for).
-    fn snapshot(&self, through: Position) -> Option<Snapshot> {
+impl Log {
+    /// The durable state, as the node's LMDB shell makes it (its whole durable log, at or past
+    /// the replica's durable position).
+    fn snapshot(&self, durable: Position) -> Option<Snapshot> {
         let position = self.durable.len() as Position;
-        assert!(position >= through && position >= self.durable_floor, "a snapshot short of {through}");
+        assert!(position >= durable && position >= self.durable_floor, "a snapshot short of the durable position {durable}");
         (position > 0).then(|| Snapshot { position, history: history_of(&self.durable), data: encode(&self.durable) })
     }
 }
@@ -255,6 +257,18 @@ impl Sim {
                     self.stats.installs += 1;
                 }
                 Effect::Send { to, message } => sends.push((to, message)),
+                Effect::SendSnapshot { to, reply } => {
+                    let Some(snapshot) = node.log.snapshot(node.replica.durable()) else { continue };
+                    sends.push((
+                        to,
+                        match reply {
+                            SnapshotReply::Leader { epoch, commit, round } => Message::Snapshot { epoch, snapshot, commit, round },
+                            SnapshotReply::Fetch { epoch, last } => {
+                                Message::FetchReply { epoch, entries: Vec::new(), last, snapshot: Some(snapshot) }
+                            }
+                        },
+                    ));
+                }
                 Effect::Committed(position) => {
                     let end = &node.log.entries[position as usize - 1];
                     assert!(!end.atomic_with_next, "node {n} commits through {position}, inside an append");
