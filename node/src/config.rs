@@ -401,16 +401,6 @@ impl NodeConfig {
         if self.node_id.trim().is_empty() {
             return invalid("node_id", "must not be empty".into());
         }
-        let retains = s.retention_max_events > 0 || s.retention_max_age_s > 0;
-        if retains && !self.cluster.members.is_empty() {
-            let field = if s.retention_max_events > 0 { "storage.retention_max_events" } else { "storage.retention_max_age_s" };
-            return invalid(
-                field,
-                "retention needs state transfer between replicas, which this version's storage does not do yet: \
-                 keep it 0 (every event kept) in a cluster"
-                    .into(),
-            );
-        }
         if s.partitions == 0 || s.partitions > MAX_PARTITIONS {
             return invalid("storage.partitions", format!("must be between 1 and {MAX_PARTITIONS}, got {}", s.partitions));
         }
@@ -584,11 +574,11 @@ mod tests {
     const CLUSTER: &str = "node_id: a\ncluster:\n  members:\n    - {id: 1, name: a, address: 127.0.0.1:7400}\n  replication_factor: 1\n";
 
     #[test]
-    fn given_retention_in_a_cluster_when_validated_then_it_is_refused_by_name_and_a_single_node_takes_it() {
-        let err = parse(&format!("{CLUSTER}storage:\n  retention_max_age_s: 60\n")).unwrap_err().to_string();
-        assert!(err.starts_with("invalid configuration: storage.retention_max_age_s: retention needs state transfer"), "{err}");
+    fn given_retention_limits_then_they_are_read_for_a_single_node_and_a_cluster() {
         let single = parse("storage:\n  retention_max_events: 1000\n  retention_max_age_s: 60\n").unwrap();
         assert_eq!((single.storage.retention_max_events, single.storage.retention_max_age_s), (1000, 60));
+        let cluster = parse(&format!("{CLUSTER}storage:\n  retention_max_age_s: 60\n")).unwrap();
+        assert_eq!(cluster.storage.retention_max_age_s, 60);
     }
 
     #[test]

@@ -32,6 +32,15 @@ async fn a_node_with_a_retention_limit_gives_up_its_oldest_events_and_keeps_goin
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(versions(&mut t.clients, "orders").await, [7, 8, 9, 10], "reads start after what went");
+    // A subscription from the start begins at the oldest event kept.
+    let request = pb::SubscribeRequest { partitions: vec![0], from_position: 1, ..Default::default() };
+    let mut subscription = t.clients.log.subscribe(request).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.message()).await.unwrap().unwrap();
+    match first.and_then(|m| m.message) {
+        Some(pb::subscribe_response::Message::Event(event)) => assert_eq!(event.position, 7),
+        other => panic!("expected the first event kept, got {other:?}"),
+    }
+    drop(subscription);
     let out = Command::new(common::exe()).args(["status", "--json", "--server", &t.node.url()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -94,6 +94,16 @@ impl CommandRecord {
     }
 }
 
+/// Whether a state key's first element names a command record (`(kind, stream, id)`).
+pub fn is_record_key(kind: &str) -> bool {
+    kind == RECORDS
+}
+
+/// Whether a state key's first element names a command expiry entry (`(kind, at, stream, id)`).
+pub fn is_expiry_key(kind: &str) -> bool {
+    kind == EXPIRY
+}
+
 fn record_key(stream: &str, command_id: &str) -> Vec<u8> {
     pack(&[Elem::Str(RECORDS), Elem::Str(stream), Elem::Str(command_id)])
 }
@@ -135,6 +145,12 @@ pub fn record(
     if let Some(journal) = journal {
         journal.before_write(txn, db, &key)?;
         journal.before_write(txn, db, &expiry)?;
+        // An expired record this one replaces keeps its expiry entry if undone: the sweep
+        // (`expire`) may delete that entry meanwhile, and a record without one is never deleted.
+        if let Some(old) = db.get(txn, &key)?.and_then(CommandRecord::decode) {
+            let old_expiry = pack(&[Elem::Str(EXPIRY), Elem::U64(old.recorded_at_us), Elem::Str(stream), Elem::Str(command_id)]);
+            journal.before_write(txn, db, &old_expiry)?;
+        }
     }
     db.put(txn, &key, &record.encode())?;
     db.put(txn, &expiry, &[])?;
@@ -269,5 +285,32 @@ mod tests {
     fn a_command_never_hashes_to_the_unknown_value_and_different_commands_differ() {
         assert_ne!(command_hash(b""), 0);
         assert_ne!(command_hash(br#"{"Deposit":{"amount":5}}"#), command_hash(br#"{"Deposit":{"amount":6}}"#));
+    }
+
+    #[test]
+    fn given_an_expired_id_accepted_again_when_that_append_is_undone_then_the_old_record_keeps_its_expiry_and_the_next_sweep_deletes_it() {
+        use crate::storage::undo;
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: a fresh directory, opened once.
+        let env = unsafe { heed::EnvOpenOptions::new().read_txn_without_tls().max_dbs(3).open(dir.path()).unwrap() };
+        let mut txn = env.write_txn().unwrap();
+        let with: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("with")).unwrap();
+        let without: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("without")).unwrap();
+        let undo_db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("undo")).unwrap();
+        // Both replicas accepted c1 at t=100. `with` stores an uncommitted append (position 5)
+        // accepting c1 again at t=500, after it expired by time but before the sweep deleted it.
+        record(&mut txn, with, "ledger/a", "c1", &rec(100), None).unwrap();
+        record(&mut txn, without, "ledger/a", "c1", &rec(100), None).unwrap();
+        let mut journal = Journal::default();
+        record(&mut txn, with, "ledger/a", "c1", &rec(500), Some(&mut journal)).unwrap();
+        undo::record(&mut txn, undo_db, 0, 5, &journal).unwrap();
+        // Both sweep what is older than 200; then a new leader makes `with` undo the append.
+        expire(&mut txn, with, 200, 100).unwrap();
+        expire(&mut txn, without, 200, 100).unwrap();
+        undo::undo_after(&mut txn, undo_db, with, 0, 4).unwrap();
+        // The old record is back with its expiry entry, so the next sweep deletes both.
+        assert_eq!(expire(&mut txn, with, 200, 100).unwrap(), 1);
+        let dump = |db: Database<Bytes, Bytes>| db.iter(&txn).unwrap().map(|e| e.unwrap().0.to_vec()).collect::<Vec<_>>();
+        assert_eq!(dump(with), dump(without), "the undone replica holds what one that never had the append holds");
     }
 }

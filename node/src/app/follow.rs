@@ -29,6 +29,7 @@ use heed::types::Bytes;
 use super::commands::{self, CommandRecord};
 use super::state::subspace;
 use super::{COMMAND_ID_METADATA_KEY, Domain, State, StateError, from_log_event, ledger};
+use crate::storage::keys::Value;
 use crate::storage::{Derived, EventRecord, Journal, StorageError};
 
 /// Metadata key carrying the hash of the command (see [`commands::command_hash`]) on the last
@@ -143,5 +144,16 @@ impl Derived for DomainState {
     }
     fn apply(&self, txn: &mut RwTxn<'_>, state: Db, record: &EventRecord, group_first: u64) -> Result<(), StorageError> {
         Ok(apply(txn, state, record, group_first, self.ids_since_us)?)
+    }
+    fn stream_of_key(&self, key: &[u8]) -> Option<String> {
+        let elems = crate::storage::keys::unpack(key).ok()?;
+        match elems.as_slice() {
+            [Value::Str(kind), Value::Str(stream), ..] if commands::is_record_key(kind) => Some(stream.clone()),
+            [Value::Str(kind), Value::U64(_), Value::Str(stream), ..] if commands::is_expiry_key(kind) => Some(stream.clone()),
+            [Value::Str(domain), Value::Str(scope), ..] if super::DOMAINS.contains(&domain.as_str()) => {
+                Some(super::stream_of(domain, scope))
+            }
+            _ => None,
+        }
     }
 }

@@ -658,6 +658,33 @@ impl Log {
         removed
     }
 
+    /// The image of `partition` as of its head: what a replica that needs entries this log gave
+    /// up installs instead (`storage/image.rs`). Everything in it is durable.
+    pub async fn partition_image(&self, partition: u32) -> Result<crate::storage::PartitionImage, AppendError> {
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Image { partition, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        drop(queue);
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// Replaces a partition with `image` (another replica's, `storage/image.rs`); returns its
+    /// new head. Durable once this resolves.
+    pub async fn install_image(&self, image: crate::storage::PartitionImage) -> Result<u64, AppendError> {
+        let partition = image.partition;
+        if partition >= self.partition_count() {
+            return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
+        }
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(writer::Job::Install { image: Box::new(image), reply }).await.map_err(|_| AppendError::ShuttingDown)?;
+        drop(queue);
+        let head = answer.await.map_err(|_| AppendError::ShuttingDown)?;
+        // The state changed under any reader, as with a truncation.
+        self.truncations[partition as usize].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        head
+    }
+
     fn truncations_of(&self, partition: u32) -> u64 {
         self.truncations[partition as usize].load(std::sync::atomic::Ordering::Acquire)
     }
@@ -1210,6 +1237,103 @@ mod tests {
         commands
     }
 
+    type Waiting = Vec<tokio::task::JoinHandle<Result<CommandDone, CommandError>>>;
+
+    /// Runs `n` random ledger commands on `leader`, made a replicated leader whose commits are
+    /// known at once: its commands keep undo records (nothing reports them committed, so none
+    /// is pruned). Returns once all are stored, with the book's partition and the commands'
+    /// answers: refusals wait for a reported commit to cover what they read.
+    fn random_commands_on_a_replicated_leader(leader: &Arc<Log>, seed: u64, n: usize, rt: &tokio::runtime::Runtime) -> (u32, Waiting) {
+        leader.set_replicated();
+        let p = leader.partition_of("ledger/book");
+        leader.publish_commit(p, SINGLE_NODE_EPOCH, u64::MAX);
+        let waiting: Vec<_> = random_ledger_commands(seed, n)
+            .into_iter()
+            .map(|(id, command)| {
+                let leader = leader.clone();
+                rt.spawn(async move { leader.command(ledger(id.as_deref(), command)).await })
+            })
+            .collect();
+        let elsewhere = (0..).map(|i| format!("s{i}")).find(|s| leader.partition_of(s) != p).unwrap();
+        rt.block_on(async {
+            // Each command queued at its first poll, before this last append.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            leader.append(req(&elsewhere, ExpectedVersion::Any, 1)).await
+        })
+        .unwrap();
+        (p, waiting)
+    }
+
+    #[test]
+    fn given_a_trimmed_replicated_leader_when_replicas_install_its_image_then_they_hold_its_state_versions_and_uncommitted_events_and_go_on()
+     {
+        use crate::app::ledger::LedgerCommand::Deposit;
+        let rt = runtime();
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let leader = Arc::new(open(dirs[0].path(), 0));
+        let (p, _waiting) = random_commands_on_a_replicated_leader(&leader, 11, 50, &rt);
+        let events = leader.read_partition(p, 1, ALL).unwrap().events;
+        let ends: Vec<u64> = events.iter().filter(|e| !e.atomic_with_next).map(|e| e.position).collect();
+        // Known committed through an append 60% of the way; given up through one at 30%.
+        let (committed, trimmed) = (ends[ends.len() * 3 / 5], ends[ends.len() * 3 / 10]);
+        // A replica whose log went another way from the start: another leader's commands, with
+        // state rows the leader never had.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Arc::new(open(other_dir.path(), 0));
+        let _other_waiting = random_commands_on_a_replicated_leader(&other, 12, 10, &rt);
+        rt.block_on(other.command(ledger(Some("zz"), open_account("zz")))).unwrap();
+        let other_events = other.read_partition(p, 1, ALL).unwrap().events.len();
+        let diverged = follower_of(&other, p, other_events, dirs[2].path(), &rt);
+        assert!(state_dump(&diverged).len() > 3);
+        leader.report_replica(p, ReplicaReport { commit: committed, followers: Vec::new() });
+        rt.block_on(leader.trim_partition(p, trimmed)).unwrap();
+        let image = rt.block_on(leader.partition_image(p)).unwrap();
+        let head = events.last().unwrap().position;
+        assert_eq!((image.position, image.floor), (head, committed));
+        assert_eq!(crate::storage::PartitionImage::decode(&image.encode()).unwrap(), image, "it travels as bytes");
+        let same_as_leader = |replica: &Log, what: &str| {
+            same_state(replica, &leader, what);
+            assert_eq!(replica.store().partition_floor(p), committed, "{what}: its floor is the commit the image's maker knew");
+            let kept: Vec<u64> = replica.store().read_partition(p, 1, u64::MAX, ALL).unwrap().events.iter().map(|e| e.position).collect();
+            assert_eq!(kept, (committed + 1..=head).collect::<Vec<_>>(), "{what}: it holds the events not known committed");
+            assert_eq!(
+                replica.store().undo_positions(p),
+                leader.store().undo_positions(p).into_iter().filter(|e| *e > committed).collect::<Vec<_>>()
+            );
+            assert_eq!(replica.store().stream_version("ledger/book").unwrap(), leader.store().stream_version("ledger/book").unwrap());
+            let stream = |log: &Log| log.store().read_stream("ledger/book", 1, u64::MAX, ALL).unwrap().events;
+            let expected: Vec<_> = stream(&leader).into_iter().filter(|e| e.position > committed).collect();
+            assert_eq!(stream(replica), expected, "{what}: the book's stream reads from its first event kept");
+            assert_eq!(replica.store().epoch_history(p).unwrap(), leader.store().epoch_history(p).unwrap());
+        };
+        // Into an empty replica, and into the one whose log went another way.
+        let fresh = open(dirs[1].path(), 0);
+        fresh.set_replicated();
+        fresh.roles().set(p, 0);
+        assert_eq!(rt.block_on(fresh.install_image(image.clone())).unwrap(), head);
+        same_as_leader(&fresh, "fresh");
+        rt.block_on(diverged.install_image(image)).unwrap();
+        same_as_leader(&diverged, "diverged");
+        // Both go on replicating the leader's next events.
+        leader.report_replica(p, ReplicaReport { commit: u64::MAX, followers: Vec::new() });
+        rt.block_on(leader.command(ledger(Some("after"), Deposit { account: "a".into(), amount: 5 }))).unwrap();
+        let next = leader.read_partition(p, head + 1, ALL).unwrap().events;
+        assert!(!next.is_empty());
+        for replica in [&fresh, &diverged] {
+            rt.block_on(replica.replicate(next.clone())).unwrap();
+            same_state(replica, &leader, "after the next events");
+        }
+        // And a restart keeps it all.
+        drop(fresh);
+        let reopened = open(dirs[1].path(), 0);
+        same_state(&reopened, &leader, "reopened");
+        assert_eq!(reopened.store().partition_floor(p), committed);
+        let kept = reopened.store().read_partition(p, 1, u64::MAX, ALL).unwrap().events;
+        assert_eq!(kept.len() as u64, next.last().unwrap().position - committed);
+    }
+
     #[test]
     fn given_random_commands_when_a_replica_truncates_any_suffix_then_its_undo_records_leave_the_state_of_a_replica_that_never_had_it() {
         let rt = runtime();
@@ -1218,27 +1342,7 @@ mod tests {
             // A replicated leader whose commits are known at once: its commands keep undo
             // records (nothing reports them committed, so none is pruned).
             let leader = Arc::new(open(dirs[0].path(), 0));
-            leader.set_replicated();
-            let p = leader.partition_of("ledger/book");
-            leader.publish_commit(p, SINGLE_NODE_EPOCH, u64::MAX);
-            // Queued in order; refusals wait for the commit to cover what they read, which is
-            // reported (and prunes) only once a last append behind them all is stored.
-            let waiting: Vec<_> = random_ledger_commands(seed, 60)
-                .into_iter()
-                .map(|(id, command)| {
-                    let leader = leader.clone();
-                    rt.spawn(async move { leader.command(ledger(id.as_deref(), command)).await })
-                })
-                .collect();
-            let elsewhere = (0..).map(|i| format!("s{i}")).find(|s| leader.partition_of(s) != p).unwrap();
-            rt.block_on(async {
-                // Each command queued at its first poll, before the last append.
-                for _ in 0..4 {
-                    tokio::task::yield_now().await;
-                }
-                leader.append(req(&elsewhere, ExpectedVersion::Any, 1)).await
-            })
-            .unwrap();
+            let (p, waiting) = random_commands_on_a_replicated_leader(&leader, seed, 60, &rt);
             let events = leader.read_partition(p, 1, ALL).unwrap().events;
             let (leader_undo, leader_state) = (leader.store().undo_positions(p), state_dump(&leader));
             leader.report_replica(p, ReplicaReport { commit: u64::MAX, followers: Vec::new() });

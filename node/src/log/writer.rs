@@ -58,7 +58,7 @@ use crate::app::processor::{Executed, Failure, Routed};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
 use crate::replication::EpochHistory;
-use crate::storage::{Appender, EventRecord, Journal, RecordRef, StorageError, Store, undo};
+use crate::storage::{Appender, EventRecord, Journal, PartitionImage, RecordRef, StorageError, Store, undo};
 
 type Db = heed::Database<heed::types::Bytes, heed::types::Bytes>;
 
@@ -102,6 +102,16 @@ pub(super) enum Job {
         through: u64,
         reply: oneshot::Sender<Result<usize, AppendError>>,
     },
+    /// Make the image of a partition (a replica's snapshot, `storage/image.rs`); run alone.
+    Image {
+        partition: u32,
+        reply: oneshot::Sender<Result<PartitionImage, AppendError>>,
+    },
+    /// Replace a partition with an image another replica made; run alone.
+    Install {
+        image: Box<PartitionImage>,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
 }
 
 /// A job's answer, kept until the batch is durable.
@@ -121,14 +131,21 @@ impl Job {
             // Its own streams are looked up when it is placed.
             Job::Replicate { records, .. } => records.first().map_or("", |r| r.stream.as_str()),
             Job::Promise { .. } => "",
-            Job::Truncate { .. } | Job::Trim { .. } => unreachable!("a truncation or a trim is never part of a batch"),
+            Job::Truncate { .. } | Job::Trim { .. } | Job::Image { .. } | Job::Install { .. } => {
+                unreachable!("a truncation, a trim or an image is never part of a batch")
+            }
         }
     }
     /// Events the job adds (a command's are not known before it is decided: counted as one).
     fn events(&self) -> usize {
         match self {
             Job::Append { request, .. } => request.events.len(),
-            Job::Command { .. } | Job::Truncate { .. } | Job::Trim { .. } | Job::Promise { .. } => 1,
+            Job::Command { .. }
+            | Job::Truncate { .. }
+            | Job::Trim { .. }
+            | Job::Image { .. }
+            | Job::Install { .. }
+            | Job::Promise { .. } => 1,
             Job::Replicate { records, .. } => records.len(),
         }
     }
@@ -139,7 +156,7 @@ impl Job {
             }
             Job::Command { command, .. } => command.size_bytes(),
             Job::Replicate { records, .. } => records.iter().map(|r| r.payload.len() + r.event_type.len() + r.stream.len()).sum(),
-            Job::Truncate { .. } | Job::Trim { .. } | Job::Promise { .. } => 0,
+            Job::Truncate { .. } | Job::Trim { .. } | Job::Image { .. } | Job::Install { .. } | Job::Promise { .. } => 0,
         }
     }
     /// Answers the job. A failure of the whole batch (`failure`) overrides every outcome, a
@@ -175,6 +192,12 @@ impl Job {
                 let _ = reply.send(Err(CommandError::Failed(error)));
             }
             Job::Truncate { reply, .. } | Job::Trim { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Job::Image { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Job::Install { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Job::Replicate { reply, .. } => {
@@ -253,14 +276,26 @@ impl Writer {
             let mut batch = Vec::new();
             let mut carry = None;
             while let Some(first) = carry.take().or_else(|| self.rx.recv().ok()) {
-                if let Job::Truncate { partition, after, reply } = first {
-                    let _ = reply.send(self.truncate(partition, after));
-                    continue;
-                }
-                if let Job::Trim { partition, through, reply } = first {
-                    let _ = reply.send(self.trim(partition, through));
-                    continue;
-                }
+                // Jobs that run alone, between group commits.
+                let first = match first {
+                    Job::Truncate { partition, after, reply } => {
+                        let _ = reply.send(self.truncate(partition, after));
+                        continue;
+                    }
+                    Job::Trim { partition, through, reply } => {
+                        let _ = reply.send(self.trim(partition, through));
+                        continue;
+                    }
+                    Job::Image { partition, reply } => {
+                        let _ = reply.send(self.image(partition));
+                        continue;
+                    }
+                    Job::Install { image, reply } => {
+                        let _ = reply.send(self.install(&image));
+                        continue;
+                    }
+                    first => first,
+                };
                 carry = self.collect(first, &mut batch);
                 self.metrics.append_queue_depth.set(self.rx.len() as i64);
                 let committed = match self.ready_to_commit(&room, &kick, tail_max_events) {
@@ -371,6 +406,76 @@ impl Writer {
         })
     }
 
+    /// Waits until every batch handed to the syncer is published (durable).
+    fn wait_published(&self) -> Result<(), AppendError> {
+        while self.published.borrow().seq < self.last_seq {
+            if let Some(error) = poisoned_error(&self.poison) {
+                return Err(error);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        poisoned_error(&self.poison).map_or(Ok(()), Err)
+    }
+
+    /// The image of `partition` as of its head (`storage/image.rs`): everything in it durable.
+    fn image(&mut self, partition: u32) -> Result<PartitionImage, AppendError> {
+        if partition >= self.store.partition_count() {
+            return Err(AppendError::Invalid(format!("partition {partition} does not exist")));
+        }
+        self.wait_published()?;
+        let head = self.heads[partition as usize];
+        let committed = if self.roles.journaling() { self.roles.known_committed(partition) } else { head };
+        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
+        self.store.partition_image(partition, head, committed, self.last_seq, &derived).map_err(|e| AppendError::Storage(Arc::new(e)))
+    }
+
+    /// Replaces a partition with `image` (`storage/image.rs`); returns its new head. Readers
+    /// wait, as for a truncation.
+    fn install(&mut self, image: &PartitionImage) -> Result<u64, AppendError> {
+        let partition = image.partition;
+        if partition >= self.store.partition_count() {
+            return Err(AppendError::Invalid(format!("partition {partition} does not exist")));
+        }
+        let history = EpochHistory::try_from_starts(image.history.clone()).map_err(AppendError::Invalid)?;
+        self.wait_published()?;
+        let store = self.store.clone();
+        let _readers_wait = store.truncating();
+        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
+        let mut attempt = self.store.install_image(image, self.last_seq, &derived);
+        for _ in 0..TRUNCATE_GROWTHS {
+            match &attempt {
+                Err(e) if e.is_map_full() => {
+                    let needed = image.encode().len() as u64 * 3 + TRUNCATE_GROWTH_BYTES;
+                    if let Err(e) = self.store.grow_log_map(needed) {
+                        attempt = Err(e);
+                        break;
+                    }
+                    attempt = self.store.install_image(image, self.last_seq, &derived);
+                }
+                _ => break,
+            }
+        }
+        let entries = attempt.map_err(|e| {
+            let e = Arc::new(e);
+            if e.is_io_failure() {
+                tracing::error!(error = %e, "installing a partition image failed on I/O; refusing all writes until the node restarts");
+                self.poison.set(e.clone());
+            }
+            AppendError::Storage(e)
+        })?;
+        self.last_seq += entries.len() as u64;
+        self.store.extend_tail(entries.iter().map(|(p, position, stream, version, seq)| (*p, *position, stream.as_str(), *version, *seq)));
+        self.heads[partition as usize] = image.position;
+        self.histories[partition as usize] = history;
+        let (heads, seq): (Arc<[u64]>, u64) = (self.heads.as_slice().into(), self.last_seq);
+        self.published.send_modify(|point| {
+            point.heads = heads;
+            point.seq = seq;
+        });
+        self.partition_heads[partition as usize].send_replace(image.position);
+        Ok(image.position)
+    }
+
     /// Command ids recorded before this time (microseconds since the epoch) have expired.
     fn ids_since_us(&self) -> u64 {
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64;
@@ -406,7 +511,7 @@ impl Writer {
                     Err(_) => return None,
                 },
             };
-            if matches!(next, Job::Truncate { .. } | Job::Trim { .. })
+            if matches!(next, Job::Truncate { .. } | Job::Trim { .. } | Job::Image { .. } | Job::Install { .. })
                 || events + next.events() > self.config.max_batch_events
                 || bytes + next.bytes() > self.config.max_batch_bytes
             {
@@ -495,7 +600,9 @@ impl Writer {
                         Job::Command { .. } => Outcome::Command(Err(CommandError::Failed(error))),
                         Job::Replicate { .. } => Outcome::Replicate(Err(error)),
                         Job::Promise { .. } => Outcome::Promise(Err(error)),
-                        Job::Truncate { .. } | Job::Trim { .. } => unreachable!("a truncation or a trim is never part of a batch"),
+                        Job::Truncate { .. } | Job::Trim { .. } | Job::Image { .. } | Job::Install { .. } => {
+                            unreachable!("a truncation, a trim or an image is never part of a batch")
+                        }
                     });
                     continue;
                 }
@@ -518,7 +625,9 @@ impl Writer {
                         Outcome::Promise(Ok(placer.heads[*partition as usize]))
                     }
                 }
-                Job::Truncate { .. } | Job::Trim { .. } => unreachable!("a truncation or a trim is never part of a batch"),
+                Job::Truncate { .. } | Job::Trim { .. } | Job::Image { .. } | Job::Install { .. } => {
+                    unreachable!("a truncation, a trim or an image is never part of a batch")
+                }
             });
         }
         // More than the batch can have recorded, so expired records never pile up under load.

@@ -34,11 +34,12 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use super::message::Message;
-use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role};
+use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role, SnapshotReply};
 use super::shell::{LogView, marker_record, marker_stream, record_of};
-use super::{EntryKind, Epoch, NodeId, Position};
+use super::{EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 use crate::coordination::election::Handovers;
 use crate::log::{AppendError, Log, ReadIndexRequest};
+use crate::storage::PartitionImage;
 
 /// How often a partition's replica ticks (resends, heartbeats).
 pub const TICK: Duration = Duration::from_millis(50);
@@ -484,18 +485,36 @@ async fn execute(
                 log.replicate(records).await?;
             }
             Effect::Install(snapshot) => {
-                // Only a log that gives entries up sends snapshots, and this node's keeps them
-                // all (`LogView::floor`); a peer that sends one anyway is refused.
-                return Err(AppendError::Invalid(format!(
-                    "partition {partition}: a snapshot through position {} arrived, and this node's log cannot install one yet",
-                    snapshot.position
-                )));
+                let image = PartitionImage::decode(&snapshot.data).map_err(AppendError::Invalid)?;
+                if image.partition != partition || image.position != snapshot.position || image.history != snapshot.history.starts() {
+                    return Err(AppendError::Invalid(format!(
+                        "partition {partition}: a snapshot at {} holds the image of partition {} at {}, or other epochs",
+                        snapshot.position, image.partition, image.position
+                    )));
+                }
+                log.install_image(image).await?;
             }
             Effect::Send { to, message } => sends.push((to, message)),
-            Effect::SendSnapshot { to, .. } => {
-                // Only a log that gave entries up is asked for one, and retention (the one way
-                // this node's log does) is refused in a cluster for now (`config.rs`).
-                tracing::warn!(partition, to, "a replica needs a snapshot, which this node's storage cannot make yet");
+            Effect::SendSnapshot { to, reply } => {
+                let image = log.partition_image(partition).await?;
+                let history = EpochHistory::try_from_starts(image.history.clone()).map_err(AppendError::Invalid)?;
+                tracing::info!(
+                    partition,
+                    to,
+                    position = image.position,
+                    floor = image.floor,
+                    "sending a snapshot to a replica that needs it"
+                );
+                let snapshot = Snapshot { position: image.position, history, data: image.encode() };
+                sends.push((
+                    to,
+                    match reply {
+                        SnapshotReply::Leader { epoch, commit, round } => Message::Snapshot { epoch, snapshot, commit, round },
+                        SnapshotReply::Fetch { epoch, last } => {
+                            Message::FetchReply { epoch, entries: Vec::new(), last, snapshot: Some(snapshot) }
+                        }
+                    },
+                ));
             }
             Effect::Committed(position) => {
                 commit.send_replace(position);

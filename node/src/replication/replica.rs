@@ -136,7 +136,7 @@ pub enum Role {
 
 impl Progress {
     fn new(next: Position, voter: bool) -> Self {
-        Progress { matched: 0, next, idle_ticks: 0, round: 0, voter, snapshot_wait: 0 }
+        Progress { matched: 0, next, idle_ticks: 0, round: 0, voter, snapshot_wait: 0, snapshot_floor: 0 }
     }
 }
 
@@ -153,6 +153,9 @@ struct Progress {
     voter: bool,
     /// Ticks to wait before another snapshot is sent (one is on its way).
     snapshot_wait: u32,
+    /// The log's floor when the snapshot on its way was asked for: the follower holds it once
+    /// it acknowledges a position past that.
+    snapshot_floor: Position,
 }
 
 #[derive(Debug)]
@@ -796,8 +799,8 @@ impl Replica {
                 // Nobody holds more of this leader's log than it has.
                 progress.matched = progress.matched.max(position.min(self.last));
                 progress.next = progress.next.max(progress.matched + 1);
-                if progress.matched + 1 >= progress.next {
-                    // Everything sent, a snapshot too, is held.
+                if progress.matched > progress.snapshot_floor {
+                    // The snapshot on its way (if any) is installed, or no longer needed.
                     progress.snapshot_wait = 0;
                 }
                 self.advance_commit();
@@ -831,8 +834,10 @@ impl Replica {
         };
         if next <= log.floor() && snapshot_wait == 0 {
             // The follower's acknowledgement of the snapshot's position moves `next` past it.
+            let (wait, floor) = (self.config.resend_ticks * SNAPSHOT_RESEND_PERIODS, log.floor());
             if let Phase::Leading { peers, .. } = &mut self.phase {
-                peers.get_mut(&peer).expect("a member").snapshot_wait = self.config.resend_ticks * SNAPSHOT_RESEND_PERIODS;
+                let progress = peers.get_mut(&peer).expect("a member");
+                (progress.snapshot_wait, progress.snapshot_floor) = (wait, floor);
             }
             let reply = SnapshotReply::Leader { epoch, commit, round: self.round };
             return self.effects.push(Effect::SendSnapshot { to: peer, reply });
@@ -1070,6 +1075,72 @@ mod tests {
         f.on_message(0, Message::Append { epoch: 3, prev_position: 0, prev_epoch: 0, entries: prefix, commit: 6, round: 0 }, &log);
         assert_eq!(durable_acks(&mut f), [4], "positions 5 and 6 matched epoch 1's log, not epoch 3's");
         assert_eq!(f.commit(), 4, "nor may the follower take them as committed");
+    }
+
+    /// A log of entries 1..=n in epoch 1, given up through `floor`.
+    struct Trimmed {
+        entries: Vec<Entry>,
+        floor: Position,
+    }
+
+    impl ReplicaLog for Trimmed {
+        fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
+            assert!(from > self.floor, "read below the floor");
+            self.entries.iter().skip(from as usize - 1).take(max).cloned().collect()
+        }
+        fn floor(&self) -> Position {
+            self.floor
+        }
+    }
+
+    fn snapshots_to(effects: &[Effect], peer: NodeId) -> usize {
+        effects.iter().filter(|e| matches!(e, Effect::SendSnapshot { to, .. } if *to == peer)).count()
+    }
+
+    #[test]
+    fn given_a_follower_behind_the_floor_then_one_snapshot_is_sent_and_another_only_after_ten_resend_periods_without_it() {
+        let mut log = Trimmed { entries: (1..=10).map(|p| data(p, 1)).collect(), floor: 8 };
+        let history = EpochHistory::from_starts(vec![(1, 1)]);
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let mut leader = Replica::new(config, DurableState { promised: 1, history: history.clone(), last: 10 });
+        assert!(leader.become_leader(2));
+        leader.on_message(2, Message::RecoverReply { epoch: 2, history: history.clone(), last: 10 }, &log);
+        let batch = leader.take_effects();
+        for effect in &batch.effects {
+            if let Effect::Append(entries) = effect {
+                log.entries.extend(entries.iter().map(|e| Entry { kind: EntryKind::Data(vec![]), ..e.clone() }));
+            }
+        }
+        leader.on_durable(batch.ticket, &log);
+        assert!(matches!(leader.role(), Role::Leader { .. }));
+        let _ = leader.take_effects();
+        // Follower 1 holds positions 1..=5: below the floor, it needs a snapshot.
+        let diverged = AppendOutcome::Diverged { history: history.clone(), last: 5 };
+        leader.on_message(1, Message::AppendReply { epoch: 2, outcome: diverged, round: 0 }, &log);
+        let mut sent = snapshots_to(&leader.take_effects().effects, 1);
+        assert_eq!(sent, 1);
+        // While it is on its way the follower answers heartbeats with what it holds: no second
+        // snapshot within ten resend periods...
+        for _ in 0..(3 * SNAPSHOT_RESEND_PERIODS - 1) {
+            leader.tick(&log);
+            leader.on_message(1, Message::AppendReply { epoch: 2, outcome: AppendOutcome::Durable(5), round: 0 }, &log);
+            sent += snapshots_to(&leader.take_effects().effects, 1);
+        }
+        assert_eq!(sent, 1, "a second snapshot while the first was on its way");
+        // ... then one, the first one apparently lost.
+        for _ in 0..3 {
+            leader.tick(&log);
+            sent += snapshots_to(&leader.take_effects().effects, 1);
+        }
+        assert_eq!(sent, 2);
+        // Installed: the follower acknowledges past the floor, and gets entries from there.
+        leader.on_message(1, Message::AppendReply { epoch: 2, outcome: AppendOutcome::Durable(10), round: 0 }, &log);
+        let effects = leader.take_effects().effects;
+        assert_eq!(snapshots_to(&effects, 1), 0);
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::Send { to: 1, message: Message::Append { prev_position: 10, .. } })),
+            "{effects:?}"
+        );
     }
 
     #[test]

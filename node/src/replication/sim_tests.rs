@@ -56,12 +56,15 @@ impl ReplicaLog for Log {
 }
 
 impl Log {
-    /// The durable state, as the node's LMDB shell makes it (its whole durable log, at or past
-    /// the replica's durable position).
-    fn snapshot(&self, durable: Position) -> Option<Snapshot> {
+    /// The durable state, as the node's LMDB shell makes it: its whole durable log (at or past
+    /// the replica's durable position), and the commit it knows, the receiver's floor (the
+    /// shell's image holds the entries after it, `storage/image.rs`).
+    fn snapshot(&self, durable: Position, commit: Position) -> Option<Snapshot> {
         let position = self.durable.len() as Position;
         assert!(position >= durable && position >= self.durable_floor, "a snapshot short of the durable position {durable}");
-        (position > 0).then(|| Snapshot { position, history: history_of(&self.durable), data: encode(&self.durable) })
+        let mut data = commit.min(position).to_be_bytes().to_vec();
+        data.extend(encode(&self.durable));
+        (position > 0).then(|| Snapshot { position, history: history_of(&self.durable), data })
     }
 }
 
@@ -238,8 +241,10 @@ impl Sim {
             match effect {
                 Effect::PersistPromise(epoch) => node.promise = epoch,
                 Effect::Truncate { after } => {
+                    // Floors stay at or below a commit, and commits are never truncated: the
+                    // node's storage refuses a truncation below its floor.
+                    assert!(after >= node.log.floor, "node {n} truncates after {after}, below its floor {}", node.log.floor);
                     node.log.entries.truncate(after as usize);
-                    node.log.floor = node.log.floor.min(after);
                     self.stats.truncations += 1;
                 }
                 Effect::Append(entries) => {
@@ -249,16 +254,17 @@ impl Sim {
                     }
                 }
                 Effect::Install(snapshot) => {
-                    let entries = decode(&snapshot.data);
+                    let floor = u64::from_be_bytes(snapshot.data[..8].try_into().unwrap());
+                    let entries = decode(&snapshot.data[8..]);
                     assert_eq!(entries.len() as Position, snapshot.position, "node {n}: a snapshot that is not a whole prefix");
                     assert_eq!(history_of(&entries), snapshot.history, "node {n}: a snapshot whose history is not its log's");
                     node.log.entries = entries;
-                    node.log.floor = snapshot.position;
+                    node.log.floor = floor;
                     self.stats.installs += 1;
                 }
                 Effect::Send { to, message } => sends.push((to, message)),
                 Effect::SendSnapshot { to, reply } => {
-                    let Some(snapshot) = node.log.snapshot(node.replica.durable()) else { continue };
+                    let Some(snapshot) = node.log.snapshot(node.replica.durable(), node.replica.commit()) else { continue };
                     sends.push((
                         to,
                         match reply {

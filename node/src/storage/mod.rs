@@ -45,6 +45,7 @@
 //! it are indexed again from the log at the next open.
 
 mod env;
+mod image;
 pub mod keys;
 pub mod record;
 mod tail;
@@ -65,6 +66,7 @@ use thiserror::Error;
 
 use crate::config::StorageConfig;
 use env::{Lmdb, Snapshot};
+pub use image::PartitionImage;
 use keys::{Elem, pack};
 pub use record::{CorruptRecord, EventRecord, RecordRef};
 use tail::IndexTail;

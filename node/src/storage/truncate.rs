@@ -47,6 +47,9 @@ pub trait Derived {
     /// Applies one kept event again; `group_first` is the position its append starts at.
     fn apply(&self, txn: &mut RwTxn<'_>, state: Database<Bytes, Bytes>, record: &EventRecord, group_first: u64)
     -> Result<(), StorageError>;
+    /// The stream whose events derived the state row under `key` (a partition's image takes the
+    /// rows of its streams, `image.rs`); `None` for a row of no stream.
+    fn stream_of_key(&self, key: &[u8]) -> Option<String>;
 }
 
 /// Events that derive nothing.
@@ -61,6 +64,9 @@ impl Derived for NothingDerived {
     }
     fn apply(&self, _: &mut RwTxn<'_>, _: Database<Bytes, Bytes>, _: &EventRecord, _: u64) -> Result<(), StorageError> {
         Ok(())
+    }
+    fn stream_of_key(&self, _: &[u8]) -> Option<String> {
+        None
     }
 }
 

@@ -91,7 +91,7 @@ impl Journal {
     }
 }
 
-fn key(partition: u32, position: u64) -> [u8; 12] {
+pub(super) fn key(partition: u32, position: u64) -> [u8; 12] {
     let mut key = [0; 12];
     key[..4].copy_from_slice(&partition.to_be_bytes());
     key[4..].copy_from_slice(&position.to_be_bytes());
