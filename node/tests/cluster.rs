@@ -31,13 +31,18 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With `node_args` given to every node.
+    fn start_with(node_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let spec = ClusterSpec {
             nodes: NODES,
             partitions: PARTITIONS,
             replication_factor: 3,
             session_ttl_ms: SESSION_TTL_MS,
-            node_args: Vec::new(),
+            node_args: node_args.iter().map(|s| s.to_string()).collect(),
         };
         let local = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
         let addrs = local.addrs.clone();
@@ -848,4 +853,73 @@ async fn given_three_nodes_when_a_fourth_is_added_to_every_config_by_a_rolling_r
     cluster.wait_for(0, Duration::from_secs(20), |s| s.coordination_leader == 0).await;
     cluster.start_node(3);
     cluster.wait_for(0, Duration::from_secs(60), |s| s.coordination_leader != 0).await;
+}
+
+/// `partition`'s floor on node `i` (what retention gave up there), if it answers.
+async fn floor_on(cluster: &Cluster, i: usize, partition: u32) -> Option<u64> {
+    let mut c = client::connect(&format!("http://{}", cluster.addrs[i])).await.ok()?;
+    let status = c.node.status(pb::StatusRequest {}).await.ok()?.into_inner();
+    Some(status.partitions[partition as usize].floor_position)
+}
+
+async fn balance_on(cluster: &Cluster, i: usize, book: &str) -> Option<i64> {
+    let mut c = client::connect(&format!("http://{}", cluster.addrs[i])).await.ok()?;
+    let request = pb::GetBalanceRequest { book: book.into(), account: "a".into() };
+    Some(c.ledger.get_balance(request).await.ok()?.into_inner().balance)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_retention_when_a_replica_comes_back_after_its_leader_gave_up_what_it_lacks_then_it_installs_a_snapshot_and_holds_the_same_balance()
+ {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start_with(&["--retention-max-events", "20"]);
+    cluster.wait_for(0, Duration::from_secs(60), |s| all_led(s) && s.members.iter().all(|m| m.live)).await;
+    let router = anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap();
+    let book = "kept";
+    let partition = router.partition_of(&format!("ledger/{book}"));
+    let leader_url = router.table().leaders[partition as usize].clone().expect("the book's partition has a leader");
+    let leader = cluster.local.urls().iter().position(|u| *u == leader_url).unwrap();
+    let out = std::process::Command::new(common::exe())
+        .args(["ledger", "--server", &cluster.local.urls().join(","), "--book", book, "--command-id", "open-a"])
+        .args(["open-account", "a", "EUR"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A follower of the book's partition is down while the book moves on past the limit.
+    let away = (0..NODES).find(|i| *i != leader).unwrap();
+    cluster.kill9(away);
+    let deposit = |i: usize| {
+        let request = pb::DepositRequest { book: book.into(), command_id: format!("d-{i}"), account: "a".into(), amount: i as u64 };
+        router.on_leader(partition, move |mut c| {
+            let request = request.clone();
+            async move { c.ledger.deposit(request).await }
+        })
+    };
+    for i in 1..=60 {
+        deposit(i).await.unwrap();
+    }
+    // The leader gives up all but its last 20 events (checked every 10 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while floor_on(&cluster, leader, partition).await.unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the leader never gave events up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Back, the replica lacks events its leader no longer holds: it installs a snapshot, holds
+    // the same balance, and goes on with what follows.
+    cluster.start_node(away);
+    deposit(1_000).await.unwrap();
+    let want = (1..=60).sum::<i64>() + 1_000;
+    assert_eq!(balance_on(&cluster, leader, book).await, Some(want));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (got, floor) = (balance_on(&cluster, away, book).await, floor_on(&cluster, away, partition).await);
+        if got == Some(want) && floor.unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-{}: balance {got:?} (want {want}), floor {floor:?}", away + 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log_file = cluster.local.nodes[away].as_ref().unwrap().log_file.clone();
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(log.contains("installed a partition image"), "node-{} caught up without a snapshot", away + 1);
 }
