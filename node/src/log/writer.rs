@@ -331,42 +331,11 @@ impl Writer {
     /// is published (so no older heads are published after the new ones), the store truncates
     /// (`storage/truncate.rs`) and the partition's head moves back.
     fn truncate(&mut self, partition: u32, after: u64) -> Result<usize, AppendError> {
-        if let Some(error) = poisoned_error(&self.poison) {
-            return Err(error);
-        }
-        while self.published.borrow().seq < self.last_seq {
-            if let Some(error) = poisoned_error(&self.poison) {
-                return Err(error);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let store = self.store.clone();
-        let _readers_wait = store.truncating();
         let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
-        let mut attempt = self.store.truncate_partition(partition, after, self.last_seq, &derived);
-        // Rebuilding a scope's state rewrites it in the truncation's transaction, which may not
-        // fit the map: grow it and try again (nothing of a failed attempt was stored), as the
-        // group commit does.
-        for _ in 0..TRUNCATE_GROWTHS {
-            match &attempt {
-                Err(e) if e.is_map_full() => {
-                    if let Err(e) = self.store.grow_log_map(TRUNCATE_GROWTH_BYTES) {
-                        attempt = Err(e);
-                        break;
-                    }
-                    attempt = self.store.truncate_partition(partition, after, self.last_seq, &derived);
-                }
-                _ => break,
-            }
-        }
-        let removed = attempt.map_err(|e| {
-            let e = Arc::new(e);
-            if e.is_io_failure() {
-                tracing::error!(error = %e, "truncation failed on I/O; refusing all writes until the node restarts");
-                self.poison.set(e.clone());
-            }
-            AppendError::Storage(e)
-        })?;
+        // Taking back a scope's state rewrites it in the truncation's transaction, which may not
+        // fit the map.
+        let removed =
+            self.alone("a truncation", TRUNCATE_GROWTH_BYTES, |w| w.store.truncate_partition(partition, after, w.last_seq, &derived))?;
         let head = &mut self.heads[partition as usize];
         *head = (*head).min(after);
         self.histories[partition as usize].truncate_after(after);
@@ -388,18 +357,34 @@ impl Writer {
                 "partition {partition}: cannot give up events through position {through}, past what is known committed ({committed})"
             )));
         }
-        while self.published.borrow().seq < self.last_seq {
-            if let Some(error) = poisoned_error(&self.poison) {
-                return Err(error);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.alone("trimming", TRUNCATE_GROWTH_BYTES, |w| w.store.trim_partition(partition, through, w.last_seq))
+    }
+
+    /// Runs `job` on the store alone: once every batch handed to the syncer is published, with
+    /// readers held off (`Store::truncating`), growing a full map by `growth_bytes` and trying
+    /// again (nothing of a failed attempt is stored), as the group commit does. An I/O failure
+    /// poisons the log.
+    fn alone<T>(&mut self, what: &str, growth_bytes: u64, mut job: impl FnMut(&Self) -> Result<T, StorageError>) -> Result<T, AppendError> {
+        self.wait_published()?;
         let store = self.store.clone();
         let _readers_wait = store.truncating();
-        self.store.trim_partition(partition, through, self.last_seq).map_err(|e| {
+        let mut attempt = job(self);
+        for _ in 0..TRUNCATE_GROWTHS {
+            match &attempt {
+                Err(e) if e.is_map_full() => {
+                    if let Err(e) = self.store.grow_log_map(growth_bytes) {
+                        attempt = Err(e);
+                        break;
+                    }
+                    attempt = job(self);
+                }
+                _ => break,
+            }
+        }
+        attempt.map_err(|e| {
             let e = Arc::new(e);
             if e.is_io_failure() {
-                tracing::error!(error = %e, "trimming failed on I/O; refusing all writes until the node restarts");
+                tracing::error!(error = %e, "{what} failed on I/O; refusing all writes until the node restarts");
                 self.poison.set(e.clone());
             }
             AppendError::Storage(e)
@@ -437,32 +422,9 @@ impl Writer {
             return Err(AppendError::Invalid(format!("partition {partition} does not exist")));
         }
         let history = EpochHistory::try_from_starts(image.history.clone()).map_err(AppendError::Invalid)?;
-        self.wait_published()?;
-        let store = self.store.clone();
-        let _readers_wait = store.truncating();
         let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
-        let mut attempt = self.store.install_image(image, self.last_seq, &derived);
-        for _ in 0..TRUNCATE_GROWTHS {
-            match &attempt {
-                Err(e) if e.is_map_full() => {
-                    let needed = image.encode().len() as u64 * 3 + TRUNCATE_GROWTH_BYTES;
-                    if let Err(e) = self.store.grow_log_map(needed) {
-                        attempt = Err(e);
-                        break;
-                    }
-                    attempt = self.store.install_image(image, self.last_seq, &derived);
-                }
-                _ => break,
-            }
-        }
-        let entries = attempt.map_err(|e| {
-            let e = Arc::new(e);
-            if e.is_io_failure() {
-                tracing::error!(error = %e, "installing a partition image failed on I/O; refusing all writes until the node restarts");
-                self.poison.set(e.clone());
-            }
-            AppendError::Storage(e)
-        })?;
+        let growth = image.encode().len() as u64 * 3 + TRUNCATE_GROWTH_BYTES;
+        let entries = self.alone("installing a partition image", growth, |w| w.store.install_image(image, w.last_seq, &derived))?;
         self.last_seq += entries.len() as u64;
         self.store.extend_tail(entries.iter().map(|(p, position, stream, version, seq)| (*p, *position, stream.as_str(), *version, *seq)));
         self.heads[partition as usize] = image.position;

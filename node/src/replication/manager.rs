@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use super::message::Message;
-use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role, SnapshotReply};
+use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role};
 use super::shell::{LogView, marker_record, marker_stream, record_of};
 use super::{EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 use crate::coordination::election::Handovers;
@@ -506,15 +506,7 @@ async fn execute(
                     "sending a snapshot to a replica that needs it"
                 );
                 let snapshot = Snapshot { position: image.position, history, data: image.encode() };
-                sends.push((
-                    to,
-                    match reply {
-                        SnapshotReply::Leader { epoch, commit, round } => Message::Snapshot { epoch, snapshot, commit, round },
-                        SnapshotReply::Fetch { epoch, last } => {
-                            Message::FetchReply { epoch, entries: Vec::new(), last, snapshot: Some(snapshot) }
-                        }
-                    },
-                ));
+                sends.push((to, reply.message(snapshot)));
             }
             Effect::Committed(position) => {
                 commit.send_replace(position);

@@ -120,6 +120,16 @@ pub enum SnapshotReply {
     Fetch { epoch: Epoch, last: Position },
 }
 
+impl SnapshotReply {
+    /// The message that carries `snapshot` this way.
+    pub fn message(self, snapshot: Snapshot) -> Message {
+        match self {
+            SnapshotReply::Leader { epoch, commit, round } => Message::Snapshot { epoch, snapshot, commit, round },
+            SnapshotReply::Fetch { epoch, last } => Message::FetchReply { epoch, entries: Vec::new(), last, snapshot: Some(snapshot) },
+        }
+    }
+}
+
 /// A batch of effects and the ticket to report its durability with.
 #[derive(Debug)]
 pub struct Effects {
@@ -661,8 +671,15 @@ impl Replica {
         if !fresh.is_empty() {
             self.append_local(fresh);
         }
-        let Phase::Following { matched, .. } = &mut self.phase else { unreachable!() };
-        *matched = (*matched).max(prev_position + count);
+        self.matched_through(leader, prev_position + count, commit);
+    }
+
+    /// Following `leader`: this replica's log matches the leader's through `position`; what the
+    /// leader says committed is committed here as far as it matches; tells the leader how far
+    /// it holds the log durably.
+    fn matched_through(&mut self, leader: NodeId, position: Position, commit: Position) {
+        let Phase::Following { matched, .. } = &mut self.phase else { unreachable!("only a follower matches a leader") };
+        *matched = (*matched).max(position);
         let matched = *matched;
         let committed = commit.min(matched);
         if committed > self.commit {
@@ -670,7 +687,7 @@ impl Replica {
             self.effects.push(Effect::Committed(committed));
         }
         let acked = matched.min(self.durable);
-        self.send(leader, Message::AppendReply { epoch, outcome: AppendOutcome::Durable(acked), round: self.leader_round });
+        self.send(leader, Message::AppendReply { epoch: self.promised, outcome: AppendOutcome::Durable(acked), round: self.leader_round });
     }
 
     /// A leader's snapshot: installed unless this replica's log already holds its position in
@@ -688,16 +705,7 @@ impl Replica {
         if !holds {
             self.install_local(snapshot);
         }
-        let Phase::Following { matched, .. } = &mut self.phase else { unreachable!() };
-        *matched = (*matched).max(position);
-        let matched = *matched;
-        let committed = commit.min(matched);
-        if committed > self.commit {
-            self.commit = committed;
-            self.effects.push(Effect::Committed(committed));
-        }
-        let acked = matched.min(self.durable);
-        self.send(leader, Message::AppendReply { epoch: self.promised, outcome: AppendOutcome::Durable(acked), round: self.leader_round });
+        self.matched_through(leader, position, commit);
     }
 
     // ---- recovering ----

@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::message::Message;
-use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role, SnapshotReply};
+use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
 use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 
 /// A node's log. The sim keeps every entry (to check logs against each other), and models
@@ -265,15 +265,7 @@ impl Sim {
                 Effect::Send { to, message } => sends.push((to, message)),
                 Effect::SendSnapshot { to, reply } => {
                     let Some(snapshot) = node.log.snapshot(node.replica.durable(), node.replica.commit()) else { continue };
-                    sends.push((
-                        to,
-                        match reply {
-                            SnapshotReply::Leader { epoch, commit, round } => Message::Snapshot { epoch, snapshot, commit, round },
-                            SnapshotReply::Fetch { epoch, last } => {
-                                Message::FetchReply { epoch, entries: Vec::new(), last, snapshot: Some(snapshot) }
-                            }
-                        },
-                    ));
+                    sends.push((to, reply.message(snapshot)));
                 }
                 Effect::Committed(position) => {
                     let end = &node.log.entries[position as usize - 1];
