@@ -115,16 +115,23 @@ async fn follow(
             // Only committed events, on a leader too: a read model never sees what a failover
             // undoes (docs/replication.md, "Reads").
             let head = heads[partition as usize].min(log.committed_through(partition));
-            // Events retention gave up are skipped: the subscription goes on from the oldest one
-            // kept, as a Kafka consumer resets to the earliest offset (docs/storage.md).
-            *next = (*next).max(log.store().partition_floor(partition) + 1);
-            while *next <= head {
+            loop {
+                // Events retention gave up (also while this loop reads) are skipped: the
+                // subscription goes on from the oldest one kept, as a Kafka consumer resets to
+                // the earliest offset (docs/storage.md).
+                *next = (*next).max(log.store().partition_floor(partition) + 1);
+                if *next > head {
+                    break;
+                }
                 let (reader, from) = (log.clone(), *next);
                 let slice = tokio::task::spawn_blocking(move || reader.read_partition(partition, from, limit))
                     .await
                     .map_err(|e| Status::internal(format!("read task failed: {e}")))?
                     .map_err(|e| storage_status(&e))?;
                 if slice.events.is_empty() {
+                    if from <= log.store().partition_floor(partition) {
+                        continue;
+                    }
                     return Err(Status::data_loss(format!("partition {partition}: head is {head} but nothing is stored at {from}")));
                 }
                 for event in slice.events {

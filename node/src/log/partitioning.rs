@@ -17,9 +17,37 @@ pub fn partition_of(stream: &str, partition_count: u32) -> u32 {
     (fnv1a_64(stream.as_bytes()) % u64::from(partition_count)) as u32
 }
 
+/// The system stream of a partition's epoch markers (`$epochs-{partition}`, written by each new
+/// leader, docs/replication.md) lives in that partition, wherever its name hashes.
+const MARKER_STREAM_PREFIX: &str = "$epochs-";
+
+/// The partition whose log holds `stream`'s events: [`partition_of`], but for a partition's
+/// epoch-marker stream, which is that partition's own.
+pub fn home_partition(stream: &str, partition_count: u32) -> u32 {
+    match stream.strip_prefix(MARKER_STREAM_PREFIX).and_then(|p| p.parse::<u32>().ok()) {
+        Some(p) if p < partition_count => p,
+        _ => partition_of(stream, partition_count),
+    }
+}
+
+/// The name of `partition`'s epoch-marker stream.
+pub fn marker_stream(partition: u32) -> String {
+    format!("{MARKER_STREAM_PREFIX}{partition}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partitions_marker_stream_is_at_home_in_that_partition_and_other_streams_where_they_hash() {
+        for p in 0..64 {
+            assert_eq!(home_partition(&marker_stream(p), 64), p);
+        }
+        assert_ne!(partition_of(&marker_stream(0), 64), 0, "the name alone hashes elsewhere");
+        assert_eq!(home_partition("foobar", 64), 40);
+        assert_eq!(home_partition("$epochs-64", 64), partition_of("$epochs-64", 64), "no such partition");
+    }
 
     #[test]
     fn fnv1a_matches_the_published_test_vectors() {

@@ -17,10 +17,7 @@ use crate::storage::{EventRecord, ReadLimit};
 /// overhead, within the Cluster API's message bound, `coordination/transport.rs`).
 pub const MAX_READ_BYTES: usize = 4 << 20;
 
-/// The system stream of `partition`'s epoch markers.
-pub fn marker_stream(partition: u32) -> String {
-    format!("$epochs-{partition}")
-}
+pub use crate::log::partitioning::marker_stream;
 
 /// A new leader's marker, as the event it is stored as.
 pub fn marker_record(partition: u32, position: Position, epoch: Epoch, stream_version: u64, now_us: u64) -> EventRecord {

@@ -29,7 +29,7 @@ use super::record::EventRecord;
 use super::truncate::{Derived, Intent};
 use super::undo::key as undo_key;
 use super::{ReadLimit, StorageError, Store, be_u64, meta_key};
-use crate::log::partitioning::partition_of;
+use crate::log::partitioning::home_partition;
 
 /// A partition as of one position, to install on another replica (module doc).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -194,7 +194,7 @@ impl Store {
             };
             let prefix = keys::stream_prefix(&stream);
             from = Some([prefix.as_slice(), &[0xFF]].concat());
-            if partition_of(&stream, self.partition_count) == partition {
+            if home_partition(&stream, self.partition_count) == partition {
                 let version = super::index_stream_version(&index.txn, self.index_dbs, &stream)?;
                 streams.insert(stream, version);
             }
@@ -203,7 +203,7 @@ impl Store {
         for entry in self.log_dbs.meta.prefix_iter(meta, &prefix)? {
             let (key, value) = entry?;
             if let Ok([_, keys::Value::Str(stream)]) = keys::unpack(key).as_deref()
-                && partition_of(stream, self.partition_count) == partition
+                && home_partition(stream, self.partition_count) == partition
             {
                 let version = streams.entry(stream.clone()).or_insert(0);
                 *version = (*version).max(be_u64(value));
@@ -217,7 +217,7 @@ impl Store {
         let mut rows = Vec::new();
         for entry in self.log_dbs.state.iter(txn)? {
             let (key, value) = entry?;
-            if derived.stream_of_key(key).is_some_and(|stream| partition_of(&stream, self.partition_count) == partition) {
+            if derived.stream_of_key(key).is_some_and(|stream| home_partition(&stream, self.partition_count) == partition) {
                 rows.push((key.to_vec(), value.to_vec()));
             }
         }
@@ -276,6 +276,14 @@ impl Store {
         derived: &dyn Derived,
     ) -> Result<Vec<TailEntry>, StorageError> {
         let partition = image.partition;
+        // Nothing of another partition's: an image that says otherwise is refused whole.
+        let foreign = |stream: &str| home_partition(stream, self.partition_count) != partition;
+        if let Some((stream, _)) = image.stream_floors.iter().find(|(stream, _)| foreign(stream)) {
+            return Err(StorageError::State(format!("the image of partition {partition} names stream {stream} of another partition")));
+        }
+        if image.state.iter().any(|(key, _)| derived.stream_of_key(key).is_none_or(|stream| foreign(&stream))) {
+            return Err(StorageError::State(format!("the image of partition {partition} holds state of no stream of the partition")));
+        }
         let _only_writer = self.index_writer.lock();
         self.sync_log()?;
         self.flush_index_locked(last_seq)?;
@@ -322,9 +330,20 @@ impl Store {
             Intent { partition, after: old_floor, through: None, streams: victims.iter().map(|v| (v.stream.clone(), v.version)).collect() };
         self.put_intent(&mut txn, &intent)?;
         txn.commit()?;
-        self.sync_log()?;
+        // From here the log holds the image and the writer does not know it yet: a failure
+        // stops the process, and the next open finishes the intent. The intent's clearing is
+        // synced before the image's events are published: once the indexer writes their
+        // entries, an intent that a machine crash brought back would delete them (its range is
+        // by position, and they took the replaced events' positions).
+        let finish = || -> Result<(), StorageError> {
+            self.sync_log()?;
+            self.apply_intent(&intent)?;
+            self.sync_log()
+        };
+        if let Err(e) = finish() {
+            panic!("installing the image of partition {partition} failed after its log commit ({e}); the next start finishes it");
+        }
         self.floors[partition as usize].store(image.floor, std::sync::atomic::Ordering::Release);
-        self.apply_intent(&intent)?;
         self.tail.write().restart_partition(partition, image.floor + 1);
         tracing::info!(
             partition,
@@ -343,11 +362,76 @@ impl Store {
         for entry in self.log_dbs.meta.prefix_iter(txn, &stream_floor_prefix())? {
             let (key, _) = entry?;
             if let Ok([_, keys::Value::Str(stream)]) = keys::unpack(key).as_deref()
-                && partition_of(stream, self.partition_count) == partition
+                && home_partition(stream, self.partition_count) == partition
             {
                 found.push(key.to_vec());
             }
         }
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::log::partitioning::partition_of;
+    use crate::storage::truncate::NothingDerived;
+
+    fn event(partition: u32, position: u64, stream: &str, version: u64) -> EventRecord {
+        EventRecord {
+            partition,
+            position,
+            stream: stream.into(),
+            stream_version: version,
+            event_type: "T".into(),
+            payload: vec![position as u8; 4],
+            metadata: vec![],
+            append_time_us: 1,
+            epoch: 1,
+            atomic_with_next: false,
+        }
+    }
+
+    /// Commits `events` from sequence `first_seq` on, as the writer would.
+    fn commit(store: &Store, first_seq: u64, events: &[EventRecord]) {
+        let mut txn = store.write().unwrap();
+        for (seq, e) in (first_seq..).zip(events) {
+            txn.append(seq, &e.as_ref()).unwrap();
+        }
+        txn.commit().unwrap();
+        store.extend_tail((first_seq..).zip(events).map(|(seq, e)| (e.partition, e.position, e.stream.as_str(), e.stream_version, seq)));
+    }
+
+    fn install(store: &Store, image: &PartitionImage, last_seq: u64) {
+        let entries = store.install_image(image, last_seq, &NothingDerived).unwrap();
+        store.extend_tail(entries.iter().map(|(p, position, stream, version, seq)| (*p, *position, stream.as_str(), *version, *seq)));
+    }
+
+    #[test]
+    fn given_a_partitions_marker_stream_that_hashes_elsewhere_then_its_image_carries_its_version_and_no_other_partitions_image_touches_it()
+    {
+        let cfg = StorageConfig { partitions: 4, ..StorageConfig::default() };
+        let (from, to, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = Store::open(from.path(), &cfg).unwrap();
+        // Partition 1's marker stream hashes to partition 3.
+        assert_eq!(partition_of("$epochs-1", 4), 3);
+        commit(&leader, 1, &[event(1, 1, "$epochs-1", 1), event(1, 2, "b", 1), event(1, 3, "b", 2), event(3, 1, "t", 1)]);
+        let image = leader.partition_image(1, 3, 2, 4, &NothingDerived).unwrap();
+        assert!(image.stream_floors.contains(&("$epochs-1".to_string(), 1)), "{:?}", image.stream_floors);
+        let receiver = Store::open(to.path(), &cfg).unwrap();
+        install(&receiver, &image, 0);
+        assert_eq!(receiver.stream_version("$epochs-1").unwrap(), 1, "the next marker continues at version 2");
+        // The image of partition 3 says nothing of partition 1's marker stream.
+        let image3 = leader.partition_image(3, 1, 1, 4, &NothingDerived).unwrap();
+        assert!(image3.stream_floors.iter().all(|(stream, _)| stream != "$epochs-1"), "{:?}", image3.stream_floors);
+        let fresh = Store::open(other.path(), &cfg).unwrap();
+        install(&fresh, &image3, 0);
+        assert_eq!(fresh.stream_version("$epochs-1").unwrap(), 0);
+        // An image naming another partition's stream is refused whole.
+        let mut foreign = image3.clone();
+        foreign.stream_floors.push(("$epochs-1".into(), 9));
+        let refused = fresh.install_image(&foreign, 1, &NothingDerived).unwrap_err();
+        assert!(refused.to_string().contains("names stream $epochs-1 of another partition"), "{refused}");
     }
 }
