@@ -922,4 +922,24 @@ async fn given_retention_when_a_replica_comes_back_after_its_leader_gave_up_what
     let log_file = cluster.local.nodes[away].as_ref().unwrap().log_file.clone();
     let log = std::fs::read_to_string(&log_file).unwrap();
     assert!(log.contains("installed a partition image"), "node-{} caught up without a snapshot", away + 1);
+    // The leader dies: a new one (the replica that installed, or the third) leads in a higher
+    // epoch, its marker replicates to the other, and deposits go on.
+    cluster.kill9(leader);
+    let mut deadline = Instant::now() + Duration::from_secs(30);
+    while deposit(2_000).await.is_err() {
+        assert!(Instant::now() < deadline, "no new leader took the deposit");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let want = want + 2_000;
+    deadline = Instant::now() + Duration::from_secs(30);
+    for i in (0..NODES).filter(|i| *i != leader) {
+        loop {
+            let got = balance_on(&cluster, i, book).await;
+            if got == Some(want) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{}: balance {got:?} after the failover, want {want}", i + 1);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
