@@ -15,6 +15,7 @@ use tokio_stream::StreamExt;
 
 mod decommission;
 mod ledger;
+mod sim;
 
 use crate::client::{self, DEFAULT_SERVER};
 use crate::config::{LogFormat, NodeConfig};
@@ -46,6 +47,8 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Ledger commands and queries (accounts, transfers, holds).
     Ledger(ledger::LedgerArgs),
+    /// Run the deterministic simulation: one seed (replayed exactly), or a hunt for failing ones.
+    Sim(sim::SimArgs),
     /// Run given-when-then specs (or measure their speed with --perf).
     Specs(crate::app::specs::command::SpecsArgs),
 }
@@ -296,6 +299,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Demo(args) => runtime.block_on(crate::demo::run(args)),
         Command::Specs(args) => crate::app::specs::command::run(args),
         Command::Ledger(args) => runtime.block_on(ledger::run(args)),
+        Command::Sim(args) => sim::run(args),
     }
 }
 

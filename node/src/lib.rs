@@ -25,5 +25,6 @@ pub mod metrics;
 pub mod replication;
 pub mod router;
 pub mod server;
+pub mod sim;
 pub mod storage;
 pub mod telemetry;

@@ -141,3 +141,18 @@ fn bench_refuses_nonsense_durations_and_rates_with_a_clear_error() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn sim_replays_a_seed_to_the_same_trace_hash_and_a_short_hunt_reports_its_seeds() {
+    let first = run_json(&["sim", "--seed", "7", "--nodes", "5", "--json"]);
+    let again = run_json(&["sim", "--seed", "7", "--nodes", "5", "--json"]);
+    assert_eq!(first["trace_hash"], again["trace_hash"], "{first}");
+    assert!(first["failure"].is_null() && first["acknowledged"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(first["replay"], "anthill sim --seed 7 --nodes 5 --duration 1.5");
+    let other = run_json(&["sim", "--seed", "8", "--nodes", "5", "--json"]);
+    assert_ne!(first["trace_hash"], other["trace_hash"]);
+    let hunt = run_json(&["sim", "--hunt", "--minutes", "0.05", "--json"]);
+    assert!(hunt["seeds"].as_u64().unwrap() > 0 && hunt["failed"].as_array().unwrap().is_empty(), "{hunt}");
+    let out = Command::new(common::exe()).args(["sim", "--seed", "1", "--nodes", "2"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--nodes must be between 3 and 7"));
+}

@@ -6,7 +6,7 @@
 //! the very same code. `docs/replication.md` states the protocol and why no committed entry is
 //! ever lost.
 //!
-//! Where the parts are: the core (`replica.rs`, its simulation `sim_tests.rs`), the node's shell
+//! Where the parts are: the core (`replica.rs`, its simulation `sim/replication.rs`), the node's shell
 //! (`manager.rs` over the log, `shell.rs`), the wire form (`wire.rs`, sent by
 //! `coordination/transport.rs`); leadership comes from `coordination/member.rs`.
 
@@ -15,8 +15,6 @@ pub mod manager;
 pub mod message;
 pub mod replica;
 pub mod shell;
-#[cfg(test)]
-mod sim_tests;
 pub mod wire;
 
 pub use epochs::EpochHistory;

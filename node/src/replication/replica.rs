@@ -193,6 +193,40 @@ enum Phase {
     },
 }
 
+/// Safety rules a test can switch off, one at a time, on its own thread, to prove the simulation
+/// finds the violations that follow (`sim/replication.rs`). Compiled into test builds only.
+pub mod rules {
+    /// A replica refuses messages of an epoch lower than it promised.
+    pub const FENCING: u32 = 1;
+    /// A follower truncates its entries that conflict with the leader's.
+    pub const TRUNCATION: u32 = 2;
+    /// A recovering leader waits for a majority's logs.
+    pub const RECOVERY_MAJORITY: u32 = 4;
+    /// A recovering leader adopts the most advanced log of the majority.
+    pub const ADOPT_MOST_ADVANCED: u32 = 8;
+
+    #[cfg(test)]
+    thread_local! {
+        static OFF: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Switches off `rules` on this thread (0: all on).
+    #[cfg(test)]
+    pub fn switch_off(rules: u32) {
+        OFF.with(|off| off.set(rules));
+    }
+
+    #[cfg(test)]
+    pub(super) fn off(rule: u32) -> bool {
+        OFF.with(|off| off.get() & rule != 0)
+    }
+
+    #[cfg(not(test))]
+    pub(super) fn off(_: u32) -> bool {
+        false
+    }
+}
+
 /// Unanswered fetches before a recovering leader gives up on its source.
 const FETCH_RETRIES: u32 = 3;
 
@@ -403,7 +437,7 @@ impl Replica {
             }
             return;
         }
-        if epoch < self.promised {
+        if epoch < self.promised && !rules::off(rules::FENCING) {
             // From a deposed leader, or a reply to one of ours from an earlier epoch.
             if matches!(message, Message::Recover { .. } | Message::Fetch { .. } | Message::Append { .. } | Message::Snapshot { .. }) {
                 self.send(from, Message::Stale { promised: self.promised });
@@ -661,7 +695,7 @@ impl Replica {
         let mut fresh = Vec::new();
         for entry in entries {
             if fresh.is_empty() && entry.position <= self.last {
-                if self.history.epoch_at(entry.position) == Some(entry.epoch) {
+                if self.history.epoch_at(entry.position) == Some(entry.epoch) || rules::off(rules::TRUNCATION) {
                     continue;
                 }
                 self.truncate_local(entry.position - 1);
@@ -713,6 +747,7 @@ impl Replica {
     fn try_finish_recovery(&mut self) {
         let majority = self.majority();
         let Phase::Recovering { replies, fetching, .. } = &self.phase else { return };
+        let majority = if rules::off(rules::RECOVERY_MAJORITY) { 1 } else { majority };
         if fetching.is_some() || replies.len() < majority {
             return;
         }
@@ -724,7 +759,7 @@ impl Replica {
             .max_by_key(|(node, (history, last))| (history.last_epoch(), *last, **node == me))
             .map(|(node, log)| (*node, log.clone()))
             .expect("at least this replica's own log");
-        if best == me {
+        if best == me || rules::off(rules::ADOPT_MOST_ADVANCED) {
             return self.start_serving();
         }
         let shared = common_prefix(&self.history, self.last, &best_history, best_last);

@@ -28,9 +28,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::message::Message;
-use super::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
-use super::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
+use crate::replication::message::Message;
+use crate::replication::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
+use crate::replication::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 
 /// A node's log. The sim keeps every entry (to check logs against each other), and models
 /// retention with a floor: entries at or below it stand for the state the log gave them up to,
@@ -42,6 +42,9 @@ struct Log {
     /// As of the last sync (what a crash keeps), with its floor.
     durable: Vec<Entry>,
     durable_floor: Position,
+    /// The first index of `entries` changed since the last sync (its length when none): a sync
+    /// copies only from there.
+    dirty_from: usize,
 }
 
 impl ReplicaLog for Log {
@@ -163,30 +166,207 @@ struct Sim {
     isolated: Option<(NodeId, Vec<NodeId>, u64)>,
     storm: bool,
     stats: Stats,
+    trace: Trace,
+}
+
+/// One thing that happened in a run: hashed into the trace hash, and the last ones kept to show
+/// what led to a failure.
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Deliver { step: u64, from: NodeId, to: NodeId, kind: &'static str, epoch: Epoch },
+    Lost { step: u64, from: NodeId, to: NodeId, kind: &'static str },
+    Crash { step: u64, node: NodeId },
+    Restart { step: u64, node: NodeId },
+    Grant { step: u64, node: NodeId, epoch: Epoch },
+    Propose { step: u64, node: NodeId, last: Position },
+    Committed { step: u64, node: NodeId, position: Position },
+    Truncate { step: u64, node: NodeId, after: Position },
+    Install { step: u64, node: NodeId, position: Position },
+    Trim { step: u64, node: NodeId, floor: Position },
+    Isolate { step: u64, node: NodeId, until: u64 },
+    Move { step: u64, members: u64 },
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Event::Deliver { step, from, to, kind, epoch } => write!(f, "step {step}: {kind} of epoch {epoch} from node {from} to {to}"),
+            Event::Lost { step, from, to, kind } => write!(f, "step {step}: {kind} from node {from} to {to} lost"),
+            Event::Crash { step, node } => write!(f, "step {step}: node {node} crashes"),
+            Event::Restart { step, node } => write!(f, "step {step}: node {node} restarts"),
+            Event::Grant { step, node, epoch } => write!(f, "step {step}: node {node} granted epoch {epoch}"),
+            Event::Propose { step, node, last } => write!(f, "step {step}: node {node} proposes through {last}"),
+            Event::Committed { step, node, position } => write!(f, "step {step}: node {node} commits through {position}"),
+            Event::Truncate { step, node, after } => write!(f, "step {step}: node {node} truncates after {after}"),
+            Event::Install { step, node, position } => write!(f, "step {step}: node {node} installs a snapshot through {position}"),
+            Event::Trim { step, node, floor } => write!(f, "step {step}: node {node} gives up its log through {floor}"),
+            Event::Isolate { step, node, until } => write!(f, "step {step}: node {node} cut off until step {until}"),
+            Event::Move { step, members } => write!(f, "step {step}: the replica set moves ({members:#x})"),
+        }
+    }
+}
+
+/// The run's trace: a hash of every event (same seed and binary, same hash) and the last ones.
+#[derive(Default)]
+struct Trace {
+    hash: u64,
+    recent: VecDeque<Event>,
+}
+
+/// Events kept to show what led to a failure.
+const RECENT_EVENTS: usize = 40;
+
+impl Event {
+    /// The event as numbers, for the trace hash: a tag, then its fields.
+    fn words(&self) -> [u64; 6] {
+        let name = |kind: &str| crate::log::partitioning::fnv1a_64(kind.as_bytes());
+        match *self {
+            Event::Deliver { step, from, to, kind, epoch } => [1, step, from.into(), to.into(), name(kind), epoch],
+            Event::Lost { step, from, to, kind } => [2, step, from.into(), to.into(), name(kind), 0],
+            Event::Crash { step, node } => [3, step, node.into(), 0, 0, 0],
+            Event::Restart { step, node } => [4, step, node.into(), 0, 0, 0],
+            Event::Grant { step, node, epoch } => [5, step, node.into(), epoch, 0, 0],
+            Event::Propose { step, node, last } => [6, step, node.into(), last, 0, 0],
+            Event::Committed { step, node, position } => [7, step, node.into(), position, 0, 0],
+            Event::Truncate { step, node, after } => [8, step, node.into(), after, 0, 0],
+            Event::Install { step, node, position } => [9, step, node.into(), position, 0, 0],
+            Event::Trim { step, node, floor } => [10, step, node.into(), floor, 0, 0],
+            Event::Isolate { step, node, until } => [11, step, node.into(), until, 0, 0],
+            Event::Move { step, members } => [12, step, members, 0, 0, 0],
+        }
+    }
+}
+
+impl Trace {
+    fn note(&mut self, event: Event) {
+        for word in event.words() {
+            self.hash = (self.hash ^ word).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
+        }
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(event);
+    }
+}
+
+fn kind_of(message: &Message) -> &'static str {
+    match message {
+        Message::Recover { .. } => "Recover",
+        Message::RecoverReply { .. } => "RecoverReply",
+        Message::Fetch { .. } => "Fetch",
+        Message::FetchReply { .. } => "FetchReply",
+        Message::Append { .. } => "Append",
+        Message::Snapshot { .. } => "Snapshot",
+        Message::AppendReply { .. } => "AppendReply",
+        Message::Stale { .. } => "Stale",
+    }
 }
 
 /// What a run went through, to show the storm was a storm.
-#[derive(Debug, Default, Clone, Copy)]
-struct Stats {
-    leaders: u64,
-    crashes: u64,
-    truncations: u64,
-    lost_messages: u64,
-    resumed: u64,
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Stats {
+    pub leaders: u64,
+    pub crashes: u64,
+    pub truncations: u64,
+    pub lost_messages: u64,
+    pub resumed: u64,
     /// Linearizable reads confirmed (and checked).
-    reads: u64,
+    pub reads: u64,
     /// Handovers asked for, and replica sets switched, during the storm.
-    handovers: u64,
-    moves: u64,
+    pub handovers: u64,
+    pub moves: u64,
     /// Paused leaders that resumed before their handover was ready.
-    resumed_pauses: u64,
+    pub resumed_pauses: u64,
     /// Logs trimmed (retention), and snapshots installed.
-    trims: u64,
-    installs: u64,
+    pub trims: u64,
+    pub installs: u64,
 }
 
-const STORM_STEPS: u64 = 1_500;
-const CALM_STEPS: u64 = 300;
+impl Stats {
+    pub fn add(&mut self, other: &Stats) {
+        self.leaders += other.leaders;
+        self.crashes += other.crashes;
+        self.truncations += other.truncations;
+        self.lost_messages += other.lost_messages;
+        self.resumed += other.resumed;
+        self.reads += other.reads;
+        self.handovers += other.handovers;
+        self.moves += other.moves;
+        self.resumed_pauses += other.resumed_pauses;
+        self.trims += other.trims;
+        self.installs += other.installs;
+    }
+}
+
+/// Steps of faults (a step is a millisecond of simulated time: a node ticks about every 3).
+pub const STORM_STEPS: u64 = 1_500;
+/// Steps after the network heals and one last leader is granted, before the logs must agree.
+pub const CALM_STEPS: u64 = 300;
+
+/// One run of the replication simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub seed: u64,
+    /// The replica set's size (3 to 7); the pool it moves in has two more nodes.
+    pub replicas: u64,
+    pub storm_steps: u64,
+    pub calm_steps: u64,
+}
+
+impl Options {
+    pub fn new(seed: u64, replicas: u64) -> Self {
+        Options { seed, replicas, storm_steps: STORM_STEPS, calm_steps: CALM_STEPS }
+    }
+}
+
+/// How a run went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub seed: u64,
+    pub replicas: u64,
+    /// A hash of every event of the run: the same seed and binary give the same hash.
+    pub trace_hash: String,
+    /// Simulated milliseconds.
+    pub steps: u64,
+    /// Proposals whose leader saw them committed (each checked to be in the final log).
+    pub acknowledged: usize,
+    pub stats: Stats,
+    pub failure: Option<Failure>,
+}
+
+/// A check that failed, and the last events before it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub check: String,
+    pub recent: Vec<String>,
+}
+
+/// Runs one seed; a broken check (an assertion of the simulation or of the replica) ends the
+/// run and is reported, with the events that led to it.
+pub fn run(options: &Options) -> Outcome {
+    let mut sim = Sim::new(options.seed, options.replicas);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sim.run(options.storm_steps, options.calm_steps);
+        sim.check_converged(options.seed);
+    }));
+    let failure = result.err().map(|panic| Failure {
+        check: panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a check failed".into()),
+        recent: sim.trace.recent.iter().map(Event::to_string).collect(),
+    });
+    Outcome {
+        seed: options.seed,
+        replicas: options.replicas,
+        trace_hash: format!("{:016x}", sim.trace.hash),
+        steps: sim.step,
+        acknowledged: sim.acknowledged.len(),
+        stats: sim.stats,
+        failure,
+    }
+}
 
 impl Sim {
     /// A replica set of `size` nodes.
@@ -229,11 +409,13 @@ impl Sim {
             isolated: None,
             storm: true,
             stats: Stats::default(),
+            trace: Trace::default(),
         }
     }
 
     /// Takes a node's effects and executes them (writes now, messages after its next sync).
     fn drain(&mut self, n: NodeId) {
+        let step = self.step;
         let node = &mut self.nodes[n as usize];
         let batch = node.replica.take_effects();
         let mut sends = Vec::new();
@@ -245,11 +427,14 @@ impl Sim {
                     // node's storage refuses a truncation below its floor.
                     assert!(after >= node.log.floor, "node {n} truncates after {after}, below its floor {}", node.log.floor);
                     node.log.entries.truncate(after as usize);
+                    node.log.dirty_from = node.log.dirty_from.min(after as usize);
                     self.stats.truncations += 1;
+                    self.trace.note(Event::Truncate { step, node: n, after });
                 }
                 Effect::Append(entries) => {
                     for e in entries {
                         assert_eq!(e.position as usize, node.log.entries.len() + 1, "node {n}: append not at the end");
+                        node.log.dirty_from = node.log.dirty_from.min(node.log.entries.len());
                         node.log.entries.push(e);
                     }
                 }
@@ -259,8 +444,10 @@ impl Sim {
                     assert_eq!(entries.len() as Position, snapshot.position, "node {n}: a snapshot that is not a whole prefix");
                     assert_eq!(history_of(&entries), snapshot.history, "node {n}: a snapshot whose history is not its log's");
                     node.log.entries = entries;
+                    node.log.dirty_from = 0;
                     node.log.floor = floor;
                     self.stats.installs += 1;
+                    self.trace.note(Event::Install { step, node: n, position: snapshot.position });
                 }
                 Effect::Send { to, message } => sends.push((to, message)),
                 Effect::SendSnapshot { to, reply } => {
@@ -268,6 +455,7 @@ impl Sim {
                     sends.push((to, reply.message(snapshot)));
                 }
                 Effect::Committed(position) => {
+                    self.trace.note(Event::Committed { step, node: n, position });
                     let end = &node.log.entries[position as usize - 1];
                     assert!(!end.atomic_with_next, "node {n} commits through {position}, inside an append");
                     for e in &node.log.entries[..position as usize] {
@@ -302,7 +490,10 @@ impl Sim {
     fn sync(&mut self, n: NodeId) {
         let node = &mut self.nodes[n as usize];
         let Some(&(ticket, _)) = node.unsynced.back() else { return };
-        node.log.durable = node.log.entries.clone();
+        let from = node.log.dirty_from.min(node.log.durable.len());
+        node.log.durable.truncate(from);
+        node.log.durable.extend_from_slice(&node.log.entries[from..]);
+        node.log.dirty_from = node.log.entries.len();
         node.log.durable_floor = node.log.floor;
         node.durable_promise = node.promise;
         let batches: Vec<_> = node.unsynced.drain(..).collect();
@@ -333,6 +524,7 @@ impl Sim {
         });
         if self.storm && (cut_off || self.rng.random_bool(0.1)) {
             self.stats.lost_messages += 1;
+            self.trace.note(Event::Lost { step: self.step, from, to, kind: kind_of(&message) });
             return;
         }
         let copies = if self.storm && self.rng.random_bool(0.05) { 2 } else { 1 };
@@ -344,9 +536,11 @@ impl Sim {
 
     fn crash(&mut self, n: NodeId) {
         self.stats.crashes += 1;
+        self.trace.note(Event::Crash { step: self.step, node: n });
         let node = &mut self.nodes[n as usize];
         node.up = false;
         node.log.entries = node.log.durable.clone();
+        node.log.dirty_from = node.log.entries.len();
         node.log.floor = node.log.durable_floor;
         node.promise = node.durable_promise;
         node.unsynced.clear();
@@ -355,6 +549,7 @@ impl Sim {
     }
 
     fn restart(&mut self, n: NodeId) {
+        self.trace.note(Event::Restart { step: self.step, node: n });
         let config = ReplicaConfig { me: n, members: self.set_of(n), ..self.config.clone() };
         let target = self.target.clone();
         let node = &mut self.nodes[n as usize];
@@ -387,6 +582,7 @@ impl Sim {
         self.next_epoch += 1;
         self.claim = epoch;
         self.granted.insert(n, epoch);
+        self.trace.note(Event::Grant { step: self.step, node: n, epoch });
         if self.nodes[n as usize].up && self.nodes[n as usize].replica.become_leader(epoch) {
             self.stats.leaders += 1;
             self.drain(n);
@@ -412,6 +608,7 @@ impl Sim {
             }
             let node = &mut self.nodes[to as usize];
             if node.up {
+                self.trace.note(Event::Deliver { step: self.step, from, to, kind: kind_of(&message), epoch: message.epoch() });
                 node.replica.on_message(from, message, &node.log);
                 self.drain(to);
             }
@@ -440,6 +637,7 @@ impl Sim {
                 let node = &mut self.nodes[n as usize];
                 if let Some(last) = node.replica.propose(group.clone()) {
                     self.proposed.push((n, node.replica.promised(), last, group));
+                    self.trace.note(Event::Propose { step: self.step, node: n, last });
                     self.drain(n);
                 }
             }
@@ -477,7 +675,9 @@ impl Sim {
             let n = self.pool[self.rng.random_range(0..self.pool.len())];
             let all = self.rng.random_bool(0.5);
             let others: Vec<NodeId> = self.pool.iter().copied().filter(|m| *m != n && (all || self.rng.random_bool(0.5))).collect();
-            self.isolated = Some((n, others, self.step + self.rng.random_range(30..150)));
+            let until = self.step + self.rng.random_range(30..150);
+            self.isolated = Some((n, others, until));
+            self.trace.note(Event::Isolate { step: self.step, node: n, until });
         }
         self.check_reads();
     }
@@ -499,6 +699,7 @@ impl Sim {
         node.log.floor = floor;
         node.log.durable_floor = node.log.durable_floor.max(floor);
         self.stats.trims += 1;
+        self.trace.note(Event::Trim { step: self.step, node: n, floor });
     }
 
     /// The store picks another replica set of the same size from the pool (or, now and then,
@@ -582,6 +783,8 @@ impl Sim {
         if self.storm {
             self.stats.moves += 1;
         }
+        let members = self.members.iter().fold(0u64, |set, m| set | (1 << m));
+        self.trace.note(Event::Move { step: self.step, members });
         for n in self.pool.clone() {
             if before.contains(&n) && !self.members.contains(&n) {
                 self.deactivate(n);
@@ -706,33 +909,21 @@ impl Sim {
 }
 
 /// Runs `seeds` seeded storms over a replica set of `size`; returns what they went through.
+#[cfg(test)]
 fn storms(size: u64, seeds: u64) -> (usize, Stats) {
     let (mut acknowledged, mut total) = (0, Stats::default());
     for seed in 0..seeds {
-        let mut sim = Sim::new(seed, size);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            sim.run(STORM_STEPS, CALM_STEPS);
-            sim.check_converged(seed);
-        }));
-        if let Err(panic) = outcome {
-            eprintln!(
-                "replication simulation failed with seed {seed} of {size} replicas \
-                 (rerun: ANTHILL_REPLICATION_SEED={seed} ANTHILL_REPLICATION_SIZE={size})"
+        let outcome = run(&Options::new(seed, size));
+        if let Some(failure) = &outcome.failure {
+            panic!(
+                "replication simulation failed with seed {seed} of {size} replicas (rerun: anthill sim --seed {seed} --replicas {size}): \
+                 {}\nlast events:\n{}",
+                failure.check,
+                failure.recent.join("\n")
             );
-            std::panic::resume_unwind(panic);
         }
-        acknowledged += sim.acknowledged.len();
-        total.leaders += sim.stats.leaders;
-        total.crashes += sim.stats.crashes;
-        total.truncations += sim.stats.truncations;
-        total.lost_messages += sim.stats.lost_messages;
-        total.resumed += sim.stats.resumed;
-        total.reads += sim.stats.reads;
-        total.moves += sim.stats.moves;
-        total.handovers += sim.stats.handovers;
-        total.resumed_pauses += sim.stats.resumed_pauses;
-        total.trims += sim.stats.trims;
-        total.installs += sim.stats.installs;
+        acknowledged += outcome.acknowledged;
+        total.add(&outcome.stats);
     }
     eprintln!("{seeds} seeds of {size} replicas: {acknowledged} proposals committed; {total:?}");
     // The storm was one (leaders changed, nodes crashed, followers had to truncate, restarted
@@ -747,28 +938,63 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
     (acknowledged, total)
 }
 
+#[cfg(test)]
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-#[test]
-fn under_loss_reordering_crashes_and_competing_leaders_no_committed_entry_is_lost_and_replicas_converge() {
-    storms(3, env_or("ANTHILL_REPLICATION_SEEDS", 300));
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-#[test]
-fn five_replicas_under_the_same_storm_lose_no_committed_entry_and_converge() {
-    storms(5, env_or("ANTHILL_REPLICATION_SEEDS", 300) / 2);
-}
+    /// Seeds within which each broken rule must be found.
+    const SEEDS_TO_BITE: u64 = 100;
 
-#[test]
-fn a_single_seed_replays_exactly() {
-    let (seed, size) = (env_or("ANTHILL_REPLICATION_SEED", 7), env_or("ANTHILL_REPLICATION_SIZE", 3));
-    let run = |seed| {
-        let mut sim = Sim::new(seed, size);
-        sim.run(STORM_STEPS, CALM_STEPS);
-        sim.check_converged(seed);
-        (sim.nodes[0].log.entries.clone(), sim.acknowledged.clone())
-    };
-    assert_eq!(run(seed), run(seed));
+    #[test]
+    fn under_loss_reordering_crashes_and_competing_leaders_no_committed_entry_is_lost_and_replicas_converge() {
+        storms(3, env_or("ANTHILL_REPLICATION_SEEDS", 300));
+    }
+
+    #[test]
+    fn five_replicas_under_the_same_storm_lose_no_committed_entry_and_converge() {
+        storms(5, env_or("ANTHILL_REPLICATION_SEEDS", 300) / 2);
+    }
+
+    /// The simulation can never go blind unnoticed: with any one safety rule of the replica
+    /// switched off, a few seeds find a violation.
+    #[test]
+    fn with_any_one_safety_rule_switched_off_the_simulation_finds_a_violation_within_a_few_seeds() {
+        use crate::replication::replica::rules;
+        let switches = [
+            (rules::FENCING, "fencing"),
+            (rules::TRUNCATION, "truncating a divergent suffix"),
+            (rules::RECOVERY_MAJORITY, "the majority of recovery"),
+            (rules::ADOPT_MOST_ADVANCED, "adopting the most advanced log"),
+        ];
+        for (rule, name) in switches {
+            rules::switch_off(rule);
+            let found = (0..SEEDS_TO_BITE).find(|seed| run(&Options::new(*seed, 3)).failure.is_some());
+            rules::switch_off(0);
+            let seed = found.unwrap_or_else(|| panic!("with {name} off, {SEEDS_TO_BITE} seeds found no violation"));
+            eprintln!("{name} off: seed {seed} fails");
+        }
+        assert!(run(&Options::new(0, 3)).failure.is_none(), "every rule back on");
+    }
+
+    #[test]
+    fn a_single_seed_replays_exactly_to_the_same_trace_hash_and_another_seed_does_not() {
+        let (seed, size) = (env_or("ANTHILL_REPLICATION_SEED", 7), env_or("ANTHILL_REPLICATION_SIZE", 3));
+        let replay = |seed| {
+            let mut sim = Sim::new(seed, size);
+            sim.run(STORM_STEPS, CALM_STEPS);
+            sim.check_converged(seed);
+            (sim.nodes[0].log.entries.clone(), sim.acknowledged.clone(), sim.trace.hash)
+        };
+        let first = replay(seed);
+        assert_eq!(first, replay(seed));
+        assert_ne!(first.2, replay(seed + 1).2);
+        let outcome = run(&Options::new(seed, size));
+        assert_eq!(outcome.trace_hash, format!("{:016x}", first.2));
+        assert!(outcome.failure.is_none());
+    }
 }

@@ -1,0 +1,171 @@
+//! `anthill sim`: runs the deterministic simulation (docs/simulation.md). One seed prints its
+//! trace hash (the same seed and binary always give the same one) and, if a check fails, the
+//! check and the events that led to it; `--hunt` runs random seeds for a while, shows progress,
+//! and prints every failing seed with the command that replays it. `--json` for the report.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use serde_json::json;
+
+use crate::sim::replication::{self, Options, Outcome, Stats};
+
+#[derive(Args)]
+pub(crate) struct SimArgs {
+    /// The seed to run (replays exactly).
+    #[arg(long, conflicts_with = "hunt")]
+    seed: Option<u64>,
+    /// Run random seeds instead, for `--minutes`.
+    #[arg(long)]
+    hunt: bool,
+    /// How long a hunt runs, in wall-clock minutes.
+    #[arg(long, default_value_t = 1.0)]
+    minutes: f64,
+    /// The replica set's size, 3 to 7 (the pool it moves among has two more nodes).
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Simulated seconds of faults, before the network heals (then 0.3 s of calm).
+    #[arg(long, default_value_t = 1.5)]
+    duration: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+impl SimArgs {
+    fn options(&self, seed: u64) -> anyhow::Result<Options> {
+        if !(3..=7).contains(&self.nodes) {
+            bail!("--nodes must be between 3 and 7, got {}", self.nodes);
+        }
+        if !(self.duration.is_finite() && self.duration > 0.0 && self.duration <= 3600.0) {
+            bail!("--duration must be between 0 and 3600 simulated seconds, got {}", self.duration);
+        }
+        Ok(Options { storm_steps: (self.duration * 1000.0).round().max(1.0) as u64, ..Options::new(seed, self.nodes) })
+    }
+
+    fn replay_command(&self, seed: u64) -> String {
+        format!("anthill sim --seed {seed} --nodes {} --duration {}", self.nodes, self.duration)
+    }
+}
+
+pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
+    match (args.seed, args.hunt) {
+        (Some(seed), _) => one(&args, seed),
+        (None, true) => hunt(&args),
+        (None, false) => bail!("give --seed S to replay one run, or --hunt to look for failing seeds"),
+    }
+}
+
+fn one(args: &SimArgs, seed: u64) -> anyhow::Result<()> {
+    let options = args.options(seed)?;
+    let started = Instant::now();
+    let outcome = quietly(|| replication::run(&options));
+    let wall = started.elapsed();
+    if args.json {
+        let mut report = serde_json::to_value(&outcome)?;
+        report["wall_ms"] = json!(wall.as_millis() as u64);
+        report["replay"] = json!(args.replay_command(seed));
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "seed {seed}, {} replicas: {} simulated ms in {:.0} ms ({:.0}x real time); {} proposals committed",
+            outcome.replicas,
+            outcome.steps,
+            wall.as_secs_f64() * 1000.0,
+            outcome.steps as f64 / 1000.0 / wall.as_secs_f64().max(1e-9),
+            outcome.acknowledged
+        );
+        println!("{}", stats_line(&outcome.stats));
+        println!("trace hash {}", outcome.trace_hash);
+        if let Some(failure) = &outcome.failure {
+            println!("FAILED: {}\nlast events:\n  {}", failure.check, failure.recent.join("\n  "));
+        }
+    }
+    match outcome.failure {
+        Some(failure) => bail!("seed {seed} failed: {}", failure.check),
+        None => Ok(()),
+    }
+}
+
+fn hunt(args: &SimArgs) -> anyhow::Result<()> {
+    if !(args.minutes.is_finite() && args.minutes > 0.0 && args.minutes <= 24.0 * 60.0) {
+        bail!("--minutes must be between 0 and 1440, got {}", args.minutes);
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
+    let started = Instant::now();
+    let first: u64 = rand::random::<u32>().into();
+    let (mut runs, mut steps, mut total, mut failed) = (0u64, 0u64, Stats::default(), Vec::<Outcome>::new());
+    let mut shown = Instant::now();
+    while Instant::now() < deadline {
+        let seed = first + runs;
+        let options = args.options(seed)?;
+        let outcome = quietly(|| replication::run(&options));
+        runs += 1;
+        steps += outcome.steps;
+        total.add(&outcome.stats);
+        if let Some(failure) = &outcome.failure {
+            eprintln!("seed {seed} FAILED: {}\n  replay: {}", failure.check, args.replay_command(seed));
+            failed.push(outcome);
+        }
+        if !args.json && shown.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{runs} seeds, {} failed, {:.0} s of {:.0}", failed.len(), started.elapsed().as_secs_f64(), args.minutes * 60.0);
+            shown = Instant::now();
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let speed = steps as f64 / 1000.0 / wall.max(1e-9);
+    if args.json {
+        let report = json!({
+            "seeds": runs,
+            "first_seed": first,
+            "nodes": args.nodes,
+            "simulated_seconds": steps as f64 / 1000.0,
+            "wall_seconds": wall,
+            "times_real_time": speed,
+            "stats": total,
+            "failed": failed.iter().map(|o| json!({
+                "seed": o.seed,
+                "check": o.failure.as_ref().map(|f| f.check.clone()),
+                "replay": args.replay_command(o.seed),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{runs} seeds (from {first}) of {} replicas in {wall:.0} s: {:.0} simulated s, {speed:.0}x real time; {} failed",
+            args.nodes,
+            steps as f64 / 1000.0,
+            failed.len()
+        );
+        println!("{}", stats_line(&total));
+        for outcome in &failed {
+            println!(
+                "FAILED seed {}: {}\n  replay: {}",
+                outcome.seed,
+                outcome.failure.as_ref().map_or("", |f| &f.check),
+                args.replay_command(outcome.seed)
+            );
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} of {runs} seeds failed", failed.len());
+    }
+    Ok(())
+}
+
+fn stats_line(s: &Stats) -> String {
+    format!(
+        "leaders {}, crashes {}, truncations {}, messages lost {}, reads checked {}, set moves {}, trims {}, snapshots installed {}",
+        s.leaders, s.crashes, s.truncations, s.lost_messages, s.reads, s.moves, s.trims, s.installs
+    )
+}
+
+/// Runs `f` without the default panic message on stderr: a failing check is a panic inside the
+/// run, caught and reported by it.
+fn quietly<T>(f: impl FnOnce() -> T) -> T {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = f();
+    std::panic::set_hook(hook);
+    out
+}
