@@ -162,8 +162,13 @@ struct Sim {
     /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
     /// committed anywhere when the read began).
     reads: Vec<(NodeId, Epoch, u64, Position)>,
-    /// A node cut off (both ways) from some of the others, or all of them, until a step.
-    isolated: Option<(NodeId, Vec<NodeId>, u64)>,
+    /// A node cut off from some of the others, or all of them, until a step: both ways, or
+    /// only what it sends (`Some(true)`), or only what it receives (`Some(false)`).
+    isolated: Option<(NodeId, Vec<NodeId>, u64, Option<bool>)>,
+    /// Per node, the steps a pause (a process stopped, SIGSTOP-style) began and ends at.
+    paused_until: BTreeMap<NodeId, (u64, u64)>,
+    /// Which node served each epoch as its leader: at most one may.
+    servers: BTreeMap<Epoch, NodeId>,
     storm: bool,
     stats: Stats,
     trace: Trace,
@@ -184,6 +189,8 @@ enum Event {
     Install { step: u64, node: NodeId, position: Position },
     Trim { step: u64, node: NodeId, floor: Position },
     Isolate { step: u64, node: NodeId, until: u64 },
+    Pause { step: u64, node: NodeId, until: u64 },
+    Reset { step: u64, a: NodeId, b: NodeId },
     Move { step: u64, members: u64 },
 }
 
@@ -201,6 +208,8 @@ impl std::fmt::Display for Event {
             Event::Install { step, node, position } => write!(f, "step {step}: node {node} installs a snapshot through {position}"),
             Event::Trim { step, node, floor } => write!(f, "step {step}: node {node} gives up its log through {floor}"),
             Event::Isolate { step, node, until } => write!(f, "step {step}: node {node} cut off until step {until}"),
+            Event::Pause { step, node, until } => write!(f, "step {step}: node {node} paused until step {until}"),
+            Event::Reset { step, a, b } => write!(f, "step {step}: the connection between nodes {a} and {b} resets"),
             Event::Move { step, members } => write!(f, "step {step}: the replica set moves ({members:#x})"),
         }
     }
@@ -232,6 +241,8 @@ impl Event {
             Event::Install { step, node, position } => [9, step, node.into(), position, 0, 0],
             Event::Trim { step, node, floor } => [10, step, node.into(), floor, 0, 0],
             Event::Isolate { step, node, until } => [11, step, node.into(), until, 0, 0],
+            Event::Pause { step, node, until } => [13, step, node.into(), until, 0, 0],
+            Event::Reset { step, a, b } => [14, step, a.into(), b.into(), 0, 0],
             Event::Move { step, members } => [12, step, members, 0, 0, 0],
         }
     }
@@ -280,6 +291,12 @@ pub struct Stats {
     /// Logs trimmed (retention), and snapshots installed.
     pub trims: u64,
     pub installs: u64,
+    /// Processes paused (and leaders among them replaced meanwhile), connections reset,
+    /// one-way partitions.
+    pub pauses: u64,
+    pub paused_leaders_replaced: u64,
+    pub resets: u64,
+    pub one_way: u64,
 }
 
 impl Stats {
@@ -295,6 +312,10 @@ impl Stats {
         self.resumed_pauses += other.resumed_pauses;
         self.trims += other.trims;
         self.installs += other.installs;
+        self.pauses += other.pauses;
+        self.paused_leaders_replaced += other.paused_leaders_replaced;
+        self.resets += other.resets;
+        self.one_way += other.one_way;
     }
 }
 
@@ -302,6 +323,10 @@ impl Stats {
 pub const STORM_STEPS: u64 = 1_500;
 /// Steps after the network heals and one last leader is granted, before the logs must agree.
 pub const CALM_STEPS: u64 = 300;
+
+/// Steps a paused leader keeps its lease: paused longer, another member is granted the next
+/// epoch (the coordination store's session TTL, in the sim's time).
+const PAUSE_LEASE_STEPS: u64 = 100;
 
 /// One run of the replication simulation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,6 +432,8 @@ impl Sim {
             proposed: Vec::new(),
             reads: Vec::new(),
             isolated: None,
+            paused_until: BTreeMap::new(),
+            servers: BTreeMap::new(),
             storm: true,
             stats: Stats::default(),
             trace: Trace::default(),
@@ -477,7 +504,10 @@ impl Sim {
                         self.acknowledged.extend((first..=last).zip(group));
                     }
                 }
-                Effect::Serving { .. } => {}
+                Effect::Serving { epoch, .. } => {
+                    let first = *self.servers.entry(epoch).or_insert(n);
+                    assert_eq!(first, n, "nodes {first} and {n} both serve epoch {epoch} as its leader");
+                }
                 Effect::SteppedDown { .. } => self.proposed.retain(|(leader, _, _, _)| *leader != n),
             }
         }
@@ -518,9 +548,10 @@ impl Sim {
     }
 
     fn post(&mut self, from: NodeId, to: NodeId, message: Message) {
-        let cut_off = self.isolated.as_ref().is_some_and(|(n, from_these, until)| {
-            let between = (*n == from && from_these.contains(&to)) || (*n == to && from_these.contains(&from));
-            between && self.step < *until
+        let cut_off = self.isolated.as_ref().is_some_and(|(n, others, until, way)| {
+            let sent = *n == from && others.contains(&to) && *way != Some(false);
+            let received = *n == to && others.contains(&from) && *way != Some(true);
+            (sent || received) && self.step < *until
         });
         if self.storm && (cut_off || self.rng.random_bool(0.1)) {
             self.stats.lost_messages += 1;
@@ -606,6 +637,11 @@ impl Sim {
             if !self.active(to) {
                 continue;
             }
+            if self.paused(to) {
+                // A stopped process reads nothing; its connections hold what was sent.
+                self.network.push((self.step + 1, from, to, message));
+                continue;
+            }
             let node = &mut self.nodes[to as usize];
             if node.up {
                 self.trace.note(Event::Deliver { step: self.step, from, to, kind: kind_of(&message), epoch: message.epoch() });
@@ -621,6 +657,13 @@ impl Sim {
                 if self.rng.random_bool(0.05) {
                     self.restart(n);
                 }
+                continue;
+            }
+            if self.paused(n) {
+                continue;
+            }
+            if self.storm && self.rng.random_bool(0.002) {
+                self.pause(n);
                 continue;
             }
             if self.rng.random_bool(0.5) {
@@ -671,15 +714,60 @@ impl Sim {
         }
         // A network partition: one node cut off for a while from all the others, or from some
         // (a deposed leader that does not know, yet still reaches a target set's newcomers).
-        if self.storm && self.isolated.as_ref().is_none_or(|(_, _, until)| *until <= self.step) && self.rng.random_bool(0.005) {
+        if self.storm && self.isolated.as_ref().is_none_or(|(_, _, until, _)| *until <= self.step) && self.rng.random_bool(0.005) {
             let n = self.pool[self.rng.random_range(0..self.pool.len())];
             let all = self.rng.random_bool(0.5);
             let others: Vec<NodeId> = self.pool.iter().copied().filter(|m| *m != n && (all || self.rng.random_bool(0.5))).collect();
             let until = self.step + self.rng.random_range(30..150);
-            self.isolated = Some((n, others, until));
+            // A third of partitions are one-way: the node is not heard, or does not hear.
+            let way = match self.rng.random_range(0..6) {
+                0 => Some(true),
+                1 => Some(false),
+                _ => None,
+            };
+            if way.is_some() {
+                self.stats.one_way += 1;
+            }
+            self.isolated = Some((n, others, until, way));
             self.trace.note(Event::Isolate { step: self.step, node: n, until });
         }
+        // A connection reset: what was in flight between two nodes is gone.
+        if self.storm && self.rng.random_bool(0.003) {
+            let (a, b) = (self.pool[self.rng.random_range(0..self.pool.len())], self.pool[self.rng.random_range(0..self.pool.len())]);
+            let before = self.network.len();
+            self.network.retain(|(_, from, to, _)| !((*from == a && *to == b) || (*from == b && *to == a)));
+            self.stats.lost_messages += (before - self.network.len()) as u64;
+            self.stats.resets += 1;
+            self.trace.note(Event::Reset { step: self.step, a, b });
+        }
+        // A paused leader's lease runs out: the store grants the next epoch to another member.
+        let pauses: Vec<(NodeId, (u64, u64))> = self.paused_until.iter().map(|(n, pause)| (*n, *pause)).collect();
+        for (n, (start, until)) in pauses {
+            let leads = matches!(self.nodes[n as usize].replica.role(), Role::Leader { .. });
+            let expired = self.step >= start + PAUSE_LEASE_STEPS && self.step < until;
+            if self.storm && leads && expired && self.granted.get(&n) == Some(&self.claim) {
+                let others: Vec<NodeId> = self.members.iter().copied().filter(|m| *m != n).collect();
+                if !others.is_empty() {
+                    let next = others[self.rng.random_range(0..others.len())];
+                    self.grant(next);
+                    self.stats.paused_leaders_replaced += 1;
+                }
+            }
+        }
         self.check_reads();
+    }
+
+    fn paused(&self, n: NodeId) -> bool {
+        self.paused_until.get(&n).is_some_and(|(_, until)| *until > self.step)
+    }
+
+    /// Stops `n` for 50–300 steps: it neither ticks, syncs, proposes nor reads its messages,
+    /// and wakes up believing what it believed (a leader still thinks it leads).
+    fn pause(&mut self, n: NodeId) {
+        let until = self.step + self.rng.random_range(50..300);
+        self.paused_until.insert(n, (self.step, until));
+        self.stats.pauses += 1;
+        self.trace.note(Event::Pause { step: self.step, node: n, until });
     }
 
     /// Retention: `n` gives up the entries of its log up to the end of some append it knows
@@ -830,6 +918,7 @@ impl Sim {
             self.one_step();
         }
         // Heal: everyone up, nothing lost, one last leader.
+        self.paused_until.clear();
         self.storm = false;
         for n in self.members.clone() {
             if !self.nodes[n as usize].up {
@@ -935,6 +1024,7 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
     assert!(acknowledged > seeds as usize * 20, "only {acknowledged} proposals committed over {seeds} seeds");
     // Logs gave entries up, and replicas that needed them got snapshots instead.
     assert!(total.trims > seeds && total.installs > seeds / 4, "few trims or snapshots: {total:?}");
+    assert!(total.pauses > seeds && total.paused_leaders_replaced > 0 && total.resets > seeds && total.one_way > 0, "{total:?}");
     (acknowledged, total)
 }
 
