@@ -10,7 +10,9 @@
 //!
 //! [`StateView`] reads (decide and queries); [`State`] also writes (evolve). Both work on an
 //! LMDB transaction the caller owns: the log's writer gives its group-commit transaction, so a
-//! command's state changes commit in the same transaction as its events, or not at all.
+//! command's state changes commit in the same transaction as its events, or not at all. Or on an
+//! ordered map in memory ([`MemoryState`]): the deterministic simulation runs the domains' own
+//! code that way (docs/simulation.md), with the same keys and values.
 //! Must not: keep a transaction, or write outside its subspace.
 
 use heed::types::Bytes;
@@ -74,22 +76,68 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StateError
     serde_json::from_slice(bytes).map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })
 }
 
+/// State kept in memory: every key and value, in key order (as LMDB keeps them).
+pub type MemoryState = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Where a view reads.
+#[derive(Clone, Copy)]
+enum Source<'t> {
+    Lmdb(&'t RoTxn<'t, WithoutTls>, Database<Bytes, Bytes>),
+    Memory(&'t MemoryState),
+}
+
+impl Source<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, StateError> {
+        Ok(match self {
+            Source::Lmdb(txn, db) => db.get(txn, key)?,
+            Source::Memory(map) => map.get(key).map(Vec::as_slice),
+        })
+    }
+
+    /// Hands `visit` each entry from `start` on, in key order, until it returns false.
+    fn each_from(&self, start: &[u8], mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StateError>) -> Result<(), StateError> {
+        match self {
+            Source::Lmdb(txn, db) => {
+                let range = (std::ops::Bound::Included(start), std::ops::Bound::Unbounded);
+                for entry in db.range(txn, &range)? {
+                    let (key, value) = entry?;
+                    if !visit(key, value)? {
+                        break;
+                    }
+                }
+            }
+            Source::Memory(map) => {
+                for (key, value) in map.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded)) {
+                    if !visit(key, value)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Read access to one `(domain, scope)` subspace.
 pub struct StateView<'t> {
-    txn: &'t RoTxn<'t, WithoutTls>,
-    db: Database<Bytes, Bytes>,
+    source: Source<'t>,
     prefix: &'t [u8],
 }
 
 impl<'t> StateView<'t> {
     pub fn new(txn: &'t RoTxn<'t, WithoutTls>, db: Database<Bytes, Bytes>, prefix: &'t [u8]) -> Self {
-        StateView { txn, db, prefix }
+        StateView { source: Source::Lmdb(txn, db), prefix }
+    }
+
+    /// A view of state kept in memory.
+    pub fn memory(state: &'t MemoryState, prefix: &'t [u8]) -> Self {
+        StateView { source: Source::Memory(state), prefix }
     }
 
     /// The value under `(domain, scope, elems...)`, if any.
     pub fn get<T: DeserializeOwned>(&self, elems: &[Elem<'_>]) -> Result<Option<T>, StateError> {
         let key = full_key(self.prefix, elems);
-        match self.db.get(self.txn, &key)? {
+        match self.source.get(&key)? {
             Some(bytes) => decode(&key, bytes).map(Some),
             None => Ok(None),
         }
@@ -127,25 +175,29 @@ impl<'t> StateView<'t> {
             None => prefix.clone(),
         };
         let mut visited = 0;
-        let range = (std::ops::Bound::Included(start.as_slice()), std::ops::Bound::Unbounded);
-        for entry in self.db.range(self.txn, &range)? {
-            let (key, value) = entry?;
+        self.source.each_from(&start, |key, value| {
             if !key.starts_with(&prefix) || visited == limit {
-                break;
+                return Ok(false);
             }
             let rest =
                 unpack(&key[prefix.len()..]).map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })?;
             visit(rest, decode(key, value)?)?;
             visited += 1;
-        }
+            Ok(true)
+        })?;
         Ok(visited)
     }
 }
 
+/// Where state is written.
+enum Sink<'t, 'e> {
+    Lmdb(&'t mut RwTxn<'e>, Database<Bytes, Bytes>),
+    Memory(&'t mut MemoryState),
+}
+
 /// Read and write access to one `(domain, scope)` subspace, inside the caller's transaction.
 pub struct State<'t, 'e> {
-    txn: &'t mut RwTxn<'e>,
-    db: Database<Bytes, Bytes>,
+    sink: Sink<'t, 'e>,
     prefix: &'t [u8],
     buf: Vec<u8>,
     /// Notes each key's value before its first write, when the append may be undone
@@ -155,17 +207,26 @@ pub struct State<'t, 'e> {
 
 impl<'t, 'e> State<'t, 'e> {
     pub fn new(txn: &'t mut RwTxn<'e>, db: Database<Bytes, Bytes>, prefix: &'t [u8]) -> Self {
-        State { txn, db, prefix, buf: Vec::new(), journal: None }
+        State { sink: Sink::Lmdb(txn, db), prefix, buf: Vec::new(), journal: None }
     }
 
     /// Like [`State::new`], noting in `journal` (when given) what each write replaces.
     pub fn journaled(txn: &'t mut RwTxn<'e>, db: Database<Bytes, Bytes>, prefix: &'t [u8], journal: Option<&'t mut Journal>) -> Self {
-        State { txn, db, prefix, buf: Vec::new(), journal }
+        State { sink: Sink::Lmdb(txn, db), prefix, buf: Vec::new(), journal }
+    }
+
+    /// State kept in memory, noting in `journal` (when given) what each write replaces.
+    pub fn memory(state: &'t mut MemoryState, prefix: &'t [u8], journal: Option<&'t mut Journal>) -> Self {
+        State { sink: Sink::Memory(state), prefix, buf: Vec::new(), journal }
     }
 
     /// Reads through the same transaction, so they see this transaction's own writes.
     pub fn view(&self) -> StateView<'_> {
-        StateView { txn: self.txn, db: self.db, prefix: self.prefix }
+        let source = match &self.sink {
+            Sink::Lmdb(txn, db) => Source::Lmdb(txn, *db),
+            Sink::Memory(map) => Source::Memory(map),
+        };
+        StateView { source, prefix: self.prefix }
     }
 
     pub fn get<T: DeserializeOwned>(&self, elems: &[Elem<'_>]) -> Result<Option<T>, StateError> {
@@ -177,18 +238,108 @@ impl<'t, 'e> State<'t, 'e> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, value)
             .map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })?;
-        if let Some(journal) = self.journal.as_deref_mut() {
-            journal.before_write(self.txn, self.db, &key)?;
+        self.note(&key)?;
+        match &mut self.sink {
+            Sink::Lmdb(txn, db) => db.put(txn, &key, &self.buf)?,
+            Sink::Memory(map) => {
+                map.insert(key, self.buf.clone());
+            }
         }
-        self.db.put(self.txn, &key, &self.buf)?;
         Ok(())
     }
 
     pub fn delete(&mut self, elems: &[Elem<'_>]) -> Result<bool, StateError> {
         let key = full_key(self.prefix, elems);
-        if let Some(journal) = self.journal.as_deref_mut() {
-            journal.before_write(self.txn, self.db, &key)?;
+        self.note(&key)?;
+        Ok(match &mut self.sink {
+            Sink::Lmdb(txn, db) => db.delete(txn, &key)?,
+            Sink::Memory(map) => map.remove(&key).is_some(),
+        })
+    }
+
+    /// Notes `key`'s value in the journal (if any) before a write.
+    fn note(&mut self, key: &[u8]) -> Result<(), StateError> {
+        let Some(journal) = self.journal.as_deref_mut() else { return Ok(()) };
+        match &self.sink {
+            Sink::Lmdb(txn, db) => journal.before_write(txn, *db, key)?,
+            Sink::Memory(map) => journal.before_write_in(map, key),
         }
-        Ok(self.db.delete(self.txn, &key)?)
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::ledger::{Ledger, LedgerCommand};
+    use crate::app::{Context, Domain};
+
+    /// A fixed walk of ledger commands over three accounts and two holds: money in and out,
+    /// transfers, holds placed, captured and released, many refused.
+    fn commands() -> Vec<LedgerCommand> {
+        let mut out: Vec<LedgerCommand> = ["a", "b", "c"]
+            .iter()
+            .map(|a| LedgerCommand::OpenAccount { account: (*a).into(), currency: "EUR".into(), credit_limit: 30 })
+            .collect();
+        let accounts = ["a", "b", "c"];
+        for i in 0..120usize {
+            let (x, y, amount) = (accounts[i % 3].to_string(), accounts[(i * 7 + 1) % 3].to_string(), (i * 37 % 90 + 1) as u64);
+            let hold = format!("h{}", i % 2);
+            out.push(match i % 7 {
+                0 | 1 => LedgerCommand::Deposit { account: x, amount },
+                2 => LedgerCommand::Withdraw { account: x, amount },
+                3 => LedgerCommand::Transfer { from: x, to: y, amount, transfer: None },
+                4 => LedgerCommand::PlaceHold { hold, account: x, amount },
+                5 => LedgerCommand::CaptureHold { hold, amount: None, to: Some(y) },
+                _ => LedgerCommand::ReleaseHold { hold },
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn given_the_same_commands_then_the_ledger_decides_evolves_and_journals_the_same_in_memory_as_in_lmdb() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: a fresh directory, opened once.
+        let env = unsafe { heed::EnvOpenOptions::new().read_txn_without_tls().max_dbs(1).open(dir.path()).unwrap() };
+        let mut txn = env.write_txn().unwrap();
+        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("state")).unwrap();
+        let mut memory = MemoryState::new();
+        let prefix = subspace(Ledger::NAME, "book");
+        let (mut accepted, mut refused) = (0, 0);
+        for (i, command) in commands().iter().enumerate() {
+            let id = format!("c{i}");
+            let ctx = Context { now_us: 1_000 + i as u64, command_id: &id, remember_id: false, ids_since_us: 0 };
+            let in_lmdb = Ledger::decide(&StateView::new(&txn, db, &prefix), command, &ctx);
+            let in_memory = Ledger::decide(&StateView::memory(&memory, &prefix), command, &ctx);
+            assert_eq!(format!("{in_lmdb:?}"), format!("{in_memory:?}"), "command {i}: {command:?}");
+            let Ok(events) = in_memory else {
+                refused += 1;
+                continue;
+            };
+            accepted += 1;
+            let (mut lmdb_journal, mut memory_journal) = (Journal::default(), Journal::default());
+            for event in &events {
+                Ledger::evolve(&mut State::journaled(&mut txn, db, &prefix, Some(&mut lmdb_journal)), event).unwrap();
+                Ledger::evolve(&mut State::memory(&mut memory, &prefix, Some(&mut memory_journal)), event).unwrap();
+            }
+            assert_eq!(lmdb_journal, memory_journal, "command {i}: the same keys, with the same values before");
+            if i % 10 == 9 {
+                // Taken back in memory, then written again: the journal restores exactly.
+                let before = memory.clone();
+                memory_journal.undo_in(&mut memory);
+                for event in &events {
+                    Ledger::evolve(&mut State::memory(&mut memory, &prefix, None), event).unwrap();
+                }
+                assert_eq!(memory, before);
+            }
+        }
+        let in_lmdb: MemoryState = db.iter(&txn).unwrap().map(|e| e.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(in_lmdb, memory);
+        assert!(accepted > 50 && refused > 10, "{accepted} accepted, {refused} refused");
+        let query = crate::app::ledger::query::LedgerQuery::Balance { account: "a".into() };
+        let (a, b) =
+            (Ledger::query(&StateView::new(&txn, db, &prefix), &query), Ledger::query(&StateView::memory(&memory, &prefix), &query));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 }

@@ -43,6 +43,28 @@ impl Journal {
         Ok(())
     }
 
+    /// [`Journal::before_write`] for state kept in memory.
+    pub fn before_write_in(&mut self, state: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>, key: &[u8]) {
+        if self.before.iter().any(|(k, _)| k == key) {
+            return;
+        }
+        self.before.push((key.to_vec(), state.get(key).cloned()));
+    }
+
+    /// Takes back, in memory, what the journaled writes changed.
+    pub fn undo_in(&self, state: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>) {
+        for (key, value) in &self.before {
+            match value {
+                Some(value) => {
+                    state.insert(key.clone(), value.clone());
+                }
+                None => {
+                    state.remove(key);
+                }
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.before.is_empty()
     }
