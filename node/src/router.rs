@@ -112,7 +112,7 @@ impl Router {
 
     /// The partition `stream` belongs to.
     pub fn partition_of(&self, stream: &str) -> u32 {
-        crate::log::partition_of(stream, self.table.lock().partition_count.max(1))
+        crate::log::partitioning::home_partition(stream, self.table.lock().partition_count.max(1))
     }
 
     /// Reloads the table from the first node that answers, asking the known members and the

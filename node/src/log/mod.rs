@@ -442,8 +442,9 @@ impl Log {
         self.store.partition_count()
     }
 
+    /// The partition whose log holds `stream` (a partition's `$epochs-N` marker stream is N's).
     pub fn partition_of(&self, stream: &str) -> u32 {
-        partition_of(stream, self.store.partition_count())
+        partitioning::home_partition(stream, self.store.partition_count())
     }
 
     /// Appends atomically; resolves once the events are durable or the append failed.
@@ -1235,6 +1236,23 @@ mod tests {
             commands.push((id, command));
         }
         commands
+    }
+
+    #[test]
+    fn a_partitions_marker_stream_is_read_in_that_partition_also_on_a_follower() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let log = open(dir.path(), 0);
+        log.set_replicated();
+        let p = 1;
+        let marker = crate::replication::shell::marker_stream(p);
+        assert_ne!(partition_of(&marker, 4), p, "the name hashes elsewhere");
+        assert_eq!(log.partition_of(&marker), p);
+        log.roles().set(p, 0);
+        rt.block_on(log.replicate(vec![crate::replication::shell::marker_record(p, 1, 1, 1, 0)])).unwrap();
+        log.report_replica(p, ReplicaReport { commit: 1, followers: Vec::new() });
+        let read = log.read_stream(&marker, 1, ALL).unwrap().events;
+        assert_eq!(read.iter().map(|e| (e.partition, e.position)).collect::<Vec<_>>(), [(p, 1)], "cut at its own partition's commit");
     }
 
     type Waiting = Vec<tokio::task::JoinHandle<Result<CommandDone, CommandError>>>;

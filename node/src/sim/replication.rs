@@ -28,9 +28,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::app::ledger::query::LedgerQuery;
+use crate::app::ledger::{Ledger, LedgerCommand, LedgerEvent};
+use crate::app::state::{MemoryState, subspace};
+use crate::app::{Context, Domain, State, StateView};
 use crate::replication::message::Message;
 use crate::replication::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
 use crate::replication::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
+use crate::storage::Journal;
 
 /// A node's log. The sim keeps every entry (to check logs against each other), and models
 /// retention with a floor: entries at or below it stand for the state the log gave them up to,
@@ -122,7 +127,85 @@ fn history_of(log: &[Entry]) -> EpochHistory {
     h
 }
 
+/// The ledger book a node's entries make: the ledger's own `evolve` over every ledger event of
+/// its log, in memory (`app::state::MemoryState`), with an undo journal per append so a
+/// truncation takes back what it removes, as the node's storage does (docs/storage.md).
+#[derive(Default, Clone)]
+struct Book {
+    state: MemoryState,
+    journals: BTreeMap<Position, Journal>,
+}
+
+const SCOPE: &str = "book";
+
+/// A ledger event travels as an entry's data: `L` and its JSON (other entries are opaque).
+fn ledger_event(entry: &Entry) -> Option<LedgerEvent> {
+    match &entry.kind {
+        EntryKind::Data(data) if data.first() == Some(&b'L') => {
+            Some(serde_json::from_slice(&data[1..]).expect("a ledger entry holds a ledger event"))
+        }
+        _ => None,
+    }
+}
+
+impl Book {
+    /// The book of `entries` from nothing.
+    fn replay(entries: &[Entry]) -> Book {
+        let mut book = Book::default();
+        book.apply(entries);
+        book
+    }
+
+    /// Evolves the ledger events of `entries` (whole appends), journaling each append.
+    fn apply(&mut self, entries: &[Entry]) {
+        let prefix = subspace(Ledger::NAME, SCOPE);
+        let mut journal = Journal::default();
+        for entry in entries {
+            if let Some(event) = ledger_event(entry) {
+                Ledger::evolve(&mut State::memory(&mut self.state, &prefix, Some(&mut journal)), &event)
+                    .expect("the ledger evolves its own events");
+            }
+            if !entry.atomic_with_next && !journal.is_empty() {
+                self.journals.insert(entry.position, std::mem::take(&mut journal));
+            }
+        }
+    }
+
+    /// Takes back the appends after `after`, newest first.
+    fn truncate(&mut self, after: Position) {
+        let undone = self.journals.split_off(&(after + 1));
+        for journal in undone.values().rev() {
+            journal.undo_in(&mut self.state);
+        }
+    }
+
+    /// The ledger's own audit of the book: every invariant it checks (money conserved, no
+    /// account past its limit, holds adding up).
+    fn audit(&self) -> Result<(), String> {
+        let prefix = subspace(Ledger::NAME, SCOPE);
+        let report = Ledger::query(&StateView::memory(&self.state, &prefix), &LedgerQuery::Audit {}).map_err(|e| format!("{e:?}"))?;
+        if report["ok"] == serde_json::Value::Bool(true) { Ok(()) } else { Err(report["violations"].to_string()) }
+    }
+}
+
+/// A random ledger command of the book's three accounts and two holds.
+fn ledger_command(rng: &mut StdRng) -> LedgerCommand {
+    let accounts = ["a", "b", "c"];
+    let (x, y) = (accounts[rng.random_range(0..3)].to_string(), accounts[rng.random_range(0..3)].to_string());
+    let (amount, hold) = (rng.random_range(1..100), format!("h{}", rng.random_range(0..2)));
+    match rng.random_range(0..9) {
+        0 => LedgerCommand::OpenAccount { account: x, currency: "EUR".into(), credit_limit: 40 },
+        1 | 2 => LedgerCommand::Deposit { account: x, amount },
+        3 => LedgerCommand::Withdraw { account: x, amount },
+        4 | 5 => LedgerCommand::Transfer { from: x, to: y, amount, transfer: None },
+        6 => LedgerCommand::PlaceHold { hold, account: x, amount },
+        7 => LedgerCommand::CaptureHold { hold, amount: None, to: Some(y) },
+        _ => LedgerCommand::ReleaseHold { hold },
+    }
+}
+
 struct Node {
+    book: Book,
     replica: Replica,
     up: bool,
     durable_promise: Epoch,
@@ -297,6 +380,8 @@ pub struct Stats {
     pub paused_leaders_replaced: u64,
     pub resets: u64,
     pub one_way: u64,
+    /// Ledger commands the leaders accepted (each checked by the ledger's audit on every book).
+    pub ledger_commands: u64,
 }
 
 impl Stats {
@@ -316,6 +401,7 @@ impl Stats {
         self.paused_leaders_replaced += other.paused_leaders_replaced;
         self.resets += other.resets;
         self.one_way += other.one_way;
+        self.ledger_commands += other.ledger_commands;
     }
 }
 
@@ -405,6 +491,7 @@ impl Sim {
         let nodes = pool
             .iter()
             .map(|&me| Node {
+                book: Book::default(),
                 replica: Replica::new(config(me), DurableState::default()),
                 up: true,
                 durable_promise: 0,
@@ -455,10 +542,12 @@ impl Sim {
                     assert!(after >= node.log.floor, "node {n} truncates after {after}, below its floor {}", node.log.floor);
                     node.log.entries.truncate(after as usize);
                     node.log.dirty_from = node.log.dirty_from.min(after as usize);
+                    node.book.truncate(after);
                     self.stats.truncations += 1;
                     self.trace.note(Event::Truncate { step, node: n, after });
                 }
                 Effect::Append(entries) => {
+                    node.book.apply(&entries);
                     for e in entries {
                         assert_eq!(e.position as usize, node.log.entries.len() + 1, "node {n}: append not at the end");
                         node.log.dirty_from = node.log.dirty_from.min(node.log.entries.len());
@@ -470,6 +559,8 @@ impl Sim {
                     let entries = decode(&snapshot.data[8..]);
                     assert_eq!(entries.len() as Position, snapshot.position, "node {n}: a snapshot that is not a whole prefix");
                     assert_eq!(history_of(&entries), snapshot.history, "node {n}: a snapshot whose history is not its log's");
+                    // The snapshot's state: the ledger of the entries it stands for.
+                    node.book = Book::replay(&entries);
                     node.log.entries = entries;
                     node.log.dirty_from = 0;
                     node.log.floor = floor;
@@ -573,6 +664,8 @@ impl Sim {
         node.log.entries = node.log.durable.clone();
         node.log.dirty_from = node.log.entries.len();
         node.log.floor = node.log.durable_floor;
+        // What a crash keeps of the state is what it keeps of the log.
+        node.book = Book::replay(&node.log.entries);
         node.promise = node.durable_promise;
         node.unsynced.clear();
         self.proposed.retain(|(leader, _, _, _)| *leader != n);
@@ -598,7 +691,9 @@ impl Sim {
         // its own epoch (what the node's shell does after a failed effect), unless it handed the
         // partition over in that epoch.
         let promised = node.durable_promise;
-        let may_resume = self.granted.get(&n) == Some(&promised) && !self.handed_over.contains(&(n, promised));
+        // It still holds the lock only if no epoch was granted since its own (a switch of the
+        // set grants one too), so its epoch's replica set is still the store's.
+        let may_resume = self.claim == promised && self.granted.get(&n) == Some(&promised) && !self.handed_over.contains(&(n, promised));
         if self.storm && may_resume && self.rng.random_bool(0.5) {
             let node = &mut self.nodes[n as usize];
             if node.replica.become_leader(promised) {
@@ -676,7 +771,23 @@ impl Sim {
             }
             if self.rng.random_bool(0.3) {
                 let size = self.rng.random_range(1..=3);
-                let group: Vec<Vec<u8>> = (0..size).map(|i| format!("s{}-n{n}-{i}", self.step).into_bytes()).collect();
+                let mut group: Vec<Vec<u8>> = (0..size).map(|i| format!("s{}-n{n}-{i}", self.step).into_bytes()).collect();
+                // Half the proposals are ledger commands, decided by the leader's ledger against
+                // its book (LMAX style); their events are the group.
+                if self.rng.random_bool(0.5) && matches!(self.nodes[n as usize].replica.role(), Role::Leader { .. }) {
+                    let command = ledger_command(&mut self.rng);
+                    let id = format!("s{}", self.step);
+                    let ctx = Context { now_us: self.step * 1_000, command_id: &id, remember_id: false, ids_since_us: 0 };
+                    let prefix = subspace(Ledger::NAME, SCOPE);
+                    match Ledger::decide(&StateView::memory(&self.nodes[n as usize].book.state, &prefix), &command, &ctx) {
+                        Ok(events) if !events.is_empty() => {
+                            group =
+                                events.iter().map(|e| [b"L".as_slice(), &serde_json::to_vec(e).expect("events encode")].concat()).collect();
+                            self.stats.ledger_commands += 1;
+                        }
+                        _ => group.clear(),
+                    }
+                }
                 let node = &mut self.nodes[n as usize];
                 if let Some(last) = node.replica.propose(group.clone()) {
                     self.proposed.push((n, node.replica.promised(), last, group));
@@ -755,6 +866,14 @@ impl Sim {
             }
         }
         self.check_reads();
+        // Every book, at any moment, keeps the ledger's invariants.
+        if self.step.is_multiple_of(20) {
+            for n in self.pool.clone() {
+                if let Err(violations) = self.nodes[n as usize].book.audit() {
+                    panic!("node {n}'s ledger breaks its invariants: {violations}");
+                }
+            }
+        }
     }
 
     fn paused(&self, n: NodeId) -> bool {
@@ -976,9 +1095,14 @@ impl Sim {
     fn check_converged(&self, seed: u64) {
         assert!(self.target.is_empty(), "seed {seed}: the move to {:?} never finished", self.target);
         let reference = &self.nodes[self.members[0] as usize].log.entries;
-        for node in self.members.iter().map(|n| &self.nodes[*n as usize]) {
+        let replayed = Book::replay(reference);
+        for (n, node) in self.members.iter().map(|n| (n, &self.nodes[*n as usize])) {
             assert_eq!(&node.log.entries, reference, "seed {seed}: logs differ after healing");
             assert_eq!(node.replica.commit(), reference.len() as Position, "seed {seed}: not everything is committed after healing");
+            // Each replica's ledger, kept from what it appended, truncated and installed, is the
+            // ledger of its log replayed.
+            assert!(node.book.state == replayed.state, "seed {seed}: node {n}'s ledger is not a replay of its log");
+            node.book.audit().unwrap_or_else(|v| panic!("seed {seed}: node {n}'s ledger breaks its invariants: {v}"));
         }
         for (position, entry) in &self.committed {
             assert_eq!(reference.get(*position as usize - 1), Some(entry), "seed {seed}: committed entry at {position} lost");
@@ -1025,6 +1149,7 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
     // Logs gave entries up, and replicas that needed them got snapshots instead.
     assert!(total.trims > seeds && total.installs > seeds / 4, "few trims or snapshots: {total:?}");
     assert!(total.pauses > seeds && total.paused_leaders_replaced > 0 && total.resets > seeds && total.one_way > 0, "{total:?}");
+    assert!(total.ledger_commands > seeds * 10, "few ledger commands were accepted: {total:?}");
     (acknowledged, total)
 }
 

@@ -281,6 +281,9 @@ impl Store {
         if let Some((stream, _)) = image.stream_floors.iter().find(|(stream, _)| foreign(stream)) {
             return Err(StorageError::State(format!("the image of partition {partition} names stream {stream} of another partition")));
         }
+        if let Some(record) = image.records.iter().find(|r| foreign(&r.stream)) {
+            return Err(StorageError::State(format!("the image of partition {partition} holds an event of stream {}", record.stream)));
+        }
         if image.state.iter().any(|(key, _)| derived.stream_of_key(key).is_none_or(|stream| foreign(&stream))) {
             return Err(StorageError::State(format!("the image of partition {partition} holds state of no stream of the partition")));
         }
@@ -341,7 +344,13 @@ impl Store {
             self.sync_log()
         };
         if let Err(e) = finish() {
-            panic!("installing the image of partition {partition} failed after its log commit ({e}); the next start finishes it");
+            // Not a panic: unwinding would let readers in on the half-installed partition
+            // before the process ends.
+            tracing::error!(partition, error = %e, "installing a partition image failed after its log commit; stopping (the next start finishes it)");
+            eprintln!(
+                "anthill: installing the image of partition {partition} failed after its log commit ({e}); stopping, the next start finishes it"
+            );
+            std::process::abort();
         }
         self.floors[partition as usize].store(image.floor, std::sync::atomic::Ordering::Release);
         self.tail.write().restart_partition(partition, image.floor + 1);
