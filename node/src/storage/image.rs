@@ -385,32 +385,8 @@ mod tests {
     use super::*;
     use crate::config::StorageConfig;
     use crate::log::partitioning::partition_of;
+    use crate::storage::tests::{commit, event};
     use crate::storage::truncate::NothingDerived;
-
-    fn event(partition: u32, position: u64, stream: &str, version: u64) -> EventRecord {
-        EventRecord {
-            partition,
-            position,
-            stream: stream.into(),
-            stream_version: version,
-            event_type: "T".into(),
-            payload: vec![position as u8; 4],
-            metadata: vec![],
-            append_time_us: 1,
-            epoch: 1,
-            atomic_with_next: false,
-        }
-    }
-
-    /// Commits `events` from sequence `first_seq` on, as the writer would.
-    fn commit(store: &Store, first_seq: u64, events: &[EventRecord]) {
-        let mut txn = store.write().unwrap();
-        for (seq, e) in (first_seq..).zip(events) {
-            txn.append(seq, &e.as_ref()).unwrap();
-        }
-        txn.commit().unwrap();
-        store.extend_tail((first_seq..).zip(events).map(|(seq, e)| (e.partition, e.position, e.stream.as_str(), e.stream_version, seq)));
-    }
 
     fn install(store: &Store, image: &PartitionImage, last_seq: u64) {
         let entries = store.install_image(image, last_seq, &NothingDerived).unwrap();

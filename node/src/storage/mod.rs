@@ -901,7 +901,7 @@ mod tests {
 
     const ALL: ReadLimit = ReadLimit { max_events: usize::MAX, max_bytes: usize::MAX };
 
-    fn event(partition: u32, position: u64, stream: &str, version: u64) -> EventRecord {
+    pub(super) fn event(partition: u32, position: u64, stream: &str, version: u64) -> EventRecord {
         EventRecord {
             partition,
             position,
@@ -918,7 +918,7 @@ mod tests {
 
     /// Commits `events` as the log's writer does: appended to the log from `first_seq` on, then
     /// their entries handed to the tail.
-    fn commit(store: &Store, first_seq: u64, events: &[EventRecord]) {
+    pub(super) fn commit(store: &Store, first_seq: u64, events: &[EventRecord]) {
         let mut w = store.write().unwrap();
         for (seq, e) in (first_seq..).zip(events) {
             w.append(seq, &e.as_ref()).unwrap();
