@@ -160,12 +160,21 @@ fn stats_line(s: &Stats) -> String {
     )
 }
 
-/// Runs `f` without the default panic message on stderr: a failing check is a panic inside the
-/// run, caught and reported by it.
-fn quietly<T>(f: impl FnOnce() -> T) -> T {
+/// Where the last failed check was (file:line), kept by [`quietly`]'s panic hook.
+static FAILED_AT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Runs `f` without the default panic message on stderr (a failing check is a panic inside the
+/// run, caught and reported by it); a failure's check then names where it failed.
+fn quietly(f: impl FnOnce() -> Outcome) -> Outcome {
     let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let out = f();
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+        *FAILED_AT.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }));
+    let mut outcome = f();
     std::panic::set_hook(hook);
-    out
+    if let (Some(failure), Some(at)) = (outcome.failure.as_mut(), FAILED_AT.lock().unwrap_or_else(|e| e.into_inner()).take()) {
+        failure.check = format!("{} (at {at})", failure.check);
+    }
+    outcome
 }
