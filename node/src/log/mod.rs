@@ -465,6 +465,16 @@ impl Log {
         queued
     }
 
+    /// Queues the writer job `job` makes around its reply channel and waits for the answer.
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T, AppendError>>) -> writer::Job) -> Result<T, AppendError> {
+        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send_async(job(reply)).await.map_err(|_| AppendError::ShuttingDown)?;
+        // Never hold a sender while waiting: `close` ends the writer once all senders are gone.
+        drop(queue);
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
     async fn queue_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         validate_append(&self.limits, &request).map_err(AppendError::Invalid)?;
         let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
@@ -595,11 +605,7 @@ impl Log {
     /// (they must continue the partition and every stream exactly); resolves once durable with
     /// the partition's new head.
     pub async fn replicate(&self, records: Vec<crate::storage::EventRecord>) -> Result<u64, AppendError> {
-        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Replicate { records, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
-        drop(queue);
-        answer.await.map_err(|_| AppendError::ShuttingDown)?
+        self.ask(|reply| writer::Job::Replicate { records, reply }).await
     }
 
     /// Persists the epoch this replica of `partition` promised (docs/replication.md): durable
@@ -610,11 +616,7 @@ impl Log {
         if partition >= self.partition_count() {
             return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
         }
-        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Promise { partition, epoch, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
-        drop(queue);
-        answer.await.map_err(|_| AppendError::ShuttingDown)?
+        self.ask(|reply| writer::Job::Promise { partition, epoch, reply }).await
     }
 
     /// What this replica of `partition` keeps for replication: its promise, its epoch history
@@ -634,11 +636,7 @@ impl Log {
         if partition >= self.partition_count() {
             return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
         }
-        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Trim { partition, through, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
-        drop(queue);
-        answer.await.map_err(|_| AppendError::ShuttingDown)?
+        self.ask(|reply| writer::Job::Trim { partition, through, reply }).await
     }
 
     /// Removes `partition`'s events after position `after` (a replica's uncommitted suffix that
@@ -648,11 +646,7 @@ impl Log {
         if partition >= self.partition_count() {
             return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
         }
-        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Truncate { partition, after, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
-        drop(queue);
-        let removed = answer.await.map_err(|_| AppendError::ShuttingDown)?;
+        let removed = self.ask(|reply| writer::Job::Truncate { partition, after, reply }).await;
         // After the truncation (and its state rebuild): whoever read state before it sees the
         // count move; whoever reads after it reads the rebuilt state.
         self.truncations[partition as usize].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -662,11 +656,7 @@ impl Log {
     /// The image of `partition` as of its head: what a replica that needs entries this log gave
     /// up installs instead (`storage/image.rs`). Everything in it is durable.
     pub async fn partition_image(&self, partition: u32) -> Result<crate::storage::PartitionImage, AppendError> {
-        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Image { partition, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
-        drop(queue);
-        answer.await.map_err(|_| AppendError::ShuttingDown)?
+        self.ask(|reply| writer::Job::Image { partition, reply }).await
     }
 
     /// Replaces a partition with `image` (another replica's, `storage/image.rs`); returns its
@@ -676,11 +666,7 @@ impl Log {
         if partition >= self.partition_count() {
             return Err(AppendError::Invalid(format!("partition: {partition} does not exist")));
         }
-        let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
-        queue.send_async(writer::Job::Install { image: Box::new(image), reply }).await.map_err(|_| AppendError::ShuttingDown)?;
-        drop(queue);
-        let head = answer.await.map_err(|_| AppendError::ShuttingDown)?;
+        let head = self.ask(|reply| writer::Job::Install { image: Box::new(image), reply }).await;
         // The state changed under any reader, as with a truncation.
         self.truncations[partition as usize].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         head
