@@ -5,4 +5,5 @@
 //! Today it runs the replication protocol of one partition's replica set
 //! ([`replication`]); `anthill sim` runs one seed or hunts for failing ones.
 
+mod model;
 pub mod replication;

@@ -23,197 +23,16 @@
 //! them. A failing seed is printed and replays exactly.
 //! (The whole-cluster simulator of issue 5 grows from this.)
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::app::ledger::query::LedgerQuery;
-use crate::app::ledger::{Ledger, LedgerCommand, LedgerEvent};
-use crate::app::state::{MemoryState, subspace};
-use crate::app::{Context, Domain, State, StateView};
+pub use super::model::Stats;
+use super::model::{Book, Ctx, Event, History, Node, Trace, kind_of, ledger_command};
 use crate::replication::message::Message;
-use crate::replication::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
-use crate::replication::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
-use crate::storage::Journal;
-
-/// A node's log. The sim keeps every entry (to check logs against each other), and models
-/// retention with a floor: entries at or below it stand for the state the log gave them up to,
-/// and are never read; a snapshot carries the entries it stands for.
-#[derive(Default)]
-struct Log {
-    entries: Vec<Entry>,
-    floor: Position,
-    /// As of the last sync (what a crash keeps), with its floor.
-    durable: Vec<Entry>,
-    durable_floor: Position,
-    /// The first index of `entries` changed since the last sync (its length when none): a sync
-    /// copies only from there.
-    dirty_from: usize,
-}
-
-impl ReplicaLog for Log {
-    fn entries(&self, from: Position, max: usize) -> Vec<Entry> {
-        assert!(from > self.floor, "read at {from}, at or below the log's floor {}", self.floor);
-        self.entries.iter().skip(from as usize - 1).take(max).cloned().collect()
-    }
-
-    fn floor(&self) -> Position {
-        self.floor
-    }
-}
-
-impl Log {
-    /// The durable state, as the node's LMDB shell makes it: its whole durable log (at or past
-    /// the replica's durable position), and the commit it knows, the receiver's floor (the
-    /// shell's image holds the entries after it, `storage/image.rs`).
-    fn snapshot(&self, durable: Position, commit: Position) -> Option<Snapshot> {
-        let position = self.durable.len() as Position;
-        assert!(position >= durable && position >= self.durable_floor, "a snapshot short of the durable position {durable}");
-        let mut data = commit.min(position).to_be_bytes().to_vec();
-        data.extend(encode(&self.durable));
-        (position > 0).then(|| Snapshot { position, history: history_of(&self.durable), data })
-    }
-}
-
-/// Entries as a snapshot's bytes: per entry, position, epoch, continued, marker, data length, data.
-fn encode(entries: &[Entry]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for e in entries {
-        out.extend_from_slice(&e.position.to_be_bytes());
-        out.extend_from_slice(&e.epoch.to_be_bytes());
-        out.push(u8::from(e.atomic_with_next));
-        let data: &[u8] = match &e.kind {
-            EntryKind::Marker => {
-                out.push(1);
-                &[]
-            }
-            EntryKind::Data(data) => {
-                out.push(0);
-                data
-            }
-        };
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(data);
-    }
-    out
-}
-
-fn decode(mut bytes: &[u8]) -> Vec<Entry> {
-    fn take(bytes: &mut &[u8], n: usize) -> Vec<u8> {
-        let (head, rest) = bytes.split_at(n);
-        *bytes = rest;
-        head.to_vec()
-    }
-    let mut entries = Vec::new();
-    while !bytes.is_empty() {
-        let mut take = |n| take(&mut bytes, n);
-        let position = u64::from_be_bytes(take(8).try_into().unwrap());
-        let epoch = u64::from_be_bytes(take(8).try_into().unwrap());
-        let (continued, marker) = (take(1)[0] == 1, take(1)[0] == 1);
-        let len = u32::from_be_bytes(take(4).try_into().unwrap()) as usize;
-        let data = take(len);
-        let kind = if marker { EntryKind::Marker } else { EntryKind::Data(data) };
-        entries.push(Entry { position, epoch, kind, atomic_with_next: continued });
-    }
-    entries
-}
-
-fn history_of(log: &[Entry]) -> EpochHistory {
-    let mut h = EpochHistory::default();
-    for e in log {
-        h.record(e.epoch, e.position);
-    }
-    h
-}
-
-/// The ledger book a node's entries make: the ledger's own `evolve` over every ledger event of
-/// its log, in memory (`app::state::MemoryState`), with an undo journal per append so a
-/// truncation takes back what it removes, as the node's storage does (docs/storage.md).
-#[derive(Default, Clone)]
-struct Book {
-    state: MemoryState,
-    journals: BTreeMap<Position, Journal>,
-}
-
-const SCOPE: &str = "book";
-
-/// A ledger event travels as an entry's data: `L` and its JSON (other entries are opaque).
-fn ledger_event(entry: &Entry) -> Option<LedgerEvent> {
-    match &entry.kind {
-        EntryKind::Data(data) if data.first() == Some(&b'L') => {
-            Some(serde_json::from_slice(&data[1..]).expect("a ledger entry holds a ledger event"))
-        }
-        _ => None,
-    }
-}
-
-impl Book {
-    /// The book of `entries` from nothing.
-    fn replay(entries: &[Entry]) -> Book {
-        let mut book = Book::default();
-        book.apply(entries);
-        book
-    }
-
-    /// Evolves the ledger events of `entries` (whole appends), journaling each append.
-    fn apply(&mut self, entries: &[Entry]) {
-        let prefix = subspace(Ledger::NAME, SCOPE);
-        let mut journal = Journal::default();
-        for entry in entries {
-            if let Some(event) = ledger_event(entry) {
-                Ledger::evolve(&mut State::memory(&mut self.state, &prefix, Some(&mut journal)), &event)
-                    .expect("the ledger evolves its own events");
-            }
-            if !entry.atomic_with_next && !journal.is_empty() {
-                self.journals.insert(entry.position, std::mem::take(&mut journal));
-            }
-        }
-    }
-
-    /// Takes back the appends after `after`, newest first.
-    fn truncate(&mut self, after: Position) {
-        let undone = self.journals.split_off(&(after + 1));
-        for journal in undone.values().rev() {
-            journal.undo_in(&mut self.state);
-        }
-    }
-
-    /// The ledger's own audit of the book: every invariant it checks (money conserved, no
-    /// account past its limit, holds adding up).
-    fn audit(&self) -> Result<(), String> {
-        let prefix = subspace(Ledger::NAME, SCOPE);
-        let report = Ledger::query(&StateView::memory(&self.state, &prefix), &LedgerQuery::Audit {}).map_err(|e| format!("{e:?}"))?;
-        if report["ok"] == serde_json::Value::Bool(true) { Ok(()) } else { Err(report["violations"].to_string()) }
-    }
-}
-
-/// A random ledger command of the book's three accounts and two holds.
-fn ledger_command(rng: &mut StdRng) -> LedgerCommand {
-    let accounts = ["a", "b", "c"];
-    let (x, y) = (accounts[rng.random_range(0..3)].to_string(), accounts[rng.random_range(0..3)].to_string());
-    let (amount, hold) = (rng.random_range(1..100), format!("h{}", rng.random_range(0..2)));
-    match rng.random_range(0..9) {
-        0 => LedgerCommand::OpenAccount { account: x, currency: "EUR".into(), credit_limit: 40 },
-        1 | 2 => LedgerCommand::Deposit { account: x, amount },
-        3 => LedgerCommand::Withdraw { account: x, amount },
-        4 | 5 => LedgerCommand::Transfer { from: x, to: y, amount, transfer: None },
-        6 => LedgerCommand::PlaceHold { hold, account: x, amount },
-        7 => LedgerCommand::CaptureHold { hold, amount: None, to: Some(y) },
-        _ => LedgerCommand::ReleaseHold { hold },
-    }
-}
-
-struct Node {
-    book: Book,
-    replica: Replica,
-    up: bool,
-    durable_promise: Epoch,
-    log: Log,
-    promise: Epoch,
-    /// Executed batches not yet synced: their ticket and the messages they hold back.
-    unsynced: VecDeque<(u64, Vec<(NodeId, Message)>)>,
-}
+use crate::replication::replica::{ReplicaConfig, Role};
+use crate::replication::{EntryKind, Epoch, NodeId, Position};
 
 struct Sim {
     rng: StdRng,
@@ -236,12 +55,8 @@ struct Sim {
     handover: Option<(Epoch, Vec<NodeId>, u64)>,
     /// (node, epoch) of leaders that asked for a handover: never to take a proposal again.
     handed_over: BTreeSet<(NodeId, Epoch)>,
-    /// Every committed position's entry, as the first replica to commit it saw it.
-    committed: BTreeMap<Position, Entry>,
-    /// Proposals whose leader saw them committed in their own epoch: (position, data).
-    acknowledged: Vec<(Position, Vec<u8>)>,
-    /// Groups proposed and waiting for their leader's commit: (node, epoch, last position, data).
-    proposed: Vec<(NodeId, Epoch, Position, Vec<Vec<u8>>)>,
+    /// What was committed, acknowledged and proposed, and who served each epoch.
+    history: History,
     /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
     /// committed anywhere when the read began).
     reads: Vec<(NodeId, Epoch, u64, Position)>,
@@ -250,159 +65,9 @@ struct Sim {
     isolated: Option<(NodeId, Vec<NodeId>, u64, Option<bool>)>,
     /// Per node, the steps a pause (a process stopped, SIGSTOP-style) began and ends at.
     paused_until: BTreeMap<NodeId, (u64, u64)>,
-    /// Which node served each epoch as its leader: at most one may.
-    servers: BTreeMap<Epoch, NodeId>,
     storm: bool,
     stats: Stats,
     trace: Trace,
-}
-
-/// One thing that happened in a run: hashed into the trace hash, and the last ones kept to show
-/// what led to a failure.
-#[derive(Debug, Clone, Copy)]
-enum Event {
-    Deliver { step: u64, from: NodeId, to: NodeId, kind: &'static str, epoch: Epoch },
-    Lost { step: u64, from: NodeId, to: NodeId, kind: &'static str },
-    Crash { step: u64, node: NodeId },
-    Restart { step: u64, node: NodeId },
-    Grant { step: u64, node: NodeId, epoch: Epoch },
-    Propose { step: u64, node: NodeId, last: Position },
-    Committed { step: u64, node: NodeId, position: Position },
-    Truncate { step: u64, node: NodeId, after: Position },
-    Install { step: u64, node: NodeId, position: Position },
-    Trim { step: u64, node: NodeId, floor: Position },
-    Isolate { step: u64, node: NodeId, until: u64 },
-    Pause { step: u64, node: NodeId, until: u64 },
-    Reset { step: u64, a: NodeId, b: NodeId },
-    Move { step: u64, members: u64 },
-}
-
-impl std::fmt::Display for Event {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Event::Deliver { step, from, to, kind, epoch } => write!(f, "step {step}: {kind} of epoch {epoch} from node {from} to {to}"),
-            Event::Lost { step, from, to, kind } => write!(f, "step {step}: {kind} from node {from} to {to} lost"),
-            Event::Crash { step, node } => write!(f, "step {step}: node {node} crashes"),
-            Event::Restart { step, node } => write!(f, "step {step}: node {node} restarts"),
-            Event::Grant { step, node, epoch } => write!(f, "step {step}: node {node} granted epoch {epoch}"),
-            Event::Propose { step, node, last } => write!(f, "step {step}: node {node} proposes through {last}"),
-            Event::Committed { step, node, position } => write!(f, "step {step}: node {node} commits through {position}"),
-            Event::Truncate { step, node, after } => write!(f, "step {step}: node {node} truncates after {after}"),
-            Event::Install { step, node, position } => write!(f, "step {step}: node {node} installs a snapshot through {position}"),
-            Event::Trim { step, node, floor } => write!(f, "step {step}: node {node} gives up its log through {floor}"),
-            Event::Isolate { step, node, until } => write!(f, "step {step}: node {node} cut off until step {until}"),
-            Event::Pause { step, node, until } => write!(f, "step {step}: node {node} paused until step {until}"),
-            Event::Reset { step, a, b } => write!(f, "step {step}: the connection between nodes {a} and {b} resets"),
-            Event::Move { step, members } => write!(f, "step {step}: the replica set moves ({members:#x})"),
-        }
-    }
-}
-
-/// The run's trace: a hash of every event (same seed and binary, same hash) and the last ones.
-#[derive(Default)]
-struct Trace {
-    hash: u64,
-    recent: VecDeque<Event>,
-}
-
-/// Events kept to show what led to a failure.
-const RECENT_EVENTS: usize = 40;
-
-impl Event {
-    /// The event as numbers, for the trace hash: a tag, then its fields.
-    fn words(&self) -> [u64; 6] {
-        let name = |kind: &str| crate::log::partitioning::fnv1a_64(kind.as_bytes());
-        match *self {
-            Event::Deliver { step, from, to, kind, epoch } => [1, step, from.into(), to.into(), name(kind), epoch],
-            Event::Lost { step, from, to, kind } => [2, step, from.into(), to.into(), name(kind), 0],
-            Event::Crash { step, node } => [3, step, node.into(), 0, 0, 0],
-            Event::Restart { step, node } => [4, step, node.into(), 0, 0, 0],
-            Event::Grant { step, node, epoch } => [5, step, node.into(), epoch, 0, 0],
-            Event::Propose { step, node, last } => [6, step, node.into(), last, 0, 0],
-            Event::Committed { step, node, position } => [7, step, node.into(), position, 0, 0],
-            Event::Truncate { step, node, after } => [8, step, node.into(), after, 0, 0],
-            Event::Install { step, node, position } => [9, step, node.into(), position, 0, 0],
-            Event::Trim { step, node, floor } => [10, step, node.into(), floor, 0, 0],
-            Event::Isolate { step, node, until } => [11, step, node.into(), until, 0, 0],
-            Event::Pause { step, node, until } => [13, step, node.into(), until, 0, 0],
-            Event::Reset { step, a, b } => [14, step, a.into(), b.into(), 0, 0],
-            Event::Move { step, members } => [12, step, members, 0, 0, 0],
-        }
-    }
-}
-
-impl Trace {
-    fn note(&mut self, event: Event) {
-        for word in event.words() {
-            self.hash = (self.hash ^ word).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
-        }
-        if self.recent.len() == RECENT_EVENTS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(event);
-    }
-}
-
-fn kind_of(message: &Message) -> &'static str {
-    match message {
-        Message::Recover { .. } => "Recover",
-        Message::RecoverReply { .. } => "RecoverReply",
-        Message::Fetch { .. } => "Fetch",
-        Message::FetchReply { .. } => "FetchReply",
-        Message::Append { .. } => "Append",
-        Message::Snapshot { .. } => "Snapshot",
-        Message::AppendReply { .. } => "AppendReply",
-        Message::Stale { .. } => "Stale",
-    }
-}
-
-/// What a run went through, to show the storm was a storm.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct Stats {
-    pub leaders: u64,
-    pub crashes: u64,
-    pub truncations: u64,
-    pub lost_messages: u64,
-    pub resumed: u64,
-    /// Linearizable reads confirmed (and checked).
-    pub reads: u64,
-    /// Handovers asked for, and replica sets switched, during the storm.
-    pub handovers: u64,
-    pub moves: u64,
-    /// Paused leaders that resumed before their handover was ready.
-    pub resumed_pauses: u64,
-    /// Logs trimmed (retention), and snapshots installed.
-    pub trims: u64,
-    pub installs: u64,
-    /// Processes paused (and leaders among them replaced meanwhile), connections reset,
-    /// one-way partitions.
-    pub pauses: u64,
-    pub paused_leaders_replaced: u64,
-    pub resets: u64,
-    pub one_way: u64,
-    /// Ledger commands the leaders accepted (each checked by the ledger's audit on every book).
-    pub ledger_commands: u64,
-}
-
-impl Stats {
-    pub fn add(&mut self, other: &Stats) {
-        self.leaders += other.leaders;
-        self.crashes += other.crashes;
-        self.truncations += other.truncations;
-        self.lost_messages += other.lost_messages;
-        self.resumed += other.resumed;
-        self.reads += other.reads;
-        self.handovers += other.handovers;
-        self.moves += other.moves;
-        self.resumed_pauses += other.resumed_pauses;
-        self.trims += other.trims;
-        self.installs += other.installs;
-        self.pauses += other.pauses;
-        self.paused_leaders_replaced += other.paused_leaders_replaced;
-        self.resets += other.resets;
-        self.one_way += other.one_way;
-        self.ledger_commands += other.ledger_commands;
-    }
 }
 
 /// Steps of faults (a step is a millisecond of simulated time: a node ticks about every 3).
@@ -466,14 +131,14 @@ pub fn run(options: &Options) -> Outcome {
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "a check failed".into()),
-        recent: sim.trace.recent.iter().map(Event::to_string).collect(),
+        recent: sim.trace.recent(),
     });
     Outcome {
         seed: options.seed,
         replicas: options.replicas,
         trace_hash: format!("{:016x}", sim.trace.hash),
         steps: sim.step,
-        acknowledged: sim.acknowledged.len(),
+        acknowledged: sim.history.acknowledged.len(),
         stats: sim.stats,
         failure,
     }
@@ -488,18 +153,7 @@ impl Sim {
             let members = if members.contains(&me) { members.clone() } else { vec![me] };
             ReplicaConfig { me, members, max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 }
         };
-        let nodes = pool
-            .iter()
-            .map(|&me| Node {
-                book: Book::default(),
-                replica: Replica::new(config(me), DurableState::default()),
-                up: true,
-                durable_promise: 0,
-                log: Log::default(),
-                promise: 0,
-                unsynced: VecDeque::new(),
-            })
-            .collect();
+        let nodes = pool.iter().map(|&me| Node::new(config(me))).collect();
         Sim {
             rng: StdRng::seed_from_u64(seed),
             config: config(0),
@@ -514,13 +168,10 @@ impl Sim {
             claim: 0,
             handover: None,
             handed_over: BTreeSet::new(),
-            committed: BTreeMap::new(),
-            acknowledged: Vec::new(),
-            proposed: Vec::new(),
+            history: History::default(),
             reads: Vec::new(),
             isolated: None,
             paused_until: BTreeMap::new(),
-            servers: BTreeMap::new(),
             storm: true,
             stats: Stats::default(),
             trace: Trace::default(),
@@ -529,103 +180,18 @@ impl Sim {
 
     /// Takes a node's effects and executes them (writes now, messages after its next sync).
     fn drain(&mut self, n: NodeId) {
-        let step = self.step;
-        let node = &mut self.nodes[n as usize];
-        let batch = node.replica.take_effects();
-        let mut sends = Vec::new();
-        for effect in batch.effects {
-            match effect {
-                Effect::PersistPromise(epoch) => node.promise = epoch,
-                Effect::Truncate { after } => {
-                    // Floors stay at or below a commit, and commits are never truncated: the
-                    // node's storage refuses a truncation below its floor.
-                    assert!(after >= node.log.floor, "node {n} truncates after {after}, below its floor {}", node.log.floor);
-                    node.log.entries.truncate(after as usize);
-                    node.log.dirty_from = node.log.dirty_from.min(after as usize);
-                    node.book.truncate(after);
-                    self.stats.truncations += 1;
-                    self.trace.note(Event::Truncate { step, node: n, after });
-                }
-                Effect::Append(entries) => {
-                    node.book.apply(&entries);
-                    for e in entries {
-                        assert_eq!(e.position as usize, node.log.entries.len() + 1, "node {n}: append not at the end");
-                        node.log.dirty_from = node.log.dirty_from.min(node.log.entries.len());
-                        node.log.entries.push(e);
-                    }
-                }
-                Effect::Install(snapshot) => {
-                    let floor = u64::from_be_bytes(snapshot.data[..8].try_into().unwrap());
-                    let entries = decode(&snapshot.data[8..]);
-                    assert_eq!(entries.len() as Position, snapshot.position, "node {n}: a snapshot that is not a whole prefix");
-                    assert_eq!(history_of(&entries), snapshot.history, "node {n}: a snapshot whose history is not its log's");
-                    // The snapshot's state: the ledger of the entries it stands for.
-                    node.book = Book::replay(&entries);
-                    node.log.entries = entries;
-                    node.log.dirty_from = 0;
-                    node.log.floor = floor;
-                    self.stats.installs += 1;
-                    self.trace.note(Event::Install { step, node: n, position: snapshot.position });
-                }
-                Effect::Send { to, message } => sends.push((to, message)),
-                Effect::SendSnapshot { to, reply } => {
-                    let Some(snapshot) = node.log.snapshot(node.replica.durable(), node.replica.commit()) else { continue };
-                    sends.push((to, reply.message(snapshot)));
-                }
-                Effect::Committed(position) => {
-                    self.trace.note(Event::Committed { step, node: n, position });
-                    let end = &node.log.entries[position as usize - 1];
-                    assert!(!end.atomic_with_next, "node {n} commits through {position}, inside an append");
-                    for e in &node.log.entries[..position as usize] {
-                        match self.committed.get(&e.position) {
-                            Some(first) => {
-                                assert_eq!(first, e, "node {n} commits another entry at {} than was committed before", e.position)
-                            }
-                            None => {
-                                self.committed.insert(e.position, e.clone());
-                            }
-                        }
-                    }
-                    let epoch = node.replica.promised();
-                    let (done, waiting): (Vec<_>, Vec<_>) =
-                        self.proposed.drain(..).partition(|(leader, e, p, _)| *leader == n && *e == epoch && *p <= position);
-                    self.proposed = waiting;
-                    for (_, _, last, group) in done {
-                        let first = last + 1 - group.len() as Position;
-                        self.acknowledged.extend((first..=last).zip(group));
-                    }
-                }
-                Effect::Serving { epoch, .. } => {
-                    let first = *self.servers.entry(epoch).or_insert(n);
-                    assert_eq!(first, n, "nodes {first} and {n} both serve epoch {epoch} as its leader");
-                }
-                Effect::SteppedDown { .. } => self.proposed.retain(|(leader, _, _, _)| *leader != n),
-            }
-        }
-        let end = node.log.entries.last();
-        assert!(end.is_none_or(|e| !e.atomic_with_next), "node {n}'s log ends inside an append at {:?}", end.map(|e| e.position));
-        node.unsynced.push_back((batch.ticket, sends));
+        let mut cx = Ctx { step: self.step, partition: 0, history: &mut self.history, stats: &mut self.stats, trace: &mut self.trace };
+        self.nodes[n as usize].drain(n, &mut cx);
     }
 
     /// Makes everything a node executed durable, sends what it held back, reports durability.
     fn sync(&mut self, n: NodeId) {
-        let node = &mut self.nodes[n as usize];
-        let Some(&(ticket, _)) = node.unsynced.back() else { return };
-        let from = node.log.dirty_from.min(node.log.durable.len());
-        node.log.durable.truncate(from);
-        node.log.durable.extend_from_slice(&node.log.entries[from..]);
-        node.log.dirty_from = node.log.entries.len();
-        node.log.durable_floor = node.log.floor;
-        node.durable_promise = node.promise;
-        let batches: Vec<_> = node.unsynced.drain(..).collect();
-        for (_, sends) in batches {
-            for (to, message) in sends {
-                self.post(n, to, message);
-            }
+        let Some((ticket, sends)) = self.nodes[n as usize].sync() else { return };
+        for (to, message) in sends {
+            self.post(n, to, message);
         }
-        let node = &mut self.nodes[n as usize];
-        node.replica.on_durable(ticket, &node.log);
-        self.drain(n);
+        let mut cx = Ctx { step: self.step, partition: 0, history: &mut self.history, stats: &mut self.stats, trace: &mut self.trace };
+        self.nodes[n as usize].synced(n, ticket, &mut cx);
     }
 
     /// Whether `n` replicates the partition: a member, or a newcomer of the target set.
@@ -659,16 +225,8 @@ impl Sim {
     fn crash(&mut self, n: NodeId) {
         self.stats.crashes += 1;
         self.trace.note(Event::Crash { step: self.step, node: n });
-        let node = &mut self.nodes[n as usize];
-        node.up = false;
-        node.log.entries = node.log.durable.clone();
-        node.log.dirty_from = node.log.entries.len();
-        node.log.floor = node.log.durable_floor;
-        // What a crash keeps of the state is what it keeps of the log.
-        node.book = Book::replay(&node.log.entries);
-        node.promise = node.durable_promise;
-        node.unsynced.clear();
-        self.proposed.retain(|(leader, _, _, _)| *leader != n);
+        self.nodes[n as usize].crash();
+        self.history.proposed.retain(|(leader, _, _, _)| *leader != n);
         self.reads.retain(|(reader, ..)| *reader != n);
     }
 
@@ -677,16 +235,7 @@ impl Sim {
         let config = ReplicaConfig { me: n, members: self.set_of(n), ..self.config.clone() };
         let target = self.target.clone();
         let node = &mut self.nodes[n as usize];
-        let state = DurableState {
-            promised: node.durable_promise,
-            history: history_of(&node.log.durable),
-            last: node.log.durable.len() as Position,
-        };
-        node.replica = Replica::new(config, state);
-        node.replica.set_target(target);
-        // Read rounds above every earlier incarnation's (what the shell does with its clock).
-        node.replica.start_rounds_at(self.step * 1_000_000);
-        node.up = true;
+        node.restart(config, target, self.step * 1_000_000);
         // A node restarted from its log while the store still shows it holding its lock resumes
         // its own epoch (what the node's shell does after a failed effect), unless it handed the
         // partition over in that epoch.
@@ -776,27 +325,18 @@ impl Sim {
                 // its book (LMAX style); their events are the group.
                 if self.rng.random_bool(0.5) && matches!(self.nodes[n as usize].replica.role(), Role::Leader { .. }) {
                     let command = ledger_command(&mut self.rng);
-                    let id = format!("s{}", self.step);
-                    let ctx = Context { now_us: self.step * 1_000, command_id: &id, remember_id: false, ids_since_us: 0 };
-                    let prefix = subspace(Ledger::NAME, SCOPE);
-                    match Ledger::decide(&StateView::memory(&self.nodes[n as usize].book.state, &prefix), &command, &ctx) {
-                        Ok(events) if !events.is_empty() => {
-                            group =
-                                events.iter().map(|e| [b"L".as_slice(), &serde_json::to_vec(e).expect("events encode")].concat()).collect();
-                            self.stats.ledger_commands += 1;
-                        }
-                        _ => group.clear(),
-                    }
+                    group = self.nodes[n as usize].book.decide(&command, self.step);
+                    self.stats.ledger_commands += u64::from(!group.is_empty());
                 }
                 let node = &mut self.nodes[n as usize];
                 if let Some(last) = node.replica.propose(group.clone()) {
-                    self.proposed.push((n, node.replica.promised(), last, group));
+                    self.history.proposed.push((n, node.replica.promised(), last, group));
                     self.trace.note(Event::Propose { step: self.step, node: n, last });
                     self.drain(n);
                 }
             }
             if self.rng.random_bool(0.1) {
-                let required = self.committed.keys().next_back().copied().unwrap_or(0);
+                let required = self.history.committed.keys().next_back().copied().unwrap_or(0);
                 let node = &mut self.nodes[n as usize];
                 if let Some(round) = node.replica.read_index(&node.log) {
                     self.reads.push((n, node.replica.promised(), round, required));
@@ -944,7 +484,7 @@ impl Sim {
         if self.nodes[n as usize].up {
             self.sync(n);
         }
-        self.proposed.retain(|(leader, _, _, _)| *leader != n);
+        self.history.proposed.retain(|(leader, _, _, _)| *leader != n);
         self.reads.retain(|(reader, ..)| *reader != n);
     }
 
@@ -1104,7 +644,7 @@ impl Sim {
             assert!(node.book.state == replayed.state, "seed {seed}: node {n}'s ledger is not a replay of its log");
             node.book.audit().unwrap_or_else(|v| panic!("seed {seed}: node {n}'s ledger breaks its invariants: {v}"));
         }
-        for (position, entry) in &self.committed {
+        for (position, entry) in &self.history.committed {
             assert_eq!(reference.get(*position as usize - 1), Some(entry), "seed {seed}: committed entry at {position} lost");
         }
         for pair in reference.windows(2) {
@@ -1114,7 +654,7 @@ impl Sim {
                 pair[0].position
             );
         }
-        for (position, data) in &self.acknowledged {
+        for (position, data) in &self.history.acknowledged {
             let entry = &reference[*position as usize - 1];
             assert_eq!(entry.kind, EntryKind::Data(data.clone()), "seed {seed}: acknowledged proposal at {position} lost");
         }
@@ -1216,7 +756,7 @@ mod tests {
             let mut sim = Sim::new(seed, size);
             sim.run(STORM_STEPS, CALM_STEPS);
             sim.check_converged(seed);
-            (sim.nodes[0].log.entries.clone(), sim.acknowledged.clone(), sim.trace.hash)
+            (sim.nodes[0].log.entries.clone(), sim.history.acknowledged.clone(), sim.trace.hash)
         };
         let first = replay(seed);
         assert_eq!(first, replay(seed));
