@@ -144,15 +144,22 @@ fn bench_refuses_nonsense_durations_and_rates_with_a_clear_error() {
 
 #[test]
 fn sim_replays_a_seed_to_the_same_trace_hash_and_a_short_hunt_reports_its_seeds() {
-    let first = run_json(&["sim", "--seed", "7", "--nodes", "5", "--json"]);
-    let again = run_json(&["sim", "--seed", "7", "--nodes", "5", "--json"]);
+    let args = ["sim", "--seed", "7", "--nodes", "5", "--duration", "3", "--json"];
+    let first = run_json(&args);
+    let again = run_json(&args);
     assert_eq!(first["trace_hash"], again["trace_hash"], "{first}");
     assert!(first["failure"].is_null() && first["acknowledged"].as_u64().unwrap() > 0, "{first}");
-    assert_eq!(first["replay"], "anthill sim --seed 7 --nodes 5 --duration 1.5");
-    let other = run_json(&["sim", "--seed", "8", "--nodes", "5", "--json"]);
+    assert!(first["recovery_ms"].as_u64().is_some() && first["stats"]["leaders"].as_u64().unwrap() >= 3, "{first}");
+    assert_eq!(first["replay"], "anthill sim --seed 7 --nodes 5 --partitions 3 --duration 3");
+    let other = run_json(&["sim", "--seed", "8", "--nodes", "5", "--duration", "3", "--json"]);
     assert_ne!(first["trace_hash"], other["trace_hash"]);
-    let hunt = run_json(&["sim", "--hunt", "--minutes", "0.05", "--json"]);
+    let set = run_json(&["sim", "--replica-set", "--seed", "7", "--nodes", "5", "--json"]);
+    assert_eq!(set["replay"], "anthill sim --replica-set --seed 7 --nodes 5 --duration 1.5");
+    assert!(set["failure"].is_null() && set["partitions"] == 1 && set["recovery_ms"].is_null(), "{set}");
+    let hunt = run_json(&["sim", "--hunt", "--minutes", "0.05", "--nodes", "3", "--json"]);
     assert!(hunt["seeds"].as_u64().unwrap() > 0 && hunt["failed"].as_array().unwrap().is_empty(), "{hunt}");
-    let out = Command::new(common::exe()).args(["sim", "--seed", "1", "--nodes", "2"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--nodes must be between 3 and 7"));
+    for (bad, message) in [("--nodes=2", "--nodes must be between 3 and 7"), ("--partitions=0", "--partitions must be between 1 and 64")] {
+        let out = Command::new(common::exe()).args(["sim", "--seed", "1", bad]).output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(message), "{bad}");
+    }
 }

@@ -9,7 +9,7 @@ use anyhow::bail;
 use clap::Args;
 use serde_json::json;
 
-use crate::sim::replication::{self, Options, Outcome, Stats};
+use crate::sim::{Outcome, Stats, cluster, replication};
 
 #[derive(Args)]
 pub(crate) struct SimArgs {
@@ -22,33 +22,78 @@ pub(crate) struct SimArgs {
     /// How long a hunt runs, in wall-clock minutes.
     #[arg(long, default_value_t = 1.0)]
     minutes: f64,
-    /// The replica set's size, 3 to 7 (the pool it moves among has two more nodes).
-    #[arg(long, default_value_t = 3)]
+    /// The cluster's nodes, 3 to 7 (with `--replica-set`: the set's size; the pool it moves
+    /// among has two more nodes).
+    #[arg(long, default_value_t = 5)]
     nodes: u64,
-    /// Simulated seconds of faults, before the network heals (then 0.3 s of calm).
-    #[arg(long, default_value_t = 1.5)]
-    duration: f64,
+    /// The cluster's partitions, 1 to 64, each replicated by 3 nodes.
+    #[arg(long, default_value_t = 3)]
+    partitions: u32,
+    /// Simulated seconds of faults before everything heals (then calm under load, then the
+    /// logs settle). Default: 8, or 1.5 with `--replica-set`.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Simulate one partition's replica set instead of the whole cluster, its leaders granted
+    /// at random rather than by the coordination store (harsher replication storms).
+    #[arg(long)]
+    replica_set: bool,
     #[arg(long)]
     json: bool,
 }
 
 impl SimArgs {
-    fn options(&self, seed: u64) -> anyhow::Result<Options> {
+    fn duration(&self) -> f64 {
+        let default_ms = if self.replica_set { replication::STORM_STEPS } else { cluster::STORM_MS };
+        self.duration.unwrap_or(default_ms as f64 / 1000.0)
+    }
+
+    /// Checks the arguments once, before anything runs.
+    fn check(&self) -> anyhow::Result<()> {
         if !(3..=7).contains(&self.nodes) {
             bail!("--nodes must be between 3 and 7, got {}", self.nodes);
         }
-        if !(self.duration.is_finite() && self.duration > 0.0 && self.duration <= 3600.0) {
-            bail!("--duration must be between 0 and 3600 simulated seconds, got {}", self.duration);
+        if !(1..=64).contains(&self.partitions) {
+            bail!("--partitions must be between 1 and 64, got {}", self.partitions);
         }
-        Ok(Options { storm_steps: (self.duration * 1000.0).round().max(1.0) as u64, ..Options::new(seed, self.nodes) })
+        let duration = self.duration();
+        if !(duration.is_finite() && duration > 0.0 && duration <= 3600.0) {
+            bail!("--duration must be between 0 and 3600 simulated seconds, got {duration}");
+        }
+        Ok(())
+    }
+
+    /// Runs `seed` (failed checks are reported in the outcome, not on stderr).
+    fn run(&self, seed: u64) -> Outcome {
+        let storm_ms = (self.duration() * 1000.0).round().max(1.0) as u64;
+        if self.replica_set {
+            let options = replication::Options { storm_steps: storm_ms, ..replication::Options::new(seed, self.nodes) };
+            quietly(|| replication::run(&options))
+        } else {
+            let options = cluster::Options { partitions: self.partitions, storm_ms, ..cluster::Options::new(seed, self.nodes) };
+            quietly(|| cluster::run(&options))
+        }
     }
 
     fn replay_command(&self, seed: u64) -> String {
-        format!("anthill sim --seed {seed} --nodes {} --duration {}", self.nodes, self.duration)
+        if self.replica_set {
+            format!("anthill sim --replica-set --seed {seed} --nodes {} --duration {}", self.nodes, self.duration())
+        } else {
+            format!("anthill sim --seed {seed} --nodes {} --partitions {} --duration {}", self.nodes, self.partitions, self.duration())
+        }
+    }
+
+    /// What runs, in words.
+    fn what(&self) -> String {
+        if self.replica_set {
+            format!("a replica set of {}", self.nodes)
+        } else {
+            format!("{} nodes, {} partitions", self.nodes, self.partitions)
+        }
     }
 }
 
 pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
+    args.check()?;
     match (args.seed, args.hunt) {
         (Some(seed), _) => one(&args, seed),
         (None, true) => hunt(&args),
@@ -57,9 +102,8 @@ pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
 }
 
 fn one(args: &SimArgs, seed: u64) -> anyhow::Result<()> {
-    let options = args.options(seed)?;
     let started = Instant::now();
-    let outcome = quietly(|| replication::run(&options));
+    let outcome = args.run(seed);
     let wall = started.elapsed();
     if args.json {
         let mut report = serde_json::to_value(&outcome)?;
@@ -68,14 +112,17 @@ fn one(args: &SimArgs, seed: u64) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "seed {seed}, {} replicas: {} simulated ms in {:.0} ms ({:.0}x real time); {} proposals committed",
-            outcome.replicas,
+            "seed {seed}, {}: {} simulated ms in {:.0} ms ({:.0}x real time); {} writes acknowledged",
+            args.what(),
             outcome.steps,
             wall.as_secs_f64() * 1000.0,
             outcome.steps as f64 / 1000.0 / wall.as_secs_f64().max(1e-9),
             outcome.acknowledged
         );
         println!("{}", stats_line(&outcome.stats));
+        if let Some(ms) = outcome.recovery_ms {
+            println!("every partition took writes again {ms} ms after the faults healed");
+        }
         println!("trace hash {}", outcome.trace_hash);
         if let Some(failure) = &outcome.failure {
             println!("FAILED: {}\nlast events:\n  {}", failure.check, failure.recent.join("\n  "));
@@ -98,8 +145,7 @@ fn hunt(args: &SimArgs) -> anyhow::Result<()> {
     let mut shown = Instant::now();
     while Instant::now() < deadline {
         let seed = first + runs;
-        let options = args.options(seed)?;
-        let outcome = quietly(|| replication::run(&options));
+        let outcome = args.run(seed);
         runs += 1;
         steps += outcome.steps;
         total.add(&outcome.stats);
@@ -119,6 +165,8 @@ fn hunt(args: &SimArgs) -> anyhow::Result<()> {
             "seeds": runs,
             "first_seed": first,
             "nodes": args.nodes,
+            "partitions": if args.replica_set { 1 } else { args.partitions },
+            "replica_set": args.replica_set,
             "simulated_seconds": steps as f64 / 1000.0,
             "wall_seconds": wall,
             "times_real_time": speed,
@@ -132,8 +180,8 @@ fn hunt(args: &SimArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{runs} seeds (from {first}) of {} replicas in {wall:.0} s: {:.0} simulated s, {speed:.0}x real time; {} failed",
-            args.nodes,
+            "{runs} seeds (from {first}) of {} in {wall:.0} s: {:.0} simulated s, {speed:.0}x real time; {} failed",
+            args.what(),
             steps as f64 / 1000.0,
             failed.len()
         );
@@ -155,8 +203,9 @@ fn hunt(args: &SimArgs) -> anyhow::Result<()> {
 
 fn stats_line(s: &Stats) -> String {
     format!(
-        "leaders {}, crashes {}, truncations {}, messages lost {}, reads checked {}, set moves {}, trims {}, snapshots installed {}",
-        s.leaders, s.crashes, s.truncations, s.lost_messages, s.reads, s.moves, s.trims, s.installs
+        "leaders {}, crashes {}, pauses {}, truncations {}, messages lost {}, reads checked {}, set moves {}, trims {}, snapshots installed {}, \
+         ledger commands {}",
+        s.leaders, s.crashes, s.pauses, s.truncations, s.lost_messages, s.reads, s.moves, s.trims, s.installs, s.ledger_commands
     )
 }
 

@@ -18,6 +18,7 @@
 //! ([`RaftLog`], opened by `member.rs`), so a member that restarts rejoins with its log.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,10 +36,10 @@ pub const TICK: Duration = Duration::from_millis(50);
 /// How often the leader proposes a clock tick when no session is due.
 pub const EXPIRY_TICK: Duration = Duration::from_millis(250);
 /// How long a write waits for its outcome before it is tried again.
-const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a write is tried (through elections and lost proposals) before the caller gets
 /// `Unavailable`.
-const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Proposals waiting for the driver.
 const QUEUE: usize = 1024;
 
@@ -143,69 +144,157 @@ impl EmbeddedStore {
                 Ok(Err(_)) => last_error = "the member dropped the proposal".into(),
                 Err(_) => last_error = format!("no outcome within {PROPOSAL_TIMEOUT:?}"),
             }
-            // Back off a little more each time, with jitter, so members do not retry in step.
-            let backoff = TICK * attempt.min(10) + Duration::from_millis(rand::random::<u64>() % 50);
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(write_backoff(attempt, rand::random())).await;
         }
         Err(CoordinationError::Unavailable(format!("no quorum answered within {WRITE_DEADLINE:?} ({attempt} attempts): {last_error}")))
     }
+}
 
-    fn done(outcome: Outcome) -> Result<bool> {
-        match outcome {
-            Outcome::Done(done) => Ok(done),
-            other => Err(CoordinationError::Other(format!("unexpected outcome {other:?}"))),
+/// What a member's task does with each input, without I/O or a clock of its own: `drive` runs
+/// it on tokio, the simulator (`sim/cluster.rs`) on its own loop and time. `W` is whatever waits
+/// for a proposal's outcome (a reply channel, or the simulator's call id).
+pub struct MemberCore<W> {
+    node: RaftKv,
+    /// Proposals waiting for their outcome, by proposal id.
+    waiting: std::collections::BTreeMap<u64, W>,
+    /// Whether the node led at the end of the last cycle.
+    leading: bool,
+    /// When the leader last proposed a clock tick, by the caller's clock.
+    last_tick_ms: u64,
+    known_leader: Option<RaftId>,
+}
+
+/// What one cycle of a member produced: messages for the other members, and the outcomes of
+/// waiting proposals (an error when one may have been lost with a leader).
+pub struct Cycle<W> {
+    pub messages: Vec<Message>,
+    pub answers: Vec<(W, std::result::Result<Outcome, RaftKvError>)>,
+}
+
+impl<W> MemberCore<W> {
+    pub fn new(node: RaftKv) -> Self {
+        let known_leader = node.leader();
+        MemberCore { node, waiting: Default::default(), leading: false, last_tick_ms: 0, known_leader }
+    }
+
+    pub fn node(&self) -> &RaftKv {
+        &self.node
+    }
+
+    /// Every [`TICK`], at `now_ms` by this node's clock.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.node.tick();
+        // A session is due: expire it now rather than at the next periodic tick.
+        let due = self.node.state().next_expiry_ms().is_some_and(|at| at <= now_ms);
+        if due && self.node.is_leader() && now_ms.saturating_sub(self.last_tick_ms) >= TICK.as_millis() as u64 {
+            self.last_tick_ms = now_ms;
+            let _ = self.node.propose(Op::Tick, now_ms);
         }
+    }
+
+    /// Every [`EXPIRY_TICK`]: the leader moves the store's clock.
+    pub fn expiry_tick(&mut self, now_ms: u64) {
+        if self.node.is_leader() {
+            self.last_tick_ms = now_ms;
+            let _ = self.node.propose(Op::Tick, now_ms);
+        }
+    }
+
+    /// A message from another member.
+    pub fn step(&mut self, message: Message) {
+        let _ = self.node.step(message);
+    }
+
+    /// Proposes `op` for `waiter`; gives the waiter back with the error when it cannot be.
+    pub fn propose(&mut self, op: Op, now_ms: u64, waiter: W) -> std::result::Result<(), (W, RaftKvError)> {
+        match self.node.propose(op, now_ms) {
+            Ok(id) => {
+                self.waiting.insert(id, waiter);
+                Ok(())
+            }
+            Err(e) => Err((waiter, e)),
+        }
+    }
+
+    /// Forgets the waiters `keep` says no longer wait.
+    pub fn retain_waiting(&mut self, mut keep: impl FnMut(&W) -> bool) {
+        self.waiting.retain(|_, w| keep(w));
+    }
+
+    /// After every input: the ready cycle (persist, apply, messages), a new leader's
+    /// `RenewAll`, and the outcomes of waiting proposals. An error means raft-rs moved past the
+    /// cycle's entries: the member must stop (going on would leave its state short of them).
+    pub fn cycle(&mut self, now_ms: u64) -> std::result::Result<Cycle<W>, RaftKvError> {
+        let messages = self.node.handle_ready()?;
+        // A new leader first gives every session at least half a TTL: while the group had no
+        // leader, nobody could renew, and its first expiry tick must not count that against them.
+        if self.node.is_leader() != self.leading {
+            self.leading = self.node.is_leader();
+            if self.leading {
+                let _ = self.node.propose(Op::RenewAll, now_ms);
+            }
+        }
+        let mut answers = Vec::new();
+        for (id, outcome) in self.node.take_outcomes() {
+            if let Some(waiter) = self.waiting.remove(&id) {
+                answers.push((waiter, Ok(outcome)));
+            }
+        }
+        // Proposals made to a leader that is gone may be lost: their callers retry now rather
+        // than after PROPOSAL_TIMEOUT (a retried write is idempotent or re-checked by its caller).
+        // After the outcomes above, so a proposal applied in this very cycle gets its own.
+        if self.node.leader() != self.known_leader {
+            self.known_leader = self.node.leader();
+            answers.extend(std::mem::take(&mut self.waiting).into_values().map(|w| (w, Err(RaftKvError::LeaderChanged))));
+        }
+        Ok(Cycle { messages, answers })
     }
 }
 
-/// The member's task: ticks, messages, proposals, ready cycles.
+/// The pause before a write's next attempt: a little more each time, with jitter (`random`
+/// draws it) so members do not retry in step.
+pub(crate) fn write_backoff(attempt: u32, random: u64) -> Duration {
+    TICK * attempt.min(10) + Duration::from_millis(random % 50)
+}
+
+/// The member's task: ticks, messages, proposals, ready cycles ([`MemberCore`]).
 async fn drive(
-    mut node: RaftKv,
+    node: RaftKv,
     mut inbox: mpsc::Receiver<Message>,
     mut queue: mpsc::Receiver<Proposal>,
     transport: Arc<dyn Transport>,
     state: watch::Sender<Arc<KvState>>,
     member: watch::Sender<MemberStatus>,
 ) {
-    let mut waiting: HashMap<u64, oneshot::Sender<std::result::Result<Outcome, RaftKvError>>> = HashMap::new();
+    let mut core: MemberCore<oneshot::Sender<std::result::Result<Outcome, RaftKvError>>> = MemberCore::new(node);
     let mut ticks = tokio::time::interval(TICK);
     let mut expiry = tokio::time::interval(EXPIRY_TICK);
     let mut published = 0;
-    let mut leading = false;
-    let mut last_tick = std::time::Instant::now();
-    let mut known_leader = node.leader();
     loop {
         tokio::select! {
-            _ = ticks.tick() => {
-                node.tick();
-                // A session is due: expire it now rather than at the next periodic tick.
-                let due = node.state().next_expiry_ms().is_some_and(|at| at <= now_ms());
-                if due && node.is_leader() && last_tick.elapsed() >= TICK {
-                    last_tick = std::time::Instant::now();
-                    let _ = node.propose(Op::Tick, now_ms());
-                }
-            }
-            _ = expiry.tick() => {
-                if node.is_leader() {
-                    last_tick = std::time::Instant::now();
-                    let _ = node.propose(Op::Tick, now_ms());
-                }
-            }
+            _ = ticks.tick() => core.tick(now_ms()),
+            _ = expiry.tick() => core.expiry_tick(now_ms()),
             message = inbox.recv() => match message {
-                Some(message) => { let _ = node.step(message); }
+                Some(message) => core.step(message),
                 None => return,
             },
             proposal = queue.recv() => match proposal {
-                Some(Proposal { op, reply }) => match node.propose(op, now_ms()) {
-                    Ok(id) => { waiting.insert(id, reply); }
-                    Err(e) => { let _ = reply.send(Err(e)); }
-                },
+                Some(Proposal { op, reply }) => {
+                    if let Err((reply, e)) = core.propose(op, now_ms(), reply) {
+                        let _ = reply.send(Err(e));
+                    }
+                }
                 // Every handle is gone: the member stops.
                 None => return,
             },
         }
-        match node.handle_ready() {
-            Ok(messages) => messages.into_iter().for_each(|m| transport.send(m)),
+        match core.cycle(now_ms()) {
+            Ok(cycle) => {
+                cycle.messages.into_iter().for_each(|m| transport.send(m));
+                for (reply, outcome) in cycle.answers {
+                    let _ = reply.send(outcome);
+                }
+            }
             Err(e) => {
                 // raft-rs has moved past the cycle's entries: going on would leave this member's
                 // state short of them. It stops; its callers get "the member stopped", this
@@ -214,30 +303,9 @@ async fn drive(
                 return;
             }
         }
-        // A new leader first gives every session at least half a TTL: while the group had no
-        // leader, nobody could renew, and its first expiry tick must not count that against them.
-        if node.is_leader() != leading {
-            leading = node.is_leader();
-            if leading {
-                let _ = node.propose(Op::RenewAll, now_ms());
-            }
-        }
-        for (id, outcome) in node.take_outcomes() {
-            if let Some(reply) = waiting.remove(&id) {
-                let _ = reply.send(Ok(outcome));
-            }
-        }
-        // Proposals made to a leader that is gone may be lost: their callers retry now rather
-        // than after PROPOSAL_TIMEOUT (a retried write is idempotent or re-checked by its caller).
-        // After the outcomes above, so a proposal applied in this very cycle gets its own.
-        if node.leader() != known_leader {
-            known_leader = node.leader();
-            for (_, reply) in waiting.drain() {
-                let _ = reply.send(Err(RaftKvError::LeaderChanged));
-            }
-        }
         // Callers whose proposal was lost gave up after their timeout; forget them.
-        waiting.retain(|_, reply| !reply.is_closed());
+        core.retain_waiting(|reply| !reply.is_closed());
+        let node = core.node();
         if node.applied() != published {
             published = node.applied();
             state.send_replace(Arc::new(node.state().clone()));
@@ -252,7 +320,41 @@ async fn drive(
     }
 }
 
-impl CoordinationStore for EmbeddedStore {
+/// What the embedded store's [`CoordinationStore`] needs of a member, shared by the node's
+/// [`EmbeddedStore`] and the simulator's (`sim/cluster.rs`): writes are proposals that come back
+/// with their outcome, reads see the member's applied state.
+pub trait RaftMember: Send + Sync + 'static {
+    /// Proposes `op` (trying again through elections and lost proposals) and returns its outcome.
+    fn write(&self, op: Op) -> impl Future<Output = Result<Outcome>> + Send;
+    /// Reads the member's applied state.
+    fn read<T>(&self, read: impl FnOnce(&KvState) -> T) -> Result<T>;
+    /// Resolves once the applied state's index passes `index`, or after `wait`.
+    fn changed_after(&self, index: u64, wait: Duration) -> impl Future<Output = ()> + Send;
+}
+
+impl RaftMember for EmbeddedStore {
+    fn write(&self, op: Op) -> impl Future<Output = Result<Outcome>> + Send {
+        EmbeddedStore::write(self, op)
+    }
+
+    fn read<T>(&self, read: impl FnOnce(&KvState) -> T) -> Result<T> {
+        Ok(read(&self.state.borrow()))
+    }
+
+    async fn changed_after(&self, index: u64, wait: Duration) {
+        let mut state = self.state.clone();
+        let _ = tokio::time::timeout(wait, state.wait_for(|s| s.index() > index)).await;
+    }
+}
+
+fn done(outcome: Outcome) -> Result<bool> {
+    match outcome {
+        Outcome::Done(done) => Ok(done),
+        other => Err(CoordinationError::Other(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+impl<M: RaftMember> CoordinationStore for M {
     async fn create_session(&self, node: &str, ttl: Duration) -> Result<SessionId> {
         match self.write(Op::CreateSession { node: node.into(), ttl_ms: ttl.as_millis() as u64 }).await? {
             Outcome::Session(id) => Ok(id),
@@ -261,32 +363,30 @@ impl CoordinationStore for EmbeddedStore {
     }
 
     async fn renew_session(&self, session: &SessionId) -> Result<bool> {
-        Self::done(self.write(Op::RenewSession { session: session.clone() }).await?)
+        done(self.write(Op::RenewSession { session: session.clone() }).await?)
     }
 
     async fn destroy_session(&self, session: &SessionId) -> Result<()> {
-        Self::done(self.write(Op::DestroySession { session: session.clone() }).await?).map(|_| ())
+        done(self.write(Op::DestroySession { session: session.clone() }).await?).map(|_| ())
     }
 
     async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
-        Ok(self.state.borrow().get(key).cloned())
+        self.read(|s| s.get(key).cloned())
     }
 
     async fn list(&self, prefix: &str, min_index: u64, wait: Duration) -> Result<Listing> {
-        let mut state = self.state.clone();
         if min_index > 0 {
-            let _ = tokio::time::timeout(wait, state.wait_for(|s| s.index() > min_index)).await;
+            self.changed_after(min_index, wait).await;
         }
-        let s = state.borrow();
-        Ok(Listing { entries: s.list(prefix), index: s.index() })
+        self.read(|s| Listing { entries: s.list(prefix), index: s.index() })
     }
 
     async fn put(&self, key: &str, value: &[u8], cas: Cas) -> Result<bool> {
-        Self::done(self.write(Op::Put { key: key.into(), value: value.to_vec(), cas }).await?)
+        done(self.write(Op::Put { key: key.into(), value: value.to_vec(), cas }).await?)
     }
 
     async fn delete(&self, key: &str, cas: Cas) -> Result<bool> {
-        Self::done(self.write(Op::Delete { key: key.into(), cas }).await?)
+        done(self.write(Op::Delete { key: key.into(), cas }).await?)
     }
 
     async fn acquire(&self, key: &str, value: &[u8], session: &SessionId) -> Result<Option<u64>> {
@@ -297,7 +397,7 @@ impl CoordinationStore for EmbeddedStore {
     }
 
     async fn release(&self, key: &str, session: &SessionId) -> Result<bool> {
-        Self::done(self.write(Op::Release { key: key.into(), session: session.clone() }).await?)
+        done(self.write(Op::Release { key: key.into(), session: session.clone() }).await?)
     }
 }
 

@@ -196,19 +196,31 @@ impl ClusterView {
     }
 }
 
+/// A monotonic clock: the time since some origin. The node's is tokio's; the simulator's is
+/// its simulated time.
+pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
+
 pub struct Elector<S> {
     store: Arc<S>,
     config: ElectorConfig,
     handovers: Arc<Handovers>,
     session: Option<SessionId>,
-    /// When the session was last created or renewed.
-    renewed: Option<tokio::time::Instant>,
+    /// When the session was last created or renewed, by `clock`.
+    renewed: Option<Duration>,
+    clock: Clock,
 }
 
 impl<S: CoordinationStore> Elector<S> {
     pub fn new(store: Arc<S>, config: ElectorConfig) -> Self {
         assert!(config.replication_factor >= 1 && config.partitions >= 1);
-        Elector { store, config, handovers: Arc::default(), session: None, renewed: None }
+        let origin = tokio::time::Instant::now();
+        let clock: Clock = Arc::new(move || origin.elapsed());
+        Elector { store, config, handovers: Arc::default(), session: None, renewed: None, clock }
+    }
+
+    /// The elector with another clock (the simulator's).
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Elector { clock, ..self }
     }
 
     /// Where this node's replicas report handovers ready.
@@ -358,18 +370,19 @@ impl<S: CoordinationStore> Elector<S> {
         if let Some(session) = &self.session {
             // Renewed moments ago (a round woken by a change): no need to write again before
             // taking locks, which is what a failover waits for.
-            if self.renewed.is_some_and(|at| at.elapsed() < self.config.session_ttl / 6) {
+            let now = (self.clock)();
+            if self.renewed.is_some_and(|at| now.saturating_sub(at) < self.config.session_ttl / 6) {
                 return Ok(session.clone());
             }
             if self.store.renew_session(session).await? {
-                self.renewed = Some(tokio::time::Instant::now());
+                self.renewed = Some((self.clock)());
                 return Ok(session.clone());
             }
             tracing::warn!(node = %self.config.node, %session, "coordination session expired; every lock it held is gone, starting a new one");
         }
         let session = self.store.create_session(&self.config.node, self.config.session_ttl).await?;
         self.session = Some(session.clone());
-        self.renewed = Some(tokio::time::Instant::now());
+        self.renewed = Some((self.clock)());
         Ok(session)
     }
 

@@ -356,7 +356,7 @@ async fn run_elector<S: CoordinationStore>(
             continue;
         };
         failed_waits = failed_waits.saturating_add(1);
-        let delay = retry_delay(failed_waits, ttl);
+        let delay = retry_delay(failed_waits, ttl, rand::random());
         tracing::debug!(error = %e, ?delay, "could not wait for changes in the coordination store; next round after a pause");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -374,11 +374,11 @@ async fn resign<S: CoordinationStore>(elector: &mut Elector<S>) {
 
 /// The pause after `failures` failed waits in a row: [`RETRY_MIN`] doubling up to a third of a
 /// TTL (how often rounds renew the session), plus up to a quarter of it as jitter so the nodes
-/// do not all come back at once.
-fn retry_delay(failures: u32, ttl: Duration) -> Duration {
+/// do not all come back at once (`random` draws it).
+pub(crate) fn retry_delay(failures: u32, ttl: Duration, random: u64) -> Duration {
     let doubled = RETRY_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let delay = doubled.min(ttl / 3).max(RETRY_MIN);
-    let jitter_ms = rand::random::<u64>() % (delay.as_millis() as u64 / 4 + 1);
+    let jitter_ms = random % (delay.as_millis() as u64 / 4 + 1);
     delay + Duration::from_millis(jitter_ms)
 }
 
@@ -436,7 +436,7 @@ mod tests {
     fn retry_delays_double_from_the_minimum_and_stay_under_a_third_of_a_ttl_plus_jitter() {
         let ttl = Duration::from_secs(12);
         for (failures, base_ms) in [(1, 100), (2, 200), (3, 400), (6, 3_200), (7, 4_000), (40, 4_000)] {
-            let delay = retry_delay(failures, ttl);
+            let delay = retry_delay(failures, ttl, rand::random());
             let base = Duration::from_millis(base_ms);
             assert!(delay >= base && delay <= base + base / 4, "{failures} failures: {delay:?}, expected {base:?} plus a quarter at most");
         }

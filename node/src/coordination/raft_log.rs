@@ -53,6 +53,14 @@ impl RaftLog {
         RaftLog { mem: MemStorage::new_with_conf_state((members.to_vec(), vec![])), disk: None, snapshot: Mutex::new(None) }
     }
 
+    /// What a crash leaves of an in-memory log, for a member started anew on it (the
+    /// simulator's restart): everything stored (raft-rs's entries wait in memory until the
+    /// member stores them, before sending what depends on them).
+    pub fn reopen(&self) -> Self {
+        assert!(self.disk.is_none(), "only an in-memory log is reopened this way; an LMDB one is opened from its directory");
+        RaftLog { mem: self.mem.clone(), disk: None, snapshot: Mutex::new(self.snapshot.lock().clone()) }
+    }
+
     /// Opens (creating if needed) the log in `dir`. A new log starts with `members` as its
     /// configuration; an existing one keeps its own.
     pub fn open(dir: &Path, members: &[RaftId]) -> raft::Result<Self> {

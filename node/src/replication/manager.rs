@@ -323,9 +323,49 @@ fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
     a == b
 }
 
+/// What a leader does next about its target set ([`next_handover_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverStep {
+    /// It does not lead (any pause is over).
+    NotLeading,
+    /// Nothing to do now.
+    Stay,
+    /// The move was called off while it paused: serve again.
+    CallOff,
+    /// Its newcomers are close: pause (fenced like a step-down) to hand over.
+    Pause,
+    /// Paused and ready: report the handover; it never serves this epoch again.
+    Report,
+    /// Paused for [`HANDOVER_PAUSE`] and not ready: serve again, and pause no sooner than as
+    /// long from now.
+    Resume,
+}
+
+/// The handover decision of a leader (module doc), shared by the node's shell and the
+/// simulator: `reported` is the epoch it last reported a handover in, `paused_for` how long it
+/// has been paused to hand over (if it is), `may_pause` whether a pause may start now.
+pub fn next_handover_step(replica: &Replica, reported: Epoch, paused_for: Option<Duration>, may_pause: bool) -> HandoverStep {
+    let Role::Leader { epoch, .. } = replica.role() else { return HandoverStep::NotLeading };
+    if reported == epoch {
+        return HandoverStep::Stay;
+    }
+    if replica.target().is_empty() {
+        return if paused_for.is_some() { HandoverStep::CallOff } else { HandoverStep::Stay };
+    }
+    match paused_for {
+        None => {
+            let close = replica.learners_matched().is_some_and(|m| m + HANDOVER_CLOSE >= replica.last());
+            if close && may_pause { HandoverStep::Pause } else { HandoverStep::Stay }
+        }
+        Some(_) if replica.handover_ready() => HandoverStep::Report,
+        Some(paused) if paused >= HANDOVER_PAUSE => HandoverStep::Resume,
+        Some(_) => HandoverStep::Stay,
+    }
+}
+
 /// A leader with a target set: pauses once its newcomers are close (fencing the writer so the
 /// replica knows every append placed), reports the handover once ready, or resumes after
-/// [`HANDOVER_PAUSE`] (module doc). Errors only when the fence fails.
+/// [`HANDOVER_PAUSE`] (module doc, [`next_handover_step`]). Errors only when the fence fails.
 async fn drive_handover(
     log: &Log,
     partition: u32,
@@ -333,29 +373,20 @@ async fn drive_handover(
     handover: &mut Handover,
     handovers: &Handovers,
 ) -> Result<(), AppendError> {
-    let Role::Leader { epoch, .. } = replica.role() else {
-        handover.paused_at = None;
-        return Ok(());
-    };
-    if handover.reported == epoch {
-        return Ok(());
-    }
-    if replica.target().is_empty() {
-        if handover.paused_at.take().is_some() {
-            // The move was called off while paused (the target dropped): serve again.
+    let now = tokio::time::Instant::now();
+    let paused_for = handover.paused_at.map(|since| now.duration_since(since));
+    let may_pause = handover.not_before.is_none_or(|t| now >= t);
+    let epoch = replica.promised();
+    match next_handover_step(replica, handover.reported, paused_for, may_pause) {
+        HandoverStep::NotLeading => handover.paused_at = None,
+        HandoverStep::Stay => {}
+        HandoverStep::CallOff => {
+            handover.paused_at = None;
             replica.pause(false);
             log.roles().pause(partition, false);
             tracing::info!(partition, epoch, "the move was called off; serving again");
         }
-        return Ok(());
-    }
-    let now = tokio::time::Instant::now();
-    match handover.paused_at {
-        None => {
-            let close = replica.learners_matched().is_some_and(|m| m + HANDOVER_CLOSE >= replica.last());
-            if !close || handover.not_before.is_some_and(|t| now < t) {
-                return Ok(());
-            }
+        HandoverStep::Pause => {
             // Fenced like a step-down (the writer takes no more, the promise counts what it
             // placed), while `quorum` appends already placed still wait for their commit.
             log.roles().pause(partition, true);
@@ -365,19 +396,18 @@ async fn drive_handover(
             handover.paused_at = Some(now);
             tracing::info!(partition, epoch, "paused to hand the partition over");
         }
-        Some(since) => {
-            if replica.handover_ready() {
-                handover.reported = epoch;
-                handover.paused_at = None;
-                handovers.report(partition, epoch, handover.target_names.clone());
-                tracing::info!(partition, epoch, target = ?handover.target_names, "handover ready");
-            } else if now.duration_since(since) >= HANDOVER_PAUSE {
-                replica.pause(false);
-                log.roles().pause(partition, false);
-                handover.paused_at = None;
-                handover.not_before = Some(now + HANDOVER_PAUSE);
-                tracing::info!(partition, epoch, "the handover was not ready in time; serving again");
-            }
+        HandoverStep::Report => {
+            handover.reported = epoch;
+            handover.paused_at = None;
+            handovers.report(partition, epoch, handover.target_names.clone());
+            tracing::info!(partition, epoch, target = ?handover.target_names, "handover ready");
+        }
+        HandoverStep::Resume => {
+            replica.pause(false);
+            log.roles().pause(partition, false);
+            handover.paused_at = None;
+            handover.not_before = Some(now + HANDOVER_PAUSE);
+            tracing::info!(partition, epoch, "the handover was not ready in time; serving again");
         }
     }
     Ok(())

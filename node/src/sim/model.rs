@@ -212,6 +212,9 @@ pub(super) struct Node {
     pub(super) promise: Epoch,
     /// Executed batches not yet synced: their ticket and the messages they hold back.
     pub(super) unsynced: VecDeque<(u64, Vec<(NodeId, Message)>)>,
+    /// The entries of the log through here were checked against what was committed (checking
+    /// only what is new keeps a long run linear).
+    checked: Position,
 }
 
 /// What the replicas of one partition did, checked as it happens: entries committed, proposals
@@ -226,6 +229,36 @@ pub(super) struct History {
     pub(super) proposed: Vec<(NodeId, Epoch, Position, Vec<Vec<u8>>)>,
     /// Which node served each epoch as its leader: at most one may.
     pub(super) servers: BTreeMap<Epoch, NodeId>,
+}
+
+/// At the end of a run (`run` names it in failures), a partition's replicas (`members`) hold one
+/// log, all of it committed, with every entry committed and every write acknowledged during the
+/// run, and no append split across epochs; each book is its log replayed and passes the audit.
+pub(super) fn check_converged(history: &History, members: &[(NodeId, &Node)], run: &str) {
+    let reference = &members[0].1.log.entries;
+    let replayed = Book::replay(reference);
+    for (n, node) in members {
+        assert_eq!(&node.log.entries, reference, "{run}: logs differ after healing");
+        assert_eq!(node.replica.commit(), reference.len() as Position, "{run}: not everything is committed after healing");
+        // Each replica's ledger, kept from what it appended, truncated and installed, is the
+        // ledger of its log replayed.
+        assert!(node.book.state == replayed.state, "{run}: node {n}'s ledger is not a replay of its log");
+        node.book.audit().unwrap_or_else(|v| panic!("{run}: node {n}'s ledger breaks its invariants: {v}"));
+    }
+    for (position, entry) in &history.committed {
+        assert_eq!(reference.get(*position as usize - 1), Some(entry), "{run}: committed entry at {position} lost");
+    }
+    for pair in reference.windows(2) {
+        assert!(
+            !pair[0].atomic_with_next || pair[0].epoch == pair[1].epoch,
+            "{run}: an append at {} goes on in another epoch",
+            pair[0].position
+        );
+    }
+    for (position, data) in &history.acknowledged {
+        let entry = &reference[*position as usize - 1];
+        assert_eq!(entry.kind, EntryKind::Data(data.clone()), "{run}: acknowledged proposal at {position} lost");
+    }
 }
 
 /// Where a node's effects are recorded: the partition's history, the run's stats and trace.
@@ -248,6 +281,7 @@ impl Node {
             log: Log::default(),
             promise: 0,
             unsynced: VecDeque::new(),
+            checked: 0,
         }
     }
 
@@ -267,6 +301,7 @@ impl Node {
                     node.log.entries.truncate(after as usize);
                     node.log.dirty_from = node.log.dirty_from.min(after as usize);
                     node.book.truncate(after);
+                    node.checked = node.checked.min(after);
                     cx.stats.truncations += 1;
                     cx.trace.note_in(p, Event::Truncate { step, node: n, after });
                 }
@@ -288,6 +323,8 @@ impl Node {
                     node.log.entries = entries;
                     node.log.dirty_from = 0;
                     node.log.floor = floor;
+                    // Check the new log's committed entries again.
+                    node.checked = 0;
                     cx.stats.installs += 1;
                     cx.trace.note_in(p, Event::Install { step, node: n, position: snapshot.position });
                 }
@@ -300,7 +337,7 @@ impl Node {
                     cx.trace.note_in(p, Event::Committed { step, node: n, position });
                     let end = &node.log.entries[position as usize - 1];
                     assert!(!end.atomic_with_next, "node {n} commits through {position}, inside an append");
-                    for e in &node.log.entries[..position as usize] {
+                    for e in &node.log.entries[node.checked.min(position) as usize..position as usize] {
                         match cx.history.committed.get(&e.position) {
                             Some(first) => {
                                 assert_eq!(first, e, "node {n} commits another entry at {} than was committed before", e.position)
@@ -310,6 +347,7 @@ impl Node {
                             }
                         }
                     }
+                    node.checked = node.checked.max(position);
                     let epoch = node.replica.promised();
                     let (done, waiting): (Vec<_>, Vec<_>) =
                         cx.history.proposed.drain(..).partition(|(leader, e, p, _)| *leader == n && *e == epoch && *p <= position);
@@ -361,6 +399,7 @@ impl Node {
         self.book = Book::replay(&self.log.entries);
         self.promise = self.durable_promise;
         self.unsynced.clear();
+        self.checked = self.checked.min(self.log.entries.len() as Position);
     }
 
     /// A new replica from the durable state (a restarted process, or a task started anew), its
@@ -489,7 +528,8 @@ pub(super) fn kind_of(message: &Message) -> &'static str {
 impl Trace {
     /// The last events, as a failure report shows them.
     pub(super) fn recent(&self) -> Vec<String> {
-        let show = |(p, e): &(u32, Event)| if self.partitioned { format!("partition {p}, {e}") } else { e.to_string() };
+        // Events of the whole cluster (not of one partition) are noted in partition `u32::MAX`.
+        let show = |(p, e): &(u32, Event)| if self.partitioned && *p != u32::MAX { format!("partition {p}, {e}") } else { e.to_string() };
         self.recent.iter().map(show).collect()
     }
 }

@@ -29,10 +29,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use super::model::Stats;
-use super::model::{Book, Ctx, Event, History, Node, Trace, kind_of, ledger_command};
+use super::model::{Ctx, Event, History, Node, Trace, check_converged, kind_of, ledger_command};
+use super::{Outcome, failure_of};
 use crate::replication::message::Message;
 use crate::replication::replica::{ReplicaConfig, Role};
-use crate::replication::{EntryKind, Epoch, NodeId, Position};
+use crate::replication::{Epoch, NodeId, Position};
 
 struct Sim {
     rng: StdRng,
@@ -95,50 +96,25 @@ impl Options {
     }
 }
 
-/// How a run went.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Outcome {
-    pub seed: u64,
-    pub replicas: u64,
-    /// A hash of every event of the run: the same seed and binary give the same hash.
-    pub trace_hash: String,
-    /// Simulated milliseconds.
-    pub steps: u64,
-    /// Proposals whose leader saw them committed (each checked to be in the final log).
-    pub acknowledged: usize,
-    pub stats: Stats,
-    pub failure: Option<Failure>,
-}
-
-/// A check that failed, and the last events before it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Failure {
-    pub check: String,
-    pub recent: Vec<String>,
-}
-
 /// Runs one seed; a broken check (an assertion of the simulation or of the replica) ends the
 /// run and is reported, with the events that led to it.
 pub fn run(options: &Options) -> Outcome {
     let mut sim = Sim::new(options.seed, options.replicas);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        sim.run(options.storm_steps, options.calm_steps);
-        sim.check_converged(options.seed);
-    }));
-    let failure = result.err().map(|panic| Failure {
-        check: panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a check failed".into()),
-        recent: sim.trace.recent(),
-    });
+    let failure = failure_of(
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            sim.run(options.storm_steps, options.calm_steps);
+            sim.check_converged(options.seed);
+        })),
+        &sim.trace,
+    );
     Outcome {
         seed: options.seed,
-        replicas: options.replicas,
+        nodes: options.replicas,
+        partitions: 1,
         trace_hash: format!("{:016x}", sim.trace.hash),
         steps: sim.step,
         acknowledged: sim.history.acknowledged.len(),
+        recovery_ms: None,
         stats: sim.stats,
         failure,
     }
@@ -634,30 +610,8 @@ impl Sim {
 
     fn check_converged(&self, seed: u64) {
         assert!(self.target.is_empty(), "seed {seed}: the move to {:?} never finished", self.target);
-        let reference = &self.nodes[self.members[0] as usize].log.entries;
-        let replayed = Book::replay(reference);
-        for (n, node) in self.members.iter().map(|n| (n, &self.nodes[*n as usize])) {
-            assert_eq!(&node.log.entries, reference, "seed {seed}: logs differ after healing");
-            assert_eq!(node.replica.commit(), reference.len() as Position, "seed {seed}: not everything is committed after healing");
-            // Each replica's ledger, kept from what it appended, truncated and installed, is the
-            // ledger of its log replayed.
-            assert!(node.book.state == replayed.state, "seed {seed}: node {n}'s ledger is not a replay of its log");
-            node.book.audit().unwrap_or_else(|v| panic!("seed {seed}: node {n}'s ledger breaks its invariants: {v}"));
-        }
-        for (position, entry) in &self.history.committed {
-            assert_eq!(reference.get(*position as usize - 1), Some(entry), "seed {seed}: committed entry at {position} lost");
-        }
-        for pair in reference.windows(2) {
-            assert!(
-                !pair[0].atomic_with_next || pair[0].epoch == pair[1].epoch,
-                "seed {seed}: an append at {} goes on in another epoch",
-                pair[0].position
-            );
-        }
-        for (position, data) in &self.history.acknowledged {
-            let entry = &reference[*position as usize - 1];
-            assert_eq!(entry.kind, EntryKind::Data(data.clone()), "seed {seed}: acknowledged proposal at {position} lost");
-        }
+        let members: Vec<(NodeId, &Node)> = self.members.iter().map(|n| (*n, &self.nodes[*n as usize])).collect();
+        check_converged(&self.history, &members, &format!("seed {seed}"));
     }
 }
 
@@ -694,13 +648,9 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
 }
 
 #[cfg(test)]
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::env_or;
 
     /// Seeds within which each broken rule must be found.
     const SEEDS_TO_BITE: u64 = 100;
