@@ -695,9 +695,17 @@ impl Sim {
         let step = self.step;
         let size = self.rng.random_range(1..=3);
         let ledger = self.rng.random_bool(0.5);
+        // A tenth of requests are linearizable reads.
+        let read = self.rng.random_bool(0.1);
         let command = ledger_command(&mut self.rng);
         let Some(part) = self.nodes[n as usize].parts.get_mut(&p).filter(|part| part.active) else { return };
         if !matches!(part.replica.replica.role(), Role::Leader { .. }) {
+            return;
+        }
+        if read {
+            if self.histories[p as usize].read(n, &mut part.replica) {
+                self.drain(n, p);
+            }
             return;
         }
         let group = if ledger {
@@ -854,8 +862,22 @@ impl Sim {
             self.client();
         }
         self.note_recoveries();
+        self.check_reads();
         if self.step.is_multiple_of(50) {
             self.audit();
+        }
+    }
+
+    /// Reads confirmed by their leaders, checked (`History::check_reads`).
+    fn check_reads(&mut self) {
+        let nodes = &self.nodes;
+        for (p, history) in self.histories.iter_mut().enumerate() {
+            let p = p as u32;
+            let replica_of = |n: NodeId| {
+                let node = &nodes[n as usize];
+                node.parts.get(&p).filter(|part| node.up && part.active).map(|part| &part.replica.replica)
+            };
+            self.stats.reads += history.check_reads(replica_of);
         }
     }
 
@@ -1003,6 +1025,7 @@ fn storms(nodes: u64, seeds: std::ops::Range<u64>) -> (usize, Stats) {
     // went on: it was a storm, and the protocol was not starved by it.
     assert!(total.leaders > 5 * count && total.crashes > count && total.pauses > count, "{total:?}");
     assert!(total.trims > count && total.installs > count && total.one_way > 0 && total.resets > count, "{total:?}");
+    assert!(total.reads > 20 * count, "few linearizable reads were confirmed: {total:?}");
     assert!(total.ledger_commands > 100 * count && acknowledged > 500 * count as usize, "{acknowledged} acknowledged; {total:?}");
     (acknowledged, total)
 }

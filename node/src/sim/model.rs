@@ -19,7 +19,7 @@ use crate::app::ledger::{Ledger, LedgerCommand, LedgerEvent};
 use crate::app::state::{MemoryState, subspace};
 use crate::app::{Context, Domain, State, StateView};
 use crate::replication::message::Message;
-use crate::replication::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog};
+use crate::replication::replica::{DurableState, Effect, Replica, ReplicaConfig, ReplicaLog, Role};
 use crate::replication::{Entry, EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
 use crate::storage::Journal;
 
@@ -229,6 +229,46 @@ pub(super) struct History {
     pub(super) proposed: Vec<(NodeId, Epoch, Position, Vec<Vec<u8>>)>,
     /// Which node served each epoch as its leader: at most one may.
     pub(super) servers: BTreeMap<Epoch, NodeId>,
+    /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
+    /// committed anywhere when the read began).
+    pub(super) reads: Vec<(NodeId, Epoch, u64, Position)>,
+}
+
+impl History {
+    /// A read its leader confirmed sees everything committed before it began; a read whose
+    /// leader stepped down or is gone (`replica_of` gives a node's running replica) is dropped
+    /// (it failed, and its client retries). How many were confirmed.
+    pub(super) fn check_reads<'a>(&mut self, replica_of: impl Fn(NodeId) -> Option<&'a Replica>) -> u64 {
+        let mut confirmed = 0;
+        self.reads.retain(|(n, epoch, round, required)| {
+            let Some(replica) = replica_of(*n).filter(|r| r.promised() == *epoch && matches!(r.role(), Role::Leader { .. })) else {
+                return false;
+            };
+            if replica.confirmed_round() < *round {
+                return true;
+            }
+            assert!(
+                replica.commit() >= *required,
+                "node {n} confirmed a read of epoch {epoch} at commit {}, missing the entry committed at {required} before the read began",
+                replica.commit()
+            );
+            confirmed += 1;
+            false
+        });
+        confirmed
+    }
+
+    /// Node `n`'s replica asks for a read's round, now.
+    pub(super) fn read(&mut self, n: NodeId, node: &mut Node) -> bool {
+        let required = self.committed.keys().next_back().copied().unwrap_or(0);
+        match node.replica.read_index(&node.log) {
+            Some(round) => {
+                self.reads.push((n, node.replica.promised(), round, required));
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// At the end of a run (`run` names it in failures), a partition's replicas (`members`) hold one

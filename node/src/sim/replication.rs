@@ -58,9 +58,6 @@ struct Sim {
     handed_over: BTreeSet<(NodeId, Epoch)>,
     /// What was committed, acknowledged and proposed, and who served each epoch.
     history: History,
-    /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
-    /// committed anywhere when the read began).
-    reads: Vec<(NodeId, Epoch, u64, Position)>,
     /// A node cut off from some of the others, or all of them, until a step: both ways, or
     /// only what it sends (`Some(true)`), or only what it receives (`Some(false)`).
     isolated: Option<(NodeId, Vec<NodeId>, u64, Option<bool>)>,
@@ -145,7 +142,6 @@ impl Sim {
             handover: None,
             handed_over: BTreeSet::new(),
             history: History::default(),
-            reads: Vec::new(),
             isolated: None,
             paused_until: BTreeMap::new(),
             storm: true,
@@ -203,7 +199,7 @@ impl Sim {
         self.trace.note(Event::Crash { step: self.step, node: n });
         self.nodes[n as usize].crash();
         self.history.proposed.retain(|(leader, _, _, _)| *leader != n);
-        self.reads.retain(|(reader, ..)| *reader != n);
+        self.history.reads.retain(|(reader, ..)| *reader != n);
     }
 
     fn restart(&mut self, n: NodeId) {
@@ -311,13 +307,8 @@ impl Sim {
                     self.drain(n);
                 }
             }
-            if self.rng.random_bool(0.1) {
-                let required = self.history.committed.keys().next_back().copied().unwrap_or(0);
-                let node = &mut self.nodes[n as usize];
-                if let Some(round) = node.replica.read_index(&node.log) {
-                    self.reads.push((n, node.replica.promised(), round, required));
-                    self.drain(n);
-                }
+            if self.rng.random_bool(0.1) && self.history.read(n, &mut self.nodes[n as usize]) {
+                self.drain(n);
             }
             self.drive_handover(n);
             if self.storm && self.rng.random_bool(0.02) {
@@ -461,7 +452,7 @@ impl Sim {
             self.sync(n);
         }
         self.history.proposed.retain(|(leader, _, _, _)| *leader != n);
-        self.reads.retain(|(reader, ..)| *reader != n);
+        self.history.reads.retain(|(reader, ..)| *reader != n);
     }
 
     /// A leader with a target: pauses once its newcomers are close, asks for the switch once the
@@ -523,29 +514,9 @@ impl Sim {
         self.grant(next);
     }
 
-    /// A read its leader confirmed sees everything committed before it began; a read whose
-    /// leader stepped down or crashed is dropped (it failed, and its client retries).
     fn check_reads(&mut self) {
         let nodes = &self.nodes;
-        let mut confirmed = 0;
-        self.reads.retain(|(n, epoch, round, required)| {
-            let replica = &nodes[*n as usize].replica;
-            let leading = nodes[*n as usize].up && replica.promised() == *epoch && matches!(replica.role(), Role::Leader { .. });
-            if !leading {
-                return false;
-            }
-            if replica.confirmed_round() < *round {
-                return true;
-            }
-            assert!(
-                replica.commit() >= *required,
-                "node {n} confirmed a read of epoch {epoch} at commit {}, missing the entry committed at {required} before the read began",
-                replica.commit()
-            );
-            confirmed += 1;
-            false
-        });
-        self.stats.reads += confirmed;
+        self.stats.reads += self.history.check_reads(|n| nodes[n as usize].up.then_some(&nodes[n as usize].replica));
     }
 
     fn run(&mut self, storm_steps: u64, calm_steps: u64) {
