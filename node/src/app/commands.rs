@@ -27,7 +27,7 @@
 use heed::types::Bytes;
 use heed::{Database, RoTxn, RwTxn, WithoutTls};
 
-use super::StateError;
+use super::{State, StateError, StateView};
 use crate::storage::Journal;
 use crate::storage::keys::{Elem, Value, pack, unpack};
 
@@ -117,8 +117,13 @@ pub fn lookup(
     command_id: &str,
     since_us: u64,
 ) -> Result<Option<CommandRecord>, StateError> {
+    lookup_in(&StateView::new(txn, db, &[]), stream, command_id, since_us)
+}
+
+/// [`lookup`] in any state (`view` over the whole state, no subspace): LMDB or memory.
+pub fn lookup_in(view: &StateView<'_>, stream: &str, command_id: &str, since_us: u64) -> Result<Option<CommandRecord>, StateError> {
     let key = record_key(stream, command_id);
-    match db.get(txn, &key)? {
+    match view.raw(&key)? {
         None => Ok(None),
         Some(bytes) => match CommandRecord::decode(bytes) {
             Some(record) => Ok((record.recorded_at_us >= since_us).then_some(record)),
@@ -140,21 +145,25 @@ pub fn record(
     record: &CommandRecord,
     journal: Option<&mut Journal>,
 ) -> Result<(), StateError> {
+    record_in(&mut State::journaled(txn, db, &[], journal), stream, command_id, record)
+}
+
+/// [`record`] in any state (`state` over the whole state, no subspace), noting what it replaces
+/// in the state's journal.
+pub fn record_in(state: &mut State<'_, '_>, stream: &str, command_id: &str, record: &CommandRecord) -> Result<(), StateError> {
     let key = record_key(stream, command_id);
     let expiry = pack(&[Elem::Str(EXPIRY), Elem::U64(record.recorded_at_us), Elem::Str(stream), Elem::Str(command_id)]);
-    if let Some(journal) = journal {
-        journal.before_write(txn, db, &key)?;
-        journal.before_write(txn, db, &expiry)?;
+    // (Each write below notes what it replaces.)
+    if state.journaling() {
         // An expired record this one replaces keeps its expiry entry if undone: the sweep
         // (`expire`) may delete that entry meanwhile, and a record without one is never deleted.
-        if let Some(old) = db.get(txn, &key)?.and_then(CommandRecord::decode) {
-            let old_expiry = pack(&[Elem::Str(EXPIRY), Elem::U64(old.recorded_at_us), Elem::Str(stream), Elem::Str(command_id)]);
-            journal.before_write(txn, db, &old_expiry)?;
+        let old = state.view().raw(&key)?.and_then(CommandRecord::decode);
+        if let Some(old) = old {
+            state.note(&pack(&[Elem::Str(EXPIRY), Elem::U64(old.recorded_at_us), Elem::Str(stream), Elem::Str(command_id)]))?;
         }
     }
-    db.put(txn, &key, &record.encode())?;
-    db.put(txn, &expiry, &[])?;
-    Ok(())
+    state.put_raw(&key, &record.encode())?;
+    state.put_raw(&expiry, &[])
 }
 
 /// Deletes every record of `stream`, with its expiry entry (a replica truncating the stream's

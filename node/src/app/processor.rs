@@ -84,6 +84,48 @@ pub type ExecuteResult<E, R> = Result<Result<Executed<E>, Failure<R>>, StateErro
 /// How the writer places a command's events (in their log form) and says where they landed.
 pub type PlaceInLog<'p> = dyn FnMut(&mut RwTxn<'_>, Vec<NewEvent>) -> Result<CommandRecord, StateError> + 'p;
 
+/// What a command comes to before anything is written: the first half of [`execute`].
+#[derive(Debug)]
+pub enum Decision<E, R> {
+    /// Decided: its events, and the hash to record its id with (0: the id is not remembered).
+    Decided { events: Vec<E>, command_hash: u64 },
+    /// The id was seen before: the first result.
+    Duplicate(CommandRecord),
+    /// Rejected, the id reused for another command, or state unreadable.
+    Failed(Failure<R>),
+}
+
+/// Looks the command id up and decides `command` on `scope` of domain `D`, in any state (`view`
+/// over the whole state database, no subspace: LMDB in [`execute`], memory in the simulator).
+/// Errs only when the command cannot be encoded to hash it.
+pub fn decide<D: Domain>(
+    view: &state::StateView<'_>,
+    stream: &str,
+    scope: &str,
+    command: &D::Command,
+    ctx: &Context<'_>,
+) -> Result<Decision<D::Event, D::Error>, StateError> {
+    let command_hash = if ctx.remember_id {
+        let json = serde_json::to_vec(command).map_err(|e| StateError::Inconsistent(format!("cannot encode a command: {e}")))?;
+        let hash = commands::command_hash(&json);
+        match commands::lookup_in(view, stream, ctx.command_id, ctx.ids_since_us) {
+            Ok(Some(record)) if record.command_hash == 0 || record.command_hash == hash => return Ok(Decision::Duplicate(record)),
+            Ok(Some(_)) => return Ok(Decision::Failed(Failure::IdReused)),
+            Ok(None) => {}
+            Err(e) => return Ok(Decision::Failed(Failure::Unreadable(e))),
+        }
+        hash
+    } else {
+        0
+    };
+    let prefix = state::subspace(D::NAME, scope);
+    Ok(match D::decide(&view.with_prefix(&prefix), command, ctx) {
+        Ok(events) => Decision::Decided { events, command_hash },
+        Err(Refusal::Rejected(e)) => Decision::Failed(Failure::Rejected(e)),
+        Err(Refusal::State(e)) => Decision::Failed(Failure::Unreadable(e)),
+    })
+}
+
 /// Runs `command` on `scope` of domain `D` inside `txn` (see the module doc for the outcomes).
 /// `place` gets the transaction, the events once they are in state, and the command's hash when
 /// its id is remembered (else 0), and says where the events landed; it is not called for a
@@ -100,29 +142,16 @@ pub fn execute<D: Domain>(
     mut journal: Option<&mut Journal>,
     place: impl FnOnce(&mut RwTxn<'_>, &[D::Event], u64) -> Result<CommandRecord, StateError>,
 ) -> ExecuteResult<D::Event, D::Error> {
-    let command_hash = if ctx.remember_id {
-        let json = serde_json::to_vec(command).map_err(|e| StateError::Inconsistent(format!("cannot encode a command: {e}")))?;
-        let hash = commands::command_hash(&json);
-        match commands::lookup(txn, db, stream, ctx.command_id, ctx.ids_since_us) {
-            Ok(Some(record)) if record.command_hash == 0 || record.command_hash == hash => return Ok(Ok(Executed::Duplicate(record))),
-            Ok(Some(_)) => return Ok(Err(Failure::IdReused)),
-            Ok(None) => {}
-            Err(e) => return Ok(Err(Failure::Unreadable(e))),
-        }
-        hash
-    } else {
-        0
+    let decision = {
+        let view_txn: &RwTxn<'_> = txn;
+        decide::<D>(&state::StateView::new(view_txn, db, &[]), stream, scope, command, ctx)?
+    };
+    let (events, command_hash) = match decision {
+        Decision::Decided { events, command_hash } => (events, command_hash),
+        Decision::Duplicate(record) => return Ok(Ok(Executed::Duplicate(record))),
+        Decision::Failed(failure) => return Ok(Err(failure)),
     };
     let prefix = state::subspace(D::NAME, scope);
-    let events = {
-        let view_txn: &RwTxn<'_> = txn;
-        let view = state::StateView::new(view_txn, db, &prefix);
-        match D::decide(&view, command, ctx) {
-            Ok(events) => events,
-            Err(Refusal::Rejected(e)) => return Ok(Err(Failure::Rejected(e))),
-            Err(Refusal::State(e)) => return Ok(Err(Failure::Unreadable(e))),
-        }
-    };
     {
         let mut state = State::journaled(txn, db, &prefix, journal.as_deref_mut());
         for event in &events {

@@ -134,6 +134,16 @@ impl<'t> StateView<'t> {
         StateView { source: Source::Memory(state), prefix }
     }
 
+    /// The same state seen through another subspace.
+    pub fn with_prefix<'a>(&'a self, prefix: &'a [u8]) -> StateView<'a> {
+        StateView { source: self.source, prefix }
+    }
+
+    /// The bytes under a whole key, outside any subspace (the command records, `commands.rs`).
+    pub fn raw(&self, key: &[u8]) -> Result<Option<&[u8]>, StateError> {
+        self.source.get(key)
+    }
+
     /// The value under `(domain, scope, elems...)`, if any.
     pub fn get<T: DeserializeOwned>(&self, elems: &[Elem<'_>]) -> Result<Option<T>, StateError> {
         let key = full_key(self.prefix, elems);
@@ -257,8 +267,25 @@ impl<'t, 'e> State<'t, 'e> {
         })
     }
 
+    /// Whether writes are journaled (the append may be undone).
+    pub fn journaling(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Writes `value` under a whole key, outside any subspace (the command records).
+    pub fn put_raw(&mut self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.note(key)?;
+        match &mut self.sink {
+            Sink::Lmdb(txn, db) => db.put(txn, key, value)?,
+            Sink::Memory(map) => {
+                map.insert(key.to_vec(), value.to_vec());
+            }
+        }
+        Ok(())
+    }
+
     /// Notes `key`'s value in the journal (if any) before a write.
-    fn note(&mut self, key: &[u8]) -> Result<(), StateError> {
+    pub fn note(&mut self, key: &[u8]) -> Result<(), StateError> {
         let Some(journal) = self.journal.as_deref_mut() else { return Ok(()) };
         match &self.sink {
             Sink::Lmdb(txn, db) => journal.before_write(txn, *db, key)?,

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{Ctx, Event, History, Node as Replicant, Stats, Trace, check_converged, kind_of, ledger_command};
+use super::model::{Clients, Ctx, Event, History, Node as Replicant, Stats, Trace, check_converged, kind_of};
 use super::{Outcome, failure_of};
 use crate::coordination::driver::{EXPIRY_TICK, MemberCore, PROPOSAL_TIMEOUT, RaftMember, TICK, WRITE_DEADLINE, write_backoff};
 use crate::coordination::election::{ClusterView, Elector, ElectorConfig, Handovers};
@@ -267,6 +267,8 @@ struct Sim {
     /// Client load on (off while the logs settle at the end).
     load: bool,
     histories: Vec<History>,
+    /// The clients of each partition's book (a retry goes to the same book).
+    clients: Vec<Clients>,
     /// A node cut off from some others until a step: both ways, or only what it sends
     /// (`Some(true)`), or only what it receives (`Some(false)`).
     isolated: Option<(NodeId, Vec<NodeId>, u64, Option<bool>)>,
@@ -349,6 +351,7 @@ impl Sim {
             storm: true,
             load: true,
             histories: (0..options.partitions).map(|_| History::default()).collect(),
+            clients: (0..options.partitions).map(|_| Clients::default()).collect(),
             isolated: None,
             healed_at: 0,
             acknowledged_at_heal: Vec::new(),
@@ -697,7 +700,7 @@ impl Sim {
         let ledger = self.rng.random_bool(0.5);
         // A tenth of requests are linearizable reads.
         let read = self.rng.random_bool(0.1);
-        let command = ledger_command(&mut self.rng);
+        let (id, command) = self.clients[p as usize].request(&mut self.rng);
         let Some(part) = self.nodes[n as usize].parts.get_mut(&p).filter(|part| part.active) else { return };
         if !matches!(part.replica.replica.role(), Role::Leader { .. }) {
             return;
@@ -709,9 +712,9 @@ impl Sim {
             return;
         }
         let group = if ledger {
-            let group = part.replica.book.decide(&command, step);
-            self.stats.ledger_commands += u64::from(!group.is_empty());
-            group
+            let Sim { histories, stats, trace, .. } = self;
+            let mut cx = Ctx { step, partition: p, history: &mut histories[p as usize], stats, trace };
+            part.replica.ledger_request(n, &id, &command, step, &mut cx)
         } else {
             (0..size).map(|i| format!("s{step}-n{n}-{i}").into_bytes()).collect()
         };
@@ -1026,6 +1029,7 @@ fn storms(nodes: u64, seeds: std::ops::Range<u64>) -> (usize, Stats) {
     assert!(total.leaders > 5 * count && total.crashes > count && total.pauses > count, "{total:?}");
     assert!(total.trims > count && total.installs > count && total.one_way > 0 && total.resets > count, "{total:?}");
     assert!(total.reads > 20 * count, "few linearizable reads were confirmed: {total:?}");
+    assert!(total.duplicates > 5 * count, "few retried commands were answered as duplicates: {total:?}");
     assert!(total.ledger_commands > 100 * count && acknowledged > 500 * count as usize, "{acknowledged} acknowledged; {total:?}");
     (acknowledged, total)
 }

@@ -14,8 +14,10 @@ use std::collections::{BTreeMap, VecDeque};
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use crate::app::commands::{self, CommandRecord};
 use crate::app::ledger::query::LedgerQuery;
-use crate::app::ledger::{Ledger, LedgerCommand, LedgerEvent};
+use crate::app::ledger::{Ledger, LedgerCommand, LedgerError, LedgerEvent};
+use crate::app::processor::{self, Decision, Failure};
 use crate::app::state::{MemoryState, subspace};
 use crate::app::{Context, Domain, State, StateView};
 use crate::replication::message::Message;
@@ -124,14 +126,27 @@ pub(super) struct Book {
 
 pub(super) const SCOPE: &str = "book";
 
-/// A ledger event travels as an entry's data: `L` and its JSON (other entries are opaque).
-fn ledger_event(entry: &Entry) -> Option<LedgerEvent> {
+/// A ledger event as it travels in an entry's data: `L` and this as JSON (other entries are
+/// opaque). The last event of a command carries its id, its hash and how many events it wrote,
+/// as a node's event metadata does (`app/follow.rs`), so every replica records the id.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LedgerEntry {
+    event: LedgerEvent,
+    command: Option<(String, u64, u32)>,
+}
+
+fn ledger_entry(entry: &Entry) -> Option<LedgerEntry> {
     match &entry.kind {
         EntryKind::Data(data) if data.first() == Some(&b'L') => {
             Some(serde_json::from_slice(&data[1..]).expect("a ledger entry holds a ledger event"))
         }
         _ => None,
     }
+}
+
+/// The command id an entry ends, if it ends a command.
+fn command_of(entry: &Entry) -> Option<String> {
+    ledger_entry(entry)?.command.map(|(id, ..)| id)
 }
 
 impl Book {
@@ -146,10 +161,25 @@ impl Book {
     pub(super) fn apply(&mut self, entries: &[Entry]) {
         let prefix = subspace(Ledger::NAME, SCOPE);
         let mut journal = Journal::default();
+        let stream = crate::app::stream_of(Ledger::NAME, SCOPE);
         for entry in entries {
-            if let Some(event) = ledger_event(entry) {
+            if let Some(LedgerEntry { event, command }) = ledger_entry(entry) {
                 Ledger::evolve(&mut State::memory(&mut self.state, &prefix, Some(&mut journal)), &event)
                     .expect("the ledger evolves its own events");
+                // The command's id, recorded from the entry as a follower records it.
+                if let Some((id, command_hash, events)) = command {
+                    let record = CommandRecord {
+                        partition: 0,
+                        first_position: entry.position + 1 - Position::from(events),
+                        last_position: entry.position,
+                        stream_version: 0,
+                        events,
+                        recorded_at_us: 0,
+                        command_hash,
+                    };
+                    commands::record_in(&mut State::memory(&mut self.state, &[], Some(&mut journal)), &stream, &id, &record)
+                        .expect("a command record is written");
+                }
             }
             if !entry.atomic_with_next && !journal.is_empty() {
                 self.journals.insert(entry.position, std::mem::take(&mut journal));
@@ -165,16 +195,12 @@ impl Book {
         }
     }
 
-    /// A leader's decision on `command` against its book (LMAX style): the events it appends,
-    /// as entries' data; none when the ledger refuses it or it changes nothing.
-    pub(super) fn decide(&self, command: &LedgerCommand, step: u64) -> Vec<Vec<u8>> {
-        let id = format!("s{step}");
-        let ctx = Context { now_us: step * 1_000, command_id: &id, remember_id: false, ids_since_us: 0 };
-        let prefix = subspace(Ledger::NAME, SCOPE);
-        match Ledger::decide(&StateView::memory(&self.state, &prefix), command, &ctx) {
-            Ok(events) => events.iter().map(|e| [b"L".as_slice(), &serde_json::to_vec(e).expect("events encode")].concat()).collect(),
-            Err(_) => Vec::new(),
-        }
+    /// A leader's decision on the command `id` against its book, LMAX style, by the node's own
+    /// processor code (`processor::decide`: the id looked up, then the ledger's decide).
+    fn decide(&self, command: &LedgerCommand, id: &str, step: u64) -> Decision<LedgerEvent, LedgerError> {
+        let ctx = Context { now_us: step * 1_000, command_id: id, remember_id: true, ids_since_us: 0 };
+        let stream = crate::app::stream_of(Ledger::NAME, SCOPE);
+        processor::decide::<Ledger>(&StateView::memory(&self.state, &[]), &stream, SCOPE, command, &ctx).expect("a command encodes")
     }
 
     /// The ledger's own audit of the book: every invariant it checks (money conserved, no
@@ -183,6 +209,79 @@ impl Book {
         let prefix = subspace(Ledger::NAME, SCOPE);
         let report = Ledger::query(&StateView::memory(&self.state, &prefix), &LedgerQuery::Audit {}).map_err(|e| format!("{e:?}"))?;
         if report["ok"] == serde_json::Value::Bool(true) { Ok(()) } else { Err(report["violations"].to_string()) }
+    }
+}
+
+/// The entries' data for a command's events: the last one names the command.
+fn entries_of(events: &[LedgerEvent], id: &str, command_hash: u64) -> Vec<Vec<u8>> {
+    let count = events.len() as u32;
+    let last = events.len().saturating_sub(1);
+    let entry = |(i, event): (usize, &LedgerEvent)| {
+        let command = (i == last).then(|| (id.to_string(), command_hash, count));
+        let entry = LedgerEntry { event: event.clone(), command };
+        [b"L".as_slice(), &serde_json::to_vec(&entry).expect("events encode")].concat()
+    };
+    events.iter().enumerate().map(entry).collect()
+}
+
+/// Clients of the ledger: each command gets an id, and some are sent again (a client that did
+/// not hear back retries with the same id, maybe on another leader).
+#[derive(Default)]
+pub(super) struct Clients {
+    /// Commands sent lately, to retry.
+    sent: VecDeque<(String, LedgerCommand)>,
+    next: u64,
+}
+
+/// Commands kept for retries.
+const RETRYABLE: usize = 32;
+
+impl Clients {
+    /// A command to send, with its id: a fifth of the time one sent before.
+    pub(super) fn request(&mut self, rng: &mut StdRng) -> (String, LedgerCommand) {
+        if !self.sent.is_empty() && rng.random_bool(0.2) {
+            return self.sent[rng.random_range(0..self.sent.len())].clone();
+        }
+        self.next += 1;
+        let sent = (format!("c{}", self.next), ledger_command(rng));
+        if self.sent.len() == RETRYABLE {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(sent.clone());
+        sent
+    }
+}
+
+impl Node {
+    /// Node `n`'s leader takes the client command `id` (module doc of `app/processor.rs`): the
+    /// group to propose when it is decided now; nothing when refused, or when it is a duplicate,
+    /// which is acknowledged once the first result's last event is committed in this epoch (the
+    /// node answers a duplicate only then), so the history waits for that entry.
+    pub(super) fn ledger_request(&self, n: NodeId, id: &str, command: &LedgerCommand, step: u64, cx: &mut Ctx) -> Vec<Vec<u8>> {
+        match self.book.decide(command, id, step) {
+            Decision::Decided { events, command_hash } => {
+                cx.stats.ledger_commands += u64::from(!events.is_empty());
+                entries_of(&events, id, command_hash)
+            }
+            Decision::Duplicate(record) => {
+                let last = record.last_position;
+                let entry = self.log.entries.get(last as usize - 1);
+                assert_eq!(
+                    entry.and_then(command_of).as_deref(),
+                    Some(id),
+                    "node {n}'s record of command {id} points at {last}, which does not end that command"
+                );
+                let data = match &entry.expect("checked above").kind {
+                    EntryKind::Data(data) => data.clone(),
+                    EntryKind::Marker => unreachable!("a marker ends no command"),
+                };
+                cx.history.proposed.push((n, self.replica.promised(), last, vec![data]));
+                cx.stats.duplicates += 1;
+                Vec::new()
+            }
+            Decision::Failed(Failure::IdReused) => panic!("node {n} refused a retry of command {id} as an id reused for another command"),
+            Decision::Failed(_) => Vec::new(),
+        }
     }
 }
 
@@ -298,6 +397,14 @@ pub(super) fn check_converged(history: &History, members: &[(NodeId, &Node)], ru
     for (position, data) in &history.acknowledged {
         let entry = &reference[*position as usize - 1];
         assert_eq!(entry.kind, EntryKind::Data(data.clone()), "{run}: acknowledged proposal at {position} lost");
+    }
+    // Exactly once: however often a client retried a command, on whichever leader, its events
+    // are in the log once.
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in reference {
+        if let Some(id) = command_of(entry) {
+            assert!(ids.insert(id.clone()), "{run}: command {id} was applied twice (again at {})", entry.position);
+        }
     }
 }
 
@@ -600,6 +707,8 @@ pub struct Stats {
     pub one_way: u64,
     /// Ledger commands the leaders accepted (each checked by the ledger's audit on every book).
     pub ledger_commands: u64,
+    /// Retried commands answered as duplicates (each checked to be in the final log once).
+    pub duplicates: u64,
 }
 
 impl Stats {
@@ -620,5 +729,6 @@ impl Stats {
         self.resets += other.resets;
         self.one_way += other.one_way;
         self.ledger_commands += other.ledger_commands;
+        self.duplicates += other.duplicates;
     }
 }

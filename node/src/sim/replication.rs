@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use super::model::Stats;
-use super::model::{Ctx, Event, History, Node, Trace, check_converged, kind_of, ledger_command};
+use super::model::{Clients, Ctx, Event, History, Node, Trace, check_converged, kind_of};
 use super::{Outcome, failure_of};
 use crate::replication::message::Message;
 use crate::replication::replica::{ReplicaConfig, Role};
@@ -58,6 +58,7 @@ struct Sim {
     handed_over: BTreeSet<(NodeId, Epoch)>,
     /// What was committed, acknowledged and proposed, and who served each epoch.
     history: History,
+    clients: Clients,
     /// A node cut off from some of the others, or all of them, until a step: both ways, or
     /// only what it sends (`Some(true)`), or only what it receives (`Some(false)`).
     isolated: Option<(NodeId, Vec<NodeId>, u64, Option<bool>)>,
@@ -142,6 +143,7 @@ impl Sim {
             handover: None,
             handed_over: BTreeSet::new(),
             history: History::default(),
+            clients: Clients::default(),
             isolated: None,
             paused_until: BTreeMap::new(),
             storm: true,
@@ -296,9 +298,10 @@ impl Sim {
                 // Half the proposals are ledger commands, decided by the leader's ledger against
                 // its book (LMAX style); their events are the group.
                 if self.rng.random_bool(0.5) && matches!(self.nodes[n as usize].replica.role(), Role::Leader { .. }) {
-                    let command = ledger_command(&mut self.rng);
-                    group = self.nodes[n as usize].book.decide(&command, self.step);
-                    self.stats.ledger_commands += u64::from(!group.is_empty());
+                    let (id, command) = self.clients.request(&mut self.rng);
+                    let mut cx =
+                        Ctx { step: self.step, partition: 0, history: &mut self.history, stats: &mut self.stats, trace: &mut self.trace };
+                    group = self.nodes[n as usize].ledger_request(n, &id, &command, self.step, &mut cx);
                 }
                 let node = &mut self.nodes[n as usize];
                 if let Some(last) = node.replica.propose(group.clone()) {
@@ -615,6 +618,7 @@ fn storms(size: u64, seeds: u64) -> (usize, Stats) {
     assert!(total.trims > seeds && total.installs > seeds / 4, "few trims or snapshots: {total:?}");
     assert!(total.pauses > seeds && total.paused_leaders_replaced > 0 && total.resets > seeds && total.one_way > 0, "{total:?}");
     assert!(total.ledger_commands > seeds * 10, "few ledger commands were accepted: {total:?}");
+    assert!(total.duplicates > seeds, "few retried commands were answered as duplicates: {total:?}");
     (acknowledged, total)
 }
 
