@@ -1061,20 +1061,7 @@ mod tests {
     /// of the replica switched off, a bounded number of seeds finds a violation.
     #[test]
     fn with_any_one_safety_rule_switched_off_the_cluster_simulation_finds_a_violation() {
-        use crate::replication::replica::rules;
-        let switches = [
-            (rules::FENCING, "fencing"),
-            (rules::TRUNCATION, "truncating a divergent suffix"),
-            (rules::RECOVERY_MAJORITY, "the majority of recovery"),
-            (rules::ADOPT_MOST_ADVANCED, "adopting the most advanced log"),
-        ];
-        for (rule, name) in switches {
-            rules::switch_off(rule);
-            let found = (0..SEEDS_TO_BITE).find(|seed| run(&Options::new(*seed, 5)).failure.is_some());
-            rules::switch_off(0);
-            let seed = found.unwrap_or_else(|| panic!("with {name} off, {SEEDS_TO_BITE} seeds found no violation"));
-            eprintln!("{name} off: seed {seed} of 5 nodes fails");
-        }
+        crate::sim::find_each_broken_rule(SEEDS_TO_BITE, |seed| run(&Options::new(seed, 5)).failure.is_some());
     }
 
     /// Seeds within which each broken rule must be found.

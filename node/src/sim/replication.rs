@@ -657,21 +657,7 @@ mod tests {
     /// switched off, a few seeds find a violation.
     #[test]
     fn with_any_one_safety_rule_switched_off_the_simulation_finds_a_violation_within_a_few_seeds() {
-        use crate::replication::replica::rules;
-        let switches = [
-            (rules::FENCING, "fencing"),
-            (rules::TRUNCATION, "truncating a divergent suffix"),
-            (rules::RECOVERY_MAJORITY, "the majority of recovery"),
-            (rules::ADOPT_MOST_ADVANCED, "adopting the most advanced log"),
-        ];
-        for (rule, name) in switches {
-            rules::switch_off(rule);
-            let found = (0..SEEDS_TO_BITE).find(|seed| run(&Options::new(*seed, 3)).failure.is_some());
-            rules::switch_off(0);
-            let seed = found.unwrap_or_else(|| panic!("with {name} off, {SEEDS_TO_BITE} seeds found no violation"));
-            eprintln!("{name} off: seed {seed} fails");
-        }
-        assert!(run(&Options::new(0, 3)).failure.is_none(), "every rule back on");
+        crate::sim::find_each_broken_rule(SEEDS_TO_BITE, |seed| run(&Options::new(seed, 3)).failure.is_some());
     }
 
     #[test]
