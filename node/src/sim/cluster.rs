@@ -726,25 +726,13 @@ impl Sim {
         }
     }
 
-    /// Retention: node `n` gives up the log of partition `p` up to the end of an append it
-    /// knows committed and holds durably.
+    /// Retention on node `n`'s replica of `p` (`model::Node::trim`).
     fn trim(&mut self, n: NodeId, p: u32) {
         let Some(part) = self.nodes[n as usize].parts.get_mut(&p).filter(|part| part.active) else { return };
-        let node = &mut part.replica;
-        let bound = node.replica.commit().min(node.log.durable.len() as Position);
-        let ends: Vec<Position> = node.log.durable[..bound as usize]
-            .iter()
-            .filter(|e| !e.atomic_with_next && e.position > node.log.floor)
-            .map(|e| e.position)
-            .collect();
-        if ends.is_empty() {
-            return;
+        if let Some(floor) = part.replica.trim(&mut self.rng) {
+            self.stats.trims += 1;
+            self.trace.note_in(p, Event::Trim { step: self.step, node: n, floor });
         }
-        let floor = ends[self.rng.random_range(0..ends.len())];
-        node.log.floor = floor;
-        node.log.durable_floor = node.log.durable_floor.max(floor);
-        self.stats.trims += 1;
-        self.trace.note_in(p, Event::Trim { step: self.step, node: n, floor });
     }
 
     /// Everything a node does in a millisecond.

@@ -536,6 +536,23 @@ impl Node {
         self.drain(n, cx);
     }
 
+    /// Retention: gives up the log up to the end of some append (drawn by `rng`) the replica
+    /// knows committed and holds durably; a trim is durable at once, as the node's is. The new
+    /// floor, if there was anything to give up.
+    pub(super) fn trim(&mut self, rng: &mut StdRng) -> Option<Position> {
+        let bound = self.replica.commit().min(self.log.durable.len() as Position);
+        let floor = self.log.floor;
+        let ends: Vec<Position> =
+            self.log.durable[..bound as usize].iter().filter(|e| !e.atomic_with_next && e.position > floor).map(|e| e.position).collect();
+        if ends.is_empty() {
+            return None;
+        }
+        let floor = ends[rng.random_range(0..ends.len())];
+        self.log.floor = floor;
+        self.log.durable_floor = self.log.durable_floor.max(floor);
+        Some(floor)
+    }
+
     /// The process dies: the log and the promise are what the last sync made durable, and the
     /// book is the durable log's (the storage keeps both in the same transactions).
     pub(super) fn crash(&mut self) {

@@ -399,24 +399,12 @@ impl Sim {
         self.trace.note(Event::Pause { step: self.step, node: n, until });
     }
 
-    /// Retention: `n` gives up the entries of its log up to the end of some append it knows
-    /// committed and holds durably (a trim is durable at once, as the node's is).
+    /// Retention on `n` ([`Node::trim`]).
     fn trim(&mut self, n: NodeId) {
-        let node = &mut self.nodes[n as usize];
-        let bound = node.replica.commit().min(node.log.durable.len() as Position);
-        let ends: Vec<Position> = node.log.durable[..bound as usize]
-            .iter()
-            .filter(|e| !e.atomic_with_next && e.position > node.log.floor)
-            .map(|e| e.position)
-            .collect();
-        if ends.is_empty() {
-            return;
+        if let Some(floor) = self.nodes[n as usize].trim(&mut self.rng) {
+            self.stats.trims += 1;
+            self.trace.note(Event::Trim { step: self.step, node: n, floor });
         }
-        let floor = ends[self.rng.random_range(0..ends.len())];
-        node.log.floor = floor;
-        node.log.durable_floor = node.log.durable_floor.max(floor);
-        self.stats.trims += 1;
-        self.trace.note(Event::Trim { step: self.step, node: n, floor });
     }
 
     /// The store picks another replica set of the same size from the pool (or, now and then,
