@@ -159,8 +159,9 @@ pub struct MemberCore<W> {
     waiting: std::collections::BTreeMap<u64, W>,
     /// Whether the node led at the end of the last cycle.
     leading: bool,
-    /// When the leader last proposed a clock tick, by the caller's clock.
-    last_tick_ms: u64,
+    /// When the leader last proposed a clock tick, by the caller's monotonic clock (`None`:
+    /// not yet).
+    last_tick_mono_ms: Option<u64>,
     known_leader: Option<RaftId>,
 }
 
@@ -174,28 +175,30 @@ pub struct Cycle<W> {
 impl<W> MemberCore<W> {
     pub fn new(node: RaftKv) -> Self {
         let known_leader = node.leader();
-        MemberCore { node, waiting: Default::default(), leading: false, last_tick_ms: 0, known_leader }
+        MemberCore { node, waiting: Default::default(), leading: false, last_tick_mono_ms: None, known_leader }
     }
 
     pub fn node(&self) -> &RaftKv {
         &self.node
     }
 
-    /// Every [`TICK`], at `now_ms` by this node's clock.
-    pub fn tick(&mut self, now_ms: u64) {
+    /// Every [`TICK`], at `now_ms` by this node's wall clock and `mono_ms` by its monotonic one.
+    pub fn tick(&mut self, now_ms: u64, mono_ms: u64) {
         self.node.tick();
-        // A session is due: expire it now rather than at the next periodic tick.
+        // A session is due: expire it now rather than at the next periodic tick (at most one
+        // clock tick per TICK, whatever the wall clock does).
         let due = self.node.state().next_expiry_ms().is_some_and(|at| at <= now_ms);
-        if due && self.node.is_leader() && now_ms.saturating_sub(self.last_tick_ms) >= TICK.as_millis() as u64 {
-            self.last_tick_ms = now_ms;
+        let quiet = self.last_tick_mono_ms.is_none_or(|at| mono_ms.saturating_sub(at) >= TICK.as_millis() as u64);
+        if due && self.node.is_leader() && quiet {
+            self.last_tick_mono_ms = Some(mono_ms);
             let _ = self.node.propose(Op::Tick, now_ms);
         }
     }
 
     /// Every [`EXPIRY_TICK`]: the leader moves the store's clock.
-    pub fn expiry_tick(&mut self, now_ms: u64) {
+    pub fn expiry_tick(&mut self, now_ms: u64, mono_ms: u64) {
         if self.node.is_leader() {
-            self.last_tick_ms = now_ms;
+            self.last_tick_mono_ms = Some(mono_ms);
             let _ = self.node.propose(Op::Tick, now_ms);
         }
     }
@@ -270,10 +273,12 @@ async fn drive(
     let mut ticks = tokio::time::interval(TICK);
     let mut expiry = tokio::time::interval(EXPIRY_TICK);
     let mut published = 0;
+    let started = std::time::Instant::now();
+    let mono_ms = || started.elapsed().as_millis() as u64;
     loop {
         tokio::select! {
-            _ = ticks.tick() => core.tick(now_ms()),
-            _ = expiry.tick() => core.expiry_tick(now_ms()),
+            _ = ticks.tick() => core.tick(now_ms(), mono_ms()),
+            _ = expiry.tick() => core.expiry_tick(now_ms(), mono_ms()),
             message = inbox.recv() => match message {
                 Some(message) => core.step(message),
                 None => return,

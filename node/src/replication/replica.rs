@@ -507,9 +507,14 @@ impl Replica {
     /// after the read arrived: no later leader had committed anything before then, so a read of
     /// the log up to [`Replica::commit`] (as of then or later) sees every write acknowledged
     /// before the read began.
+    ///
+    /// A leader paused to hand its partition over refuses reads, as it refuses writes: once the
+    /// switch lands, the new set elects and commits without the old set's members that left,
+    /// so a majority of the old set could still confirm rounds of an epoch that no longer holds
+    /// every write (found by the whole-cluster simulation, docs/simulation.md).
     pub fn read_index(&mut self, log: &impl ReplicaLog) -> Option<u64> {
-        let Phase::Leading { start, .. } = &self.phase else { return None };
-        if self.commit < *start {
+        let Phase::Leading { start, paused, .. } = &self.phase else { return None };
+        if self.commit < *start || *paused {
             return None;
         }
         self.round += 1;
@@ -1308,6 +1313,28 @@ mod tests {
         assert_eq!(leader.confirmed_round(), round - 1, "itself and one follower: two of five");
         leader.on_message(4, reply(round), &log);
         assert_eq!(leader.confirmed_round(), round, "itself and two followers: a majority");
+    }
+
+    #[test]
+    fn given_a_leader_paused_to_hand_over_then_it_refuses_reads_until_it_serves_again() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let mut leader = Replica::new(config, DurableState::default());
+        let log = Mem(vec![Entry { position: 1, epoch: 1, kind: EntryKind::Marker, atomic_with_next: false }]);
+        assert!(leader.become_leader(1));
+        for peer in [1, 2] {
+            leader.on_message(peer, Message::RecoverReply { epoch: 1, history: EpochHistory::default(), last: 0 }, &log);
+        }
+        let batch = leader.take_effects();
+        leader.on_durable(batch.ticket, &log);
+        leader.on_message(1, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1), round: 0 }, &log);
+        leader.take_effects();
+        assert!(leader.read_index(&log).is_some(), "serving, marker committed");
+        // Paused, the switch to its target set may land at any moment: a majority of this set
+        // could still confirm a round while the new set commits without it.
+        leader.pause(true);
+        assert_eq!(leader.read_index(&log), None, "paused to hand over");
+        leader.pause(false);
+        assert!(leader.read_index(&log).is_some(), "serving again");
     }
 
     #[test]

@@ -275,7 +275,7 @@ impl Node {
                     EntryKind::Data(data) => data.clone(),
                     EntryKind::Marker => unreachable!("a marker ends no command"),
                 };
-                cx.history.proposed.push((n, self.replica.promised(), last, vec![data]));
+                cx.history.proposed.push(Proposal { node: n, epoch: self.replica.promised(), last, group: vec![data], at: cx.step });
                 cx.stats.duplicates += 1;
                 Vec::new()
             }
@@ -324,8 +324,10 @@ pub(super) struct History {
     pub(super) committed: BTreeMap<Position, Entry>,
     /// Proposals whose leader saw them committed in their own epoch: (position, data).
     pub(super) acknowledged: Vec<(Position, Vec<u8>)>,
-    /// Groups proposed and waiting for their leader's commit: (node, epoch, last position, data).
-    pub(super) proposed: Vec<(NodeId, Epoch, Position, Vec<Vec<u8>>)>,
+    /// Groups proposed and waiting for their leader's commit.
+    pub(super) proposed: Vec<Proposal>,
+    /// The step of the latest proposal acknowledged so far.
+    pub(super) latest_acknowledged_at: u64,
     /// Which node served each epoch as its leader: at most one may.
     pub(super) servers: BTreeMap<Epoch, NodeId>,
     /// Linearizable reads waiting for their round: (node, epoch, round, the highest position
@@ -406,6 +408,17 @@ pub(super) fn check_converged(history: &History, members: &[(NodeId, &Node)], ru
             assert!(ids.insert(id.clone()), "{run}: command {id} was applied twice (again at {})", entry.position);
         }
     }
+}
+
+/// A group of entries a leader took, waiting for its commit in the leader's epoch.
+pub(super) struct Proposal {
+    pub(super) node: NodeId,
+    pub(super) epoch: Epoch,
+    /// The position of its last entry.
+    pub(super) last: Position,
+    pub(super) group: Vec<Vec<u8>>,
+    /// The step it was proposed at.
+    pub(super) at: u64,
 }
 
 /// Where a node's effects are recorded: the partition's history, the run's stats and trace.
@@ -497,18 +510,19 @@ impl Node {
                     node.checked = node.checked.max(position);
                     let epoch = node.replica.promised();
                     let (done, waiting): (Vec<_>, Vec<_>) =
-                        cx.history.proposed.drain(..).partition(|(leader, e, p, _)| *leader == n && *e == epoch && *p <= position);
+                        cx.history.proposed.drain(..).partition(|p| p.node == n && p.epoch == epoch && p.last <= position);
                     cx.history.proposed = waiting;
-                    for (_, _, last, group) in done {
+                    for Proposal { last, group, at, .. } in done {
                         let first = last + 1 - group.len() as Position;
                         cx.history.acknowledged.extend((first..=last).zip(group));
+                        cx.history.latest_acknowledged_at = cx.history.latest_acknowledged_at.max(at);
                     }
                 }
                 Effect::Serving { epoch, .. } => {
                     let first = *cx.history.servers.entry(epoch).or_insert(n);
                     assert_eq!(first, n, "nodes {first} and {n} both serve epoch {epoch} as its leader");
                 }
-                Effect::SteppedDown { .. } => cx.history.proposed.retain(|(leader, _, _, _)| *leader != n),
+                Effect::SteppedDown { .. } => cx.history.proposed.retain(|p| p.node != n),
             }
         }
         let end = node.log.entries.last();
@@ -726,6 +740,8 @@ pub struct Stats {
     pub ledger_commands: u64,
     /// Retried commands answered as duplicates (each checked to be in the final log once).
     pub duplicates: u64,
+    /// Coordination members that installed their Raft leader's snapshot (the whole cluster).
+    pub store_snapshots_installed: u64,
 }
 
 impl Stats {
@@ -747,5 +763,6 @@ impl Stats {
         self.one_way += other.one_way;
         self.ledger_commands += other.ledger_commands;
         self.duplicates += other.duplicates;
+        self.store_snapshots_installed += other.store_snapshots_installed;
     }
 }

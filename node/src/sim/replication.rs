@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use super::model::Stats;
-use super::model::{Clients, Ctx, Event, History, Node, Trace, check_converged, kind_of};
+use super::model::{Clients, Ctx, Event, History, Node, Proposal, Trace, check_converged, kind_of};
 use super::{Outcome, failure_of};
 use crate::replication::message::Message;
 use crate::replication::replica::{ReplicaConfig, Role};
@@ -200,7 +200,7 @@ impl Sim {
         self.stats.crashes += 1;
         self.trace.note(Event::Crash { step: self.step, node: n });
         self.nodes[n as usize].crash();
-        self.history.proposed.retain(|(leader, _, _, _)| *leader != n);
+        self.history.proposed.retain(|p| p.node != n);
         self.history.reads.retain(|(reader, ..)| *reader != n);
     }
 
@@ -305,7 +305,7 @@ impl Sim {
                 }
                 let node = &mut self.nodes[n as usize];
                 if let Some(last) = node.replica.propose(group.clone()) {
-                    self.history.proposed.push((n, node.replica.promised(), last, group));
+                    self.history.proposed.push(Proposal { node: n, epoch: node.replica.promised(), last, group, at: self.step });
                     self.trace.note(Event::Propose { step: self.step, node: n, last });
                     self.drain(n);
                 }
@@ -442,7 +442,7 @@ impl Sim {
         if self.nodes[n as usize].up {
             self.sync(n);
         }
-        self.history.proposed.retain(|(leader, _, _, _)| *leader != n);
+        self.history.proposed.retain(|p| p.node != n);
         self.history.reads.retain(|(reader, ..)| *reader != n);
     }
 
