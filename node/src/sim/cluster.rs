@@ -486,8 +486,10 @@ impl Sim {
 
     fn send(&mut self, from: NodeId, to: NodeId, wire: Wire) {
         let delay = if self.storm { self.rng.random_range(1..20) } else { self.rng.random_range(1..3) };
+        // A stopped process sends nothing until it wakes.
+        let sent_at = self.step.max(self.nodes[from as usize].paused_until);
         self.sent += 1;
-        self.network.insert((self.step + delay, self.sent), (from, to, wire));
+        self.network.insert((sent_at + delay, self.sent), (from, to, wire));
     }
 
     fn running(&self, n: NodeId) -> bool {
@@ -790,9 +792,13 @@ impl Sim {
         }
         self.cycle(n);
         self.poll_elector(n);
-        self.cycle(n);
-        if std::mem::take(&mut self.nodes[n as usize].member.0.lock().stalled) {
+        let stalled = std::mem::take(&mut self.nodes[n as usize].member.0.lock().stalled);
+        if stalled {
+            // Stopped before the proposal's messages left: they go when it wakes.
             self.pause(n, SESSION_TTL_MS..3 * SESSION_TTL_MS);
+        }
+        self.cycle(n);
+        if stalled {
             return;
         }
         self.follow(n);
