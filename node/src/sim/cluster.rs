@@ -828,6 +828,18 @@ impl Sim {
         self.trace.note_in(CLUSTER, Event::Pause { step: self.step, node: n, until });
     }
 
+    /// Node `n` wakes from a pause: counts the partitions it still leads in an epoch that a
+    /// later one replaced meanwhile (fencing must now hold it off).
+    fn woke(&mut self, n: NodeId) {
+        for (p, part) in self.nodes[n as usize].parts.iter().filter(|(_, part)| part.active) {
+            let replica = &part.replica.replica;
+            let latest = self.histories[*p as usize].servers.keys().next_back().copied().unwrap_or(0);
+            if matches!(replica.role(), Role::Leader { .. }) && replica.promised() < latest {
+                self.stats.paused_leaders_replaced += 1;
+            }
+        }
+    }
+
     fn faults(&mut self) {
         let count = self.nodes.len() as NodeId;
         if self.isolated.as_ref().is_none_or(|(_, _, until, _)| *until <= self.step) && self.rng.random_bool(0.001) {
@@ -856,6 +868,11 @@ impl Sim {
 
     fn one_step(&mut self) {
         self.step += 1;
+        for n in 0..self.nodes.len() as NodeId {
+            if self.nodes[n as usize].up && self.nodes[n as usize].paused_until == self.step {
+                self.woke(n);
+            }
+        }
         self.deliver();
         for n in 0..self.nodes.len() as NodeId {
             self.node_step(n);
@@ -1072,7 +1089,8 @@ mod tests {
 
     #[test]
     fn three_nodes_under_crashes_pauses_partitions_and_skewed_clocks_lose_no_acknowledged_write_and_recover() {
-        storms(3, 0..env_or("ANTHILL_CLUSTER_SEEDS", 20));
+        let (_, total) = storms(3, 0..env_or("ANTHILL_CLUSTER_SEEDS", 20));
+        assert!(total.paused_leaders_replaced > 0, "no paused leader woke up replaced: {total:?}");
     }
 
     #[test]
@@ -1081,6 +1099,7 @@ mod tests {
         // With more nodes than a replica set, sets first placed over the first live members
         // move to where the nodes' names place them, each through a handover.
         assert!(total.moves > 0 && total.handovers >= total.moves, "{total:?}");
+        assert!(total.paused_leaders_replaced > 0, "no paused leader woke up replaced: {total:?}");
     }
 
     #[test]
