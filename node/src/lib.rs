@@ -13,6 +13,7 @@
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod config;
