@@ -78,6 +78,9 @@ impl Verdict {
     }
 }
 
+/// Per replica of a partition (named by its node), where each operation's events are.
+type Replicas<'a> = Vec<(&'a str, BTreeMap<u64, Vec<u64>>)>;
+
 /// Where each operation's events are on one replica: operation id to its positions.
 fn placed(stored: &Stored) -> BTreeMap<u64, Vec<u64>> {
     let mut placed: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
@@ -113,7 +116,7 @@ pub fn check(history: &[Record], replicas: &[Stored]) -> Verdict {
         }
         verdict.diverged.extend(diverged.into_iter().map(|position| (*partition, position)));
     }
-    let placements: BTreeMap<u32, Vec<(&str, BTreeMap<u64, Vec<u64>>)>> = by_partition
+    let placements: BTreeMap<u32, Replicas<'_>> = by_partition
         .iter()
         .map(|(partition, stores)| (*partition, stores.iter().map(|s| (s.node.as_str(), placed(s))).collect()))
         .collect();
