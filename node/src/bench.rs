@@ -396,7 +396,7 @@ pub(crate) async fn wait_whole(cluster: &LocalCluster, spec: &ClusterSpec, timeo
 }
 
 /// The live node that leads `partition` in the highest epoch, as the nodes' statuses say.
-async fn serving_node(cluster: &LocalCluster, partition: u32) -> Option<usize> {
+pub(crate) async fn serving_node(cluster: &LocalCluster, partition: u32) -> Option<usize> {
     let mut best: Option<(u64, usize)> = None;
     for i in (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].is_some()) {
         let Ok(mut c) = client::connect(&cluster.url(i)).await else { continue };

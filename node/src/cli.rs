@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
+mod chaos;
 mod decommission;
 mod ledger;
 mod sim;
@@ -49,6 +50,9 @@ enum Command {
     Ledger(ledger::LedgerArgs),
     /// Run the deterministic simulation: one seed (replayed exactly), or a hunt for failing ones.
     Sim(sim::SimArgs),
+    /// Run a local cluster of real node processes under load while leaders are killed, then
+    /// check that nothing acknowledged was lost.
+    Chaos(chaos::ChaosArgs),
     /// Run given-when-then specs (or measure their speed with --perf).
     Specs(crate::app::specs::command::SpecsArgs),
 }
@@ -300,6 +304,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Specs(args) => crate::app::specs::command::run(args),
         Command::Ledger(args) => runtime.block_on(ledger::run(args)),
         Command::Sim(args) => sim::run(args),
+        Command::Chaos(args) => runtime.block_on(chaos::run(args)),
     }
 }
 
