@@ -94,6 +94,14 @@ impl ChildNode {
         Ok(())
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): the process is frozen, as by a long GC pause or
+    /// a stalled VM, and thaws believing what it believed.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling our own child process by its pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// SIGTERM and wait for a clean exit (at most `timeout`, then SIGKILL and an error).
     pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<()> {
         // SAFETY: signalling our own child process by its pid.

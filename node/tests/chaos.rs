@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 #[test]
-fn a_short_chaos_run_with_leader_kills_loses_no_acknowledged_append_and_reports_each_kill() {
+fn a_short_chaos_run_with_leaders_killed_and_frozen_loses_no_acknowledged_append_and_reports_each_fault() {
     let out = Command::new(common::exe())
         .args(["chaos", "--nodes", "3", "--duration", "16", "--kill-every", "3", "--seed", "7", "--json"])
         .output()
@@ -15,16 +15,17 @@ fn a_short_chaos_run_with_leader_kills_loses_no_acknowledged_append_and_reports_
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
     assert_eq!(report["passed"], true, "{report}");
-    let kills = report["kills"].as_u64().unwrap();
-    assert!(kills >= 3, "{report}");
-    // Every kill's partition took appends again, and the run was under load throughout.
+    let (kills, pauses) = (report["kills"].as_u64().unwrap(), report["pauses"].as_u64().unwrap());
+    assert!(kills >= 2 && pauses >= 1, "{report}");
+    // Every fault's partition took appends again, and the run was under load throughout.
     let unavailability = report["unavailability_ms"].as_array().unwrap();
-    assert_eq!(unavailability.len() as u64, kills);
+    assert_eq!(unavailability.len() as u64, kills + pauses);
     assert!(unavailability.iter().all(|ms| ms.as_u64().is_some_and(|ms| ms < 10_000)), "{report}");
     assert!(report["acknowledged"].as_u64().unwrap() > 1_000, "{report}");
     assert!(report["verdict"]["lost"].as_array().unwrap().is_empty(), "{report}");
-    // The progress shows each kill.
-    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("killed node-").count() as u64, kills);
+    // The progress shows each fault.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((stderr.matches("killed node-").count() as u64, stderr.matches("froze node-").count() as u64), (kills, pauses));
 }
 
 #[test]

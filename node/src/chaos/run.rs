@@ -1,11 +1,12 @@
 //! One chaos run on real processes: a [`LocalCluster`] of `anthill node`s on 127.0.0.x, clients
 //! appending with `quorum` acknowledgements (each append's payload names its operation), and a
-//! nemesis that SIGKILLs the node leading a partition now and then and starts it again a second
-//! later. When the run ends the nemesis stops, every node is up again, the clients stop, and
+//! nemesis that, now and then, SIGKILLs the node leading a partition and starts it again a
+//! second later, or (one time in three) freezes it with SIGSTOP for 1.5–3 session TTLs and
+//! thaws it with SIGCONT: it wakes up believing it leads, and fencing must hold it off. When the run ends the nemesis stops, every node is up again, the clients stop, and
 //! every replica of every partition is read back for the checker ([`super::history`]).
 //!
-//! Not yet (issue 6): pauses, network partitions, ledger transfers, rolling restarts, the
-//! picture, and `tests/e2e`.
+//! Not yet (issue 6): network partitions, ledger transfers, rolling restarts, the picture, and
+//! `tests/e2e`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,7 +46,9 @@ pub struct ChaosReport {
     pub acknowledged: usize,
     pub unknown: usize,
     pub kills: usize,
-    /// Per kill: milliseconds until the killed leader's partition acknowledged an append again.
+    pub pauses: usize,
+    /// Per fault, in order: milliseconds until the partition whose leader was killed or frozen
+    /// acknowledged an append again.
     pub unavailability_ms: Vec<Option<u64>>,
     pub verdict: Verdict,
 }
@@ -105,7 +108,7 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
             })
         })
         .collect();
-    let faults = nemesis(&mut cluster, spec, started).await?;
+    let (faults, kills) = nemesis(&mut cluster, spec, started).await?;
     // Heal: every node up, then the clients stop once the cluster is whole again.
     wait_whole(&cluster, &spec.cluster, Duration::from_secs(60)).await.context("the cluster did not heal")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -122,32 +125,44 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
         operations: history.len(),
         acknowledged: verdict.acknowledged,
         unknown: verdict.unknown_applied + verdict.unknown_absent,
-        kills: faults.len(),
+        kills,
+        pauses: faults.len() - kills,
         unavailability_ms,
         verdict,
     })
 }
 
-/// Kills the leader of a random partition every `kill_every` until the run's time is up, and
-/// starts it again a second later; the faults it made: (when, the partition).
-async fn nemesis(cluster: &mut LocalCluster, spec: &ChaosSpec, started: Instant) -> anyhow::Result<Vec<(u64, Vec<u32>)>> {
+/// Every `kill_every` until the run's time is up, kills the leader of a random partition and
+/// starts it again a second later, or freezes it for a while (module doc). The faults it made
+/// (when, the partition), and how many were kills.
+async fn nemesis(cluster: &mut LocalCluster, spec: &ChaosSpec, started: Instant) -> anyhow::Result<(Vec<(u64, Vec<u32>)>, usize)> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut faults = Vec::new();
+    let (mut faults, mut kills) = (Vec::new(), 0);
+    let ttl = Duration::from_millis(spec.cluster.session_ttl_ms);
     while started.elapsed() + spec.kill_every < spec.duration {
         tokio::time::sleep(spec.kill_every).await;
         let partition = rng.random_range(0..spec.cluster.partitions);
+        let freeze = rng.random_bool(1.0 / 3.0);
+        let frozen_for = ttl.mul_f64(rng.random_range(1.5..3.0));
         let Some(victim) = serving_node(cluster, partition).await else { continue };
-        faults.push((started.elapsed().as_millis() as u64, vec![partition]));
-        cluster.kill9(victim)?;
-        eprintln!(
-            "chaos: {:.1} s: killed {} (leader of partition {partition})",
-            started.elapsed().as_secs_f64(),
-            LocalCluster::name(victim)
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        cluster.start_node(victim, &spec.cluster.node_args)?;
+        let at = started.elapsed();
+        faults.push((at.as_millis() as u64, vec![partition]));
+        let name = LocalCluster::name(victim);
+        if freeze {
+            let node = cluster.nodes[victim].as_ref().context("the leader runs")?;
+            node.freeze(true);
+            eprintln!("chaos: {:.1} s: froze {name} (leader of partition {partition}) for {} ms", at.as_secs_f64(), frozen_for.as_millis());
+            tokio::time::sleep(frozen_for).await;
+            node.freeze(false);
+        } else {
+            cluster.kill9(victim)?;
+            kills += 1;
+            eprintln!("chaos: {:.1} s: killed {name} (leader of partition {partition})", at.as_secs_f64());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cluster.start_node(victim, &spec.cluster.node_args)?;
+        }
     }
-    Ok(faults)
+    Ok((faults, kills))
 }
 
 /// Reads every replica of every partition back and checks the history against them; a replica

@@ -1,5 +1,5 @@
 //! `anthill chaos`: a chaos run on real node processes (docs/chaos.md is to come with issue 6):
-//! a local cluster under `quorum` appends while the nemesis kills partition leaders, then the
+//! a local cluster under `quorum` appends while the nemesis kills and freezes partition leaders, then the
 //! checker over every replica. Progress on stderr (each fault); `--json` for the report.
 
 use std::time::Duration;
@@ -20,7 +20,8 @@ pub(crate) struct ChaosArgs {
     /// Seconds the nemesis runs, 5 to 86400.
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
-    /// Seconds between two kills of a partition's leader, 2 or more.
+    /// Seconds between two faults (a partition's leader killed, or frozen past its TTL), 2 or
+    /// more.
     #[arg(long, default_value_t = 4.0)]
     kill_every: f64,
     /// The nemesis's seed (random by default).
@@ -71,13 +72,14 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     } else {
         let worst = report.unavailability_ms.iter().flatten().max();
         println!(
-            "chaos seed {}: {} nodes, {} operations, {} acknowledged, {} unknown; {} kills, worst unavailability {} ms",
+            "chaos seed {}: {} nodes, {} operations, {} acknowledged, {} unknown; {} kills, {} pauses, worst unavailability {} ms",
             report.seed,
             report.nodes,
             report.operations,
             report.acknowledged,
             report.unknown,
             report.kills,
+            report.pauses,
             worst.map_or("-".to_string(), u64::to_string)
         );
         let v = &report.verdict;
