@@ -34,7 +34,7 @@ use rand::{Rng, SeedableRng};
 use super::model::{Clients, Ctx, Event, History, Node as Replicant, Proposal, Stats, Trace, check_converged, kind_of};
 use super::{Outcome, failure_of};
 use crate::coordination::driver::{EXPIRY_TICK, MemberCore, PROPOSAL_TIMEOUT, RaftMember, TICK, WRITE_DEADLINE, write_backoff};
-use crate::coordination::election::{ClusterView, Elector, ElectorConfig, Handovers};
+use crate::coordination::election::{ClusterView, Elector, ElectorConfig, Handovers, Placement};
 use crate::coordination::embedded::{RaftId, RaftKv, RaftKvError};
 use crate::coordination::member::{PREFIX, retry_delay};
 use crate::coordination::raft_log::RaftLog;
@@ -125,11 +125,12 @@ impl SimStore {
             let mut m = self.0.lock();
             let (call, wall_ms) = (m.next_call, m.wall_ms);
             m.next_call += 1;
+            let switch = m.stall_on_switch && m.core.as_ref().is_some_and(|core| is_switch(core.node().state(), op));
             let core = m.core.as_mut().ok_or_else(stopped)?;
             match core.propose(op.clone(), wall_ms, call) {
                 Ok(()) => {
-                    let switch = matches!(op, Op::Put { key, cas: Cas::ModifyIndex(_), .. } if key.contains("/placement/"));
-                    if switch && std::mem::take(&mut m.stall_on_switch) {
+                    if switch {
+                        m.stall_on_switch = false;
                         m.stalled = true;
                     }
                     call
@@ -180,6 +181,18 @@ impl RaftMember for SimStore {
             if changed || m.now_ms >= at_ms { Poll::Ready(()) } else { Poll::Pending }
         })
         .await
+    }
+}
+
+/// Whether `op` switches a partition's replica set to the target it was moving to (a claim or a
+/// new target writes a placement too).
+fn is_switch(state: &KvState, op: &Op) -> bool {
+    let Op::Put { key, value, cas: Cas::ModifyIndex(_) } = op else { return false };
+    let placement = |bytes: &[u8]| Placement::decode(&String::from_utf8_lossy(bytes));
+    let current = state.get(key).and_then(|entry| placement(&entry.value));
+    match (current, placement(value)) {
+        (Some(current), Some(new)) => !current.target.is_empty() && new.replicas == current.target,
+        _ => false,
     }
 }
 
@@ -730,7 +743,7 @@ impl Sim {
         if let Some(last) = part.replica.replica.propose(group.clone()) {
             let epoch = part.replica.replica.promised();
             assert_ne!(part.reported, epoch, "node {n} took a proposal in epoch {epoch} of partition {p}, which it handed over");
-            self.histories[p as usize].proposed.push(Proposal { node: n, epoch, last, group, at: step });
+            self.histories[p as usize].proposed.push(Proposal { node: n, epoch, last, group, at: step, duplicate: false });
             self.trace.note_in(p, Event::Propose { step, node: n, last });
             self.drain(n, p);
         }
@@ -935,10 +948,16 @@ impl Sim {
         self.healed_at = self.step;
         for n in 0..self.nodes.len() as NodeId {
             self.nodes[n as usize].paused_until = 0;
+            self.nodes[n as usize].member.0.lock().stall_on_switch = false;
             if !self.nodes[n as usize].up {
                 self.trace.note_in(CLUSTER, Event::Restart { step: self.step, node: n });
                 self.start(n);
             }
+        }
+        // What waited for a paused process to wake goes now.
+        let late = self.network.split_off(&(self.step + 20, 0));
+        for ((_, seq), message) in late {
+            self.network.insert((self.step + 1, seq), message);
         }
     }
 

@@ -258,6 +258,10 @@ impl Node {
     /// which is acknowledged once the first result's last event is committed in this epoch (the
     /// node answers a duplicate only then), so the history waits for that entry.
     pub(super) fn ledger_request(&self, n: NodeId, id: &str, command: &LedgerCommand, step: u64, cx: &mut Ctx) -> Vec<Vec<u8>> {
+        // A paused partition takes no command, duplicates included (its role reads as none).
+        if self.replica.paused() {
+            return Vec::new();
+        }
         match self.book.decide(command, id, step) {
             Decision::Decided { events, command_hash } => {
                 cx.stats.ledger_commands += u64::from(!events.is_empty());
@@ -275,7 +279,8 @@ impl Node {
                     EntryKind::Data(data) => data.clone(),
                     EntryKind::Marker => unreachable!("a marker ends no command"),
                 };
-                cx.history.proposed.push(Proposal { node: n, epoch: self.replica.promised(), last, group: vec![data], at: cx.step });
+                let epoch = self.replica.promised();
+                cx.history.proposed.push(Proposal { node: n, epoch, last, group: vec![data], at: cx.step, duplicate: true });
                 cx.stats.duplicates += 1;
                 Vec::new()
             }
@@ -326,7 +331,7 @@ pub(super) struct History {
     pub(super) acknowledged: Vec<(Position, Vec<u8>)>,
     /// Groups proposed and waiting for their leader's commit.
     pub(super) proposed: Vec<Proposal>,
-    /// The step of the latest proposal acknowledged so far.
+    /// The step of the latest new write (not a duplicate) acknowledged so far.
     pub(super) latest_acknowledged_at: u64,
     /// Which node served each epoch as its leader: at most one may.
     pub(super) servers: BTreeMap<Epoch, NodeId>,
@@ -419,6 +424,8 @@ pub(super) struct Proposal {
     pub(super) group: Vec<Vec<u8>>,
     /// The step it was proposed at.
     pub(super) at: u64,
+    /// A duplicate's answer waiting for its first result (not a new write).
+    pub(super) duplicate: bool,
 }
 
 /// Where a node's effects are recorded: the partition's history, the run's stats and trace.
@@ -512,10 +519,12 @@ impl Node {
                     let (done, waiting): (Vec<_>, Vec<_>) =
                         cx.history.proposed.drain(..).partition(|p| p.node == n && p.epoch == epoch && p.last <= position);
                     cx.history.proposed = waiting;
-                    for Proposal { last, group, at, .. } in done {
+                    for Proposal { last, group, at, duplicate, .. } in done {
                         let first = last + 1 - group.len() as Position;
                         cx.history.acknowledged.extend((first..=last).zip(group));
-                        cx.history.latest_acknowledged_at = cx.history.latest_acknowledged_at.max(at);
+                        if !duplicate {
+                            cx.history.latest_acknowledged_at = cx.history.latest_acknowledged_at.max(at);
+                        }
                     }
                 }
                 Effect::Serving { epoch, .. } => {

@@ -305,7 +305,14 @@ impl Sim {
                 }
                 let node = &mut self.nodes[n as usize];
                 if let Some(last) = node.replica.propose(group.clone()) {
-                    self.history.proposed.push(Proposal { node: n, epoch: node.replica.promised(), last, group, at: self.step });
+                    self.history.proposed.push(Proposal {
+                        node: n,
+                        epoch: node.replica.promised(),
+                        last,
+                        group,
+                        at: self.step,
+                        duplicate: false,
+                    });
                     self.trace.note(Event::Propose { step: self.step, node: n, last });
                     self.drain(n);
                 }
