@@ -316,7 +316,8 @@ async fn run_partition(
     }
 }
 
-fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
+/// Whether two replica sets name the same nodes, in any order.
+pub fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
     let (mut a, mut b) = (a.to_vec(), b.to_vec());
     a.sort_unstable();
     b.sort_unstable();

@@ -40,7 +40,7 @@ use crate::coordination::member::{PREFIX, retry_delay};
 use crate::coordination::raft_log::RaftLog;
 use crate::coordination::state::{KvState, Op, Outcome as KvOutcome};
 use crate::coordination::{Cas, CoordinationError, Result as KvResult};
-use crate::replication::manager::{HANDOVER_PAUSE, HandoverStep, next_handover_step};
+use crate::replication::manager::{HANDOVER_PAUSE, HandoverStep, next_handover_step, same_members};
 use crate::replication::message::Message;
 use crate::replication::replica::{ReplicaConfig, Role};
 use crate::replication::{Epoch, NodeId, Position};
@@ -654,7 +654,7 @@ impl Sim {
             (part.members, part.target, part.target_names) = (members, target, target_names);
             return;
         }
-        let regroup = part.target != target || !same(&part.members, &members);
+        let regroup = part.target != target || !same_members(&part.members, &members);
         (part.members, part.target, part.target_names) = (members, target.clone(), target_names);
         if regroup {
             part.replica.replica.set_members(set);
@@ -1046,13 +1046,6 @@ impl Sim {
             check_converged(&self.histories[p as usize], &replicas, &format!("seed {seed}, partition {p}"));
         }
     }
-}
-
-fn same(a: &[NodeId], b: &[NodeId]) -> bool {
-    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-    a.sort_unstable();
-    b.sort_unstable();
-    a == b
 }
 
 /// Runs the seeds `seeds` of `nodes` nodes; returns the writes acknowledged and what the runs
