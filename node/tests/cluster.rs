@@ -531,7 +531,7 @@ async fn given_ledger_commands_when_a_books_leader_is_killed_then_transfers_go_o
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let partition = router.partition_of("ledger/book-0");
-    let victim_url = router.table().leaders[partition as usize].clone().expect("book-0's partition has a leader");
+    let victim_url = leader_of(&router, partition).await;
     let victim = cluster.local.urls().iter().position(|u| *u == victim_url).unwrap();
     cluster.kill9(victim);
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -862,6 +862,19 @@ async fn floor_on(cluster: &Cluster, i: usize, partition: u32) -> Option<u64> {
     Some(status.partitions[partition as usize].floor_position)
 }
 
+/// The URL of `partition`'s leader in the router's table. The node the router asked may not
+/// have seen the latest leader yet: it asks again until it has (at most 30 s).
+async fn leader_of(router: &anthill_node::router::Router, partition: u32) -> String {
+    for _ in 0..300 {
+        if let Some(url) = router.table().leaders[partition as usize].clone() {
+            return url;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        router.refresh().await.unwrap();
+    }
+    panic!("partition {partition} has no leader in the router's table within 30 s")
+}
+
 async fn balance_on(cluster: &Cluster, i: usize, book: &str) -> Option<i64> {
     let mut c = client::connect(&format!("http://{}", cluster.addrs[i])).await.ok()?;
     let request = pb::GetBalanceRequest { book: book.into(), account: "a".into() };
@@ -877,7 +890,7 @@ async fn given_retention_when_a_replica_comes_back_after_its_leader_gave_up_what
     let router = anthill_node::router::Router::connect(&cluster.local.urls()).await.unwrap();
     let book = "kept";
     let partition = router.partition_of(&format!("ledger/{book}"));
-    let leader_url = router.table().leaders[partition as usize].clone().expect("the book's partition has a leader");
+    let leader_url = leader_of(&router, partition).await;
     let leader = cluster.local.urls().iter().position(|u| *u == leader_url).unwrap();
     let out = std::process::Command::new(common::exe())
         .args(["ledger", "--server", &cluster.local.urls().join(","), "--book", book, "--command-id", "open-a"])
