@@ -225,6 +225,15 @@ impl LocalCluster {
         }
     }
 
+    /// SIGTERM node `i` and wait for its clean exit (see [`ChildNode::terminate`]; nothing if
+    /// it is not running).
+    pub fn terminate(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        match self.nodes[i].take() {
+            Some(node) => node.terminate(timeout),
+            None => Ok(()),
+        }
+    }
+
     pub fn url(&self, i: usize) -> String {
         format!("http://{}", self.addrs[i])
     }

@@ -22,12 +22,23 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Record {
     pub id: u64,
+    pub kind: OpKind,
     /// The partition the operation went to.
     pub partition: u32,
     /// When it was sent and when its outcome came back, in milliseconds since the run began.
     pub invoked_ms: u64,
     pub completed_ms: u64,
     pub outcome: Outcome,
+}
+
+/// What an operation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpKind {
+    /// A raw append of one event.
+    Append,
+    /// A ledger transfer (two events, or a rejection).
+    Transfer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -172,7 +183,7 @@ mod tests {
     use super::*;
 
     fn op(id: u64, partition: u32, outcome: Outcome) -> Record {
-        Record { id, partition, invoked_ms: id * 10, completed_ms: id * 10 + 5, outcome }
+        Record { id, kind: OpKind::Append, partition, invoked_ms: id * 10, completed_ms: id * 10 + 5, outcome }
     }
 
     fn stored(node: &str, partition: u32, ops: &[u64]) -> Stored {

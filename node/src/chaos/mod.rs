@@ -1,9 +1,17 @@
-//! The chaos suite (issue 6): real `anthill node` processes under load while a nemesis kills,
-//! pauses and partitions them, then a Jepsen-style check that nothing acknowledged was lost.
+//! The chaos suite (issue 6, docs/chaos.md): real `anthill node` processes under load while a
+//! nemesis kills, pauses, partitions and restarts them, then a Jepsen-style check that nothing
+//! acknowledged was lost and a report of how long each fault hurt.
 //!
-//! Built so far: the history of operations and its checker ([`history`]), pure logic tested
-//! with made-up histories; one run with leader kills ([`run`]), and `anthill chaos`. The other
-//! faults, ledger transfers, the picture and `tests/e2e` come next (see the issue's notes).
+//! - [`run`]: one run, start to verdict;
+//! - [`workload`]: the clients (raw appends and ledger transfers) and the history they record;
+//! - [`nemesis`]: the faults and their schedule;
+//! - [`net`]: the run's own network namespace and the cuts that make partitions;
+//! - [`history`]: the checker, pure logic;
+//! - [`timeline`]: throughput and latency per second, and the picture.
 
 pub mod history;
+pub mod nemesis;
+pub mod net;
 pub mod run;
+pub mod timeline;
+pub mod workload;

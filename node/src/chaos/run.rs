@@ -1,40 +1,79 @@
-//! One chaos run on real processes: a [`LocalCluster`] of `anthill node`s on 127.0.0.x, clients
-//! appending with `quorum` acknowledgements (each append's payload names its operation), and a
-//! nemesis that, now and then, SIGKILLs the node leading a partition and starts it again a
-//! second later, or (one time in three) freezes it with SIGSTOP for 1.5–3 session TTLs and
-//! thaws it with SIGCONT: it wakes up believing it leads, and fencing must hold it off. When the run ends the nemesis stops, every node is up again, the clients stop, and
-//! every replica of every partition is read back for the checker ([`super::history`]).
-//!
-//! Not yet (issue 6): network partitions, ledger transfers, rolling restarts, the picture, and
-//! `tests/e2e`.
+//! One chaos run on real processes, start to verdict:
+//! 1. a [`LocalCluster`] of `anthill node`s on 127.0.0.x (in the run's own network namespace,
+//!    [`super::net`]), and one ledger book per partition opened;
+//! 2. the clients ([`super::workload`]) alone for the warm-up: the steady state's throughput;
+//! 3. the nemesis ([`super::nemesis`]) injecting its faults, one after another, until the time
+//!    or the number of faults asked for is reached;
+//! 4. the heal: the network whole, every node running and every partition taking writes; then
+//!    the clients stop;
+//! 5. the checks: every replica of every partition read back against the history
+//!    ([`super::history`]), and every book's totals, audit and balances asked of every replica
+//!    of its partition (each replica keeps its own read model);
+//! 6. the report: operations, faults with the unavailability each caused, throughput under
+//!    chaos against the steady state, the per-second timeline ([`super::timeline`]).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anthill_proto::v1 as pb;
 use anyhow::Context;
-use parking_lot::Mutex;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
-use super::history::{self, Outcome, Record, Stored, Verdict};
-use crate::bench::{serving_node, wait_whole};
+use super::history::{self, OpKind, Outcome, Record, Stored, Verdict};
+use super::nemesis::{Fault, FaultKind, Nemesis, schedule};
+use super::net::Cuts;
+use super::timeline::{self, Second};
+use super::workload::{self, Book, COMMAND_ID_PREFIX, Load, LoadSpec};
+use crate::app::COMMAND_ID_METADATA_KEY;
+use crate::bench::wait_whole;
+use crate::client;
 use crate::local::{ClusterSpec, LocalCluster};
 use crate::router::Router;
-use crate::{client, log};
 
 /// What a run does.
 #[derive(Debug, Clone)]
 pub struct ChaosSpec {
     pub cluster: ClusterSpec,
+    /// How long the nemesis runs (the last fault starts only if it can end in time).
     pub duration: Duration,
-    /// How often the nemesis kills a partition's leader.
-    pub kill_every: Duration,
+    /// When set, the nemesis injects exactly this many faults instead, however long it takes.
+    pub fault_count: Option<usize>,
+    /// The pause before each fault.
+    pub fault_every: Duration,
+    /// The kinds of fault to inject.
+    pub faults: Vec<FaultKind>,
+    /// How long the clients run alone first (the steady state).
+    pub warmup: Duration,
+    pub load: LoadSpec,
     pub seed: u64,
-    /// Client tasks appending at once.
-    pub clients: usize,
+}
+
+/// One fault and the write unavailability it caused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FaultReport {
+    #[serde(flatten)]
+    pub fault: Fault,
+    /// Milliseconds from the fault until an operation sent after it to one of its partitions
+    /// was acknowledged; `None` when it hit no leader (nothing to measure) or none was.
+    pub unavailability_ms: Option<u64>,
+}
+
+/// The books' checks: problems found on any replica (none: the ledger holds).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LedgerCheck {
+    pub books: usize,
+    /// Replicas whose totals, audit and balances were read.
+    pub replicas_checked: usize,
+    pub problems: Vec<String>,
+}
+
+impl LedgerCheck {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
 }
 
 /// What a run found.
@@ -42,127 +81,151 @@ pub struct ChaosSpec {
 pub struct ChaosReport {
     pub seed: u64,
     pub nodes: usize,
+    pub partitions: u32,
     pub operations: usize,
+    pub appends: usize,
+    pub transfers: usize,
     pub acknowledged: usize,
+    /// Refused definitely (transfers the ledger's rules refused).
+    pub failed: usize,
     pub unknown: usize,
-    pub kills: usize,
-    pub pauses: usize,
-    /// Per fault, in order: milliseconds until the partition whose leader was killed or frozen
-    /// acknowledged an append again.
-    pub unavailability_ms: Vec<Option<u64>>,
+    pub faults: Vec<FaultReport>,
+    /// How many faults of each kind.
+    pub fault_counts: BTreeMap<&'static str, usize>,
+    /// Unavailability after `kill-leader` faults: median, p99 (nearest rank) and worst, ms.
+    pub kill_unavailability_ms: Option<[u64; 3]>,
+    /// The worst unavailability after any fault, ms.
+    pub worst_unavailability_ms: Option<u64>,
+    /// Acknowledged operations per second in the warm-up (after its first second) and while the
+    /// nemesis ran, and the second over the first.
+    pub steady_ops_per_s: f64,
+    pub chaos_ops_per_s: f64,
+    pub throughput_ratio: f64,
     pub verdict: Verdict,
+    pub ledger: LedgerCheck,
+    pub timeline: Vec<Second>,
 }
 
 impl ChaosReport {
+    /// No acknowledged write lost or doubled, replicas agree, the ledger holds, and every
+    /// partition a fault hit took writes again.
     pub fn passed(&self) -> bool {
-        self.verdict.ok() && self.unavailability_ms.iter().all(Option::is_some)
+        self.verdict.ok() && self.ledger.ok() && self.faults.iter().all(|f| f.fault.partitions.is_empty() || f.unavailability_ms.is_some())
     }
 }
 
-/// How long one append may take before its outcome counts as unknown.
-const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Streams the clients append to (spread over the partitions).
-const STREAMS: u64 = 32;
-
-/// Runs `spec` with the `anthill` binary `exe`, its nodes' data under `dir`.
+/// Runs `spec` with the `anthill` binary `exe`, its nodes' data under `dir`. Network faults need
+/// the run's own network namespace ([`super::net`]).
 pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<ChaosReport> {
+    let cuts = if spec.faults.iter().any(|k| k.cuts_network()) { Some(Cuts::install()?) } else { None };
     let mut cluster = LocalCluster::start(exe, dir, &spec.cluster)?;
     wait_whole(&cluster, &spec.cluster, Duration::from_secs(60)).await.context("the cluster never formed")?;
     let router = Arc::new(Router::connect(&cluster.urls()).await?);
+    let books = Arc::new(workload::books(spec.cluster.partitions));
+    workload::open_books(&router, &books).await?;
     let started = Instant::now();
-    let history: Arc<Mutex<Vec<Record>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let next_op = Arc::new(AtomicU64::new(1));
-    let partitions = spec.cluster.partitions;
-    let clients: Vec<_> = (0..spec.clients)
-        .map(|_| {
-            let (router, history, stop, next_op) = (router.clone(), history.clone(), stop.clone(), next_op.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let id = next_op.fetch_add(1, Ordering::Relaxed);
-                    let stream = format!("chaos-{}", id % STREAMS);
-                    let partition = log::partitioning::partition_of(&stream, partitions);
-                    let invoked_ms = started.elapsed().as_millis() as u64;
-                    let request = pb::AppendRequest {
-                        durability: pb::Durability::Quorum as i32,
-                        stream,
-                        expected_version: None,
-                        events: vec![pb::EventData {
-                            r#type: "Op".into(),
-                            payload: id.to_string().into_bytes(),
-                            metadata: Default::default(),
-                        }],
-                    };
-                    // Any error may follow a write (the router resends only refusals that wrote
-                    // nothing): the outcome is unknown, and the read decides.
-                    let outcome = match tokio::time::timeout(APPEND_TIMEOUT, router.append(request)).await {
-                        Ok(Ok(_)) => Outcome::Ok,
-                        _ => Outcome::Unknown,
-                    };
-                    let completed_ms = started.elapsed().as_millis() as u64;
-                    history.lock().push(Record { id, partition, invoked_ms, completed_ms, outcome });
-                    if outcome == Outcome::Unknown {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            })
-        })
-        .collect();
-    let (faults, kills) = nemesis(&mut cluster, spec, started).await?;
-    // Heal: every node up, then the clients stop once the cluster is whole again.
+    let load = Load::start(router.clone(), books.clone(), &spec.load, started);
+    eprintln!("chaos: {} nodes up, {} clients; steady state for {:?}", spec.cluster.nodes, spec.load.clients, spec.warmup);
+    tokio::time::sleep(spec.warmup).await;
+    let chaos_from_ms = started.elapsed().as_millis() as u64;
+    let faults = inject(&mut cluster, spec, cuts, started, &load).await?;
+    let chaos_to_ms = started.elapsed().as_millis() as u64;
     wait_whole(&cluster, &spec.cluster, Duration::from_secs(60)).await.context("the cluster did not heal")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in clients {
-        task.await?;
-    }
-    let history = std::mem::take(&mut *history.lock());
-    let verdict = read_back(&cluster, partitions, &history).await?;
-    let unavailability_ms = history::unavailability(&history, &faults);
-    Ok(ChaosReport {
-        seed: spec.seed,
-        nodes: spec.cluster.nodes,
-        operations: history.len(),
-        acknowledged: verdict.acknowledged,
-        unknown: verdict.unknown_applied + verdict.unknown_absent,
-        kills,
-        pauses: faults.len() - kills,
-        unavailability_ms,
-        verdict,
-    })
+    let history = load.stop().await?;
+    eprintln!("chaos: healed at {:.1} s; reading every replica back", chaos_to_ms as f64 / 1000.0);
+    let verdict = read_back(&cluster, spec.cluster.partitions, &history).await?;
+    let ledger = check_ledger(&cluster, &books).await?;
+    let steady_ops_per_s = timeline::throughput(&history, 1_000, chaos_from_ms);
+    let chaos_ops_per_s = timeline::throughput(&history, chaos_from_ms, chaos_to_ms);
+    Ok(report(spec, history, faults, verdict, ledger, steady_ops_per_s, chaos_ops_per_s))
 }
 
-/// Every `kill_every` until the run's time is up, kills the leader of a random partition and
-/// starts it again a second later, or freezes it for a while (module doc). The faults it made
-/// (when, the partition), and how many were kills.
-async fn nemesis(cluster: &mut LocalCluster, spec: &ChaosSpec, started: Instant) -> anyhow::Result<(Vec<(u64, Vec<u32>)>, usize)> {
-    let mut rng = StdRng::seed_from_u64(spec.seed);
-    let (mut faults, mut kills) = (Vec::new(), 0);
-    let ttl = Duration::from_millis(spec.cluster.session_ttl_ms);
-    while started.elapsed() + spec.kill_every < spec.duration {
-        tokio::time::sleep(spec.kill_every).await;
-        let partition = rng.random_range(0..spec.cluster.partitions);
-        let freeze = rng.random_bool(1.0 / 3.0);
-        let frozen_for = ttl.mul_f64(rng.random_range(1.5..3.0));
-        let Some(victim) = serving_node(cluster, partition).await else { continue };
-        let at = started.elapsed();
-        faults.push((at.as_millis() as u64, vec![partition]));
-        let name = LocalCluster::name(victim);
-        if freeze {
-            let node = cluster.nodes[victim].as_ref().context("the leader runs")?;
-            node.freeze(true);
-            eprintln!("chaos: {:.1} s: froze {name} (leader of partition {partition}) for {} ms", at.as_secs_f64(), frozen_for.as_millis());
-            tokio::time::sleep(frozen_for).await;
-            node.freeze(false);
-        } else {
-            cluster.kill9(victim)?;
-            kills += 1;
-            eprintln!("chaos: {:.1} s: killed {name} (leader of partition {partition})", at.as_secs_f64());
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            cluster.start_node(victim, &spec.cluster.node_args)?;
+/// The nemesis's part of the run: the schedule's faults until the time or count is reached,
+/// then everything healed (also when a fault failed to inject).
+async fn inject(
+    cluster: &mut LocalCluster,
+    spec: &ChaosSpec,
+    cuts: Option<Cuts>,
+    started: Instant,
+    load: &Load,
+) -> anyhow::Result<Vec<Fault>> {
+    let plan = schedule(&spec.faults, spec.fault_count.unwrap_or(usize::MAX / 2).min(1_000_000), &mut StdRng::seed_from_u64(spec.seed));
+    let nemesis_started = Instant::now();
+    let mut nemesis = Nemesis::new(cluster, &spec.cluster, cuts, spec.seed, started);
+    let mut result = Ok(());
+    for (n, kind) in plan.into_iter().enumerate() {
+        if spec.fault_count.is_none() && nemesis_started.elapsed() + spec.fault_every + Duration::from_secs(4) > spec.duration {
+            break;
+        }
+        tokio::time::sleep(spec.fault_every).await;
+        if let Err(e) = nemesis.inject(kind).await {
+            result = Err(e.context(format!("the nemesis could not inject {}", kind.name())));
+            break;
+        }
+        if (n + 1) % 10 == 0 {
+            let (operations, acknowledged) = load.progress();
+            eprintln!(
+                "chaos: {:>7.1} s: {} faults so far; {operations} operations, {acknowledged} acknowledged",
+                started.elapsed().as_secs_f64(),
+                n + 1
+            );
         }
     }
-    Ok((faults, kills))
+    let healed = nemesis.heal();
+    result.and(healed)?;
+    Ok(nemesis.faults)
+}
+
+fn report(
+    spec: &ChaosSpec,
+    history: Vec<Record>,
+    faults: Vec<Fault>,
+    verdict: Verdict,
+    ledger: LedgerCheck,
+    steady_ops_per_s: f64,
+    chaos_ops_per_s: f64,
+) -> ChaosReport {
+    let windows: Vec<(u64, Vec<u32>)> = faults.iter().map(|f| (f.at_ms, f.partitions.clone())).collect();
+    let unavailability = history::unavailability(&history, &windows);
+    let faults: Vec<FaultReport> = faults
+        .into_iter()
+        .zip(unavailability)
+        .map(|(fault, ms)| FaultReport { unavailability_ms: if fault.partitions.is_empty() { None } else { ms }, fault })
+        .collect();
+    let mut fault_counts = BTreeMap::new();
+    for f in &faults {
+        *fault_counts.entry(f.fault.kind.name()).or_default() += 1;
+    }
+    let mut kills: Vec<u64> = faults.iter().filter(|f| f.fault.kind == FaultKind::KillLeader).filter_map(|f| f.unavailability_ms).collect();
+    let kill_unavailability_ms =
+        match (timeline::percentile(&mut kills, 0.5), timeline::percentile(&mut kills, 0.99), kills.iter().max().copied()) {
+            (Some(p50), Some(p99), Some(max)) => Some([p50, p99, max]),
+            _ => None,
+        };
+    let count = |kind: OpKind| history.iter().filter(|r| r.kind == kind).count();
+    let outcomes = |outcome: Outcome| history.iter().filter(|r| r.outcome == outcome).count();
+    ChaosReport {
+        seed: spec.seed,
+        nodes: spec.cluster.nodes,
+        partitions: spec.cluster.partitions,
+        operations: history.len(),
+        appends: count(OpKind::Append),
+        transfers: count(OpKind::Transfer),
+        acknowledged: outcomes(Outcome::Ok),
+        failed: outcomes(Outcome::Fail),
+        unknown: outcomes(Outcome::Unknown),
+        worst_unavailability_ms: faults.iter().filter_map(|f| f.unavailability_ms).max(),
+        faults,
+        fault_counts,
+        kill_unavailability_ms,
+        steady_ops_per_s,
+        chaos_ops_per_s,
+        throughput_ratio: if steady_ops_per_s > 0.0 { chaos_ops_per_s / steady_ops_per_s } else { 0.0 },
+        verdict,
+        ledger,
+        timeline: timeline::per_second(&history),
+    }
 }
 
 /// Reads every replica of every partition back and checks the history against them; a replica
@@ -179,16 +242,34 @@ async fn read_back(cluster: &LocalCluster, partitions: u32, history: &[Record]) 
     }
 }
 
-/// What each replica of each partition stores, by its replica set in a node's view.
-async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Stored>> {
+/// Each partition's replicas (node indexes), as node-1 sees the cluster.
+async fn replica_sets(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Vec<usize>>> {
     let mut c = client::connect(&cluster.url(0)).await?;
     let status = c.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
     let view = status.cluster.context("node-1 reports no cluster")?;
+    (0..partitions)
+        .map(|p| {
+            let ownership = view.partitions.iter().find(|o| o.partition == p).with_context(|| format!("no placement of partition {p}"))?;
+            ownership.replicas.iter().map(|name| LocalCluster::index_of(name).with_context(|| format!("unknown member {name}"))).collect()
+        })
+        .collect()
+}
+
+/// The operation that wrote `event`: a transfer's command id, or a raw append's payload.
+fn operation_of(event: &pb::RecordedEvent) -> Option<u64> {
+    match event.metadata.get(COMMAND_ID_METADATA_KEY) {
+        Some(id) => id.strip_prefix(COMMAND_ID_PREFIX)?.parse().ok(),
+        None if event.r#type == "Op" => String::from_utf8_lossy(&event.payload).parse().ok(),
+        None => None,
+    }
+}
+
+/// What each replica of each partition stores.
+async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Stored>> {
     let mut out = Vec::new();
-    for p in 0..partitions {
-        let ownership = view.partitions.iter().find(|o| o.partition == p).with_context(|| format!("no placement of partition {p}"))?;
-        for name in &ownership.replicas {
-            let i = LocalCluster::index_of(name).with_context(|| format!("unknown member {name}"))?;
+    for (p, replicas) in replica_sets(cluster, partitions).await?.into_iter().enumerate() {
+        let p = p as u32;
+        for i in replicas {
             let mut node = client::connect(&cluster.url(i)).await?;
             let mut events = Vec::new();
             let mut from = 1;
@@ -196,17 +277,71 @@ async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<S
                 let request = pb::ReadPartitionRequest { partition: p, from_position: from, max_count: 1_000, linearizable: false };
                 let batch = node.log.read_partition(request).await.map_err(client::status_error)?.into_inner().events;
                 let Some(last) = batch.last().map(|e| e.position) else { break };
-                // Only the clients' appends name an operation (markers and probes do not).
-                events.extend(
-                    batch
-                        .iter()
-                        .filter(|e| e.r#type == "Op")
-                        .filter_map(|e| Some((e.position, String::from_utf8_lossy(&e.payload).parse().ok()?))),
-                );
+                // Markers, probes and the books' opening commands name no operation.
+                events.extend(batch.iter().filter_map(|e| Some((e.position, operation_of(e)?))));
                 from = last + 1;
             }
-            out.push(Stored { node: name.clone(), partition: p, events });
+            out.push(Stored { node: LocalCluster::name(i), partition: p, events });
         }
     }
     Ok(out)
+}
+
+/// Asks every replica of each book's partition for the book's totals, audit and balances
+/// (module doc); a replica still applying what it stores is asked again, for up to 20 s.
+async fn check_ledger(cluster: &LocalCluster, books: &[Book]) -> anyhow::Result<LedgerCheck> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let check = check_ledger_once(cluster, books).await?;
+        if check.ok() || Instant::now() > deadline {
+            return Ok(check);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn check_ledger_once(cluster: &LocalCluster, books: &[Book]) -> anyhow::Result<LedgerCheck> {
+    let sets = replica_sets(cluster, books.len() as u32).await?;
+    let expected = (workload::BOOK_ACCOUNTS as u64 * workload::OPENING_DEPOSIT).to_string();
+    let mut check = LedgerCheck { books: books.len(), ..LedgerCheck::default() };
+    for book in books {
+        let mut first: Option<(String, Vec<i64>)> = None;
+        for &i in &sets[book.partition as usize] {
+            let name = LocalCluster::name(i);
+            let mut problem = |what: String| check.problems.push(format!("book {} on {name}: {what}", book.name));
+            let mut c = client::connect(&cluster.url(i)).await?;
+            let totals = match c.ledger.get_totals(pb::GetTotalsRequest { book: book.name.clone() }).await {
+                Ok(totals) => totals.into_inner(),
+                Err(status) => {
+                    problem(format!("no totals: {}", status.message()));
+                    continue;
+                }
+            };
+            match totals.currencies.get("EUR") {
+                Some(t) if t.balance == expected && t.deposited == expected && t.withdrawn == "0" && t.held == "0" => {}
+                other => problem(format!("totals {other:?}, expected balance and deposits {expected} and nothing withdrawn or held")),
+            }
+            match c.ledger.audit(pb::AuditRequest { book: book.name.clone() }).await {
+                Ok(audit) if audit.get_ref().ok && audit.get_ref().complete => {}
+                Ok(audit) => problem(format!("audit found {:?}", audit.into_inner().violations)),
+                Err(status) => problem(format!("no audit: {}", status.message())),
+            }
+            let mut balances = Vec::new();
+            for k in 0..workload::BOOK_ACCOUNTS {
+                let request = pb::GetBalanceRequest { book: book.name.clone(), account: workload::account(k) };
+                match c.ledger.get_balance(request).await {
+                    Ok(b) if b.get_ref().balance >= -(workload::credit_limit(k) as i64) => balances.push(b.get_ref().balance),
+                    Ok(b) => problem(format!("{} is at {}, past its credit limit", workload::account(k), b.get_ref().balance)),
+                    Err(status) => problem(format!("no balance of {}: {}", workload::account(k), status.message())),
+                }
+            }
+            match &first {
+                None => first = Some((name.clone(), balances)),
+                Some((other, theirs)) if *theirs != balances => problem(format!("balances {balances:?}, but {other} has {theirs:?}")),
+                Some(_) => {}
+            }
+            check.replicas_checked += 1;
+        }
+    }
+    Ok(check)
 }

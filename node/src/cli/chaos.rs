@@ -1,13 +1,22 @@
-//! `anthill chaos`: a chaos run on real node processes (docs/chaos.md is to come with issue 6):
-//! a local cluster under `quorum` appends while the nemesis kills and freezes partition leaders, then the
-//! checker over every replica. Progress on stderr (each fault); `--json` for the report.
+//! `anthill chaos`: a chaos run on real node processes (docs/chaos.md): a local cluster under
+//! load while the nemesis kills, pauses, partitions and restarts nodes, then the checker over
+//! every replica and the ledger's books.
+//!
+//! The command runs itself again in a network namespace of its own (`chaos::net`), where the
+//! partitions are cut. Progress on stderr (each fault, and a line every ten); the report on
+//! stdout (`--json` for all of it), and `report.json` and `timeline.svg` in `--dir`, where a
+//! failed run also keeps the nodes' data and logs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::chaos::run::{ChaosSpec, run as run_chaos};
+use crate::chaos::nemesis::FaultKind;
+use crate::chaos::run::{ChaosReport, ChaosSpec, run as run_chaos};
+use crate::chaos::workload::LoadSpec;
+use crate::chaos::{net, timeline};
 use crate::local::ClusterSpec;
 
 #[derive(Args)]
@@ -15,39 +24,103 @@ pub(crate) struct ChaosArgs {
     /// Nodes of the cluster, 3 to 7.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Partitions, 1 to 64 (each has a ledger book).
     #[arg(long, default_value_t = 4)]
     partitions: u32,
-    /// Seconds the nemesis runs, 5 to 86400.
-    #[arg(long, default_value_t = 60.0)]
-    duration: f64,
-    /// Seconds between two faults (a partition's leader killed, or frozen past its TTL), 2 or
-    /// more.
-    #[arg(long, default_value_t = 4.0)]
-    kill_every: f64,
-    /// The nemesis's seed (random by default).
+    /// How long the nemesis runs: seconds, or with a unit (`90s`, `10m`, `1h`); 5 s to 24 h.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Inject exactly this many faults (however long that takes) instead of running for
+    /// `--duration`.
+    #[arg(long)]
+    fault_count: Option<usize>,
+    /// The pause before each fault: seconds, 1 or more.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    fault_every: Duration,
+    /// The kinds of fault (comma-separated; all by default).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<FaultKind>,
+    /// How long the clients run alone first, the steady state the throughput under chaos is
+    /// compared with: 2 s or more.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Client tasks sending at once, 1 to 256.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Operations per second, all clients together (fixed-rate mode); as fast as they are
+    /// answered when absent (max-rate mode).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The nemesis's and the clients' seed (random by default).
     #[arg(long)]
     seed: Option<u64>,
-    /// Where the nodes keep their data and logs (a temporary directory, removed after a run
-    /// that passed, by default).
+    /// Where the report, the picture and (after a failure) the nodes' data and logs go;
+    /// `./anthill-chaos-<seed>` by default.
     #[arg(long)]
-    dir: Option<std::path::PathBuf>,
+    dir: Option<PathBuf>,
+    /// Keep the nodes' data and logs after a run that passed too.
+    #[arg(long)]
+    keep_data: bool,
     #[arg(long)]
     json: bool,
 }
 
+/// `90`, `90s`, `1.5s`, `10m`, `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit_s) = match text.strip_suffix('h') {
+        Some(n) => (n, 3600.0),
+        None => match text.strip_suffix('m') {
+            Some(n) => (n, 60.0),
+            None => (text.strip_suffix('s').unwrap_or(text), 1.0),
+        },
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 && n * unit_s <= 1e7 => Ok(Duration::from_secs_f64(n * unit_s)),
+        _ => Err(format!("{text:?} is not a duration (seconds, or a number with s, m or h)")),
+    }
+}
+
+impl ChaosArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(3..=7).contains(&self.nodes) {
+            bail!("--nodes must be between 3 and 7, got {}", self.nodes);
+        }
+        if !(1..=64).contains(&self.partitions) {
+            bail!("--partitions must be between 1 and 64, got {}", self.partitions);
+        }
+        if !(5.0..=86_400.0).contains(&self.duration.as_secs_f64()) {
+            bail!("--duration must be between 5 s and 24 h, got {:?}", self.duration);
+        }
+        if self.fault_every < Duration::from_secs(1) {
+            bail!("--fault-every must be at least 1 s, got {:?}", self.fault_every);
+        }
+        if self.fault_count == Some(0) {
+            bail!("--fault-count must be at least 1");
+        }
+        if self.warmup < Duration::from_secs(2) {
+            bail!("--warmup must be at least 2 s (its first second is not counted), got {:?}", self.warmup);
+        }
+        if !(1..=256).contains(&self.clients) {
+            bail!("--clients must be between 1 and 256, got {}", self.clients);
+        }
+        if let Some(rate) = self.rate
+            && !(rate.is_finite() && (1.0..=1_000_000.0).contains(&rate))
+        {
+            bail!("--rate must be between 1 and 1000000 operations per second, got {rate}");
+        }
+        Ok(())
+    }
+}
+
 pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
-    if !(3..=7).contains(&args.nodes) {
-        bail!("--nodes must be between 3 and 7, got {}", args.nodes);
+    args.validate()?;
+    if !net::in_own_namespace() {
+        // The run itself happens in a namespace of its own; this process waits for it.
+        let status = net::rerun_in_own_namespace()?;
+        std::process::exit(status.code().unwrap_or(1));
     }
-    if !(1..=64).contains(&args.partitions) {
-        bail!("--partitions must be between 1 and 64, got {}", args.partitions);
-    }
-    if !(args.duration.is_finite() && (5.0..=86_400.0).contains(&args.duration)) {
-        bail!("--duration must be between 5 and 86400 seconds, got {}", args.duration);
-    }
-    if !(args.kill_every.is_finite() && args.kill_every >= 2.0) {
-        bail!("--kill-every must be at least 2 seconds, got {}", args.kill_every);
-    }
+    net::loopback_up()?;
+    let seed = args.seed.unwrap_or_else(rand::random);
     let spec = ChaosSpec {
         cluster: ClusterSpec {
             nodes: args.nodes,
@@ -56,49 +129,97 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             session_ttl_ms: 1_000,
             node_args: vec!["--log-level".into(), "warn".into()],
         },
-        duration: Duration::from_secs_f64(args.duration),
-        kill_every: Duration::from_secs_f64(args.kill_every),
-        seed: args.seed.unwrap_or_else(rand::random),
-        clients: 8,
+        duration: args.duration,
+        fault_count: args.fault_count,
+        fault_every: args.fault_every,
+        faults: if args.faults.is_empty() { FaultKind::ALL.to_vec() } else { args.faults.clone() },
+        warmup: args.warmup,
+        load: LoadSpec { clients: args.clients, rate: args.rate, partitions: args.partitions, seed },
+        seed,
     };
-    let temp = tempfile::tempdir()?;
-    let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("anthill-chaos-{seed}")));
+    let nodes_dir = dir.join("nodes");
+    if nodes_dir.exists() {
+        bail!("{} holds an earlier run's nodes; remove it or choose another --dir", nodes_dir.display());
+    }
     let exe = std::env::current_exe()?;
-    let report = run_chaos(&exe, &dir, &spec).await?;
+    let report =
+        run_chaos(&exe, &nodes_dir, &spec).await.with_context(|| format!("the nodes' data and logs are in {}", nodes_dir.display()))?;
+    let mut json = serde_json::to_value(&report)?;
+    json["passed"] = serde_json::json!(report.passed());
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&json)?)?;
+    let title = format!("anthill chaos, seed {seed}: {} nodes, {} partitions", report.nodes, report.partitions);
+    std::fs::write(
+        dir.join("timeline.svg"),
+        timeline::svg(&title, &report.timeline, &report.faults.iter().map(|f| f.fault.clone()).collect::<Vec<_>>()),
+    )?;
     if args.json {
-        let mut json = serde_json::to_value(&report)?;
-        json["passed"] = serde_json::json!(report.passed());
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        let worst = report.unavailability_ms.iter().flatten().max();
-        println!(
-            "chaos seed {}: {} nodes, {} operations, {} acknowledged, {} unknown; {} kills, {} pauses, worst unavailability {} ms",
-            report.seed,
-            report.nodes,
-            report.operations,
-            report.acknowledged,
-            report.unknown,
-            report.kills,
-            report.pauses,
-            worst.map_or("-".to_string(), u64::to_string)
-        );
-        let v = &report.verdict;
-        println!(
-            "lost {}, duplicated {}, failed yet stored {}, missing on a replica {}, diverged {}",
-            v.lost.len(),
-            v.duplicated.len(),
-            v.failed_but_stored.len(),
-            v.missing_on_a_replica.len(),
-            v.diverged.len()
-        );
+        print_summary(&report, &dir);
     }
     if !report.passed() {
-        // Keep the nodes' data and logs to look at.
-        let kept = temp.keep();
-        bail!(
-            "the chaos run failed its checks (data and logs in {})",
-            if args.dir.is_some() { dir.display().to_string() } else { kept.display().to_string() }
-        );
+        bail!("the chaos run failed its checks (report, data and logs in {})", dir.display());
+    }
+    if !args.keep_data {
+        std::fs::remove_dir_all(&nodes_dir).with_context(|| format!("cannot remove {}", nodes_dir.display()))?;
     }
     Ok(())
+}
+
+fn print_summary(report: &ChaosReport, dir: &std::path::Path) {
+    let pass = |ok: bool| if ok { "pass" } else { "FAIL" };
+    let v = &report.verdict;
+    println!("chaos seed {}: {} nodes, {} partitions", report.seed, report.nodes, report.partitions);
+    println!(
+        "operations: {} ({} appends, {} transfers): {} acknowledged, {} refused, {} unknown ({} of them applied)",
+        report.operations, report.appends, report.transfers, report.acknowledged, report.failed, report.unknown, v.unknown_applied
+    );
+    let counts: Vec<String> = report.fault_counts.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+    println!("faults: {}", counts.join(", "));
+    println!("[{}] no acknowledged operation lost: {} lost", pass(v.lost.is_empty()), v.lost.len());
+    println!("[{}] none stored twice: {} duplicated", pass(v.duplicated.is_empty()), v.duplicated.len());
+    println!("[{}] nothing refused is stored: {}", pass(v.failed_but_stored.is_empty()), v.failed_but_stored.len());
+    println!(
+        "[{}] every replica holds the same operations at the same positions: {} missing, {} diverged",
+        pass(v.missing_on_a_replica.is_empty() && v.diverged.is_empty()),
+        v.missing_on_a_replica.len(),
+        v.diverged.len()
+    );
+    println!(
+        "[{}] ledger: totals conserved, audits clean, balances within limits and equal on every replica ({} books, {} replicas){}",
+        pass(report.ledger.ok()),
+        report.ledger.books,
+        report.ledger.replicas_checked,
+        report.ledger.problems.first().map_or(String::new(), |p| format!(": {p}"))
+    );
+    let stuck = report.faults.iter().filter(|f| !f.fault.partitions.is_empty() && f.unavailability_ms.is_none()).count();
+    println!("[{}] every partition a fault hit took writes again: {stuck} did not", pass(stuck == 0));
+    if let Some([p50, p99, max]) = report.kill_unavailability_ms {
+        println!("unavailability after a leader kill: median {p50} ms, p99 {p99} ms, worst {max} ms");
+    }
+    println!("worst unavailability after any fault: {} ms", report.worst_unavailability_ms.map_or("-".into(), |ms| ms.to_string()));
+    println!(
+        "throughput: {:.0} acknowledged/s under chaos, {:.0}/s in the steady state ({:.0}%)",
+        report.chaos_ops_per_s,
+        report.steady_ops_per_s,
+        report.throughput_ratio * 100.0
+    );
+    println!("report: {}, picture: {}", dir.join("report.json").display(), dir.join("timeline.svg").display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_seconds_or_a_unit() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1_500));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3_600));
+        for bad in ["", "ten", "-1", "5d", "NaNs"] {
+            assert!(parse_duration(bad).unwrap_err().contains("not a duration"), "{bad}");
+        }
+    }
 }

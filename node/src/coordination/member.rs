@@ -22,7 +22,9 @@ use super::driver::EmbeddedStore;
 use super::election::{ClusterView, Elector, ElectorConfig, Handovers};
 use super::embedded::{Elections, RaftKv};
 use super::raft_log::RaftLog;
-use super::transport::{ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, until_stopped};
+use super::transport::{
+    ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, outgoing_address, until_stopped,
+};
 use crate::config::{ConsulConfig, CoordinationConfig, MemberConfig, NodeConfig};
 use crate::log::Log;
 use crate::replication::NodeId;
@@ -204,7 +206,7 @@ pub async fn start(
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
             let peers: Vec<(u64, std::net::SocketAddr)> =
                 config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
-            let transport = GrpcTransport::start(&peers, stopped.clone());
+            let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), stopped.clone());
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
             let handovers = elector.handovers();
@@ -228,7 +230,8 @@ pub async fn start(
     let partitions: PartitionTasks = Arc::default();
     let replica_peers: Vec<(NodeId, std::net::SocketAddr)> =
         config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id as NodeId, m.address)).collect();
-    let transport = Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, stopped.clone()));
+    let transport =
+        Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, outgoing_address(config.listen_addr), stopped.clone()));
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();
     let replication =
         Replication { log, me: me.id as NodeId, name: me.name.clone(), ids, partitions: partitions.clone(), transport, handovers };

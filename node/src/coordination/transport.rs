@@ -8,7 +8,7 @@
 //! after a short, jittered backoff.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,8 +43,9 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// Starts a sender task for every peer; they end when `stopped` turns true.
-    pub fn start(peers: &[(RaftId, SocketAddr)], stopped: watch::Receiver<bool>) -> Self {
+    /// Starts a sender task for every peer, its connections from `local` (see
+    /// [`outgoing_address`]); they end when `stopped` turns true.
+    pub fn start(peers: &[(RaftId, SocketAddr)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
         let peers = peers
             .iter()
             .map(|&(id, address)| {
@@ -52,6 +53,7 @@ impl GrpcTransport {
                 tokio::spawn(stream_to_peer(
                     id,
                     address,
+                    local,
                     rx,
                     stopped.clone(),
                     |message: Message| message.write_to_bytes().map(|message| pb::RaftMessage { message }).map_err(|e| e.to_string()),
@@ -81,12 +83,12 @@ pub struct GrpcReplicaTransport {
 }
 
 impl GrpcReplicaTransport {
-    pub fn start(me: NodeId, peers: &[(NodeId, SocketAddr)], stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(me: NodeId, peers: &[(NodeId, SocketAddr)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
         let peers = peers
             .iter()
             .map(|&(id, address)| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
-                tokio::spawn(stream_to_peer(u64::from(id), address, rx, stopped.clone(), Ok, |mut client, stream| async move {
+                tokio::spawn(stream_to_peer(u64::from(id), address, local, rx, stopped.clone(), Ok, |mut client, stream| async move {
                     client.replicate(stream).await
                 }));
                 (id, tx)
@@ -106,11 +108,21 @@ impl ReplicaTransport for GrpcReplicaTransport {
     }
 }
 
+/// The address a node's connections to its peers leave from: the address it listens on, when
+/// that is one address (not `0.0.0.0` or `::`). A peer then sees each connection come from the
+/// member's own address, on hosts with several addresses too; and the chaos suite, which runs
+/// every node on its own 127.0.0.x in one network namespace, can cut the traffic between two
+/// nodes by their addresses (docs/chaos.md).
+pub fn outgoing_address(listen: SocketAddr) -> Option<IpAddr> {
+    (!listen.ip().is_unspecified()).then_some(listen.ip())
+}
+
 /// Keeps one long-lived call to a peer open, feeding it what arrives on `queue` (encoded by
 /// `encode`), and opens it again after a jittered backoff when it breaks.
 async fn stream_to_peer<T, W, E, O, F>(
     id: u64,
     address: SocketAddr,
+    local: Option<IpAddr>,
     mut queue: mpsc::Receiver<T>,
     mut stopped: watch::Receiver<bool>,
     encode: E,
@@ -128,6 +140,7 @@ async fn stream_to_peer<T, W, E, O, F>(
             .expect("a socket address is a valid URI")
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
+            .local_address(local)
             .connect_lazy();
         let client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel::<W>(256);

@@ -1,0 +1,323 @@
+//! The nemesis: the faults a chaos run injects into a [`LocalCluster`] under load, one after
+//! another with a pause between them, in an order drawn from the run's seed.
+//!
+//! The kinds ([`FaultKind`]), each healed before the next one starts:
+//! - `kill-leader`: SIGKILL the node leading a random partition; start it again after 1 s;
+//! - `kill-node`: the same for a random node, leader or not;
+//! - `pause`: SIGSTOP the leader of a random partition for 1.5–3 session TTLs, then SIGCONT: it
+//!   wakes believing it leads, and fencing must hold it off;
+//! - `isolate`: cut the leader of a random partition off from every other node, both ways, for
+//!   2–4 TTLs (clients still reach it: its writes must fail or wait, never be acknowledged);
+//! - `one-way`: the leader of a random partition hears nothing from the other nodes but still
+//!   sends to them, for 2–4 TTLs;
+//! - `split`: a random minority of the nodes (⌊n/2⌋) cut off from the rest, for 2–4 TTLs;
+//! - `rolling-restart`: every node in turn, the one leading most partitions last, stopped with
+//!   SIGTERM (it resigns its session, so its leaderships move at once instead of after a TTL),
+//!   started again, and the next one only once every partition takes writes again: the
+//!   zero-downtime upgrade path. Each node's restart is recorded as a fault of its own.
+//!
+//! The schedule goes in cycles: each cycle has five `kill-leader`s and one of every other kind
+//! chosen, shuffled. Each fault records the partitions whose leader it hit; the run measures how
+//! long writes to those partitions were unavailable.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use anthill_proto::v1 as pb;
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::net::Cuts;
+use crate::client;
+use crate::local::{ClusterSpec, LocalCluster};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    KillLeader,
+    KillNode,
+    Pause,
+    Isolate,
+    OneWay,
+    Split,
+    RollingRestart,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::KillLeader,
+        FaultKind::KillNode,
+        FaultKind::Pause,
+        FaultKind::Isolate,
+        FaultKind::OneWay,
+        FaultKind::Split,
+        FaultKind::RollingRestart,
+    ];
+
+    /// The flag's spelling, e.g. `kill-leader`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillLeader => "kill-leader",
+            FaultKind::KillNode => "kill-node",
+            FaultKind::Pause => "pause",
+            FaultKind::Isolate => "isolate",
+            FaultKind::OneWay => "one-way",
+            FaultKind::Split => "split",
+            FaultKind::RollingRestart => "rolling-restart",
+        }
+    }
+
+    /// Whether the fault cuts the network (and needs [`Cuts`]).
+    pub fn cuts_network(self) -> bool {
+        matches!(self, FaultKind::Isolate | FaultKind::OneWay | FaultKind::Split)
+    }
+}
+
+/// One fault as it happened.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// What it hit, e.g. `node-2 (leads 0, 3)`.
+    pub target: String,
+    /// When it began and when it was healed (the node started again and serving, thawed, the
+    /// network whole), in milliseconds since the run began.
+    pub at_ms: u64,
+    pub healed_ms: u64,
+    /// The partitions the hit nodes led just before: the ones whose writes it interrupts.
+    pub partitions: Vec<u32>,
+}
+
+/// The order of the faults: cycles of five `kill-leader`s and one of each other kind in
+/// `kinds`, each cycle shuffled by `rng`.
+pub fn schedule(kinds: &[FaultKind], count: usize, rng: &mut StdRng) -> Vec<FaultKind> {
+    let mut cycle: Vec<FaultKind> = Vec::new();
+    for kind in FaultKind::ALL.into_iter().filter(|k| kinds.contains(k)) {
+        let times = if kind == FaultKind::KillLeader { 5 } else { 1 };
+        cycle.extend(std::iter::repeat_n(kind, times));
+    }
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count && !cycle.is_empty() {
+        cycle.shuffle(rng);
+        out.extend(cycle.iter().copied().take(count - out.len()));
+    }
+    out
+}
+
+/// Injects faults into a cluster (module doc).
+pub struct Nemesis<'a> {
+    cluster: &'a mut LocalCluster,
+    spec: ClusterSpec,
+    cuts: Option<Cuts>,
+    rng: StdRng,
+    started: Instant,
+    pub faults: Vec<Fault>,
+}
+
+impl<'a> Nemesis<'a> {
+    /// `cuts` must be installed when any network fault is scheduled.
+    pub fn new(cluster: &'a mut LocalCluster, spec: &ClusterSpec, cuts: Option<Cuts>, seed: u64, started: Instant) -> Self {
+        Nemesis { cluster, spec: spec.clone(), cuts, rng: StdRng::seed_from_u64(seed), started, faults: Vec::new() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.spec.session_ttl_ms)
+    }
+
+    /// Injects one fault of `kind` and heals it.
+    pub async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<()> {
+        match kind {
+            FaultKind::KillLeader => {
+                let Some(victim) = self.leader_of_random_partition().await else { return Ok(()) };
+                self.kill_and_restart(kind, victim).await
+            }
+            FaultKind::KillNode => {
+                let victim = self.rng.random_range(0..self.cluster.nodes.len());
+                self.kill_and_restart(kind, victim).await
+            }
+            FaultKind::Pause => {
+                let Some(victim) = self.leader_of_random_partition().await else { return Ok(()) };
+                let paused_for = self.ttl().mul_f64(self.rng.random_range(1.5..3.0));
+                let partitions = led_by(self.cluster, victim).await;
+                let at_ms = self.now_ms();
+                let node = self.cluster.nodes[victim].as_ref().context("the leader runs")?;
+                node.freeze(true);
+                tokio::time::sleep(paused_for).await;
+                node.freeze(false);
+                self.record(kind, format!("{} for {} ms", describe(victim, &partitions), paused_for.as_millis()), at_ms, partitions);
+                Ok(())
+            }
+            FaultKind::Isolate | FaultKind::OneWay | FaultKind::Split => self.cut(kind).await,
+            FaultKind::RollingRestart => self.rolling_restart().await,
+        }
+    }
+
+    /// The node leading a random partition; asked again for up to 10 s while none does (right
+    /// after a heal a partition may still be electing).
+    async fn leader_of_random_partition(&mut self) -> Option<usize> {
+        let partition = self.rng.random_range(0..self.spec.partitions);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = crate::bench::serving_node(self.cluster, partition).await;
+            if leader.is_some() || Instant::now() > deadline {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn kill_and_restart(&mut self, kind: FaultKind, victim: usize) -> anyhow::Result<()> {
+        let partitions = led_by(self.cluster, victim).await;
+        let at_ms = self.now_ms();
+        self.cluster.kill9(victim)?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.cluster.start_node(victim, &self.spec.node_args)?;
+        self.record(kind, describe(victim, &partitions), at_ms, partitions);
+        Ok(())
+    }
+
+    async fn cut(&mut self, kind: FaultKind) -> anyhow::Result<()> {
+        let nodes = self.cluster.nodes.len();
+        let side: Vec<usize> = match kind {
+            FaultKind::Split => {
+                let mut all: Vec<usize> = (0..nodes).collect();
+                all.shuffle(&mut self.rng);
+                all.truncate(nodes / 2);
+                all.sort_unstable();
+                all
+            }
+            _ => match self.leader_of_random_partition().await {
+                Some(victim) => vec![victim],
+                None => return Ok(()),
+            },
+        };
+        let rest: Vec<usize> = (0..nodes).filter(|i| !side.contains(i)).collect();
+        let mut partitions = Vec::new();
+        for &i in &side {
+            partitions.extend(led_by(self.cluster, i).await);
+        }
+        partitions.sort_unstable();
+        let cut_for = self.ttl().mul_f64(self.rng.random_range(2.0..4.0));
+        let (side_ips, rest_ips) = (self.ips(&side), self.ips(&rest));
+        let cuts = self.cuts.as_mut().context("network faults need the run's own network namespace")?;
+        match kind {
+            FaultKind::OneWay => {
+                for from in &rest_ips {
+                    cuts.cut(*from, side_ips[0])?;
+                }
+            }
+            _ => cuts.partition(&side_ips, &rest_ips)?,
+        }
+        // From when every cut is in force (each is a `tc` run of a few milliseconds).
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        tokio::time::sleep(cut_for).await;
+        cuts.heal()?;
+        let names: Vec<String> = side.iter().map(|i| LocalCluster::name(*i)).collect();
+        let what = match kind {
+            FaultKind::OneWay => format!("{} hears nothing from the others", names[0]),
+            _ => format!("{} cut off from the rest", names.join(", ")),
+        };
+        self.record(kind, format!("{what} for {} ms (leads {})", cut_for.as_millis(), list(&partitions)), at_ms, partitions);
+        Ok(())
+    }
+
+    /// Every node in turn, the one leading most partitions last (module doc).
+    async fn rolling_restart(&mut self) -> anyhow::Result<()> {
+        let mut order = Vec::new();
+        for i in 0..self.cluster.nodes.len() {
+            order.push((led_by(self.cluster, i).await.len(), i));
+        }
+        order.sort_unstable();
+        for (step, (_, i)) in order.iter().enumerate() {
+            let partitions = led_by(self.cluster, *i).await;
+            let at_ms = self.now_ms();
+            self.cluster.terminate(*i, Duration::from_secs(10))?;
+            self.cluster.start_node(*i, &self.spec.node_args)?;
+            crate::bench::wait_whole(self.cluster, &self.spec, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("the cluster did not recover after {} restarted", LocalCluster::name(*i)))?;
+            let target = format!("{} restarted, step {} of {}", describe(*i, &partitions), step + 1, order.len());
+            self.record(FaultKind::RollingRestart, target, at_ms, partitions);
+        }
+        Ok(())
+    }
+
+    fn ips(&self, nodes: &[usize]) -> Vec<Ipv4Addr> {
+        nodes
+            .iter()
+            .map(|i| match self.cluster.addrs[*i].ip() {
+                IpAddr::V4(ip) => ip,
+                IpAddr::V6(_) => unreachable!("local clusters are on 127.0.0.x"),
+            })
+            .collect()
+    }
+
+    fn record(&mut self, kind: FaultKind, target: String, at_ms: u64, partitions: Vec<u32>) {
+        let healed_ms = self.now_ms();
+        eprintln!("chaos: {:>7.1} s: {} {target}", at_ms as f64 / 1000.0, kind.name());
+        self.faults.push(Fault { kind, target, at_ms, healed_ms, partitions });
+    }
+
+    /// Undoes whatever is still in force: the network whole, every node running and thawed.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        if let Some(cuts) = self.cuts.as_mut() {
+            cuts.heal()?;
+        }
+        for i in 0..self.cluster.nodes.len() {
+            match &self.cluster.nodes[i] {
+                Some(node) => node.freeze(false),
+                None => self.cluster.start_node(i, &self.spec.node_args)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The partitions node `i` leads now, as it says (none when it does not answer).
+pub async fn led_by(cluster: &LocalCluster, i: usize) -> Vec<u32> {
+    let Ok(mut c) = client::connect(&cluster.url(i)).await else { return Vec::new() };
+    let Ok(status) = tokio::time::timeout(Duration::from_secs(2), c.node.status(pb::StatusRequest {})).await else { return Vec::new() };
+    let Ok(status) = status else { return Vec::new() };
+    status.into_inner().partitions.iter().filter(|p| p.epoch > 0).map(|p| p.partition).collect()
+}
+
+fn describe(node: usize, partitions: &[u32]) -> String {
+    format!("{} (leads {})", LocalCluster::name(node), list(partitions))
+}
+
+fn list(partitions: &[u32]) -> String {
+    if partitions.is_empty() {
+        return "nothing".into();
+    }
+    partitions.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_of_two_cycles_has_ten_leader_kills_and_two_of_every_other_kind() {
+        let plan = schedule(&FaultKind::ALL, 22, &mut StdRng::seed_from_u64(1));
+        assert_eq!(plan.len(), 22);
+        for kind in FaultKind::ALL {
+            let expected = if kind == FaultKind::KillLeader { 10 } else { 2 };
+            assert_eq!(plan.iter().filter(|k| **k == kind).count(), expected, "{kind:?}");
+        }
+        // The order is the seed's.
+        assert_eq!(plan, schedule(&FaultKind::ALL, 22, &mut StdRng::seed_from_u64(1)));
+        assert_ne!(plan, schedule(&FaultKind::ALL, 22, &mut StdRng::seed_from_u64(2)));
+    }
+
+    #[test]
+    fn a_schedule_has_only_the_kinds_asked_for() {
+        let plan = schedule(&[FaultKind::Pause], 3, &mut StdRng::seed_from_u64(1));
+        assert_eq!(plan, [FaultKind::Pause; 3]);
+        assert!(schedule(&[], 3, &mut StdRng::seed_from_u64(1)).is_empty());
+    }
+}
