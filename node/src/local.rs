@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,7 +40,12 @@ impl ChildNode {
             .append(true)
             .open(&log_file)
             .with_context(|| format!("cannot open node log {}", log_file.display()))?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        // SAFETY: between fork and exec only the async-signal-safe prctl(2) runs.
+        unsafe {
+            command.pre_exec(die_with_parent);
+        }
+        let mut child = command
             .arg("node")
             .arg("--data-dir")
             .arg(data_dir)
@@ -245,6 +251,15 @@ impl LocalCluster {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Asks the kernel to SIGKILL this (child) process when the thread that started it ends, so a
+/// harness killed before its destructors ran (the chaos command SIGKILLed, a test aborted)
+/// leaves no node behind. The harnesses start nodes from threads that live as long as they do
+/// (a test's thread, a runtime's worker), never from a short-lived blocking-pool thread.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes nothing else.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// The addresses in a ready line.

@@ -87,6 +87,12 @@ pub struct Router {
     loaded: tokio::sync::Mutex<Instant>,
     /// How long a request keeps being resent while no leader takes it.
     pub retry_for: Duration,
+    /// How long one attempt may wait for the leader's answer (none: as long as it takes). A
+    /// leader that is stopped, or cut off from its peers with its lease not yet lapsed, keeps a
+    /// request waiting; past this deadline the router reloads its table, so the next request
+    /// goes to whoever leads now, and the attempt's outcome is unknown (`DEADLINE_EXCEEDED`,
+    /// resent only by [`Router::on_leader_idempotent`]).
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Router {
@@ -101,6 +107,7 @@ impl Router {
             channels: Mutex::new(HashMap::new()),
             loaded: tokio::sync::Mutex::new(Instant::now()),
             retry_for: Duration::from_secs(10),
+            attempt_timeout: None,
         };
         router.refresh().await?;
         Ok(router)
@@ -251,7 +258,7 @@ impl Router {
         let mut pause = Duration::from_millis(5);
         loop {
             let attempt = match self.leader_of(partition).await {
-                Ok(clients) => match call(clients).await {
+                Ok(clients) => match self.answer_within(partition, call(clients)).await {
                     Ok(answer) => return Ok(answer),
                     Err(status) => classify(status),
                 },
@@ -271,6 +278,22 @@ impl Router {
             pause = (pause * 2).min(MAX_PAUSE);
             // A failed reload leaves the table as it was; the next attempt tells.
             let _ = self.refresh_if_stale().await;
+        }
+    }
+
+    /// `answer`, or after [`Router::attempt_timeout`] an unknown outcome, with the table
+    /// reloaded first.
+    async fn answer_within<T>(&self, partition: u32, answer: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let Some(limit) = self.attempt_timeout else { return answer.await };
+        match tokio::time::timeout(limit, answer).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // A failed reload leaves the table as it was; the next attempt tells.
+                let _ = self.refresh_if_stale().await;
+                Err(Status::deadline_exceeded(format!(
+                    "partition {partition}: the leader did not answer within {limit:?}; the outcome is unknown"
+                )))
+            }
         }
     }
 
@@ -373,6 +396,30 @@ mod tests {
         let table = RouteTable::from_status(&status(Some(cluster)), "http://127.0.0.11:7400");
         assert_eq!(table.leaders, [Some("http://127.0.0.12:7400".to_string()), None, Some("http://127.0.0.11:7400".to_string())]);
         assert_eq!(table.members.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_past_its_deadline_is_an_unknown_outcome_and_a_prompt_one_is_answered() {
+        let mut router = Router {
+            seeds: vec!["http://127.0.0.1:1".into()],
+            table: Mutex::new(RouteTable::default()),
+            channels: Mutex::new(HashMap::new()),
+            loaded: tokio::sync::Mutex::new(Instant::now() - Duration::from_secs(1)),
+            retry_for: Duration::from_secs(10),
+            attempt_timeout: Some(Duration::from_secs(2)),
+        };
+        let stuck = router.answer_within(3, std::future::pending::<Result<(), Status>>()).await.unwrap_err();
+        assert_eq!(stuck.code(), Code::DeadlineExceeded);
+        assert!(stuck.message().contains("partition 3") && stuck.message().contains("outcome is unknown"), "{stuck:?}");
+        // Resent only when the request writes at most once.
+        assert!(matches!(classify(stuck.clone()), Attempt::Fail(_)) && matches!(classify_idempotent(stuck), Attempt::Retry(_)));
+        assert_eq!(router.answer_within(3, async { Ok::<_, Status>(7) }).await.unwrap(), 7);
+        router.attempt_timeout = None;
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, Status>(8)
+        };
+        assert_eq!(router.answer_within(3, slow).await.unwrap(), 8, "no deadline: as long as it takes");
     }
 
     #[test]

@@ -35,9 +35,15 @@ pub fn rerun_in_own_namespace() -> anyhow::Result<ExitStatus> {
     let exe = std::env::current_exe().context("cannot find this program to run it again")?;
     let mut command = Command::new(exe);
     command.args(std::env::args_os().skip(1)).env(OWN_NAMESPACE_ENV, "1");
-    // SAFETY: between fork and exec only the async-signal-safe unshare(2) runs.
+    // SAFETY: between fork and exec only the async-signal-safe unshare(2) and prctl(2) run. The
+    // run gets SIGTERM (and stops its nodes) if this process dies first.
     unsafe {
-        command.pre_exec(|| if libc::unshare(libc::CLONE_NEWNET) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+        command.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     command.status().map_err(|e| {
         if e.raw_os_error() == Some(libc::EPERM) {

@@ -120,7 +120,9 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let cuts = if spec.faults.iter().any(|k| k.cuts_network()) { Some(Cuts::install()?) } else { None };
     let mut cluster = LocalCluster::start(exe, dir, &spec.cluster)?;
     wait_whole(&cluster, &spec.cluster, Duration::from_secs(60)).await.context("the cluster never formed")?;
-    let router = Arc::new(Router::connect(&cluster.urls()).await?);
+    let mut router = Router::connect(&cluster.urls()).await?;
+    router.attempt_timeout = Some(workload::ATTEMPT_TIMEOUT);
+    let router = Arc::new(router);
     let books = Arc::new(workload::books(spec.cluster.partitions));
     workload::open_books(&router, &books).await?;
     let started = Instant::now();

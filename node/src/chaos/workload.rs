@@ -12,6 +12,9 @@
 //!   from the ledger's rules) is a definite failure: nothing was written. Each of its events
 //!   carries the command id in its metadata, which is how the checker finds it.
 //!
+//! The routing client waits at most [`ATTEMPT_TIMEOUT`] for one attempt's answer; then it
+//! reloads its table, so a stopped leader keeps the clients no longer than that.
+//!
 //! Every account starts with [`OPENING_DEPOSIT`]; half of them may go [`CREDIT_LIMIT`] below
 //! zero. Transfers move money only inside a book, so each book's totals stay what was deposited
 //! ([`super::run`] checks them and the ledger's audit on every replica).
@@ -36,6 +39,10 @@ use crate::router::Router;
 
 /// How long one operation may take before its outcome counts as unknown.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the routing client waits for one attempt's answer before it reloads its table and
+/// takes the outcome as unknown (`Router::attempt_timeout`): a stopped leader keeps a request
+/// no longer than this.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Streams the raw appends go to (spread over the partitions).
 const STREAMS: u64 = 32;
 /// Accounts in each book.

@@ -143,8 +143,14 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         bail!("{} holds an earlier run's nodes; remove it or choose another --dir", nodes_dir.display());
     }
     let exe = std::env::current_exe()?;
-    let report =
-        run_chaos(&exe, &nodes_dir, &spec).await.with_context(|| format!("the nodes' data and logs are in {}", nodes_dir.display()))?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // Interrupted, the run is dropped, and with it the cluster: every node is killed.
+    let report = tokio::select! {
+        report = run_chaos(&exe, &nodes_dir, &spec) => report.with_context(|| format!("the nodes' data and logs are in {}", nodes_dir.display()))?,
+        _ = terminate.recv() => bail!("stopped by SIGTERM; the nodes are stopped, their data and logs are in {}", nodes_dir.display()),
+        _ = interrupt.recv() => bail!("interrupted; the nodes are stopped, their data and logs are in {}", nodes_dir.display()),
+    };
     let mut json = serde_json::to_value(&report)?;
     json["passed"] = serde_json::json!(report.passed());
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&json)?)?;

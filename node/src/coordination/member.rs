@@ -21,6 +21,7 @@ use super::consul::{self, ConsulStore};
 use super::driver::EmbeddedStore;
 use super::election::{ClusterView, Elector, ElectorConfig, Handovers};
 use super::embedded::{Elections, RaftKv};
+use super::lease::Lease;
 use super::raft_log::RaftLog;
 use super::transport::{
     ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, outgoing_address, until_stopped,
@@ -190,6 +191,8 @@ pub async fn start(
         prefix: prefix.into(),
     };
     let (view_tx, view) = watch::channel(ClusterView::default());
+    let lease = Lease::new(log.clone(), config.cluster.session_ttl());
+    tokio::spawn(lease.clone().watch(stopped.clone()));
     let (coordination, raft_inbox, handovers) = match &config.cluster.coordination {
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
@@ -210,14 +213,14 @@ pub async fn start(
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
             let handovers = elector.handovers();
-            tokio::spawn(run_elector(elector, view_tx, config.cluster.session_ttl(), stopped.clone()));
+            tokio::spawn(run_elector(elector, view_tx, lease, config.cluster.session_ttl(), stopped.clone()));
             (Coordination::Embedded(store), Some(inbox_tx), handovers)
         }
         CoordinationConfig::Consul(consul) => {
             let store = Arc::new(open_consul(consul)?);
             let elector = Elector::new(store.clone(), elector_config(&consul.key_prefix));
             let handovers = elector.handovers();
-            tokio::spawn(run_elector(elector, view_tx, config.cluster.session_ttl(), stopped.clone()));
+            tokio::spawn(run_elector(elector, view_tx, lease, config.cluster.session_ttl(), stopped.clone()));
             (Coordination::Consul(store), None, handovers)
         }
     };
@@ -331,14 +334,18 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
 async fn run_elector<S: CoordinationStore>(
     mut elector: Elector<S>,
     view: watch::Sender<ClusterView>,
+    lease: Arc<Lease>,
     ttl: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut index = 0;
     let mut failed_waits = 0u32;
     loop {
+        let began = tokio::time::Instant::now();
         match elector.round().await {
             Ok(seen) => {
+                // The round renewed the session (or had within a sixth of a TTL).
+                lease.renewed(began);
                 index = seen.index;
                 view.send_if_modified(|current| {
                     let changed = current.members != seen.members || current.partitions != seen.partitions;

@@ -19,6 +19,7 @@ pub mod consul;
 pub mod driver;
 pub mod election;
 pub mod embedded;
+pub mod lease;
 pub mod member;
 pub mod memory;
 pub mod placement;

@@ -105,7 +105,8 @@ pub enum AppendError {
     /// A `quorum` append was written here, but this node stopped leading the partition before a
     /// majority confirmed it: the new leader may or may not hold it.
     #[error(
-        "partition {partition}: leadership moved before a majority confirmed the append; it may or may not be committed \
+        "partition {partition}: this node lost (or, its session with the coordination store lapsed, may have lost) the \
+         leadership before a majority confirmed the append; it may or may not be committed \
          (retry with an expected version, or as a command with the same command id)"
     )]
     OutcomeUnknown { partition: u32 },
@@ -119,6 +120,9 @@ pub struct Roles {
     /// A leader handing its partition over: it still leads its epoch (its `quorum` appends
     /// still wait for their commit) but the writer takes no new appends.
     paused: Vec<std::sync::atomic::AtomicBool>,
+    /// The node's session with the coordination store went a TTL without renewal
+    /// (`coordination/lease.rs`): the writer takes no new appends for any partition.
+    lease_lapsed: std::sync::atomic::AtomicBool,
     /// Replicated: appends of domain streams keep an undo journal until committed
     /// (`storage/undo.rs`).
     journaling: std::sync::atomic::AtomicBool,
@@ -131,6 +135,7 @@ impl Roles {
         Roles {
             epochs: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(epoch)).collect(),
             paused: (0..partitions).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+            lease_lapsed: std::sync::atomic::AtomicBool::new(false),
             journaling: std::sync::atomic::AtomicBool::new(false),
             committed: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         }
@@ -151,6 +156,21 @@ impl Roles {
         self.paused[partition as usize].store(paused, std::sync::atomic::Ordering::Release);
     }
 
+    /// Stops (or resumes) the writer taking appends for every partition, which the node may
+    /// still lead: its lease lapsed (`coordination/lease.rs`).
+    pub fn set_lease_lapsed(&self, lapsed: bool) {
+        self.lease_lapsed.store(lapsed, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether this node leads any partition (in some epoch, paused or not).
+    pub fn leads_any(&self) -> bool {
+        (0..self.epochs.len() as u32).any(|p| self.epoch(p) > 0)
+    }
+
+    pub fn lease_lapsed(&self) -> bool {
+        self.lease_lapsed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The epoch this node appends to `partition` in, 0 when it does not lead it.
     pub fn epoch(&self, partition: u32) -> u64 {
         self.epochs[partition as usize].load(std::sync::atomic::Ordering::Acquire)
@@ -162,10 +182,12 @@ impl Roles {
         self.epochs[partition as usize].store(epoch, std::sync::atomic::Ordering::Release);
     }
 
-    /// What the writer appends in: each partition's epoch, 0 where it does not lead or paused.
+    /// What the writer appends in: each partition's epoch, 0 where it does not lead or paused,
+    /// and everywhere while the lease lapsed.
     fn snapshot(&self) -> Vec<u64> {
+        let lapsed = self.lease_lapsed();
         (0..self.epochs.len() as u32)
-            .map(|p| if self.paused[p as usize].load(std::sync::atomic::Ordering::Acquire) { 0 } else { self.epoch(p) })
+            .map(|p| if lapsed || self.paused[p as usize].load(std::sync::atomic::Ordering::Acquire) { 0 } else { self.epoch(p) })
             .collect()
     }
 }
@@ -400,7 +422,8 @@ impl Log {
     }
 
     /// Waits until a majority holds `appended` (committed in the epoch it was appended in).
-    /// Fails with `OutcomeUnknown` when this node stops leading that epoch first, and with
+    /// Fails with `OutcomeUnknown` when this node stops leading that epoch first or its lease
+    /// lapses (it may be deposed: the append may or may not commit), and with
     /// `QuorumTimeout` after `timeout` (the API uses [`QUORUM_WAIT`]).
     /// A single node returns at once: it is its own majority.
     pub async fn wait_quorum(&self, appended: &Appended, timeout: std::time::Duration) -> Result<(), AppendError> {
@@ -411,7 +434,7 @@ impl Log {
         let mut committed = self.committed[partition as usize].subscribe();
         let wait = async {
             loop {
-                if self.roles.epoch(partition) != epoch {
+                if self.roles.epoch(partition) != epoch || self.roles.lease_lapsed() {
                     return Err(AppendError::OutcomeUnknown { partition });
                 }
                 let (e, p) = *committed.borrow_and_update();
@@ -844,6 +867,45 @@ mod tests {
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn given_a_lapsed_lease_then_appends_and_commands_are_refused_as_not_leader_until_it_is_renewed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 0);
+        let rt = runtime();
+        log.roles().set_lease_lapsed(true);
+        let refused = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1)));
+        assert!(matches!(refused, Err(AppendError::NotLeader { .. })), "{refused:?}");
+        let command = rt.block_on(log.command(ledger(Some("c1"), open_account("a"))));
+        assert!(matches!(command, Err(CommandError::Failed(AppendError::NotLeader { .. }))), "{command:?}");
+        assert_eq!(*log.partition_head(log.partition_of("s")).borrow(), 0, "nothing written");
+        // Renewed: taken again, in the epoch the node kept leading.
+        log.roles().set_lease_lapsed(false);
+        rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
+        rt.block_on(log.command(ledger(Some("c1"), open_account("a")))).unwrap();
+    }
+
+    #[test]
+    fn given_a_quorum_append_waiting_for_its_majority_when_the_lease_lapses_then_its_outcome_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(open(dir.path(), 0));
+        let rt = runtime();
+        log.set_replicated();
+        let p = log.partition_of("s");
+        log.roles().set(p, 2);
+        let appended = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
+        let outcome = rt.block_on(async {
+            let waiting = {
+                let (log, appended) = (log.clone(), appended);
+                tokio::spawn(async move { log.wait_quorum(&appended, std::time::Duration::from_secs(10)).await })
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert!(!waiting.is_finished(), "no majority confirmed it yet");
+            log.roles().set_lease_lapsed(true);
+            waiting.await.unwrap()
+        });
+        assert!(matches!(outcome, Err(AppendError::OutcomeUnknown { .. })), "{outcome:?}");
     }
 
     #[test]
