@@ -40,7 +40,7 @@ use serde::Serialize;
 use crate::client::{self, Clients};
 use crate::config::{GroupCommitConfig, LimitsConfig, StorageConfig};
 use crate::cpu_quota::CpuQuota;
-use crate::local::{ChildNode, ClusterSpec, LocalCluster};
+use crate::local::{ChildNode, ClusterSpec, LocalCluster, probe_append, streams_per_partition};
 use crate::log::{self, ExpectedVersion, Log, NewEvent};
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -326,7 +326,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     if let Some(cores) = args.cpu_per_node {
         eprintln!("bench: every node held to {cores} cores (the one-node run too)");
     }
-    wait_whole(&cluster, &spec, Duration::from_secs(60)).await?;
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await?;
     let server = Server { url: cluster.url(0), data_dir: Some(cluster.dir().to_path_buf()), seeds: Some(cluster.urls()) };
     // Commands are acknowledged once committed in a cluster, whatever --durability says.
     let durability = if args.workload == Workload::Ledger { "quorum".to_string() } else { format!("{:?}", args.durability).to_lowercase() };
@@ -355,76 +355,6 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every member is live and every partition has a leader that takes appends.
-pub(crate) async fn wait_whole(cluster: &LocalCluster, spec: &ClusterSpec, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut whole = false;
-        for i in (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].is_some()) {
-            let Ok(mut c) = client::connect(&cluster.url(i)).await else { continue };
-            let Ok(status) = c.node.status(pb::StatusRequest {}).await else { continue };
-            if let Some(view) = status.into_inner().cluster {
-                whole = view.members.iter().all(|m| m.live)
-                    && view.partitions.len() == spec.partitions as usize
-                    && view.partitions.iter().all(|p| !p.leader.is_empty());
-            }
-            break;
-        }
-        let mut why = "not every member is live and every partition led".to_string();
-        if whole {
-            // Each leader serves once it recovered: one quorum append per partition says so. A
-            // leadership that moves meanwhile (a starved node's session expiring) fails one:
-            // then the cluster is not whole yet, and the check starts over.
-            let router = Router::connect(&cluster.urls()).await?;
-            let mut failed = None;
-            for stream in streams_per_partition("bench-probe", spec.partitions) {
-                if let Err(e) = router.append(probe_append(&stream, "ready")).await {
-                    failed = Some(format!("the partition of {stream} does not take appends: {}", e.message()));
-                    break;
-                }
-            }
-            match failed {
-                None => return Ok(()),
-                Some(e) => why = e,
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the cluster did not become whole within {timeout:?}: {why} (logs in {})", cluster.dir().display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The live node that leads `partition` in the highest epoch, as the nodes' statuses say.
-pub(crate) async fn serving_node(cluster: &LocalCluster, partition: u32) -> Option<usize> {
-    let mut best: Option<(u64, usize)> = None;
-    for i in (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].is_some()) {
-        let Ok(mut c) = client::connect(&cluster.url(i)).await else { continue };
-        let Ok(status) = c.node.status(pb::StatusRequest {}).await else { continue };
-        let epoch = status.into_inner().partitions.get(partition as usize).map_or(0, |p| p.epoch);
-        if epoch > 0 && best.is_none_or(|(e, _)| epoch > e) {
-            best = Some((epoch, i));
-        }
-    }
-    best.map(|(_, i)| i)
-}
-
-/// One stream name per partition, `{prefix}-{n}`.
-fn streams_per_partition(prefix: &str, partitions: u32) -> Vec<String> {
-    (0..partitions)
-        .map(|p| (0..).map(|n| format!("{prefix}-{n}")).find(|s| log::partition_of(s, partitions) == p).expect("some name hashes there"))
-        .collect()
-}
-
-fn probe_append(stream: &str, payload: &str) -> pb::AppendRequest {
-    pb::AppendRequest {
-        durability: pb::Durability::Quorum as i32,
-        stream: stream.to_string(),
-        expected_version: None,
-        events: vec![pb::EventData { r#type: "Probe".into(), payload: payload.as_bytes().to_vec(), metadata: Default::default() }],
-    }
-}
-
 /// Kills the leader of partition `k` (of the current routing table) `kills` times.
 async fn failovers(kills: usize, cluster: &mut LocalCluster, spec: &ClusterSpec) -> anyhow::Result<FailoverReport> {
     let router = Arc::new(Router::connect(&cluster.urls()).await?);
@@ -432,12 +362,12 @@ async fn failovers(kills: usize, cluster: &mut LocalCluster, spec: &ClusterSpec)
     let mut samples = Vec::new();
     let mut acked: Vec<(String, String)> = Vec::new();
     for k in 0..kills {
-        wait_whole(cluster, spec, Duration::from_secs(60)).await?;
+        cluster.wait_whole(spec, Duration::from_secs(60)).await?;
         router.refresh().await?;
         let partition = (k as u32 * 7) % spec.partitions;
         let stream = streams[partition as usize].clone();
         // The node that serves the partition now, by its own word (a view may lag).
-        let victim = serving_node(cluster, partition).await.with_context(|| format!("no node serves partition {partition}"))?;
+        let victim = cluster.serving_node(partition).await.with_context(|| format!("no node serves partition {partition}"))?;
         // The probe appends to the partition all along: (sent, answered, payload) of each ack.
         let stop = Arc::new(AtomicBool::new(false));
         let acks: Arc<Mutex<Vec<(Instant, Instant, String)>>> = Arc::default();

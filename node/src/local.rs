@@ -1,5 +1,7 @@
-//! A node run as a child process on loopback: how the benchmark, the demo and the integration
-//! tests start a real `anthill node`, find its ephemeral ports, and stop or kill it.
+//! A node run as a child process on loopback: how the benchmark, the demo, the chaos suite and
+//! the integration tests start a real `anthill node`, find its ephemeral ports, and stop or kill
+//! it; and a [`LocalCluster`] of them, with the questions those harnesses ask of it (is it whole,
+//! who serves a partition).
 //!
 //! The child prints one line to stdout when it is serving:
 //! `anthill node ready grpc=<addr> metrics=<addr|none>`; everything else goes to its log file.
@@ -9,9 +11,17 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use anthill_proto::v1 as pb;
 
 use anyhow::{Context, bail};
+
+use crate::router::Router;
+use crate::{client, log};
+
+/// How long the cluster helpers wait for a node's status (a frozen node never answers).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The line a node prints on stdout once it serves, followed by its addresses.
 pub const READY_PREFIX: &str = "anthill node ready";
@@ -106,6 +116,12 @@ impl ChildNode {
         let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
         // SAFETY: signalling our own child process by its pid.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// How the process ended, if it did (without being waited for by [`ChildNode::kill9`] or
+    /// [`ChildNode::terminate`]): a crash, to a harness that did not stop it.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM and wait for a clean exit (at most `timeout`, then SIGKILL and an error).
@@ -231,6 +247,20 @@ impl LocalCluster {
         }
     }
 
+    /// Fails, naming the node, its exit and the end of its log, when a node the harness started
+    /// and did not stop has exited on its own.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(node) = node
+                && let Some(status) = node.exited()
+            {
+                let log = std::fs::read_to_string(&node.log_file).unwrap_or_default();
+                bail!("{} exited on its own ({status}); its log ({}):\n{}", Self::name(i), node.log_file.display(), tail(&log, 40));
+            }
+        }
+        Ok(())
+    }
+
     /// SIGTERM node `i` and wait for its clean exit (see [`ChildNode::terminate`]; nothing if
     /// it is not running).
     pub fn terminate(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
@@ -250,6 +280,77 @@ impl LocalCluster {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Waits until every member is live and every partition has a leader that takes appends.
+    pub async fn wait_whole(&self, spec: &ClusterSpec, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut whole = false;
+            for i in (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()) {
+                let Ok(mut c) = client::connect(&self.url(i)).await else { continue };
+                let Ok(Ok(status)) = tokio::time::timeout(STATUS_TIMEOUT, c.node.status(pb::StatusRequest {})).await else { continue };
+                if let Some(view) = status.into_inner().cluster {
+                    whole = view.members.iter().all(|m| m.live)
+                        && view.partitions.len() == spec.partitions as usize
+                        && view.partitions.iter().all(|p| !p.leader.is_empty());
+                }
+                break;
+            }
+            let mut why = "not every member is live and every partition led".to_string();
+            if whole {
+                // Each leader serves once it recovered: one quorum append per partition says so. A
+                // leadership that moves meanwhile (a starved node's session expiring) fails one:
+                // then the cluster is not whole yet, and the check starts over.
+                let router = Router::connect(&self.urls()).await?;
+                let mut failed = None;
+                for stream in streams_per_partition("bench-probe", spec.partitions) {
+                    if let Err(e) = router.append(probe_append(&stream, "ready")).await {
+                        failed = Some(format!("the partition of {stream} does not take appends: {}", e.message()));
+                        break;
+                    }
+                }
+                match failed {
+                    None => return Ok(()),
+                    Some(e) => why = e,
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not become whole within {timeout:?}: {why} (logs in {})", self.dir().display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The live node that leads `partition` in the highest epoch, as the nodes' statuses say (a
+    /// node that does not answer within [`STATUS_TIMEOUT`], e.g. a frozen one, is passed over).
+    pub async fn serving_node(&self, partition: u32) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
+        for i in (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()) {
+            let Ok(mut c) = client::connect(&self.url(i)).await else { continue };
+            let Ok(Ok(status)) = tokio::time::timeout(STATUS_TIMEOUT, c.node.status(pb::StatusRequest {})).await else { continue };
+            let epoch = status.into_inner().partitions.get(partition as usize).map_or(0, |p| p.epoch);
+            if epoch > 0 && best.is_none_or(|(e, _)| epoch > e) {
+                best = Some((epoch, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+}
+
+/// One stream name per partition, `{prefix}-{n}`.
+pub fn streams_per_partition(prefix: &str, partitions: u32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| (0..).map(|n| format!("{prefix}-{n}")).find(|s| log::partition_of(s, partitions) == p).expect("some name hashes there"))
+        .collect()
+}
+
+pub fn probe_append(stream: &str, payload: &str) -> pb::AppendRequest {
+    pb::AppendRequest {
+        durability: pb::Durability::Quorum as i32,
+        stream: stream.to_string(),
+        expected_version: None,
+        events: vec![pb::EventData { r#type: "Probe".into(), payload: payload.as_bytes().to_vec(), metadata: Default::default() }],
     }
 }
 

@@ -7,8 +7,8 @@
 //! a ledger command), so each stored event names the operation that wrote it.
 //!
 //! The checks ([`check`]):
-//! - every acknowledged operation is stored, exactly once (its events one contiguous run), at the
-//!   same positions on every replica of its partition;
+//! - every acknowledged operation is stored, exactly once (as many events as it writes, in one
+//!   contiguous run), at the same positions on every replica of its partition;
 //! - no definitely failed operation is stored;
 //! - replicas of a partition hold the same operations at the same positions (no divergence);
 //! - an unknown outcome is resolved by the read: applied (once) or not, both fine.
@@ -23,6 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct Record {
     pub id: u64,
     pub kind: OpKind,
+    /// What it asked for: an append's stream, a transfer's book, accounts and amount.
+    pub value: String,
     /// The partition the operation went to.
     pub partition: u32,
     /// When it was sent and when its outcome came back, in milliseconds since the run began.
@@ -37,7 +39,7 @@ pub struct Record {
 pub enum OpKind {
     /// A raw append of one event.
     Append,
-    /// A ledger transfer (two events, or a rejection).
+    /// A ledger transfer (one event, or a rejection).
     Transfer,
 }
 
@@ -51,12 +53,34 @@ pub enum Outcome {
     Unknown,
 }
 
-/// What one replica of a partition stores: per position, the operation that wrote the event.
+/// One event a replica stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub position: u64,
+    /// The operation that wrote it; none for the events no client operation wrote (leaders'
+    /// markers, probes, the books' opening commands).
+    pub op: Option<u64>,
+    /// A digest of everything the event holds (stream, version, type, payload, metadata, epoch,
+    /// time): replicas agree on a position only if they agree on this.
+    pub fingerprint: u64,
+}
+
+/// What one replica of a partition stores, in position order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub node: String,
     pub partition: u32,
-    pub events: Vec<(u64, u64)>,
+    pub events: Vec<StoredEvent>,
+}
+
+impl OpKind {
+    /// How many events the operation writes when it is applied.
+    pub fn events(self) -> usize {
+        match self {
+            // One `Transferred` event names both accounts.
+            OpKind::Append | OpKind::Transfer => 1,
+        }
+    }
 }
 
 /// What [`check`] found. `ok()` when nothing is wrong.
@@ -64,13 +88,15 @@ pub struct Stored {
 pub struct Verdict {
     /// Acknowledged operations no replica of their partition stores.
     pub lost: Vec<u64>,
-    /// Operations stored more than once (in two separate runs of positions).
+    /// Operations stored more than once: more events than the operation writes, or in two
+    /// separate runs of positions.
     pub duplicated: Vec<u64>,
     /// Operations that failed definitely, yet are stored.
     pub failed_but_stored: Vec<u64>,
     /// Acknowledged operations some replica of their partition lacks.
     pub missing_on_a_replica: Vec<(u64, String)>,
-    /// Positions at which two replicas of a partition store different operations.
+    /// Positions at which two replicas of a partition store different events (any event, the
+    /// clients' or not).
     pub diverged: Vec<(u32, u64)>,
     /// Unknown outcomes the read resolved: applied, and not.
     pub unknown_applied: usize,
@@ -95,8 +121,10 @@ type Replicas<'a> = Vec<(&'a str, BTreeMap<u64, Vec<u64>>)>;
 /// Where each operation's events are on one replica: operation id to its positions.
 fn placed(stored: &Stored) -> BTreeMap<u64, Vec<u64>> {
     let mut placed: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for (position, op) in &stored.events {
-        placed.entry(*op).or_default().push(*position);
+    for event in &stored.events {
+        if let Some(op) = event.op {
+            placed.entry(op).or_default().push(event.position);
+        }
     }
     placed
 }
@@ -114,14 +142,14 @@ pub fn check(history: &[Record], replicas: &[Stored]) -> Verdict {
     for stored in replicas {
         by_partition.entry(stored.partition).or_default().push(stored);
     }
-    // Divergence: the same position holds the same operation on every replica that has it.
+    // Divergence: the same position holds the same event on every replica that has it.
     for (partition, stores) in &by_partition {
         let mut at: BTreeMap<u64, u64> = BTreeMap::new();
         let mut diverged = BTreeSet::new();
         for stored in stores {
-            for (position, op) in &stored.events {
-                if *at.entry(*position).or_insert(*op) != *op {
-                    diverged.insert(*position);
+            for event in &stored.events {
+                if *at.entry(event.position).or_insert(event.fingerprint) != event.fingerprint {
+                    diverged.insert(event.position);
                 }
             }
         }
@@ -135,7 +163,7 @@ pub fn check(history: &[Record], replicas: &[Stored]) -> Verdict {
     for record in history {
         let stores = placements.get(&record.partition).map(Vec::as_slice).unwrap_or(&[]);
         let copies: Vec<(&str, Option<&Vec<u64>>)> = stores.iter().map(|(node, placed)| (*node, placed.get(&record.id))).collect();
-        if copies.iter().any(|(_, positions)| positions.is_some_and(|p| !contiguous(p))) {
+        if copies.iter().any(|(_, positions)| positions.is_some_and(|p| p.len() != record.kind.events() || !contiguous(p))) {
             duplicated.insert(record.id);
         }
         let stored_anywhere = copies.iter().any(|(_, positions)| positions.is_some());
@@ -162,18 +190,48 @@ pub fn check(history: &[Record], replicas: &[Stored]) -> Verdict {
     verdict
 }
 
-/// For each fault (when it happened, and the partitions it affected): how long until an
-/// operation on an affected partition invoked after the fault was acknowledged; `None` when none
-/// was before the history ends.
-pub fn unavailability(history: &[Record], faults: &[(u64, Vec<u32>)]) -> Vec<Option<u64>> {
+/// One fault, as the availability measure sees it: when it began, when it was healed, and the
+/// partitions whose leader it hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultWindow {
+    pub at_ms: u64,
+    pub healed_ms: u64,
+    pub partitions: Vec<u32>,
+}
+
+/// For each fault: the longest stretch, from the fault until the first acknowledgement after
+/// its heal, in which one of its partitions acknowledged nothing; the worst of its partitions.
+/// `None` when a partition acknowledged nothing after the heal (or the fault hit none).
+///
+/// The longest gap, not the time to the first acknowledgement: a leader cut off with enough of
+/// its replicas may go on committing for a while, then stop until the heal.
+pub fn unavailability(history: &[Record], faults: &[FaultWindow]) -> Vec<Option<u64>> {
+    let mut acknowledged: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for r in history.iter().filter(|r| r.outcome == Outcome::Ok) {
+        acknowledged.entry(r.partition).or_default().push(r.completed_ms);
+    }
+    for times in acknowledged.values_mut() {
+        times.sort_unstable();
+    }
+    let worst_gap = |fault: &FaultWindow, partition: u32| -> Option<u64> {
+        let times = acknowledged.get(&partition)?;
+        let after = times.partition_point(|t| *t < fault.at_ms);
+        let recovered = after + times[after..].iter().position(|t| *t >= fault.healed_ms)?;
+        let mut previous = fault.at_ms;
+        let mut worst = 0;
+        for t in &times[after..=recovered] {
+            worst = worst.max(t - previous);
+            previous = *t;
+        }
+        Some(worst)
+    };
     faults
         .iter()
-        .map(|(at_ms, partitions)| {
-            history
-                .iter()
-                .filter(|r| r.outcome == Outcome::Ok && r.invoked_ms >= *at_ms && partitions.contains(&r.partition))
-                .map(|r| r.completed_ms - at_ms)
-                .min()
+        .map(|fault| {
+            if fault.partitions.is_empty() {
+                return None;
+            }
+            fault.partitions.iter().map(|p| worst_gap(fault, *p)).collect::<Option<Vec<u64>>>()?.into_iter().max()
         })
         .collect()
 }
@@ -183,18 +241,28 @@ mod tests {
     use super::*;
 
     fn op(id: u64, partition: u32, outcome: Outcome) -> Record {
-        Record { id, kind: OpKind::Append, partition, invoked_ms: id * 10, completed_ms: id * 10 + 5, outcome }
+        Record { id, kind: OpKind::Append, value: String::new(), partition, invoked_ms: id * 10, completed_ms: id * 10 + 5, outcome }
     }
 
+    fn transfer(id: u64, partition: u32, outcome: Outcome) -> Record {
+        Record { kind: OpKind::Transfer, ..op(id, partition, outcome) }
+    }
+
+    /// A replica storing `ops`' events from position 1 on (0: an event no operation wrote).
     fn stored(node: &str, partition: u32, ops: &[u64]) -> Stored {
-        Stored { node: node.into(), partition, events: ops.iter().enumerate().map(|(i, op)| (i as u64 + 1, *op)).collect() }
+        let events = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| StoredEvent { position: i as u64 + 1, op: (*op > 0).then_some(*op), fingerprint: *op })
+            .collect();
+        Stored { node: node.into(), partition, events }
     }
 
     #[test]
     fn given_every_acknowledged_operation_stored_once_on_every_replica_then_the_history_checks() {
-        let history = [op(1, 0, Outcome::Ok), op(2, 0, Outcome::Fail), op(3, 0, Outcome::Unknown), op(4, 0, Outcome::Unknown)];
-        // Operation 1 wrote two events; the unknown 3 was applied, 4 was not.
-        let replicas = [stored("a", 0, &[1, 1, 3]), stored("b", 0, &[1, 1, 3])];
+        let history = [transfer(1, 0, Outcome::Ok), op(2, 0, Outcome::Fail), op(3, 0, Outcome::Unknown), op(4, 0, Outcome::Unknown)];
+        // The unknown 3 was applied, 4 was not; a leader's marker (no operation) sits between.
+        let replicas = [stored("a", 0, &[1, 0, 3]), stored("b", 0, &[1, 0, 3])];
         let verdict = check(&history, &replicas);
         assert!(verdict.ok(), "{verdict:?}");
         assert_eq!((verdict.acknowledged, verdict.unknown_applied, verdict.unknown_absent), (1, 1, 1));
@@ -226,11 +294,43 @@ mod tests {
     }
 
     #[test]
-    fn unavailability_is_the_time_to_the_first_acknowledgement_after_the_fault_on_an_affected_partition() {
-        let mut history = vec![op(1, 0, Outcome::Ok), op(2, 1, Outcome::Ok), op(3, 0, Outcome::Fail), op(4, 0, Outcome::Ok)];
-        history[3].completed_ms = 70;
-        // A fault at 15 ms on partition 0: operation 2 is on another partition, 3 failed; 4
-        // (invoked at 40) was acknowledged at 70. A fault no later operation saw ends the run.
-        assert_eq!(unavailability(&history, &[(15, vec![0]), (15, vec![1]), (100, vec![0])]), [Some(55), Some(10), None]);
+    fn given_an_operation_stored_twice_in_a_row_then_it_is_a_duplicate() {
+        let history = [op(1, 0, Outcome::Ok), transfer(2, 0, Outcome::Ok), transfer(3, 0, Outcome::Ok)];
+        // 1 and 2 each applied twice, one right after the other; 3 once.
+        let verdict = check(&history, &[stored("a", 0, &[1, 1, 2, 2, 3])]);
+        assert_eq!(verdict.duplicated, [1, 2]);
+    }
+
+    #[test]
+    fn given_replicas_that_differ_at_an_event_no_operation_wrote_then_they_diverged() {
+        // Replica b holds an old leader's operation 2 where a holds the new leader's marker.
+        let history = [op(1, 0, Outcome::Ok), op(2, 0, Outcome::Unknown)];
+        let verdict = check(&history, &[stored("a", 0, &[1, 0]), stored("b", 0, &[1, 2])]);
+        assert_eq!(verdict.diverged, [(0, 2)]);
+    }
+
+    fn acked(partition: u32, completed_ms: u64) -> Record {
+        Record { completed_ms, invoked_ms: completed_ms.saturating_sub(5), ..op(completed_ms, partition, Outcome::Ok) }
+    }
+
+    #[test]
+    fn unavailability_is_the_longest_silence_of_a_partition_until_its_first_acknowledgement_after_the_heal() {
+        let window = |at_ms, healed_ms, partitions: &[u32]| FaultWindow { at_ms, healed_ms, partitions: partitions.to_vec() };
+        // Partition 0 acknowledges at 10, 20, then nothing until 70 (the heal at 60), then 80.
+        // Partition 1 goes on at 12, 22, 32, ... 92.
+        let mut history: Vec<Record> = [10, 20, 70, 80].iter().map(|t| acked(0, *t)).collect();
+        history.extend((0..9).map(|i| acked(1, 12 + 10 * i)));
+        history.push(Record { outcome: Outcome::Unknown, ..acked(0, 50) });
+        let faults = [
+            // Still committing for a while, then silent until the heal: 20 to 70.
+            window(15, 60, &[0]),
+            // The worst of its partitions counts, not the first to recover.
+            window(15, 60, &[1, 0]),
+            window(15, 60, &[1]),
+            // No acknowledgement after the heal; a fault that hit no leader.
+            window(85, 90, &[0]),
+            window(15, 60, &[]),
+        ];
+        assert_eq!(unavailability(&history, &faults), [Some(50), Some(50), Some(10), None, None]);
     }
 }

@@ -129,21 +129,23 @@ impl<'a> Nemesis<'a> {
         Duration::from_millis(self.spec.session_ttl_ms)
     }
 
-    /// Injects one fault of `kind` and heals it.
+    /// Injects one fault of `kind` and heals it. A node that exited on its own (a crash) fails
+    /// the run here rather than being restarted unnoticed.
     pub async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<()> {
+        self.cluster.check_running()?;
         match kind {
             FaultKind::KillLeader => {
-                let Some(victim) = self.leader_of_random_partition().await else { return Ok(()) };
-                self.kill_and_restart(kind, victim).await
+                let Some((partition, victim)) = self.leader_of_random_partition().await else { return Ok(()) };
+                self.kill_and_restart(kind, victim, Some(partition)).await
             }
             FaultKind::KillNode => {
                 let victim = self.rng.random_range(0..self.cluster.nodes.len());
-                self.kill_and_restart(kind, victim).await
+                self.kill_and_restart(kind, victim, None).await
             }
             FaultKind::Pause => {
-                let Some(victim) = self.leader_of_random_partition().await else { return Ok(()) };
+                let Some((partition, victim)) = self.leader_of_random_partition().await else { return Ok(()) };
                 let paused_for = self.ttl().mul_f64(self.rng.random_range(1.5..3.0));
-                let partitions = led_by(self.cluster, victim).await;
+                let partitions = led_by(self.cluster, victim, Some(partition)).await;
                 let at_ms = self.now_ms();
                 let node = self.cluster.nodes[victim].as_ref().context("the leader runs")?;
                 node.freeze(true);
@@ -157,22 +159,22 @@ impl<'a> Nemesis<'a> {
         }
     }
 
-    /// The node leading a random partition; asked again for up to 10 s while none does (right
-    /// after a heal a partition may still be electing).
-    async fn leader_of_random_partition(&mut self) -> Option<usize> {
+    /// A random partition and the node leading it; asked again for up to 10 s while none does
+    /// (right after a heal a partition may still be electing).
+    async fn leader_of_random_partition(&mut self) -> Option<(u32, usize)> {
         let partition = self.rng.random_range(0..self.spec.partitions);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let leader = crate::bench::serving_node(self.cluster, partition).await;
+            let leader = self.cluster.serving_node(partition).await;
             if leader.is_some() || Instant::now() > deadline {
-                return leader;
+                return leader.map(|node| (partition, node));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn kill_and_restart(&mut self, kind: FaultKind, victim: usize) -> anyhow::Result<()> {
-        let partitions = led_by(self.cluster, victim).await;
+    async fn kill_and_restart(&mut self, kind: FaultKind, victim: usize, leads: Option<u32>) -> anyhow::Result<()> {
+        let partitions = led_by(self.cluster, victim, leads).await;
         let at_ms = self.now_ms();
         self.cluster.kill9(victim)?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -183,25 +185,26 @@ impl<'a> Nemesis<'a> {
 
     async fn cut(&mut self, kind: FaultKind) -> anyhow::Result<()> {
         let nodes = self.cluster.nodes.len();
-        let side: Vec<usize> = match kind {
+        let (side, leads): (Vec<usize>, Option<u32>) = match kind {
             FaultKind::Split => {
                 let mut all: Vec<usize> = (0..nodes).collect();
                 all.shuffle(&mut self.rng);
                 all.truncate(nodes / 2);
                 all.sort_unstable();
-                all
+                (all, None)
             }
             _ => match self.leader_of_random_partition().await {
-                Some(victim) => vec![victim],
+                Some((partition, victim)) => (vec![victim], Some(partition)),
                 None => return Ok(()),
             },
         };
         let rest: Vec<usize> = (0..nodes).filter(|i| !side.contains(i)).collect();
         let mut partitions = Vec::new();
         for &i in &side {
-            partitions.extend(led_by(self.cluster, i).await);
+            partitions.extend(led_by(self.cluster, i, leads).await);
         }
         partitions.sort_unstable();
+        partitions.dedup();
         let cut_for = self.ttl().mul_f64(self.rng.random_range(2.0..4.0));
         let (side_ips, rest_ips) = (self.ips(&side), self.ips(&rest));
         let cuts = self.cuts.as_mut().context("network faults need the run's own network namespace")?;
@@ -230,15 +233,16 @@ impl<'a> Nemesis<'a> {
     async fn rolling_restart(&mut self) -> anyhow::Result<()> {
         let mut order = Vec::new();
         for i in 0..self.cluster.nodes.len() {
-            order.push((led_by(self.cluster, i).await.len(), i));
+            order.push((led_by(self.cluster, i, None).await.len(), i));
         }
         order.sort_unstable();
         for (step, (_, i)) in order.iter().enumerate() {
-            let partitions = led_by(self.cluster, *i).await;
+            let partitions = led_by(self.cluster, *i, None).await;
             let at_ms = self.now_ms();
             self.cluster.terminate(*i, Duration::from_secs(10))?;
             self.cluster.start_node(*i, &self.spec.node_args)?;
-            crate::bench::wait_whole(self.cluster, &self.spec, Duration::from_secs(60))
+            self.cluster
+                .wait_whole(&self.spec, Duration::from_secs(60))
                 .await
                 .with_context(|| format!("the cluster did not recover after {} restarted", LocalCluster::name(*i)))?;
             let target = format!("{} restarted, step {} of {}", describe(*i, &partitions), step + 1, order.len());
@@ -264,26 +268,42 @@ impl<'a> Nemesis<'a> {
     }
 
     /// Undoes whatever is still in force: the network whole, every node running and thawed.
+    /// Every step is tried, whatever failed before it; the first failure is returned.
     pub fn heal(&mut self) -> anyhow::Result<()> {
-        if let Some(cuts) = self.cuts.as_mut() {
-            cuts.heal()?;
+        let mut first_error = None;
+        if let Some(cuts) = self.cuts.as_mut()
+            && let Err(e) = cuts.heal()
+        {
+            first_error = Some(e);
         }
         for i in 0..self.cluster.nodes.len() {
-            match &self.cluster.nodes[i] {
-                Some(node) => node.freeze(false),
-                None => self.cluster.start_node(i, &self.spec.node_args)?,
+            let healed = match &self.cluster.nodes[i] {
+                Some(node) => {
+                    node.freeze(false);
+                    Ok(())
+                }
+                None => self.cluster.start_node(i, &self.spec.node_args),
+            };
+            if let Err(e) = healed {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
-/// The partitions node `i` leads now, as it says (none when it does not answer).
-pub async fn led_by(cluster: &LocalCluster, i: usize) -> Vec<u32> {
-    let Ok(mut c) = client::connect(&cluster.url(i)).await else { return Vec::new() };
-    let Ok(status) = tokio::time::timeout(Duration::from_secs(2), c.node.status(pb::StatusRequest {})).await else { return Vec::new() };
-    let Ok(status) = status else { return Vec::new() };
-    status.into_inner().partitions.iter().filter(|p| p.epoch > 0).map(|p| p.partition).collect()
+/// The partitions node `i` leads now, as it says, with `leads` (the partition it was found
+/// leading) whether or not it says so now or answers at all.
+pub async fn led_by(cluster: &LocalCluster, i: usize, leads: Option<u32>) -> Vec<u32> {
+    let mut led: Vec<u32> = leads.into_iter().collect();
+    if let Ok(mut c) = client::connect(&cluster.url(i)).await
+        && let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), c.node.status(pb::StatusRequest {})).await
+    {
+        led.extend(status.into_inner().partitions.iter().filter(|p| p.epoch > 0).map(|p| p.partition));
+    }
+    led.sort_unstable();
+    led.dedup();
+    led
 }
 
 fn describe(node: usize, partitions: &[u32]) -> String {

@@ -111,10 +111,13 @@ impl Cuts {
 
     /// Removes every cut.
     pub fn heal(&mut self) -> anyhow::Result<()> {
-        if std::mem::take(&mut self.cut).is_empty() {
+        if self.cut.is_empty() {
             return Ok(());
         }
-        run("tc", &["filter", "del", "dev", "lo", "parent", "1:", "prio", "1"])
+        // Forgotten only once removed: a failed removal is tried again by the next heal.
+        run("tc", &["filter", "del", "dev", "lo", "parent", "1:", "prio", "1"])?;
+        self.cut.clear();
+        Ok(())
     }
 
     pub fn is_cut(&self, from: Ipv4Addr, to: Ipv4Addr) -> bool {

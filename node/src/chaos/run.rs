@@ -22,13 +22,12 @@ use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use super::history::{self, OpKind, Outcome, Record, Stored, Verdict};
+use super::history::{self, FaultWindow, OpKind, Outcome, Record, Stored, StoredEvent, Verdict};
 use super::nemesis::{Fault, FaultKind, Nemesis, schedule};
 use super::net::Cuts;
 use super::timeline::{self, Second};
 use super::workload::{self, Book, COMMAND_ID_PREFIX, Load, LoadSpec};
 use crate::app::COMMAND_ID_METADATA_KEY;
-use crate::bench::wait_whole;
 use crate::client;
 use crate::local::{ClusterSpec, LocalCluster};
 use crate::router::Router;
@@ -56,8 +55,9 @@ pub struct ChaosSpec {
 pub struct FaultReport {
     #[serde(flatten)]
     pub fault: Fault,
-    /// Milliseconds from the fault until an operation sent after it to one of its partitions
-    /// was acknowledged; `None` when it hit no leader (nothing to measure) or none was.
+    /// The longest time, from the fault until the first acknowledgement after its heal, that
+    /// one of its partitions acknowledged nothing (`history::unavailability`), in ms; `None`
+    /// when it hit no leader (nothing to measure) or a partition took no write after the heal.
     pub unavailability_ms: Option<u64>,
 }
 
@@ -104,6 +104,9 @@ pub struct ChaosReport {
     pub verdict: Verdict,
     pub ledger: LedgerCheck,
     pub timeline: Vec<Second>,
+    /// Every operation, in the order invoked (written to `history.jsonl`, not into the report).
+    #[serde(skip)]
+    pub history: Vec<Record>,
 }
 
 impl ChaosReport {
@@ -119,7 +122,7 @@ impl ChaosReport {
 pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<ChaosReport> {
     let cuts = if spec.faults.iter().any(|k| k.cuts_network()) { Some(Cuts::install()?) } else { None };
     let mut cluster = LocalCluster::start(exe, dir, &spec.cluster)?;
-    wait_whole(&cluster, &spec.cluster, Duration::from_secs(60)).await.context("the cluster never formed")?;
+    cluster.wait_whole(&spec.cluster, Duration::from_secs(60)).await.context("the cluster never formed")?;
     let mut router = Router::connect(&cluster.urls()).await?;
     router.attempt_timeout = Some(workload::ATTEMPT_TIMEOUT);
     let router = Arc::new(router);
@@ -132,9 +135,10 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let chaos_from_ms = started.elapsed().as_millis() as u64;
     let faults = inject(&mut cluster, spec, cuts, started, &load).await?;
     let chaos_to_ms = started.elapsed().as_millis() as u64;
-    wait_whole(&cluster, &spec.cluster, Duration::from_secs(60)).await.context("the cluster did not heal")?;
+    cluster.wait_whole(&spec.cluster, Duration::from_secs(60)).await.context("the cluster did not heal")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let history = load.stop().await?;
+    cluster.check_running()?;
     eprintln!("chaos: healed at {:.1} s; reading every replica back", chaos_to_ms as f64 / 1000.0);
     let verdict = read_back(&cluster, spec.cluster.partitions, &history).await?;
     let ledger = check_ledger(&cluster, &books).await?;
@@ -188,7 +192,8 @@ fn report(
     steady_ops_per_s: f64,
     chaos_ops_per_s: f64,
 ) -> ChaosReport {
-    let windows: Vec<(u64, Vec<u32>)> = faults.iter().map(|f| (f.at_ms, f.partitions.clone())).collect();
+    let windows: Vec<FaultWindow> =
+        faults.iter().map(|f| FaultWindow { at_ms: f.at_ms, healed_ms: f.healed_ms, partitions: f.partitions.clone() }).collect();
     let unavailability = history::unavailability(&history, &windows);
     let faults: Vec<FaultReport> = faults
         .into_iter()
@@ -227,6 +232,7 @@ fn report(
         verdict,
         ledger,
         timeline: timeline::per_second(&history),
+        history,
     }
 }
 
@@ -244,11 +250,19 @@ async fn read_back(cluster: &LocalCluster, partitions: u32, history: &[Record]) 
     }
 }
 
-/// Each partition's replicas (node indexes), as node-1 sees the cluster.
+/// Each partition's replicas (node indexes), in the view of the node that has applied the most
+/// of the coordination store.
 async fn replica_sets(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Vec<usize>>> {
-    let mut c = client::connect(&cluster.url(0)).await?;
-    let status = c.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
-    let view = status.cluster.context("node-1 reports no cluster")?;
+    let mut best: Option<pb::ClusterStatus> = None;
+    for i in 0..cluster.nodes.len() {
+        let mut c = client::connect(&cluster.url(i)).await?;
+        let status = c.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+        let view = status.cluster.with_context(|| format!("{} reports no cluster", LocalCluster::name(i)))?;
+        if best.as_ref().is_none_or(|b| view.coordination_applied > b.coordination_applied) {
+            best = Some(view);
+        }
+    }
+    let view = best.context("no node")?;
     (0..partitions)
         .map(|p| {
             let ownership = view.partitions.iter().find(|o| o.partition == p).with_context(|| format!("no placement of partition {p}"))?;
@@ -266,6 +280,16 @@ fn operation_of(event: &pb::RecordedEvent) -> Option<u64> {
     }
 }
 
+/// A digest of everything an event holds, for comparing replicas.
+fn fingerprint(event: &pb::RecordedEvent) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&event.stream, event.stream_version, &event.r#type, &event.payload, event.epoch, event.append_time_us).hash(&mut hasher);
+    let metadata: BTreeMap<&String, &String> = event.metadata.iter().collect();
+    metadata.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// What each replica of each partition stores.
 async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Stored>> {
     let mut out = Vec::new();
@@ -280,7 +304,7 @@ async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<S
                 let batch = node.log.read_partition(request).await.map_err(client::status_error)?.into_inner().events;
                 let Some(last) = batch.last().map(|e| e.position) else { break };
                 // Markers, probes and the books' opening commands name no operation.
-                events.extend(batch.iter().filter_map(|e| Some((e.position, operation_of(e)?))));
+                events.extend(batch.iter().map(|e| StoredEvent { position: e.position, op: operation_of(e), fingerprint: fingerprint(e) }));
                 from = last + 1;
             }
             out.push(Stored { node: LocalCluster::name(i), partition: p, events });

@@ -170,7 +170,7 @@ mod tests {
     use crate::chaos::history::OpKind;
 
     fn record(invoked_ms: u64, completed_ms: u64, outcome: Outcome) -> Record {
-        Record { id: invoked_ms, kind: OpKind::Append, partition: 0, invoked_ms, completed_ms, outcome }
+        Record { id: invoked_ms, kind: OpKind::Append, value: String::new(), partition: 0, invoked_ms, completed_ms, outcome }
     }
 
     #[test]

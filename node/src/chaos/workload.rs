@@ -9,8 +9,8 @@
 //! - a ledger transfer between two accounts of a book (one book per partition, opened before the
 //!   load starts), with the command id `chaos-{id}`. An unknown outcome is resent with the same
 //!   id (the node answers a resend with the first result), and a rejection (insufficient funds,
-//!   from the ledger's rules) is a definite failure: nothing was written. Each of its events
-//!   carries the command id in its metadata, which is how the checker finds it.
+//!   from the ledger's rules) is a definite failure: nothing was written. Its one event
+//!   (`Transferred`) carries the command id in its metadata, which is how the checker finds it.
 //!
 //! The routing client waits at most [`ATTEMPT_TIMEOUT`] for one attempt's answer; then it
 //! reloads its table, so a stopped leader keeps the clients no longer than that.
@@ -200,15 +200,13 @@ impl Client {
             }
             let id = next_op.fetch_add(1, Ordering::Relaxed);
             let invoked_ms = self.now_ms();
-            let (kind, partition, outcome) = if !self.books.is_empty() && self.rng.random_bool(0.5) {
-                let (partition, outcome) = self.transfer(id).await;
-                (OpKind::Transfer, partition, outcome)
+            let (kind, (partition, value, outcome)) = if !self.books.is_empty() && self.rng.random_bool(0.5) {
+                (OpKind::Transfer, self.transfer(id).await)
             } else {
-                let (partition, outcome) = self.append(id).await;
-                (OpKind::Append, partition, outcome)
+                (OpKind::Append, self.append(id).await)
             };
             let completed_ms = self.now_ms();
-            history.lock().push(Record { id, kind, partition, invoked_ms, completed_ms, outcome });
+            history.lock().push(Record { id, kind, value, partition, invoked_ms, completed_ms, outcome });
             if outcome == Outcome::Unknown {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -219,8 +217,10 @@ impl Client {
         self.started.elapsed().as_millis() as u64
     }
 
-    async fn append(&mut self, id: u64) -> (u32, Outcome) {
+    /// Appends; the partition, what was asked (the stream), and the outcome.
+    async fn append(&mut self, id: u64) -> (u32, String, Outcome) {
         let stream = format!("chaos-{}", id % STREAMS);
+        let value = stream.clone();
         let partition = log::partition_of(&stream, self.partitions);
         let request = pb::AppendRequest {
             durability: pb::Durability::Quorum as i32,
@@ -233,10 +233,11 @@ impl Client {
             Ok(Ok(_)) => Outcome::Ok,
             _ => Outcome::Unknown,
         };
-        (partition, outcome)
+        (partition, value, outcome)
     }
 
-    async fn transfer(&mut self, id: u64) -> (u32, Outcome) {
+    /// Transfers; the partition, what was asked (book, accounts, amount), and the outcome.
+    async fn transfer(&mut self, id: u64) -> (u32, String, Outcome) {
         let book = &self.books[self.rng.random_range(0..self.books.len())];
         let from = self.rng.random_range(0..BOOK_ACCOUNTS);
         let to = (from + self.rng.random_range(1..BOOK_ACCOUNTS)) % BOOK_ACCOUNTS;
@@ -248,6 +249,7 @@ impl Client {
             amount: self.rng.random_range(1..=MAX_TRANSFER),
             transfer: String::new(),
         };
+        let value = format!("{} {} -> {} {}", book.name, request.from, request.to, request.amount);
         // Sent once more with the same id when the first outcome is unknown.
         for _ in 0..2 {
             let sent = self.router.on_leader_idempotent(book.partition, |mut c| {
@@ -255,12 +257,12 @@ impl Client {
                 async move { c.ledger.transfer(request).await }
             });
             match tokio::time::timeout(OP_TIMEOUT, sent).await {
-                Ok(Ok(_)) => return (book.partition, Outcome::Ok),
-                Ok(Err(status)) if is_rejection(&status) => return (book.partition, Outcome::Fail),
+                Ok(Ok(_)) => return (book.partition, value, Outcome::Ok),
+                Ok(Err(status)) if is_rejection(&status) => return (book.partition, value, Outcome::Fail),
                 _ => {}
             }
         }
-        (book.partition, Outcome::Unknown)
+        (book.partition, value, Outcome::Unknown)
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! The command runs itself again in a network namespace of its own (`chaos::net`), where the
 //! partitions are cut. Progress on stderr (each fault, and a line every ten); the report on
-//! stdout (`--json` for all of it), and `report.json` and `timeline.svg` in `--dir`, where a
+//! stdout (`--json` for all of it), and `report.json`, `timeline.svg` and `history.jsonl` (every
+//! operation with what it asked and how it ended) in `--dir`, where a
 //! failed run also keeps the nodes' data and logs.
 
 use std::path::PathBuf;
@@ -154,6 +155,12 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let mut json = serde_json::to_value(&report)?;
     json["passed"] = serde_json::json!(report.passed());
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&json)?)?;
+    let mut history = String::new();
+    for record in &report.history {
+        history.push_str(&serde_json::to_string(record)?);
+        history.push('\n');
+    }
+    std::fs::write(dir.join("history.jsonl"), history)?;
     let title = format!("anthill chaos, seed {seed}: {} nodes, {} partitions", report.nodes, report.partitions);
     std::fs::write(
         dir.join("timeline.svg"),
@@ -211,7 +218,12 @@ fn print_summary(report: &ChaosReport, dir: &std::path::Path) {
         report.steady_ops_per_s,
         report.throughput_ratio * 100.0
     );
-    println!("report: {}, picture: {}", dir.join("report.json").display(), dir.join("timeline.svg").display());
+    println!(
+        "report: {}, picture: {}, every operation: {}",
+        dir.join("report.json").display(),
+        dir.join("timeline.svg").display(),
+        dir.join("history.jsonl").display()
+    );
 }
 
 #[cfg(test)]

@@ -205,7 +205,8 @@ pub struct Elector<S> {
     config: ElectorConfig,
     handovers: Arc<Handovers>,
     session: Option<SessionId>,
-    /// When the session was last created or renewed, by `clock`.
+    /// When the request that last created or renewed the session was sent, by `clock` (the
+    /// store's TTL runs from a moment after it).
     renewed: Option<Duration>,
     clock: Clock,
 }
@@ -216,6 +217,15 @@ impl<S: CoordinationStore> Elector<S> {
         let origin = tokio::time::Instant::now();
         let clock: Clock = Arc::new(move || origin.elapsed());
         Elector { store, config, handovers: Arc::default(), session: None, renewed: None, clock }
+    }
+
+    /// When the request that last created or renewed the session was sent, by [`Elector::clock`].
+    pub fn renewed_at(&self) -> Option<Duration> {
+        self.renewed
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
     }
 
     /// The elector with another clock (the simulator's).
@@ -374,15 +384,17 @@ impl<S: CoordinationStore> Elector<S> {
             if self.renewed.is_some_and(|at| now.saturating_sub(at) < self.config.session_ttl / 6) {
                 return Ok(session.clone());
             }
+            let sent = (self.clock)();
             if self.store.renew_session(session).await? {
-                self.renewed = Some((self.clock)());
+                self.renewed = Some(sent);
                 return Ok(session.clone());
             }
             tracing::warn!(node = %self.config.node, %session, "coordination session expired; every lock it held is gone, starting a new one");
         }
+        let sent = (self.clock)();
         let session = self.store.create_session(&self.config.node, self.config.session_ttl).await?;
         self.session = Some(session.clone());
-        self.renewed = Some((self.clock)());
+        self.renewed = Some(sent);
         Ok(session)
     }
 

@@ -191,8 +191,6 @@ pub async fn start(
         prefix: prefix.into(),
     };
     let (view_tx, view) = watch::channel(ClusterView::default());
-    let lease = Lease::new(log.clone(), config.cluster.session_ttl());
-    tokio::spawn(lease.clone().watch(stopped.clone()));
     let (coordination, raft_inbox, handovers) = match &config.cluster.coordination {
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
@@ -213,20 +211,21 @@ pub async fn start(
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
             let handovers = elector.handovers();
-            tokio::spawn(run_elector(elector, view_tx, lease, config.cluster.session_ttl(), stopped.clone()));
+            spawn_elector(elector, view_tx, &log, config.cluster.session_ttl(), &stopped);
             (Coordination::Embedded(store), Some(inbox_tx), handovers)
         }
         CoordinationConfig::Consul(consul) => {
             let store = Arc::new(open_consul(consul)?);
             let elector = Elector::new(store.clone(), elector_config(&consul.key_prefix));
             let handovers = elector.handovers();
-            tokio::spawn(run_elector(elector, view_tx, lease, config.cluster.session_ttl(), stopped.clone()));
+            spawn_elector(elector, view_tx, &log, config.cluster.session_ttl(), &stopped);
             (Coordination::Consul(store), None, handovers)
         }
     };
     // Replication: nothing is appended here until a partition serves, and `quorum` appends wait
     // for a majority.
     log.set_replicated();
+    log.roles().use_coordination();
     for p in 0..log.partition_count() {
         log.roles().set(p, 0);
     }
@@ -300,6 +299,8 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
                     Vec::new()
                 }
             };
+            // The writer appends only in the epoch the store grants now (`coordination/lease.rs`).
+            log.roles().set_granted(*p, current.serving_here(*p, &name).unwrap_or(0));
             if !members.contains(&me) && !target.contains(&me) {
                 if partitions.write().remove(p).is_some() {
                     log.roles().set(*p, 0);
@@ -328,6 +329,19 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
     }
 }
 
+/// Starts the ownership algorithm's loop and the node's lease (`lease.rs`) on the elector's clock.
+fn spawn_elector<S: CoordinationStore>(
+    elector: Elector<S>,
+    view: watch::Sender<ClusterView>,
+    log: &Arc<Log>,
+    ttl: Duration,
+    stopped: &watch::Receiver<bool>,
+) {
+    let lease = Lease::new(log.clone(), ttl, elector.clock());
+    tokio::spawn(lease.clone().watch(stopped.clone()));
+    tokio::spawn(run_elector(elector, view, lease, ttl, stopped.clone()));
+}
+
 /// Rounds of the ownership algorithm: at least three per session TTL (each renews the session),
 /// and one after every change in the store. When the store cannot even be waited on (Consul out
 /// of reach answers at once), the next round waits [`retry_delay`] instead of starting at once.
@@ -341,14 +355,17 @@ async fn run_elector<S: CoordinationStore>(
     let mut index = 0;
     let mut failed_waits = 0u32;
     loop {
-        let began = tokio::time::Instant::now();
-        match elector.round().await {
+        let round = elector.round().await;
+        // A round that failed after its renewal renewed all the same.
+        if let Some(sent) = elector.renewed_at() {
+            lease.renewed(sent);
+        }
+        match round {
             Ok(seen) => {
-                // The round renewed the session (or had within a sixth of a TTL).
-                lease.renewed(began);
                 index = seen.index;
                 view.send_if_modified(|current| {
-                    let changed = current.members != seen.members || current.partitions != seen.partitions;
+                    let changed =
+                        current.members != seen.members || current.partitions != seen.partitions || current.session != seen.session;
                     *current = seen;
                     changed
                 });

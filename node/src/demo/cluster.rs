@@ -76,7 +76,7 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
     };
     let mut cluster = LocalCluster::start(&exe, dir, &spec)?;
     say(args, format!("started a {nodes}-node cluster at {} (embedded coordination store, no other service)", cluster.urls().join(", ")));
-    crate::bench::wait_whole(&cluster, &spec, Duration::from_secs(60)).await?;
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await?;
     let router = Arc::new(Router::connect(&cluster.urls()).await?);
     let view = status_of(&cluster, 0).await?.cluster.context("a cluster node reports its cluster")?;
     say(args, format!("every partition has a leader: {}", leaders_line(&view)));

@@ -120,9 +120,13 @@ pub struct Roles {
     /// A leader handing its partition over: it still leads its epoch (its `quorum` appends
     /// still wait for their commit) but the writer takes no new appends.
     paused: Vec<std::sync::atomic::AtomicBool>,
-    /// The node's session with the coordination store went a TTL without renewal
-    /// (`coordination/lease.rs`): the writer takes no new appends for any partition.
-    lease_lapsed: std::sync::atomic::AtomicBool,
+    /// Until when the node's lease holds (`coordination/lease.rs`), in nanoseconds of
+    /// [`monotonic_ns`]: past it the writer takes no new appends for any partition. `u64::MAX`
+    /// without a coordination store (a single node).
+    lease_until_ns: std::sync::atomic::AtomicU64,
+    /// Per partition, the epoch the coordination store grants this node now, as its latest view
+    /// says (0: none): the writer appends only in that epoch. `u64::MAX` without a store.
+    granted: Vec<std::sync::atomic::AtomicU64>,
     /// Replicated: appends of domain streams keep an undo journal until committed
     /// (`storage/undo.rs`).
     journaling: std::sync::atomic::AtomicBool,
@@ -135,7 +139,8 @@ impl Roles {
         Roles {
             epochs: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(epoch)).collect(),
             paused: (0..partitions).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
-            lease_lapsed: std::sync::atomic::AtomicBool::new(false),
+            lease_until_ns: std::sync::atomic::AtomicU64::new(u64::MAX),
+            granted: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(u64::MAX)).collect(),
             journaling: std::sync::atomic::AtomicBool::new(false),
             committed: (0..partitions).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         }
@@ -156,10 +161,30 @@ impl Roles {
         self.paused[partition as usize].store(paused, std::sync::atomic::Ordering::Release);
     }
 
-    /// Stops (or resumes) the writer taking appends for every partition, which the node may
-    /// still lead: its lease lapsed (`coordination/lease.rs`).
-    pub fn set_lease_lapsed(&self, lapsed: bool) {
-        self.lease_lapsed.store(lapsed, std::sync::atomic::Ordering::Release);
+    /// From now on the node's partitions are owned through a coordination store: no lease and
+    /// no grant yet, so nothing is appended until the store grants it and a round renews the
+    /// lease.
+    pub fn use_coordination(&self) {
+        self.lease_until_ns.store(0, std::sync::atomic::Ordering::Release);
+        for granted in &self.granted {
+            granted.store(0, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The node's lease holds until `until` (`coordination/lease.rs`); after it, the writer
+    /// takes no new appends for any partition, which the node may still lead.
+    pub fn set_lease_until(&self, until: std::time::Instant) {
+        self.lease_until_ns.store(monotonic_ns(until), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the lease lapsed (never on a single node).
+    pub fn lease_lapsed(&self) -> bool {
+        monotonic_ns(std::time::Instant::now()) >= self.lease_until_ns.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The coordination store grants this node `partition` in `epoch` now (0: not at all).
+    pub fn set_granted(&self, partition: u32, epoch: u64) {
+        self.granted[partition as usize].store(epoch, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether this node leads any partition (in some epoch, paused or not).
@@ -167,8 +192,12 @@ impl Roles {
         (0..self.epochs.len() as u32).any(|p| self.epoch(p) > 0)
     }
 
-    pub fn lease_lapsed(&self) -> bool {
-        self.lease_lapsed.load(std::sync::atomic::Ordering::Acquire)
+    /// Whether appends of `partition` in `epoch` must stop: the lease lapsed, or the store no
+    /// longer grants this node that epoch (it was deposed, or its session expired and was made
+    /// anew while its replica still leads the old epoch).
+    pub fn deposed(&self, partition: u32, epoch: u64) -> bool {
+        let granted = self.granted[partition as usize].load(std::sync::atomic::Ordering::Acquire);
+        self.lease_lapsed() || (granted != u64::MAX && granted != epoch)
     }
 
     /// The epoch this node appends to `partition` in, 0 when it does not lead it.
@@ -182,12 +211,14 @@ impl Roles {
         self.epochs[partition as usize].store(epoch, std::sync::atomic::Ordering::Release);
     }
 
-    /// What the writer appends in: each partition's epoch, 0 where it does not lead or paused,
-    /// and everywhere while the lease lapsed.
+    /// What the writer appends in: each partition's epoch, 0 where it does not lead, is paused
+    /// or is [`Roles::deposed`].
     fn snapshot(&self) -> Vec<u64> {
-        let lapsed = self.lease_lapsed();
         (0..self.epochs.len() as u32)
-            .map(|p| if lapsed || self.paused[p as usize].load(std::sync::atomic::Ordering::Acquire) { 0 } else { self.epoch(p) })
+            .map(|p| {
+                let epoch = self.epoch(p);
+                if self.paused[p as usize].load(std::sync::atomic::Ordering::Acquire) || self.deposed(p, epoch) { 0 } else { epoch }
+            })
             .collect()
     }
 }
@@ -265,6 +296,14 @@ pub struct Log {
 /// up to once a majority confirmed the leadership, or `None` when this node does not serve the
 /// partition (docs/replication.md, "Reads").
 pub type ReadIndexRequest = oneshot::Sender<Option<u64>>;
+
+/// Nanoseconds from the first call in this process to `at` (0 before it): a clock that atomics
+/// can hold.
+fn monotonic_ns(at: std::time::Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    at.saturating_duration_since(origin).as_nanos().min(u128::from(u64::MAX - 1)) as u64
+}
 
 /// How long an append waits for its partition's majority before it gives up.
 pub const QUORUM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -434,12 +473,12 @@ impl Log {
         let mut committed = self.committed[partition as usize].subscribe();
         let wait = async {
             loop {
-                if self.roles.epoch(partition) != epoch || self.roles.lease_lapsed() {
-                    return Err(AppendError::OutcomeUnknown { partition });
-                }
                 let (e, p) = *committed.borrow_and_update();
                 if e == epoch && p >= position {
                     return Ok(());
+                }
+                if self.roles.epoch(partition) != epoch || self.roles.deposed(partition, epoch) {
+                    return Err(AppendError::OutcomeUnknown { partition });
                 }
                 // Woken by the commit watch; checked at least every 50 ms for a lost leadership.
                 let _ = tokio::time::timeout(std::time::Duration::from_millis(50), committed.changed()).await;
@@ -869,40 +908,81 @@ mod tests {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
+    /// A log whose partitions are owned through a coordination store, its lease holding for a
+    /// minute, leading `stream`'s partition in epoch 2 as the store grants it.
+    fn leading_through_a_store(dir: &std::path::Path, stream: &str) -> (Log, u32) {
+        let log = open(dir, 0);
+        log.set_replicated();
+        log.roles().use_coordination();
+        let p = log.partition_of(stream);
+        log.roles().set_lease_until(std::time::Instant::now() + std::time::Duration::from_secs(60));
+        log.roles().set_granted(p, 2);
+        log.roles().set(p, 2);
+        (log, p)
+    }
+
     #[test]
     fn given_a_lapsed_lease_then_appends_and_commands_are_refused_as_not_leader_until_it_is_renewed() {
         let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path(), 0);
+        let (log, p) = leading_through_a_store(dir.path(), "s");
+        let book = log.partition_of("ledger/book");
+        log.roles().set_granted(book, 2);
+        log.roles().set(book, 2);
+        log.publish_commit(p, 2, u64::MAX);
         let rt = runtime();
-        log.roles().set_lease_lapsed(true);
+        log.roles().set_lease_until(std::time::Instant::now());
         let refused = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1)));
         assert!(matches!(refused, Err(AppendError::NotLeader { .. })), "{refused:?}");
         let command = rt.block_on(log.command(ledger(Some("c1"), open_account("a"))));
         assert!(matches!(command, Err(CommandError::Failed(AppendError::NotLeader { .. }))), "{command:?}");
-        assert_eq!(*log.partition_head(log.partition_of("s")).borrow(), 0, "nothing written");
+        assert_eq!(*log.partition_head(p).borrow(), 0, "nothing written");
         // Renewed: taken again, in the epoch the node kept leading.
-        log.roles().set_lease_lapsed(false);
+        log.roles().set_lease_until(std::time::Instant::now() + std::time::Duration::from_secs(60));
         rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
-        rt.block_on(log.command(ledger(Some("c1"), open_account("a")))).unwrap();
+    }
+
+    #[test]
+    fn given_an_epoch_the_store_no_longer_grants_then_its_appends_are_refused_and_its_waits_end_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, p) = leading_through_a_store(dir.path(), "s");
+        let log = Arc::new(log);
+        let rt = runtime();
+        let appended = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
+        let outcome = rt.block_on(async {
+            let waiting = {
+                let log = log.clone();
+                tokio::spawn(async move { log.wait_quorum(&appended, std::time::Duration::from_secs(10)).await })
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert!(!waiting.is_finished(), "no majority confirmed it yet");
+            // The store's view: another node leads in epoch 3 (or this one, in a new session).
+            log.roles().set_granted(p, 0);
+            waiting.await.unwrap()
+        });
+        assert!(matches!(outcome, Err(AppendError::OutcomeUnknown { .. })), "{outcome:?}");
+        let refused = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1)));
+        assert!(matches!(refused, Err(AppendError::NotLeader { .. })), "{refused:?}");
+        log.roles().set_granted(p, 3);
+        assert!(rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).is_err(), "granted a later epoch than it leads");
+        log.roles().set_granted(p, 2);
+        rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
     }
 
     #[test]
     fn given_a_quorum_append_waiting_for_its_majority_when_the_lease_lapses_then_its_outcome_is_unknown() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(open(dir.path(), 0));
+        let (log, _) = leading_through_a_store(dir.path(), "s");
+        let log = Arc::new(log);
         let rt = runtime();
-        log.set_replicated();
-        let p = log.partition_of("s");
-        log.roles().set(p, 2);
         let appended = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
         let outcome = rt.block_on(async {
             let waiting = {
-                let (log, appended) = (log.clone(), appended);
+                let log = log.clone();
                 tokio::spawn(async move { log.wait_quorum(&appended, std::time::Duration::from_secs(10)).await })
             };
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             assert!(!waiting.is_finished(), "no majority confirmed it yet");
-            log.roles().set_lease_lapsed(true);
+            log.roles().set_lease_until(std::time::Instant::now());
             waiting.await.unwrap()
         });
         assert!(matches!(outcome, Err(AppendError::OutcomeUnknown { .. })), "{outcome:?}");

@@ -61,6 +61,12 @@ fn given_three_nodes_under_load_when_leaders_are_killed_paused_cut_off_and_resta
     assert_eq!(progress.count(), faults.len(), "{stderr}");
     let written: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
     assert_eq!(written, report);
+    let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+    assert_eq!(history.lines().count() as u64, report["operations"].as_u64().unwrap());
+    let first: Value = serde_json::from_str(history.lines().next().unwrap()).unwrap();
+    for field in ["id", "kind", "value", "partition", "invoked_ms", "completed_ms", "outcome"] {
+        assert!(!first[field].is_null(), "{field}: {first}");
+    }
     let picture = std::fs::read_to_string(dir.path().join("timeline.svg")).unwrap();
     assert_eq!(picture.matches("<title>").count(), 2 * faults.len());
     assert!(!dir.path().join("nodes").exists());

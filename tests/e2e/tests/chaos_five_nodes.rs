@@ -1,6 +1,6 @@
 //! The chaos suite on 5 real nodes (issue 6, docs/chaos.md): one cycle of the nemesis — five
-//! leader kills and one of every other fault, where a split cuts two nodes off from three — and
-//! the same checks as on 3 nodes. A file of its own so cargo runs it after the 3-node suite,
+//! leader kills and one of every other fault, where a split cuts two nodes off from three — in
+//! fixed-rate mode, and the same checks as on 3 nodes. A file of its own so cargo runs it after the 3-node suite,
 //! not beside it on the same cores.
 
 use std::process::Command;
@@ -12,7 +12,8 @@ fn given_five_nodes_under_load_when_one_cycle_of_faults_runs_then_nothing_acknow
     anthill_e2e::ensure_tools();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(anthill_e2e::anthill())
-        .args(["chaos", "--nodes", "5", "--partitions", "5", "--fault-count", "11", "--fault-every", "2", "--seed", "11", "--json"])
+        .args(["chaos", "--nodes", "5", "--partitions", "5", "--fault-count", "11", "--fault-every", "2", "--seed", "11"])
+        .args(["--rate", "300", "--json"])
         .arg("--dir")
         .arg(dir.path())
         .output()
@@ -29,4 +30,8 @@ fn given_five_nodes_under_load_when_one_cycle_of_faults_runs_then_nothing_acknow
     let split = report["faults"].as_array().unwrap().iter().find(|f| f["kind"] == "split").expect("a split");
     assert_eq!(split["target"].as_str().unwrap().matches("node-").count(), 2, "{split}");
     assert!(report["acknowledged"].as_u64().unwrap() > 1_000, "{report:#}");
+    // Fixed rate: the steady state sends 300 operations a second, of which all but the
+    // transfers the ledger refuses are acknowledged.
+    let steady = report["steady_ops_per_s"].as_f64().unwrap();
+    assert!((180.0..=310.0).contains(&steady), "steady state {steady}/s at a rate of 300/s");
 }
