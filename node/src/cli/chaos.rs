@@ -62,6 +62,9 @@ pub(crate) struct ChaosArgs {
     /// Keep the nodes' data and logs after a run that passed too.
     #[arg(long)]
     keep_data: bool,
+    /// The nodes' log level (`info` shows every lock taken and every leadership granted).
+    #[arg(long, default_value = "warn")]
+    node_log_level: String,
     #[arg(long)]
     json: bool,
 }
@@ -128,7 +131,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             partitions: args.partitions,
             replication_factor: 3,
             session_ttl_ms: 1_000,
-            node_args: vec!["--log-level".into(), "warn".into()],
+            node_args: vec!["--log-level".into(), args.node_log_level.clone()],
         },
         duration: args.duration,
         fault_count: args.fault_count,
