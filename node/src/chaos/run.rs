@@ -80,6 +80,9 @@ impl LedgerCheck {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChaosReport {
     pub seed: u64,
+    /// When the run's clock started (every `…_ms` counts from it), in ms since the Unix epoch:
+    /// to find a fault in the nodes' logs.
+    pub started_unix_ms: u64,
     pub nodes: usize,
     pub partitions: u32,
     pub operations: usize,
@@ -129,6 +132,7 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let books = Arc::new(workload::books(spec.cluster.partitions));
     workload::open_books(&router, &books).await?;
     let started = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let load = Load::start(router.clone(), books.clone(), &spec.load, started);
     eprintln!("chaos: {} nodes up, {} clients; steady state for {:?}", spec.cluster.nodes, spec.load.clients, spec.warmup);
     tokio::time::sleep(spec.warmup).await;
@@ -144,7 +148,9 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let ledger = check_ledger(&cluster, &books).await?;
     let steady_ops_per_s = timeline::throughput(&history, 1_000, chaos_from_ms);
     let chaos_ops_per_s = timeline::throughput(&history, chaos_from_ms, chaos_to_ms);
-    Ok(report(spec, history, faults, verdict, ledger, steady_ops_per_s, chaos_ops_per_s))
+    let mut report = report(spec, history, faults, verdict, ledger, steady_ops_per_s, chaos_ops_per_s);
+    report.started_unix_ms = started_unix_ms;
+    Ok(report)
 }
 
 /// The nemesis's part of the run: the schedule's faults until the time or count is reached,
@@ -214,6 +220,7 @@ fn report(
     let outcomes = |outcome: Outcome| history.iter().filter(|r| r.outcome == outcome).count();
     ChaosReport {
         seed: spec.seed,
+        started_unix_ms: 0,
         nodes: spec.cluster.nodes,
         partitions: spec.cluster.partitions,
         operations: history.len(),

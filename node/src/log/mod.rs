@@ -941,24 +941,30 @@ mod tests {
         rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
     }
 
-    #[test]
-    fn given_an_epoch_the_store_no_longer_grants_then_its_appends_are_refused_and_its_waits_end_unknown() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, p) = leading_through_a_store(dir.path(), "s");
-        let log = Arc::new(log);
-        let rt = runtime();
+    /// Appends to `s` on `log`, waits for its majority, and once the wait has begun calls `end`;
+    /// returns how the wait ended.
+    fn wait_ended_by(log: &Arc<Log>, rt: &tokio::runtime::Runtime, end: impl FnOnce(&Roles)) -> Result<(), AppendError> {
         let appended = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
-        let outcome = rt.block_on(async {
+        rt.block_on(async {
             let waiting = {
                 let log = log.clone();
                 tokio::spawn(async move { log.wait_quorum(&appended, std::time::Duration::from_secs(10)).await })
             };
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             assert!(!waiting.is_finished(), "no majority confirmed it yet");
-            // The store's view: another node leads in epoch 3 (or this one, in a new session).
-            log.roles().set_granted(p, 0);
+            end(log.roles());
             waiting.await.unwrap()
-        });
+        })
+    }
+
+    #[test]
+    fn given_an_epoch_the_store_no_longer_grants_then_its_appends_are_refused_and_its_waits_end_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, p) = leading_through_a_store(dir.path(), "s");
+        let log = Arc::new(log);
+        let rt = runtime();
+        // The store's view: another node leads in epoch 3 (or this one, in a new session).
+        let outcome = wait_ended_by(&log, &rt, |roles| roles.set_granted(p, 0));
         assert!(matches!(outcome, Err(AppendError::OutcomeUnknown { .. })), "{outcome:?}");
         let refused = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1)));
         assert!(matches!(refused, Err(AppendError::NotLeader { .. })), "{refused:?}");
@@ -972,19 +978,7 @@ mod tests {
     fn given_a_quorum_append_waiting_for_its_majority_when_the_lease_lapses_then_its_outcome_is_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = leading_through_a_store(dir.path(), "s");
-        let log = Arc::new(log);
-        let rt = runtime();
-        let appended = rt.block_on(log.append(req("s", ExpectedVersion::Any, 1))).unwrap();
-        let outcome = rt.block_on(async {
-            let waiting = {
-                let log = log.clone();
-                tokio::spawn(async move { log.wait_quorum(&appended, std::time::Duration::from_secs(10)).await })
-            };
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            assert!(!waiting.is_finished(), "no majority confirmed it yet");
-            log.roles().set_lease_until(std::time::Instant::now());
-            waiting.await.unwrap()
-        });
+        let outcome = wait_ended_by(&Arc::new(log), &runtime(), |roles| roles.set_lease_until(std::time::Instant::now()));
         assert!(matches!(outcome, Err(AppendError::OutcomeUnknown { .. })), "{outcome:?}");
     }
 
