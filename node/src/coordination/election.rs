@@ -208,15 +208,22 @@ pub struct Elector<S> {
     /// When the request that last created or renewed the session was sent, by `clock` (the
     /// store's TTL runs from a moment after it).
     renewed: Option<Duration>,
+    /// Since when (by `clock`) each live member has been live without a break, as this node saw
+    /// it: a leader hands a partition back to its first live replica only once that one has
+    /// been live for [`SETTLE_TTLS`] TTLs.
+    live_since: BTreeMap<String, Duration>,
     clock: Clock,
 }
+
+/// How many session TTLs a member must have been live before leaderships return to it.
+pub const SETTLE_TTLS: u32 = 2;
 
 impl<S: CoordinationStore> Elector<S> {
     pub fn new(store: Arc<S>, config: ElectorConfig) -> Self {
         assert!(config.replication_factor >= 1 && config.partitions >= 1);
         let origin = tokio::time::Instant::now();
         let clock: Clock = Arc::new(move || origin.elapsed());
-        Elector { store, config, handovers: Arc::default(), session: None, renewed: None, clock }
+        Elector { store, config, handovers: Arc::default(), session: None, renewed: None, live_since: BTreeMap::new(), clock }
     }
 
     /// When the request that last created or renewed the session was sent, by [`Elector::clock`].
@@ -258,6 +265,17 @@ impl<S: CoordinationStore> Elector<S> {
             self.store.acquire(&member_key, self.config.address.as_bytes(), &session).await?;
         }
         let view = self.view().await?;
+        let now = (self.clock)();
+        self.live_since.retain(|m, _| view.members.contains_key(m));
+        for m in view.members.keys() {
+            self.live_since.entry(m.clone()).or_insert(now);
+        }
+        let settled: BTreeSet<String> = self
+            .live_since
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= self.config.session_ttl * SETTLE_TTLS)
+            .map(|(m, _)| m.clone())
+            .collect();
         let live: Vec<String> = view.members.keys().filter(|m| !view.decommissioned.contains(*m)).cloned().collect();
         if live.len() >= self.config.replication_factor {
             for p in (0..self.config.partitions).filter(|p| !view.partitions.contains_key(p)) {
@@ -282,12 +300,14 @@ impl<S: CoordinationStore> Elector<S> {
             }
         }
         let view = if took { self.view().await? } else { view };
-        if self.lead(&view, &session).await? { self.view().await } else { Ok(view) }
+        if self.lead(&view, &session, &settled).await? { self.view().await } else { Ok(view) }
     }
 
     /// Step 5 of a round (module doc) for every partition whose lock this node holds: claims,
-    /// targets, switches, and releases. Whether it wrote anything.
-    async fn lead(&self, view: &ClusterView, session: &SessionId) -> Result<bool> {
+    /// targets, switches, and releases, including one leadership handed back per round to the
+    /// partition's first live replica once it has been live for a while (`settled`). Whether
+    /// it wrote anything.
+    async fn lead(&self, view: &ClusterView, session: &SessionId, settled: &BTreeSet<String>) -> Result<bool> {
         let eligible: Vec<String> = view.known.iter().filter(|m| !view.decommissioned.contains(*m)).cloned().collect();
         // Reports stay until their outcome is known, or their epoch is no longer this node's.
         let ready = {
@@ -300,6 +320,7 @@ impl<S: CoordinationStore> Elector<S> {
         let mut writes = Vec::new();
         // Locks to release, and whether a handover report is settled once released.
         let mut releases: Vec<(u32, bool)> = Vec::new();
+        let mut handed_back = false;
         for (p, o) in &view.partitions {
             let Some((leader, epoch)) = &o.leader else { continue };
             // Only a lock of this session: an earlier session's is left to expire.
@@ -329,9 +350,22 @@ impl<S: CoordinationStore> Elector<S> {
                 // vain, again and again. It is written again once the newcomer is back.
                 let newcomers_live = desired.iter().all(|m| o.replicas.contains(m) || view.members.contains_key(m));
                 let target = if same_set(&desired, &o.replicas) || !newcomers_live { Vec::new() } else { desired };
+                let first_live = o.replicas.iter().find(|r| view.members.contains_key(*r));
                 if !same_set(&target, &o.target) {
                     tracing::info!(partition = p, from = ?o.replicas, to = ?target, "moving the partition's replica set");
                     writes.push((*p, o.modify_index, Placement { target, ..current }, false));
+                } else if let Some(preferred) = first_live.filter(|m| **m != self.config.node && settled.contains(*m))
+                    && o.target.is_empty()
+                    && !handed_back
+                {
+                    // Leadership gathers on the nodes that stay up (a node back from a failure
+                    // takes no lock back); handing it back to the set's first live replica, as
+                    // placement spreads them, spreads the leaders' work and a failure's reach.
+                    // The same as a leader that resigns this partition: the preferred replica
+                    // takes the lock in a higher epoch, which fences this one.
+                    tracing::info!(partition = p, epoch, to = %preferred, "handing the partition's leadership back to its first live replica");
+                    releases.push((*p, false));
+                    handed_back = true;
                 }
             }
         }
@@ -523,6 +557,18 @@ mod tests {
             before.partitions.values().map(|o| o.replicas.clone()).collect::<Vec<_>>(),
             "placement is written once"
         );
+        // Once node-2 has been live for SETTLE_TTLS TTLs, its leaders hand its partitions back
+        // (one per round each), in a higher epoch still: leadership spreads as placement does.
+        let settled = rounds(&mut [&mut a, &mut b, &mut c], 20).await;
+        for (p, o) in &settled.partitions {
+            let (leader, epoch) = o.leader.clone().unwrap_or_else(|| panic!("partition {p} has no leader"));
+            assert_eq!(leader, o.replicas[0], "partition {p}");
+            if lost.contains_key(p) {
+                assert_eq!(epoch, 3, "partition {p}: handed back in a higher epoch");
+            }
+        }
+        let quiet = settled.index;
+        assert_eq!(rounds(&mut [&mut a, &mut b, &mut c], 2).await.index, quiet, "nothing moves once every partition is back");
     }
 
     #[tokio::test(start_paused = true)]
@@ -646,7 +692,7 @@ mod tests {
             later.partitions[&p].serving_leader().map(|(l, e)| (l.to_string(), e)).expect("a new leader claimed it");
         assert!(leader != "node-1" && later_epoch > epoch);
         a.handovers().report(p, epoch, o.target.clone());
-        a.lead(&view, &session).await.unwrap();
+        a.lead(&view, &session, &BTreeSet::new()).await.unwrap();
         let after = b.round().await.unwrap();
         assert_eq!(after.partitions[&p].replicas, o.replicas, "a deposed leader's late handover switched the set");
         assert_eq!(after.partitions[&p].claim, later_epoch);
