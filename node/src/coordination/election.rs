@@ -41,8 +41,10 @@
 //! Decisions a later engineer must know: a dead member is not replaced on its own (a restart
 //! must not move data); an operator decommissions it (`anthill decommission`), and a member
 //! seen for the first time joins the desired sets. Only the first live replica of a set takes a
-//! free lock, so leadership spreads like the placement and does not flap when a node comes back
-//! (it does not take back locks held by others).
+//! free lock, so leadership spreads like the placement. A node that comes back takes no lock
+//! back itself; once it has been live for [`SETTLE_TTLS`] TTLs, each leader hands back to it
+//! one partition per round whose set names it first (a release, like a resign of that
+//! partition), so leadership spreads again without flapping after every restart.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
