@@ -183,8 +183,10 @@ impl Router {
             }
         }
         match best {
-            Some((_, url, status)) => {
-                *self.table.lock() = RouteTable::from_status(&status, &url);
+            Some((applied, url, status)) => {
+                let table = RouteTable::from_status(&status, &url);
+                tracing::debug!(from = %url, applied, leaders = ?table.leaders, "reloaded the routing table");
+                *self.table.lock() = table;
                 Ok(())
             }
             None => Err(last_error.expect("at least one seed").context("no node of the cluster answered")),
@@ -257,6 +259,7 @@ impl Router {
         let deadline = Instant::now() + self.retry_for;
         let mut pause = Duration::from_millis(5);
         loop {
+            let began = Instant::now();
             let attempt = match self.leader_of(partition).await {
                 Ok(clients) => match self.answer_within(partition, call(clients)).await {
                     Ok(answer) => return Ok(answer),
@@ -268,6 +271,7 @@ impl Router {
                 Attempt::Fail(status) => return Err(status),
                 Attempt::Retry(why) => why,
             };
+            tracing::debug!(partition, took_ms = began.elapsed().as_millis() as u64, %why, "resending");
             if Instant::now() + pause > deadline {
                 return Err(Status::unavailable(format!(
                     "partition {partition}: no leader took the request within {:?}: {why}",

@@ -65,6 +65,10 @@ pub(crate) struct ChaosArgs {
     /// The nodes' log level (`info` shows every lock taken and every leadership granted).
     #[arg(long, default_value = "warn")]
     node_log_level: String,
+    /// Log the harness's own work (`debug`: the routing client's resends and table reloads)
+    /// to `harness.log` in `--dir`; nothing by default.
+    #[arg(long)]
+    harness_log_level: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -145,6 +149,13 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let nodes_dir = dir.join("nodes");
     if nodes_dir.exists() {
         bail!("{} holds an earlier run's nodes; remove it or choose another --dir", nodes_dir.display());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if let Some(level) = &args.harness_log_level {
+        let file = std::fs::File::create(dir.join("harness.log")).with_context(|| format!("cannot write {}", dir.display()))?;
+        let filter = tracing_subscriber::EnvFilter::try_new(format!("anthill_node={level}"))
+            .with_context(|| format!("--harness-log-level: {level:?} is not a log level"))?;
+        tracing_subscriber::fmt().with_writer(std::sync::Mutex::new(file)).with_ansi(false).with_env_filter(filter).init();
     }
     let exe = std::env::current_exe()?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
