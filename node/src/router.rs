@@ -71,6 +71,15 @@ impl RouteTable {
     }
 }
 
+/// How good a node's description of the cluster is, higher being better: a view that places
+/// partitions at all, then the one that has applied the most of the coordination store. A node
+/// that just restarted may still describe leaders that are gone, and before its first round it
+/// describes no partitions at all while its store member has already applied a long log: the
+/// chaos suite saw such a view win and send every request to "no leader" for a moment.
+fn view_rank(status: &pb::StatusResponse) -> (bool, u64) {
+    status.cluster.as_ref().map_or((false, 0), |c| (!c.partitions.is_empty(), c.coordination_applied))
+}
+
 /// What went wrong with one attempt, and whether resending is safe.
 enum Attempt {
     /// Nothing was written: reload the table and resend.
@@ -159,10 +168,9 @@ impl Router {
             })
             .collect();
         let mut last_error = None;
-        // The first answer, then whichever others come within [`FRESH_ENOUGH`]: the view that
-        // has applied the most of the coordination store wins (a node that just restarted may
-        // still describe leaders that are gone).
-        let mut best: Option<(u64, String, pb::StatusResponse)> = None;
+        // The first answer, then whichever others come within [`FRESH_ENOUGH`]: the best view
+        // wins ([`view_rank`]).
+        let mut best: Option<((bool, u64), String, pb::StatusResponse)> = None;
         let mut until: Option<tokio::time::Instant> = None;
         loop {
             let next = futures_util::StreamExt::next(&mut asking);
@@ -173,9 +181,9 @@ impl Router {
             let Some((url, status)) = answer else { break };
             match status {
                 Ok(status) => {
-                    let applied = status.cluster.as_ref().map_or(0, |c| c.coordination_applied);
-                    if best.as_ref().is_none_or(|(seen, _, _)| applied > *seen) {
-                        best = Some((applied, url, status));
+                    let rank = view_rank(&status);
+                    if best.as_ref().is_none_or(|(seen, _, _)| rank > *seen) {
+                        best = Some((rank, url, status));
                     }
                     until.get_or_insert_with(|| tokio::time::Instant::now() + FRESH_ENOUGH);
                 }
@@ -183,7 +191,7 @@ impl Router {
             }
         }
         match best {
-            Some((applied, url, status)) => {
+            Some(((_, applied), url, status)) => {
                 let table = RouteTable::from_status(&status, &url);
                 tracing::debug!(from = %url, applied, leaders = ?table.leaders, "reloaded the routing table");
                 *self.table.lock() = table;
@@ -424,6 +432,17 @@ mod tests {
             Ok::<_, Status>(8)
         };
         assert_eq!(router.answer_within(3, slow).await.unwrap(), 8, "no deadline: as long as it takes");
+    }
+
+    #[test]
+    fn a_view_that_places_partitions_beats_one_that_has_applied_more_but_places_none() {
+        let view = |applied, partitions: u32| {
+            let partitions = (0..partitions).map(|partition| pb::PartitionOwnership { partition, ..Default::default() }).collect();
+            status(Some(pb::ClusterStatus { coordination_applied: applied, partitions, ..Default::default() }))
+        };
+        assert!(view_rank(&view(10, 3)) > view_rank(&view(11_831, 0)), "a restarted node before its first round");
+        assert!(view_rank(&view(11, 3)) > view_rank(&view(10, 3)), "then the one that applied more");
+        assert!(view_rank(&view(1, 0)) > view_rank(&status(None)), "a single node describes no cluster");
     }
 
     #[test]
