@@ -119,10 +119,6 @@ impl Cuts {
         self.cut.clear();
         Ok(())
     }
-
-    pub fn is_cut(&self, from: Ipv4Addr, to: Ipv4Addr) -> bool {
-        self.cut.contains(&(from, to))
-    }
 }
 
 /// Runs `program args`, failing with what it printed.
