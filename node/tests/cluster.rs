@@ -341,7 +341,7 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
         let partition = anthill_node::log::partition_of(&stream, PARTITIONS);
         let deadline = Instant::now() + Duration::from_secs(20);
         let leader_events = loop {
-            let leader = router.table().leaders[partition as usize].clone().unwrap();
+            let leader = leader_of(&router, partition).await;
             let index = cluster.local.urls().iter().position(|u| *u == leader).unwrap();
             let on_leader = partition_events(&cluster, index, partition).await;
             let on_survivor = partition_events(&cluster, survivor, partition).await;
@@ -357,7 +357,7 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
 
     // The leader's status shows partition 0 committed through its head, the live follower caught
     // up and the killed one behind; `anthill status` says the same.
-    let leader_url = router.table().leaders[0].clone().unwrap();
+    let leader_url = leader_of(&router, 0).await;
     let leader = cluster.local.urls().iter().position(|u| *u == leader_url).unwrap();
     let survivor_name = LocalCluster::name((0..NODES).find(|i| *i != leader && *i != victim).unwrap());
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -395,7 +395,7 @@ async fn given_a_routing_client_when_a_leader_is_killed_mid_load_then_quorum_app
 
     // The command line routes too: `anthill append` to a node that does not lead the stream.
     let stream = &streams[0];
-    let leader = router.table().leaders[0].clone().unwrap();
+    let leader = leader_of(&router, 0).await;
     let other = cluster.local.urls().into_iter().enumerate().find(|(i, u)| *u != leader && *i != victim).unwrap().1;
     let out = std::process::Command::new(common::exe())
         .args(["append", "--server", &other, "--type", "Added", "--data", "via-cli", "--json", stream])
