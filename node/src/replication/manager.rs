@@ -33,7 +33,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use super::message::Message;
+use super::message::{AppendOutcome, Message};
 use super::replica::{Effect, Effects, Replica, ReplicaConfig, Role};
 use super::shell::{LogView, marker_record, marker_stream, record_of};
 use super::{EntryKind, Epoch, EpochHistory, NodeId, Position, Snapshot};
@@ -194,6 +194,9 @@ async fn run_partition(
     let mut applied_members = config.members.clone();
     let mut head = log.partition_head(partition);
     let mut ticks = tokio::time::interval(TICK);
+    // A grant whose first commit is still to come: its epoch and when it came (for the log line
+    // that says how long taking over took).
+    let mut taking_over: Option<(Epoch, std::time::Instant)> = None;
     loop {
         // Only a leader needs its partition's published head (its own appends), and it wakes
         // only when that head moves, not on every group commit of the node.
@@ -257,7 +260,12 @@ async fn run_partition(
             && guarded(partition, || {
                 let view = LogView { log: &log, partition };
                 match input {
-                    Input::Message(from, message) => replica.on_message(from, message, &view),
+                    Input::Message(from, message) => {
+                        if let Some(kind) = notable(&message) {
+                            tracing::debug!(partition, from, epoch = message.epoch(), kind, "received");
+                        }
+                        replica.on_message(from, message, &view)
+                    }
                     Input::Desired(_) => {
                         if regroup {
                             replica.set_members(config.members.clone());
@@ -266,6 +274,7 @@ async fn run_partition(
                         if let Some(epoch) = grant {
                             let recovering = replica.become_leader(epoch);
                             tracing::info!(partition, epoch, recovering, "granted the partition's leadership");
+                            taking_over = recovering.then(|| (epoch, std::time::Instant::now()));
                         }
                     }
                     Input::Tick => replica.tick(&view),
@@ -309,10 +318,33 @@ async fn run_partition(
             replica.set_target(target.clone());
             continue;
         }
-        if matches!(replica.role(), Role::Leader { .. }) {
-            log.publish_commit(partition, replica.promised(), replica.commit());
+        if let Role::Leader { epoch, start } = replica.role() {
+            log.publish_commit(partition, epoch, replica.commit());
+            if let Some((granted_epoch, since)) = taking_over
+                && granted_epoch == epoch
+                && replica.commit() >= start
+            {
+                let ms = since.elapsed().as_millis() as u64;
+                tracing::info!(partition, epoch, ms, "the leader's first entry is committed: the partition takes writes");
+                taking_over = None;
+            }
         }
         log.report_replica(partition, crate::log::ReplicaReport { commit: replica.commit(), followers: replica.followers() });
+    }
+}
+
+/// The kind of a message worth a debug line: everything but the steady stream of appends and
+/// their acknowledgements (the first of a new leader's shows as a `follow` elsewhere).
+fn notable(message: &Message) -> Option<&'static str> {
+    match message {
+        Message::Recover { .. } => Some("recover"),
+        Message::RecoverReply { .. } => Some("recover-reply"),
+        Message::Fetch { .. } => Some("fetch"),
+        Message::FetchReply { .. } => Some("fetch-reply"),
+        Message::Snapshot { .. } => Some("snapshot"),
+        Message::Stale { .. } => Some("stale"),
+        Message::AppendReply { outcome: AppendOutcome::Diverged { .. }, .. } => Some("diverged"),
+        Message::Append { .. } | Message::AppendReply { .. } => None,
     }
 }
 
@@ -525,7 +557,12 @@ async fn execute(
                 }
                 log.install_image(image).await?;
             }
-            Effect::Send { to, message } => sends.push((to, message)),
+            Effect::Send { to, message } => {
+                if let Some(kind) = notable(&message) {
+                    tracing::debug!(partition, to, epoch = message.epoch(), kind, "sending");
+                }
+                sends.push((to, message));
+            }
             Effect::SendSnapshot { to, reply } => {
                 let image = log.partition_image(partition).await?;
                 let history = EpochHistory::try_from_starts(image.history.clone()).map_err(AppendError::Invalid)?;

@@ -146,7 +146,7 @@ pub enum Role {
 
 impl Progress {
     fn new(next: Position, voter: bool) -> Self {
-        Progress { matched: 0, next, idle_ticks: 0, round: 0, voter, snapshot_wait: 0, snapshot_floor: 0 }
+        Progress { matched: 0, base: next - 1, next, idle_ticks: 0, round: 0, voter, snapshot_wait: 0, snapshot_floor: 0 }
     }
 }
 
@@ -154,6 +154,12 @@ impl Progress {
 struct Progress {
     /// Durable on the follower and matching this leader's log.
     matched: Position,
+    /// Where the entries sent since the follower's log was last sized up start after: the
+    /// entry its leader took over after (the follower answered the recovery, so it most
+    /// likely holds it), or the two logs' common prefix after a `Diverged` reply. Not known to
+    /// be durable there, so it never counts for commits; it only bounds what is in flight and
+    /// where a resend starts. A follower that does not hold it says so (`Diverged`).
+    base: Position,
     /// Next position to send.
     next: Position,
     idle_ticks: u32,
@@ -544,7 +550,7 @@ impl Replica {
                     progress.idle_ticks += 1;
                     if progress.idle_ticks >= resend_ticks {
                         progress.idle_ticks = 0;
-                        progress.next = progress.matched + 1;
+                        progress.next = progress.matched.max(progress.base) + 1;
                         due.push(*peer);
                     }
                 }
@@ -855,7 +861,7 @@ impl Replica {
             }
             AppendOutcome::Diverged { history, last } => {
                 let shared = common_prefix(&self.history, self.last, &history, last);
-                progress.next = shared + 1;
+                (progress.base, progress.next) = (shared, shared + 1);
             }
         }
         self.replicate(from, log);
@@ -865,7 +871,7 @@ impl Replica {
     fn replicate(&mut self, peer: NodeId, log: &impl ReplicaLog) {
         let Phase::Leading { peers, .. } = &self.phase else { return };
         let progress = &peers[&peer];
-        let sent_ahead = (progress.next - 1).saturating_sub(progress.matched);
+        let sent_ahead = (progress.next - 1).saturating_sub(progress.matched.max(progress.base));
         if progress.next <= self.durable && sent_ahead < self.config.max_inflight_entries {
             self.send_append(peer, log, false);
         }
@@ -1265,6 +1271,53 @@ mod tests {
         leader.set_target(vec![1, 2, 4]);
         leader.set_target(vec![1, 2, 5]);
         assert!(!leader.handover_ready(), "newcomer 5 holds nothing");
+    }
+
+    /// The appends `effects` send, by peer: (prev_position, entry positions).
+    fn appends(effects: &[Effect]) -> Vec<(NodeId, Position, Vec<Position>)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send { to, message: Message::Append { prev_position, entries, .. } } => {
+                    Some((*to, *prev_position, entries.iter().map(|e| e.position).collect()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn given_a_new_leader_of_a_log_longer_than_the_inflight_bound_then_it_sends_its_marker_at_once_and_resends_only_after_what_recovery_showed()
+     {
+        // Positions 1..=100 of epoch 1 on all three; node 0 takes epoch 2.
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let history = EpochHistory::from_starts(vec![(1, 1)]);
+        let mut leader = Replica::new(config, DurableState { promised: 1, history: history.clone(), last: 100 });
+        assert!(leader.become_leader(2));
+        let mut log = Mem((1..=100).map(|p| data(p, 1)).collect());
+        leader.on_message(1, Message::RecoverReply { epoch: 2, history: history.clone(), last: 100 }, &log);
+        log.0.push(Entry { position: 101, epoch: 2, kind: EntryKind::Marker, atomic_with_next: false });
+        let batch = leader.take_effects();
+        leader.on_durable(batch.ticket, &log);
+        let sent = appends(&leader.take_effects().effects);
+        assert_eq!(sent, [(1, 100, vec![101]), (2, 100, vec![101])], "the marker goes out once it is durable, after the log's last entry");
+        // Nothing answers: a resend period later the same append goes again, not the log from 1.
+        for _ in 0..3 {
+            leader.tick(&log);
+        }
+        let sent = appends(&leader.take_effects().effects);
+        assert_eq!(sent, [(1, 100, vec![101]), (2, 100, vec![101])]);
+        // Node 2 does not hold position 100 (its log ends at 60): the leader goes back to where
+        // the logs part, and sends from there within the in-flight bound.
+        leader.on_message(
+            2,
+            Message::AppendReply { epoch: 2, outcome: AppendOutcome::Diverged { history: history.clone(), last: 60 }, round: 0 },
+            &log,
+        );
+        let sent = appends(&leader.take_effects().effects);
+        assert_eq!(sent, [(2, 60, vec![61, 62, 63, 64])]);
+        leader.on_message(1, Message::AppendReply { epoch: 2, outcome: AppendOutcome::Durable(101), round: 0 }, &log);
+        assert_eq!(leader.commit(), 101, "itself and node 1 hold the marker");
     }
 
     #[test]
