@@ -4,8 +4,9 @@
 //! [`ClusterService`] is the receiving side of both.
 //!
 //! Everything is bounded and lossy on purpose: Raft resends what matters, so a full queue or a
-//! broken call drops messages instead of building up memory. A call that fails is opened again
-//! after a short, jittered backoff.
+//! broken call drops messages instead of building up memory. A call that breaks is opened again
+//! at once when it had lived a while, else after a short, jittered backoff (at most 500 ms);
+//! see [`stream_to_peer`] for why that matters to a failover.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -119,13 +120,16 @@ pub fn outgoing_address(listen: SocketAddr) -> Option<IpAddr> {
 
 /// Keeps one long-lived call to a peer open, feeding it what arrives on `queue` (encoded by
 /// `encode`), and opens it again when it breaks: at once after a call that lived a while (the
-/// peer restarted, or a connection dropped), else after a jittered backoff (the peer is down).
+/// peer restarted, or a connection dropped), else after a jittered backoff (the peer is down or
+/// refuses the call).
 ///
-/// The call is watched while the queue is idle too, so a peer that went away and came back is
-/// reconnected before the next message, not when that message fails; and a message that found
-/// the call broken goes first on the next one instead of being lost. Both matter to a failover:
-/// a new leader's first messages to a follower that restarted, and the replies of a follower
-/// to a leader that restarted, would otherwise wait for a resend period or a backoff.
+/// The call is watched while the queue is idle and while a message waits for room in it, so a
+/// peer that went away and came back is reconnected before the next message, not when that
+/// message fails; and a message that found the call broken goes first on the next one instead
+/// of being lost (what the broken call had buffered is lost: the protocols resend). Both matter
+/// to a failover: a new leader's first messages to a follower that restarted, and the replies
+/// of a follower to a leader that restarted, would otherwise wait for a resend period or a
+/// backoff.
 async fn stream_to_peer<T, W, E, O, F>(
     id: u64,
     address: SocketAddr,
@@ -145,50 +149,70 @@ async fn stream_to_peer<T, W, E, O, F>(
     // A message taken from the queue that no call carried: it goes first on the next call.
     let mut held: Option<W> = None;
     loop {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .expect("a socket address is a valid URI")
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .local_address(local)
-            .connect_lazy();
-        let client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let (tx, rx) = mpsc::channel::<W>(256);
-        let mut call = tokio::spawn(open(client, tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let opened = tokio::time::Instant::now();
-        if let Some(wire) = held.take()
-            && let Err(refused) = tx.send(wire).await
-        {
-            held = Some(refused.0);
-        }
-        // Forward until the call breaks or the node stops.
-        let ended = loop {
-            if held.is_some() {
-                break None;
-            }
-            tokio::select! {
-                item = queue.recv() => {
-                    let Some(item) = item else { call.abort(); return };
-                    match encode(item) {
-                        Ok(wire) => if let Err(refused) = tx.send(wire).await { held = Some(refused.0) },
-                        Err(e) => tracing::error!(peer = id, error = %e, "cannot encode a message for a peer; dropped"),
+            .local_address(local);
+        let connected = tokio::select! {
+            connected = endpoint.connect() => connected,
+            _ = until_stopped(&mut stopped) => return,
+        };
+        match connected {
+            Ok(channel) => {
+                let client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
+                let (tx, rx) = mpsc::channel::<W>(256);
+                let mut call = tokio::spawn(open(client, tokio_stream::wrappers::ReceiverStream::new(rx)));
+                let opened = tokio::time::Instant::now();
+                // Forward until the call breaks or the node stops.
+                let ended = loop {
+                    let wire = match held.take() {
+                        Some(wire) => wire,
+                        None => tokio::select! {
+                            item = queue.recv() => {
+                                let Some(item) = item else { call.abort(); return };
+                                match encode(item) {
+                                    Ok(wire) => wire,
+                                    Err(e) => {
+                                        tracing::error!(peer = id, error = %e, "cannot encode a message for a peer; dropped");
+                                        continue;
+                                    }
+                                }
+                            }
+                            ended = &mut call => break Some(ended),
+                            _ = until_stopped(&mut stopped) => { call.abort(); return; }
+                        },
+                    };
+                    tokio::select! {
+                        biased;
+                        ended = &mut call => { held = Some(wire); break Some(ended); }
+                        permit = tx.reserve() => match permit {
+                            Ok(permit) => permit.send(wire),
+                            // The call let go of its stream: it is ending.
+                            Err(_) => { held = Some(wire); break None; }
+                        },
+                        _ = until_stopped(&mut stopped) => { call.abort(); return; }
                     }
+                };
+                let ended = match ended {
+                    Some(ended) => Some(ended),
+                    None => tokio::select! {
+                        ended = tokio::time::timeout(RECONNECT_MAX, &mut call) => ended.ok(),
+                        _ = until_stopped(&mut stopped) => { call.abort(); return; }
+                    },
+                };
+                call.abort();
+                if let Some(Ok(Err(status))) = ended {
+                    tracing::debug!(peer = id, %address, %status, "call to a peer ended; reconnecting");
                 }
-                ended = &mut call => break Some(ended),
-                _ = until_stopped(&mut stopped) => { call.abort(); return; }
+                if opened.elapsed() >= RECONNECT_MAX {
+                    // It worked for a while: the peer is likely back already (a restart), or
+                    // about to be.
+                    backoff = RECONNECT_MIN;
+                    continue;
+                }
             }
-        };
-        drop(tx);
-        let ended = match ended {
-            Some(ended) => ended,
-            None => call.await,
-        };
-        if let Ok(Err(status)) = ended {
-            tracing::debug!(peer = id, %address, %status, "call to a peer ended; reconnecting");
-        }
-        if opened.elapsed() >= RECONNECT_MAX {
-            // It worked for a while: the peer is likely back already (a restart), or about to be.
-            backoff = RECONNECT_MIN;
-            continue;
+            Err(e) => tracing::debug!(peer = id, %address, error = %e, "cannot connect to a peer; trying again"),
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % 50);
         tokio::select! {
@@ -279,15 +303,24 @@ mod tests {
         }
     }
 
-    /// A peer: the `Cluster` service on `address`, in a runtime of its own.
-    fn peer(address: SocketAddr) -> (Peer, mpsc::Receiver<Message>) {
+    /// A peer: the `Cluster` service on `address`, in a runtime of its own, once it listens.
+    async fn peer(address: SocketAddr) -> (Peer, mpsc::Receiver<Message>) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let (inbox, received) = mpsc::channel(16);
+        let (listening, bound) = tokio::sync::oneshot::channel();
         runtime.spawn(async move {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.set_reuseaddr(true).unwrap();
-            socket.bind(address).unwrap();
-            let incoming = tonic::transport::server::TcpIncoming::from(socket.listen(16).unwrap());
+            let listen = || -> std::io::Result<tokio::net::TcpListener> {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.set_reuseaddr(true)?;
+                socket.bind(address)?;
+                socket.listen(16)
+            };
+            let listener = match listen() {
+                Ok(listener) => listener,
+                Err(e) => return listening.send(Err(e.to_string())).unwrap(),
+            };
+            listening.send(Ok(())).unwrap();
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
             let service = ClusterService::new(Some(inbox), PartitionTasks::default());
             tonic::transport::Server::builder()
                 .add_service(pb::cluster_server::ClusterServer::new(service))
@@ -295,6 +328,7 @@ mod tests {
                 .await
                 .unwrap();
         });
+        bound.await.unwrap().unwrap_or_else(|e| panic!("the peer cannot listen on {address}: {e}"));
         (Peer(Some(runtime)), received)
     }
 
@@ -312,7 +346,7 @@ mod tests {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
         };
-        let (runtime, mut received) = peer(address);
+        let (runtime, mut received) = peer(address).await;
         let (_stop, stopped) = watch::channel(false);
         let transport = GrpcTransport::start(&[(2, address)], None, stopped);
         // The first call may find the peer not listening yet: its backoff is short.
@@ -330,7 +364,7 @@ mod tests {
         // as a follower that restarted between two failovers.
         drop(runtime);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (_runtime, mut received) = peer(address);
+        let (_runtime, mut received) = peer(address).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Sent once: no protocol resend here, so a lost message would never arrive.
         transport.send(message(2));

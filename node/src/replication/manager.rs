@@ -274,7 +274,9 @@ async fn run_partition(
                         if let Some(epoch) = grant {
                             let recovering = replica.become_leader(epoch);
                             tracing::info!(partition, epoch, recovering, "granted the partition's leadership");
-                            taking_over = recovering.then(|| (epoch, std::time::Instant::now()));
+                            if recovering {
+                                taking_over = Some((epoch, std::time::Instant::now()));
+                            }
                         }
                     }
                     Input::Tick => replica.tick(&view),

@@ -154,11 +154,12 @@ impl Progress {
 struct Progress {
     /// Durable on the follower and matching this leader's log.
     matched: Position,
-    /// Where the entries sent since the follower's log was last sized up start after: the
-    /// entry its leader took over after (the follower answered the recovery, so it most
-    /// likely holds it), or the two logs' common prefix after a `Diverged` reply. Not known to
-    /// be durable there, so it never counts for commits; it only bounds what is in flight and
-    /// where a resend starts. A follower that does not hold it says so (`Diverged`).
+    /// Where the entries sent since the follower's log was last sized up start after: where
+    /// its log parts from this leader's, as its recovery reply or a `Diverged` reply showed;
+    /// else (no reply yet, or a learner) the leader's last entry before the marker (or its
+    /// last). Not known to be durable there, so it never counts for commits; it only bounds
+    /// what is in flight and where a resend starts. A follower that does not hold it says so
+    /// (`Diverged`).
     base: Position,
     /// Next position to send.
     next: Position,
@@ -831,8 +832,25 @@ impl Replica {
     fn start_serving(&mut self) {
         let epoch = self.promised;
         let start = self.last + 1;
+        // Where each log that answered recovery parts from this one: its follower starts there.
+        let shared: BTreeMap<NodeId, Position> = match &self.phase {
+            Phase::Recovering { replies, .. } => {
+                replies.iter().map(|(node, (history, last))| (*node, common_prefix(&self.history, self.last, history, *last))).collect()
+            }
+            _ => BTreeMap::new(),
+        };
         self.append_local(vec![Entry { position: start, epoch, kind: EntryKind::Marker, atomic_with_next: false }]);
-        let peers = self.peers().into_iter().map(|peer| (peer, Progress::new(start, true))).collect();
+        let peers = self
+            .peers()
+            .into_iter()
+            .map(|peer| {
+                let mut progress = Progress::new(start, true);
+                if let Some(shared) = shared.get(&peer) {
+                    (progress.base, progress.next) = (*shared, shared + 1);
+                }
+                (peer, progress)
+            })
+            .collect();
         self.phase = Phase::Leading { start, peers, paused: false };
         self.track_learners();
         self.effects.push(Effect::Serving { epoch, start });
@@ -1318,6 +1336,22 @@ mod tests {
         assert_eq!(sent, [(2, 60, vec![61, 62, 63, 64])]);
         leader.on_message(1, Message::AppendReply { epoch: 2, outcome: AppendOutcome::Durable(101), round: 0 }, &log);
         assert_eq!(leader.commit(), 101, "itself and node 1 hold the marker");
+    }
+
+    #[test]
+    fn given_a_new_leader_then_a_follower_whose_recovery_reply_showed_a_shorter_log_gets_what_it_lacks_at_once() {
+        let config = ReplicaConfig { me: 0, members: vec![0, 1, 2, 3, 4], max_batch_entries: 4, max_inflight_entries: 8, resend_ticks: 3 };
+        let history = EpochHistory::from_starts(vec![(1, 1)]);
+        let mut leader = Replica::new(config, DurableState { promised: 1, history: history.clone(), last: 100 });
+        assert!(leader.become_leader(2));
+        let mut log = Mem((1..=100).map(|p| data(p, 1)).collect());
+        leader.on_message(1, Message::RecoverReply { epoch: 2, history: history.clone(), last: 100 }, &log);
+        leader.on_message(2, Message::RecoverReply { epoch: 2, history: history.clone(), last: 60 }, &log);
+        log.0.push(Entry { position: 101, epoch: 2, kind: EntryKind::Marker, atomic_with_next: false });
+        let batch = leader.take_effects();
+        leader.on_durable(batch.ticket, &log);
+        let sent = appends(&leader.take_effects().effects);
+        assert_eq!(sent, [(1, 100, vec![101]), (2, 60, vec![61, 62, 63, 64]), (3, 100, vec![101]), (4, 100, vec![101])]);
     }
 
     #[test]
