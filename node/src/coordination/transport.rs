@@ -129,7 +129,8 @@ pub fn outgoing_address(listen: SocketAddr) -> Option<IpAddr> {
 /// of being lost (what the broken call had buffered is lost: the protocols resend). Both matter
 /// to a failover: a new leader's first messages to a follower that restarted, and the replies
 /// of a follower to a leader that restarted, would otherwise wait for a resend period or a
-/// backoff.
+/// backoff. While the peer cannot be reached, what is queued for it is dropped at every failed
+/// attempt, so a peer that comes back gets at most a backoff's worth of old messages.
 async fn stream_to_peer<T, W, E, O, F>(
     id: u64,
     address: SocketAddr,
@@ -214,6 +215,11 @@ async fn stream_to_peer<T, W, E, O, F>(
             }
             Err(e) => tracing::debug!(peer = id, %address, error = %e, "cannot connect to a peer; trying again"),
         }
+        // The peer is down or refuses the call: what was queued for it is stale by the time it
+        // is back (the protocols resend what still matters), and holding it would pile up to the
+        // queue's bound of messages, each up to a batch of entries, for as long as it is away.
+        held = None;
+        while queue.try_recv().is_ok() {}
         let jitter = Duration::from_millis(rand::random::<u64>() % 50);
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
