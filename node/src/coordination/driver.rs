@@ -296,6 +296,13 @@ async fn drive(
         match core.cycle(now_ms()) {
             Ok(cycle) => {
                 cycle.messages.into_iter().for_each(|m| transport.send(m));
+                // The state first, then the answers: a caller that reads after its write returned
+                // sees the write (read-your-writes, as Consul's consistent reads give).
+                let node = core.node();
+                if node.applied() != published {
+                    published = node.applied();
+                    state.send_replace(Arc::new(node.state().clone()));
+                }
                 for (reply, outcome) in cycle.answers {
                     let _ = reply.send(outcome);
                 }
@@ -436,6 +443,18 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         view
+    }
+
+    /// The conformance suite of every store (`conformance.rs`), unchanged, against the embedded
+    /// store: a three-member Raft group in one process, called through one member. It expires a
+    /// session one TTL after its last renewal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_embedded_store_passes_the_coordination_store_conformance_suite() {
+        let transport = LocalTransport::default();
+        let stores: Vec<EmbeddedStore> = IDS.iter().map(|&id| EmbeddedStore::start_local(id, &IDS, transport.clone()).unwrap()).collect();
+        let ttl = Duration::from_secs(1);
+        let timing = crate::coordination::conformance::Timing { ttl, expires_after: ttl - EXPIRY_TICK, expires_within: ttl };
+        crate::coordination::conformance::run(&stores[1], "conformance/", timing).await;
     }
 
     /// The ownership algorithm over the real Raft store (three members in one process): leaders

@@ -15,6 +15,7 @@
 //! `cluster.coordination` chooses ([`member`]). [`placement`] derives replica sets from the live
 //! members.
 
+pub mod conformance;
 pub mod consul;
 pub mod driver;
 pub mod election;

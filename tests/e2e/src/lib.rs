@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod consul;
+
 /// The repository's root.
 pub fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -13,9 +15,24 @@ pub fn repository() -> PathBuf {
 /// Runs `tools/install.sh`, which installs what the suites need and the machine lacks (nothing
 /// when all is there); panics with its output when it fails.
 pub fn ensure_tools() {
+    install(&[]);
+}
+
+/// Runs `tools/install.sh` for `tools` (its default set when empty); panics with its output when
+/// it fails.
+fn install(tools: &[&str]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/install.sh");
-    let out = Command::new("bash").arg(&script).output().expect("bash runs");
-    assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash").arg(&script).args(tools).output().expect("bash runs");
+    assert!(out.status.success(), "{} {} failed:\n{}", script.display(), tools.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The project-built tool `name` (`consul`, ...), installed by `tools/install.sh` into the
+/// repository's `.tools/bin` if it is not there yet (a build of several minutes the first time).
+pub fn tool(name: &str) -> PathBuf {
+    install(&[name]);
+    let path = repository().join(".tools/bin").join(name);
+    assert!(path.exists(), "tools/install.sh {name} left no {}", path.display());
+    path
 }
 
 /// The `anthill` binary of this workspace, in the profile these tests were built in: built by
