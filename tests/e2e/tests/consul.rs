@@ -65,16 +65,16 @@ async fn when_the_consul_leader_is_killed_then_a_renewed_session_keeps_its_lock_
     let token = consul.token_with("anthill", &anthill_policy("anthill/"));
     let leader = consul.wait_for_leader(Duration::from_secs(30));
     let through = (leader + 1) % consul.len();
-    let store = store(&consul, through, &token);
-    let session = patiently("create session", || store.create_session("node-1", TIMING.ttl)).await;
-    let epoch = patiently("acquire", || store.acquire("anthill/leaders/0", b"node-1", &session)).await.expect("a free lock");
+    let client = store(&consul, through, &token);
+    let session = patiently("create session", || client.create_session("node-1", TIMING.ttl)).await;
+    let epoch = patiently("acquire", || client.acquire("anthill/leaders/0", b"node-1", &session)).await.expect("a free lock");
 
     consul.kill(leader);
     let killed_at = tokio::time::Instant::now();
     // Renew every third of a TTL through the election, as the elector does.
     let mut unavailable = 0;
     while killed_at.elapsed() < TIMING.ttl * 3 {
-        match store.renew_session(&session).await {
+        match client.renew_session(&session).await {
             Ok(alive) => assert!(alive, "the session was lost with the Consul leader"),
             Err(CoordinationError::Unavailable(_)) => unavailable += 1,
             Err(e) => panic!("renewal during the election: {e}"),
@@ -83,18 +83,14 @@ async fn when_the_consul_leader_is_killed_then_a_renewed_session_keeps_its_lock_
     }
     let new_leader = tokio::task::block_in_place(|| consul.wait_for_leader(Duration::from_secs(30)));
     assert_ne!(new_leader, leader, "the killed server still leads");
-    let held = patiently("get", || store.get("anthill/leaders/0")).await.expect("the lock's key");
+    let held = patiently("get", || client.get("anthill/leaders/0")).await.expect("the lock's key");
     assert_eq!((held.session, held.lock_index), (Some(session.clone()), epoch), "the lock changed hands or epochs");
     eprintln!("renewals refused as unavailable during the election: {unavailable}");
 
     consul.start_server(leader);
     tokio::task::block_in_place(|| consul.wait_for_leader(Duration::from_secs(60)));
-    let again = store_on(&consul, leader, &token);
+    let again = store(&consul, leader, &token);
     let seen = patiently("get on the restarted server", || again.get("anthill/leaders/0")).await.expect("the lock's key");
     assert_eq!(seen.session, Some(session.clone()), "the restarted server sees another holder");
-    patiently("destroy", || store.destroy_session(&session)).await;
-}
-
-fn store_on(consul: &Consul, server: usize, token: &str) -> ConsulStore {
-    store(consul, server, token)
+    patiently("destroy", || client.destroy_session(&session)).await;
 }
