@@ -447,7 +447,8 @@ mod tests {
 
     /// The conformance suite of every store (`conformance.rs`), unchanged, against the embedded
     /// store: a three-member Raft group in one process, called through one member. It expires a
-    /// session one TTL after its last renewal.
+    /// session within a store tick of one TTL after its last renewal (its clock moves with the
+    /// leader's ticks), hence `expires_after`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_embedded_store_passes_the_coordination_store_conformance_suite() {
         let transport = LocalTransport::default();

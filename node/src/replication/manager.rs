@@ -336,7 +336,7 @@ async fn run_partition(
 }
 
 /// The kind of a message worth a debug line: everything but the steady stream of appends and
-/// their acknowledgements (the first of a new leader's shows as a `follow` elsewhere).
+/// their durable acknowledgements (a `Diverged` reply is logged).
 fn notable(message: &Message) -> Option<&'static str> {
     match message {
         Message::Recover { .. } => Some("recover"),
