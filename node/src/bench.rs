@@ -773,7 +773,7 @@ impl Books {
             Books::Routed(router) => {
                 let partition = router.partition_of(&format!("ledger/{}", open.book));
                 router
-                    .on_leader(partition, |mut c| {
+                    .on_leader_idempotent(partition, |mut c| {
                         let open = open.clone();
                         async move { c.ledger.open_account(open).await.map(|_| ()) }
                     })
@@ -788,7 +788,7 @@ impl Books {
             Books::Routed(router) => {
                 let partition = router.partition_of(&format!("ledger/{}", fund.book));
                 router
-                    .on_leader(partition, |mut c| {
+                    .on_leader_idempotent(partition, |mut c| {
                         let fund = fund.clone();
                         async move { c.ledger.deposit(fund).await.map(|_| ()) }
                     })
@@ -799,7 +799,8 @@ impl Books {
 }
 
 /// Opens and funds every account of the `ledger` workload, 64 commands in flight. Command ids
-/// make it idempotent, so a node benchmarked before keeps its books.
+/// make it idempotent, so a node benchmarked before keeps its books, and a cluster's router
+/// resends a command whose outcome a lost leadership left unknown.
 async fn open_ledger_books(books: &Books) -> anyhow::Result<()> {
     use futures_util::StreamExt;
     eprintln!("bench: opening {LEDGER_BOOKS} books of {LEDGER_ACCOUNTS} accounts");

@@ -274,7 +274,7 @@ async fn open_books(router: &Router, partitions: u32) -> anyhow::Result<Vec<Stri
                 credit_limit: 0,
             };
             router
-                .on_leader(partition, |mut c| {
+                .on_leader_idempotent(partition, |mut c| {
                     let open = open.clone();
                     async move { c.ledger.open_account(open).await }
                 })
@@ -283,7 +283,7 @@ async fn open_books(router: &Router, partitions: u32) -> anyhow::Result<Vec<Stri
         }
         let deposit = pb::DepositRequest { book: book.clone(), command_id: "deposit".into(), account: "a".into(), amount: OPENING };
         router
-            .on_leader(partition, |mut c| {
+            .on_leader_idempotent(partition, |mut c| {
                 let deposit = deposit.clone();
                 async move { c.ledger.deposit(deposit).await }
             })
