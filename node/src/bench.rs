@@ -314,6 +314,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
         replication_factor: nodes.min(3) as u32,
         session_ttl_ms: args.session_ttl_ms,
         node_args: node_args.clone(),
+        consul: None,
     };
     let mut cluster = LocalCluster::start(&exe, &dir.path().join("cluster"), &spec)?;
     eprintln!("bench: started {nodes} nodes at {}", cluster.urls().join(", "));

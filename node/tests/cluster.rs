@@ -43,6 +43,7 @@ impl Cluster {
             replication_factor: 3,
             session_ttl_ms: SESSION_TTL_MS,
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
+            consul: None,
         };
         let local = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
         let addrs = local.addrs.clone();
@@ -669,8 +670,14 @@ async fn check_acknowledged_and_converged(
 /// moving); the fourth is left for the test to start.
 async fn three_of_four() -> (Cluster, pb::ClusterStatus) {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        ClusterSpec { nodes: 4, partitions: PARTITIONS, replication_factor: 3, session_ttl_ms: SESSION_TTL_MS, node_args: Vec::new() };
+    let spec = ClusterSpec {
+        nodes: 4,
+        partitions: PARTITIONS,
+        replication_factor: 3,
+        session_ttl_ms: SESSION_TTL_MS,
+        node_args: Vec::new(),
+        consul: None,
+    };
     let mut local = LocalCluster::configure(&common::exe(), dir.path(), &spec).unwrap();
     for i in 0..3 {
         local.start_node(i, &[]).unwrap();
@@ -806,8 +813,14 @@ async fn given_three_nodes_when_a_fourth_is_added_to_every_config_by_a_rolling_r
  {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        ClusterSpec { nodes: 4, partitions: PARTITIONS, replication_factor: 3, session_ttl_ms: SESSION_TTL_MS, node_args: Vec::new() };
+    let spec = ClusterSpec {
+        nodes: 4,
+        partitions: PARTITIONS,
+        replication_factor: 3,
+        session_ttl_ms: SESSION_TTL_MS,
+        node_args: Vec::new(),
+        consul: None,
+    };
     let mut local = LocalCluster::configure(&common::exe(), dir.path(), &spec).unwrap();
     // The first three know only each other: node-4 is not in their `cluster.members`.
     let configs = dir.path().to_path_buf();

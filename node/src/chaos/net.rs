@@ -34,9 +34,23 @@ pub fn in_own_namespace() -> bool {
 pub fn rerun_in_own_namespace() -> anyhow::Result<ExitStatus> {
     let exe = std::env::current_exe().context("cannot find this program to run it again")?;
     let mut command = Command::new(exe);
-    command.args(std::env::args_os().skip(1)).env(OWN_NAMESPACE_ENV, "1");
-    // SAFETY: between fork and exec only the async-signal-safe unshare(2) and prctl(2) run. The
-    // run gets SIGTERM (and stops its nodes) if this process dies first.
+    command.args(std::env::args_os().skip(1));
+    in_own_namespace_command(&mut command);
+    command.status().map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            anyhow::anyhow!("anthill chaos needs root to make its own network namespace (for the partitions): {e}")
+        } else {
+            anyhow::anyhow!("cannot run anthill chaos in its own network namespace: {e}")
+        }
+    })
+}
+
+/// Makes `command` start in a new network namespace, with [`OWN_NAMESPACE_ENV`] set (so
+/// [`in_own_namespace`] is true there) and SIGTERM sent to it if this process dies first. Starting
+/// it needs root (CAP_SYS_ADMIN); without it, spawning fails with `EPERM`.
+pub fn in_own_namespace_command(command: &mut Command) {
+    command.env(OWN_NAMESPACE_ENV, "1");
+    // SAFETY: between fork and exec only the async-signal-safe unshare(2) and prctl(2) run.
     unsafe {
         command.pre_exec(|| {
             if libc::unshare(libc::CLONE_NEWNET) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
@@ -45,13 +59,6 @@ pub fn rerun_in_own_namespace() -> anyhow::Result<ExitStatus> {
             Ok(())
         });
     }
-    command.status().map_err(|e| {
-        if e.raw_os_error() == Some(libc::EPERM) {
-            anyhow::anyhow!("anthill chaos needs root to make its own network namespace (for the partitions): {e}")
-        } else {
-            anyhow::anyhow!("cannot run anthill chaos in its own network namespace: {e}")
-        }
-    })
 }
 
 /// In the run's own namespace: brings the loopback up (a new namespace starts with it down).

@@ -136,6 +136,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             replication_factor: 3,
             session_ttl_ms: 1_000,
             node_args: vec!["--log-level".into(), args.node_log_level.clone()],
+            consul: None,
         },
         duration: args.duration,
         fault_count: args.fault_count,

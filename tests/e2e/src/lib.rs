@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub mod consul;
+pub mod kube;
 
 /// The repository's root.
 pub fn repository() -> PathBuf {
@@ -26,13 +26,51 @@ fn install(tools: &[&str]) {
     assert!(out.status.success(), "{} {} failed:\n{}", script.display(), tools.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
-/// The project-built tool `name` (`consul`, ...), installed by `tools/install.sh` into the
+/// The program `name` (`consul`, `kubectl`, ...), installed by `tools/install.sh` into the
 /// repository's `.tools/bin` if it is not there yet (a build of several minutes the first time).
 pub fn tool(name: &str) -> PathBuf {
-    install(&[name]);
+    // The installer's name for the tool that brings the program.
+    let tool = match name {
+        "kube-apiserver" | "kubectl" | "etcd" => "kubernetes",
+        "ansible-playbook" | "ansible-inventory" | "ansible-galaxy" => "ansible",
+        "tofu" => "terraform",
+        other => other,
+    };
+    install(&[tool]);
     let path = repository().join(".tools/bin").join(name);
     assert!(path.exists(), "tools/install.sh {name} left no {}", path.display());
     path
+}
+
+/// Runs test `test` of this test program again, alone, in a network namespace of its own and
+/// returns `false` once it passed there (it panics if it failed); in that run it returns `true`,
+/// with the namespace's loopback up. There the test may cut its loopback with
+/// [`anthill_node::chaos::net::Cuts`], and everything it started vanishes with the namespace.
+/// A test goes on only where this returns `true`:
+///
+/// ```ignore
+/// if !anthill_e2e::alone_in_own_network_namespace("the_tests_function_name") { return; }
+/// ```
+pub fn alone_in_own_network_namespace(test: &str) -> bool {
+    use anthill_node::chaos::net;
+    if net::in_own_namespace() {
+        net::loopback_up().expect("the namespace's loopback comes up");
+        return true;
+    }
+    let exe = std::env::current_exe().expect("this test program's path");
+    let mut command = Command::new(exe);
+    command.args([test, "--exact", "--nocapture", "--test-threads", "1"]);
+    net::in_own_namespace_command(&mut command);
+    let out = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {test} in a network namespace of its own (root is needed): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    assert!(out.status.success(), "{test} failed in its own network namespace");
+    // A misspelt name runs nothing and passes: that must not count.
+    assert!(stdout.contains("test result: ok. 1 passed"), "{test} did not run in its own network namespace (is the name right?)");
+    false
 }
 
 /// The `anthill` binary of this workspace, in the profile these tests were built in: built by

@@ -4,6 +4,13 @@
 #
 #   iproute2   `ip` and `tc` (Debian's iproute2): the chaos suite's namespace and its cuts
 #   consul     Consul server, built from its Go modules (pinned below)
+#   kubernetes kube-apiserver and kubectl, built from Kubernetes' Go modules, and etcd (Debian's
+#              etcd-server): the API server the operator's tests run against
+#   helm       Helm 3, built from its Go module
+#   terraform  Terraform >= 1.5: the one on PATH if it is that new, else OpenTofu built from its
+#              Go module, linked under both names
+#   ansible    ansible-core from PyPI, in a virtualenv of its own
+#   grpcurl    grpcurl, built from its Go module: the node's gRPC API by hand
 #   all        every tool above
 #
 # No TOOL: iproute2 (what `cargo test` needs without the real-components suites).
@@ -22,6 +29,12 @@ CONSUL_ENVOYEXTENSIONS=v0.7.7
 CONSUL_PROTO_PUBLIC=v0.6.2
 CONSUL_SDK=v0.16.1
 CONSUL_TROUBLESHOOT=v0.7.4
+KUBERNETES_VERSION=1.34.2
+HELM_VERSION=3.19.0
+TERRAFORM_MIN=1.5
+OPENTOFU_VERSION=1.10.6
+ANSIBLE_CORE_VERSION=2.19.14
+GRPCURL_VERSION=1.9.3
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
@@ -38,24 +51,16 @@ go_env() { env GOPROXY=https://proxy.golang.org GOSUMDB=off GOFLAGS=-mod=mod GOT
 install_iproute2() {
     if command -v ip >/dev/null && command -v tc >/dev/null; then return; fi
     say "installing iproute2"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+    apt_install iproute2
 }
 
 # Links `$1` (a path in the cache) into .tools/bin under the name `$2`.
 link() { ln -sfn "$1" "$bin/$2"; }
 
-install_consul() {
-    local dest="$cache/consul-$CONSUL_VERSION"
-    if [[ ! -x "$dest/consul" ]]; then
-        command -v go >/dev/null || { say "Go is needed to build Consul"; exit 1; }
-        say "building Consul $CONSUL_VERSION from its Go modules (about 5 minutes on 2 cores)"
-        local work
-        work="$(mktemp -d)"
-        # Consul's go.mod has `replace` lines, so `go install` refuses it: a wrapper module
-        # requires it and its sub-modules at the versions it names, with its `exclude` lines.
-        cat >"$work/go.mod" <<EOF
+build_consul() {
+    # Consul's go.mod has `replace` lines, so `go install` refuses it: a wrapper module
+    # requires it and its sub-modules at the versions it names, with its `exclude` lines.
+    cat >go.mod <<EOF
 module anthill.local/tools/consul
 
 go 1.22
@@ -74,22 +79,163 @@ exclude (
 	github.com/hashicorp/go-msgpack v1.1.6
 )
 EOF
-        printf 'package tools\n\nimport _ "github.com/hashicorp/consul"\n' >"$work/tools.go"
-        mkdir -p "$dest.partial"
-        (cd "$work" && go_env go build -trimpath -o "$dest.partial/consul" github.com/hashicorp/consul) || {
-            say "building Consul failed (output above)"
-            exit 1
-        }
-        rm -rf "$dest" && mv "$dest.partial" "$dest"
-        rm -rf "$work"
+    printf 'package tools\n\nimport _ "github.com/hashicorp/consul"\n' >tools.go
+    go_env go build -trimpath -o "$1/consul" github.com/hashicorp/consul
+}
+
+install_consul() {
+    local dest="$cache/consul-$CONSUL_VERSION"
+    if [[ ! -x "$dest/consul" ]]; then
+        say "building Consul $CONSUL_VERSION from its Go modules (about 4 minutes on 2 cores)"
+        build_into "$dest" "Consul $CONSUL_VERSION" build_consul
     fi
     link "$dest/consul" consul
 }
 
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Builds into `$1` (a cache folder, made whole or not at all) by running the rest of the
+# arguments in a fresh work folder; `$2` names the tool in messages.
+build_into() {
+    local dest="$1" name="$2"
+    shift 2
+    command -v go >/dev/null || { say "Go is needed to build $name"; exit 1; }
+    local work
+    work="$(mktemp -d)"
+    rm -rf "$dest.partial" && mkdir -p "$dest.partial"
+    (cd "$work" && "$@" "$dest.partial") || {
+        say "building $name failed (output above)"
+        rm -rf "$work"
+        exit 1
+    }
+    rm -rf "$dest" && mv "$dest.partial" "$dest"
+    rm -rf "$work"
+}
+
+build_kubernetes() {
+    local out="$1" v="v$KUBERNETES_VERSION" mod
+    # Kubernetes' go.mod replaces its staging modules with folders of its own repository, so
+    # `go install` refuses it: a wrapper module requires it and points every one of those
+    # modules at its published release (v0.x.y for Kubernetes v1.x.y).
+    mod="$(go_env go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
+    [[ -f "$mod" ]] || { say "the module proxy gave no go.mod for k8s.io/kubernetes@$v"; return 1; }
+    {
+        printf 'module anthill.local/tools/kubernetes\n\ngo 1.24.0\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$v"
+        sed -n "s#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\t\1 => \1 v0.${KUBERNETES_VERSION#1.}#p" "$mod"
+        printf ')\n'
+    } >go.mod
+    printf 'package tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n\t_ "k8s.io/kubernetes/cmd/kubectl"\n)\n' >tools.go
+    # Without these the binaries call themselves v0.0.0-master, which version checks refuse.
+    local ldflags="-s -w"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=${KUBERNETES_VERSION%%.*}"
+        ldflags+=" -X $pkg.gitMinor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION") -X $pkg.gitTreeState=clean"
+    done
+    go_env go build -trimpath -ldflags "$ldflags" -o "$out/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+}
+
+install_kubernetes() {
+    local dest="$cache/kubernetes-$KUBERNETES_VERSION"
+    if [[ ! -x "$dest/kube-apiserver" || ! -x "$dest/kubectl" ]]; then
+        say "building kube-apiserver and kubectl $KUBERNETES_VERSION from Kubernetes' Go modules (about 6 minutes on 2 cores)"
+        build_into "$dest" "Kubernetes $KUBERNETES_VERSION" build_kubernetes
+    fi
+    link "$dest/kube-apiserver" kube-apiserver
+    link "$dest/kubectl" kubectl
+    if ! command -v etcd >/dev/null; then
+        say "installing etcd (Debian's etcd-server)"
+        apt_install etcd-server
+    fi
+    link "$(command -v etcd)" etcd
+}
+
+build_helm() {
+    env GOBIN="$1" GOPROXY=https://proxy.golang.org GOSUMDB=off GOTOOLCHAIN=local go install -trimpath \
+        -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+}
+
+install_helm() {
+    local dest="$cache/helm-$HELM_VERSION"
+    if [[ ! -x "$dest/helm" ]]; then
+        say "building Helm $HELM_VERSION from its Go module (about 3 minutes on 2 cores)"
+        build_into "$dest" "Helm $HELM_VERSION" build_helm
+    fi
+    link "$dest/helm" helm
+}
+
+# Whether `$1` names a Terraform at least TERRAFORM_MIN.
+new_enough_terraform() {
+    local v
+    v="$("$1" version 2>/dev/null | sed -n '1s/^Terraform v\([0-9]*\.[0-9]*\).*/\1/p')"
+    [[ -n "$v" ]] && printf '%s\n%s\n' "$TERRAFORM_MIN" "$v" | sort -V -C
+}
+
+build_opentofu() {
+    # OpenTofu's go.mod has `replace` lines too: build it in a copy of its own module.
+    local src
+    src="$(go_env go mod download -json "github.com/opentofu/opentofu@v$OPENTOFU_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [[ -d "$src" ]] || { say "the module proxy gave no github.com/opentofu/opentofu@v$OPENTOFU_VERSION"; return 1; }
+    cp -r "$src/." . && chmod -R u+w .
+    go_env go build -trimpath -ldflags "-s -w" -o "$1/tofu" ./cmd/tofu
+}
+
+install_terraform() {
+    local onpath
+    onpath="$(PATH="${PATH//$bin:/}" command -v terraform || true)"
+    if [[ -n "$onpath" ]] && new_enough_terraform "$onpath"; then
+        link "$onpath" terraform
+        return
+    fi
+    local dest="$cache/opentofu-$OPENTOFU_VERSION"
+    if [[ ! -x "$dest/tofu" ]]; then
+        say "no Terraform >= $TERRAFORM_MIN on PATH: building OpenTofu $OPENTOFU_VERSION from its Go module (about 3 minutes)"
+        build_into "$dest" "OpenTofu $OPENTOFU_VERSION" build_opentofu
+    fi
+    link "$dest/tofu" tofu
+    link "$dest/tofu" terraform
+}
+
+install_ansible() {
+    local dest="$cache/ansible-core-$ANSIBLE_CORE_VERSION"
+    # ansible-playbook is installed last: it is there only when the install went through.
+    if [[ ! -x "$dest/bin/ansible-playbook" ]]; then
+        say "installing ansible-core $ANSIBLE_CORE_VERSION from PyPI into a virtualenv"
+        # Made where it stays: a virtualenv's scripts name their interpreter by path.
+        rm -rf "$dest"
+        python3 -m venv "$dest" && "$dest/bin/pip" install -q "ansible-core==$ANSIBLE_CORE_VERSION" || {
+            say "installing ansible-core failed (output above)"
+            rm -rf "$dest"
+            exit 1
+        }
+    fi
+    for script in ansible ansible-playbook ansible-inventory ansible-galaxy; do
+        link "$dest/bin/$script" "$script"
+    done
+}
+
+build_grpcurl() {
+    env GOBIN="$1" GOPROXY=https://proxy.golang.org GOSUMDB=off GOTOOLCHAIN=local \
+        go install -trimpath -ldflags "-s -w -X main.version=v$GRPCURL_VERSION" "github.com/fullstorydev/grpcurl/cmd/grpcurl@v$GRPCURL_VERSION"
+}
+
+install_grpcurl() {
+    local dest="$cache/grpcurl-$GRPCURL_VERSION"
+    if [[ ! -x "$dest/grpcurl" ]]; then
+        say "building grpcurl $GRPCURL_VERSION from its Go module (about a minute)"
+        build_into "$dest" "grpcurl $GRPCURL_VERSION" build_grpcurl
+    fi
+    link "$dest/grpcurl" grpcurl
+}
+
+all=(iproute2 consul kubernetes helm terraform ansible grpcurl)
 tools=("$@")
 ((${#tools[@]})) || tools=(iproute2)
 for tool in "${tools[@]}"; do
-    [[ "$tool" == all ]] && { tools=(iproute2 consul); break; }
+    [[ "$tool" == all ]] && { tools=("${all[@]}"); break; }
 done
 
 exec 9>"$cache/.lock"
@@ -98,6 +244,11 @@ for tool in "${tools[@]}"; do
     case "$tool" in
         iproute2) install_iproute2 ;;
         consul) install_consul ;;
-        *) say "unknown tool '$tool' (known: iproute2 consul all)"; exit 2 ;;
+        kubernetes) install_kubernetes ;;
+        helm) install_helm ;;
+        terraform) install_terraform ;;
+        ansible) install_ansible ;;
+        grpcurl) install_grpcurl ;;
+        *) say "unknown tool '$tool' (known: ${all[*]} all)"; exit 2 ;;
     esac
 done

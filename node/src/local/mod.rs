@@ -6,6 +6,8 @@
 //! The child prints one line to stdout when it is serving:
 //! `anthill node ready grpc=<addr> metrics=<addr|none>`; everything else goes to its log file.
 
+pub mod consul;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -165,6 +167,17 @@ pub struct ClusterSpec {
     pub session_ttl_ms: u64,
     /// Flags every node gets (e.g. `--log-level warn`).
     pub node_args: Vec<String>,
+    /// Ownership through a Consul cluster; `None`: the embedded store.
+    pub consul: Option<ConsulNodes>,
+}
+
+/// How the nodes of a [`LocalCluster`] reach Consul: node `i` talks to `addresses[i % len]`, as
+/// it would to the Consul agent on its own host, with the ACL token in `token_file`.
+#[derive(Debug, Clone)]
+pub struct ConsulNodes {
+    pub addresses: Vec<String>,
+    pub token_file: PathBuf,
+    pub key_prefix: String,
 }
 
 /// A cluster of real `anthill node` processes on loopback, node `i` (named `node-{i+1}`) on
@@ -208,13 +221,21 @@ impl LocalCluster {
             .collect();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for i in 0..spec.nodes {
-            let config = format!(
+            let mut config = format!(
                 "node_id: {}\nstorage:\n  partitions: {}\ncluster:\n  replication_factor: {}\n  session_ttl_ms: {}\n  members:\n{members}",
                 Self::name(i),
                 spec.partitions,
                 spec.replication_factor,
                 spec.session_ttl_ms,
             );
+            if let Some(consul) = &spec.consul {
+                config.push_str(&format!(
+                    "  coordination:\n    kind: consul\n    address: \"{}\"\n    token_file: \"{}\"\n    key_prefix: \"{}\"\n",
+                    consul.addresses[i % consul.addresses.len()],
+                    consul.token_file.display(),
+                    consul.key_prefix
+                ));
+            }
             std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
         }
         Ok(LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect() })

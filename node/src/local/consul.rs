@@ -1,17 +1,20 @@
-//! A real Consul cluster for the suites: `n` servers (`consul agent -server`, built by
-//! `tools/install.sh consul`), each with its own data directory and address (127.0.0.31 on),
-//! joined into one Raft group, with ACLs on (default deny) and a management token that the
-//! harness uses to make the least-privilege tokens the suites hand to Anthill.
+//! A real Consul cluster on loopback, for the suites and for `anthill chaos --coordination
+//! consul`: `n` servers (`consul agent -server`; the binary comes from the caller, e.g. built by
+//! `tests/e2e/tools/install.sh consul`), each with its own data directory and address (127.0.0.31
+//! on), joined into one Raft group, with ACLs on (default deny) and a management token that the
+//! harness uses to make the least-privilege tokens handed to Anthill.
 //!
 //! Servers are killed with SIGKILL and started again on the same data directory and ports, so a
-//! suite can take the Consul leader away. Dropping the cluster kills every server and removes
-//! its directories.
+//! run can take the Consul leader away. Dropping the cluster kills every server (and removes its
+//! directory if the cluster made it).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 
 /// The policy Anthill's nodes need: sessions, and keys under their prefix (docs/replication.md,
 /// "The Consul store").
@@ -29,44 +32,55 @@ struct Server {
     child: Option<Child>,
 }
 
-pub struct Consul {
+pub struct LocalConsul {
     binary: PathBuf,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The directory, when the cluster made it (removed on drop).
+    _temporary: Option<tempfile::TempDir>,
     servers: Vec<Server>,
     /// The bootstrap (management) token: everything is allowed with it.
     pub management_token: String,
 }
 
 /// A port free on `ip` now (for TCP and UDP: Serf uses both).
-fn free_port(ip: &str) -> u16 {
+fn free_port(ip: &str) -> anyhow::Result<u16> {
     loop {
-        let port = TcpListener::bind((ip, 0)).expect("a loopback port").local_addr().unwrap().port();
+        let port = TcpListener::bind((ip, 0)).with_context(|| format!("cannot bind {ip}"))?.local_addr()?.port();
         if std::net::UdpSocket::bind((ip, port)).is_ok() {
-            return port;
+            return Ok(port);
         }
     }
 }
 
-impl Consul {
-    /// Starts `n` servers and waits until they elected a leader and ACLs answer.
-    pub fn start(binary: &Path, n: usize) -> Consul {
-        let dir = tempfile::Builder::new().prefix("anthill-consul-").tempdir().expect("a temporary directory");
+impl LocalConsul {
+    /// Starts `n` servers in a temporary directory and waits until they elected a leader and
+    /// ACLs answer.
+    pub fn start(binary: &Path, n: usize) -> anyhow::Result<LocalConsul> {
+        let temporary = tempfile::Builder::new().prefix("anthill-consul-").tempdir().context("cannot make a temporary directory")?;
+        let mut consul = Self::start_in(binary, temporary.path(), n)?;
+        consul._temporary = Some(temporary);
+        Ok(consul)
+    }
+
+    /// Like [`LocalConsul::start`], with the servers' data, configurations and logs in `dir`
+    /// (kept after the cluster is dropped).
+    pub fn start_in(binary: &Path, dir: &Path, n: usize) -> anyhow::Result<LocalConsul> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let management_token = uuid_like();
-        let mut servers: Vec<Server> = (0..n)
-            .map(|i| {
-                let ip = format!("127.0.0.{}", 31 + i);
-                let (http, serf, rpc) = (free_port(&ip), free_port(&ip), free_port(&ip));
-                Server {
-                    config: dir.path().join(format!("consul-{}.json", i + 1)),
-                    log: dir.path().join(format!("consul-{}.log", i + 1)),
-                    ip,
-                    http,
-                    serf,
-                    rpc,
-                    child: None,
-                }
-            })
-            .collect();
+        let mut servers: Vec<Server> = Vec::new();
+        for i in 0..n {
+            let ip = format!("127.0.0.{}", 31 + i);
+            let (http, serf, rpc) = (free_port(&ip)?, free_port(&ip)?, free_port(&ip)?);
+            servers.push(Server {
+                config: dir.join(format!("consul-{}.json", i + 1)),
+                log: dir.join(format!("consul-{}.log", i + 1)),
+                ip,
+                http,
+                serf,
+                rpc,
+                child: None,
+            });
+        }
         let joins: Vec<String> = servers.iter().map(|s| format!("{}:{}", s.ip, s.serf)).collect();
         for (i, s) in servers.iter().enumerate() {
             let config = serde_json::json!({
@@ -74,7 +88,7 @@ impl Consul {
                 "datacenter": "dc1",
                 "server": true,
                 "bootstrap_expect": n,
-                "data_dir": dir.path().join(format!("consul-{}", i + 1)),
+                "data_dir": dir.join(format!("consul-{}", i + 1)),
                 "bind_addr": s.ip,
                 "advertise_addr": s.ip,
                 "client_addr": s.ip,
@@ -92,26 +106,38 @@ impl Consul {
                 "performance": { "raft_multiplier": 1 },
                 "ui_config": { "enabled": false },
             });
-            std::fs::write(&s.config, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+            std::fs::write(&s.config, serde_json::to_vec_pretty(&config)?)
+                .with_context(|| format!("cannot write {}", s.config.display()))?;
         }
-        let mut consul = Consul { binary: binary.to_path_buf(), dir, servers: Vec::new(), management_token };
-        consul.servers = std::mem::take(&mut servers);
+        let mut consul = LocalConsul { binary: binary.to_path_buf(), dir: dir.to_path_buf(), _temporary: None, servers, management_token };
         for i in 0..n {
-            consul.start_server(i);
+            consul.start_server(i)?;
         }
-        consul.wait_for_leader(Duration::from_secs(60));
+        consul.wait_for_leader(Duration::from_secs(60))?;
         // ACLs answer once the leader made the management token; ask until they do.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while consul.consul_cli(0, &["acl", "policy", "list"]).is_err() {
-            assert!(Instant::now() < deadline, "Consul's ACLs did not answer within 60 s:\n{}", consul.logs());
+        while let Err(e) = consul.consul_cli(&["acl", "policy", "list"]) {
+            if Instant::now() > deadline {
+                bail!("Consul's ACLs did not answer within 60 s ({e:#}):\n{}", consul.logs());
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
-        consul
+        Ok(consul)
+    }
+
+    /// Where the servers' data, configurations and logs are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The HTTP address of server `i` (`http://127.0.0.3x:port`).
     pub fn http_address(&self, i: usize) -> String {
         format!("http://{}:{}", self.servers[i].ip, self.servers[i].http)
+    }
+
+    /// The address of server `i`, for cuts in a network namespace.
+    pub fn ip(&self, i: usize) -> std::net::Ipv4Addr {
+        self.servers[i].ip.parse().expect("an IPv4 address")
     }
 
     pub fn len(&self) -> usize {
@@ -122,20 +148,34 @@ impl Consul {
         self.servers.is_empty()
     }
 
-    /// Starts server `i` (again), on its data directory and ports.
-    pub fn start_server(&mut self, i: usize) {
+    /// Starts server `i` (again), on its data directory and ports; nothing if it runs.
+    pub fn start_server(&mut self, i: usize) -> anyhow::Result<()> {
         let s = &mut self.servers[i];
-        assert!(s.child.is_none(), "consul-{} runs already", i + 1);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).unwrap();
+        if s.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log)
+            .with_context(|| format!("cannot open {}", s.log.display()))?;
         let child = Command::new(&self.binary)
             .arg("agent")
             .arg(format!("-config-file={}", s.config.display()))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
+            .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+            .with_context(|| {
+                format!("cannot start Consul from {} (tests/e2e/tools/install.sh consul builds one)", self.binary.display())
+            })?;
         s.child = Some(child);
+        Ok(())
+    }
+
+    /// Whether server `i` was started and not killed.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.servers[i].child.is_some()
     }
 
     /// Kills server `i` with SIGKILL.
@@ -155,48 +195,48 @@ impl Consul {
     }
 
     /// Waits until every running server names the same leader; returns it.
-    pub fn wait_for_leader(&self, within: Duration) -> usize {
+    pub fn wait_for_leader(&self, within: Duration) -> anyhow::Result<usize> {
         let deadline = Instant::now() + within;
         loop {
-            let running: Vec<usize> = (0..self.servers.len()).filter(|i| self.servers[*i].child.is_some()).collect();
+            let running: Vec<usize> = (0..self.servers.len()).filter(|i| self.is_running(*i)).collect();
             let seen: Vec<Option<usize>> = running.iter().map(|i| self.leader_seen_by(*i)).collect();
             if let Some(Some(leader)) = seen.first()
                 && seen.iter().all(|s| *s == Some(*leader))
                 && running.contains(leader)
             {
-                return *leader;
+                return Ok(*leader);
             }
-            assert!(Instant::now() < deadline, "Consul elected no leader within {within:?} (seen: {seen:?}):\n{}", self.logs());
+            if Instant::now() > deadline {
+                bail!("Consul elected no leader within {within:?} (seen: {seen:?}):\n{}", self.logs());
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    /// Runs the `consul` command against server `i` with the management token; its stdout.
-    pub fn consul_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+    /// Runs the `consul` command against the first running server with the management token;
+    /// its stdout.
+    pub fn consul_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let i = (0..self.servers.len()).find(|i| self.is_running(*i)).context("no Consul server runs")?;
         let out = Command::new(&self.binary)
             .args(args)
             .env("CONSUL_HTTP_ADDR", self.http_address(i))
             .env("CONSUL_HTTP_TOKEN", &self.management_token)
             .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("consul {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+            .with_context(|| format!("cannot run {}", self.binary.display()))?;
+        if !out.status.success() {
+            bail!("consul {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// A token bound to a new policy named `name` with `rules`; its secret.
-    pub fn token_with(&self, name: &str, rules: &str) -> String {
-        let rules_file = self.dir.path().join(format!("{name}.hcl"));
-        std::fs::write(&rules_file, rules).unwrap();
-        self.consul_cli(0, &["acl", "policy", "create", "-name", name, "-rules", &format!("@{}", rules_file.display())])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let out = self
-            .consul_cli(0, &["acl", "token", "create", "-description", name, "-policy-name", name, "-format", "json"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let token: serde_json::Value = serde_json::from_str(&out).expect("consul prints the token as JSON");
-        token["SecretID"].as_str().expect("a SecretID").to_string()
+    pub fn token_with(&self, name: &str, rules: &str) -> anyhow::Result<String> {
+        let rules_file = self.dir.join(format!("{name}.hcl"));
+        std::fs::write(&rules_file, rules).with_context(|| format!("cannot write {}", rules_file.display()))?;
+        self.consul_cli(&["acl", "policy", "create", "-name", name, "-rules", &format!("@{}", rules_file.display())])?;
+        let out = self.consul_cli(&["acl", "token", "create", "-description", name, "-policy-name", name, "-format", "json"])?;
+        let token: serde_json::Value = serde_json::from_str(&out).context("consul printed no token as JSON")?;
+        Ok(token["SecretID"].as_str().context("consul printed a token without a SecretID")?.to_string())
     }
 
     /// The end of every server's log, for a failure message.
@@ -214,7 +254,7 @@ impl Consul {
     }
 }
 
-impl Drop for Consul {
+impl Drop for LocalConsul {
     fn drop(&mut self) {
         for i in 0..self.servers.len() {
             self.kill(i);
@@ -224,8 +264,7 @@ impl Drop for Consul {
 
 /// A random id in the UUID form Consul wants for tokens.
 fn uuid_like() -> String {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).expect("random bytes");
+    let bytes: [u8; 16] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
