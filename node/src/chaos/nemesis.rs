@@ -14,8 +14,14 @@
 //! - `rolling-restart`: every node in turn, the one leading most partitions last, stopped with
 //!   SIGTERM (it resigns its session, so its leaderships move at once instead of after a TTL),
 //!   started again, and the next one only once every partition takes writes again: the
-//!   zero-downtime upgrade path. Each node's restart is recorded as a fault of its own.
+//!   zero-downtime upgrade path. Each node's restart is recorded as a fault of its own;
+//! - `kill-consul` (only with Consul as the coordination store): SIGKILL a random Consul server
+//!   and start it again after 1 s. The nodes that talk to it (as to their host's agent) cannot
+//!   renew their sessions meanwhile; if it led, the others elect a new Consul leader.
 //!
+//! With Consul, server `k` stands on node `k`'s host: the network faults cut a node's Consul
+//! server off with it, so a node cut off from its peers is cut off from Consul's majority too
+//! (as its agent would be), and its session lapses as it would in the embedded store's group.
 //! The schedule goes in cycles: each cycle has five `kill-leader`s and one of every other kind
 //! chosen, shuffled. Each fault records the partitions whose leader it hit; the run measures how
 //! long writes to those partitions were unavailable.
@@ -31,6 +37,7 @@ use rand::{Rng, SeedableRng};
 
 use super::net::Cuts;
 use crate::client;
+use crate::local::consul::LocalConsul;
 use crate::local::{ClusterSpec, LocalCluster};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, clap::ValueEnum)]
@@ -43,10 +50,11 @@ pub enum FaultKind {
     OneWay,
     Split,
     RollingRestart,
+    KillConsul,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::KillLeader,
         FaultKind::KillNode,
         FaultKind::Pause,
@@ -54,7 +62,13 @@ impl FaultKind {
         FaultKind::OneWay,
         FaultKind::Split,
         FaultKind::RollingRestart,
+        FaultKind::KillConsul,
     ];
+
+    /// Whether the fault needs Consul as the coordination store.
+    pub fn needs_consul(self) -> bool {
+        self == FaultKind::KillConsul
+    }
 
     /// The flag's spelling, e.g. `kill-leader`.
     pub fn name(self) -> &'static str {
@@ -66,6 +80,7 @@ impl FaultKind {
             FaultKind::OneWay => "one-way",
             FaultKind::Split => "split",
             FaultKind::RollingRestart => "rolling-restart",
+            FaultKind::KillConsul => "kill-consul",
         }
     }
 
@@ -108,6 +123,8 @@ pub fn schedule(kinds: &[FaultKind], count: usize, rng: &mut StdRng) -> Vec<Faul
 /// Injects faults into a cluster (module doc).
 pub struct Nemesis<'a> {
     cluster: &'a mut LocalCluster,
+    /// The Consul cluster the nodes decide ownership in, if not the embedded store.
+    consul: Option<&'a mut LocalConsul>,
     spec: ClusterSpec,
     cuts: Option<Cuts>,
     rng: StdRng,
@@ -116,9 +133,17 @@ pub struct Nemesis<'a> {
 }
 
 impl<'a> Nemesis<'a> {
-    /// `cuts` must be installed when any network fault is scheduled.
-    pub fn new(cluster: &'a mut LocalCluster, spec: &ClusterSpec, cuts: Option<Cuts>, seed: u64, started: Instant) -> Self {
-        Nemesis { cluster, spec: spec.clone(), cuts, rng: StdRng::seed_from_u64(seed), started, faults: Vec::new() }
+    /// `cuts` must be installed when any network fault is scheduled, `consul` given when the
+    /// nodes use it.
+    pub fn new(
+        cluster: &'a mut LocalCluster,
+        consul: Option<&'a mut LocalConsul>,
+        spec: &ClusterSpec,
+        cuts: Option<Cuts>,
+        seed: u64,
+        started: Instant,
+    ) -> Self {
+        Nemesis { cluster, consul, spec: spec.clone(), cuts, rng: StdRng::seed_from_u64(seed), started, faults: Vec::new() }
     }
 
     fn now_ms(&self) -> u64 {
@@ -156,14 +181,44 @@ impl<'a> Nemesis<'a> {
             }
             FaultKind::Isolate | FaultKind::OneWay | FaultKind::Split => self.cut(kind).await,
             FaultKind::RollingRestart => self.rolling_restart().await,
+            FaultKind::KillConsul => self.kill_consul().await,
         }
     }
 
-    /// A random partition and the node leading it; asked again for up to 10 s while none does
-    /// (right after a heal a partition may still be electing).
+    /// SIGKILL a random Consul server, start it again 1 s later (module doc).
+    async fn kill_consul(&mut self) -> anyhow::Result<()> {
+        let servers = self.consul.as_ref().context("kill-consul needs Consul as the coordination store")?.len();
+        let victim = self.rng.random_range(0..servers);
+        let talkers: Vec<usize> = (0..self.cluster.nodes.len()).filter(|i| i % servers == victim).collect();
+        let mut partitions = Vec::new();
+        for &i in &talkers {
+            partitions.extend(led_by(self.cluster, i, None).await);
+        }
+        partitions.sort_unstable();
+        let at_ms = self.now_ms();
+        let consul = self.consul.as_mut().context("kill-consul needs Consul as the coordination store")?;
+        let led = consul.leader_seen_by(victim) == Some(victim);
+        consul.kill(victim);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        consul.start_server(victim)?;
+        let names: Vec<String> = talkers.iter().map(|i| LocalCluster::name(*i)).collect();
+        let target = format!(
+            "consul-{}{} (talked to by {}, leading {})",
+            victim + 1,
+            if led { ", Consul's leader" } else { "" },
+            names.join(", "),
+            list(&partitions)
+        );
+        self.record(FaultKind::KillConsul, target, at_ms, partitions);
+        Ok(())
+    }
+
+    /// A random partition and the node leading it; asked again while none does (right after a
+    /// heal a partition may still be electing), for up to 10 s or three TTLs (Consul frees a
+    /// dead holder's lock only twice its TTL after the last renewal).
     async fn leader_of_random_partition(&mut self) -> Option<(u32, usize)> {
         let partition = self.rng.random_range(0..self.spec.partitions);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10).max(self.ttl() * 3);
         loop {
             let leader = self.cluster.serving_node(partition).await;
             if leader.is_some() || Instant::now() > deadline {
@@ -211,7 +266,9 @@ impl<'a> Nemesis<'a> {
         match kind {
             FaultKind::OneWay => {
                 for from in &rest_ips {
-                    cuts.cut(*from, side_ips[0])?;
+                    for to in &side_ips {
+                        cuts.cut(*from, *to)?;
+                    }
                 }
             }
             _ => cuts.partition(&side_ips, &rest_ips)?,
@@ -251,14 +308,20 @@ impl<'a> Nemesis<'a> {
         Ok(())
     }
 
+    /// The addresses on the hosts of `nodes`: each node's, and the Consul server's on its host
+    /// (module doc).
     fn ips(&self, nodes: &[usize]) -> Vec<Ipv4Addr> {
-        nodes
+        let mut ips: Vec<Ipv4Addr> = nodes
             .iter()
             .map(|i| match self.cluster.addrs[*i].ip() {
                 IpAddr::V4(ip) => ip,
                 IpAddr::V6(_) => unreachable!("local clusters are on 127.0.0.x"),
             })
-            .collect()
+            .collect();
+        if let Some(consul) = &self.consul {
+            ips.extend(nodes.iter().filter(|i| **i < consul.len()).map(|i| consul.ip(*i)));
+        }
+        ips
     }
 
     fn record(&mut self, kind: FaultKind, target: String, at_ms: u64, partitions: Vec<u32>) {
@@ -275,6 +338,13 @@ impl<'a> Nemesis<'a> {
             && let Err(e) = cuts.heal()
         {
             first_error = Some(e);
+        }
+        if let Some(consul) = self.consul.as_mut() {
+            for i in 0..consul.len() {
+                if let Err(e) = consul.start_server(i) {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
         for i in 0..self.cluster.nodes.len() {
             let healed = match &self.cluster.nodes[i] {
@@ -323,15 +393,15 @@ mod tests {
 
     #[test]
     fn a_schedule_of_two_cycles_has_ten_leader_kills_and_two_of_every_other_kind() {
-        let plan = schedule(&FaultKind::ALL, 22, &mut StdRng::seed_from_u64(1));
-        assert_eq!(plan.len(), 22);
+        let plan = schedule(&FaultKind::ALL, 24, &mut StdRng::seed_from_u64(1));
+        assert_eq!(plan.len(), 24);
         for kind in FaultKind::ALL {
             let expected = if kind == FaultKind::KillLeader { 10 } else { 2 };
             assert_eq!(plan.iter().filter(|k| **k == kind).count(), expected, "{kind:?}");
         }
         // The order is the seed's.
-        assert_eq!(plan, schedule(&FaultKind::ALL, 22, &mut StdRng::seed_from_u64(1)));
-        assert_ne!(plan, schedule(&FaultKind::ALL, 22, &mut StdRng::seed_from_u64(2)));
+        assert_eq!(plan, schedule(&FaultKind::ALL, 24, &mut StdRng::seed_from_u64(1)));
+        assert_ne!(plan, schedule(&FaultKind::ALL, 24, &mut StdRng::seed_from_u64(2)));
     }
 
     #[test]

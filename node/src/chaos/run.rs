@@ -29,7 +29,8 @@ use super::timeline::{self, Second};
 use super::workload::{self, Book, COMMAND_ID_PREFIX, Load, LoadSpec};
 use crate::app::COMMAND_ID_METADATA_KEY;
 use crate::client;
-use crate::local::{ClusterSpec, LocalCluster};
+use crate::local::consul::{LocalConsul, anthill_policy};
+use crate::local::{ClusterSpec, ConsulNodes, LocalCluster};
 use crate::router::Router;
 
 /// What a run does.
@@ -48,7 +49,15 @@ pub struct ChaosSpec {
     pub warmup: Duration,
     pub load: LoadSpec,
     pub seed: u64,
+    /// A Consul binary: the nodes decide ownership in a cluster of three Consul servers the run
+    /// starts (on 127.0.0.31–33, ACLs on, the nodes holding a least-privilege token) instead of
+    /// the embedded store.
+    pub consul: Option<std::path::PathBuf>,
 }
+
+/// The Consul servers a run with Consul starts, and the key prefix its nodes use.
+const CONSUL_SERVERS: usize = 3;
+const CONSUL_KEY_PREFIX: &str = "anthill-chaos/";
 
 /// One fault and the write unavailability it caused.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -80,6 +89,8 @@ impl LedgerCheck {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChaosReport {
     pub seed: u64,
+    /// Where ownership was decided: `embedded` or `consul`.
+    pub coordination: &'static str,
     /// When the run's clock started (every `…_ms` counts from it), in ms since the Unix epoch:
     /// to find a fault in the nodes' logs.
     pub started_unix_ms: u64,
@@ -124,6 +135,16 @@ impl ChaosReport {
 /// the run's own network namespace ([`super::net`]).
 pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<ChaosReport> {
     let cuts = if spec.faults.iter().any(|k| k.cuts_network()) { Some(Cuts::install()?) } else { None };
+    let mut spec = spec.clone();
+    let mut consul = match &spec.consul {
+        Some(binary) => {
+            let (consul, nodes) = start_consul(binary, dir).await?;
+            spec.cluster.consul = Some(nodes);
+            Some(consul)
+        }
+        None => None,
+    };
+    let spec = &spec;
     let mut cluster = LocalCluster::start(exe, dir, &spec.cluster)?;
     cluster.wait_whole(&spec.cluster, Duration::from_secs(60)).await.context("the cluster never formed")?;
     let mut router = Router::connect(&cluster.urls()).await?;
@@ -137,7 +158,7 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     eprintln!("chaos: {} nodes up, {} clients; steady state for {:?}", spec.cluster.nodes, spec.load.clients, spec.warmup);
     tokio::time::sleep(spec.warmup).await;
     let chaos_from_ms = started.elapsed().as_millis() as u64;
-    let faults = inject(&mut cluster, spec, cuts, started, &load).await?;
+    let faults = inject(&mut cluster, consul.as_mut(), spec, cuts, started, &load).await?;
     let chaos_to_ms = started.elapsed().as_millis() as u64;
     cluster.wait_whole(&spec.cluster, Duration::from_secs(60)).await.context("the cluster did not heal")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -153,10 +174,27 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     Ok(report)
 }
 
+/// Starts the Consul servers of a run (in `dir/consul`) and makes the nodes' token (in
+/// `dir/consul-token`): its policy allows the run's key prefix and sessions, nothing else.
+async fn start_consul(binary: &Path, dir: &Path) -> anyhow::Result<(LocalConsul, ConsulNodes)> {
+    let (binary, dir) = (binary.to_path_buf(), dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let consul = LocalConsul::start_in(&binary, &dir.join("consul"), CONSUL_SERVERS).context("Consul did not start")?;
+        let token = consul.token_with("anthill", &anthill_policy(CONSUL_KEY_PREFIX))?;
+        let token_file = dir.join("consul-token");
+        std::fs::write(&token_file, token).with_context(|| format!("cannot write {}", token_file.display()))?;
+        let addresses = (0..consul.len()).map(|i| consul.http_address(i)).collect();
+        eprintln!("chaos: {} Consul servers up ({})", consul.len(), consul.dir().display());
+        Ok((consul, ConsulNodes { addresses, token_file, key_prefix: CONSUL_KEY_PREFIX.into() }))
+    })
+    .await?
+}
+
 /// The nemesis's part of the run: the schedule's faults until the time or count is reached,
 /// then everything healed (also when a fault failed to inject).
 async fn inject(
     cluster: &mut LocalCluster,
+    consul: Option<&mut LocalConsul>,
     spec: &ChaosSpec,
     cuts: Option<Cuts>,
     started: Instant,
@@ -164,7 +202,7 @@ async fn inject(
 ) -> anyhow::Result<Vec<Fault>> {
     let plan = schedule(&spec.faults, spec.fault_count.unwrap_or(usize::MAX / 2).min(1_000_000), &mut StdRng::seed_from_u64(spec.seed));
     let nemesis_started = Instant::now();
-    let mut nemesis = Nemesis::new(cluster, &spec.cluster, cuts, spec.seed, started);
+    let mut nemesis = Nemesis::new(cluster, consul, &spec.cluster, cuts, spec.seed, started);
     let mut result = Ok(());
     for (n, kind) in plan.into_iter().enumerate() {
         if spec.fault_count.is_none() && nemesis_started.elapsed() + spec.fault_every + Duration::from_secs(4) > spec.duration {
@@ -220,6 +258,7 @@ fn report(
     let outcomes = |outcome: Outcome| history.iter().filter(|r| r.outcome == outcome).count();
     ChaosReport {
         seed: spec.seed,
+        coordination: if spec.consul.is_some() { "consul" } else { "embedded" },
         started_unix_ms: 0,
         nodes: spec.cluster.nodes,
         partitions: spec.cluster.partitions,

@@ -72,6 +72,7 @@ fn colour(kind: FaultKind) -> &'static str {
         FaultKind::OneWay => "#17becf",
         FaultKind::Split => "#2ca02c",
         FaultKind::RollingRestart => "#8c564b",
+        FaultKind::KillConsul => "#e377c2",
     }
 }
 

@@ -62,6 +62,14 @@ pub(crate) struct ChaosArgs {
     /// Keep the nodes' data and logs after a run that passed too.
     #[arg(long)]
     keep_data: bool,
+    /// Where partition ownership is decided: the embedded store, or a cluster of three real
+    /// Consul servers that the run starts beside the nodes (`--consul` names the binary).
+    #[arg(long, value_enum, default_value_t = Coordination::Embedded)]
+    coordination: Coordination,
+    /// The Consul binary for `--coordination consul`; by default `consul` on PATH, else
+    /// `.tools/bin/consul` (what `tests/e2e/tools/install.sh consul` builds).
+    #[arg(long)]
+    consul: Option<PathBuf>,
     /// The nodes' log level (`info` shows every lock taken and every leadership granted).
     #[arg(long, default_value = "warn")]
     node_log_level: String,
@@ -71,6 +79,28 @@ pub(crate) struct ChaosArgs {
     harness_log_level: Option<String>,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Coordination {
+    Embedded,
+    Consul,
+}
+
+/// The Consul binary to run: `given`, or `consul` on PATH, or `.tools/bin/consul`.
+fn find_consul(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        if !path.is_file() {
+            bail!("--consul {}: no such file", path.display());
+        }
+        return Ok(path.to_path_buf());
+    }
+    let on_path =
+        std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).map(|d| d.join("consul"));
+    on_path.chain([PathBuf::from(".tools/bin/consul")]).find(|p| p.is_file()).context(
+        "--coordination consul needs a Consul binary: none on PATH nor in .tools/bin; pass --consul PATH \
+         (tests/e2e/tools/install.sh consul builds one into .tools/bin)",
+    )
 }
 
 /// `90`, `90s`, `1.5s`, `10m`, `1h`.
@@ -111,6 +141,14 @@ impl ChaosArgs {
         if !(1..=256).contains(&self.clients) {
             bail!("--clients must be between 1 and 256, got {}", self.clients);
         }
+        if self.coordination == Coordination::Embedded {
+            if let Some(kind) = self.faults.iter().find(|k| k.needs_consul()) {
+                bail!("--faults {} needs --coordination consul", kind.name());
+            }
+            if self.consul.is_some() {
+                bail!("--consul is for --coordination consul");
+            }
+        }
         if let Some(rate) = self.rate
             && !(rate.is_finite() && (1.0..=1_000_000.0).contains(&rate))
         {
@@ -128,23 +166,35 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         std::process::exit(status.code().unwrap_or(1));
     }
     net::loopback_up()?;
+    let consul = match args.coordination {
+        Coordination::Consul => Some(find_consul(args.consul.as_deref())?),
+        Coordination::Embedded => None,
+    };
+    // Consul's sessions live at least 10 s (`coordination::consul::MIN_SESSION_TTL`).
+    let session_ttl_ms = if consul.is_some() { crate::coordination::consul::MIN_SESSION_TTL.as_millis() as u64 } else { 1_000 };
+    let faults: Vec<FaultKind> = if args.faults.is_empty() {
+        FaultKind::ALL.into_iter().filter(|k| consul.is_some() || !k.needs_consul()).collect()
+    } else {
+        args.faults.clone()
+    };
     let seed = args.seed.unwrap_or_else(rand::random);
     let spec = ChaosSpec {
         cluster: ClusterSpec {
             nodes: args.nodes,
             partitions: args.partitions,
             replication_factor: 3,
-            session_ttl_ms: 1_000,
+            session_ttl_ms,
             node_args: vec!["--log-level".into(), args.node_log_level.clone()],
             consul: None,
         },
         duration: args.duration,
         fault_count: args.fault_count,
         fault_every: args.fault_every,
-        faults: if args.faults.is_empty() { FaultKind::ALL.to_vec() } else { args.faults.clone() },
+        faults,
         warmup: args.warmup,
         load: LoadSpec { clients: args.clients, rate: args.rate, partitions: args.partitions, seed },
         seed,
+        consul,
     };
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("anthill-chaos-{seed}")));
     let nodes_dir = dir.join("nodes");
@@ -198,7 +248,10 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 fn print_summary(report: &ChaosReport, dir: &std::path::Path) {
     let pass = |ok: bool| if ok { "pass" } else { "FAIL" };
     let v = &report.verdict;
-    println!("chaos seed {}: {} nodes, {} partitions", report.seed, report.nodes, report.partitions);
+    println!(
+        "chaos seed {}: {} nodes, {} partitions, {} coordination store",
+        report.seed, report.nodes, report.partitions, report.coordination
+    );
     println!(
         "operations: {} ({} appends, {} transfers): {} acknowledged, {} refused, {} unknown ({} of them applied)",
         report.operations, report.appends, report.transfers, report.acknowledged, report.failed, report.unknown, v.unknown_applied
