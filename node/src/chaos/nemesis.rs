@@ -19,9 +19,10 @@
 //!   and start it again after 1 s. The nodes that talk to it (as to their host's agent) cannot
 //!   renew their sessions meanwhile; if it led, the others elect a new Consul leader.
 //!
-//! With Consul, server `k` stands on node `k`'s host: the network faults cut a node's Consul
-//! server off with it, so a node cut off from its peers is cut off from Consul's majority too
-//! (as its agent would be), and its session lapses as it would in the embedded store's group.
+//! With Consul, the run starts one Consul server per node, and node `k` talks to server `k`, on
+//! its own host: the network faults cut a node's Consul server off with it, so a node cut off
+//! from its peers is cut off from Consul's majority too (as its agent would be), and its session
+//! lapses as it would in the embedded store's group.
 //! The schedule goes in cycles: each cycle has five `kill-leader`s and one of every other kind
 //! chosen, shuffled. Each fault records the partitions whose leader it hit; the run measures how
 //! long writes to those partitions were unavailable.
@@ -197,10 +198,16 @@ impl<'a> Nemesis<'a> {
         partitions.sort_unstable();
         let at_ms = self.now_ms();
         let consul = self.consul.as_mut().context("kill-consul needs Consul as the coordination store")?;
-        let led = consul.leader_seen_by(victim) == Some(victim);
-        consul.kill(victim);
+        // Blocking calls (an HTTP request, a wait for the process), on this runtime thread: the
+        // restarted server dies with the thread that starts it, so not a blocking-pool one.
+        let led = tokio::task::block_in_place(|| {
+            let led = consul.leader_seen_by(victim) == Some(victim);
+            consul.kill(victim);
+            led
+        });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        consul.start_server(victim)?;
+        let consul = self.consul.as_mut().context("kill-consul needs Consul as the coordination store")?;
+        tokio::task::block_in_place(|| consul.start_server(victim))?;
         let names: Vec<String> = talkers.iter().map(|i| LocalCluster::name(*i)).collect();
         let target = format!(
             "consul-{}{} (talked to by {}, leading {})",

@@ -49,14 +49,13 @@ pub struct ChaosSpec {
     pub warmup: Duration,
     pub load: LoadSpec,
     pub seed: u64,
-    /// A Consul binary: the nodes decide ownership in a cluster of three Consul servers the run
-    /// starts (on 127.0.0.31–33, ACLs on, the nodes holding a least-privilege token) instead of
-    /// the embedded store.
+    /// A Consul binary: the nodes decide ownership in a Consul cluster the run starts, one
+    /// server beside each node (on 127.0.0.31 on, ACLs on, the nodes holding a least-privilege
+    /// token), instead of the embedded store.
     pub consul: Option<std::path::PathBuf>,
 }
 
-/// The Consul servers a run with Consul starts, and the key prefix its nodes use.
-const CONSUL_SERVERS: usize = 3;
+/// The key prefix of a run's nodes in Consul.
 const CONSUL_KEY_PREFIX: &str = "anthill-chaos/";
 
 /// One fault and the write unavailability it caused.
@@ -138,7 +137,7 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let mut spec = spec.clone();
     let mut consul = match &spec.consul {
         Some(binary) => {
-            let (consul, nodes) = start_consul(binary, dir).await?;
+            let (consul, nodes) = start_consul(binary, dir, spec.cluster.nodes)?;
             spec.cluster.consul = Some(nodes);
             Some(consul)
         }
@@ -174,12 +173,14 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     Ok(report)
 }
 
-/// Starts the Consul servers of a run (in `dir/consul`) and makes the nodes' token (in
-/// `dir/consul-token`): its policy allows the run's key prefix and sessions, nothing else.
-async fn start_consul(binary: &Path, dir: &Path) -> anyhow::Result<(LocalConsul, ConsulNodes)> {
-    let (binary, dir) = (binary.to_path_buf(), dir.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        let consul = LocalConsul::start_in(&binary, &dir.join("consul"), CONSUL_SERVERS).context("Consul did not start")?;
+/// Starts the Consul servers of a run, one per node (in `dir/consul`), and makes the nodes'
+/// token (in `dir/consul-token`): its policy allows the run's key prefix and sessions, nothing
+/// else. Blocks this runtime thread until Consul answers (up to two minutes): the servers die
+/// with the thread that started them, so it must be one that lives as long as the run, not a
+/// blocking-pool thread.
+fn start_consul(binary: &Path, dir: &Path, servers: usize) -> anyhow::Result<(LocalConsul, ConsulNodes)> {
+    tokio::task::block_in_place(|| {
+        let consul = LocalConsul::start_in(binary, &dir.join("consul"), servers).context("Consul did not start")?;
         let token = consul.token_with("anthill", &anthill_policy(CONSUL_KEY_PREFIX))?;
         let token_file = dir.join("consul-token");
         std::fs::write(&token_file, token).with_context(|| format!("cannot write {}", token_file.display()))?;
@@ -187,7 +188,6 @@ async fn start_consul(binary: &Path, dir: &Path) -> anyhow::Result<(LocalConsul,
         eprintln!("chaos: {} Consul servers up ({})", consul.len(), consul.dir().display());
         Ok((consul, ConsulNodes { addresses, token_file, key_prefix: CONSUL_KEY_PREFIX.into() }))
     })
-    .await?
 }
 
 /// The nemesis's part of the run: the schedule's faults until the time or count is reached,

@@ -38,7 +38,8 @@ pub(crate) struct ChaosArgs {
     /// The pause before each fault: seconds, 1 or more.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     fault_every: Duration,
-    /// The kinds of fault (comma-separated; all by default).
+    /// The kinds of fault (comma-separated; by default all, `kill-consul` only with
+    /// `--coordination consul`).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<FaultKind>,
     /// How long the clients run alone first, the steady state the throughput under chaos is
@@ -62,8 +63,8 @@ pub(crate) struct ChaosArgs {
     /// Keep the nodes' data and logs after a run that passed too.
     #[arg(long)]
     keep_data: bool,
-    /// Where partition ownership is decided: the embedded store, or a cluster of three real
-    /// Consul servers that the run starts beside the nodes (`--consul` names the binary).
+    /// Where partition ownership is decided: the embedded store, or a real Consul cluster that
+    /// the run starts, one server beside each node (`--consul` names the binary).
     #[arg(long, value_enum, default_value_t = Coordination::Embedded)]
     coordination: Coordination,
     /// The Consul binary for `--coordination consul`; by default `consul` on PATH, else

@@ -6,10 +6,13 @@
 //!
 //! Servers are killed with SIGKILL and started again on the same data directory and ports, so a
 //! run can take the Consul leader away. Dropping the cluster kills every server (and removes its
-//! directory if the cluster made it).
+//! directory if the cluster made it). A server is also killed when the thread that started it
+//! ends (`PR_SET_PDEATHSIG`, as the nodes of a [`super::LocalCluster`]): start them from a
+//! thread that lives as long as the cluster, never from a blocking-pool thread.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -159,7 +162,12 @@ impl LocalConsul {
             .append(true)
             .open(&s.log)
             .with_context(|| format!("cannot open {}", s.log.display()))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        // SAFETY: between fork and exec only the async-signal-safe prctl(2) runs.
+        unsafe {
+            command.pre_exec(super::die_with_parent);
+        }
+        let child = command
             .arg("agent")
             .arg(format!("-config-file={}", s.config.display()))
             .stdin(Stdio::null())

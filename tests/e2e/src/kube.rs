@@ -16,10 +16,21 @@ use std::time::{Duration, Instant};
 /// Where the API servers of the suites listen; ports are free ones.
 const IP: &str = "127.0.0.41";
 
+/// A process killed (and reaped) when dropped, also when a step after its start panics.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct ApiServer {
+    // Dropped in this order: the API server, then etcd, then the directory.
+    _apiserver: Running,
+    _etcd: Running,
     dir: tempfile::TempDir,
-    etcd: Child,
-    apiserver: Child,
     kubectl: PathBuf,
     /// A kubeconfig for the admin token (`system:masters`).
     pub kubeconfig: PathBuf,
@@ -31,15 +42,16 @@ fn free_port() -> u16 {
     TcpListener::bind((IP, 0)).expect("a loopback port").local_addr().unwrap().port()
 }
 
-fn spawn(program: &Path, args: &[String], log: &Path) -> Child {
+fn spawn(program: &Path, args: &[String], log: &Path) -> Running {
     let log = std::fs::File::create(log).unwrap();
-    Command::new(program)
+    let child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()))
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    Running(child)
 }
 
 impl ApiServer {
@@ -96,7 +108,7 @@ impl ApiServer {
              current-context: test\n"
         );
         std::fs::write(&kubeconfig, config).unwrap();
-        let server = ApiServer { dir, etcd, apiserver, kubectl, kubeconfig, url };
+        let server = ApiServer { _apiserver: apiserver, _etcd: etcd, dir, kubectl, kubeconfig, url };
         server.wait_ready(Duration::from_secs(90));
         server
     }
@@ -137,14 +149,5 @@ impl ApiServer {
             })
             .collect::<Vec<_>>()
             .join("\n")
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        for child in [&mut self.apiserver, &mut self.etcd] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

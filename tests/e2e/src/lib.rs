@@ -45,17 +45,24 @@ pub fn tool(name: &str) -> PathBuf {
 /// Runs test `test` of this test program again, alone, in a network namespace of its own and
 /// returns `false` once it passed there (it panics if it failed); in that run it returns `true`,
 /// with the namespace's loopback up. There the test may cut its loopback with
-/// [`anthill_node::chaos::net::Cuts`], and everything it started vanishes with the namespace.
-/// A test goes on only where this returns `true`:
+/// [`anthill_node::chaos::net::Cuts`]; no packet it sends can leave the namespace, and the cuts
+/// go with it. (Processes it starts must still be stopped by it: `LocalConsul` and the nodes
+/// die with the thread that started them.) `tools` (and `ip`, `tc`) are installed first, here:
+/// the namespace has no way out to the package registries. A test goes on only where this
+/// returns `true`:
 ///
 /// ```ignore
-/// if !anthill_e2e::alone_in_own_network_namespace("the_tests_function_name") { return; }
+/// if !anthill_e2e::alone_in_own_network_namespace("the_tests_function_name", &["consul"]) { return; }
 /// ```
-pub fn alone_in_own_network_namespace(test: &str) -> bool {
+pub fn alone_in_own_network_namespace(test: &str, tools: &[&str]) -> bool {
     use anthill_node::chaos::net;
     if net::in_own_namespace() {
         net::loopback_up().expect("the namespace's loopback comes up");
         return true;
+    }
+    ensure_tools();
+    for name in tools {
+        tool(name);
     }
     let exe = std::env::current_exe().expect("this test program's path");
     let mut command = Command::new(exe);

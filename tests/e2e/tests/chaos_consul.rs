@@ -1,7 +1,7 @@
 //! The chaos suite with Consul as the coordination store (issue 7, docs/chaos.md): `anthill
-//! chaos --coordination consul` starts three real Consul servers (ACLs on, the nodes holding a
-//! least-privilege token) beside three nodes, kills partition leaders and a Consul server and
-//! cuts a leader's host off, then runs the same checks as with the embedded store.
+//! chaos --coordination consul` starts a real Consul server beside each of three nodes (ACLs
+//! on, the nodes holding a least-privilege token), kills partition leaders and a Consul server
+//! and cuts a leader's host off, then runs the same checks as with the embedded store.
 
 use std::process::Command;
 

@@ -41,6 +41,8 @@ repo="$(cd "$here/../../.." && pwd)"
 bin="$repo/.tools/bin"
 cache="${ANTHILL_TOOLS_CACHE:-$HOME/.cache/anthill/tools}"
 mkdir -p "$bin" "$cache"
+# Absolute: builds run in other folders, and the links must not depend on where they are.
+cache="$(cd "$cache" && pwd)"
 
 say() { echo "tests/e2e/tools/install.sh: $*" >&2; }
 
@@ -54,8 +56,23 @@ install_iproute2() {
     apt_install iproute2
 }
 
-# Links `$1` (a path in the cache) into .tools/bin under the name `$2`.
+# Links `$1` (a path in the cache, or a program of the system) into .tools/bin under the name `$2`.
 link() { ln -sfn "$1" "$bin/$2"; }
+
+# The program `$1` on PATH outside .tools/bin (whose links this script makes), or nothing.
+system_command() {
+    local dir own
+    own="$(realpath "$bin")"
+    local IFS=:
+    for dir in $PATH; do
+        [[ -n "$dir" && -d "$dir" ]] || continue
+        [[ "$(realpath "$dir")" == "$own" ]] && continue
+        if [[ -x "$dir/$1" && ! -d "$dir/$1" ]]; then
+            echo "$dir/$1"
+            return
+        fi
+    done
+}
 
 build_consul() {
     # Consul's go.mod has `replace` lines, so `go install` refuses it: a wrapper module
@@ -104,16 +121,28 @@ build_into() {
     local dest="$1" name="$2"
     shift 2
     command -v go >/dev/null || { say "Go is needed to build $name"; exit 1; }
-    local work
+    local work status
     work="$(mktemp -d)"
-    rm -rf "$dest.partial" && mkdir -p "$dest.partial"
-    (cd "$work" && "$@" "$dest.partial") || {
+    trap 'rm -rf "$work" "$dest.partial"' EXIT
+    rm -rf "$dest.partial"
+    mkdir -p "$dest.partial"
+    # `set -e` is off in a subshell on the left of `||`; run it on its own and read its status.
+    set +e
+    (
+        set -e
+        cd "$work"
+        "$@" "$dest.partial"
+    )
+    status=$?
+    set -e
+    if ((status != 0)); then
         say "building $name failed (output above)"
-        rm -rf "$work"
         exit 1
-    }
-    rm -rf "$dest" && mv "$dest.partial" "$dest"
+    fi
+    rm -rf "$dest"
+    mv "$dest.partial" "$dest"
     rm -rf "$work"
+    trap - EXIT
 }
 
 build_kubernetes() {
@@ -146,11 +175,14 @@ install_kubernetes() {
     fi
     link "$dest/kube-apiserver" kube-apiserver
     link "$dest/kubectl" kubectl
-    if ! command -v etcd >/dev/null; then
+    if [[ -z "$(system_command etcd)" ]]; then
         say "installing etcd (Debian's etcd-server)"
         apt_install etcd-server
     fi
-    link "$(command -v etcd)" etcd
+    local etcd
+    etcd="$(system_command etcd)"
+    [[ -n "$etcd" ]] || { say "etcd-server installed no etcd on PATH"; exit 1; }
+    link "$etcd" etcd
 }
 
 build_helm() {
@@ -170,7 +202,7 @@ install_helm() {
 # Whether `$1` names a Terraform at least TERRAFORM_MIN.
 new_enough_terraform() {
     local v
-    v="$("$1" version 2>/dev/null | sed -n '1s/^Terraform v\([0-9]*\.[0-9]*\).*/\1/p')"
+    v="$(CHECKPOINT_DISABLE=1 "$1" version 2>/dev/null | sed -n '1s/^Terraform v\([0-9]*\.[0-9]*\).*/\1/p')"
     [[ -n "$v" ]] && printf '%s\n%s\n' "$TERRAFORM_MIN" "$v" | sort -V -C
 }
 
@@ -179,13 +211,14 @@ build_opentofu() {
     local src
     src="$(go_env go mod download -json "github.com/opentofu/opentofu@v$OPENTOFU_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
     [[ -d "$src" ]] || { say "the module proxy gave no github.com/opentofu/opentofu@v$OPENTOFU_VERSION"; return 1; }
-    cp -r "$src/." . && chmod -R u+w .
+    cp -r "$src/." .
+    chmod -R u+w .
     go_env go build -trimpath -ldflags "-s -w" -o "$1/tofu" ./cmd/tofu
 }
 
 install_terraform() {
     local onpath
-    onpath="$(PATH="${PATH//$bin:/}" command -v terraform || true)"
+    onpath="$(system_command terraform)"
     if [[ -n "$onpath" ]] && new_enough_terraform "$onpath"; then
         link "$onpath" terraform
         return
@@ -201,16 +234,18 @@ install_terraform() {
 
 install_ansible() {
     local dest="$cache/ansible-core-$ANSIBLE_CORE_VERSION"
-    # ansible-playbook is installed last: it is there only when the install went through.
-    if [[ ! -x "$dest/bin/ansible-playbook" ]]; then
+    # The stamp is written once pip succeeded, and names the interpreter the virtualenv was
+    # made with: a virtualenv whose Python went away is made again.
+    if [[ ! -f "$dest/.installed" ]] || ! "$dest/bin/python" -c '' 2>/dev/null; then
         say "installing ansible-core $ANSIBLE_CORE_VERSION from PyPI into a virtualenv"
         # Made where it stays: a virtualenv's scripts name their interpreter by path.
         rm -rf "$dest"
-        python3 -m venv "$dest" && "$dest/bin/pip" install -q "ansible-core==$ANSIBLE_CORE_VERSION" || {
+        if ! python3 -m venv "$dest" || ! "$dest/bin/pip" install -q "ansible-core==$ANSIBLE_CORE_VERSION"; then
             say "installing ansible-core failed (output above)"
             rm -rf "$dest"
             exit 1
-        }
+        fi
+        "$dest/bin/python" --version >"$dest/.installed"
     fi
     for script in ansible ansible-playbook ansible-inventory ansible-galaxy; do
         link "$dest/bin/$script" "$script"
