@@ -31,6 +31,9 @@ CONSUL_SDK=v0.16.1
 CONSUL_TROUBLESHOOT=v0.7.4
 KUBERNETES_VERSION=1.34.2
 HELM_VERSION=3.19.0
+# The Kubernetes version Helm assumes where no cluster is asked (`helm template`, `helm lint`):
+# that of the k8s.io modules Helm 3.19 is built with, as Helm's own Makefile sets it.
+HELM_KUBE_MINOR=34
 TERRAFORM_MIN=1.5
 OPENTOFU_VERSION=1.10.6
 ANSIBLE_CORE_VERSION=2.19.14
@@ -186,12 +189,16 @@ install_kubernetes() {
 }
 
 build_helm() {
+    local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
+    for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+        ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$HELM_KUBE_MINOR"
+    done
     env GOBIN="$1" GOPROXY=https://proxy.golang.org GOSUMDB=off GOTOOLCHAIN=local go install -trimpath \
-        -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+        -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
 }
 
 install_helm() {
-    local dest="$cache/helm-$HELM_VERSION"
+    local dest="$cache/helm-$HELM_VERSION-kube1.$HELM_KUBE_MINOR"
     if [[ ! -x "$dest/helm" ]]; then
         say "building Helm $HELM_VERSION from its Go module (about 3 minutes on 2 cores)"
         build_into "$dest" "Helm $HELM_VERSION" build_helm

@@ -1,0 +1,40 @@
+{{/* The release's full name, at most 40 characters (pod and claim names grow from it). */}}
+{{- define "anthill.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "anthill.operatorName" -}}
+{{- printf "%s-operator" (include "anthill.fullname" .) -}}
+{{- end -}}
+
+{{- define "anthill.clusterName" -}}
+{{- default (include "anthill.fullname" .) .Values.cluster.name -}}
+{{- end -}}
+
+{{- define "anthill.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "anthill.operatorName" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The labels every object of the release carries (app.kubernetes.io/*). */}}
+{{- define "anthill.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: anthill
+{{- end -}}
+
+{{- define "anthill.operatorSelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
