@@ -112,8 +112,84 @@ pub struct MemberConfig {
     pub id: u64,
     /// Its `node_id`.
     pub name: String,
-    /// Its gRPC address (its `listen_addr`, as the others reach it).
-    pub address: SocketAddr,
+    /// Its gRPC address as the others reach it: `host:port`, the host an IP address or a DNS
+    /// name (a StatefulSet pod's stable name on Kubernetes, where pod IPs change), resolved at
+    /// each connection.
+    pub address: PeerAddress,
+}
+
+/// A member's address: `host:port` (an IPv6 host in brackets). Checked when the configuration
+/// is read; a DNS name is resolved each time a connection is made, so a member that comes back
+/// on another IP under the same name is found there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PeerAddress(String);
+
+impl PeerAddress {
+    /// The host part (an IPv6 address without its brackets).
+    pub fn host(&self) -> &str {
+        let (host, _) = self.0.rsplit_once(':').expect("checked when made");
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+    }
+
+    /// The address as a socket address, when its host is an IP address (no resolution).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.0.parse().ok()
+    }
+}
+
+impl TryFrom<String> for PeerAddress {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let bad = |why: &str| Err(format!("{text:?} is not host:port ({why}); e.g. 10.0.0.5:7400 or anthill-0.anthill-nodes:7400"));
+        if text.parse::<SocketAddr>().is_ok() {
+            return Ok(PeerAddress(text));
+        }
+        let Some((host, port)) = text.rsplit_once(':') else { return bad("no port") };
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return bad("the port must be 1 to 65535"),
+        }
+        // A DNS name (RFC 1123 labels); an IP address parsed above already.
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+            return bad("the host must be an IP address or a DNS name");
+        }
+        Ok(PeerAddress(text))
+    }
+}
+
+impl std::str::FromStr for PeerAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        PeerAddress::try_from(text.to_string())
+    }
+}
+
+impl From<PeerAddress> for String {
+    fn from(address: PeerAddress) -> String {
+        address.0
+    }
+}
+
+impl From<SocketAddr> for PeerAddress {
+    fn from(address: SocketAddr) -> Self {
+        PeerAddress(address.to_string())
+    }
+}
+
+impl std::fmt::Display for PeerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl Default for ClusterConfig {
@@ -569,6 +645,33 @@ mod tests {
             err,
             "invalid configuration: storage.index_tail_max_events: must be at least storage.index_flush_events (1000), got 999"
         );
+    }
+
+    #[test]
+    fn member_addresses_are_ip_or_dns_host_and_port() {
+        for good in ["127.0.0.1:7400", "[::1]:7400", "anthill-0.anthill-nodes.default.svc.cluster.local:7400", "localhost:1", "node-1:7400"]
+        {
+            let address: PeerAddress = good.parse().unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(address.to_string(), good);
+        }
+        assert_eq!("[::1]:7400".parse::<PeerAddress>().unwrap().host(), "::1");
+        assert_eq!("node-1:7400".parse::<PeerAddress>().unwrap().host(), "node-1");
+        assert_eq!("node-1:7400".parse::<PeerAddress>().unwrap().socket_addr(), None);
+        for (bad, why) in [
+            ("node-1", "no port"),
+            ("node-1:0", "the port must be"),
+            ("node-1:99999", "the port must be"),
+            (":7400", "the host must be"),
+            ("no_underscores:7400", "the host must be"),
+            ("-dash:7400", "the host must be"),
+            ("http://node-1:7400", "the host must be"),
+        ] {
+            let err = bad.parse::<PeerAddress>().unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let yaml = "node_id: a\ncluster:\n  members:\n    - {id: 1, name: a, address: \"no_such host:7400\"}\n  replication_factor: 1\n";
+        let err = parse(yaml).unwrap_err().to_string();
+        assert!(err.contains("is not host:port"), "{err}");
     }
 
     const CLUSTER: &str = "node_id: a\ncluster:\n  members:\n    - {id: 1, name: a, address: 127.0.0.1:7400}\n  replication_factor: 1\n";

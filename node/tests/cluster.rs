@@ -670,14 +670,7 @@ async fn check_acknowledged_and_converged(
 /// moving); the fourth is left for the test to start.
 async fn three_of_four() -> (Cluster, pb::ClusterStatus) {
     let dir = tempfile::tempdir().unwrap();
-    let spec = ClusterSpec {
-        nodes: 4,
-        partitions: PARTITIONS,
-        replication_factor: 3,
-        session_ttl_ms: SESSION_TTL_MS,
-        node_args: Vec::new(),
-        consul: None,
-    };
+    let spec = ClusterSpec::embedded(4, PARTITIONS, 3, SESSION_TTL_MS);
     let mut local = LocalCluster::configure(&common::exe(), dir.path(), &spec).unwrap();
     for i in 0..3 {
         local.start_node(i, &[]).unwrap();
@@ -813,14 +806,7 @@ async fn given_three_nodes_when_a_fourth_is_added_to_every_config_by_a_rolling_r
  {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let spec = ClusterSpec {
-        nodes: 4,
-        partitions: PARTITIONS,
-        replication_factor: 3,
-        session_ttl_ms: SESSION_TTL_MS,
-        node_args: Vec::new(),
-        consul: None,
-    };
+    let spec = ClusterSpec::embedded(4, PARTITIONS, 3, SESSION_TTL_MS);
     let mut local = LocalCluster::configure(&common::exe(), dir.path(), &spec).unwrap();
     // The first three know only each other: node-4 is not in their `cluster.members`.
     let configs = dir.path().to_path_buf();
@@ -968,4 +954,77 @@ async fn given_retention_when_a_replica_comes_back_after_its_leader_gave_up_what
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Members named by DNS name, as a StatefulSet's pods are on Kubernetes (where a pod's IP
+/// changes when it is made again): three nodes on 127.0.0.1, each member's address
+/// `localhost:<port>`. The coordination store forms, every partition takes a quorum append
+/// (replication resolved the names too), `anthill status` shows the names, and a killed
+/// leader's partitions fail over and take appends again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_members_named_by_dns_names_then_the_cluster_forms_replicates_and_fails_over() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..NODES).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let members: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("    - {{id: {}, name: node-{}, address: \"localhost:{port}\"}}\n", i + 1, i + 1))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let config = dir.path().join(format!("node-{}.yaml", i + 1));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id: node-{}\nstorage:\n  partitions: {PARTITIONS}\ncluster:\n  replication_factor: 3\n  session_ttl_ms: {SESSION_TTL_MS}\n  members:\n{members}",
+                i + 1
+            ),
+        )
+        .unwrap();
+        let args = vec!["--config".to_string(), config.display().to_string(), "--log-level".into(), "warn".into()];
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        nodes.push(Some(
+            anthill_node::local::ChildNode::spawn_at(&common::exe(), &dir.path().join(format!("node-{}", i + 1)), listen, &args).unwrap(),
+        ));
+    }
+    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let status_of = |url: String| async move {
+        let mut c = client::connect(&url).await.ok()?;
+        c.node.status(pb::StatusRequest {}).await.ok()?.into_inner().cluster
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let formed = loop {
+        if let Some(s) = status_of(urls[0].clone()).await
+            && all_led(&s)
+            && s.members.iter().all(|m| m.live)
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the cluster of named members did not form");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let addresses: Vec<&str> = formed.members.iter().map(|m| m.address.as_str()).collect();
+    assert!(addresses.iter().all(|a| a.starts_with("localhost:")), "{addresses:?}");
+
+    let router = anthill_node::router::Router::connect(&urls).await.unwrap();
+    let append = |stream: &str, n: u32| pb::AppendRequest {
+        durability: pb::Durability::Quorum as i32,
+        stream: stream.to_string(),
+        expected_version: None,
+        events: vec![common::event("Named", &format!("{n}"))],
+    };
+    for stream in stream_per_partition() {
+        router.append(append(&stream, 1)).await.unwrap_or_else(|e| panic!("{stream}: {e}"));
+    }
+
+    let victim = formed.partitions[0].leader.clone();
+    let victim_index = victim.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    nodes[victim_index].take().unwrap().kill9().unwrap();
+    for stream in stream_per_partition() {
+        router.append(append(&stream, 2)).await.unwrap_or_else(|e| panic!("{stream} after {victim} was killed: {e}"));
+    }
+    let observer = (victim_index + 1) % NODES;
+    let after = status_of(urls[observer].clone()).await.expect("a live node answers");
+    assert!(after.partitions[0].leader != victim && after.partitions[0].epoch > formed.partitions[0].epoch, "{:?}", after.partitions[0]);
 }

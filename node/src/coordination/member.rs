@@ -26,7 +26,7 @@ use super::raft_log::RaftLog;
 use super::transport::{
     ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, outgoing_address, until_stopped,
 };
-use crate::config::{ConsulConfig, CoordinationConfig, MemberConfig, NodeConfig};
+use crate::config::{ConsulConfig, CoordinationConfig, MemberConfig, NodeConfig, PeerAddress};
 use crate::log::Log;
 use crate::replication::NodeId;
 use crate::replication::manager::start_partition;
@@ -205,8 +205,8 @@ pub async fn start(
             node.want_voters(&members);
             node.set_prefix(PREFIX, config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect());
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
-            let peers: Vec<(u64, std::net::SocketAddr)> =
-                config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address)).collect();
+            let peers: Vec<(u64, PeerAddress)> =
+                config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address.clone())).collect();
             let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), stopped.clone());
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
@@ -230,8 +230,8 @@ pub async fn start(
         log.roles().set(p, 0);
     }
     let partitions: PartitionTasks = Arc::default();
-    let replica_peers: Vec<(NodeId, std::net::SocketAddr)> =
-        config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id as NodeId, m.address)).collect();
+    let replica_peers: Vec<(NodeId, PeerAddress)> =
+        config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id as NodeId, m.address.clone())).collect();
     let transport =
         Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, outgoing_address(config.listen_addr), stopped.clone()));
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use super::driver::Transport;
 use super::embedded::RaftId;
+use crate::config::PeerAddress;
 use crate::replication::NodeId;
 use crate::replication::manager::{PartitionHandle, ReplicaTransport};
 use crate::replication::message::Message as ReplicaMessage;
@@ -46,21 +47,21 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// Starts a sender task for every peer, its connections from `local` (see
     /// [`outgoing_address`]); they end when `stopped` turns true.
-    pub fn start(peers: &[(RaftId, SocketAddr)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(peers: &[(RaftId, PeerAddress)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
         let peers = peers
             .iter()
-            .map(|&(id, address)| {
+            .map(|(id, address)| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
                 tokio::spawn(stream_to_peer(
-                    id,
-                    address,
+                    *id,
+                    address.clone(),
                     local,
                     rx,
                     stopped.clone(),
                     |message: Message| message.write_to_bytes().map(|message| pb::RaftMessage { message }).map_err(|e| e.to_string()),
                     |mut client, stream| async move { client.raft(stream).await },
                 ));
-                (id, tx)
+                (*id, tx)
             })
             .collect();
         GrpcTransport { peers }
@@ -84,15 +85,21 @@ pub struct GrpcReplicaTransport {
 }
 
 impl GrpcReplicaTransport {
-    pub fn start(me: NodeId, peers: &[(NodeId, SocketAddr)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(me: NodeId, peers: &[(NodeId, PeerAddress)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
         let peers = peers
             .iter()
-            .map(|&(id, address)| {
+            .map(|(id, address)| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
-                tokio::spawn(stream_to_peer(u64::from(id), address, local, rx, stopped.clone(), Ok, |mut client, stream| async move {
-                    client.replicate(stream).await
-                }));
-                (id, tx)
+                tokio::spawn(stream_to_peer(
+                    u64::from(*id),
+                    address.clone(),
+                    local,
+                    rx,
+                    stopped.clone(),
+                    Ok,
+                    |mut client, stream| async move { client.replicate(stream).await },
+                ));
+                (*id, tx)
             })
             .collect();
         GrpcReplicaTransport { me, peers }
@@ -133,7 +140,7 @@ pub fn outgoing_address(listen: SocketAddr) -> Option<IpAddr> {
 /// attempt, so a peer that comes back gets at most a backoff's worth of old messages.
 async fn stream_to_peer<T, W, E, O, F>(
     id: u64,
-    address: SocketAddr,
+    address: PeerAddress,
     local: Option<IpAddr>,
     mut queue: mpsc::Receiver<T>,
     mut stopped: watch::Receiver<bool>,
@@ -151,7 +158,7 @@ async fn stream_to_peer<T, W, E, O, F>(
     let mut held: Option<W> = None;
     loop {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .expect("a socket address is a valid URI")
+            .expect("a checked host:port is a valid URI authority")
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .local_address(local);
@@ -354,7 +361,7 @@ mod tests {
         };
         let (runtime, mut received) = peer(address).await;
         let (_stop, stopped) = watch::channel(false);
-        let transport = GrpcTransport::start(&[(2, address)], None, stopped);
+        let transport = GrpcTransport::start(&[(2, address.into())], None, stopped);
         // The first call may find the peer not listening yet: its backoff is short.
         transport.send(message(1));
         let first = tokio::time::timeout(Duration::from_secs(5), async {

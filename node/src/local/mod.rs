@@ -171,6 +171,13 @@ pub struct ClusterSpec {
     pub consul: Option<ConsulNodes>,
 }
 
+impl ClusterSpec {
+    /// `nodes` nodes deciding ownership in the embedded store, with no extra flags.
+    pub fn embedded(nodes: usize, partitions: u32, replication_factor: u32, session_ttl_ms: u64) -> ClusterSpec {
+        ClusterSpec { nodes, partitions, replication_factor, session_ttl_ms, node_args: Vec::new(), consul: None }
+    }
+}
+
 /// How the nodes of a [`LocalCluster`] reach Consul: node `i` talks to `addresses[i % len]`, as
 /// it would to the Consul agent on its own host, with the ACL token in `token_file`.
 #[derive(Debug, Clone)]

@@ -106,6 +106,14 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime")
 }
 
+/// A cluster, a token of Anthill's policy on `anthill/`, and the server that leads.
+async fn cluster_with_token() -> (Consul, String, usize) {
+    let consul = cluster().await;
+    let token = consul.token_with("anthill", &anthill_policy("anthill/")).unwrap();
+    let leader = tokio::task::block_in_place(|| consul.wait_for_leader(Duration::from_secs(30)).unwrap());
+    (consul, token, leader)
+}
+
 /// Renews `session` through `client` every `every` until `stop`, as the elector does; each
 /// renewal's send time and outcome (`Ok(false)`: the session is gone).
 async fn keep_renewing(
@@ -145,9 +153,7 @@ fn when_the_server_a_lock_holder_talks_to_is_cut_off_then_no_one_takes_the_lock_
         return;
     }
     runtime().block_on(async {
-        let consul = cluster().await;
-        let token = consul.token_with("anthill", &anthill_policy("anthill/")).unwrap();
-        let leader = tokio::task::block_in_place(|| consul.wait_for_leader(Duration::from_secs(30)).unwrap());
+        let (consul, token, leader) = cluster_with_token().await;
         let (cut_off, majority) = ((leader + 1) % 3, (leader + 2) % 3);
         let holder = store(&consul, cut_off, &token);
         let rival = store(&consul, majority, &token);
@@ -230,9 +236,7 @@ fn when_the_consul_leader_is_cut_off_then_a_holder_on_the_majority_side_keeps_it
         return;
     }
     runtime().block_on(async {
-        let consul = cluster().await;
-        let token = consul.token_with("anthill", &anthill_policy("anthill/")).unwrap();
-        let leader = tokio::task::block_in_place(|| consul.wait_for_leader(Duration::from_secs(30)).unwrap());
+        let (consul, token, leader) = cluster_with_token().await;
         let through = (leader + 1) % 3;
         let holder = store(&consul, through, &token);
         let held = patiently("create session", || holder.create_session("node-1", TIMING.ttl)).await;

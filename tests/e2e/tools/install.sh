@@ -104,12 +104,19 @@ EOF
 }
 
 install_consul() {
-    local dest="$cache/consul-$CONSUL_VERSION"
-    if [[ ! -x "$dest/consul" ]]; then
-        say "building Consul $CONSUL_VERSION from its Go modules (about 4 minutes on 2 cores)"
-        build_into "$dest" "Consul $CONSUL_VERSION" build_consul
+    cached_build "$cache/consul-$CONSUL_VERSION" consul "Consul $CONSUL_VERSION" \
+        "from its Go modules (about 4 minutes on 2 cores)" build_consul
+}
+
+# Links the program `$2` of the cache folder `$1`, built first with `$5` if it is not there
+# yet (`$3` names the tool, `$4` says how and how long, for the message).
+cached_build() {
+    local dest="$1" program="$2" what="$3" how="$4" builder="$5"
+    if [[ ! -x "$dest/$program" ]]; then
+        say "building $what $how"
+        build_into "$dest" "$what" "$builder"
     fi
-    link "$dest/consul" consul
+    link "$dest/$program" "$program"
 }
 
 apt_install() {
@@ -198,12 +205,8 @@ build_helm() {
 }
 
 install_helm() {
-    local dest="$cache/helm-$HELM_VERSION-kube1.$HELM_KUBE_MINOR"
-    if [[ ! -x "$dest/helm" ]]; then
-        say "building Helm $HELM_VERSION from its Go module (about 3 minutes on 2 cores)"
-        build_into "$dest" "Helm $HELM_VERSION" build_helm
-    fi
-    link "$dest/helm" helm
+    cached_build "$cache/helm-$HELM_VERSION-kube1.$HELM_KUBE_MINOR" helm "Helm $HELM_VERSION" \
+        "from its Go module (about 2 minutes on 2 cores)" build_helm
 }
 
 # Whether `$1` names a Terraform at least TERRAFORM_MIN.
@@ -265,12 +268,8 @@ build_grpcurl() {
 }
 
 install_grpcurl() {
-    local dest="$cache/grpcurl-$GRPCURL_VERSION"
-    if [[ ! -x "$dest/grpcurl" ]]; then
-        say "building grpcurl $GRPCURL_VERSION from its Go module (about a minute)"
-        build_into "$dest" "grpcurl $GRPCURL_VERSION" build_grpcurl
-    fi
-    link "$dest/grpcurl" grpcurl
+    cached_build "$cache/grpcurl-$GRPCURL_VERSION" grpcurl "grpcurl $GRPCURL_VERSION" \
+        "from its Go module (about a minute)" build_grpcurl
 }
 
 all=(iproute2 consul kubernetes helm terraform ansible grpcurl)
