@@ -1021,10 +1021,22 @@ async fn given_members_named_by_dns_names_then_the_cluster_forms_replicates_and_
     let victim = formed.partitions[0].leader.clone();
     let victim_index = victim.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
     nodes[victim_index].take().unwrap().kill9().unwrap();
+    // An append in flight at the kill ends unknown (no command id, so the router does not
+    // resend it): send again until the new leader acknowledges.
+    let deadline = Instant::now() + Duration::from_secs(30);
     for stream in stream_per_partition() {
-        router.append(append(&stream, 2)).await.unwrap_or_else(|e| panic!("{stream} after {victim} was killed: {e}"));
+        while let Err(e) = router.append(append(&stream, 2)).await {
+            assert!(Instant::now() < deadline, "{stream} after {victim} was killed: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let observer = (victim_index + 1) % NODES;
-    let after = status_of(urls[observer].clone()).await.expect("a live node answers");
-    assert!(after.partitions[0].leader != victim && after.partitions[0].epoch > formed.partitions[0].epoch, "{:?}", after.partitions[0]);
+    loop {
+        let after = status_of(urls[observer].clone()).await;
+        if after.as_ref().is_some_and(|s| s.partitions[0].leader != victim && s.partitions[0].epoch > formed.partitions[0].epoch) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "partition 0 did not move off {victim}: {after:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

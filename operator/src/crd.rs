@@ -56,8 +56,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AnthillClusterSpec {
-    /// Nodes of the cluster (pods of its StatefulSet).
-    #[schemars(range(min = 1, max = 64))]
+    /// Nodes of the cluster (pods of its StatefulSet); a node takes at most 12 members
+    /// (`config::MAX_CLUSTER_MEMBERS`).
+    #[schemars(range(min = 1, max = 12))]
     pub replicas: i32,
 
     /// The node image, without its tag (the tag is `version`).
