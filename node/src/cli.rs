@@ -15,6 +15,7 @@ use tokio_stream::StreamExt;
 
 mod chaos;
 mod decommission;
+mod drain;
 mod ledger;
 mod sim;
 
@@ -42,6 +43,9 @@ enum Command {
     Status(StatusArgs),
     /// Take a member out of every replica set (its partitions move to the others), or back in.
     Decommission(decommission::DecommissionArgs),
+    /// Make a node hand its leaderships to other replicas and take none (before stopping it),
+    /// or lead again.
+    Drain(drain::DrainArgs),
     /// Load a node and report throughput and latency.
     Bench(crate::bench::BenchArgs),
     /// Start a node on loopback, push a short load at it, and show what happened.
@@ -299,6 +303,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Tail(args) => runtime.block_on(tail(args)),
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Decommission(args) => runtime.block_on(decommission::run(args)),
+        Command::Drain(args) => runtime.block_on(drain::run(args)),
         Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
         Command::Demo(args) => runtime.block_on(crate::demo::run(args)),
         Command::Specs(args) => crate::app::specs::command::run(args),
@@ -327,6 +332,14 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
     }
+    // A cluster node hands its leaderships over first (`cluster.drain_on_stop_ms`).
+    node.drain_before_stop(async {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+    .await;
     node.stop();
     node.stopped().await
 }

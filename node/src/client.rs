@@ -111,6 +111,7 @@ fn cluster_json(c: &pb::ClusterStatus) -> Value {
     json!({
         "members": c.members.iter().map(|m| json!({
             "name": m.name, "address": m.address, "live": m.live, "decommissioned": m.decommissioned,
+            "draining": m.draining,
         })).collect::<Vec<_>>(),
         "partitions": c.partitions.iter().map(|p| json!({
             "partition": p.partition, "replicas": p.replicas,
@@ -132,7 +133,8 @@ fn cluster_text(c: &pb::ClusterStatus) -> String {
         .map(|m| {
             let down = if m.live { "" } else { ", down" };
             let out = if m.decommissioned { ", decommissioned" } else { "" };
-            format!("{} ({}{down}{out})", m.name, m.address)
+            let draining = if m.draining { ", draining" } else { "" };
+            format!("{} ({}{down}{out}{draining})", m.name, m.address)
         })
         .collect();
     let mut out = format!(

@@ -66,6 +66,9 @@ pub struct ClusterConfig {
     /// coordination member starts with no voters and waits for the group to add it. Read only
     /// when its coordination log is new.
     pub join: bool,
+    /// On SIGTERM or SIGINT the node first drains (hands its leaderships over, as
+    /// `anthill drain` does) for at most this long; 0 stops at once.
+    pub drain_on_stop_ms: u64,
 }
 
 /// The coordination store a cluster decides ownership in (docs/replication.md, "Ownership").
@@ -203,6 +206,7 @@ impl Default for ClusterConfig {
             session_ttl_ms: 1_000,
             coordination: CoordinationConfig::Embedded {},
             join: false,
+            drain_on_stop_ms: 10_000,
         }
     }
 }
@@ -420,6 +424,9 @@ impl NodeConfig {
         }
         if !(500..=600_000).contains(&c.session_ttl_ms) {
             return invalid("cluster.session_ttl_ms", format!("must be between 500 and 600000, got {}", c.session_ttl_ms));
+        }
+        if c.drain_on_stop_ms > 600_000 {
+            return invalid("cluster.drain_on_stop_ms", format!("must be at most 600000 (0: no drain), got {}", c.drain_on_stop_ms));
         }
         match &c.coordination {
             CoordinationConfig::Embedded {} => Ok(()),

@@ -39,6 +39,8 @@ pub struct RunningNode {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     log: Arc<Log>,
+    /// The node's cluster member, and how long it drains before it stops.
+    cluster: Option<(crate::coordination::member::ClusterHandle, Duration)>,
 }
 
 /// Starts a node; returns once it is listening.
@@ -63,6 +65,8 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let grpc_addr = listener.local_addr()?;
     let cluster = crate::coordination::member::start(config, log.clone(), stopped.clone()).await?;
     let (cluster_handle, cluster_service) = cluster.map_or((None, None), |(h, s)| (Some(h), Some(s)));
+    let drain_on_stop = Duration::from_millis(config.cluster.drain_on_stop_ms);
+    let cluster = cluster_handle.clone().map(|handle| (handle, drain_on_stop));
     let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone()).with_cluster(cluster_handle);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventLogServer<Api>>().await;
@@ -117,7 +121,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         }));
     }
     tracing::info!(node_id = %config.node_id, %grpc_addr, ?metrics_addr, "node serving");
-    Ok(RunningNode { grpc_addr, metrics_addr, stop, tasks, log })
+    Ok(RunningNode { grpc_addr, metrics_addr, stop, tasks, log, cluster })
 }
 
 async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
@@ -125,6 +129,43 @@ async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
 }
 
 impl RunningNode {
+    /// Drains a cluster node before it stops (`cluster.drain_on_stop_ms`): hands its
+    /// leaderships over and returns once it leads nothing, at the limit, or when `cut_short`
+    /// resolves (a second signal), whichever is first. The node keeps serving meanwhile: the
+    /// appends it takes go to partitions it still leads, and followers keep replicating.
+    pub async fn drain_before_stop(&self, cut_short: impl std::future::Future<Output = ()>) {
+        let Some((cluster, limit)) = &self.cluster else { return };
+        if limit.is_zero() {
+            return;
+        }
+        let leading = cluster.drain(false);
+        if leading.is_empty() {
+            return;
+        }
+        tracing::info!(partitions = leading.len(), limit_ms = limit.as_millis() as u64, "draining before stopping");
+        let mut view = cluster.view.clone();
+        let name = cluster.name.clone();
+        // Done once the view shows the node draining and leading nothing it could hand over (a
+        // partition none of whose other live replicas drains stays: all of them stopping at once
+        // do not wait for each other).
+        let drained = async move {
+            let _ =
+                view.wait_for(|v| v.draining.contains(&name) && v.led_by(&name).keys().all(|p| v.target_for(*p, &name).is_empty())).await;
+        };
+        let started = std::time::Instant::now();
+        tokio::select! {
+            _ = drained => {
+                let left = cluster.view.borrow().led_by(&cluster.name).len();
+                tracing::info!(ms = started.elapsed().as_millis() as u64, still_leading = left, "drained");
+            }
+            _ = tokio::time::sleep(*limit) => {
+                let left = cluster.view.borrow().led_by(&cluster.name).len();
+                tracing::warn!(partitions = left, "still leading when the drain's time ran out; stopping anyway");
+            }
+            _ = cut_short => tracing::info!("second signal: stopping without waiting for the drain"),
+        }
+    }
+
     /// Begins shutdown; [`RunningNode::stopped`] waits for it to finish.
     pub fn stop(&self) {
         self.stop.send_replace(true);

@@ -207,6 +207,23 @@ impl pb::node_server::Node for Api {
         }
     }
 
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let request = request.into_inner();
+        let Some(cluster) = &self.cluster else {
+            return Err(Status::failed_precondition(
+                "this node runs alone (no cluster.members): there is nobody to hand its partitions to",
+            ));
+        };
+        if !request.node.is_empty() && request.node != cluster.name {
+            return Err(Status::failed_precondition(format!(
+                "this node is {:?}, not {:?}: send the drain to {:?}'s own address",
+                cluster.name, request.node, request.node
+            )));
+        }
+        let leading = cluster.drain(request.undo);
+        Ok(Response::new(pb::DrainResponse { node: cluster.name.clone(), leading }))
+    }
+
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let heads = self.log.commits().borrow().heads.clone();
         let sizes = self.log.store().sizes();

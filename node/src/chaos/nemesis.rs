@@ -12,7 +12,8 @@
 //!   sends to them, for 2–4 TTLs;
 //! - `split`: a random minority of the nodes (⌊n/2⌋) cut off from the rest, for 2–4 TTLs;
 //! - `rolling-restart`: every node in turn, the one leading most partitions last, stopped with
-//!   SIGTERM (it resigns its session, so its leaderships move at once instead of after a TTL),
+//!   SIGTERM (it drains first, handing each leadership over once a majority holds the leader's
+//!   whole log, then resigns its session; `cluster.drain_on_stop_ms`),
 //!   started again, and the next one only once every partition takes writes again: the
 //!   zero-downtime upgrade path. Each node's restart is recorded as a fault of its own;
 //! - `kill-consul` (only with Consul as the coordination store): SIGKILL a random Consul server
@@ -303,7 +304,9 @@ impl<'a> Nemesis<'a> {
         for (step, (_, i)) in order.iter().enumerate() {
             let partitions = led_by(self.cluster, *i, None).await;
             let at_ms = self.now_ms();
-            self.cluster.terminate(*i, Duration::from_secs(10))?;
+            // A drain (at most `cluster.drain_on_stop_ms`, 10 s) and the shutdown grace (5 s);
+            // off the runtime's worker, which the clients share.
+            tokio::task::block_in_place(|| self.cluster.terminate(*i, Duration::from_secs(30)))?;
             self.cluster.start_node(*i, &self.spec.node_args)?;
             self.cluster
                 .wait_whole(&self.spec, Duration::from_secs(60))

@@ -204,8 +204,20 @@ fn hunt(args: &SimArgs) -> anyhow::Result<()> {
 fn stats_line(s: &Stats) -> String {
     format!(
         "leaders {}, crashes {}, pauses {}, truncations {}, messages lost {}, reads checked {}, set moves {}, trims {}, snapshots installed {}, \
-         ledger commands {}",
-        s.leaders, s.crashes, s.pauses, s.truncations, s.lost_messages, s.reads, s.moves, s.trims, s.installs, s.ledger_commands
+         ledger commands {}, drains {} ({} leaderships handed over), hand-backs {}",
+        s.leaders,
+        s.crashes,
+        s.pauses,
+        s.truncations,
+        s.lost_messages,
+        s.reads,
+        s.moves,
+        s.trims,
+        s.installs,
+        s.ledger_commands,
+        s.drains,
+        s.drain_handovers,
+        s.hand_backs
     )
 }
 

@@ -6,6 +6,7 @@
 //! | key               | value            | held by (lock)      | meaning                               |
 //! |-------------------|------------------|---------------------|---------------------------------------|
 //! | `members/{node}`  | the node's address | the node's session | the node is alive (the key stays when it dies: a known member) |
+//! | `draining/{node}` | empty            | the node's session  | the node hands its leaderships over and takes none (`anthill drain`); gone with the process |
 //! | `decommissioned/{node}` | its Raft id | —                  | an operator takes the node out of every replica set (and the embedded store's group) |
 //! | `placement/{p}`   | [`Placement`]    | —                   | partition `p`'s replica set, the set it moves to, and the epoch of the leader that claimed it |
 //! | `leaders/{p}`     | the leader's name | the leader's session | `p`'s leader; the lock index is its epoch |
@@ -17,8 +18,9 @@
 //! 3. once the cluster has `replication_factor` live members, write every missing placement
 //!    (rendezvous hashing, [`super::placement`]) with a create-only compare-and-set, so every
 //!    node ends up with the same sets whoever writes them first;
-//! 4. for each partition whose leader lock is free, if this node is the first live member of its
-//!    replica set, take the lock: the lock index it gets is the epoch it leads in
+//! 4. for each partition whose leader lock is free, if this node is the set's preferred member
+//!    (the first live one that is not draining, or the first live one when all of them are:
+//!    [`ClusterView::preferred`]), take the lock: the lock index it gets is the epoch it leads in
 //!    (`Replica::become_leader`);
 //! 5. for each partition it holds the lock of: **claim** the placement for its epoch (a
 //!    compare-and-set on the placement's modify index that writes the epoch into it) before the
@@ -43,11 +45,23 @@
 //! seen for the first time joins the desired sets. Only the first live replica of a set takes a
 //! free lock, so leadership spreads like the placement. A node that comes back takes no lock
 //! back itself; once it has been live for [`SETTLE_TTLS`] TTLs, each leader hands back to it
-//! one partition per round whose set names it first (a release, like a resign of that
-//! partition), so leadership spreads again without flapping after every restart.
+//! one partition per round whose set names it first (a handover as a draining leader makes,
+//! below, then a release), so leadership spreads again without flapping after every restart.
+//!
+//! A draining node ([`Elector::drain_switch`], the `Node.Drain` call) holds `draining/{node}`
+//! under its session, so the mark ends with the process (a restarted node leads again once
+//! leaderships are handed back). Nobody hands a partition to it or takes a lock for it while a
+//! live replica of the set is not draining. It hands each partition it leads over the same way a
+//! moving set does, with its own set as the target ([`ClusterView::target_for`]): the leader
+//! pauses, its whole log becomes durable on a majority of the set, it reports the handover ready
+//! and never serves that epoch again, and its elector releases the lock. The preferred replica
+//! then takes the lock in a higher epoch and its recovery over any majority adopts that whole
+//! log, so not even an append acknowledged by the leader alone is lost (docs/replication.md,
+//! "Draining a node").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -147,6 +161,11 @@ pub struct ClusterView {
     pub known: BTreeSet<String>,
     /// Members an operator took out of the replica sets.
     pub decommissioned: BTreeSet<String>,
+    /// Live members handing their leaderships over (module doc).
+    pub draining: BTreeSet<String>,
+    /// Partitions this node leads and hands back to their preferred replica (module doc): this
+    /// node's own intent, not the store's.
+    pub handing_back: BTreeSet<u32>,
     pub partitions: BTreeMap<u32, PartitionOwnership>,
     pub index: u64,
     /// This node's session as of the view.
@@ -163,6 +182,33 @@ impl ClusterView {
         let (leader, epoch) = o.serving_leader()?;
         (leader == node && o.leader_session.is_some() && o.leader_session == self.session && o.replicas.iter().any(|r| r == node))
             .then_some(epoch)
+    }
+
+    /// Who should lead a partition with replica set `replicas`: its first live member that is
+    /// not draining, or, when every live member drains, the first live one (a partition is
+    /// better led by a draining node than not at all).
+    pub fn preferred<'a>(&self, replicas: &'a [String]) -> Option<&'a String> {
+        let mut live = replicas.iter().filter(|r| self.members.contains_key(*r));
+        let first = live.clone().next();
+        live.find(|r| !self.draining.contains(*r)).or(first)
+    }
+
+    /// The set `node`'s replica of `partition` works towards: the placement's target while the
+    /// set moves; while `node` serves as the partition's leader and drains or hands the
+    /// partition back, its own set, as long as another live replica of it does not drain (the
+    /// handover moves only the leadership, module doc); otherwise none. `node` is the view's
+    /// own node (`handing_back` is its intent).
+    pub fn target_for(&self, partition: u32, node: &str) -> Vec<String> {
+        let Some(o) = self.partitions.get(&partition) else { return Vec::new() };
+        if !o.target.is_empty() {
+            return o.target.clone();
+        }
+        let successor = self.preferred(&o.replicas).filter(|m| *m != node && !self.draining.contains(*m));
+        let handing = self.draining.contains(node) || self.handing_back.contains(&partition);
+        if handing && self.serving_here(partition, node).is_some() && successor.is_some() {
+            return o.replicas.clone();
+        }
+        Vec::new()
     }
 }
 
@@ -185,6 +231,25 @@ impl Handovers {
     /// Resolves when a handover is reported (or was since the last call).
     pub async fn reported(&self) {
         self.notify.notified().await;
+    }
+}
+
+/// Turns a node's draining on or off (`Node.Drain`) and wakes its elector to act on it.
+#[derive(Clone)]
+pub struct DrainSwitch {
+    on: Arc<AtomicBool>,
+    handovers: Arc<Handovers>,
+}
+
+impl DrainSwitch {
+    pub fn set(&self, on: bool) {
+        self.on.store(on, Ordering::Release);
+        // The elector's loop waits on the handovers' notification between rounds.
+        self.handovers.notify.notify_one();
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
     }
 }
 
@@ -215,6 +280,12 @@ pub struct Elector<S> {
     /// been live for [`SETTLE_TTLS`] TTLs.
     live_since: BTreeMap<String, Duration>,
     clock: Clock,
+    /// Whether this node drains (module doc), set through [`Elector::drain_switch`].
+    draining: Arc<AtomicBool>,
+    /// The session this node's `draining/` key is held under, when it is.
+    drain_held: Option<SessionId>,
+    /// Partitions this node hands back (`ClusterView::handing_back`).
+    handing_back: Mutex<BTreeSet<u32>>,
 }
 
 /// How many session TTLs a member must have been live before leaderships return to it.
@@ -225,7 +296,23 @@ impl<S: CoordinationStore> Elector<S> {
         assert!(config.replication_factor >= 1 && config.partitions >= 1);
         let origin = tokio::time::Instant::now();
         let clock: Clock = Arc::new(move || origin.elapsed());
-        Elector { store, config, handovers: Arc::default(), session: None, renewed: None, live_since: BTreeMap::new(), clock }
+        Elector {
+            store,
+            config,
+            handovers: Arc::default(),
+            session: None,
+            renewed: None,
+            live_since: BTreeMap::new(),
+            clock,
+            draining: Arc::default(),
+            drain_held: None,
+            handing_back: Mutex::default(),
+        }
+    }
+
+    /// The switch that makes this node drain or lead again (module doc).
+    pub fn drain_switch(&self) -> DrainSwitch {
+        DrainSwitch { on: self.draining.clone(), handovers: self.handovers.clone() }
     }
 
     /// When the request that last created or renewed the session was sent, by [`Elector::clock`].
@@ -266,6 +353,7 @@ impl<S: CoordinationStore> Elector<S> {
             // `None`: an earlier session of this node still holds it; it expires on its own.
             self.store.acquire(&member_key, self.config.address.as_bytes(), &session).await?;
         }
+        self.mark_draining(&session).await?;
         let view = self.view().await?;
         let now = (self.clock)();
         self.live_since.retain(|m, _| view.members.contains_key(m));
@@ -287,10 +375,10 @@ impl<S: CoordinationStore> Elector<S> {
         }
         let view = self.view().await?;
         // All at once: after a node dies, this one may take many locks, and each is a write.
-        let takes = view.partitions.iter().filter(|(_, ownership)| {
-            let first_live = ownership.replicas.iter().find(|r| view.members.contains_key(*r));
-            ownership.leader.is_none() && first_live == Some(&self.config.node)
-        });
+        let takes = view
+            .partitions
+            .iter()
+            .filter(|(_, ownership)| ownership.leader.is_none() && view.preferred(&ownership.replicas) == Some(&self.config.node));
         let keys: Vec<String> = takes.map(|(p, _)| self.key("leaders", p)).collect();
         let acquired =
             futures_util::future::join_all(keys.iter().map(|key| self.store.acquire(key, self.config.node.as_bytes(), &session))).await;
@@ -342,7 +430,8 @@ impl<S: CoordinationStore> Elector<S> {
                     let switched = Placement { replicas: target.clone(), target: Vec::new(), claim: *epoch };
                     writes.push((*p, o.modify_index, switched, true));
                 } else {
-                    // The switch landed (a write whose answer was lost), or this node wrote
+                    // A draining leader's handover of its own set (`ClusterView::target_for`),
+                    // or the switch landed (a write whose answer was lost), or this node wrote
                     // another target since: either way its paused leader is done with its epoch.
                     releases.push((*p, true));
                 }
@@ -352,26 +441,28 @@ impl<S: CoordinationStore> Elector<S> {
                 // vain, again and again. It is written again once the newcomer is back.
                 let newcomers_live = desired.iter().all(|m| o.replicas.contains(m) || view.members.contains_key(m));
                 let target = if same_set(&desired, &o.replicas) || !newcomers_live { Vec::new() } else { desired };
-                let first_live = o.replicas.iter().find(|r| view.members.contains_key(*r));
+                let draining = view.draining.contains(&self.config.node);
                 if !same_set(&target, &o.target) {
                     tracing::info!(partition = p, from = ?o.replicas, to = ?target, "moving the partition's replica set");
                     writes.push((*p, o.modify_index, Placement { target, ..current }, false));
-                } else if let Some(preferred) = first_live.filter(|m| **m != self.config.node && settled.contains(*m))
+                } else if let Some(preferred) = view.preferred(&o.replicas).filter(|m| **m != self.config.node && settled.contains(*m))
                     && o.target.is_empty()
                     && !handed_back
+                    && !draining
                 {
                     // Leadership gathers on the nodes that stay up (a node back from a failure
                     // takes no lock back); handing it back to the set's first live replica, as
                     // placement spreads them, spreads the leaders' work and a failure's reach.
-                    // The same as a leader that resigns this partition: the preferred replica
-                    // takes the lock in a higher epoch, which fences this one.
-                    tracing::info!(partition = p, epoch, to = %preferred, "handing the partition's leadership back to its first live replica");
-                    releases.push((*p, false));
-                    handed_back = true;
+                    // As a draining leader does: a handover to its own set, then a release once
+                    // ready; the preferred replica takes the lock in a higher epoch.
+                    if self.handing_back.lock().insert(*p) {
+                        tracing::info!(partition = p, epoch, to = %preferred, "handing the partition's leadership back to its first live replica");
+                        handed_back = true;
+                    }
                 }
             }
         }
-        let wrote = !writes.is_empty() || !releases.is_empty();
+        let wrote = !writes.is_empty() || !releases.is_empty() || handed_back;
         let puts: Vec<(String, String, u64)> =
             writes.iter().map(|(p, index, placement, _)| (self.key("placement", p), placement.encode(), *index)).collect();
         let outcomes = futures_util::future::join_all(
@@ -397,6 +488,27 @@ impl<S: CoordinationStore> Elector<S> {
             }
         }
         Ok(wrote)
+    }
+
+    /// Holds this node's `draining/` key under `session` while the switch is on, and lets it go
+    /// once it is off. A key an earlier session of this node still holds is taken once that
+    /// session expires.
+    async fn mark_draining(&mut self, session: &SessionId) -> Result<()> {
+        let key = self.key("draining", &self.config.node);
+        let want = self.draining.load(Ordering::Acquire);
+        if want && self.drain_held.as_ref() != Some(session) {
+            if self.store.acquire(&key, b"", session).await?.is_some() {
+                tracing::info!(node = %self.config.node, "draining: handing every leadership over");
+                self.drain_held = Some(session.clone());
+            }
+        } else if !want && let Some(held) = self.drain_held.clone() {
+            if held == *session {
+                self.store.release(&key, session).await?;
+                tracing::info!(node = %self.config.node, "no longer draining");
+            }
+            self.drain_held = None;
+        }
+        Ok(())
     }
 
     /// Waits until the cluster changes after `index`, at most `wait`.
@@ -451,6 +563,9 @@ impl<S: CoordinationStore> Elector<S> {
                 Some(("decommissioned", node)) => {
                     view.decommissioned.insert(node.to_string());
                 }
+                Some(("draining", node)) if entry.session.is_some() => {
+                    view.draining.insert(node.to_string());
+                }
                 Some(("placement", p)) => match (p.parse::<u32>(), Placement::decode(&value)) {
                     (Ok(p), Some(placement)) => {
                         let Placement { replicas, target, claim } = placement;
@@ -474,6 +589,10 @@ impl<S: CoordinationStore> Elector<S> {
                 ownership.leader_session = session;
             }
         }
+        // A hand-back lasts as long as this session serves the partition.
+        let mut handing_back = self.handing_back.lock();
+        handing_back.retain(|p| view.serving_here(*p, &self.config.node).is_some());
+        view.handing_back = handing_back.clone();
         Ok(view)
     }
 }
@@ -560,8 +679,10 @@ mod tests {
             "placement is written once"
         );
         // Once node-2 has been live for SETTLE_TTLS TTLs, its leaders hand its partitions back
-        // (one per round each), in a higher epoch still: leadership spreads as placement does.
-        let settled = rounds(&mut [&mut a, &mut b, &mut c], 20).await;
+        // (one per round each, each once its handover is ready), in a higher epoch still:
+        // leadership spreads as placement does.
+        let first_leads = |v: &ClusterView| v.partitions.values().all(|o| o.leader.as_ref().is_some_and(|(l, _)| *l == o.replicas[0]));
+        let settled = rounds_until(&mut [&mut a, &mut b, &mut c], 120, |_, _| true, first_leads).await;
         for (p, o) in &settled.partitions {
             let (leader, epoch) = o.leader.clone().unwrap_or_else(|| panic!("partition {p} has no leader"));
             assert_eq!(leader, o.replicas[0], "partition {p}");
@@ -593,7 +714,8 @@ mod tests {
     }
 
     /// Rounds until `done` holds for the view (at most `max`); the handover of every partition
-    /// whose leader has a target is reported ready by its leader when `ready` says so.
+    /// whose leader has a target (`ClusterView::target_for`: a draining leader's is its own set)
+    /// is reported ready by its leader when `ready` says so.
     async fn rounds_until(
         electors: &mut [&mut Elector<MemoryStore>],
         max: usize,
@@ -605,12 +727,13 @@ mod tests {
             for e in electors.iter_mut() {
                 view = e.round().await.unwrap();
                 for (p, o) in &view.partitions {
+                    let target = view.target_for(*p, &e.config.node);
                     if let Some((leader, epoch)) = o.serving_leader()
                         && leader == e.config.node
-                        && !o.target.is_empty()
+                        && !target.is_empty()
                         && ready(&view, *p)
                     {
-                        e.handovers().report(*p, epoch, o.target.clone());
+                        e.handovers().report(*p, epoch, target);
                     }
                 }
             }
@@ -669,6 +792,71 @@ mod tests {
                 "only node-2's place changed: {was:?} -> {o:?}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn given_a_draining_node_then_its_leaderships_move_only_once_ready_it_takes_none_back_and_leads_again_once_undrained() {
+        let store = Arc::new(MemoryStore::default());
+        let (mut a, mut b, mut c) = (elector(&store, "node-1"), elector(&store, "node-2"), elector(&store, "node-3"));
+        let before = rounds(&mut [&mut a, &mut b, &mut c], 2).await;
+        let led = before.led_by("node-1");
+        assert!(!led.is_empty());
+        a.drain_switch().set(true);
+        // Nobody reports ready: node-1 keeps its locks; its target is its own set, in its view
+        // and nobody else's, and no placement is written.
+        let waiting = rounds(&mut [&mut a, &mut b, &mut c], 3).await;
+        assert_eq!(waiting.draining, BTreeSet::from(["node-1".to_string()]));
+        assert_eq!(waiting.led_by("node-1"), led);
+        // (A target is a node's own: `serving_here` compares the lock's session with the view's.)
+        let (seen_a, seen_b, seen_c) = (a.round().await.unwrap(), b.round().await.unwrap(), c.round().await.unwrap());
+        for (p, o) in &seen_a.partitions {
+            let own = if led.contains_key(p) { o.replicas.clone() } else { Vec::new() };
+            assert_eq!(seen_a.target_for(*p, "node-1"), own, "partition {p}");
+            assert!(o.target.is_empty() && seen_b.target_for(*p, "node-2").is_empty() && seen_c.target_for(*p, "node-3").is_empty());
+        }
+        // Ready: each lock goes to the first member of the set that does not drain, in a higher
+        // epoch, and the set stays as it was.
+        let all = &mut [&mut a, &mut b, &mut c];
+        let served = |v: &ClusterView| v.partitions.values().all(|o| o.serving_leader().is_some());
+        let drained = rounds_until(all, 20, |_, _| true, |v| v.led_by("node-1").is_empty() && served(v)).await;
+        for (p, epoch) in &led {
+            let o = &drained.partitions[p];
+            let (leader, e) = o.serving_leader().unwrap();
+            assert_eq!(Some(leader), o.replicas.iter().find(|r| *r != "node-1").map(String::as_str), "partition {p}");
+            assert!(e > *epoch, "partition {p}: {o:?}");
+            assert_eq!(o.replicas, before.partitions[p].replicas, "partition {p}: only the leadership moves");
+        }
+        // However long it stays live, nothing comes back to it while it drains.
+        assert!(rounds(&mut [&mut a, &mut b, &mut c], 12).await.led_by("node-1").is_empty());
+        // Undrained: the partitions whose sets name it first come back to it.
+        a.drain_switch().set(false);
+        let first_leads = |v: &ClusterView| v.partitions.values().all(|o| o.leader.as_ref().is_some_and(|(l, _)| *l == o.replicas[0]));
+        let back = rounds_until(&mut [&mut a, &mut b, &mut c], 120, |_, _| true, first_leads).await;
+        assert!(back.draining.is_empty());
+        for (p, o) in &back.partitions {
+            assert_eq!(o.leader.as_ref().map(|(l, _)| l), Some(&o.replicas[0]), "partition {p}");
+        }
+        // The mark lives with the process: drained again, then stopped, it drains no more.
+        a.drain_switch().set(true);
+        assert!(a.round().await.unwrap().draining.contains("node-1"));
+        a.resign().await.unwrap();
+        assert!(b.round().await.unwrap().draining.is_empty());
+    }
+
+    #[test]
+    fn the_preferred_replica_is_the_first_live_one_that_does_not_drain_or_else_the_first_live_one() {
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut view = ClusterView::default();
+        for m in ["a", "b", "c"] {
+            view.members.insert(m.into(), String::new());
+        }
+        view.draining = BTreeSet::from(["a".to_string()]);
+        let set = names(&["d", "a", "b", "c"]);
+        assert_eq!(view.preferred(&set).map(String::as_str), Some("b"), "d is not live, a drains");
+        view.draining.extend(names(&["b", "c"]));
+        assert_eq!(view.preferred(&set).map(String::as_str), Some("a"), "every live member drains");
+        view.members.clear();
+        assert_eq!(view.preferred(&set), None);
     }
 
     #[tokio::test(start_paused = true)]

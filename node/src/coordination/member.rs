@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::CoordinationStore;
 use super::consul::{self, ConsulStore};
 use super::driver::EmbeddedStore;
-use super::election::{ClusterView, Elector, ElectorConfig, Handovers};
+use super::election::{ClusterView, DrainSwitch, Elector, ElectorConfig, Handovers};
 use super::embedded::{Elections, RaftKv};
 use super::lease::Lease;
 use super::raft_log::RaftLog;
@@ -88,6 +88,10 @@ impl Coordination {
 pub struct ClusterHandle {
     pub coordination: Coordination,
     pub view: watch::Receiver<ClusterView>,
+    /// This node's member name.
+    pub name: String,
+    /// Turns this node's draining on and off ([`ClusterHandle::drain`]).
+    pub drain_switch: DrainSwitch,
     pub members: Vec<MemberConfig>,
     /// The cluster's key prefix in the store.
     pub prefix: String,
@@ -136,6 +140,15 @@ impl ClusterHandle {
         Ok(view.partitions.iter().filter(|(_, o)| o.replicas.iter().any(|r| r == node)).map(|(p, _)| *p).collect())
     }
 
+    /// Makes this node hand every leadership over and take none (`undo`: lead again), for as
+    /// long as this process runs (`election` module doc). Returns the partitions it leads now;
+    /// `Node.Status` shows them going.
+    pub fn drain(&self, undo: bool) -> Vec<u32> {
+        self.drain_switch.set(!undo);
+        tracing::info!(node = %self.name, undo, "drain requested");
+        self.view.borrow().led_by(&self.name).into_keys().collect()
+    }
+
     /// `Node.Status`'s cluster part.
     pub fn status(&self) -> pb::ClusterStatus {
         let view = self.view.borrow().clone();
@@ -149,6 +162,7 @@ impl ClusterHandle {
                     address: m.address.to_string(),
                     live: view.members.contains_key(&m.name),
                     decommissioned: view.decommissioned.contains(&m.name),
+                    draining: view.draining.contains(&m.name),
                 })
                 .collect(),
             partitions: view
@@ -191,7 +205,7 @@ pub async fn start(
         prefix: prefix.into(),
     };
     let (view_tx, view) = watch::channel(ClusterView::default());
-    let (coordination, raft_inbox, handovers) = match &config.cluster.coordination {
+    let (coordination, raft_inbox, handovers, drain) = match &config.cluster.coordination {
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
             let dir = config.data_dir.join("coordination");
@@ -210,16 +224,16 @@ pub async fn start(
             let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), stopped.clone());
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
-            let handovers = elector.handovers();
+            let (handovers, drain) = (elector.handovers(), elector.drain_switch());
             spawn_elector(elector, view_tx, &log, config.cluster.session_ttl(), &stopped);
-            (Coordination::Embedded(store), Some(inbox_tx), handovers)
+            (Coordination::Embedded(store), Some(inbox_tx), handovers, drain)
         }
         CoordinationConfig::Consul(consul) => {
             let store = Arc::new(open_consul(consul)?);
             let elector = Elector::new(store.clone(), elector_config(&consul.key_prefix));
-            let handovers = elector.handovers();
+            let (handovers, drain) = (elector.handovers(), elector.drain_switch());
             spawn_elector(elector, view_tx, &log, config.cluster.session_ttl(), &stopped);
-            (Coordination::Consul(store), None, handovers)
+            (Coordination::Consul(store), None, handovers, drain)
         }
     };
     // Replication: nothing is appended here until a partition serves, and `quorum` appends wait
@@ -245,6 +259,8 @@ pub async fn start(
     let handle = ClusterHandle {
         coordination,
         view,
+        name: me.name.clone(),
+        drain_switch: drain,
         members: config.cluster.members.clone(),
         prefix,
         replication_factor: config.cluster.replication_factor,
@@ -292,10 +308,13 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
             let members: Vec<NodeId> = ownership.replicas.iter().filter_map(|r| ids.get(r).copied()).collect();
             // A target naming a node this one cannot reach (not in `cluster.members`) is not
             // followed: the leader could not tell whether it caught up.
-            let target: Vec<NodeId> = match ownership.target.iter().map(|r| ids.get(r).copied()).collect::<Option<Vec<_>>>() {
+            // A draining leader's target is its own set (`ClusterView::target_for`).
+            let mut target_names = current.target_for(*p, &name);
+            let target: Vec<NodeId> = match target_names.iter().map(|r| ids.get(r).copied()).collect::<Option<Vec<_>>>() {
                 Some(target) => target,
                 None => {
-                    tracing::warn!(partition = p, target = ?ownership.target, "the target set names a node missing from cluster.members; not moving");
+                    tracing::warn!(partition = p, target = ?target_names, "the target set names a node missing from cluster.members; not moving");
+                    target_names.clear();
                     Vec::new()
                 }
             };
@@ -316,7 +335,7 @@ async fn follow_ownership(r: Replication, mut view: watch::Receiver<ClusterView>
             }
             // Both are idempotent; the sets go first, so a grant finds the set it belongs to.
             if let Some(task) = partitions.read().get(p) {
-                task.set_replicas(members.clone(), target, ownership.target.clone());
+                task.set_replicas(members.clone(), target, target_names);
                 if let Some(epoch) = current.serving_here(*p, &name) {
                     task.grant(epoch);
                 }
@@ -364,8 +383,11 @@ async fn run_elector<S: CoordinationStore>(
             Ok(seen) => {
                 index = seen.index;
                 view.send_if_modified(|current| {
-                    let changed =
-                        current.members != seen.members || current.partitions != seen.partitions || current.session != seen.session;
+                    let changed = current.members != seen.members
+                        || current.partitions != seen.partitions
+                        || current.session != seen.session
+                        || current.draining != seen.draining
+                        || current.handing_back != seen.handing_back;
                     *current = seen;
                     changed
                 });

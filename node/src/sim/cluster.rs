@@ -34,7 +34,7 @@ use rand::{Rng, SeedableRng};
 use super::model::{Clients, Ctx, Event, History, Node as Replicant, Proposal, Stats, Trace, check_converged, kind_of};
 use super::{Outcome, failure_of};
 use crate::coordination::driver::{EXPIRY_TICK, MemberCore, PROPOSAL_TIMEOUT, RaftMember, TICK, WRITE_DEADLINE, write_backoff};
-use crate::coordination::election::{ClusterView, Elector, ElectorConfig, Handovers, Placement};
+use crate::coordination::election::{ClusterView, DrainSwitch, Elector, ElectorConfig, Handovers, Placement};
 use crate::coordination::embedded::{RaftId, RaftKv, RaftKvError};
 use crate::coordination::member::{PREFIX, retry_delay};
 use crate::coordination::raft_log::RaftLog;
@@ -245,6 +245,10 @@ struct Part {
 
 type ElectorTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// What a view applied to the replicas was: the store's index, the node's session, and the
+/// partitions it hands back (its own intent, which moves no index).
+type AppliedView = (u64, Option<crate::coordination::SessionId>, BTreeSet<u32>);
+
 struct SimNode {
     name: String,
     member: SimStore,
@@ -252,9 +256,11 @@ struct SimNode {
     raft_log: Option<RaftLog>,
     elector: Option<ElectorTask>,
     handovers: Arc<Handovers>,
+    /// The process's drain switch (`Node.Drain`); a new process does not drain.
+    drain: Option<DrainSwitch>,
     view: Arc<Mutex<Option<ClusterView>>>,
     /// The index of the view last applied to the replicas.
-    applied_view: Option<(u64, Option<crate::coordination::SessionId>)>,
+    applied_view: Option<AppliedView>,
     parts: BTreeMap<u32, Part>,
     up: bool,
     down_until: u64,
@@ -346,6 +352,7 @@ impl Sim {
                     raft_log: Some(RaftLog::in_memory(&ids)),
                     elector: None,
                     handovers: Arc::default(),
+                    drain: None,
                     view: Arc::default(),
                     applied_view: None,
                     parts: BTreeMap::new(),
@@ -416,6 +423,7 @@ impl Sim {
         let clock = Arc::new(move || Duration::from_millis(clock_store.now_ms()));
         let elector = Elector::new(Arc::new(node.member.clone()), config).with_clock(clock);
         node.handovers = elector.handovers();
+        node.drain = Some(elector.drain_switch());
         *node.view.lock() = None;
         node.applied_view = None;
         node.elector = Some(Box::pin(run_elector(elector, node.member.clone(), node.view.clone())));
@@ -575,17 +583,22 @@ impl Sim {
         let view = {
             let node = &self.nodes[n as usize];
             let view = node.view.lock();
-            let Some(view) = view.as_ref().filter(|v| node.applied_view.as_ref() != Some(&(v.index, v.session.clone()))) else { return };
+            let Some(view) =
+                view.as_ref().filter(|v| node.applied_view.as_ref() != Some(&(v.index, v.session.clone(), v.handing_back.clone())))
+            else {
+                return;
+            };
             view.clone()
         };
-        self.nodes[n as usize].applied_view = Some((view.index, view.session.clone()));
+        self.nodes[n as usize].applied_view = Some((view.index, view.session.clone(), view.handing_back.clone()));
         self.count_moves(&view);
         let id = |name: &String| name.strip_prefix('n').and_then(|i| i.parse::<NodeId>().ok()).expect("members are named n<i>");
         let name = self.nodes[n as usize].name.clone();
         for (p, ownership) in &view.partitions {
-            let (p, members, target) =
-                (*p, ownership.replicas.iter().map(id).collect::<Vec<_>>(), ownership.target.iter().map(id).collect());
-            self.place(n, p, members, target, ownership.target.clone());
+            // A draining leader's target is its own set (`ClusterView::target_for`).
+            let target_names = view.target_for(*p, &name);
+            let (p, members, target) = (*p, ownership.replicas.iter().map(id).collect::<Vec<_>>(), target_names.iter().map(id).collect());
+            self.place(n, p, members, target, target_names);
             if let Some(epoch) = view.serving_here(p, &name)
                 && let Some(part) = self.nodes[n as usize].parts.get_mut(&p).filter(|part| part.active && epoch > part.granted)
             {
@@ -689,6 +702,11 @@ impl Sim {
                 part.paused_at = None;
                 node.handovers.report(p, epoch, part.target_names.clone());
                 self.stats.handovers += 1;
+                if same_members(&part.target, &part.members) {
+                    // A handover of the leadership alone: for a drain, or a hand-back.
+                    let draining = node.drain.as_ref().is_some_and(DrainSwitch::is_on);
+                    *if draining { &mut self.stats.drain_handovers } else { &mut self.stats.hand_backs } += 1;
+                }
                 // Now and then the process stalls right after its elector proposes the switch
                 // (a rare moment made common): the switch may land long after a later epoch
                 // took over, which the placement's claim must fence off.
@@ -855,6 +873,25 @@ impl Sim {
 
     fn faults(&mut self) {
         let count = self.nodes.len() as NodeId;
+        if self.rng.random_bool(0.001) {
+            // An operator drains the node a random node's view names as a random partition's
+            // leader, as before an upgrade (`Node.Drain`), or lets a draining node lead again.
+            let (asked, p) = (self.rng.random_range(0..count), self.rng.random_range(0..self.partitions));
+            let leader = self.nodes[asked as usize].view.lock().as_ref().and_then(|v| v.partitions.get(&p)?.leader.clone());
+            let undrain = self.rng.random_bool(0.3);
+            let n = match leader.and_then(|(name, _)| name[1..].parse::<NodeId>().ok()) {
+                Some(leader) if !undrain => Some(leader),
+                _ => (0..count).find(|m| self.nodes[*m as usize].drain.as_ref().is_some_and(DrainSwitch::is_on)),
+            };
+            if let Some(n) = n.filter(|n| self.nodes[*n as usize].up)
+                && let Some(drain) = self.nodes[n as usize].drain.as_ref()
+                && drain.is_on() == undrain
+            {
+                drain.set(!undrain);
+                self.stats.drains += u64::from(!undrain);
+                self.trace.note_in(CLUSTER, Event::Drain { step: self.step, node: n, on: !undrain });
+            }
+        }
         if self.isolated.as_ref().is_none_or(|(_, _, until, _)| *until <= self.step) && self.rng.random_bool(0.001) {
             let n = self.rng.random_range(0..count);
             let all = self.rng.random_bool(0.5);
@@ -1074,6 +1111,7 @@ fn storms(nodes: u64, seeds: std::ops::Range<u64>) -> (usize, Stats) {
     assert!(total.reads > 20 * count, "few linearizable reads were confirmed: {total:?}");
     assert!(total.duplicates > 5 * count, "few retried commands were answered as duplicates: {total:?}");
     assert!(total.store_snapshots_installed > 0, "no coordination member ever installed a snapshot: {total:?}");
+    assert!(total.drains >= count / 2 && total.drain_handovers > count / 2, "nodes hardly drained: {total:?}");
     assert!(total.ledger_commands > 100 * count && acknowledged > 500 * count as usize, "{acknowledged} acknowledged; {total:?}");
     (acknowledged, total)
 }
@@ -1103,6 +1141,7 @@ mod tests {
     fn three_nodes_under_crashes_pauses_partitions_and_skewed_clocks_lose_no_acknowledged_write_and_recover() {
         let (_, total) = storms(3, 0..env_or("ANTHILL_CLUSTER_SEEDS", 20));
         assert!(total.paused_leaders_replaced > 0, "no paused leader woke up replaced: {total:?}");
+        assert!(total.hand_backs > 0, "no leadership was handed back to a restarted node: {total:?}");
     }
 
     #[test]
@@ -1111,6 +1150,7 @@ mod tests {
         // With more nodes than a replica set, sets first placed over the first live members
         // move to where the nodes' names place them, each through a handover.
         assert!(total.moves > 0 && total.handovers >= total.moves, "{total:?}");
+        assert!(total.hand_backs > 0, "no leadership was handed back to a restarted node: {total:?}");
         assert!(total.paused_leaders_replaced > 0, "no paused leader woke up replaced: {total:?}");
     }
 

@@ -622,6 +622,7 @@ pub(super) enum Event {
     Pause { step: u64, node: NodeId, until: u64 },
     Reset { step: u64, a: NodeId, b: NodeId },
     Move { step: u64, members: u64 },
+    Drain { step: u64, node: NodeId, on: bool },
 }
 
 impl std::fmt::Display for Event {
@@ -641,6 +642,8 @@ impl std::fmt::Display for Event {
             Event::Pause { step, node, until } => write!(f, "step {step}: node {node} paused until step {until}"),
             Event::Reset { step, a, b } => write!(f, "step {step}: the connection between nodes {a} and {b} resets"),
             Event::Move { step, members } => write!(f, "step {step}: the replica set moves ({members:#x})"),
+            Event::Drain { step, node, on: true } => write!(f, "step {step}: node {node} drains"),
+            Event::Drain { step, node, on: false } => write!(f, "step {step}: node {node} leads again"),
         }
     }
 }
@@ -677,6 +680,7 @@ impl Event {
             Event::Pause { step, node, until } => [13, step, node.into(), until, 0, 0],
             Event::Reset { step, a, b } => [14, step, a.into(), b.into(), 0, 0],
             Event::Move { step, members } => [12, step, members, 0, 0, 0],
+            Event::Drain { step, node, on } => [15, step, node.into(), on.into(), 0, 0],
         }
     }
 }
@@ -751,6 +755,11 @@ pub struct Stats {
     pub duplicates: u64,
     /// Coordination members that installed their Raft leader's snapshot (the whole cluster).
     pub store_snapshots_installed: u64,
+    /// Nodes told to drain, and leaderships they handed over for it (a handover to the leader's
+    /// own set), and leaderships handed back to a preferred replica the same way.
+    pub drains: u64,
+    pub drain_handovers: u64,
+    pub hand_backs: u64,
 }
 
 impl Stats {
@@ -773,5 +782,8 @@ impl Stats {
         self.ledger_commands += other.ledger_commands;
         self.duplicates += other.duplicates;
         self.store_snapshots_installed += other.store_snapshots_installed;
+        self.drains += other.drains;
+        self.drain_handovers += other.drain_handovers;
+        self.hand_backs += other.hand_backs;
     }
 }
