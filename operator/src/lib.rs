@@ -1,4 +1,6 @@
-//! The Anthill Kubernetes operator (docs/kubernetes.md): the `AnthillCluster` resource
-//! ([`crd`]); the controller that makes clusters of it comes next (issue 9).
+//! The Anthill Kubernetes operator: the `AnthillCluster` resource ([`crd`]), the objects it
+//! becomes ([`resources`]) and the controller that keeps them ([`controller`]).
 
+pub mod controller;
 pub mod crd;
+pub mod resources;

@@ -8,6 +8,7 @@
 //! `system:masters`; [`ApiServer::kubeconfig`] names a kubeconfig with that token for `kubectl`
 //! and `helm`. Dropping the server kills both processes and removes the directory.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -136,6 +137,36 @@ impl ApiServer {
         } else {
             Err(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
         }
+    }
+
+    /// `kubectl <verb> -f -` with `manifest` on stdin; its stdout, or its stderr on failure.
+    pub fn kubectl_stdin(&self, verb: &[&str], manifest: &str) -> Result<String, String> {
+        let mut child = Command::new(&self.kubectl)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(verb)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// [`ApiServer::start`] with the `AnthillCluster` CRD as the chart commits it, established.
+    pub fn with_crd() -> ApiServer {
+        let api = ApiServer::start();
+        let crd = crate::repository().join("charts/anthill/crds/anthillclusters.anthill.io.yaml");
+        api.kubectl(&["apply", "--server-side", "-f", &crd.display().to_string()]).expect("the CRD installs");
+        api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/anthillclusters.anthill.io"])
+            .expect("the CRD is established");
+        api
     }
 
     /// The end of etcd's and the API server's logs, for a failure message.

@@ -80,22 +80,32 @@ pub fn alone_in_own_network_namespace(test: &str, tools: &[&str]) -> bool {
     false
 }
 
-/// The `anthill` binary of this workspace, in the profile these tests were built in: built by
-/// `cargo build` (a no-op when it is up to date; a test of another package cannot name the
-/// binary through `CARGO_BIN_EXE_…`), its path taken from cargo's own report.
+/// The `anthill` binary of this workspace, in the profile these tests were built in ([`binary`]).
 pub fn anthill() -> PathBuf {
+    binary("anthill-node", "anthill")
+}
+
+/// The `anthill-operator` binary of this workspace ([`binary`]).
+pub fn operator() -> PathBuf {
+    binary("anthill-operator", "anthill-operator")
+}
+
+/// Binary `bin` of workspace package `package`, in the profile these tests were built in: built
+/// by `cargo build` (a no-op when it is up to date; a test of another package cannot name the
+/// binary through `CARGO_BIN_EXE_…`), its path taken from cargo's own report.
+fn binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
     let mut command = Command::new(cargo);
-    command.current_dir(repository()).args(["build", "-q", "-p", "anthill-node", "--bin", "anthill", "--message-format=json"]);
+    command.current_dir(repository()).args(["build", "-q", "-p", package, "--bin", bin, "--message-format=json"]);
     if !cfg!(debug_assertions) {
         command.arg("--release");
     }
     let out = command.output().expect("cargo runs");
-    assert!(out.status.success(), "cargo build of anthill failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "cargo build of {bin} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "anthill")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reports the anthill executable")
+        .unwrap_or_else(|| panic!("cargo reports the {bin} executable"))
 }

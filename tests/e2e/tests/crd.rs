@@ -4,31 +4,11 @@
 //! its CEL rules refuse, at `kubectl apply` time and with their messages, what the operator
 //! could not honour.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use anthill_e2e::kube::ApiServer;
-
-const CRD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/anthill/crds/anthillclusters.anthill.io.yaml");
 
 /// `kubectl <verb> -f -` with `manifest` on stdin.
 fn kubectl_stdin(api: &ApiServer, verb: &[&str], manifest: &str) -> Result<String, String> {
-    let mut child = Command::new(anthill_e2e::tool("kubectl"))
-        .arg(format!("--kubeconfig={}", api.kubeconfig.display()))
-        .args(verb)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    api.kubectl_stdin(verb, manifest)
 }
 
 /// An AnthillCluster named `name` with `spec` (YAML, indented by four spaces).
@@ -39,11 +19,7 @@ fn cluster(name: &str, spec: &str) -> String {
 const GOOD: &str = "    replicas: 3\n    version: 0.2.0\n    storage:\n      size: 10Gi\n      storageClassName: fast\n";
 
 fn installed() -> ApiServer {
-    let api = ApiServer::start();
-    api.kubectl(&["apply", "--server-side", "-f", CRD]).expect("the CRD installs");
-    api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/anthillclusters.anthill.io"])
-        .expect("the CRD is established");
-    api
+    ApiServer::with_crd()
 }
 
 #[test]

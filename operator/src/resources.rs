@@ -1,0 +1,420 @@
+//! What an `AnthillCluster` becomes: the objects the controller keeps (server-side applied,
+//! each owned by the cluster resource). Pure functions of the resource, so they are tested
+//! without an API server.
+//!
+//! For a cluster `c` in namespace `ns`:
+//! - ConfigMap `c-config`: `node.yaml`, the nodes' configuration ([`node_config`]); every pod
+//!   reads the same file and gets its own `node_id` from its pod name (`--node-id`);
+//! - Service `c-nodes`: headless, publishing not-ready pods too, so that each pod has a stable
+//!   DNS name (`c-3.c-nodes.ns.svc`) the others reach it by while the cluster forms;
+//! - Service `c`: the clients' address (gRPC 7400, metrics 7401);
+//! - StatefulSet `c`: `replicas` pods started in parallel (a majority of the embedded store's
+//!   founders must be up before any is ready), `updateStrategy: OnDelete` (the operator decides
+//!   the order of restarts, draining each node first), one volume claim per pod;
+//! - PodDisruptionBudget `c`: none below 2 replicas.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::crd::{AnthillCluster, AntiAffinity, ReclaimPolicy, Store};
+
+/// The nodes' gRPC and metrics ports.
+pub const GRPC_PORT: u16 = 7400;
+pub const METRICS_PORT: u16 = 7401;
+/// Where a pod mounts its configuration, its volume and the Consul token.
+const CONFIG_DIR: &str = "/etc/anthill";
+const DATA_DIR: &str = "/var/lib/anthill";
+const CONSUL_TOKEN_DIR: &str = "/etc/anthill/consul";
+/// The field manager of the controller's server-side applies.
+pub const MANAGER: &str = "anthill-operator";
+/// The pod template's annotation holding a hash of the nodes' configuration: a change of the
+/// configuration changes the template, which the operator then rolls out.
+pub const CONFIG_HASH: &str = "anthill.io/config-hash";
+/// Grace before a pod's node is killed: its drain (`cluster.drain_on_stop_ms`, 10 s) plus the
+/// node's shutdown grace (5 s), with room to spare.
+const TERMINATION_GRACE_S: i64 = 30;
+
+/// The labels on every object of cluster `name`; the pods' selector is the first two.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "anthill".to_string()),
+        ("app.kubernetes.io/instance".to_string(), name.to_string()),
+        ("app.kubernetes.io/component".to_string(), "node".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
+    ])
+}
+
+/// The label selector of the cluster's pods.
+pub fn selector(name: &str) -> BTreeMap<String, String> {
+    labels(name).into_iter().filter(|(k, _)| k == "app.kubernetes.io/name" || k == "app.kubernetes.io/instance").collect()
+}
+
+/// `selector` as a label query (`a=b,c=d`), as the scale subresource reports it.
+pub fn selector_query(name: &str) -> String {
+    selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+pub fn headless_service_name(name: &str) -> String {
+    format!("{name}-nodes")
+}
+
+pub fn config_map_name(name: &str) -> String {
+    format!("{name}-config")
+}
+
+/// Node `ordinal`'s member name (its pod's name) and its stable address.
+pub fn member(cluster: &AnthillCluster, ordinal: i32) -> (String, String) {
+    let name = cluster.name_any();
+    let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
+    let pod = format!("{name}-{ordinal}");
+    let address = format!("{pod}.{}.{namespace}.svc:{GRPC_PORT}", headless_service_name(&name));
+    (pod, address)
+}
+
+/// Why the nodes' configuration cannot be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("spec.config must be a mapping of the node's configuration fields")]
+    NotAMapping,
+    #[error("spec.config sets {0}, which the operator owns (from the spec and the pods)")]
+    Owned(String),
+    #[error("spec.config: {0}")]
+    Invalid(String),
+}
+
+/// Fields of the node's configuration the operator sets from the spec and the pods; a
+/// `spec.config` that sets one is refused rather than silently overridden.
+const OWNED: &[&str] = &[
+    "node_id",
+    "data_dir",
+    "listen_addr",
+    "metrics_addr",
+    "storage.partitions",
+    "cluster.members",
+    "cluster.replication_factor",
+    "cluster.coordination",
+];
+
+/// The nodes' `node.yaml`: what the spec says (partitions, members by their stable DNS names,
+/// replication factor, coordination), `spec.config` merged over the rest, checked by the node's
+/// own configuration rules (`anthill_node::config`). `node_id` is each pod's name, given as a
+/// flag.
+pub fn node_config(cluster: &AnthillCluster) -> Result<String, ConfigError> {
+    let spec = &cluster.spec;
+    let members: Vec<Value> = (0..spec.replicas)
+        .map(|i| {
+            let (name, address) = member(cluster, i);
+            json!({ "id": i + 1, "name": name, "address": address })
+        })
+        .collect();
+    let mut config = json!({
+        "data_dir": DATA_DIR,
+        "listen_addr": format!("0.0.0.0:{GRPC_PORT}"),
+        "metrics_addr": format!("0.0.0.0:{METRICS_PORT}"),
+        "storage": { "partitions": spec.partitions },
+        "cluster": { "members": members, "replication_factor": spec.replication_factor },
+    });
+    if let Some(consul) = spec.coordination.consul.as_ref().filter(|_| spec.coordination.store == Store::Consul) {
+        config["cluster"]["coordination"] = json!({
+            "kind": "consul",
+            "address": consul.address,
+            "token_file": format!("{CONSUL_TOKEN_DIR}/token"),
+            "key_prefix": consul.key_prefix,
+        });
+        config["cluster"]["session_ttl_ms"] = json!(consul.session_ttl_ms);
+    }
+    if let Some(overrides) = &spec.config {
+        let Value::Object(overrides) = overrides else { return Err(ConfigError::NotAMapping) };
+        for path in OWNED {
+            let mut at = Some(&Value::Object(overrides.clone()));
+            for part in path.split('.') {
+                at = at.and_then(|v| v.get(part));
+            }
+            if at.is_some() {
+                return Err(ConfigError::Owned((*path).into()));
+            }
+        }
+        merge(&mut config, &Value::Object(overrides.clone()));
+    }
+    // The node's own rules, with the first member as the node (each pod is one of them).
+    let mut check = config.clone();
+    check["node_id"] = json!(member(cluster, 0).0);
+    let parsed: anthill_node::config::NodeConfig = serde_json::from_value(check).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    parsed.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Ok(serde_yaml::to_string(&config).expect("JSON values serialize as YAML"))
+}
+
+/// `overrides` merged into `base`: mappings key by key, anything else replaced.
+fn merge(base: &mut Value, overrides: &Value) {
+    match (base, overrides) {
+        (Value::Object(base), Value::Object(overrides)) => {
+            for (k, v) in overrides {
+                merge(base.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (base, overrides) => *base = overrides.clone(),
+    }
+}
+
+/// A short stable hash of the configuration (FNV-1a, hex), for [`CONFIG_HASH`].
+pub fn config_hash(config: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in config.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Metadata of an object of the cluster: its name, namespace, labels, and the cluster as its
+/// controlling owner (deleted with it by the garbage collector).
+fn metadata(cluster: &AnthillCluster, name: String) -> Value {
+    let owner = cluster.controller_owner_ref(&()).expect("a cluster read from the API server has a uid");
+    json!({
+        "name": name,
+        "namespace": cluster.namespace(),
+        "labels": labels(&cluster.name_any()),
+        "ownerReferences": [owner],
+    })
+}
+
+pub fn config_map(cluster: &AnthillCluster, config: &str) -> ConfigMap {
+    let value = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": metadata(cluster, config_map_name(&cluster.name_any())),
+        "data": { "node.yaml": config },
+    });
+    serde_json::from_value(value).expect("a ConfigMap")
+}
+
+pub fn headless_service(cluster: &AnthillCluster) -> Service {
+    let name = cluster.name_any();
+    let value = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": metadata(cluster, headless_service_name(&name)),
+        "spec": {
+            "clusterIP": "None",
+            // The nodes find each other before any is ready (readiness needs the cluster formed).
+            "publishNotReadyAddresses": true,
+            "selector": selector(&name),
+            "ports": [{ "name": "grpc", "port": GRPC_PORT, "targetPort": "grpc" }],
+        },
+    });
+    serde_json::from_value(value).expect("a Service")
+}
+
+pub fn client_service(cluster: &AnthillCluster) -> Service {
+    let name = cluster.name_any();
+    let value = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": metadata(cluster, name.clone()),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(&name),
+            "ports": [
+                { "name": "grpc", "port": GRPC_PORT, "targetPort": "grpc" },
+                { "name": "metrics", "port": METRICS_PORT, "targetPort": "metrics" },
+            ],
+        },
+    });
+    serde_json::from_value(value).expect("a Service")
+}
+
+fn affinity(cluster: &AnthillCluster) -> Value {
+    let term = json!({ "labelSelector": { "matchLabels": selector(&cluster.name_any()) }, "topologyKey": "kubernetes.io/hostname" });
+    match cluster.spec.placement.anti_affinity {
+        AntiAffinity::None => Value::Null,
+        AntiAffinity::Preferred => json!({ "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{ "weight": 100, "podAffinityTerm": term }],
+        }}),
+        AntiAffinity::Required => json!({ "podAntiAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": [term] } }),
+    }
+}
+
+pub fn stateful_set(cluster: &AnthillCluster, config: &str) -> StatefulSet {
+    let name = cluster.name_any();
+    let spec = &cluster.spec;
+    let retention = match spec.storage.reclaim_policy {
+        ReclaimPolicy::Retain => "Retain",
+        ReclaimPolicy::Delete => "Delete",
+    };
+    let mut volumes = vec![json!({ "name": "config", "configMap": { "name": config_map_name(&name) } })];
+    let mut mounts =
+        vec![json!({ "name": "config", "mountPath": CONFIG_DIR, "readOnly": true }), json!({ "name": "data", "mountPath": DATA_DIR })];
+    if let Some(consul) = spec.coordination.consul.as_ref().filter(|_| spec.coordination.store == Store::Consul) {
+        let secret = &consul.token_secret_ref;
+        volumes.push(json!({ "name": "consul-token", "secret": {
+            "secretName": secret.name, "items": [{ "key": secret.key, "path": "token" }],
+        }}));
+        mounts.push(json!({ "name": "consul-token", "mountPath": CONSUL_TOKEN_DIR, "readOnly": true }));
+    }
+    let mut claim = json!({
+        "metadata": { "name": "data", "labels": labels(&name) },
+        "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": spec.storage.size } } },
+    });
+    if let Some(class) = &spec.storage.storage_class_name {
+        claim["spec"]["storageClassName"] = json!(class);
+    }
+    let mut pod_spec = json!({
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+        "containers": [{
+            "name": "anthill",
+            "image": format!("{}:{}", spec.image, spec.version),
+            "args": ["node", "--config", format!("{CONFIG_DIR}/node.yaml"), "--node-id", "$(POD_NAME)"],
+            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+            "ports": [
+                { "name": "grpc", "containerPort": GRPC_PORT },
+                { "name": "metrics", "containerPort": METRICS_PORT },
+            ],
+            // Ready once the node serves: gRPC health (`tonic-health`, the EventLog service).
+            "readinessProbe": { "grpc": { "port": GRPC_PORT }, "periodSeconds": 2, "failureThreshold": 3 },
+            "volumeMounts": mounts,
+            "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } },
+        }],
+        "volumes": volumes,
+    });
+    if let Some(resources) = &spec.resources {
+        pod_spec["containers"][0]["resources"] = serde_json::to_value(resources).expect("resources serialize");
+    }
+    let affinity = affinity(cluster);
+    if !affinity.is_null() {
+        pod_spec["affinity"] = affinity;
+    }
+    let placement = &spec.placement;
+    if let Some(spread) = &placement.topology_spread_constraints {
+        pod_spec["topologySpreadConstraints"] = serde_json::to_value(spread).expect("constraints serialize");
+    }
+    if let Some(selector) = &placement.node_selector {
+        pod_spec["nodeSelector"] = json!(selector);
+    }
+    if let Some(tolerations) = &placement.tolerations {
+        pod_spec["tolerations"] = serde_json::to_value(tolerations).expect("tolerations serialize");
+    }
+    let value = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": metadata(cluster, name.clone()),
+        "spec": {
+            "replicas": spec.replicas,
+            "serviceName": headless_service_name(&name),
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": { "type": "OnDelete" },
+            "persistentVolumeClaimRetentionPolicy": { "whenDeleted": retention, "whenScaled": retention },
+            "selector": { "matchLabels": selector(&name) },
+            "template": {
+                "metadata": { "labels": labels(&name), "annotations": { CONFIG_HASH: config_hash(config) } },
+                "spec": pod_spec,
+            },
+            "volumeClaimTemplates": [claim],
+        },
+    });
+    serde_json::from_value(value).expect("a StatefulSet")
+}
+
+/// The PodDisruptionBudget, or none below 2 replicas (it could only block every eviction).
+pub fn disruption_budget(cluster: &AnthillCluster) -> Option<PodDisruptionBudget> {
+    if cluster.spec.replicas < 2 {
+        return None;
+    }
+    let name = cluster.name_any();
+    let value = json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": metadata(cluster, name.clone()),
+        "spec": { "maxUnavailable": cluster.spec.disruption_budget.max_unavailable, "selector": { "matchLabels": selector(&name) } },
+    });
+    Some(serde_json::from_value(value).expect("a PodDisruptionBudget"))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::AnthillClusterSpec;
+
+    /// A cluster as the API server would hand it over (with a uid).
+    pub(crate) fn cluster(spec: Value) -> AnthillCluster {
+        let mut c = AnthillCluster::new("shop", serde_json::from_value::<AnthillClusterSpec>(spec).unwrap());
+        c.metadata.namespace = Some("prod".into());
+        c.metadata.uid = Some("0a1b2c3d".into());
+        c
+    }
+
+    fn three() -> AnthillCluster {
+        cluster(json!({ "replicas": 3, "version": "0.1.0", "storage": { "size": "10Gi" } }))
+    }
+
+    #[test]
+    fn the_node_config_names_every_member_by_its_stable_dns_name_and_passes_the_nodes_own_rules() {
+        let config: Value = serde_yaml::from_str(&node_config(&three()).unwrap()).unwrap();
+        assert_eq!(config["storage"]["partitions"], 16);
+        assert_eq!(config["cluster"]["replication_factor"], 3);
+        let members = config["cluster"]["members"].as_array().unwrap();
+        assert_eq!(members.len(), 3);
+        assert_eq!(members[2], json!({ "id": 3, "name": "shop-2", "address": "shop-2.shop-nodes.prod.svc:7400" }));
+        assert!(config.get("node_id").is_none(), "each pod names itself");
+    }
+
+    #[test]
+    fn given_overrides_then_they_merge_and_owned_or_invalid_ones_are_refused_by_name() {
+        let mut c = three();
+        c.spec.config = Some(json!({ "group_commit": { "max_wait_us": 200 }, "cluster": { "session_ttl_ms": 3000 } }));
+        let config: Value = serde_yaml::from_str(&node_config(&c).unwrap()).unwrap();
+        assert_eq!((config["group_commit"]["max_wait_us"].as_u64(), config["cluster"]["session_ttl_ms"].as_u64()), (Some(200), Some(3000)));
+        assert_eq!(config["cluster"]["members"].as_array().unwrap().len(), 3, "merged, not replaced");
+        c.spec.config = Some(json!({ "storage": { "partitions": 8 } }));
+        assert_eq!(node_config(&c), Err(ConfigError::Owned("storage.partitions".into())));
+        c.spec.config = Some(json!({ "cluster": { "session_ttl_ms": 5 } }));
+        let err = node_config(&c).unwrap_err().to_string();
+        assert!(err.contains("cluster.session_ttl_ms") && err.contains("got 5"), "{err}");
+        c.spec.config = Some(json!({ "colour": "red" }));
+        assert!(node_config(&c).unwrap_err().to_string().contains("colour"));
+        c.spec.config = Some(json!([1, 2]));
+        assert_eq!(node_config(&c), Err(ConfigError::NotAMapping));
+    }
+
+    #[test]
+    fn given_consul_then_the_config_reads_the_token_from_the_mounted_secret() {
+        let c = cluster(json!({
+            "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" },
+            "coordination": { "store": "Consul", "consul": {
+                "address": "http://consul:8500", "tokenSecretRef": { "name": "consul-acl", "key": "token" }, "keyPrefix": "shop/",
+            }},
+        }));
+        let config: Value = serde_yaml::from_str(&node_config(&c).unwrap()).unwrap();
+        assert_eq!(config["cluster"]["coordination"]["token_file"], "/etc/anthill/consul/token");
+        assert_eq!(config["cluster"]["session_ttl_ms"], 10_000);
+        let set = serde_json::to_value(stateful_set(&c, "x")).unwrap();
+        let volumes = set["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        assert!(volumes.iter().any(|v| v["secret"]["secretName"] == "consul-acl" && v["secret"]["items"][0]["key"] == "token"));
+    }
+
+    #[test]
+    fn the_stateful_set_restarts_only_when_told_starts_in_parallel_and_carries_the_config_hash_and_claims() {
+        let c = three();
+        let config = node_config(&c).unwrap();
+        let set = serde_json::to_value(stateful_set(&c, &config)).unwrap();
+        let spec = &set["spec"];
+        assert_eq!(spec["updateStrategy"]["type"], "OnDelete");
+        assert_eq!(spec["podManagementPolicy"], "Parallel");
+        assert_eq!(spec["serviceName"], "shop-nodes");
+        assert_eq!(spec["template"]["metadata"]["annotations"][CONFIG_HASH], config_hash(&config));
+        assert_eq!(spec["template"]["spec"]["containers"][0]["image"], "anthill:0.1.0");
+        assert_eq!(spec["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
+        assert_eq!(spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"], "Retain");
+        assert_eq!(set["metadata"]["ownerReferences"][0]["controller"], true);
+        let anti = &spec["template"]["spec"]["affinity"]["podAntiAffinity"];
+        assert!(anti["preferredDuringSchedulingIgnoredDuringExecution"].is_array(), "{anti}");
+        assert_ne!(config_hash(&config), config_hash(&format!("{config} ")));
+    }
+
+    #[test]
+    fn a_disruption_budget_exists_only_from_two_replicas() {
+        assert!(disruption_budget(&three()).is_some());
+        let one = cluster(json!({ "replicas": 1, "replicationFactor": 1, "version": "0.1.0", "storage": { "size": "1Gi" } }));
+        assert!(disruption_budget(&one).is_none());
+        assert!(serde_json::to_value(headless_service(&one)).unwrap()["spec"]["publishNotReadyAddresses"] == true);
+    }
+}

@@ -1,0 +1,132 @@
+//! The operator's controller (`anthill-operator run`, a real process) against a real Kubernetes
+//! API server with the CRD installed: an `AnthillCluster` becomes its ConfigMap, Services,
+//! StatefulSet and PodDisruptionBudget, owned by it; the status reports what is there; `paused`
+//! stops every change and says so; a scale changes the members in the nodes' configuration; a
+//! bad `spec.config` changes nothing and is reported as `Degraded` with the node's own message.
+//! (No kubelet or controller-manager runs here, so no pod starts: the Kubernetes lab does that.)
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anthill_e2e::kube::ApiServer;
+use serde_json::Value;
+
+/// The operator process, killed when dropped.
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_operator(api: &ApiServer) -> Operator {
+    let log = std::fs::File::create(std::env::temp_dir().join("anthill-operator-e2e.log")).unwrap();
+    let child = Command::new(anthill_e2e::operator())
+        .args(["run", "--namespace", "default", "--log-level", "info"])
+        .env("KUBECONFIG", &api.kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("the operator starts");
+    Operator(child)
+}
+
+fn get(api: &ApiServer, what: &str) -> Option<Value> {
+    api.kubectl(&["get", what, "-o", "json"]).ok().and_then(|s| serde_json::from_str(&s).ok())
+}
+
+/// Polls `what` until `ready` holds for it (at most a minute); returns it.
+fn wait_for(api: &ApiServer, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = get(api, what);
+        if let Some(v) = seen.as_ref().filter(|v| ready(v)) {
+            return v.clone();
+        }
+        let log = std::fs::read_to_string(std::env::temp_dir().join("anthill-operator-e2e.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "{what} never got there; last seen: {seen:#?}\noperator log:\n{log}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn condition<'a>(cluster: &'a Value, kind: &str) -> Option<&'a Value> {
+    cluster["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+/// How many members the nodes' configuration in `config_map` lists.
+fn members(config_map: &Value) -> usize {
+    let config: Value = serde_yaml::from_str(config_map["data"]["node.yaml"].as_str().unwrap_or_default()).unwrap_or_default();
+    config["cluster"]["members"].as_array().map_or(0, Vec::len)
+}
+
+const CLUSTER: &str = "apiVersion: anthill.io/v1alpha1\nkind: AnthillCluster\nmetadata:\n  name: shop\n  namespace: default\nspec:\n  replicas: 3\n  version: 0.1.0\n  storage:\n    size: 1Gi\n";
+
+#[test]
+fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and_refuses_a_bad_config() {
+    anthill_e2e::ensure_tools();
+    let api = ApiServer::with_crd();
+    let _operator = start_operator(&api);
+    api.kubectl_stdin(&["create"], CLUSTER).expect("the cluster is created");
+    let cluster = get(&api, "anthillcluster/shop").unwrap();
+    let uid = cluster["metadata"]["uid"].as_str().unwrap().to_string();
+
+    // Its objects, each owned by the cluster (the garbage collector deletes them with it).
+    let set = wait_for(&api, "statefulset/shop", |s| s["spec"]["replicas"] == 3);
+    assert_eq!(set["spec"]["updateStrategy"]["type"], "OnDelete");
+    assert_eq!(set["spec"]["serviceName"], "shop-nodes");
+    assert_eq!(set["spec"]["template"]["spec"]["containers"][0]["image"], "anthill:0.1.0");
+    for what in ["statefulset/shop", "configmap/shop-config", "service/shop", "service/shop-nodes", "poddisruptionbudget/shop"] {
+        let object = wait_for(&api, what, |_| true);
+        let owner = &object["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (owner["kind"].as_str(), owner["uid"].as_str(), owner["controller"].as_bool()),
+            (Some("AnthillCluster"), Some(uid.as_str()), Some(true)),
+            "{what}"
+        );
+        assert_eq!(object["metadata"]["labels"]["app.kubernetes.io/managed-by"], "anthill-operator", "{what}");
+    }
+    let config = wait_for(&api, "configmap/shop-config", |_| true);
+    assert_eq!(members(&config), 3);
+    assert!(config["data"]["node.yaml"].as_str().unwrap().contains("shop-2.shop-nodes.default.svc:7400"), "{config}");
+    assert_eq!(wait_for(&api, "service/shop-nodes", |_| true)["spec"]["clusterIP"], "None");
+
+    // The status: no pod runs here, so nothing is ready and the cluster is still coming up.
+    let cluster = wait_for(&api, "anthillcluster/shop", |c| c["status"]["observedGeneration"] == c["metadata"]["generation"]);
+    assert_eq!(cluster["status"]["clusterId"], uid.as_str());
+    assert_eq!(cluster["status"]["selector"], "app.kubernetes.io/instance=shop,app.kubernetes.io/name=anthill");
+    assert_eq!(condition(&cluster, "Available").unwrap()["status"], "False", "{cluster:#}");
+    assert_eq!(condition(&cluster, "Progressing").unwrap()["status"], "True", "{cluster:#}");
+    assert_eq!(condition(&cluster, "ReconciliationPaused").unwrap()["status"], "False", "{cluster:#}");
+    let available_since = condition(&cluster, "Available").unwrap()["lastTransitionTime"].clone();
+
+    // Paused: a scale changes nothing until it is unpaused.
+    api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"paused":true}}"#]).unwrap();
+    wait_for(&api, "anthillcluster/shop", |c| condition(c, "ReconciliationPaused").is_some_and(|c| c["status"] == "True"));
+    api.kubectl(&["scale", "anthillcluster/shop", "--replicas=5"]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(get(&api, "statefulset/shop").unwrap()["spec"]["replicas"], 3, "a paused cluster changed");
+    api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"paused":false}}"#]).unwrap();
+    wait_for(&api, "statefulset/shop", |s| s["spec"]["replicas"] == 5);
+    wait_for(&api, "configmap/shop-config", |c| members(c) == 5);
+    let cluster = wait_for(&api, "anthillcluster/shop", |c| condition(c, "ReconciliationPaused").is_some_and(|c| c["status"] == "False"));
+    assert_eq!(condition(&cluster, "Available").unwrap()["lastTransitionTime"], available_since, "Available did not flip");
+
+    // A configuration the node would refuse changes nothing, and says why.
+    api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"config":{"cluster":{"session_ttl_ms":5}}}}"#])
+        .unwrap();
+    let degraded = wait_for(&api, "anthillcluster/shop", |c| condition(c, "Degraded").is_some_and(|c| c["status"] == "True"));
+    let why = &condition(&degraded, "Degraded").unwrap();
+    assert_eq!(why["reason"], "InvalidConfig");
+    assert!(why["message"].as_str().unwrap().contains("cluster.session_ttl_ms"), "{why}");
+    let hash = |s: &Value| s["spec"]["template"]["metadata"]["annotations"]["anthill.io/config-hash"].clone();
+    let before = hash(&get(&api, "statefulset/shop").unwrap());
+    api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"config":{"cluster":{"session_ttl_ms":3000}}}}"#])
+        .unwrap();
+    wait_for(&api, "anthillcluster/shop", |c| condition(c, "Degraded").is_some_and(|c| c["status"] == "False"));
+    let after = wait_for(&api, "statefulset/shop", |s| hash(s) != before);
+    assert!(after["spec"]["template"]["metadata"]["annotations"]["anthill.io/config-hash"].is_string());
+    assert!(get(&api, "configmap/shop-config").unwrap()["data"]["node.yaml"].as_str().unwrap().contains("session_ttl_ms: 3000"));
+}
