@@ -138,10 +138,9 @@ impl RunningNode {
         if limit.is_zero() {
             return;
         }
+        // Even leading nothing now, it waits until its mark is in the store: until then it
+        // could still take a free lock (and give it up plainly when it stops).
         let leading = cluster.drain(false);
-        if leading.is_empty() {
-            return;
-        }
         tracing::info!(partitions = leading.len(), limit_ms = limit.as_millis() as u64, "draining before stopping");
         let mut view = cluster.view.clone();
         let name = cluster.name.clone();

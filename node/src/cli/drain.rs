@@ -43,13 +43,15 @@ pub(crate) struct DrainArgs {
 /// whose replica set is not yet whole and in sync under another leader, with the reason.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct DrainProgress {
+    /// Whether the cluster sees the node draining (its mark is in the coordination store).
+    pub draining: bool,
     pub leading: Vec<u32>,
     pub not_in_sync: BTreeMap<u32, String>,
 }
 
 impl DrainProgress {
     pub fn done(&self) -> bool {
-        self.leading.is_empty() && self.not_in_sync.is_empty()
+        self.draining && self.leading.is_empty() && self.not_in_sync.is_empty()
     }
 }
 
@@ -59,26 +61,32 @@ pub(crate) fn progress(status: &pb::StatusResponse, leaders: &BTreeMap<String, p
     let me = status.node_id.as_str();
     let leading = status.partitions.iter().filter(|p| p.epoch > 0).map(|p| p.partition).collect();
     let mut not_in_sync = BTreeMap::new();
-    let Some(cluster) = &status.cluster else { return DrainProgress { leading, not_in_sync } };
+    let Some(cluster) = &status.cluster else { return DrainProgress { draining: false, leading, not_in_sync } };
+    let draining = cluster.members.iter().any(|m| m.name == me && m.draining);
     let live = |name: &str| cluster.members.iter().any(|m| m.name == name && m.live);
     for o in cluster.partitions.iter().filter(|o| o.replicas.iter().any(|r| r == me)) {
         let reason = if o.leader.is_empty() {
             Some("no leader".to_string())
         } else if o.leader == me {
             Some("led by this node".to_string())
+        } else if !o.target.is_empty() {
+            Some(format!("moving to {}", o.target.join(",")))
         } else if let Some(down) = o.replicas.iter().find(|r| !live(r)) {
             Some(format!("{down} is down"))
         } else if let Some(leader) = leaders.get(&o.leader) {
-            let part = leader.partitions.iter().find(|p| p.partition == o.partition && p.epoch > 0);
-            match part {
-                None => Some(format!("{} does not lead it yet", o.leader)),
-                Some(part) => {
-                    o.replicas.iter().filter(|r| **r != o.leader).find_map(|r| match part.followers.iter().find(|f| f.node == *r) {
+            // The leader's own word, in the epoch the cluster grants it.
+            match leader.partitions.iter().find(|p| p.partition == o.partition && p.epoch == o.epoch && p.epoch > 0) {
+                None => Some(format!("{} does not lead it in epoch {} yet", o.leader, o.epoch)),
+                Some(part) => o.replicas.iter().filter(|r| **r != o.leader).find_map(|r| {
+                    match part.followers.iter().find(|f| f.node == *r) {
+                        // Nothing matched: it has not answered in this epoch (a lag alone looks
+                        // small on a short log).
                         None => Some(format!("{r} has not answered {}", o.leader)),
+                        Some(f) if f.matched_position == 0 => Some(format!("{r} has not answered {}", o.leader)),
                         Some(f) if f.lag > max_lag => Some(format!("{r} is {} events behind", f.lag)),
                         Some(_) => None,
-                    })
-                }
+                    }
+                }),
             }
         } else {
             Some(format!("{} did not answer", o.leader))
@@ -87,7 +95,7 @@ pub(crate) fn progress(status: &pb::StatusResponse, leaders: &BTreeMap<String, p
             not_in_sync.insert(o.partition, reason);
         }
     }
-    DrainProgress { leading, not_in_sync }
+    DrainProgress { draining, leading, not_in_sync }
 }
 
 /// The statuses of the leaders of the partitions `status` names, by member name.
@@ -128,8 +136,9 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         done = state.done();
         if !args.json {
             let first = state.not_in_sync.iter().next().map(|(p, why)| format!(" (partition {p}: {why})")).unwrap_or_default();
+            let not_yet = if state.draining { "" } else { ", not draining yet" };
             eprintln!(
-                "  {:>6.1} s: leads {}, {} partitions not in sync{first}",
+                "  {:>6.1} s: leads {}, {} partitions not in sync{first}{not_yet}",
                 started.elapsed().as_secs_f64(),
                 state.leading.len(),
                 state.not_in_sync.len()
@@ -172,7 +181,7 @@ mod tests {
     use super::*;
 
     fn member(name: &str, live: bool) -> pb::ClusterMember {
-        pb::ClusterMember { name: name.into(), address: format!("{name}:7400"), live, ..Default::default() }
+        pb::ClusterMember { name: name.into(), address: format!("{name}:7400"), live, draining: name == "a", ..Default::default() }
     }
 
     fn owned(partition: u32, leader: &str) -> pb::PartitionOwnership {
@@ -181,7 +190,8 @@ mod tests {
     }
 
     fn led(partition: u32, lags: &[(&str, u64)]) -> pb::PartitionStatus {
-        let followers = lags.iter().map(|(n, lag)| pb::FollowerProgress { node: (*n).into(), matched_position: 0, lag: *lag }).collect();
+        let followers =
+            lags.iter().map(|(n, lag)| pb::FollowerProgress { node: (*n).into(), matched_position: 5_000 - lag, lag: *lag }).collect();
         pb::PartitionStatus { partition, epoch: 3, followers, ..Default::default() }
     }
 
@@ -205,7 +215,13 @@ mod tests {
             ("b".to_string(), pb::StatusResponse { partitions: vec![led(0, &[("a", 0), ("c", 10)])], ..Default::default() }),
             ("c".to_string(), pb::StatusResponse { partitions: vec![led(1, &[("a", 5), ("b", 2048)])], ..Default::default() }),
         ]);
-        assert_eq!(progress(&status, &leaders, 2048), DrainProgress::default());
+        let state = progress(&status, &leaders, 2048);
+        assert_eq!(state, DrainProgress { draining: true, ..DrainProgress::default() });
+        assert!(state.done());
+        // Not done until the cluster sees the node draining.
+        let mut undrained = status.clone();
+        undrained.cluster.as_mut().unwrap().members[0].draining = false;
+        assert!(!progress(&undrained, &leaders, 2048).done());
     }
 
     #[test]
@@ -214,7 +230,12 @@ mod tests {
             "b".to_string(),
             pb::StatusResponse { partitions: vec![led(0, &[("a", 0), ("c", 2049)]), led(2, &[("a", 0)])], ..Default::default() },
         )]);
-        let status = drained(&[1], vec![owned(0, "b"), owned(1, "a"), owned(2, "b"), owned(3, ""), owned(4, "c")], true);
+        let mut moving = owned(5, "b");
+        moving.target = vec!["b".into(), "c".into(), "d".into()];
+        let mut stale = owned(6, "b");
+        stale.epoch = 4;
+        let partitions = vec![owned(0, "b"), owned(1, "a"), owned(2, "b"), owned(3, ""), owned(4, "c"), moving, stale];
+        let status = drained(&[1], partitions, true);
         let state = progress(&status, &leaders, 2048);
         assert_eq!(state.leading, vec![1]);
         assert_eq!(state.not_in_sync[&0], "c is 2049 events behind");
@@ -222,6 +243,8 @@ mod tests {
         assert_eq!(state.not_in_sync[&2], "c has not answered b");
         assert_eq!(state.not_in_sync[&3], "no leader");
         assert_eq!(state.not_in_sync[&4], "c did not answer");
+        assert_eq!(state.not_in_sync[&5], "moving to b,c,d");
+        assert_eq!(state.not_in_sync[&6], "b does not lead it in epoch 4 yet");
         assert!(!state.done());
         let down = progress(&drained(&[], vec![owned(0, "b")], false), &leaders, 2048);
         assert_eq!(down.not_in_sync[&0], "c is down");

@@ -42,8 +42,9 @@
 //!
 //! Decisions a later engineer must know: a dead member is not replaced on its own (a restart
 //! must not move data); an operator decommissions it (`anthill decommission`), and a member
-//! seen for the first time joins the desired sets. Only the first live replica of a set takes a
-//! free lock, so leadership spreads like the placement. A node that comes back takes no lock
+//! seen for the first time joins the desired sets. Only the preferred replica of a set (the
+//! first live one that does not drain) takes a free lock, so leadership spreads like the
+//! placement. A node that comes back takes no lock
 //! back itself; once it has been live for [`SETTLE_TTLS`] TTLs, each leader hands back to it
 //! one partition per round whose set names it first (a handover as a draining leader makes,
 //! below, then a release), so leadership spreads again without flapping after every restart.
@@ -195,9 +196,10 @@ impl ClusterView {
 
     /// The set `node`'s replica of `partition` works towards: the placement's target while the
     /// set moves; while `node` serves as the partition's leader and drains or hands the
-    /// partition back, its own set, as long as another live replica of it does not drain (the
-    /// handover moves only the leadership, module doc); otherwise none. `node` is the view's
-    /// own node (`handing_back` is its intent).
+    /// partition back, its own set with the successor (the preferred replica) first, as long
+    /// as that is another live replica that does not drain (the handover moves only the
+    /// leadership, and waits until the successor holds the whole log: `Replica::successor`);
+    /// otherwise none. `node` is the view's own node (`handing_back` is its intent).
     pub fn target_for(&self, partition: u32, node: &str) -> Vec<String> {
         let Some(o) = self.partitions.get(&partition) else { return Vec::new() };
         if !o.target.is_empty() {
@@ -205,8 +207,10 @@ impl ClusterView {
         }
         let successor = self.preferred(&o.replicas).filter(|m| *m != node && !self.draining.contains(*m));
         let handing = self.draining.contains(node) || self.handing_back.contains(&partition);
-        if handing && self.serving_here(partition, node).is_some() && successor.is_some() {
-            return o.replicas.clone();
+        if let Some(successor) = successor.filter(|_| handing && self.serving_here(partition, node).is_some()) {
+            let mut target = vec![successor.clone()];
+            target.extend(o.replicas.iter().filter(|r| *r != successor).cloned());
+            return target;
         }
         Vec::new()
     }
@@ -407,6 +411,18 @@ impl<S: CoordinationStore> Elector<S> {
             });
             ready.clone()
         };
+        // A hand-back stands while its partition's preferred replica is another, settled node
+        // and the set does not move; otherwise it is called off (and taken up again once so).
+        let called_off = {
+            let mut handing_back = self.handing_back.lock();
+            let before = handing_back.len();
+            handing_back.retain(|p| {
+                view.partitions.get(p).is_some_and(|o| {
+                    o.target.is_empty() && view.preferred(&o.replicas).is_some_and(|m| *m != self.config.node && settled.contains(m))
+                })
+            });
+            handing_back.len() != before
+        };
         let mut writes = Vec::new();
         // Locks to release, and whether a handover report is settled once released.
         let mut releases: Vec<(u32, bool)> = Vec::new();
@@ -462,7 +478,7 @@ impl<S: CoordinationStore> Elector<S> {
                 }
             }
         }
-        let wrote = !writes.is_empty() || !releases.is_empty() || handed_back;
+        let wrote = !writes.is_empty() || !releases.is_empty() || handed_back || called_off;
         let puts: Vec<(String, String, u64)> =
             writes.iter().map(|(p, index, placement, _)| (self.key("placement", p), placement.encode(), *index)).collect();
         let outcomes = futures_util::future::join_all(
@@ -810,7 +826,11 @@ mod tests {
         // (A target is a node's own: `serving_here` compares the lock's session with the view's.)
         let (seen_a, seen_b, seen_c) = (a.round().await.unwrap(), b.round().await.unwrap(), c.round().await.unwrap());
         for (p, o) in &seen_a.partitions {
-            let own = if led.contains_key(p) { o.replicas.clone() } else { Vec::new() };
+            // The successor (the first replica that does not drain) first, then the others.
+            let successor = o.replicas.iter().find(|r| *r != "node-1").unwrap();
+            let mut own = vec![successor.clone()];
+            own.extend(o.replicas.iter().filter(|r| *r != successor).cloned());
+            let own = if led.contains_key(p) { own } else { Vec::new() };
             assert_eq!(seen_a.target_for(*p, "node-1"), own, "partition {p}");
             assert!(o.target.is_empty() && seen_b.target_for(*p, "node-2").is_empty() && seen_c.target_for(*p, "node-3").is_empty());
         }

@@ -640,13 +640,29 @@ impl Replica {
     }
 
     /// Lowest position any newcomer of the target set holds this leader's log up to (the
-    /// leader's last when there are none); `None` when not leading towards a target.
+    /// leader's last when there are none); for a leadership-only handover, how far the
+    /// successor holds it; `None` when not leading towards a target.
     pub fn learners_matched(&self) -> Option<Position> {
         let Phase::Leading { peers, .. } = &self.phase else { return None };
         if self.target.is_empty() {
             return None;
         }
+        if let Some(successor) = self.successor() {
+            return Some(peers.get(&successor).map_or(0, |p| p.matched));
+        }
         Some(peers.values().filter(|p| !p.voter).map(|p| p.matched).min().unwrap_or(self.last))
+    }
+
+    /// The replica a leadership-only handover goes to: the first of a target that is the
+    /// replica set itself (a draining leader's, or a hand-back; `ClusterView::target_for` puts
+    /// the successor first). It must hold the whole log too, so that the lock goes to a replica
+    /// that is alive and takes over without catching up first.
+    fn successor(&self) -> Option<NodeId> {
+        let mut target = self.target.clone();
+        let mut members = self.config.members.clone();
+        target.sort_unstable();
+        members.sort_unstable();
+        (target == members).then(|| self.target.first().copied()).flatten().filter(|n| *n != self.config.me)
     }
 
     /// Whether the paused leader may hand the partition over to its target set: its whole log
@@ -661,7 +677,8 @@ impl Replica {
         }
         let holds = |n: &NodeId| *n == self.config.me || peers.get(n).is_some_and(|p| p.matched == self.last);
         let newcomers_hold = self.target.iter().filter(|n| !self.config.members.contains(n)).all(holds);
-        newcomers_hold && self.target.iter().filter(|n| holds(n)).count() > self.target.len() / 2
+        let successor_holds = self.successor().is_none_or(|n| holds(&n));
+        newcomers_hold && successor_holds && self.target.iter().filter(|n| holds(n)).count() > self.target.len() / 2
     }
 
     // ---- following ----
@@ -1289,6 +1306,29 @@ mod tests {
         leader.set_target(vec![1, 2, 4]);
         leader.set_target(vec![1, 2, 5]);
         assert!(!leader.handover_ready(), "newcomer 5 holds nothing");
+    }
+
+    #[test]
+    fn given_a_leadership_only_handover_then_it_waits_for_the_successor_as_well_as_a_majority() {
+        let (mut leader, log) = serving_leader();
+        let durable = |leader: &mut Replica, peer, position| {
+            leader.on_message(peer, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(position), round: 0 }, &log)
+        };
+        // Its own set, successor 2 first (a drain or a hand-back): 1 holds the log, 2 nothing.
+        leader.set_target(vec![2, 0, 1]);
+        durable(&mut leader, 1, 1);
+        assert_eq!(leader.learners_matched(), Some(0), "how far the successor holds the log");
+        leader.pause(true);
+        assert!(!leader.handover_ready(), "a majority holds the log, but not the successor");
+        durable(&mut leader, 2, 1);
+        assert_eq!(leader.learners_matched(), Some(1));
+        assert!(leader.handover_ready());
+        // The successor alone with the leader is a majority too.
+        let (mut leader, log) = serving_leader();
+        leader.set_target(vec![1, 2, 0]);
+        leader.on_message(1, Message::AppendReply { epoch: 1, outcome: AppendOutcome::Durable(1), round: 0 }, &log);
+        leader.pause(true);
+        assert!(leader.handover_ready());
     }
 
     /// The appends `effects` send, by peer: (prev_position, entry positions).
