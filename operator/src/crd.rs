@@ -52,7 +52,14 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.spec.replicas >= self.spec.replicationFactor")
         .message("spec.replicas must be at least spec.replicationFactor: each partition needs that many nodes")
-        .field_path(".spec.replicas")
+        .field_path(".spec.replicas"),
+    // Pod names (`<name>-11`), the headless Service (`<name>-nodes`) and the StatefulSet's
+    // revision labels must stay within Kubernetes' 63-character limits.
+    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters (the pods and Services are named after it)"),
+    // A disruption may take at most a minority of any replica set, or a partition loses its quorum.
+    validation = Rule::new("!has(self.spec.disruptionBudget) || !has(self.spec.disruptionBudget.maxUnavailable) || self.spec.disruptionBudget.maxUnavailable <= 1 || self.spec.disruptionBudget.maxUnavailable <= (self.spec.replicationFactor - 1) / 2")
+        .message("spec.disruptionBudget.maxUnavailable must be at most (replicationFactor - 1) / 2 (and 1 is always allowed): more would let a disruption take a partition's quorum")
+        .field_path(".spec.disruptionBudget.maxUnavailable")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AnthillClusterSpec {
@@ -69,7 +76,8 @@ pub struct AnthillClusterSpec {
     /// (a rolling upgrade, one node at a time) but never down.
     #[schemars(length(min = 5, max = 32))]
     #[x_kube(
-        validation = Rule::new("self.matches('^[0-9]+\\\\.[0-9]+\\\\.[0-9]+$')").message("version must be MAJOR.MINOR.PATCH, e.g. 0.1.0"),
+        validation = Rule::new("self.matches('^[0-9]{1,9}\\\\.[0-9]{1,9}\\\\.[0-9]{1,9}$')")
+            .message("version must be MAJOR.MINOR.PATCH with at most 9 digits each, e.g. 0.1.0"),
         validation = Rule::new(DOWNGRADE_RULE).message("version cannot go down: downgrades are not supported (restore from a backup instead)")
     )]
     pub version: String,
@@ -120,7 +128,7 @@ pub struct AnthillClusterSpec {
 
 /// The version rule: `self` and `oldSelf` as MAJOR.MINOR.PATCH, compared part by part (CEL's
 /// strings library splits; a transition rule runs only on updates).
-const DOWNGRADE_RULE: &str = "!self.matches('^[0-9]+\\\\.[0-9]+\\\\.[0-9]+$') || !oldSelf.matches('^[0-9]+\\\\.[0-9]+\\\\.[0-9]+$') || \
+const DOWNGRADE_RULE: &str = "!self.matches('^[0-9]{1,9}\\\\.[0-9]{1,9}\\\\.[0-9]{1,9}$') || !oldSelf.matches('^[0-9]{1,9}\\\\.[0-9]{1,9}\\\\.[0-9]{1,9}$') || \
      int(self.split('.')[0]) > int(oldSelf.split('.')[0]) || \
      int(self.split('.')[0]) == int(oldSelf.split('.')[0]) && \
      (int(self.split('.')[1]) > int(oldSelf.split('.')[1]) || \
@@ -154,7 +162,7 @@ pub struct Storage {
     /// allows expansion) but never shrink.
     #[schemars(length(max = 32))]
     #[x_kube(
-        validation = Rule::new("isQuantity(self)").message("storage.size must be a quantity such as 10Gi"),
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("storage.size must be a quantity above 0, such as 10Gi"),
         validation = Rule::new("!isQuantity(self) || !isQuantity(oldSelf) || quantity(self).compareTo(quantity(oldSelf)) >= 0")
             .message("storage.size can only grow")
     )]
@@ -222,10 +230,16 @@ fn default_max_unavailable() -> i32 {
     1
 }
 
-/// Where partition ownership is decided (docs/replication.md, "Ownership").
+/// Where partition ownership is decided (docs/replication.md, "Ownership"); fixed when the
+/// cluster is created (the nodes' leaderships live in the store).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.store != 'Consul' || has(self.consul)").message("coordination.store Consul needs coordination.consul"))]
+#[x_kube(
+    validation = Rule::new("self.store != 'Consul' || has(self.consul)").message("coordination.store Consul needs coordination.consul"),
+    validation = Rule::new("self.store == oldSelf.store").message("coordination.store cannot change after the cluster is created"),
+    validation = Rule::new("has(self.consul) == has(oldSelf.consul) && (!has(self.consul) || !has(oldSelf.consul) || (has(self.consul.keyPrefix) == has(oldSelf.consul.keyPrefix) && (!has(self.consul.keyPrefix) || self.consul.keyPrefix == oldSelf.consul.keyPrefix)))")
+        .message("coordination.consul.keyPrefix cannot change after the cluster is created (the cluster's keys live under it)")
+)]
 pub struct Coordination {
     /// `Embedded` (the default: the nodes run the store themselves, no other service) or
     /// `Consul`.
@@ -252,22 +266,16 @@ pub struct ConsulStore {
     /// The Secret key holding the nodes' ACL token (a policy on `keyPrefix` and sessions,
     /// docs/replication.md).
     pub token_secret_ref: SecretKeySelector,
-    /// A Secret with the CA and client certificate for Consul's TLS (`ca.crt`, `tls.crt`,
-    /// `tls.key`).
+    /// The cluster's keys live under this prefix (letters, digits, `-`, `_`, `.`, `/`, ending in
+    /// `/`); unset: `anthill/<namespace>/<name>/`, so clusters sharing a Consul never collide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_secret_name: Option<String>,
-    /// The cluster's keys live under this prefix; clusters sharing a Consul need different ones.
-    #[serde(default = "default_key_prefix")]
-    pub key_prefix: String,
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.\-][A-Za-z0-9_./\-]*/$"), length(max = 200))]
+    pub key_prefix: Option<String>,
     /// The nodes' session TTL with Consul, at least Consul's minimum of 10 s; a dead node's
     /// partitions move about twice this after its last renewal.
     #[serde(default = "default_session_ttl_ms")]
     #[schemars(range(min = 10_000, max = 600_000))]
     pub session_ttl_ms: u32,
-}
-
-fn default_key_prefix() -> String {
-    "anthill/".into()
 }
 
 fn default_session_ttl_ms() -> u32 {
@@ -284,6 +292,7 @@ pub struct AnthillClusterStatus {
     /// `Available`, `Progressing`, `Degraded` and `ReconciliationPaused`; a condition's
     /// transition time changes only when its status flips.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Pods of the cluster, and those running, ready and caught up.
     #[serde(default)]

@@ -76,6 +76,13 @@ pub fn member(cluster: &AnthillCluster, ordinal: i32) -> (String, String) {
     (pod, address)
 }
 
+/// The cluster's key prefix in Consul: the spec's, or `anthill/<namespace>/<name>/`, so that
+/// clusters sharing a Consul never share keys.
+pub fn key_prefix(cluster: &AnthillCluster) -> String {
+    let given = cluster.spec.coordination.consul.as_ref().and_then(|c| c.key_prefix.clone());
+    given.unwrap_or_else(|| format!("anthill/{}/{}/", cluster.namespace().unwrap_or_else(|| "default".into()), cluster.name_any()))
+}
+
 /// Why the nodes' configuration cannot be made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -124,7 +131,7 @@ pub fn node_config(cluster: &AnthillCluster) -> Result<String, ConfigError> {
             "kind": "consul",
             "address": consul.address,
             "token_file": format!("{CONSUL_TOKEN_DIR}/token"),
-            "key_prefix": consul.key_prefix,
+            "key_prefix": key_prefix(cluster),
         });
         config["cluster"]["session_ttl_ms"] = json!(consul.session_ttl_ms);
     }
@@ -386,6 +393,10 @@ pub(crate) mod tests {
         let config: Value = serde_yaml::from_str(&node_config(&c).unwrap()).unwrap();
         assert_eq!(config["cluster"]["coordination"]["token_file"], "/etc/anthill/consul/token");
         assert_eq!(config["cluster"]["session_ttl_ms"], 10_000);
+        assert_eq!(config["cluster"]["coordination"]["key_prefix"], "shop/");
+        let mut unset = c.clone();
+        unset.spec.coordination.consul.as_mut().unwrap().key_prefix = None;
+        assert_eq!(key_prefix(&unset), "anthill/prod/shop/", "one prefix per cluster");
         let set = serde_json::to_value(stateful_set(&c, "x")).unwrap();
         let volumes = set["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
         assert!(volumes.iter().any(|v| v["secret"]["secretName"] == "consul-acl" && v["secret"]["items"][0]["key"] == "token"));

@@ -49,6 +49,12 @@ fn the_cel_rules_refuse_bad_clusters_and_bad_changes_with_their_messages() {
         ("    replicas: 2\n    version: 0.2.0\n    storage: {size: 10Gi}\n", "spec.replicas must be at least spec.replicationFactor"),
         ("    replicas: 3\n    version: latest\n    storage: {size: 10Gi}\n", "version must be MAJOR.MINOR.PATCH"),
         ("    replicas: 3\n    version: 0.2.0\n    storage: {size: ten}\n", "storage.size must be a quantity"),
+        ("    replicas: 3\n    version: 0.2.0\n    storage: {size: '0'}\n", "storage.size must be a quantity above 0"),
+        ("    replicas: 3\n    version: 1.2.3456789012\n    storage: {size: 10Gi}\n", "at most 9 digits each"),
+        (
+            "    replicas: 5\n    version: 0.2.0\n    storage: {size: 10Gi}\n    disruptionBudget: {maxUnavailable: 2}\n",
+            "maxUnavailable must be at most (replicationFactor - 1) / 2",
+        ),
         (
             "    replicas: 3\n    version: 0.2.0\n    storage: {size: 10Gi}\n    coordination: {store: Consul}\n",
             "coordination.store Consul needs coordination.consul",
@@ -57,6 +63,24 @@ fn the_cel_rules_refuse_bad_clusters_and_bad_changes_with_their_messages() {
         let refused = kubectl_stdin(&api, &["create"], &cluster("bad", spec)).expect_err(spec);
         assert!(refused.contains(message), "{spec}: {refused}");
     }
+    let long = "a".repeat(41);
+    let refused = kubectl_stdin(&api, &["create"], &cluster(&long, GOOD)).expect_err("a 41-character name");
+    assert!(refused.contains("metadata.name must be at most 40 characters"), "{refused}");
+    // Five copies of each partition: two may go at once.
+    let five = "    replicas: 5\n    replicationFactor: 5\n    version: 0.2.0\n    storage: {size: 10Gi}\n    disruptionBudget: {maxUnavailable: 2}\n";
+    kubectl_stdin(&api, &["create"], &cluster("five", five)).expect("two of five copies may go at once");
+    // The coordination store and the Consul key prefix stay as created.
+    let consul = |prefix: &str| {
+        format!(
+            "{GOOD}    coordination:\n      store: Consul\n      consul:\n        address: http://consul:8500\n        tokenSecretRef: {{name: acl, key: token}}\n{prefix}"
+        )
+    };
+    kubectl_stdin(&api, &["apply", "--server-side"], &cluster("billing", &consul(""))).expect("a Consul cluster");
+    let refused = kubectl_stdin(&api, &["apply", "--server-side"], &cluster("billing", &consul("        keyPrefix: other/\n")))
+        .expect_err("a new prefix");
+    assert!(refused.contains("keyPrefix cannot change"), "{refused}");
+    let refused = kubectl_stdin(&api, &["apply", "--server-side"], &cluster("billing", GOOD)).expect_err("back to the embedded store");
+    assert!(refused.contains("coordination.store cannot change"), "{refused}");
 
     kubectl_stdin(&api, &["apply", "--server-side"], &cluster("orders", GOOD)).expect("a good cluster is taken");
     let change = |from: &str, to: &str| GOOD.replace(from, to);
