@@ -146,7 +146,10 @@ impl TryFrom<String> for PeerAddress {
 
     fn try_from(text: String) -> Result<Self, String> {
         let bad = |why: &str| Err(format!("{text:?} is not host:port ({why}); e.g. 10.0.0.5:7400 or anthill-0.anthill-nodes:7400"));
-        if text.parse::<SocketAddr>().is_ok() {
+        if let Ok(address) = text.parse::<SocketAddr>() {
+            if address.port() == 0 {
+                return bad("the port must be 1 to 65535");
+            }
             return Ok(PeerAddress(text));
         }
         let Some((host, port)) = text.rsplit_once(':') else { return bad("no port") };
@@ -162,7 +165,11 @@ impl TryFrom<String> for PeerAddress {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         };
-        if host.is_empty() || host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+        // One trailing dot (a fully qualified name) is fine; a last label of digits only is not a
+        // name (it would be a mistyped IP address, such as 10.0.0.300).
+        let name = host.strip_suffix('.').unwrap_or(host);
+        let last_numeric = name.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) || last_numeric {
             return bad("the host must be an IP address or a DNS name");
         }
         Ok(PeerAddress(text))
@@ -656,8 +663,14 @@ mod tests {
 
     #[test]
     fn member_addresses_are_ip_or_dns_host_and_port() {
-        for good in ["127.0.0.1:7400", "[::1]:7400", "anthill-0.anthill-nodes.default.svc.cluster.local:7400", "localhost:1", "node-1:7400"]
-        {
+        for good in [
+            "127.0.0.1:7400",
+            "[::1]:7400",
+            "anthill-0.anthill-nodes.default.svc.cluster.local:7400",
+            "anthill-0.anthill-nodes.default.svc.cluster.local.:7400",
+            "localhost:1",
+            "node-1:7400",
+        ] {
             let address: PeerAddress = good.parse().unwrap_or_else(|e| panic!("{good}: {e}"));
             assert_eq!(address.to_string(), good);
         }
@@ -672,6 +685,10 @@ mod tests {
             ("no_underscores:7400", "the host must be"),
             ("-dash:7400", "the host must be"),
             ("http://node-1:7400", "the host must be"),
+            ("127.0.0.1:0", "the port must be"),
+            ("10.0.0.300:7400", "the host must be"),
+            ("node-1..:7400", "the host must be"),
+            (".:7400", "the host must be"),
         ] {
             let err = bad.parse::<PeerAddress>().unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

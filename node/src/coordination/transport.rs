@@ -154,6 +154,8 @@ async fn stream_to_peer<T, W, E, O, F>(
     F: std::future::Future<Output = Result<Response<pb::RaftAck>, Status>> + Send + 'static,
 {
     let mut backoff = RECONNECT_MIN;
+    // Connection attempts that failed in a row; logged as a warning at 8, 16, 32, … of them.
+    let mut failures = 0u32;
     // A message taken from the queue that no call carried: it goes first on the next call.
     let mut held: Option<W> = None;
     loop {
@@ -161,6 +163,12 @@ async fn stream_to_peer<T, W, E, O, F>(
             .expect("a checked host:port is a valid URI authority")
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
+            // A peer whose address went away without a reset (a pod made again under a new
+            // IP, a host cut off) is noticed within a few seconds, and the next connection
+            // resolves its name again.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .local_address(local);
         let connected = tokio::select! {
             connected = endpoint.connect() => connected,
@@ -168,6 +176,7 @@ async fn stream_to_peer<T, W, E, O, F>(
         };
         match connected {
             Ok(channel) => {
+                failures = 0;
                 let client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
                 let (tx, rx) = mpsc::channel::<W>(256);
                 let mut call = tokio::spawn(open(client, tokio_stream::wrappers::ReceiverStream::new(rx)));
@@ -220,7 +229,14 @@ async fn stream_to_peer<T, W, E, O, F>(
                     continue;
                 }
             }
-            Err(e) => tracing::debug!(peer = id, %address, error = %e, "cannot connect to a peer; trying again"),
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                if failures >= 8 && failures.is_power_of_two() {
+                    tracing::warn!(peer = id, %address, error = %e, failures, "cannot connect to a peer; still trying");
+                } else {
+                    tracing::debug!(peer = id, %address, error = %e, "cannot connect to a peer; trying again");
+                }
+            }
         }
         // The peer is down or refuses the call: what was queued for it is stale by the time it
         // is back (the protocols resend what still matters), and holding it would pile up to the
