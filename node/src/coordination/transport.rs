@@ -167,7 +167,7 @@ async fn stream_to_peer<T, W, E, O, F>(
             // IP, a host cut off) is noticed within a few seconds, and the next connection
             // resolves its name again.
             .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .local_address(local);
         let connected = tokio::select! {
