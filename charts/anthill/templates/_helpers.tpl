@@ -19,8 +19,14 @@
 {{- if .Values.operator.serviceAccount.create -}}
 {{- default (include "anthill.operatorName" .) .Values.operator.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- required "operator.serviceAccount.name must name an existing ServiceAccount when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Cluster-wide objects are named after the namespace too: two releases of one name in two
+namespaces must not share them. */}}
+{{- define "anthill.clusterRoleName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "anthill.operatorName" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* The labels every object of the release carries (app.kubernetes.io/*). */}}

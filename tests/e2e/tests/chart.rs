@@ -103,6 +103,15 @@ fn values_that_the_schema_refuses_are_named() {
         let refused = helm(None, home.path(), &["template", "anthill", &chart, "--set", set]).expect_err(set);
         assert!(refused.contains("values don't meet the specifications of the schema") && refused.contains(named), "{set}: {refused}");
     }
+    let refused = helm(None, home.path(), &["template", "anthill", &chart, "--set", "operator.serviceAccount.create=false"])
+        .expect_err("no service account to run as");
+    assert!(refused.contains("operator.serviceAccount.name must name an existing ServiceAccount"), "{refused}");
+    // Without the operator: the cluster alone, for an operator another release installed.
+    let cluster_only = helm(None, home.path(), &["template", "anthill", &chart, "--set", "operator.enabled=false"]).unwrap();
+    assert!(cluster_only.contains("kind: AnthillCluster"), "{cluster_only}");
+    for kind in ["kind: Deployment", "kind: ClusterRole", "kind: ServiceAccount"] {
+        assert!(!cluster_only.contains(kind), "{kind} rendered with operator.enabled=false:\n{cluster_only}");
+    }
 }
 
 #[test]
@@ -123,10 +132,17 @@ fn helm_install_makes_the_operator_and_the_default_cluster_and_helm_uninstall_re
     for label in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"] {
         assert!(labels.contains(label), "{label}: {labels}");
     }
+    let objects = [
+        "anthillcluster/anthill",
+        "deployment/anthill-operator",
+        "clusterrole/default-anthill-operator",
+        "serviceaccount/anthill-operator",
+    ];
+    for object in objects {
+        api.kubectl(&["get", object]).unwrap_or_else(|e| panic!("{object} was not installed: {e}"));
+    }
     helm(Some(&api), home.path(), &["uninstall", "anthill", "--namespace", "default", "--wait"]).unwrap();
-    for object in
-        ["anthillcluster/anthill", "deployment/anthill-operator", "clusterrole/anthill-operator", "serviceaccount/anthill-operator"]
-    {
+    for object in objects {
         let gone = api.kubectl(&["get", object]).expect_err(object);
         assert!(gone.contains("NotFound"), "{object}: {gone}");
     }
