@@ -11,7 +11,11 @@
 #              Go module, linked under both names
 #   ansible    ansible-core from PyPI, in a virtualenv of its own
 #   grpcurl    grpcurl, built from its Go module: the node's gRPC API by hand
-#   all        every tool above
+#   kubelab    what the Kubernetes lab adds to `kubernetes` to run pods (tests/e2e/lab/): kubelet,
+#              kube-controller-manager, kube-scheduler and kube-proxy (Kubernetes' Go modules),
+#              CoreDNS (its Go module), and Debian's containerd, runc, CNI plugins, umoci,
+#              busybox-static and iptables; not part of `all` (the lab is a command of its own)
+#   all        every tool above but kubelab
 #
 # No TOOL: iproute2 (what `cargo test` needs without the real-components suites).
 #
@@ -38,6 +42,7 @@ TERRAFORM_MIN=1.5
 OPENTOFU_VERSION=1.10.6
 ANSIBLE_CORE_VERSION=2.19.14
 GRPCURL_VERSION=1.9.3
+COREDNS_VERSION=1.14.7
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
@@ -156,7 +161,17 @@ build_into() {
 }
 
 build_kubernetes() {
+    build_kubernetes_commands "$1" kube-apiserver kubectl
+}
+
+build_kubernetes_node() {
+    build_kubernetes_commands "$1" kubelet kube-controller-manager kube-scheduler kube-proxy
+}
+
+# Builds the Kubernetes commands named after `$1` (the output folder) from k8s.io/kubernetes.
+build_kubernetes_commands() {
     local out="$1" v="v$KUBERNETES_VERSION" mod
+    shift
     # Kubernetes' go.mod replaces its staging modules with folders of its own repository, so
     # `go install` refuses it: a wrapper module requires it and points every one of those
     # modules at its published release (v0.x.y for Kubernetes v1.x.y).
@@ -167,14 +182,20 @@ build_kubernetes() {
         sed -n "s#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\t\1 => \1 v0.${KUBERNETES_VERSION#1.}#p" "$mod"
         printf ')\n'
     } >go.mod
-    printf 'package tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n\t_ "k8s.io/kubernetes/cmd/kubectl"\n)\n' >tools.go
+    {
+        printf 'package tools\n\nimport (\n'
+        for cmd in "$@"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$cmd"; done
+        printf ')\n'
+    } >tools.go
     # Without these the binaries call themselves v0.0.0-master, which version checks refuse.
     local ldflags="-s -w"
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
         ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=${KUBERNETES_VERSION%%.*}"
         ldflags+=" -X $pkg.gitMinor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION") -X $pkg.gitTreeState=clean"
     done
-    go_env go build -trimpath -ldflags "$ldflags" -o "$out/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+    local packages=()
+    for cmd in "$@"; do packages+=("k8s.io/kubernetes/cmd/$cmd"); done
+    go_env go build -trimpath -ldflags "$ldflags" -o "$out/" "${packages[@]}"
 }
 
 install_kubernetes() {
@@ -193,6 +214,33 @@ install_kubernetes() {
     etcd="$(system_command etcd)"
     [[ -n "$etcd" ]] || { say "etcd-server installed no etcd on PATH"; exit 1; }
     link "$etcd" etcd
+}
+
+build_coredns() {
+    local out="$1"
+    printf 'module anthill.local/tools/coredns\n\ngo 1.24.0\n\nrequire github.com/coredns/coredns v%s\n' "$COREDNS_VERSION" >go.mod
+    printf 'package tools\n\nimport _ "github.com/coredns/coredns"\n' >tools.go
+    go_env go build -trimpath -ldflags "-s -w" -o "$out/coredns" github.com/coredns/coredns
+}
+
+install_kubelab() {
+    install_kubernetes
+    local dest="$cache/kubernetes-node-$KUBERNETES_VERSION"
+    if [[ ! -x "$dest/kubelet" || ! -x "$dest/kube-proxy" ]]; then
+        say "building kubelet, kube-controller-manager, kube-scheduler and kube-proxy $KUBERNETES_VERSION (about 4 minutes on 2 cores)"
+        build_into "$dest" "Kubernetes $KUBERNETES_VERSION node commands" build_kubernetes_node
+    fi
+    for cmd in kubelet kube-controller-manager kube-scheduler kube-proxy; do link "$dest/$cmd" "$cmd"; done
+    cached_build "$cache/coredns-$COREDNS_VERSION" coredns "CoreDNS $COREDNS_VERSION" "from its Go module (about 4 minutes)" build_coredns
+    local missing=()
+    for program in containerd runc umoci busybox iptables; do
+        [[ -n "$(system_command "$program")" ]] || missing+=("$program")
+    done
+    [[ -d /usr/lib/cni ]] || missing+=(cni)
+    if ((${#missing[@]})); then
+        say "installing containerd, runc, the CNI plugins, umoci, busybox-static and iptables (Debian)"
+        apt_install containerd runc containernetworking-plugins umoci busybox-static iptables
+    fi
 }
 
 build_helm() {
@@ -290,6 +338,7 @@ for tool in "${tools[@]}"; do
         terraform) install_terraform ;;
         ansible) install_ansible ;;
         grpcurl) install_grpcurl ;;
-        *) say "unknown tool '$tool' (known: ${all[*]} all)"; exit 2 ;;
+        kubelab) install_kubelab ;;
+        *) say "unknown tool '$tool' (known: ${all[*]} kubelab all)"; exit 2 ;;
     esac
 done

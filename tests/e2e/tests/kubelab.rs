@@ -1,0 +1,165 @@
+//! The short form of the Kubernetes lab (tests/e2e/lab/): a single-node Kubernetes on this
+//! machine that runs real pods (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS), the
+//! `anthill` and `anthill-operator` images built without a Docker engine, and the chart
+//! installed with `helm install`. The operator makes the cluster, it becomes Available, its
+//! nodes find each other by their DNS names, and `quorum` appends acknowledged while a node's pod
+//! is deleted with no grace period are all read back, in order, once. `helm uninstall` leaves no
+//! workload running, and the lab's teardown leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The lab, torn down when dropped (also when the test fails).
+struct Lab {
+    kubeconfig: PathBuf,
+}
+
+fn lab_script() -> PathBuf {
+    anthill_e2e::repository().join("tests/e2e/lab/kube.sh")
+}
+
+impl Lab {
+    fn up(images: &Path) -> Lab {
+        let out = Command::new("bash").arg(lab_script()).arg("up").arg(images).output().expect("bash runs");
+        assert!(out.status.success(), "the lab did not come up:\n{}", String::from_utf8_lossy(&out.stderr));
+        let kubeconfig = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default().to_string();
+        Lab { kubeconfig: PathBuf::from(kubeconfig) }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(anthill_e2e::tool("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    fn helm(&self, args: &[&str]) -> Result<String, String> {
+        let home = std::env::temp_dir().join("anthill-kubelab-helm");
+        let out = Command::new(anthill_e2e::tool("helm"))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("helm {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    /// `anthill ARGS` in pod `pod` (the node image holds the CLI), against the client Service.
+    fn anthill(&self, pod: &str, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["exec", pod, "--", "anthill"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--server", "http://anthill:7400"]);
+        self.kubectl(&all)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(lab_script()).arg("down").status();
+    }
+}
+
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> Result<bool, String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = done();
+        if last == Ok(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not after {within:?} (last: {last:?})");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_append_through_a_pod_deleted_without_grace() {
+    let install = Command::new("bash")
+        .arg(anthill_e2e::repository().join("tests/e2e/tools/install.sh"))
+        .args(["kubernetes", "kubelab", "helm"])
+        .status()
+        .expect("the installer runs");
+    assert!(install.success(), "the lab's tools did not install");
+    let images = tempfile::tempdir().unwrap();
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let built = Command::new("bash")
+        .arg(anthill_e2e::repository().join("tests/e2e/lab/images.sh"))
+        .arg(images.path())
+        .args(["0.1.0", profile])
+        .status()
+        .expect("the image builder runs");
+    assert!(built.success(), "the images were not built");
+    let lab = Lab::up(images.path());
+
+    let chart = anthill_e2e::repository().join("charts/anthill").display().to_string();
+    lab.helm(&[
+        "install",
+        "anthill",
+        &chart,
+        "--namespace",
+        "default",
+        "--set",
+        "cluster.storage.storageClassName=lab",
+        "--set",
+        "cluster.storage.size=1Gi",
+    ])
+    .unwrap();
+    lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=300s"]).unwrap();
+    // Every partition led: the nodes formed the cluster through their DNS names.
+    wait_until("every partition has a leader", Duration::from_secs(60), || {
+        let status: Value = serde_json::from_str(&lab.anthill("anthill-1", &["status", "--json"])?).map_err(|e| e.to_string())?;
+        let partitions = status["cluster"]["partitions"].as_array().cloned().unwrap_or_default();
+        Ok(partitions.len() == 16 && partitions.iter().all(|p| p["leader"].is_string()))
+    });
+
+    // Appends acknowledged by a majority, through the client Service, while anthill-0 is
+    // deleted with no grace period (its process killed, the pod made again by the StatefulSet).
+    let mut acked = Vec::new();
+    for i in 0..45 {
+        if i == 15 {
+            lab.kubectl(&["delete", "pod", "anthill-0", "--grace-period=0", "--force"]).unwrap();
+        }
+        let pod = if i % 2 == 0 { "anthill-1" } else { "anthill-2" };
+        let payload = format!("payment-{i}");
+        let appended = lab.anthill(pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]);
+        if appended.is_ok() {
+            acked.push(payload);
+        }
+    }
+    assert!(acked.len() >= 30, "only {} of 45 appends were acknowledged", acked.len());
+    wait_until("anthill-0 is back and ready", Duration::from_secs(120), || {
+        Ok(lab.kubectl(&["get", "pod", "anthill-0", "-o", "jsonpath={.status.containerStatuses[0].ready}"])? == "true")
+    });
+    lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
+    let read = lab.anthill("anthill-0", &["read", "payments", "--max", "0", "--json"]).unwrap();
+    let read: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{e}: {read}"));
+    let stored: Vec<String> =
+        read["events"].as_array().into_iter().flatten().filter_map(|e| e["payload"].as_str().map(str::to_string)).collect();
+    let mut next = stored.iter();
+    for payload in &acked {
+        assert!(next.any(|s| s == payload), "acknowledged {payload} is missing or out of order; stored: {stored:?}");
+    }
+    for payload in &acked {
+        assert_eq!(stored.iter().filter(|s| *s == payload).count(), 1, "{payload} stored more than once");
+    }
+    eprintln!("{} of 45 quorum appends acknowledged across the pod's deletion; all read back", acked.len());
+
+    // `helm uninstall` takes the operator and the cluster's resource; the cluster's objects go
+    // with it (owned by it), and with them every pod.
+    lab.helm(&["uninstall", "anthill", "--namespace", "default", "--wait"]).unwrap();
+    wait_until("no pod left", Duration::from_secs(120), || Ok(lab.kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty()));
+}
