@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 
 mod chaos;
 mod decommission;
-mod drain;
+pub mod drain;
 mod ledger;
 mod sim;
 

@@ -12,8 +12,11 @@
 //!    ([`conditions`]), the pods' selector, the cluster id (the resource's uid, recorded once),
 //!    the version every pod runs once the StatefulSet's pods all run its current template.
 //!
-//! Not built yet (issue 9): rolling a changed template out pod by pod (drain, delete, wait),
-//! scaling's membership changes, the finalizer, events, metrics, and node-level status (leaders,
+//! 5. A changed template is rolled out one drained pod at a time ([`crate::roll`]); while it
+//!    is, `Progressing` says `RollingUpdate` and what the roll does or waits for.
+//!
+//! Not built yet (issue 9): scaling's membership changes (new members joining the embedded
+//! store with `cluster.join`), the finalizer, events, metrics, and node-level status (leaders,
 //! lag) read from the nodes.
 
 use std::sync::Arc;
@@ -139,9 +142,15 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     for (kind, value, reason, message) in conditions(cluster.spec.replicas, &seen) {
         set_condition(&mut status, &now, kind, value, reason, &message);
     }
+    // A changed template goes out one drained pod at a time (`roll`).
+    let rolling = crate::roll::step(client, &cluster, &set).await?;
+    if let Some(what) = &rolling {
+        set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", what);
+    }
     write_status(&clusters, &name, &status).await?;
-    // The pods' readiness changes the StatefulSet, which wakes this; the period catches the rest.
-    Ok(Action::requeue(Duration::from_secs(30)))
+    // The pods' readiness changes the StatefulSet, which wakes this; the period catches the rest
+    // (a roll is followed closely: a drain moves in seconds).
+    Ok(Action::requeue(Duration::from_secs(if rolling.is_some() { 2 } else { 30 })))
 }
 
 /// What the StatefulSet says about its pods.

@@ -1,6 +1,8 @@
 //! The Anthill Kubernetes operator: the `AnthillCluster` resource ([`crd`]), the objects it
-//! becomes ([`resources`]) and the controller that keeps them ([`controller`]).
+//! becomes ([`resources`]), the controller that keeps them ([`controller`]) and rolls a changed
+//! template out one drained pod at a time ([`roll`]).
 
 pub mod controller;
 pub mod crd;
 pub mod resources;
+pub mod roll;

@@ -42,7 +42,7 @@ pub(crate) struct DrainArgs {
 /// Where a drain stands: the partitions the node still leads, and each partition it replicates
 /// whose replica set is not yet whole and in sync under another leader, with the reason.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct DrainProgress {
+pub struct DrainProgress {
     /// Whether the cluster sees the node draining (its mark is in the coordination store).
     pub draining: bool,
     pub leading: Vec<u32>,
@@ -57,7 +57,7 @@ impl DrainProgress {
 
 /// The drain's progress from the drained node's `status` and the statuses of the partitions'
 /// leaders (`leaders`, by member name; a leader missing there did not answer).
-pub(crate) fn progress(status: &pb::StatusResponse, leaders: &BTreeMap<String, pb::StatusResponse>, max_lag: u64) -> DrainProgress {
+pub fn progress(status: &pb::StatusResponse, leaders: &BTreeMap<String, pb::StatusResponse>, max_lag: u64) -> DrainProgress {
     let me = status.node_id.as_str();
     let leading = status.partitions.iter().filter(|p| p.epoch > 0).map(|p| p.partition).collect();
     let mut not_in_sync = BTreeMap::new();
@@ -99,7 +99,7 @@ pub(crate) fn progress(status: &pb::StatusResponse, leaders: &BTreeMap<String, p
 }
 
 /// The statuses of the leaders of the partitions `status` names, by member name.
-async fn leader_statuses(status: &pb::StatusResponse) -> BTreeMap<String, pb::StatusResponse> {
+pub async fn leader_statuses(status: &pb::StatusResponse) -> BTreeMap<String, pb::StatusResponse> {
     let mut out = BTreeMap::new();
     let Some(cluster) = &status.cluster else { return out };
     let mut leaders: Vec<&str> = cluster.partitions.iter().map(|p| p.leader.as_str()).filter(|l| !l.is_empty()).collect();
@@ -116,6 +116,20 @@ async fn leader_statuses(status: &pb::StatusResponse) -> BTreeMap<String, pb::St
         }
     }
     out
+}
+
+/// Asks the node at `server` to drain (or, with `undo`, to lead again); its member name.
+pub async fn request(server: &str, undo: bool) -> anyhow::Result<String> {
+    let mut clients = client::connect(server).await?;
+    let answer = clients.node.drain(pb::DrainRequest { node: String::new(), undo }).await.map_err(client::status_error)?;
+    Ok(answer.into_inner().node)
+}
+
+/// Where the drain of the node at `server` stands, from its status and its partitions' leaders'.
+pub async fn check(server: &str, max_lag: u64) -> anyhow::Result<DrainProgress> {
+    let mut clients = client::connect(server).await?;
+    let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+    Ok(progress(&status, &leader_statuses(&status).await, max_lag))
 }
 
 pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {

@@ -5,8 +5,10 @@
 # and CoreDNS (a process on the node, answering for cluster.local). No systemd, no Docker engine.
 #
 #   tests/e2e/lab/kube.sh up [IMAGES_DIR]   start it all; import the OCI archives of IMAGES_DIR
-#                                           (tests/e2e/lab/images.sh makes them); print the
-#                                           kubeconfig's path
+#                                           (tests/e2e/lab/images.sh makes them), anthill and
+#                                           anthill-operator under each tag of LAB_IMAGE_TAGS
+#                                           (default "0.1.0 0.1.1": an upgrade to roll out);
+#                                           print the kubeconfig's path
 #   tests/e2e/lab/kube.sh down              stop it all and remove what it made
 #   tests/e2e/lab/kube.sh env               `export KUBECONFIG=...` for a shell
 #
@@ -175,10 +177,20 @@ import_images() {
         name="$(basename "$file" .tar)"
         case "$name" in
             pause) ref="anthill.local/pause:1" ;;
-            *) ref="docker.io/library/$name:${LAB_IMAGE_TAG:-0.1.0}" ;;
+            *) ref="docker.io/library/$name" ;;
         esac
-        ctr --address "$lab/containerd.sock" -n k8s.io images import --index-name "$ref" "$file" >/dev/null
-        say "imported $ref"
+        if [[ "$name" == pause ]]; then
+            ctr --address "$lab/containerd.sock" -n k8s.io images import --index-name "$ref" "$file" >/dev/null
+            say "imported $ref"
+            continue
+        fi
+        # Each of the lab's tags (the same build): an upgrade from the first to the second can
+        # be rolled out.
+        local tag
+        for tag in ${LAB_IMAGE_TAGS:-0.1.0 0.1.1}; do
+            ctr --address "$lab/containerd.sock" -n k8s.io images import --index-name "$ref:$tag" "$file" >/dev/null
+            say "imported $ref:$tag"
+        done
     done
 }
 

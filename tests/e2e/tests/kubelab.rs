@@ -3,7 +3,8 @@
 //! `anthill` and `anthill-operator` images built without a Docker engine, and the chart
 //! installed with `helm install`. The operator makes the cluster, it becomes Available, its
 //! nodes find each other by their DNS names, and `quorum` appends acknowledged while a node's pod
-//! is deleted with no grace period are all read back, in order, once. `helm uninstall` leaves no
+//! is deleted with no grace period, then while the version is upgraded (the operator drains and
+//! restarts each pod in turn), are all read back, in order, once. `helm uninstall` leaves no
 //! workload running, and the lab's teardown leaves nothing behind.
 
 use std::path::{Path, PathBuf};
@@ -145,6 +146,32 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         Ok(lab.kubectl(&["get", "pod", "anthill-0", "-o", "jsonpath={.status.containerStatuses[0].ready}"])? == "true")
     });
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
+    eprintln!("{} of 45 quorum appends acknowledged across the pod's deletion", acked.len());
+
+    // An upgrade (the lab has the same build under 0.1.1): the operator drains each pod and
+    // restarts it on the new template, one at a time, the busiest last, while appends go on.
+    lab.kubectl(&["patch", "anthillcluster/anthill", "--type=merge", "-p", r#"{"spec":{"version":"0.1.1"}}"#]).unwrap();
+    let images =
+        || lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "jsonpath={.items[*].spec.containers[0].image}"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut attempts, before) = (0, acked.len());
+    loop {
+        let payload = format!("payment-{}", 45 + attempts);
+        let pod = format!("anthill-{}", attempts % 3);
+        attempts += 1;
+        if lab.anthill(&pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]).is_ok() {
+            acked.push(payload);
+        }
+        let version = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.currentVersion}"]).unwrap_or_default();
+        let upgraded = images().is_ok_and(|i| i.split_whitespace().filter(|i| *i == "anthill:0.1.1").count() == 3);
+        if version == "0.1.1" && upgraded {
+            break;
+        }
+        let progress = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.conditions}"]).unwrap_or_default();
+        assert!(Instant::now() < deadline, "the upgrade did not finish; conditions: {progress}; pods: {:?}", images());
+    }
+    eprintln!("upgraded with {} of {attempts} quorum appends acknowledged meanwhile", acked.len() - before);
+    lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
     let read = lab.anthill("anthill-0", &["read", "payments", "--max", "0", "--json"]).unwrap();
     let read: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{e}: {read}"));
     let stored: Vec<String> =
@@ -156,7 +183,7 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     for payload in &acked {
         assert_eq!(stored.iter().filter(|s| *s == payload).count(), 1, "{payload} stored more than once");
     }
-    eprintln!("{} of 45 quorum appends acknowledged across the pod's deletion; all read back", acked.len());
+    eprintln!("all {} acknowledged appends read back", acked.len());
 
     // `helm uninstall` takes the operator and the cluster's resource; the cluster's objects go
     // with it (owned by it), and with them every pod.
