@@ -62,12 +62,15 @@ fn ready(pod: &Pod) -> bool {
     conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Partitions the node at `address` leads, as it says (none when it does not answer).
-async fn leaderships(address: &str) -> Option<usize> {
+/// How many partitions the node at `address` leads and whether it drains, as it says (none
+/// when it does not answer).
+async fn node_view(address: &str) -> Option<(usize, bool)> {
     let asked = async {
         let mut clients = anthill_node::client::connect(address).await.ok()?;
         let status = clients.node.status(anthill_proto::v1::StatusRequest {}).await.ok()?.into_inner();
-        Some(status.partitions.iter().filter(|p| p.epoch > 0).count())
+        let leads = status.partitions.iter().filter(|p| p.epoch > 0).count();
+        let draining = status.cluster.as_ref().is_some_and(|c| c.members.iter().any(|m| m.name == status.node_id && m.draining));
+        Some((leads, draining))
     };
     tokio::time::timeout(std::time::Duration::from_secs(3), asked).await.ok().flatten()
 }
@@ -85,8 +88,14 @@ pub async fn step(client: &Client, cluster: &AnthillCluster, set: &StatefulSet) 
         let Some(ordinal) = name.rsplit('-').next().and_then(|o| o.parse::<i32>().ok()) else { continue };
         let current = pod.labels().get("controller-revision-hash") == Some(&update);
         let address = resources::member(cluster, ordinal).1;
-        let leads = if current { None } else { leaderships(&address).await };
-        views.push(PodView { name, ordinal, current, ready: ready(pod), leaderships: leads });
+        let seen = node_view(&address).await;
+        if current && seen.is_some_and(|(_, draining)| draining) {
+            // Drained for a template that is current again (the spec went back before it was
+            // restarted): it leads again.
+            tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained for a roll that no longer needs it; leading again");
+            let _ = anthill_node::cli::drain::request(&address, true).await;
+        }
+        views.push(PodView { name, ordinal, current, ready: ready(pod), leaderships: seen.map(|(leads, _)| leads) });
     }
     match next_step(&views) {
         RollStep::Done => Ok(None),
