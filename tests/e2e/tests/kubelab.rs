@@ -88,7 +88,8 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> Result<boo
 }
 
 #[test]
-fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_append_through_a_pod_deleted_without_grace() {
+fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_append_through_a_pod_deleted_without_grace_and_a_rolled_upgrade()
+ {
     let install = Command::new("bash")
         .arg(anthill_e2e::repository().join("tests/e2e/tools/install.sh"))
         .args(["kubernetes", "kubelab", "helm"])
