@@ -237,6 +237,10 @@ struct AppendArgs {
     metadata: Vec<String>,
     #[arg(long, value_enum, default_value = "quorum")]
     durability: DurabilityArg,
+    /// Then read the appended events back from the partition's leader (a linearizable read) and
+    /// fail unless they are what was appended: a smoke test of a cluster (the chart's `helm test`).
+    #[arg(long)]
+    verify: bool,
     #[arg(long)]
     json: bool,
 }
@@ -384,16 +388,28 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let n = request.events.len();
     let seeds: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let router = crate::router::Router::connect(&seeds).await?;
-    let r = router.append(request).await.map_err(client::status_error)?;
+    let r = router.append(request.clone()).await.map_err(client::status_error)?;
+    if args.verify {
+        let first = r.stream_version + 1 - n as u64;
+        let read = pb::ReadRequest { stream: args.stream.clone(), from_version: first, max_count: n as u32, linearizable: true };
+        let read = router.read(read).await.map_err(client::status_error).context("reading the appended events back")?;
+        let got: Vec<(&str, &[u8])> = read.events.iter().map(|e| (e.r#type.as_str(), e.payload.as_slice())).collect();
+        let sent: Vec<(&str, &[u8])> = request.events.iter().map(|e| (e.r#type.as_str(), e.payload.as_slice())).collect();
+        if got != sent {
+            bail!("read back {} event(s) from {} at versions {first}.. that differ from what was appended", got.len(), args.stream);
+        }
+    }
     if args.json {
         println!(
             "{}",
             serde_json::json!({"stream": args.stream, "events": n, "partition": r.partition,
-                "first_position": r.first_position, "last_position": r.last_position, "stream_version": r.stream_version})
+                "first_position": r.first_position, "last_position": r.last_position, "stream_version": r.stream_version,
+                "verified": args.verify})
         );
     } else {
+        let verified = if args.verify { "; read back from the leader" } else { "" };
         println!(
-            "appended {n} event(s) to {}: partition {}, positions {}..={}, stream version {}",
+            "appended {n} event(s) to {}: partition {}, positions {}..={}, stream version {}{verified}",
             args.stream, r.partition, r.first_position, r.last_position, r.stream_version
         );
     }

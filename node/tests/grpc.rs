@@ -205,8 +205,11 @@ async fn the_cli_appends_reads_and_reports_status_as_json() {
     let read = cli(&["read", "cart-1", "--json"]);
     assert_eq!(read["events"][1]["payload"], "{\"sku\":2}");
     assert_eq!(read["events"][0]["metadata"]["k"], "v");
+    // --verify reads what it appended back from the leader.
+    let verified = cli(&["append", "cart-1", "--type", "Checked", "--data", "a", "--data", "b", "--verify", "--json"]);
+    assert_eq!((verified["stream_version"].as_u64(), verified["verified"].as_bool()), (Some(4), Some(true)), "{verified}");
     let status = cli(&["status", "--json"]);
-    assert_eq!(status["total_events"], 2);
+    assert_eq!(status["total_events"], 4);
 
     let out = std::process::Command::new(common::exe())
         .args(["append", "cart-1", "--type", "X", "--data", "1", "--expected", "no-stream", "--server", &url])

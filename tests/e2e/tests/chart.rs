@@ -68,6 +68,9 @@ fn the_chart_lints_and_every_manifest_it_renders_is_accepted_by_the_api_server()
     let api = ApiServer::start();
     api.kubectl(&["apply", "--server-side", "-f", &format!("{chart}/crds")]).unwrap();
     api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/anthillclusters.anthill.io"]).unwrap();
+    // What a namespace of a real cluster has (no controller-manager makes it here): the
+    // `helm test` pod runs as it.
+    api.kubectl(&["create", "serviceaccount", "default", "--namespace", "default"]).unwrap();
     let mut renders = vec![(String::from("defaults"), Vec::new())];
     renders.extend(values_files().into_iter().map(|f| (f.display().to_string(), vec!["-f".to_string(), f.display().to_string()])));
     for (name, extra) in renders {
@@ -84,6 +87,7 @@ fn the_chart_lints_and_every_manifest_it_renders_is_accepted_by_the_api_server()
         assert_eq!(cluster, !name.contains("operator-only"), "{name}");
         if cluster {
             assert!(accepted.contains("anthillcluster.anthill.io/"), "{name}: {accepted}");
+            assert!(accepted.contains("-test-append created"), "{name}: the helm test pod: {accepted}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The short form of the Kubernetes lab (tests/e2e/lab/): a single-node Kubernetes on this
 //! machine that runs real pods (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS), the
 //! `anthill` and `anthill-operator` images built without a Docker engine, and the chart
-//! installed with `helm install`. The operator makes the cluster, it becomes Available, its
+//! installed with `helm install`; `helm test` passes. The operator makes the cluster, it becomes Available, its
 //! nodes find each other by their DNS names, and `quorum` appends acknowledged while a node's pod
 //! is deleted with no grace period, then while the version is upgraded (the operator drains and
 //! restarts each pod in turn), are all read back, in order, once. `helm uninstall` leaves no
@@ -127,6 +127,10 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         let partitions = status["cluster"]["partitions"].as_array().cloned().unwrap_or_default();
         Ok(partitions.len() == 16 && partitions.iter().all(|p| p["leader"].is_string()))
     });
+
+    // The chart's own test: a pod appends through the client Service and reads it back.
+    let tested = lab.helm(&["test", "anthill", "--namespace", "default", "--timeout", "120s"]).unwrap();
+    assert!(tested.contains("Phase:          Succeeded"), "{tested}");
 
     // Appends acknowledged by a majority, through the client Service, while anthill-0 is
     // deleted with no grace period (its process killed, the pod made again by the StatefulSet).
