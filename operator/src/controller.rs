@@ -139,7 +139,10 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     if seen.all_current(cluster.spec.replicas) {
         status.current_version = Some(cluster.spec.version.clone());
     }
-    for (kind, value, reason, message) in conditions(cluster.spec.replicas, &seen) {
+    // The nodes' own view: roles, leaderships, lag; and whether every partition has a leader.
+    let (nodes, all_led) = crate::nodes::summarize(&crate::nodes::ask(&cluster).await);
+    status.nodes = nodes;
+    for (kind, value, reason, message) in conditions(cluster.spec.replicas, &seen, all_led) {
         set_condition(&mut status, &now, kind, value, reason, &message);
     }
     // A changed template goes out one drained pod at a time (`roll`).
@@ -183,15 +186,19 @@ impl Observed {
     }
 }
 
-/// `Available`, `Progressing` and `Degraded` from what the StatefulSet shows: (type, status,
-/// reason, message). `Available` means every pod is ready (until the operator reads the nodes'
-/// own view of their partitions, issue 9).
-pub fn conditions(wanted: i32, seen: &Observed) -> Vec<(&'static str, bool, &'static str, String)> {
+/// `Available`, `Progressing` and `Degraded` from what the StatefulSet shows and whether the
+/// nodes see every partition led (`all_led`; `None` when no node answered): (type, status,
+/// reason, message). `Available` means every pod is ready and every partition has a leader.
+pub fn conditions(wanted: i32, seen: &Observed, all_led: Option<bool>) -> Vec<(&'static str, bool, &'static str, String)> {
     let ready = format!("{} of {wanted} nodes ready", seen.ready);
-    let available = if seen.ready >= wanted && wanted > 0 {
-        ("Available", true, "AllNodesReady", ready.clone())
-    } else {
+    let available = if seen.ready < wanted || wanted == 0 {
         ("Available", false, "NodesNotReady", ready.clone())
+    } else {
+        match all_led {
+            Some(true) => ("Available", true, "AllPartitionsLed", format!("{ready}; every partition has a leader")),
+            Some(false) => ("Available", false, "PartitionsWithoutLeader", format!("{ready}; some partitions have no leader yet")),
+            None => ("Available", false, "NodesNotAnswering", format!("{ready}; no node answered the operator")),
+        }
     };
     let progressing = if seen.all_current(wanted) {
         ("Progressing", false, "Stable", format!("{wanted} nodes run the current template"))
@@ -257,14 +264,17 @@ mod tests {
     #[test]
     fn conditions_follow_the_stateful_set() {
         let reason = |seen: &Observed, kind: &str| {
-            conditions(3, seen).into_iter().find(|c| c.0 == kind).map(|(_, status, reason, _)| (status, reason)).unwrap()
+            conditions(3, seen, Some(true)).into_iter().find(|c| c.0 == kind).map(|(_, status, reason, _)| (status, reason)).unwrap()
         };
         let none = Observed::default();
         assert_eq!(reason(&none, "Available"), (false, "NodesNotReady"));
         assert_eq!(reason(&none, "Progressing"), (true, "Scaling"));
         let updating = Observed { replicas: 3, ready: 3, updated: 1, caught_up: true };
         assert_eq!(reason(&updating, "Progressing"), (true, "Updating"));
-        assert_eq!(reason(&updating, "Available"), (true, "AllNodesReady"));
+        assert_eq!(reason(&updating, "Available"), (true, "AllPartitionsLed"));
+        let available = |led| conditions(3, &updating, led).into_iter().find(|c| c.0 == "Available").map(|c| (c.1, c.2)).unwrap();
+        assert_eq!(available(Some(false)), (false, "PartitionsWithoutLeader"));
+        assert_eq!(available(None), (false, "NodesNotAnswering"));
         let stable = Observed { updated: 3, ..updating };
         assert!(stable.all_current(3));
         assert_eq!(reason(&stable, "Progressing"), (false, "Stable"));

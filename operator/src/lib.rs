@@ -4,5 +4,6 @@
 
 pub mod controller;
 pub mod crd;
+pub mod nodes;
 pub mod resources;
 pub mod roll;

@@ -128,6 +128,21 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         Ok(partitions.len() == 16 && partitions.iter().all(|p| p["leader"].is_string()))
     });
 
+    // The status has the nodes' own view: every node ready, the 16 leaderships among them.
+    wait_until("the status shows the nodes", Duration::from_secs(60), || {
+        let cluster: Value =
+            serde_json::from_str(&lab.kubectl(&["get", "anthillcluster/anthill", "-o", "json"])?).map_err(|e| e.to_string())?;
+        let nodes = cluster["status"]["nodes"].as_array().cloned().unwrap_or_default();
+        let leads: u64 = nodes.iter().filter_map(|n| n["leaderships"].as_u64()).sum();
+        let reason = cluster["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Available")
+            .map(|c| c["reason"].clone());
+        Ok(nodes.len() == 3 && nodes.iter().all(|n| n["role"] == "Ready") && leads == 16 && reason == Some(Value::from("AllPartitionsLed")))
+    });
+
     // The chart's own test: a pod appends through the client Service and reads it back.
     let tested = lab.helm(&["test", "anthill", "--namespace", "default", "--timeout", "120s"]).unwrap();
     assert!(tested.contains("Phase:          Succeeded"), "{tested}");
