@@ -80,6 +80,15 @@ pub fn alone_in_own_network_namespace(test: &str, tools: &[&str]) -> bool {
     false
 }
 
+/// A finished command's stdout, or `what` and its stderr when it failed.
+pub fn output(what: &str, out: std::process::Output) -> Result<String, String> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
 /// The `anthill` binary of this workspace, in the profile these tests were built in ([`binary`]).
 pub fn anthill() -> PathBuf {
     binary("anthill-node", "anthill")

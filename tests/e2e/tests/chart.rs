@@ -5,9 +5,8 @@
 //! `helm uninstall` making and removing the operator and the default AnthillCluster. (No kubelet
 //! runs here: the pods themselves are issue 9's Kubernetes lab.)
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anthill_e2e::kube::ApiServer;
 
@@ -43,21 +42,7 @@ fn helm(api: Option<&ApiServer>, home: &Path, args: &[&str]) -> Result<String, S
 
 /// `kubectl apply --dry-run=server -f -` of `manifests`.
 fn dry_run(api: &ApiServer, manifests: &str) -> Result<String, String> {
-    let mut child = Command::new(anthill_e2e::tool("kubectl"))
-        .arg(format!("--kubeconfig={}", api.kubeconfig.display()))
-        .args(["apply", "--dry-run=server", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child.stdin.take().unwrap().write_all(manifests.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    api.kubectl_stdin(&["apply", "--dry-run=server"], manifests)
 }
 
 #[test]

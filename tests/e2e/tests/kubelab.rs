@@ -36,11 +36,7 @@ impl Lab {
             .args(args)
             .output()
             .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-        }
+        anthill_e2e::output(&format!("kubectl {}", args.join(" ")), out)
     }
 
     fn helm(&self, args: &[&str]) -> Result<String, String> {
@@ -53,11 +49,7 @@ impl Lab {
             .args(args)
             .output()
             .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("helm {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-        }
+        anthill_e2e::output(&format!("helm {}", args.join(" ")), out)
     }
 
     /// `anthill ARGS` in pod `pod` (the node image holds the CLI), against the client Service.
