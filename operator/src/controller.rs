@@ -16,8 +16,7 @@
 //!    is, `Progressing` says `RollingUpdate` and what the roll does or waits for.
 //!
 //! Not built yet (issue 9): scaling's membership changes (new members joining the embedded
-//! store with `cluster.join`), the finalizer, events, metrics, and node-level status (leaders,
-//! lag) read from the nodes.
+//! store with `cluster.join`), the finalizer, events and metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,7 +145,11 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         set_condition(&mut status, &now, kind, value, reason, &message);
     }
     // A changed template goes out one drained pod at a time (`roll`).
-    let rolling = crate::roll::step(client, &cluster, &set).await?;
+    let rolling = match crate::roll::step(client, &cluster, &set).await {
+        Ok(rolling) => rolling,
+        // Reported, not returned: the status above is still worth writing.
+        Err(e) => Some(format!("the roll cannot go on: {e}")),
+    };
     if let Some(what) = &rolling {
         set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", what);
     }
@@ -171,11 +174,11 @@ impl Observed {
     pub fn of(set: &StatefulSet) -> Observed {
         let generation = set.metadata.generation;
         let Some(s) = &set.status else { return Observed::default() };
-        let current_revision = s.current_revision.is_some() && s.current_revision == s.update_revision;
+        // Not `currentRevision`: with `OnDelete` the StatefulSet controller never moves it on.
         Observed {
             replicas: s.replicas,
             ready: s.ready_replicas.unwrap_or(0),
-            updated: if current_revision { s.replicas } else { s.updated_replicas.unwrap_or(0) },
+            updated: s.updated_replicas.unwrap_or(0),
             caught_up: s.observed_generation.is_some() && s.observed_generation == generation,
         }
     }

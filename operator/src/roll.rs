@@ -15,9 +15,11 @@
 
 use std::cmp::Reverse;
 
+use std::time::Duration;
+
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 
 use crate::crd::AnthillCluster;
@@ -25,6 +27,11 @@ use crate::resources;
 
 /// A follower this many events behind its leader is not in sync (`anthill drain --max-lag`).
 const MAX_LAG: u64 = 2048;
+
+/// The annotation the operator puts on a pod it asks to drain: the update revision it drains
+/// it for. Only such a drain is undone (when that pod's template is current again); a node
+/// that drains itself on SIGTERM, or by `anthill drain`, is left alone.
+pub const DRAINED_FOR: &str = "anthill.io/drained-for";
 
 /// One pod as the roll sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +41,12 @@ pub struct PodView {
     /// Runs the StatefulSet's update revision.
     pub current: bool,
     pub ready: bool,
+    /// Being deleted (it has a deletion timestamp).
+    pub terminating: bool,
     /// Partitions its node leads (unknown when it did not answer).
     pub leaderships: Option<usize>,
+    /// Its node drains (as it says).
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,23 +54,42 @@ pub enum RollStep {
     Done,
     Wait(String),
     Drain(String),
+    /// An outdated pod that is not ready (its node is down already, e.g. a release that does
+    /// not start): replaced at once, since waiting for it would wait forever.
+    Replace(String),
 }
 
-/// The roll's next step for `pods` (module doc).
-pub fn next_step(pods: &[PodView]) -> RollStep {
-    if pods.iter().all(|p| p.current) {
+/// The roll's next step for `pods` (module doc), `wanted` of them asked for.
+pub fn next_step(pods: &[PodView], wanted: i32) -> RollStep {
+    if pods.iter().all(|p| p.current && !p.terminating) && pods.len() as i32 == wanted {
         return RollStep::Done;
     }
-    if let Some(p) = pods.iter().find(|p| !p.ready) {
+    if let Some(p) = pods.iter().find(|p| p.terminating) {
+        return RollStep::Wait(format!("waiting for {} to go before the next pod", p.name));
+    }
+    for ordinal in 0..wanted {
+        if !pods.iter().any(|p| p.ordinal == ordinal) {
+            return RollStep::Wait(format!("waiting for the pod of ordinal {ordinal} to exist"));
+        }
+    }
+    if let Some(p) = pods.iter().find(|p| !p.ready && p.current) {
         return RollStep::Wait(format!("waiting for {} to be ready before the next pod", p.name));
     }
-    let next = pods.iter().filter(|p| !p.current).min_by_key(|p| (p.leaderships.unwrap_or(usize::MAX), Reverse(p.ordinal)));
-    RollStep::Drain(next.expect("a pod on an old template").name.clone())
+    if let Some(p) = pods.iter().find(|p| !p.ready && !p.current) {
+        return RollStep::Replace(p.name.clone());
+    }
+    // A pod already draining goes on first (an operator restarted mid-roll keeps its choice);
+    // then the one leading fewest partitions, the highest ordinal on a tie.
+    let next = pods.iter().filter(|p| !p.current).min_by_key(|p| (!p.draining, p.leaderships.unwrap_or(usize::MAX), Reverse(p.ordinal)));
+    match next {
+        Some(p) => RollStep::Drain(p.name.clone()),
+        None => RollStep::Wait("waiting for the StatefulSet to catch up".into()),
+    }
 }
 
 fn ready(pod: &Pod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-    conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    pod.metadata.deletion_timestamp.is_none() && conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// How many partitions the node at `address` leads and whether it drains, as it says (none
@@ -72,50 +102,88 @@ async fn node_view(address: &str) -> Option<(usize, bool)> {
         let draining = status.cluster.as_ref().is_some_and(|c| c.members.iter().any(|m| m.name == status.node_id && m.draining));
         Some((leads, draining))
     };
-    tokio::time::timeout(std::time::Duration::from_secs(3), asked).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(3), asked).await.ok().flatten()
+}
+
+/// Deletes `pod` only if it is still the same pod (its uid).
+async fn delete(pods: &Api<Pod>, pod: &Pod) -> Result<(), kube::Error> {
+    let preconditions = Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None });
+    pods.delete(&pod.name_any(), &DeleteParams { preconditions, ..DeleteParams::default() }).await.map(|_| ())
 }
 
 /// One step of the roll of `cluster` (module doc): `None` when every pod runs the current
 /// template, else what it is doing or waiting for.
 pub async fn step(client: &Client, cluster: &AnthillCluster, set: &StatefulSet) -> Result<Option<String>, kube::Error> {
     let ns = cluster.namespace().unwrap_or_default();
-    let Some(update) = set.status.as_ref().and_then(|s| s.update_revision.clone()) else { return Ok(None) };
+    let Some(status) = &set.status else { return Ok(None) };
+    // A status from before the latest template could name an old update revision.
+    if status.observed_generation != set.metadata.generation {
+        return Ok(Some("waiting for the StatefulSet to see the latest template".into()));
+    }
+    let Some(update) = status.update_revision.clone() else { return Ok(None) };
     let pods_api = Api::<Pod>::namespaced(client.clone(), &ns);
     let pods = pods_api.list(&ListParams::default().labels(&resources::selector_query(&cluster.name_any()))).await?;
     let mut views = Vec::new();
+    let mut by_name = std::collections::BTreeMap::new();
     for pod in &pods.items {
         let name = pod.name_any();
         let Some(ordinal) = name.rsplit('-').next().and_then(|o| o.parse::<i32>().ok()) else { continue };
         let current = pod.labels().get("controller-revision-hash") == Some(&update);
+        let terminating = pod.metadata.deletion_timestamp.is_some();
         let address = resources::member(cluster, ordinal).1;
-        let seen = node_view(&address).await;
-        if current && seen.is_some_and(|(_, draining)| draining) {
-            // Drained for a template that is current again (the spec went back before it was
-            // restarted): it leads again.
+        let seen = if terminating { None } else { node_view(&address).await };
+        let drained_by_us = pod.annotations().contains_key(DRAINED_FOR);
+        if current && !terminating && drained_by_us && seen.is_some_and(|(_, draining)| draining) {
+            // Drained by a roll for a template that is current again (the spec went back before
+            // the pod was restarted): it leads again.
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained for a roll that no longer needs it; leading again");
-            let _ = anthill_node::cli::drain::request(&address, true).await;
+            let _ = anthill_node::cli::drain::request(&address, &name, true).await;
         }
-        views.push(PodView { name, ordinal, current, ready: ready(pod), leaderships: seen.map(|(leads, _)| leads) });
+        let draining = seen.is_some_and(|(_, draining)| draining);
+        views.push(PodView {
+            name: name.clone(),
+            ordinal,
+            current,
+            ready: ready(pod),
+            terminating,
+            leaderships: seen.map(|(l, _)| l),
+            draining,
+        });
+        by_name.insert(name, pod);
     }
-    match next_step(&views) {
+    match next_step(&views, cluster.spec.replicas) {
         RollStep::Done => Ok(None),
         RollStep::Wait(why) => Ok(Some(why)),
+        RollStep::Replace(name) => {
+            tracing::warn!(cluster = %cluster.name_any(), pod = %name, "an outdated pod that is not ready: replacing it on the new template");
+            delete(&pods_api, by_name[&name]).await?;
+            Ok(Some(format!("replacing {name}, outdated and not ready, on the new template")))
+        }
         RollStep::Drain(name) => {
+            let pod = by_name[&name];
             let ordinal = views.iter().find(|v| v.name == name).map_or(0, |v| v.ordinal);
             let address = resources::member(cluster, ordinal).1;
-            if let Err(e) = anthill_node::cli::drain::request(&address, false).await {
+            if !pod.annotations().contains_key(DRAINED_FOR) {
+                let patch = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: update } } });
+                pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            }
+            if let Err(e) = anthill_node::cli::drain::request(&address, &name, false).await {
                 return Ok(Some(format!("cannot ask {name} to drain: {e:#}")));
             }
-            let progress = match anthill_node::cli::drain::check(&address, MAX_LAG).await {
-                Ok(progress) => progress,
-                Err(e) => return Ok(Some(format!("cannot read {name}'s drain: {e:#}"))),
-            };
-            if !progress.done() {
-                let why = progress.not_in_sync.iter().next().map(|(p, why)| format!("; partition {p}: {why}")).unwrap_or_default();
-                return Ok(Some(format!("draining {name}: it leads {} partitions{why}", progress.leading.len())));
+            // With a replication factor of 1 no other replica can take over: the partition is
+            // down while its only node restarts (docs/kubernetes.md).
+            if cluster.spec.replication_factor > 1 {
+                let progress = match anthill_node::cli::drain::check(&address, MAX_LAG).await {
+                    Ok(progress) => progress,
+                    Err(e) => return Ok(Some(format!("cannot read {name}'s drain: {e:#}"))),
+                };
+                if !progress.done() {
+                    let why = progress.not_in_sync.iter().next().map(|(p, why)| format!("; partition {p}: {why}")).unwrap_or_default();
+                    return Ok(Some(format!("draining {name}: it leads {} partitions{why}", progress.leading.len())));
+                }
             }
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained; restarting it on the new template");
-            pods_api.delete(&name, &DeleteParams::default()).await?;
+            delete(&pods_api, pod).await?;
             Ok(Some(format!("restarting {name} on the new template")))
         }
     }
@@ -126,19 +194,37 @@ mod tests {
     use super::*;
 
     fn pod(ordinal: i32, current: bool, ready: bool, leaderships: Option<usize>) -> PodView {
-        PodView { name: format!("shop-{ordinal}"), ordinal, current, ready, leaderships }
+        PodView { name: format!("shop-{ordinal}"), ordinal, current, ready, terminating: false, leaderships, draining: false }
     }
 
     #[test]
     fn the_pod_leading_fewest_partitions_goes_first_and_the_busiest_last_one_at_a_time() {
         let pods = [pod(0, false, true, Some(5)), pod(1, false, true, Some(2)), pod(2, false, true, Some(2))];
-        assert_eq!(next_step(&pods), RollStep::Drain("shop-2".into()), "fewest leaderships, highest ordinal on a tie");
+        assert_eq!(next_step(&pods, 3), RollStep::Drain("shop-2".into()), "fewest leaderships, highest ordinal on a tie");
         let pods = [pod(0, false, true, Some(5)), pod(1, false, true, Some(2)), pod(2, true, true, None)];
-        assert_eq!(next_step(&pods), RollStep::Drain("shop-1".into()));
+        assert_eq!(next_step(&pods, 3), RollStep::Drain("shop-1".into()));
         let pods = [pod(0, false, true, Some(5)), pod(1, true, false, None), pod(2, true, true, None)];
-        assert_eq!(next_step(&pods), RollStep::Wait("waiting for shop-1 to be ready before the next pod".into()));
+        assert_eq!(next_step(&pods, 3), RollStep::Wait("waiting for shop-1 to be ready before the next pod".into()));
         let pods = [pod(0, false, true, None), pod(1, false, true, Some(7))];
-        assert_eq!(next_step(&pods), RollStep::Drain("shop-1".into()), "a node that does not answer goes last");
-        assert_eq!(next_step(&[pod(0, true, false, None), pod(1, true, true, None)]), RollStep::Done);
+        assert_eq!(next_step(&pods, 2), RollStep::Drain("shop-1".into()), "a node that does not answer goes last");
+        assert_eq!(next_step(&[pod(0, true, false, None), pod(1, true, true, None)], 2), RollStep::Done);
+    }
+
+    #[test]
+    fn a_pod_going_or_missing_stops_the_roll_a_draining_one_goes_on_and_a_broken_outdated_one_is_replaced() {
+        let mut going = pod(1, false, true, Some(0));
+        going.terminating = true;
+        let pods = [pod(0, false, true, Some(0)), going, pod(2, true, true, Some(3))];
+        assert_eq!(next_step(&pods, 3), RollStep::Wait("waiting for shop-1 to go before the next pod".into()));
+        let pods = [pod(0, false, true, Some(0)), pod(2, true, true, Some(3))];
+        assert_eq!(next_step(&pods, 3), RollStep::Wait("waiting for the pod of ordinal 1 to exist".into()));
+        let mut draining = pod(0, false, true, Some(4));
+        draining.draining = true;
+        let pods = [draining, pod(1, false, true, Some(1)), pod(2, true, true, Some(3))];
+        assert_eq!(next_step(&pods, 3), RollStep::Drain("shop-0".into()), "the drain under way goes on");
+        // A new release that does not start, then a newer one: the broken pod is outdated now.
+        let pods = [pod(0, false, true, Some(8)), pod(1, false, true, Some(8)), pod(2, false, false, None)];
+        assert_eq!(next_step(&pods, 3), RollStep::Replace("shop-2".into()));
+        assert_eq!(next_step(&[pod(0, true, true, None)], 2), RollStep::Wait("waiting for the pod of ordinal 1 to exist".into()));
     }
 }

@@ -118,18 +118,29 @@ pub async fn leader_statuses(status: &pb::StatusResponse) -> BTreeMap<String, pb
     out
 }
 
-/// Asks the node at `server` to drain (or, with `undo`, to lead again); its member name.
-pub async fn request(server: &str, undo: bool) -> anyhow::Result<String> {
-    let mut clients = client::connect(server).await?;
-    let answer = clients.node.drain(pb::DrainRequest { node: String::new(), undo }).await.map_err(client::status_error)?;
-    Ok(answer.into_inner().node)
+/// How long a call of [`request`] or [`check`] may take: a node that hangs must not hang its
+/// caller (the operator's reconcile).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the node at `server`, which must be member `node`, to drain (or, with `undo`, to lead
+/// again).
+pub async fn request(server: &str, node: &str, undo: bool) -> anyhow::Result<()> {
+    let asked = async {
+        let mut clients = client::connect(server).await?;
+        clients.node.drain(pb::DrainRequest { node: node.into(), undo }).await.map_err(client::status_error)?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(CALL_TIMEOUT, asked).await.map_err(|_| anyhow::anyhow!("{server} did not answer within {CALL_TIMEOUT:?}"))?
 }
 
 /// Where the drain of the node at `server` stands, from its status and its partitions' leaders'.
 pub async fn check(server: &str, max_lag: u64) -> anyhow::Result<DrainProgress> {
-    let mut clients = client::connect(server).await?;
-    let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
-    Ok(progress(&status, &leader_statuses(&status).await, max_lag))
+    let asked = async {
+        let mut clients = client::connect(server).await?;
+        let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
+        anyhow::Ok(progress(&status, &leader_statuses(&status).await, max_lag))
+    };
+    tokio::time::timeout(CALL_TIMEOUT, asked).await.map_err(|_| anyhow::anyhow!("{server} did not answer within {CALL_TIMEOUT:?}"))?
 }
 
 pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {

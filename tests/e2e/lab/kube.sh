@@ -20,7 +20,7 @@
 # (no CAP_SYS_RESOURCE here); the kubelet runs with cgroupfs and without QoS cgroups on cgroup v1;
 # pods reaching a Service whose endpoint is on the same bridge need kube-proxy's masquerade-all
 # (no br_netfilter); pods go before containerd stops, or their mounts and namespaces stay.
-set -euo pipefail
+set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
@@ -49,6 +49,11 @@ stop() {
     local name="$1" pid
     [[ -f "$lab/pids/$name" ]] || return 0
     pid="$(cat "$lab/pids/$name")"
+    # Only a process the lab started (a stale or foreign pid file must not kill anything else).
+    if ! [[ "$pid" =~ ^[0-9]+$ ]] || ((pid <= 1)) || ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"; then
+        rm -f "$lab/pids/$name"
+        return 0
+    fi
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
@@ -143,10 +148,10 @@ control_plane() {
         --kubelet-preferred-address-types InternalIP
     wait_for 90 kube-apiserver kubectl get --raw /readyz
     start kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$lab/kubeconfig" \
-        --controllers '*,-nodeipam' --leader-elect=false --use-service-account-credentials=false \
+        --controllers '*,-nodeipam' --leader-elect=false --use-service-account-credentials=false --bind-address 127.0.0.1 \
         --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
         --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key"
-    start kube-scheduler "$bin/kube-scheduler" --kubeconfig "$lab/kubeconfig" --leader-elect=false
+    start kube-scheduler "$bin/kube-scheduler" --kubeconfig "$lab/kubeconfig" --leader-elect=false --bind-address 127.0.0.1
 }
 
 containerd_up() {
@@ -222,7 +227,8 @@ EOF
         --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --root-dir "$lab/kubelet"
     wait_for 120 kubelet kubectl wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
     start kube-proxy "$bin/kube-proxy" --kubeconfig "$lab/kubeconfig" --hostname-override "$NODE_NAME" \
-        --proxy-mode iptables --cluster-cidr "$POD_CIDR" --masquerade-all --conntrack-max-per-core 0
+        --proxy-mode iptables --cluster-cidr "$POD_CIDR" --masquerade-all --conntrack-max-per-core 0 \
+        --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 --nodeport-addresses "$NODE_IP/32"
     cat >"$lab/Corefile" <<EOF
 .:53 {
     bind $NODE_IP
@@ -271,15 +277,26 @@ up() {
         say "a lab is running already ($lab); tests/e2e/lab/kube.sh down first"
         exit 1
     fi
+    if [[ -L "$lab" ]] || { [[ -e "$lab" ]] && [[ ! -O "$lab" ]]; }; then
+        say "$lab is a link or belongs to someone else; set ANTHILL_KUBELAB to a folder of your own"
+        exit 1
+    fi
     rm -rf "$lab"
     mkdir -p "$lab/logs" "$lab/pids"
-    certificates
+    chmod 700 "$lab"
+    cat /proc/sys/net/ipv4/ip_forward >"$lab/ip_forward.before"
+    # A step that fails leaves nothing running.
+    trap 'say "up failed; tearing down"; down' ERR
+    # The admin token and the keys are for root alone (not a umask for everything: containerd
+    # would make the images' folders unreadable to the pods' users).
+    (umask 077 && certificates)
     network
     control_plane
     containerd_up
     [[ -n "$images" ]] && import_images "$images"
     node_up
     volumes
+    trap - ERR
     say "up: KUBECONFIG=$lab/kubeconfig"
     echo "$lab/kubeconfig"
 }
@@ -338,6 +355,7 @@ down() {
         fi
     done
     ip link del "$BRIDGE" 2>/dev/null || true
+    [[ -f "$lab/ip_forward.before" ]] && sysctl -qw "net.ipv4.ip_forward=$(cat "$lab/ip_forward.before")" || true
     rm -rf "$lab"
     say "down"
 }

@@ -61,6 +61,32 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Tears the lab down and checks that it left nothing: no process of it, no network
+    /// namespace in its pod network, no bridge, no KUBE- chain, no folder.
+    fn down_and_check(self) {
+        let out = Command::new("bash").arg(lab_script()).arg("down").output().unwrap();
+        assert!(out.status.success(), "the lab's teardown failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let sh = |script: &str| String::from_utf8_lossy(&Command::new("sh").args(["-c", script]).output().unwrap().stdout).into_owned();
+        let left = [
+            ("processes", sh("pgrep -a -f '[/]tmp/anthill-kubelab|[k]ubelet|[k]ube-apiserver|[c]ontainerd --config' || true")),
+            (
+                "network namespaces",
+                sh(
+                    "for ns in $(ip netns list | awk '{print $1}'); do ip netns exec $ns ip -4 -o addr | grep -q ' 10\\.88\\.' && echo $ns; done",
+                ),
+            ),
+            ("bridge", sh("ip link show anthill0 2>/dev/null || true")),
+            ("iptables chains", sh("iptables-save | grep KUBE- || true")),
+            ("folder", sh("ls -d /tmp/anthill-kubelab 2>/dev/null || true")),
+        ];
+        for (what, found) in left {
+            assert!(found.trim().is_empty(), "the lab left {what} behind:\n{found}");
+        }
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = Command::new("bash").arg(lab_script()).arg("down").status();
@@ -140,7 +166,8 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     assert!(tested.contains("Phase:          Succeeded"), "{tested}");
 
     // Appends acknowledged by a majority, through the client Service, while anthill-0 is
-    // deleted with no grace period (its process killed, the pod made again by the StatefulSet).
+    // force-deleted (the object goes at once and the StatefulSet makes the pod again; the
+    // kubelet still stops the old process with SIGTERM, on which it drains first).
     let mut acked = Vec::new();
     for i in 0..45 {
         if i == 15 {
@@ -167,7 +194,27 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         || lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "jsonpath={.items[*].spec.containers[0].image}"]);
     let deadline = Instant::now() + Duration::from_secs(300);
     let (mut attempts, before) = (0, acked.len());
+    // One pod at a time: never two node pods down (not ready or going) at once.
+    let down_now = || -> Result<Vec<String>, String> {
+        let pods: Value = serde_json::from_str(&lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "json"])?)
+            .map_err(|e| e.to_string())?;
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let ready =
+            |p: &Value| p["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let mut down: Vec<String> = items
+            .iter()
+            .filter(|p| !p["metadata"]["deletionTimestamp"].is_null() || !ready(p))
+            .map(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        down.extend((items.len()..3).map(|_| "(missing)".to_string()));
+        Ok(down)
+    };
+    let mut most_down = 0;
     loop {
+        if let Ok(down) = down_now() {
+            assert!(down.len() <= 1, "two node pods down at once during the roll: {down:?}");
+            most_down = most_down.max(down.len());
+        }
         let payload = format!("payment-{}", 45 + attempts);
         let pod = format!("anthill-{}", attempts % 3);
         attempts += 1;
@@ -182,9 +229,12 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         let progress = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.conditions}"]).unwrap_or_default();
         assert!(Instant::now() < deadline, "the upgrade did not finish; conditions: {progress}; pods: {:?}", images());
     }
-    eprintln!("upgraded with {} of {attempts} quorum appends acknowledged meanwhile", acked.len() - before);
+    let during = acked.len() - before;
+    eprintln!("upgraded with {during} of {attempts} quorum appends acknowledged meanwhile");
+    assert!(most_down == 1, "no pod was ever seen restarting: was anything rolled?");
+    assert!(during * 2 >= attempts, "only {during} of {attempts} appends were acknowledged during the roll");
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
-    let read = lab.anthill("anthill-0", &["read", "payments", "--max", "0", "--json"]).unwrap();
+    let read = lab.anthill("anthill-0", &["read", "payments", "--max", "0", "--linearizable", "--json"]).unwrap();
     let read: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{e}: {read}"));
     let stored: Vec<String> =
         read["events"].as_array().into_iter().flatten().filter_map(|e| e["payload"].as_str().map(str::to_string)).collect();
@@ -201,4 +251,5 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     // with it (owned by it), and with them every pod.
     lab.helm(&["uninstall", "anthill", "--namespace", "default", "--wait"]).unwrap();
     wait_until("no pod left", Duration::from_secs(120), || Ok(lab.kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty()));
+    lab.down_and_check();
 }
