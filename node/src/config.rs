@@ -66,6 +66,11 @@ pub struct ClusterConfig {
     /// coordination member starts with no voters and waits for the group to add it. Read only
     /// when its coordination log is new.
     pub join: bool,
+    /// The names of the members that founded the cluster; a member not named here joins as
+    /// with `join: true`, and the founders' embedded coordination group starts as these alone.
+    /// Empty: every member is a founder. Lets one file serve every server of a cluster that
+    /// grows (a StatefulSet's pods share one ConfigMap).
+    pub founders: Vec<String>,
     /// On SIGTERM or SIGINT the node first drains (hands its leaderships over, as
     /// `anthill drain` does) for at most this long; 0 stops at once.
     pub drain_on_stop_ms: u64,
@@ -213,6 +218,7 @@ impl Default for ClusterConfig {
             session_ttl_ms: 1_000,
             coordination: CoordinationConfig::Embedded {},
             join: false,
+            founders: Vec::new(),
             drain_on_stop_ms: 10_000,
         }
     }
@@ -221,6 +227,17 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     pub fn session_ttl(&self) -> Duration {
         Duration::from_millis(self.session_ttl_ms)
+    }
+
+    /// Whether member `name` is added to a running cluster rather than founding it: `join`, or
+    /// a list of founders that does not name it.
+    pub fn joins(&self, name: &str) -> bool {
+        self.join || (!self.founders.is_empty() && !self.founders.iter().any(|f| f == name))
+    }
+
+    /// The Raft ids of the founding members (`founders`, else every member).
+    pub fn founder_ids(&self) -> Vec<u64> {
+        self.members.iter().filter(|m| self.founders.is_empty() || self.founders.contains(&m.name)).map(|m| m.id).collect()
     }
 }
 
@@ -422,6 +439,12 @@ impl NodeConfig {
         }
         if !names.contains(self.node_id.as_str()) {
             return invalid("cluster.members", format!("no member is named {:?} (node_id)", self.node_id));
+        }
+        if !c.founders.is_empty() && !c.founders.iter().any(|f| names.contains(f.as_str())) {
+            return invalid(
+                "cluster.founders",
+                format!("names no member of cluster.members ({:?}): nobody would found the coordination group", c.founders),
+            );
         }
         if c.replication_factor == 0 || c.replication_factor > c.members.len() {
             return invalid(
@@ -789,6 +812,21 @@ mod tests {
     fn given_consul_without_cluster_members_when_validated_then_it_is_refused() {
         let err = parse("cluster:\n  session_ttl_ms: 10000\n  coordination:\n    kind: consul\n").unwrap_err().to_string();
         assert!(err.starts_with("invalid configuration: cluster.coordination: "), "{err}");
+    }
+
+    #[test]
+    fn given_founders_then_the_others_join_and_the_group_starts_as_the_founders() {
+        let members = "  members:\n    - { id: 1, name: a, address: 'a:1' }\n    - { id: 2, name: b, address: 'b:1' }\n    - { id: 3, name: c, address: 'c:1' }\n";
+        let config = parse(&format!("node_id: c\ncluster:\n  replication_factor: 1\n  founders: [a, b]\n{members}")).unwrap();
+        assert_eq!(config.cluster.founder_ids(), [1, 2]);
+        assert!(config.cluster.joins("c") && !config.cluster.joins("a"));
+        let everyone = parse(&format!("node_id: c\ncluster:\n  replication_factor: 1\n{members}")).unwrap();
+        assert_eq!(everyone.cluster.founder_ids(), [1, 2, 3]);
+        assert!(!everyone.cluster.joins("c"));
+        // A founder gone since (a cluster scaled down) is fine; a list naming no member is not.
+        parse(&format!("node_id: a\ncluster:\n  replication_factor: 1\n  founders: [a, gone]\n{members}")).unwrap();
+        let err = parse(&format!("node_id: a\ncluster:\n  replication_factor: 1\n  founders: [x]\n{members}")).unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: cluster.founders: names no member"), "{err}");
     }
 
     #[test]

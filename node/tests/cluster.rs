@@ -833,17 +833,22 @@ async fn given_three_nodes_when_a_fourth_is_added_to_every_config_by_a_rolling_r
     assert_eq!(first.coordination_voters, [1, 2, 3]);
     assert_eq!(first.members.len(), 3);
 
-    // The operator adds node-4 to every config and restarts the three one at a time (each back
-    // and settled before the next), then starts node-4.
+    // The operator adds node-4 to every config, naming the founders (what the Kubernetes
+    // operator does, one file for all), and restarts the three one at a time (each back and
+    // settled before the next), then starts node-4.
+    let founders = |yaml: &str| {
+        assert!(yaml.contains("\ncluster:\n"), "{yaml}");
+        yaml.replace("\ncluster:\n", "\ncluster:\n  founders: [node-1, node-2, node-3]\n")
+    };
     for (i, yaml) in full.iter().enumerate() {
-        std::fs::write(config(i), yaml).unwrap();
+        std::fs::write(config(i), founders(yaml)).unwrap();
         cluster.kill9(i);
         cluster.start_node(i);
         cluster.wait_for(i, Duration::from_secs(60), |s| settled(s) && s.members.iter().filter(|m| m.live).count() == 3).await;
     }
-    // node-4 is added to a running cluster: `cluster.join` (its coordination member starts with
-    // no voters and waits to be added).
-    let yaml = std::fs::read_to_string(config(3)).unwrap().replace("cluster:\n", "cluster:\n  join: true\n");
+    // node-4 is added to a running cluster: not a founder, so it joins (its coordination member
+    // starts with no voters and waits to be added).
+    let yaml = founders(&std::fs::read_to_string(config(3)).unwrap());
     std::fs::write(config(3), yaml).unwrap();
     cluster.start_node(3);
     let joined = cluster

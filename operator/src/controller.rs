@@ -12,28 +12,33 @@
 //!    ([`conditions`]), the pods' selector, the cluster id (the resource's uid, recorded once),
 //!    the version every pod runs once the StatefulSet's pods all run its current template.
 //!
-//! 5. A changed template is rolled out one drained pod at a time ([`crate::roll`]); while it
-//!    is, `Progressing` says `RollingUpdate` and what the roll does or waits for.
+//! 5. A scale-down takes one step ([`crate::scale`]): `Progressing` says `Scaling` and what it
+//!    does or waits for, `Degraded` says `ScaleDownBlocked` when it cannot go on. Otherwise a
+//!    changed template is rolled out one drained pod at a time ([`crate::roll`]); while it is,
+//!    `Progressing` says `RollingUpdate` and what the roll does or waits for.
 //!
-//! Not built yet (issue 9): scaling's membership changes (new members joining the embedded
-//! store with `cluster.join`), the finalizer, events and metrics.
+//! Before the objects are applied, the nodes are asked for their view (`Node.Status`), which
+//! decides the scale step and its pod count. Not built yet (issue 9): the finalizer, events
+//! and metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{AnthillCluster, AnthillClusterStatus};
 use crate::resources;
+use crate::scale::Asked;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +50,49 @@ pub enum Error {
 
 struct Context {
     client: Client,
+    recorder: Recorder,
+}
+
+/// A Kubernetes event about a cluster: a step a user should see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    /// `PascalCase`, as `kubectl describe` shows it.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Note {
+    pub fn normal(reason: &'static str, message: String) -> Note {
+        Note { warning: false, reason, message }
+    }
+
+    pub fn warning(reason: &'static str, message: String) -> Note {
+        Note { warning: true, reason, message }
+    }
+}
+
+/// The events for conditions that flipped from `old` to `new`: `Available` either way, and
+/// `Degraded` turning true (with its reason).
+pub fn flips(old: &AnthillClusterStatus, new: &AnthillClusterStatus) -> Vec<Note> {
+    let find = |s: &AnthillClusterStatus, kind: &str| s.conditions.iter().find(|c| c.type_ == kind).cloned();
+    let mut notes = Vec::new();
+    let flipped = |kind: &str| {
+        let now = find(new, kind)?;
+        (find(old, kind).map(|c| c.status) != Some(now.status.clone())).then_some(now)
+    };
+    if let Some(c) = flipped("Available") {
+        // The first report of a cluster that is not available yet is no news.
+        if c.status == "True" {
+            notes.push(Note::normal("Available", c.message));
+        } else if find(old, "Available").is_some() {
+            notes.push(Note::warning("Unavailable", format!("{}: {}", c.reason, c.message)));
+        }
+    }
+    if let Some(c) = flipped("Degraded").filter(|c| c.status == "True") {
+        notes.push(Note::warning(if c.reason == "InvalidConfig" { "InvalidConfig" } else { "ScaleDownBlocked" }, c.message));
+    }
+    notes
 }
 
 /// Runs the controller until SIGTERM or SIGINT, over every namespace or over `namespace`.
@@ -60,13 +108,15 @@ pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()
     }
     let owned = || watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", resources::MANAGER));
     tracing::info!(namespace = namespace.as_deref().unwrap_or("(all)"), "controller starting");
+    let instance = std::env::var("POD_NAME").ok();
+    let recorder = Recorder::new(client.clone(), Reporter { controller: resources::MANAGER.into(), instance });
     Controller::new(api::<AnthillCluster>(&client, &namespace), watcher::Config::default())
         .owns(api::<StatefulSet>(&client, &namespace), owned())
         .owns(api::<ConfigMap>(&client, &namespace), owned())
         .owns(api::<Service>(&client, &namespace), owned())
         .owns(api::<PodDisruptionBudget>(&client, &namespace), owned())
         .shutdown_on_signal()
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context { client, recorder }))
         .for_each(|outcome| async move {
             match outcome {
                 Ok((object, _)) => tracing::debug!(cluster = %object.name, namespace = ?object.namespace, "reconciled"),
@@ -87,8 +137,8 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     let name = cluster.name_any();
     let ns = cluster.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let client = &ctx.client;
-    let clusters: Api<AnthillCluster> = Api::namespaced(client.clone(), &ns);
     let old = cluster.status.clone().unwrap_or_default();
+    let mut notes = Vec::new();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut status = AnthillClusterStatus {
         observed_generation: cluster.metadata.generation,
@@ -98,17 +148,64 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     };
     if cluster.spec.paused {
         set_condition(&mut status, &now, "ReconciliationPaused", true, "Paused", "spec.paused is true: the operator changes nothing");
-        write_status(&clusters, &name, &status).await?;
+        finish(&ctx, &cluster, &old, &status, Vec::new()).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     set_condition(&mut status, &now, "ReconciliationPaused", false, "Reconciling", "the operator reconciles the cluster");
-    let config = match resources::node_config(&cluster) {
+    let spec = &cluster.spec;
+    let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    // The pods there are now (more than asked for while a scale-down goes on) and the founders.
+    let running = sets.get_opt(&name).await?.and_then(|s| s.spec?.replicas).unwrap_or(spec.replicas);
+    let founders = *status.founders.get_or_insert(spec.replicas);
+    // The nodes' own view: roles, leaderships, lag, membership; whether every partition is led.
+    let answers = crate::nodes::ask(&cluster, running.max(spec.replicas)).await;
+    let address = |i: i32| resources::member(&cluster, i).1;
+    let addresses: Vec<String> = (0..running.max(spec.replicas)).map(address).collect();
+    let view = crate::scale::best_view(&answers);
+    let mut plan = crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, |i| {
+        resources::member(&cluster, i).0
+    });
+    for pod in &plan.recommission {
+        match crate::scale::request(&addresses, pod, true).await {
+            Asked::Done | Asked::Unknown => {
+                tracing::info!(cluster = %name, %pod, "let back into the replica sets");
+                notes.push(Note::normal("Recommissioning", format!("{pod} is let back into the replica sets (replicas covers it again)")));
+                status.decommissioned.retain(|p| p != pod);
+            }
+            Asked::Failed(why) => tracing::warn!(cluster = %name, %pod, %why, "cannot let it back into the replica sets yet"),
+        }
+    }
+    if let Some(pod) = plan.decommission.clone() {
+        // Recorded before it is asked, so that a reversal lets it back in whatever happens next.
+        if !status.decommissioned.contains(&pod) {
+            status.decommissioned.push(pod.clone());
+        }
+        match crate::scale::request(&addresses, &pod, false).await {
+            Asked::Done => {
+                tracing::info!(cluster = %name, %pod, "taking it out of the replica sets for a scale-down");
+                notes.push(Note::normal("Decommissioning", format!("{pod} is taken out of the replica sets before it is removed")));
+            }
+            Asked::Unknown => {
+                tracing::info!(cluster = %name, %pod, "it never joined: removing it");
+                plan.keep = running - 1;
+            }
+            Asked::Failed(why) => plan.progress = Some(format!("cannot take {pod} out yet: {why}")),
+        }
+    }
+    if plan.keep < running {
+        let pod = resources::member(&cluster, plan.keep).0;
+        notes.push(Note::normal("RemovingPod", format!("{pod} holds no replica any more: removing it")));
+    } else if plan.keep > running {
+        notes.push(Note::normal("Scaling", format!("from {running} to {} pods; the new ones join the cluster", plan.keep)));
+    }
+    let shape = resources::Shape { pods: plan.keep, founders };
+    let config = match resources::node_config(&cluster, shape) {
         Ok(config) => config,
         Err(e) => {
             tracing::warn!(cluster = %name, error = %e, "the nodes' configuration is invalid; nothing changed");
             set_condition(&mut status, &now, "Degraded", true, "InvalidConfig", &e.to_string());
             set_condition(&mut status, &now, "Progressing", false, "InvalidConfig", "nothing changes until spec.config is fixed");
-            write_status(&clusters, &name, &status).await?;
+            finish(&ctx, &cluster, &old, &status, notes).await?;
             return Ok(Action::await_change());
         }
     };
@@ -119,8 +216,9 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     let services = Api::<Service>::namespaced(client.clone(), &ns);
     services.patch(&resources::headless_service_name(&name), &params, &Patch::Apply(resources::headless_service(&cluster))).await?;
     services.patch(&name, &params, &Patch::Apply(resources::client_service(&cluster))).await?;
-    let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    let set = sets.patch(&name, &params, &Patch::Apply(resources::stateful_set(&cluster, &config))).await?;
+    let token_hash = consul_token_hash(client, &cluster).await?;
+    let stateful_set = resources::stateful_set(&cluster, &config, plan.keep, token_hash.as_deref());
+    let set = sets.patch(&name, &params, &Patch::Apply(stateful_set)).await?;
     let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
     match resources::disruption_budget(&cluster) {
         Some(budget) => {
@@ -138,25 +236,48 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     if seen.all_current(cluster.spec.replicas) {
         status.current_version = Some(cluster.spec.version.clone());
     }
-    // The nodes' own view: roles, leaderships, lag; and whether every partition has a leader.
-    let (nodes, all_led) = crate::nodes::summarize(&crate::nodes::ask(&cluster).await);
+    let (nodes, all_led) = crate::nodes::summarize(&answers);
     status.nodes = nodes;
     for (kind, value, reason, message) in conditions(cluster.spec.replicas, &seen, all_led) {
         set_condition(&mut status, &now, kind, value, reason, &message);
     }
-    // A changed template goes out one drained pod at a time (`roll`).
-    let rolling = match crate::roll::step(client, &cluster, &set).await {
-        Ok(rolling) => rolling,
-        // Reported, not returned: the status above is still worth writing.
-        Err(e) => Some(format!("the roll cannot go on: {e}")),
-    };
-    if let Some(what) = &rolling {
-        set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", what);
+    if let Some(why) = &plan.blocked {
+        set_condition(&mut status, &now, "Degraded", true, "ScaleDownBlocked", why);
     }
-    write_status(&clusters, &name, &status).await?;
+    // A changed template goes out one drained pod at a time (`roll`), once no scale-down is
+    // under way (it waits for the pods to go, and their going changes the template again).
+    let rolling = if let Some(what) = plan.progress.clone().or_else(|| plan.blocked.clone()) {
+        set_condition(&mut status, &now, "Progressing", true, "Scaling", &what);
+        Some(what)
+    } else {
+        let rolling = match crate::roll::step(client, &cluster, &set, plan.keep, &mut notes).await {
+            Ok(rolling) => rolling,
+            // Reported, not returned: the status above is still worth writing.
+            Err(e) => Some(format!("the roll cannot go on: {e}")),
+        };
+        if let Some(what) = &rolling {
+            set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", what);
+        }
+        rolling
+    };
+    finish(&ctx, &cluster, &old, &status, notes).await?;
     // The pods' readiness changes the StatefulSet, which wakes this; the period catches the rest
     // (a roll is followed closely: a drain moves in seconds).
     Ok(Action::requeue(Duration::from_secs(if rolling.is_some() { 2 } else { 30 })))
+}
+
+/// The hash of the Consul ACL token in the cluster's Secret, when it uses Consul and the Secret
+/// holds the key (a missing one is the kubelet's to report: the pods cannot start).
+async fn consul_token_hash(client: &Client, cluster: &AnthillCluster) -> Result<Option<String>, Error> {
+    let spec = &cluster.spec.coordination;
+    let Some(consul) = spec.consul.as_ref().filter(|_| spec.store == crate::crd::Store::Consul) else { return Ok(None) };
+    let secrets = Api::<Secret>::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
+    let Some(secret) = secrets.get_opt(&consul.token_secret_ref.name).await? else { return Ok(None) };
+    let token = secret.data.as_ref().and_then(|d| d.get(&consul.token_secret_ref.key));
+    // Salted with the cluster's uid; Consul's tokens are random UUIDs, so 64 bits of a hash
+    // reveal nothing usable about one.
+    let salt = cluster.metadata.uid.clone().unwrap_or_default();
+    Ok(token.map(|t| resources::config_hash(&format!("{salt}:{}", String::from_utf8_lossy(&t.0)))))
 }
 
 /// What the StatefulSet says about its pods.
@@ -238,9 +359,27 @@ pub fn set_condition(status: &mut AnthillClusterStatus, now: &Time, kind: &str, 
     }
 }
 
-async fn write_status(clusters: &Api<AnthillCluster>, name: &str, status: &AnthillClusterStatus) -> Result<(), Error> {
+/// Writes `status` over `old`, then publishes `notes` and the events of conditions that flipped
+/// (failing to publish is logged, not returned: the events are for people).
+async fn finish(
+    ctx: &Context,
+    cluster: &AnthillCluster,
+    old: &AnthillClusterStatus,
+    status: &AnthillClusterStatus,
+    mut notes: Vec<Note>,
+) -> Result<(), Error> {
+    let clusters: Api<AnthillCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
     let patch = json!({ "status": status });
-    clusters.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    clusters.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    notes.extend(flips(old, status));
+    let reference = cluster.object_ref(&());
+    for note in notes {
+        let type_ = if note.warning { EventType::Warning } else { EventType::Normal };
+        let event = Event { type_, reason: note.reason.into(), note: Some(note.message), action: note.reason.into(), secondary: None };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(cluster = %cluster.name_any(), error = %e, "cannot publish an event");
+        }
+    }
     Ok(())
 }
 
@@ -265,6 +404,30 @@ mod tests {
     }
 
     #[test]
+    fn events_come_from_conditions_that_flip_and_not_from_the_first_unavailable_report() {
+        let with = |conditions: &[(&str, bool, &str)]| {
+            let mut status = AnthillClusterStatus::default();
+            for (kind, value, reason) in conditions {
+                set_condition(&mut status, &at(1), kind, *value, reason, "m");
+            }
+            status
+        };
+        let none = AnthillClusterStatus::default();
+        let starting = with(&[("Available", false, "NodesNotReady"), ("Degraded", false, "AsExpected")]);
+        assert_eq!(flips(&none, &starting), [], "a cluster that is not available yet is no news");
+        let up = with(&[("Available", true, "AllPartitionsLed"), ("Degraded", false, "AsExpected")]);
+        assert_eq!(flips(&starting, &up), [Note::normal("Available", "m".into())]);
+        assert_eq!(flips(&up, &up), [], "nothing flipped");
+        let blocked = with(&[("Available", false, "PartitionsWithoutLeader"), ("Degraded", true, "ScaleDownBlocked")]);
+        assert_eq!(
+            flips(&up, &blocked),
+            [Note::warning("Unavailable", "PartitionsWithoutLeader: m".into()), Note::warning("ScaleDownBlocked", "m".into())]
+        );
+        let invalid = with(&[("Degraded", true, "InvalidConfig")]);
+        assert_eq!(flips(&none, &invalid), [Note::warning("InvalidConfig", "m".into())]);
+    }
+
+    #[test]
     fn conditions_follow_the_stateful_set() {
         let reason = |seen: &Observed, kind: &str| {
             conditions(3, seen, Some(true)).into_iter().find(|c| c.0 == kind).map(|(_, status, reason, _)| (status, reason)).unwrap()
@@ -282,5 +445,111 @@ mod tests {
         assert!(stable.all_current(3));
         assert_eq!(reason(&stable, "Progressing"), (false, "Stable"));
         assert_eq!(reason(&Observed { ready: 2, ..stable.clone() }, "Progressing"), (true, "Starting"));
+    }
+}
+
+/// Reconciles against a mocked API server (`tower-test`), checking each request the controller
+/// makes, in order, and nothing more. No node answers here (their names do not resolve).
+#[cfg(test)]
+mod mocked {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::Value;
+    use tower_test::mock;
+
+    type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+    struct Api {
+        handle: Handle,
+    }
+
+    impl Api {
+        fn start() -> (Api, Arc<Context>) {
+            let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+            let client = Client::new(service, "prod");
+            let recorder = Recorder::new(client.clone(), Reporter { controller: resources::MANAGER.into(), instance: None });
+            (Api { handle }, Arc::new(Context { client, recorder }))
+        }
+
+        /// The next request: `METHOD path?query` and its JSON body (null when empty); answered
+        /// with `status` and `answer`, or with the request's own body when `answer` is null.
+        async fn next(&mut self, status: u16, answer: Value) -> (String, Value) {
+            let (request, send) = self.handle.next_request().await.expect("a request");
+            let line = format!("{} {}", request.method(), request.uri());
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            let reply = if answer.is_null() { body.clone() } else { answer };
+            send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+            (line, body)
+        }
+
+        async fn nothing_more(mut self) {
+            let more = tokio::time::timeout(Duration::from_millis(200), self.handle.next_request()).await;
+            assert!(!matches!(more, Ok(Some(_))), "a request more than expected");
+        }
+    }
+
+    fn not_found() -> Value {
+        json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found" })
+    }
+
+    /// `line` is an apply by the operator's field manager, forced, of `path`.
+    fn assert_apply(line: &str, path: &str) {
+        assert!(line.starts_with(&format!("PATCH {path}?")), "{line}");
+        assert!(line.contains("fieldManager=anthill-operator") && line.contains("force=true"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_new_cluster_applies_its_objects_in_order_and_reports_a_status_naming_its_founders() {
+        let (mut api, ctx) = Api::start();
+        let cluster = Arc::new(resources::tests::cluster(json!({ "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" } })));
+        let reconciling = tokio::spawn(reconcile(cluster.clone(), ctx));
+        let (line, _) = api.next(404, not_found()).await;
+        assert_eq!(line, "GET /apis/apps/v1/namespaces/prod/statefulsets/shop");
+        let (line, config_map) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/api/v1/namespaces/prod/configmaps/shop-config");
+        let node: Value = serde_yaml::from_str(config_map["data"]["node.yaml"].as_str().unwrap()).unwrap();
+        assert_eq!(node["cluster"]["founders"], json!(["shop-0", "shop-1", "shop-2"]));
+        let (line, _) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/api/v1/namespaces/prod/services/shop-nodes");
+        let (line, _) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/api/v1/namespaces/prod/services/shop");
+        let (line, set) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/apis/apps/v1/namespaces/prod/statefulsets/shop");
+        assert_eq!(set["spec"]["replicas"], 3);
+        let (line, _) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/shop");
+        let (line, patch) = api.next(200, serde_json::to_value(&*cluster).unwrap()).await;
+        assert_eq!(line, "PATCH /apis/anthill.io/v1alpha1/namespaces/prod/anthillclusters/shop/status?");
+        let status = &patch["status"];
+        assert_eq!((status["founders"].as_i64(), status["clusterId"].as_str()), (Some(3), Some("0a1b2c3d")));
+        let reason = |kind: &str| status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).unwrap()["reason"].clone();
+        assert_eq!((reason("Available"), reason("Degraded")), (json!("NodesNotReady"), json!("AsExpected")));
+        assert!(reconciling.await.unwrap().is_ok());
+        api.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn a_config_the_node_refuses_changes_nothing_and_is_reported_in_the_status_and_an_event() {
+        let (mut api, ctx) = Api::start();
+        let cluster = Arc::new(resources::tests::cluster(json!({
+            "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" }, "config": { "cluster": { "session_ttl_ms": 5 } },
+        })));
+        let reconciling = tokio::spawn(reconcile(cluster.clone(), ctx));
+        let (line, _) = api.next(404, not_found()).await;
+        assert_eq!(line, "GET /apis/apps/v1/namespaces/prod/statefulsets/shop");
+        // No apply: straight to the status.
+        let (line, patch) = api.next(200, serde_json::to_value(&*cluster).unwrap()).await;
+        assert_eq!(line, "PATCH /apis/anthill.io/v1alpha1/namespaces/prod/anthillclusters/shop/status?");
+        let degraded = patch["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap().clone();
+        assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("InvalidConfig")));
+        let (line, event) = api.next(201, Value::Null).await;
+        assert_eq!(line, "POST /apis/events.k8s.io/v1/namespaces/prod/events?");
+        assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("InvalidConfig")));
+        assert!(event["note"].as_str().unwrap().contains("cluster.session_ttl_ms"), "{event}");
+        assert_eq!(event["regarding"]["name"], "shop");
+        assert!(reconciling.await.unwrap().is_ok());
+        api.nothing_more().await;
     }
 }

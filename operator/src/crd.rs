@@ -305,6 +305,14 @@ pub struct AnthillClusterStatus {
     /// Recorded when the cluster was first created; never changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// How many pods founded the cluster (ordinals below it), recorded once; pods added later
+    /// join the running cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub founders: Option<i32>,
+    /// Pods the operator took out of the replica sets for a scale-down (`anthill decommission`);
+    /// each is let back in when `replicas` covers it again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decommissioned: Vec<String>,
     /// The label selector of the cluster's pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

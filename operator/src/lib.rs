@@ -1,9 +1,10 @@
 //! The Anthill Kubernetes operator: the `AnthillCluster` resource ([`crd`]), the objects it
 //! becomes ([`resources`]), the controller that keeps them ([`controller`]) and rolls a changed
-//! template out one drained pod at a time ([`roll`]).
+//! template out one drained pod at a time ([`roll`]) and scales one pod at a time ([`scale`]).
 
 pub mod controller;
 pub mod crd;
 pub mod nodes;
 pub mod resources;
 pub mod roll;
+pub mod scale;

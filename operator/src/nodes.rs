@@ -10,9 +10,10 @@ use anthill_proto::v1 as pb;
 use crate::crd::{AnthillCluster, NodeStatus};
 use crate::resources;
 
-/// What the nodes say: per node (by member name, in ordinal order) its status when it answered.
-pub async fn ask(cluster: &AnthillCluster) -> Vec<(String, Option<pb::StatusResponse>)> {
-    let asks = (0..cluster.spec.replicas).map(|i| {
+/// What the first `pods` nodes say: per node (by member name, in ordinal order) its status when
+/// it answered.
+pub async fn ask(cluster: &AnthillCluster, pods: i32) -> Vec<(String, Option<pb::StatusResponse>)> {
+    let asks = (0..pods).map(|i| {
         let (name, address) = resources::member(cluster, i);
         async move {
             let asked = async {

@@ -35,6 +35,9 @@ pub const MANAGER: &str = "anthill-operator";
 /// The pod template's annotation holding a hash of the nodes' configuration: a change of the
 /// configuration changes the template, which the operator then rolls out.
 pub const CONFIG_HASH: &str = "anthill.io/config-hash";
+/// The pod template's hash of the Consul ACL token: the node reads its token once, at start, so
+/// a new token in the Secret must restart the pods (rolled like any change of template).
+pub const CONSUL_TOKEN_HASH: &str = "anthill.io/consul-token-hash";
 /// Grace before a pod's node is killed: its drain (`cluster.drain_on_stop_ms`, 10 s) plus the
 /// node's shutdown grace (5 s), with room to spare.
 const TERMINATION_GRACE_S: i64 = 30;
@@ -103,28 +106,49 @@ const OWNED: &[&str] = &[
     "metrics_addr",
     "storage.partitions",
     "cluster.members",
+    "cluster.founders",
+    "cluster.join",
     "cluster.replication_factor",
     "cluster.coordination",
 ];
 
+/// How many pods the cluster has now and how many founded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// The StatefulSet's replicas and the members every node lists: `spec.replicas`, or more
+    /// while a scale-down takes the highest ordinals out one at a time (`crate::scale`).
+    pub pods: i32,
+    /// The pods that founded the cluster (`status.founders`): ordinals below it. The others
+    /// join a running cluster (`cluster.founders` in the node's configuration).
+    pub founders: i32,
+}
+
+impl Shape {
+    /// A cluster as its spec asks, founded by that many pods.
+    pub fn of(cluster: &AnthillCluster) -> Shape {
+        Shape { pods: cluster.spec.replicas, founders: cluster.spec.replicas }
+    }
+}
+
 /// The nodes' `node.yaml`: what the spec says (partitions, members by their stable DNS names,
-/// replication factor, coordination), `spec.config` merged over the rest, checked by the node's
-/// own configuration rules (`anthill_node::config`). `node_id` is each pod's name, given as a
-/// flag.
-pub fn node_config(cluster: &AnthillCluster) -> Result<String, ConfigError> {
+/// the founders, replication factor, coordination), `spec.config` merged over the rest, checked
+/// by the node's own configuration rules (`anthill_node::config`). `node_id` is each pod's
+/// name, given as a flag.
+pub fn node_config(cluster: &AnthillCluster, shape: Shape) -> Result<String, ConfigError> {
     let spec = &cluster.spec;
-    let members: Vec<Value> = (0..spec.replicas)
+    let members: Vec<Value> = (0..shape.pods)
         .map(|i| {
             let (name, address) = member(cluster, i);
             json!({ "id": i + 1, "name": name, "address": address })
         })
         .collect();
+    let founders: Vec<String> = (0..shape.founders).map(|i| member(cluster, i).0).collect();
     let mut config = json!({
         "data_dir": DATA_DIR,
         "listen_addr": format!("0.0.0.0:{GRPC_PORT}"),
         "metrics_addr": format!("0.0.0.0:{METRICS_PORT}"),
         "storage": { "partitions": spec.partitions },
-        "cluster": { "members": members, "replication_factor": spec.replication_factor },
+        "cluster": { "members": members, "founders": founders, "replication_factor": spec.replication_factor },
     });
     if let Some(consul) = spec.coordination.consul.as_ref().filter(|_| spec.coordination.store == Store::Consul) {
         config["cluster"]["coordination"] = json!({
@@ -242,7 +266,9 @@ fn affinity(cluster: &AnthillCluster) -> Value {
     }
 }
 
-pub fn stateful_set(cluster: &AnthillCluster, config: &str) -> StatefulSet {
+/// The StatefulSet of `pods` pods running `config`, with `token_hash` ([`config_hash`] of the
+/// Consul token) when the cluster uses Consul and its Secret was read.
+pub fn stateful_set(cluster: &AnthillCluster, config: &str, pods: i32, token_hash: Option<&str>) -> StatefulSet {
     let name = cluster.name_any();
     let spec = &cluster.spec;
     let retention = match spec.storage.reclaim_policy {
@@ -302,18 +328,22 @@ pub fn stateful_set(cluster: &AnthillCluster, config: &str) -> StatefulSet {
     if let Some(tolerations) = &placement.tolerations {
         pod_spec["tolerations"] = serde_json::to_value(tolerations).expect("tolerations serialize");
     }
+    let mut annotations = json!({ CONFIG_HASH: config_hash(config) });
+    if let Some(hash) = token_hash {
+        annotations[CONSUL_TOKEN_HASH] = json!(hash);
+    }
     let value = json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": metadata(cluster, name.clone()),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": pods,
             "serviceName": headless_service_name(&name),
             "podManagementPolicy": "Parallel",
             "updateStrategy": { "type": "OnDelete" },
             "persistentVolumeClaimRetentionPolicy": { "whenDeleted": retention, "whenScaled": retention },
             "selector": { "matchLabels": selector(&name) },
             "template": {
-                "metadata": { "labels": labels(&name), "annotations": { CONFIG_HASH: config_hash(config) } },
+                "metadata": { "labels": labels(&name), "annotations": annotations },
                 "spec": pod_spec,
             },
             "volumeClaimTemplates": [claim],
@@ -355,7 +385,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_node_config_names_every_member_by_its_stable_dns_name_and_passes_the_nodes_own_rules() {
-        let config: Value = serde_yaml::from_str(&node_config(&three()).unwrap()).unwrap();
+        let config: Value = serde_yaml::from_str(&node_config(&three(), Shape::of(&three())).unwrap()).unwrap();
         assert_eq!(config["storage"]["partitions"], 16);
         assert_eq!(config["cluster"]["replication_factor"], 3);
         let members = config["cluster"]["members"].as_array().unwrap();
@@ -365,21 +395,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_grown_cluster_lists_every_pod_and_names_its_founders_so_that_the_new_pods_join() {
+        let c = three();
+        let config: Value = serde_yaml::from_str(&node_config(&c, Shape { pods: 5, founders: 3 }).unwrap()).unwrap();
+        assert_eq!(config["cluster"]["members"].as_array().unwrap().len(), 5);
+        assert_eq!(config["cluster"]["founders"], json!(["shop-0", "shop-1", "shop-2"]));
+        let node: anthill_node::config::NodeConfig = serde_json::from_value(config).unwrap();
+        assert!(node.cluster.joins("shop-3") && !node.cluster.joins("shop-2"));
+        // Shrunk below its founders: the gone ones stay named, which the node accepts.
+        node_config(&c, Shape { pods: 3, founders: 5 }).unwrap();
+        let set = serde_json::to_value(stateful_set(&c, "x", 5, None)).unwrap();
+        assert_eq!(set["spec"]["replicas"], 5);
+    }
+
+    #[test]
     fn given_overrides_then_they_merge_and_owned_or_invalid_ones_are_refused_by_name() {
         let mut c = three();
         c.spec.config = Some(json!({ "group_commit": { "max_wait_us": 200 }, "cluster": { "session_ttl_ms": 3000 } }));
-        let config: Value = serde_yaml::from_str(&node_config(&c).unwrap()).unwrap();
+        let config: Value = serde_yaml::from_str(&node_config(&c, Shape::of(&c)).unwrap()).unwrap();
         assert_eq!((config["group_commit"]["max_wait_us"].as_u64(), config["cluster"]["session_ttl_ms"].as_u64()), (Some(200), Some(3000)));
         assert_eq!(config["cluster"]["members"].as_array().unwrap().len(), 3, "merged, not replaced");
         c.spec.config = Some(json!({ "storage": { "partitions": 8 } }));
-        assert_eq!(node_config(&c), Err(ConfigError::Owned("storage.partitions".into())));
+        assert_eq!(node_config(&c, Shape::of(&c)), Err(ConfigError::Owned("storage.partitions".into())));
         c.spec.config = Some(json!({ "cluster": { "session_ttl_ms": 5 } }));
-        let err = node_config(&c).unwrap_err().to_string();
+        let err = node_config(&c, Shape::of(&c)).unwrap_err().to_string();
         assert!(err.contains("cluster.session_ttl_ms") && err.contains("got 5"), "{err}");
         c.spec.config = Some(json!({ "colour": "red" }));
-        assert!(node_config(&c).unwrap_err().to_string().contains("colour"));
+        assert!(node_config(&c, Shape::of(&c)).unwrap_err().to_string().contains("colour"));
         c.spec.config = Some(json!([1, 2]));
-        assert_eq!(node_config(&c), Err(ConfigError::NotAMapping));
+        assert_eq!(node_config(&c, Shape::of(&c)), Err(ConfigError::NotAMapping));
     }
 
     #[test]
@@ -390,23 +434,25 @@ pub(crate) mod tests {
                 "address": "http://consul:8500", "tokenSecretRef": { "name": "consul-acl", "key": "token" }, "keyPrefix": "shop/",
             }},
         }));
-        let config: Value = serde_yaml::from_str(&node_config(&c).unwrap()).unwrap();
+        let config: Value = serde_yaml::from_str(&node_config(&c, Shape::of(&c)).unwrap()).unwrap();
         assert_eq!(config["cluster"]["coordination"]["token_file"], "/etc/anthill/consul/token");
         assert_eq!(config["cluster"]["session_ttl_ms"], 10_000);
         assert_eq!(config["cluster"]["coordination"]["key_prefix"], "shop/");
         let mut unset = c.clone();
         unset.spec.coordination.consul.as_mut().unwrap().key_prefix = None;
         assert_eq!(key_prefix(&unset), "anthill/prod/shop/", "one prefix per cluster");
-        let set = serde_json::to_value(stateful_set(&c, "x")).unwrap();
+        let set = serde_json::to_value(stateful_set(&c, "x", 3, Some("0011"))).unwrap();
         let volumes = set["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
         assert!(volumes.iter().any(|v| v["secret"]["secretName"] == "consul-acl" && v["secret"]["items"][0]["key"] == "token"));
+        // A new token is a new template: the pods roll, since a node reads its token at start.
+        assert_eq!(set["spec"]["template"]["metadata"]["annotations"][CONSUL_TOKEN_HASH], "0011");
     }
 
     #[test]
     fn the_stateful_set_restarts_only_when_told_starts_in_parallel_and_carries_the_config_hash_and_claims() {
         let c = three();
-        let config = node_config(&c).unwrap();
-        let set = serde_json::to_value(stateful_set(&c, &config)).unwrap();
+        let config = node_config(&c, Shape::of(&c)).unwrap();
+        let set = serde_json::to_value(stateful_set(&c, &config, c.spec.replicas, None)).unwrap();
         let spec = &set["spec"];
         assert_eq!(spec["updateStrategy"]["type"], "OnDelete");
         assert_eq!(spec["podManagementPolicy"], "Parallel");

@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 
+use crate::controller::Note;
 use crate::crd::AnthillCluster;
 use crate::resources;
 
@@ -111,9 +112,15 @@ async fn delete(pods: &Api<Pod>, pod: &Pod) -> Result<(), kube::Error> {
     pods.delete(&pod.name_any(), &DeleteParams { preconditions, ..DeleteParams::default() }).await.map(|_| ())
 }
 
-/// One step of the roll of `cluster` (module doc): `None` when every pod runs the current
-/// template, else what it is doing or waiting for.
-pub async fn step(client: &Client, cluster: &AnthillCluster, set: &StatefulSet) -> Result<Option<String>, kube::Error> {
+/// One step of the roll of `cluster`'s `wanted` pods (module doc): `None` when every pod runs
+/// the current template, else what it is doing or waiting for.
+pub async fn step(
+    client: &Client,
+    cluster: &AnthillCluster,
+    set: &StatefulSet,
+    wanted: i32,
+    notes: &mut Vec<Note>,
+) -> Result<Option<String>, kube::Error> {
     let ns = cluster.namespace().unwrap_or_default();
     let Some(status) = &set.status else { return Ok(None) };
     // A status from before the latest template could name an old update revision.
@@ -151,12 +158,13 @@ pub async fn step(client: &Client, cluster: &AnthillCluster, set: &StatefulSet) 
         });
         by_name.insert(name, pod);
     }
-    match next_step(&views, cluster.spec.replicas) {
+    match next_step(&views, wanted) {
         RollStep::Done => Ok(None),
         RollStep::Wait(why) => Ok(Some(why)),
         RollStep::Replace(name) => {
             tracing::warn!(cluster = %cluster.name_any(), pod = %name, "an outdated pod that is not ready: replacing it on the new template");
             delete(&pods_api, by_name[&name]).await?;
+            notes.push(Note::warning("Replacing", format!("{name} runs an old template and is not ready: replacing it")));
             Ok(Some(format!("replacing {name}, outdated and not ready, on the new template")))
         }
         RollStep::Drain(name) => {
@@ -166,6 +174,7 @@ pub async fn step(client: &Client, cluster: &AnthillCluster, set: &StatefulSet) 
             if !pod.annotations().contains_key(DRAINED_FOR) {
                 let patch = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: update } } });
                 pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                notes.push(Note::normal("Draining", format!("{name} hands its leaderships over before it restarts on the new template")));
             }
             if let Err(e) = anthill_node::cli::drain::request(&address, &name, false).await {
                 return Ok(Some(format!("cannot ask {name} to drain: {e:#}")));
@@ -184,6 +193,7 @@ pub async fn step(client: &Client, cluster: &AnthillCluster, set: &StatefulSet) 
             }
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained; restarting it on the new template");
             delete(&pods_api, pod).await?;
+            notes.push(Note::normal("Restarting", format!("{name} drained: restarting it on the new template")));
             Ok(Some(format!("restarting {name} on the new template")))
         }
     }

@@ -209,9 +209,9 @@ pub async fn start(
         CoordinationConfig::Embedded {} => {
             let members: Vec<u64> = config.cluster.members.iter().map(|m| m.id).collect();
             let dir = config.data_dir.join("coordination");
-            // A founder starts its log with every member as a voter; a server added later starts
+            // A founder starts its log with the founders as voters; a server added later starts
             // with none and learns the group from the leader's snapshot once it is added.
-            let bootstrap = if config.cluster.join { Vec::new() } else { members.clone() };
+            let bootstrap = if config.cluster.joins(&me.name) { Vec::new() } else { config.cluster.founder_ids() };
             let raft_log = tokio::task::spawn_blocking(move || RaftLog::open(&dir, &bootstrap))
                 .await?
                 .context("cannot open the coordination store's Raft log")?;

@@ -285,6 +285,8 @@ up() {
     mkdir -p "$lab/logs" "$lab/pids"
     chmod 700 "$lab"
     cat /proc/sys/net/ipv4/ip_forward >"$lab/ip_forward.before"
+    # The network namespaces there before the lab: any cni-* one made since is the lab's.
+    { ip netns list | awk '{print $1}' || true; } >"$lab/netns.before"
     # A step that fails leaves nothing running.
     trap 'say "up failed; tearing down"; down' ERR
     # The admin token and the keys are for root alone (not a umask for everything: containerd
@@ -347,10 +349,13 @@ down() {
         done
     done
     # Network namespaces CNI made for the lab's pods that no sandbox deleted: those with an
-    # address in the lab's pod network.
+    # address in the lab's pod network, and any cni-* one made since `up` (CNI may have taken
+    # its interface away already, leaving only lo).
     local ns
     for ns in $(ip netns list | awk '/^cni-/ {print $1}'); do
         if ip netns exec "$ns" ip -4 -o addr show 2>/dev/null | grep -q " ${POD_CIDR%.*.*}\."; then
+            ip netns delete "$ns" 2>/dev/null || true
+        elif [[ -f "$lab/netns.before" ]] && ! grep -qx "$ns" "$lab/netns.before"; then
             ip netns delete "$ns" 2>/dev/null || true
         fi
     done

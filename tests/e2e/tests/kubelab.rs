@@ -4,8 +4,9 @@
 //! installed with `helm install`; `helm test` passes. The operator makes the cluster, it becomes Available, its
 //! nodes find each other by their DNS names, and `quorum` appends acknowledged while a node's pod
 //! is deleted with no grace period, then while the version is upgraded (the operator drains and
-//! restarts each pod in turn), are all read back, in order, once. `helm uninstall` leaves no
-//! workload running, and the lab's teardown leaves nothing behind.
+//! restarts each pod in turn), then while the cluster is scaled 3 → 5 → 3 (new pods join;
+//! the removed ones are decommissioned first), are all read back, in order, once. `helm
+//! uninstall` leaves no workload running, and the lab's teardown leaves nothing behind.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,7 +65,7 @@ impl Lab {
 impl Lab {
     /// Tears the lab down and checks that it left nothing: no process of it, no network
     /// namespace in its pod network, no bridge, no KUBE- chain, no folder.
-    fn down_and_check(self) {
+    fn down_and_check(self, netns_before: &str) {
         let out = Command::new("bash").arg(lab_script()).arg("down").output().unwrap();
         assert!(out.status.success(), "the lab's teardown failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let sh = |script: &str| String::from_utf8_lossy(&Command::new("sh").args(["-c", script]).output().unwrap().stdout).into_owned();
@@ -76,6 +77,10 @@ impl Lab {
                     "for ns in $(ip netns list | awk '{print $1}'); do ip netns exec $ns ip -4 -o addr | grep -q ' 10\\.88\\.' && echo $ns; done",
                 ),
             ),
+            ("new cni network namespaces", {
+                let now = sh("ip netns list | awk '/^cni-/ {print $1}'");
+                now.lines().filter(|ns| !netns_before.lines().any(|b| b.starts_with(ns))).collect::<Vec<_>>().join("\n")
+            }),
             ("bridge", sh("ip link show anthill0 2>/dev/null || true")),
             ("iptables chains", sh("iptables-save | grep KUBE- || true")),
             ("folder", sh("ls -d /tmp/anthill-kubelab 2>/dev/null || true")),
@@ -93,6 +98,58 @@ impl Drop for Lab {
     }
 }
 
+/// `quorum` appends through the client Service, one after another, from the first three pods
+/// in turn; what was acknowledged.
+struct Load {
+    acked: Vec<String>,
+    next: usize,
+}
+
+impl Load {
+    /// Appends until `done` (for at most 5 minutes), checking meanwhile that never two of
+    /// `watched` pods are down (not ready, going or missing) at once, that one was, and that at
+    /// least half the appends were acknowledged.
+    fn until(&mut self, lab: &Lab, what: &str, watched: &[&str], mut done: impl FnMut() -> bool) {
+        let down_now = || -> Result<Vec<String>, String> {
+            let json = lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "json"])?;
+            let pods: Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+            let items = pods["items"].as_array().cloned().unwrap_or_default();
+            let ready = |p: &Value| {
+                p["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True")
+            };
+            let up: Vec<&str> = items
+                .iter()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null() && ready(p))
+                .filter_map(|p| p["metadata"]["name"].as_str())
+                .collect();
+            Ok(watched.iter().filter(|w| !up.contains(w)).map(|w| w.to_string()).collect())
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let (mut attempts, before, mut most_down) = (0, self.acked.len(), 0);
+        loop {
+            if let Ok(down) = down_now() {
+                assert!(down.len() <= 1, "{what}: two pods down at once: {down:?}");
+                most_down = most_down.max(down.len());
+            }
+            let payload = format!("payment-{}", self.next);
+            let pod = format!("anthill-{}", self.next % 3);
+            (self.next, attempts) = (self.next + 1, attempts + 1);
+            if lab.anthill(&pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]).is_ok() {
+                self.acked.push(payload);
+            }
+            if done() {
+                break;
+            }
+            let conditions = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.conditions}"]).unwrap_or_default();
+            assert!(Instant::now() < deadline, "{what} did not finish; conditions: {conditions}");
+        }
+        let during = self.acked.len() - before;
+        eprintln!("{what}: done with {during} of {attempts} quorum appends acknowledged meanwhile");
+        assert!(most_down == 1, "{what}: no pod was ever seen restarting: was anything rolled?");
+        assert!(during * 2 >= attempts, "{what}: only {during} of {attempts} appends were acknowledged");
+    }
+}
+
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> Result<bool, String>) {
     let deadline = Instant::now() + within;
     loop {
@@ -106,7 +163,7 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> Result<boo
 }
 
 #[test]
-fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_append_through_a_pod_deleted_without_grace_and_a_rolled_upgrade()
+fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_append_through_a_pod_deleted_without_grace_a_rolled_upgrade_and_scaling()
  {
     let install = Command::new("bash")
         .arg(anthill_e2e::repository().join("tests/e2e/tools/install.sh"))
@@ -123,6 +180,7 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         .status()
         .expect("the image builder runs");
     assert!(built.success(), "the images were not built");
+    let netns_before = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
     let lab = Lab::up(images.path());
 
     let chart = anthill_e2e::repository().join("charts/anthill").display().to_string();
@@ -192,47 +250,52 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     lab.kubectl(&["patch", "anthillcluster/anthill", "--type=merge", "-p", r#"{"spec":{"version":"0.1.1"}}"#]).unwrap();
     let images =
         || lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "jsonpath={.items[*].spec.containers[0].image}"]);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let (mut attempts, before) = (0, acked.len());
-    // One pod at a time: never two node pods down (not ready or going) at once.
-    let down_now = || -> Result<Vec<String>, String> {
-        let pods: Value = serde_json::from_str(&lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "json"])?)
-            .map_err(|e| e.to_string())?;
-        let items = pods["items"].as_array().cloned().unwrap_or_default();
-        let ready =
-            |p: &Value| p["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True");
-        let mut down: Vec<String> = items
-            .iter()
-            .filter(|p| !p["metadata"]["deletionTimestamp"].is_null() || !ready(p))
-            .map(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_string())
-            .collect();
-        down.extend((items.len()..3).map(|_| "(missing)".to_string()));
-        Ok(down)
-    };
-    let mut most_down = 0;
-    loop {
-        if let Ok(down) = down_now() {
-            assert!(down.len() <= 1, "two node pods down at once during the roll: {down:?}");
-            most_down = most_down.max(down.len());
-        }
-        let payload = format!("payment-{}", 45 + attempts);
-        let pod = format!("anthill-{}", attempts % 3);
-        attempts += 1;
-        if lab.anthill(&pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]).is_ok() {
-            acked.push(payload);
-        }
+    let founders = ["anthill-0", "anthill-1", "anthill-2"];
+    let mut load = Load { acked, next: 45 };
+    load.until(&lab, "the upgrade", &founders, || {
         let version = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.currentVersion}"]).unwrap_or_default();
-        let upgraded = images().is_ok_and(|i| i.split_whitespace().filter(|i| *i == "anthill:0.1.1").count() == 3);
-        if version == "0.1.1" && upgraded {
-            break;
+        version == "0.1.1" && images().is_ok_and(|i| i.split_whitespace().filter(|i| *i == "anthill:0.1.1").count() == 3)
+    });
+    lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
+
+    // Scale 3 → 5: the new pods join (not founders), the old ones restart one at a time with
+    // the longer member list, and replica sets move onto the newcomers.
+    lab.kubectl(&["scale", "anthillcluster/anthill", "--replicas=5"]).unwrap();
+    let sets_naming = |pods: &[&str]| -> usize {
+        let Ok(status) = lab.anthill("anthill-0", &["status", "--json"]) else { return usize::MAX };
+        let status: Value = serde_json::from_str(&status).unwrap_or_default();
+        let partitions = status["cluster"]["partitions"].as_array().cloned().unwrap_or_default();
+        if partitions.len() != 16 {
+            return usize::MAX;
         }
-        let progress = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.conditions}"]).unwrap_or_default();
-        assert!(Instant::now() < deadline, "the upgrade did not finish; conditions: {progress}; pods: {:?}", images());
-    }
-    let during = acked.len() - before;
-    eprintln!("upgraded with {during} of {attempts} quorum appends acknowledged meanwhile");
-    assert!(most_down == 1, "no pod was ever seen restarting: was anything rolled?");
-    assert!(during * 2 >= attempts, "only {during} of {attempts} appends were acknowledged during the roll");
+        let names = |p: &Value, key: &str| p[key].as_array().into_iter().flatten().any(|r| pods.iter().any(|n| r == n));
+        partitions.iter().filter(|p| names(p, "replicas") || names(p, "target")).count()
+    };
+    let settled = |pods: usize| {
+        let Ok(json) = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "json"]) else { return false };
+        let cluster: Value = serde_json::from_str(&json).unwrap_or_default();
+        let condition = |kind: &str| {
+            cluster["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == kind).map(|c| c["reason"].clone())
+        };
+        let nodes = cluster["status"]["nodes"].as_array().cloned().unwrap_or_default();
+        cluster["status"]["readyReplicas"] == pods
+            && nodes.len() == pods
+            && nodes.iter().all(|n| n["role"] == "Ready")
+            && condition("Progressing") == Some(Value::from("Stable"))
+            && condition("Available") == Some(Value::from("AllPartitionsLed"))
+    };
+    let newcomers = ["anthill-3", "anthill-4"];
+    load.until(&lab, "the scale-up to 5", &founders, || settled(5) && (1..=16).contains(&sets_naming(&newcomers)));
+    eprintln!("scaled up: {} of 16 replica sets name anthill-3 or anthill-4", sets_naming(&newcomers));
+
+    // Scale 5 → 3: anthill-4 then anthill-3 are decommissioned (their replicas move away), and
+    // only then removed; the rest restart with the shorter member list.
+    lab.kubectl(&["scale", "anthillcluster/anthill", "--replicas=3"]).unwrap();
+    load.until(&lab, "the scale-down to 3", &founders, || settled(3) && sets_naming(&newcomers) == 0);
+    let decommissioned = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.decommissioned}"]).unwrap();
+    assert!(decommissioned.contains("anthill-3") && decommissioned.contains("anthill-4"), "{decommissioned}");
+    let acked = load.acked;
+
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
     let read = lab.anthill("anthill-0", &["read", "payments", "--max", "0", "--linearizable", "--json"]).unwrap();
     let read: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{e}: {read}"));
@@ -251,5 +314,5 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     // with it (owned by it), and with them every pod.
     lab.helm(&["uninstall", "anthill", "--namespace", "default", "--wait"]).unwrap();
     wait_until("no pod left", Duration::from_secs(120), || Ok(lab.kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty()));
-    lab.down_and_check();
+    lab.down_and_check(&netns_before);
 }

@@ -110,7 +110,20 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     assert_eq!(get(&api, "statefulset/shop").unwrap()["spec"]["replicas"], 3, "a paused cluster changed");
     api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"paused":false}}"#]).unwrap();
     wait_for(&api, "statefulset/shop", |s| s["spec"]["replicas"] == 5);
-    wait_for(&api, "configmap/shop-config", |c| members(c) == 5);
+    let grown = wait_for(&api, "configmap/shop-config", |c| members(c) == 5);
+    let founders: Value =
+        serde_yaml::from_str::<Value>(grown["data"]["node.yaml"].as_str().unwrap()).unwrap()["cluster"]["founders"].clone();
+    assert_eq!(founders, serde_json::json!(["shop-0", "shop-1", "shop-2"]), "the new pods join; the first three founded it");
+    // A scale-down removes a pod only once its node was decommissioned, which needs the nodes:
+    // none runs here, so the StatefulSet keeps its five pods and the status says why.
+    api.kubectl(&["scale", "anthillcluster/shop", "--replicas=3"]).unwrap();
+    let waiting = wait_for(&api, "anthillcluster/shop", |c| {
+        condition(c, "Progressing").is_some_and(|c| c["reason"] == "Scaling" && c["message"].as_str().unwrap_or("").contains("shop-4"))
+    });
+    assert_eq!(waiting["status"]["founders"], 3);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(get(&api, "statefulset/shop").unwrap()["spec"]["replicas"], 5, "a pod went before it was decommissioned");
+    assert_eq!(members(&get(&api, "configmap/shop-config").unwrap()), 5);
     let cluster = wait_for(&api, "anthillcluster/shop", |c| condition(c, "ReconciliationPaused").is_some_and(|c| c["status"] == "False"));
     assert_eq!(condition(&cluster, "Available").unwrap()["lastTransitionTime"], available_since, "Available did not flip");
 
@@ -121,6 +134,13 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     let why = &condition(&degraded, "Degraded").unwrap();
     assert_eq!(why["reason"], "InvalidConfig");
     assert!(why["message"].as_str().unwrap().contains("cluster.session_ttl_ms"), "{why}");
+    // … and tells it in an event on the cluster.
+    let events = wait_for(&api, "events", |e| {
+        e["items"].as_array().into_iter().flatten().any(|e| e["reason"] == "InvalidConfig" && e["involvedObject"]["name"] == "shop")
+    });
+    let event = events["items"].as_array().unwrap().iter().find(|e| e["reason"] == "InvalidConfig").unwrap().clone();
+    assert_eq!(event["type"], "Warning");
+    assert!(event["message"].as_str().unwrap().contains("cluster.session_ttl_ms"), "{event}");
     let hash = |s: &Value| s["spec"]["template"]["metadata"]["annotations"]["anthill.io/config-hash"].clone();
     let before = hash(&get(&api, "statefulset/shop").unwrap());
     api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"config":{"cluster":{"session_ttl_ms":3000}}}}"#])
@@ -129,4 +149,16 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     let after = wait_for(&api, "statefulset/shop", |s| hash(s) != before);
     assert!(after["spec"]["template"]["metadata"]["annotations"]["anthill.io/config-hash"].is_string());
     assert!(get(&api, "configmap/shop-config").unwrap()["data"]["node.yaml"].as_str().unwrap().contains("session_ttl_ms: 3000"));
+
+    // A cluster on Consul: a new token in its Secret changes the template (the nodes read their
+    // token at start, so the pods must roll).
+    api.kubectl_stdin(&["create"], "apiVersion: v1\nkind: Secret\nmetadata:\n  name: consul-acl\nstringData:\n  token: first\n").unwrap();
+    let ledger = CLUSTER.replace("name: shop", "name: ledger")
+        + "  coordination:\n    store: Consul\n    consul:\n      address: http://consul:8500\n      tokenSecretRef:\n        name: consul-acl\n        key: token\n";
+    api.kubectl_stdin(&["create"], &ledger).expect("the Consul cluster is created");
+    let token_hash = |s: &Value| s["spec"]["template"]["metadata"]["annotations"]["anthill.io/consul-token-hash"].clone();
+    let first = token_hash(&wait_for(&api, "statefulset/ledger", |s| token_hash(s).is_string()));
+    api.kubectl(&["patch", "secret/consul-acl", "--type=merge", "-p", r#"{"stringData":{"token":"second"}}"#]).unwrap();
+    let second = token_hash(&wait_for(&api, "statefulset/ledger", |s| token_hash(s).is_string() && token_hash(s) != first));
+    assert!(!second.as_str().unwrap().contains("second"), "the token itself is not in the template");
 }
