@@ -60,15 +60,23 @@ pub struct Note {
     /// `PascalCase`, as `kubectl describe` shows it.
     pub reason: &'static str,
     pub message: String,
+    /// The pod it is about, if one (the event's related object: events about two pods with
+    /// the same reason stay two events).
+    pub pod: Option<String>,
 }
 
 impl Note {
     pub fn normal(reason: &'static str, message: String) -> Note {
-        Note { warning: false, reason, message }
+        Note { warning: false, reason, message, pod: None }
     }
 
     pub fn warning(reason: &'static str, message: String) -> Note {
-        Note { warning: true, reason, message }
+        Note { warning: true, reason, message, pod: None }
+    }
+
+    /// About pod `pod`.
+    pub fn on(self, pod: &str) -> Note {
+        Note { pod: Some(pod.into()), ..self }
     }
 }
 
@@ -133,10 +141,94 @@ fn error_policy(cluster: Arc<AnthillCluster>, error: &Error, _: Arc<Context>) ->
     Action::requeue(Duration::from_secs(10))
 }
 
+/// The finalizer of a cluster whose Consul keys are deleted with it
+/// (`coordination.consul.deleteKeysOnRemoval`).
+pub const FINALIZER: &str = "anthill.io/consul-keys";
+
+/// Whether `cluster` asks for its Consul keys to be deleted with it.
+fn deletes_keys(cluster: &AnthillCluster) -> bool {
+    let c = &cluster.spec.coordination;
+    c.store == crate::crd::Store::Consul && c.consul.as_ref().is_some_and(|c| c.delete_keys_on_removal)
+}
+
+fn has_finalizer(cluster: &AnthillCluster) -> bool {
+    cluster.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds or removes [`FINALIZER`] (a JSON patch that first checks what it changes is still so).
+async fn set_finalizer(clusters: &Api<AnthillCluster>, cluster: &AnthillCluster, on: bool) -> Result<(), Error> {
+    let patch = match cluster.finalizers().iter().position(|f| f == FINALIZER) {
+        Some(i) if !on => json!([
+            { "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER },
+            { "op": "remove", "path": format!("/metadata/finalizers/{i}") },
+        ]),
+        None if on && cluster.metadata.finalizers.is_some() => {
+            json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
+        }
+        None if on => json!([{ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }]),
+        _ => return Ok(()),
+    };
+    let patch: json_patch::Patch = serde_json::from_value(patch).expect("a JSON patch");
+    clusters.patch(&cluster.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch)).await?;
+    Ok(())
+}
+
+/// A cluster being deleted with [`FINALIZER`]: its pods are stopped (the StatefulSet scaled to
+/// 0; each node resigns its Consul session as it stops), then every key under its prefix is
+/// deleted, then the finalizer is removed and the resource goes.
+async fn remove(cluster: &AnthillCluster, ctx: &Context) -> Result<Action, Error> {
+    if !has_finalizer(cluster) {
+        return Ok(Action::await_change());
+    }
+    let (name, ns) = (cluster.name_any(), cluster.namespace().unwrap_or_default());
+    let client = &ctx.client;
+    let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    if sets.get_opt(&name).await?.is_some_and(|s| s.spec.and_then(|s| s.replicas) != Some(0)) {
+        sets.patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "replicas": 0 } }))).await?;
+        publish(ctx, cluster, vec![Note::normal("Stopping", "the cluster is deleted: stopping its pods before its Consul keys go".into())])
+            .await;
+    }
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns);
+    let left = pods.list(&kube::api::ListParams::default().labels(&resources::selector_query(&name))).await?.items.len();
+    if left > 0 {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let prefix = resources::key_prefix(cluster);
+    if let Err(why) = delete_keys(client, cluster, &prefix).await {
+        tracing::warn!(cluster = %name, %why, "cannot delete the cluster's Consul keys yet");
+        publish(ctx, cluster, vec![Note::warning("KeysNotDeleted", format!("the keys under {prefix}: {why}"))]).await;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    tracing::info!(cluster = %name, %prefix, "the cluster's Consul keys are deleted");
+    publish(ctx, cluster, vec![Note::normal("KeysDeleted", format!("every key under {prefix} is deleted"))]).await;
+    set_finalizer(&Api::namespaced(client.clone(), &ns), cluster, false).await?;
+    Ok(Action::await_change())
+}
+
+/// Deletes every key under `prefix` in the cluster's Consul, with the token of its Secret.
+async fn delete_keys(client: &Client, cluster: &AnthillCluster, prefix: &str) -> Result<(), String> {
+    use anthill_node::coordination::consul::{AclToken, ConsulStore, parse_address};
+    let consul = cluster.spec.coordination.consul.as_ref().ok_or("no Consul in the spec")?;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
+    let reference = &consul.token_secret_ref;
+    let secret = secrets.get_opt(&reference.name).await.map_err(|e| e.to_string())?;
+    let token =
+        secret.and_then(|s| s.data?.remove(&reference.key)).ok_or(format!("no key {:?} in Secret {:?}", reference.key, reference.name))?;
+    let token = AclToken::new(String::from_utf8_lossy(&token.0).trim()).ok_or("the token is not a header value")?;
+    let store = ConsulStore::new(parse_address(&consul.address)?, Some(token), None);
+    store.delete_tree(prefix).await.map_err(|e| e.to_string())
+}
+
 async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = cluster.name_any();
     let ns = cluster.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let client = &ctx.client;
+    if cluster.metadata.deletion_timestamp.is_some() {
+        return remove(&cluster, &ctx).await;
+    }
+    if deletes_keys(&cluster) != has_finalizer(&cluster) {
+        set_finalizer(&Api::namespaced(client.clone(), &ns), &cluster, deletes_keys(&cluster)).await?;
+    }
     let old = cluster.status.clone().unwrap_or_default();
     let mut notes = Vec::new();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -156,59 +248,78 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
     // The pods there are now (more than asked for while a scale-down goes on) and the founders.
     let running = sets.get_opt(&name).await?.and_then(|s| s.spec?.replicas).unwrap_or(spec.replicas);
-    let founders = *status.founders.get_or_insert(spec.replicas);
+    // Recorded once: the pods there at the first reconcile (an operator that takes over a
+    // cluster finds its StatefulSet), or the spec's.
+    let founders = *status.founders.get_or_insert(running);
     // The nodes' own view: roles, leaderships, lag, membership; whether every partition is led.
     let answers = crate::nodes::ask(&cluster, running.max(spec.replicas)).await;
-    let address = |i: i32| resources::member(&cluster, i).1;
-    let addresses: Vec<String> = (0..running.max(spec.replicas)).map(address).collect();
-    let view = crate::scale::best_view(&answers);
-    let mut plan = crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, |i| {
-        resources::member(&cluster, i).0
-    });
+    let pod_name = |i: i32| resources::member(&cluster, i).0;
+    let addresses: Vec<String> = (0..running.max(spec.replicas)).map(|i| resources::member(&cluster, i).1).collect();
+    let view = crate::scale::view_for(&answers, &pod_name(running - 1));
+    let mut plan = crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, pod_name);
+    // A configuration the node would refuse stops everything before any node is asked anything.
+    let config_for = |keep: i32, founders: i32| {
+        // A cluster shrunk below its founders: the founders left are those still there, so a pod
+        // made again later joins rather than founds.
+        let founders = founders.min(keep);
+        resources::node_config(&cluster, resources::Shape { pods: keep, founders }).map(|c| (c, founders))
+    };
+    if let Err(e) = config_for(plan.keep, founders) {
+        tracing::warn!(cluster = %name, error = %e, "the nodes' configuration is invalid; nothing changed");
+        set_condition(&mut status, &now, "Degraded", true, "InvalidConfig", &e.to_string());
+        set_condition(&mut status, &now, "Progressing", false, "InvalidConfig", "nothing changes until spec.config is fixed");
+        finish(&ctx, &cluster, &old, &status, notes).await?;
+        return Ok(Action::await_change());
+    }
+    // The pod a scale-down takes out is the operator's to let back in, whatever happens next
+    // (recorded before it is asked, and again if a status write was lost).
+    if let Some(pod) = plan.ours.clone().filter(|p| !status.decommissioned.contains(p)) {
+        status.decommissioned.push(pod);
+    }
+    status.decommissioned.retain(|p| !plan.forget.contains(p));
     for pod in &plan.recommission {
         match crate::scale::request(&addresses, pod, true).await {
-            Asked::Done | Asked::Unknown => {
+            Asked::Done => {
                 tracing::info!(cluster = %name, %pod, "let back into the replica sets");
-                notes.push(Note::normal("Recommissioning", format!("{pod} is let back into the replica sets (replicas covers it again)")));
+                notes.push(
+                    Note::normal("Recommissioning", format!("{pod} is let back into the replica sets (replicas covers it again)")).on(pod),
+                );
                 status.decommissioned.retain(|p| p != pod);
             }
-            Asked::Failed(why) => tracing::warn!(cluster = %name, %pod, %why, "cannot let it back into the replica sets yet"),
+            Asked::Unknown | Asked::Refused(_) | Asked::Failed(_) => {
+                tracing::warn!(cluster = %name, %pod, "cannot let it back into the replica sets yet")
+            }
         }
     }
     if let Some(pod) = plan.decommission.clone() {
-        // Recorded before it is asked, so that a reversal lets it back in whatever happens next.
-        if !status.decommissioned.contains(&pod) {
-            status.decommissioned.push(pod.clone());
-        }
         match crate::scale::request(&addresses, &pod, false).await {
             Asked::Done => {
                 tracing::info!(cluster = %name, %pod, "taking it out of the replica sets for a scale-down");
-                notes.push(Note::normal("Decommissioning", format!("{pod} is taken out of the replica sets before it is removed")));
+                notes
+                    .push(Note::normal("Decommissioning", format!("{pod} is taken out of the replica sets before it is removed")).on(&pod));
             }
-            Asked::Unknown => {
+            // No node knows it: removed only if nothing names it either (a view that lags
+            // could say "unknown" of a member that holds replicas).
+            Asked::Unknown if view.is_some_and(|v| crate::scale::holds_nothing(v, &pod, running as u64)) => {
                 tracing::info!(cluster = %name, %pod, "it never joined: removing it");
                 plan.keep = running - 1;
+            }
+            Asked::Unknown => plan.progress = Some(format!("no node knows {pod} yet; asking again")),
+            Asked::Refused(why) => {
+                plan.blocked = Some(format!("cannot take {pod} out: {why}"));
+                plan.busy = false;
             }
             Asked::Failed(why) => plan.progress = Some(format!("cannot take {pod} out yet: {why}")),
         }
     }
     if plan.keep < running {
-        let pod = resources::member(&cluster, plan.keep).0;
-        notes.push(Note::normal("RemovingPod", format!("{pod} holds no replica any more: removing it")));
+        let pod = pod_name(plan.keep);
+        notes.push(Note::normal("RemovingPod", format!("{pod} holds no replica any more: removing it")).on(&pod));
     } else if plan.keep > running {
         notes.push(Note::normal("Scaling", format!("from {running} to {} pods; the new ones join the cluster", plan.keep)));
     }
-    let shape = resources::Shape { pods: plan.keep, founders };
-    let config = match resources::node_config(&cluster, shape) {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::warn!(cluster = %name, error = %e, "the nodes' configuration is invalid; nothing changed");
-            set_condition(&mut status, &now, "Degraded", true, "InvalidConfig", &e.to_string());
-            set_condition(&mut status, &now, "Progressing", false, "InvalidConfig", "nothing changes until spec.config is fixed");
-            finish(&ctx, &cluster, &old, &status, notes).await?;
-            return Ok(Action::await_change());
-        }
-    };
+    let (config, founders) = config_for(plan.keep, founders).expect("checked above with the same spec");
+    status.founders = Some(founders);
     let params = PatchParams::apply(resources::MANAGER).force();
     Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(&resources::config_map_name(&name), &params, &Patch::Apply(resources::config_map(&cluster, &config)))
@@ -246,7 +357,7 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     }
     // A changed template goes out one drained pod at a time (`roll`), once no scale-down is
     // under way (it waits for the pods to go, and their going changes the template again).
-    let rolling = if let Some(what) = plan.progress.clone().or_else(|| plan.blocked.clone()) {
+    let rolling = if let Some(what) = plan.progress.clone().filter(|_| plan.busy) {
         set_condition(&mut status, &now, "Progressing", true, "Scaling", &what);
         Some(what)
     } else {
@@ -257,8 +368,10 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         };
         if let Some(what) = &rolling {
             set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", what);
+        } else if let Some(what) = plan.progress.clone().or_else(|| plan.blocked.clone()) {
+            set_condition(&mut status, &now, "Progressing", true, "Scaling", &what);
         }
-        rolling
+        rolling.or(plan.progress.clone())
     };
     finish(&ctx, &cluster, &old, &status, notes).await?;
     // The pods' readiness changes the StatefulSet, which wakes this; the period catches the rest
@@ -372,15 +485,27 @@ async fn finish(
     let patch = json!({ "status": status });
     clusters.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     notes.extend(flips(old, status));
+    publish(ctx, cluster, notes).await;
+    Ok(())
+}
+
+/// Publishes `notes` as events on `cluster`; one that cannot be published is logged.
+async fn publish(ctx: &Context, cluster: &AnthillCluster, notes: Vec<Note>) {
     let reference = cluster.object_ref(&());
     for note in notes {
         let type_ = if note.warning { EventType::Warning } else { EventType::Normal };
-        let event = Event { type_, reason: note.reason.into(), note: Some(note.message), action: note.reason.into(), secondary: None };
+        let secondary = note.pod.map(|pod| k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod),
+            namespace: cluster.namespace(),
+            ..Default::default()
+        });
+        let event = Event { type_, reason: note.reason.into(), note: Some(note.message), action: note.reason.into(), secondary };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(cluster = %cluster.name_any(), error = %e, "cannot publish an event");
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -501,7 +626,7 @@ mod mocked {
     }
 
     #[tokio::test]
-    async fn a_new_cluster_applies_its_objects_in_order_and_reports_a_status_naming_its_founders() {
+    async fn a_new_cluster_applies_its_objects_in_order_and_reports_a_status_counting_its_founders() {
         let (mut api, ctx) = Api::start();
         let cluster = Arc::new(resources::tests::cluster(json!({ "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" } })));
         let reconciling = tokio::spawn(reconcile(cluster.clone(), ctx));
@@ -510,7 +635,7 @@ mod mocked {
         let (line, config_map) = api.next(200, Value::Null).await;
         assert_apply(&line, "/api/v1/namespaces/prod/configmaps/shop-config");
         let node: Value = serde_yaml::from_str(config_map["data"]["node.yaml"].as_str().unwrap()).unwrap();
-        assert_eq!(node["cluster"]["founders"], json!(["shop-0", "shop-1", "shop-2"]));
+        assert!(node["cluster"].get("founders").is_none(), "every member founds a new cluster: {node}");
         let (line, _) = api.next(200, Value::Null).await;
         assert_apply(&line, "/api/v1/namespaces/prod/services/shop-nodes");
         let (line, _) = api.next(200, Value::Null).await;

@@ -276,6 +276,12 @@ pub struct ConsulStore {
     #[serde(default = "default_session_ttl_ms")]
     #[schemars(range(min = 10_000, max = 600_000))]
     pub session_ttl_ms: u32,
+    /// When the cluster is deleted, stop its pods and delete every key under `keyPrefix` before
+    /// the resource goes (a finalizer; the operator must be running). Off by default: a cluster
+    /// deleted by mistake and made again with the same prefix and volume claims finds its
+    /// partitions' ownership as it was. The token needs write on the prefix, as the nodes'.
+    #[serde(default)]
+    pub delete_keys_on_removal: bool,
 }
 
 fn default_session_ttl_ms() -> u32 {
@@ -311,7 +317,8 @@ pub struct AnthillClusterStatus {
     pub founders: Option<i32>,
     /// Pods the operator took out of the replica sets for a scale-down (`anthill decommission`);
     /// each is let back in when `replicas` covers it again.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Always written: the status is a merge patch, and an omitted list would keep the old one.
+    #[serde(default)]
     pub decommissioned: Vec<String>,
     /// The label selector of the cluster's pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]

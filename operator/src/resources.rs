@@ -148,8 +148,13 @@ pub fn node_config(cluster: &AnthillCluster, shape: Shape) -> Result<String, Con
         "listen_addr": format!("0.0.0.0:{GRPC_PORT}"),
         "metrics_addr": format!("0.0.0.0:{METRICS_PORT}"),
         "storage": { "partitions": spec.partitions },
-        "cluster": { "members": members, "founders": founders, "replication_factor": spec.replication_factor },
+        "cluster": { "members": members, "replication_factor": spec.replication_factor },
     });
+    // Only once the cluster grew past them: an empty list means every member founded it, and a
+    // node older than `cluster.founders` refuses the field.
+    if shape.pods > shape.founders {
+        config["cluster"]["founders"] = json!(founders);
+    }
     if let Some(consul) = spec.coordination.consul.as_ref().filter(|_| spec.coordination.store == Store::Consul) {
         config["cluster"]["coordination"] = json!({
             "kind": "consul",
@@ -361,7 +366,13 @@ pub fn disruption_budget(cluster: &AnthillCluster) -> Option<PodDisruptionBudget
     let value = json!({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": metadata(cluster, name.clone()),
-        "spec": { "maxUnavailable": cluster.spec.disruption_budget.max_unavailable, "selector": { "matchLabels": selector(&name) } },
+        // A pod that is not ready is down already: evicting it (the roll replacing a broken
+        // pod) takes nothing more away.
+        "spec": {
+            "maxUnavailable": cluster.spec.disruption_budget.max_unavailable,
+            "selector": { "matchLabels": selector(&name) },
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     });
     Some(serde_json::from_value(value).expect("a PodDisruptionBudget"))
 }
@@ -402,8 +413,9 @@ pub(crate) mod tests {
         assert_eq!(config["cluster"]["founders"], json!(["shop-0", "shop-1", "shop-2"]));
         let node: anthill_node::config::NodeConfig = serde_json::from_value(config).unwrap();
         assert!(node.cluster.joins("shop-3") && !node.cluster.joins("shop-2"));
-        // Shrunk below its founders: the gone ones stay named, which the node accepts.
-        node_config(&c, Shape { pods: 3, founders: 5 }).unwrap();
+        // As many pods as founders: no list (every member founded it), as before founders existed.
+        let config: Value = serde_yaml::from_str(&node_config(&c, Shape { pods: 3, founders: 3 }).unwrap()).unwrap();
+        assert!(config["cluster"].get("founders").is_none(), "{config}");
         let set = serde_json::to_value(stateful_set(&c, "x", 5, None)).unwrap();
         assert_eq!(set["spec"]["replicas"], 5);
     }

@@ -7,8 +7,9 @@
 //!    last, when the others already run the new version), highest ordinal first on a tie, is
 //!    asked to drain (`Node.Drain`, docs/replication.md "Draining a node");
 //! 4. once it leads nothing and every partition it replicates has all its replicas live and in
-//!    sync under another leader (`anthill_node::cli::drain::check`), it is deleted; the
-//!    StatefulSet makes it again on the new template.
+//!    sync under another leader (`anthill_node::cli::drain::check`), it is evicted (the
+//!    Eviction API: the PodDisruptionBudget still has the last word); the StatefulSet makes it
+//!    again on the new template.
 //!
 //! A pod is never deleted while a partition it holds lacks a live, in-sync replica set, so a
 //! roll never takes a partition's quorum; it waits instead and says why in `Progressing`.
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 
 use crate::controller::Note;
@@ -106,10 +107,19 @@ async fn node_view(address: &str) -> Option<(usize, bool)> {
     tokio::time::timeout(Duration::from_secs(3), asked).await.ok().flatten()
 }
 
-/// Deletes `pod` only if it is still the same pod (its uid).
-async fn delete(pods: &Api<Pod>, pod: &Pod) -> Result<(), kube::Error> {
+/// Evicts `pod` (the Eviction API, so the PodDisruptionBudget has the last word against any
+/// other disruption under way) only if it is still the same pod (its uid). `Some(why)` when the
+/// budget refuses now.
+async fn evict(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String>, kube::Error> {
     let preconditions = Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None });
-    pods.delete(&pod.name_any(), &DeleteParams { preconditions, ..DeleteParams::default() }).await.map(|_| ())
+    let params = EvictParams { delete_options: Some(DeleteParams { preconditions, ..DeleteParams::default() }), ..Default::default() };
+    match pods.evict(&pod.name_any(), &params).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 429 => {
+            Ok(Some(format!("the disruption budget allows no eviction of {} now: {}", pod.name_any(), status.message)))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// One step of the roll of `cluster`'s `wanted` pods (module doc): `None` when every pod runs
@@ -163,8 +173,10 @@ pub async fn step(
         RollStep::Wait(why) => Ok(Some(why)),
         RollStep::Replace(name) => {
             tracing::warn!(cluster = %cluster.name_any(), pod = %name, "an outdated pod that is not ready: replacing it on the new template");
-            delete(&pods_api, by_name[&name]).await?;
-            notes.push(Note::warning("Replacing", format!("{name} runs an old template and is not ready: replacing it")));
+            if let Some(why) = evict(&pods_api, by_name[&name]).await? {
+                return Ok(Some(why));
+            }
+            notes.push(Note::warning("Replacing", format!("{name} runs an old template and is not ready: replacing it")).on(&name));
             Ok(Some(format!("replacing {name}, outdated and not ready, on the new template")))
         }
         RollStep::Drain(name) => {
@@ -174,7 +186,9 @@ pub async fn step(
             if !pod.annotations().contains_key(DRAINED_FOR) {
                 let patch = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: update } } });
                 pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-                notes.push(Note::normal("Draining", format!("{name} hands its leaderships over before it restarts on the new template")));
+                notes.push(
+                    Note::normal("Draining", format!("{name} hands its leaderships over before it restarts on the new template")).on(&name),
+                );
             }
             if let Err(e) = anthill_node::cli::drain::request(&address, &name, false).await {
                 return Ok(Some(format!("cannot ask {name} to drain: {e:#}")));
@@ -192,8 +206,10 @@ pub async fn step(
                 }
             }
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained; restarting it on the new template");
-            delete(&pods_api, pod).await?;
-            notes.push(Note::normal("Restarting", format!("{name} drained: restarting it on the new template")));
+            if let Some(why) = evict(&pods_api, pod).await? {
+                return Ok(Some(why));
+            }
+            notes.push(Note::normal("Restarting", format!("{name} drained: restarting it on the new template")).on(&name));
             Ok(Some(format!("restarting {name} on the new template")))
         }
     }

@@ -25,28 +25,47 @@ pub fn ordinal(name: &str) -> Option<i32> {
     name.rsplit('-').next()?.parse().ok()
 }
 
-/// The cluster as the node that saw the most sees it (the highest coordination index).
-pub fn best_view(answers: &[(String, Option<pb::StatusResponse>)]) -> Option<&pb::ClusterStatus> {
-    answers.iter().filter_map(|(_, s)| s.as_ref()?.cluster.as_ref()).max_by_key(|c| c.coordination_applied)
+/// The view to decide about pod `top` by: of the nodes that answered and list `top` among
+/// their members, the one that saw the most (the highest coordination index); else the one
+/// that saw the most of all.
+pub fn view_for<'a>(answers: &'a [(String, Option<pb::StatusResponse>)], top: &str) -> Option<&'a pb::ClusterStatus> {
+    let views = || answers.iter().filter_map(|(_, s)| s.as_ref()?.cluster.as_ref());
+    let listing = views().filter(|c| c.members.iter().any(|m| m.name == top)).max_by_key(|c| c.coordination_applied);
+    listing.or_else(|| views().max_by_key(|c| c.coordination_applied))
+}
+
+/// Whether pod `name` (Raft id `id`) holds nothing in `view`: not live, in no replica set or
+/// move target, no voter of the coordination group.
+pub fn holds_nothing(view: &pb::ClusterStatus, name: &str, id: u64) -> bool {
+    let live = view.members.iter().any(|m| m.name == name && m.live);
+    let named = view.partitions.iter().any(|p| p.replicas.iter().chain(&p.target).any(|r| r == name));
+    !live && !named && !view.coordination_voters.contains(&id)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// The StatefulSet's replicas and the members listed (`resources::Shape::pods`).
     pub keep: i32,
-    /// Pods to let back into the replica sets.
+    /// Pods to let back into the replica sets (`--undo`).
     pub recommission: Vec<String>,
+    /// Pods the operator decommissioned that the nodes show back in already: forgotten.
+    pub forget: Vec<String>,
+    /// The pod a scale-down takes out (the highest ordinal), to record as the operator's.
+    pub ours: Option<String>,
     /// The pod to decommission now.
     pub decommission: Option<String>,
     /// What a scale-down does or waits for (`Progressing`, reason `Scaling`).
     pub progress: Option<String>,
     /// Why a scale-down cannot go on (`Degraded`, reason `ScaleDownBlocked`).
     pub blocked: Option<String>,
+    /// A scale-down step is under way (a decommission, its moves, a removal): the roll waits.
+    /// Not while it is blocked or no node answers, so a broken pod can still be replaced.
+    pub busy: bool,
 }
 
 /// The next step towards `wanted` pods from the `running` the StatefulSet has, with pods
-/// `name(ordinal)`, replication factor `factor`, the nodes' `view` and the pods the operator
-/// decommissioned (module doc).
+/// `name(ordinal)`, replication factor `factor`, the nodes' `view` (of the highest ordinal:
+/// [`view_for`]) and the pods the operator decommissioned (module doc).
 pub fn plan(
     wanted: i32,
     running: i32,
@@ -55,13 +74,29 @@ pub fn plan(
     decommissioned: &[String],
     name: impl Fn(i32) -> String,
 ) -> Plan {
-    let recommission = decommissioned.iter().filter(|n| ordinal(n).is_some_and(|o| o < wanted)).cloned().collect();
-    let mut plan = Plan { keep: wanted, recommission, decommission: None, progress: None, blocked: None };
+    let mut plan = Plan {
+        keep: wanted,
+        recommission: Vec::new(),
+        forget: Vec::new(),
+        ours: None,
+        decommission: None,
+        progress: None,
+        blocked: None,
+        busy: false,
+    };
+    for pod in decommissioned.iter().filter(|n| ordinal(n).is_some_and(|o| o < wanted)) {
+        let member = view.and_then(|v| v.members.iter().find(|m| m.name == *pod));
+        match member {
+            Some(m) if !m.decommissioned => plan.forget.push(pod.clone()),
+            _ => plan.recommission.push(pod.clone()),
+        }
+    }
     if running <= wanted {
         return plan;
     }
     plan.keep = running;
     let top = name(running - 1);
+    plan.ours = Some(top.clone());
     let Some(view) = view else {
         plan.progress = Some(format!("waiting for a node to answer before taking {top} out"));
         return plan;
@@ -76,14 +111,15 @@ pub fn plan(
         } else {
             plan.decommission = Some(top.clone());
             plan.progress = Some(format!("taking {top} out of the replica sets"));
+            plan.busy = true;
         }
         return plan;
     }
+    plan.busy = true;
     let naming = view.partitions.iter().filter(|p| p.replicas.iter().chain(&p.target).any(|r| *r == top)).count();
-    let id = (running as u64).to_string();
     if naming > 0 {
         plan.progress = Some(format!("moving {naming} partitions off {top}"));
-    } else if view.coordination_voters.iter().any(|v| v.to_string() == id) {
+    } else if view.coordination_voters.contains(&(running as u64)) {
         plan.progress = Some(format!("waiting for {top} to leave the coordination group"));
     } else {
         plan.keep = running - 1;
@@ -96,16 +132,19 @@ pub fn plan(
 #[derive(Debug)]
 pub enum Asked {
     Done,
-    /// No node knows the pod: it never joined, so it holds nothing.
+    /// Every node that answered said it does not know the pod (it never joined, or their
+    /// views lag: see [`holds_nothing`] before taking it for one that never joined).
     Unknown,
-    /// Refused or unanswered; why.
+    /// Refused by the node's rules (too few members would remain); why.
+    Refused(String),
+    /// Unanswered or failed; why.
     Failed(String),
 }
 
 /// Asks the nodes at `addresses`, in turn, to decommission `node` (`undo`: let it back in)
-/// until one takes it.
+/// until one takes it; one that does not know `node` passes the question on.
 pub async fn request(addresses: &[String], node: &str, undo: bool) -> Asked {
-    let mut why = String::from("no node to ask");
+    let (mut why, mut unknown) = (String::from("no node to ask"), false);
     for address in addresses {
         let asked = async {
             let mut clients = anthill_node::client::connect(address).await.map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
@@ -113,12 +152,13 @@ pub async fn request(addresses: &[String], node: &str, undo: bool) -> Asked {
         };
         match tokio::time::timeout(Duration::from_secs(10), asked).await {
             Ok(Ok(_)) => return Asked::Done,
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => return Asked::Unknown,
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => unknown = true,
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => return Asked::Refused(status.message().into()),
             Ok(Err(status)) => why = format!("{address}: {}", status.message()),
             Err(_) => why = format!("{address} did not answer within 10 s"),
         }
     }
-    Asked::Failed(why)
+    if unknown { Asked::Unknown } else { Asked::Failed(why) }
 }
 
 #[cfg(test)]
@@ -151,7 +191,8 @@ mod tests {
         // 5 → 3: shop-4 first.
         let start = view(&all, &[], &[&[0, 1, 4], &[2, 3, 4]], &[1, 2, 3, 4, 5]);
         let p = plan(3, 5, 3, Some(&start), &[], name);
-        assert_eq!((p.keep, p.decommission.as_deref(), p.blocked), (5, Some("shop-4"), None));
+        assert_eq!((p.keep, p.decommission.as_deref(), p.blocked, p.busy), (5, Some("shop-4"), None, true));
+        assert_eq!(p.ours.as_deref(), Some("shop-4"), "recorded as the operator's before it is asked");
         let moving = view(&all, &[4], &[&[0, 1, 2], &[2, 3, 4]], &[1, 2, 3, 4, 5]);
         let p = plan(3, 5, 3, Some(&moving), &["shop-4".into()], name);
         assert_eq!((p.keep, p.decommission, p.progress.as_deref()), (5, None, Some("moving 1 partitions off shop-4")));
@@ -162,7 +203,25 @@ mod tests {
         // Then shop-3, and nothing more once 3 are left.
         assert_eq!(plan(3, 4, 3, Some(&gone), &[], name).decommission.as_deref(), Some("shop-3"));
         let done = plan(3, 3, 3, Some(&gone), &[], name);
-        assert_eq!((done.keep, done.decommission, done.progress), (3, None, None));
+        assert_eq!((done.keep, done.decommission, done.progress, done.busy), (3, None, None, false));
+    }
+
+    #[test]
+    fn the_view_comes_from_a_node_that_lists_the_pod_and_a_pod_unknown_to_all_holds_nothing_only_if_nothing_names_it() {
+        let answer = |applied: u64, members: i32| {
+            let members = (0..members).map(|i| pb::ClusterMember { name: name(i), ..Default::default() }).collect();
+            let cluster = pb::ClusterStatus { members, coordination_applied: applied, ..Default::default() };
+            Some(pb::StatusResponse { cluster: Some(cluster), ..Default::default() })
+        };
+        // shop-0 restarted with a shorter list saw more, but does not list shop-4.
+        let answers = vec![(name(0), answer(90, 4)), (name(1), answer(80, 5)), (name(2), None)];
+        assert_eq!(view_for(&answers, "shop-4").unwrap().coordination_applied, 80);
+        assert_eq!(view_for(&answers, "shop-9").unwrap().coordination_applied, 90);
+        let named = view(&[0, 1, 2], &[], &[&[0, 1, 4]], &[1, 2, 3]);
+        assert!(!holds_nothing(&named, "shop-4", 5), "a replica set names it");
+        assert!(!holds_nothing(&view(&[0, 4], &[], &[], &[]), "shop-4", 5), "it is live");
+        assert!(!holds_nothing(&view(&[0], &[], &[], &[1, 5]), "shop-4", 5), "it votes");
+        assert!(holds_nothing(&view(&[0, 1, 2], &[], &[&[0, 1, 2]], &[1, 2, 3]), "shop-4", 5));
     }
 
     #[test]
@@ -175,9 +234,12 @@ mod tests {
         // No node answers: nothing is decided.
         let p = plan(3, 4, 3, None, &[], name);
         assert_eq!((p.keep, p.decommission, p.blocked), (4, None, None));
-        // Back to 5 while shop-4 moves out (or after it went): it is let back in.
-        let p = plan(5, 5, 3, Some(&one_down), &["shop-4".into(), "shop-3".into()], name);
-        assert_eq!((p.keep, p.recommission), (5, vec!["shop-4".to_string(), "shop-3".to_string()]));
+        assert!(!p.busy, "a blocked scale-down lets the roll go on (it may replace the broken pod)");
+        // Back to 5 while shop-4 moves out (or after it went): it is let back in; shop-3, which
+        // the nodes show in already, is only forgotten.
+        let out = view(&[0, 1, 2, 3, 4], &[4], &[&[0, 1, 3]], &[1, 2, 3, 4]);
+        let p = plan(5, 5, 3, Some(&out), &["shop-4".into(), "shop-3".into()], name);
+        assert_eq!((p.keep, p.recommission, p.forget), (5, vec!["shop-4".to_string()], vec!["shop-3".to_string()]));
         assert_eq!(plan(4, 5, 3, None, &["shop-4".into(), "shop-3".into()], name).recommission, ["shop-3"]);
     }
 }

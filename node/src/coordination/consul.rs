@@ -286,6 +286,11 @@ impl ConsulApi {
         Some(self.call(Method::DELETE, kv_path(key), query, Vec::new()))
     }
 
+    /// Deletes every key under `prefix` (`?recurse`); for removing a cluster's keys for good.
+    pub fn delete_tree(&self, prefix: &str) -> Call {
+        self.call(Method::DELETE, kv_path(prefix), vec![("recurse", None)], Vec::new())
+    }
+
     /// rs-consul's request to take `escaped_key` (from [`escape_key`]) for `session`.
     pub fn acquire<'a>(&'a self, escaped_key: &'a str, session: &'a SessionId) -> CreateOrUpdateKeyRequest<'a> {
         CreateOrUpdateKeyRequest {
@@ -527,6 +532,18 @@ impl ConsulStore {
     /// The index of the last prefix read (0 before the first).
     pub fn last_index(&self) -> u64 {
         self.last_index.load(Ordering::Relaxed)
+    }
+
+    /// Deletes every key under `prefix`, which must be a folder (end in `/`, not be `/` alone):
+    /// a cluster's keys, when the cluster is removed for good.
+    pub async fn delete_tree(&self, prefix: &str) -> Result<()> {
+        if !prefix.ends_with('/') || prefix.trim_matches('/').is_empty() {
+            return Err(CoordinationError::Other(format!("refusing to delete the keys under {prefix:?}: not a folder of its own")));
+        }
+        match parse_written(&self.send(self.api.delete_tree(prefix)).await?)? {
+            true => Ok(()),
+            false => Err(CoordinationError::Other(format!("Consul did not delete the keys under {prefix:?}"))),
+        }
     }
 
     async fn send(&self, call: Call) -> Result<Reply> {

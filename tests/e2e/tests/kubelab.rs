@@ -4,7 +4,8 @@
 //! installed with `helm install`; `helm test` passes. The operator makes the cluster, it becomes Available, its
 //! nodes find each other by their DNS names, and `quorum` appends acknowledged while a node's pod
 //! is deleted with no grace period, then while the version is upgraded (the operator drains and
-//! restarts each pod in turn), then while the cluster is scaled 3 → 5 → 3 (new pods join;
+//! restarts each pod in turn), while the pod of the node leading most partitions is evicted,
+//! and while the cluster is scaled 3 → 5 → 3 (new pods join;
 //! the removed ones are decommissioned first), are all read back, in order, once. `helm
 //! uninstall` leaves no workload running, and the lab's teardown leaves nothing behind.
 
@@ -51,6 +52,21 @@ impl Lab {
             .output()
             .unwrap();
         anthill_e2e::output(&format!("helm {}", args.join(" ")), out)
+    }
+
+    /// `kubectl ARGS` with `input` on its standard input.
+    fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String, String> {
+        use std::io::Write;
+        let mut child = Command::new(anthill_e2e::tool("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        anthill_e2e::output(&format!("kubectl {}", args.join(" ")), child.wait_with_output().unwrap())
     }
 
     /// `anthill ARGS` in pod `pod` (the node image holds the CLI), against the client Service.
@@ -258,19 +274,6 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     });
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
 
-    // Scale 3 → 5: the new pods join (not founders), the old ones restart one at a time with
-    // the longer member list, and replica sets move onto the newcomers.
-    lab.kubectl(&["scale", "anthillcluster/anthill", "--replicas=5"]).unwrap();
-    let sets_naming = |pods: &[&str]| -> usize {
-        let Ok(status) = lab.anthill("anthill-0", &["status", "--json"]) else { return usize::MAX };
-        let status: Value = serde_json::from_str(&status).unwrap_or_default();
-        let partitions = status["cluster"]["partitions"].as_array().cloned().unwrap_or_default();
-        if partitions.len() != 16 {
-            return usize::MAX;
-        }
-        let names = |p: &Value, key: &str| p[key].as_array().into_iter().flatten().any(|r| pods.iter().any(|n| r == n));
-        partitions.iter().filter(|p| names(p, "replicas") || names(p, "target")).count()
-    };
     let settled = |pods: usize| {
         let Ok(json) = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "json"]) else { return false };
         let cluster: Value = serde_json::from_str(&json).unwrap_or_default();
@@ -283,6 +286,35 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
             && nodes.iter().all(|n| n["role"] == "Ready")
             && condition("Progressing") == Some(Value::from("Stable"))
             && condition("Available") == Some(Value::from("AllPartitionsLed"))
+    };
+    // The node holding most leaderships is drained: its pod is evicted (what `kubectl drain`
+    // does to a Kubernetes node's pods, through the disruption budget); on SIGTERM the node
+    // hands its leaderships over before it stops, and the StatefulSet makes the pod again.
+    let json = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "json"]).unwrap();
+    let cluster: Value = serde_json::from_str(&json).unwrap();
+    let nodes = cluster["status"]["nodes"].as_array().cloned().unwrap_or_default();
+    let busiest = nodes.iter().max_by_key(|n| n["leaderships"].as_u64()).unwrap()["name"].as_str().unwrap().to_string();
+    let uid = |pod: &str| lab.kubectl(&["get", "pod", pod, "-o", "jsonpath={.metadata.uid}"]).unwrap_or_default();
+    let before = uid(&busiest);
+    let eviction = format!(r#"{{"apiVersion":"policy/v1","kind":"Eviction","metadata":{{"name":"{busiest}","namespace":"default"}}}}"#);
+    lab.kubectl_stdin(&["create", "--raw", &format!("/api/v1/namespaces/default/pods/{busiest}/eviction"), "-f", "-"], &eviction).unwrap();
+    load.until(&lab, &format!("the eviction of {busiest}, which led most partitions"), &founders, || {
+        let again = uid(&busiest);
+        !again.is_empty() && again != before && settled(3)
+    });
+
+    // Scale 3 → 5: the new pods join (not founders), the old ones restart one at a time with
+    // the longer member list, and replica sets move onto the newcomers.
+    lab.kubectl(&["scale", "anthillcluster/anthill", "--replicas=5"]).unwrap();
+    let sets_naming = |pods: &[&str]| -> usize {
+        let Ok(status) = lab.anthill("anthill-0", &["status", "--json"]) else { return usize::MAX };
+        let status: Value = serde_json::from_str(&status).unwrap_or_default();
+        let partitions = status["cluster"]["partitions"].as_array().cloned().unwrap_or_default();
+        if partitions.len() != 16 {
+            return usize::MAX;
+        }
+        let names = |p: &Value, key: &str| p[key].as_array().into_iter().flatten().any(|r| pods.iter().any(|n| r == n));
+        partitions.iter().filter(|p| names(p, "replicas") || names(p, "target")).count()
     };
     let newcomers = ["anthill-3", "anthill-4"];
     load.until(&lab, "the scale-up to 5", &founders, || settled(5) && (1..=16).contains(&sets_naming(&newcomers)));

@@ -2,13 +2,16 @@
 //! API server with the CRD installed: an `AnthillCluster` becomes its ConfigMap, Services,
 //! StatefulSet and PodDisruptionBudget, owned by it; the status reports what is there; `paused`
 //! stops every change and says so; a scale changes the members in the nodes' configuration; a
-//! bad `spec.config` changes nothing and is reported as `Degraded` with the node's own message.
+//! bad `spec.config` changes nothing and is reported as `Degraded` with the node's own message;
+//! a new Consul token changes the template; a cluster asking for it has its keys deleted from a
+//! real Consul before it goes.
 //! (No kubelet or controller-manager runs here, so no pod starts: the Kubernetes lab does that.)
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anthill_e2e::kube::ApiServer;
+use anthill_node::local::consul::{LocalConsul, anthill_policy};
 use serde_json::Value;
 
 /// The operator process, killed when dropped.
@@ -161,4 +164,34 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     api.kubectl(&["patch", "secret/consul-acl", "--type=merge", "-p", r#"{"stringData":{"token":"second"}}"#]).unwrap();
     let second = token_hash(&wait_for(&api, "statefulset/ledger", |s| token_hash(s).is_string() && token_hash(s) != first));
     assert!(!second.as_str().unwrap().contains("second"), "the token itself is not in the template");
+
+    // `deleteKeysOnRemoval`: a finalizer stops the cluster's pods and deletes its keys in a real
+    // Consul (ACLs on, the nodes' least-privilege token) before the resource goes; the keys of
+    // another cluster stay.
+    let consul = LocalConsul::start(&anthill_e2e::tool("consul"), 1).unwrap();
+    let prefix = "anthill/default/orders/";
+    let token = consul.token_with("orders", &anthill_policy(prefix)).unwrap();
+    for key in [format!("{prefix}members/orders-0"), format!("{prefix}placement/3"), "anthill/default/other/members/x".into()] {
+        consul.consul_cli(&["kv", "put", &key, "x"]).unwrap();
+    }
+    let secret = format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: consul-orders\nstringData:\n  token: {token}\n");
+    api.kubectl_stdin(&["create"], &secret).unwrap();
+    let orders = CLUSTER.replace("name: shop", "name: orders")
+        + &format!(
+            "  coordination:\n    store: Consul\n    consul:\n      address: {}\n      deleteKeysOnRemoval: true\n      tokenSecretRef:\n        name: consul-orders\n        key: token\n",
+            consul.http_address(0)
+        );
+    api.kubectl_stdin(&["create"], &orders).unwrap();
+    wait_for(&api, "anthillcluster/orders", |c| c["metadata"]["finalizers"] == serde_json::json!(["anthill.io/consul-keys"]));
+    wait_for(&api, "statefulset/orders", |_| true);
+    api.kubectl(&["delete", "anthillcluster/orders", "--wait=false"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&api, "anthillcluster/orders").is_some() {
+        let log = std::fs::read_to_string(std::env::temp_dir().join("anthill-operator-e2e.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "the cluster was never let go\n{log}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let left = consul.consul_cli(&["kv", "get", "-recurse", "anthill/"]).unwrap();
+    assert_eq!(left.trim(), "anthill/default/other/members/x:x", "only the other cluster's keys stay");
+    assert_eq!(get(&api, "statefulset/orders").unwrap()["spec"]["replicas"], 0, "its pods were stopped first");
 }
