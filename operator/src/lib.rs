@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod crd;
 pub mod nodes;
+pub mod readme;
 pub mod resources;
 pub mod roll;
 pub mod scale;

@@ -1,5 +1,6 @@
 //! `anthill-operator`: `run` runs the controller (docs/kubernetes.md); `crd` prints the
-//! CustomResourceDefinition of `AnthillCluster`, as the chart commits it (`charts/anthill/crds/`).
+//! CustomResourceDefinition of `AnthillCluster`, as the chart commits it (`charts/anthill/crds/`);
+//! `chart-readme` prints the chart's README from its values.
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +15,13 @@ struct Cli {
 enum Command {
     /// Print the AnthillCluster CRD as YAML (what charts/anthill/crds/ holds).
     Crd,
+    /// Print the chart's README, generated from its values.yaml (what charts/anthill/README.md
+    /// holds).
+    ChartReadme {
+        /// The chart's folder.
+        #[arg(long, default_value = "charts/anthill")]
+        chart: std::path::PathBuf,
+    },
     /// Run the controller: keep every AnthillCluster's objects as its spec says. Connects the way
     /// kubectl does (in a pod: its service account; else KUBECONFIG or ~/.kube/config).
     Run {
@@ -29,6 +37,11 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", anthill_operator::crd::crd_yaml()),
+        Command::ChartReadme { chart } => {
+            let read = |f: &str| std::fs::read_to_string(chart.join(f)).map_err(|e| anyhow::anyhow!("{}: {e}", chart.join(f).display()));
+            let text = anthill_operator::readme::readme(&read("Chart.yaml")?, &read("values.yaml")?).map_err(anyhow::Error::msg)?;
+            print!("{text}");
+        }
         Command::Run { namespace, log_level } => {
             let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
                 .map_err(|e| anyhow::anyhow!("--log-level {log_level:?} is not a level or a tracing filter: {e}"))?;

@@ -7,12 +7,15 @@
 //! restarts each pod in turn), while the pod of the node leading most partitions is evicted,
 //! and while the cluster is scaled 3 → 5 → 3 (new pods join;
 //! the removed ones are decommissioned first), are all read back, in order, once. `helm
-//! uninstall` leaves no workload running, and the lab's teardown leaves nothing behind.
+//! uninstall` leaves no workload running, and the lab's teardown leaves nothing behind. A
+//! second cluster decides ownership in a real three-server Consul beside the Kubernetes: a new
+//! token in its Secret rolls its pods under load, and deleting it deletes its keys.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use anthill_node::local::consul::{LocalConsul, anthill_policy};
 use serde_json::Value;
 
 /// The lab, torn down when dropped (also when the test fails).
@@ -69,12 +72,47 @@ impl Lab {
         anthill_e2e::output(&format!("kubectl {}", args.join(" ")), child.wait_with_output().unwrap())
     }
 
-    /// `anthill ARGS` in pod `pod` (the node image holds the CLI), against the client Service.
+    /// `anthill ARGS` in pod `pod` (the node image holds the CLI), against its cluster's client
+    /// Service (the pod's name without its ordinal).
     fn anthill(&self, pod: &str, args: &[&str]) -> Result<String, String> {
+        let server = format!("http://{}:7400", pod.rsplit_once('-').map_or(pod, |(cluster, _)| cluster));
         let mut all = vec!["exec", pod, "--", "anthill"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--server", "http://anthill:7400"]);
+        all.extend_from_slice(&["--server", &server]);
         self.kubectl(&all)
+    }
+
+    /// Whether cluster `name` has `pods` ready nodes, each `Ready` in its status, no change in
+    /// progress and every partition led.
+    fn settled(&self, name: &str, pods: usize) -> bool {
+        let Ok(json) = self.kubectl(&["get", &format!("anthillcluster/{name}"), "-o", "json"]) else { return false };
+        let cluster: Value = serde_json::from_str(&json).unwrap_or_default();
+        let condition = |kind: &str| {
+            cluster["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == kind).map(|c| c["reason"].clone())
+        };
+        let nodes = cluster["status"]["nodes"].as_array().cloned().unwrap_or_default();
+        cluster["status"]["readyReplicas"] == pods
+            && nodes.len() == pods
+            && nodes.iter().all(|n| n["role"] == "Ready")
+            && condition("Progressing") == Some(Value::from("Stable"))
+            && condition("Available") == Some(Value::from("AllPartitionsLed"))
+    }
+
+    /// Reads stream `payments` from `pod` (linearizable) and checks that every payload of
+    /// `acked` is there, in order, once.
+    fn read_back(&self, pod: &str, acked: &[String]) {
+        let read = self.anthill(pod, &["read", "payments", "--max", "0", "--linearizable", "--json"]).unwrap();
+        let read: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{e}: {read}"));
+        let stored: Vec<String> =
+            read["events"].as_array().into_iter().flatten().filter_map(|e| e["payload"].as_str().map(str::to_string)).collect();
+        let mut next = stored.iter();
+        for payload in acked {
+            assert!(next.any(|s| s == payload), "acknowledged {payload} is missing or out of order; stored: {stored:?}");
+        }
+        for payload in acked {
+            assert_eq!(stored.iter().filter(|s| *s == payload).count(), 1, "{payload} stored more than once");
+        }
+        eprintln!("all {} acknowledged appends read back from {pod}", acked.len());
     }
 }
 
@@ -117,6 +155,8 @@ impl Drop for Lab {
 /// `quorum` appends through the client Service, one after another, from the first three pods
 /// in turn; what was acknowledged.
 struct Load {
+    /// The cluster appended to (its pods are `<cluster>-<ordinal>`).
+    cluster: &'static str,
     acked: Vec<String>,
     next: usize,
 }
@@ -148,7 +188,7 @@ impl Load {
                 most_down = most_down.max(down.len());
             }
             let payload = format!("payment-{}", self.next);
-            let pod = format!("anthill-{}", self.next % 3);
+            let pod = format!("{}-{}", self.cluster, self.next % 3);
             (self.next, attempts) = (self.next + 1, attempts + 1);
             if lab.anthill(&pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]).is_ok() {
                 self.acked.push(payload);
@@ -156,7 +196,8 @@ impl Load {
             if done() {
                 break;
             }
-            let conditions = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.conditions}"]).unwrap_or_default();
+            let cluster = format!("anthillcluster/{}", self.cluster);
+            let conditions = lab.kubectl(&["get", &cluster, "-o", "jsonpath={.status.conditions}"]).unwrap_or_default();
             assert!(Instant::now() < deadline, "{what} did not finish; conditions: {conditions}");
         }
         let during = self.acked.len() - before;
@@ -267,26 +308,13 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     let images =
         || lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/component=node", "-o", "jsonpath={.items[*].spec.containers[0].image}"]);
     let founders = ["anthill-0", "anthill-1", "anthill-2"];
-    let mut load = Load { acked, next: 45 };
+    let mut load = Load { cluster: "anthill", acked, next: 45 };
     load.until(&lab, "the upgrade", &founders, || {
         let version = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.currentVersion}"]).unwrap_or_default();
         version == "0.1.1" && images().is_ok_and(|i| i.split_whitespace().filter(|i| *i == "anthill:0.1.1").count() == 3)
     });
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
 
-    let settled = |pods: usize| {
-        let Ok(json) = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "json"]) else { return false };
-        let cluster: Value = serde_json::from_str(&json).unwrap_or_default();
-        let condition = |kind: &str| {
-            cluster["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == kind).map(|c| c["reason"].clone())
-        };
-        let nodes = cluster["status"]["nodes"].as_array().cloned().unwrap_or_default();
-        cluster["status"]["readyReplicas"] == pods
-            && nodes.len() == pods
-            && nodes.iter().all(|n| n["role"] == "Ready")
-            && condition("Progressing") == Some(Value::from("Stable"))
-            && condition("Available") == Some(Value::from("AllPartitionsLed"))
-    };
     // The node holding most leaderships is drained: its pod is evicted (what `kubectl drain`
     // does to a Kubernetes node's pods, through the disruption budget); on SIGTERM the node
     // hands its leaderships over before it stops, and the StatefulSet makes the pod again.
@@ -300,7 +328,7 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     lab.kubectl_stdin(&["create", "--raw", &format!("/api/v1/namespaces/default/pods/{busiest}/eviction"), "-f", "-"], &eviction).unwrap();
     load.until(&lab, &format!("the eviction of {busiest}, which led most partitions"), &founders, || {
         let again = uid(&busiest);
-        !again.is_empty() && again != before && settled(3)
+        !again.is_empty() && again != before && lab.settled("anthill", 3)
     });
 
     // Scale 3 → 5: the new pods join (not founders), the old ones restart one at a time with
@@ -317,30 +345,60 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         partitions.iter().filter(|p| names(p, "replicas") || names(p, "target")).count()
     };
     let newcomers = ["anthill-3", "anthill-4"];
-    load.until(&lab, "the scale-up to 5", &founders, || settled(5) && (1..=16).contains(&sets_naming(&newcomers)));
+    load.until(&lab, "the scale-up to 5", &founders, || lab.settled("anthill", 5) && (1..=16).contains(&sets_naming(&newcomers)));
     eprintln!("scaled up: {} of 16 replica sets name anthill-3 or anthill-4", sets_naming(&newcomers));
 
     // Scale 5 → 3: anthill-4 then anthill-3 are decommissioned (their replicas move away), and
     // only then removed; the rest restart with the shorter member list.
     lab.kubectl(&["scale", "anthillcluster/anthill", "--replicas=3"]).unwrap();
-    load.until(&lab, "the scale-down to 3", &founders, || settled(3) && sets_naming(&newcomers) == 0);
+    load.until(&lab, "the scale-down to 3", &founders, || lab.settled("anthill", 3) && sets_naming(&newcomers) == 0);
     let decommissioned = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.status.decommissioned}"]).unwrap();
     assert!(decommissioned.contains("anthill-3") && decommissioned.contains("anthill-4"), "{decommissioned}");
     let acked = load.acked;
 
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
-    let read = lab.anthill("anthill-0", &["read", "payments", "--max", "0", "--linearizable", "--json"]).unwrap();
-    let read: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{e}: {read}"));
-    let stored: Vec<String> =
-        read["events"].as_array().into_iter().flatten().filter_map(|e| e["payload"].as_str().map(str::to_string)).collect();
-    let mut next = stored.iter();
-    for payload in &acked {
-        assert!(next.any(|s| s == payload), "acknowledged {payload} is missing or out of order; stored: {stored:?}");
-    }
-    for payload in &acked {
-        assert_eq!(stored.iter().filter(|s| *s == payload).count(), 1, "{payload} stored more than once");
-    }
-    eprintln!("all {} acknowledged appends read back", acked.len());
+    lab.read_back("anthill-0", &acked);
+
+    // A second cluster, on Consul: three Consul servers beside the Kubernetes (on loopback,
+    // their HTTP API also on the lab's 10.88.0.1 for the pods), ACLs on, the nodes'
+    // least-privilege token in a Secret; its keys are deleted with it.
+    let consul = LocalConsul::start_also_on(&anthill_e2e::tool("consul"), 3, "10.88.0.1".parse().unwrap()).unwrap();
+    let prefix = "anthill/default/ledger/";
+    let first = consul.token_with("ledger-first", &anthill_policy(prefix)).unwrap();
+    lab.kubectl(&["create", "secret", "generic", "consul-acl", &format!("--from-literal=token={first}")]).unwrap();
+    let image = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.spec.image}"]).unwrap();
+    let ledger = format!(
+        "apiVersion: anthill.io/v1alpha1\nkind: AnthillCluster\nmetadata:\n  name: ledger\n  namespace: default\nspec:\n  replicas: 3\n  \
+         image: {image}\n  version: 0.1.1\n  storage:\n    size: 1Gi\n    storageClassName: lab\n    reclaimPolicy: Delete\n  \
+         coordination:\n    store: Consul\n    consul:\n      address: http://10.88.0.1:{}\n      deleteKeysOnRemoval: true\n      \
+         tokenSecretRef:\n        name: consul-acl\n        key: token\n",
+        consul.http_port(0)
+    );
+    lab.kubectl_stdin(&["apply", "-f", "-"], &ledger).unwrap();
+    lab.kubectl(&["wait", "anthillcluster/ledger", "--for=condition=Available", "--timeout=300s"]).unwrap();
+    wait_until("the ledger cluster settles", Duration::from_secs(120), || Ok(lab.settled("ledger", 3)));
+    let keys = || consul.consul_cli(&["kv", "get", "-recurse", prefix]).unwrap_or_default();
+    assert!(keys().contains(&format!("{prefix}members/ledger-0")), "the nodes hold their keys in Consul: {}", keys());
+    // A new token in the Secret rolls the pods (a node reads its token at start).
+    let token_hash = || {
+        lab.kubectl(&["get", "statefulset/ledger", "-o", r"jsonpath={.spec.template.metadata.annotations.anthill\.io/consul-token-hash}"])
+            .unwrap_or_default()
+    };
+    let before = token_hash();
+    let second = consul.token_with("ledger-second", &anthill_policy(prefix)).unwrap();
+    lab.kubectl(&["patch", "secret/consul-acl", "--type=merge", "-p", &format!(r#"{{"stringData":{{"token":"{second}"}}}}"#)]).unwrap();
+    let mut ledger_load = Load { cluster: "ledger", acked: Vec::new(), next: 0 };
+    ledger_load.until(&lab, "the roll for a new Consul token", &["ledger-0", "ledger-1", "ledger-2"], || {
+        let now = token_hash();
+        !now.is_empty() && now != before && lab.settled("ledger", 3)
+    });
+    lab.read_back("ledger-0", &ledger_load.acked);
+    // Deleting the cluster stops its pods, then deletes its keys, then lets it go.
+    lab.kubectl(&["delete", "anthillcluster/ledger", "--timeout=180s"]).unwrap();
+    assert_eq!(keys().trim(), "", "the ledger's keys are gone from Consul");
+    wait_until("the ledger's pods are gone", Duration::from_secs(120), || {
+        Ok(lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/instance=ledger", "-o", "name"])?.trim().is_empty())
+    });
 
     // `helm uninstall` takes the operator and the cluster's resource; the cluster's objects go
     // with it (owned by it), and with them every pod.
