@@ -4,8 +4,6 @@
 //! commit, commit (sync) latency, the index tail and its flushes, database and map size. Metrics are updated where the work
 //! happens (the writer, the API) and only read here.
 
-use std::sync::Arc;
-
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -125,22 +123,20 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics` on `listener`, the text `render` makes, until `shutdown` resolves
+/// (the node's and the operator's).
 pub async fn serve(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app =
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.render())
-                }
-            }),
-        );
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = render();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
+        }),
+    );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

@@ -116,7 +116,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         metrics_addr = Some(listener.local_addr()?);
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            metrics::serve(listener, metrics, wait_for_stop(stopped)).await?;
+            metrics::serve(listener, move || metrics.render(), wait_for_stop(stopped)).await?;
             Ok(())
         }));
     }

@@ -51,6 +51,7 @@ pub enum Error {
 struct Context {
     client: Client,
     recorder: Recorder,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A Kubernetes event about a cluster: a step a user should see.
@@ -103,8 +104,9 @@ pub fn flips(old: &AnthillClusterStatus, new: &AnthillClusterStatus) -> Vec<Note
     notes
 }
 
-/// Runs the controller until SIGTERM or SIGINT, over every namespace or over `namespace`.
-pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()> {
+/// Runs the controller until SIGTERM or SIGINT, over every namespace or over `namespace`,
+/// counting into `metrics`.
+pub async fn run(client: Client, namespace: Option<String>, metrics: Arc<crate::metrics::Metrics>) -> anyhow::Result<()> {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -124,7 +126,7 @@ pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()
         .owns(api::<Service>(&client, &namespace), owned())
         .owns(api::<PodDisruptionBudget>(&client, &namespace), owned())
         .shutdown_on_signal()
-        .run(reconcile, error_policy, Arc::new(Context { client, recorder }))
+        .run(measured, error_policy, Arc::new(Context { client, recorder, metrics }))
         .for_each(|outcome| async move {
             match outcome {
                 Ok((object, _)) => tracing::debug!(cluster = %object.name, namespace = ?object.namespace, "reconciled"),
@@ -217,6 +219,14 @@ async fn delete_keys(client: &Client, cluster: &AnthillCluster, prefix: &str) ->
     let token = AclToken::new(String::from_utf8_lossy(&token.0).trim()).ok_or("the token is not a header value")?;
     let store = ConsulStore::new(parse_address(&consul.address)?, Some(token), None);
     store.delete_tree(prefix).await.map_err(|e| e.to_string())
+}
+
+/// [`reconcile`], timed and counted.
+async fn measured(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let outcome = reconcile(cluster, ctx.clone()).await;
+    ctx.metrics.reconciled(outcome.is_ok(), started.elapsed());
+    outcome
 }
 
 async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -366,10 +376,13 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
             // Reported, not returned: the status above is still worth writing.
             Err(e) => Some(format!("the roll cannot go on: {e}")),
         };
-        if let Some(what) = &rolling {
-            set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", what);
-        } else if let Some(what) = plan.progress.clone().or_else(|| plan.blocked.clone()) {
-            set_condition(&mut status, &now, "Progressing", true, "Scaling", &what);
+        match (&rolling, plan.progress.clone().or_else(|| plan.blocked.clone())) {
+            (Some(roll), Some(scale)) => {
+                set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", &format!("{roll}; the scale-down: {scale}"))
+            }
+            (Some(roll), None) => set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", roll),
+            (None, Some(scale)) => set_condition(&mut status, &now, "Progressing", true, "Scaling", &scale),
+            (None, None) => {}
         }
         rolling.or(plan.progress.clone())
     };
@@ -485,6 +498,7 @@ async fn finish(
     let patch = json!({ "status": status });
     clusters.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     notes.extend(flips(old, status));
+    ctx.metrics.status(&cluster.namespace().unwrap_or_default(), &cluster.name_any(), status);
     publish(ctx, cluster, notes).await;
     Ok(())
 }
@@ -493,6 +507,7 @@ async fn finish(
 async fn publish(ctx: &Context, cluster: &AnthillCluster, notes: Vec<Note>) {
     let reference = cluster.object_ref(&());
     for note in notes {
+        ctx.metrics.event(note.reason);
         let type_ = if note.warning { EventType::Warning } else { EventType::Normal };
         let secondary = note.pod.map(|pod| k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
@@ -594,7 +609,7 @@ mod mocked {
             let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
             let client = Client::new(service, "prod");
             let recorder = Recorder::new(client.clone(), Reporter { controller: resources::MANAGER.into(), instance: None });
-            (Api { handle }, Arc::new(Context { client, recorder }))
+            (Api { handle }, Arc::new(Context { client, recorder, metrics: Default::default() }))
         }
 
         /// The next request: `METHOD path?query` and its JSON body (null when empty); answered

@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod nodes;
 pub mod readme;
 pub mod resources;

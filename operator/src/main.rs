@@ -31,6 +31,15 @@ enum Command {
         /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// `human` or `json` log lines.
+        #[arg(long, default_value = "human")]
+        log_format: String,
+        /// An OTLP/gRPC collector to export the reconciles' spans to (`http://host:4317`).
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
+        /// Where `GET /metrics` (Prometheus) is served; `off` serves none.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: String,
     },
 }
 
@@ -42,18 +51,35 @@ fn main() -> anyhow::Result<()> {
             let text = anthill_operator::readme::readme(&read("Chart.yaml")?, &read("values.yaml")?).map_err(anyhow::Error::msg)?;
             print!("{text}");
         }
-        Command::Run { namespace, log_level } => {
-            let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
+        Command::Run { namespace, log_level, log_format, otlp_endpoint, metrics_addr } => {
+            use anthill_node::config::{LogFormat, TelemetryConfig};
+            tracing_subscriber::EnvFilter::try_new(&log_level)
                 .map_err(|e| anyhow::anyhow!("--log-level {log_level:?} is not a level or a tracing filter: {e}"))?;
-            use std::io::IsTerminal;
-            let ansi = std::io::stderr().is_terminal();
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+            let log_format = match log_format.as_str() {
+                "human" => LogFormat::Human,
+                "json" => LogFormat::Json,
+                other => anyhow::bail!("--log-format {other:?}: human or json"),
+            };
+            let metrics_addr: Option<std::net::SocketAddr> = match metrics_addr.as_str() {
+                "off" => None,
+                text => Some(text.parse().map_err(|e| anyhow::anyhow!("--metrics-addr {text:?} is not an address:port or off: {e}"))?),
+            };
+            let telemetry = TelemetryConfig { log_format, log_level, otlp_endpoint, service_name: "anthill-operator".into() };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
+                let _telemetry = anthill_node::telemetry::init(&telemetry)?;
+                let metrics = std::sync::Arc::new(anthill_operator::metrics::Metrics::default());
+                if let Some(addr) = metrics_addr {
+                    let listener =
+                        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+                    tracing::info!(%addr, "serving /metrics");
+                    let render = metrics.clone();
+                    tokio::spawn(anthill_node::metrics::serve(listener, move || render.render(), std::future::pending()));
+                }
                 let client = kube::Client::try_default()
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG): {e}"))?;
-                anthill_operator::controller::run(client, namespace).await
+                anthill_operator::controller::run(client, namespace, metrics).await
             })?;
         }
     }

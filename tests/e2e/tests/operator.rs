@@ -24,10 +24,23 @@ impl Drop for Operator {
     }
 }
 
+/// Where the operator serves its metrics in this test.
+const METRICS: &str = "127.0.0.1:18931";
+
+/// The operator's `GET /metrics`.
+fn metrics() -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(METRICS).expect("the operator serves metrics");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {METRICS}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
 fn start_operator(api: &ApiServer) -> Operator {
     let log = std::fs::File::create(std::env::temp_dir().join("anthill-operator-e2e.log")).unwrap();
     let child = Command::new(anthill_e2e::operator())
-        .args(["run", "--namespace", "default", "--log-level", "info"])
+        .args(["run", "--namespace", "default", "--log-level", "info", "--metrics-addr", METRICS])
         .env("KUBECONFIG", &api.kubeconfig)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -118,10 +131,11 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
         serde_yaml::from_str::<Value>(grown["data"]["node.yaml"].as_str().unwrap()).unwrap()["cluster"]["founders"].clone();
     assert_eq!(founders, serde_json::json!(["shop-0", "shop-1", "shop-2"]), "the new pods join; the first three founded it");
     // A scale-down removes a pod only once its node was decommissioned, which needs the nodes:
-    // none runs here, so the StatefulSet keeps its five pods and the status says why.
+    // none runs here, so the StatefulSet keeps its five pods and the status says why (beside
+    // the roll, which waits for pods that never come here).
     api.kubectl(&["scale", "anthillcluster/shop", "--replicas=3"]).unwrap();
     let waiting = wait_for(&api, "anthillcluster/shop", |c| {
-        condition(c, "Progressing").is_some_and(|c| c["reason"] == "Scaling" && c["message"].as_str().unwrap_or("").contains("shop-4"))
+        condition(c, "Progressing").is_some_and(|c| c["message"].as_str().unwrap_or("").contains("before taking shop-4 out"))
     });
     assert_eq!(waiting["status"]["founders"], 3);
     std::thread::sleep(Duration::from_secs(2));
@@ -144,6 +158,15 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     let event = events["items"].as_array().unwrap().iter().find(|e| e["reason"] == "InvalidConfig").unwrap().clone();
     assert_eq!(event["type"], "Warning");
     assert!(event["message"].as_str().unwrap().contains("cluster.session_ttl_ms"), "{event}");
+    // … and in its metrics.
+    let text = metrics();
+    for line in [
+        "anthill_operator_cluster_condition{namespace=\"default\",cluster=\"shop\",type=\"Degraded\"} 1",
+        "anthill_operator_events_total{reason=\"InvalidConfig\"}",
+        "anthill_operator_reconciles_total{outcome=\"ok\"}",
+    ] {
+        assert!(text.contains(line), "{line} missing from the operator's metrics:\n{text}");
+    }
     let hash = |s: &Value| s["spec"]["template"]["metadata"]["annotations"]["anthill.io/config-hash"].clone();
     let before = hash(&get(&api, "statefulset/shop").unwrap());
     api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"config":{"cluster":{"session_ttl_ms":3000}}}}"#])
