@@ -99,7 +99,12 @@ pub fn flips(old: &AnthillClusterStatus, new: &AnthillClusterStatus) -> Vec<Note
         }
     }
     if let Some(c) = flipped("Degraded").filter(|c| c.status == "True") {
-        notes.push(Note::warning(if c.reason == "InvalidConfig" { "InvalidConfig" } else { "ScaleDownBlocked" }, c.message));
+        let reason = match c.reason.as_str() {
+            "InvalidConfig" => "InvalidConfig",
+            "RollBlocked" => "RollBlocked",
+            _ => "ScaleDownBlocked",
+        };
+        notes.push(Note::warning(reason, c.message));
     }
     notes
 }
@@ -371,11 +376,15 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         set_condition(&mut status, &now, "Progressing", true, "Scaling", &what);
         Some(what)
     } else {
-        let rolling = match crate::roll::step(client, &cluster, &set, plan.keep, &mut notes).await {
-            Ok(rolling) => rolling,
+        let report = match crate::roll::step(client, &cluster, &set, plan.keep, &mut notes).await {
+            Ok(report) => report,
             // Reported, not returned: the status above is still worth writing.
-            Err(e) => Some(format!("the roll cannot go on: {e}")),
+            Err(e) => Some(format!("the roll cannot go on: {e}").into()),
         };
+        if let Some(report) = report.as_ref().filter(|r| r.stuck) {
+            set_condition(&mut status, &now, "Degraded", true, "RollBlocked", &report.message);
+        }
+        let rolling = report.map(|r| r.message);
         match (&rolling, plan.progress.clone().or_else(|| plan.blocked.clone())) {
             (Some(roll), Some(scale)) => {
                 set_condition(&mut status, &now, "Progressing", true, "RollingUpdate", &format!("{roll}; the scale-down: {scale}"))

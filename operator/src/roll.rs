@@ -35,6 +35,35 @@ const MAX_LAG: u64 = 2048;
 /// that drains itself on SIGTERM, or by `anthill drain`, is left alone.
 pub const DRAINED_FOR: &str = "anthill.io/drained-for";
 
+/// When the operator asked the pod to drain (RFC 3339), so that a drain that does not finish
+/// is reported.
+pub const DRAIN_STARTED: &str = "anthill.io/drain-started";
+
+/// A drain that has not finished after this long makes the cluster `Degraded` (`RollBlocked`):
+/// some partition has lacked a live, in-sync replica set all that time, and a person should look.
+pub const PATIENCE: Duration = Duration::from_secs(600);
+
+/// Whether a drain started at `started` (the [`DRAIN_STARTED`] annotation) has waited past
+/// [`PATIENCE`] at `now`.
+pub fn overdue(started: Option<&str>, now: k8s_openapi::jiff::Timestamp) -> bool {
+    let Some(started) = started.and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok()) else { return false };
+    now.duration_since(started) > k8s_openapi::jiff::SignedDuration::try_from(PATIENCE).expect("a small duration")
+}
+
+/// What a roll step reports: what it does or waits for, and whether it is stuck (a drain past
+/// [`PATIENCE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub message: String,
+    pub stuck: bool,
+}
+
+impl From<String> for Report {
+    fn from(message: String) -> Report {
+        Report { message, stuck: false }
+    }
+}
+
 /// One pod as the roll sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
@@ -130,12 +159,12 @@ pub async fn step(
     set: &StatefulSet,
     wanted: i32,
     notes: &mut Vec<Note>,
-) -> Result<Option<String>, kube::Error> {
+) -> Result<Option<Report>, kube::Error> {
     let ns = cluster.namespace().unwrap_or_default();
     let Some(status) = &set.status else { return Ok(None) };
     // A status from before the latest template could name an old update revision.
     if status.observed_generation != set.metadata.generation {
-        return Ok(Some("waiting for the StatefulSet to see the latest template".into()));
+        return Ok(Some(String::from("waiting for the StatefulSet to see the latest template").into()));
     }
     let Some(update) = status.update_revision.clone() else { return Ok(None) };
     let pods_api = Api::<Pod>::namespaced(client.clone(), &ns);
@@ -170,47 +199,52 @@ pub async fn step(
     }
     match next_step(&views, wanted) {
         RollStep::Done => Ok(None),
-        RollStep::Wait(why) => Ok(Some(why)),
+        RollStep::Wait(why) => Ok(Some(why.into())),
         RollStep::Replace(name) => {
             tracing::warn!(cluster = %cluster.name_any(), pod = %name, "an outdated pod that is not ready: replacing it on the new template");
             if let Some(why) = evict(&pods_api, by_name[&name]).await? {
-                return Ok(Some(why));
+                return Ok(Some(why.into()));
             }
             notes.push(Note::warning("Replacing", format!("{name} runs an old template and is not ready: replacing it")).on(&name));
-            Ok(Some(format!("replacing {name}, outdated and not ready, on the new template")))
+            Ok(Some(format!("replacing {name}, outdated and not ready, on the new template").into()))
         }
         RollStep::Drain(name) => {
             let pod = by_name[&name];
             let ordinal = views.iter().find(|v| v.name == name).map_or(0, |v| v.ordinal);
             let address = resources::member(cluster, ordinal).1;
             if !pod.annotations().contains_key(DRAINED_FOR) {
-                let patch = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: update } } });
+                let started = k8s_openapi::jiff::Timestamp::now().to_string();
+                let patch = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: update, DRAIN_STARTED: started } } });
                 pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
                 notes.push(
                     Note::normal("Draining", format!("{name} hands its leaderships over before it restarts on the new template")).on(&name),
                 );
             }
             if let Err(e) = anthill_node::cli::drain::request(&address, &name, false).await {
-                return Ok(Some(format!("cannot ask {name} to drain: {e:#}")));
+                return Ok(Some(format!("cannot ask {name} to drain: {e:#}").into()));
             }
             // With a replication factor of 1 no other replica can take over: the partition is
             // down while its only node restarts (docs/kubernetes.md).
             if cluster.spec.replication_factor > 1 {
                 let progress = match anthill_node::cli::drain::check(&address, MAX_LAG).await {
                     Ok(progress) => progress,
-                    Err(e) => return Ok(Some(format!("cannot read {name}'s drain: {e:#}"))),
+                    Err(e) => return Ok(Some(format!("cannot read {name}'s drain: {e:#}").into())),
                 };
                 if !progress.done() {
                     let why = progress.not_in_sync.iter().next().map(|(p, why)| format!("; partition {p}: {why}")).unwrap_or_default();
-                    return Ok(Some(format!("draining {name}: it leads {} partitions{why}", progress.leading.len())));
+                    let started = pod.annotations().get(DRAIN_STARTED).map(String::as_str);
+                    let stuck = overdue(started, k8s_openapi::jiff::Timestamp::now());
+                    let waited = if stuck { format!(" (for over {} minutes)", PATIENCE.as_secs() / 60) } else { String::new() };
+                    let message = format!("draining {name}{waited}: it leads {} partitions{why}", progress.leading.len());
+                    return Ok(Some(Report { message, stuck }));
                 }
             }
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained; restarting it on the new template");
             if let Some(why) = evict(&pods_api, pod).await? {
-                return Ok(Some(why));
+                return Ok(Some(why.into()));
             }
             notes.push(Note::normal("Restarting", format!("{name} drained: restarting it on the new template")).on(&name));
-            Ok(Some(format!("restarting {name} on the new template")))
+            Ok(Some(format!("restarting {name} on the new template").into()))
         }
     }
 }
@@ -234,6 +268,16 @@ mod tests {
         let pods = [pod(0, false, true, None), pod(1, false, true, Some(7))];
         assert_eq!(next_step(&pods, 2), RollStep::Drain("shop-1".into()), "a node that does not answer goes last");
         assert_eq!(next_step(&[pod(0, true, false, None), pod(1, true, true, None)], 2), RollStep::Done);
+    }
+
+    #[test]
+    fn a_drain_is_overdue_only_past_the_patience_and_only_with_a_readable_start() {
+        let at = |s: i64| k8s_openapi::jiff::Timestamp::from_second(s).unwrap();
+        let started = at(1_000).to_string();
+        assert!(!overdue(Some(&started), at(1_000 + 600)));
+        assert!(overdue(Some(&started), at(1_000 + 601)));
+        assert!(!overdue(None, at(1_000_000)), "a drain the operator did not start is not timed");
+        assert!(!overdue(Some("yesterday"), at(1_000_000)));
     }
 
     #[test]
