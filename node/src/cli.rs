@@ -57,6 +57,9 @@ enum Command {
     /// Run a local cluster of real node processes under load while leaders are killed, then
     /// check that nothing acknowledged was lost.
     Chaos(chaos::ChaosArgs),
+    /// Run the chaos suite's clients against a running cluster (while something else disturbs
+    /// it), then check that nothing acknowledged was lost and that the replicas agree.
+    Workload(chaos::WorkloadArgs),
     /// Run given-when-then specs (or measure their speed with --perf).
     Specs(crate::app::specs::command::SpecsArgs),
 }
@@ -314,6 +317,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Ledger(args) => runtime.block_on(ledger::run(args)),
         Command::Sim(args) => sim::run(args),
         Command::Chaos(args) => runtime.block_on(chaos::run(args)),
+        Command::Workload(args) => runtime.block_on(chaos::workload(args)),
     }
 }
 

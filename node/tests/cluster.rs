@@ -1115,3 +1115,30 @@ async fn given_leader_acknowledged_load_when_the_busiest_leader_is_drained_and_t
     eprintln!("after the restart {busiest} leads {} partitions", back.partitions.iter().filter(|p| p.leader == busiest).count());
     check_acknowledged_and_converged(&cluster, &router, writers, &last).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_running_cluster_when_anthill_workload_runs_against_it_while_a_node_is_killed_and_restarted_then_its_checks_pass() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start();
+    cluster.wait_for(0, Duration::from_secs(60), settled).await;
+    // What a lab does around the workload: something else disturbs the cluster meanwhile.
+    let workload = tokio::process::Command::new(common::exe())
+        .args(["workload", "--server", &cluster.local.urls().join(","), "--duration", "8s", "--clients", "4", "--json"])
+        .output();
+    let disturb = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.kill9(1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.start_node(1);
+    };
+    let (out, ()) = tokio::join!(workload, disturb);
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert!(report["acknowledged"].as_u64().unwrap() > 100, "{report}");
+    assert_eq!(report["partitions"], PARTITIONS, "{report}");
+    // Every book was read on each of its three replicas.
+    assert_eq!(report["ledger"]["replicas_checked"], 3 * PARTITIONS, "{report}");
+    assert_eq!(report["verdict"]["lost"], serde_json::json!([]), "{report}");
+}

@@ -162,17 +162,16 @@ fn has_finalizer(cluster: &AnthillCluster) -> bool {
     cluster.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-/// Adds or removes [`FINALIZER`] (a JSON patch that first checks what it changes is still so).
+/// Adds or removes [`FINALIZER`], with a JSON patch that first checks the object is still the
+/// version seen (so no other finalizer added meanwhile is dropped).
 async fn set_finalizer(clusters: &Api<AnthillCluster>, cluster: &AnthillCluster, on: bool) -> Result<(), Error> {
+    let version = json!({ "op": "test", "path": "/metadata/resourceVersion", "value": cluster.resource_version() });
     let patch = match cluster.finalizers().iter().position(|f| f == FINALIZER) {
-        Some(i) if !on => json!([
-            { "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER },
-            { "op": "remove", "path": format!("/metadata/finalizers/{i}") },
-        ]),
+        Some(i) if !on => json!([version, { "op": "remove", "path": format!("/metadata/finalizers/{i}") }]),
         None if on && cluster.metadata.finalizers.is_some() => {
-            json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
+            json!([version, { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
         }
-        None if on => json!([{ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }]),
+        None if on => json!([version, { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }]),
         _ => return Ok(()),
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).expect("a JSON patch");
@@ -180,15 +179,65 @@ async fn set_finalizer(clusters: &Api<AnthillCluster>, cluster: &AnthillCluster,
     Ok(())
 }
 
+/// Why the keys of a cluster being deleted are left where they are, if they are: another
+/// cluster's prefix overlaps its own (deleting the tree would take that cluster's keys too).
+fn overlapping(cluster: &AnthillCluster, others: &[AnthillCluster]) -> Option<String> {
+    let prefix = resources::key_prefix(cluster);
+    let address = cluster.spec.coordination.consul.as_ref().map(|c| c.address.clone());
+    others
+        .iter()
+        .filter(|o| o.metadata.uid != cluster.metadata.uid && o.spec.coordination.store == crate::crd::Store::Consul)
+        .filter(|o| o.spec.coordination.consul.as_ref().map(|c| c.address.clone()) == address)
+        .find(|o| {
+            let theirs = resources::key_prefix(o);
+            theirs.starts_with(&prefix) || prefix.starts_with(&theirs)
+        })
+        .map(|o| {
+            format!(
+                "cluster {}/{} keeps its keys under {}, which overlaps {prefix}",
+                o.namespace().unwrap_or_default(),
+                o.name_any(),
+                resources::key_prefix(o)
+            )
+        })
+}
+
 /// A cluster being deleted with [`FINALIZER`]: its pods are stopped (the StatefulSet scaled to
 /// 0; each node resigns its Consul session as it stops), then every key under its prefix is
-/// deleted, then the finalizer is removed and the resource goes.
+/// deleted, then the finalizer is removed and the resource goes. The keys stay, with a warning
+/// event, when the spec no longer asks for it, when the token's Secret is gone (a namespace
+/// being deleted takes it first), or when another cluster's prefix overlaps.
 async fn remove(cluster: &AnthillCluster, ctx: &Context) -> Result<Action, Error> {
     if !has_finalizer(cluster) {
         return Ok(Action::await_change());
     }
     let (name, ns) = (cluster.name_any(), cluster.namespace().unwrap_or_default());
     let client = &ctx.client;
+    let clusters: Api<AnthillCluster> = Api::namespaced(client.clone(), &ns);
+    ctx.metrics.forget(&ns, &name);
+    let prefix = resources::key_prefix(cluster);
+    let (name_, prefix_, clusters_) = (&name, &prefix, &clusters);
+    let leave = |why: String| async move {
+        tracing::warn!(cluster = %name_, %why, "leaving the cluster's Consul keys");
+        publish(ctx, cluster, vec![Note::warning("KeysLeft", format!("the keys under {prefix_} stay: {why}"))]).await;
+        set_finalizer(clusters_, cluster, false).await.map(|()| Action::await_change())
+    };
+    if !deletes_keys(cluster) {
+        return leave("the spec no longer asks for them to go".into()).await;
+    }
+    let token = match consul_token(client, cluster).await? {
+        Ok(token) => token,
+        Err(why) => return leave(why).await,
+    };
+    let all = Api::<AnthillCluster>::all(client.clone()).list(&Default::default()).await;
+    // Without the right to list every namespace, the cluster's own namespace is what it sees.
+    let others = match all {
+        Ok(list) => list.items,
+        Err(_) => Api::<AnthillCluster>::namespaced(client.clone(), &ns).list(&Default::default()).await?.items,
+    };
+    if let Some(why) = overlapping(cluster, &others) {
+        return leave(why).await;
+    }
     let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
     if sets.get_opt(&name).await?.is_some_and(|s| s.spec.and_then(|s| s.replicas) != Some(0)) {
         sets.patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "replicas": 0 } }))).await?;
@@ -200,28 +249,35 @@ async fn remove(cluster: &AnthillCluster, ctx: &Context) -> Result<Action, Error
     if left > 0 {
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    let prefix = resources::key_prefix(cluster);
-    if let Err(why) = delete_keys(client, cluster, &prefix).await {
+    if let Err(why) = delete_keys(cluster, token, &prefix).await {
         tracing::warn!(cluster = %name, %why, "cannot delete the cluster's Consul keys yet");
         publish(ctx, cluster, vec![Note::warning("KeysNotDeleted", format!("the keys under {prefix}: {why}"))]).await;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
     tracing::info!(cluster = %name, %prefix, "the cluster's Consul keys are deleted");
     publish(ctx, cluster, vec![Note::normal("KeysDeleted", format!("every key under {prefix} is deleted"))]).await;
-    set_finalizer(&Api::namespaced(client.clone(), &ns), cluster, false).await?;
+    set_finalizer(&clusters, cluster, false).await?;
     Ok(Action::await_change())
 }
 
-/// Deletes every key under `prefix` in the cluster's Consul, with the token of its Secret.
-async fn delete_keys(client: &Client, cluster: &AnthillCluster, prefix: &str) -> Result<(), String> {
-    use anthill_node::coordination::consul::{AclToken, ConsulStore, parse_address};
-    let consul = cluster.spec.coordination.consul.as_ref().ok_or("no Consul in the spec")?;
+/// The cluster's Consul token from its Secret; `Err(why)` when the Secret or its key is gone.
+async fn consul_token(
+    client: &Client,
+    cluster: &AnthillCluster,
+) -> Result<Result<anthill_node::coordination::consul::AclToken, String>, Error> {
+    let Some(consul) = cluster.spec.coordination.consul.as_ref() else { return Ok(Err("no Consul in the spec".into())) };
     let secrets = Api::<Secret>::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
     let reference = &consul.token_secret_ref;
-    let secret = secrets.get_opt(&reference.name).await.map_err(|e| e.to_string())?;
-    let token =
-        secret.and_then(|s| s.data?.remove(&reference.key)).ok_or(format!("no key {:?} in Secret {:?}", reference.key, reference.name))?;
-    let token = AclToken::new(String::from_utf8_lossy(&token.0).trim()).ok_or("the token is not a header value")?;
+    let token = secrets.get_opt(&reference.name).await?.and_then(|s| s.data?.remove(&reference.key));
+    let Some(token) = token else { return Ok(Err(format!("no key {:?} in Secret {:?}", reference.key, reference.name))) };
+    Ok(anthill_node::coordination::consul::AclToken::new(String::from_utf8_lossy(&token.0).trim())
+        .ok_or("the token is not a header value".into()))
+}
+
+/// Deletes every key under `prefix` in the cluster's Consul.
+async fn delete_keys(cluster: &AnthillCluster, token: anthill_node::coordination::consul::AclToken, prefix: &str) -> Result<(), String> {
+    use anthill_node::coordination::consul::{ConsulStore, parse_address};
+    let consul = cluster.spec.coordination.consul.as_ref().ok_or("no Consul in the spec")?;
     let store = ConsulStore::new(parse_address(&consul.address)?, Some(token), None);
     store.delete_tree(prefix).await.map_err(|e| e.to_string())
 }
@@ -291,7 +347,6 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     if let Some(pod) = plan.ours.clone().filter(|p| !status.decommissioned.contains(p)) {
         status.decommissioned.push(pod);
     }
-    status.decommissioned.retain(|p| !plan.forget.contains(p));
     for pod in &plan.recommission {
         match crate::scale::request(&addresses, pod, true).await {
             Asked::Done => {
@@ -472,6 +527,17 @@ pub fn conditions(wanted: i32, seen: &Observed, all_led: Option<bool>) -> Vec<(&
     vec![available, progressing, degraded]
 }
 
+/// A condition set twice in one reconcile (a default, then what a step found) must not take a
+/// new transition time unless it ends where it did not start: the times of `old` are kept for
+/// every condition whose status is what it was.
+pub fn keep_transition_times(old: &AnthillClusterStatus, status: &mut AnthillClusterStatus) {
+    for c in &mut status.conditions {
+        if let Some(before) = old.conditions.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+            c.last_transition_time = before.last_transition_time.clone();
+        }
+    }
+}
+
 /// Sets condition `kind` in `status`; its transition time changes only when its status flips.
 pub fn set_condition(status: &mut AnthillClusterStatus, now: &Time, kind: &str, value: bool, reason: &str, message: &str) {
     let value = if value { "True" } else { "False" }.to_string();
@@ -504,6 +570,9 @@ async fn finish(
     mut notes: Vec<Note>,
 ) -> Result<(), Error> {
     let clusters: Api<AnthillCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let mut status = status.clone();
+    keep_transition_times(old, &mut status);
+    let status = &status;
     let patch = json!({ "status": status });
     clusters.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     notes.extend(flips(old, status));
@@ -550,6 +619,23 @@ mod tests {
         set_condition(&mut status, &at(30), "Available", true, "AllNodesReady", "3 of 3");
         assert_eq!(status.conditions[0].last_transition_time, at(30));
         assert_eq!(status.conditions.len(), 1);
+    }
+
+    #[test]
+    fn a_condition_set_twice_in_a_reconcile_keeps_its_transition_time_when_it_ends_as_it_was() {
+        let mut old = AnthillClusterStatus::default();
+        set_condition(&mut old, &at(10), "Degraded", true, "ScaleDownBlocked", "m");
+        // This reconcile: the default first, then the step that finds it blocked still.
+        let mut now = old.clone();
+        set_condition(&mut now, &at(20), "Degraded", false, "AsExpected", "m");
+        set_condition(&mut now, &at(20), "Degraded", true, "ScaleDownBlocked", "m");
+        assert_eq!(now.conditions[0].last_transition_time, at(20));
+        keep_transition_times(&old, &mut now);
+        assert_eq!(now.conditions[0].last_transition_time, at(10));
+        // A real flip keeps its new time.
+        set_condition(&mut now, &at(30), "Degraded", false, "AsExpected", "m");
+        keep_transition_times(&old, &mut now);
+        assert_eq!(now.conditions[0].last_transition_time, at(30));
     }
 
     #[test]

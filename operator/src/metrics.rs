@@ -6,8 +6,8 @@
 //! - `anthill_operator_cluster_ready_nodes{namespace,cluster}`;
 //! - `anthill_operator_events_total{reason}`: the events published (roll, scale, conditions).
 //!
-//! A deleted cluster's series stay until the operator restarts (a cluster deleted without a
-//! finalizer is never reconciled again).
+//! A cluster deleted with the finalizer has its series dropped; one deleted without it keeps
+//! them until the operator restarts (it is never reconciled again).
 
 use std::time::Duration;
 
@@ -62,6 +62,17 @@ impl Metrics {
             let mut labels = cluster();
             labels.push(("type", c.type_.clone()));
             self.conditions.get_or_create(&labels).set(i64::from(c.status == "True"));
+        }
+    }
+
+    /// Drops the series of cluster `namespace/name` (it is being deleted).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let cluster = || vec![("namespace", namespace.to_string()), ("cluster", name.to_string())];
+        self.ready_nodes.remove(&cluster());
+        for kind in ["Available", "Progressing", "Degraded", "ReconciliationPaused"] {
+            let mut labels = cluster();
+            labels.push(("type", kind.to_string()));
+            self.conditions.remove(&labels);
         }
     }
 

@@ -147,6 +147,10 @@ async fn evict(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String>, kube::Error
         Err(kube::Error::Api(status)) if status.code == 429 => {
             Ok(Some(format!("the disruption budget allows no eviction of {} now: {}", pod.name_any(), status.message)))
         }
+        // Gone already, or made again meanwhile (the uid precondition): the next step sees it.
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+            Ok(Some(format!("{} changed under the roll ({}); looking again", pod.name_any(), status.message)))
+        }
         Err(e) => Err(e),
     }
 }
@@ -183,7 +187,10 @@ pub async fn step(
             // Drained by a roll for a template that is current again (the spec went back before
             // the pod was restarted): it leads again.
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained for a roll that no longer needs it; leading again");
-            let _ = anthill_node::cli::drain::request(&address, &name, true).await;
+            if anthill_node::cli::drain::request(&address, &name, true).await.is_ok() {
+                let unmark = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: null, DRAIN_STARTED: null } } });
+                pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&unmark)).await?;
+            }
         }
         let draining = seen.is_some_and(|(_, draining)| draining);
         views.push(PodView {
@@ -212,7 +219,9 @@ pub async fn step(
             let pod = by_name[&name];
             let ordinal = views.iter().find(|v| v.name == name).map_or(0, |v| v.ordinal);
             let address = resources::member(cluster, ordinal).1;
-            if !pod.annotations().contains_key(DRAINED_FOR) {
+            // A mark left from a roll to another revision (undone, or paused by a scale-down) is
+            // made again, so the drain is timed from now.
+            if pod.annotations().get(DRAINED_FOR) != Some(&update) {
                 let started = k8s_openapi::jiff::Timestamp::now().to_string();
                 let patch = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: update, DRAIN_STARTED: started } } });
                 pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;

@@ -46,10 +46,9 @@ pub fn holds_nothing(view: &pb::ClusterStatus, name: &str, id: u64) -> bool {
 pub struct Plan {
     /// The StatefulSet's replicas and the members listed (`resources::Shape::pods`).
     pub keep: i32,
-    /// Pods to let back into the replica sets (`--undo`).
+    /// Pods to let back into the replica sets (`--undo`; kept until a node takes it, which
+    /// once the pod runs again it does, since then every node knows it).
     pub recommission: Vec<String>,
-    /// Pods the operator decommissioned that the nodes show back in already: forgotten.
-    pub forget: Vec<String>,
     /// The pod a scale-down takes out (the highest ordinal), to record as the operator's.
     pub ours: Option<String>,
     /// The pod to decommission now.
@@ -76,21 +75,13 @@ pub fn plan(
 ) -> Plan {
     let mut plan = Plan {
         keep: wanted,
-        recommission: Vec::new(),
-        forget: Vec::new(),
+        recommission: decommissioned.iter().filter(|n| ordinal(n).is_some_and(|o| o < wanted)).cloned().collect(),
         ours: None,
         decommission: None,
         progress: None,
         blocked: None,
         busy: false,
     };
-    for pod in decommissioned.iter().filter(|n| ordinal(n).is_some_and(|o| o < wanted)) {
-        let member = view.and_then(|v| v.members.iter().find(|m| m.name == *pod));
-        match member {
-            Some(m) if !m.decommissioned => plan.forget.push(pod.clone()),
-            _ => plan.recommission.push(pod.clone()),
-        }
-    }
     if running <= wanted {
         return plan;
     }
@@ -235,11 +226,11 @@ mod tests {
         let p = plan(3, 4, 3, None, &[], name);
         assert_eq!((p.keep, p.decommission, p.blocked), (4, None, None));
         assert!(!p.busy, "a blocked scale-down lets the roll go on (it may replace the broken pod)");
-        // Back to 5 while shop-4 moves out (or after it went): it is let back in; shop-3, which
-        // the nodes show in already, is only forgotten.
+        // Back to 5 while shop-4 moves out (or after it went): it is let back in, and so is
+        // shop-3 (whatever a view that may lag says).
         let out = view(&[0, 1, 2, 3, 4], &[4], &[&[0, 1, 3]], &[1, 2, 3, 4]);
         let p = plan(5, 5, 3, Some(&out), &["shop-4".into(), "shop-3".into()], name);
-        assert_eq!((p.keep, p.recommission, p.forget), (5, vec!["shop-4".to_string()], vec!["shop-3".to_string()]));
+        assert_eq!((p.keep, p.recommission), (5, vec!["shop-4".to_string(), "shop-3".to_string()]));
         assert_eq!(plan(4, 5, 3, None, &["shop-4".into(), "shop-3".into()], name).recommission, ["shop-3"]);
     }
 }

@@ -164,13 +164,73 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let history = load.stop().await?;
     cluster.check_running()?;
     eprintln!("chaos: healed at {:.1} s; reading every replica back", chaos_to_ms as f64 / 1000.0);
-    let verdict = read_back(&cluster, spec.cluster.partitions, &history).await?;
-    let ledger = check_ledger(&cluster, &books).await?;
+    let members = Members((0..cluster.nodes.len()).map(|i| (LocalCluster::name(i), cluster.url(i))).collect());
+    let verdict = read_back(&members, spec.cluster.partitions, &history).await?;
+    let ledger = check_ledger(&members, &books).await?;
     let steady_ops_per_s = timeline::throughput(&history, 1_000, chaos_from_ms);
     let chaos_ops_per_s = timeline::throughput(&history, chaos_from_ms, chaos_to_ms);
     let mut report = report(spec, history, faults, verdict, ledger, steady_ops_per_s, chaos_ops_per_s);
     report.started_unix_ms = started_unix_ms;
     Ok(report)
+}
+
+/// What [`against`] found: the chaos suite's clients run against a cluster that something else
+/// disturbs (a Kubernetes operator rolling it, a person), and the suite's checks.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkloadReport {
+    pub partitions: u32,
+    pub seconds: f64,
+    pub operations: usize,
+    pub acknowledged: usize,
+    pub ops_per_s: f64,
+    pub verdict: Verdict,
+    pub ledger: LedgerCheck,
+}
+
+impl WorkloadReport {
+    pub fn passed(&self) -> bool {
+        self.verdict.ok() && self.ledger.ok()
+    }
+}
+
+/// Runs the clients of `load` against the cluster at `servers` for `duration` (showing progress
+/// every 10 s on stderr), then reads every replica of every partition back against the history
+/// and checks every book. The cluster should be new to the workload: its operation ids start
+/// at 1 each time.
+pub async fn against(servers: &[String], duration: Duration, mut load: LoadSpec) -> anyhow::Result<WorkloadReport> {
+    let first = servers.first().context("no server given")?;
+    let members = Members::of(first).await?;
+    let mut c = client::connect(first).await?;
+    let partitions = c.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner().partitions.len() as u32;
+    load.partitions = partitions;
+    let mut router = Router::connect(servers).await?;
+    router.attempt_timeout = Some(workload::ATTEMPT_TIMEOUT);
+    let router = Arc::new(router);
+    let books = Arc::new(workload::books(partitions));
+    workload::open_books(&router, &books).await?;
+    let started = Instant::now();
+    let running = Load::start(router, books.clone(), &load, started);
+    eprintln!("workload: {} clients on {partitions} partitions of {} members, for {duration:?}", load.clients, members.0.len());
+    while started.elapsed() < duration {
+        tokio::time::sleep((duration - started.elapsed()).min(Duration::from_secs(10))).await;
+        let (done, acked) = running.progress();
+        eprintln!("  {:>6.1} s: {done} operations, {acked} acknowledged", started.elapsed().as_secs_f64());
+    }
+    let history = running.stop().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("workload: stopped; reading every replica back");
+    let verdict = read_back(&members, partitions, &history).await?;
+    let ledger = check_ledger(&members, &books).await?;
+    let acknowledged = history.iter().filter(|r| r.outcome == Outcome::Ok).count();
+    Ok(WorkloadReport {
+        partitions,
+        seconds,
+        operations: history.len(),
+        acknowledged,
+        ops_per_s: history.len() as f64 / seconds.max(0.001),
+        verdict,
+        ledger,
+    })
 }
 
 /// Starts the Consul servers of a run, one per node (in `dir/consul`), and makes the nodes'
@@ -284,10 +344,10 @@ fn report(
 
 /// Reads every replica of every partition back and checks the history against them; a replica
 /// still catching up is read again (for up to 20 s) before anything counts as missing.
-async fn read_back(cluster: &LocalCluster, partitions: u32, history: &[Record]) -> anyhow::Result<Verdict> {
+async fn read_back(members: &Members, partitions: u32, history: &[Record]) -> anyhow::Result<Verdict> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let stored = stored(cluster, partitions).await?;
+        let stored = stored(members, partitions).await?;
         let verdict = history::check(history, &stored);
         if verdict.missing_on_a_replica.is_empty() || Instant::now() > deadline {
             return Ok(verdict);
@@ -296,23 +356,41 @@ async fn read_back(cluster: &LocalCluster, partitions: u32, history: &[Record]) 
     }
 }
 
-/// Each partition's replicas (node indexes), in the view of the node that has applied the most
-/// of the coordination store.
-async fn replica_sets(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Vec<usize>>> {
-    let mut best: Option<pb::ClusterStatus> = None;
-    for i in 0..cluster.nodes.len() {
-        let mut c = client::connect(&cluster.url(i)).await?;
+/// The nodes the checks read: each member's name and URL.
+pub struct Members(pub Vec<(String, String)>);
+
+impl Members {
+    /// The members as the node at `server` lists them (their addresses as the nodes reach each
+    /// other: DNS names inside a Kubernetes cluster).
+    pub async fn of(server: &str) -> anyhow::Result<Members> {
+        let mut c = client::connect(server).await?;
         let status = c.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
-        let view = status.cluster.with_context(|| format!("{} reports no cluster", LocalCluster::name(i)))?;
+        let view = status.cluster.with_context(|| format!("{server} runs alone: there are no replicas to compare"))?;
+        Ok(Members(view.members.into_iter().map(|m| (m.name, format!("http://{}", m.address))).collect()))
+    }
+
+    fn url(&self, name: &str) -> anyhow::Result<&str> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, url)| url.as_str()).with_context(|| format!("unknown member {name}"))
+    }
+}
+
+/// Each partition's replicas (member names), in the view of the member that has applied the
+/// most of the coordination store (members that do not answer are skipped).
+async fn replica_sets(members: &Members, partitions: u32) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut best: Option<pb::ClusterStatus> = None;
+    for (name, url) in &members.0 {
+        let Ok(mut c) = client::connect(url).await else { continue };
+        let Ok(status) = c.node.status(pb::StatusRequest {}).await else { continue };
+        let view = status.into_inner().cluster.with_context(|| format!("{name} reports no cluster"))?;
         if best.as_ref().is_none_or(|b| view.coordination_applied > b.coordination_applied) {
             best = Some(view);
         }
     }
-    let view = best.context("no node")?;
+    let view = best.context("no member answered")?;
     (0..partitions)
         .map(|p| {
             let ownership = view.partitions.iter().find(|o| o.partition == p).with_context(|| format!("no placement of partition {p}"))?;
-            ownership.replicas.iter().map(|name| LocalCluster::index_of(name).with_context(|| format!("unknown member {name}"))).collect()
+            Ok(ownership.replicas.clone())
         })
         .collect()
 }
@@ -337,12 +415,12 @@ fn fingerprint(event: &pb::RecordedEvent) -> u64 {
 }
 
 /// What each replica of each partition stores.
-async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<Stored>> {
+async fn stored(members: &Members, partitions: u32) -> anyhow::Result<Vec<Stored>> {
     let mut out = Vec::new();
-    for (p, replicas) in replica_sets(cluster, partitions).await?.into_iter().enumerate() {
+    for (p, replicas) in replica_sets(members, partitions).await?.into_iter().enumerate() {
         let p = p as u32;
-        for i in replicas {
-            let mut node = client::connect(&cluster.url(i)).await?;
+        for name in replicas {
+            let mut node = client::connect(members.url(&name)?).await?;
             let mut events = Vec::new();
             let mut from = 1;
             loop {
@@ -353,7 +431,7 @@ async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<S
                 events.extend(batch.iter().map(|e| StoredEvent { position: e.position, op: operation_of(e), fingerprint: fingerprint(e) }));
                 from = last + 1;
             }
-            out.push(Stored { node: LocalCluster::name(i), partition: p, events });
+            out.push(Stored { node: name, partition: p, events });
         }
     }
     Ok(out)
@@ -361,10 +439,10 @@ async fn stored(cluster: &LocalCluster, partitions: u32) -> anyhow::Result<Vec<S
 
 /// Asks every replica of each book's partition for the book's totals, audit and balances
 /// (module doc); a replica still applying what it stores is asked again, for up to 20 s.
-async fn check_ledger(cluster: &LocalCluster, books: &[Book]) -> anyhow::Result<LedgerCheck> {
+async fn check_ledger(members: &Members, books: &[Book]) -> anyhow::Result<LedgerCheck> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let check = check_ledger_once(cluster, books).await?;
+        let check = check_ledger_once(members, books).await?;
         if check.ok() || Instant::now() > deadline {
             return Ok(check);
         }
@@ -372,16 +450,15 @@ async fn check_ledger(cluster: &LocalCluster, books: &[Book]) -> anyhow::Result<
     }
 }
 
-async fn check_ledger_once(cluster: &LocalCluster, books: &[Book]) -> anyhow::Result<LedgerCheck> {
-    let sets = replica_sets(cluster, books.len() as u32).await?;
+async fn check_ledger_once(members: &Members, books: &[Book]) -> anyhow::Result<LedgerCheck> {
+    let sets = replica_sets(members, books.len() as u32).await?;
     let expected = (workload::BOOK_ACCOUNTS as u64 * workload::OPENING_DEPOSIT).to_string();
     let mut check = LedgerCheck { books: books.len(), ..LedgerCheck::default() };
     for book in books {
         let mut first: Option<(String, Vec<i64>)> = None;
-        for &i in &sets[book.partition as usize] {
-            let name = LocalCluster::name(i);
+        for name in &sets[book.partition as usize] {
             let mut problem = |what: String| check.problems.push(format!("book {} on {name}: {what}", book.name));
-            let mut c = client::connect(&cluster.url(i)).await?;
+            let mut c = client::connect(members.url(name)?).await?;
             let totals = match c.ledger.get_totals(pb::GetTotalsRequest { book: book.name.clone() }).await {
                 Ok(totals) => totals.into_inner(),
                 Err(status) => {

@@ -310,3 +310,70 @@ mod tests {
         }
     }
 }
+
+/// `anthill workload`: the chaos suite's clients against a running cluster, then its checks.
+#[derive(clap::Args)]
+pub(crate) struct WorkloadArgs {
+    #[command(flatten)]
+    server: super::ServerArg,
+    /// How long the clients run: seconds, or with a unit (`90s`, `10m`); 1 s to 24 h.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Client tasks sending at once, 1 to 256.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Operations per second, all clients together; as fast as they are answered when absent.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The clients' seed (random by default).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn workload(args: WorkloadArgs) -> anyhow::Result<()> {
+    if !(1..=256).contains(&args.clients) {
+        bail!("--clients must be between 1 and 256, got {}", args.clients);
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&args.duration) {
+        bail!("--duration must be between 1 s and 24 h, got {:?}", args.duration);
+    }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of operations per second");
+    }
+    let servers: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let load = LoadSpec { clients: args.clients, rate: args.rate, partitions: 0, seed };
+    let report = crate::chaos::run::against(&servers, args.duration, load).await?;
+    if args.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["passed"] = serde_json::json!(report.passed());
+        json["seed"] = serde_json::json!(seed);
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        let v = &report.verdict;
+        println!(
+            "{} operations in {:.1} s ({:.0}/s), {} acknowledged; lost {}, duplicated {}, failed but stored {}, missing on a replica {}, diverged {}; ledger: {} books on {} replicas, {} problems",
+            report.operations,
+            report.seconds,
+            report.ops_per_s,
+            report.acknowledged,
+            v.lost.len(),
+            v.duplicated.len(),
+            v.failed_but_stored.len(),
+            v.missing_on_a_replica.len(),
+            v.diverged.len(),
+            report.ledger.books,
+            report.ledger.replicas_checked,
+            report.ledger.problems.len(),
+        );
+        for problem in report.ledger.problems.iter().take(10) {
+            println!("  {problem}");
+        }
+    }
+    if !report.passed() {
+        bail!("the checks failed (seed {seed})");
+    }
+    Ok(())
+}
