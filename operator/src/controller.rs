@@ -622,6 +622,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_left_when_another_cluster_on_the_same_consul_has_an_overlapping_prefix() {
+        let on_consul = |name: &str, prefix: Option<&str>, address: &str| {
+            let mut consul = json!({ "address": address, "tokenSecretRef": { "name": "t", "key": "token" }, "deleteKeysOnRemoval": true });
+            if let Some(prefix) = prefix {
+                consul["keyPrefix"] = json!(prefix);
+            }
+            let mut c = resources::tests::cluster(json!({
+                "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" },
+                "coordination": { "store": "Consul", "consul": consul },
+            }));
+            c.metadata.name = Some(name.into());
+            c.metadata.uid = Some(format!("uid-{name}"));
+            c
+        };
+        let broad = on_consul("broad", Some("anthill/"), "http://consul:8500");
+        let shop = on_consul("shop", None, "http://consul:8500");
+        let elsewhere = on_consul("other", None, "http://other-consul:8500");
+        let why = overlapping(&broad, &[broad.clone(), shop.clone()]).unwrap();
+        assert!(why.contains("prod/shop") && why.contains("anthill/prod/shop/"), "{why}");
+        assert!(overlapping(&shop, &[broad.clone(), shop.clone()]).is_some(), "either way round");
+        assert_eq!(overlapping(&shop, &[shop.clone(), elsewhere]), None, "its own prefix, or another Consul's, is no overlap");
+        assert!(deletes_keys(&shop));
+    }
+
+    #[test]
     fn a_condition_set_twice_in_a_reconcile_keeps_its_transition_time_when_it_ends_as_it_was() {
         let mut old = AnthillClusterStatus::default();
         set_condition(&mut old, &at(10), "Degraded", true, "ScaleDownBlocked", "m");
