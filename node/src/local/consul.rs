@@ -68,19 +68,6 @@ impl LocalConsul {
     /// Like [`LocalConsul::start`], with the servers' data, configurations and logs in `dir`
     /// (kept after the cluster is dropped).
     pub fn start_in(binary: &Path, dir: &Path, n: usize) -> anyhow::Result<LocalConsul> {
-        Self::start_with(binary, dir, n, None)
-    }
-
-    /// Like [`LocalConsul::start`], each server's HTTP API also on `also_on` (an address of this
-    /// machine, e.g. a bridge's, for clients in containers), on the same port.
-    pub fn start_also_on(binary: &Path, n: usize, also_on: std::net::Ipv4Addr) -> anyhow::Result<LocalConsul> {
-        let temporary = tempfile::Builder::new().prefix("anthill-consul-").tempdir().context("cannot make a temporary directory")?;
-        let mut consul = Self::start_with(binary, temporary.path(), n, Some(also_on))?;
-        consul._temporary = Some(temporary);
-        Ok(consul)
-    }
-
-    fn start_with(binary: &Path, dir: &Path, n: usize, also_on: Option<std::net::Ipv4Addr>) -> anyhow::Result<LocalConsul> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let management_token = uuid_like();
         let mut servers: Vec<Server> = Vec::new();
@@ -107,10 +94,7 @@ impl LocalConsul {
                 "data_dir": dir.join(format!("consul-{}", i + 1)),
                 "bind_addr": s.ip,
                 "advertise_addr": s.ip,
-                "client_addr": match also_on {
-                    Some(extra) => format!("{} {extra}", s.ip),
-                    None => s.ip.clone(),
-                },
+                "client_addr": s.ip,
                 "ports": { "http": s.http, "serf_lan": s.serf, "server": s.rpc, "dns": -1, "serf_wan": -1, "grpc": -1, "grpc_tls": -1 },
                 "retry_join": joins.iter().filter(|j| !j.starts_with(&format!("{}:", s.ip))).collect::<Vec<_>>(),
                 "retry_interval": "1s",
@@ -147,12 +131,6 @@ impl LocalConsul {
     /// Where the servers' data, configurations and logs are.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// Server `i`'s HTTP port (on its own address, and on the extra one of
-    /// [`LocalConsul::start_also_on`]).
-    pub fn http_port(&self, i: usize) -> u16 {
-        self.servers[i].http
     }
 
     /// The HTTP address of server `i` (`http://127.0.0.3x:port`).

@@ -269,10 +269,42 @@ volumeBindingMode: WaitForFirstConsumer
 EOF
 }
 
+# Three Consul servers beside the Kubernetes, for clusters that decide ownership in Consul:
+# server i on 127.0.0.5i (Raft and Serf), its HTTP API on that address and on the lab's
+# bridge address, port 850i, where the pods reach it; ACLs on with a default deny, the
+# management token in `$lab/consul/management-token` (root only).
+consul_up() {
+    local dir="$lab/consul" i token
+    mkdir -p "$dir"
+    (umask 077 && cat /proc/sys/kernel/random/uuid >"$dir/management-token")
+    token="$(cat "$dir/management-token")"
+    for i in 1 2 3; do
+        local others
+        others="$(for j in 1 2 3; do [[ $j == "$i" ]] || printf '"127.0.0.5%s:8301"\n' "$j"; done | paste -sd, -)"
+        (umask 077 && cat >"$dir/consul-$i.json" <<EOF
+{
+  "node_name": "consul-$i", "datacenter": "dc1", "server": true, "bootstrap_expect": 3,
+  "data_dir": "$dir/consul-$i", "bind_addr": "127.0.0.5$i", "advertise_addr": "127.0.0.5$i",
+  "client_addr": "127.0.0.5$i $NODE_IP",
+  "ports": { "http": 850$i, "serf_lan": 8301, "server": 8300, "dns": -1, "serf_wan": -1, "grpc": -1, "grpc_tls": -1 },
+  "retry_join": [$others], "retry_interval": "1s",
+  "acl": { "enabled": true, "default_policy": "deny", "enable_token_persistence": true,
+           "tokens": { "initial_management": "$token", "agent": "$token" } },
+  "disable_update_check": true, "log_level": "info", "performance": { "raft_multiplier": 1 }, "ui_config": { "enabled": false }
+}
+EOF
+        )
+        start "consul-$i" "$bin/consul" agent "-config-file=$dir/consul-$i.json"
+    done
+    # Up once the leader made the management token and ACLs answer.
+    wait_for 90 consul-1 env CONSUL_HTTP_ADDR="http://127.0.0.51:8501" CONSUL_HTTP_TOKEN_FILE="$dir/management-token" \
+        "$bin/consul" acl policy list
+}
+
 up() {
     local images="${1:-}"
     [[ $EUID -eq 0 ]] || { say "the lab needs root (network, containers)"; exit 1; }
-    bash "$repo/tests/e2e/tools/install.sh" kubernetes kubelab
+    bash "$repo/tests/e2e/tools/install.sh" kubernetes kubelab consul
     if [[ -d "$lab/pids" ]] && ls "$lab/pids" | grep -q .; then
         say "a lab is running already ($lab); tests/e2e/lab/kube.sh down first"
         exit 1
@@ -298,6 +330,7 @@ up() {
     [[ -n "$images" ]] && import_images "$images"
     node_up
     volumes
+    consul_up
     trap - ERR
     say "up: KUBECONFIG=$lab/kubeconfig"
     echo "$lab/kubeconfig"
@@ -328,7 +361,7 @@ down() {
     stop containerd
     stop kube-proxy
     [[ -x "$bin/kube-proxy" ]] && "$bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
-    for name in coredns kube-apiserver etcd; do stop "$name"; done
+    for name in coredns kube-apiserver etcd consul-1 consul-2 consul-3; do stop "$name"; done
     # What a killed shim left: its processes, mounts under the lab, network namespaces.
     pkill -KILL -f "containerd-shim.*$lab" 2>/dev/null || true
     { grep " $lab" /proc/mounts || true; } | awk '{print $2}' | sort -r | while read -r mount; do umount -l "$mount" 2>/dev/null || true; done
@@ -368,6 +401,10 @@ down() {
 case "${1:-}" in
     up) up "${2:-}" ;;
     down) down ;;
-    env) echo "export KUBECONFIG=$lab/kubeconfig" ;;
+    env)
+        echo "export KUBECONFIG=$lab/kubeconfig"
+        # Consul as the host reaches it; the pods use port 8501 (8502, 8503) of the bridge address.
+        echo "export CONSUL_HTTP_ADDR=http://127.0.0.51:8501 CONSUL_HTTP_TOKEN_FILE=$lab/consul/management-token"
+        ;;
     *) say "usage: tests/e2e/lab/kube.sh up [IMAGES_DIR] | down | env"; exit 2 ;;
 esac

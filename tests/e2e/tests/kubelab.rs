@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anthill_node::local::consul::{LocalConsul, anthill_policy};
+use anthill_node::local::consul::anthill_policy;
 use serde_json::Value;
 
 /// The lab, torn down when dropped (also when the test fails).
@@ -55,6 +55,28 @@ impl Lab {
             .output()
             .unwrap();
         anthill_e2e::output(&format!("helm {}", args.join(" ")), out)
+    }
+
+    /// `consul ARGS` against the lab's Consul, with its management token.
+    fn consul(&self, args: &[&str]) -> Result<String, String> {
+        let lab = self.kubeconfig.parent().expect("the kubeconfig is in the lab's folder");
+        let out = Command::new(anthill_e2e::tool("consul"))
+            .env("CONSUL_HTTP_ADDR", "http://127.0.0.51:8501")
+            .env("CONSUL_HTTP_TOKEN_FILE", lab.join("consul/management-token"))
+            .args(args)
+            .output()
+            .unwrap();
+        anthill_e2e::output(&format!("consul {}", args.join(" ")), out)
+    }
+
+    /// A new token of the lab's Consul bound to a new policy `name` with `rules`; its secret.
+    fn consul_token(&self, name: &str, rules: &str) -> String {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), rules).unwrap();
+        self.consul(&["acl", "policy", "create", "-name", name, "-rules", &format!("@{}", file.path().display())]).unwrap();
+        let token = self.consul(&["acl", "token", "create", "-description", name, "-policy-name", name, "-format", "json"]).unwrap();
+        let token: Value = serde_json::from_str(&token).unwrap();
+        token["SecretID"].as_str().unwrap().to_string()
     }
 
     /// `kubectl ARGS` with `input` on its standard input.
@@ -359,12 +381,11 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
     lab.read_back("anthill-0", &acked);
 
-    // A second cluster, on Consul: three Consul servers beside the Kubernetes (on loopback,
-    // their HTTP API also on the lab's 10.88.0.1 for the pods), ACLs on, the nodes'
-    // least-privilege token in a Secret; its keys are deleted with it.
-    let consul = LocalConsul::start_also_on(&anthill_e2e::tool("consul"), 3, "10.88.0.1".parse().unwrap()).unwrap();
+    // A second cluster, on Consul: the lab's three Consul servers beside the Kubernetes (their
+    // HTTP API also on the lab's 10.88.0.1 for the pods), ACLs on, the nodes' least-privilege
+    // token in a Secret; its keys are deleted with it.
     let prefix = "anthill/default/ledger/";
-    let first = consul.token_with("ledger-first", &anthill_policy(prefix)).unwrap();
+    let first = lab.consul_token("ledger-first", &anthill_policy(prefix));
     lab.kubectl(&["create", "secret", "generic", "consul-acl", &format!("--from-literal=token={first}")]).unwrap();
     let image = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.spec.image}"]).unwrap();
     let ledger = format!(
@@ -372,12 +393,12 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
          image: {image}\n  version: 0.1.1\n  storage:\n    size: 1Gi\n    storageClassName: lab\n    reclaimPolicy: Delete\n  \
          coordination:\n    store: Consul\n    consul:\n      address: http://10.88.0.1:{}\n      deleteKeysOnRemoval: true\n      \
          tokenSecretRef:\n        name: consul-acl\n        key: token\n",
-        consul.http_port(0)
+        8501
     );
     lab.kubectl_stdin(&["apply", "-f", "-"], &ledger).unwrap();
     lab.kubectl(&["wait", "anthillcluster/ledger", "--for=condition=Available", "--timeout=300s"]).unwrap();
     wait_until("the ledger cluster settles", Duration::from_secs(120), || Ok(lab.settled("ledger", 3)));
-    let keys = || consul.consul_cli(&["kv", "get", "-recurse", prefix]).unwrap_or_default();
+    let keys = || lab.consul(&["kv", "get", "-recurse", prefix]).unwrap_or_default();
     assert!(keys().contains(&format!("{prefix}members/ledger-0")), "the nodes hold their keys in Consul: {}", keys());
     // A new token in the Secret rolls the pods (a node reads its token at start).
     let token_hash = || {
@@ -385,7 +406,7 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
             .unwrap_or_default()
     };
     let before = token_hash();
-    let second = consul.token_with("ledger-second", &anthill_policy(prefix)).unwrap();
+    let second = lab.consul_token("ledger-second", &anthill_policy(prefix));
     lab.kubectl(&["patch", "secret/consul-acl", "--type=merge", "-p", &format!(r#"{{"stringData":{{"token":"{second}"}}}}"#)]).unwrap();
     let mut ledger_load = Load { cluster: "ledger", acked: Vec::new(), next: 0 };
     ledger_load.until(&lab, "the roll for a new Consul token", &["ledger-0", "ledger-1", "ledger-2"], || {
