@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long form of the Kubernetes lab: the chaos suite's workload (ledger transfers and raw
 # appends, `quorum` acknowledgements) runs in a pod of the lab's Kubernetes while the cluster the
-# chart installed goes through, one after another:
+# chart installed goes through rounds of, one after another (the upgrade in the first only):
 #   (a) a node's pod deleted with no grace period,
 #   (b) the pod of the node leading most partitions evicted (as a Kubernetes node drain does),
 #   (c) an upgrade 0.1.0 -> 0.1.1 rolled by the operator,
@@ -35,8 +35,8 @@ helm() { KUBECONFIG="$lab/kubeconfig" HELM_CACHE_HOME="$images/helm" HELM_CONFIG
 watchdog=""
 cleanup() {
     if [[ -n "$watchdog" ]]; then
-        pkill -P "$watchdog" 2>/dev/null || true
         kill "$watchdog" 2>/dev/null || true
+        pkill -P "$watchdog" 2>/dev/null || true
     fi
     say "tearing down"
     bash "$repo/tests/e2e/lab/kube.sh" down || true
@@ -44,7 +44,8 @@ cleanup() {
 }
 trap cleanup EXIT
 # Ends the whole run if it overstays (a wait that never ends cannot hold the machine).
-( sleep $(( (minutes + 15) * 60 )); say "over time: stopping"; kill -TERM $$ ) &
+# (Only a sleep that ran out stops it: one killed by the cleanup does not.)
+( sleep $(( (minutes + 15) * 60 )) && { say "over time: stopping"; kill -TERM $$; } ) &
 watchdog=$!
 
 bash "$repo/tests/e2e/tools/install.sh" kubernetes kubelab helm
@@ -65,7 +66,7 @@ want, c = int(sys.argv[1]), json.loads(sys.argv[2])
 s = c.get("status", {})
 reason = {x["type"]: x["reason"] for x in s.get("conditions", [])}
 nodes = s.get("nodes", [])
-ok = (s.get("readyReplicas") == want and len(nodes) == want and all(n["role"] == "Ready" for n in nodes)
+ok = (s.get("observedGeneration") == c["metadata"].get("generation") and s.get("readyReplicas") == want and len(nodes) == want and all(n["role"] == "Ready" for n in nodes)
       and reason.get("Progressing") == "Stable" and reason.get("Available") == "AllPartitionsLed")
 sys.exit(0 if ok else 1)
 EOF
@@ -87,31 +88,41 @@ kubectl wait pod/anthill-workload --for=condition=Ready --timeout=120s >/dev/nul
 say "workload running for $minutes minutes"
 sleep 20
 
-say "(a) anthill-0 deleted with no grace period"
-kubectl delete pod anthill-0 --grace-period=0 --force >/dev/null 2>&1
-wait_settled 3 "(a)"
+# Rounds of faults while the workload has time left for one more (about 3 minutes each); the
+# upgrade goes in the first round only (versions never go down).
+ends=$((SECONDS + minutes * 60 - 20))
+round=0
+while (( round == 0 || ends - SECONDS > 240 )); do
+    round=$((round + 1))
+    victim="anthill-$(( (round - 1) % 3 ))"
+    say "round $round: (a) $victim deleted with no grace period"
+    kubectl delete pod "$victim" --grace-period=0 --force >/dev/null 2>&1
+    wait_settled 3 "(a)"
 
-busiest="$(kubectl get anthillcluster/anthill -o json | python3 -c 'import json,sys; n=json.load(sys.stdin)["status"]["nodes"]; print(max(n, key=lambda x: x["leaderships"])["name"])')"
-say "(b) evicting $busiest, which leads most partitions"
-echo "{\"apiVersion\":\"policy/v1\",\"kind\":\"Eviction\",\"metadata\":{\"name\":\"$busiest\",\"namespace\":\"default\"}}" \
-    | kubectl create --raw "/api/v1/namespaces/default/pods/$busiest/eviction" -f - >/dev/null
-wait_settled 3 "(b)"
+    busiest="$(kubectl get anthillcluster/anthill -o json | python3 -c 'import json,sys; n=json.load(sys.stdin)["status"]["nodes"]; print(max(n, key=lambda x: x["leaderships"])["name"])')"
+    say "round $round: (b) evicting $busiest, which leads most partitions"
+    echo "{\"apiVersion\":\"policy/v1\",\"kind\":\"Eviction\",\"metadata\":{\"name\":\"$busiest\",\"namespace\":\"default\"}}" \
+        | kubectl create --raw "/api/v1/namespaces/default/pods/$busiest/eviction" -f - >/dev/null
+    wait_settled 3 "(b)"
 
-say "(c) upgrading to 0.1.1"
-kubectl patch anthillcluster/anthill --type=merge -p '{"spec":{"version":"0.1.1"}}' >/dev/null
-wait_settled 3 "(c)"
-[[ "$(kubectl get anthillcluster/anthill -o jsonpath='{.status.currentVersion}')" == 0.1.1 ]] || { say "(c) the version is not 0.1.1"; exit 1; }
+    if (( round == 1 )); then
+        say "round $round: (c) upgrading to 0.1.1"
+        kubectl patch anthillcluster/anthill --type=merge -p '{"spec":{"version":"0.1.1"}}' >/dev/null
+        wait_settled 3 "(c)"
+        [[ "$(kubectl get anthillcluster/anthill -o jsonpath='{.status.currentVersion}')" == 0.1.1 ]] || { say "(c) the version is not 0.1.1"; exit 1; }
+    fi
 
-say "(d) scaling to 5"
-kubectl scale anthillcluster/anthill --replicas=5 >/dev/null
-wait_settled 5 "(d) up"
-say "(d) scaling to 3"
-kubectl scale anthillcluster/anthill --replicas=3 >/dev/null
-wait_settled 3 "(d) down"
+    say "round $round: (d) scaling to 5"
+    kubectl scale anthillcluster/anthill --replicas=5 >/dev/null
+    wait_settled 5 "(d) up"
+    say "round $round: (d) scaling to 3"
+    kubectl scale anthillcluster/anthill --replicas=3 >/dev/null
+    wait_settled 3 "(d) down"
+done
 
 phase="$(kubectl get pod anthill-workload -o jsonpath='{.status.phase}')"
 [[ "$phase" == Running ]] || { say "the workload ended ($phase) before the faults did: give it more --minutes"; exit 1; }
-say "faults done; waiting for the workload to finish and check"
+say "faults done ($round rounds); waiting for the workload to finish and check"
 deadline=$((SECONDS + minutes * 60 + 300))
 until [[ "$(kubectl get pod anthill-workload -o jsonpath='{.status.phase}')" =~ ^(Succeeded|Failed)$ ]]; do
     (( SECONDS < deadline )) || { say "the workload did not finish"; exit 1; }

@@ -105,7 +105,7 @@ impl Lab {
     }
 
     /// Whether cluster `name` has `pods` ready nodes, each `Ready` in its status, no change in
-    /// progress and every partition led.
+    /// progress and every partition led, as of its latest spec.
     fn settled(&self, name: &str, pods: usize) -> bool {
         let Ok(json) = self.kubectl(&["get", &format!("anthillcluster/{name}"), "-o", "json"]) else { return false };
         let cluster: Value = serde_json::from_str(&json).unwrap_or_default();
@@ -113,7 +113,8 @@ impl Lab {
             cluster["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == kind).map(|c| c["reason"].clone())
         };
         let nodes = cluster["status"]["nodes"].as_array().cloned().unwrap_or_default();
-        cluster["status"]["readyReplicas"] == pods
+        cluster["status"]["observedGeneration"] == cluster["metadata"]["generation"]
+            && cluster["status"]["readyReplicas"] == pods
             && nodes.len() == pods
             && nodes.iter().all(|n| n["role"] == "Ready")
             && condition("Progressing") == Some(Value::from("Stable"))
