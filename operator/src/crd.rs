@@ -194,10 +194,13 @@ pub struct Placement {
     /// `Required` (a pod stays pending rather than share a node) or `None`.
     #[serde(default)]
     pub anti_affinity: AntiAffinity,
+    /// Topology spread constraints of the node pods (Kubernetes' own fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// Labels a Kubernetes node must have to run a node pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the node pods tolerate (Kubernetes' own fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
 }
@@ -215,6 +218,8 @@ pub enum AntiAffinity {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DisruptionBudget {
+    /// How many node pods a voluntary disruption (an eviction, a Kubernetes node drain) may
+    /// take at once.
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1))]
     pub max_unavailable: i32,
@@ -300,9 +305,10 @@ pub struct AnthillClusterStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// Pods of the cluster, and those running, ready and caught up.
+    /// Pods of the cluster.
     #[serde(default)]
     pub replicas: i32,
+    /// Its pods that are ready (their node serves).
     #[serde(default)]
     pub ready_replicas: i32,
     /// The version every node runs (unset while they differ).
@@ -311,8 +317,8 @@ pub struct AnthillClusterStatus {
     /// Recorded when the cluster was first created; never changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
-    /// How many pods founded the cluster (ordinals below it), recorded once; pods added later
-    /// join the running cluster.
+    /// How many pods founded the cluster (ordinals below it): recorded at the first reconcile,
+    /// lowered when the cluster shrinks below it; pods beyond it join the running cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub founders: Option<i32>,
     /// Pods the operator took out of the replica sets for a scale-down (`anthill decommission`);

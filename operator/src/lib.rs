@@ -7,6 +7,7 @@ pub mod crd;
 pub mod metrics;
 pub mod nodes;
 pub mod readme;
+pub mod reference;
 pub mod resources;
 pub mod roll;
 pub mod scale;

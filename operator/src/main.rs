@@ -15,6 +15,9 @@ struct Cli {
 enum Command {
     /// Print the AnthillCluster CRD as YAML (what charts/anthill/crds/ holds).
     Crd,
+    /// Print the AnthillCluster reference, generated from the CRD (what docs/crd-reference.md
+    /// holds).
+    CrdReference,
     /// Print the chart's README, generated from its values.yaml (what charts/anthill/README.md
     /// holds).
     ChartReadme {
@@ -46,6 +49,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", anthill_operator::crd::crd_yaml()),
+        Command::CrdReference => print!("{}", anthill_operator::reference::reference()),
         Command::ChartReadme { chart } => {
             let read = |f: &str| std::fs::read_to_string(chart.join(f)).map_err(|e| anyhow::anyhow!("{}: {e}", chart.join(f).display()));
             let text = anthill_operator::readme::readme(&read("Chart.yaml")?, &read("values.yaml")?).map_err(anyhow::Error::msg)?;
