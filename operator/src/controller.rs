@@ -317,8 +317,10 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     set_condition(&mut status, &now, "ReconciliationPaused", false, "Reconciling", "the operator reconciles the cluster");
     let spec = &cluster.spec;
     let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    // The pods there are now (more than asked for while a scale-down goes on) and the founders.
-    let running = sets.get_opt(&name).await?.and_then(|s| s.spec?.replicas).unwrap_or(spec.replicas);
+    // The pods there are now (more than asked for while a scale-down goes on, fewer while the
+    // old ones learn of new ones) and the founders.
+    let existing = sets.get_opt(&name).await?;
+    let running = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(spec.replicas);
     // Recorded once: the pods there at the first reconcile (an operator that takes over a
     // cluster finds its StatefulSet), or the spec's.
     let founders = *status.founders.get_or_insert(running);
@@ -327,14 +329,25 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     let pod_name = |i: i32| resources::member(&cluster, i).0;
     let addresses: Vec<String> = (0..running.max(spec.replicas)).map(|i| resources::member(&cluster, i).1).collect();
     let view = crate::scale::view_for(&answers, &pod_name(running - 1));
-    let mut plan = crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, pod_name);
-    // A configuration the node would refuse stops everything before any node is asked anything.
+    // Every member is listed: the pods there, and those a scale-up adds.
     let config_for = |keep: i32, founders: i32| {
+        let members = keep.max(spec.replicas);
         // A cluster shrunk below its founders: the founders left are those still there, so a pod
         // made again later joins rather than founds.
-        let founders = founders.min(keep);
-        resources::node_config(&cluster, resources::Shape { pods: keep, founders }).map(|c| (c, founders))
+        let founders = founders.min(members);
+        resources::node_config(&cluster, resources::Shape { pods: members, founders }).map(|c| (c, founders))
     };
+    // A scale-up adds its pods only once every pod there runs the template that lists them (the
+    // roll restarts them first): a node that does not list a member cannot replicate to it.
+    let listing = config_for(spec.replicas, founders).map(|(config, _)| resources::config_hash(&config)).ok();
+    let lists_all = existing.as_ref().is_some_and(|s| {
+        let template =
+            s.spec.as_ref().and_then(|s| s.template.metadata.as_ref()?.annotations.as_ref()?.get(resources::CONFIG_HASH).cloned());
+        template.is_some() && template == listing && Observed::of(s).all_current(running)
+    });
+    let mut plan =
+        crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, lists_all, pod_name);
+    // A configuration the node would refuse stops everything before any node is asked anything.
     if let Err(e) = config_for(plan.keep, founders) {
         tracing::warn!(cluster = %name, error = %e, "the nodes' configuration is invalid; nothing changed");
         set_condition(&mut status, &now, "Degraded", true, "InvalidConfig", &e.to_string());
@@ -387,6 +400,8 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         notes.push(Note::normal("RemovingPod", format!("{pod} holds no replica any more: removing it")).on(&pod));
     } else if plan.keep > running {
         notes.push(Note::normal("Scaling", format!("from {running} to {} pods; the new ones join the cluster", plan.keep)));
+    } else if spec.replicas > running && !lists_all {
+        notes.push(Note::normal("Scaling", format!("restarting the {running} pods with the longer member list before adding pods")));
     }
     let (config, founders) = config_for(plan.keep, founders).expect("checked above with the same spec");
     status.founders = Some(founders);

@@ -64,13 +64,16 @@ pub struct Plan {
 
 /// The next step towards `wanted` pods from the `running` the StatefulSet has, with pods
 /// `name(ordinal)`, replication factor `factor`, the nodes' `view` (of the highest ordinal:
-/// [`view_for`]) and the pods the operator decommissioned (module doc).
+/// [`view_for`]), the pods the operator decommissioned (module doc), and whether every pod
+/// there runs the template that lists `wanted` members (`lists_all`: a scale-up adds pods only
+/// then).
 pub fn plan(
     wanted: i32,
     running: i32,
     factor: i32,
     view: Option<&pb::ClusterStatus>,
     decommissioned: &[String],
+    lists_all: bool,
     name: impl Fn(i32) -> String,
 ) -> Plan {
     let mut plan = Plan {
@@ -82,6 +85,11 @@ pub fn plan(
         blocked: None,
         busy: false,
     };
+    if running < wanted && !lists_all {
+        // The roll restarts the pods there with the longer list first (not busy: it runs).
+        plan.keep = running;
+        return plan;
+    }
     if running <= wanted {
         return plan;
     }
@@ -181,20 +189,28 @@ mod tests {
         let all = [0, 1, 2, 3, 4];
         // 5 → 3: shop-4 first.
         let start = view(&all, &[], &[&[0, 1, 4], &[2, 3, 4]], &[1, 2, 3, 4, 5]);
-        let p = plan(3, 5, 3, Some(&start), &[], name);
+        let p = plan(3, 5, 3, Some(&start), &[], true, name);
         assert_eq!((p.keep, p.decommission.as_deref(), p.blocked, p.busy), (5, Some("shop-4"), None, true));
         assert_eq!(p.ours.as_deref(), Some("shop-4"), "recorded as the operator's before it is asked");
         let moving = view(&all, &[4], &[&[0, 1, 2], &[2, 3, 4]], &[1, 2, 3, 4, 5]);
-        let p = plan(3, 5, 3, Some(&moving), &["shop-4".into()], name);
+        let p = plan(3, 5, 3, Some(&moving), &["shop-4".into()], true, name);
         assert_eq!((p.keep, p.decommission, p.progress.as_deref()), (5, None, Some("moving 1 partitions off shop-4")));
         let in_group = view(&all, &[4], &[&[0, 1, 2], &[2, 3, 1]], &[1, 2, 3, 4, 5]);
-        assert_eq!(plan(3, 5, 3, Some(&in_group), &[], name).keep, 5, "still a voter of the coordination group");
+        assert_eq!(plan(3, 5, 3, Some(&in_group), &[], true, name).keep, 5, "still a voter of the coordination group");
         let gone = view(&all, &[4], &[&[0, 1, 2], &[2, 3, 1]], &[1, 2, 3, 4]);
-        assert_eq!(plan(3, 5, 3, Some(&gone), &[], name).keep, 4, "shop-4 goes");
+        assert_eq!(plan(3, 5, 3, Some(&gone), &[], true, name).keep, 4, "shop-4 goes");
         // Then shop-3, and nothing more once 3 are left.
-        assert_eq!(plan(3, 4, 3, Some(&gone), &[], name).decommission.as_deref(), Some("shop-3"));
-        let done = plan(3, 3, 3, Some(&gone), &[], name);
+        assert_eq!(plan(3, 4, 3, Some(&gone), &[], true, name).decommission.as_deref(), Some("shop-3"));
+        let done = plan(3, 3, 3, Some(&gone), &[], true, name);
         assert_eq!((done.keep, done.decommission, done.progress, done.busy), (3, None, None, false));
+    }
+
+    #[test]
+    fn a_scale_up_adds_pods_only_once_every_pod_there_runs_the_template_that_lists_them() {
+        let all = view(&[0, 1, 2], &[], &[&[0, 1, 2]], &[1, 2, 3]);
+        let waiting = plan(5, 3, 3, Some(&all), &[], false, name);
+        assert_eq!((waiting.keep, waiting.busy, waiting.decommission), (3, false, None), "the roll goes first");
+        assert_eq!(plan(5, 3, 3, Some(&all), &[], true, name).keep, 5);
     }
 
     #[test]
@@ -219,18 +235,18 @@ mod tests {
     fn a_scale_down_that_would_leave_too_few_live_nodes_is_refused_and_a_reversed_one_lets_the_pod_back() {
         // shop-1 is down: taking shop-3 out would leave 2 live nodes for a factor of 3.
         let one_down = view(&[0, 2, 3], &[], &[&[0, 1, 3]], &[1, 2, 3, 4]);
-        let p = plan(3, 4, 3, Some(&one_down), &[], name);
+        let p = plan(3, 4, 3, Some(&one_down), &[], true, name);
         assert_eq!((p.keep, p.decommission), (4, None));
         assert_eq!(p.blocked.as_deref(), Some("cannot take shop-3 out: 2 live nodes would remain, fewer than the replication factor 3"));
         // No node answers: nothing is decided.
-        let p = plan(3, 4, 3, None, &[], name);
+        let p = plan(3, 4, 3, None, &[], true, name);
         assert_eq!((p.keep, p.decommission, p.blocked), (4, None, None));
         assert!(!p.busy, "a blocked scale-down lets the roll go on (it may replace the broken pod)");
         // Back to 5 while shop-4 moves out (or after it went): it is let back in, and so is
         // shop-3 (whatever a view that may lag says).
         let out = view(&[0, 1, 2, 3, 4], &[4], &[&[0, 1, 3]], &[1, 2, 3, 4]);
-        let p = plan(5, 5, 3, Some(&out), &["shop-4".into(), "shop-3".into()], name);
+        let p = plan(5, 5, 3, Some(&out), &["shop-4".into(), "shop-3".into()], true, name);
         assert_eq!((p.keep, p.recommission), (5, vec!["shop-4".to_string(), "shop-3".to_string()]));
-        assert_eq!(plan(4, 5, 3, None, &["shop-4".into(), "shop-3".into()], name).recommission, ["shop-3"]);
+        assert_eq!(plan(4, 5, 3, None, &["shop-4".into(), "shop-3".into()], true, name).recommission, ["shop-3"]);
     }
 }

@@ -153,16 +153,19 @@ impl ClusterHandle {
     pub fn status(&self) -> pb::ClusterStatus {
         let view = self.view.borrow().clone();
         let (coordination_leader, coordination_applied) = self.coordination.status();
+        // The configured members, then the live ones this node's configuration does not list (a
+        // server added since this node started: its drain checks and the operator must see it).
+        let configured = self.members.iter().map(|m| (m.name.clone(), m.address.to_string()));
+        let added = view.members.iter().filter(|(name, _)| !self.members.iter().any(|m| m.name == **name));
+        let members = configured.chain(added.map(|(name, address)| (name.clone(), address.clone())));
         pb::ClusterStatus {
-            members: self
-                .members
-                .iter()
-                .map(|m| pb::ClusterMember {
-                    name: m.name.clone(),
-                    address: m.address.to_string(),
-                    live: view.members.contains_key(&m.name),
-                    decommissioned: view.decommissioned.contains(&m.name),
-                    draining: view.draining.contains(&m.name),
+            members: members
+                .map(|(name, address)| pb::ClusterMember {
+                    live: view.members.contains_key(&name),
+                    decommissioned: view.decommissioned.contains(&name),
+                    draining: view.draining.contains(&name),
+                    name,
+                    address,
                 })
                 .collect(),
             partitions: view
