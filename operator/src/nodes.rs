@@ -29,13 +29,21 @@ pub async fn ask(cluster: &AnthillCluster, pods: i32) -> Vec<(String, Option<pb:
 /// The status's `nodes`, and whether every partition has a leader as the nodes that answered
 /// see it (`None` when none answered).
 pub fn summarize(answers: &[(String, Option<pb::StatusResponse>)]) -> (Vec<NodeStatus>, Option<bool>) {
-    // How far each node's replicas trail: the lag its leaders report for it, summed.
-    let mut lag: BTreeMap<&str, u64> = BTreeMap::new();
+    // How far each node's replicas trail: the lag its leaders report for it, summed. A partition
+    // two nodes claim to lead (a deposed leader that does not know it yet) counts once, from the
+    // claim of the highest epoch.
+    let mut reports: BTreeMap<u32, &pb::PartitionStatus> = BTreeMap::new();
     for status in answers.iter().filter_map(|(_, s)| s.as_ref()) {
         for p in status.partitions.iter().filter(|p| p.epoch > 0) {
-            for f in &p.followers {
-                *lag.entry(f.node.as_str()).or_default() += f.lag;
+            if reports.get(&p.partition).is_none_or(|r| r.epoch < p.epoch) {
+                reports.insert(p.partition, p);
             }
+        }
+    }
+    let mut lag: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in reports.values() {
+        for f in &p.followers {
+            *lag.entry(f.node.as_str()).or_default() += f.lag;
         }
     }
     let nodes = answers
@@ -102,6 +110,13 @@ mod tests {
         assert_eq!(led, Some(true));
         let got: Vec<(&str, &str, u32, u64)> = nodes.iter().map(|n| (n.name.as_str(), n.role.as_str(), n.leaderships, n.lag)).collect();
         assert_eq!(got, [("shop-0", "Ready", 1, 0), ("shop-1", "Draining", 1, 5), ("shop-2", "Down", 0, 42)]);
+        // shop-2 still thinks it leads partition 0, in an older epoch: its report does not count.
+        let mut deposed = status("shop-2", &[(0, &[("shop-1", 900)])], false, true);
+        deposed.partitions[0].epoch = 1;
+        let mut with_deposed = answers.clone();
+        with_deposed[2].1 = Some(deposed);
+        let lags: Vec<u64> = summarize(&with_deposed).0.iter().map(|n| n.lag).collect();
+        assert_eq!(lags, [0, 5, 42]);
         let leaderless = vec![("shop-0".to_string(), Some(status("shop-0", &[], false, false)))];
         assert_eq!(summarize(&leaderless).1, Some(false));
         assert_eq!(summarize(&[("shop-0".to_string(), None)]).1, None);
