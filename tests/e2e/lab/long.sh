@@ -35,8 +35,9 @@ helm() { KUBECONFIG="$lab/kubeconfig" HELM_CACHE_HOME="$images/helm" HELM_CONFIG
 watchdog=""
 cleanup() {
     if [[ -n "$watchdog" ]]; then
-        kill "$watchdog" 2>/dev/null || true
+        # Its sleep first (while it is still the sleep's parent); a killed sleep ends it quietly.
         pkill -P "$watchdog" 2>/dev/null || true
+        kill "$watchdog" 2>/dev/null || true
     fi
     say "tearing down"
     bash "$repo/tests/e2e/lab/kube.sh" down || true
