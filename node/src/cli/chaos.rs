@@ -46,16 +46,8 @@ pub(crate) struct ChaosArgs {
     /// compared with: 2 s or more.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     warmup: Duration,
-    /// Client tasks sending at once, 1 to 256.
-    #[arg(long, default_value_t = 8)]
-    clients: usize,
-    /// Operations per second, all clients together (fixed-rate mode); as fast as they are
-    /// answered when absent (max-rate mode).
-    #[arg(long)]
-    rate: Option<f64>,
-    /// The nemesis's and the clients' seed (random by default).
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    load: ClientArgs,
     /// Where the report, the picture and (after a failure) the nodes' data and logs go;
     /// `./anthill-chaos-<seed>` by default.
     #[arg(long)]
@@ -139,9 +131,7 @@ impl ChaosArgs {
         if self.warmup < Duration::from_secs(2) {
             bail!("--warmup must be at least 2 s (its first second is not counted), got {:?}", self.warmup);
         }
-        if !(1..=256).contains(&self.clients) {
-            bail!("--clients must be between 1 and 256, got {}", self.clients);
-        }
+        self.load.validate()?;
         if self.coordination == Coordination::Embedded {
             if let Some(kind) = self.faults.iter().find(|k| k.needs_consul()) {
                 bail!("--faults {} needs --coordination consul", kind.name());
@@ -150,12 +140,42 @@ impl ChaosArgs {
                 bail!("--consul is for --coordination consul");
             }
         }
+        Ok(())
+    }
+}
+
+/// The clients' flags, shared by `anthill chaos` and `anthill workload`.
+#[derive(clap::Args)]
+pub(crate) struct ClientArgs {
+    /// Client tasks sending at once, 1 to 256.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Operations per second, all clients together (fixed-rate mode); as fast as they are
+    /// answered when absent (max-rate mode).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The clients' seed (and `anthill chaos`'s nemesis's); random by default.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl ClientArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=256).contains(&self.clients) {
+            bail!("--clients must be between 1 and 256, got {}", self.clients);
+        }
         if let Some(rate) = self.rate
             && !(rate.is_finite() && (1.0..=1_000_000.0).contains(&rate))
         {
             bail!("--rate must be between 1 and 1000000 operations per second, got {rate}");
         }
         Ok(())
+    }
+
+    /// The load these flags ask for over `partitions`, and its seed.
+    fn spec(&self, partitions: u32) -> (LoadSpec, u64) {
+        let seed = self.seed.unwrap_or_else(rand::random);
+        (LoadSpec { clients: self.clients, rate: self.rate, partitions, seed }, seed)
     }
 }
 
@@ -178,7 +198,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     } else {
         args.faults.clone()
     };
-    let seed = args.seed.unwrap_or_else(rand::random);
+    let (load, seed) = args.load.spec(args.partitions);
     let spec = ChaosSpec {
         cluster: ClusterSpec {
             nodes: args.nodes,
@@ -193,7 +213,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         fault_every: args.fault_every,
         faults,
         warmup: args.warmup,
-        load: LoadSpec { clients: args.clients, rate: args.rate, partitions: args.partitions, seed },
+        load,
         seed,
         consul,
     };
@@ -319,32 +339,20 @@ pub(crate) struct WorkloadArgs {
     /// How long the clients run: seconds, or with a unit (`90s`, `10m`); 1 s to 24 h.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
-    /// Client tasks sending at once, 1 to 256.
-    #[arg(long, default_value_t = 8)]
-    clients: usize,
-    /// Operations per second, all clients together; as fast as they are answered when absent.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// The clients' seed (random by default).
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    load: ClientArgs,
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) async fn workload(args: WorkloadArgs) -> anyhow::Result<()> {
-    if !(1..=256).contains(&args.clients) {
-        bail!("--clients must be between 1 and 256, got {}", args.clients);
-    }
+    args.load.validate()?;
     if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&args.duration) {
         bail!("--duration must be between 1 s and 24 h, got {:?}", args.duration);
     }
-    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        bail!("--rate must be a positive number of operations per second");
-    }
     let servers: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    let seed = args.seed.unwrap_or_else(rand::random);
-    let load = LoadSpec { clients: args.clients, rate: args.rate, partitions: 0, seed };
+    // The partitions are the cluster's (`against` asks).
+    let (load, seed) = args.load.spec(0);
     let report = crate::chaos::run::against(&servers, args.duration, load).await?;
     if args.json {
         let mut json = serde_json::to_value(&report)?;
