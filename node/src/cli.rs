@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
 mod chaos;
+pub use chaos::parse_duration;
 mod decommission;
 pub mod drain;
 mod ledger;

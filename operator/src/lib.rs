@@ -1,6 +1,6 @@
 //! The Anthill Kubernetes operator: the `AnthillCluster` resource ([`crd`]), the objects it
 //! becomes ([`resources`]), the controller that keeps them ([`controller`]) and rolls a changed
-//! template out one drained pod at a time ([`roll`]) and scales one pod at a time ([`scale`]).
+//! template out one drained pod at a time ([`roll`]) and scales one pod at a time ([`scale`]); [`uninstall`] is the chart's pre-delete hook.
 
 pub mod controller;
 pub mod crd;
@@ -11,3 +11,4 @@ pub mod reference;
 pub mod resources;
 pub mod roll;
 pub mod scale;
+pub mod uninstall;

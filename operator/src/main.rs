@@ -1,6 +1,7 @@
 //! `anthill-operator`: `run` runs the controller (docs/kubernetes.md); `crd` prints the
 //! CustomResourceDefinition of `AnthillCluster`, as the chart commits it (`charts/anthill/crds/`);
-//! `chart-readme` prints the chart's README from its values.
+//! `chart-readme` prints the chart's README from its values; `delete-cluster` is the chart's
+//! pre-delete hook (docs/kubernetes.md).
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,18 @@ enum Command {
         #[arg(long, default_value = "charts/anthill")]
         chart: std::path::PathBuf,
     },
+    /// Delete an AnthillCluster and wait until it is gone, finalizers included (the chart's
+    /// pre-delete hook, so the operator can still stop the pods and delete the Consul keys).
+    DeleteCluster {
+        /// The cluster's name.
+        name: String,
+        /// Its namespace.
+        #[arg(long, env = "ANTHILL_OPERATOR_NAMESPACE", default_value = "default")]
+        namespace: String,
+        /// Give up (with an error naming what holds the cluster) after this long: `90`, `90s`, `4m`.
+        #[arg(long, default_value = "270s", value_parser = anthill_node::cli::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run the controller: keep every AnthillCluster's objects as its spec says. Connects the way
     /// kubectl does (in a pod: its service account; else KUBECONFIG or ~/.kube/config).
     Run {
@@ -46,6 +59,13 @@ enum Command {
     },
 }
 
+/// A client connected the way kubectl connects.
+async fn client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG): {e}"))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", anthill_operator::crd::crd_yaml()),
@@ -54,6 +74,13 @@ fn main() -> anyhow::Result<()> {
             let read = |f: &str| std::fs::read_to_string(chart.join(f)).map_err(|e| anyhow::anyhow!("{}: {e}", chart.join(f).display()));
             let text = anthill_operator::readme::readme(&read("Chart.yaml")?, &read("values.yaml")?).map_err(anyhow::Error::msg)?;
             print!("{text}");
+        }
+        Command::DeleteCluster { name, namespace, timeout } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let client = client().await?;
+                anthill_operator::uninstall::delete_cluster(client, &namespace, &name, timeout, &mut std::io::stdout()).await
+            })?;
         }
         Command::Run { namespace, log_level, log_format, otlp_endpoint, metrics_addr } => {
             use anthill_node::config::{LogFormat, TelemetryConfig};
@@ -80,9 +107,7 @@ fn main() -> anyhow::Result<()> {
                     let render = metrics.clone();
                     tokio::spawn(anthill_node::metrics::serve(listener, move || render.render(), std::future::pending()));
                 }
-                let client = kube::Client::try_default()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG): {e}"))?;
+                let client = client().await?;
                 anthill_operator::controller::run(client, namespace, metrics).await
             })?;
         }

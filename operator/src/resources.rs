@@ -42,7 +42,7 @@ pub const CONSUL_TOKEN_HASH: &str = "anthill.io/consul-token-hash";
 /// node's shutdown grace (5 s), with room to spare.
 const TERMINATION_GRACE_S: i64 = 30;
 
-/// The labels on every object of cluster `name`; the pods' selector is the first two.
+/// The labels on every object of cluster `name`, its node pods included.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "anthill".to_string()),
@@ -52,8 +52,17 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// The label selector of the cluster's pods.
+/// The label selector of the cluster's node pods (its Services, its disruption budget, the
+/// operator's pod lists and the scale subresource): name, instance and component, so no other
+/// pod of a release named like the cluster (the chart's operator, a test pod) is counted.
 pub fn selector(name: &str) -> BTreeMap<String, String> {
+    labels(name).into_iter().filter(|(k, _)| k != "app.kubernetes.io/managed-by").collect()
+}
+
+/// The StatefulSet's own selector and the pods' anti-affinity term: name and instance only, as
+/// the first StatefulSets were made (a StatefulSet's selector cannot change, and the term is in
+/// the pod template, which would roll every pod).
+pub fn stateful_set_selector(name: &str) -> BTreeMap<String, String> {
     labels(name).into_iter().filter(|(k, _)| k == "app.kubernetes.io/name" || k == "app.kubernetes.io/instance").collect()
 }
 
@@ -261,7 +270,8 @@ pub fn client_service(cluster: &AnthillCluster) -> Service {
 }
 
 fn affinity(cluster: &AnthillCluster) -> Value {
-    let term = json!({ "labelSelector": { "matchLabels": selector(&cluster.name_any()) }, "topologyKey": "kubernetes.io/hostname" });
+    let term =
+        json!({ "labelSelector": { "matchLabels": stateful_set_selector(&cluster.name_any()) }, "topologyKey": "kubernetes.io/hostname" });
     match cluster.spec.placement.anti_affinity {
         AntiAffinity::None => Value::Null,
         AntiAffinity::Preferred => json!({ "podAntiAffinity": {
@@ -346,7 +356,7 @@ pub fn stateful_set(cluster: &AnthillCluster, config: &str, pods: i32, token_has
             "podManagementPolicy": "Parallel",
             "updateStrategy": { "type": "OnDelete" },
             "persistentVolumeClaimRetentionPolicy": { "whenDeleted": retention, "whenScaled": retention },
-            "selector": { "matchLabels": selector(&name) },
+            "selector": { "matchLabels": stateful_set_selector(&name) },
             "template": {
                 "metadata": { "labels": labels(&name), "annotations": annotations },
                 "spec": pod_spec,
@@ -485,5 +495,26 @@ pub(crate) mod tests {
         let one = cluster(json!({ "replicas": 1, "replicationFactor": 1, "version": "0.1.0", "storage": { "size": "1Gi" } }));
         assert!(disruption_budget(&one).is_none());
         assert!(serde_json::to_value(headless_service(&one)).unwrap()["spec"]["publishNotReadyAddresses"] == true);
+    }
+
+    #[test]
+    fn services_and_the_budget_select_node_pods_only_and_the_stateful_set_keeps_the_selector_it_was_made_with() {
+        let c = three();
+        let nodes =
+            json!({ "app.kubernetes.io/name": "anthill", "app.kubernetes.io/instance": "shop", "app.kubernetes.io/component": "node" });
+        assert_eq!(serde_json::to_value(client_service(&c)).unwrap()["spec"]["selector"], nodes);
+        assert_eq!(serde_json::to_value(headless_service(&c)).unwrap()["spec"]["selector"], nodes);
+        assert_eq!(serde_json::to_value(disruption_budget(&c)).unwrap()["spec"]["selector"]["matchLabels"], nodes);
+        assert_eq!(
+            selector_query("shop"),
+            "app.kubernetes.io/component=node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=anthill"
+        );
+        let config = node_config(&c, Shape::of(&c)).unwrap();
+        let set = serde_json::to_value(stateful_set(&c, &config, 3, None)).unwrap();
+        let made_with = json!({ "app.kubernetes.io/name": "anthill", "app.kubernetes.io/instance": "shop" });
+        assert_eq!(set["spec"]["selector"]["matchLabels"], made_with);
+        // Every node pod matches every selector.
+        let pod_labels = set["spec"]["template"]["metadata"]["labels"].as_object().unwrap().clone();
+        assert!(nodes.as_object().unwrap().iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "{pod_labels:?}");
     }
 }

@@ -31,16 +31,23 @@ namespaces must not share them. */}}
 
 {{/* The labels every object of the release carries (app.kubernetes.io/*). */}}
 {{- define "anthill.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "anthill.releaseLabels" . }}
+{{- end -}}
+
+{{/* Those of the labels that do not name the application and its instance. */}}
+{{- define "anthill.releaseLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: anthill
 {{- end -}}
 
+{{/* The operator pod's selector. Its name is not the nodes' (`anthill`): a cluster named after
+the release selects its node pods by name and instance, and must not count the operator's. */}}
 {{- define "anthill.operatorSelector" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ .Chart.Name }}-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}

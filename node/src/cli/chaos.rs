@@ -97,7 +97,7 @@ fn find_consul(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// `90`, `90s`, `1.5s`, `10m`, `1h`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit_s) = match text.strip_suffix('h') {
         Some(n) => (n, 3600.0),
         None => match text.strip_suffix('m') {

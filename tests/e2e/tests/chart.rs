@@ -121,6 +121,12 @@ fn helm_install_makes_the_operator_and_the_default_cluster_and_helm_uninstall_re
     for label in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"] {
         assert!(labels.contains(label), "{label}: {labels}");
     }
+    // The cluster, named after the release, selects its node pods by name and instance: the
+    // operator's pod must not be one of them (nor count in their budget, nor serve as a node).
+    let operator_pod = api
+        .kubectl(&["get", "deployment", "anthill-operator", "-o", r"jsonpath={.spec.template.metadata.labels.app\.kubernetes\.io/name}"])
+        .unwrap();
+    assert_eq!(operator_pod, "anthill-operator");
     let objects = [
         "anthillcluster/anthill",
         "deployment/anthill-operator",

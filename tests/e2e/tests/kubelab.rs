@@ -7,9 +7,10 @@
 //! restarts each pod in turn), while the pod of the node leading most partitions is evicted,
 //! and while the cluster is scaled 3 → 5 → 3 (new pods join;
 //! the removed ones are decommissioned first), are all read back, in order, once. `helm
-//! uninstall` leaves no workload running, and the lab's teardown leaves nothing behind. A
-//! second cluster decides ownership in a real three-server Consul beside the Kubernetes: a new
-//! token in its Secret rolls its pods under load, and deleting it deletes its keys.
+//! uninstall` leaves no workload running. A second release's cluster decides ownership in a
+//! real three-server Consul beside the Kubernetes: a new token in its Secret rolls its pods
+//! under load, and `helm uninstall` deletes its keys (the chart's pre-delete hook deletes the
+//! cluster before the operator goes). The lab's teardown leaves nothing behind.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +56,19 @@ impl Lab {
             .output()
             .unwrap();
         anthill_e2e::output(&format!("helm {}", args.join(" ")), out)
+    }
+
+    /// `helm test RELEASE`, which must pass; on failure, with the test pod's log and events.
+    fn helm_test(&self, release: &str) {
+        match self.helm(&["test", release, "--namespace", "default", "--timeout", "120s"]) {
+            Ok(tested) => assert!(tested.contains("Phase:          Succeeded"), "{tested}"),
+            Err(e) => {
+                let pod = format!("{release}-test-append");
+                let log = self.kubectl(&["logs", &pod]);
+                let described = self.kubectl(&["describe", "pod", &pod]);
+                panic!("{e}\nits log: {log:?}\n{described:?}");
+            }
+        }
     }
 
     /// `consul ARGS` against the lab's Consul, with its management token.
@@ -300,8 +314,7 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     });
 
     // The chart's own test: a pod appends through the client Service and reads it back.
-    let tested = lab.helm(&["test", "anthill", "--namespace", "default", "--timeout", "120s"]).unwrap();
-    assert!(tested.contains("Phase:          Succeeded"), "{tested}");
+    lab.helm_test("anthill");
 
     // Appends acknowledged by a majority, through the client Service, while anthill-0 is
     // force-deleted (the object goes at once and the StatefulSet makes the pod again; the
@@ -382,24 +395,35 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
     lab.kubectl(&["wait", "anthillcluster/anthill", "--for=condition=Available", "--timeout=120s"]).unwrap();
     lab.read_back("anthill-0", &acked);
 
-    // A second cluster, on Consul: the lab's three Consul servers beside the Kubernetes (their
-    // HTTP API also on the lab's 10.88.0.1 for the pods), ACLs on, the nodes' least-privilege
-    // token in a Secret; its keys are deleted with it.
+    // `helm uninstall` takes the operator and the cluster's resource; the cluster's objects go
+    // with it (owned by it), and with them every pod.
+    lab.helm(&["uninstall", "anthill", "--namespace", "default", "--wait"]).unwrap();
+    wait_until("no pod left", Duration::from_secs(120), || Ok(lab.kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty()));
+
+    // A second release, its cluster on Consul: the lab's three Consul servers beside the
+    // Kubernetes (their HTTP API also on the lab's 10.88.0.1 for the pods), ACLs on, the nodes'
+    // least-privilege token in a Secret; its keys are deleted with it.
     let prefix = "anthill/default/ledger/";
     let first = lab.consul_token("ledger-first", &anthill_policy(prefix));
     lab.kubectl(&["create", "secret", "generic", "consul-acl", &format!("--from-literal=token={first}")]).unwrap();
-    let image = lab.kubectl(&["get", "anthillcluster/anthill", "-o", "jsonpath={.spec.image}"]).unwrap();
-    let ledger = format!(
-        "apiVersion: anthill.io/v1alpha1\nkind: AnthillCluster\nmetadata:\n  name: ledger\n  namespace: default\nspec:\n  replicas: 3\n  \
-         image: {image}\n  version: 0.1.1\n  storage:\n    size: 1Gi\n    storageClassName: lab\n    reclaimPolicy: Delete\n  \
-         coordination:\n    store: Consul\n    consul:\n      address: http://10.88.0.1:{}\n      deleteKeysOnRemoval: true\n      \
-         tokenSecretRef:\n        name: consul-acl\n        key: token\n",
-        8501
-    );
-    lab.kubectl_stdin(&["apply", "-f", "-"], &ledger).unwrap();
+    let values = [
+        "cluster.name=ledger",
+        "cluster.version=0.1.1",
+        "cluster.storage.storageClassName=lab",
+        "cluster.storage.size=1Gi",
+        "cluster.storage.reclaimPolicy=Delete",
+        "cluster.coordination.store=Consul",
+        "cluster.coordination.consul.address=http://10.88.0.1:8501",
+        "cluster.coordination.consul.tokenSecretRef.name=consul-acl",
+        "cluster.coordination.consul.deleteKeysOnRemoval=true",
+    ];
+    let mut install = vec!["install", "ledger", &chart, "--namespace", "default"];
+    install.extend(values.iter().flat_map(|v| ["--set", v]));
+    lab.helm(&install).unwrap();
     lab.kubectl(&["wait", "anthillcluster/ledger", "--for=condition=Available", "--timeout=300s"]).unwrap();
     wait_until("the ledger cluster settles", Duration::from_secs(120), || Ok(lab.settled("ledger", 3)));
-    let keys = || lab.consul(&["kv", "get", "-recurse", prefix]).unwrap_or_default();
+    lab.helm_test("ledger");
+    let keys = || lab.consul(&["kv", "get", "-recurse", prefix]).expect("the lab's Consul answers");
     assert!(keys().contains(&format!("{prefix}members/ledger-0")), "the nodes hold their keys in Consul: {}", keys());
     // A new token in the Secret rolls the pods (a node reads its token at start).
     let token_hash = || {
@@ -415,16 +439,16 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
         !now.is_empty() && now != before && lab.settled("ledger", 3)
     });
     lab.read_back("ledger-0", &ledger_load.acked);
-    // Deleting the cluster stops its pods, then deletes its keys, then lets it go.
-    lab.kubectl(&["delete", "anthillcluster/ledger", "--timeout=180s"]).unwrap();
-    assert_eq!(keys().trim(), "", "the ledger's keys are gone from Consul");
-    wait_until("the ledger's pods are gone", Duration::from_secs(120), || {
-        Ok(lab.kubectl(&["get", "pods", "-l", "app.kubernetes.io/instance=ledger", "-o", "name"])?.trim().is_empty())
-    });
 
-    // `helm uninstall` takes the operator and the cluster's resource; the cluster's objects go
-    // with it (owned by it), and with them every pod.
-    lab.helm(&["uninstall", "anthill", "--namespace", "default", "--wait"]).unwrap();
+    // `helm uninstall` of a release holding both the operator and the cluster: its pre-delete
+    // hook deletes the cluster while the operator still runs, which stops the pods, then deletes
+    // the keys, then lets the cluster go; only then does the operator go.
+    if let Err(e) = lab.helm(&["uninstall", "ledger", "--namespace", "default", "--wait", "--timeout", "5m"]) {
+        let log = lab.kubectl(&["logs", "job/ledger-anthill-delete-cluster"]);
+        panic!("{e}\nthe hook's log: {log:?}");
+    }
+    assert_eq!(keys().trim(), "", "the ledger's keys are gone from Consul");
+    assert_eq!(lab.kubectl(&["get", "anthillclusters,jobs", "-o", "name"]).unwrap().trim(), "", "no cluster and no hook job are left");
     wait_until("no pod left", Duration::from_secs(120), || Ok(lab.kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty()));
     lab.down_and_check(&netns_before);
 }

@@ -85,7 +85,7 @@ const CLUSTER: &str = "apiVersion: anthill.io/v1alpha1\nkind: AnthillCluster\nme
 fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and_refuses_a_bad_config() {
     anthill_e2e::ensure_tools();
     let api = ApiServer::with_crd();
-    let _operator = start_operator(&api);
+    let operator = start_operator(&api);
     api.kubectl_stdin(&["create"], CLUSTER).expect("the cluster is created");
     let cluster = get(&api, "anthillcluster/shop").unwrap();
     let uid = cluster["metadata"]["uid"].as_str().unwrap().to_string();
@@ -113,7 +113,10 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     // The status: no pod runs here, so nothing is ready and the cluster is still coming up.
     let cluster = wait_for(&api, "anthillcluster/shop", |c| c["status"]["observedGeneration"] == c["metadata"]["generation"]);
     assert_eq!(cluster["status"]["clusterId"], uid.as_str());
-    assert_eq!(cluster["status"]["selector"], "app.kubernetes.io/instance=shop,app.kubernetes.io/name=anthill");
+    assert_eq!(
+        cluster["status"]["selector"],
+        "app.kubernetes.io/component=node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=anthill"
+    );
     assert_eq!(condition(&cluster, "Available").unwrap()["status"], "False", "{cluster:#}");
     assert_eq!(condition(&cluster, "Progressing").unwrap()["status"], "True", "{cluster:#}");
     assert_eq!(condition(&cluster, "ReconciliationPaused").unwrap()["status"], "False", "{cluster:#}");
@@ -208,14 +211,36 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     api.kubectl_stdin(&["create"], &orders).unwrap();
     wait_for(&api, "anthillcluster/orders", |c| c["metadata"]["finalizers"] == serde_json::json!(["anthill.io/consul-keys"]));
     wait_for(&api, "statefulset/orders", |_| true);
-    api.kubectl(&["delete", "anthillcluster/orders", "--wait=false"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(&api, "anthillcluster/orders").is_some() {
+    // Deleted the way the chart's pre-delete hook does (`helm uninstall` would otherwise remove
+    // the operator first), which returns once the cluster is gone.
+    let deleted = delete_cluster(&api, "orders", "60s").unwrap_or_else(|e| {
         let log = std::fs::read_to_string(std::env::temp_dir().join("anthill-operator-e2e.log")).unwrap_or_default();
-        assert!(Instant::now() < deadline, "the cluster was never let go\n{log}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        panic!("the cluster was never let go: {e}\n{log}")
+    });
+    assert!(deleted.contains("deleting AnthillCluster default/orders") && deleted.contains("is gone"), "{deleted}");
+    assert!(get(&api, "anthillcluster/orders").is_none());
     let left = consul.consul_cli(&["kv", "get", "-recurse", "anthill/"]).unwrap();
     assert_eq!(left.trim(), "anthill/default/other/members/x:x", "only the other cluster's keys stay");
     assert_eq!(get(&api, "statefulset/orders").unwrap()["spec"]["replicas"], 0, "its pods were stopped first");
+
+    // With no operator to let it go, the hook gives up at its timeout and names what holds the
+    // cluster; a cluster already gone is done.
+    drop(operator);
+    let held = CLUSTER.replace("name: shop", "name: held\n  finalizers: [anthill.io/consul-keys]");
+    api.kubectl_stdin(&["create"], &held).unwrap();
+    let refused = delete_cluster(&api, "held", "3s").expect_err("nothing lets the cluster go");
+    assert!(refused.contains("still there after 3 s") && refused.contains("anthill.io/consul-keys"), "{refused}");
+    assert!(refused.contains("Is the operator running?"), "{refused}");
+    let gone = delete_cluster(&api, "orders", "3s").unwrap();
+    assert!(gone.contains("not there: nothing to delete"), "{gone}");
+}
+
+/// `anthill-operator delete-cluster NAME --timeout T` in namespace `default`: its output.
+fn delete_cluster(api: &ApiServer, name: &str, timeout: &str) -> Result<String, String> {
+    let out = Command::new(anthill_e2e::operator())
+        .args(["delete-cluster", name, "--namespace", "default", "--timeout", timeout])
+        .env("KUBECONFIG", &api.kubeconfig)
+        .output()
+        .unwrap();
+    anthill_e2e::output("anthill-operator delete-cluster", out)
 }
