@@ -31,6 +31,23 @@ pub(crate) struct DecommissionArgs {
     json: bool,
 }
 
+/// Whom to follow the moves through: `asked`, unless it is the member being decommissioned,
+/// which leaves the coordination group once its replicas moved and from then on no longer hears
+/// of the cluster; then the first other live member that answers (or `asked` if none does).
+async fn watcher(mut asked: client::Clients, node: &str) -> client::Clients {
+    let Ok(status) = asked.node.status(pb::StatusRequest {}).await.map(|s| s.into_inner()) else { return asked };
+    if status.node_id != node {
+        return asked;
+    }
+    let others = status.cluster.iter().flat_map(|c| &c.members).filter(|m| m.live && m.name != node && !m.address.is_empty());
+    for member in others {
+        if let Ok(clients) = client::connect(&member.address).await {
+            return clients;
+        }
+    }
+    asked
+}
+
 /// Where the moves stand: partitions whose set still names the node, and partitions moving.
 fn progress(status: &pb::StatusResponse, node: &str) -> (Vec<u32>, Vec<u32>) {
     let partitions = status.cluster.as_ref().map(|c| c.partitions.as_slice()).unwrap_or_default();
@@ -51,18 +68,19 @@ pub(crate) async fn run(args: DecommissionArgs) -> anyhow::Result<()> {
     }
     let (mut naming, mut moving) = (at_start.clone(), Vec::new());
     let mut done = args.no_wait;
+    if !done {
+        clients = watcher(clients, &args.node).await;
+    }
+    let mut shown: Option<((usize, usize), Instant)> = None;
     while !done {
         let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
         (naming, moving) = progress(&status, &args.node);
         done = moving.is_empty() && (args.undo || naming.is_empty());
-        if !args.json {
-            eprintln!(
-                "  {:>6.1} s: {} partitions name {}, {} moving",
-                started.elapsed().as_secs_f64(),
-                naming.len(),
-                args.node,
-                moving.len()
-            );
+        // A line when the counts change, else every 10 s.
+        let now = (naming.len(), moving.len());
+        if !args.json && (done || shown.is_none_or(|(then, at)| then != now || at.elapsed() >= Duration::from_secs(10))) {
+            shown = Some((now, Instant::now()));
+            eprintln!("  {:>6.1} s: {} partitions name {}, {} moving", started.elapsed().as_secs_f64(), now.0, args.node, now.1);
         }
         if done {
             break;

@@ -15,7 +15,11 @@
 #              kube-controller-manager, kube-scheduler and kube-proxy (Kubernetes' Go modules),
 #              CoreDNS (its Go module), and Debian's containerd, runc, CNI plugins, umoci,
 #              busybox-static and iptables; not part of `all` (the lab is a command of its own)
-#   all        every tool above but kubelab
+#   metallab   what the bare-metal lab needs (tests/e2e/lab/metal.sh): Debian's systemd-container
+#              (systemd-nspawn), debootstrap and openssh-client, and the hosts' root filesystem:
+#              a minimal Debian with systemd, sshd and Python, made once with debootstrap; not
+#              part of `all` (the lab is a command of its own)
+#   all        every tool above but kubelab and metallab
 #
 # No TOOL: iproute2 (what `cargo test` needs without the real-components suites).
 #
@@ -42,6 +46,10 @@ TERRAFORM_MIN=1.5
 OPENTOFU_VERSION=1.10.6
 ANSIBLE_CORE_VERSION=2.19.14
 GRPCURL_VERSION=1.9.3
+# The bare-metal lab hosts' Debian, and the version of the recipe below that makes their root
+# filesystem (change it when the recipe changes: the cached one is then made again).
+METAL_SUITE=bookworm
+METAL_ROOTFS_RECIPE=2
 COREDNS_VERSION=1.14.7
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -243,6 +251,56 @@ install_kubelab() {
     fi
 }
 
+# The bare-metal lab hosts' root filesystem, into `$1`: what every host shares, read-only under
+# its own overlay (tests/e2e/lab/metal.sh writes each host's name, address and the lab's SSH key
+# into that overlay). Host identity is left out: an empty machine-id (systemd makes one at
+# boot) and no SSH host keys (made at sshd's first start).
+build_metal_rootfs() {
+    local root="$1/rootfs" mirror
+    mirror="$(sed -n 's/^URIs: \(http[^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)"
+    debootstrap --variant=minbase \
+        --include=systemd,systemd-sysv,dbus,openssh-server,sudo,iproute2,python3,ca-certificates,procps,less \
+        "$METAL_SUITE" "$root" "${mirror:-http://deb.debian.org/debian}" >"$1/debootstrap.log" 2>&1 ||
+        { tail -20 "$1/debootstrap.log" >&2; return 1; }
+    : >"$root/etc/machine-id"
+    rm -f "$root"/etc/ssh/ssh_host_*
+    mkdir -p "$root/etc/systemd/system/ssh.service.d"
+    # Before Debian's own check (`sshd -t`), which fails with no host key.
+    printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+        >"$root/etc/systemd/system/ssh.service.d/host-keys.conf"
+    ln -sfn /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+    ln -sfn /dev/null "$root/etc/systemd/system/systemd-networkd-wait-online.service"
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+}
+
+install_metallab() {
+    local missing=()
+    for program in systemd-nspawn debootstrap ssh ssh-keygen; do
+        [[ -n "$(system_command "$program")" ]] || missing+=("$program")
+    done
+    if ((${#missing[@]})); then
+        say "installing systemd-container, debootstrap and openssh-client (Debian)"
+        apt_install systemd-container debootstrap openssh-client
+    fi
+    local dest="$cache/metal-rootfs-$METAL_SUITE-$METAL_ROOTFS_RECIPE"
+    if [[ ! -d "$dest/rootfs" ]]; then
+        say "making the lab hosts' Debian $METAL_SUITE root filesystem with debootstrap (about 2 minutes)"
+        rm -rf "$dest.partial"
+        mkdir -p "$dest.partial"
+        if ! build_metal_rootfs "$dest.partial"; then
+            say "debootstrap failed (its log's end above)"
+            rm -rf "$dest.partial"
+            exit 1
+        fi
+        rm -rf "$dest"
+        mv "$dest.partial" "$dest"
+        # Those of older recipes are not used again.
+        find "$cache" -maxdepth 1 -name "metal-rootfs-*" ! -name "$(basename "$dest")" -exec rm -rf {} +
+    fi
+    # Beside the programs' links, not among them: a folder.
+    ln -sfn "$dest/rootfs" "$repo/.tools/metal-rootfs"
+}
+
 build_helm() {
     local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
     for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
@@ -339,6 +397,7 @@ for tool in "${tools[@]}"; do
         ansible) install_ansible ;;
         grpcurl) install_grpcurl ;;
         kubelab) install_kubelab ;;
-        *) say "unknown tool '$tool' (known: ${all[*]} kubelab all)"; exit 2 ;;
+        metallab) install_metallab ;;
+        *) say "unknown tool '$tool' (known: ${all[*]} kubelab metallab all)"; exit 2 ;;
     esac
 done

@@ -1,0 +1,54 @@
+variable "hosts" {
+  description = "The dozen servers (terraform.tfvars lists the bare-metal lab's: tests/e2e/lab/metal.sh up --hosts 12)."
+  type = list(object({
+    name    = string
+    address = string
+    raft_id = number
+    zone    = optional(string, "")
+  }))
+}
+
+variable "ssh_private_key_file" {
+  description = "The key root logs in to the hosts with (the lab's: /tmp/anthill-metallab/id_ed25519)."
+  type        = string
+  default     = "/tmp/anthill-metallab/id_ed25519"
+}
+
+variable "ssh_extra_args" {
+  description = "More `ssh` options (the lab keeps its hosts' keys in its own known_hosts)."
+  type        = string
+  default     = "-o UserKnownHostsFile=/tmp/anthill-metallab/known_hosts -o StrictHostKeyChecking=accept-new"
+}
+
+variable "anthill_binary" {
+  description = "The `anthill` binary to install (`cargo build --release` makes target/release/anthill)."
+  type        = string
+}
+
+variable "anthill_version" {
+  description = "Its version; a new one rolls the nodes."
+  type        = string
+  default     = "0.1.0"
+}
+
+variable "coordination" {
+  description = "`embedded` (default) or `consul` with its address."
+  type = object({
+    kind              = optional(string, "embedded")
+    consul_address    = optional(string, "http://127.0.0.1:8500")
+    consul_key_prefix = optional(string, "anthill/")
+  })
+  default = {}
+}
+
+variable "consul_token_file" {
+  description = "The nodes' Consul token, in a file (with coordination `consul`)."
+  type        = string
+  default     = ""
+}
+
+variable "ansible_playbook" {
+  description = "The `ansible-playbook` to run (the project's: .tools/bin/ansible-playbook)."
+  type        = string
+  default     = "ansible-playbook"
+}

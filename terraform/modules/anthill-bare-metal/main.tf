@@ -1,0 +1,116 @@
+# An Anthill cluster on servers you already have: Terraform renders the Ansible inventory from
+# `hosts` and the cluster settings and converges the hosts with the playbooks of `ansible/`
+# (docs/bare-metal.md). What each change does:
+# - first apply: every node installed and started; the cluster forms (the hosts listed then are
+#   its founders);
+# - a second apply with nothing changed: no change;
+# - a new version, binary or setting: the nodes restart one at a time, each drained first;
+# - a host added: the running nodes restart in turn with the longer member list, then the new
+#   node starts and joins, and replica sets move onto it;
+# - a host removed (or its address or raft_id changed): it is decommissioned first (its replicas
+#   move away, then it stops), then the rest restart in turn with the shorter list.
+
+locals {
+  ansible_dir = var.ansible_dir != "" ? var.ansible_dir : abspath("${path.module}/../../../ansible")
+  names       = [for h in var.hosts : h.name]
+  # The founders as first applied, less those removed since.
+  founders = [for name in terraform_data.founders.output : name if contains(local.names, name)]
+
+  settings = {
+    ansible_ssh_private_key_file = var.ssh_private_key_file
+    ansible_ssh_common_args      = var.ssh_extra_args
+    anthill_binary_src           = var.anthill_binary
+    anthill_release_url          = var.release_url
+    anthill_release_sha256       = var.release_sha256
+    anthill_version              = var.anthill_version
+    anthill_partitions           = var.partitions
+    anthill_replication_factor   = var.replication_factor
+    anthill_coordination         = var.coordination.kind
+    anthill_consul_address       = var.coordination.consul_address
+    anthill_consul_key_prefix    = var.coordination.consul_key_prefix
+    anthill_consul_token         = var.consul_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul_token_file}') }}" : ""
+    anthill_config_overrides     = var.config_overrides
+    anthill_founders             = local.founders
+  }
+  host_vars = {
+    for h in var.hosts : h.name => {
+      ansible_host    = h.address
+      ansible_user    = h.ssh_user
+      anthill_raft_id = h.raft_id
+      anthill_zone    = h.zone
+      anthill_labels  = h.labels
+    }
+  }
+  inventory = jsonencode({ all = { vars = local.settings, children = { anthill = { hosts = local.host_vars } } } })
+
+  # Writes the inventory (from $INVENTORY) to a file of its own and runs $PLAYBOOK with it; the
+  # playbook and its arguments follow.
+  run_playbook = trimspace(<<-EOT
+    set -eu
+    inventory="$(mktemp --suffix=.json)"
+    trap 'rm -f "$inventory"' EXIT
+    printf '%s' "$INVENTORY" >"$inventory"
+    "$PLAYBOOK" -i "$inventory"
+  EOT
+  )
+}
+
+# The hosts of the first apply: the cluster's founders. Kept as they were (a host added later
+# joins the running cluster instead of founding another).
+resource "terraform_data" "founders" {
+  input = local.names
+  lifecycle {
+    ignore_changes = [input]
+  }
+}
+
+# One per host. A host leaving the list (or whose address or raft_id changed) is decommissioned
+# before the rest converge: its replicas move to the others, then its node stops.
+resource "terraform_data" "node" {
+  for_each = { for h in var.hosts : h.name => h }
+
+  triggers_replace = [each.value.address, each.value.raft_id]
+  input = {
+    name             = each.key
+    ansible_dir      = local.ansible_dir
+    ansible_playbook = var.ansible_playbook
+    inventory        = jsonencode({ all = { vars = local.settings, children = { anthill = { hosts = { (each.key) = local.host_vars[each.key] } } } } })
+    script           = local.run_playbook
+  }
+
+  provisioner "local-exec" {
+    when        = destroy
+    working_dir = self.input.ansible_dir
+    interpreter = ["/bin/sh", "-c"]
+    command     = "${self.input.script} remove-node.yml -e anthill_remove=${self.input.name}"
+    environment = {
+      INVENTORY      = self.input.inventory
+      PLAYBOOK       = self.input.ansible_playbook
+      ANSIBLE_CONFIG = "${self.input.ansible_dir}/ansible.cfg"
+    }
+  }
+}
+
+# Converges every host (site.yml) whenever the inventory, the binary, the playbooks or the
+# Consul token change; after the removed hosts were decommissioned.
+resource "terraform_data" "converge" {
+  triggers_replace = {
+    inventory = sha256(local.inventory)
+    binary    = var.anthill_binary != "" ? filesha256(var.anthill_binary) : var.release_sha256
+    playbooks = sha256(join(",", [for f in sort(fileset(local.ansible_dir, "**")) : filesha256("${local.ansible_dir}/${f}")]))
+    token     = var.consul_token_file != "" ? filesha256(var.consul_token_file) : ""
+  }
+
+  provisioner "local-exec" {
+    working_dir = local.ansible_dir
+    interpreter = ["/bin/sh", "-c"]
+    command     = "${local.run_playbook} site.yml"
+    environment = {
+      INVENTORY      = local.inventory
+      PLAYBOOK       = var.ansible_playbook
+      ANSIBLE_CONFIG = "${local.ansible_dir}/ansible.cfg"
+    }
+  }
+
+  depends_on = [terraform_data.node]
+}

@@ -1,0 +1,119 @@
+variable "hosts" {
+  description = <<-EOT
+    The servers, one Anthill node each. `name` is the node's member name, `address` where the
+    others, the clients and Terraform reach it (SSH), `raft_id` its id in the cluster: unique,
+    above 0, never reused (a host that comes back after being removed gets a new one). `zone`
+    and `labels` are recorded in the inventory for placement-aware operations.
+  EOT
+  type = list(object({
+    name     = string
+    address  = string
+    raft_id  = number
+    ssh_user = optional(string, "root")
+    zone     = optional(string, "")
+    labels   = optional(map(string), {})
+  }))
+  validation {
+    condition     = length(var.hosts) >= 1 && length(var.hosts) <= 12
+    error_message = "hosts: 1 to 12 servers."
+  }
+  validation {
+    condition     = length(distinct([for h in var.hosts : h.name])) == length(var.hosts) && length(distinct([for h in var.hosts : h.raft_id])) == length(var.hosts)
+    error_message = "hosts: every name and every raft_id must be unique."
+  }
+  validation {
+    condition     = alltrue([for h in var.hosts : can(regex("^[a-z0-9][a-z0-9.-]{0,62}$", h.name))])
+    error_message = "hosts: a name is lower-case letters, digits, dots and dashes (a host name)."
+  }
+  validation {
+    condition     = alltrue([for h in var.hosts : h.raft_id >= 1 && floor(h.raft_id) == h.raft_id])
+    error_message = "hosts: raft_id must be a whole number above 0."
+  }
+}
+
+variable "ssh_private_key_file" {
+  description = "The private key Ansible logs in to the hosts with."
+  type        = string
+}
+
+variable "ssh_extra_args" {
+  description = "More `ssh` options for Ansible (e.g. `-o UserKnownHostsFile=…`)."
+  type        = string
+  default     = ""
+}
+
+variable "anthill_binary" {
+  description = "The `anthill` binary installed on the hosts: a file on the machine running Terraform. Set this or `release_url`."
+  type        = string
+  default     = ""
+}
+
+variable "release_url" {
+  description = "Where the hosts download the `anthill` binary from, with `release_sha256`. Set this or `anthill_binary`."
+  type        = string
+  default     = ""
+}
+
+variable "release_sha256" {
+  description = "The SHA-256 of the binary at `release_url`."
+  type        = string
+  default     = ""
+}
+
+variable "anthill_version" {
+  description = "The version installed (each has its own folder on the hosts). A new one rolls the nodes one at a time, drained first."
+  type        = string
+}
+
+variable "partitions" {
+  description = "How the event log is split; fixed once the cluster exists."
+  type        = number
+  default     = 16
+}
+
+variable "replication_factor" {
+  description = "Nodes holding each partition (at most the number of hosts)."
+  type        = number
+  default     = 3
+}
+
+variable "coordination" {
+  description = <<-EOT
+    Where partition ownership is decided: `embedded` (the nodes' own Raft group, nothing else
+    to run) or `consul` (`consul_address`, `consul_key_prefix` and the nodes' `consul_token`).
+  EOT
+  type = object({
+    kind              = optional(string, "embedded")
+    consul_address    = optional(string, "http://127.0.0.1:8500")
+    consul_key_prefix = optional(string, "anthill/")
+  })
+  default = {}
+  validation {
+    condition     = contains(["embedded", "consul"], var.coordination.kind)
+    error_message = "coordination.kind: embedded or consul."
+  }
+}
+
+variable "consul_token_file" {
+  description = "A file holding the nodes' Consul ACL token (with coordination `consul`), on the machine running Terraform; copied to each host, never logged nor kept in the state."
+  type        = string
+  default     = ""
+}
+
+variable "config_overrides" {
+  description = "Merged over each node's configuration (docs/configuration.md)."
+  type        = any
+  default     = {}
+}
+
+variable "ansible_playbook" {
+  description = "The `ansible-playbook` program Terraform runs."
+  type        = string
+  default     = "ansible-playbook"
+}
+
+variable "ansible_dir" {
+  description = "The folder of the playbooks (this repository's `ansible/`)."
+  type        = string
+  default     = ""
+}
