@@ -1121,15 +1121,31 @@ async fn given_a_running_cluster_when_anthill_workload_runs_against_it_while_a_n
     let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start();
     cluster.wait_for(0, Duration::from_secs(60), settled).await;
-    // What a lab does around the workload: something else disturbs the cluster meanwhile.
+    // What a lab does around the workload: something else disturbs the cluster meanwhile, and
+    // writes its steps to the steps file, the last one `stop` (well before `--duration`).
+    let dir = tempfile::tempdir().unwrap();
+    let steps = dir.path().join("steps");
+    let step = |line: &str| {
+        use std::io::Write;
+        let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&steps).unwrap();
+        writeln!(file, "{unix_ms} {line}").unwrap();
+    };
     let workload = tokio::process::Command::new(common::exe())
-        .args(["workload", "--server", &cluster.local.urls().join(","), "--duration", "8s", "--clients", "4", "--json"])
+        .args(["workload", "--server", &cluster.local.urls().join(","), "--duration", "120s", "--clients", "4", "--json"])
+        .arg("--steps")
+        .arg(&steps)
         .output();
+    let started = std::time::Instant::now();
     let disturb = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
+        step("begin kill node-1");
         cluster.kill9(1);
         tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.start_node(1);
+        step("end kill node-1");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        step("stop");
     };
     let (out, ()) = tokio::join!(workload, disturb);
     let out = out.unwrap();
@@ -1141,4 +1157,10 @@ async fn given_a_running_cluster_when_anthill_workload_runs_against_it_while_a_n
     // Every book was read on each of its three replicas.
     assert_eq!(report["ledger"]["replicas_checked"], 3 * PARTITIONS, "{report}");
     assert_eq!(report["verdict"]["lost"], serde_json::json!([]), "{report}");
+    // The step, with how long some partition took no write; the stop line ended the run early.
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "{report}");
+    assert_eq!(steps[0]["name"], "kill node-1");
+    assert!(steps[0]["unavailability_ms"].as_u64().is_some_and(|ms| ms < 30_000), "{report}");
+    assert!(started.elapsed() < Duration::from_secs(60), "the stop line did not stop the workload");
 }

@@ -152,7 +152,7 @@ pub async fn run(exe: &Path, dir: &Path, spec: &ChaosSpec) -> anyhow::Result<Cha
     let books = Arc::new(workload::books(spec.cluster.partitions));
     workload::open_books(&router, &books).await?;
     let started = Instant::now();
-    let started_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = unix_ms();
     let load = Load::start(router.clone(), books.clone(), &spec.load, started);
     eprintln!("chaos: {} nodes up, {} clients; steady state for {:?}", spec.cluster.nodes, spec.load.clients, spec.warmup);
     tokio::time::sleep(spec.warmup).await;
@@ -185,6 +185,91 @@ pub struct WorkloadReport {
     pub ops_per_s: f64,
     pub verdict: Verdict,
     pub ledger: LedgerCheck,
+    /// The steps of the steps file, with the unavailability each caused.
+    pub steps: Vec<StepReport>,
+}
+
+/// A step that something else took while the workload ran (an upgrade, a server powered off),
+/// as its steps file names it, and the write unavailability it caused: the longest stretch,
+/// from its beginning until the first acknowledgement after its end, in which some partition
+/// acknowledged nothing (`history::unavailability` over every partition); `None` when some
+/// partition acknowledged nothing after it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StepReport {
+    pub name: String,
+    /// Since the workload began.
+    pub began_ms: u64,
+    pub ended_ms: u64,
+    pub unavailability_ms: Option<u64>,
+}
+
+/// What a steps file says, written while a workload runs by whatever takes the steps: lines
+/// `UNIX_MS begin NAME`, `UNIX_MS end NAME` and, to stop the workload early, `UNIX_MS stop`
+/// (UNIX_MS: milliseconds since the Unix epoch). A step not yet ended ends at `now_unix_ms`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Steps {
+    /// Name, began and ended, in Unix ms, in the order they began.
+    pub steps: Vec<(String, u64, u64)>,
+    pub stop: bool,
+}
+
+impl Steps {
+    pub fn parse(text: &str, now_unix_ms: u64) -> Result<Steps, String> {
+        let mut out = Steps::default();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let bad = || format!("steps file, line {}: {line:?} is not `UNIX_MS begin|end NAME` or `UNIX_MS stop`", i + 1);
+            let mut words = line.trim().splitn(3, ' ');
+            let at: u64 = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+            match (words.next(), words.next().map(str::trim)) {
+                (Some("stop"), None) => out.stop = true,
+                (Some("begin"), Some(name)) if !name.is_empty() => out.steps.push((name.to_string(), at, u64::MAX)),
+                (Some("end"), Some(name)) => {
+                    let step = out.steps.iter_mut().rev().find(|(n, _, end)| n == name && *end == u64::MAX);
+                    step.ok_or_else(|| format!("steps file, line {}: step {name:?} ends but did not begin", i + 1))?.2 = at;
+                }
+                _ => return Err(bad()),
+            }
+        }
+        for step in &mut out.steps {
+            step.2 = step.2.min(now_unix_ms.max(step.1));
+        }
+        Ok(out)
+    }
+
+    /// Each step's unavailability in `history`, whose times count from `started_unix_ms`.
+    pub fn report(&self, history: &[Record], partitions: u32, started_unix_ms: u64) -> Vec<StepReport> {
+        let ms = |unix: u64| unix.saturating_sub(started_unix_ms);
+        let windows: Vec<FaultWindow> = self
+            .steps
+            .iter()
+            .map(|(_, began, ended)| FaultWindow { at_ms: ms(*began), healed_ms: ms(*ended), partitions: (0..partitions).collect() })
+            .collect();
+        let unavailable = history::unavailability(history, &windows);
+        self.steps
+            .iter()
+            .zip(unavailable)
+            .map(|((name, began, ended), unavailability_ms)| StepReport {
+                name: name.clone(),
+                began_ms: ms(*began),
+                ended_ms: ms(*ended),
+                unavailability_ms,
+            })
+            .collect()
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The steps file at `path` now (none yet: no step).
+fn read_steps(path: &Path) -> anyhow::Result<Steps> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => anyhow::bail!("cannot read the steps file {}: {e}", path.display()),
+    };
+    Steps::parse(&text, unix_ms()).map_err(anyhow::Error::msg)
 }
 
 impl WorkloadReport {
@@ -197,7 +282,10 @@ impl WorkloadReport {
 /// every 10 s on stderr), then reads every replica of every partition back against the history
 /// and checks every book. The cluster should be new to the workload: its operation ids start
 /// at 1 each time.
-pub async fn against(servers: &[String], duration: Duration, mut load: LoadSpec) -> anyhow::Result<WorkloadReport> {
+///
+/// With `steps` (a steps file, [`Steps`]), the report has the unavailability of each step it
+/// names, and a `stop` line there stops the clients before `duration`.
+pub async fn against(servers: &[String], duration: Duration, mut load: LoadSpec, steps: Option<&Path>) -> anyhow::Result<WorkloadReport> {
     let first = servers.first().context("no server given")?;
     let members = Members::of(first).await?;
     let mut c = client::connect(first).await?;
@@ -209,16 +297,34 @@ pub async fn against(servers: &[String], duration: Duration, mut load: LoadSpec)
     let books = Arc::new(workload::books(partitions));
     workload::open_books(&router, &books).await?;
     let started = Instant::now();
+    let started_unix_ms = unix_ms();
     let running = Load::start(router, books.clone(), &load, started);
     eprintln!("workload: {} clients on {partitions} partitions of {} members, for {duration:?}", load.clients, members.0.len());
+    let mut shown = Instant::now();
     while started.elapsed() < duration {
-        tokio::time::sleep((duration - started.elapsed()).min(Duration::from_secs(10))).await;
-        let (done, acked) = running.progress();
-        eprintln!("  {:>6.1} s: {done} operations, {acked} acknowledged", started.elapsed().as_secs_f64());
+        tokio::time::sleep((duration - started.elapsed()).min(Duration::from_secs(1))).await;
+        let stop = match steps {
+            Some(path) => read_steps(path)?.stop,
+            None => false,
+        };
+        if stop || shown.elapsed() >= Duration::from_secs(10) || started.elapsed() >= duration {
+            shown = Instant::now();
+            let (done, acked) = running.progress();
+            eprintln!("  {:>6.1} s: {done} operations, {acked} acknowledged", started.elapsed().as_secs_f64());
+        }
+        if stop {
+            eprintln!("workload: the steps file says stop");
+            break;
+        }
     }
     let history = running.stop().await?;
+    let steps = match steps {
+        Some(path) => read_steps(path)?.report(&history, partitions, started_unix_ms),
+        None => Vec::new(),
+    };
     let seconds = started.elapsed().as_secs_f64();
     eprintln!("workload: stopped; reading every replica back");
+    let members = members.and_now(servers).await;
     let verdict = read_back(&members, partitions, &history).await?;
     let ledger = check_ledger(&members, &books).await?;
     let acknowledged = history.iter().filter(|r| r.outcome == Outcome::Ok).count();
@@ -230,6 +336,7 @@ pub async fn against(servers: &[String], duration: Duration, mut load: LoadSpec)
         ops_per_s: history.len() as f64 / seconds.max(0.001),
         verdict,
         ledger,
+        steps,
     })
 }
 
@@ -369,6 +476,22 @@ impl Members {
         Ok(Members(view.members.into_iter().map(|m| (m.name, format!("http://{}", m.address))).collect()))
     }
 
+    /// These members and those the first of `servers` that answers lists now (servers added
+    /// while a workload ran).
+    async fn and_now(mut self, servers: &[String]) -> Members {
+        for server in servers {
+            if let Ok(now) = Members::of(server).await {
+                for (name, url) in now.0 {
+                    if !self.0.iter().any(|(n, _)| *n == name) {
+                        self.0.push((name, url));
+                    }
+                }
+                break;
+            }
+        }
+        self
+    }
+
     fn url(&self, name: &str) -> anyhow::Result<&str> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, url)| url.as_str()).with_context(|| format!("unknown member {name}"))
     }
@@ -493,4 +616,50 @@ async fn check_ledger_once(members: &Members, books: &[Book]) -> anyhow::Result<
         }
     }
     Ok(check)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(partition: u32, completed_ms: u64) -> Record {
+        Record {
+            id: completed_ms,
+            kind: OpKind::Append,
+            value: String::new(),
+            partition,
+            invoked_ms: completed_ms.saturating_sub(5),
+            completed_ms,
+            outcome: Outcome::Ok,
+        }
+    }
+
+    #[test]
+    fn a_steps_file_gives_each_step_its_window_and_may_stop_the_workload() {
+        let text = "1000 begin upgrade\n\n1500 begin host-02 off\n2000 end upgrade\n2600 end host-02 off\n3000 begin add host-04\n";
+        let steps = Steps::parse(text, 3500).unwrap();
+        assert_eq!(
+            steps.steps,
+            [("upgrade".to_string(), 1000, 2000), ("host-02 off".to_string(), 1500, 2600), ("add host-04".to_string(), 3000, 3500)]
+        );
+        assert!(!steps.stop);
+        assert!(Steps::parse("4000 stop\n", 4000).unwrap().stop);
+        for bad in ["x begin a", "1000 begin", "1000 pause a", "1000 end never-began"] {
+            assert!(Steps::parse(bad, 5000).unwrap_err().contains("steps file, line 1"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_steps_unavailability_is_the_longest_silence_of_any_partition_until_writes_come_back_after_it() {
+        // The workload began at Unix ms 10,000; a step from 10,100 to 10,300.
+        let steps = Steps::parse("10100 begin roll\n10300 end roll\n", 20_000).unwrap();
+        let history = [acked(0, 50), acked(1, 60), acked(0, 120), acked(1, 250), acked(0, 310), acked(1, 320)];
+        let report = steps.report(&history, 2, 10_000);
+        // Partition 1 was silent from 100 (the step's beginning) to 250, partition 0 from 120 to
+        // 310, its first write after the step: the worst of the two.
+        assert_eq!(report, [StepReport { name: "roll".into(), began_ms: 100, ended_ms: 300, unavailability_ms: Some(190) }]);
+        // A partition with no write after the step: no figure.
+        let report = steps.report(&history[..5], 2, 10_000);
+        assert_eq!(report[0].unavailability_ms, None);
+    }
 }

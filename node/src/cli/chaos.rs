@@ -341,6 +341,11 @@ pub(crate) struct WorkloadArgs {
     duration: Duration,
     #[command(flatten)]
     load: ClientArgs,
+    /// A steps file: lines `UNIX_MS begin NAME` and `UNIX_MS end NAME` that whatever disturbs the
+    /// cluster writes while the workload runs (an upgrade, a server powered off); the report
+    /// gives the unavailability each step caused. A line `UNIX_MS stop` stops the clients early.
+    #[arg(long)]
+    steps: Option<std::path::PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -353,7 +358,7 @@ pub(crate) async fn workload(args: WorkloadArgs) -> anyhow::Result<()> {
     let servers: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     // The partitions are the cluster's (`against` asks).
     let (load, seed) = args.load.spec(0);
-    let report = crate::chaos::run::against(&servers, args.duration, load).await?;
+    let report = crate::chaos::run::against(&servers, args.duration, load, args.steps.as_deref()).await?;
     if args.json {
         let mut json = serde_json::to_value(&report)?;
         json["passed"] = serde_json::json!(report.passed());
@@ -378,6 +383,15 @@ pub(crate) async fn workload(args: WorkloadArgs) -> anyhow::Result<()> {
         );
         for problem in report.ledger.problems.iter().take(10) {
             println!("  {problem}");
+        }
+        for step in &report.steps {
+            let unavailable = step.unavailability_ms.map_or("some partition took no write after it".to_string(), |ms| format!("{ms} ms"));
+            println!(
+                "step {}: {:.1} s to {:.1} s, writes unavailable at most {unavailable}",
+                step.name,
+                step.began_ms as f64 / 1000.0,
+                step.ended_ms as f64 / 1000.0
+            );
         }
     }
     if !report.passed() {

@@ -32,7 +32,7 @@ pub fn tool(name: &str) -> PathBuf {
     // The installer's name for the tool that brings the program.
     let tool = match name {
         "kube-apiserver" | "kubectl" | "etcd" => "kubernetes",
-        "ansible-playbook" | "ansible-inventory" | "ansible-galaxy" => "ansible",
+        "ansible-playbook" | "ansible-inventory" | "ansible-galaxy" | "ansible-lint" => "ansible",
         "tofu" => "terraform",
         other => other,
     };

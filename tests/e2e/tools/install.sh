@@ -9,7 +9,7 @@
 #   helm       Helm 3, built from its Go module
 #   terraform  Terraform >= 1.5: the one on PATH if it is that new, else OpenTofu built from its
 #              Go module, linked under both names
-#   ansible    ansible-core from PyPI, in a virtualenv of its own
+#   ansible    ansible-core from PyPI, in a virtualenv of its own, and ansible-lint in another
 #   grpcurl    grpcurl, built from its Go module: the node's gRPC API by hand
 #   kubelab    what the Kubernetes lab adds to `kubernetes` to run pods (tests/e2e/lab/): kubelet,
 #              kube-controller-manager, kube-scheduler and kube-proxy (Kubernetes' Go modules),
@@ -45,6 +45,7 @@ HELM_KUBE_MINOR=34
 TERRAFORM_MIN=1.5
 OPENTOFU_VERSION=1.10.6
 ANSIBLE_CORE_VERSION=2.19.14
+ANSIBLE_LINT_VERSION=26.10.1
 GRPCURL_VERSION=1.9.3
 # The bare-metal lab hosts' Debian, and the version of the recipe below that makes their root
 # filesystem (change it when the recipe changes: the cached one is then made again).
@@ -348,24 +349,33 @@ install_terraform() {
     link "$dest/tofu" terraform
 }
 
-install_ansible() {
-    local dest="$cache/ansible-core-$ANSIBLE_CORE_VERSION"
-    # The stamp is written once pip succeeded, and names the interpreter the virtualenv was
-    # made with: a virtualenv whose Python went away is made again.
+# A virtualenv at `$1` with the PyPI package `$2` (name==version) in it, made once: the stamp is
+# written once pip succeeded, and names the interpreter the virtualenv was made with, so one
+# whose Python went away is made again. Made where it stays: its scripts name their interpreter
+# by path.
+pip_tool() {
+    local dest="$1" package="$2"
     if [[ ! -f "$dest/.installed" ]] || ! "$dest/bin/python" -c '' 2>/dev/null; then
-        say "installing ansible-core $ANSIBLE_CORE_VERSION from PyPI into a virtualenv"
-        # Made where it stays: a virtualenv's scripts name their interpreter by path.
+        say "installing $package from PyPI into a virtualenv"
         rm -rf "$dest"
-        if ! python3 -m venv "$dest" || ! "$dest/bin/pip" install -q "ansible-core==$ANSIBLE_CORE_VERSION"; then
-            say "installing ansible-core failed (output above)"
+        if ! python3 -m venv "$dest" || ! "$dest/bin/pip" install -q "$package"; then
+            say "installing $package failed (output above)"
             rm -rf "$dest"
             exit 1
         fi
         "$dest/bin/python" --version >"$dest/.installed"
     fi
+}
+
+install_ansible() {
+    local dest="$cache/ansible-core-$ANSIBLE_CORE_VERSION"
+    pip_tool "$dest" "ansible-core==$ANSIBLE_CORE_VERSION"
     for script in ansible ansible-playbook ansible-inventory ansible-galaxy; do
         link "$dest/bin/$script" "$script"
     done
+    # In a virtualenv of its own: it brings the ansible-core it wants.
+    pip_tool "$cache/ansible-lint-$ANSIBLE_LINT_VERSION" "ansible-lint==$ANSIBLE_LINT_VERSION"
+    link "$cache/ansible-lint-$ANSIBLE_LINT_VERSION/bin/ansible-lint" ansible-lint
 }
 
 build_grpcurl() {

@@ -1,0 +1,273 @@
+//! The short form of the bare-metal lab (tests/e2e/lab/metal.sh): four Debian hosts on this
+//! machine, each a real systemd with sshd in its own container, on a bridge of the lab's own
+//! network namespace. `terraform apply` of `terraform/examples/bare-metal-12` on three of them
+//! (the module converges them with the Ansible playbooks) makes a cluster that serves writes, and
+//! a second plan changes nothing. Then, while the chaos suite's clients run against it
+//! (`anthill workload`, acknowledgements from a quorum): a rolling upgrade (a new version, each
+//! node drained first), a host powered off and booted again, a host added with `apply`, a host
+//! removed with `apply` (decommissioned first). The suite's checker finds nothing acknowledged
+//! lost, and reports how long writes were unavailable during each step. The teardown leaves
+//! nothing running or mounted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn metal_sh() -> PathBuf {
+    anthill_e2e::repository().join("tests/e2e/lab/metal.sh")
+}
+
+/// The lab, torn down when dropped (also when the test fails).
+struct Lab;
+
+impl Lab {
+    fn up(hosts: usize) -> Lab {
+        let out = Command::new("bash").arg(metal_sh()).args(["up", "--hosts", &hosts.to_string()]).output().expect("bash runs");
+        assert!(out.status.success(), "the lab did not come up:\n{}", String::from_utf8_lossy(&out.stderr));
+        Lab
+    }
+
+    /// `metal.sh ARGS`: its output.
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("bash").arg(metal_sh()).args(args).output().unwrap();
+        anthill_e2e::output(&format!("metal.sh {}", args.join(" ")), out)
+    }
+
+    /// `anthill status --json` of a node, asked from inside the lab.
+    fn status(&self, address: &str) -> Option<Value> {
+        let anthill = anthill_e2e::anthill().display().to_string();
+        let out = self.run(&["run", &anthill, "status", "--server", &format!("http://{address}:7400"), "--json"]).ok()?;
+        serde_json::from_str(&out).ok()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(metal_sh()).arg("down").status();
+    }
+}
+
+/// Terraform on the example, inside the lab's network, its state and working data in `dir`.
+struct Terraform {
+    dir: PathBuf,
+}
+
+impl Terraform {
+    fn command(&self, args: &[&str]) -> Command {
+        let repo = anthill_e2e::repository();
+        let mut command = Command::new("bash");
+        command
+            .arg(metal_sh())
+            .args(["run", &anthill_e2e::tool("terraform").display().to_string()])
+            .arg(format!("-chdir={}", repo.join("terraform/examples/bare-metal-12").display()))
+            .args(args)
+            .env("TF_CLI_CONFIG_FILE", repo.join("terraform/cli.tfrc"))
+            .env("TF_DATA_DIR", self.dir.join(".terraform"))
+            .env("TF_IN_AUTOMATION", "1");
+        command
+    }
+
+    /// `init`, then `apply` or `plan` with the lab's settings and `hosts` (ordinals).
+    fn init(&self) {
+        let out = self.command(&["init", "-input=false", "-no-color"]).output().unwrap();
+        anthill_e2e::output("terraform init", out).unwrap();
+    }
+
+    fn settings(&self, hosts: &[u32], version: &str) -> Vec<String> {
+        let tfvars = self.dir.join(format!("hosts-{}.tfvars", hosts.iter().map(u32::to_string).collect::<Vec<_>>().join("-")));
+        let list: String =
+            hosts.iter().map(|i| format!("  {{ name = \"host-{i:02}\", address = \"10.77.0.{}\", raft_id = {i} }},\n", 10 + i)).collect();
+        std::fs::write(&tfvars, format!("hosts = [\n{list}]\n")).unwrap();
+        vec![
+            "-input=false".into(),
+            "-no-color".into(),
+            format!("-state={}", self.dir.join("terraform.tfstate").display()),
+            format!("-var-file={}", tfvars.display()),
+            format!("-var=anthill_binary={}", anthill_e2e::anthill().display()),
+            format!("-var=anthill_version={version}"),
+            format!("-var=ansible_playbook={}", anthill_e2e::tool("ansible-playbook").display()),
+        ]
+    }
+
+    /// `terraform apply`; its output, kept in the test's folder.
+    fn apply(&self, hosts: &[u32], version: &str) -> String {
+        let mut args = vec!["apply".to_string(), "-auto-approve".into()];
+        args.extend(self.settings(hosts, version));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let out = self.command(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let log = self.dir.join(format!("apply-{}.log", started.elapsed().as_millis()));
+        std::fs::write(&log, &text).unwrap();
+        assert!(out.status.success(), "terraform apply failed ({}):\n{}", log.display(), tail(&text, 60));
+        eprintln!("terraform apply on {hosts:?} ({version}): {:.0} s", started.elapsed().as_secs_f64());
+        text
+    }
+
+    /// `terraform plan -detailed-exitcode`: 0 when nothing would change.
+    fn plan(&self, hosts: &[u32], version: &str) -> (i32, String) {
+        let mut args = vec!["plan".to_string(), "-detailed-exitcode".into()];
+        args.extend(self.settings(hosts, version));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.command(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The steps file the workload reads: `UNIX_MS begin|end NAME`, `UNIX_MS stop`.
+struct Steps(PathBuf);
+
+impl Steps {
+    fn write(&self, line: &str) {
+        use std::io::Write;
+        let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.0).unwrap();
+        writeln!(file, "{unix_ms} {line}").unwrap();
+    }
+
+    fn step<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
+        self.write(&format!("begin {name}"));
+        let out = f();
+        self.write(&format!("end {name}"));
+        out
+    }
+}
+
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not after {within:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Whether `status` shows every listed member live and every partition led.
+fn whole(status: &Option<Value>, members: &[&str]) -> bool {
+    let Some(cluster) = status.as_ref().map(|s| &s["cluster"]) else { return false };
+    let live = |name: &str| cluster["members"].as_array().into_iter().flatten().any(|m| m["name"] == name && m["live"] == true);
+    let partitions = cluster["partitions"].as_array().cloned().unwrap_or_default();
+    members.iter().all(|m| live(m)) && partitions.len() == 16 && partitions.iter().all(|p| p["leader"].is_string())
+}
+
+fn workload(steps: &Path) -> Child {
+    let anthill = anthill_e2e::anthill().display().to_string();
+    let servers = "http://10.77.0.11:7400,http://10.77.0.13:7400";
+    Command::new("bash")
+        .arg(metal_sh())
+        .args(["run", &anthill, "workload", "--server", servers, "--duration", "900s", "--clients", "4", "--json", "--steps"])
+        .arg(steps)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the workload starts")
+}
+
+#[test]
+fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledged_write_through_an_upgrade_a_power_cut_and_a_host_added_and_removed()
+ {
+    let install = Command::new("bash")
+        .arg(anthill_e2e::repository().join("tests/e2e/tools/install.sh"))
+        .args(["metallab", "ansible", "terraform"])
+        .status()
+        .expect("the installer runs");
+    assert!(install.success(), "the lab's tools did not install");
+    let netns_before = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
+    let lab = Lab::up(4);
+    let dir = tempfile::tempdir().unwrap();
+    let terraform = Terraform { dir: dir.path().to_path_buf() };
+    terraform.init();
+
+    // Three hosts: the founders. The cluster serves writes once apply returns (the playbook
+    // waited until every node was live and every partition led).
+    terraform.apply(&[1, 2, 3], "0.1.0");
+    assert!(whole(&lab.status("10.77.0.12"), &["host-01", "host-02", "host-03"]), "{:?}", lab.status("10.77.0.12"));
+    let (code, plan) = terraform.plan(&[1, 2, 3], "0.1.0");
+    assert_eq!(code, 0, "a second plan would change something:\n{plan}");
+    // The unit is hardened and runs as its own user.
+    let unit = lab.run(&["ssh", "1", "systemctl show anthill -p User -p NoNewPrivileges -p ProtectSystem -p LimitNOFILE"]).unwrap();
+    for setting in ["User=anthill", "NoNewPrivileges=yes", "ProtectSystem=strict", "LimitNOFILE=65536"] {
+        assert!(unit.contains(setting), "{setting}: {unit}");
+    }
+
+    let steps = Steps(dir.path().join("steps"));
+    let load = workload(&steps.0);
+    std::thread::sleep(Duration::from_secs(5));
+
+    // A rolling upgrade: each node drained, restarted on the new version, healthy again.
+    steps.step("rolling upgrade to 0.1.1", || terraform.apply(&[1, 2, 3], "0.1.1"));
+    let version = lab.run(&["ssh", "2", "readlink -f /usr/local/bin/anthill; systemctl show anthill -p NRestarts"]).unwrap();
+    assert!(version.contains("/opt/anthill/0.1.1/anthill"), "{version}");
+
+    // host-02 powered off (its systemd stops everything, the node drains on SIGTERM), then
+    // booted again: its node starts at boot and catches up.
+    steps.step("host-02 powered off and booted", || {
+        lab.run(&["poweroff", "2"]).unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        lab.run(&["start", "2"]).unwrap();
+        wait_until("host-02's node is back", Duration::from_secs(120), || {
+            whole(&lab.status("10.77.0.11"), &["host-01", "host-02", "host-03"])
+        });
+    });
+
+    // A host added: the others restart in turn with the longer member list, then it joins.
+    steps.step("host-04 added", || terraform.apply(&[1, 2, 3, 4], "0.1.1"));
+    let status = lab.status("10.77.0.14");
+    assert!(whole(&status, &["host-01", "host-02", "host-03", "host-04"]), "{status:?}");
+    let voters = status.as_ref().unwrap()["cluster"]["coordination_voters"].clone();
+    assert_eq!(voters, serde_json::json!([1, 2, 3, 4]), "host-04 is a voter of the coordination group");
+
+    // A host removed: decommissioned first (its replicas move to the others), then stopped.
+    let removed = steps.step("host-02 removed", || terraform.apply(&[1, 3, 4], "0.1.1"));
+    assert!(removed.contains("terraform_data.node[\"host-02\"]: Destruction complete"), "{}", tail(&removed, 40));
+    let status = lab.status("10.77.0.11");
+    let named = status.as_ref().unwrap()["cluster"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["replicas"].as_array().unwrap().iter().any(|r| r == "host-02"))
+        .count();
+    assert_eq!(named, 0, "no replica set names host-02");
+    assert_eq!(lab.run(&["ssh", "2", "systemctl is-active anthill || true"]).unwrap().trim(), "inactive");
+    let (code, plan) = terraform.plan(&[1, 3, 4], "0.1.1");
+    assert_eq!(code, 0, "a plan after the removal would change something:\n{plan}");
+
+    // The clients stop; every replica is read back against what they were told.
+    steps.write("stop");
+    let out = load.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the workload failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        tail(&String::from_utf8_lossy(&out.stderr), 40)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["verdict"]["lost"], serde_json::json!([]), "{report}");
+    assert!(report["acknowledged"].as_u64().unwrap() > 1000, "{report}");
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 4, "{report}");
+    for step in steps {
+        assert!(step["unavailability_ms"].is_u64(), "writes came back after {}: {report}", step["name"]);
+        eprintln!("{}: writes unavailable at most {} ms", step["name"], step["unavailability_ms"]);
+    }
+    eprintln!(
+        "{} operations, {} acknowledged by a quorum, none lost; {} books on {} replicas checked",
+        report["operations"], report["acknowledged"], report["ledger"]["books"], report["ledger"]["replicas_checked"]
+    );
+
+    drop(lab);
+    let netns_after = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
+    assert_eq!(netns_after, netns_before, "the lab's namespace is gone");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("anthill-metallab"), "a host's overlay is still mounted");
+    let nspawn = Command::new("pgrep").args(["-f", "systemd-nspawn.*anthill-br0"]).output().unwrap();
+    assert!(nspawn.stdout.is_empty(), "a host still runs");
+}
