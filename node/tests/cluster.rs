@@ -1128,8 +1128,9 @@ async fn given_a_running_cluster_when_anthill_workload_runs_against_it_while_a_n
     let step = |line: &str| {
         use std::io::Write;
         let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        // One write: the workload may read the file at any moment.
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&steps).unwrap();
-        writeln!(file, "{unix_ms} {line}").unwrap();
+        file.write_all(format!("{unix_ms} {line}\n").as_bytes()).unwrap();
     };
     let workload = tokio::process::Command::new(common::exe())
         .args(["workload", "--server", &cluster.local.urls().join(","), "--duration", "120s", "--clients", "4", "--json"])

@@ -214,9 +214,11 @@ pub struct Steps {
 }
 
 impl Steps {
+    /// Only whole lines count: a last line without its newline may be half written.
     pub fn parse(text: &str, now_unix_ms: u64) -> Result<Steps, String> {
         let mut out = Steps::default();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        for (i, line) in whole.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let bad = || format!("steps file, line {}: {line:?} is not `UNIX_MS begin|end NAME` or `UNIX_MS stop`", i + 1);
             let mut words = line.trim().splitn(3, ' ');
             let at: u64 = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
@@ -644,7 +646,10 @@ mod tests {
         );
         assert!(!steps.stop);
         assert!(Steps::parse("4000 stop\n", 4000).unwrap().stop);
-        for bad in ["x begin a", "1000 begin", "1000 pause a", "1000 end never-began"] {
+        // A line being written is not read yet.
+        assert_eq!(Steps::parse("1000 begin a\n1200 en", 2000).unwrap().steps, [("a".to_string(), 1000, 2000)]);
+        assert!(!Steps::parse("4000 sto", 4000).unwrap().stop);
+        for bad in ["x begin a\n", "1000 begin\n", "1000 pause a\n", "1000 end never-began\n"] {
             assert!(Steps::parse(bad, 5000).unwrap_err().contains("steps file, line 1"), "{bad}");
         }
     }

@@ -7,8 +7,9 @@
 # - a new version, binary or setting: the nodes restart one at a time, each drained first;
 # - a host added: the running nodes restart in turn with the longer member list, then the new
 #   node starts and joins, and replica sets move onto it;
-# - a host removed (or its address or raft_id changed): it is decommissioned first (its replicas
-#   move away, then it stops), then the rest restart in turn with the shorter list.
+# - a host removed (or its address or raft_id changed): it is decommissioned first through
+#   another member (its replicas move away, it leaves the coordination group), stopped, its
+#   data deleted; then the rest restart in turn with the shorter list. One removal at a time.
 
 locals {
   ansible_dir = var.ansible_dir != "" ? var.ansible_dir : abspath("${path.module}/../../../ansible")
@@ -39,6 +40,8 @@ locals {
       anthill_raft_id = h.raft_id
       anthill_zone    = h.zone
       anthill_labels  = h.labels
+      # A host added after the first apply joins the running cluster.
+      anthill_join = !contains(terraform_data.founders.output, h.name)
     }
   }
   inventory = jsonencode({ all = { vars = local.settings, children = { anthill = { hosts = local.host_vars } } } })
@@ -74,14 +77,24 @@ resource "terraform_data" "node" {
     name             = each.key
     ansible_dir      = local.ansible_dir
     ansible_playbook = var.ansible_playbook
-    inventory        = jsonencode({ all = { vars = local.settings, children = { anthill = { hosts = { (each.key) = local.host_vars[each.key] } } } } })
-    script           = local.run_playbook
+    # Only this host, and another member (as the list is now) that takes its decommission and
+    # follows it: the decommissioned one stops hearing of the cluster.
+    inventory = jsonencode({ all = {
+      vars = merge(local.settings, {
+        anthill_decommission_via = try([for h in var.hosts : h.address if h.name != each.key][0], each.value.address)
+        anthill_remove_data      = true
+      })
+      children = { anthill = { hosts = { (each.key) = local.host_vars[each.key] } } }
+    } })
+    script = local.run_playbook
   }
 
   provisioner "local-exec" {
     when        = destroy
     working_dir = self.input.ansible_dir
-    interpreter = ["/bin/sh", "-c"]
+    # One removal at a time (Terraform destroys the instances in parallel): two decommissions
+    # at once could each find enough members left.
+    interpreter = ["flock", "/tmp/anthill-bare-metal-remove.lock", "/bin/sh", "-c"]
     command     = "${self.input.script} remove-node.yml -e anthill_remove=${self.input.name}"
     environment = {
       INVENTORY      = self.input.inventory

@@ -94,12 +94,14 @@ wait_ssh() {
 host_processes() {
     local hierarchy
     for hierarchy in "${CGROUPS[@]}"; do
-        [[ -d "$hierarchy/$1" ]] && find "$hierarchy/$1" -name cgroup.procs -exec cat {} + 2>/dev/null
+        # A cgroup the host's systemd removes meanwhile is no error.
+        [[ -d "$hierarchy/$1" ]] && { find "$hierarchy/$1" -name cgroup.procs -exec cat {} + 2>/dev/null || true; }
     done | sort -u
 }
 
 # Kills every process of HOST and waits until none is left.
 kill_host() {
+    [[ "$1" == host-[0-9][0-9] ]] || die "kill_host: '$1' is no host"
     local pids tries=0
     while pids="$(host_processes "$1")" && [[ -n "$pids" ]]; do
         # shellcheck disable=SC2086
@@ -139,6 +141,8 @@ up() {
     done
     [[ "$hosts" =~ ^[0-9]+$ ]] && ((hosts >= 1 && hosts <= MAX_HOSTS)) || die "--hosts must be 1 to $MAX_HOSTS, got '$hosts'"
     [[ ! -e "/run/netns/$NS" && ! -e "$lab/hosts" ]] || die "the lab is up already ($lab): 'metal.sh down' first"
+    # Whatever this `up` made goes again if it fails.
+    trap 'status=$?; if ((status != 0)); then say "up failed: taking down what it made"; down; fi' EXIT
     bash "$repo/tests/e2e/tools/install.sh" metallab
     if [[ -z "$rootfs" ]]; then rootfs="$(realpath "$repo/.tools/metal-rootfs")"; fi
     [[ -x "$rootfs/lib/systemd/systemd" || -x "$rootfs/usr/lib/systemd/systemd" ]] ||
@@ -172,6 +176,7 @@ up() {
         wait_ssh "$name" 60 || die "$name did not answer on SSH within 60 s; its console: $lab/hosts.d/$name/console.log"
     done
     say "$hosts hosts up in $((SECONDS - started)) s ($NET.11 to $(host_address "$(host_name "$hosts")"))"
+    trap - EXIT
     echo "$lab"
 }
 
@@ -235,8 +240,17 @@ case "$command" in
         [[ -e "/run/netns/$NS" ]] || die "the lab is not up"
         in_lab "$@"
         ;;
-    poweroff) poweroff_host "$(known_host "${1:?poweroff needs a host}")" 30 ;;
-    kill) kill_host "$(known_host "${1:?kill needs a host}")"; rm -f "$lab/hosts.d/$(host_name "$1")/pid" ;;
+    # The name in a variable first: a failed substitution inside an argument would not stop the
+    # script, and an empty name would mean every host.
+    poweroff)
+        name="$(known_host "${1:?poweroff needs a host}")"
+        poweroff_host "$name" 30
+        ;;
+    kill)
+        name="$(known_host "${1:?kill needs a host}")"
+        kill_host "$name"
+        rm -f "$lab/hosts.d/$name/pid"
+        ;;
     start)
         name="$(known_host "${1:?start needs a host}")"
         host_pid "$name" >/dev/null && die "$name runs already"

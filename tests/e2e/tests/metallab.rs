@@ -1,11 +1,14 @@
-//! The short form of the bare-metal lab (tests/e2e/lab/metal.sh): four Debian hosts on this
-//! machine, each a real systemd with sshd in its own container, on a bridge of the lab's own
-//! network namespace. `terraform apply` of `terraform/examples/bare-metal-12` on three of them
+//! The bare-metal lab (tests/e2e/lab/metal.sh): Debian hosts on this machine, each a real
+//! systemd with sshd in its own container, on a bridge of the lab's own network namespace. The
+//! short form (`.ci/run`) has four hosts; `tests/e2e/lab/metal-long.sh` runs the same test with
+//! twelve (`ANTHILL_METALLAB_HOSTS`: the hosts of the first apply, one more is added).
+//! `terraform apply` of `terraform/examples/bare-metal-12` on all but the last of them
 //! (the module converges them with the Ansible playbooks) makes a cluster that serves writes, and
 //! a second plan changes nothing. Then, while the chaos suite's clients run against it
 //! (`anthill workload`, acknowledgements from a quorum): a rolling upgrade (a new version, each
-//! node drained first), a host powered off and booted again, a host added with `apply`, a host
-//! removed with `apply` (decommissioned first). The suite's checker finds nothing acknowledged
+//! node drained first), a host powered off and booted again, another killed at once (every
+//! process) and booted again, a host added with `apply`, a host removed with `apply`
+//! (decommissioned first, its data deleted). The suite's checker finds nothing acknowledged
 //! lost, and reports how long writes were unavailable during each step. The teardown leaves
 //! nothing running or mounted.
 
@@ -129,8 +132,9 @@ impl Steps {
     fn write(&self, line: &str) {
         use std::io::Write;
         let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        // One write: the workload may read the file at any moment.
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.0).unwrap();
-        writeln!(file, "{unix_ms} {line}").unwrap();
+        file.write_all(format!("{unix_ms} {line}\n").as_bytes()).unwrap();
     }
 
     fn step<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
@@ -149,25 +153,59 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Whether `status` shows every listed member live and every partition led.
-fn whole(status: &Option<Value>, members: &[&str]) -> bool {
+/// Whether `status` shows the nodes of `hosts` (ordinals) live and every partition led.
+fn whole(status: &Option<Value>, hosts: &[u32]) -> bool {
     let Some(cluster) = status.as_ref().map(|s| &s["cluster"]) else { return false };
     let live = |name: &str| cluster["members"].as_array().into_iter().flatten().any(|m| m["name"] == name && m["live"] == true);
     let partitions = cluster["partitions"].as_array().cloned().unwrap_or_default();
-    members.iter().all(|m| live(m)) && partitions.len() == 16 && partitions.iter().all(|p| p["leader"].is_string())
+    names(hosts).iter().all(|m| live(m)) && partitions.len() == 16 && partitions.iter().all(|p| p["leader"].is_string())
 }
 
-fn workload(steps: &Path) -> Child {
+/// The hosts of the first apply (ordinals from 1); one more is added later.
+fn first_hosts() -> u32 {
+    let hosts = std::env::var("ANTHILL_METALLAB_HOSTS").map_or(3, |v| v.parse().expect("ANTHILL_METALLAB_HOSTS is a number"));
+    assert!((3..=11).contains(&hosts), "ANTHILL_METALLAB_HOSTS: 3 to 11");
+    hosts
+}
+
+fn names(hosts: &[u32]) -> Vec<String> {
+    hosts.iter().map(|i| format!("host-{i:02}")).collect()
+}
+
+/// The workload's process group, killed if the test ends before it does.
+struct Workload(Option<Child>);
+
+impl Workload {
+    fn wait(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        if let Some(child) = &self.0 {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+        }
+    }
+}
+
+/// The chaos suite's clients against the cluster until the steps file says stop (at most
+/// `limit`), acknowledgements from a quorum.
+fn workload(steps: &Path, limit: Duration) -> Workload {
+    use std::os::unix::process::CommandExt;
     let anthill = anthill_e2e::anthill().display().to_string();
     let servers = "http://10.77.0.11:7400,http://10.77.0.13:7400";
-    Command::new("bash")
+    let child = Command::new("bash")
         .arg(metal_sh())
-        .args(["run", &anthill, "workload", "--server", servers, "--duration", "900s", "--clients", "4", "--json", "--steps"])
+        .args(["run", &anthill, "workload", "--server", servers, "--clients", "4", "--json", "--steps"])
         .arg(steps)
+        .args(["--duration", &format!("{}s", limit.as_secs())])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
-        .expect("the workload starts")
+        .expect("the workload starts");
+    Workload(Some(child))
 }
 
 #[test]
@@ -180,16 +218,21 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
         .expect("the installer runs");
     assert!(install.success(), "the lab's tools did not install");
     let netns_before = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
-    let lab = Lab::up(4);
+    let n = first_hosts();
+    let first: Vec<u32> = (1..=n).collect();
+    let all: Vec<u32> = (1..=n + 1).collect();
+    let kept: Vec<u32> = all.iter().copied().filter(|i| *i != 2).collect();
+    let added = format!("host-{:02}", n + 1);
+    let lab = Lab::up(n as usize + 1);
     let dir = tempfile::tempdir().unwrap();
     let terraform = Terraform { dir: dir.path().to_path_buf() };
     terraform.init();
 
     // Three hosts: the founders. The cluster serves writes once apply returns (the playbook
     // waited until every node was live and every partition led).
-    terraform.apply(&[1, 2, 3], "0.1.0");
-    assert!(whole(&lab.status("10.77.0.12"), &["host-01", "host-02", "host-03"]), "{:?}", lab.status("10.77.0.12"));
-    let (code, plan) = terraform.plan(&[1, 2, 3], "0.1.0");
+    terraform.apply(&first, "0.1.0");
+    assert!(whole(&lab.status("10.77.0.12"), &first), "{:?}", lab.status("10.77.0.12"));
+    let (code, plan) = terraform.plan(&first, "0.1.0");
     assert_eq!(code, 0, "a second plan would change something:\n{plan}");
     // The unit is hardened and runs as its own user.
     let unit = lab.run(&["ssh", "1", "systemctl show anthill -p User -p NoNewPrivileges -p ProtectSystem -p LimitNOFILE"]).unwrap();
@@ -198,11 +241,12 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
     }
 
     let steps = Steps(dir.path().join("steps"));
-    let load = workload(&steps.0);
+    // Each step restarts every node at most once, about 25 s each; the stop line ends it sooner.
+    let load = workload(&steps.0, Duration::from_secs(600 + 150 * u64::from(n)));
     std::thread::sleep(Duration::from_secs(5));
 
     // A rolling upgrade: each node drained, restarted on the new version, healthy again.
-    steps.step("rolling upgrade to 0.1.1", || terraform.apply(&[1, 2, 3], "0.1.1"));
+    steps.step("rolling upgrade to 0.1.1", || terraform.apply(&first, "0.1.1"));
     let version = lab.run(&["ssh", "2", "readlink -f /usr/local/bin/anthill; systemctl show anthill -p NRestarts"]).unwrap();
     assert!(version.contains("/opt/anthill/0.1.1/anthill"), "{version}");
 
@@ -212,20 +256,26 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
         lab.run(&["poweroff", "2"]).unwrap();
         std::thread::sleep(Duration::from_secs(5));
         lab.run(&["start", "2"]).unwrap();
-        wait_until("host-02's node is back", Duration::from_secs(120), || {
-            whole(&lab.status("10.77.0.11"), &["host-01", "host-02", "host-03"])
-        });
+        wait_until("host-02's node is back", Duration::from_secs(120), || whole(&lab.status("10.77.0.11"), &first));
+    });
+
+    // host-03 killed at once, every process of it (no drain, no clean stop), then booted again.
+    steps.step("host-03 killed and booted", || {
+        lab.run(&["kill", "3"]).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        lab.run(&["start", "3"]).unwrap();
+        wait_until("host-03's node is back", Duration::from_secs(120), || whole(&lab.status("10.77.0.11"), &first));
     });
 
     // A host added: the others restart in turn with the longer member list, then it joins.
-    steps.step("host-04 added", || terraform.apply(&[1, 2, 3, 4], "0.1.1"));
-    let status = lab.status("10.77.0.14");
-    assert!(whole(&status, &["host-01", "host-02", "host-03", "host-04"]), "{status:?}");
+    steps.step(&format!("{added} added"), || terraform.apply(&all, "0.1.1"));
+    let status = lab.status(&format!("10.77.0.{}", 11 + n));
+    assert!(whole(&status, &all), "{status:?}");
     let voters = status.as_ref().unwrap()["cluster"]["coordination_voters"].clone();
-    assert_eq!(voters, serde_json::json!([1, 2, 3, 4]), "host-04 is a voter of the coordination group");
+    assert_eq!(voters, serde_json::json!(all), "{added} is a voter of the coordination group");
 
     // A host removed: decommissioned first (its replicas move to the others), then stopped.
-    let removed = steps.step("host-02 removed", || terraform.apply(&[1, 3, 4], "0.1.1"));
+    let removed = steps.step("host-02 removed", || terraform.apply(&kept, "0.1.1"));
     assert!(removed.contains("terraform_data.node[\"host-02\"]: Destruction complete"), "{}", tail(&removed, 40));
     let status = lab.status("10.77.0.11");
     let named = status.as_ref().unwrap()["cluster"]["partitions"]
@@ -236,12 +286,13 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
         .count();
     assert_eq!(named, 0, "no replica set names host-02");
     assert_eq!(lab.run(&["ssh", "2", "systemctl is-active anthill || true"]).unwrap().trim(), "inactive");
-    let (code, plan) = terraform.plan(&[1, 3, 4], "0.1.1");
+    assert_eq!(lab.run(&["ssh", "2", "test -e /var/lib/anthill && echo kept || echo deleted"]).unwrap().trim(), "deleted");
+    let (code, plan) = terraform.plan(&kept, "0.1.1");
     assert_eq!(code, 0, "a plan after the removal would change something:\n{plan}");
 
     // The clients stop; every replica is read back against what they were told.
     steps.write("stop");
-    let out = load.wait_with_output().unwrap();
+    let out = load.wait();
     assert!(
         out.status.success(),
         "the workload failed:\n{}\n{}",
@@ -253,7 +304,7 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
     assert_eq!(report["verdict"]["lost"], serde_json::json!([]), "{report}");
     assert!(report["acknowledged"].as_u64().unwrap() > 1000, "{report}");
     let steps = report["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 4, "{report}");
+    assert_eq!(steps.len(), 5, "{report}");
     for step in steps {
         assert!(step["unavailability_ms"].is_u64(), "writes came back after {}: {report}", step["name"]);
         eprintln!("{}: writes unavailable at most {} ms", step["name"], step["unavailability_ms"]);
