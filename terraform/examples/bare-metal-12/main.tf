@@ -2,12 +2,7 @@
 module "anthill" {
   source = "../../modules/anthill-bare-metal"
 
-  hosts = [for h in var.hosts : {
-    name    = h.name
-    address = h.address
-    raft_id = h.raft_id
-    zone    = h.zone
-  }]
+  hosts                = var.hosts
   ssh_private_key_file = var.ssh_private_key_file
   ssh_extra_args       = var.ssh_extra_args
   anthill_binary       = var.anthill_binary
