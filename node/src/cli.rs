@@ -7,6 +7,7 @@
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anthill_proto::v1 as pb;
 use anyhow::{Context, bail};
@@ -245,6 +246,10 @@ struct AppendArgs {
     /// fail unless they are what was appended: a smoke test of a cluster (the chart's `helm test`).
     #[arg(long)]
     verify: bool,
+    /// Keep trying for up to this many seconds while no node of the cluster answers (a cluster
+    /// just installed, its Service not yet routed); 0: give up at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    wait_for_cluster: u64,
     #[arg(long)]
     json: bool,
 }
@@ -364,6 +369,25 @@ fn parse_expected(s: &str) -> anyhow::Result<pb::ExpectedVersion> {
     Ok(pb::ExpectedVersion { kind: Some(kind) })
 }
 
+/// A router to the cluster behind `seeds`, trying again every second for up to `wait` while no
+/// node answers; each failed try is reported on stderr.
+async fn connect_waiting(seeds: &[String], wait: Duration) -> anyhow::Result<crate::router::Router> {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match crate::router::Router::connect(seeds).await {
+            Ok(router) => return Ok(router),
+            Err(e) if tokio::time::Instant::now() < until => {
+                eprintln!(
+                    "anthill: waiting for the cluster ({}s left): {e:#}",
+                    until.saturating_duration_since(tokio::time::Instant::now()).as_secs()
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let mut payloads = args.data.clone();
     if args.stdin {
@@ -392,7 +416,7 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
     };
     let n = request.events.len();
     let seeds: Vec<String> = args.server.server.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    let router = crate::router::Router::connect(&seeds).await?;
+    let router = connect_waiting(&seeds, Duration::from_secs(args.wait_for_cluster)).await?;
     let r = router.append(request.clone()).await.map_err(client::status_error)?;
     if args.verify {
         let first = r.stream_version + 1 - n as u64;

@@ -220,6 +220,37 @@ async fn the_cli_appends_reads_and_reports_status_as_json() {
 }
 
 #[test]
+fn an_append_told_to_wait_for_the_cluster_succeeds_once_a_node_comes_up_and_one_not_told_fails_at_once() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let url = format!("http://{addr}");
+    let append = |wait: &str| {
+        std::process::Command::new(common::exe())
+            .args(["append", "orders-1", "--type", "Placed", "--data", "x", "--verify", "--json", "--server", &url])
+            .args(["--wait-for-cluster", wait])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = append("0").wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no node of the cluster answered"));
+
+    let waiting = append("60");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let dir = tempfile::tempdir().unwrap();
+    let _node = anthill_node::local::ChildNode::spawn_at(&common::exe(), &dir.path().join("node"), addr, &[]).unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("waiting for the cluster"), "{stderr}");
+    let appended: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(appended["verified"], true, "{appended}");
+}
+
+#[test]
 fn given_an_invalid_config_the_node_refuses_to_start_and_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.yaml");
