@@ -11,6 +11,7 @@ module "anthill" {
   replication_factor   = 3
   coordination         = var.coordination
   consul_token_file    = var.consul_token_file
+  consul               = var.consul
   ansible_playbook     = var.ansible_playbook
 }
 

@@ -47,6 +47,17 @@ variable "consul_token_file" {
   default     = ""
 }
 
+variable "consul" {
+  description = "Consul run on some of the hosts (servers, the management token's file, the `consul` binary): see the module's variable."
+  type = object({
+    servers               = optional(list(string), [])
+    binary                = optional(string, "")
+    management_token_file = optional(string, "")
+    encrypt_key_file      = optional(string, "")
+  })
+  default = {}
+}
+
 variable "ansible_playbook" {
   description = "The `ansible-playbook` to run (the project's: .tools/bin/ansible-playbook)."
   type        = string

@@ -32,7 +32,14 @@ locals {
     anthill_consul_token         = var.consul_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul_token_file}') }}" : ""
     anthill_config_overrides     = var.config_overrides
     anthill_founders             = local.founders
+    consul_binary_src            = var.consul.binary
+    consul_version               = var.consul.version
+    consul_datacenter            = var.consul.datacenter
+    consul_management_token      = var.consul.management_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.management_token_file}') }}" : ""
+    consul_encrypt               = var.consul.encrypt_key_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.encrypt_key_file}') }}" : ""
   }
+  # The hosts running Consul servers (their other settings are those of the `anthill` group).
+  consul_servers = { hosts = { for name in var.consul.servers : name => {} } }
   host_vars = {
     for h in var.hosts : h.name => {
       ansible_host    = h.address
@@ -44,7 +51,7 @@ locals {
       anthill_join = !contains(terraform_data.founders.output, h.name)
     }
   }
-  inventory = jsonencode({ all = { vars = local.settings, children = { anthill = { hosts = local.host_vars } } } })
+  inventory = jsonencode({ all = { vars = local.settings, children = { anthill = { hosts = local.host_vars }, consul_servers = local.consul_servers } } })
 
   # Writes the inventory (from $INVENTORY) to a file of its own and runs $PLAYBOOK with it; the
   # playbook and its arguments follow.
@@ -84,7 +91,7 @@ resource "terraform_data" "node" {
         anthill_decommission_via = try([for h in var.hosts : h.address if h.name != each.key][0], each.value.address)
         anthill_remove_data      = true
       })
-      children = { anthill = { hosts = { (each.key) = local.host_vars[each.key] } } }
+      children = { anthill = { hosts = { (each.key) = local.host_vars[each.key] } }, consul_servers = local.consul_servers }
     } })
     script = local.run_playbook
   }
@@ -112,6 +119,22 @@ resource "terraform_data" "converge" {
     binary    = var.anthill_binary != "" ? filesha256(var.anthill_binary) : var.release_sha256
     playbooks = sha256(join(",", [for f in sort(fileset(local.ansible_dir, "**")) : filesha256("${local.ansible_dir}/${f}")]))
     token     = var.consul_token_file != "" ? filesha256(var.consul_token_file) : ""
+    consul = jsonencode([
+      var.consul.binary != "" ? filesha256(var.consul.binary) : "",
+      var.consul.management_token_file != "" ? filesha256(var.consul.management_token_file) : "",
+      var.consul.encrypt_key_file != "" ? filesha256(var.consul.encrypt_key_file) : "",
+    ])
+  }
+
+  lifecycle {
+    precondition {
+      condition     = alltrue([for name in var.consul.servers : contains(local.names, name)])
+      error_message = "consul.servers: every server must be one of the hosts (a host running a Consul server is not removed by an apply: move the server first)."
+    }
+    precondition {
+      condition     = length(var.consul.servers) == 0 || (var.coordination.kind == "consul" && var.consul_token_file != "")
+      error_message = "consul.servers is set: use coordination kind consul and give the nodes' token in consul_token_file."
+    }
   }
 
   provisioner "local-exec" {

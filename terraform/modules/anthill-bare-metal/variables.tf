@@ -100,6 +100,37 @@ variable "consul_token_file" {
   default     = ""
 }
 
+variable "consul" {
+  description = <<-EOT
+    Consul run by this module for coordination `consul` (leave `servers` empty to use a Consul
+    of your own at `coordination.consul_address`). `servers` names the hosts (of `hosts`) that
+    run its servers: 1, 3 or 5, never removed by an apply (move a server first). Every other
+    host runs a client agent; the nodes reach Consul through their own host's agent
+    (`coordination.consul_address` stays `http://127.0.0.1:8500`). ACLs are on with a default
+    deny: `management_token_file` holds the initial management token (a UUID), with which the
+    playbook makes the agents' token and the nodes' token (`consul_token_file`, a UUID too).
+    `binary` is the `consul` program on the machine running Terraform; `encrypt_key_file`, if
+    set, the gossip key (`consul keygen`).
+  EOT
+  type = object({
+    servers               = optional(list(string), [])
+    binary                = optional(string, "")
+    version               = optional(string, "1.20.2")
+    datacenter            = optional(string, "dc1")
+    management_token_file = optional(string, "")
+    encrypt_key_file      = optional(string, "")
+  })
+  default = {}
+  validation {
+    condition     = contains([0, 1, 3, 5], length(var.consul.servers))
+    error_message = "consul.servers: none (a Consul of your own), or 1, 3 or 5 hosts."
+  }
+  validation {
+    condition     = length(var.consul.servers) == 0 || (var.consul.binary != "" && var.consul.management_token_file != "")
+    error_message = "consul: with servers, set binary and management_token_file."
+  }
+}
+
 variable "config_overrides" {
   description = "Merged over each node's configuration (docs/configuration.md)."
   type        = any

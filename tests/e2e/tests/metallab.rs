@@ -10,7 +10,9 @@
 //! process) and booted again, a host added with `apply`, a host removed with `apply`
 //! (decommissioned first, its data deleted). The suite's checker finds nothing acknowledged
 //! lost, and reports how long writes were unavailable during each step. The teardown leaves
-//! nothing running or mounted.
+//! nothing running or mounted. The same again with coordination `consul`: the module runs
+//! Consul servers on three of the hosts (ACLs on, gossip encrypted) and a client agent on the
+//! others, and a host leaving takes its agent out of the Consul cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -55,6 +57,8 @@ impl Drop for Lab {
 /// Terraform on the example, inside the lab's network, its state and working data in `dir`.
 struct Terraform {
     dir: PathBuf,
+    /// More `-var`s (the coordination's).
+    vars: Vec<String>,
 }
 
 impl Terraform {
@@ -92,6 +96,9 @@ impl Terraform {
             format!("-var=anthill_version={version}"),
             format!("-var=ansible_playbook={}", anthill_e2e::tool("ansible-playbook").display()),
         ]
+        .into_iter()
+        .chain(self.vars.iter().cloned())
+        .collect()
     }
 
     /// `terraform apply`; its output, kept in the test's folder.
@@ -208,12 +215,64 @@ fn workload(steps: &Path, limit: Duration) -> Workload {
     Workload(Some(child))
 }
 
+/// Where the cluster decides partition ownership in a run of the scenario.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Coordination {
+    Embedded,
+    /// Consul servers on three of the hosts (the module runs them, ACLs on), a client agent on
+    /// every other; each node reaches Consul through its own host's agent.
+    Consul,
+}
+
+/// Lab runs one at a time (one network namespace).
+static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledged_write_through_an_upgrade_a_power_cut_and_a_host_added_and_removed()
  {
+    scenario(Coordination::Embedded);
+}
+
+#[test]
+fn the_same_with_consul_servers_on_three_of_the_hosts_run_by_the_module() {
+    scenario(Coordination::Consul);
+}
+
+/// The Consul the module runs: its files (tokens, gossip key) in `dir`, the hosts of its servers.
+fn consul_vars(dir: &Path, servers: &[u32]) -> Vec<String> {
+    let uuid = || std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap().trim().to_string();
+    let file = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    };
+    let consul = anthill_e2e::tool("consul");
+    let key = Command::new(&consul).arg("keygen").output().unwrap();
+    let key = anthill_e2e::output("consul keygen", key).unwrap();
+    let management = file("consul-management-token", &uuid());
+    let nodes = file("consul-anthill-token", &uuid());
+    let gossip = file("consul-gossip-key", key.trim());
+    let servers: Vec<String> = names(servers).iter().map(|n| format!("\"{n}\"")).collect();
+    vec![
+        r#"-var=coordination={kind="consul"}"#.to_string(),
+        format!("-var=consul_token_file={nodes}"),
+        format!(
+            "-var=consul={{servers=[{}],binary=\"{}\",management_token_file=\"{management}\",encrypt_key_file=\"{gossip}\"}}",
+            servers.join(","),
+            consul.display()
+        ),
+    ]
+}
+
+fn scenario(coordination: Coordination) {
+    let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tools = vec!["metallab", "ansible", "terraform"];
+    if coordination == Coordination::Consul {
+        tools.push("consul");
+    }
     let install = Command::new("bash")
         .arg(anthill_e2e::repository().join("tests/e2e/tools/install.sh"))
-        .args(["metallab", "ansible", "terraform"])
+        .args(&tools)
         .status()
         .expect("the installer runs");
     assert!(install.success(), "the lab's tools did not install");
@@ -221,11 +280,20 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
     let n = first_hosts();
     let first: Vec<u32> = (1..=n).collect();
     let all: Vec<u32> = (1..=n + 1).collect();
-    let kept: Vec<u32> = all.iter().copied().filter(|i| *i != 2).collect();
+    // Consul's servers on three of the first hosts: host-02 among them only when there are no
+    // others (then the host removed is the one added, which runs a client agent).
+    let servers: Vec<u32> = if n >= 4 { vec![1, 3, 4] } else { vec![1, 2, 3] };
+    let gone = if coordination == Coordination::Consul && servers.contains(&2) { n + 1 } else { 2 };
+    let kept: Vec<u32> = all.iter().copied().filter(|i| *i != gone).collect();
     let added = format!("host-{:02}", n + 1);
+    let removed = format!("host-{gone:02}");
     let lab = Lab::up(n as usize + 1);
     let dir = tempfile::tempdir().unwrap();
-    let terraform = Terraform { dir: dir.path().to_path_buf() };
+    let vars = match coordination {
+        Coordination::Embedded => Vec::new(),
+        Coordination::Consul => consul_vars(dir.path(), &servers),
+    };
+    let terraform = Terraform { dir: dir.path().to_path_buf(), vars };
     terraform.init();
 
     // Three hosts: the founders. The cluster serves writes once apply returns (the playbook
@@ -238,6 +306,18 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
     let unit = lab.run(&["ssh", "1", "systemctl show anthill -p User -p NoNewPrivileges -p ProtectSystem -p LimitNOFILE"]).unwrap();
     for setting in ["User=anthill", "NoNewPrivileges=yes", "ProtectSystem=strict", "LimitNOFILE=65536"] {
         assert!(unit.contains(setting), "{setting}: {unit}");
+    }
+    let consul = |host: u32, command: &str| {
+        let token = std::fs::read_to_string(dir.path().join("consul-management-token")).unwrap();
+        lab.run(&["ssh", &host.to_string(), &format!("CONSUL_HTTP_TOKEN={} consul {command}", token.trim())]).unwrap()
+    };
+    if coordination == Coordination::Consul {
+        // Every host's agent is a member (three servers), and the nodes hold their keys in Consul.
+        let members = consul(1, "members");
+        assert_eq!(members.lines().filter(|l| l.contains(" alive ")).count(), n as usize, "{members}");
+        assert_eq!(members.lines().filter(|l| l.contains(" server ")).count(), 3, "{members}");
+        let keys = consul(1, "kv get -keys -recurse anthill/members/");
+        assert!(names(&first).iter().all(|h| keys.contains(&format!("anthill/members/{h}"))), "{keys}");
     }
 
     let steps = Steps(dir.path().join("steps"));
@@ -271,22 +351,31 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
     steps.step(&format!("{added} added"), || terraform.apply(&all, "0.1.1"));
     let status = lab.status(&format!("10.77.0.{}", 11 + n));
     assert!(whole(&status, &all), "{status:?}");
-    let voters = status.as_ref().unwrap()["cluster"]["coordination_voters"].clone();
-    assert_eq!(voters, serde_json::json!(all), "{added} is a voter of the coordination group");
+    if coordination == Coordination::Embedded {
+        let voters = status.as_ref().unwrap()["cluster"]["coordination_voters"].clone();
+        assert_eq!(voters, serde_json::json!(all), "{added} is a voter of the coordination group");
+    }
 
     // A host removed: decommissioned first (its replicas move to the others), then stopped.
-    let removed = steps.step("host-02 removed", || terraform.apply(&kept, "0.1.1"));
-    assert!(removed.contains("terraform_data.node[\"host-02\"]: Destruction complete"), "{}", tail(&removed, 40));
+    let applied = steps.step(&format!("{removed} removed"), || terraform.apply(&kept, "0.1.1"));
+    assert!(applied.contains(&format!("terraform_data.node[\"{removed}\"]: Destruction complete")), "{}", tail(&applied, 40));
     let status = lab.status("10.77.0.11");
     let named = status.as_ref().unwrap()["cluster"]["partitions"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["replicas"].as_array().unwrap().iter().any(|r| r == "host-02"))
+        .filter(|p| p["replicas"].as_array().unwrap().iter().any(|r| *r == removed))
         .count();
-    assert_eq!(named, 0, "no replica set names host-02");
-    assert_eq!(lab.run(&["ssh", "2", "systemctl is-active anthill || true"]).unwrap().trim(), "inactive");
-    assert_eq!(lab.run(&["ssh", "2", "test -e /var/lib/anthill && echo kept || echo deleted"]).unwrap().trim(), "deleted");
+    assert_eq!(named, 0, "no replica set names {removed}");
+    let on_removed = |command: &str| lab.run(&["ssh", &gone.to_string(), command]).unwrap().trim().to_string();
+    assert_eq!(on_removed("systemctl is-active anthill || true"), "inactive");
+    assert_eq!(on_removed("test -e /var/lib/anthill && echo kept || echo deleted"), "deleted");
+    if coordination == Coordination::Consul {
+        // Its Consul agent left the Consul cluster and no longer runs.
+        assert_eq!(on_removed("systemctl is-active consul || true"), "inactive");
+        let members = consul(1, "members");
+        assert!(members.lines().any(|l| l.starts_with(&removed) && l.contains(" left ")), "{members}");
+    }
     let (code, plan) = terraform.plan(&kept, "0.1.1");
     assert_eq!(code, 0, "a plan after the removal would change something:\n{plan}");
 
