@@ -6,8 +6,10 @@
 # hosts from inside that namespace (`run`). docs/bare-metal.md says what the lab proves.
 #
 #   metal.sh up [--hosts N] [--rootfs DIR]   N hosts (default 3, at most 16) from the cached
-#                                            Debian (tools/install.sh metallab) or from DIR (an
-#                                            exported image); prints the lab's folder
+#                                            Debian (tools/install.sh metallab) or from DIR, a
+#                                            root filesystem's folder or a rootfs.tar (an image
+#                                            that tests/e2e/lab/image.sh made); prints the
+#                                            lab's folder
 #   metal.sh down                            powers every host off, removes the namespace, the
 #                                            mounts and the folder: nothing is left
 #   metal.sh hosts [--json]                  each host's name, address and state
@@ -135,7 +137,7 @@ up() {
     while (($#)); do
         case "$1" in
             --hosts) hosts="${2:?--hosts needs a number}"; shift 2 ;;
-            --rootfs) rootfs="${2:?--rootfs needs a folder}"; shift 2 ;;
+            --rootfs) rootfs="${2:?--rootfs needs a folder or a .tar}"; shift 2 ;;
             *) die "up: unknown argument '$1' (--hosts N, --rootfs DIR)" ;;
         esac
     done
@@ -145,6 +147,12 @@ up() {
     trap 'status=$?; if ((status != 0)); then say "up failed: taking down what it made"; down; fi' EXIT
     bash "$repo/tests/e2e/tools/install.sh" metallab
     if [[ -z "$rootfs" ]]; then rootfs="$(realpath "$repo/.tools/metal-rootfs")"; fi
+    if [[ -f "$rootfs" && "$rootfs" == *.tar ]]; then
+        # An image: unpacked once into the lab's folder, every host's shared lower layer.
+        mkdir -p "$lab/image"
+        tar -C "$lab/image" --numeric-owner -xf "$rootfs" || die "cannot unpack the image $rootfs"
+        rootfs="$lab/image"
+    fi
     [[ -x "$rootfs/lib/systemd/systemd" || -x "$rootfs/usr/lib/systemd/systemd" ]] ||
         die "$rootfs is not a root filesystem with systemd"
     mkdir -p "$lab/hosts.d"

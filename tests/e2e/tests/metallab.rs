@@ -28,8 +28,14 @@ fn metal_sh() -> PathBuf {
 struct Lab;
 
 impl Lab {
-    fn up(hosts: usize) -> Lab {
-        let out = Command::new("bash").arg(metal_sh()).args(["up", "--hosts", &hosts.to_string()]).output().expect("bash runs");
+    /// `hosts` hosts booted from `rootfs` (an image's rootfs.tar), or from the lab's Debian.
+    fn up(hosts: usize, rootfs: Option<&Path>) -> Lab {
+        let mut command = Command::new("bash");
+        command.arg(metal_sh()).args(["up", "--hosts", &hosts.to_string()]);
+        if let Some(rootfs) = rootfs {
+            command.arg("--rootfs").arg(rootfs);
+        }
+        let out = command.output().expect("bash runs");
         assert!(out.status.success(), "the lab did not come up:\n{}", String::from_utf8_lossy(&out.stderr));
         Lab
     }
@@ -264,6 +270,36 @@ fn consul_vars(dir: &Path, servers: &[u32]) -> Vec<String> {
     ]
 }
 
+/// The image of the recipe's lab source (tests/e2e/lab/image.sh), into `out`: its rootfs.tar,
+/// checked against its manifest.
+fn build_image(out: &Path) -> PathBuf {
+    let script = anthill_e2e::repository().join("tests/e2e/lab/image.sh");
+    let built = Command::new("bash").arg(script).arg(out).arg("--binary").arg(anthill_e2e::anthill()).output().unwrap();
+    anthill_e2e::output("tests/e2e/lab/image.sh", built).unwrap();
+    let rootfs = out.join("rootfs.tar");
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let sum = Command::new("sha256sum").arg(&rootfs).output().unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    assert_eq!(manifest["sha256"].as_str(), sum.split_whitespace().next(), "the manifest names the image's SHA-256");
+    assert_eq!(manifest["anthill_version"], "0.1.0", "{manifest}");
+    rootfs
+}
+
+/// Hosts booted from the image: the node installed and enabled but not started (no
+/// configuration yet), and each host with an identity of its own (machine-id, SSH host key).
+fn check_booted_from_the_image(lab: &Lab, hosts: u32) {
+    let mut identities = std::collections::BTreeSet::new();
+    for host in 1..=hosts {
+        let on = |command: &str| lab.run(&["ssh", &host.to_string(), command]).unwrap().trim().to_string();
+        assert_eq!(on("systemctl is-enabled anthill"), "enabled", "host {host}");
+        assert_eq!(on("systemctl is-active anthill || true"), "inactive", "host {host}: no configuration, no node");
+        assert_eq!(on("readlink -f /usr/local/bin/anthill"), "/opt/anthill/0.1.0/anthill", "host {host}");
+        let identity = on("cat /etc/machine-id; ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub");
+        assert!(identity.lines().count() == 2 && identity.len() > 40, "host {host}: {identity}");
+        assert!(identities.insert(identity.clone()), "host {host} has another host's identity: {identity}");
+    }
+}
+
 fn scenario(coordination: Coordination) {
     let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let mut tools = vec!["metallab", "ansible", "terraform"];
@@ -287,8 +323,13 @@ fn scenario(coordination: Coordination) {
     let kept: Vec<u32> = all.iter().copied().filter(|i| *i != gone).collect();
     let added = format!("host-{:02}", n + 1);
     let removed = format!("host-{gone:02}");
-    let lab = Lab::up(n as usize + 1);
     let dir = tempfile::tempdir().unwrap();
+    // The embedded run's hosts boot from the image its recipe builds (packer/, docs/images.md).
+    let image = (coordination == Coordination::Embedded).then(|| build_image(&dir.path().join("image")));
+    let lab = Lab::up(n as usize + 1, image.as_deref());
+    if image.is_some() {
+        check_booted_from_the_image(&lab, n + 1);
+    }
     let vars = match coordination {
         Coordination::Embedded => Vec::new(),
         Coordination::Consul => consul_vars(dir.path(), &servers),

@@ -19,6 +19,8 @@
 #              (systemd-nspawn), debootstrap and openssh-client, and the hosts' root filesystem:
 #              a minimal Debian with systemd, sshd and Python, made once with debootstrap; not
 #              part of `all` (the lab is a command of its own)
+#   packer     Packer, built from its Go module (pinned below), with the plugins the image
+#              recipe (packer/) names: ansible, amazon and googlecompute (their Go modules)
 #   all        every tool above but kubelab and metallab
 #
 # No TOOL: iproute2 (what `cargo test` needs without the real-components suites).
@@ -52,6 +54,10 @@ GRPCURL_VERSION=1.9.3
 METAL_SUITE=bookworm
 METAL_ROOTFS_RECIPE=2
 COREDNS_VERSION=1.14.7
+PACKER_VERSION=1.14.3
+PACKER_ANSIBLE_VERSION=1.1.2
+PACKER_AMAZON_VERSION=1.3.6
+PACKER_GOOGLECOMPUTE_VERSION=1.1.9
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
@@ -317,6 +323,40 @@ install_helm() {
 }
 
 # Whether `$1` names a Terraform at least TERRAFORM_MIN.
+# Builds the Go module `$1` at version `$2` into the program `$3`, in a copy of the module (these
+# modules' go.mod have `replace` lines, so `go install` refuses them).
+build_module_copy() {
+    local module="$1" version="$2" out="$3" src
+    src="$(go_env go mod download -json "$module@v$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [[ -d "$src" ]] || { say "the module proxy gave no $module@v$version"; return 1; }
+    mkdir -p "copy-${module##*/}"
+    cp -r "$src/." "copy-${module##*/}"
+    chmod -R u+w "copy-${module##*/}"
+    (cd "copy-${module##*/}" && go_env go build -trimpath -ldflags "-s -w" -o "$out" .)
+}
+
+build_packer() {
+    build_module_copy github.com/hashicorp/packer "$PACKER_VERSION" "$1/packer"
+    local plugin version
+    for plugin in ansible:$PACKER_ANSIBLE_VERSION amazon:$PACKER_AMAZON_VERSION googlecompute:$PACKER_GOOGLECOMPUTE_VERSION; do
+        version="${plugin#*:}"
+        plugin="${plugin%%:*}"
+        say "building Packer's $plugin plugin $version"
+        build_module_copy "github.com/hashicorp/packer-plugin-$plugin" "$version" "$PWD/packer-plugin-$plugin"
+        # Packer finds it there (PACKER_PLUGIN_PATH), by the name and checksum it gives it.
+        PACKER_PLUGIN_PATH="$1/plugins" CHECKPOINT_DISABLE=1 "$1/packer" plugins install \
+            --path "$PWD/packer-plugin-$plugin" "github.com/hashicorp/$plugin" >/dev/null
+    done
+}
+
+install_packer() {
+    local dest="$cache/packer-$PACKER_VERSION-ansible$PACKER_ANSIBLE_VERSION-amazon$PACKER_AMAZON_VERSION-gce$PACKER_GOOGLECOMPUTE_VERSION"
+    cached_build "$dest" packer "Packer $PACKER_VERSION and its plugins" \
+        "from their Go modules (about 7 minutes on 2 cores)" build_packer
+    # Beside the programs' links, not among them: a folder (PACKER_PLUGIN_PATH).
+    ln -sfn "$dest/plugins" "$repo/.tools/packer-plugins"
+}
+
 new_enough_terraform() {
     local v
     v="$(CHECKPOINT_DISABLE=1 "$1" version 2>/dev/null | sed -n '1s/^Terraform v\([0-9]*\.[0-9]*\).*/\1/p')"
@@ -388,7 +428,7 @@ install_grpcurl() {
         "from its Go module (about a minute)" build_grpcurl
 }
 
-all=(iproute2 consul kubernetes helm terraform ansible grpcurl)
+all=(iproute2 consul kubernetes helm terraform ansible grpcurl packer)
 tools=("$@")
 ((${#tools[@]})) || tools=(iproute2)
 for tool in "${tools[@]}"; do
@@ -406,6 +446,7 @@ for tool in "${tools[@]}"; do
         terraform) install_terraform ;;
         ansible) install_ansible ;;
         grpcurl) install_grpcurl ;;
+        packer) install_packer ;;
         kubelab) install_kubelab ;;
         metallab) install_metallab ;;
         *) say "unknown tool '$tool' (known: ${all[*]} kubelab metallab all)"; exit 2 ;;

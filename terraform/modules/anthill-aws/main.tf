@@ -1,0 +1,125 @@
+# An Anthill cluster on EC2 from the image of packer/ (docs/clouds.md): one network interface
+# per node first (its private address is then known, and every node's configuration can list
+# every member), the instances spread over the subnets' zones and a spread placement group,
+# each configured by cloud-init (its node.yaml written, the node started), a security group that
+# opens only the cluster's ports. Not applied here (no AWS account): written to the provider's
+# documented schema, formatted by CI; see docs/clouds.md for what was checked.
+
+locals {
+  members = [for i in range(var.nodes) : {
+    name    = "${var.name}-${i + 1}"
+    address = aws_network_interface.node[i].private_ip
+    raft_id = i + 1
+  }]
+  founders = [for i in range(min(var.founders, var.nodes)) : "${var.name}-${i + 1}"]
+}
+
+module "config" {
+  source             = "../anthill-node-config"
+  members            = local.members
+  founders           = local.founders
+  partitions         = var.partitions
+  replication_factor = var.replication_factor
+  coordination       = var.coordination
+  config_overrides   = var.config_overrides
+}
+
+resource "aws_security_group" "cluster" {
+  name        = var.name
+  description = "Anthill ${var.name}: gRPC between the nodes and from the clients, metrics, SSH"
+  vpc_id      = var.vpc_id
+  tags        = merge(var.tags, { Name = var.name })
+}
+
+resource "aws_vpc_security_group_ingress_rule" "nodes" {
+  security_group_id            = aws_security_group.cluster.id
+  description                  = "gRPC and replication between the nodes"
+  referenced_security_group_id = aws_security_group.cluster.id
+  ip_protocol                  = "tcp"
+  from_port                    = 7400
+  to_port                      = 7400
+}
+
+resource "aws_vpc_security_group_ingress_rule" "clients" {
+  for_each          = toset(var.client_cidrs)
+  security_group_id = aws_security_group.cluster.id
+  description       = "gRPC from clients"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 7400
+  to_port           = 7400
+}
+
+resource "aws_vpc_security_group_ingress_rule" "metrics" {
+  for_each          = toset(var.metrics_cidrs)
+  security_group_id = aws_security_group.cluster.id
+  description       = "Prometheus metrics"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 7401
+  to_port           = 7401
+}
+
+resource "aws_vpc_security_group_ingress_rule" "ssh" {
+  for_each          = toset(var.ssh_cidrs)
+  security_group_id = aws_security_group.cluster.id
+  description       = "SSH"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 22
+  to_port           = 22
+}
+
+resource "aws_vpc_security_group_egress_rule" "all" {
+  security_group_id = aws_security_group.cluster.id
+  description       = "Outbound (package mirrors, time, Consul)"
+  cidr_ipv4         = "0.0.0.0/0"
+  ip_protocol       = "-1"
+}
+
+resource "aws_placement_group" "spread" {
+  name     = var.name
+  strategy = "spread"
+  tags     = var.tags
+}
+
+resource "aws_network_interface" "node" {
+  count           = var.nodes
+  subnet_id       = var.subnet_ids[count.index % length(var.subnet_ids)]
+  security_groups = [aws_security_group.cluster.id]
+  tags            = merge(var.tags, { Name = "${var.name}-${count.index + 1}" })
+}
+
+resource "aws_instance" "node" {
+  count           = var.nodes
+  ami             = var.image_id
+  instance_type   = var.instance_type
+  key_name        = var.ssh_key_name
+  placement_group = aws_placement_group.spread.id
+
+  network_interface {
+    network_interface_id = aws_network_interface.node[count.index].id
+    device_index         = 0
+  }
+
+  root_block_device {
+    volume_size = var.data_volume_gb
+    volume_type = "gp3"
+    encrypted   = true
+  }
+
+  metadata_options {
+    http_tokens = "required"
+  }
+
+  user_data = templatefile("${path.module}/cloud-init.yaml.tftpl", {
+    node_yaml    = module.config.yaml["${var.name}-${count.index + 1}"]
+    consul_token = var.consul_token
+  })
+  # A new member list (nodes added) is rolled by the playbooks, not by replacing instances.
+  lifecycle {
+    ignore_changes = [user_data]
+  }
+
+  tags = merge(var.tags, { Name = "${var.name}-${count.index + 1}", "anthill:cluster" = var.name })
+}

@@ -1,0 +1,36 @@
+# Each node's configuration (`anthill node --config`'s YAML, docs/configuration.md) for a cluster
+# whose members are known before the machines boot: what the cloud modules write with
+# cloud-init or a startup script. The same settings as the anthill role's template
+# (ansible/roles/anthill/templates/node.yaml.j2); Terraform's own functions only, no provider.
+
+locals {
+  coordination = var.coordination.kind == "consul" ? {
+    kind       = "consul"
+    address    = var.coordination.consul_address
+    key_prefix = var.coordination.consul_key_prefix
+    token_file = "/etc/anthill/consul-token"
+    } : {
+    kind = "embedded"
+  }
+  session_ttl_ms = var.session_ttl_ms != null ? var.session_ttl_ms : (var.coordination.kind == "consul" ? 10000 : 1000)
+
+  configs = {
+    for m in var.members : m.name => merge({
+      node_id      = m.name
+      data_dir     = "/var/lib/anthill"
+      listen_addr  = "0.0.0.0:7400"
+      metrics_addr = "0.0.0.0:7401"
+      storage      = { partitions = var.partitions }
+      cluster = {
+        members            = [for o in var.members : { id = o.raft_id, name = o.name, address = "${o.address}:7400" }]
+        founders           = var.founders
+        join               = !contains(var.founders, m.name) && length(var.founders) > 0
+        replication_factor = var.replication_factor
+        session_ttl_ms     = local.session_ttl_ms
+        drain_on_stop_ms   = 10000
+        coordination       = local.coordination
+      }
+      telemetry = { log_level = "info" }
+    }, var.config_overrides)
+  }
+}

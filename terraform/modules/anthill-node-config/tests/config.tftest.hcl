@@ -1,0 +1,55 @@
+# `terraform test` (offline: the module has no provider): the configurations it renders.
+
+variables {
+  members = [
+    { name = "a-1", address = "10.0.1.10", raft_id = 1 },
+    { name = "a-2", address = "10.0.2.10", raft_id = 2 },
+    { name = "a-3", address = "10.0.3.10", raft_id = 3 },
+    { name = "a-4", address = "10.0.1.11", raft_id = 4 },
+  ]
+  founders = ["a-1", "a-2", "a-3"]
+}
+
+run "every_node_lists_every_member_and_only_later_ones_join" {
+  command = plan
+
+  assert {
+    condition     = yamldecode(output.yaml["a-2"]).cluster.members[3].address == "10.0.1.11:7400"
+    error_message = "a-2 does not list a-4 at its address"
+  }
+  assert {
+    condition     = yamldecode(output.yaml["a-2"]).node_id == "a-2" && yamldecode(output.yaml["a-2"]).cluster.join == false
+    error_message = "a founder joins, or names itself wrong"
+  }
+  assert {
+    condition     = yamldecode(output.yaml["a-4"]).cluster.join == true
+    error_message = "a-4, added after the founders, does not join"
+  }
+  assert {
+    condition     = yamldecode(output.yaml["a-1"]).cluster.coordination.kind == "embedded" && yamldecode(output.yaml["a-1"]).cluster.session_ttl_ms == 1000
+    error_message = "the default is the embedded store with 1 s leases"
+  }
+}
+
+run "consul_gets_its_token_file_and_a_ten_second_session" {
+  command = plan
+  variables {
+    coordination = { kind = "consul" }
+  }
+
+  assert {
+    condition     = yamldecode(output.yaml["a-1"]).cluster.coordination.token_file == "/etc/anthill/consul-token" && yamldecode(output.yaml["a-1"]).cluster.session_ttl_ms == 10000
+    error_message = "consul: no token file or a session TTL under Consul's minimum"
+  }
+}
+
+run "a_reused_raft_id_is_refused" {
+  command = plan
+  variables {
+    members = [
+      { name = "a-1", address = "10.0.1.10", raft_id = 1 },
+      { name = "a-2", address = "10.0.2.10", raft_id = 1 },
+    ]
+  }
+  expect_failures = [var.members]
+}
