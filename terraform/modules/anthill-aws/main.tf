@@ -22,6 +22,7 @@ module "config" {
   replication_factor = var.replication_factor
   coordination       = var.coordination
   config_overrides   = var.config_overrides
+  consul_token       = var.consul_token
 }
 
 resource "aws_security_group" "cluster" {
@@ -112,10 +113,7 @@ resource "aws_instance" "node" {
     http_tokens = "required"
   }
 
-  user_data = templatefile("${path.module}/cloud-init.yaml.tftpl", {
-    node_yaml    = module.config.yaml["${var.name}-${count.index + 1}"]
-    consul_token = var.consul_token
-  })
+  user_data = module.config.cloud_init["${var.name}-${count.index + 1}"]
   # A new member list (nodes added) is rolled by the playbooks, not by replacing instances.
   lifecycle {
     ignore_changes = [user_data]

@@ -1,6 +1,6 @@
 # Each node's configuration (`anthill node --config`'s YAML, docs/configuration.md) for a cluster
-# whose members are known before the machines boot: what the cloud modules write with
-# cloud-init or a startup script. The same settings as the anthill role's template
+# whose members are known before the machines boot, and the cloud-init user data that writes
+# it: what the cloud modules give their instances. The same settings as the anthill role's template
 # (ansible/roles/anthill/templates/node.yaml.j2); Terraform's own functions only, no provider.
 
 locals {

@@ -58,3 +58,10 @@ variable "config_overrides" {
   type        = any
   default     = {}
 }
+
+variable "consul_token" {
+  description = "The nodes' Consul ACL token (coordination `consul`), for the cloud-init user data."
+  type        = string
+  default     = ""
+  sensitive   = true
+}

@@ -4,7 +4,8 @@
 //! `terraform init` runs with the project's CLI configuration (`terraform/cli.tfrc`), which
 //! keeps it off the network. `packer fmt -check` and `packer validate` of the image recipe
 //! (`packer/`), every source (the lab's and the clouds', their plugins built by the installer).
-//! The lab's test (`metallab.rs`) applies them for real, and builds the lab's image.
+//! The Hetzner module validates with the provider the installer builds. The lab's test
+//! (`metallab.rs`) applies the bare-metal ones for real, and builds the lab's image.
 
 use std::path::Path;
 use std::process::Command;
@@ -67,8 +68,33 @@ fn the_terraform_code_is_formatted_and_every_bare_metal_module_validates_offline
     assert!(refused.contains("raft_id must be a whole number above 0"), "{refused}");
 }
 
-/// The cloud modules' providers (AWS, Google) cannot be built here, so those modules are only
-/// formatted (above); the node configuration they write comes from a module without a
+#[test]
+fn the_hetzner_module_and_example_validate_offline_with_the_provider_the_installer_builds() {
+    install(&["terraform", "terraform-providers"]);
+    let root = anthill_e2e::repository().join("terraform");
+    let plugins = format!("-plugin-dir={}", anthill_e2e::repository().join(".tools/terraform-providers").display());
+    let data = tempfile::tempdir().unwrap();
+    for dir in ["modules/anthill-hetzner", "examples/hetzner-three-locations"] {
+        let data = data.path().join(dir.replace('/', "-"));
+        terraform(&root.join(dir), &data, &["init", "-input=false", "-no-color", &plugins]).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        let valid = terraform(&root.join(dir), &data, &["validate", "-no-color"]).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        assert!(valid.contains("The configuration is valid"), "{dir}: {valid}");
+    }
+    // The provider's schema is checked: an argument hcloud_server does not have is refused.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join("main.tf"),
+        "terraform {\n  required_providers {\n    hcloud = { source = \"hetznercloud/hcloud\" }\n  }\n}\n\nresource \"hcloud_server\" \"x\" {\n  name = \"x\"\n  server_type = \"cx22\"\n  flavour = \"large\"\n}\n",
+    )
+    .unwrap();
+    let data = broken.path().join(".terraform");
+    terraform(broken.path(), &data, &["init", "-input=false", "-no-color", &plugins]).unwrap();
+    let refused = terraform(broken.path(), &data, &["validate", "-no-color"]).expect_err("an unknown argument is refused");
+    assert!(refused.contains("flavour"), "{refused}");
+}
+
+/// The AWS and Google providers cannot be built here, so those modules are only formatted
+/// (above); the node configuration every cloud module writes comes from a module without a
 /// provider, checked here: its own `terraform test`, and what it renders accepted by the node.
 #[test]
 fn the_node_configuration_of_the_cloud_modules_passes_its_tests_and_the_node_accepts_it() {
@@ -77,7 +103,7 @@ fn the_node_configuration_of_the_cloud_modules_passes_its_tests_and_the_node_acc
     let data = tempfile::tempdir().unwrap();
     terraform(&module, data.path(), &["init", "-input=false", "-no-color"]).unwrap();
     let tested = terraform(&module, data.path(), &["test", "-no-color"]).unwrap();
-    assert!(tested.contains("3 passed, 0 failed"), "{tested}");
+    assert!(tested.contains("4 passed, 0 failed"), "{tested}");
 
     let root = tempfile::tempdir().unwrap();
     let members = r#"[{ name = "n-1", address = "10.0.0.1", raft_id = 1 }, { name = "n-2", address = "10.0.0.2", raft_id = 2 }, { name = "n-3", address = "10.0.0.3", raft_id = 3 }]"#;

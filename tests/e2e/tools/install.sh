@@ -19,6 +19,9 @@
 #              (systemd-nspawn), debootstrap and openssh-client, and the hosts' root filesystem:
 #              a minimal Debian with systemd, sshd and Python, made once with debootstrap; not
 #              part of `all` (the lab is a command of its own)
+#   terraform-providers  the Terraform providers the cloud modules name that can be built here
+#              (hetznercloud/hcloud, from its Go module), into .tools/terraform-providers
+#              (`terraform init -plugin-dir`); the AWS and Google providers are not served
 #   packer     Packer, built from its Go module (pinned below), with the plugins the image
 #              recipe (packer/) names: ansible, amazon and googlecompute (their Go modules)
 #   all        every tool above but kubelab and metallab
@@ -54,6 +57,7 @@ GRPCURL_VERSION=1.9.3
 METAL_SUITE=bookworm
 METAL_ROOTFS_RECIPE=2
 COREDNS_VERSION=1.14.7
+HCLOUD_PROVIDER_VERSION=1.49.0
 PACKER_VERSION=1.14.3
 PACKER_ANSIBLE_VERSION=1.1.2
 PACKER_AMAZON_VERSION=1.3.6
@@ -357,6 +361,23 @@ install_packer() {
     ln -sfn "$dest/plugins" "$repo/.tools/packer-plugins"
 }
 
+build_terraform_providers() {
+    local dir="$1/registry.terraform.io/hetznercloud/hcloud/$HCLOUD_PROVIDER_VERSION/linux_amd64"
+    mkdir -p "$dir"
+    build_module_copy github.com/hetznercloud/terraform-provider-hcloud "$HCLOUD_PROVIDER_VERSION" \
+        "$dir/terraform-provider-hcloud_v$HCLOUD_PROVIDER_VERSION"
+}
+
+install_terraform_providers() {
+    local dest="$cache/terraform-providers-hcloud$HCLOUD_PROVIDER_VERSION"
+    if [[ ! -d "$dest/registry.terraform.io" ]]; then
+        say "building the Terraform provider hetznercloud/hcloud $HCLOUD_PROVIDER_VERSION from its Go module (about 4 minutes)"
+        build_into "$dest" "the hcloud provider" build_terraform_providers
+    fi
+    # Beside the programs' links, not among them: a folder (terraform init -plugin-dir).
+    ln -sfn "$dest" "$repo/.tools/terraform-providers"
+}
+
 new_enough_terraform() {
     local v
     v="$(CHECKPOINT_DISABLE=1 "$1" version 2>/dev/null | sed -n '1s/^Terraform v\([0-9]*\.[0-9]*\).*/\1/p')"
@@ -428,7 +449,7 @@ install_grpcurl() {
         "from its Go module (about a minute)" build_grpcurl
 }
 
-all=(iproute2 consul kubernetes helm terraform ansible grpcurl packer)
+all=(iproute2 consul kubernetes helm terraform terraform-providers ansible grpcurl packer)
 tools=("$@")
 ((${#tools[@]})) || tools=(iproute2)
 for tool in "${tools[@]}"; do
@@ -447,6 +468,7 @@ for tool in "${tools[@]}"; do
         ansible) install_ansible ;;
         grpcurl) install_grpcurl ;;
         packer) install_packer ;;
+        terraform-providers) install_terraform_providers ;;
         kubelab) install_kubelab ;;
         metallab) install_metallab ;;
         *) say "unknown tool '$tool' (known: ${all[*]} kubelab metallab all)"; exit 2 ;;

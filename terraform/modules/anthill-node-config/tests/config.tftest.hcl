@@ -53,3 +53,20 @@ run "a_reused_raft_id_is_refused" {
   }
   expect_failures = [var.members]
 }
+
+run "the_cloud_init_writes_the_configuration_and_starts_the_node" {
+  command = plan
+  variables {
+    coordination = { kind = "consul" }
+    consul_token = "0b7f7e4c-0000-4000-8000-000000000001"
+  }
+
+  assert {
+    condition     = strcontains(output.cloud_init["a-3"], base64encode(output.yaml["a-3"])) && strcontains(output.cloud_init["a-3"], "[systemctl, start, anthill.service]")
+    error_message = "a-3's user data does not write its configuration or start the node"
+  }
+  assert {
+    condition     = strcontains(output.cloud_init["a-3"], "/etc/anthill/consul-token")
+    error_message = "the Consul token is not written"
+  }
+}

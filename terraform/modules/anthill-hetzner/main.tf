@@ -1,0 +1,92 @@
+# An Anthill cluster on Hetzner Cloud (docs/clouds.md): a private network where node i has the
+# fixed address 10 + i (so every node's configuration lists every member before any boots), the
+# servers spread over the locations and a spread placement group, each configured by cloud-init
+# (the node-config module's user data), a firewall that opens only the cluster's ports. Not
+# applied here (no Hetzner account); `terraform validate`d offline with the hcloud provider the
+# installer builds.
+
+locals {
+  members = [for i in range(var.nodes) : {
+    name    = "${var.name}-${i + 1}"
+    address = cidrhost(var.ip_range, 11 + i)
+    raft_id = i + 1
+  }]
+  founders = [for i in range(min(var.founders, var.nodes)) : "${var.name}-${i + 1}"]
+  rule = {
+    nodes   = { port = "7400", source_ips = [var.ip_range] }
+    clients = { port = "7400", source_ips = var.client_cidrs }
+    metrics = { port = "7401", source_ips = var.metrics_cidrs }
+    ssh     = { port = "22", source_ips = var.ssh_cidrs }
+  }
+}
+
+module "config" {
+  source             = "../anthill-node-config"
+  members            = local.members
+  founders           = local.founders
+  partitions         = var.partitions
+  replication_factor = var.replication_factor
+  coordination       = var.coordination
+  config_overrides   = var.config_overrides
+  consul_token       = var.consul_token
+}
+
+resource "hcloud_network" "cluster" {
+  name     = var.name
+  ip_range = var.ip_range
+  labels   = var.labels
+}
+
+resource "hcloud_network_subnet" "cluster" {
+  network_id   = hcloud_network.cluster.id
+  type         = "cloud"
+  network_zone = var.network_zone
+  ip_range     = var.ip_range
+}
+
+resource "hcloud_placement_group" "spread" {
+  name   = var.name
+  type   = "spread"
+  labels = var.labels
+}
+
+resource "hcloud_firewall" "cluster" {
+  name   = var.name
+  labels = var.labels
+
+  dynamic "rule" {
+    for_each = { for k, r in local.rule : k => r if length(r.source_ips) > 0 }
+    content {
+      description = rule.key
+      direction   = "in"
+      protocol    = "tcp"
+      port        = rule.value.port
+      source_ips  = rule.value.source_ips
+    }
+  }
+}
+
+resource "hcloud_server" "node" {
+  count              = var.nodes
+  name               = "${var.name}-${count.index + 1}"
+  image              = var.image
+  server_type        = var.server_type
+  location           = var.locations[count.index % length(var.locations)]
+  placement_group_id = hcloud_placement_group.spread.id
+  firewall_ids       = [hcloud_firewall.cluster.id]
+  ssh_keys           = var.ssh_keys
+  labels             = merge(var.labels, { "anthill-cluster" = var.name })
+  user_data          = module.config.cloud_init["${var.name}-${count.index + 1}"]
+
+  network {
+    network_id = hcloud_network.cluster.id
+    ip         = local.members[count.index].address
+  }
+
+  # A new member list (nodes added) is rolled by the playbooks, not by replacing servers.
+  lifecycle {
+    ignore_changes = [user_data]
+  }
+
+  depends_on = [hcloud_network_subnet.cluster]
+}
