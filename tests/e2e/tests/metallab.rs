@@ -366,10 +366,16 @@ fn scenario(coordination: Coordination) {
     let load = workload(&steps.0, Duration::from_secs(600 + 150 * u64::from(n)));
     std::thread::sleep(Duration::from_secs(5));
 
-    // A rolling upgrade: each node drained, restarted on the new version, healthy again.
-    steps.step("rolling upgrade to 0.1.1", || terraform.apply(&first, "0.1.1"));
-    let version = lab.run(&["ssh", "2", "readlink -f /usr/local/bin/anthill; systemctl show anthill -p NRestarts"]).unwrap();
-    assert!(version.contains("/opt/anthill/0.1.1/anthill"), "{version}");
+    // A rolling upgrade: each node drained, restarted on the new version, healthy again. The
+    // short form with Consul leaves it out (CI's time; its drained restarts are those of the
+    // embedded run, and those of the host added below): the version stays 0.1.0.
+    let upgrade = coordination == Coordination::Embedded || n > 3;
+    let version = if upgrade { "0.1.1" } else { "0.1.0" };
+    if upgrade {
+        steps.step("rolling upgrade to 0.1.1", || terraform.apply(&first, version));
+        let installed = lab.run(&["ssh", "2", "readlink -f /usr/local/bin/anthill"]).unwrap();
+        assert!(installed.contains("/opt/anthill/0.1.1/anthill"), "{installed}");
+    }
 
     // host-02 powered off (its systemd stops everything, the node drains on SIGTERM), then
     // booted again: its node starts at boot and catches up.
@@ -389,7 +395,7 @@ fn scenario(coordination: Coordination) {
     });
 
     // A host added: the others restart in turn with the longer member list, then it joins.
-    steps.step(&format!("{added} added"), || terraform.apply(&all, "0.1.1"));
+    steps.step(&format!("{added} added"), || terraform.apply(&all, version));
     let status = lab.status(&format!("10.77.0.{}", 11 + n));
     assert!(whole(&status, &all), "{status:?}");
     if coordination == Coordination::Embedded {
@@ -398,7 +404,7 @@ fn scenario(coordination: Coordination) {
     }
 
     // A host removed: decommissioned first (its replicas move to the others), then stopped.
-    let applied = steps.step(&format!("{removed} removed"), || terraform.apply(&kept, "0.1.1"));
+    let applied = steps.step(&format!("{removed} removed"), || terraform.apply(&kept, version));
     assert!(applied.contains(&format!("terraform_data.node[\"{removed}\"]: Destruction complete")), "{}", tail(&applied, 40));
     let status = lab.status("10.77.0.11");
     let named = status.as_ref().unwrap()["cluster"]["partitions"]
@@ -417,7 +423,7 @@ fn scenario(coordination: Coordination) {
         let members = consul(1, "members");
         assert!(members.lines().any(|l| l.starts_with(&removed) && l.contains(" left ")), "{members}");
     }
-    let (code, plan) = terraform.plan(&kept, "0.1.1");
+    let (code, plan) = terraform.plan(&kept, version);
     assert_eq!(code, 0, "a plan after the removal would change something:\n{plan}");
 
     // The clients stop; every replica is read back against what they were told.
@@ -434,7 +440,7 @@ fn scenario(coordination: Coordination) {
     assert_eq!(report["verdict"]["lost"], serde_json::json!([]), "{report}");
     assert!(report["acknowledged"].as_u64().unwrap() > 1000, "{report}");
     let steps = report["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 5, "{report}");
+    assert_eq!(steps.len(), if upgrade { 5 } else { 4 }, "{report}");
     for step in steps {
         assert!(step["unavailability_ms"].is_u64(), "writes came back after {}: {report}", step["name"]);
         eprintln!("{}: writes unavailable at most {} ms", step["name"], step["unavailability_ms"]);
