@@ -21,15 +21,16 @@ tar -C "$root" --numeric-owner --one-file-system -cf "$out/rootfs.tar.partial" \
     --exclude=./root/.ssh/authorized_keys .
 # Nothing of the host's identity is in it.
 listing="$(tar -tf "$out/rootfs.tar.partial")"
-for leaked in '^./etc/ssh/ssh_host_' '^./var/lib/anthill/.' '^./etc/anthill/node.yaml$' '^./var/log/journal/.'; do
+for leaked in '^./etc/ssh/ssh_host_' '^./var/lib/anthill/.' '^./etc/anthill/node.yaml$' '^./etc/anthill/consul-token$' \
+    '^./var/log/journal/.' '^./root/.ssh/authorized_keys$' '^./var/lib/systemd/random-seed$'; do
     if grep -q "$leaked" <<<"$listing"; then
         say "the image still holds $(grep "$leaked" <<<"$listing" | head -1): not exported"
         rm -f "$out/rootfs.tar.partial"
         exit 1
     fi
 done
-if [[ -n "$(tar -xOf "$out/rootfs.tar.partial" ./etc/machine-id)" ]]; then
-    say "the image's /etc/machine-id is not empty: not exported"
+if ! grep -qx './etc/machine-id' <<<"$listing" || [[ -n "$(tar -xOf "$out/rootfs.tar.partial" ./etc/machine-id)" ]]; then
+    say "the image's /etc/machine-id is missing or not empty (systemd makes one at first boot only from an empty one): not exported"
     rm -f "$out/rootfs.tar.partial"
     exit 1
 fi
@@ -48,7 +49,7 @@ json.dump({
     "bytes": int(size),
     "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "base": "Debian 12 (bookworm), the bare-metal lab's root filesystem",
-    "stripped": ["/etc/machine-id (empty)", "SSH host keys", "/var/lib/anthill", "/etc/anthill/node.yaml", "the journal", "the lab's name, address and SSH key"],
+    "stripped": ["/etc/machine-id (empty)", "SSH host keys", "/var/lib/anthill", "/etc/anthill/node.yaml and consul-token", "the journal", "systemd's random seed", "authorized SSH keys", "the lab's name and address"],
 }, open(path, "w"), indent=2)
 PY
 say "$out/rootfs.tar ($((bytes / 1024 / 1024)) MiB, sha256 $sha) and $out/manifest.json"

@@ -11,7 +11,21 @@ locals {
     address = google_compute_address.node[i].address
     raft_id = i + 1
   }]
-  founders = [for i in range(min(var.founders, var.nodes)) : "${var.name}-${i + 1}"]
+  # The founders as first applied (nodes added later join; see terraform_data.founders).
+  founders = terraform_data.founders.output
+}
+
+# The first nodes of the first apply found the cluster, and stay its founders: a node added
+# later must join, not found a second cluster beside the first.
+resource "terraform_data" "founders" {
+  input = [for i in range(var.founders) : "${var.name}-${i + 1}"]
+  lifecycle {
+    ignore_changes = [input]
+    precondition {
+      condition     = var.founders >= 1 && var.founders <= var.nodes
+      error_message = "founders: 1 to nodes (the first apply's node count; never change it)."
+    }
+  }
 }
 
 module "config" {
@@ -122,8 +136,10 @@ resource "google_compute_instance" "node" {
     node_yaml    = module.config.yaml["${var.name}-${count.index + 1}"]
     consul_token = var.consul_token
   })
-  # A new member list (nodes added) is rolled by the playbooks, not by replacing instances.
+  # Nothing here replaces or restarts running nodes: a replaced machine loses its event log (on
+  # its root disk), and every node would go at once. A new member list, image or machine type
+  # is rolled one node at a time, drained, by the playbooks or by hand (docs/clouds.md).
   lifecycle {
-    ignore_changes = [metadata_startup_script]
+    ignore_changes = [metadata_startup_script, boot_disk, machine_type]
   }
 }

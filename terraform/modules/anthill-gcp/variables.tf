@@ -8,7 +8,7 @@ variable "name" {
 }
 
 variable "nodes" {
-  description = "How many nodes (one instance each); raft ids are 1 … N. More nodes later join the cluster."
+  description = "How many nodes; raft ids are 1 … N. Changing it later is not a safe way to add or remove nodes (docs/clouds.md, limits)."
   type        = number
   default     = 3
   validation {
@@ -18,7 +18,7 @@ variable "nodes" {
 }
 
 variable "founders" {
-  description = "How many of the first nodes found the cluster (set it to the first `nodes` and never change it; nodes added later join)."
+  description = "How many of the first nodes found the cluster: 1 to `nodes`, recorded at the first apply (nodes added later join)."
   type        = number
   default     = 3
 }
@@ -100,7 +100,7 @@ variable "replication_factor" {
 }
 
 variable "coordination" {
-  description = "`embedded` (default), or `consul` with the address of the agent each instance runs and the key prefix (the token from `consul_token`)."
+  description = "`embedded` (default), or `consul` with the address of a Consul the instances reach (the image runs no Consul agent: give a server or load balancer address) and the key prefix (the token from `consul_token`)."
   type = object({
     kind              = optional(string, "embedded")
     consul_address    = optional(string, "http://127.0.0.1:8500")

@@ -1,6 +1,6 @@
 # An Anthill cluster on Hetzner Cloud (docs/clouds.md): a private network where node i has the
 # fixed address 10 + i (so every node's configuration lists every member before any boots), the
-# servers spread over the locations and a spread placement group, each configured by cloud-init
+# servers spread over the locations and a spread placement group in each, configured by cloud-init
 # (the node-config module's user data), a firewall that opens only the cluster's ports. Not
 # applied here (no Hetzner account); `terraform validate`d offline with the hcloud provider the
 # installer builds.
@@ -11,12 +11,27 @@ locals {
     address = cidrhost(var.ip_range, 11 + i)
     raft_id = i + 1
   }]
-  founders = [for i in range(min(var.founders, var.nodes)) : "${var.name}-${i + 1}"]
+  # The founders as first applied (nodes added later join; see terraform_data.founders).
+  founders = terraform_data.founders.output
+  # Hetzner's firewalls apply to the public interfaces only: the nodes talk over the private
+  # network, which no rule filters.
   rule = {
-    nodes   = { port = "7400", source_ips = [var.ip_range] }
     clients = { port = "7400", source_ips = var.client_cidrs }
     metrics = { port = "7401", source_ips = var.metrics_cidrs }
     ssh     = { port = "22", source_ips = var.ssh_cidrs }
+  }
+}
+
+# The first nodes of the first apply found the cluster, and stay its founders: a node added
+# later must join, not found a second cluster beside the first.
+resource "terraform_data" "founders" {
+  input = [for i in range(var.founders) : "${var.name}-${i + 1}"]
+  lifecycle {
+    ignore_changes = [input]
+    precondition {
+      condition     = var.founders >= 1 && var.founders <= var.nodes
+      error_message = "founders: 1 to nodes (the first apply's node count; never change it)."
+    }
   }
 }
 
@@ -44,10 +59,12 @@ resource "hcloud_network_subnet" "cluster" {
   ip_range     = var.ip_range
 }
 
+# One spread group per location the nodes use (a spread group holds at most 10 servers).
 resource "hcloud_placement_group" "spread" {
-  name   = var.name
-  type   = "spread"
-  labels = var.labels
+  for_each = toset([for i in range(var.nodes) : var.locations[i % length(var.locations)]])
+  name     = "${var.name}-${each.key}"
+  type     = "spread"
+  labels   = var.labels
 }
 
 resource "hcloud_firewall" "cluster" {
@@ -72,7 +89,7 @@ resource "hcloud_server" "node" {
   image              = var.image
   server_type        = var.server_type
   location           = var.locations[count.index % length(var.locations)]
-  placement_group_id = hcloud_placement_group.spread.id
+  placement_group_id = hcloud_placement_group.spread[var.locations[count.index % length(var.locations)]].id
   firewall_ids       = [hcloud_firewall.cluster.id]
   ssh_keys           = var.ssh_keys
   labels             = merge(var.labels, { "anthill-cluster" = var.name })
@@ -83,9 +100,11 @@ resource "hcloud_server" "node" {
     ip         = local.members[count.index].address
   }
 
-  # A new member list (nodes added) is rolled by the playbooks, not by replacing servers.
+  # Nothing here replaces or restarts running nodes: a replaced machine loses its event log (on
+  # its root disk), and every node would go at once. A new member list, image or server type
+  # is rolled one node at a time, drained, by the playbooks or by hand (docs/clouds.md).
   lifecycle {
-    ignore_changes = [user_data]
+    ignore_changes = [user_data, image, server_type]
   }
 
   depends_on = [hcloud_network_subnet.cluster]

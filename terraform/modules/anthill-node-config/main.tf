@@ -4,18 +4,19 @@
 # (ansible/roles/anthill/templates/node.yaml.j2); Terraform's own functions only, no provider.
 
 locals {
-  coordination = var.coordination.kind == "consul" ? {
+  # The token file only when a token is given (the node refuses a token file it cannot read).
+  has_token = nonsensitive(var.consul_token != "")
+  coordination = var.coordination.kind == "consul" ? merge({
     kind       = "consul"
     address    = var.coordination.consul_address
     key_prefix = var.coordination.consul_key_prefix
-    token_file = "/etc/anthill/consul-token"
-    } : {
+    }, local.has_token ? { token_file = "/etc/anthill/consul-token" } : {}) : {
     kind = "embedded"
   }
   session_ttl_ms = var.session_ttl_ms != null ? var.session_ttl_ms : (var.coordination.kind == "consul" ? 10000 : 1000)
 
-  configs = {
-    for m in var.members : m.name => merge({
+  base = {
+    for m in var.members : m.name => {
       node_id      = m.name
       data_dir     = "/var/lib/anthill"
       listen_addr  = "0.0.0.0:7400"
@@ -31,6 +32,15 @@ locals {
         coordination       = local.coordination
       }
       telemetry = { log_level = "info" }
-    }, var.config_overrides)
+    }
+  }
+  # `config_overrides` merged two levels deep, as the role's `combine(recursive=True)` does for
+  # the settings there are: a top-level key it names replaces the base's unless both are
+  # objects, which are merged key by key.
+  configs = {
+    for name, base in local.base : name => merge(base, var.config_overrides, {
+      for key, value in var.config_overrides : key => merge(base[key], value)
+      if contains(keys(base), key) && can(keys(value)) && can(keys(base[key]))
+    })
   }
 }

@@ -35,6 +35,7 @@ run "consul_gets_its_token_file_and_a_ten_second_session" {
   command = plan
   variables {
     coordination = { kind = "consul" }
+    consul_token = "0b7f7e4c-0000-4000-8000-000000000002"
   }
 
   assert {
@@ -68,5 +69,22 @@ run "the_cloud_init_writes_the_configuration_and_starts_the_node" {
   assert {
     condition     = strcontains(output.cloud_init["a-3"], "/etc/anthill/consul-token")
     error_message = "the Consul token is not written"
+  }
+}
+
+run "no_token_no_token_file_and_overrides_merge_into_the_cluster_settings" {
+  command = plan
+  variables {
+    coordination     = { kind = "consul", consul_address = "http://consul.internal:8500" }
+    config_overrides = { cluster = { session_ttl_ms = 15000 }, telemetry = { log_level = "debug" } }
+  }
+
+  assert {
+    condition     = !can(yamldecode(output.yaml["a-1"]).cluster.coordination.token_file) && yamldecode(output.yaml["a-1"]).cluster.coordination.address == "http://consul.internal:8500"
+    error_message = "a token file is named with no token given"
+  }
+  assert {
+    condition     = yamldecode(output.yaml["a-1"]).cluster.session_ttl_ms == 15000 && length(yamldecode(output.yaml["a-1"]).cluster.members) == 4 && yamldecode(output.yaml["a-1"]).telemetry.log_level == "debug"
+    error_message = "an override of one cluster setting lost the others (members) or was not applied"
   }
 }
