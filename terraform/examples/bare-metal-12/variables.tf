@@ -52,6 +52,7 @@ variable "consul" {
   type = object({
     servers               = optional(list(string), [])
     binary                = optional(string, "")
+    version               = optional(string, "1.20.2")
     management_token_file = optional(string, "")
     encrypt_key_file      = optional(string, "")
   })

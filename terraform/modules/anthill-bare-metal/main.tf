@@ -38,6 +38,10 @@ locals {
     consul_management_token      = var.consul.management_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.management_token_file}') }}" : ""
     consul_encrypt               = var.consul.encrypt_key_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.encrypt_key_file}') }}" : ""
   }
+  consul_fixed = {
+    servers = join(",", sort(var.consul.servers))
+    encrypt = var.consul.encrypt_key_file != "" ? filesha256(var.consul.encrypt_key_file) : ""
+  }
   # The hosts running Consul servers (their other settings are those of the `anthill` group).
   consul_servers = { hosts = { for name in var.consul.servers : name => {} } }
   host_vars = {
@@ -69,6 +73,15 @@ locals {
 # joins the running cluster instead of founding another).
 resource "terraform_data" "founders" {
   input = local.names
+  lifecycle {
+    ignore_changes = [input]
+  }
+}
+
+# Consul's servers and gossip key as first applied: changing either is an operation of
+# Consul's own, which an apply refuses (the precondition of terraform_data.converge).
+resource "terraform_data" "consul_fixed" {
+  input = local.consul_fixed
   lifecycle {
     ignore_changes = [input]
   }
@@ -130,6 +143,10 @@ resource "terraform_data" "converge" {
     precondition {
       condition     = alltrue([for name in var.consul.servers : contains(local.names, name)])
       error_message = "consul.servers: every server must be one of the hosts (a host running a Consul server is not removed by an apply: move the server first)."
+    }
+    precondition {
+      condition     = terraform_data.consul_fixed.output == local.consul_fixed
+      error_message = "consul: the servers and the gossip key are fixed at the first apply (Consul keeps its keyring and its Raft peers on disk; an apply cannot move servers or rotate the key: use `consul keyring` and Consul's own procedures, then record the new values with `terraform apply -replace=module.anthill.terraform_data.consul_fixed`)."
     }
     precondition {
       condition     = length(var.consul.servers) == 0 || (var.coordination.kind == "consul" && var.consul_token_file != "")

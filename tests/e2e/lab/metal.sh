@@ -190,6 +190,8 @@ up() {
 
 down() {
     local name dir
+    # Ansible's SSH masters of this lab (see `run`).
+    pkill -f "ssh: $lab/ansible-cp/" 2>/dev/null || true
     if [[ -d "$lab/hosts.d" ]]; then
         for dir in "$lab"/hosts.d/*/; do
             name="$(basename "$dir")"
@@ -246,7 +248,11 @@ case "$command" in
         ;;
     run)
         [[ -e "/run/netns/$NS" ]] || die "the lab is not up"
-        in_lab "$@"
+        # Ansible's SSH connection masters (ControlPersist) in the lab's folder: `down` ends
+        # them. Left in ~/.ansible they outlive the lab, and the next lab's hosts (the same
+        # addresses) would be reached through a master whose host is gone: a hang.
+        mkdir -p "$lab/ansible-cp"
+        ANSIBLE_SSH_CONTROL_PATH_DIR="${ANSIBLE_SSH_CONTROL_PATH_DIR:-$lab/ansible-cp}" in_lab "$@"
         ;;
     # The name in a variable first: a failed substitution inside an argument would not stop the
     # script, and an empty name would mean every host.
