@@ -315,6 +315,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
         session_ttl_ms: args.session_ttl_ms,
         node_args: node_args.clone(),
         consul: None,
+        tls: false,
     };
     let mut cluster = LocalCluster::start(&exe, &dir.path().join("cluster"), &spec)?;
     eprintln!("bench: started {nodes} nodes at {}", cluster.urls().join(", "));

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
+mod certs;
 mod chaos;
 pub use chaos::parse_duration;
 mod decommission;
@@ -29,6 +30,38 @@ use crate::config::{LogFormat, NodeConfig};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// How this command reaches TLS nodes (docs/security.md); nodes themselves take `tls` from
+/// their config.
+#[derive(Args)]
+struct TlsArgs {
+    /// The cluster CA (PEM): connect with TLS and check nodes against it.
+    #[arg(long, global = true, env = "ANTHILL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), signed by the cluster CA.
+    #[arg(long, global = true, env = "ANTHILL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, global = true, env = "ANTHILL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn client_tls(&self) -> anyhow::Result<Option<client::ClientTls>> {
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together (ANTHILL_TLS_CERT, ANTHILL_TLS_KEY)"),
+        };
+        match &self.tls_ca {
+            Some(ca) => Ok(Some(client::ClientTls::from_files(ca, identity)?)),
+            None if identity.is_some() => bail!("--tls-cert needs --tls-ca: the CA the nodes' certificates are checked against"),
+            None => Ok(None),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -64,6 +97,8 @@ enum Command {
     Workload(chaos::WorkloadArgs),
     /// Run given-when-then specs (or measure their speed with --perf).
     Specs(crate::app::specs::command::SpecsArgs),
+    /// Make a development CA and node or client certificates signed by it.
+    Certs(certs::CertsArgs),
 }
 
 /// Every field of the config file as a flag; a flag wins over the file.
@@ -308,6 +343,7 @@ struct StatusArgs {
 /// Runs the command; the process's exit code is 0 on success.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    client::use_tls(cli.tls.client_tls()?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Node(args) => runtime.block_on(run_node(*args)),
@@ -324,6 +360,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Sim(args) => sim::run(args),
         Command::Chaos(args) => runtime.block_on(chaos::run(args)),
         Command::Workload(args) => runtime.block_on(chaos::workload(args)),
+        Command::Certs(args) => certs::run(args),
     }
 }
 

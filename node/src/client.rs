@@ -1,6 +1,12 @@
 //! The client side used by the CLI, the benchmark and the tests: connecting to a node, and the
 //! human and JSON renderings of what it answers.
+//!
+//! TLS is a setting of the process ([`use_tls`]): the CLI sets it once from `--tls-ca`,
+//! `--tls-cert` and `--tls-key` (or `ANTHILL_TLS_*`), a test harness from the certificates it
+//! made. With it every connection is `https` and shows the client certificate; a process talks
+//! to one cluster, as one identity.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anthill_proto::v1 as pb;
@@ -15,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// Default server address of the CLI (`ANTHILL_SERVER` overrides it).
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7400";
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
 
 #[derive(Clone)]
 pub struct Clients {
@@ -24,16 +30,72 @@ pub struct Clients {
     pub ledger: LedgerClient<Channel>,
 }
 
-/// `host:port` or a URL; plain addresses get `http://`.
+/// The cluster CA a client checks nodes against, and the certificate it shows them.
+#[derive(Clone)]
+pub struct ClientTls {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientTls {
+    /// Reads the CA and, when given, the client's certificate and key (PEM files).
+    pub fn from_files(ca: &Path, identity: Option<(&Path, &Path)>) -> anyhow::Result<ClientTls> {
+        let read = |path: &Path, what: &str| std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()));
+        let ca_pem = read(ca, "cluster CA (--tls-ca)")?;
+        crate::security::tls::certificates(&ca_pem).map_err(|e| anyhow::anyhow!("the cluster CA (--tls-ca) {}: {e}", ca.display()))?;
+        let identity = match identity {
+            Some((cert, key)) => Some((read(cert, "client certificate (--tls-cert)")?, read(key, "client key (--tls-key)")?)),
+            None => None,
+        };
+        Ok(ClientTls { ca_pem, identity })
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        let config = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        match &self.identity {
+            Some((cert, key)) => config.identity(tonic::transport::Identity::from_pem(cert, key)),
+            None => config,
+        }
+    }
+}
+
+static TLS: std::sync::RwLock<Option<ClientTls>> = std::sync::RwLock::new(None);
+
+/// Makes every later connection of this process use `tls` (module doc); `None`: plain text.
+pub fn use_tls(tls: Option<ClientTls>) {
+    *TLS.write().unwrap_or_else(|e| e.into_inner()) = tls;
+}
+
+fn tls() -> Option<ClientTls> {
+    TLS.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// `host:port` or a URL; plain addresses get `https://` when the process uses TLS, else
+/// `http://`.
 pub fn server_url(server: &str) -> String {
-    if server.contains("://") { server.to_string() } else { format!("http://{server}") }
+    if server.contains("://") {
+        return server.to_string();
+    }
+    let scheme = if tls().is_some() { "https" } else { "http" };
+    format!("{scheme}://{server}")
+}
+
+/// The endpoint of `url`, with this process's TLS when it is `https`.
+pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("bad node address {url:?}"))?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let Some(tls) = tls() else {
+        anyhow::bail!("{url} is https: give the cluster CA with --tls-ca (or ANTHILL_TLS_CA)");
+    };
+    endpoint.tls_config(tls.config()).with_context(|| format!("cannot use TLS towards {url}"))
 }
 
 /// Connects (one HTTP/2 connection, shared by both clients).
 pub async fn connect(server: &str) -> anyhow::Result<Clients> {
     let url = server_url(server);
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad server address {server:?}"))?
+    let channel = endpoint(&url)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()

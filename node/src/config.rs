@@ -47,6 +47,34 @@ pub struct NodeConfig {
     pub app: AppConfig,
     pub cluster: ClusterConfig,
     pub telemetry: TelemetryConfig,
+    /// TLS on the gRPC port and mutual TLS between members (docs/security.md). Absent: plain
+    /// text, and anyone who reaches the port may call anything.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The node's certificate, its key and the cluster CA, as PEM files; read at start and again
+/// whenever they change (rotation needs no restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This node's certificate chain (leaf first). It must name `node_id` as a DNS subject
+    /// alternative name (peers check it), chain to `ca_file`, and allow server and client
+    /// authentication (the node is a client of its peers).
+    pub cert_file: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The CA certificates peers' and clients' certificates must chain to (several during a CA
+    /// rotation).
+    pub ca_file: PathBuf,
+    /// How often the three files are checked for a change (ms).
+    #[serde(default = "TlsConfig::default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+impl TlsConfig {
+    fn default_reload_interval_ms() -> u64 {
+        2_000
+    }
 }
 
 /// The cluster this node belongs to. No members: a single node, as before.
@@ -352,6 +380,7 @@ impl Default for NodeConfig {
             app: AppConfig::default(),
             cluster: ClusterConfig::default(),
             telemetry: TelemetryConfig::default(),
+            tls: None,
         }
     }
 }
@@ -501,6 +530,29 @@ impl NodeConfig {
         Ok(())
     }
 
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let Some(tls) = &self.tls else { return Ok(()) };
+        for (field, path) in [("tls.cert_file", &tls.cert_file), ("tls.key_file", &tls.key_file), ("tls.ca_file", &tls.ca_file)] {
+            if path.as_os_str().is_empty() {
+                return invalid(field, "must name a PEM file".into());
+            }
+        }
+        if !(100..=3_600_000).contains(&tls.reload_interval_ms) {
+            return invalid("tls.reload_interval_ms", format!("must be between 100 and 3600000, got {}", tls.reload_interval_ms));
+        }
+        // Peers are told apart by the DNS names in their certificates.
+        for name in std::iter::once(&self.node_id).chain(self.cluster.members.iter().map(|m| &m.name)) {
+            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() || name.parse::<std::net::IpAddr>().is_ok() {
+                return invalid(
+                    "node_id",
+                    format!("with tls, node and member names must be DNS names (certificates name them); {name:?} is not"),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// This node's member entry, when it runs in a cluster.
     pub fn me(&self) -> Option<&MemberConfig> {
         self.cluster.members.iter().find(|m| m.name == self.node_id)
@@ -508,6 +560,7 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        self.validate_tls()?;
         let s = &self.storage;
         let g = &self.group_commit;
         let l = &self.limits;

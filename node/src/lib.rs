@@ -25,6 +25,7 @@ pub mod log;
 pub mod metrics;
 pub mod replication;
 pub mod router;
+pub mod security;
 pub mod server;
 pub mod sim;
 pub mod storage;

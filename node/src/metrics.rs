@@ -40,6 +40,14 @@ pub struct Metrics {
     pub subscribers: Gauge,
     /// Partition replicas rebuilt from the log after a failed effect or a protocol panic.
     pub replica_restarts: Counter,
+    /// TLS handshakes that failed or timed out (a client or peer with a certificate of another
+    /// CA, a plain-text client, a port scanner).
+    pub tls_handshake_failures: Counter,
+    /// Changed TLS files put in force, and changed ones that did not load.
+    pub tls_reloads: Counter,
+    pub tls_reload_failures: Counter,
+    /// Calls refused before reaching a service, by reason: `unauthenticated`, `not_a_member`.
+    pub requests_refused: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -60,6 +68,10 @@ impl Default for Metrics {
             index_tail_events: Gauge::default(),
             index_waits: Counter::default(),
             replica_restarts: Counter::default(),
+            tls_handshake_failures: Counter::default(),
+            tls_reloads: Counter::default(),
+            tls_reload_failures: Counter::default(),
+            requests_refused: Family::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
             map_size_bytes: Gauge::default(),
@@ -69,6 +81,14 @@ impl Default for Metrics {
         };
         registry.register("append_requests", "Append requests by outcome", m.append_requests.clone());
         registry.register("commands", "Commands by outcome (ok, duplicate, rejected, error)", m.commands.clone());
+        registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", m.tls_handshake_failures.clone());
+        registry.register("tls_reloads", "Changed TLS files put in force", m.tls_reloads.clone());
+        registry.register(
+            "tls_reload_failures",
+            "Changed TLS files that did not load (the previous ones stay)",
+            m.tls_reload_failures.clone(),
+        );
+        registry.register("requests_refused", "Calls refused before any service saw them, by reason", m.requests_refused.clone());
         registry.register("events_appended", "Events made durable", m.events_appended.clone());
         registry.register("commits", "Group commits (LMDB write transactions synced)", m.commits.clone());
         registry.register("batch_events", "Events per group commit", m.batch_events.clone());

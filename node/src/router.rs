@@ -215,8 +215,7 @@ impl Router {
         if let Some(clients) = self.channels.lock().get(url) {
             return Ok(clients.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("bad node address {url:?}"))?
+        let channel = client::endpoint(url)?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .connect()

@@ -28,7 +28,10 @@ use crate::api::ledger::LedgerApi;
 use crate::config::NodeConfig;
 use crate::log::Log;
 use crate::metrics::{self, Metrics};
+use crate::security::identity::{ClientGate, PeerGate};
+use crate::security::tls::Tls;
 use crate::storage::Store;
+use tonic::service::interceptor::InterceptedService;
 
 /// How long in-flight requests and open streams get to finish once a node stops.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +50,12 @@ pub struct RunningNode {
 pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     config.validate()?;
     let metrics = Arc::new(Metrics::default());
+    let (stop, stopped) = watch::channel(false);
+    // TLS files first: a mistake in them stops the start before the store is opened.
+    let tls = match &config.tls {
+        Some(files) => Some(Tls::start(files, &config.node_id, metrics.clone(), stopped.clone())?),
+        None => None,
+    };
     let (store_config, dir) = (config.storage.clone(), config.data_dir.clone());
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, &store_config)).await??;
     let log = Arc::new(Log::start(Arc::new(store), &config.group_commit, &config.limits, &config.app, metrics.clone())?);
@@ -58,12 +67,11 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         "opened the event log"
     );
 
-    let (stop, stopped) = watch::channel(false);
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("cannot listen for gRPC on {} (listen_addr)", config.listen_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let cluster = crate::coordination::member::start(config, log.clone(), stopped.clone()).await?;
+    let cluster = crate::coordination::member::start(config, log.clone(), tls.clone(), stopped.clone()).await?;
     let (cluster_handle, cluster_service) = cluster.map_or((None, None), |(h, s)| (Some(h), Some(s)));
     let drain_on_stop = Duration::from_millis(config.cluster.drain_on_stop_ms);
     let cluster = cluster_handle.clone().map(|handle| (handle, drain_on_stop));
@@ -73,16 +81,25 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let reflection =
         tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET).build_v1()?;
     let max_request_bytes = config.limits.max_request_bytes;
+    // Health stays open (probes carry no certificate); every other service is behind a gate.
+    let client = ClientGate::new(tls.is_some(), metrics.clone());
+    let members = config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect();
+    let peers = PeerGate::new(tls.is_some(), members, metrics.clone());
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes))
-        .add_service(NodeServer::new(api))
-        .add_service(LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes))
-        .add_optional_service(
-            cluster_service.map(|s| ClusterServer::new(s).max_decoding_message_size(crate::coordination::transport::MAX_MESSAGE_BYTES)),
-        );
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        .add_service(InterceptedService::new(reflection, client.clone()))
+        .add_service(InterceptedService::new(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes), client.clone()))
+        .add_service(InterceptedService::new(NodeServer::new(api), client.clone()))
+        .add_service(InterceptedService::new(
+            LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes),
+            client,
+        ))
+        .add_optional_service(cluster_service.map(|s| {
+            InterceptedService::new(
+                ClusterServer::new(s).max_decoding_message_size(crate::coordination::transport::MAX_MESSAGE_BYTES),
+                peers,
+            )
+        }));
     // After an I/O failure the log takes no more writes until a restart: say so to health checks.
     tokio::spawn({
         let (log, health, stopped) = (log.clone(), health.clone(), stopped.clone());
@@ -103,9 +120,18 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         tokio::spawn(crate::log::retention::run(log.clone(), retention, stopped.clone()));
     }
     let mut tasks = vec![tokio::spawn({
-        let stopped = stopped.clone();
+        let (stopped, metrics) = (stopped.clone(), metrics.clone());
         async move {
-            router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?;
+            match tls {
+                None => {
+                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?
+                }
+                Some(tls) => {
+                    let incoming = crate::security::tls::incoming(listener, tls, metrics, stopped.clone());
+                    router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?
+                }
+            }
             Ok(())
         }
     })];

@@ -44,6 +44,7 @@ impl Cluster {
             session_ttl_ms: SESSION_TTL_MS,
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             consul: None,
+            tls: false,
         };
         let local = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
         let addrs = local.addrs.clone();

@@ -475,7 +475,7 @@ impl Members {
         let mut c = client::connect(server).await?;
         let status = c.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
         let view = status.cluster.with_context(|| format!("{server} runs alone: there are no replicas to compare"))?;
-        Ok(Members(view.members.into_iter().map(|m| (m.name, format!("http://{}", m.address))).collect()))
+        Ok(Members(view.members.into_iter().map(|m| (m.name, client::server_url(&m.address))).collect()))
     }
 
     /// These members and those the first of `servers` that answers lists now (servers added

@@ -207,6 +207,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             session_ttl_ms,
             node_args: vec!["--log-level".into(), args.node_log_level.clone()],
             consul: None,
+            tls: false,
         },
         duration: args.duration,
         fault_count: args.fault_count,

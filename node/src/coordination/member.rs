@@ -26,11 +26,12 @@ use super::raft_log::RaftLog;
 use super::transport::{
     ClusterService, GrpcReplicaTransport, GrpcTransport, PartitionTasks, QUEUE_MESSAGES, outgoing_address, until_stopped,
 };
-use crate::config::{ConsulConfig, CoordinationConfig, MemberConfig, NodeConfig, PeerAddress};
+use crate::config::{ConsulConfig, CoordinationConfig, MemberConfig, NodeConfig};
 use crate::log::Log;
 use crate::replication::NodeId;
 use crate::replication::manager::start_partition;
 use crate::replication::replica::ReplicaConfig;
+use crate::security::tls::Tls;
 
 /// The cluster's key prefix in the embedded store (Consul's is `cluster.coordination.key_prefix`).
 pub const PREFIX: &str = "anthill/";
@@ -196,6 +197,7 @@ impl ClusterHandle {
 pub async fn start(
     config: &NodeConfig,
     log: Arc<Log>,
+    tls: Option<Tls>,
     stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<(ClusterHandle, ClusterService)>> {
     let Some(me) = config.me().cloned() else { return Ok(None) };
@@ -222,9 +224,8 @@ pub async fn start(
             node.want_voters(&members);
             node.set_prefix(PREFIX, config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect());
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
-            let peers: Vec<(u64, PeerAddress)> =
-                config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id, m.address.clone())).collect();
-            let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), stopped.clone());
+            let peers: Vec<MemberConfig> = config.cluster.members.iter().filter(|m| m.id != me.id).cloned().collect();
+            let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), tls.clone(), stopped.clone());
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
             let (handovers, drain) = (elector.handovers(), elector.drain_switch());
@@ -247,10 +248,9 @@ pub async fn start(
         log.roles().set(p, 0);
     }
     let partitions: PartitionTasks = Arc::default();
-    let replica_peers: Vec<(NodeId, PeerAddress)> =
-        config.cluster.members.iter().filter(|m| m.id != me.id).map(|m| (m.id as NodeId, m.address.clone())).collect();
+    let replica_peers: Vec<MemberConfig> = config.cluster.members.iter().filter(|m| m.id != me.id).cloned().collect();
     let transport =
-        Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, outgoing_address(config.listen_addr), stopped.clone()));
+        Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, outgoing_address(config.listen_addr), tls, stopped.clone()));
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();
     let replication =
         Replication { log, me: me.id as NodeId, name: me.name.clone(), ids, partitions: partitions.clone(), transport, handovers };
@@ -465,7 +465,7 @@ mod tests {
         let consul = ConsulConfig { address: format!("http://127.0.0.1:{port}"), ..ConsulConfig::default() };
         let (config, log) = one_member(dir.path(), CoordinationConfig::Consul(consul));
         let (stop, stopped) = watch::channel(false);
-        let (handle, _service) = start(&config, log, stopped).await.unwrap().expect("a cluster member");
+        let (handle, _service) = start(&config, log, None, stopped).await.unwrap().expect("a cluster member");
         assert!(matches!(handle.coordination, Coordination::Consul(_)));
         assert!(!dir.path().join("coordination").exists(), "no Raft log is opened");
         let status = handle.status();
@@ -478,7 +478,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (config, log) = one_member(dir.path(), CoordinationConfig::default());
         let (stop, stopped) = watch::channel(false);
-        let (handle, _service) = start(&config, log, stopped).await.unwrap().expect("a cluster member");
+        let (handle, _service) = start(&config, log, None, stopped).await.unwrap().expect("a cluster member");
         assert!(matches!(handle.coordination, Coordination::Embedded(_)));
         assert!(dir.path().join("coordination").exists(), "the Raft log is opened in data_dir/coordination");
         stop.send(true).unwrap();

@@ -24,11 +24,13 @@ use tonic::{Request, Response, Status};
 
 use super::driver::Transport;
 use super::embedded::RaftId;
-use crate::config::PeerAddress;
+use crate::config::MemberConfig;
 use crate::replication::NodeId;
 use crate::replication::manager::{PartitionHandle, ReplicaTransport};
 use crate::replication::message::Message as ReplicaMessage;
 use crate::replication::wire::{from_wire, to_wire};
+use crate::security::identity::Peer;
+use crate::security::tls::Tls;
 
 /// Messages queued for one peer (or for the local member) before new ones are dropped.
 pub const QUEUE_MESSAGES: usize = 4096;
@@ -47,21 +49,19 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// Starts a sender task for every peer, its connections from `local` (see
     /// [`outgoing_address`]); they end when `stopped` turns true.
-    pub fn start(peers: &[(RaftId, PeerAddress)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(peers: &[MemberConfig], local: Option<IpAddr>, tls: Option<Tls>, stopped: watch::Receiver<bool>) -> Self {
         let peers = peers
             .iter()
-            .map(|(id, address)| {
+            .map(|member| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
                 tokio::spawn(stream_to_peer(
-                    *id,
-                    address.clone(),
-                    local,
+                    PeerLink { member: member.clone(), local, tls: tls.clone() },
                     rx,
                     stopped.clone(),
                     |message: Message| message.write_to_bytes().map(|message| pb::RaftMessage { message }).map_err(|e| e.to_string()),
                     |mut client, stream| async move { client.raft(stream).await },
                 ));
-                (*id, tx)
+                (member.id, tx)
             })
             .collect();
         GrpcTransport { peers }
@@ -85,21 +85,19 @@ pub struct GrpcReplicaTransport {
 }
 
 impl GrpcReplicaTransport {
-    pub fn start(me: NodeId, peers: &[(NodeId, PeerAddress)], local: Option<IpAddr>, stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(me: NodeId, peers: &[MemberConfig], local: Option<IpAddr>, tls: Option<Tls>, stopped: watch::Receiver<bool>) -> Self {
         let peers = peers
             .iter()
-            .map(|(id, address)| {
+            .map(|member| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
                 tokio::spawn(stream_to_peer(
-                    u64::from(*id),
-                    address.clone(),
-                    local,
+                    PeerLink { member: member.clone(), local, tls: tls.clone() },
                     rx,
                     stopped.clone(),
                     Ok,
                     |mut client, stream| async move { client.replicate(stream).await },
                 ));
-                (*id, tx)
+                (member.id as NodeId, tx)
             })
             .collect();
         GrpcReplicaTransport { me, peers }
@@ -138,15 +136,8 @@ pub fn outgoing_address(listen: SocketAddr) -> Option<IpAddr> {
 /// of a follower to a leader that restarted, would otherwise wait for a resend period or a
 /// backoff. While the peer cannot be reached, what is queued for it is dropped at every failed
 /// attempt, so a peer that comes back gets at most a backoff's worth of old messages.
-async fn stream_to_peer<T, W, E, O, F>(
-    id: u64,
-    address: PeerAddress,
-    local: Option<IpAddr>,
-    mut queue: mpsc::Receiver<T>,
-    mut stopped: watch::Receiver<bool>,
-    encode: E,
-    open: O,
-) where
+async fn stream_to_peer<T, W, E, O, F>(link: PeerLink, mut queue: mpsc::Receiver<T>, mut stopped: watch::Receiver<bool>, encode: E, open: O)
+where
     T: Send + 'static,
     W: Send + 'static,
     E: Fn(T) -> Result<W, String> + Send + 'static,
@@ -158,9 +149,16 @@ async fn stream_to_peer<T, W, E, O, F>(
     let mut failures = 0u32;
     // A message taken from the queue that no call carried: it goes first on the next call.
     let mut held: Option<W> = None;
+    let (id, address) = (link.member.id, link.member.address.clone());
     loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .expect("a checked host:port is a valid URI authority")
+        let endpoint = match link.endpoint() {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                tracing::error!(peer = id, %address, error = %e, "cannot make a TLS configuration for a peer; not connecting");
+                return;
+            }
+        };
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             // A peer whose address went away without a reset (a pod made again under a new
@@ -169,7 +167,7 @@ async fn stream_to_peer<T, W, E, O, F>(
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
-            .local_address(local);
+            .local_address(link.local);
         let connected = tokio::select! {
             connected = endpoint.connect() => connected,
             _ = until_stopped(&mut stopped) => return,
@@ -252,6 +250,33 @@ async fn stream_to_peer<T, W, E, O, F>(
     }
 }
 
+/// Where a peer is and how to reach it.
+struct PeerLink {
+    member: MemberConfig,
+    /// The address connections leave from ([`outgoing_address`]).
+    local: Option<IpAddr>,
+    /// This node's TLS, when on: the peer is reached over TLS, must present a certificate naming
+    /// it, and is shown this node's certificate.
+    tls: Option<Tls>,
+}
+
+impl PeerLink {
+    /// The endpoint of the next connection, with the TLS files as they are now (a rotated
+    /// certificate is used from the next connection on).
+    fn endpoint(&self) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        let address = &self.member.address;
+        match &self.tls {
+            None => {
+                Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                    .expect("a checked host:port is a valid URI authority"))
+            }
+            Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+                .expect("a checked host:port is a valid URI authority")
+                .tls_config(tls.current().client_to(&self.member.name)),
+        }
+    }
+}
+
 pub(crate) async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
@@ -281,10 +306,14 @@ impl pb::cluster_server::Cluster for ClusterService {
                 "this node coordinates through Consul and runs no embedded store member: cluster.coordination must be the same on every member",
             ));
         };
+        let peer = request.extensions().get::<Peer>().copied();
         let mut stream = request.into_inner();
         while let Some(message) = stream.next().await {
             let message = message?;
             match Message::parse_from_bytes(&message.message) {
+                Ok(message) if peer.is_some_and(|p| p.id != message.from) => {
+                    return Err(impersonation(peer, message.from));
+                }
                 // Full: the member is behind; Raft will resend.
                 Ok(message) => {
                     let _ = inbox.try_send(message);
@@ -296,9 +325,13 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn replicate(&self, request: Request<tonic::Streaming<pb::ReplicaEnvelope>>) -> Result<Response<pb::RaftAck>, Status> {
+        let peer = request.extensions().get::<Peer>().copied();
         let mut stream = request.into_inner();
         while let Some(envelope) = stream.next().await {
             let envelope = envelope?;
+            if peer.is_some_and(|p| p.id != envelope.from) {
+                return Err(impersonation(peer, envelope.from));
+            }
             let Ok(from) = NodeId::try_from(envelope.from) else { continue };
             let message = match envelope.message.map(from_wire) {
                 Some(Ok(message)) => message,
@@ -315,6 +348,14 @@ impl pb::cluster_server::Cluster for ClusterService {
         }
         Ok(Response::new(pb::RaftAck {}))
     }
+}
+
+/// A member's certificate on a call whose messages claim another member as their sender: the
+/// call ends, nothing of it is taken.
+fn impersonation(peer: Option<Peer>, claimed: u64) -> Status {
+    let id = peer.map_or(0, |p| p.id);
+    tracing::warn!(member = id, claimed, "a member sent messages in another member's name; call refused");
+    Status::permission_denied(format!("the caller's certificate names member {id}, but its messages claim to come from member {claimed}"))
 }
 
 #[cfg(test)]
@@ -377,7 +418,8 @@ mod tests {
         };
         let (runtime, mut received) = peer(address).await;
         let (_stop, stopped) = watch::channel(false);
-        let transport = GrpcTransport::start(&[(2, address.into())], None, stopped);
+        let transport =
+            GrpcTransport::start(&[MemberConfig { id: 2, name: "node-2".into(), address: address.into() }], None, None, stopped);
         // The first call may find the peer not listening yet: its backoff is short.
         transport.send(message(1));
         let first = tokio::time::timeout(Duration::from_secs(5), async {

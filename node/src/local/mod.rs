@@ -20,6 +20,7 @@ use anthill_proto::v1 as pb;
 use anyhow::{Context, bail};
 
 use crate::router::Router;
+use crate::security::certs::{self as certificates, Kind};
 use crate::{client, log};
 
 /// How long the cluster helpers wait for a node's status (a frozen node never answers).
@@ -169,12 +170,15 @@ pub struct ClusterSpec {
     pub node_args: Vec<String>,
     /// Ownership through a Consul cluster; `None`: the embedded store.
     pub consul: Option<ConsulNodes>,
+    /// TLS on every node, mutual between them, from a CA made under the cluster's directory;
+    /// this process then talks to them as the client `admin` ([`LocalCluster::configure`]).
+    pub tls: bool,
 }
 
 impl ClusterSpec {
     /// `nodes` nodes deciding ownership in the embedded store, with no extra flags.
     pub fn embedded(nodes: usize, partitions: u32, replication_factor: u32, session_ttl_ms: u64) -> ClusterSpec {
-        ClusterSpec { nodes, partitions, replication_factor, session_ttl_ms, node_args: Vec::new(), consul: None }
+        ClusterSpec { nodes, partitions, replication_factor, session_ttl_ms, node_args: Vec::new(), consul: None, tls: false }
     }
 }
 
@@ -195,6 +199,8 @@ pub struct LocalCluster {
     dir: PathBuf,
     pub addrs: Vec<SocketAddr>,
     pub nodes: Vec<Option<ChildNode>>,
+    /// `https` with TLS, else `http`.
+    scheme: &'static str,
 }
 
 impl LocalCluster {
@@ -209,7 +215,9 @@ impl LocalCluster {
     }
 
     /// Writes each node's configuration under `dir` (every node a member) and starts none:
-    /// [`LocalCluster::start_node`] starts each.
+    /// [`LocalCluster::start_node`] starts each. With `spec.tls`, also a CA, a certificate per
+    /// node and one for the client `admin` under `dir/certs` (kept when they exist, so a
+    /// restarted harness reuses them), and this process's clients use TLS as `admin`.
     pub fn configure(exe: &Path, dir: &Path, spec: &ClusterSpec) -> anyhow::Result<LocalCluster> {
         if spec.nodes == 0 || spec.nodes > 200 {
             bail!("a local cluster has 1 to 200 nodes, not {}", spec.nodes);
@@ -227,7 +235,7 @@ impl LocalCluster {
             .map(|(i, a)| format!("    - {{id: {}, name: {}, address: \"{a}\"}}\n", i + 1, Self::name(i)))
             .collect();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        for i in 0..spec.nodes {
+        for (i, address) in addrs.iter().enumerate() {
             let mut config = format!(
                 "node_id: {}\nstorage:\n  partitions: {}\ncluster:\n  replication_factor: {}\n  session_ttl_ms: {}\n  members:\n{members}",
                 Self::name(i),
@@ -243,9 +251,19 @@ impl LocalCluster {
                     consul.key_prefix
                 ));
             }
+            if spec.tls {
+                config.push_str(&tls_section(&dir.join("certs"), &Self::name(i), *address)?);
+            }
             std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
         }
-        Ok(LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect() })
+        if spec.tls {
+            let certs = dir.join("certs");
+            ensure_certificate(&certs, &Kind::Client, "admin")?;
+            let identity = (certs.join("admin.crt"), certs.join("admin.key"));
+            client::use_tls(Some(client::ClientTls::from_files(&certs.join("ca.crt"), Some((&identity.0, &identity.1)))?));
+        }
+        let scheme = if spec.tls { "https" } else { "http" };
+        Ok(LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect(), scheme })
     }
 
     /// The name of node `i`.
@@ -299,7 +317,7 @@ impl LocalCluster {
     }
 
     pub fn url(&self, i: usize) -> String {
-        format!("http://{}", self.addrs[i])
+        format!("{}://{}", self.scheme, self.addrs[i])
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -364,6 +382,36 @@ impl LocalCluster {
         }
         best.map(|(_, i)| i)
     }
+}
+
+/// The `tls` section of node `name`'s configuration, its certificate (for its name and its
+/// address) made under `certs` unless it is there.
+fn tls_section(certs: &Path, name: &str, address: SocketAddr) -> anyhow::Result<String> {
+    ensure_certificate(certs, &Kind::Ca, "ca")?;
+    ensure_certificate(certs, &Kind::Node { hosts: vec![address.ip().to_string()] }, name)?;
+    let file = |f: String| certs.join(f).display().to_string();
+    Ok(format!(
+        "tls:\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  reload_interval_ms: 200\n",
+        file(format!("{name}.crt")),
+        file(format!("{name}.key")),
+        file("ca.crt".into())
+    ))
+}
+
+/// Makes `certs/<stem>.crt` and `.key` (the CA when `kind` is one, else signed by `certs/ca.*`)
+/// unless they exist.
+pub fn ensure_certificate(certs: &Path, kind: &Kind, name: &str) -> anyhow::Result<()> {
+    let stem = if matches!(kind, Kind::Ca) { "ca" } else { name };
+    if certs.join(format!("{stem}.crt")).exists() {
+        return Ok(());
+    }
+    let ca = match kind {
+        Kind::Ca => None,
+        _ => Some(certificates::read_ca(certs)?),
+    };
+    let issued = certificates::issue(kind, if ca.is_none() { "Anthill local cluster CA" } else { name }, 30, ca.as_ref())?;
+    certificates::write(certs, stem, &issued)?;
+    Ok(())
 }
 
 /// One stream name per partition, `{prefix}-{n}`.

@@ -1,0 +1,8 @@
+//! Who may reach the node and what they may do: TLS on the gRPC port and mutual TLS between
+//! members ([`tls`]), the identity of callers and the gates every call passes ([`identity`]),
+//! and the development CA of `anthill certs` ([`certs`]). docs/security.md holds the threat
+//! model and how each piece is set up.
+
+pub mod certs;
+pub mod identity;
+pub mod tls;
