@@ -171,6 +171,15 @@ pub struct NodeArgs {
     otlp_endpoint: Option<String>,
     #[arg(long)]
     service_name: Option<String>,
+    /// `tls.cert_file`: this node's certificate (PEM); with the two below, TLS is on.
+    #[arg(long, requires_all = ["tls_key_file", "tls_ca_file"])]
+    tls_cert_file: Option<PathBuf>,
+    /// `tls.key_file`.
+    #[arg(long, requires_all = ["tls_cert_file", "tls_ca_file"])]
+    tls_key_file: Option<PathBuf>,
+    /// `tls.ca_file`.
+    #[arg(long, requires_all = ["tls_cert_file", "tls_key_file"])]
+    tls_ca_file: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -217,6 +226,15 @@ impl NodeArgs {
         );
         if let Some(endpoint) = &self.otlp_endpoint {
             c.telemetry.otlp_endpoint = Some(endpoint.clone());
+        }
+        if let (Some(cert_file), Some(key_file), Some(ca_file)) = (&self.tls_cert_file, &self.tls_key_file, &self.tls_ca_file) {
+            let reload_interval_ms = c.tls.as_ref().map_or(crate::config::TlsConfig::DEFAULT_RELOAD_INTERVAL_MS, |t| t.reload_interval_ms);
+            c.tls = Some(crate::config::TlsConfig {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                ca_file: ca_file.clone(),
+                reload_interval_ms,
+            });
         }
         if let Some(addr) = &self.metrics_listen {
             c.metrics_addr = match addr.as_str() {

@@ -72,8 +72,10 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
+    pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 2_000;
+
     fn default_reload_interval_ms() -> u64 {
-        2_000
+        Self::DEFAULT_RELOAD_INTERVAL_MS
     }
 }
 

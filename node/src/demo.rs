@@ -32,6 +32,9 @@ pub struct DemoArgs {
     /// Nodes of the cluster act, on 127.0.0.11 on (2 to 12; 0 leaves the act out).
     #[arg(long, default_value_t = 3, value_parser = parse_nodes)]
     nodes: u16,
+    /// Run the nodes in plain text (TLS is on by default, from a CA the demo makes).
+    #[arg(long)]
+    no_tls: bool,
     #[arg(long)]
     json: bool,
 }
@@ -44,10 +47,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new().prefix("anthill-demo-").tempdir()?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().join("node"));
     let exe = std::env::current_exe()?;
-    let node_args = ["--log-level".to_string(), "warn".to_string()];
-    let node = ChildNode::spawn(&exe, &data_dir, &node_args)?;
-    say(&args, format!("started a node at {} with data in {}", node.url(), data_dir.display()));
-    let mut clients = client::connect(&node.url()).await?;
+    let mut node_args = vec!["--log-level".to_string(), "warn".to_string()];
+    // TLS: the node's port is fixed first, so its certificate can name its address.
+    let listen: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let scheme = if args.no_tls { "http" } else { "https" };
+    if !args.no_tls {
+        let certs = data_dir.with_extension("certs");
+        let tls = crate::local::node_tls(&certs, "node-1", listen)?;
+        crate::local::use_tls_as_admin(&certs)?;
+        for (flag, file) in [("--tls-cert-file", &tls.cert_file), ("--tls-key-file", &tls.key_file), ("--tls-ca-file", &tls.ca_file)] {
+            node_args.extend([flag.to_string(), file.display().to_string()]);
+        }
+        say(&args, format!("TLS on: a development CA and certificates in {} (the demo talks as client `admin`)", certs.display()));
+    }
+    let node = ChildNode::spawn_at(&exe, &data_dir, listen, &node_args)?;
+    let url = format!("{scheme}://{}", node.grpc_addr);
+    say(&args, format!("started a node at {url} with data in {}", data_dir.display()));
+    let mut clients = client::connect(&url).await?;
     let initial = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
     let before = initial.total_events;
 
@@ -148,8 +164,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let _ = follower.await;
     let live = live.load(Ordering::Relaxed);
     say(&args, format!("the subscriber saw {live} events live"));
-    let node = ChildNode::spawn(&exe, &data_dir, &node_args)?;
-    let mut clients = client::connect(&node.url()).await?;
+    let node = ChildNode::spawn_at(&exe, &data_dir, listen, &node_args)?;
+    let mut clients = client::connect(&url).await?;
     let reopened = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
     // + the race's winner (1 event), the setup event, and the ledger's events
     let expected_total = before + acknowledged + 2 + ledger.events;

@@ -90,6 +90,8 @@ pub struct ChaosReport {
     pub seed: u64,
     /// Where ownership was decided: `embedded` or `consul`.
     pub coordination: &'static str,
+    /// TLS on every node, mutual between them, and the clients with certificates.
+    pub tls: bool,
     /// When the run's clock started (every `…_ms` counts from it), in ms since the Unix epoch:
     /// to find a fault in the nodes' logs.
     pub started_unix_ms: u64,
@@ -428,6 +430,7 @@ fn report(
     ChaosReport {
         seed: spec.seed,
         coordination: if spec.consul.is_some() { "consul" } else { "embedded" },
+        tls: spec.cluster.tls,
         started_unix_ms: 0,
         nodes: spec.cluster.nodes,
         partitions: spec.cluster.partitions,

@@ -70,6 +70,10 @@ pub(crate) struct ChaosArgs {
     /// to `harness.log` in `--dir`; nothing by default.
     #[arg(long)]
     harness_log_level: Option<String>,
+    /// TLS on every node (mutual between them) from a CA the run makes; the clients show a
+    /// certificate too.
+    #[arg(long)]
+    tls: bool,
     #[arg(long)]
     json: bool,
 }
@@ -207,7 +211,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             session_ttl_ms,
             node_args: vec!["--log-level".into(), args.node_log_level.clone()],
             consul: None,
-            tls: false,
+            tls: args.tls,
         },
         duration: args.duration,
         fault_count: args.fault_count,

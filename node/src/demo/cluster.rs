@@ -74,7 +74,7 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
         session_ttl_ms: SESSION_TTL_MS,
         node_args: vec!["--log-level".to_string(), "warn".to_string()],
         consul: None,
-        tls: false,
+        tls: !args.no_tls,
     };
     let mut cluster = LocalCluster::start(&exe, dir, &spec)?;
     say(args, format!("started a {nodes}-node cluster at {} (embedded coordination store, no other service)", cluster.urls().join(", ")));

@@ -257,10 +257,7 @@ impl LocalCluster {
             std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
         }
         if spec.tls {
-            let certs = dir.join("certs");
-            ensure_certificate(&certs, &Kind::Client, "admin")?;
-            let identity = (certs.join("admin.crt"), certs.join("admin.key"));
-            client::use_tls(Some(client::ClientTls::from_files(&certs.join("ca.crt"), Some((&identity.0, &identity.1)))?));
+            use_tls_as_admin(&dir.join("certs"))?;
         }
         let scheme = if spec.tls { "https" } else { "http" };
         Ok(LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect(), scheme })
@@ -387,15 +384,36 @@ impl LocalCluster {
 /// The `tls` section of node `name`'s configuration, its certificate (for its name and its
 /// address) made under `certs` unless it is there.
 fn tls_section(certs: &Path, name: &str, address: SocketAddr) -> anyhow::Result<String> {
-    ensure_certificate(certs, &Kind::Ca, "ca")?;
-    ensure_certificate(certs, &Kind::Node { hosts: vec![address.ip().to_string()] }, name)?;
-    let file = |f: String| certs.join(f).display().to_string();
+    let tls = node_tls(certs, name, address)?;
     Ok(format!(
         "tls:\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  reload_interval_ms: 200\n",
-        file(format!("{name}.crt")),
-        file(format!("{name}.key")),
-        file("ca.crt".into())
+        tls.cert_file.display(),
+        tls.key_file.display(),
+        tls.ca_file.display()
     ))
+}
+
+/// The TLS files of node `name` reached at `address`, made under `certs` (with the CA) unless
+/// they are there.
+pub fn node_tls(certs: &Path, name: &str, address: SocketAddr) -> anyhow::Result<crate::config::TlsConfig> {
+    ensure_certificate(certs, &Kind::Ca, "ca")?;
+    ensure_certificate(certs, &Kind::Node { hosts: vec![address.ip().to_string()] }, name)?;
+    Ok(crate::config::TlsConfig {
+        cert_file: certs.join(format!("{name}.crt")),
+        key_file: certs.join(format!("{name}.key")),
+        ca_file: certs.join("ca.crt"),
+        reload_interval_ms: crate::config::TlsConfig::DEFAULT_RELOAD_INTERVAL_MS,
+    })
+}
+
+/// Makes this process's clients use TLS as `admin`, a client of the CA under `certs` (made
+/// unless it is there).
+pub fn use_tls_as_admin(certs: &Path) -> anyhow::Result<()> {
+    ensure_certificate(certs, &Kind::Ca, "ca")?;
+    ensure_certificate(certs, &Kind::Client, "admin")?;
+    let identity = (certs.join("admin.crt"), certs.join("admin.key"));
+    client::use_tls(Some(client::ClientTls::from_files(&certs.join("ca.crt"), Some((&identity.0, &identity.1)))?));
+    Ok(())
 }
 
 /// Makes `certs/<stem>.crt` and `.key` (the CA when `kind` is one, else signed by `certs/ca.*`)
