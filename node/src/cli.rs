@@ -361,7 +361,10 @@ struct StatusArgs {
 /// Runs the command; the process's exit code is 0 on success.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    client::use_tls(cli.tls.client_tls()?);
+    // A node takes TLS from its config; `certs` may be making the very files the flags name.
+    if !matches!(cli.command, Command::Node(_) | Command::Certs(_)) {
+        client::use_tls(cli.tls.client_tls()?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Node(args) => runtime.block_on(run_node(*args)),

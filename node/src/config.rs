@@ -544,11 +544,15 @@ impl NodeConfig {
             return invalid("tls.reload_interval_ms", format!("must be between 100 and 3600000, got {}", tls.reload_interval_ms));
         }
         // Peers are told apart by the DNS names in their certificates.
-        for name in std::iter::once(&self.node_id).chain(self.cluster.members.iter().map(|m| &m.name)) {
-            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() || name.parse::<std::net::IpAddr>().is_ok() {
+        // Peers are told apart by the DNS names in their certificates, which compare without
+        // regard to case: lower-case names leave no doubt.
+        let fields = std::iter::once(("node_id", &self.node_id)).chain(self.cluster.members.iter().map(|m| ("cluster.members", &m.name)));
+        for (field, name) in fields {
+            let dns = rustls_pki_types::DnsName::try_from(name.as_str()).is_ok() && name.parse::<std::net::IpAddr>().is_err();
+            if !dns || name.chars().any(|c| c.is_ascii_uppercase()) {
                 return invalid(
-                    "node_id",
-                    format!("with tls, node and member names must be DNS names (certificates name them); {name:?} is not"),
+                    field,
+                    format!("with tls, node and member names must be lower-case DNS names (certificates name them); {name:?} is not"),
                 );
             }
         }

@@ -53,7 +53,10 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let (stop, stopped) = watch::channel(false);
     // TLS files first: a mistake in them stops the start before the store is opened.
     let tls = match &config.tls {
-        Some(files) => Some(Tls::start(files, &config.node_id, metrics.clone(), stopped.clone())?),
+        Some(files) => {
+            let members: Vec<String> = config.cluster.members.iter().map(|m| m.name.clone()).collect();
+            Some(Tls::start(files, &config.node_id, &members, metrics.clone(), stopped.clone())?)
+        }
         None => None,
     };
     let (store_config, dir) = (config.storage.clone(), config.data_dir.clone());

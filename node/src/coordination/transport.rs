@@ -154,8 +154,13 @@ where
         let endpoint = match link.endpoint() {
             Ok(endpoint) => endpoint,
             Err(e) => {
-                tracing::error!(peer = id, %address, error = %e, "cannot make a TLS configuration for a peer; not connecting");
-                return;
+                // The TLS files as they are now do not make a client configuration: wait for
+                // them to be fixed (the reload replaces them), trying again after a backoff.
+                tracing::error!(peer = id, %address, error = %e, "cannot make a TLS configuration for a peer; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONNECT_MAX) => continue,
+                    _ = until_stopped(&mut stopped) => return,
+                }
             }
         };
         let endpoint = endpoint

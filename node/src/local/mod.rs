@@ -256,8 +256,11 @@ impl LocalCluster {
             }
             std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
         }
+        // The process talks to this cluster now (module doc of `client`).
         if spec.tls {
             use_tls_as_admin(&dir.join("certs"))?;
+        } else {
+            client::use_tls(None);
         }
         let scheme = if spec.tls { "https" } else { "http" };
         Ok(LocalCluster { exe: exe.to_path_buf(), dir: dir.to_path_buf(), addrs, nodes: (0..spec.nodes).map(|_| None).collect(), scheme })

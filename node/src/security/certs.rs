@@ -87,7 +87,7 @@ pub fn issue(kind: &Kind, name: &str, days: u32, ca: Option<&Issued>) -> Result<
                     params.subject_alt_names.push(san);
                 }
             }
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         }
         Kind::Client => {
@@ -138,7 +138,11 @@ pub fn write(dir: &Path, file_stem: &str, issued: &Issued) -> Result<(PathBuf, P
         }
     }
     write_new(&key_file, issued.key_pem.as_bytes(), 0o600)?;
-    write_new(&cert_file, issued.cert_pem.as_bytes(), 0o644)?;
+    if let Err(e) = write_new(&cert_file, issued.cert_pem.as_bytes(), 0o644) {
+        // A key without its certificate would only block the next attempt.
+        let _ = std::fs::remove_file(&key_file);
+        return Err(e);
+    }
     Ok((cert_file, key_file))
 }
 
@@ -148,13 +152,23 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let failed = |source| CertsError::Write { path: path.to_path_buf(), source };
-    let temporary = path.with_extension("partial");
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temporary).map_err(failed)?;
-    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(failed)?;
-    // `hard_link` fails when the target exists, unlike `rename`: a file made meanwhile survives.
-    let linked = std::fs::hard_link(&temporary, path);
+    let temporary = path.with_extension(format!("partial-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(bytes).and_then(|_| file.sync_all()))
+        // `hard_link` fails when the target exists, unlike `rename`: a file made meanwhile
+        // survives.
+        .and_then(|_| std::fs::hard_link(&temporary, path));
     let _ = std::fs::remove_file(&temporary);
-    linked.map_err(failed)
+    written.map_err(failed)
+}
+
+/// The DER bytes of the first certificate in PEM `bytes` (empty when there is none).
+pub fn first_certificate_der(bytes: &[u8]) -> Vec<u8> {
+    crate::security::tls::certificates(bytes).ok().and_then(|c| c.into_iter().next()).map(|c| c.to_vec()).unwrap_or_default()
 }
 
 /// The expiry of a PEM certificate, for reports.

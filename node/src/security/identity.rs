@@ -51,6 +51,11 @@ impl CertNames {
         Some(CertNames { common_name, dns })
     }
 
+    /// Whether `name` is one of its DNS names (DNS names compare without regard to case).
+    pub fn names_dns(&self, name: &str) -> bool {
+        self.dns.iter().any(|d| d.eq_ignore_ascii_case(name))
+    }
+
     /// The name a client certificate stands for: its common name, else its first DNS name.
     pub fn principal(&self) -> Option<&str> {
         self.common_name.as_deref().filter(|n| !n.is_empty()).or(self.dns.first().map(String::as_str))
@@ -126,9 +131,14 @@ impl PeerGate {
         PeerGate { tls, members: Arc::new(members), metrics }
     }
 
-    /// The member `names` stands for: the first of its DNS names that is a member's name.
+    /// The member `names` stands for: the one member whose name is among its DNS names, when
+    /// there is exactly one (a certificate naming two members is nobody's).
     fn member(&self, names: &CertNames) -> Option<u64> {
-        names.dns.iter().find_map(|n| self.members.get(n).copied())
+        let mut named = self.members.iter().filter(|(name, _)| names.names_dns(name));
+        match (named.next(), named.next()) {
+            (Some((_, id)), None) => Some(*id),
+            _ => None,
+        }
     }
 }
 
@@ -143,7 +153,7 @@ impl Interceptor for PeerGate {
             let who = names.map_or("no certificate".to_string(), |n| format!("a certificate naming {:?} {:?}", n.common_name, n.dns));
             tracing::warn!(caller = %who, "refused a cluster call from someone who is not a member");
             return Err(Status::permission_denied(format!(
-                "only members of the cluster may call the Cluster service; the caller presented {who}, and no member has one of its DNS names"
+                "only members of the cluster may call the Cluster service; the caller presented {who}, which names no member, or several"
             )));
         };
         request.extensions_mut().insert(Peer { id });
@@ -165,6 +175,17 @@ mod tests {
         assert_eq!(names.common_name.as_deref(), Some("node-1"));
         assert_eq!(names.dns, vec!["node-1".to_string(), "node-1.example".to_string()]);
         assert_eq!(names.principal(), Some("node-1"));
+    }
+
+    #[test]
+    fn given_a_certificate_naming_two_members_then_it_is_no_member() {
+        let members = BTreeMap::from([("node-1".to_string(), 1), ("node-2".to_string(), 2)]);
+        let gate = PeerGate::new(true, members, Arc::new(Metrics::default()));
+        let names = |dns: &[&str]| CertNames { common_name: None, dns: dns.iter().map(|d| d.to_string()).collect() };
+        assert_eq!(gate.member(&names(&["node-2", "node-2.example"])), Some(2));
+        assert_eq!(gate.member(&names(&["NODE-2"])), Some(2), "DNS names compare without regard to case");
+        assert_eq!(gate.member(&names(&["node-1", "node-2"])), None);
+        assert_eq!(gate.member(&names(&["node-9"])), None);
     }
 
     #[test]

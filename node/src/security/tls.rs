@@ -32,9 +32,10 @@ use crate::coordination::transport::until_stopped;
 use crate::metrics::Metrics;
 
 /// Longest a connection may take to finish its TLS handshake before it is closed.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; accepting waits while this many are.
-const MAX_HANDSHAKES: usize = 256;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; a connection accepted while this many are is closed at once
+/// (accepting never waits: a crowd of idle sockets cannot keep peers out).
+const MAX_HANDSHAKES: usize = 512;
 /// Handshaken connections waiting for the gRPC server to take them.
 const ACCEPTED_QUEUE: usize = 64;
 
@@ -110,6 +111,22 @@ impl Material {
             .domain_name(peer)
     }
 
+    /// A certificate naming two members would let its holder speak as either to their peers,
+    /// and make the peers take the real one for an impostor: refused.
+    fn names_no_other_member(&self, config: &TlsConfig, node_id: &str, members: &[String]) -> Result<(), TlsError> {
+        let leaf = certificates(&self.cert_pem).ok().and_then(|c| c.into_iter().next());
+        let names = leaf.and_then(|der| super::identity::CertNames::of(der.as_ref())).unwrap_or_default();
+        let others: Vec<&String> = members.iter().filter(|m| *m != node_id && names.names_dns(m)).collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        Err(TlsError::Invalid {
+            field: "tls.cert_file",
+            path: config.cert_file.clone(),
+            reason: format!("names other members too ({others:?}): each node needs a certificate naming it alone among the members"),
+        })
+    }
+
     fn same_files(&self, cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> bool {
         self.cert_pem == cert_pem && self.key_pem == key_pem && self.ca_pem == ca_pem
     }
@@ -142,6 +159,10 @@ fn read(path: &Path, field: &'static str) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { field, path: path.to_path_buf(), source })
 }
 
+async fn read_async(path: &Path, field: &'static str) -> Result<Vec<u8>, TlsError> {
+    tokio::fs::read(path).await.map_err(|source| TlsError::Read { field, path: path.to_path_buf(), source })
+}
+
 /// The node's TLS configuration as of now; [`watch_files`] replaces it when the files change.
 #[derive(Clone)]
 pub struct Tls {
@@ -150,11 +171,19 @@ pub struct Tls {
 
 impl Tls {
     /// Loads the files (an error names the file and what is wrong with it) and starts watching
-    /// them until `stopped`.
-    pub fn start(config: &TlsConfig, node_id: &str, metrics: Arc<Metrics>, stopped: watch::Receiver<bool>) -> Result<Tls, TlsError> {
+    /// them until `stopped`. `members` are the cluster's member names: the node's certificate
+    /// may name no member but itself.
+    pub fn start(
+        config: &TlsConfig,
+        node_id: &str,
+        members: &[String],
+        metrics: Arc<Metrics>,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<Tls, TlsError> {
         let material = Material::load(config, node_id)?;
+        material.names_no_other_member(config, node_id, members)?;
         let (tx, current) = watch::channel(Arc::new(material));
-        tokio::spawn(watch_files(config.clone(), node_id.to_string(), tx, metrics, stopped));
+        tokio::spawn(watch_files(config.clone(), node_id.to_string(), members.to_vec(), tx, metrics, stopped));
         Ok(Tls { current })
     }
 
@@ -167,6 +196,7 @@ impl Tls {
 async fn watch_files(
     config: TlsConfig,
     node_id: String,
+    members: Vec<String>,
     current: watch::Sender<Arc<Material>>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
@@ -179,8 +209,11 @@ async fn watch_files(
             _ = tokio::time::sleep(interval) => {}
             _ = until_stopped(&mut stopped) => return,
         }
-        let files =
-            (read(&config.cert_file, "tls.cert_file"), read(&config.key_file, "tls.key_file"), read(&config.ca_file, "tls.ca_file"));
+        let files = (
+            read_async(&config.cert_file, "tls.cert_file").await,
+            read_async(&config.key_file, "tls.key_file").await,
+            read_async(&config.ca_file, "tls.ca_file").await,
+        );
         let (cert, key, ca) = match files {
             (Ok(cert), Ok(key), Ok(ca)) => (cert, key, ca),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
@@ -190,16 +223,23 @@ async fn watch_files(
                 continue;
             }
         };
-        if current.borrow().same_files(&cert, &key, &ca) || failed.as_ref().is_some_and(|f| (&f.0, &f.1, &f.2) == (&cert, &key, &ca)) {
+        if current.borrow().same_files(&cert, &key, &ca) {
+            failed = None;
             continue;
         }
-        match Material::from_pem(&config, &node_id, cert.clone(), key.clone(), ca.clone()) {
+        // Files that failed are tried again every tick (a certificate not valid yet becomes
+        // valid), but their failure is logged once.
+        let failed_before = failed.as_ref().is_some_and(|f| (&f.0, &f.1, &f.2) == (&cert, &key, &ca));
+        let loaded = Material::from_pem(&config, &node_id, cert.clone(), key.clone(), ca.clone())
+            .and_then(|m| m.names_no_other_member(&config, &node_id, &members).map(|()| m));
+        match loaded {
             Ok(material) => {
                 failed = None;
                 current.send_replace(Arc::new(material));
                 metrics.tls_reloads.inc();
                 tracing::info!(cert_file = %config.cert_file.display(), "TLS files changed: new connections use the new certificate, key and CA");
             }
+            Err(_) if failed_before => {}
             Err(e) => {
                 failed = Some((cert, key, ca));
                 metrics.tls_reload_failures.inc();
@@ -223,7 +263,6 @@ pub fn incoming(
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
-            let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
             let (tcp, remote) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -236,6 +275,11 @@ pub fn incoming(
                 },
                 _ = until_stopped(&mut stopped) => return,
                 _ = tx.closed() => return,
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                metrics.tls_handshake_failures.inc();
+                tracing::debug!(%remote, "too many TLS handshakes in progress; connection closed");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
