@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["anthill/v1/eventlog.proto", "anthill/v1/ledger.proto", "anthill/v1/cluster.proto"];
+    let protos = ["anthill/v1/eventlog.proto", "anthill/v1/ledger.proto", "anthill/v1/cluster.proto", "anthill/v1/auth.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
+mod auth;
 mod certs;
 mod chaos;
 pub use chaos::parse_duration;
@@ -47,6 +48,9 @@ struct TlsArgs {
     /// The client certificate's key (PEM).
     #[arg(long, global = true, env = "ANTHILL_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// A bearer token (`anthill auth token create`), sent on every call (over TLS only).
+    #[arg(long, global = true, env = "ANTHILL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl TlsArgs {
@@ -99,6 +103,8 @@ enum Command {
     Specs(crate::app::specs::command::SpecsArgs),
     /// Make a development CA and node or client certificates signed by it.
     Certs(certs::CertsArgs),
+    /// Bearer tokens and the grants of certificate principals (who may do what).
+    Auth(auth::AuthArgs),
 }
 
 /// Every field of the config file as a flag; a flag wins over the file.
@@ -364,6 +370,7 @@ pub fn run() -> anyhow::Result<()> {
     // A node takes TLS from its config; `certs` may be making the very files the flags name.
     if !matches!(cli.command, Command::Node(_) | Command::Certs(_)) {
         client::use_tls(cli.tls.client_tls()?);
+        client::use_token(cli.tls.token.clone());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
@@ -382,6 +389,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Chaos(args) => runtime.block_on(chaos::run(args)),
         Command::Workload(args) => runtime.block_on(chaos::workload(args)),
         Command::Certs(args) => certs::run(args),
+        Command::Auth(args) => runtime.block_on(auth::run(args)),
     }
 }
 

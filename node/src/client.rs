@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use anthill_proto::v1 as pb;
 use anyhow::Context;
+use pb::auth_client::AuthClient;
 use pb::event_log_client::EventLogClient;
 use pb::ledger_client::LedgerClient;
 use pb::node_client::NodeClient;
 use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest response a client accepts (a node caps reads well below this).
@@ -25,9 +27,10 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
 
 #[derive(Clone)]
 pub struct Clients {
-    pub log: EventLogClient<Channel>,
-    pub node: NodeClient<Channel>,
-    pub ledger: LedgerClient<Channel>,
+    pub log: EventLogClient<Conn>,
+    pub node: NodeClient<Conn>,
+    pub ledger: LedgerClient<Conn>,
+    pub auth: AuthClient<Conn>,
 }
 
 /// The cluster CA a client checks nodes against, and the certificate it shows them.
@@ -60,6 +63,36 @@ impl ClientTls {
 }
 
 static TLS: std::sync::RwLock<Option<ClientTls>> = std::sync::RwLock::new(None);
+static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// A connection with this process's credentials on every call.
+pub type Conn = InterceptedService<Channel, Credentials>;
+
+/// Puts the bearer token of [`use_token`] (as it was when the connection was made) on every
+/// call.
+#[derive(Clone)]
+pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Credentials {
+    fn current() -> Credentials {
+        let token = TOKEN.read().unwrap_or_else(|e| e.into_inner()).clone();
+        Credentials(token.and_then(|t| format!("Bearer {t}").parse().ok()))
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Makes every later connection of this process send `token` as its bearer token.
+pub fn use_token(token: Option<String>) {
+    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = token;
+}
 
 /// Makes every later connection of this process use `tls` (module doc); `None`: plain text.
 pub fn use_tls(tls: Option<ClientTls>) {
@@ -84,6 +117,9 @@ pub fn server_url(server: &str) -> String {
 pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("bad node address {url:?}"))?;
     if !url.starts_with("https://") {
+        if TOKEN.read().unwrap_or_else(|e| e.into_inner()).is_some() {
+            anyhow::bail!("{url} is plain http: a bearer token is only sent over TLS (give the cluster CA with --tls-ca)");
+        }
         return Ok(endpoint);
     }
     let Some(tls) = tls() else {
@@ -105,7 +141,9 @@ pub async fn connect(server: &str) -> anyhow::Result<Clients> {
 }
 
 pub fn clients(channel: Channel) -> Clients {
+    let channel = InterceptedService::new(channel, Credentials::current());
     Clients {
+        auth: AuthClient::new(channel.clone()),
         log: EventLogClient::new(channel.clone())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES),

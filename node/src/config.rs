@@ -50,6 +50,22 @@ pub struct NodeConfig {
     /// TLS on the gRPC port and mutual TLS between members (docs/security.md). Absent: plain
     /// text, and anyone who reaches the port may call anything.
     pub tls: Option<TlsConfig>,
+    pub auth: AuthConfig,
+}
+
+/// Who is let in when TLS is on (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Client certificate common names that hold `cluster-admin`: the way in for the first
+    /// admin, who then grants the rest (`anthill auth`).
+    pub cluster_admins: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { cluster_admins: vec!["admin".into()] }
+    }
 }
 
 /// The node's certificate, its key and the cluster CA, as PEM files; read at start and again
@@ -383,6 +399,7 @@ impl Default for NodeConfig {
             cluster: ClusterConfig::default(),
             telemetry: TelemetryConfig::default(),
             tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }

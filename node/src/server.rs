@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anthill_proto::v1 as pb;
 use anyhow::Context;
+use pb::auth_server::AuthServer;
 use pb::cluster_server::ClusterServer;
 use pb::event_log_server::EventLogServer;
 use pb::ledger_server::LedgerServer;
@@ -24,10 +25,12 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
+use crate::api::auth::AuthApi;
 use crate::api::ledger::LedgerApi;
 use crate::config::NodeConfig;
 use crate::log::Log;
 use crate::metrics::{self, Metrics};
+use crate::security::auth::Auth;
 use crate::security::identity::{ClientGate, PeerGate};
 use crate::security::tls::Tls;
 use crate::storage::Store;
@@ -84,8 +87,20 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let reflection =
         tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET).build_v1()?;
     let max_request_bytes = config.limits.max_request_bytes;
+    // Who may do what: with TLS, the table of tokens and grants, kept in the cluster's
+    // coordination store (or a single node's data directory).
+    let auth = match (&tls, &cluster) {
+        (None, _) => None,
+        (Some(_), Some((handle, _))) => Some(Auth::in_store(
+            handle.coordination.clone(),
+            format!("{}auth/table", handle.prefix),
+            config.auth.cluster_admins.clone(),
+            stopped.clone(),
+        )),
+        (Some(_), None) => Some(Auth::in_file(config.data_dir.join("auth.json"), config.auth.cluster_admins.clone())?),
+    };
     // Health stays open (probes carry no certificate); every other service is behind a gate.
-    let client = ClientGate::new(tls.is_some(), metrics.clone());
+    let client = ClientGate::new(auth.clone(), metrics.clone());
     let members = config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect();
     let peers = PeerGate::new(tls.is_some(), members, metrics.clone());
     let router = tonic::transport::Server::builder()
@@ -93,6 +108,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .add_service(InterceptedService::new(reflection, client.clone()))
         .add_service(InterceptedService::new(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes), client.clone()))
         .add_service(InterceptedService::new(NodeServer::new(api), client.clone()))
+        .add_service(InterceptedService::new(AuthServer::new(AuthApi::new(auth)), client.clone()))
         .add_service(InterceptedService::new(
             LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes),
             client,

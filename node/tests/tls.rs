@@ -278,3 +278,95 @@ async fn given_a_quorum_load_when_every_nodes_certificate_is_rotated_then_no_ack
     }
     assert!(total > 20, "too little load to say anything: {total} acknowledged appends");
 }
+
+/// `(code, message)` of a call's outcome, `None` when it succeeded.
+fn refusal<T>(outcome: Result<T, tonic::Status>) -> Option<(tonic::Code, String)> {
+    outcome.err().map(|s| (s.code(), s.message().to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_write_another_tenant_and_a_revoked_token_is_refused_everywhere()
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let certs = dir.path().join("certs");
+
+    // The admin (a certificate named in auth.cluster_admins) makes a token on node-1.
+    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    let grant = |role: &str, tenant: &str| pb::Grant { role: role.into(), tenant: tenant.into() };
+    let made = admin.auth.create_token(pb::CreateTokenRequest { name: "acme-writer".into(), grants: vec![grant("write", "acme")] }).await;
+    let made = made.unwrap().into_inner();
+
+    // With the token, through every node's leaderships (the table reached them all).
+    client::use_token(Some(made.token.clone()));
+    let writer = Router::connect(&cluster.urls()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for stream in anthill_node::local::streams_per_partition("acme/orders", PARTITIONS) {
+        while let Err(e) = writer.append(append(&stream, "by the writer".into())).await {
+            assert!(Instant::now() < deadline, "the token never worked on {stream}'s leader: {e:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let read_acme =
+        writer.read(pb::ReadRequest { stream: "acme/orders-0".into(), from_version: 1, max_count: 10, linearizable: false }).await;
+    assert!(read_acme.is_ok(), "write includes read: {read_acme:?}");
+    let (code, message) = refusal(writer.append(append("globex/orders-1", "not mine".into())).await).expect("globex refused the write");
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    assert!(message.contains("needs write:globex, and holds write:acme"), "{message}");
+    let read = writer.read(pb::ReadRequest { stream: "globex/orders-1".into(), from_version: 1, max_count: 10, linearizable: false }).await;
+    assert_eq!(refusal(read).map(|r| r.0), Some(tonic::Code::PermissionDenied));
+    let mut on_node = client::connect(&cluster.url(1)).await.unwrap();
+    let partition =
+        on_node.log.read_partition(pb::ReadPartitionRequest { partition: 0, from_position: 1, max_count: 10, linearizable: false });
+    assert_eq!(refusal(partition.await).map(|r| r.0), Some(tonic::Code::PermissionDenied), "a partition holds every tenant");
+    let drain = on_node.node.drain(pb::DrainRequest { node: String::new(), undo: false }).await;
+    assert_eq!(refusal(drain).map(|r| r.0), Some(tonic::Code::PermissionDenied), "draining needs cluster-admin");
+    let create = on_node.auth.create_token(pb::CreateTokenRequest { name: "escalation".into(), grants: vec![grant("cluster-admin", "")] });
+    assert_eq!(refusal(create.await).map(|r| r.0), Some(tonic::Code::PermissionDenied));
+
+    // A certificate principal gets the grants the table gives its name.
+    client::use_token(None);
+    ensure_certificate(&certs, &Kind::Client, "alice").unwrap();
+    admin.auth.set_grants(pb::SetGrantsRequest { principal: "alice".into(), grants: vec![grant("read", "acme")] }).await.unwrap();
+    let alice = raw_client(&cluster.url(2), &certs.join("ca.crt"), Some((&certs, "alice"))).await.unwrap();
+    let mut alice = pb::event_log_client::EventLogClient::new(alice);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let read =
+            alice.read(pb::ReadRequest { stream: "acme/orders-0".into(), from_version: 1, max_count: 10, linearizable: false }).await;
+        match read {
+            Ok(r) if !r.get_ref().events.is_empty() => break,
+            // Node-3 may not have the grant yet, or may not lead the stream's partition (then it
+            // still answers from its replica).
+            other => assert!(Instant::now() < deadline, "alice never read acme on node-3: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let append_as_alice = alice.append(append("acme/orders-0", "alice writes".into())).await;
+    assert_eq!(refusal(append_as_alice).map(|r| r.0), Some(tonic::Code::PermissionDenied), "read does not include write");
+
+    // Revoked on node-1, refused by every node.
+    let revoked = admin.auth.revoke_token(pb::RevokeTokenRequest { id: made.id.clone() }).await.unwrap().into_inner();
+    assert!(revoked.revoked);
+    client::use_token(Some(made.token.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        let mut c = client::connect(&cluster.url(i)).await.unwrap();
+        loop {
+            match c.node.status(pb::StatusRequest {}).await {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => break,
+                other => assert!(Instant::now() < deadline, "node-{} still takes the revoked token: {other:?}", i + 1),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    client::use_token(None);
+
+    // Nothing of the refused writes is stored.
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    assert!(router.read_stream_all("globex/orders-1").await.unwrap().is_empty());
+    assert!(router.read_stream_all("acme/orders-0").await.unwrap().iter().all(|e| e.payload == b"by the writer"));
+}

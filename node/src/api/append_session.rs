@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use super::{append_request, append_status, appended};
 use crate::log::{AppendError, Appended, Log};
+use crate::security::auth::{Caller, Role, tenant_of};
 
 /// Answers waiting for tonic to send them, per session.
 const ANSWER_BUFFER: usize = 1024;
@@ -36,16 +37,27 @@ const ANSWER_BUFFER: usize = 1024;
 pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::AppendSessionResponse, Status>> + Send>>;
 
 /// Starts the task serving one session; the answers stream back through the returned stream.
-pub(super) fn start(log: Arc<Log>, requests: Streaming<pb::AppendSessionRequest>, shutdown: watch::Receiver<bool>) -> AnswerStream {
+pub(super) fn start(
+    log: Arc<Log>,
+    caller: Caller,
+    requests: Streaming<pb::AppendSessionRequest>,
+    shutdown: watch::Receiver<bool>,
+) -> AnswerStream {
     let (answers, rx) = mpsc::channel(ANSWER_BUFFER);
     let span = tracing::info_span!("append_session");
-    tokio::spawn(serve(log, requests, answers, shutdown).instrument(span));
+    tokio::spawn(serve(log, caller, requests, answers, shutdown).instrument(span));
     Box::pin(ReceiverStream::new(rx))
 }
 
 type Answers = mpsc::Sender<Result<pb::AppendSessionResponse, Status>>;
 
-async fn serve(log: Arc<Log>, mut requests: Streaming<pb::AppendSessionRequest>, answers: Answers, mut shutdown: watch::Receiver<bool>) {
+async fn serve(
+    log: Arc<Log>,
+    caller: Caller,
+    mut requests: Streaming<pb::AppendSessionRequest>,
+    answers: Answers,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let max_in_flight = log.limits().max_session_in_flight;
     let mut pending = FuturesUnordered::new();
     let mut reading = true;
@@ -69,6 +81,14 @@ async fn serve(log: Arc<Log>, mut requests: Streaming<pb::AppendSessionRequest>,
                     taken += 1;
                     let id = request.id;
                     let quorum = request.append.as_ref().is_some_and(|a| a.durability == pb::Durability::Quorum as i32);
+                    // Each append is checked against the caller's grants on its stream's tenant.
+                    let stream = request.append.as_ref().map_or("", |a| a.stream.as_str());
+                    if let Err(denied) = caller.require(tenant_of(stream), Role::Write) {
+                        if answers.send(Ok(refused(id, &denied))).await.is_err() {
+                            break true;
+                        }
+                        continue;
+                    }
                     match submit(&log, request).await {
                         Ok(pending_append) => {
                             let log = log.clone();
@@ -124,6 +144,12 @@ async fn submit(log: &Log, request: pb::AppendSessionRequest) -> Result<crate::l
         }
     };
     log.submit(append).await
+}
+
+/// The answer to an append refused before it was queued.
+fn refused(id: u64, status: &Status) -> pb::AppendSessionResponse {
+    let failure = pb::AppendFailure { code: status.code() as i32, message: status.message().to_string(), actual_version: 0 };
+    pb::AppendSessionResponse { id, result: Some(pb::append_session_response::Result::Failure(failure)) }
 }
 
 fn answer(id: u64, outcome: Result<Appended, AppendError>) -> pb::AppendSessionResponse {

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use anthill_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::security::auth::{Caller, Role, tenant_of};
+
 use crate::app::ledger::query::{self, BalanceView, HistoryPage, HoldView};
 use crate::app::ledger::{Ledger, LedgerCommand, LedgerError};
 use crate::app::processor::{Command, Rejected};
@@ -43,7 +45,15 @@ impl LedgerApi {
         LedgerApi { log, audits: Arc::new(tokio::sync::Semaphore::new(1)) }
     }
 
-    async fn run(&self, book: String, command_id: String, command: LedgerCommand) -> Result<Response<pb::CommandResponse>, Status> {
+    /// Runs a command on `book`: the caller needs `write` on the book's tenant.
+    async fn run(
+        &self,
+        caller: &Caller,
+        book: String,
+        command_id: String,
+        command: LedgerCommand,
+    ) -> Result<Response<pb::CommandResponse>, Status> {
+        caller.require(tenant_of(&book), Role::Write)?;
         validate_id("book", &book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         let command_id = if command_id.is_empty() {
             None
@@ -69,11 +79,13 @@ impl LedgerApi {
         }))
     }
 
-    async fn query<T, F>(&self, book: &str, read: F) -> Result<T, Status>
+    /// Answers a query on `book`: the caller needs `read` on the book's tenant.
+    async fn query<T, F>(&self, caller: &Caller, book: &str, read: F) -> Result<T, Status>
     where
         F: FnOnce(&StateView<'_>) -> Result<T, Refusal<LedgerError>> + Send + 'static,
         T: Send + 'static,
     {
+        caller.require(tenant_of(book), Role::Read)?;
         validate_id("book", book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         match self.log.query(Ledger::NAME, book, read).await.map_err(super::append_status)? {
             Ok(answer) => Ok(answer),
@@ -108,8 +120,10 @@ fn optional(s: String) -> Option<String> {
 #[tonic::async_trait]
 impl pb::ledger_server::Ledger for LedgerApi {
     async fn open_account(&self, request: Request<pb::OpenAccountRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         self.run(
+            &caller,
             r.book,
             r.command_id,
             LedgerCommand::OpenAccount { account: r.account, currency: r.currency, credit_limit: r.credit_limit },
@@ -118,45 +132,53 @@ impl pb::ledger_server::Ledger for LedgerApi {
     }
 
     async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        self.run(r.book, r.command_id, LedgerCommand::Deposit { account: r.account, amount: r.amount }).await
+        self.run(&caller, r.book, r.command_id, LedgerCommand::Deposit { account: r.account, amount: r.amount }).await
     }
 
     async fn withdraw(&self, request: Request<pb::WithdrawRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        self.run(r.book, r.command_id, LedgerCommand::Withdraw { account: r.account, amount: r.amount }).await
+        self.run(&caller, r.book, r.command_id, LedgerCommand::Withdraw { account: r.account, amount: r.amount }).await
     }
 
     async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let command = LedgerCommand::Transfer { from: r.from, to: r.to, amount: r.amount, transfer: optional(r.transfer) };
-        self.run(r.book, r.command_id, command).await
+        self.run(&caller, r.book, r.command_id, command).await
     }
 
     async fn place_hold(&self, request: Request<pb::PlaceHoldRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        self.run(r.book, r.command_id, LedgerCommand::PlaceHold { hold: r.hold, account: r.account, amount: r.amount }).await
+        self.run(&caller, r.book, r.command_id, LedgerCommand::PlaceHold { hold: r.hold, account: r.account, amount: r.amount }).await
     }
 
     async fn capture_hold(&self, request: Request<pb::CaptureHoldRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let command = LedgerCommand::CaptureHold { hold: r.hold, amount: (r.amount > 0).then_some(r.amount), to: optional(r.to) };
-        self.run(r.book, r.command_id, command).await
+        self.run(&caller, r.book, r.command_id, command).await
     }
 
     async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        self.run(r.book, r.command_id, LedgerCommand::ReleaseHold { hold: r.hold }).await
+        self.run(&caller, r.book, r.command_id, LedgerCommand::ReleaseHold { hold: r.hold }).await
     }
 
     async fn close_account(&self, request: Request<pb::CloseAccountRequest>) -> Result<Response<pb::CommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        self.run(r.book, r.command_id, LedgerCommand::CloseAccount { account: r.account }).await
+        self.run(&caller, r.book, r.command_id, LedgerCommand::CloseAccount { account: r.account }).await
     }
 
     async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::Balance>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        let b: BalanceView = self.query(&r.book, move |state| query::balance(state, &r.account)).await?;
+        let b: BalanceView = self.query(&caller, &r.book, move |state| query::balance(state, &r.account)).await?;
         Ok(Response::new(pb::Balance {
             account: b.account,
             currency: b.currency,
@@ -170,16 +192,18 @@ impl pb::ledger_server::Ledger for LedgerApi {
     }
 
     async fn get_hold(&self, request: Request<pb::GetHoldRequest>) -> Result<Response<pb::HoldInfo>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        let h: HoldView = self.query(&r.book, move |state| query::hold_info(state, &r.hold)).await?;
+        let h: HoldView = self.query(&caller, &r.book, move |state| query::hold_info(state, &r.hold)).await?;
         let status = serde_json::to_value(h.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         Ok(Response::new(pb::HoldInfo { hold: h.hold, account: h.account, amount: h.amount, placed_at_us: h.placed_at_us, status }))
     }
 
     async fn get_history(&self, request: Request<pb::GetHistoryRequest>) -> Result<Response<pb::History>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let limit = if r.limit == 0 { 100 } else { r.limit };
-        let page: HistoryPage = self.query(&r.book, move |state| query::history(state, &r.account, r.from.max(1), limit)).await?;
+        let page: HistoryPage = self.query(&caller, &r.book, move |state| query::history(state, &r.account, r.from.max(1), limit)).await?;
         let entries = page
             .entries
             .into_iter()
@@ -197,8 +221,9 @@ impl pb::ledger_server::Ledger for LedgerApi {
     }
 
     async fn get_totals(&self, request: Request<pb::GetTotalsRequest>) -> Result<Response<pb::Totals>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        let totals = self.query(&r.book, query::totals).await?;
+        let totals = self.query(&caller, &r.book, query::totals).await?;
         let currencies = totals
             .into_iter()
             .map(|(currency, t)| {
@@ -217,9 +242,10 @@ impl pb::ledger_server::Ledger for LedgerApi {
     }
 
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditReport>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let _one_at_a_time = self.audits.acquire().await.map_err(|_| Status::unavailable("the node is shutting down"))?;
-        let report = self.query(&r.book, query::audit).await?;
+        let report = self.query(&caller, &r.book, query::audit).await?;
         Ok(Response::new(pb::AuditReport {
             ok: report.ok,
             complete: report.complete,

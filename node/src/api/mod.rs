@@ -21,6 +21,7 @@
 //! LMDB reads run on the blocking pool, never on the async workers.
 
 mod append_session;
+pub mod auth;
 pub mod ledger;
 mod subscribe;
 
@@ -34,6 +35,17 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::log::{self, AppendError, ExpectedVersion, Log, NewEvent};
+use crate::security::auth::{Caller, Role, tenant_of};
+
+/// Lets a cluster admin's operation through, and logs it (or its refusal) on the
+/// `anthill::audit` target.
+fn audited<T: std::fmt::Debug>(request: &Request<T>, action: &str) -> Result<(), Status> {
+    let caller = Caller::of(request)?;
+    let allowed = caller.require("", Role::ClusterAdmin);
+    let outcome = if allowed.is_ok() { "done" } else { "refused" };
+    tracing::info!(target: "anthill::audit", by = %caller.name, kind = caller.kind.as_str(), action, request = ?request.get_ref(), outcome, "cluster operation");
+    allowed
+}
 use crate::storage::{EventRecord, ReadLimit, Slice, StorageError};
 
 /// Shared state of both services.
@@ -126,6 +138,7 @@ impl Api {
 #[tonic::async_trait]
 impl pb::event_log_server::EventLog for Api {
     async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        Caller::of(&request)?.require(tenant_of(&request.get_ref().stream), Role::Write)?;
         let req = request.into_inner();
         let span = tracing::info_span!(
             "append",
@@ -150,10 +163,12 @@ impl pb::event_log_server::EventLog for Api {
         &self,
         request: Request<tonic::Streaming<pb::AppendSessionRequest>>,
     ) -> Result<Response<Self::AppendSessionStream>, Status> {
-        Ok(Response::new(append_session::start(self.log.clone(), request.into_inner(), self.shutdown.clone())))
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(append_session::start(self.log.clone(), caller, request.into_inner(), self.shutdown.clone())))
     }
 
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        Caller::of(&request)?.require(tenant_of(&request.get_ref().stream), Role::Read)?;
         let req = request.into_inner();
         log::validate_stream_id(self.log.limits(), &req.stream).map_err(Status::invalid_argument)?;
         let limit = self.read_limit(req.max_count);
@@ -169,6 +184,8 @@ impl pb::event_log_server::EventLog for Api {
     }
 
     async fn read_partition(&self, request: Request<pb::ReadPartitionRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        // A partition holds every tenant's streams.
+        Caller::of(&request)?.require("*", Role::Read)?;
         let req = request.into_inner();
         self.check_partition(req.partition)?;
         let limit = self.read_limit(req.max_count);
@@ -184,6 +201,14 @@ impl pb::event_log_server::EventLog for Api {
     type SubscribeStream = subscribe::EventStream;
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        // Streams: each one's tenant; partitions (or everything): every tenant.
+        let caller = Caller::of(&request)?;
+        if request.get_ref().streams.is_empty() {
+            caller.require("*", Role::Read)?;
+        }
+        for stream in &request.get_ref().streams {
+            caller.require(tenant_of(stream), Role::Read)?;
+        }
         let plan = subscribe::Plan::from_request(self, request.into_inner())?;
         Ok(Response::new(subscribe::start(self.log.clone(), plan, self.shutdown.clone())))
     }
@@ -193,6 +218,7 @@ impl pb::event_log_server::EventLog for Api {
 impl pb::node_server::Node for Api {
     async fn decommission(&self, request: Request<pb::DecommissionRequest>) -> Result<Response<pb::DecommissionResponse>, Status> {
         use crate::coordination::member::DecommissionError;
+        audited(&request, "decommission")?;
         let request = request.into_inner();
         let Some(cluster) = &self.cluster else {
             return Err(Status::failed_precondition("this node runs alone (no cluster.members): there are no replica sets to leave"));
@@ -208,6 +234,7 @@ impl pb::node_server::Node for Api {
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        audited(&request, "drain")?;
         let request = request.into_inner();
         let Some(cluster) = &self.cluster else {
             return Err(Status::failed_precondition(

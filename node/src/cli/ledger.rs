@@ -110,10 +110,7 @@ enum CommandRequest {
 }
 
 impl CommandRequest {
-    async fn send(
-        self,
-        ledger: &mut pb::ledger_client::LedgerClient<tonic::transport::Channel>,
-    ) -> Result<pb::CommandResponse, tonic::Status> {
+    async fn send(self, ledger: &mut pb::ledger_client::LedgerClient<crate::client::Conn>) -> Result<pb::CommandResponse, tonic::Status> {
         let response = match self {
             CommandRequest::Open(r) => ledger.open_account(r).await,
             CommandRequest::Deposit(r) => ledger.deposit(r).await,
@@ -181,7 +178,7 @@ pub async fn run(args: LedgerArgs) -> anyhow::Result<()> {
 }
 
 async fn run_query(
-    ledger: &mut pb::ledger_client::LedgerClient<tonic::transport::Channel>,
+    ledger: &mut pb::ledger_client::LedgerClient<crate::client::Conn>,
     book: String,
     query: Action,
     json_out: bool,

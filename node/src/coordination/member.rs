@@ -54,6 +54,27 @@ impl Coordination {
         }
     }
 
+    pub(crate) async fn get(&self, key: &str) -> super::Result<Option<super::KvEntry>> {
+        match self {
+            Coordination::Embedded(store) => store.get(key).await,
+            Coordination::Consul(store) => store.get(key).await,
+        }
+    }
+
+    pub(crate) async fn put_if(&self, key: &str, value: &[u8], cas: super::Cas) -> super::Result<bool> {
+        match self {
+            Coordination::Embedded(store) => store.put(key, value, cas).await,
+            Coordination::Consul(store) => store.put(key, value, cas).await,
+        }
+    }
+
+    pub(crate) async fn list(&self, prefix: &str, min_index: u64, wait: Duration) -> super::Result<super::Listing> {
+        match self {
+            Coordination::Embedded(store) => store.list(prefix, min_index, wait).await,
+            Coordination::Consul(store) => store.list(prefix, min_index, wait).await,
+        }
+    }
+
     async fn delete(&self, key: &str) -> super::Result<bool> {
         match self {
             Coordination::Embedded(store) => store.delete(key, super::Cas::Any).await,

@@ -336,7 +336,7 @@ async fn transfers(router: &Router, book: &str, stop: &AtomicBool) -> anyhow::Re
 }
 
 /// Accounts `a` and `b` of `book` as a node's state has them (None if it cannot answer).
-async fn balances(ledger: &mut pb::ledger_client::LedgerClient<tonic::transport::Channel>, book: &str) -> Option<Vec<i64>> {
+async fn balances(ledger: &mut pb::ledger_client::LedgerClient<crate::client::Conn>, book: &str) -> Option<Vec<i64>> {
     let mut out = Vec::new();
     for account in ["a", "b"] {
         let request = pb::GetBalanceRequest { book: book.into(), account: account.into() };

@@ -3,8 +3,9 @@
 //!
 //! - [`ClientGate`] (client services): a call must come with a certificate that chained to the
 //!   cluster CA (the TLS handshake checked the chain; this checks one was presented) and names
-//!   someone, else `UNAUTHENTICATED` naming what is missing. The caller is put in the request's
-//!   extensions as a [`Principal`] for authorization.
+//!   someone, or a valid bearer token, else `UNAUTHENTICATED` naming what is missing. The
+//!   caller and its grants are put in the request's extensions as a [`Caller`] for the
+//!   services' authorization checks ([`crate::security::auth`]).
 //! - [`PeerGate`] (the `Cluster` service, node to node): the certificate must name a member of
 //!   the cluster as a DNS subject alternative name, else `PERMISSION_DENIED`; the member is put
 //!   in the extensions as a [`Peer`] so the service can refuse messages claiming to come from
@@ -21,6 +22,7 @@ use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::metrics::Metrics;
+use crate::security::auth::{Auth, Caller};
 
 /// The names one certificate carries.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,15 +64,6 @@ impl CertNames {
     }
 }
 
-/// The caller of a client call, once authenticated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// The node runs without TLS: nobody is authenticated, and nothing is refused.
-    Anonymous,
-    /// A client certificate's name ([`CertNames::principal`]).
-    Certificate(String),
-}
-
 /// The member a `Cluster` call comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
@@ -84,35 +77,47 @@ fn presented_names<T>(request: &Request<T>) -> Option<CertNames> {
     certs.first().and_then(|leaf| CertNames::of(leaf.as_ref()))
 }
 
-/// The gate of the client services (module doc).
+/// The gate of the client services (module doc). `auth` is `None` without TLS.
 #[derive(Clone)]
 pub struct ClientGate {
-    tls: bool,
+    auth: Option<Auth>,
     metrics: Arc<Metrics>,
 }
 
 impl ClientGate {
-    pub fn new(tls: bool, metrics: Arc<Metrics>) -> Self {
-        ClientGate { tls, metrics }
+    pub fn new(auth: Option<Auth>, metrics: Arc<Metrics>) -> Self {
+        ClientGate { auth, metrics }
+    }
+
+    fn refuse(&self, why: &str) -> Status {
+        self.metrics.requests_refused.get_or_create(&vec![("reason", "unauthenticated")]).inc();
+        Status::unauthenticated(why.to_string())
     }
 }
 
 impl Interceptor for ClientGate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if !self.tls {
-            request.extensions_mut().insert(Principal::Anonymous);
+        let Some(auth) = &self.auth else {
+            request.extensions_mut().insert(Caller::anonymous());
             return Ok(request);
-        }
-        let Some(names) = presented_names(&request) else {
-            self.metrics.requests_refused.get_or_create(&vec![("reason", "unauthenticated")]).inc();
-            return Err(Status::unauthenticated("this node requires a client certificate signed by the cluster CA"));
         };
-        let Some(name) = names.principal() else {
-            self.metrics.requests_refused.get_or_create(&vec![("reason", "unauthenticated")]).inc();
-            return Err(Status::unauthenticated("the client certificate names nobody (no common name, no DNS name)"));
+        // A bearer token wins over the certificate (a shared client certificate may only get
+        // a client through TLS).
+        let bearer = request.metadata().get("authorization").map(|v| v.to_str().unwrap_or_default().to_string());
+        let caller = match bearer {
+            Some(value) => {
+                let token = value.strip_prefix("Bearer ").unwrap_or_default().trim();
+                auth.token_caller(token).ok_or_else(|| self.refuse("the bearer token is not valid (mistyped, or revoked)"))?
+            }
+            None => {
+                let names = presented_names(&request)
+                    .ok_or_else(|| self.refuse("this node requires a client certificate signed by the cluster CA, or a bearer token"))?;
+                let name =
+                    names.principal().ok_or_else(|| self.refuse("the client certificate names nobody (no common name, no DNS name)"))?;
+                auth.certificate_caller(name)
+            }
         };
-        let principal = Principal::Certificate(name.to_string());
-        request.extensions_mut().insert(principal);
+        request.extensions_mut().insert(caller);
         Ok(request)
     }
 }

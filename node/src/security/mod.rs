@@ -3,6 +3,7 @@
 //! and the development CA of `anthill certs` ([`certs`]). docs/security.md holds the threat
 //! model and how each piece is set up.
 
+pub mod auth;
 pub mod certs;
 pub mod identity;
 pub mod tls;

@@ -1,0 +1,110 @@
+//! The `Auth` service: tokens and the grants of certificate principals (docs/security.md). Every
+//! call but `WhoAmI` needs `cluster-admin`; each change is logged on the `anthill::audit` target
+//! with who made it. Without TLS there is nobody to authenticate, and the calls that change the
+//! table are refused.
+
+use anthill_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::security::auth::{Auth, Caller, Grant, Role};
+
+pub struct AuthApi {
+    /// `None` when the node runs without TLS.
+    auth: Option<Auth>,
+}
+
+impl AuthApi {
+    pub fn new(auth: Option<Auth>) -> Self {
+        AuthApi { auth }
+    }
+
+    /// The table, once the caller is known to be a cluster admin.
+    fn admin<T>(&self, request: &Request<T>) -> Result<(&Auth, Caller), Status> {
+        let caller = Caller::of(request)?;
+        caller.require("", Role::ClusterAdmin)?;
+        let auth = self.auth.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node runs without TLS: nobody is authenticated, so there is nothing to grant (docs/security.md)",
+            )
+        })?;
+        Ok((auth, caller))
+    }
+}
+
+fn grants_from_wire(grants: Vec<pb::Grant>) -> Result<Vec<Grant>, Status> {
+    grants
+        .into_iter()
+        .map(|g| Role::parse(&g.role).and_then(|role| Grant::new(role, &g.tenant)).map_err(Status::invalid_argument))
+        .collect()
+}
+
+fn grants_to_wire(grants: &[Grant]) -> Vec<pb::Grant> {
+    grants.iter().map(|g| pb::Grant { tenant: g.tenant.clone(), role: g.role.as_str().to_string() }).collect()
+}
+
+#[tonic::async_trait]
+impl pb::auth_server::Auth for AuthApi {
+    async fn create_token(&self, request: Request<pb::CreateTokenRequest>) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let (auth, caller) = self.admin(&request)?;
+        let r = request.into_inner();
+        let grants = grants_from_wire(r.grants)?;
+        let shown: Vec<String> = grants.iter().map(Grant::to_string).collect();
+        let (id, token) = auth.create_token(&r.name, grants).await?;
+        tracing::info!(target: "anthill::audit", by = %caller.name, token = %id, name = %r.name, grants = ?shown, "token created");
+        Ok(Response::new(pb::CreateTokenResponse { id, token }))
+    }
+
+    async fn list_tokens(&self, request: Request<pb::ListTokensRequest>) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let (auth, _) = self.admin(&request)?;
+        let tokens = auth
+            .table()
+            .tokens
+            .iter()
+            .map(|(id, t)| pb::TokenInfo {
+                id: id.clone(),
+                name: t.name.clone(),
+                grants: grants_to_wire(&t.grants),
+                created_unix_ms: t.created_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(&self, request: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let (auth, caller) = self.admin(&request)?;
+        let id = request.into_inner().id;
+        let revoked = auth.revoke_token(&id).await?;
+        tracing::info!(target: "anthill::audit", by = %caller.name, token = %id, revoked, "token revoked");
+        Ok(Response::new(pb::RevokeTokenResponse { revoked }))
+    }
+
+    async fn set_grants(&self, request: Request<pb::SetGrantsRequest>) -> Result<Response<pb::SetGrantsResponse>, Status> {
+        let (auth, caller) = self.admin(&request)?;
+        let r = request.into_inner();
+        let grants = grants_from_wire(r.grants)?;
+        let shown: Vec<String> = grants.iter().map(Grant::to_string).collect();
+        auth.set_grants(&r.principal, grants).await?;
+        tracing::info!(target: "anthill::audit", by = %caller.name, principal = %r.principal, grants = ?shown, "grants set");
+        Ok(Response::new(pb::SetGrantsResponse {}))
+    }
+
+    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let (auth, _) = self.admin(&request)?;
+        let principals = auth
+            .table()
+            .principals
+            .iter()
+            .map(|(name, grants)| pb::PrincipalGrants { principal: name.clone(), grants: grants_to_wire(grants) })
+            .collect();
+        Ok(Response::new(pb::ListGrantsResponse { principals }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            name: caller.name,
+            kind: caller.kind.as_str().into(),
+            grants: grants_to_wire(&caller.grants),
+        }))
+    }
+}

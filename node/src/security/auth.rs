@@ -1,0 +1,492 @@
+//! Who may do what: roles per tenant, the grants of certificate principals and bearer tokens,
+//! and where that table is kept.
+//!
+//! - A stream's tenant is what comes before its first `/` (`acme/orders-1` belongs to `acme`);
+//!   a stream without one belongs to `default`. A ledger book's tenant follows the same rule.
+//! - Roles: `read`, `write` (and read), `admin` (and write) on a tenant or on `*`, and
+//!   `cluster-admin` (everything, plus draining, decommissioning and this table).
+//! - A client certificate's principal gets the grants the table holds for its name, and
+//!   `cluster-admin` when `auth.cluster_admins` names it (the way in for the first admin). A
+//!   token carries its own grants; only its SHA-256 is stored, its secret is shown once.
+//! - The table is one JSON value: in a cluster under `{prefix}auth/table` in the coordination
+//!   store (replicated like the rest of the cluster's state; every node follows it), on a
+//!   single node in `data_dir/auth.json` (written whole, then renamed). Changes are
+//!   read-modify-write with a compare-and-set, so two admins never undo each other.
+//!
+//! Without TLS nobody is authenticated and every call is let through ([`Caller::anonymous`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+use tonic::Status;
+
+use crate::coordination::Cas;
+use crate::coordination::member::Coordination;
+
+/// The tenant of streams and books without a `/`.
+pub const DEFAULT_TENANT: &str = "default";
+/// Most tokens, and most certificate principals, the table holds (it is read whole).
+pub const MAX_TOKENS: usize = 1_000;
+pub const MAX_PRINCIPALS: usize = 1_000;
+/// Most grants on one token or principal.
+pub const MAX_GRANTS: usize = 64;
+const TOKEN_PREFIX: &str = "ah_";
+
+/// The tenant `stream` (or a ledger book) belongs to.
+pub fn tenant_of(stream: &str) -> &str {
+    stream.split_once('/').map_or(DEFAULT_TENANT, |(tenant, _)| tenant)
+}
+
+/// What a grant allows; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+    ClusterAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+            Role::ClusterAdmin => "cluster-admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Role, String> {
+        match text {
+            "read" => Ok(Role::Read),
+            "write" => Ok(Role::Write),
+            "admin" => Ok(Role::Admin),
+            "cluster-admin" => Ok(Role::ClusterAdmin),
+            _ => Err(format!("unknown role {text:?}: read, write, admin or cluster-admin")),
+        }
+    }
+}
+
+/// A role on a tenant (`*`: every tenant); `cluster-admin` has no tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+}
+
+impl Grant {
+    /// `role:tenant` (e.g. `write:acme`, `read:*`) or `cluster-admin`.
+    pub fn parse(text: &str) -> Result<Grant, String> {
+        match text.split_once(':') {
+            None => Grant::new(Role::parse(text)?, ""),
+            Some((role, tenant)) => Grant::new(Role::parse(role)?, tenant),
+        }
+    }
+
+    pub fn new(role: Role, tenant: &str) -> Result<Grant, String> {
+        match (role, tenant) {
+            (Role::ClusterAdmin, "") => {}
+            (Role::ClusterAdmin, _) => return Err("cluster-admin takes no tenant".into()),
+            (_, "") => {
+                return Err(format!("{} needs a tenant: {}:TENANT, or {}:* for every tenant", role.as_str(), role.as_str(), role.as_str()));
+            }
+            (_, "*") => {}
+            (_, tenant) => check_tenant(tenant)?,
+        }
+        Ok(Grant { role, tenant: tenant.to_string() })
+    }
+
+    fn covers(&self, tenant: &str, need: Role) -> bool {
+        self.role == Role::ClusterAdmin
+            || (self.role >= need && need != Role::ClusterAdmin && (self.tenant == "*" || self.tenant == tenant))
+    }
+}
+
+impl std::fmt::Display for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tenant.is_empty() { f.write_str(self.role.as_str()) } else { write!(f, "{}:{}", self.role.as_str(), self.tenant) }
+    }
+}
+
+/// A tenant name: 1 to 64 of lower-case letters, digits, `-` and `_`, starting with a letter or
+/// digit.
+pub fn check_tenant(tenant: &str) -> Result<(), String> {
+    let ok = !tenant.is_empty()
+        && tenant.len() <= 64
+        && tenant.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && tenant.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(format!("{tenant:?} is not a tenant name (1-64 of a-z 0-9 - _, starting with a letter or digit)")) }
+}
+
+/// One token, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    /// Hex SHA-256 of the token's secret part.
+    pub sha256: String,
+    pub grants: Vec<Grant>,
+    pub created_unix_ms: u64,
+}
+
+/// The whole table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthTable {
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenRecord>,
+    #[serde(default)]
+    pub principals: BTreeMap<String, Vec<Grant>>,
+}
+
+/// How a caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerKind {
+    Anonymous,
+    Certificate,
+    Token,
+}
+
+impl CallerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallerKind::Anonymous => "anonymous",
+            CallerKind::Certificate => "certificate",
+            CallerKind::Token => "token",
+        }
+    }
+}
+
+/// The authenticated caller of one call and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub kind: CallerKind,
+    pub grants: Vec<Grant>,
+}
+
+impl Caller {
+    /// A node without TLS: nobody is authenticated, so nothing is checked.
+    pub fn anonymous() -> Caller {
+        Caller { name: String::new(), kind: CallerKind::Anonymous, grants: vec![Grant { role: Role::ClusterAdmin, tenant: String::new() }] }
+    }
+
+    pub fn may(&self, tenant: &str, need: Role) -> bool {
+        self.grants.iter().any(|g| g.covers(tenant, need))
+    }
+
+    /// `PERMISSION_DENIED` naming the caller and what it lacks, unless it may.
+    pub fn require(&self, tenant: &str, need: Role) -> Result<(), Status> {
+        if self.may(tenant, need) {
+            return Ok(());
+        }
+        let wanted = if need == Role::ClusterAdmin { "cluster-admin".to_string() } else { format!("{}:{tenant}", need.as_str()) };
+        let held: Vec<String> = self.grants.iter().map(Grant::to_string).collect();
+        tracing::info!(target: "anthill::audit", caller = %self.name, kind = self.kind.as_str(), needs = %wanted, "refused: missing grant");
+        Err(Status::permission_denied(format!(
+            "{} {:?} may not do this: it needs {wanted}, and holds {}",
+            self.kind.as_str(),
+            self.name,
+            if held.is_empty() { "no grant".to_string() } else { held.join(", ") }
+        )))
+    }
+
+    /// The caller the gate put in `request`'s extensions (every gated call has one).
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+        request.extensions().get::<Caller>().cloned().ok_or_else(|| Status::internal("no caller on a gated call"))
+    }
+}
+
+/// A token's id and secret from its text, `ah_<id>_<secret>`.
+fn split_token(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix(TOKEN_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 16 && !secret.is_empty()).then_some((id, secret))
+}
+
+fn sha256_hex(secret: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf).expect("the system's random source works");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the table is kept.
+#[derive(Clone)]
+enum Backend {
+    File { path: PathBuf, lock: Arc<Mutex<()>> },
+    Store { coordination: Coordination, key: String },
+}
+
+/// The node's view of the table, kept current, and the way to change it.
+#[derive(Clone)]
+pub struct Auth {
+    table: watch::Receiver<Arc<AuthTable>>,
+    publish: Arc<watch::Sender<Arc<AuthTable>>>,
+    backend: Backend,
+    cluster_admins: Arc<Vec<String>>,
+}
+
+impl Auth {
+    /// A single node's table, in `path`.
+    pub fn in_file(path: PathBuf, cluster_admins: Vec<String>) -> anyhow::Result<Auth> {
+        let table = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not an auth table: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AuthTable::default(),
+            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        };
+        let (publish, table) = watch::channel(Arc::new(table));
+        let backend = Backend::File { path, lock: Arc::default() };
+        Ok(Auth { table, publish: Arc::new(publish), backend, cluster_admins: Arc::new(cluster_admins) })
+    }
+
+    /// A cluster's table, under `key` in its coordination store, followed until `stopped`.
+    pub fn in_store(coordination: Coordination, key: String, cluster_admins: Vec<String>, stopped: watch::Receiver<bool>) -> Auth {
+        let (publish, table) = watch::channel(Arc::new(AuthTable::default()));
+        let auth = Auth {
+            table,
+            publish: Arc::new(publish),
+            backend: Backend::Store { coordination, key },
+            cluster_admins: Arc::new(cluster_admins),
+        };
+        tokio::spawn(auth.clone().follow(stopped));
+        auth
+    }
+
+    /// Keeps the local table equal to the store's (blocking reads of the key).
+    async fn follow(self, mut stopped: watch::Receiver<bool>) {
+        let Backend::Store { coordination, key } = &self.backend else { return };
+        let (mut index, mut seen) = (0u64, None::<u64>);
+        loop {
+            let listed = tokio::select! {
+                listed = coordination.list(key, index, Duration::from_secs(30)) => listed,
+                _ = crate::coordination::transport::until_stopped(&mut stopped) => return,
+            };
+            match listed {
+                Ok(listing) => {
+                    index = listing.index;
+                    let entry = listing.entries.into_iter().find(|e| e.key == *key);
+                    let modified = entry.as_ref().map(|e| e.modify_index);
+                    if modified != seen {
+                        match entry.map(|e| serde_json::from_slice::<AuthTable>(&e.value)).transpose() {
+                            Ok(table) => {
+                                self.publish.send_replace(Arc::new(table.unwrap_or_default()));
+                                seen = modified;
+                            }
+                            Err(e) => tracing::error!(%key, error = %e, "the stored auth table does not parse; keeping the previous one"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the auth table; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    pub fn table(&self) -> Arc<AuthTable> {
+        self.table.borrow().clone()
+    }
+
+    /// The caller a client certificate named `name` is.
+    pub fn certificate_caller(&self, name: &str) -> Caller {
+        let mut grants = self.table().principals.get(name).cloned().unwrap_or_default();
+        if self.cluster_admins.iter().any(|a| a == name) {
+            grants.push(Grant { role: Role::ClusterAdmin, tenant: String::new() });
+        }
+        Caller { name: name.to_string(), kind: CallerKind::Certificate, grants }
+    }
+
+    /// The caller bearer `token` stands for, when it is a valid, unrevoked token.
+    pub fn token_caller(&self, token: &str) -> Option<Caller> {
+        let (id, secret) = split_token(token)?;
+        let table = self.table();
+        let record = table.tokens.get(id)?;
+        // Comparing digests: a timing difference tells nothing about the secret.
+        (record.sha256 == sha256_hex(secret)).then(|| Caller {
+            name: record.name.clone(),
+            kind: CallerKind::Token,
+            grants: record.grants.clone(),
+        })
+    }
+
+    /// Makes a token; returns its id and its text (the only copy of the secret).
+    pub async fn create_token(&self, name: &str, grants: Vec<Grant>) -> Result<(String, String), Status> {
+        if name.trim().is_empty() || name.len() > 256 {
+            return Err(Status::invalid_argument("a token needs a name of 1 to 256 bytes"));
+        }
+        check_grants(&grants)?;
+        let (id, secret) = (random_hex(8), random_hex(32));
+        let record = TokenRecord {
+            name: name.to_string(),
+            sha256: sha256_hex(&secret),
+            grants,
+            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        };
+        let stored_id = id.clone();
+        self.update(move |table| {
+            if table.tokens.len() >= MAX_TOKENS {
+                return Err(Status::resource_exhausted(format!("at most {MAX_TOKENS} tokens: revoke some first")));
+            }
+            table.tokens.insert(stored_id.clone(), record.clone());
+            Ok(())
+        })
+        .await?;
+        Ok((id.clone(), format!("{TOKEN_PREFIX}{id}_{secret}")))
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<bool, Status> {
+        let id = id.to_string();
+        self.update(move |table| Ok(table.tokens.remove(&id).is_some())).await
+    }
+
+    /// Sets (or, with no grants, removes) a certificate principal's grants.
+    pub async fn set_grants(&self, principal: &str, grants: Vec<Grant>) -> Result<(), Status> {
+        if principal.trim().is_empty() || principal.len() > 256 {
+            return Err(Status::invalid_argument("a principal is a certificate's common name, 1 to 256 bytes"));
+        }
+        check_grants(&grants)?;
+        let principal = principal.to_string();
+        self.update(move |table| {
+            if grants.is_empty() {
+                table.principals.remove(&principal);
+            } else {
+                if !table.principals.contains_key(&principal) && table.principals.len() >= MAX_PRINCIPALS {
+                    return Err(Status::resource_exhausted(format!("at most {MAX_PRINCIPALS} principals")));
+                }
+                table.principals.insert(principal.clone(), grants.clone());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies `change` to the table where it is kept; the change is retried on a newer table
+    /// when someone else changed it meanwhile, and is in force on this node when this returns.
+    async fn update<R>(&self, change: impl Fn(&mut AuthTable) -> Result<R, Status>) -> Result<R, Status> {
+        let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot change the auth table: {e}"));
+        match &self.backend {
+            Backend::File { path, lock } => {
+                let _one = lock.lock().await;
+                let mut table = (*self.table()).clone();
+                let result = change(&mut table)?;
+                let bytes = serde_json::to_vec_pretty(&table).map_err(|e| unavailable(&e))?;
+                let temporary = path.with_extension("json.partial");
+                let written = std::fs::File::create(&temporary)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).and_then(|_| f.sync_all()))
+                    .and_then(|_| std::fs::rename(&temporary, path));
+                written.map_err(|e| unavailable(&e))?;
+                self.publish.send_replace(Arc::new(table));
+                Ok(result)
+            }
+            Backend::Store { coordination, key } => {
+                for _ in 0..16 {
+                    let entry = coordination.get(key).await.map_err(|e| unavailable(&e))?;
+                    let (mut table, cas) = match &entry {
+                        Some(e) => {
+                            (serde_json::from_slice::<AuthTable>(&e.value).map_err(|e| unavailable(&e))?, Cas::ModifyIndex(e.modify_index))
+                        }
+                        None => (AuthTable::default(), Cas::Absent),
+                    };
+                    let result = change(&mut table)?;
+                    let bytes = serde_json::to_vec(&table).map_err(|e| unavailable(&e))?;
+                    if coordination.put_if(key, &bytes, cas).await.map_err(|e| unavailable(&e))? {
+                        self.publish.send_replace(Arc::new(table));
+                        return Ok(result);
+                    }
+                }
+                Err(Status::aborted("the auth table kept changing under this change; try again"))
+            }
+        }
+    }
+}
+
+fn check_grants(grants: &[Grant]) -> Result<(), Status> {
+    if grants.len() > MAX_GRANTS {
+        return Err(Status::invalid_argument(format!("at most {MAX_GRANTS} grants")));
+    }
+    for g in grants {
+        Grant::new(g.role, &g.tenant).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streams_tenant_is_what_comes_before_its_first_slash() {
+        assert_eq!(tenant_of("acme/orders-1"), "acme");
+        assert_eq!(tenant_of("acme/eu/orders-1"), "acme");
+        assert_eq!(tenant_of("orders-1"), DEFAULT_TENANT);
+    }
+
+    #[test]
+    fn given_grants_then_each_role_includes_the_lower_ones_on_its_tenant_only() {
+        let caller = |grants: &[&str]| Caller {
+            name: "c".into(),
+            kind: CallerKind::Token,
+            grants: grants.iter().map(|g| Grant::parse(g).unwrap()).collect(),
+        };
+        let writer = caller(&["write:acme"]);
+        assert!(writer.may("acme", Role::Read) && writer.may("acme", Role::Write));
+        assert!(!writer.may("acme", Role::Admin) && !writer.may("globex", Role::Read) && !writer.may("acme", Role::ClusterAdmin));
+        let reader = caller(&["read:*"]);
+        assert!(reader.may("acme", Role::Read) && reader.may("globex", Role::Read) && !reader.may("acme", Role::Write));
+        let admin = caller(&["cluster-admin"]);
+        assert!(admin.may("acme", Role::Admin) && admin.may("anything", Role::ClusterAdmin));
+        let denied = writer.require("globex", Role::Write).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("needs write:globex, and holds write:acme"), "{denied:?}");
+    }
+
+    #[test]
+    fn bad_grants_are_refused_with_the_reason() {
+        assert!(Grant::parse("write").unwrap_err().contains("needs a tenant"));
+        assert!(Grant::parse("cluster-admin:acme").unwrap_err().contains("takes no tenant"));
+        assert!(Grant::parse("owner:acme").unwrap_err().contains("unknown role"));
+        assert!(Grant::parse("read:Acme").unwrap_err().contains("not a tenant name"));
+    }
+
+    #[tokio::test]
+    async fn given_a_file_table_when_a_token_is_made_and_revoked_then_only_its_exact_secret_works_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.json");
+        let auth = Auth::in_file(path.clone(), vec![]).unwrap();
+        let (id, token) = auth.create_token("ci", vec![Grant::parse("write:acme").unwrap()]).await.unwrap();
+        let caller = auth.token_caller(&token).expect("the token works");
+        assert_eq!((caller.name.as_str(), caller.kind), ("ci", CallerKind::Token));
+        assert!(auth.token_caller(&format!("{token}x")).is_none());
+        assert!(auth.token_caller("ah_0000000000000000_secret").is_none());
+        // Only the hash is stored; the table survives a restart.
+        let stored = std::fs::read_to_string(&path).unwrap();
+        assert!(!stored.contains(token.rsplit('_').next().unwrap()));
+        let reopened = Auth::in_file(path, vec![]).unwrap();
+        assert!(reopened.token_caller(&token).is_some());
+        assert!(reopened.revoke_token(&id).await.unwrap());
+        assert!(reopened.token_caller(&token).is_none());
+    }
+
+    #[tokio::test]
+    async fn given_a_certificate_principal_then_its_grants_come_from_the_table_and_cluster_admins_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::in_file(dir.path().join("auth.json"), vec!["admin".into()]).unwrap();
+        assert!(auth.certificate_caller("admin").may("x", Role::ClusterAdmin));
+        assert!(auth.certificate_caller("alice").grants.is_empty());
+        auth.set_grants("alice", vec![Grant::parse("read:acme").unwrap()]).await.unwrap();
+        assert!(auth.certificate_caller("alice").may("acme", Role::Read));
+        auth.set_grants("alice", vec![]).await.unwrap();
+        assert!(auth.certificate_caller("alice").grants.is_empty());
+    }
+}
