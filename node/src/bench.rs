@@ -316,6 +316,7 @@ async fn cluster_run(args: &BenchArgs, nodes: usize) -> anyhow::Result<()> {
         node_args: node_args.clone(),
         consul: None,
         tls: false,
+        encrypt: false,
     };
     let mut cluster = LocalCluster::start(&exe, &dir.path().join("cluster"), &spec)?;
     eprintln!("bench: started {nodes} nodes at {}", cluster.urls().join(", "));

@@ -105,6 +105,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Bearer tokens and the grants of certificate principals (who may do what).
     Auth(auth::AuthArgs),
+    /// Tenants' data at rest: forget a tenant for good, re-wrap data keys after a key rotation.
+    Tenant(auth::TenantArgs),
 }
 
 /// Every field of the config file as a flag; a flag wins over the file.
@@ -390,6 +392,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Workload(args) => runtime.block_on(chaos::workload(args)),
         Command::Certs(args) => certs::run(args),
         Command::Auth(args) => runtime.block_on(auth::run(args)),
+        Command::Tenant(args) => runtime.block_on(auth::tenant(args)),
     }
 }
 

@@ -15,6 +15,7 @@ use pb::auth_client::AuthClient;
 use pb::event_log_client::EventLogClient;
 use pb::ledger_client::LedgerClient;
 use pb::node_client::NodeClient;
+use pb::tenants_client::TenantsClient;
 use serde_json::{Value, json};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -31,6 +32,7 @@ pub struct Clients {
     pub node: NodeClient<Conn>,
     pub ledger: LedgerClient<Conn>,
     pub auth: AuthClient<Conn>,
+    pub tenants: TenantsClient<Conn>,
 }
 
 /// The cluster CA a client checks nodes against, and the certificate it shows them.
@@ -144,6 +146,7 @@ pub fn clients(channel: Channel) -> Clients {
     let channel = InterceptedService::new(channel, Credentials::current());
     Clients {
         auth: AuthClient::new(channel.clone()),
+        tenants: TenantsClient::new(channel.clone()),
         log: EventLogClient::new(channel.clone())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES),

@@ -51,6 +51,21 @@ pub struct NodeConfig {
     /// text, and anyone who reaches the port may call anything.
     pub tls: Option<TlsConfig>,
     pub auth: AuthConfig,
+    /// Encryption of tenants' events at rest (docs/security.md). Absent: events are stored as
+    /// given.
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// Where the key-encryption keys come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The current key-encryption key: a file of 64 hex digits. New data keys are wrapped by it.
+    pub key_file: PathBuf,
+    /// Earlier keys, still able to unwrap data keys until `anthill tenant rewrap-keys` has
+    /// re-wrapped them all with the current one.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 /// Who is let in when TLS is on (docs/security.md).
@@ -400,6 +415,7 @@ impl Default for NodeConfig {
             telemetry: TelemetryConfig::default(),
             tls: None,
             auth: AuthConfig::default(),
+            encryption: None,
         }
     }
 }
@@ -584,6 +600,11 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
         self.validate_tls()?;
+        if let Some(encryption) = &self.encryption
+            && std::iter::once(&encryption.key_file).chain(&encryption.previous_key_files).any(|f| f.as_os_str().is_empty())
+        {
+            return invalid("encryption.key_file", "must name a key file (and previous_key_files no empty entry)".into());
+        }
         let s = &self.storage;
         let g = &self.group_commit;
         let l = &self.limits;

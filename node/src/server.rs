@@ -19,19 +19,21 @@ use pb::cluster_server::ClusterServer;
 use pb::event_log_server::EventLogServer;
 use pb::ledger_server::LedgerServer;
 use pb::node_server::NodeServer;
+use pb::tenants_server::TenantsServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
-use crate::api::auth::AuthApi;
+use crate::api::auth::{AuthApi, TenantsApi};
 use crate::api::ledger::LedgerApi;
 use crate::config::NodeConfig;
 use crate::log::Log;
 use crate::metrics::{self, Metrics};
 use crate::security::auth::Auth;
 use crate::security::identity::{ClientGate, PeerGate};
+use crate::security::keys::{Kek, Keys};
 use crate::security::tls::Tls;
 use crate::storage::Store;
 use tonic::service::interceptor::InterceptedService;
@@ -99,6 +101,24 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         )),
         (Some(_), None) => Some(Auth::in_file(config.data_dir.join("auth.json"), config.auth.cluster_admins.clone())?),
     };
+    // Tenants' data keys, wrapped by the key-encryption key(s) of `encryption`, kept like the
+    // auth table.
+    let keys = match &config.encryption {
+        None => None,
+        Some(encryption) => {
+            let keks = std::iter::once(&encryption.key_file)
+                .chain(&encryption.previous_key_files)
+                .map(|file| Kek::from_file(file).map_err(|e| anyhow::anyhow!("encryption: {e}")))
+                .collect::<anyhow::Result<Vec<Kek>>>()?;
+            Some(match &cluster {
+                Some((handle, _)) => {
+                    Keys::in_store(handle.coordination.clone(), format!("{}keys/table", handle.prefix), keks, stopped.clone())
+                }
+                None => Keys::in_file(config.data_dir.join("keys.json"), keks)?,
+            })
+        }
+    };
+    let api = api.with_keys(keys.clone());
     // Health stays open (probes carry no certificate); every other service is behind a gate.
     let client = ClientGate::new(auth.clone(), metrics.clone());
     let members = config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect();
@@ -109,6 +129,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .add_service(InterceptedService::new(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes), client.clone()))
         .add_service(InterceptedService::new(NodeServer::new(api), client.clone()))
         .add_service(InterceptedService::new(AuthServer::new(AuthApi::new(auth)), client.clone()))
+        .add_service(InterceptedService::new(TenantsServer::new(TenantsApi::new(keys)), client.clone()))
         .add_service(InterceptedService::new(
             LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes),
             client,

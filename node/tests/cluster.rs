@@ -45,6 +45,7 @@ impl Cluster {
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             consul: None,
             tls: false,
+            encrypt: false,
         };
         let local = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
         let addrs = local.addrs.clone();

@@ -370,3 +370,96 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     assert!(router.read_stream_all("globex/orders-1").await.unwrap().is_empty());
     assert!(router.read_stream_all("acme/orders-0").await.unwrap().iter().all(|e| e.payload == b"by the writer"));
 }
+
+/// Whether any file under `dir` (recursively) contains `needle`.
+fn any_file_contains(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(any_file_contains(&path, needle));
+        } else if std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle)) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its_payloads_and_no_data_file_holds_its_plaintext() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec { encrypt: true, ..spec() };
+    let cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    let mut appended = Vec::new();
+    for tenant in ["acme", "globex"] {
+        for (n, stream) in anthill_node::local::streams_per_partition(&format!("{tenant}/orders"), PARTITIONS).into_iter().enumerate() {
+            let mut request = append(&stream, format!("{}-SECRET-{n}", tenant.to_uppercase()));
+            request.events[0].metadata.insert("note".into(), format!("{}-META-{n}", tenant.to_uppercase()));
+            router.append(request).await.unwrap();
+            appended.push((tenant, stream));
+        }
+    }
+    // Read back in clear, payload and metadata.
+    for (tenant, stream) in &appended {
+        let events = router.read_stream_all(stream).await.unwrap();
+        let payload = String::from_utf8(events[0].payload.clone()).unwrap();
+        assert!(payload.starts_with(&format!("{}-SECRET-", tenant.to_uppercase())), "{stream}: {payload}");
+        assert!(events[0].metadata["note"].starts_with(&format!("{}-META-", tenant.to_uppercase())));
+    }
+    // The data files hold the streams' names (in clear: they are index keys) but no payload or
+    // metadata in clear, on any node.
+    let data: Vec<_> = (0..NODES).map(|i| dir.path().join(LocalCluster::name(i))).collect();
+    assert!(data.iter().all(|d| !any_file_contains(d, appended[0].1.as_bytes()).is_empty()), "the scan reads the data files");
+    for needle in ["ACME-SECRET", "ACME-META", "GLOBEX-SECRET", "GLOBEX-META"] {
+        let found: Vec<_> = data.iter().flat_map(|d| any_file_contains(d, needle.as_bytes())).collect();
+        assert!(found.is_empty(), "{needle} in clear in {found:?}");
+    }
+
+    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    let forgotten = admin.tenants.forget(pb::ForgetTenantRequest { tenant: "acme".into() }).await.unwrap().into_inner();
+    assert!(forgotten.had_key);
+
+    // Every replica: acme's stream reads are refused, its partition reads come redacted, and
+    // globex reads on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        let mut c = client::connect(&cluster.url(i)).await.unwrap();
+        for (tenant, stream) in &appended {
+            let read = pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 10, linearizable: false };
+            loop {
+                let outcome = c.log.read(read.clone()).await;
+                let settled = match (*tenant, &outcome) {
+                    ("acme", Err(s)) => s.code() == tonic::Code::FailedPrecondition && s.message().contains("forgotten"),
+                    ("globex", Ok(r)) => r.get_ref().events.len() == 1,
+                    _ => false,
+                };
+                if settled {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node-{}: {stream} read {outcome:?}", i + 1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for partition in 0..PARTITIONS {
+            let read = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 1000, linearizable: false };
+            let events = c.log.read_partition(read).await.unwrap().into_inner().events;
+            for e in events.iter().filter(|e| e.stream.starts_with("acme/")) {
+                assert!(
+                    e.payload.is_empty() && e.metadata.get("anthill-forgotten").map(String::as_str) == Some("acme"),
+                    "node-{}: {e:?}",
+                    i + 1
+                );
+            }
+            assert!(events.iter().filter(|e| e.stream.starts_with("globex/")).all(|e| e.payload.starts_with(b"GLOBEX-SECRET")));
+        }
+    }
+    let refused = router.append(append("acme/orders-new", "after forgetting".into())).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    for needle in ["ACME-SECRET", "ACME-META", "after forgetting"] {
+        let found: Vec<_> = data.iter().flat_map(|d| any_file_contains(d, needle.as_bytes())).collect();
+        assert!(found.is_empty(), "{needle} in clear in {found:?}");
+    }
+}

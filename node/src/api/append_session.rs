@@ -30,6 +30,7 @@ use tracing::Instrument;
 use super::{append_request, append_status, appended};
 use crate::log::{AppendError, Appended, Log};
 use crate::security::auth::{Caller, Role, tenant_of};
+use crate::security::keys::Keys;
 
 /// Answers waiting for tonic to send them, per session.
 const ANSWER_BUFFER: usize = 1024;
@@ -40,12 +41,13 @@ pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::AppendSessionRespon
 pub(super) fn start(
     log: Arc<Log>,
     caller: Caller,
+    keys: Option<Keys>,
     requests: Streaming<pb::AppendSessionRequest>,
     shutdown: watch::Receiver<bool>,
 ) -> AnswerStream {
     let (answers, rx) = mpsc::channel(ANSWER_BUFFER);
     let span = tracing::info_span!("append_session");
-    tokio::spawn(serve(log, caller, requests, answers, shutdown).instrument(span));
+    tokio::spawn(serve(log, caller, keys, requests, answers, shutdown).instrument(span));
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -54,6 +56,7 @@ type Answers = mpsc::Sender<Result<pb::AppendSessionResponse, Status>>;
 async fn serve(
     log: Arc<Log>,
     caller: Caller,
+    keys: Option<Keys>,
     mut requests: Streaming<pb::AppendSessionRequest>,
     answers: Answers,
     mut shutdown: watch::Receiver<bool>,
@@ -89,7 +92,7 @@ async fn serve(
                         }
                         continue;
                     }
-                    match submit(&log, request).await {
+                    match submit(&log, keys.as_ref(), request).await {
                         Ok(pending_append) => {
                             let log = log.clone();
                             pending.push(async move {
@@ -135,14 +138,19 @@ async fn serve(
 
 /// Queues one request's append; a malformed request is refused (and counted) here, the rest
 /// by [`Log::submit`].
-async fn submit(log: &Log, request: pb::AppendSessionRequest) -> Result<crate::log::PendingAppend, AppendError> {
-    let append = match request.append.ok_or_else(|| Status::invalid_argument("append: missing")).and_then(append_request) {
+async fn submit(log: &Log, keys: Option<&Keys>, request: pb::AppendSessionRequest) -> Result<crate::log::PendingAppend, AppendError> {
+    let mut append = match request.append.ok_or_else(|| Status::invalid_argument("append: missing")).and_then(append_request) {
         Ok(append) => append,
         Err(status) => {
             log.metrics().count_append("invalid");
             return Err(AppendError::Invalid(status.message().to_string()));
         }
     };
+    if let Some(keys) = keys
+        && let Err(status) = keys.seal_events(&append.stream, &mut append.events).await
+    {
+        return Err(AppendError::Invalid(status.message().to_string()));
+    }
     log.submit(append).await
 }
 

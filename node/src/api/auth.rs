@@ -1,4 +1,5 @@
-//! The `Auth` service: tokens and the grants of certificate principals (docs/security.md). Every
+//! The `Auth` service: tokens and the grants of certificate principals (docs/security.md), and
+//! the `Tenants` service (forgetting a tenant, re-wrapping data keys). Every
 //! call but `WhoAmI` needs `cluster-admin`; each change is logged on the `anthill::audit` target
 //! with who made it. Without TLS there is nobody to authenticate, and the calls that change the
 //! table are refused.
@@ -7,6 +8,7 @@ use anthill_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::security::auth::{Auth, Caller, Grant, Role};
+use crate::security::keys::Keys;
 
 pub struct AuthApi {
     /// `None` when the node runs without TLS.
@@ -106,5 +108,46 @@ impl pb::auth_server::Auth for AuthApi {
             kind: caller.kind.as_str().into(),
             grants: grants_to_wire(&caller.grants),
         }))
+    }
+}
+
+/// The `Tenants` service: forgetting a tenant and re-wrapping data keys.
+pub struct TenantsApi {
+    /// `None` when the node does not encrypt.
+    keys: Option<Keys>,
+}
+
+impl TenantsApi {
+    pub fn new(keys: Option<Keys>) -> Self {
+        TenantsApi { keys }
+    }
+
+    fn keys(&self) -> Result<&Keys, Status> {
+        self.keys.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node does not encrypt tenants' events (no encryption section): there is no key to destroy or re-wrap",
+            )
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::tenants_server::Tenants for TenantsApi {
+    async fn forget(&self, request: Request<pb::ForgetTenantRequest>) -> Result<Response<pb::ForgetTenantResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let tenant = request.into_inner().tenant;
+        crate::security::auth::check_tenant(&tenant).map_err(Status::invalid_argument)?;
+        caller.require(&tenant, Role::Admin)?;
+        let had_key = self.keys()?.forget(&tenant).await?;
+        tracing::warn!(target: "anthill::audit", by = %caller.name, %tenant, had_key, "tenant forgotten: its events can never be read again");
+        Ok(Response::new(pb::ForgetTenantResponse { had_key }))
+    }
+
+    async fn rewrap_keys(&self, request: Request<pb::RewrapKeysRequest>) -> Result<Response<pb::RewrapKeysResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        caller.require("", Role::ClusterAdmin)?;
+        let rewrapped = self.keys()?.rewrap().await?;
+        tracing::info!(target: "anthill::audit", by = %caller.name, rewrapped, "data keys re-wrapped with the current key-encryption key");
+        Ok(Response::new(pb::RewrapKeysResponse { rewrapped: rewrapped as u32 }))
     }
 }

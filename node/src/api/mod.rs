@@ -36,6 +36,7 @@ use tracing::Instrument;
 
 use crate::log::{self, AppendError, ExpectedVersion, Log, NewEvent};
 use crate::security::auth::{Caller, Role, tenant_of};
+use crate::security::keys::Keys;
 
 /// Lets a cluster admin's operation through, and logs it (or its refusal) on the
 /// `anthill::audit` target.
@@ -56,12 +57,28 @@ pub struct Api {
     node_id: String,
     started: Instant,
     shutdown: watch::Receiver<bool>,
+    /// Seals appended events and opens read ones, when the node encrypts.
+    keys: Option<Keys>,
 }
 
 impl Api {
     /// `shutdown` turns true when the node stops; open subscriptions then end.
     pub fn new(log: Arc<Log>, node_id: String, shutdown: watch::Receiver<bool>) -> Self {
-        Api { log, cluster: None, node_id, started: Instant::now(), shutdown }
+        Api { log, cluster: None, node_id, started: Instant::now(), shutdown, keys: None }
+    }
+
+    /// The node encrypts its tenants' events (docs/security.md).
+    pub fn with_keys(mut self, keys: Option<Keys>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The wire form of a read event, opened when it was sealed: a forgotten tenant's event is
+    /// an error, or with `redact` comes without payload and metadata.
+    fn open(&self, event: EventRecord, redact: bool) -> Result<pb::RecordedEvent, Status> {
+        let Some(keys) = &self.keys else { return Ok(recorded_event(event)) };
+        let opened = if redact { keys.open_or_redact(event) } else { keys.open_event(event) };
+        opened.map(recorded_event).map_err(|e| e.status())
     }
 
     /// The node runs in a cluster: `Node.Status` shows it.
@@ -99,6 +116,7 @@ impl Api {
         read: F,
         from: u64,
         linearizable: bool,
+        redact: bool,
     ) -> Result<pb::ReadResponse, Status>
     where
         F: FnOnce(&Log) -> Result<Slice, StorageError> + Send + 'static,
@@ -126,7 +144,7 @@ impl Api {
         }
         let next = slice.events.last().map(|e| next_of(e) + 1).unwrap_or(from.max(1));
         Ok(pb::ReadResponse {
-            events: slice.events.into_iter().map(recorded_event).collect(),
+            events: slice.events.into_iter().map(|e| self.open(e, redact)).collect::<Result<_, _>>()?,
             next,
             end_of_stream: !slice.more,
             commit_position: self.log.replica_report(partition).commit,
@@ -148,7 +166,11 @@ impl pb::event_log_server::EventLog for Api {
             position = tracing::field::Empty
         );
         let quorum = req.durability == pb::Durability::Quorum as i32;
-        let done = self.log.append(append_request(req)?).instrument(span.clone()).await.map_err(append_status)?;
+        let mut append = append_request(req)?;
+        if let Some(keys) = &self.keys {
+            keys.seal_events(&append.stream, &mut append.events).await?;
+        }
+        let done = self.log.append(append).instrument(span.clone()).await.map_err(append_status)?;
         if quorum {
             self.log.wait_quorum(&done, log::QUORUM_WAIT).instrument(span.clone()).await.map_err(append_status)?;
         }
@@ -164,7 +186,8 @@ impl pb::event_log_server::EventLog for Api {
         request: Request<tonic::Streaming<pb::AppendSessionRequest>>,
     ) -> Result<Response<Self::AppendSessionStream>, Status> {
         let caller = Caller::of(&request)?;
-        Ok(Response::new(append_session::start(self.log.clone(), caller, request.into_inner(), self.shutdown.clone())))
+        let session = append_session::start(self.log.clone(), caller, self.keys.clone(), request.into_inner(), self.shutdown.clone());
+        Ok(Response::new(session))
     }
 
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
@@ -177,7 +200,7 @@ impl pb::event_log_server::EventLog for Api {
         let span = tracing::info_span!("read", stream = %stream, from_version = from);
         let partition = self.log.partition_of(&stream);
         let response = self
-            .read_slice(partition, |e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from, req.linearizable)
+            .read_slice(partition, |e| e.stream_version, move |log| log.read_stream(&stream, from, limit), from, req.linearizable, false)
             .instrument(span)
             .await?;
         Ok(Response::new(response))
@@ -192,7 +215,7 @@ impl pb::event_log_server::EventLog for Api {
         let (partition, from) = (req.partition, req.from_position);
         let span = tracing::info_span!("read_partition", partition, from_position = from);
         let response = self
-            .read_slice(partition, |e| e.position, move |log| log.read_partition(partition, from, limit), from, req.linearizable)
+            .read_slice(partition, |e| e.position, move |log| log.read_partition(partition, from, limit), from, req.linearizable, true)
             .instrument(span)
             .await?;
         Ok(Response::new(response))

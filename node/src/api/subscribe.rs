@@ -22,6 +22,7 @@ use tonic::Status;
 
 use super::{Api, recorded_event, storage_status};
 use crate::log::{self, Log};
+use crate::security::keys::Keys;
 use crate::storage::ReadLimit;
 
 /// Events read from LMDB per step; also bounds the events held outside the channel.
@@ -36,6 +37,8 @@ pub(super) struct Plan {
     streams: Option<HashSet<String>>,
     /// Bytes of events buffered for the client before the task waits.
     buffer_bytes: usize,
+    /// Opens sealed events (a forgotten tenant's come redacted).
+    keys: Option<Keys>,
 }
 
 impl Plan {
@@ -61,7 +64,7 @@ impl Plan {
         let next =
             partitions.into_iter().map(|p| (p, req.partition_positions.get(&p).copied().unwrap_or(req.from_position).max(1))).collect();
         let streams = (!req.streams.is_empty()).then(|| req.streams.into_iter().collect());
-        Ok(Plan { next, streams, buffer_bytes: limits.subscribe_buffer_bytes })
+        Ok(Plan { next, streams, buffer_bytes: limits.subscribe_buffer_bytes, keys: api.keys.clone() })
     }
 }
 
@@ -141,6 +144,10 @@ async fn follow(
                     if plan.streams.as_ref().is_some_and(|s| !s.contains(&event.stream)) {
                         continue;
                     }
+                    let event = match &plan.keys {
+                        Some(keys) => keys.open_or_redact(event).map_err(|e| e.status())?,
+                        None => event,
+                    };
                     let bytes = event.payload.len()
                         + event.stream.len()
                         + event.event_type.len()

@@ -131,3 +131,55 @@ pub(crate) async fn run(args: AuthArgs) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
+
+#[derive(Args)]
+pub(crate) struct TenantArgs {
+    #[command(subcommand)]
+    what: TenantWhat,
+    #[command(flatten)]
+    server: ServerArg,
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TenantWhat {
+    /// Destroy the tenant's data key on every node: its events stay in the log and can never be
+    /// read again. There is no undo.
+    Forget {
+        tenant: String,
+        /// Confirms that the tenant's data is to be lost for good.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Re-wrap every data key with the current key-encryption key (after `encryption.key_file`
+    /// changed on every node, the old key in `previous_key_files`).
+    RewrapKeys,
+}
+
+pub(crate) async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
+    let mut tenants = client::connect(&args.server.server).await?.tenants;
+    let report = match args.what {
+        TenantWhat::Forget { tenant, yes } => {
+            if !yes {
+                anyhow::bail!("forgetting {tenant:?} destroys its data for good: run again with --yes");
+            }
+            let done = tenants.forget(pb::ForgetTenantRequest { tenant: tenant.clone() }).await.map_err(client::status_error)?.into_inner();
+            if !args.json {
+                println!("tenant {tenant:?} forgotten: its events can never be read again");
+                return Ok(());
+            }
+            json!({"tenant": tenant, "forgotten": true, "had_key": done.had_key})
+        }
+        TenantWhat::RewrapKeys => {
+            let done = tenants.rewrap_keys(pb::RewrapKeysRequest {}).await.map_err(client::status_error)?.into_inner();
+            if !args.json {
+                println!("re-wrapped {} data key(s) with the current key-encryption key", done.rewrapped);
+                return Ok(());
+            }
+            json!({"rewrapped": done.rewrapped})
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -212,6 +212,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             node_args: vec!["--log-level".into(), args.node_log_level.clone()],
             consul: None,
             tls: args.tls,
+            encrypt: false,
         },
         duration: args.duration,
         fault_count: args.fault_count,

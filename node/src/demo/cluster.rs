@@ -75,6 +75,7 @@ pub async fn run(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<Clust
         node_args: vec!["--log-level".to_string(), "warn".to_string()],
         consul: None,
         tls: !args.no_tls,
+        encrypt: false,
     };
     let mut cluster = LocalCluster::start(&exe, dir, &spec)?;
     say(args, format!("started a {nodes}-node cluster at {} (embedded coordination store, no other service)", cluster.urls().join(", ")));

@@ -173,12 +173,23 @@ pub struct ClusterSpec {
     /// TLS on every node, mutual between them, from a CA made under the cluster's directory;
     /// this process then talks to them as the client `admin` ([`LocalCluster::configure`]).
     pub tls: bool,
+    /// Tenants' events encrypted at rest, under a key-encryption key made at `dir/kek`.
+    pub encrypt: bool,
 }
 
 impl ClusterSpec {
     /// `nodes` nodes deciding ownership in the embedded store, with no extra flags.
     pub fn embedded(nodes: usize, partitions: u32, replication_factor: u32, session_ttl_ms: u64) -> ClusterSpec {
-        ClusterSpec { nodes, partitions, replication_factor, session_ttl_ms, node_args: Vec::new(), consul: None, tls: false }
+        ClusterSpec {
+            nodes,
+            partitions,
+            replication_factor,
+            session_ttl_ms,
+            node_args: Vec::new(),
+            consul: None,
+            tls: false,
+            encrypt: false,
+        }
     }
 }
 
@@ -253,6 +264,14 @@ impl LocalCluster {
             }
             if spec.tls {
                 config.push_str(&tls_section(&dir.join("certs"), &Self::name(i), *address)?);
+            }
+            if spec.encrypt {
+                let kek = dir.join("kek");
+                if !kek.exists() {
+                    let key: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+                    std::fs::write(&kek, key)?;
+                }
+                config.push_str(&format!("encryption:\n  key_file: \"{}\"\n", kek.display()));
             }
             std::fs::write(dir.join(format!("{}.yaml", Self::name(i))), config)?;
         }

@@ -8,23 +8,19 @@
 //! - A client certificate's principal gets the grants the table holds for its name, and
 //!   `cluster-admin` when `auth.cluster_admins` names it (the way in for the first admin). A
 //!   token carries its own grants; only its SHA-256 is stored, its secret is shown once.
-//! - The table is one JSON value: in a cluster under `{prefix}auth/table` in the coordination
-//!   store (replicated like the rest of the cluster's state; every node follows it), on a
-//!   single node in `data_dir/auth.json` (written whole, then renamed). Changes are
-//!   read-modify-write with a compare-and-set, so two admins never undo each other.
+//! - The table is one JSON value ([`Replicated`]): in a cluster under `{prefix}auth/table` in
+//!   the coordination store, on a single node in `data_dir/auth.json`.
 //!
 //! Without TLS nobody is authenticated and every call is let through ([`Caller::anonymous`]).
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tonic::Status;
 
-use crate::coordination::Cas;
+use super::table::Replicated;
 use crate::coordination::member::Coordination;
 
 /// The tenant of streams and books without a `/`.
@@ -220,82 +216,26 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Where the table is kept.
-#[derive(Clone)]
-enum Backend {
-    File { path: PathBuf, lock: Arc<Mutex<()>> },
-    Store { coordination: Coordination, key: String },
-}
-
-/// The node's view of the table, kept current, and the way to change it.
+/// The node's view of the table, kept current ([`Replicated`]), and the way to change it.
 #[derive(Clone)]
 pub struct Auth {
-    table: watch::Receiver<Arc<AuthTable>>,
-    publish: Arc<watch::Sender<Arc<AuthTable>>>,
-    backend: Backend,
+    table: Replicated<AuthTable>,
     cluster_admins: Arc<Vec<String>>,
 }
 
 impl Auth {
     /// A single node's table, in `path`.
     pub fn in_file(path: PathBuf, cluster_admins: Vec<String>) -> anyhow::Result<Auth> {
-        let table = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not an auth table: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AuthTable::default(),
-            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-        };
-        let (publish, table) = watch::channel(Arc::new(table));
-        let backend = Backend::File { path, lock: Arc::default() };
-        Ok(Auth { table, publish: Arc::new(publish), backend, cluster_admins: Arc::new(cluster_admins) })
+        Ok(Auth { table: Replicated::in_file(path, "auth table")?, cluster_admins: Arc::new(cluster_admins) })
     }
 
     /// A cluster's table, under `key` in its coordination store, followed until `stopped`.
     pub fn in_store(coordination: Coordination, key: String, cluster_admins: Vec<String>, stopped: watch::Receiver<bool>) -> Auth {
-        let (publish, table) = watch::channel(Arc::new(AuthTable::default()));
-        let auth = Auth {
-            table,
-            publish: Arc::new(publish),
-            backend: Backend::Store { coordination, key },
-            cluster_admins: Arc::new(cluster_admins),
-        };
-        tokio::spawn(auth.clone().follow(stopped));
-        auth
-    }
-
-    /// Keeps the local table equal to the store's (blocking reads of the key).
-    async fn follow(self, mut stopped: watch::Receiver<bool>) {
-        let Backend::Store { coordination, key } = &self.backend else { return };
-        let (mut index, mut seen) = (0u64, None::<u64>);
-        loop {
-            let listed = tokio::select! {
-                listed = coordination.list(key, index, Duration::from_secs(30)) => listed,
-                _ = crate::coordination::transport::until_stopped(&mut stopped) => return,
-            };
-            match listed {
-                Ok(listing) => {
-                    index = listing.index;
-                    let entry = listing.entries.into_iter().find(|e| e.key == *key);
-                    let modified = entry.as_ref().map(|e| e.modify_index);
-                    if modified != seen {
-                        match entry.map(|e| serde_json::from_slice::<AuthTable>(&e.value)).transpose() {
-                            Ok(table) => {
-                                self.publish.send_replace(Arc::new(table.unwrap_or_default()));
-                                seen = modified;
-                            }
-                            Err(e) => tracing::error!(%key, error = %e, "the stored auth table does not parse; keeping the previous one"),
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the auth table; trying again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+        Auth { table: Replicated::in_store(coordination, key, "auth table", stopped), cluster_admins: Arc::new(cluster_admins) }
     }
 
     pub fn table(&self) -> Arc<AuthTable> {
-        self.table.borrow().clone()
+        self.table.get()
     }
 
     /// The caller a client certificate named `name` is.
@@ -371,43 +311,8 @@ impl Auth {
         .await
     }
 
-    /// Applies `change` to the table where it is kept; the change is retried on a newer table
-    /// when someone else changed it meanwhile, and is in force on this node when this returns.
     async fn update<R>(&self, change: impl Fn(&mut AuthTable) -> Result<R, Status>) -> Result<R, Status> {
-        let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot change the auth table: {e}"));
-        match &self.backend {
-            Backend::File { path, lock } => {
-                let _one = lock.lock().await;
-                let mut table = (*self.table()).clone();
-                let result = change(&mut table)?;
-                let bytes = serde_json::to_vec_pretty(&table).map_err(|e| unavailable(&e))?;
-                let temporary = path.with_extension("json.partial");
-                let written = std::fs::File::create(&temporary)
-                    .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).and_then(|_| f.sync_all()))
-                    .and_then(|_| std::fs::rename(&temporary, path));
-                written.map_err(|e| unavailable(&e))?;
-                self.publish.send_replace(Arc::new(table));
-                Ok(result)
-            }
-            Backend::Store { coordination, key } => {
-                for _ in 0..16 {
-                    let entry = coordination.get(key).await.map_err(|e| unavailable(&e))?;
-                    let (mut table, cas) = match &entry {
-                        Some(e) => {
-                            (serde_json::from_slice::<AuthTable>(&e.value).map_err(|e| unavailable(&e))?, Cas::ModifyIndex(e.modify_index))
-                        }
-                        None => (AuthTable::default(), Cas::Absent),
-                    };
-                    let result = change(&mut table)?;
-                    let bytes = serde_json::to_vec(&table).map_err(|e| unavailable(&e))?;
-                    if coordination.put_if(key, &bytes, cas).await.map_err(|e| unavailable(&e))? {
-                        self.publish.send_replace(Arc::new(table));
-                        return Ok(result);
-                    }
-                }
-                Err(Status::aborted("the auth table kept changing under this change; try again"))
-            }
-        }
+        self.table.update(change).await
     }
 }
 

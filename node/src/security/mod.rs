@@ -6,4 +6,6 @@
 pub mod auth;
 pub mod certs;
 pub mod identity;
+pub mod keys;
+pub mod table;
 pub mod tls;

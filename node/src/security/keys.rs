@@ -1,0 +1,470 @@
+//! Encryption at rest per tenant, and forgetting a tenant for good (crypto-shredding).
+//!
+//! - Each tenant has a data key (DEK, 256 bits, made at its first write). Event payloads and
+//!   metadata are sealed with it (AES-256-GCM, a random 96-bit nonce per value, the stream id and
+//!   event type as associated data, so a sealed value cannot be moved to another stream) before
+//!   the event is appended: the log, its replicas and every backup hold only ciphertext, and
+//!   replication ships ciphertext. Stream ids, event types, positions and times stay in clear
+//!   (they are index keys).
+//! - DEKs are kept wrapped (sealed) by the key-encryption key (KEK) in a [`Replicated`] table
+//!   (`{prefix}keys/table` in the coordination store, or `data_dir/keys.json`): every node can
+//!   open every tenant's events where it needs the plaintext (answering a read) and nowhere else.
+//!   The KEK comes from a key file (`encryption.key_file`); a KMS would replace [`Kek`]'s
+//!   source (docs/security.md, "Key provider").
+//! - Forgetting a tenant removes its wrapped DEK from the table and drops it from every node's
+//!   memory as the table change reaches it; its events stay in the log (positions stay dense,
+//!   replication is unaffected), and reading them answers "tenant forgotten".
+//! - Rotating the KEK re-wraps the DEKs ([`Keys::rewrap`]); the log is not rewritten.
+//!
+//! A sealed event carries the metadata entry `anthill-enc` = `1:<dek id>[:<sealed metadata,
+//! hex>]`; its payload is nonce ‖ ciphertext ‖ tag.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::auth::tenant_of;
+use super::table::Replicated;
+use crate::coordination::member::Coordination;
+use crate::log::NewEvent;
+use crate::storage::EventRecord;
+
+/// The metadata key that marks a sealed event.
+pub const SEALED_KEY: &str = "anthill-enc";
+/// The metadata key a forgotten tenant's events carry in partition reads and subscriptions.
+pub const FORGOTTEN_KEY: &str = "anthill-forgotten";
+const FORMAT: &str = "1";
+
+/// A key-encryption key and its id (the first 8 bytes of its SHA-256, in hex).
+pub struct Kek {
+    pub id: String,
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        write!(f, "Kek({})", self.id)
+    }
+}
+
+impl Kek {
+    /// Reads a key file: 64 hex digits (32 bytes), whitespace around them ignored.
+    pub fn from_file(path: &Path) -> Result<Kek, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Kek::from_hex(text.trim()).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_hex(text: &str) -> Result<Kek, String> {
+        let bytes = from_hex(text)
+            .filter(|b| b.len() == 32)
+            .ok_or("a key file holds 64 hex digits (a 256-bit key), e.g. from `openssl rand -hex 32`")?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let id = to_hex(&digest.as_ref()[..8]);
+        Ok(Kek { id, key: aes_key(&bytes) })
+    }
+}
+
+fn aes_key(bytes: &[u8]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("a 32-byte key"))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf).expect("the system's random source works");
+    buf
+}
+
+/// Seals `plaintext`: nonce ‖ ciphertext ‖ tag.
+fn seal(key: &LessSafeKey, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let nonce = random::<NONCE_LEN>();
+    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + AES_256_GCM.tag_len());
+    out.extend_from_slice(&nonce);
+    let mut body = plaintext.to_vec();
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
+        .expect("sealing cannot fail for these sizes");
+    out.extend_from_slice(&body);
+    out
+}
+
+fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, body) = sealed.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut body = body.to_vec();
+    let plain = key.open_in_place(nonce, Aad::from(aad), &mut body).ok()?.len();
+    body.truncate(plain);
+    Some(body)
+}
+
+/// One tenant's entry of the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantKey {
+    /// Names the DEK in sealed events (random, not secret).
+    pub dek_id: String,
+    /// The KEK that wrapped it; empty once forgotten.
+    pub kek_id: String,
+    /// The DEK sealed by that KEK, in hex; empty once forgotten.
+    pub wrapped: String,
+    pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgotten_unix_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyTable {
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantKey>,
+}
+
+/// Why an event cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("tenant {0:?} was forgotten: its events can never be read again")]
+    Forgotten(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl OpenError {
+    pub fn status(&self) -> Status {
+        match self {
+            OpenError::Forgotten(_) => Status::failed_precondition(self.to_string()),
+            OpenError::Failed(_) => Status::internal(self.to_string()),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Unwrapped DEKs by (tenant, DEK id).
+type DekCache = HashMap<(String, String), Arc<LessSafeKey>>;
+
+/// The node's keys: its KEKs (current first) and the tenants' table.
+#[derive(Clone)]
+pub struct Keys {
+    table: Replicated<KeyTable>,
+    keks: Arc<Vec<Kek>>,
+    /// Unwrapped DEKs by (tenant, DEK id); an entry is used only while the table still holds
+    /// that DEK for the tenant, so a forgotten tenant's key is gone from use at once.
+    cache: Arc<Mutex<DekCache>>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys").field("keks", &self.keks).field("tenants", &self.table.get().tenants.len()).finish()
+    }
+}
+
+impl Keys {
+    /// `keks`: the current KEK, then previous ones (still able to unwrap during a rotation).
+    pub fn in_file(path: PathBuf, keks: Vec<Kek>) -> anyhow::Result<Keys> {
+        Ok(Keys::new(Replicated::in_file(path, "key table")?, keks))
+    }
+
+    pub fn in_store(coordination: Coordination, key: String, keks: Vec<Kek>, stopped: watch::Receiver<bool>) -> Keys {
+        Keys::new(Replicated::in_store(coordination, key, "key table", stopped), keks)
+    }
+
+    fn new(table: Replicated<KeyTable>, keks: Vec<Kek>) -> Keys {
+        assert!(!keks.is_empty(), "at least the current KEK");
+        Keys { table, keks: Arc::new(keks), cache: Arc::default() }
+    }
+
+    /// The DEK `entry` holds, unwrapped with whichever KEK wrapped it.
+    fn unwrap_dek(&self, tenant: &str, entry: &TenantKey) -> Result<Arc<LessSafeKey>, OpenError> {
+        if entry.forgotten_unix_ms.is_some() {
+            return Err(OpenError::Forgotten(tenant.to_string()));
+        }
+        let cache_key = (tenant.to_string(), entry.dek_id.clone());
+        if let Some(key) = self.cache.lock().get(&cache_key) {
+            return Ok(key.clone());
+        }
+        let kek = self.keks.iter().find(|k| k.id == entry.kek_id).ok_or_else(|| {
+            OpenError::Failed(format!(
+                "tenant {tenant:?}'s data key is wrapped by key {}, which is not among this node's keys (encryption.key_file, previous_key_files)",
+                entry.kek_id
+            ))
+        })?;
+        let wrapped = from_hex(&entry.wrapped).unwrap_or_default();
+        let dek = open(&kek.key, entry.dek_id.as_bytes(), &wrapped)
+            .filter(|d| d.len() == 32)
+            .ok_or_else(|| OpenError::Failed(format!("tenant {tenant:?}'s wrapped data key does not open with key {}", kek.id)))?;
+        let key = Arc::new(aes_key(&dek));
+        self.cache.lock().insert(cache_key, key.clone());
+        Ok(key)
+    }
+
+    /// The tenant's DEK for a write, made (and stored wrapped) at its first write.
+    async fn dek_for_write(&self, tenant: &str) -> Result<(String, Arc<LessSafeKey>), Status> {
+        if let Some(entry) = self.table.get().tenants.get(tenant) {
+            return self.unwrap_dek(tenant, entry).map(|k| (entry.dek_id.clone(), k)).map_err(|e| e.status());
+        }
+        let dek = random::<32>();
+        let dek_id = to_hex(&random::<8>());
+        let kek = &self.keks[0];
+        let made = TenantKey {
+            dek_id: dek_id.clone(),
+            kek_id: kek.id.clone(),
+            wrapped: to_hex(&seal(&kek.key, dek_id.as_bytes(), &dek)),
+            created_unix_ms: now_ms(),
+            forgotten_unix_ms: None,
+        };
+        // Whoever stores a key first wins; the others use that one.
+        let stored = self
+            .table
+            .update(|table| {
+                let entry = table.tenants.entry(tenant.to_string()).or_insert_with(|| made.clone());
+                Ok(entry.clone())
+            })
+            .await?;
+        self.unwrap_dek(tenant, &stored).map(|k| (stored.dek_id.clone(), k)).map_err(|e| e.status())
+    }
+
+    /// Seals the payload and metadata of `events`, appended to `stream`.
+    pub async fn seal_events(&self, stream: &str, events: &mut [NewEvent]) -> Result<(), Status> {
+        let (dek_id, key) = self.dek_for_write(tenant_of(stream)).await?;
+        for event in events {
+            let aad = aad(stream, &event.event_type);
+            event.payload = seal(&key, &aad, &event.payload);
+            let mut marker = format!("{FORMAT}:{dek_id}");
+            if !event.metadata.is_empty() {
+                let metadata = serde_json::to_vec(&event.metadata).expect("pairs of strings serialize");
+                marker.push(':');
+                marker.push_str(&to_hex(&seal(&key, &[aad.as_slice(), b"\0metadata"].concat(), &metadata)));
+            }
+            event.metadata = vec![(SEALED_KEY.to_string(), marker)];
+        }
+        Ok(())
+    }
+
+    /// The event with its payload and metadata opened (an event that was not sealed is
+    /// returned as it is).
+    pub fn open_event(&self, mut event: EventRecord) -> Result<EventRecord, OpenError> {
+        let Some(marker) = event.metadata.iter().find(|(k, _)| k == SEALED_KEY).map(|(_, v)| v.clone()) else { return Ok(event) };
+        let tenant = tenant_of(&event.stream).to_string();
+        let mut parts = marker.splitn(3, ':');
+        let (Some(FORMAT), Some(dek_id)) = (parts.next(), parts.next()) else {
+            return Err(OpenError::Failed(format!("event {} of {}: unknown sealing {marker:?}", event.position, event.stream)));
+        };
+        let table = self.table.get();
+        let entry = table.tenants.get(&tenant).ok_or_else(|| {
+            OpenError::Failed(format!("no data key for tenant {tenant:?} on this node (yet): its key table has not arrived"))
+        })?;
+        let key = self.unwrap_dek(&tenant, entry)?;
+        if entry.dek_id != dek_id {
+            return Err(OpenError::Failed(format!(
+                "event {} of {}: sealed with data key {dek_id}, the tenant's is {}",
+                event.position, event.stream, entry.dek_id
+            )));
+        }
+        let aad = aad(&event.stream, &event.event_type);
+        let broken = || {
+            OpenError::Failed(format!(
+                "event {} of {} does not open: changed on disk, or sealed for another stream",
+                event.position, event.stream
+            ))
+        };
+        event.payload = open(&key, &aad, &event.payload).ok_or_else(broken)?;
+        event.metadata = match parts.next() {
+            None => Vec::new(),
+            Some(sealed) => {
+                let sealed = from_hex(sealed).ok_or_else(broken)?;
+                let plain = open(&key, &[aad.as_slice(), b"\0metadata"].concat(), &sealed).ok_or_else(broken)?;
+                serde_json::from_slice(&plain).map_err(|_| broken())?
+            }
+        };
+        Ok(event)
+    }
+
+    /// Like [`Keys::open_event`], but a forgotten tenant's event comes back without its payload
+    /// and metadata, marked `anthill-forgotten` (partition reads and subscriptions, which hold
+    /// every tenant's events and must keep their positions).
+    pub fn open_or_redact(&self, event: EventRecord) -> Result<EventRecord, OpenError> {
+        match self.open_event(event.clone()) {
+            Err(OpenError::Forgotten(tenant)) => {
+                Ok(EventRecord { payload: Vec::new(), metadata: vec![(FORGOTTEN_KEY.to_string(), tenant)], ..event })
+            }
+            other => other,
+        }
+    }
+
+    /// Forgets `tenant`: its wrapped DEK leaves the table, on every node as the change reaches
+    /// it. Whether it had a key.
+    pub async fn forget(&self, tenant: &str) -> Result<bool, Status> {
+        let forgotten = self
+            .table
+            .update(|table| {
+                let entry = table.tenants.entry(tenant.to_string()).or_insert_with(|| TenantKey {
+                    dek_id: String::new(),
+                    kek_id: String::new(),
+                    wrapped: String::new(),
+                    created_unix_ms: now_ms(),
+                    forgotten_unix_ms: None,
+                });
+                let had = !entry.wrapped.is_empty();
+                entry.kek_id.clear();
+                entry.wrapped.clear();
+                entry.forgotten_unix_ms.get_or_insert_with(now_ms);
+                Ok(had)
+            })
+            .await?;
+        self.cache.lock().retain(|(t, _), _| t != tenant);
+        Ok(forgotten)
+    }
+
+    /// Re-wraps every DEK not wrapped by the current KEK (after a KEK rotation); how many.
+    pub async fn rewrap(&self) -> Result<usize, Status> {
+        let current = &self.keks[0];
+        let mut plain: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (tenant, entry) in &self.table.get().tenants {
+            if entry.forgotten_unix_ms.is_some() || entry.kek_id == current.id {
+                continue;
+            }
+            let kek = self.keks.iter().find(|k| k.id == entry.kek_id).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "tenant {tenant:?}'s data key is wrapped by key {}, which this node does not have",
+                    entry.kek_id
+                ))
+            })?;
+            let dek = open(&kek.key, entry.dek_id.as_bytes(), &from_hex(&entry.wrapped).unwrap_or_default())
+                .ok_or_else(|| Status::internal(format!("tenant {tenant:?}'s data key does not open with key {}", kek.id)))?;
+            plain.insert(tenant.clone(), dek);
+        }
+        self.table
+            .update(|table| {
+                let mut count = 0;
+                for (tenant, dek) in &plain {
+                    if let Some(entry) = table.tenants.get_mut(tenant).filter(|e| e.forgotten_unix_ms.is_none() && e.kek_id != current.id) {
+                        entry.wrapped = to_hex(&seal(&current.key, entry.dek_id.as_bytes(), dek));
+                        entry.kek_id = current.id.clone();
+                        count += 1;
+                    }
+                }
+                Ok(count)
+            })
+            .await
+    }
+
+    pub fn table(&self) -> Arc<KeyTable> {
+        self.table.get()
+    }
+}
+
+fn aad(stream: &str, event_type: &str) -> Vec<u8> {
+    [stream.as_bytes(), b"\0", event_type.as_bytes()].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek(byte: u8) -> Kek {
+        Kek::from_hex(&format!("{byte:02x}").repeat(32)).unwrap()
+    }
+
+    fn record(stream: &str, event: NewEvent) -> EventRecord {
+        EventRecord {
+            partition: 0,
+            position: 1,
+            stream: stream.into(),
+            stream_version: 1,
+            event_type: event.event_type,
+            payload: event.payload,
+            metadata: event.metadata,
+            append_time_us: 0,
+            epoch: 1,
+            atomic_with_next: false,
+        }
+    }
+
+    fn event(payload: &str) -> NewEvent {
+        NewEvent { event_type: "Placed".into(), payload: payload.as_bytes().to_vec(), metadata: vec![("trace".into(), "t-1".into())] }
+    }
+
+    #[tokio::test]
+    async fn given_a_sealed_event_then_it_holds_no_plaintext_opens_back_and_not_under_another_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::in_file(dir.path().join("keys.json"), vec![kek(1)]).unwrap();
+        let mut events = vec![event("SECRET-MARKER")];
+        keys.seal_events("acme/orders-1", &mut events).await.unwrap();
+        let sealed = &events[0];
+        assert!(!sealed.payload.windows(13).any(|w| w == b"SECRET-MARKER"));
+        assert_eq!(sealed.metadata.len(), 1);
+        assert!(!sealed.metadata[0].1.contains("t-1"));
+        let opened = keys.open_event(record("acme/orders-1", sealed.clone())).unwrap();
+        assert_eq!(
+            (opened.payload.as_slice(), opened.metadata),
+            (b"SECRET-MARKER".as_slice(), vec![("trace".to_string(), "t-1".to_string())])
+        );
+        // The same bytes under another stream of the tenant do not open.
+        assert!(matches!(keys.open_event(record("acme/orders-2", sealed.clone())), Err(OpenError::Failed(_))));
+        // Only the wrapped key is stored.
+        let stored = std::fs::read_to_string(dir.path().join("keys.json")).unwrap();
+        assert!(stored.contains("acme") && stored.contains("wrapped"));
+    }
+
+    #[tokio::test]
+    async fn given_a_forgotten_tenant_then_its_events_never_open_and_others_still_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::in_file(dir.path().join("keys.json"), vec![kek(1)]).unwrap();
+        let (mut acme, mut globex) = (vec![event("a")], vec![event("g")]);
+        keys.seal_events("acme/x", &mut acme).await.unwrap();
+        keys.seal_events("globex/x", &mut globex).await.unwrap();
+        assert!(keys.forget("acme").await.unwrap());
+        assert!(matches!(keys.open_event(record("acme/x", acme[0].clone())), Err(OpenError::Forgotten(t)) if t == "acme"));
+        let redacted = keys.open_or_redact(record("acme/x", acme[0].clone())).unwrap();
+        assert_eq!((redacted.payload.len(), redacted.metadata), (0, vec![(FORGOTTEN_KEY.to_string(), "acme".to_string())]));
+        assert_eq!(keys.open_event(record("globex/x", globex[0].clone())).unwrap().payload, b"g");
+        // A node restarted on the same table, and new writes, are refused too.
+        let reopened = Keys::in_file(dir.path().join("keys.json"), vec![kek(1)]).unwrap();
+        assert!(matches!(reopened.open_event(record("acme/x", acme[0].clone())), Err(OpenError::Forgotten(_))));
+        assert_eq!(reopened.seal_events("acme/y", &mut [event("b")]).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn given_a_new_kek_when_keys_are_rewrapped_then_old_events_open_without_the_old_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut events = vec![event("before rotation")];
+        Keys::in_file(path.clone(), vec![kek(1)]).unwrap().seal_events("acme/x", &mut events).await.unwrap();
+        let rotating = Keys::in_file(path.clone(), vec![kek(2), kek(1)]).unwrap();
+        assert_eq!(rotating.rewrap().await.unwrap(), 1);
+        assert_eq!(rotating.rewrap().await.unwrap(), 0, "a second pass has nothing to do");
+        let rotated = Keys::in_file(path.clone(), vec![kek(2)]).unwrap();
+        assert_eq!(rotated.open_event(record("acme/x", events[0].clone())).unwrap().payload, b"before rotation");
+        let Err(OpenError::Failed(why)) = Keys::in_file(path, vec![kek(3)]).unwrap().open_event(record("acme/x", events[0].clone())) else {
+            panic!("opened with a key that never wrapped it")
+        };
+        assert!(why.contains("not among this node's keys"), "{why}");
+    }
+
+    #[test]
+    fn bad_key_files_are_refused_with_the_reason() {
+        assert!(Kek::from_hex("abc").unwrap_err().contains("64 hex digits"));
+        assert!(Kek::from_hex(&"zz".repeat(32)).is_err());
+        assert_eq!(kek(1).id.len(), 16);
+    }
+}
