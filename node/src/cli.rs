@@ -372,7 +372,7 @@ pub fn run() -> anyhow::Result<()> {
     // A node takes TLS from its config; `certs` may be making the very files the flags name.
     if !matches!(cli.command, Command::Node(_) | Command::Certs(_)) {
         client::use_tls(cli.tls.client_tls()?);
-        client::use_token(cli.tls.token.clone());
+        client::use_token(cli.tls.token.clone())?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {

@@ -91,9 +91,16 @@ impl tonic::service::Interceptor for Credentials {
     }
 }
 
-/// Makes every later connection of this process send `token` as its bearer token.
-pub fn use_token(token: Option<String>) {
+/// Makes every later connection of this process send `token` as its bearer token; a token
+/// that cannot be a header value (a stray newline) is an error, not silently left out.
+pub fn use_token(token: Option<String>) -> anyhow::Result<()> {
+    if let Some(t) = &token
+        && format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>().is_err()
+    {
+        anyhow::bail!("the bearer token holds characters a header cannot carry (a newline?)");
+    }
     *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = token;
+    Ok(())
 }
 
 /// Makes every later connection of this process use `tls` (module doc); `None`: plain text.

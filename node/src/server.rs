@@ -118,7 +118,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
             })
         }
     };
-    let api = api.with_keys(keys.clone());
+    let api = api.with_keys(keys.clone()).with_auth(auth.clone());
     // Health stays open (probes carry no certificate); every other service is behind a gate.
     let client = ClientGate::new(auth.clone(), metrics.clone());
     let members = config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect();

@@ -279,6 +279,15 @@ async fn given_a_quorum_load_when_every_nodes_certificate_is_rotated_then_no_ack
     assert!(total > 20, "too little load to say anything: {total} acknowledged appends");
 }
 
+/// Takes this process's bearer token away when a test ends, passed or not.
+struct TokenReset;
+
+impl Drop for TokenReset {
+    fn drop(&mut self) {
+        let _ = client::use_token(None);
+    }
+}
+
 /// `(code, message)` of a call's outcome, `None` when it succeeded.
 fn refusal<T>(outcome: Result<T, tonic::Status>) -> Option<(tonic::Code, String)> {
     outcome.err().map(|s| (s.code(), s.message().to_string()))
@@ -293,6 +302,7 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     let cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
     cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
     let certs = dir.path().join("certs");
+    let _reset = TokenReset;
 
     // The admin (a certificate named in auth.cluster_admins) makes a token on node-1.
     let mut admin = client::connect(&cluster.url(0)).await.unwrap();
@@ -301,7 +311,7 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     let made = made.unwrap().into_inner();
 
     // With the token, through every node's leaderships (the table reached them all).
-    client::use_token(Some(made.token.clone()));
+    client::use_token(Some(made.token.clone())).unwrap();
     let writer = Router::connect(&cluster.urls()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     for stream in anthill_node::local::streams_per_partition("acme/orders", PARTITIONS) {
@@ -328,7 +338,7 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     assert_eq!(refusal(create.await).map(|r| r.0), Some(tonic::Code::PermissionDenied));
 
     // A certificate principal gets the grants the table gives its name.
-    client::use_token(None);
+    client::use_token(None).unwrap();
     ensure_certificate(&certs, &Kind::Client, "alice").unwrap();
     admin.auth.set_grants(pb::SetGrantsRequest { principal: "alice".into(), grants: vec![grant("read", "acme")] }).await.unwrap();
     let alice = raw_client(&cluster.url(2), &certs.join("ca.crt"), Some((&certs, "alice"))).await.unwrap();
@@ -348,10 +358,37 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     let append_as_alice = alice.append(append("acme/orders-0", "alice writes".into())).await;
     assert_eq!(refusal(append_as_alice).map(|r| r.0), Some(tonic::Code::PermissionDenied), "read does not include write");
 
+    // Every node takes the token now (so the refusals below come from the revocation); a
+    // session opened with it on the leader of acme/orders-0 appends there and not to globex.
+    client::use_token(Some(made.token.clone())).unwrap();
+    let leader = writer.table().leaders[writer.partition_of("acme/orders-0") as usize].clone().expect("a leader");
+    let mut session_client = client::connect(&leader).await.unwrap();
+    let (session_tx, session_rx) = tokio::sync::mpsc::channel(8);
+    let mut answers =
+        session_client.log.append_session(tokio_stream::wrappers::ReceiverStream::new(session_rx)).await.unwrap().into_inner();
+    let mut session_append = async |id: u64, stream: &str| {
+        session_tx.send(pb::AppendSessionRequest { id, append: Some(append(stream, format!("session {id}"))) }).await.unwrap();
+        let answer = answers.message().await.unwrap().expect("an answer");
+        assert_eq!(answer.id, id);
+        match answer.result.expect("a result") {
+            pb::append_session_response::Result::Appended(_) => None,
+            pb::append_session_response::Result::Failure(f) => Some(tonic::Code::from_i32(f.code)),
+        }
+    };
+    assert_eq!(session_append(1, "acme/orders-0").await, None);
+    assert_eq!(session_append(2, "globex/orders-0").await, Some(tonic::Code::PermissionDenied));
+    for i in 0..NODES {
+        let mut c = client::connect(&cluster.url(i)).await.unwrap();
+        c.node
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("node-{} refused the token before its revocation: {e:?}", i + 1));
+    }
+    client::use_token(None).unwrap();
     // Revoked on node-1, refused by every node.
     let revoked = admin.auth.revoke_token(pb::RevokeTokenRequest { id: made.id.clone() }).await.unwrap().into_inner();
     assert!(revoked.revoked);
-    client::use_token(Some(made.token.clone()));
+    client::use_token(Some(made.token.clone())).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     for i in 0..NODES {
         let mut c = client::connect(&cluster.url(i)).await.unwrap();
@@ -363,12 +400,15 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    client::use_token(None);
+    // The session opened before the revocation is refused from then on too.
+    assert_eq!(session_append(3, "acme/orders-0").await, Some(tonic::Code::Unauthenticated));
+    client::use_token(None).unwrap();
 
     // Nothing of the refused writes is stored.
     let router = Router::connect(&cluster.urls()).await.unwrap();
     assert!(router.read_stream_all("globex/orders-1").await.unwrap().is_empty());
-    assert!(router.read_stream_all("acme/orders-0").await.unwrap().iter().all(|e| e.payload == b"by the writer"));
+    let acme: Vec<Vec<u8>> = router.read_stream_all("acme/orders-0").await.unwrap().into_iter().map(|e| e.payload).collect();
+    assert_eq!(acme, vec![b"by the writer".to_vec(), b"session 1".to_vec()]);
 }
 
 /// Whether any file under `dir` (recursively) contains `needle`.

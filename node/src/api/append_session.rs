@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use super::{append_request, append_status, appended};
 use crate::log::{AppendError, Appended, Log};
-use crate::security::auth::{Caller, Role, tenant_of};
+use crate::security::auth::{Auth, Caller, Role, tenant_of};
 use crate::security::keys::Keys;
 
 /// Answers waiting for tonic to send them, per session.
@@ -40,7 +40,7 @@ pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::AppendSessionRespon
 /// Starts the task serving one session; the answers stream back through the returned stream.
 pub(super) fn start(
     log: Arc<Log>,
-    caller: Caller,
+    caller: (Caller, Option<Auth>),
     keys: Option<Keys>,
     requests: Streaming<pb::AppendSessionRequest>,
     shutdown: watch::Receiver<bool>,
@@ -55,7 +55,7 @@ type Answers = mpsc::Sender<Result<pb::AppendSessionResponse, Status>>;
 
 async fn serve(
     log: Arc<Log>,
-    caller: Caller,
+    (caller, auth): (Caller, Option<Auth>),
     keys: Option<Keys>,
     mut requests: Streaming<pb::AppendSessionRequest>,
     answers: Answers,
@@ -84,9 +84,14 @@ async fn serve(
                     taken += 1;
                     let id = request.id;
                     let quorum = request.append.as_ref().is_some_and(|a| a.durability == pb::Durability::Quorum as i32);
-                    // Each append is checked against the caller's grants on its stream's tenant.
+                    // Each append is checked against the caller's grants as they are now (a
+                    // token revoked or a grant withdrawn meanwhile stops it) on its stream's tenant.
                     let stream = request.append.as_ref().map_or("", |a| a.stream.as_str());
-                    if let Err(denied) = caller.require(tenant_of(stream), Role::Write) {
+                    let allowed = match caller.now(auth.as_ref()) {
+                        Some(now) => now.require(tenant_of(stream), Role::Write),
+                        None => Err(Status::unauthenticated("the session's token was revoked")),
+                    };
+                    if let Err(denied) = allowed {
                         if answers.send(Ok(refused(id, &denied))).await.is_err() {
                             break true;
                         }

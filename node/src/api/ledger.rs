@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anthill_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::security::auth::{Caller, Role, tenant_of};
+use crate::security::auth::{Caller, Role, scope_tenant};
 
 use crate::app::ledger::query::{self, BalanceView, HistoryPage, HoldView};
 use crate::app::ledger::{Ledger, LedgerCommand, LedgerError};
@@ -53,7 +53,7 @@ impl LedgerApi {
         command_id: String,
         command: LedgerCommand,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        caller.require(tenant_of(&book), Role::Write)?;
+        caller.require(scope_tenant(&book), Role::Write)?;
         validate_id("book", &book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         let command_id = if command_id.is_empty() {
             None
@@ -85,7 +85,7 @@ impl LedgerApi {
         F: FnOnce(&StateView<'_>) -> Result<T, Refusal<LedgerError>> + Send + 'static,
         T: Send + 'static,
     {
-        caller.require(tenant_of(book), Role::Read)?;
+        caller.require(scope_tenant(book), Role::Read)?;
         validate_id("book", book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         match self.log.query(Ledger::NAME, book, read).await.map_err(super::append_status)? {
             Ok(answer) => Ok(answer),
@@ -244,6 +244,8 @@ impl pb::ledger_server::Ledger for LedgerApi {
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditReport>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        // Refused callers do not queue behind real audits.
+        caller.require(scope_tenant(&r.book), Role::Read)?;
         let _one_at_a_time = self.audits.acquire().await.map_err(|_| Status::unavailable("the node is shutting down"))?;
         let report = self.query(&caller, &r.book, query::audit).await?;
         Ok(Response::new(pb::AuditReport {

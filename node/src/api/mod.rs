@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::log::{self, AppendError, ExpectedVersion, Log, NewEvent};
+use crate::security::auth::Auth;
 use crate::security::auth::{Caller, Role, tenant_of};
 use crate::security::keys::Keys;
 
@@ -59,12 +60,20 @@ pub struct Api {
     shutdown: watch::Receiver<bool>,
     /// Seals appended events and opens read ones, when the node encrypts.
     keys: Option<Keys>,
+    /// The table long calls check their caller against at each step (with TLS).
+    auth: Option<Auth>,
 }
 
 impl Api {
     /// `shutdown` turns true when the node stops; open subscriptions then end.
     pub fn new(log: Arc<Log>, node_id: String, shutdown: watch::Receiver<bool>) -> Self {
-        Api { log, cluster: None, node_id, started: Instant::now(), shutdown, keys: None }
+        Api { log, cluster: None, node_id, started: Instant::now(), shutdown, keys: None, auth: None }
+    }
+
+    /// The node authenticates its callers (docs/security.md).
+    pub fn with_auth(mut self, auth: Option<Auth>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The node encrypts its tenants' events (docs/security.md).
@@ -186,6 +195,7 @@ impl pb::event_log_server::EventLog for Api {
         request: Request<tonic::Streaming<pb::AppendSessionRequest>>,
     ) -> Result<Response<Self::AppendSessionStream>, Status> {
         let caller = Caller::of(&request)?;
+        let caller = (caller, self.auth.clone());
         let session = append_session::start(self.log.clone(), caller, self.keys.clone(), request.into_inner(), self.shutdown.clone());
         Ok(Response::new(session))
     }
@@ -232,7 +242,7 @@ impl pb::event_log_server::EventLog for Api {
         for stream in &request.get_ref().streams {
             caller.require(tenant_of(stream), Role::Read)?;
         }
-        let plan = subscribe::Plan::from_request(self, request.into_inner())?;
+        let plan = subscribe::Plan::from_request(self, request.into_inner())?.checking(caller, self.auth.clone());
         Ok(Response::new(subscribe::start(self.log.clone(), plan, self.shutdown.clone())))
     }
 }
@@ -274,7 +284,13 @@ impl pb::node_server::Node for Api {
         Ok(Response::new(pb::DrainResponse { node: cluster.name.clone(), leading }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        // What a node holds is for callers with some grant (the routing client of any writer
+        // or reader), not for every certificate the CA ever signed.
+        let caller = Caller::of(&request)?;
+        if caller.grants.is_empty() {
+            return Err(Status::permission_denied(format!("{} holds no grant: Status needs at least one", caller.who())));
+        }
         let heads = self.log.commits().borrow().heads.clone();
         let sizes = self.log.store().sizes();
         let name_of = |id: u32| {

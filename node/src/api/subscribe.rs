@@ -22,6 +22,7 @@ use tonic::Status;
 
 use super::{Api, recorded_event, storage_status};
 use crate::log::{self, Log};
+use crate::security::auth::{Auth, Caller, Role, tenant_of};
 use crate::security::keys::Keys;
 use crate::storage::ReadLimit;
 
@@ -39,6 +40,9 @@ pub(super) struct Plan {
     buffer_bytes: usize,
     /// Opens sealed events (a forgotten tenant's come redacted).
     keys: Option<Keys>,
+    /// The caller, checked against the auth table as it is now after each read from disk: a
+    /// revoked token or a withdrawn grant ends the subscription.
+    caller: Option<(Caller, Auth)>,
 }
 
 impl Plan {
@@ -64,7 +68,22 @@ impl Plan {
         let next =
             partitions.into_iter().map(|p| (p, req.partition_positions.get(&p).copied().unwrap_or(req.from_position).max(1))).collect();
         let streams = (!req.streams.is_empty()).then(|| req.streams.into_iter().collect());
-        Ok(Plan { next, streams, buffer_bytes: limits.subscribe_buffer_bytes, keys: api.keys.clone() })
+        Ok(Plan { next, streams, buffer_bytes: limits.subscribe_buffer_bytes, keys: api.keys.clone(), caller: None })
+    }
+
+    pub fn checking(mut self, caller: Caller, auth: Option<Auth>) -> Self {
+        self.caller = auth.map(|auth| (caller, auth));
+        self
+    }
+}
+
+/// Whether the subscription's caller may still read what it follows.
+fn still_allowed(caller: &Option<(Caller, Auth)>, streams: &Option<HashSet<String>>) -> Result<(), Status> {
+    let Some((caller, auth)) = caller else { return Ok(()) };
+    let now = caller.now(Some(auth)).ok_or_else(|| Status::unauthenticated("the subscription's token was revoked"))?;
+    match streams {
+        Some(streams) => streams.iter().try_for_each(|s| now.require(tenant_of(s), Role::Read)),
+        None => now.require("*", Role::Read),
     }
 }
 
@@ -131,6 +150,7 @@ async fn follow(
                     .await
                     .map_err(|e| Status::internal(format!("read task failed: {e}")))?
                     .map_err(|e| storage_status(&e))?;
+                still_allowed(&plan.caller, &plan.streams)?;
                 if slice.events.is_empty() {
                     if from <= log.store().partition_floor(partition) {
                         continue;

@@ -92,6 +92,8 @@ pub struct ChaosReport {
     pub coordination: &'static str,
     /// TLS on every node, mutual between them, and the clients with certificates.
     pub tls: bool,
+    /// Events encrypted at rest.
+    pub encrypted: bool,
     /// When the run's clock started (every `…_ms` counts from it), in ms since the Unix epoch:
     /// to find a fault in the nodes' logs.
     pub started_unix_ms: u64,
@@ -431,6 +433,7 @@ fn report(
         seed: spec.seed,
         coordination: if spec.consul.is_some() { "consul" } else { "embedded" },
         tls: spec.cluster.tls,
+        encrypted: spec.cluster.encrypt,
         started_unix_ms: 0,
         nodes: spec.cluster.nodes,
         partitions: spec.cluster.partitions,

@@ -74,6 +74,9 @@ pub(crate) struct ChaosArgs {
     /// certificate too.
     #[arg(long)]
     tls: bool,
+    /// Encrypt every tenant's events at rest (a key-encryption key the run makes).
+    #[arg(long)]
+    encrypt: bool,
     #[arg(long)]
     json: bool,
 }
@@ -212,7 +215,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             node_args: vec!["--log-level".into(), args.node_log_level.clone()],
             consul: None,
             tls: args.tls,
-            encrypt: false,
+            encrypt: args.encrypt,
         },
         duration: args.duration,
         fault_count: args.fault_count,

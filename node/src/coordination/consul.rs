@@ -530,6 +530,12 @@ impl ConsulStore {
     }
 
     /// The index of the last prefix read (0 before the first).
+    /// [`CoordinationStore::list`] without recording the index (a follower of one key, whose
+    /// index is not the cluster prefix's).
+    pub async fn list_quietly(&self, prefix: &str, min_index: u64, wait: Duration) -> Result<Listing> {
+        parse_listing(&self.send(self.api.list(prefix, min_index, wait)).await?)
+    }
+
     pub fn last_index(&self) -> u64 {
         self.last_index.load(Ordering::Relaxed)
     }
@@ -598,7 +604,7 @@ impl CoordinationStore for ConsulStore {
     }
 
     async fn list(&self, prefix: &str, min_index: u64, wait: Duration) -> Result<Listing> {
-        let listing = parse_listing(&self.send(self.api.list(prefix, min_index, wait)).await?)?;
+        let listing = self.list_quietly(prefix, min_index, wait).await?;
         self.last_index.store(listing.index, Ordering::Relaxed);
         Ok(listing)
     }

@@ -68,10 +68,12 @@ impl Coordination {
         }
     }
 
-    pub(crate) async fn list(&self, prefix: &str, min_index: u64, wait: Duration) -> super::Result<super::Listing> {
+    /// A blocking list of `prefix` for a follower of one key: unlike the elector's lists, it
+    /// does not move the index `Node.Status` reports.
+    pub(crate) async fn follow(&self, prefix: &str, min_index: u64, wait: Duration) -> super::Result<super::Listing> {
         match self {
             Coordination::Embedded(store) => store.list(prefix, min_index, wait).await,
-            Coordination::Consul(store) => store.list(prefix, min_index, wait).await,
+            Coordination::Consul(store) => store.list_quietly(prefix, min_index, wait).await,
         }
     }
 

@@ -26,15 +26,28 @@ use crate::coordination::member::Coordination;
 /// The tenant of streams and books without a `/`.
 pub const DEFAULT_TENANT: &str = "default";
 /// Most tokens, and most certificate principals, the table holds (it is read whole).
-pub const MAX_TOKENS: usize = 1_000;
-pub const MAX_PRINCIPALS: usize = 1_000;
+pub const MAX_TOKENS: usize = 500;
+pub const MAX_PRINCIPALS: usize = 500;
 /// Most grants on one token or principal.
-pub const MAX_GRANTS: usize = 64;
+pub const MAX_GRANTS: usize = 16;
 const TOKEN_PREFIX: &str = "ah_";
+/// Largest serialized auth table.
+pub const MAX_TABLE_BYTES: usize = 256 << 10;
 
-/// The tenant `stream` (or a ledger book) belongs to.
+/// The tenant `stream` belongs to: what comes before its first `/`; for a domain's stream
+/// (`ledger/<book>`), the tenant of its scope ([`scope_tenant`]).
 pub fn tenant_of(stream: &str) -> &str {
-    stream.split_once('/').map_or(DEFAULT_TENANT, |(tenant, _)| tenant)
+    let (head, rest) = match stream.split_once('/') {
+        Some(split) => split,
+        None => return DEFAULT_TENANT,
+    };
+    if crate::app::DOMAINS.contains(&head) { scope_tenant(rest) } else { head }
+}
+
+/// The tenant of a domain's scope (a ledger book): what comes before its first `:`
+/// (`acme:shop` belongs to `acme`), else `default`. Scopes cannot hold `/`.
+pub fn scope_tenant(scope: &str) -> &str {
+    scope.split_once(':').map_or(DEFAULT_TENANT, |(tenant, _)| tenant)
 }
 
 /// What a grant allows; each role includes the ones before it.
@@ -131,8 +144,9 @@ pub struct TokenRecord {
 }
 
 /// The whole table.
+/// (No `deny_unknown_fields`, on purpose: a node of an older version must go on following a
+/// table a newer one wrote.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AuthTable {
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenRecord>,
@@ -164,12 +178,39 @@ pub struct Caller {
     pub name: String,
     pub kind: CallerKind,
     pub grants: Vec<Grant>,
+    /// The token's id, for a token.
+    pub token_id: Option<String>,
 }
 
 impl Caller {
     /// A node without TLS: nobody is authenticated, so nothing is checked.
     pub fn anonymous() -> Caller {
-        Caller { name: String::new(), kind: CallerKind::Anonymous, grants: vec![Grant { role: Role::ClusterAdmin, tenant: String::new() }] }
+        Caller {
+            name: String::new(),
+            kind: CallerKind::Anonymous,
+            grants: vec![Grant { role: Role::ClusterAdmin, tenant: String::new() }],
+            token_id: None,
+        }
+    }
+
+    /// Who the caller is in audit records: kind, name and token id.
+    pub fn who(&self) -> String {
+        match &self.token_id {
+            Some(id) => format!("token {id} ({:?})", self.name),
+            None => format!("{} {:?}", self.kind.as_str(), self.name),
+        }
+    }
+
+    /// The caller as the table stands now: a long call (a session, a subscription) checks each
+    /// step with it, so a revoked token or a withdrawn grant stops it. `None`: revoked.
+    pub fn now(&self, auth: Option<&Auth>) -> Option<Caller> {
+        let Some(auth) = auth else { return Some(self.clone()) };
+        match (self.kind, &self.token_id) {
+            (CallerKind::Anonymous, _) => Some(self.clone()),
+            (CallerKind::Certificate, _) => Some(auth.certificate_caller(&self.name)),
+            (CallerKind::Token, Some(id)) => auth.table().tokens.get(id).map(|t| Caller { grants: t.grants.clone(), ..self.clone() }),
+            (CallerKind::Token, None) => None,
+        }
     }
 
     pub fn may(&self, tenant: &str, need: Role) -> bool {
@@ -183,7 +224,7 @@ impl Caller {
         }
         let wanted = if need == Role::ClusterAdmin { "cluster-admin".to_string() } else { format!("{}:{tenant}", need.as_str()) };
         let held: Vec<String> = self.grants.iter().map(Grant::to_string).collect();
-        tracing::info!(target: "anthill::audit", caller = %self.name, kind = self.kind.as_str(), needs = %wanted, "refused: missing grant");
+        tracing::info!(target: "anthill::audit", caller = %self.who(), needs = %wanted, "refused: missing grant");
         Err(Status::permission_denied(format!(
             "{} {:?} may not do this: it needs {wanted}, and holds {}",
             self.kind.as_str(),
@@ -216,6 +257,13 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.table();
+        f.debug_struct("Auth").field("tokens", &table.tokens.len()).field("principals", &table.principals.len()).finish()
+    }
+}
+
 /// The node's view of the table, kept current ([`Replicated`]), and the way to change it.
 #[derive(Clone)]
 pub struct Auth {
@@ -244,7 +292,7 @@ impl Auth {
         if self.cluster_admins.iter().any(|a| a == name) {
             grants.push(Grant { role: Role::ClusterAdmin, tenant: String::new() });
         }
-        Caller { name: name.to_string(), kind: CallerKind::Certificate, grants }
+        Caller { name: name.to_string(), kind: CallerKind::Certificate, grants, token_id: None }
     }
 
     /// The caller bearer `token` stands for, when it is a valid, unrevoked token.
@@ -257,13 +305,15 @@ impl Auth {
             name: record.name.clone(),
             kind: CallerKind::Token,
             grants: record.grants.clone(),
+            token_id: Some(id.to_string()),
         })
     }
 
     /// Makes a token; returns its id and its text (the only copy of the secret).
     pub async fn create_token(&self, name: &str, grants: Vec<Grant>) -> Result<(String, String), Status> {
-        if name.trim().is_empty() || name.len() > 256 {
-            return Err(Status::invalid_argument("a token needs a name of 1 to 256 bytes"));
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
+        if name.is_empty() || name.len() > 128 || !name.chars().all(name_ok) {
+            return Err(Status::invalid_argument("a token's name is 1 to 128 of letters, digits, '-', '_', '.' and '@'"));
         }
         check_grants(&grants)?;
         let (id, secret) = (random_hex(8), random_hex(32));
@@ -312,7 +362,17 @@ impl Auth {
     }
 
     async fn update<R>(&self, change: impl Fn(&mut AuthTable) -> Result<R, Status>) -> Result<R, Status> {
-        self.table.update(change).await
+        self.table
+            .update(|table| {
+                let result = change(table)?;
+                // One value in the store: Consul takes at most 512 KiB, and every node reads it.
+                let size = serde_json::to_vec(table).map_or(0, |b| b.len());
+                if size > MAX_TABLE_BYTES {
+                    return Err(Status::resource_exhausted(format!("the auth table would take {size} bytes, over {MAX_TABLE_BYTES}")));
+                }
+                Ok(result)
+            })
+            .await
     }
 }
 
@@ -335,6 +395,10 @@ mod tests {
         assert_eq!(tenant_of("acme/orders-1"), "acme");
         assert_eq!(tenant_of("acme/eu/orders-1"), "acme");
         assert_eq!(tenant_of("orders-1"), DEFAULT_TENANT);
+        // A ledger book's stream belongs to the book's tenant, never to a tenant named `ledger`.
+        assert_eq!(tenant_of("ledger/acme:shop"), "acme");
+        assert_eq!(tenant_of("ledger/shop"), DEFAULT_TENANT);
+        assert_eq!(scope_tenant("acme:shop:eu"), "acme");
     }
 
     #[test]
@@ -343,6 +407,7 @@ mod tests {
             name: "c".into(),
             kind: CallerKind::Token,
             grants: grants.iter().map(|g| Grant::parse(g).unwrap()).collect(),
+            token_id: Some("0123456789abcdef".into()),
         };
         let writer = caller(&["write:acme"]);
         assert!(writer.may("acme", Role::Read) && writer.may("acme", Role::Write));

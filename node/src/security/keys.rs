@@ -131,7 +131,6 @@ pub struct TenantKey {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyTable {
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantKey>,

@@ -85,7 +85,7 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
         let (mut index, mut seen) = (0u64, None::<u64>);
         loop {
             let listed = tokio::select! {
-                listed = coordination.list(key, index, Duration::from_secs(30)) => listed,
+                listed = coordination.follow(key, index, Duration::from_secs(30)) => listed,
                 _ = crate::coordination::transport::until_stopped(&mut stopped) => return,
             };
             match listed {
@@ -102,10 +102,10 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
                     if modified == seen || older {
                         continue;
                     }
+                    seen = modified;
                     match entry.map(|e| serde_json::from_slice::<T>(&e.value)).transpose() {
                         Ok(table) => {
                             self.publish.send_replace(Arc::new(table.unwrap_or_default()));
-                            seen = modified;
                         }
                         Err(e) => tracing::error!(%key, error = %e, "the stored {} does not parse; keeping the previous one", self.what),
                     }
@@ -132,7 +132,12 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
                 let temporary = path.with_extension("json.partial");
                 let written = std::fs::File::create(&temporary)
                     .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).and_then(|_| f.sync_all()))
-                    .and_then(|_| std::fs::rename(&temporary, path));
+                    .and_then(|_| std::fs::rename(&temporary, path))
+                    // The rename itself must survive a power loss (a revoked token stays revoked).
+                    .and_then(|_| {
+                        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                        std::fs::File::open(dir).and_then(|d| d.sync_all())
+                    });
                 written.map_err(|e| unavailable(&e))?;
                 self.publish.send_replace(Arc::new(table));
                 Ok(result)
@@ -149,8 +154,11 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
                     let result = change(&mut table)?;
                     let bytes = serde_json::to_vec(&table).map_err(|e| unavailable(&e))?;
                     if coordination.put_if(key, &bytes, cas).await.map_err(|e| unavailable(&e))? {
-                        self.newest.fetch_max(written_above, std::sync::atomic::Ordering::SeqCst);
-                        self.publish.send_replace(Arc::new(table));
+                        // Two changes of this node finishing out of order: the later one stays.
+                        let before = self.newest.fetch_max(written_above, std::sync::atomic::Ordering::SeqCst);
+                        if before <= written_above {
+                            self.publish.send_replace(Arc::new(table));
+                        }
                         return Ok(result);
                     }
                 }

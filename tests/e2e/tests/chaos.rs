@@ -2,7 +2,7 @@
 //! under load through two cycles of the nemesis — ten leader kills and two of every other fault
 //! (node kill, pause, isolation, one-way cut, split, rolling restart) — then the checks over
 //! every replica and the ledger's books, with TLS on (mutual between the nodes, clients with
-//! certificates). And the run leaves nothing behind on this host.
+//! certificates) and events encrypted at rest. And the run leaves nothing behind on this host.
 
 use std::process::Command;
 
@@ -23,12 +23,26 @@ fn given_three_nodes_under_load_when_leaders_are_killed_paused_cut_off_and_resta
     let dir = tempfile::tempdir().unwrap();
     let loopback_before = host_loopback_qdiscs();
     let dir_arg = dir.path().display().to_string();
-    let out = chaos(&["--nodes", "3", "--fault-count", "22", "--fault-every", "2", "--seed", "7", "--tls", "--json", "--dir", &dir_arg]);
+    let out = chaos(&[
+        "--nodes",
+        "3",
+        "--fault-count",
+        "22",
+        "--fault-every",
+        "2",
+        "--seed",
+        "7",
+        "--tls",
+        "--encrypt",
+        "--json",
+        "--dir",
+        &dir_arg,
+    ]);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("a JSON report");
     assert_eq!(report["passed"], true, "{report:#}");
-    assert_eq!(report["tls"], true, "the run had TLS on: {report:#}");
+    assert_eq!((&report["tls"], &report["encrypted"]), (&Value::Bool(true), &Value::Bool(true)), "TLS and encryption on: {report:#}");
     let verdict = &report["verdict"];
     for check in ["lost", "duplicated", "failed_but_stored", "missing_on_a_replica", "diverged"] {
         assert_eq!(verdict[check].as_array().map(Vec::len), Some(0), "{check}: {verdict:#}");
