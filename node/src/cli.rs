@@ -188,6 +188,9 @@ pub struct NodeArgs {
     /// `tls.ca_file`.
     #[arg(long, requires_all = ["tls_cert_file", "tls_key_file"])]
     tls_ca_file: Option<PathBuf>,
+    /// `encryption.key_file`: encrypt tenants' events at rest under this key-encryption key.
+    #[arg(long)]
+    encryption_key_file: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -243,6 +246,10 @@ impl NodeArgs {
                 ca_file: ca_file.clone(),
                 reload_interval_ms,
             });
+        }
+        if let Some(key_file) = &self.encryption_key_file {
+            let previous_key_files = c.encryption.take().map(|e| e.previous_key_files).unwrap_or_default();
+            c.encryption = Some(crate::config::EncryptionConfig { key_file: key_file.clone(), previous_key_files });
         }
         if let Some(addr) = &self.metrics_listen {
             c.metrics_addr = match addr.as_str() {
