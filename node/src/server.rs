@@ -129,9 +129,9 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .add_service(InterceptedService::new(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes), client.clone()))
         .add_service(InterceptedService::new(NodeServer::new(api), client.clone()))
         .add_service(InterceptedService::new(AuthServer::new(AuthApi::new(auth)), client.clone()))
-        .add_service(InterceptedService::new(TenantsServer::new(TenantsApi::new(keys)), client.clone()))
+        .add_service(InterceptedService::new(TenantsServer::new(TenantsApi::new(keys.clone())), client.clone()))
         .add_service(InterceptedService::new(
-            LedgerServer::new(LedgerApi::new(log.clone())).max_decoding_message_size(max_request_bytes),
+            LedgerServer::new(LedgerApi::new(log.clone()).with_keys(keys.clone())).max_decoding_message_size(max_request_bytes),
             client,
         ))
         .add_optional_service(cluster_service.map(|s| {

@@ -442,6 +442,26 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
             appended.push((tenant, stream));
         }
     }
+    // A book of acme's in the ledger (its events are the processor's, not sealed).
+    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    let open_account = pb::OpenAccountRequest {
+        book: "acme:shop".into(),
+        command_id: "open-1".into(),
+        account: "till".into(),
+        currency: "EUR".into(),
+        credit_limit: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ledger_leader = router.table().leaders[router.partition_of("ledger/acme:shop") as usize].clone().unwrap();
+    let mut on_leader = client::connect(&ledger_leader).await.unwrap();
+    while let Err(e) = on_leader.ledger.open_account(open_account.clone()).await {
+        assert!(Instant::now() < deadline, "the ledger refused acme's account: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Client metadata may not pose as a sealed event.
+    let mut posing = append("globex/orders-x", "posing".into());
+    posing.events[0].metadata.insert("anthill-enc".into(), "1:0000".into());
+    assert_eq!(router.append(posing).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     // Read back in clear, payload and metadata.
     for (tenant, stream) in &appended {
         let events = router.read_stream_all(stream).await.unwrap();
@@ -458,7 +478,6 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
         assert!(found.is_empty(), "{needle} in clear in {found:?}");
     }
 
-    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
     let forgotten = admin.tenants.forget(pb::ForgetTenantRequest { tenant: "acme".into() }).await.unwrap().into_inner();
     assert!(forgotten.had_key);
 
@@ -483,10 +502,12 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        let mut redacted = 0;
         for partition in 0..PARTITIONS {
             let read = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 1000, linearizable: false };
             let events = c.log.read_partition(read).await.unwrap().into_inner().events;
-            for e in events.iter().filter(|e| e.stream.starts_with("acme/")) {
+            for e in events.iter().filter(|e| e.stream.starts_with("acme/") || e.stream == "ledger/acme:shop") {
+                redacted += 1;
                 assert!(
                     e.payload.is_empty() && e.metadata.get("anthill-forgotten").map(String::as_str) == Some("acme"),
                     "node-{}: {e:?}",
@@ -495,9 +516,13 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
             }
             assert!(events.iter().filter(|e| e.stream.starts_with("globex/")).all(|e| e.payload.starts_with(b"GLOBEX-SECRET")));
         }
+        assert!(redacted > PARTITIONS as usize, "node-{}: {redacted} of acme's events redacted (its streams and its book)", i + 1);
     }
     let refused = router.append(append("acme/orders-new", "after forgetting".into())).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    // The book, though never sealed, is gone with its tenant.
+    let balance = on_leader.ledger.get_balance(pb::GetBalanceRequest { book: "acme:shop".into(), account: "till".into() }).await;
+    assert_eq!(balance.map_err(|e| e.code()).err(), Some(tonic::Code::FailedPrecondition));
     for needle in ["ACME-SECRET", "ACME-META", "after forgetting"] {
         let found: Vec<_> = data.iter().flat_map(|d| any_file_contains(d, needle.as_bytes())).collect();
         assert!(found.is_empty(), "{needle} in clear in {found:?}");

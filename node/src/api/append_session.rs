@@ -97,7 +97,10 @@ async fn serve(
                         }
                         continue;
                     }
-                    match submit(&log, keys.as_ref(), request).await {
+                    match submit(&log, keys.as_ref(), request).await.map_err(|refusal| match refusal {
+                        Refusal::Append(error) => answer(id, Err(error)),
+                        Refusal::Status(status) => refused(id, &status),
+                    }) {
                         Ok(pending_append) => {
                             let log = log.clone();
                             pending.push(async move {
@@ -110,8 +113,8 @@ async fn serve(
                                 (id, outcome)
                             })
                         }
-                        Err(error) => {
-                            if answers.send(Ok(answer(id, Err(error)))).await.is_err() {
+                        Err(refusal) => {
+                            if answers.send(Ok(refusal)).await.is_err() {
                                 break true;
                             }
                         }
@@ -143,20 +146,27 @@ async fn serve(
 
 /// Queues one request's append; a malformed request is refused (and counted) here, the rest
 /// by [`Log::submit`].
-async fn submit(log: &Log, keys: Option<&Keys>, request: pb::AppendSessionRequest) -> Result<crate::log::PendingAppend, AppendError> {
+/// Why an append of a session was not queued.
+enum Refusal {
+    Append(AppendError),
+    /// Refused on its way in (sealing: a forgotten tenant, the key table unavailable), with
+    /// its own status.
+    Status(Status),
+}
+
+async fn submit(log: &Log, keys: Option<&Keys>, request: pb::AppendSessionRequest) -> Result<crate::log::PendingAppend, Refusal> {
     let mut append = match request.append.ok_or_else(|| Status::invalid_argument("append: missing")).and_then(append_request) {
         Ok(append) => append,
         Err(status) => {
             log.metrics().count_append("invalid");
-            return Err(AppendError::Invalid(status.message().to_string()));
+            return Err(Refusal::Append(AppendError::Invalid(status.message().to_string())));
         }
     };
-    if let Some(keys) = keys
-        && let Err(status) = keys.seal_events(&append.stream, &mut append.events).await
-    {
-        return Err(AppendError::Invalid(status.message().to_string()));
+    if let Some(keys) = keys {
+        crate::log::validate_append(log.limits(), &append).map_err(|e| Refusal::Append(AppendError::Invalid(e)))?;
+        keys.seal_events(&append.stream, &mut append.events).await.map_err(Refusal::Status)?;
     }
-    log.submit(append).await
+    log.submit(append).await.map_err(Refusal::Append)
 }
 
 /// The answer to an append refused before it was queued.

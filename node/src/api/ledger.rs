@@ -21,6 +21,7 @@ use anthill_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::security::auth::{Caller, Role, scope_tenant};
+use crate::security::keys::Keys;
 
 use crate::app::ledger::query::{self, BalanceView, HistoryPage, HoldView};
 use crate::app::ledger::{Ledger, LedgerCommand, LedgerError};
@@ -38,11 +39,28 @@ pub struct LedgerApi {
     log: Arc<Log>,
     /// One audit at a time: each reads up to 500,000 records in one snapshot.
     audits: Arc<tokio::sync::Semaphore>,
+    /// With encryption on: a forgotten tenant's books take no command and answer no query.
+    keys: Option<Keys>,
 }
 
 impl LedgerApi {
     pub fn new(log: Arc<Log>) -> Self {
-        LedgerApi { log, audits: Arc::new(tokio::sync::Semaphore::new(1)) }
+        LedgerApi { log, audits: Arc::new(tokio::sync::Semaphore::new(1)), keys: None }
+    }
+
+    pub fn with_keys(mut self, keys: Option<Keys>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    fn not_forgotten(&self, book: &str) -> Result<(), Status> {
+        let tenant = scope_tenant(book);
+        match &self.keys {
+            Some(keys) if keys.is_forgotten(tenant) => {
+                Err(Status::failed_precondition(format!("tenant {tenant:?} was forgotten: its books can never be used again")))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Runs a command on `book`: the caller needs `write` on the book's tenant.
@@ -54,6 +72,7 @@ impl LedgerApi {
         command: LedgerCommand,
     ) -> Result<Response<pb::CommandResponse>, Status> {
         caller.require(scope_tenant(&book), Role::Write)?;
+        self.not_forgotten(&book)?;
         validate_id("book", &book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         let command_id = if command_id.is_empty() {
             None
@@ -86,6 +105,7 @@ impl LedgerApi {
         T: Send + 'static,
     {
         caller.require(scope_tenant(book), Role::Read)?;
+        self.not_forgotten(book)?;
         validate_id("book", book, MAX_SCOPE_BYTES).map_err(Status::invalid_argument)?;
         match self.log.query(Ledger::NAME, book, read).await.map_err(super::append_status)? {
             Ok(answer) => Ok(answer),

@@ -177,6 +177,9 @@ impl pb::event_log_server::EventLog for Api {
         let quorum = req.durability == pb::Durability::Quorum as i32;
         let mut append = append_request(req)?;
         if let Some(keys) = &self.keys {
+            // The plaintext is checked first: a request refused anyway makes no key, and the
+            // limits apply to what the client sent.
+            log::validate_append(self.log.limits(), &append).map_err(Status::invalid_argument)?;
             keys.seal_events(&append.stream, &mut append.events).await?;
         }
         let done = self.log.append(append).instrument(span.clone()).await.map_err(append_status)?;
@@ -345,9 +348,13 @@ fn expected_version(expected: Option<pb::ExpectedVersion>) -> Result<ExpectedVer
 }
 
 fn append_request(req: pb::AppendRequest) -> Result<log::AppendRequest, Status> {
+    for event in &req.events {
+        let metadata: Vec<(String, String)> = event.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        crate::security::keys::check_metadata_keys(&metadata).map_err(Status::invalid_argument)?;
+    }
     Ok(log::AppendRequest {
         expected: expected_version(req.expected_version)?,
-        events: req.events.into_iter().map(new_event).collect(),
+        events: req.events.into_iter().map(new_event).collect::<Vec<_>>(),
         stream: req.stream,
     })
 }
@@ -361,6 +368,7 @@ fn appended(done: log::Appended) -> pb::AppendResponse {
     }
 }
 
+/// A client's event; its metadata may not use the reserved `anthill-` keys.
 fn new_event(event: pb::EventData) -> NewEvent {
     let mut metadata: Vec<(String, String)> = event.metadata.into_iter().collect();
     metadata.sort_unstable();

@@ -80,7 +80,7 @@ fn to_hex(bytes: &[u8]) -> String {
 }
 
 fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
@@ -141,14 +141,22 @@ pub struct KeyTable {
 pub enum OpenError {
     #[error("tenant {0:?} was forgotten: its events can never be read again")]
     Forgotten(String),
+    /// This node's copy of the key table does not hold the tenant's key yet (it was made on
+    /// another node a moment ago): retry.
+    #[error("tenant {0:?}'s data key has not reached this node yet; try again")]
+    NotYet(String),
     #[error("{0}")]
     Failed(String),
 }
+
+/// Most tenants the key table holds (it is one value in the store, read whole by every node).
+pub const MAX_TENANTS: usize = 1_000;
 
 impl OpenError {
     pub fn status(&self) -> Status {
         match self {
             OpenError::Forgotten(_) => Status::failed_precondition(self.to_string()),
+            OpenError::NotYet(_) => Status::unavailable(self.to_string()),
             OpenError::Failed(_) => Status::internal(self.to_string()),
         }
     }
@@ -195,6 +203,8 @@ impl Keys {
     /// The DEK `entry` holds, unwrapped with whichever KEK wrapped it.
     fn unwrap_dek(&self, tenant: &str, entry: &TenantKey) -> Result<Arc<LessSafeKey>, OpenError> {
         if entry.forgotten_unix_ms.is_some() {
+            // Gone from this node's memory too, not only from use.
+            self.cache.lock().retain(|(t, _), _| t != tenant);
             return Err(OpenError::Forgotten(tenant.to_string()));
         }
         let cache_key = (tenant.to_string(), entry.dek_id.clone());
@@ -208,7 +218,7 @@ impl Keys {
             ))
         })?;
         let wrapped = from_hex(&entry.wrapped).unwrap_or_default();
-        let dek = open(&kek.key, entry.dek_id.as_bytes(), &wrapped)
+        let dek = open(&kek.key, &wrap_aad(tenant, &entry.dek_id), &wrapped)
             .filter(|d| d.len() == 32)
             .ok_or_else(|| OpenError::Failed(format!("tenant {tenant:?}'s wrapped data key does not open with key {}", kek.id)))?;
         let key = Arc::new(aes_key(&dek));
@@ -218,6 +228,8 @@ impl Keys {
 
     /// The tenant's DEK for a write, made (and stored wrapped) at its first write.
     async fn dek_for_write(&self, tenant: &str) -> Result<(String, Arc<LessSafeKey>), Status> {
+        // Only a tenant that can be named can be forgotten.
+        super::auth::check_tenant(tenant).map_err(|e| Status::invalid_argument(format!("stream: with encryption on, {e}")))?;
         if let Some(entry) = self.table.get().tenants.get(tenant) {
             return self.unwrap_dek(tenant, entry).map(|k| (entry.dek_id.clone(), k)).map_err(|e| e.status());
         }
@@ -227,7 +239,7 @@ impl Keys {
         let made = TenantKey {
             dek_id: dek_id.clone(),
             kek_id: kek.id.clone(),
-            wrapped: to_hex(&seal(&kek.key, dek_id.as_bytes(), &dek)),
+            wrapped: to_hex(&seal(&kek.key, &wrap_aad(tenant, &dek_id), &dek)),
             created_unix_ms: now_ms(),
             forgotten_unix_ms: None,
         };
@@ -235,6 +247,9 @@ impl Keys {
         let stored = self
             .table
             .update(|table| {
+                if !table.tenants.contains_key(tenant) && table.tenants.len() >= MAX_TENANTS {
+                    return Err(Status::resource_exhausted(format!("the key table holds {MAX_TENANTS} tenants, its limit")));
+                }
                 let entry = table.tenants.entry(tenant.to_string()).or_insert_with(|| made.clone());
                 Ok(entry.clone())
             })
@@ -246,13 +261,12 @@ impl Keys {
     pub async fn seal_events(&self, stream: &str, events: &mut [NewEvent]) -> Result<(), Status> {
         let (dek_id, key) = self.dek_for_write(tenant_of(stream)).await?;
         for event in events {
-            let aad = aad(stream, &event.event_type);
-            event.payload = seal(&key, &aad, &event.payload);
+            event.payload = seal(&key, &aad(stream, &event.event_type, "payload"), &event.payload);
             let mut marker = format!("{FORMAT}:{dek_id}");
             if !event.metadata.is_empty() {
                 let metadata = serde_json::to_vec(&event.metadata).expect("pairs of strings serialize");
                 marker.push(':');
-                marker.push_str(&to_hex(&seal(&key, &[aad.as_slice(), b"\0metadata"].concat(), &metadata)));
+                marker.push_str(&to_hex(&seal(&key, &aad(stream, &event.event_type, "metadata"), &metadata)));
             }
             event.metadata = vec![(SEALED_KEY.to_string(), marker)];
         }
@@ -262,16 +276,20 @@ impl Keys {
     /// The event with its payload and metadata opened (an event that was not sealed is
     /// returned as it is).
     pub fn open_event(&self, mut event: EventRecord) -> Result<EventRecord, OpenError> {
-        let Some(marker) = event.metadata.iter().find(|(k, _)| k == SEALED_KEY).map(|(_, v)| v.clone()) else { return Ok(event) };
         let tenant = tenant_of(&event.stream).to_string();
+        let table = self.table.get();
+        let entry = table.tenants.get(&tenant);
+        // A forgotten tenant's events are refused sealed or not (the ledger's, ones written
+        // before encryption was on).
+        if entry.is_some_and(|e| e.forgotten_unix_ms.is_some()) {
+            return Err(OpenError::Forgotten(tenant));
+        }
+        let Some(marker) = event.metadata.iter().find(|(k, _)| k == SEALED_KEY).map(|(_, v)| v.clone()) else { return Ok(event) };
         let mut parts = marker.splitn(3, ':');
         let (Some(FORMAT), Some(dek_id)) = (parts.next(), parts.next()) else {
             return Err(OpenError::Failed(format!("event {} of {}: unknown sealing {marker:?}", event.position, event.stream)));
         };
-        let table = self.table.get();
-        let entry = table.tenants.get(&tenant).ok_or_else(|| {
-            OpenError::Failed(format!("no data key for tenant {tenant:?} on this node (yet): its key table has not arrived"))
-        })?;
+        let entry = entry.ok_or_else(|| OpenError::NotYet(tenant.clone()))?;
         let key = self.unwrap_dek(&tenant, entry)?;
         if entry.dek_id != dek_id {
             return Err(OpenError::Failed(format!(
@@ -279,19 +297,18 @@ impl Keys {
                 event.position, event.stream, entry.dek_id
             )));
         }
-        let aad = aad(&event.stream, &event.event_type);
         let broken = || {
             OpenError::Failed(format!(
                 "event {} of {} does not open: changed on disk, or sealed for another stream",
                 event.position, event.stream
             ))
         };
-        event.payload = open(&key, &aad, &event.payload).ok_or_else(broken)?;
+        event.payload = open(&key, &aad(&event.stream, &event.event_type, "payload"), &event.payload).ok_or_else(broken)?;
         event.metadata = match parts.next() {
             None => Vec::new(),
             Some(sealed) => {
                 let sealed = from_hex(sealed).ok_or_else(broken)?;
-                let plain = open(&key, &[aad.as_slice(), b"\0metadata"].concat(), &sealed).ok_or_else(broken)?;
+                let plain = open(&key, &aad(&event.stream, &event.event_type, "metadata"), &sealed).ok_or_else(broken)?;
                 serde_json::from_slice(&plain).map_err(|_| broken())?
             }
         };
@@ -334,37 +351,39 @@ impl Keys {
         Ok(forgotten)
     }
 
-    /// Re-wraps every DEK not wrapped by the current KEK (after a KEK rotation); how many.
+    /// Re-wraps every DEK not wrapped by the current KEK (after a KEK rotation), working on the
+    /// store's table as it is (not this node's copy); how many. Fails, changing nothing, when a
+    /// key is wrapped by a KEK this node does not have.
     pub async fn rewrap(&self) -> Result<usize, Status> {
         let current = &self.keks[0];
-        let mut plain: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        for (tenant, entry) in &self.table.get().tenants {
-            if entry.forgotten_unix_ms.is_some() || entry.kek_id == current.id {
-                continue;
-            }
-            let kek = self.keks.iter().find(|k| k.id == entry.kek_id).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "tenant {tenant:?}'s data key is wrapped by key {}, which this node does not have",
-                    entry.kek_id
-                ))
-            })?;
-            let dek = open(&kek.key, entry.dek_id.as_bytes(), &from_hex(&entry.wrapped).unwrap_or_default())
-                .ok_or_else(|| Status::internal(format!("tenant {tenant:?}'s data key does not open with key {}", kek.id)))?;
-            plain.insert(tenant.clone(), dek);
-        }
         self.table
             .update(|table| {
                 let mut count = 0;
-                for (tenant, dek) in &plain {
-                    if let Some(entry) = table.tenants.get_mut(tenant).filter(|e| e.forgotten_unix_ms.is_none() && e.kek_id != current.id) {
-                        entry.wrapped = to_hex(&seal(&current.key, entry.dek_id.as_bytes(), dek));
-                        entry.kek_id = current.id.clone();
-                        count += 1;
+                for (tenant, entry) in table.tenants.iter_mut() {
+                    if entry.forgotten_unix_ms.is_some() || entry.kek_id == current.id {
+                        continue;
                     }
+                    let kek = self.keks.iter().find(|k| k.id == entry.kek_id).ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "tenant {tenant:?}'s data key is wrapped by key {}, which this node does not have (previous_key_files)",
+                            entry.kek_id
+                        ))
+                    })?;
+                    let aad = wrap_aad(tenant, &entry.dek_id);
+                    let dek = open(&kek.key, &aad, &from_hex(&entry.wrapped).unwrap_or_default())
+                        .ok_or_else(|| Status::internal(format!("tenant {tenant:?}'s data key does not open with key {}", kek.id)))?;
+                    entry.wrapped = to_hex(&seal(&current.key, &aad, &dek));
+                    entry.kek_id = current.id.clone();
+                    count += 1;
                 }
                 Ok(count)
             })
             .await
+    }
+
+    /// Whether `tenant` was forgotten (its commands are refused too).
+    pub fn is_forgotten(&self, tenant: &str) -> bool {
+        self.table.get().tenants.get(tenant).is_some_and(|e| e.forgotten_unix_ms.is_some())
     }
 
     pub fn table(&self) -> Arc<KeyTable> {
@@ -372,8 +391,30 @@ impl Keys {
     }
 }
 
-fn aad(stream: &str, event_type: &str) -> Vec<u8> {
-    [stream.as_bytes(), b"\0", event_type.as_bytes()].concat()
+/// The associated data of an event's sealed `part` (`payload` or `metadata`): each field
+/// length-prefixed, so no two (stream, type, part) triples give the same bytes.
+fn aad(stream: &str, event_type: &str, part: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stream.len() + event_type.len() + part.len() + 12);
+    for field in [stream, event_type, part] {
+        out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out
+}
+
+/// The associated data of a wrapped data key: its tenant and id (a wrapped key copied into
+/// another tenant's entry does not open).
+fn wrap_aad(tenant: &str, dek_id: &str) -> Vec<u8> {
+    aad(tenant, dek_id, "data key")
+}
+
+/// Refuses client metadata under the `anthill-` prefix, which marks sealed and redacted
+/// events.
+pub fn check_metadata_keys(metadata: &[(String, String)]) -> Result<(), String> {
+    match metadata.iter().find(|(k, _)| k.starts_with("anthill-")) {
+        Some((k, _)) => Err(format!("metadata: key {k:?}: keys starting with \"anthill-\" are reserved")),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -34,9 +34,10 @@ pub struct Replicated<T> {
     backend: Backend,
     /// What the table is, for errors ("the auth table").
     what: &'static str,
-    /// The lowest modify index the follower may still publish: a change this node made is
-    /// published at once, and a read that began before it must not put the older table back.
-    newest: Arc<std::sync::atomic::AtomicU64>,
+    /// The modify index of the table last published (a lower bound for a change this node
+    /// made): the follower and [`Replicated::update`] both publish only above it, under this
+    /// lock, so an older table never replaces a newer one.
+    published: Arc<parking_lot::Mutex<u64>>,
 }
 
 impl<T> Clone for Replicated<T> {
@@ -46,7 +47,7 @@ impl<T> Clone for Replicated<T> {
             publish: self.publish.clone(),
             backend: self.backend.clone(),
             what: self.what,
-            newest: self.newest.clone(),
+            published: self.published.clone(),
         }
     }
 }
@@ -61,14 +62,14 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
         };
         let (publish, current) = watch::channel(Arc::new(table));
         let backend = Backend::File { path, lock: Arc::default() };
-        Ok(Replicated { current, publish: Arc::new(publish), backend, what, newest: Arc::default() })
+        Ok(Replicated { current, publish: Arc::new(publish), backend, what, published: Arc::default() })
     }
 
     /// A cluster's table under `key` in its coordination store, followed until `stopped`.
     pub fn in_store(coordination: Coordination, key: String, what: &'static str, stopped: watch::Receiver<bool>) -> Self {
         let (publish, current) = watch::channel(Arc::new(T::default()));
         let backend = Backend::Store { coordination, key };
-        let table = Replicated { current, publish: Arc::new(publish), backend, what, newest: Arc::default() };
+        let table = Replicated { current, publish: Arc::new(publish), backend, what, published: Arc::default() };
         tokio::spawn(table.clone().follow(stopped));
         table
     }
@@ -98,15 +99,12 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
                     index = listing.index;
                     let entry = listing.entries.into_iter().find(|e| e.key == *key);
                     let modified = entry.as_ref().map(|e| e.modify_index);
-                    let older = modified.unwrap_or(0) < self.newest.load(std::sync::atomic::Ordering::SeqCst);
-                    if modified == seen || older {
+                    if modified == seen {
                         continue;
                     }
                     seen = modified;
                     match entry.map(|e| serde_json::from_slice::<T>(&e.value)).transpose() {
-                        Ok(table) => {
-                            self.publish.send_replace(Arc::new(table.unwrap_or_default()));
-                        }
+                        Ok(table) => self.publish_if_newer(modified.unwrap_or(0), table.unwrap_or_default()),
                         Err(e) => tracing::error!(%key, error = %e, "the stored {} does not parse; keeping the previous one", self.what),
                     }
                 }
@@ -115,6 +113,15 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+
+    /// Publishes `table` as of `index` unless a newer one was published already.
+    fn publish_if_newer(&self, index: u64, table: T) {
+        let mut published = self.published.lock();
+        if index >= *published {
+            *published = index;
+            self.publish.send_replace(Arc::new(table));
         }
     }
 
@@ -154,11 +161,7 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static> 
                     let result = change(&mut table)?;
                     let bytes = serde_json::to_vec(&table).map_err(|e| unavailable(&e))?;
                     if coordination.put_if(key, &bytes, cas).await.map_err(|e| unavailable(&e))? {
-                        // Two changes of this node finishing out of order: the later one stays.
-                        let before = self.newest.fetch_max(written_above, std::sync::atomic::Ordering::SeqCst);
-                        if before <= written_above {
-                            self.publish.send_replace(Arc::new(table));
-                        }
+                        self.publish_if_newer(written_above, table);
                         return Ok(result);
                     }
                 }
