@@ -168,6 +168,12 @@ pub struct NodeArgs {
     #[arg(long)]
     max_session_in_flight: Option<usize>,
     #[arg(long)]
+    max_subscribe_streams: Option<usize>,
+    #[arg(long)]
+    max_concurrent_calls_per_connection: Option<usize>,
+    #[arg(long)]
+    calls_per_second_per_caller: Option<u32>,
+    #[arg(long)]
     command_id_retention_s: Option<u64>,
     /// `human` or `json`.
     #[arg(long, value_parser = parse_log_format)]
@@ -231,6 +237,9 @@ impl NodeArgs {
             max_event_bytes => limits.max_event_bytes, max_events_per_append => limits.max_events_per_append,
             max_request_bytes => limits.max_request_bytes, max_read_count => limits.max_read_count,
             subscribe_buffer_bytes => limits.subscribe_buffer_bytes, max_session_in_flight => limits.max_session_in_flight,
+            max_subscribe_streams => limits.max_subscribe_streams,
+            max_concurrent_calls_per_connection => limits.max_concurrent_calls_per_connection,
+            calls_per_second_per_caller => limits.calls_per_second_per_caller,
             command_id_retention_s => app.command_id_retention_s,
             log_format => telemetry.log_format, log_level => telemetry.log_level,
             service_name => telemetry.service_name,

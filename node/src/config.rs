@@ -378,6 +378,14 @@ pub struct LimitsConfig {
     pub subscribe_buffer_bytes: usize,
     /// Appends of one AppendSession call waiting for their answer before the node stops reading it.
     pub max_session_in_flight: usize,
+    /// Most streams one Subscribe call may name.
+    pub max_subscribe_streams: usize,
+    /// Calls (HTTP/2 streams) one connection may have open at once; more wait their turn.
+    pub max_concurrent_calls_per_connection: usize,
+    /// Calls per second one caller (a token, a certificate's principal) may start, over all
+    /// its connections to this node; past it calls get `RESOURCE_EXHAUSTED`. 0: no limit. Only
+    /// with TLS (without it nobody is told apart).
+    pub calls_per_second_per_caller: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -453,6 +461,9 @@ impl Default for LimitsConfig {
             max_read_count: 10_000,
             subscribe_buffer_bytes: 4 << 20,
             max_session_in_flight: 1024,
+            max_subscribe_streams: 1_000,
+            max_concurrent_calls_per_connection: 1_024,
+            calls_per_second_per_caller: 0,
         }
     }
 }
@@ -689,6 +700,21 @@ impl NodeConfig {
         }
         if l.subscribe_buffer_bytes < 1024 || l.subscribe_buffer_bytes > (1 << 30) {
             return invalid("limits.subscribe_buffer_bytes", format!("must be between 1 KiB and 1 GiB, got {}", l.subscribe_buffer_bytes));
+        }
+        if l.max_subscribe_streams == 0 || l.max_subscribe_streams > 100_000 {
+            return invalid("limits.max_subscribe_streams", format!("must be between 1 and 100000, got {}", l.max_subscribe_streams));
+        }
+        if l.max_concurrent_calls_per_connection == 0 || l.max_concurrent_calls_per_connection > 65_536 {
+            return invalid(
+                "limits.max_concurrent_calls_per_connection",
+                format!("must be between 1 and 65536, got {}", l.max_concurrent_calls_per_connection),
+            );
+        }
+        if l.calls_per_second_per_caller > 1_000_000 {
+            return invalid(
+                "limits.calls_per_second_per_caller",
+                format!("must be at most 1000000 (0: no limit), got {}", l.calls_per_second_per_caller),
+            );
         }
         if l.max_session_in_flight == 0 || l.max_session_in_flight > 65_536 {
             return invalid("limits.max_session_in_flight", format!("must be between 1 and 65536, got {}", l.max_session_in_flight));

@@ -120,10 +120,17 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     };
     let api = api.with_keys(keys.clone()).with_auth(auth.clone());
     // Health stays open (probes carry no certificate); every other service is behind a gate.
-    let client = ClientGate::new(auth.clone(), metrics.clone());
+    let client = ClientGate::new(auth.clone(), metrics.clone()).with_rate(config.limits.calls_per_second_per_caller);
     let members = config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect();
     let peers = PeerGate::new(tls.is_some(), members, metrics.clone());
+    let calls_per_connection = config.limits.max_concurrent_calls_per_connection;
     let router = tonic::transport::Server::builder()
+        // A connection's calls beyond the limit wait (HTTP/2 tells the client so); idle or dead
+        // connections are found by keep-alive pings.
+        .max_concurrent_streams(Some(calls_per_connection as u32))
+        .concurrency_limit_per_connection(calls_per_connection)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection, client.clone()))
         .add_service(InterceptedService::new(EventLogServer::new(api.clone()).max_decoding_message_size(max_request_bytes), client.clone()))

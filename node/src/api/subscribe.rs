@@ -51,6 +51,13 @@ impl Plan {
             return Err(Status::invalid_argument("partitions and streams: give one filter or the other, not both"));
         }
         let limits = api.log.limits();
+        if req.streams.len() > limits.max_subscribe_streams {
+            return Err(Status::invalid_argument(format!(
+                "streams: {} streams in one Subscribe, the limit is {} (limits.max_subscribe_streams)",
+                req.streams.len(),
+                limits.max_subscribe_streams
+            )));
+        }
         let mut partitions: Vec<u32> = req.partitions.clone();
         for partition in &partitions {
             api.check_partition(*partition)?;

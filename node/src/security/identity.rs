@@ -82,11 +82,50 @@ fn presented_names<T>(request: &Request<T>) -> Option<CertNames> {
 pub struct ClientGate {
     auth: Option<Auth>,
     metrics: Arc<Metrics>,
+    /// Calls per second per caller (0: no limit), and each caller's bucket.
+    rate: u32,
+    buckets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Bucket>>>,
 }
+
+/// A token bucket: up to a second's worth of calls at once, refilled at the rate.
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// Callers whose buckets are kept; past it the map starts over (a full bucket each).
+const MAX_BUCKETS: usize = 10_000;
 
 impl ClientGate {
     pub fn new(auth: Option<Auth>, metrics: Arc<Metrics>) -> Self {
-        ClientGate { auth, metrics }
+        ClientGate { auth, metrics, rate: 0, buckets: Arc::default() }
+    }
+
+    /// Limits each caller to `calls_per_second` (0: no limit).
+    pub fn with_rate(mut self, calls_per_second: u32) -> Self {
+        self.rate = calls_per_second;
+        self
+    }
+
+    /// Takes one call from `caller`'s bucket; `false` when it is empty.
+    fn take(&self, caller: &str) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let rate = f64::from(self.rate);
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock();
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(caller) {
+            buckets.clear();
+        }
+        let bucket = buckets.entry(caller.to_string()).or_insert(Bucket { tokens: rate, at: now });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            return false;
+        }
+        bucket.tokens -= 1.0;
+        true
     }
 
     fn refuse(&self, why: &str) -> Status {
@@ -117,6 +156,14 @@ impl Interceptor for ClientGate {
                 auth.certificate_caller(name)
             }
         };
+        if !self.take(&caller.who()) {
+            self.metrics.requests_refused.get_or_create(&vec![("reason", "rate_limited")]).inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} started more than {} calls in a second (limits.calls_per_second_per_caller); slow down",
+                caller.who(),
+                self.rate
+            )));
+        }
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -191,6 +238,14 @@ mod tests {
         assert_eq!(gate.member(&names(&["NODE-2"])), Some(2), "DNS names compare without regard to case");
         assert_eq!(gate.member(&names(&["node-1", "node-2"])), None);
         assert_eq!(gate.member(&names(&["node-9"])), None);
+    }
+
+    #[test]
+    fn given_a_rate_then_each_caller_gets_a_seconds_worth_of_calls_at_once_and_no_more() {
+        let gate = ClientGate::new(None, Arc::new(Metrics::default())).with_rate(5);
+        assert_eq!((0..10).filter(|_| gate.take("token a")).count(), 5);
+        assert!(gate.take("token b"), "another caller has its own bucket");
+        assert!((0..10).all(|_| ClientGate::new(None, Arc::new(Metrics::default())).take("anyone")), "0: no limit");
     }
 
     #[test]
