@@ -481,12 +481,15 @@ impl NodeConfig {
     /// Reads and validates a YAML file. Fields the file leaves out take their defaults.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: NodeConfig = if text.trim().is_empty() {
-            NodeConfig::default()
-        } else {
-            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?
-        };
-        Ok(config)
+        NodeConfig::from_yaml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
+    }
+
+    /// Parses YAML text (empty: the defaults); not validated yet.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(NodeConfig::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
     }
 
     /// Checks every rule the fields must meet together; the first broken one is the error.

@@ -20,6 +20,7 @@ pub mod config;
 pub mod coordination;
 pub mod cpu_quota;
 pub mod demo;
+pub mod fuzzing;
 pub mod local;
 pub mod log;
 pub mod metrics;
