@@ -10,8 +10,11 @@ use prost::Message as _;
 
 use crate::storage::record::EventRecord;
 
+/// One fuzz target: any bytes in, a panic only for a bug.
+pub type Target = fn(&[u8]);
+
 /// The targets by name (the fuzz crate's binaries and the regression test use these names).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("record", record),
     ("replica_message", replica_message),
     ("append_request", append_request),
