@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
         *) targets+=("$1"); shift ;;
     esac
 done
-case "$seconds" in ''|*[!0-9]*) echo "fuzz/run.sh: --seconds takes a whole number, got $seconds" >&2; exit 2 ;; esac
+case "$seconds" in ''|*[!0-9]*|0) echo "fuzz/run.sh: --seconds takes a whole number of at least 1, got $seconds" >&2; exit 2 ;; esac
 all=(record replica_message append_request config spec_file sealed_event)
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
@@ -29,7 +29,7 @@ for t in "${targets[@]}"; do
 done
 say() { echo "fuzz/run.sh: $*" >&2; }
 
-if ! rustup toolchain list | grep -q '^nightly'; then
+if [ "$(rustup toolchain list | grep -c '^nightly' || true)" -eq 0 ]; then
     say "installing the nightly toolchain (cargo fuzz needs it)"
     rustup toolchain install nightly --profile minimal >&2
 fi
@@ -48,19 +48,25 @@ results=() failed=0
 for t in "${targets[@]}"; do
     corpus="fuzz/corpus/$t"
     mkdir -p "$corpus" "fuzz/artifacts/$t"
+    # Only this run's findings count.
+    rm -f "fuzz/artifacts/$t"/crash-* "fuzz/artifacts/$t"/oom-* "fuzz/artifacts/$t"/timeout-* "fuzz/artifacts/$t"/leak-*
     say "$t: fuzzing for ${seconds}s"
     log="fuzz/artifacts/$t/run.log"
     set +e
-    (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1) > "$log" 2>&1
+    (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1) > "$log" 2>&1
     status=$?
     set -e
-    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-    crash=$(ls -t "fuzz/artifacts/$t"/crash-* "fuzz/artifacts/$t"/oom-* "fuzz/artifacts/$t"/timeout-* 2>/dev/null | head -1 || true)
+    runs=$( (grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" || true) | grep -o '[0-9]*$' | tail -1 || true)
+    crash=$(ls -t "fuzz/artifacts/$t"/crash-* "fuzz/artifacts/$t"/oom-* "fuzz/artifacts/$t"/timeout-* "fuzz/artifacts/$t"/leak-* 2>/dev/null | head -1 || true)
     if [ "$status" -ne 0 ] || [ -n "$crash" ]; then
         failed=1
         mkdir -p "fuzz/regressions/$t"
-        [ -n "$crash" ] && cp "$crash" "fuzz/regressions/$t/"
-        say "$t: FAILED (exit $status); input kept in fuzz/regressions/$t/ — see $log"
+        if [ -n "$crash" ]; then
+            cp "$crash" "fuzz/regressions/$t/"
+            say "$t: FAILED (exit $status); $(basename "$crash") kept in fuzz/regressions/$t/ — see $log"
+        else
+            say "$t: FAILED (exit $status) without an input to keep (a build failure?) — see $log"
+        fi
         results+=("{\"target\":\"$t\",\"seconds\":$seconds,\"runs\":${runs:-0},\"passed\":false,\"input\":\"${crash}\"}")
     else
         say "$t: ${runs:-0} inputs, no crash"

@@ -48,11 +48,15 @@ fn main() -> anyhow::Result<()> {
     write("config", "cluster", include_bytes!("../../fuzz/seed-config.yaml"))?;
     write("spec_file", "transfers", include_bytes!("../specs/ledger/transfers.yaml"))?;
 
-    // A sealed event's marker length, marker and payload, as `fuzzing::sealed_event` splits them.
-    let mut sealed = vec![18u8];
-    sealed.extend_from_slice(b"1:0123456789abcdef");
-    sealed.extend_from_slice(&[0u8; 40]);
-    write("sealed_event", "marker", &sealed)?;
+    // A sealed event as `fuzzing::sealed_event` splits it: an even length byte (the target's
+    // real marker), then a payload of nonce, ciphertext and tag (random: it does not open).
+    let mut sealed = vec![0u8];
+    sealed.extend_from_slice(&[7u8; 12 + 16 + 8]);
+    write("sealed_event", "real-marker", &sealed)?;
+    let mut own = vec![18u8];
+    own.extend_from_slice(b"1:0123456789abcdef");
+    own.extend_from_slice(&[0u8; 40]);
+    write("sealed_event", "own-marker", &own)?;
     eprintln!("seeds written under {}", out.display());
     Ok(())
 }

@@ -128,7 +128,6 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         // A connection's calls beyond the limit wait (HTTP/2 tells the client so); idle or dead
         // connections are found by keep-alive pings.
         .max_concurrent_streams(Some(calls_per_connection as u32))
-        .concurrency_limit_per_connection(calls_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)

@@ -347,7 +347,7 @@ fn expected_version(expected: Option<pb::ExpectedVersion>) -> Result<ExpectedVer
     })
 }
 
-fn append_request(req: pb::AppendRequest) -> Result<log::AppendRequest, Status> {
+pub(crate) fn append_request(req: pb::AppendRequest) -> Result<log::AppendRequest, Status> {
     for event in &req.events {
         let metadata: Vec<(String, String)> = event.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         crate::security::keys::check_metadata_keys(&metadata).map_err(Status::invalid_argument)?;

@@ -93,7 +93,7 @@ struct Bucket {
     at: std::time::Instant,
 }
 
-/// Callers whose buckets are kept; past it the map starts over (a full bucket each).
+/// Callers whose buckets are kept; past it the full ones are dropped.
 const MAX_BUCKETS: usize = 10_000;
 
 impl ClientGate {
@@ -116,7 +116,9 @@ impl ClientGate {
         let now = std::time::Instant::now();
         let mut buckets = self.buckets.lock();
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(caller) {
-            buckets.clear();
+            // Full buckets are as good as absent ones: only those go (a throttled caller keeps
+            // its empty bucket).
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < rate);
         }
         let bucket = buckets.entry(caller.to_string()).or_insert(Bucket { tokens: rate, at: now });
         bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);

@@ -29,7 +29,8 @@ use thiserror::Error;
 
 const FORMAT_V2: u8 = 2;
 const FORMAT_V3: u8 = 3;
-const HEADER_BYTES: usize = 1 + 4;
+/// The format byte and the checksum that start every record.
+pub const HEADER_BYTES: usize = 1 + 4;
 /// partition, position, stream version, append time, epoch, flags.
 const FIXED_BYTES: usize = 4 + 8 * 4 + 1;
 /// Flag bit: the event's append goes on at the next position.
