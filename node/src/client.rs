@@ -55,6 +55,13 @@ impl ClientTls {
         Ok(ClientTls { ca_pem, identity })
     }
 
+    /// The CA and, when given, the client's certificate and key, as PEM bytes (a process that
+    /// reads them from somewhere else than files: the operator, from Secrets).
+    pub fn from_pem(ca_pem: Vec<u8>, identity: Option<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<ClientTls> {
+        crate::security::tls::certificates(&ca_pem).map_err(|e| anyhow::anyhow!("the cluster CA: {e}"))?;
+        Ok(ClientTls { ca_pem, identity })
+    }
+
     fn config(&self) -> tonic::transport::ClientTlsConfig {
         let config = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
         match &self.identity {
@@ -115,42 +122,63 @@ fn tls() -> Option<ClientTls> {
 /// `host:port` or a URL; plain addresses get `https://` when the process uses TLS, else
 /// `http://`.
 pub fn server_url(server: &str) -> String {
+    url_for(server, tls().is_some())
+}
+
+fn url_for(server: &str, tls: bool) -> String {
     if server.contains("://") {
         return server.to_string();
     }
-    let scheme = if tls().is_some() { "https" } else { "http" };
+    let scheme = if tls { "https" } else { "http" };
     format!("{scheme}://{server}")
 }
 
 /// The endpoint of `url`, with this process's TLS when it is `https`.
 pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let token = TOKEN.read().unwrap_or_else(|e| e.into_inner()).is_some();
+    endpoint_for(url, tls().as_ref(), token)
+}
+
+fn endpoint_for(url: &str, tls: Option<&ClientTls>, token: bool) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("bad node address {url:?}"))?;
     if !url.starts_with("https://") {
-        if TOKEN.read().unwrap_or_else(|e| e.into_inner()).is_some() {
+        if token {
             anyhow::bail!("{url} is plain http: a bearer token is only sent over TLS (give the cluster CA with --tls-ca)");
         }
         return Ok(endpoint);
     }
-    let Some(tls) = tls() else {
+    let Some(tls) = tls else {
         anyhow::bail!("{url} is https: give the cluster CA with --tls-ca (or ANTHILL_TLS_CA)");
     };
     endpoint.tls_config(tls.config()).with_context(|| format!("cannot use TLS towards {url}"))
 }
 
+async fn open(url: &str, endpoint: Endpoint) -> anyhow::Result<Channel> {
+    endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect().await.with_context(|| format!("cannot connect to {url}"))
+}
+
 /// Connects (one HTTP/2 connection, shared by both clients).
 pub async fn connect(server: &str) -> anyhow::Result<Clients> {
     let url = server_url(server);
-    let channel = endpoint(&url)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    let channel = open(&url, endpoint(&url)?).await?;
     Ok(clients(channel))
 }
 
+/// Connects with `tls` (plain text when `None`) and no token, whatever this process's own
+/// settings: for a process that talks to several clusters, each with its own CA (the
+/// operator).
+pub async fn connect_with(server: &str, tls: Option<&ClientTls>) -> anyhow::Result<Clients> {
+    let url = url_for(server, tls.is_some());
+    let channel = open(&url, endpoint_for(&url, tls, false)?).await?;
+    Ok(clients_with(channel, Credentials(None)))
+}
+
 pub fn clients(channel: Channel) -> Clients {
-    let channel = InterceptedService::new(channel, Credentials::current());
+    clients_with(channel, Credentials::current())
+}
+
+fn clients_with(channel: Channel, credentials: Credentials) -> Clients {
+    let channel = InterceptedService::new(channel, credentials);
     Clients {
         auth: AuthClient::new(channel.clone()),
         tenants: TenantsClient::new(channel.clone()),

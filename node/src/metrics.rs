@@ -143,20 +143,36 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener`, the text `render` makes, until `shutdown` resolves
-/// (the node's and the operator's).
+/// Serves `GET /metrics` on `listener`, the text `render` makes, and `GET /ready` (200 while
+/// `ready` says so, else 503: the readiness probe of a pod whose gRPC port speaks TLS, which
+/// the kubelet's gRPC probe cannot), until `shutdown` resolves (the node's and the operator's).
 pub async fn serve(
     listener: TcpListener,
     render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let text = render();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = render();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
+            }),
+        )
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let ready = ready();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "serving\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not serving: writes stopped after a storage failure\n")
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

@@ -146,13 +146,16 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
                 peers,
             )
         }));
-    // After an I/O failure the log takes no more writes until a restart: say so to health checks.
+    // After an I/O failure the log takes no more writes until a restart: say so to health checks
+    // (gRPC health, and `/ready` on the metrics port).
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
     tokio::spawn({
-        let (log, health, stopped) = (log.clone(), health.clone(), stopped.clone());
+        let (log, health, stopped, serving) = (log.clone(), health.clone(), stopped.clone(), serving.clone());
         async move {
             // Ends with the node too, so it never keeps the log (and LMDB) open past a stop.
             tokio::select! {
                 _ = log.write_failed() => {
+                    serving.store(false, std::sync::atomic::Ordering::Relaxed);
                     health.set_not_serving::<EventLogServer<Api>>().await;
                     tracing::error!("writes stopped after a storage failure; EventLog reports NOT_SERVING until the node restarts");
                 }
@@ -188,7 +191,8 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         metrics_addr = Some(listener.local_addr()?);
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            metrics::serve(listener, move || metrics.render(), wait_for_stop(stopped)).await?;
+            let ready = move || serving.load(std::sync::atomic::Ordering::Relaxed);
+            metrics::serve(listener, move || metrics.render(), ready, wait_for_stop(stopped)).await?;
             Ok(())
         }));
     }

@@ -82,6 +82,9 @@ async fn given_a_full_disk_then_writes_stop_reads_go_on_and_a_restart_keeps_ever
         status = health.check(serving()).await.unwrap().into_inner().status();
     }
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::NotServing);
+    // And so does `/ready` on the metrics port (the readiness probe of a pod that speaks TLS).
+    let ready = common::http_get_any(node.metrics_addr.expect("metrics are served"), "/ready");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("storage failure"), "{ready}");
     // Reads still serve exactly what was acknowledged.
     assert_eq!(total_events(&mut clients).await, acknowledged);
     let last = clients

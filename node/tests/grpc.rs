@@ -150,6 +150,7 @@ async fn given_a_subscriber_that_does_not_read_then_appends_go_on_and_it_later_g
     }
     let metrics = http_get(t.node.metrics_addr.unwrap(), "/metrics");
     assert!(metrics.contains("anthill_subscribers 1"), "{metrics}");
+    assert!(http_get(t.node.metrics_addr.unwrap(), "/ready").ends_with("serving\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

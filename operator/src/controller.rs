@@ -46,6 +46,17 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    #[error("the cluster's certificates: {0}")]
+    Tls(String),
+}
+
+impl From<crate::certs::CertError> for Error {
+    fn from(e: crate::certs::CertError) -> Error {
+        match e {
+            crate::certs::CertError::Kube(e) => Error::Kube(e),
+            crate::certs::CertError::Unusable(why) => Error::Tls(why),
+        }
+    }
 }
 
 struct Context {
@@ -102,6 +113,8 @@ pub fn flips(old: &AnthillClusterStatus, new: &AnthillClusterStatus) -> Vec<Note
         let reason = match c.reason.as_str() {
             "InvalidConfig" => "InvalidConfig",
             "RollBlocked" => "RollBlocked",
+            "TlsUnusable" => "TlsUnusable",
+            "TlsModeFixed" => "TlsModeFixed",
             _ => "ScaleDownBlocked",
         };
         notes.push(Note::warning(reason, c.message));
@@ -316,6 +329,16 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     }
     set_condition(&mut status, &now, "ReconciliationPaused", false, "Reconciling", "the operator reconciles the cluster");
     let spec = &cluster.spec;
+    // The transport security is the cluster's for good: nodes of two modes cannot talk.
+    let tls_mode = resources::tls_mode(&cluster);
+    status.tls_mode = Some(tls_mode);
+    if let Some(asked) = spec.tls.as_ref().map(|t| t.mode).filter(|m| *m != tls_mode) {
+        let why = format!("spec.tls.mode is {asked:?} but the cluster was made with {tls_mode:?}, which it keeps");
+        set_condition(&mut status, &now, "Degraded", true, "TlsModeFixed", &why);
+        set_condition(&mut status, &now, "Progressing", false, "TlsModeFixed", "nothing changes until spec.tls.mode is set back");
+        finish(&ctx, &cluster, &old, &status, Vec::new()).await?;
+        return Ok(Action::await_change());
+    }
     let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
     // The pods there are now (more than asked for while a scale-down goes on, fewer while the
     // old ones learn of new ones) and the founders.
@@ -324,12 +347,8 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     // Recorded once: the pods there at the first reconcile (an operator that takes over a
     // cluster finds its StatefulSet), or the spec's.
     let founders = *status.founders.get_or_insert(running);
-    // The nodes' own view: roles, leaderships, lag, membership; whether every partition is led.
-    let answers = crate::nodes::ask(&cluster, running.max(spec.replicas)).await;
-    let pod_name = |i: i32| resources::member(&cluster, i).0;
-    let addresses: Vec<String> = (0..running.max(spec.replicas)).map(|i| resources::member(&cluster, i).1).collect();
-    let view = crate::scale::view_for(&answers, &pod_name(running - 1));
-    // Every member is listed: the pods there, and those a scale-up adds.
+    // A configuration the node would refuse stops everything before anything is made or any
+    // node is asked anything (checked again below with the pod count the scale step decides).
     let config_for = |keep: i32, founders: i32| {
         let members = keep.max(spec.replicas);
         // A cluster shrunk below its founders: the founders left are those still there, so a pod
@@ -337,6 +356,32 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         let founders = founders.min(members);
         resources::node_config(&cluster, resources::Shape { pods: members, founders }).map(|c| (c, founders))
     };
+    if let Err(e) = config_for(running, founders) {
+        return invalid_config(&ctx, &cluster, &old, status, &now, e).await;
+    }
+    // The certificates of every pod there or asked for, and the operator's own towards them; a
+    // Secret a user must fix stops everything (the pods could not start or be reached).
+    let mut issued = Vec::new();
+    let tls = match crate::certs::ensure(client, &cluster, tls_mode, running.max(spec.replicas), &mut issued).await {
+        Ok(tls) => tls,
+        Err(crate::certs::CertError::Unusable(why)) => {
+            tracing::warn!(cluster = %name, error = %why, "the cluster's certificates cannot be used; nothing changed");
+            set_condition(&mut status, &now, "Degraded", true, "TlsUnusable", &why);
+            set_condition(&mut status, &now, "Progressing", false, "TlsUnusable", "nothing changes until the Secrets are fixed");
+            finish(&ctx, &cluster, &old, &status, Vec::new()).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !issued.is_empty() {
+        notes.push(Note::normal("CertificatesIssued", format!("issued the certificates of {}", issued.join(", "))));
+    }
+    // The nodes' own view: roles, leaderships, lag, membership; whether every partition is led.
+    let answers = crate::nodes::ask(&cluster, running.max(spec.replicas), tls.as_ref()).await;
+    let pod_name = |i: i32| resources::member(&cluster, i).0;
+    let addresses: Vec<String> = (0..running.max(spec.replicas)).map(|i| resources::member(&cluster, i).1).collect();
+    let view = crate::scale::view_for(&answers, &pod_name(running - 1));
+    // Every member is listed: the pods there, and those a scale-up adds (`config_for`).
     // A scale-up adds its pods only once every pod there runs the template that lists them (the
     // roll restarts them first): a node that does not list a member cannot replicate to it.
     let listing = config_for(spec.replicas, founders).map(|(config, _)| resources::config_hash(&config)).ok();
@@ -349,11 +394,7 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, lists_all, pod_name);
     // A configuration the node would refuse stops everything before any node is asked anything.
     if let Err(e) = config_for(plan.keep, founders) {
-        tracing::warn!(cluster = %name, error = %e, "the nodes' configuration is invalid; nothing changed");
-        set_condition(&mut status, &now, "Degraded", true, "InvalidConfig", &e.to_string());
-        set_condition(&mut status, &now, "Progressing", false, "InvalidConfig", "nothing changes until spec.config is fixed");
-        finish(&ctx, &cluster, &old, &status, notes).await?;
-        return Ok(Action::await_change());
+        return invalid_config(&ctx, &cluster, &old, status, &now, e).await;
     }
     // The pod a scale-down takes out is the operator's to let back in, whatever happens next
     // (recorded before it is asked, and again if a status write was lost).
@@ -361,7 +402,7 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         status.decommissioned.push(pod);
     }
     for pod in &plan.recommission {
-        match crate::scale::request(&addresses, pod, true).await {
+        match crate::scale::request(&addresses, pod, true, tls.as_ref()).await {
             Asked::Done => {
                 tracing::info!(cluster = %name, %pod, "let back into the replica sets");
                 notes.push(
@@ -375,7 +416,7 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     if let Some(pod) = plan.decommission.clone() {
-        match crate::scale::request(&addresses, &pod, false).await {
+        match crate::scale::request(&addresses, &pod, false, tls.as_ref()).await {
             Asked::Done => {
                 tracing::info!(cluster = %name, %pod, "taking it out of the replica sets for a scale-down");
                 notes
@@ -446,7 +487,7 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         set_condition(&mut status, &now, "Progressing", true, "Scaling", &what);
         Some(what)
     } else {
-        let report = match crate::roll::step(client, &cluster, &set, plan.keep, &mut notes).await {
+        let report = match crate::roll::step(client, &cluster, &set, plan.keep, tls.as_ref(), &mut notes).await {
             Ok(report) => report,
             // Reported, not returned: the status above is still worth writing.
             Err(e) => Some(format!("the roll cannot go on: {e}").into()),
@@ -469,6 +510,22 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
     // The pods' readiness changes the StatefulSet, which wakes this; the period catches the rest
     // (a roll is followed closely: a drain moves in seconds).
     Ok(Action::requeue(Duration::from_secs(if rolling.is_some() { 2 } else { 30 })))
+}
+
+/// Reports a configuration the node would refuse; nothing else changes.
+async fn invalid_config(
+    ctx: &Context,
+    cluster: &AnthillCluster,
+    old: &AnthillClusterStatus,
+    mut status: AnthillClusterStatus,
+    now: &Time,
+    e: resources::ConfigError,
+) -> Result<Action, Error> {
+    tracing::warn!(cluster = %cluster.name_any(), error = %e, "the nodes' configuration is invalid; nothing changed");
+    set_condition(&mut status, now, "Degraded", true, "InvalidConfig", &e.to_string());
+    set_condition(&mut status, now, "Progressing", false, "InvalidConfig", "nothing changes until spec.config is fixed");
+    finish(ctx, cluster, old, &status, Vec::new()).await?;
+    Ok(Action::await_change())
 }
 
 /// The hash of the Consul ACL token in the cluster's Secret, when it uses Consul and the Secret
@@ -778,7 +835,9 @@ mod mocked {
     #[tokio::test]
     async fn a_new_cluster_applies_its_objects_in_order_and_reports_a_status_counting_its_founders() {
         let (mut api, ctx) = Api::start();
-        let cluster = Arc::new(resources::tests::cluster(json!({ "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" } })));
+        let cluster = Arc::new(resources::tests::cluster(
+            json!({ "replicas": 3, "version": "0.1.0", "storage": { "size": "1Gi" }, "tls": { "mode": "Disabled" } }),
+        ));
         let reconciling = tokio::spawn(reconcile(cluster.clone(), ctx));
         let (line, _) = api.next(404, not_found()).await;
         assert_eq!(line, "GET /apis/apps/v1/namespaces/prod/statefulsets/shop");
@@ -803,6 +862,58 @@ mod mocked {
         assert_eq!((reason("Available"), reason("Degraded")), (json!("NodesNotReady"), json!("AsExpected")));
         assert!(reconciling.await.unwrap().is_ok());
         api.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_cluster_with_tls_gets_a_ca_then_each_nodes_certificate_and_the_administrators_before_anything_else() {
+        let (mut api, ctx) = Api::start();
+        let cluster = Arc::new(resources::tests::cluster(
+            json!({ "replicas": 2, "replicationFactor": 1, "version": "0.1.0", "storage": { "size": "1Gi" } }),
+        ));
+        let reconciling = tokio::spawn(reconcile(cluster.clone(), ctx));
+        let (line, _) = api.next(404, not_found()).await;
+        assert_eq!(line, "GET /apis/apps/v1/namespaces/prod/statefulsets/shop");
+        let (line, _) = api.next(404, not_found()).await;
+        assert_eq!(line, "GET /api/v1/namespaces/prod/secrets/shop-ca");
+        let (line, ca) = api.next(201, Value::Null).await;
+        assert_eq!(line, "POST /api/v1/namespaces/prod/secrets?");
+        assert_eq!((ca["metadata"]["name"].as_str(), ca["type"].as_str()), (Some("shop-ca"), Some("kubernetes.io/tls")));
+        let ca_pem = String::from_utf8(base64_decode(ca["data"]["tls.crt"].as_str().unwrap())).unwrap();
+        for name in ["shop-0-tls", "shop-1-tls", "shop-admin-tls"] {
+            let (line, _) = api.next(404, not_found()).await;
+            assert_eq!(line, format!("GET /api/v1/namespaces/prod/secrets/{name}"));
+            let (line, secret) = api.next(200, Value::Null).await;
+            assert_apply(&line, &format!("/api/v1/namespaces/prod/secrets/{name}"));
+            assert_eq!(String::from_utf8(base64_decode(secret["data"]["ca.crt"].as_str().unwrap())).unwrap(), ca_pem);
+            assert!(secret["metadata"]["annotations"][crate::certs::ISSUED_FOR].is_string(), "{secret}");
+        }
+        let (line, config_map) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/api/v1/namespaces/prod/configmaps/shop-config");
+        let node: Value = serde_yaml::from_str(config_map["data"]["node.yaml"].as_str().unwrap()).unwrap();
+        assert_eq!(node["auth"]["cluster_admins"], json!(["admin"]));
+        for _ in 0..2 {
+            api.next(200, Value::Null).await;
+        }
+        let (line, set) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/apis/apps/v1/namespaces/prod/statefulsets/shop");
+        assert!(set.to_string().contains("shop-admin-tls"), "{set}");
+        let (line, _) = api.next(200, Value::Null).await;
+        assert_apply(&line, "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/shop");
+        let (line, patch) = api.next(200, serde_json::to_value(&*cluster).unwrap()).await;
+        assert_eq!(line, "PATCH /apis/anthill.io/v1alpha1/namespaces/prod/anthillclusters/shop/status?");
+        assert_eq!(patch["status"]["tlsMode"], "Operator");
+        // One event names every certificate issued, and why.
+        let (line, event) = api.next(201, Value::Null).await;
+        assert_eq!(line, "POST /apis/events.k8s.io/v1/namespaces/prod/events?");
+        assert_eq!(event["reason"], "CertificatesIssued");
+        assert!(event["note"].as_str().unwrap().contains("shop-admin-tls (it does not exist)"), "{event}");
+        assert!(reconciling.await.unwrap().is_ok());
+        api.nothing_more().await;
+    }
+
+    fn base64_decode(text: &str) -> Vec<u8> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(text).unwrap()
     }
 
     #[tokio::test]

@@ -120,6 +120,18 @@ pub struct AnthillClusterSpec {
     #[serde(default)]
     pub coordination: Coordination,
 
+    /// Transport security: TLS towards clients and mutual TLS between the nodes
+    /// (docs/security.md). Unset: `Operator` for a new cluster, `Disabled` for one the operator
+    /// ran before it knew TLS. The mode is fixed once the cluster runs (recorded in the status):
+    /// nodes of two modes cannot talk to each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+
+    /// Encryption at rest of every tenant's events under a key-encryption key read from a
+    /// Secret (docs/security.md). Unset: events are stored as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+
     /// While true the operator changes nothing (and says so in the `ReconciliationPaused`
     /// condition).
     #[serde(default)]
@@ -293,6 +305,39 @@ fn default_session_ttl_ms() -> u32 {
     10_000
 }
 
+/// The nodes' certificates.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    /// `Operator`: the operator keeps a CA (Secret `<name>-ca`) and issues every node's
+    /// certificate (`<name>-<ordinal>-tls`) and the administrator's client certificate
+    /// (`<name>-admin-tls`), renewing each a month before it expires. `Secrets`: those Secrets
+    /// come from elsewhere (cert-manager Certificates; docs/kubernetes.md lists what each must
+    /// hold). `Disabled`: plain text, no authentication.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("tls.mode cannot change after the cluster is created: nodes of two modes cannot talk to each other"))]
+    pub mode: TlsMode,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    Operator,
+    Secrets,
+    Disabled,
+}
+
+/// Where the key-encryption key comes from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// The Secret key holding the key-encryption key: 64 hex digits (`openssl rand -hex 32`).
+    pub key_secret_ref: SecretKeySelector,
+    /// Keys used before `keySecretRef`, still read while `anthill tenant rewrap-keys` moves
+    /// the tenants' data keys to the new one (key rotation, docs/security.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub previous_key_secret_refs: Vec<SecretKeySelector>,
+}
+
 /// What the operator last saw.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -326,6 +371,10 @@ pub struct AnthillClusterStatus {
     // Always written: the status is a merge patch, and an omitted list would keep the old one.
     #[serde(default)]
     pub decommissioned: Vec<String>,
+    /// The transport security the cluster was made with (`spec.tls.mode`, or what its absence
+    /// meant then): recorded at the first reconcile; never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_mode: Option<TlsMode>,
     /// The label selector of the cluster's pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

@@ -2,6 +2,7 @@
 //! becomes ([`resources`]), the controller that keeps them ([`controller`]) and rolls a changed
 //! template out one drained pod at a time ([`roll`]) and scales one pod at a time ([`scale`]); [`uninstall`] is the chart's pre-delete hook.
 
+pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod metrics;

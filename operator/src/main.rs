@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
                         tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
                     tracing::info!(%addr, "serving /metrics");
                     let render = metrics.clone();
-                    tokio::spawn(anthill_node::metrics::serve(listener, move || render.render(), std::future::pending()));
+                    tokio::spawn(anthill_node::metrics::serve(listener, move || render.render(), || true, std::future::pending()));
                 }
                 let client = client().await?;
                 anthill_operator::controller::run(client, namespace, metrics).await

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anthill_node::client::ClientTls;
 use anthill_proto::v1 as pb;
 
 use crate::crd::{AnthillCluster, NodeStatus};
@@ -12,12 +13,12 @@ use crate::resources;
 
 /// What the first `pods` nodes say: per node (by member name, in ordinal order) its status when
 /// it answered.
-pub async fn ask(cluster: &AnthillCluster, pods: i32) -> Vec<(String, Option<pb::StatusResponse>)> {
+pub async fn ask(cluster: &AnthillCluster, pods: i32, tls: Option<&ClientTls>) -> Vec<(String, Option<pb::StatusResponse>)> {
     let asks = (0..pods).map(|i| {
         let (name, address) = resources::member(cluster, i);
         async move {
             let asked = async {
-                let mut clients = anthill_node::client::connect(&address).await.ok()?;
+                let mut clients = anthill_node::client::connect_with(&address, tls).await.ok()?;
                 clients.node.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
             };
             (name, tokio::time::timeout(Duration::from_secs(2), asked).await.ok().flatten())

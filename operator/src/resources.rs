@@ -21,7 +21,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::crd::{AnthillCluster, AntiAffinity, ReclaimPolicy, Store};
+use crate::crd::{AnthillCluster, AntiAffinity, ReclaimPolicy, Store, TlsMode};
 
 /// The nodes' gRPC and metrics ports.
 pub const GRPC_PORT: u16 = 7400;
@@ -30,6 +30,16 @@ pub const METRICS_PORT: u16 = 7401;
 const CONFIG_DIR: &str = "/etc/anthill";
 const DATA_DIR: &str = "/var/lib/anthill";
 const CONSUL_TOKEN_DIR: &str = "/etc/anthill/consul";
+/// Every node's certificate Secret, one directory per pod (`<pod>/tls.crt`, `tls.key`,
+/// `ca.crt`); each node reads its own (`--tls-*-file` with its pod name).
+const TLS_DIR: &str = "/etc/anthill/tls";
+/// The administrator's client certificate, which `anthill` run in the pod uses
+/// (`ANTHILL_TLS_*`).
+const ADMIN_TLS_DIR: &str = "/etc/anthill/admin";
+/// The key-encryption keys: `key`, then `previous-<i>`.
+const ENCRYPTION_DIR: &str = "/etc/anthill/encryption";
+/// Secret files readable by their owner and the pod's group (fsGroup) only.
+const SECRET_FILE_MODE: i32 = 0o440;
 /// The field manager of the controller's server-side applies.
 pub const MANAGER: &str = "anthill-operator";
 /// The pod template's annotation holding a hash of the nodes' configuration: a change of the
@@ -119,7 +129,24 @@ const OWNED: &[&str] = &[
     "cluster.join",
     "cluster.replication_factor",
     "cluster.coordination",
+    "tls",
+    "encryption",
 ];
+
+/// The transport security of `cluster`: as recorded in its status, else as its spec asks,
+/// else `Operator` for a cluster never reconciled and `Disabled` for one the operator ran
+/// before it knew TLS (it has founders recorded).
+pub fn tls_mode(cluster: &AnthillCluster) -> TlsMode {
+    let status = cluster.status.as_ref();
+    if let Some(mode) = status.and_then(|s| s.tls_mode) {
+        return mode;
+    }
+    match (&cluster.spec.tls, status.and_then(|s| s.founders)) {
+        (Some(tls), _) => tls.mode,
+        (None, Some(_)) => TlsMode::Disabled,
+        (None, None) => TlsMode::Operator,
+    }
+}
 
 /// How many pods the cluster has now and how many founded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +212,21 @@ pub fn node_config(cluster: &AnthillCluster, shape: Shape) -> Result<String, Con
             }
         }
         merge(&mut config, &Value::Object(overrides.clone()));
+    }
+    // With TLS the nodes know who calls: the operator (and `anthill` in a pod) is `admin`, a
+    // cluster administrator whatever else the list holds. The files come as flags, per pod.
+    if tls_mode(cluster) != TlsMode::Disabled {
+        let admins = &mut config["auth"]["cluster_admins"];
+        let mut list: Vec<Value> = admins.as_array().cloned().unwrap_or_default();
+        if !list.iter().any(|a| a == crate::certs::ADMIN) {
+            list.push(json!(crate::certs::ADMIN));
+        }
+        *admins = json!(list);
+    }
+    if let Some(encryption) = &spec.encryption {
+        let previous: Vec<String> =
+            (0..encryption.previous_key_secret_refs.len()).map(|i| format!("{ENCRYPTION_DIR}/previous-{i}")).collect();
+        config["encryption"] = json!({ "key_file": format!("{ENCRYPTION_DIR}/key"), "previous_key_files": previous });
     }
     // The node's own rules, with the first member as the node (each pod is one of them).
     let mut check = config.clone();
@@ -300,6 +342,47 @@ pub fn stateful_set(cluster: &AnthillCluster, config: &str, pods: i32, token_has
         }}));
         mounts.push(json!({ "name": "consul-token", "mountPath": CONSUL_TOKEN_DIR, "readOnly": true }));
     }
+    let mut args =
+        vec![json!("node"), json!("--config"), json!(format!("{CONFIG_DIR}/node.yaml")), json!("--node-id"), json!("$(POD_NAME)")];
+    let mut env = vec![json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } })];
+    if tls_mode(cluster) != TlsMode::Disabled {
+        // Every member's Secret, as the config lists them (a pod template is the same for all
+        // pods, so each pod gets every directory and reads its own; a projected Secret, unlike
+        // a subPath, follows renewals).
+        let members = pods.max(spec.replicas);
+        let sources: Vec<Value> = (0..members)
+            .map(|i| {
+                let pod = member(cluster, i).0;
+                let items: Vec<Value> =
+                    ["tls.crt", "tls.key", "ca.crt"].iter().map(|k| json!({ "key": k, "path": format!("{pod}/{k}") })).collect();
+                json!({ "secret": { "name": crate::certs::node_secret_name(&name, i), "items": items } })
+            })
+            .collect();
+        volumes.push(json!({ "name": "tls", "projected": { "sources": sources, "defaultMode": SECRET_FILE_MODE } }));
+        mounts.push(json!({ "name": "tls", "mountPath": TLS_DIR, "readOnly": true }));
+        for (flag, file) in [("--tls-cert-file", "tls.crt"), ("--tls-key-file", "tls.key"), ("--tls-ca-file", "ca.crt")] {
+            args.push(json!(flag));
+            args.push(json!(format!("{TLS_DIR}/$(POD_NAME)/{file}")));
+        }
+        volumes.push(json!({ "name": "admin-tls", "secret": {
+            "secretName": crate::certs::admin_secret_name(&name), "defaultMode": SECRET_FILE_MODE,
+        }}));
+        mounts.push(json!({ "name": "admin-tls", "mountPath": ADMIN_TLS_DIR, "readOnly": true }));
+        for (var, file) in [("ANTHILL_TLS_CA", "ca.crt"), ("ANTHILL_TLS_CERT", "tls.crt"), ("ANTHILL_TLS_KEY", "tls.key")] {
+            env.push(json!({ "name": var, "value": format!("{ADMIN_TLS_DIR}/{file}") }));
+        }
+    }
+    if let Some(encryption) = &spec.encryption {
+        let mut sources = vec![json!({ "secret": {
+            "name": encryption.key_secret_ref.name, "items": [{ "key": encryption.key_secret_ref.key, "path": "key" }],
+        }})];
+        for (i, previous) in encryption.previous_key_secret_refs.iter().enumerate() {
+            sources
+                .push(json!({ "secret": { "name": previous.name, "items": [{ "key": previous.key, "path": format!("previous-{i}") }] } }));
+        }
+        volumes.push(json!({ "name": "encryption", "projected": { "sources": sources, "defaultMode": SECRET_FILE_MODE } }));
+        mounts.push(json!({ "name": "encryption", "mountPath": ENCRYPTION_DIR, "readOnly": true }));
+    }
     let mut claim = json!({
         "metadata": { "name": "data", "labels": labels(&name) },
         "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": spec.storage.size } } },
@@ -313,14 +396,17 @@ pub fn stateful_set(cluster: &AnthillCluster, config: &str, pods: i32, token_has
         "containers": [{
             "name": "anthill",
             "image": format!("{}:{}", spec.image, spec.version),
-            "args": ["node", "--config", format!("{CONFIG_DIR}/node.yaml"), "--node-id", "$(POD_NAME)"],
-            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+            "args": args,
+            "env": env,
             "ports": [
                 { "name": "grpc", "containerPort": GRPC_PORT },
                 { "name": "metrics", "containerPort": METRICS_PORT },
             ],
-            // Ready once the node serves: gRPC health (`tonic-health`, the EventLog service).
-            "readinessProbe": { "grpc": { "port": GRPC_PORT }, "periodSeconds": 2, "failureThreshold": 3 },
+            // Ready once the node serves: `/ready` on the metrics port (plain HTTP; the
+            // kubelet's gRPC probe cannot speak TLS), 503 after a storage failure.
+            "readinessProbe": {
+                "httpGet": { "path": "/ready", "port": "metrics" }, "periodSeconds": 2, "failureThreshold": 3,
+            },
             "volumeMounts": mounts,
             "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } },
         }],
@@ -487,6 +573,82 @@ pub(crate) mod tests {
         let anti = &spec["template"]["spec"]["affinity"]["podAntiAffinity"];
         assert!(anti["preferredDuringSchedulingIgnoredDuringExecution"].is_array(), "{anti}");
         assert_ne!(config_hash(&config), config_hash(&format!("{config} ")));
+    }
+
+    #[test]
+    fn with_tls_each_pod_reads_its_own_certificate_and_admin_is_a_cluster_administrator() {
+        let mut c = three();
+        assert_eq!(tls_mode(&c), TlsMode::Operator, "on by default for a new cluster");
+        c.spec.config = Some(json!({ "auth": { "cluster_admins": ["ops"] } }));
+        let config = node_config(&c, Shape::of(&c)).unwrap();
+        let parsed: Value = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(parsed["auth"]["cluster_admins"], json!(["ops", "admin"]));
+        let set = serde_json::to_value(stateful_set(&c, &config, 3, None)).unwrap();
+        let pod = &set["spec"]["template"]["spec"];
+        let args: Vec<&str> = pod["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let at = args.iter().position(|a| *a == "--tls-cert-file").unwrap();
+        assert_eq!(args[at + 1], "/etc/anthill/tls/$(POD_NAME)/tls.crt");
+        let tls = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+        let sources = tls["projected"]["sources"].as_array().unwrap();
+        assert_eq!(sources.len(), 3);
+        assert_eq!(sources[2]["secret"]["name"], "shop-2-tls");
+        assert_eq!(sources[2]["secret"]["items"][1], json!({ "key": "tls.key", "path": "shop-2/tls.key" }));
+        assert_eq!(tls["projected"]["defaultMode"], 0o440);
+        let env = pod["containers"][0]["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "ANTHILL_TLS_CERT" && e["value"] == "/etc/anthill/admin/tls.crt"), "{env:?}");
+        assert_eq!(pod["containers"][0]["readinessProbe"]["httpGet"]["path"], "/ready");
+        // A scale-up's pods are listed with the members, so the template changes once.
+        let grown = serde_json::to_value(stateful_set(&c, &config, 5, None)).unwrap();
+        let volumes = grown["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes.iter().find(|v| v["name"] == "tls").unwrap()["projected"]["sources"].as_array().unwrap().len(), 5);
+        // Set in spec.config, the files would be the same for every pod: refused.
+        c.spec.config = Some(json!({ "tls": { "cert_file": "/x" } }));
+        assert_eq!(node_config(&c, Shape::of(&c)), Err(ConfigError::Owned("tls".into())));
+    }
+
+    #[test]
+    fn tls_is_off_for_a_cluster_made_before_it_and_stays_as_recorded() {
+        let mut c = three();
+        c.spec.tls = Some(crate::crd::Tls { mode: TlsMode::Disabled });
+        assert_eq!(tls_mode(&c), TlsMode::Disabled);
+        let config = node_config(&c, Shape::of(&c)).unwrap();
+        assert!(serde_yaml::from_str::<Value>(&config).unwrap().get("auth").is_none(), "{config}");
+        let set = serde_json::to_value(stateful_set(&c, &config, 3, None)).unwrap();
+        assert!(!set.to_string().contains("--tls-cert-file") && !set.to_string().contains("ANTHILL_TLS"));
+        // Reconciled before TLS existed (founders recorded, no mode): off.
+        let mut old = three();
+        old.status = Some(crate::crd::AnthillClusterStatus { founders: Some(3), ..Default::default() });
+        assert_eq!(tls_mode(&old), TlsMode::Disabled);
+        // Recorded: the record wins over the spec (a change is refused by the controller).
+        old.status.as_mut().unwrap().tls_mode = Some(TlsMode::Operator);
+        old.spec.tls = Some(crate::crd::Tls { mode: TlsMode::Disabled });
+        assert_eq!(tls_mode(&old), TlsMode::Operator);
+    }
+
+    #[test]
+    fn given_encryption_then_the_keys_are_mounted_and_named_in_the_config() {
+        let mut c = three();
+        c.spec.encryption = Some(
+            serde_json::from_value(json!({
+                "keySecretRef": { "name": "kek-2", "key": "key" }, "previousKeySecretRefs": [{ "name": "kek-1", "key": "key" }],
+            }))
+            .unwrap(),
+        );
+        let config = node_config(&c, Shape::of(&c)).unwrap();
+        let parsed: Value = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(
+            parsed["encryption"],
+            json!({ "key_file": "/etc/anthill/encryption/key", "previous_key_files": ["/etc/anthill/encryption/previous-0"] })
+        );
+        let set = serde_json::to_value(stateful_set(&c, &config, 3, None)).unwrap();
+        let volumes = set["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        let keys = volumes.iter().find(|v| v["name"] == "encryption").unwrap();
+        assert_eq!(
+            keys["projected"]["sources"][1]["secret"],
+            json!({ "name": "kek-1", "items": [{ "key": "key", "path": "previous-0" }] })
+        );
+        c.spec.config = Some(json!({ "encryption": { "key_file": "/x" } }));
+        assert_eq!(node_config(&c, Shape::of(&c)), Err(ConfigError::Owned("encryption".into())));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::cmp::Reverse;
 
 use std::time::Duration;
 
+use anthill_node::client::ClientTls;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, Preconditions};
@@ -125,15 +126,26 @@ fn ready(pod: &Pod) -> bool {
 
 /// How many partitions the node at `address` leads and whether it drains, as it says (none
 /// when it does not answer).
-async fn node_view(address: &str) -> Option<(usize, bool)> {
+async fn node_view(address: &str, tls: Option<&ClientTls>) -> Option<(usize, bool)> {
     let asked = async {
-        let mut clients = anthill_node::client::connect(address).await.ok()?;
+        let mut clients = anthill_node::client::connect_with(address, tls).await.ok()?;
         let status = clients.node.status(anthill_proto::v1::StatusRequest {}).await.ok()?.into_inner();
         let leads = status.partitions.iter().filter(|p| p.epoch > 0).count();
         let draining = status.cluster.as_ref().is_some_and(|c| c.members.iter().any(|m| m.name == status.node_id && m.draining));
         Some((leads, draining))
     };
     tokio::time::timeout(Duration::from_secs(3), asked).await.ok().flatten()
+}
+
+/// Asks the node at `address` to drain `node` (`undo`: to lead again).
+async fn drain(address: &str, node: &str, undo: bool, tls: Option<&ClientTls>) -> anyhow::Result<()> {
+    let asked = async {
+        let mut clients = anthill_node::client::connect_with(address, tls).await?;
+        let request = anthill_proto::v1::DrainRequest { node: node.into(), undo };
+        clients.node.drain(request).await.map_err(anthill_node::client::status_error)?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), asked).await.map_err(|_| anyhow::anyhow!("{address} did not answer within 10 s"))?
 }
 
 /// Evicts `pod` (the Eviction API, so the PodDisruptionBudget has the last word against any
@@ -162,6 +174,7 @@ pub async fn step(
     cluster: &AnthillCluster,
     set: &StatefulSet,
     wanted: i32,
+    tls: Option<&ClientTls>,
     notes: &mut Vec<Note>,
 ) -> Result<Option<Report>, kube::Error> {
     let ns = cluster.namespace().unwrap_or_default();
@@ -181,13 +194,13 @@ pub async fn step(
         let current = pod.labels().get("controller-revision-hash") == Some(&update);
         let terminating = pod.metadata.deletion_timestamp.is_some();
         let address = resources::member(cluster, ordinal).1;
-        let seen = if terminating { None } else { node_view(&address).await };
+        let seen = if terminating { None } else { node_view(&address, tls).await };
         let drained_by_us = pod.annotations().contains_key(DRAINED_FOR);
         if current && !terminating && drained_by_us && seen.is_some_and(|(_, draining)| draining) {
             // Drained by a roll for a template that is current again (the spec went back before
             // the pod was restarted): it leads again.
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained for a roll that no longer needs it; leading again");
-            if anthill_node::cli::drain::request(&address, &name, true).await.is_ok() {
+            if drain(&address, &name, true, tls).await.is_ok() {
                 let unmark = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: null, DRAIN_STARTED: null } } });
                 pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&unmark)).await?;
             }
@@ -229,7 +242,7 @@ pub async fn step(
                     Note::normal("Draining", format!("{name} hands its leaderships over before it restarts on the new template")).on(&name),
                 );
             }
-            if let Err(e) = anthill_node::cli::drain::request(&address, &name, false).await {
+            if let Err(e) = drain(&address, &name, false, tls).await {
                 return Ok(Some(format!("cannot ask {name} to drain: {e:#}").into()));
             }
             // With a replication factor of 1 no other replica can take over: the partition is

@@ -142,11 +142,12 @@ pub enum Asked {
 
 /// Asks the nodes at `addresses`, in turn, to decommission `node` (`undo`: let it back in)
 /// until one takes it; one that does not know `node` passes the question on.
-pub async fn request(addresses: &[String], node: &str, undo: bool) -> Asked {
+pub async fn request(addresses: &[String], node: &str, undo: bool, tls: Option<&anthill_node::client::ClientTls>) -> Asked {
     let (mut why, mut unknown) = (String::from("no node to ask"), false);
     for address in addresses {
         let asked = async {
-            let mut clients = anthill_node::client::connect(address).await.map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+            let mut clients =
+                anthill_node::client::connect_with(address, tls).await.map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
             clients.node.decommission(pb::DecommissionRequest { node: node.into(), undo }).await
         };
         match tokio::time::timeout(Duration::from_secs(10), asked).await {

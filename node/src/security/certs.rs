@@ -173,12 +173,19 @@ pub fn first_certificate_der(bytes: &[u8]) -> Vec<u8> {
 
 /// The expiry of a PEM certificate, for reports.
 pub fn not_after(cert_pem: &str) -> String {
-    let der = crate::security::tls::certificates(cert_pem.as_bytes()).ok().and_then(|c| c.into_iter().next());
-    der.and_then(|der| {
-        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-        Some(cert.validity().not_after.to_string())
-    })
-    .unwrap_or_default()
+    expiry(cert_pem).map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// The expiry of a PEM certificate in seconds since the Unix epoch (`None`: no certificate
+/// could be read), for whoever renews it.
+pub fn not_after_unix(cert_pem: &str) -> Option<i64> {
+    expiry(cert_pem).map(|t| t.timestamp())
+}
+
+fn expiry(cert_pem: &str) -> Option<x509_parser::time::ASN1Time> {
+    let der = crate::security::tls::certificates(cert_pem.as_bytes()).ok()?.into_iter().next()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after)
 }
 
 #[cfg(test)]
@@ -194,6 +201,10 @@ mod tests {
         let names = CertNames::of(der[0].as_ref()).unwrap();
         assert_eq!(names.common_name.as_deref(), Some("node-1"));
         assert_eq!(names.dns, vec!["node-1".to_string(), "node-1.example".to_string()]);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let expires = not_after_unix(&node.cert_pem).unwrap();
+        assert!((now + 29 * 86_400..now + 31 * 86_400).contains(&expires), "{expires} vs {now}");
+        assert_eq!(not_after_unix("no certificate"), None);
     }
 
     #[test]

@@ -111,6 +111,14 @@ impl Material {
             .domain_name(peer)
     }
 
+    /// What a node makes of its files at start: [`Material::load`], and a certificate naming no
+    /// other member (the check the operator's certificates are tested against).
+    pub fn check(config: &TlsConfig, node_id: &str, members: &[String]) -> Result<Material, TlsError> {
+        let material = Material::load(config, node_id)?;
+        material.names_no_other_member(config, node_id, members)?;
+        Ok(material)
+    }
+
     /// A certificate naming two members would let its holder speak as either to their peers,
     /// and make the peers take the real one for an impostor: refused.
     fn names_no_other_member(&self, config: &TlsConfig, node_id: &str, members: &[String]) -> Result<(), TlsError> {
@@ -180,8 +188,7 @@ impl Tls {
         metrics: Arc<Metrics>,
         stopped: watch::Receiver<bool>,
     ) -> Result<Tls, TlsError> {
-        let material = Material::load(config, node_id)?;
-        material.names_no_other_member(config, node_id, members)?;
+        let material = Material::check(config, node_id, members)?;
         let (tx, current) = watch::channel(Arc::new(material));
         tokio::spawn(watch_files(config.clone(), node_id.to_string(), members.to_vec(), tx, metrics, stopped));
         Ok(Tls { current })

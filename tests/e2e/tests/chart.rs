@@ -73,6 +73,8 @@ fn the_chart_lints_and_every_manifest_it_renders_is_accepted_by_the_api_server()
         if cluster {
             assert!(accepted.contains("anthillcluster.anthill.io/"), "{name}: {accepted}");
             assert!(accepted.contains("-test-append created"), "{name}: the helm test pod: {accepted}");
+            // The test pod speaks TLS unless the cluster does not.
+            assert_eq!(rendered.contains("-admin-tls"), !rendered.contains("mode: Disabled"), "{name}:\n{rendered}");
         }
     }
 }
@@ -88,6 +90,7 @@ fn values_that_the_schema_refuses_are_named() {
         ("cluster.coordination.store=Consul", "address"),
         ("cluster.placement.antiAffinity=Sometimes", "antiAffinity"),
         ("operator.image.pullPolicy=Maybe", "pullPolicy"),
+        ("cluster.tls.mode=Sometimes", "mode"),
     ] {
         let refused = helm(None, home.path(), &["template", "anthill", &chart, "--set", set]).expect_err(set);
         assert!(refused.contains("values don't meet the specifications of the schema") && refused.contains(named), "{set}: {refused}");
@@ -111,9 +114,15 @@ fn helm_install_makes_the_operator_and_the_default_cluster_and_helm_uninstall_re
     let notes = helm(Some(&api), home.path(), &["install", "anthill", &chart, "--namespace", "default"]).unwrap();
     assert!(notes.contains("kubectl get anthillclusters"), "{notes}");
     let spec = api
-        .kubectl(&["get", "anthillcluster", "anthill", "-o", "jsonpath={.spec.replicas} {.spec.version} {.spec.coordination.store}"])
+        .kubectl(&[
+            "get",
+            "anthillcluster",
+            "anthill",
+            "-o",
+            "jsonpath={.spec.replicas} {.spec.version} {.spec.coordination.store} {.spec.tls.mode}",
+        ])
         .unwrap();
-    assert_eq!(spec, "3 0.1.0 Embedded");
+    assert_eq!(spec, "3 0.1.0 Embedded Operator", "TLS is on by default");
     let image =
         api.kubectl(&["get", "deployment", "anthill-operator", "-o", "jsonpath={.spec.template.spec.containers[0].image}"]).unwrap();
     assert_eq!(image, "anthill-operator:0.1.0");

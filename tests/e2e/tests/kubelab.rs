@@ -1,7 +1,8 @@
 //! The short form of the Kubernetes lab (tests/e2e/lab/): a single-node Kubernetes on this
 //! machine that runs real pods (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS), the
 //! `anthill` and `anthill-operator` images built without a Docker engine, and the chart
-//! installed with `helm install`; `helm test` passes. The operator makes the cluster, it becomes Available, its
+//! installed with `helm install`; `helm test` passes. TLS is on (the operator's CA and
+//! certificates; plain text refused). The operator makes the cluster, it becomes Available, its
 //! nodes find each other by their DNS names, and `quorum` appends acknowledged while a node's pod
 //! is deleted with no grace period, then while the version is upgraded (the operator drains and
 //! restarts each pod in turn), while the pod of the node leading most partitions is evicted,
@@ -109,9 +110,10 @@ impl Lab {
     }
 
     /// `anthill ARGS` in pod `pod` (the node image holds the CLI), against its cluster's client
-    /// Service (the pod's name without its ordinal).
+    /// Service (the pod's name without its ordinal), over TLS as the cluster's administrator
+    /// (the pod's `ANTHILL_TLS_*`).
     fn anthill(&self, pod: &str, args: &[&str]) -> Result<String, String> {
-        let server = format!("http://{}:7400", pod.rsplit_once('-').map_or(pod, |(cluster, _)| cluster));
+        let server = format!("{}:7400", pod.rsplit_once('-').map_or(pod, |(cluster, _)| cluster));
         let mut all = vec!["exec", pod, "--", "anthill"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--server", &server]);
@@ -315,6 +317,11 @@ fn helm_install_on_a_real_kubernetes_makes_a_cluster_that_keeps_every_quorum_app
 
     // The chart's own test: a pod appends through the client Service and reads it back.
     lab.helm_test("anthill");
+    // TLS is on by default: plain text is refused; in a node's pod the CLI is the administrator.
+    let plain = lab.kubectl(&["exec", "anthill-1", "--", "anthill", "status", "--server", "http://anthill:7400"]);
+    assert!(plain.is_err(), "a plain-text client was served: {plain:?}");
+    let me = lab.kubectl(&["exec", "anthill-1", "--", "anthill", "auth", "--server", "anthill:7400", "whoami"]).unwrap();
+    assert!(me.contains("\"admin\"") && me.contains("cluster-admin"), "{me}");
 
     // Appends acknowledged by a majority, through the client Service, while anthill-0 is
     // force-deleted (the object goes at once and the StatefulSet makes the pod again; the

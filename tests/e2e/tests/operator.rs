@@ -4,6 +4,7 @@
 //! stops every change and says so; a scale-up lists the new members first and adds pods only
 //! once the pods there run that list; a
 //! bad `spec.config` changes nothing and is reported as `Degraded` with the node's own message;
+//! TLS is on by default (a CA and every certificate in Secrets, the mode fixed for good);
 //! a new Consul token changes the template; a cluster asking for it has its keys deleted from a
 //! real Consul before it goes.
 //! (No kubelet or controller-manager runs here, so no pod starts: the Kubernetes lab does that.)
@@ -110,6 +111,43 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     assert!(config["data"]["node.yaml"].as_str().unwrap().contains("shop-2.shop-nodes.default.svc:7400"), "{config}");
     assert_eq!(wait_for(&api, "service/shop-nodes", |_| true)["spec"]["clusterIP"], "None");
 
+    // TLS by default: the cluster's CA, each node's certificate and the administrator's, in
+    // Secrets owned by the cluster; a node's passes the node's own checks of its files.
+    for what in ["secret/shop-ca", "secret/shop-0-tls", "secret/shop-1-tls", "secret/shop-2-tls", "secret/shop-admin-tls"] {
+        let secret = wait_for(&api, what, |_| true);
+        assert_eq!(secret["type"], "kubernetes.io/tls", "{what}");
+        assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], uid.as_str(), "{what}");
+    }
+    let files = tempfile::tempdir().unwrap();
+    let file = |secret: &str, key: &str| {
+        let template = format!("go-template={{{{index .data \"{key}\" | base64decode}}}}");
+        let path = files.path().join(format!("{secret}-{key}"));
+        std::fs::write(&path, api.kubectl(&["get", "secret", secret, "-o", &template]).unwrap()).unwrap();
+        path
+    };
+    let node_files = anthill_node::config::TlsConfig {
+        cert_file: file("shop-1-tls", "tls.crt"),
+        key_file: file("shop-1-tls", "tls.key"),
+        ca_file: file("shop-1-tls", "ca.crt"),
+        reload_interval_ms: 2000,
+    };
+    let names = ["shop-0", "shop-1", "shop-2"].map(String::from);
+    if let Err(e) = anthill_node::security::tls::Material::check(&node_files, "shop-1", &names) {
+        panic!("the node would refuse the certificate the operator issued: {e}");
+    }
+    let set = get(&api, "statefulset/shop").unwrap();
+    assert!(set.to_string().contains("/etc/anthill/tls/$(POD_NAME)/tls.crt"), "{set}");
+    // The mode is the cluster's for good: a spec asking for another is reported and changes
+    // nothing; a set mode cannot change at all (the schema's rule).
+    api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"tls":{"mode":"Disabled"}}}"#]).unwrap();
+    let fixed = wait_for(&api, "anthillcluster/shop", |c| condition(c, "Degraded").is_some_and(|d| d["reason"] == "TlsModeFixed"));
+    assert_eq!(fixed["status"]["tlsMode"], "Operator");
+    let refused = api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"tls":{"mode":"Secrets"}}}"#]);
+    assert!(refused.as_ref().is_err_and(|e| e.contains("tls.mode cannot change")), "{refused:?}");
+    api.kubectl(&["patch", "anthillcluster/shop", "--type=merge", "-p", r#"{"spec":{"tls":null}}"#]).unwrap();
+    wait_for(&api, "anthillcluster/shop", |c| condition(c, "Degraded").is_some_and(|d| d["status"] == "False"));
+    assert!(get(&api, "statefulset/shop").unwrap().to_string().contains("--tls-cert-file"), "still TLS");
+
     // The status: no pod runs here, so nothing is ready and the cluster is still coming up.
     let cluster = wait_for(&api, "anthillcluster/shop", |c| c["status"]["observedGeneration"] == c["metadata"]["generation"]);
     assert_eq!(cluster["status"]["clusterId"], uid.as_str());
@@ -136,6 +174,8 @@ fn the_controller_makes_a_clusters_objects_reports_its_status_honours_paused_and
     let founders: Value =
         serde_yaml::from_str::<Value>(grown["data"]["node.yaml"].as_str().unwrap()).unwrap()["cluster"]["founders"].clone();
     assert_eq!(founders, serde_json::json!(["shop-0", "shop-1", "shop-2"]), "the new pods join; the first three founded it");
+    // Their certificates are there before any pod lists them.
+    wait_for(&api, "secret/shop-4-tls", |s| s["type"] == "kubernetes.io/tls");
     let scaling = wait_for(&api, "anthillcluster/shop", |c| {
         c["status"]["founders"] == 3 && c["status"]["observedGeneration"] == c["metadata"]["generation"]
     });
