@@ -12,6 +12,7 @@ module "anthill" {
   coordination         = var.coordination
   consul_token_file    = var.consul_token_file
   consul               = var.consul
+  tls                  = var.tls
   ansible_playbook     = var.ansible_playbook
 }
 

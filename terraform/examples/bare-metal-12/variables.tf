@@ -64,3 +64,13 @@ variable "ansible_playbook" {
   type        = string
   default     = "ansible-playbook"
 }
+
+variable "tls" {
+  description = "TLS, on by default, its files in `dir` (empty: `anthill-tls` here), the missing ones made with `anthill certs` when `generate`: see the module's variable."
+  type = object({
+    enabled  = optional(bool, true)
+    dir      = optional(string, "")
+    generate = optional(bool, true)
+  })
+  default = {}
+}

@@ -14,6 +14,7 @@
 locals {
   ansible_dir = var.ansible_dir != "" ? var.ansible_dir : abspath("${path.module}/../../../ansible")
   names       = [for h in var.hosts : h.name]
+  tls_dir     = abspath(var.tls.dir != "" ? var.tls.dir : "${path.root}/anthill-tls")
   # The founders as first applied, less those removed since.
   founders = [for name in terraform_data.founders.output : name if contains(local.names, name)]
 
@@ -31,6 +32,10 @@ locals {
     anthill_consul_key_prefix    = var.coordination.consul_key_prefix
     anthill_consul_token         = var.consul_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul_token_file}') }}" : ""
     anthill_config_overrides     = var.config_overrides
+    anthill_tls                  = var.tls.enabled
+    anthill_tls_src_dir          = local.tls_dir
+    anthill_tls_generate         = var.tls.generate
+    anthill_encryption_key_src   = var.encryption_key_file
     anthill_founders             = local.founders
     consul_binary_src            = var.consul.binary
     consul_version               = var.consul.version

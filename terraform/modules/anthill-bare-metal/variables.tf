@@ -131,6 +131,30 @@ variable "consul" {
   }
 }
 
+variable "tls" {
+  description = <<-EOT
+    TLS between clients and nodes and among the nodes (docs/security.md), on by default.
+    `dir`, on the machine running Terraform, holds the cluster CA `ca.crt`, each host's
+    `<name>.crt` and `<name>.key`, and the administrator's client certificate `admin.crt` and
+    `admin.key` (what the playbooks' own commands use); empty: `anthill-tls` beside the root
+    module. With `generate`, the playbook makes the missing ones with `anthill certs` (a
+    development CA: put your own CA's files there first for production). Keep the folder out
+    of version control. Fixed at creation: nodes with and without TLS cannot talk.
+  EOT
+  type = object({
+    enabled  = optional(bool, true)
+    dir      = optional(string, "")
+    generate = optional(bool, true)
+  })
+  default = {}
+}
+
+variable "encryption_key_file" {
+  description = "A file holding the key-encryption key (64 hex digits, `openssl rand -hex 32`) on the machine running Terraform; copied to each host readable by the service only. Empty: events are stored as sent (docs/security.md)."
+  type        = string
+  default     = ""
+}
+
 variable "config_overrides" {
   description = "Merged over each node's configuration (docs/configuration.md)."
   type        = any

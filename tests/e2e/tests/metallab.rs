@@ -12,7 +12,9 @@
 //! lost, and reports how long writes were unavailable during each step. The teardown leaves
 //! nothing running or mounted. The same again with coordination `consul`: the module runs
 //! Consul servers on three of the hosts (ACLs on, gossip encrypted) and a client agent on the
-//! others, and a host leaving takes its agent out of the Consul cluster.
+//! others, and a host leaving takes its agent out of the Consul cluster. Both runs have TLS
+//! (the module's default: a development CA and certificates made by the playbook) and
+//! encryption at rest on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,11 +27,23 @@ fn metal_sh() -> PathBuf {
 }
 
 /// The lab, torn down when dropped (also when the test fails).
-struct Lab;
+struct Lab {
+    /// The cluster's TLS files (the module makes them there): the CA and the administrator's
+    /// client certificate, which the test's own commands use.
+    tls: PathBuf,
+}
+
+/// `command` as the cluster's administrator over TLS (`ANTHILL_TLS_*`).
+fn as_admin(command: &mut Command, tls: &Path) {
+    command
+        .env("ANTHILL_TLS_CA", tls.join("ca.crt"))
+        .env("ANTHILL_TLS_CERT", tls.join("admin.crt"))
+        .env("ANTHILL_TLS_KEY", tls.join("admin.key"));
+}
 
 impl Lab {
     /// `hosts` hosts booted from `rootfs` (an image's rootfs.tar), or from the lab's Debian.
-    fn up(hosts: usize, rootfs: Option<&Path>) -> Lab {
+    fn up(hosts: usize, rootfs: Option<&Path>, tls: PathBuf) -> Lab {
         let mut command = Command::new("bash");
         command.arg(metal_sh()).args(["up", "--hosts", &hosts.to_string()]);
         if let Some(rootfs) = rootfs {
@@ -37,19 +51,21 @@ impl Lab {
         }
         let out = command.output().expect("bash runs");
         assert!(out.status.success(), "the lab did not come up:\n{}", String::from_utf8_lossy(&out.stderr));
-        Lab
+        Lab { tls }
     }
 
     /// `metal.sh ARGS`: its output.
     fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("bash").arg(metal_sh()).args(args).output().unwrap();
+        let mut command = Command::new("bash");
+        as_admin(command.arg(metal_sh()).args(args), &self.tls);
+        let out = command.output().unwrap();
         anthill_e2e::output(&format!("metal.sh {}", args.join(" ")), out)
     }
 
     /// `anthill status --json` of a node, asked from inside the lab.
     fn status(&self, address: &str) -> Option<Value> {
         let anthill = anthill_e2e::anthill().display().to_string();
-        let out = self.run(&["run", &anthill, "status", "--server", &format!("http://{address}:7400"), "--json"]).ok()?;
+        let out = self.run(&["run", &anthill, "status", "--server", &format!("https://{address}:7400"), "--json"]).ok()?;
         serde_json::from_str(&out).ok()
     }
 }
@@ -82,6 +98,16 @@ impl Terraform {
         command
     }
 
+    /// The key-encryption key the nodes encrypt every tenant's events under (made once).
+    fn key_file(&self) -> PathBuf {
+        let path = self.dir.join("kek");
+        if !path.exists() {
+            let key: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
+            std::fs::write(&path, key).unwrap();
+        }
+        path
+    }
+
     /// `init`, then `apply` or `plan` with the lab's settings and `hosts` (ordinals).
     fn init(&self) {
         let out = self.command(&["init", "-input=false", "-no-color"]).output().unwrap();
@@ -101,6 +127,8 @@ impl Terraform {
             format!("-var=anthill_binary={}", anthill_e2e::anthill().display()),
             format!("-var=anthill_version={version}"),
             format!("-var=ansible_playbook={}", anthill_e2e::tool("ansible-playbook").display()),
+            format!("-var=tls={{ dir = \"{}\" }}", self.dir.join("tls").display()),
+            format!("-var=encryption_key_file={}", self.key_file().display()),
         ]
         .into_iter()
         .chain(self.vars.iter().cloned())
@@ -131,6 +159,14 @@ impl Terraform {
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         (out.status.code().unwrap_or(-1), text)
     }
+}
+
+/// A byte from the kernel's random source.
+fn rand_byte() -> u8 {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut byte).unwrap();
+    byte[0]
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -204,11 +240,13 @@ impl Drop for Workload {
 
 /// The chaos suite's clients against the cluster until the steps file says stop (at most
 /// `limit`), acknowledgements from a quorum.
-fn workload(steps: &Path, limit: Duration) -> Workload {
+fn workload(steps: &Path, limit: Duration, tls: &Path) -> Workload {
     use std::os::unix::process::CommandExt;
     let anthill = anthill_e2e::anthill().display().to_string();
-    let servers = "http://10.77.0.11:7400,http://10.77.0.13:7400";
-    let child = Command::new("bash")
+    let servers = "https://10.77.0.11:7400,https://10.77.0.13:7400";
+    let mut command = Command::new("bash");
+    as_admin(&mut command, tls);
+    let child = command
         .arg(metal_sh())
         .args(["run", &anthill, "workload", "--server", servers, "--clients", "4", "--json", "--steps"])
         .arg(steps)
@@ -326,7 +364,7 @@ fn scenario(coordination: Coordination) {
     let dir = tempfile::tempdir().unwrap();
     // The embedded run's hosts boot from the image its recipe builds (packer/, docs/images.md).
     let image = (coordination == Coordination::Embedded).then(|| build_image(&dir.path().join("image")));
-    let lab = Lab::up(n as usize + 1, image.as_deref());
+    let lab = Lab::up(n as usize + 1, image.as_deref(), dir.path().join("tls"));
     if image.is_some() {
         check_booted_from_the_image(&lab, n + 1);
     }
@@ -343,6 +381,10 @@ fn scenario(coordination: Coordination) {
     assert!(whole(&lab.status("10.77.0.12"), &first), "{:?}", lab.status("10.77.0.12"));
     let (code, plan) = terraform.plan(&first, "0.1.0");
     assert_eq!(code, 0, "a second plan would change something:\n{plan}");
+    // TLS is on: a plain-text client is refused.
+    let anthill = anthill_e2e::anthill().display().to_string();
+    let plain = lab.run(&["run", &anthill, "status", "--server", "http://10.77.0.12:7400"]);
+    assert!(plain.is_err(), "a plain-text client was served: {plain:?}");
     // The unit is hardened and runs as its own user.
     let unit = lab.run(&["ssh", "1", "systemctl show anthill -p User -p NoNewPrivileges -p ProtectSystem -p LimitNOFILE"]).unwrap();
     for setting in ["User=anthill", "NoNewPrivileges=yes", "ProtectSystem=strict", "LimitNOFILE=65536"] {
@@ -363,7 +405,7 @@ fn scenario(coordination: Coordination) {
 
     let steps = Steps(dir.path().join("steps"));
     // Each step restarts every node at most once, about 25 s each; the stop line ends it sooner.
-    let load = workload(&steps.0, Duration::from_secs(600 + 150 * u64::from(n)));
+    let load = workload(&steps.0, Duration::from_secs(600 + 150 * u64::from(n)), &lab.tls);
     std::thread::sleep(Duration::from_secs(5));
 
     // A rolling upgrade: each node drained, restarted on the new version, healthy again. The
