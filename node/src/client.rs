@@ -173,6 +173,23 @@ pub async fn connect_with(server: &str, tls: Option<&ClientTls>) -> anyhow::Resu
     Ok(clients_with(channel, Credentials(None)))
 }
 
+/// Whose credentials a connection carries: this process's ([`use_tls`], [`use_token`]), or the
+/// TLS given (a process talking to several clusters, each with its own CA: the operator).
+#[derive(Clone, Copy)]
+pub enum Dial<'a> {
+    Process,
+    With(Option<&'a ClientTls>),
+}
+
+impl Dial<'_> {
+    pub async fn connect(self, server: &str) -> anyhow::Result<Clients> {
+        match self {
+            Dial::Process => connect(server).await,
+            Dial::With(tls) => connect_with(server, tls).await,
+        }
+    }
+}
+
 pub fn clients(channel: Channel) -> Clients {
     clients_with(channel, Credentials::current())
 }

@@ -155,28 +155,27 @@ pub async fn ensure(
     match mode {
         TlsMode::Disabled => Ok(None),
         TlsMode::Secrets => {
+            // The pods mount all three; a Secret without `ca.crt` (an ACME issuer's) would keep
+            // them from starting.
+            let complete = |s: &Secret| ["tls.crt", "tls.key", "ca.crt"].iter().all(|k| text(s, k).is_some());
             let mut missing = Vec::new();
             for ordinal in 0..members {
                 let node = node_secret_name(&name, ordinal);
-                if secrets.get_opt(&node).await?.is_none_or(|s| text(&s, "tls.crt").is_none() || text(&s, "tls.key").is_none()) {
+                if !secrets.get_opt(&node).await?.is_some_and(|s| complete(&s)) {
                     missing.push(node);
                 }
             }
-            let admin = secrets.get_opt(&admin_secret_name(&name)).await?;
-            let Some(admin) = admin else {
+            let admin = secrets.get_opt(&admin_secret_name(&name)).await?.filter(complete);
+            if admin.is_none() {
                 missing.push(admin_secret_name(&name));
-                return Err(CertError::Unusable(format!(
-                    "spec.tls.mode is Secrets and these Secrets are missing or incomplete: {}",
-                    missing.join(", ")
-                )));
-            };
-            if !missing.is_empty() {
-                return Err(CertError::Unusable(format!(
-                    "spec.tls.mode is Secrets and these Secrets are missing or incomplete: {}",
-                    missing.join(", ")
-                )));
             }
-            client_tls(&admin).map(Some).map_err(CertError::Unusable)
+            match admin {
+                Some(admin) if missing.is_empty() => client_tls(&admin).map(Some).map_err(CertError::Unusable),
+                _ => Err(CertError::Unusable(format!(
+                    "spec.tls.mode is Secrets and these Secrets are missing or lack tls.crt, tls.key or ca.crt: {}",
+                    missing.join(", ")
+                ))),
+            }
         }
         TlsMode::Operator => {
             let ca = ca(&secrets, cluster).await?;

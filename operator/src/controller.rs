@@ -46,17 +46,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0} has no namespace")]
     NoNamespace(String),
-    #[error("the cluster's certificates: {0}")]
-    Tls(String),
-}
-
-impl From<crate::certs::CertError> for Error {
-    fn from(e: crate::certs::CertError) -> Error {
-        match e {
-            crate::certs::CertError::Kube(e) => Error::Kube(e),
-            crate::certs::CertError::Unusable(why) => Error::Tls(why),
-        }
-    }
 }
 
 struct Context {
@@ -322,28 +311,42 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         cluster_id: old.cluster_id.clone().or_else(|| cluster.metadata.uid.clone()),
         ..old.clone()
     };
+    let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    // The pods there are now (more than asked for while a scale-down goes on, fewer while the
+    // old ones learn of new ones).
+    let existing = sets.get_opt(&name).await?;
+    let running = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(cluster.spec.replicas);
+    // The transport security is the cluster's for good: nodes of two modes cannot talk. Decided
+    // and recorded before anything is made, and what every object below is made with.
+    let tls_mode = resources::decide_tls_mode(&cluster, existing.as_ref());
+    status.tls_mode = Some(tls_mode);
+    let cluster = {
+        let mut decided = (*cluster).clone();
+        decided.status.get_or_insert_default().tls_mode = Some(tls_mode);
+        Arc::new(decided)
+    };
+    // A running cluster's certificates are kept valid whatever else happens (paused, a spec
+    // refused): they would expire meanwhile. A new cluster gets its own below, once its spec
+    // passed.
+    let mut issued = Vec::new();
+    let renewed = match existing {
+        Some(_) => Some(crate::certs::ensure(client, &cluster, tls_mode, running.max(cluster.spec.replicas), &mut issued).await),
+        None => None,
+    };
     if cluster.spec.paused {
         set_condition(&mut status, &now, "ReconciliationPaused", true, "Paused", "spec.paused is true: the operator changes nothing");
-        finish(&ctx, &cluster, &old, &status, Vec::new()).await?;
+        finish(&ctx, &cluster, &old, &status, issued_note(&issued)).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     set_condition(&mut status, &now, "ReconciliationPaused", false, "Reconciling", "the operator reconciles the cluster");
     let spec = &cluster.spec;
-    // The transport security is the cluster's for good: nodes of two modes cannot talk.
-    let tls_mode = resources::tls_mode(&cluster);
-    status.tls_mode = Some(tls_mode);
     if let Some(asked) = spec.tls.as_ref().map(|t| t.mode).filter(|m| *m != tls_mode) {
         let why = format!("spec.tls.mode is {asked:?} but the cluster was made with {tls_mode:?}, which it keeps");
         set_condition(&mut status, &now, "Degraded", true, "TlsModeFixed", &why);
         set_condition(&mut status, &now, "Progressing", false, "TlsModeFixed", "nothing changes until spec.tls.mode is set back");
-        finish(&ctx, &cluster, &old, &status, Vec::new()).await?;
-        return Ok(Action::await_change());
+        finish(&ctx, &cluster, &old, &status, issued_note(&issued)).await?;
+        return Ok(Action::requeue(RENEWAL_CHECK));
     }
-    let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    // The pods there are now (more than asked for while a scale-down goes on, fewer while the
-    // old ones learn of new ones) and the founders.
-    let existing = sets.get_opt(&name).await?;
-    let running = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(spec.replicas);
     // Recorded once: the pods there at the first reconcile (an operator that takes over a
     // cluster finds its StatefulSet), or the spec's.
     let founders = *status.founders.get_or_insert(running);
@@ -357,25 +360,26 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         resources::node_config(&cluster, resources::Shape { pods: members, founders }).map(|c| (c, founders))
     };
     if let Err(e) = config_for(running, founders) {
-        return invalid_config(&ctx, &cluster, &old, status, &now, e).await;
+        return invalid_config(&ctx, &cluster, &old, status, &now, e, issued_note(&issued)).await;
     }
     // The certificates of every pod there or asked for, and the operator's own towards them; a
     // Secret a user must fix stops everything (the pods could not start or be reached).
-    let mut issued = Vec::new();
-    let tls = match crate::certs::ensure(client, &cluster, tls_mode, running.max(spec.replicas), &mut issued).await {
+    let ensured = match renewed {
+        Some(done) => done,
+        None => crate::certs::ensure(client, &cluster, tls_mode, running.max(spec.replicas), &mut issued).await,
+    };
+    notes.extend(issued_note(&issued));
+    let tls = match ensured {
         Ok(tls) => tls,
         Err(crate::certs::CertError::Unusable(why)) => {
             tracing::warn!(cluster = %name, error = %why, "the cluster's certificates cannot be used; nothing changed");
             set_condition(&mut status, &now, "Degraded", true, "TlsUnusable", &why);
             set_condition(&mut status, &now, "Progressing", false, "TlsUnusable", "nothing changes until the Secrets are fixed");
-            finish(&ctx, &cluster, &old, &status, Vec::new()).await?;
+            finish(&ctx, &cluster, &old, &status, notes).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
-        Err(e) => return Err(e.into()),
+        Err(crate::certs::CertError::Kube(e)) => return Err(e.into()),
     };
-    if !issued.is_empty() {
-        notes.push(Note::normal("CertificatesIssued", format!("issued the certificates of {}", issued.join(", "))));
-    }
     // The nodes' own view: roles, leaderships, lag, membership; whether every partition is led.
     let answers = crate::nodes::ask(&cluster, running.max(spec.replicas), tls.as_ref()).await;
     let pod_name = |i: i32| resources::member(&cluster, i).0;
@@ -394,7 +398,7 @@ async fn reconcile(cluster: Arc<AnthillCluster>, ctx: Arc<Context>) -> Result<Ac
         crate::scale::plan(spec.replicas, running, spec.replication_factor as i32, view, &status.decommissioned, lists_all, pod_name);
     // A configuration the node would refuse stops everything before any node is asked anything.
     if let Err(e) = config_for(plan.keep, founders) {
-        return invalid_config(&ctx, &cluster, &old, status, &now, e).await;
+        return invalid_config(&ctx, &cluster, &old, status, &now, e, notes).await;
     }
     // The pod a scale-down takes out is the operator's to let back in, whatever happens next
     // (recorded before it is asked, and again if a status write was lost).
@@ -520,12 +524,25 @@ async fn invalid_config(
     mut status: AnthillClusterStatus,
     now: &Time,
     e: resources::ConfigError,
+    notes: Vec<Note>,
 ) -> Result<Action, Error> {
     tracing::warn!(cluster = %cluster.name_any(), error = %e, "the nodes' configuration is invalid; nothing changed");
     set_condition(&mut status, now, "Degraded", true, "InvalidConfig", &e.to_string());
     set_condition(&mut status, now, "Progressing", false, "InvalidConfig", "nothing changes until spec.config is fixed");
-    finish(ctx, cluster, old, &status, Vec::new()).await?;
-    Ok(Action::await_change())
+    finish(ctx, cluster, old, &status, notes).await?;
+    // Woken by a change of the spec, and now and then to keep the certificates valid.
+    Ok(Action::requeue(RENEWAL_CHECK))
+}
+
+/// How often a cluster that waits for its spec to change is looked at again (certificates).
+const RENEWAL_CHECK: Duration = Duration::from_secs(3600);
+
+/// The event naming the certificates issued in this reconcile, if any.
+fn issued_note(issued: &[String]) -> Vec<Note> {
+    if issued.is_empty() {
+        return Vec::new();
+    }
+    vec![Note::normal("CertificatesIssued", format!("issued the certificates of {}", issued.join(", ")))]
 }
 
 /// The hash of the Consul ACL token in the cluster's Secret, when it uses Consul and the Secret

@@ -121,9 +121,10 @@ pub struct AnthillClusterSpec {
     pub coordination: Coordination,
 
     /// Transport security: TLS towards clients and mutual TLS between the nodes
-    /// (docs/security.md). Unset: `Operator` for a new cluster, `Disabled` for one the operator
-    /// ran before it knew TLS. The mode is fixed once the cluster runs (recorded in the status):
-    /// nodes of two modes cannot talk to each other.
+    /// (docs/security.md). Unset: `Operator` for a new cluster, `Disabled` for one whose pods
+    /// run without TLS. The mode is fixed once the cluster runs (recorded in the status): nodes
+    /// of two modes cannot talk to each other, so a spec asking for another is reported
+    /// (`Degraded`, `TlsModeFixed`) and changes nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
 
@@ -306,7 +307,7 @@ fn default_session_ttl_ms() -> u32 {
 }
 
 /// The nodes' certificates.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Tls {
     /// `Operator`: the operator keeps a CA (Secret `<name>-ca`) and issues every node's
@@ -314,7 +315,6 @@ pub struct Tls {
     /// (`<name>-admin-tls`), renewing each a month before it expires. `Secrets`: those Secrets
     /// come from elsewhere (cert-manager Certificates; docs/kubernetes.md lists what each must
     /// hold). `Disabled`: plain text, no authentication.
-    #[x_kube(validation = Rule::new("self == oldSelf").message("tls.mode cannot change after the cluster is created: nodes of two modes cannot talk to each other"))]
     pub mode: TlsMode,
 }
 

@@ -133,18 +133,32 @@ const OWNED: &[&str] = &[
     "encryption",
 ];
 
-/// The transport security of `cluster`: as recorded in its status, else as its spec asks,
-/// else `Operator` for a cluster never reconciled and `Disabled` for one the operator ran
-/// before it knew TLS (it has founders recorded).
+/// The transport security of `cluster`: as recorded in its status (the controller records
+/// [`decide_tls_mode`] before anything is made), else as its spec asks, else `Operator`.
 pub fn tls_mode(cluster: &AnthillCluster) -> TlsMode {
-    let status = cluster.status.as_ref();
-    if let Some(mode) = status.and_then(|s| s.tls_mode) {
+    let recorded = cluster.status.as_ref().and_then(|s| s.tls_mode);
+    recorded.or(cluster.spec.tls.as_ref().map(|t| t.mode)).unwrap_or(TlsMode::Operator)
+}
+
+/// The transport security the cluster has for good: as recorded; else, for a cluster whose
+/// StatefulSet exists (made before the mode was recorded, or its record lost), what its pods
+/// run: no TLS flags, `Disabled` whatever the spec says (switching would cut replication);
+/// else the spec's, or `Operator` for a new cluster.
+pub fn decide_tls_mode(cluster: &AnthillCluster, existing: Option<&StatefulSet>) -> TlsMode {
+    if let Some(mode) = cluster.status.as_ref().and_then(|s| s.tls_mode) {
         return mode;
     }
-    match (&cluster.spec.tls, status.and_then(|s| s.founders)) {
-        (Some(tls), _) => tls.mode,
-        (None, Some(_)) => TlsMode::Disabled,
-        (None, None) => TlsMode::Operator,
+    let asked = cluster.spec.tls.as_ref().map(|t| t.mode);
+    let Some(set) = existing else { return asked.unwrap_or(TlsMode::Operator) };
+    let runs_tls = set
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|pod| pod.containers.iter().any(|c| c.args.iter().flatten().any(|a| a == "--tls-cert-file")));
+    match (runs_tls, asked) {
+        (false, _) => TlsMode::Disabled,
+        (true, Some(mode)) if mode != TlsMode::Disabled => mode,
+        (true, _) => TlsMode::Operator,
     }
 }
 
@@ -216,12 +230,15 @@ pub fn node_config(cluster: &AnthillCluster, shape: Shape) -> Result<String, Con
     // With TLS the nodes know who calls: the operator (and `anthill` in a pod) is `admin`, a
     // cluster administrator whatever else the list holds. The files come as flags, per pod.
     if tls_mode(cluster) != TlsMode::Disabled {
-        let admins = &mut config["auth"]["cluster_admins"];
-        let mut list: Vec<Value> = admins.as_array().cloned().unwrap_or_default();
+        let auth = config.as_object_mut().expect("a mapping").entry("auth").or_insert(json!({}));
+        let Value::Object(auth) = auth else { return Err(ConfigError::Invalid("auth must be a mapping".into())) };
+        let admins = auth.entry("cluster_admins").or_insert(json!([]));
+        let Value::Array(list) = admins else {
+            return Err(ConfigError::Invalid("auth.cluster_admins must be a list of principals".into()));
+        };
         if !list.iter().any(|a| a == crate::certs::ADMIN) {
             list.push(json!(crate::certs::ADMIN));
         }
-        *admins = json!(list);
     }
     if let Some(encryption) = &spec.encryption {
         let previous: Vec<String> =
@@ -342,10 +359,15 @@ pub fn stateful_set(cluster: &AnthillCluster, config: &str, pods: i32, token_has
         }}));
         mounts.push(json!({ "name": "consul-token", "mountPath": CONSUL_TOKEN_DIR, "readOnly": true }));
     }
+    // Ready once the node serves: gRPC health (`tonic-health`, the EventLog service); with TLS,
+    // `/ready` on the metrics port (plain HTTP: the kubelet's gRPC probe cannot speak TLS; 503
+    // after a storage failure, as the gRPC health says NOT_SERVING).
+    let mut readiness = json!({ "grpc": { "port": GRPC_PORT }, "periodSeconds": 2, "failureThreshold": 3 });
     let mut args =
         vec![json!("node"), json!("--config"), json!(format!("{CONFIG_DIR}/node.yaml")), json!("--node-id"), json!("$(POD_NAME)")];
     let mut env = vec![json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } })];
     if tls_mode(cluster) != TlsMode::Disabled {
+        readiness = json!({ "httpGet": { "path": "/ready", "port": "metrics" }, "periodSeconds": 2, "failureThreshold": 3 });
         // Every member's Secret, as the config lists them (a pod template is the same for all
         // pods, so each pod gets every directory and reads its own; a projected Secret, unlike
         // a subPath, follows renewals).
@@ -402,11 +424,7 @@ pub fn stateful_set(cluster: &AnthillCluster, config: &str, pods: i32, token_has
                 { "name": "grpc", "containerPort": GRPC_PORT },
                 { "name": "metrics", "containerPort": METRICS_PORT },
             ],
-            // Ready once the node serves: `/ready` on the metrics port (plain HTTP; the
-            // kubelet's gRPC probe cannot speak TLS), 503 after a storage failure.
-            "readinessProbe": {
-                "httpGet": { "path": "/ready", "port": "metrics" }, "periodSeconds": 2, "failureThreshold": 3,
-            },
+            "readinessProbe": readiness,
             "volumeMounts": mounts,
             "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } },
         }],
@@ -604,6 +622,11 @@ pub(crate) mod tests {
         // Set in spec.config, the files would be the same for every pod: refused.
         c.spec.config = Some(json!({ "tls": { "cert_file": "/x" } }));
         assert_eq!(node_config(&c, Shape::of(&c)), Err(ConfigError::Owned("tls".into())));
+        // An `auth` of another shape is refused, not a panic.
+        c.spec.config = Some(json!({ "auth": "admin" }));
+        assert!(node_config(&c, Shape::of(&c)).unwrap_err().to_string().contains("auth must be a mapping"));
+        c.spec.config = Some(json!({ "auth": { "cluster_admins": "ops" } }));
+        assert!(node_config(&c, Shape::of(&c)).unwrap_err().to_string().contains("must be a list"));
     }
 
     #[test]
@@ -615,14 +638,22 @@ pub(crate) mod tests {
         assert!(serde_yaml::from_str::<Value>(&config).unwrap().get("auth").is_none(), "{config}");
         let set = serde_json::to_value(stateful_set(&c, &config, 3, None)).unwrap();
         assert!(!set.to_string().contains("--tls-cert-file") && !set.to_string().contains("ANTHILL_TLS"));
-        // Reconciled before TLS existed (founders recorded, no mode): off.
+        assert_eq!(set["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"], 7400);
+        // A cluster whose pods run without TLS (made before TLS existed): off, whatever the spec
+        // asks (the controller reports the difference); with TLS flags: on.
         let mut old = three();
-        old.status = Some(crate::crd::AnthillClusterStatus { founders: Some(3), ..Default::default() });
-        assert_eq!(tls_mode(&old), TlsMode::Disabled);
-        // Recorded: the record wins over the spec (a change is refused by the controller).
-        old.status.as_mut().unwrap().tls_mode = Some(TlsMode::Operator);
+        old.spec.tls = Some(crate::crd::Tls { mode: TlsMode::Operator });
+        let plain: StatefulSet = serde_json::from_value(set.clone()).unwrap();
+        assert_eq!(decide_tls_mode(&old, Some(&plain)), TlsMode::Disabled);
+        assert_eq!(decide_tls_mode(&old, None), TlsMode::Operator, "a new cluster");
+        let with_tls = stateful_set(&three(), &node_config(&three(), Shape::of(&three())).unwrap(), 3, None);
+        old.spec.tls = None;
+        assert_eq!(decide_tls_mode(&old, Some(&with_tls)), TlsMode::Operator);
+        // Recorded: the record wins over the spec and the pods.
+        old.status = Some(crate::crd::AnthillClusterStatus { tls_mode: Some(TlsMode::Secrets), ..Default::default() });
         old.spec.tls = Some(crate::crd::Tls { mode: TlsMode::Disabled });
-        assert_eq!(tls_mode(&old), TlsMode::Operator);
+        assert_eq!(decide_tls_mode(&old, Some(&plain)), TlsMode::Secrets);
+        assert_eq!(tls_mode(&old), TlsMode::Secrets);
     }
 
     #[test]

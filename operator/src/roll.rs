@@ -18,7 +18,8 @@ use std::cmp::Reverse;
 
 use std::time::Duration;
 
-use anthill_node::client::ClientTls;
+use anthill_node::cli::drain;
+use anthill_node::client::{ClientTls, Dial};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, Preconditions};
@@ -137,17 +138,6 @@ async fn node_view(address: &str, tls: Option<&ClientTls>) -> Option<(usize, boo
     tokio::time::timeout(Duration::from_secs(3), asked).await.ok().flatten()
 }
 
-/// Asks the node at `address` to drain `node` (`undo`: to lead again).
-async fn drain(address: &str, node: &str, undo: bool, tls: Option<&ClientTls>) -> anyhow::Result<()> {
-    let asked = async {
-        let mut clients = anthill_node::client::connect_with(address, tls).await?;
-        let request = anthill_proto::v1::DrainRequest { node: node.into(), undo };
-        clients.node.drain(request).await.map_err(anthill_node::client::status_error)?;
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(10), asked).await.map_err(|_| anyhow::anyhow!("{address} did not answer within 10 s"))?
-}
-
 /// Evicts `pod` (the Eviction API, so the PodDisruptionBudget has the last word against any
 /// other disruption under way) only if it is still the same pod (its uid). `Some(why)` when the
 /// budget refuses now.
@@ -200,7 +190,7 @@ pub async fn step(
             // Drained by a roll for a template that is current again (the spec went back before
             // the pod was restarted): it leads again.
             tracing::info!(cluster = %cluster.name_any(), pod = %name, "drained for a roll that no longer needs it; leading again");
-            if drain(&address, &name, true, tls).await.is_ok() {
+            if drain::request(&address, &name, true, Dial::With(tls)).await.is_ok() {
                 let unmark = serde_json::json!({ "metadata": { "annotations": { DRAINED_FOR: null, DRAIN_STARTED: null } } });
                 pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&unmark)).await?;
             }
@@ -242,13 +232,13 @@ pub async fn step(
                     Note::normal("Draining", format!("{name} hands its leaderships over before it restarts on the new template")).on(&name),
                 );
             }
-            if let Err(e) = drain(&address, &name, false, tls).await {
+            if let Err(e) = drain::request(&address, &name, false, Dial::With(tls)).await {
                 return Ok(Some(format!("cannot ask {name} to drain: {e:#}").into()));
             }
             // With a replication factor of 1 no other replica can take over: the partition is
             // down while its only node restarts (docs/kubernetes.md).
             if cluster.spec.replication_factor > 1 {
-                let progress = match anthill_node::cli::drain::check(&address, MAX_LAG).await {
+                let progress = match drain::check(&address, MAX_LAG, Dial::With(tls)).await {
                     Ok(progress) => progress,
                     Err(e) => return Ok(Some(format!("cannot read {name}'s drain: {e:#}").into())),
                 };

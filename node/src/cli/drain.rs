@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::ServerArg;
-use crate::client;
+use crate::client::{self, Dial};
 
 #[derive(Args)]
 pub(crate) struct DrainArgs {
@@ -99,7 +99,7 @@ pub fn progress(status: &pb::StatusResponse, leaders: &BTreeMap<String, pb::Stat
 }
 
 /// The statuses of the leaders of the partitions `status` names, by member name.
-pub async fn leader_statuses(status: &pb::StatusResponse) -> BTreeMap<String, pb::StatusResponse> {
+pub async fn leader_statuses(status: &pb::StatusResponse, dial: Dial<'_>) -> BTreeMap<String, pb::StatusResponse> {
     let mut out = BTreeMap::new();
     let Some(cluster) = &status.cluster else { return out };
     let mut leaders: Vec<&str> = cluster.partitions.iter().map(|p| p.leader.as_str()).filter(|l| !l.is_empty()).collect();
@@ -108,7 +108,7 @@ pub async fn leader_statuses(status: &pb::StatusResponse) -> BTreeMap<String, pb
     for leader in leaders {
         let Some(member) = cluster.members.iter().find(|m| m.name == leader) else { continue };
         let asked = async {
-            let mut c = client::connect(&member.address).await.ok()?;
+            let mut c = dial.connect(&member.address).await.ok()?;
             c.node.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
         };
         if let Ok(Some(answer)) = tokio::time::timeout(Duration::from_secs(3), asked).await {
@@ -124,9 +124,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the node at `server`, which must be member `node`, to drain (or, with `undo`, to lead
 /// again).
-pub async fn request(server: &str, node: &str, undo: bool) -> anyhow::Result<()> {
+pub async fn request(server: &str, node: &str, undo: bool, dial: Dial<'_>) -> anyhow::Result<()> {
     let asked = async {
-        let mut clients = client::connect(server).await?;
+        let mut clients = dial.connect(server).await?;
         clients.node.drain(pb::DrainRequest { node: node.into(), undo }).await.map_err(client::status_error)?;
         anyhow::Ok(())
     };
@@ -134,11 +134,11 @@ pub async fn request(server: &str, node: &str, undo: bool) -> anyhow::Result<()>
 }
 
 /// Where the drain of the node at `server` stands, from its status and its partitions' leaders'.
-pub async fn check(server: &str, max_lag: u64) -> anyhow::Result<DrainProgress> {
+pub async fn check(server: &str, max_lag: u64, dial: Dial<'_>) -> anyhow::Result<DrainProgress> {
     let asked = async {
-        let mut clients = client::connect(server).await?;
+        let mut clients = dial.connect(server).await?;
         let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
-        anyhow::Ok(progress(&status, &leader_statuses(&status).await, max_lag))
+        anyhow::Ok(progress(&status, &leader_statuses(&status, dial).await, max_lag))
     };
     tokio::time::timeout(CALL_TIMEOUT, asked).await.map_err(|_| anyhow::anyhow!("{server} did not answer within {CALL_TIMEOUT:?}"))?
 }
@@ -157,7 +157,7 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     let mut done = args.no_wait || args.undo;
     while !done {
         let status = clients.node.status(pb::StatusRequest {}).await.map_err(client::status_error)?.into_inner();
-        state = progress(&status, &leader_statuses(&status).await, args.max_lag);
+        state = progress(&status, &leader_statuses(&status, Dial::Process).await, args.max_lag);
         done = state.done();
         if !args.json {
             let first = state.not_in_sync.iter().next().map(|(p, why)| format!(" (partition {p}: {why})")).unwrap_or_default();
