@@ -74,7 +74,7 @@ fn the_chart_lints_and_every_manifest_it_renders_is_accepted_by_the_api_server()
             assert!(accepted.contains("anthillcluster.anthill.io/"), "{name}: {accepted}");
             assert!(accepted.contains("-test-append created"), "{name}: the helm test pod: {accepted}");
             // The test pod speaks TLS unless the cluster does not.
-            assert_eq!(rendered.contains("-admin-tls"), !rendered.contains("mode: Disabled"), "{name}:\n{rendered}");
+            assert_eq!(rendered.contains("- --tls-ca"), !rendered.contains("mode: Disabled"), "{name}:\n{rendered}");
         }
     }
 }
