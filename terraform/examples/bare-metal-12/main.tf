@@ -13,6 +13,7 @@ module "anthill" {
   consul_token_file    = var.consul_token_file
   consul               = var.consul
   tls                  = var.tls
+  encryption_key_file  = var.encryption_key_file
   ansible_playbook     = var.ansible_playbook
 }
 

@@ -74,3 +74,9 @@ variable "tls" {
   })
   default = {}
 }
+
+variable "encryption_key_file" {
+  description = "The key-encryption key's file (64 hex digits); empty: no encryption at rest. See the module's variable."
+  type        = string
+  default     = ""
+}

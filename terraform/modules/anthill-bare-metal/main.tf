@@ -19,29 +19,30 @@ locals {
   founders = [for name in terraform_data.founders.output : name if contains(local.names, name)]
 
   settings = {
-    ansible_ssh_private_key_file = var.ssh_private_key_file
-    ansible_ssh_common_args      = var.ssh_extra_args
-    anthill_binary_src           = var.anthill_binary
-    anthill_release_url          = var.release_url
-    anthill_release_sha256       = var.release_sha256
-    anthill_version              = var.anthill_version
-    anthill_partitions           = var.partitions
-    anthill_replication_factor   = var.replication_factor
-    anthill_coordination         = var.coordination.kind
-    anthill_consul_address       = var.coordination.consul_address
-    anthill_consul_key_prefix    = var.coordination.consul_key_prefix
-    anthill_consul_token         = var.consul_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul_token_file}') }}" : ""
-    anthill_config_overrides     = var.config_overrides
-    anthill_tls                  = var.tls.enabled
-    anthill_tls_src_dir          = local.tls_dir
-    anthill_tls_generate         = var.tls.generate
-    anthill_encryption_key_src   = var.encryption_key_file
-    anthill_founders             = local.founders
-    consul_binary_src            = var.consul.binary
-    consul_version               = var.consul.version
-    consul_datacenter            = var.consul.datacenter
-    consul_management_token      = var.consul.management_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.management_token_file}') }}" : ""
-    consul_encrypt               = var.consul.encrypt_key_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.encrypt_key_file}') }}" : ""
+    ansible_ssh_private_key_file         = var.ssh_private_key_file
+    ansible_ssh_common_args              = var.ssh_extra_args
+    anthill_binary_src                   = var.anthill_binary
+    anthill_release_url                  = var.release_url
+    anthill_release_sha256               = var.release_sha256
+    anthill_version                      = var.anthill_version
+    anthill_partitions                   = var.partitions
+    anthill_replication_factor           = var.replication_factor
+    anthill_coordination                 = var.coordination.kind
+    anthill_consul_address               = var.coordination.consul_address
+    anthill_consul_key_prefix            = var.coordination.consul_key_prefix
+    anthill_consul_token                 = var.consul_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul_token_file}') }}" : ""
+    anthill_config_overrides             = var.config_overrides
+    anthill_tls                          = var.tls.enabled
+    anthill_tls_src_dir                  = local.tls_dir
+    anthill_tls_generate                 = var.tls.generate
+    anthill_encryption_key_src           = var.encryption_key_file != "" ? abspath(var.encryption_key_file) : ""
+    anthill_encryption_previous_key_srcs = [for f in var.encryption_previous_key_files : abspath(f)]
+    anthill_founders                     = local.founders
+    consul_binary_src                    = var.consul.binary
+    consul_version                       = var.consul.version
+    consul_datacenter                    = var.consul.datacenter
+    consul_management_token              = var.consul.management_token_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.management_token_file}') }}" : ""
+    consul_encrypt                       = var.consul.encrypt_key_file != "" ? "{{ lookup('ansible.builtin.file', '${var.consul.encrypt_key_file}') }}" : ""
   }
   consul_fixed = {
     servers = join(",", sort(var.consul.servers))
@@ -78,6 +79,16 @@ locals {
 # joins the running cluster instead of founding another).
 resource "terraform_data" "founders" {
   input = local.names
+  lifecycle {
+    ignore_changes = [input]
+  }
+}
+
+# Whether the cluster speaks TLS, as first applied: nodes with and without TLS cannot talk, so
+# a switch would cut replication in the middle of the rolling restart (the precondition of
+# terraform_data.converge refuses it).
+resource "terraform_data" "tls_fixed" {
+  input = var.tls.enabled
   lifecycle {
     ignore_changes = [input]
   }
@@ -137,6 +148,9 @@ resource "terraform_data" "converge" {
     binary    = var.anthill_binary != "" ? filesha256(var.anthill_binary) : var.release_sha256
     playbooks = sha256(join(",", [for f in sort(fileset(local.ansible_dir, "**")) : filesha256("${local.ansible_dir}/${f}")]))
     token     = var.consul_token_file != "" ? filesha256(var.consul_token_file) : ""
+    # A new key-encryption key (or an earlier one given for a rotation) is placed and the nodes
+    # restart in turn to read it.
+    encryption = jsonencode([for f in concat([var.encryption_key_file], var.encryption_previous_key_files) : f != "" ? filesha256(f) : ""])
     consul = jsonencode([
       var.consul.binary != "" ? filesha256(var.consul.binary) : "",
       var.consul.management_token_file != "" ? filesha256(var.consul.management_token_file) : "",
@@ -152,6 +166,14 @@ resource "terraform_data" "converge" {
     precondition {
       condition     = terraform_data.consul_fixed.output == local.consul_fixed
       error_message = "consul: the servers and the gossip key are fixed at the first apply (Consul keeps its keyring and its Raft peers on disk; an apply cannot move servers or rotate the key: use `consul keyring` and Consul's own procedures, then record the new values with `terraform apply -replace=module.anthill.terraform_data.consul_fixed`)."
+    }
+    precondition {
+      condition     = terraform_data.tls_fixed.output == var.tls.enabled
+      error_message = "tls.enabled is fixed at the first apply: nodes with and without TLS cannot talk to each other, so a rolling restart cannot switch a running cluster. Set it back (stop every node first to switch, then `terraform apply -replace=module.anthill.terraform_data.tls_fixed`)."
+    }
+    precondition {
+      condition     = length(var.encryption_previous_key_files) == 0 || var.encryption_key_file != ""
+      error_message = "encryption_previous_key_files needs encryption_key_file: the earlier keys are read beside the current one."
     }
     precondition {
       condition     = length(var.consul.servers) == 0 || (var.coordination.kind == "consul" && var.consul_token_file != "")

@@ -155,6 +155,12 @@ variable "encryption_key_file" {
   default     = ""
 }
 
+variable "encryption_previous_key_files" {
+  description = "Earlier key-encryption keys still read while `anthill tenant rewrap-keys` moves the tenants' data keys to `encryption_key_file` (a rotation: the new key in `encryption_key_file`, the old one here, apply, rewrap, then drop it from here and apply). Dropping a key the data keys still need makes those tenants unreadable until it is back."
+  type        = list(string)
+  default     = []
+}
+
 variable "config_overrides" {
   description = "Merged over each node's configuration (docs/configuration.md)."
   type        = any
