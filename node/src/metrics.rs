@@ -46,6 +46,8 @@ pub struct Metrics {
     /// Changed TLS files put in force, and changed ones that did not load.
     pub tls_reloads: Counter,
     pub tls_reload_failures: Counter,
+    /// When the certificate in force expires (seconds since the Unix epoch; 0 without TLS).
+    pub tls_certificate_expiry_seconds: Gauge,
     /// Calls refused before reaching a service, by reason: `unauthenticated`, `not_a_member`.
     pub requests_refused: Family<Labels, Counter>,
 }
@@ -71,6 +73,7 @@ impl Default for Metrics {
             tls_handshake_failures: Counter::default(),
             tls_reloads: Counter::default(),
             tls_reload_failures: Counter::default(),
+            tls_certificate_expiry_seconds: Gauge::default(),
             requests_refused: Family::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
@@ -83,6 +86,11 @@ impl Default for Metrics {
         registry.register("commands", "Commands by outcome (ok, duplicate, rejected, error)", m.commands.clone());
         registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", m.tls_handshake_failures.clone());
         registry.register("tls_reloads", "Changed TLS files put in force", m.tls_reloads.clone());
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "When the node's certificate in force expires, in seconds since the Unix epoch (alert well before: nothing renews it on bare metal)",
+            m.tls_certificate_expiry_seconds.clone(),
+        );
         registry.register(
             "tls_reload_failures",
             "Changed TLS files that did not load (the previous ones stay)",

@@ -252,6 +252,11 @@ async fn given_a_quorum_load_when_every_nodes_certificate_is_rotated_then_no_ack
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The expiry in force is the new certificate's (30 days, not the first one's).
+    for i in 0..NODES {
+        let expires = certs::not_after_unix(&String::from_utf8_lossy(&fingerprint(i))).unwrap() as u64;
+        assert_eq!(metric(&cluster, i, "anthill_tls_certificate_expiry_seconds").await, expires, "node-{}", i + 1);
+    }
     // New connections get the new certificate.
     for (i, old) in before.iter().enumerate() {
         let served = served_certificate(cluster.addrs[i], &certs.join("ca.crt")).await;

@@ -135,6 +135,12 @@ impl Material {
         })
     }
 
+    /// Puts the certificate's expiry in `tls_certificate_expiry_seconds`.
+    fn report_expiry(&self, metrics: &Metrics) {
+        let pem = String::from_utf8_lossy(&self.cert_pem);
+        metrics.tls_certificate_expiry_seconds.set(super::certs::not_after_unix(&pem).unwrap_or(0));
+    }
+
     fn same_files(&self, cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> bool {
         self.cert_pem == cert_pem && self.key_pem == key_pem && self.ca_pem == ca_pem
     }
@@ -189,6 +195,7 @@ impl Tls {
         stopped: watch::Receiver<bool>,
     ) -> Result<Tls, TlsError> {
         let material = Material::check(config, node_id, members)?;
+        material.report_expiry(&metrics);
         let (tx, current) = watch::channel(Arc::new(material));
         tokio::spawn(watch_files(config.clone(), node_id.to_string(), members.to_vec(), tx, metrics, stopped));
         Ok(Tls { current })
@@ -242,6 +249,7 @@ async fn watch_files(
         match loaded {
             Ok(material) => {
                 failed = None;
+                material.report_expiry(&metrics);
                 current.send_replace(Arc::new(material));
                 metrics.tls_reloads.inc();
                 tracing::info!(cert_file = %config.cert_file.display(), "TLS files changed: new connections use the new certificate, key and CA");

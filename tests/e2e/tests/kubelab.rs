@@ -221,6 +221,7 @@ impl Load {
         };
         let deadline = Instant::now() + Duration::from_secs(300);
         let (mut attempts, before, mut most_down) = (0, self.acked.len(), 0);
+        let mut failures: Vec<String> = Vec::new();
         loop {
             if let Ok(down) = down_now() {
                 assert!(down.len() <= 1, "{what}: two pods down at once: {down:?}");
@@ -229,8 +230,9 @@ impl Load {
             let payload = format!("payment-{}", self.next);
             let pod = format!("{}-{}", self.cluster, self.next % 3);
             (self.next, attempts) = (self.next + 1, attempts + 1);
-            if lab.anthill(&pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]).is_ok() {
-                self.acked.push(payload);
+            match lab.anthill(&pod, &["append", "payments", "--type", "Paid", "--data", &payload, "--durability", "quorum"]) {
+                Ok(_) => self.acked.push(payload),
+                Err(e) => failures.push(format!("{pod}: {}", e.lines().last().unwrap_or_default())),
             }
             if done() {
                 break;
@@ -240,7 +242,7 @@ impl Load {
             assert!(Instant::now() < deadline, "{what} did not finish; conditions: {conditions}");
         }
         let during = self.acked.len() - before;
-        eprintln!("{what}: done with {during} of {attempts} quorum appends acknowledged meanwhile");
+        eprintln!("{what}: done with {during} of {attempts} quorum appends acknowledged meanwhile; failures: {failures:#?}");
         assert!(most_down == 1, "{what}: no pod was ever seen restarting: was anything rolled?");
         assert!(during * 2 >= attempts, "{what}: only {during} of {attempts} appends were acknowledged");
     }
