@@ -378,7 +378,20 @@ fn scenario(coordination: Coordination) {
     // Three hosts: the founders. The cluster serves writes once apply returns (the playbook
     // waited until every node was live and every partition led).
     terraform.apply(&first, "0.1.0");
-    assert!(whole(&lab.status("10.77.0.12"), &first), "{:?}", lab.status("10.77.0.12"));
+    if !whole(&lab.status("10.77.0.12"), &first) {
+        let journals: Vec<String> = first
+            .iter()
+            .map(|i| {
+                let journal = lab.run(&["ssh", &i.to_string(), "journalctl -u anthill --no-pager -n 40 -o short-precise"]);
+                format!("host-{i:02}:\n{}", journal.unwrap_or_else(|e| e))
+            })
+            .collect();
+        panic!(
+            "not every node live with every partition led after the apply; now: {:?}\n{}",
+            lab.status("10.77.0.12"),
+            journals.join("\n")
+        );
+    }
     let (code, plan) = terraform.plan(&first, "0.1.0");
     assert_eq!(code, 0, "a second plan would change something:\n{plan}");
     // TLS is on: a plain-text client (no TLS settings at all) cannot even connect.
