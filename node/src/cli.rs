@@ -48,6 +48,10 @@ struct TlsArgs {
     /// The client certificate's key (PEM).
     #[arg(long, global = true, env = "ANTHILL_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Check every node's certificate against this name instead of the host dialled (nodes
+    /// whose certificates do not name their addresses, as made for the cloud modules).
+    #[arg(long, global = true, env = "ANTHILL_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
     /// A bearer token (`anthill auth token create`), sent on every call (over TLS only).
     #[arg(long, global = true, env = "ANTHILL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -61,8 +65,15 @@ impl TlsArgs {
             _ => bail!("--tls-cert and --tls-key go together (ANTHILL_TLS_CERT, ANTHILL_TLS_KEY)"),
         };
         match &self.tls_ca {
-            Some(ca) => Ok(Some(client::ClientTls::from_files(ca, identity)?)),
+            Some(ca) => {
+                let tls = client::ClientTls::from_files(ca, identity)?;
+                Ok(Some(match &self.tls_server_name {
+                    Some(name) => tls.with_server_name(name)?,
+                    None => tls,
+                }))
+            }
             None if identity.is_some() => bail!("--tls-cert needs --tls-ca: the CA the nodes' certificates are checked against"),
+            None if self.tls_server_name.is_some() => bail!("--tls-server-name needs --tls-ca (ANTHILL_TLS_CA)"),
             None => Ok(None),
         }
     }

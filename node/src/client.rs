@@ -40,6 +40,8 @@ pub struct Clients {
 pub struct ClientTls {
     ca_pem: Vec<u8>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name every node's certificate is checked against, instead of the dialled host.
+    server_name: Option<String>,
 }
 
 impl ClientTls {
@@ -52,18 +54,32 @@ impl ClientTls {
             Some((cert, key)) => Some((read(cert, "client certificate (--tls-cert)")?, read(key, "client key (--tls-key)")?)),
             None => None,
         };
-        Ok(ClientTls { ca_pem, identity })
+        Ok(ClientTls { ca_pem, identity, server_name: None })
+    }
+
+    /// Checks every node's certificate against `name` instead of the host each is dialled at
+    /// (`--tls-server-name`): for nodes reached at addresses their certificates do not name, as
+    /// in the clouds, where certificates are made before the machines get their addresses. Every
+    /// node's certificate must then carry `name` (`anthill certs node … --host NAME`).
+    pub fn with_server_name(mut self, name: &str) -> anyhow::Result<ClientTls> {
+        rustls_pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| anyhow::anyhow!("--tls-server-name {name:?} is not a DNS name ({e})"))?;
+        self.server_name = Some(name.to_string());
+        Ok(self)
     }
 
     /// The CA and, when given, the client's certificate and key, as PEM bytes (a process that
     /// reads them from somewhere else than files: the operator, from Secrets).
     pub fn from_pem(ca_pem: Vec<u8>, identity: Option<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<ClientTls> {
         crate::security::tls::certificates(&ca_pem).map_err(|e| anyhow::anyhow!("the cluster CA: {e}"))?;
-        Ok(ClientTls { ca_pem, identity })
+        Ok(ClientTls { ca_pem, identity, server_name: None })
     }
 
     fn config(&self) -> tonic::transport::ClientTlsConfig {
-        let config = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        let mut config = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        if let Some(name) = &self.server_name {
+            config = config.domain_name(name);
+        }
         match &self.identity {
             Some((cert, key)) => config.identity(tonic::transport::Identity::from_pem(cert, key)),
             None => config,

@@ -137,6 +137,30 @@ async fn given_tls_on_then_the_cluster_serves_members_and_admin_and_refuses_ever
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("claim to come from member 3"), "{status:?}");
 
+    // `--tls-server-name`: the CLI checks the certificate against that name instead of the
+    // address it dials (node-1's certificate names its address, so the refusal below comes
+    // from the name alone).
+    let cli = |extra: &[&str]| {
+        let out = std::process::Command::new(common::exe())
+            .arg("--tls-ca")
+            .arg(certs.join("ca.crt"))
+            .arg("--tls-cert")
+            .arg(certs.join("admin.crt"))
+            .arg("--tls-key")
+            .arg(certs.join("admin.key"))
+            .args(extra)
+            .args(["status", "--json", "--server", &url])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (served, said) = cli(&["--tls-server-name", "node-1"]);
+    assert!(served && said.contains("\"node_id\": \"node-1\""), "{said}");
+    let (served, said) = cli(&["--tls-server-name", "node-2"]);
+    assert!(!served && said.starts_with("anthill: "), "node-1 passed for node-2: {said}");
+    let (served, said) = cli(&["--tls-server-name", "not a name"]);
+    assert!(!served && said.contains("--tls-server-name \"not a name\" is not a DNS name"), "{said}");
+
     // Nothing of the refused calls was written, and the refusals were counted.
     let read = router.read(pb::ReadRequest { stream: "orders-1".into(), from_version: 1, max_count: 10, linearizable: false }).await;
     assert_eq!(read.unwrap().events.len(), 1);

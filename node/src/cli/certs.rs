@@ -1,6 +1,7 @@
 //! `anthill certs`: a development CA and the node and client certificates it signs, for local
 //! clusters, the demo and the labs ([`crate::security::certs`] says what each holds). Existing
-//! files are never replaced; `--json` prints what was written.
+//! files are never replaced, except by `renew` (new keys for certificates near their end);
+//! `--json` prints what was written.
 
 use std::path::PathBuf;
 
@@ -41,6 +42,16 @@ enum What {
         #[command(flatten)]
         common: Common,
     },
+    /// Renew the node and client certificates in DIR that expire within --within-days (or
+    /// have): new keys, same names, signed by `DIR/ca.*`, in place of the old files. Nodes
+    /// reload changed files without a restart.
+    Renew {
+        /// Renew what expires within this many days.
+        #[arg(long, default_value_t = 30)]
+        within_days: u32,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Args)]
@@ -57,6 +68,7 @@ struct Common {
 
 pub(crate) fn run(args: CertsArgs) -> anyhow::Result<()> {
     let (kind, name, common) = match args.what {
+        What::Renew { within_days, common } => return renew(within_days, common),
         What::Ca { common, name } => (Kind::Ca, name, common),
         What::Node { name, hosts, common } => (Kind::Node { hosts }, name, common),
         What::Client { name, common } => (Kind::Client, name, common),
@@ -90,6 +102,22 @@ pub(crate) fn run(args: CertsArgs) -> anyhow::Result<()> {
             written.key_file.display(),
             written.not_after
         );
+    }
+    Ok(())
+}
+
+fn renew(within_days: u32, common: Common) -> anyhow::Result<()> {
+    let report = certs::renew(&common.dir, within_days, common.days.unwrap_or(365))?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for r in &report {
+        let done = if r.renewed { "renewed" } else { "kept" };
+        println!("{done} {} certificate {:?}: {} (valid until {})", r.kind, r.name, r.cert_file.display(), r.not_after);
+    }
+    if report.is_empty() {
+        println!("no node or client certificate in {}", common.dir.display());
     }
     Ok(())
 }

@@ -166,6 +166,114 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
     written.map_err(failed)
 }
 
+/// A node or client certificate found by [`renew`], and what became of it.
+#[derive(Debug, Serialize)]
+pub struct Renewal {
+    pub kind: &'static str,
+    pub name: String,
+    pub cert_file: PathBuf,
+    /// Its expiry after the run (the new certificate's when renewed).
+    pub not_after: String,
+    pub renewed: bool,
+}
+
+/// Renews every node and client certificate in `dir` (`NAME.crt` with `NAME.key`, signed by
+/// `dir/ca.*`) that expires within `within_days` or has expired: a new key and a certificate
+/// with the same names, valid for `days`, in place of the old files (the key first, then the
+/// certificate, each whole: a run cut in between leaves a pair that does not match, which nodes
+/// refuse to load, keeping their old one, and which the next run renews again). A certificate
+/// the CA there did not sign is an error naming it, before anything is replaced.
+pub fn renew(dir: &Path, within_days: u32, days: u32) -> Result<Vec<Renewal>, CertsError> {
+    let ca = read_ca(dir)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| CertsError::Read { path: dir.to_path_buf(), source })?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "crt") && path.file_stem().is_some_and(|s| s != "ca"))
+        .collect();
+    files.sort();
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + i64::from(within_days) * 86_400;
+    let mut found = Vec::new();
+    for cert_file in files {
+        let cert_pem = std::fs::read_to_string(&cert_file).map_err(|source| CertsError::Read { path: cert_file.clone(), source })?;
+        let invalid = |reason: String| CertsError::Invalid { what: cert_file.display().to_string(), reason };
+        let (kind, name, expires) = signed_leaf(&cert_pem, &ca.cert_pem).map_err(invalid)?;
+        let key_file = cert_file.with_extension("key");
+        if !key_file.exists() {
+            return Err(invalid(format!("has no key beside it ({})", key_file.display())));
+        }
+        found.push((cert_file, key_file, kind, name, expires));
+    }
+    let mut report = Vec::new();
+    for (cert_file, key_file, kind, name, expires) in found {
+        let label = if matches!(kind, Kind::Node { .. }) { "node" } else { "client" };
+        let renewed = expires <= deadline;
+        let not_after = if renewed {
+            let issued = issue(&kind, &name, days, Some(&ca))?;
+            replace(&key_file, issued.key_pem.as_bytes(), 0o600)?;
+            replace(&cert_file, issued.cert_pem.as_bytes(), 0o644)?;
+            not_after(&issued.cert_pem)
+        } else {
+            not_after(&std::fs::read_to_string(&cert_file).unwrap_or_default())
+        };
+        report.push(Renewal { kind: label, name, cert_file, not_after, renewed });
+    }
+    Ok(report)
+}
+
+/// What leaf certificate `cert_pem` was issued as (its kind with its hosts, its name) and its
+/// expiry, when the CA `ca_pem` signed it.
+fn signed_leaf(cert_pem: &str, ca_pem: &str) -> Result<(Kind, String, i64), String> {
+    use x509_parser::extensions::GeneralName;
+    let der = crate::security::tls::certificates(cert_pem.as_bytes())?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not a certificate: {e}"))?;
+    let name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+    let name = name.ok_or("has no common name")?;
+    // Checked when it was valid (an expired certificate is one to renew).
+    let roots = crate::security::tls::root_store(ca_pem.as_bytes()).map_err(|e| format!("ca.crt: {e}"))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, crate::security::tls::provider())
+        .build()
+        .map_err(|e| format!("ca.crt: {e}"))?;
+    let valid_at = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(cert.validity().not_before.timestamp() + 1).unwrap_or(0),
+    ));
+    verifier.verify_client_cert(&der, &[], valid_at).map_err(|e| format!("not a certificate the CA beside it signed ({e})"))?;
+    let server = cert.extended_key_usage().ok().flatten().is_some_and(|eku| eku.value.server_auth);
+    let kind = if server {
+        let sans = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san.value.general_names.clone(),
+            _ => Vec::new(),
+        };
+        let hosts = sans
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(dns) if *dns != name => Some(dns.to_string()),
+                GeneralName::IPAddress(bytes) => ip(bytes).map(|a| a.to_string()),
+                _ => None,
+            })
+            .collect();
+        Kind::Node { hosts }
+    } else {
+        Kind::Client
+    };
+    Ok((kind, name, cert.validity().not_after.timestamp()))
+}
+
+fn ip(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// Puts `bytes` at `path` with `mode`, whole (a temporary file renamed over it).
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
+    let temporary = path.with_extension(format!("renewed-{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    write_new(&temporary, bytes, mode)?;
+    std::fs::rename(&temporary, path).map_err(|source| CertsError::Write { path: path.to_path_buf(), source })
+}
+
 /// The DER bytes of the first certificate in PEM `bytes` (empty when there is none).
 pub fn first_certificate_der(bytes: &[u8]) -> Vec<u8> {
     crate::security::tls::certificates(bytes).ok().and_then(|c| c.into_iter().next()).map(|c| c.to_vec()).unwrap_or_default()
@@ -220,6 +328,55 @@ mod tests {
         let ca = issue(&Kind::Ca, "test CA", 30, None).unwrap();
         let Err(e) = issue(&Kind::Node { hosts: vec!["not a host".into()] }, "node-1", 30, Some(&ca)) else { panic!("issued") };
         assert!(e.to_string().contains("\"not a host\" is not a DNS name"), "{e}");
+    }
+
+    #[test]
+    fn given_certificates_near_their_end_when_renewing_then_they_get_new_keys_with_the_same_names_and_the_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = issue(&Kind::Ca, "test CA", 3650, None).unwrap();
+        write(dir.path(), "ca", &ca).unwrap();
+        let hosts = vec!["10.0.0.1".to_string(), "node-1.example".to_string(), "::1".to_string()];
+        let soon = issue(&Kind::Node { hosts: hosts.clone() }, "node-1", 10, Some(&ca)).unwrap();
+        write(dir.path(), "node-1", &soon).unwrap();
+        let admin = issue(&Kind::Client, "admin", 100, Some(&ca)).unwrap();
+        write(dir.path(), "admin", &admin).unwrap();
+
+        let report = renew(dir.path(), 30, 365).unwrap();
+        let summary: Vec<_> = report.iter().map(|r| (r.kind, r.name.as_str(), r.renewed)).collect();
+        assert_eq!(summary, vec![("client", "admin", false), ("node", "node-1", true)]);
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert_eq!(read("admin.key"), admin.key_pem);
+        assert_ne!(read("node-1.key"), soon.key_pem);
+        let (kind, name, expires) = signed_leaf(&read("node-1.crt"), &ca.cert_pem).unwrap();
+        let Kind::Node { hosts: renewed_hosts } = kind else { panic!("{kind:?}") };
+        assert_eq!((name.as_str(), renewed_hosts), ("node-1", hosts));
+        assert!(expires > time::OffsetDateTime::now_utc().unix_timestamp() + 364 * 86_400);
+        // The new pair goes together, and the CA signed it.
+        KeyPair::from_pem(&read("node-1.key")).unwrap();
+        let config = crate::config::TlsConfig {
+            cert_file: dir.path().join("node-1.crt"),
+            key_file: dir.path().join("node-1.key"),
+            ca_file: dir.path().join("ca.crt"),
+            reload_interval_ms: 1000,
+        };
+        crate::security::tls::Material::load(&config, "node-1").unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("node-1.key")).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("renewed-")));
+    }
+
+    #[test]
+    fn given_a_certificate_of_another_ca_when_renewing_then_it_is_named_and_nothing_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = issue(&Kind::Ca, "test CA", 3650, None).unwrap();
+        write(dir.path(), "ca", &ca).unwrap();
+        let soon = issue(&Kind::Client, "admin", 1, Some(&ca)).unwrap();
+        write(dir.path(), "admin", &soon).unwrap();
+        let other = issue(&Kind::Ca, "test CA", 3650, None).unwrap();
+        write(dir.path(), "stranger", &issue(&Kind::Client, "stranger", 1, Some(&other)).unwrap()).unwrap();
+        let Err(e) = renew(dir.path(), 30, 365) else { panic!("renewed") };
+        assert!(e.to_string().contains("stranger.crt") && e.to_string().contains("not a certificate the CA beside it signed"), "{e}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("admin.key")).unwrap(), soon.key_pem);
     }
 
     #[test]

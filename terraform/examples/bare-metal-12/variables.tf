@@ -66,11 +66,12 @@ variable "ansible_playbook" {
 }
 
 variable "tls" {
-  description = "TLS, on by default, its files in `dir` (empty: `anthill-tls` here), the missing ones made with `anthill certs` when `generate`: see the module's variable."
+  description = "TLS, on by default, its files in `dir` (empty: `anthill-tls` here), the missing ones made with `anthill certs` when `generate`, those ending within `renew_within_days` renewed at every converge: see the module's variable."
   type = object({
-    enabled  = optional(bool, true)
-    dir      = optional(string, "")
-    generate = optional(bool, true)
+    enabled           = optional(bool, true)
+    dir               = optional(string, "")
+    generate          = optional(bool, true)
+    renew_within_days = optional(number, 30)
   })
   default = {}
 }

@@ -35,6 +35,7 @@ locals {
     anthill_tls                          = var.tls.enabled
     anthill_tls_src_dir                  = local.tls_dir
     anthill_tls_generate                 = var.tls.generate
+    anthill_tls_renew_within_days        = var.tls.renew_within_days
     anthill_encryption_key_src           = var.encryption_key_file != "" ? abspath(var.encryption_key_file) : ""
     anthill_encryption_previous_key_srcs = [for f in var.encryption_previous_key_files : abspath(f)]
     anthill_founders                     = local.founders

@@ -140,11 +140,16 @@ variable "tls" {
     module. With `generate`, the playbook makes the missing ones with `anthill certs` (a
     development CA: put your own CA's files there first for production). Keep the folder out
     of version control. Fixed at creation: nodes with and without TLS cannot talk.
+    When the folder holds the CA's key, every converge renews the certificates ending within
+    `renew_within_days` (`anthill certs renew`); the nodes reload them without a restart, so
+    `terraform apply -replace=module.anthill.terraform_data.converge` at least that often keeps
+    them valid.
   EOT
   type = object({
-    enabled  = optional(bool, true)
-    dir      = optional(string, "")
-    generate = optional(bool, true)
+    enabled           = optional(bool, true)
+    dir               = optional(string, "")
+    generate          = optional(bool, true)
+    renew_within_days = optional(number, 30)
   })
   default = {}
 }
