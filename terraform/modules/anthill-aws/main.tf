@@ -13,6 +13,9 @@ locals {
   }]
   # The founders as first applied (nodes added later join; see terraform_data.founders).
   founders = terraform_data.founders.output
+  # TLS files (docs/clouds.md "TLS"); empty: TLS off.
+  tls_dir         = var.tls.enabled ? abspath(var.tls.dir != "" ? var.tls.dir : "${path.root}/anthill-tls") : ""
+  tls_server_name = var.tls.server_name != "" ? var.tls.server_name : var.name
 }
 
 # The first nodes of the first apply found the cluster, and stay its founders: a node added
@@ -37,6 +40,7 @@ module "config" {
   coordination       = var.coordination
   config_overrides   = var.config_overrides
   consul_token       = var.consul_token
+  tls                = { dir = local.tls_dir, server_name = local.tls_server_name }
 }
 
 resource "aws_security_group" "cluster" {

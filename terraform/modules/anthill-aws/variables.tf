@@ -118,3 +118,21 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "tls" {
+  description = <<-EOT
+    TLS, on by default (docs/clouds.md "TLS"): `dir` on the machine running Terraform (empty:
+    `anthill-tls` beside the root module) holds the cluster CA `ca.crt`, each node's
+    `<name>-<i>.crt` and `.key`, and the administrator's `admin.crt` and `.key`, made before the
+    first apply with `anthill certs` (the plan names what is missing and how to make it). Every
+    node's certificate carries `server_name` too (empty: `name`), which clients check it against
+    (`--tls-server-name`: the certificates are made before the machines have addresses). Written
+    to the machines at first boot only, like the rest of their configuration.
+  EOT
+  type = object({
+    enabled     = optional(bool, true)
+    dir         = optional(string, "")
+    server_name = optional(string, "")
+  })
+  default = {}
+}

@@ -13,6 +13,9 @@ locals {
   }]
   # The founders as first applied (nodes added later join; see terraform_data.founders).
   founders = terraform_data.founders.output
+  # TLS files (docs/clouds.md "TLS"); empty: TLS off.
+  tls_dir         = var.tls.enabled ? abspath(var.tls.dir != "" ? var.tls.dir : "${path.root}/anthill-tls") : ""
+  tls_server_name = var.tls.server_name != "" ? var.tls.server_name : var.name
 }
 
 # The first nodes of the first apply found the cluster, and stay its founders: a node added
@@ -36,6 +39,7 @@ module "config" {
   replication_factor = var.replication_factor
   coordination       = var.coordination
   config_overrides   = var.config_overrides
+  tls                = { dir = local.tls_dir, server_name = local.tls_server_name }
 }
 
 resource "google_compute_address" "node" {
@@ -135,6 +139,7 @@ resource "google_compute_instance" "node" {
   metadata_startup_script = templatefile("${path.module}/startup.sh.tftpl", {
     node_yaml    = module.config.yaml["${var.name}-${count.index + 1}"]
     consul_token = var.consul_token
+    tls_files    = module.config.tls_files["${var.name}-${count.index + 1}"]
   })
   # Nothing here replaces or restarts running nodes: a replaced machine loses its event log (on
   # its root disk), and every node would go at once. A new member list, image or machine type

@@ -13,6 +13,9 @@ locals {
   }]
   # The founders as first applied (nodes added later join; see terraform_data.founders).
   founders = terraform_data.founders.output
+  # TLS files (docs/clouds.md "TLS"); empty: TLS off.
+  tls_dir         = var.tls.enabled ? abspath(var.tls.dir != "" ? var.tls.dir : "${path.root}/anthill-tls") : ""
+  tls_server_name = var.tls.server_name != "" ? var.tls.server_name : var.name
   # Hetzner's firewalls apply to the public interfaces only: the nodes talk over the private
   # network, which no rule filters.
   rule = {
@@ -44,6 +47,7 @@ module "config" {
   coordination       = var.coordination
   config_overrides   = var.config_overrides
   consul_token       = var.consul_token
+  tls                = { dir = local.tls_dir, server_name = local.tls_server_name }
 }
 
 resource "hcloud_network" "cluster" {

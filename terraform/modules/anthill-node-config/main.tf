@@ -15,8 +15,36 @@ locals {
   }
   session_ttl_ms = var.session_ttl_ms != null ? var.session_ttl_ms : (var.coordination.kind == "consul" ? 10000 : 1000)
 
+  # TLS: the files each member's user data writes (from `tls.dir`), and the settings naming them.
+  tls_on = var.tls.dir != ""
+  tls_files = {
+    for m in var.members : m.name => [
+      for f in [["ca.crt", "ca.crt"], ["${m.name}.crt", "node.crt"], ["${m.name}.key", "node.key"]] : {
+        source = "${var.tls.dir}/${f[0]}"
+        path   = "/etc/anthill/tls/${f[1]}"
+      }
+    ] if local.tls_on
+  }
+  tls_missing = distinct(flatten([for files in values(local.tls_files) : [for f in files : f.source if !fileexists(f.source)]]))
+  tls_contents = {
+    for m in var.members : m.name => [
+      for f in lookup(local.tls_files, m.name, []) : { path = f.path, content = fileexists(f.source) ? file(f.source) : "" }
+    ]
+  }
+  # What to run when files are missing (docs/clouds.md "TLS").
+  tls_host = var.tls.server_name != "" ? " --host ${var.tls.server_name}" : ""
+  tls_missing_message = join("", [
+    "tls.dir lacks ${join(", ", local.tls_missing)}: make the missing ones before the apply (docs/clouds.md \"TLS\"), with: ",
+    "anthill certs ca --dir ${var.tls.dir}; ",
+    join("", [for m in var.members : "anthill certs node ${m.name}${local.tls_host} --dir ${var.tls.dir}; "]),
+    "anthill certs client admin --dir ${var.tls.dir}",
+  ])
+  tls_settings = local.tls_on ? {
+    tls = { cert_file = "/etc/anthill/tls/node.crt", key_file = "/etc/anthill/tls/node.key", ca_file = "/etc/anthill/tls/ca.crt" }
+  } : {}
+
   base = {
-    for m in var.members : m.name => {
+    for m in var.members : m.name => merge(local.tls_settings, {
       node_id      = m.name
       data_dir     = "/var/lib/anthill"
       listen_addr  = "0.0.0.0:7400"
@@ -32,7 +60,7 @@ locals {
         coordination       = local.coordination
       }
       telemetry = { log_level = "info" }
-    }
+    })
   }
   # `config_overrides` merged two levels deep, as the role's `combine(recursive=True)` does for
   # the settings there are: a top-level key it names replaces the base's unless both are

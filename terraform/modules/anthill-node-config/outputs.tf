@@ -9,5 +9,20 @@ output "cloud_init" {
   value = { for name, config in local.configs : name => templatefile("${path.module}/cloud-init.yaml.tftpl", {
     node_yaml    = yamlencode(config)
     consul_token = var.consul_token
+    tls_files    = local.tls_contents[name]
   }) }
+  precondition {
+    condition     = length(local.tls_missing) == 0
+    error_message = local.tls_missing_message
+  }
+}
+
+output "tls_files" {
+  description = "Each member's TLS files, by name: a list of `{path, content}` to write on the machine (empty without TLS), for modules that write their own first-boot script."
+  sensitive   = true
+  value       = local.tls_contents
+  precondition {
+    condition     = length(local.tls_missing) == 0
+    error_message = local.tls_missing_message
+  }
 }

@@ -65,3 +65,20 @@ variable "consul_token" {
   default     = ""
   sensitive   = true
 }
+
+variable "tls" {
+  description = <<-EOT
+    TLS (docs/security.md, docs/clouds.md "TLS"): `dir`, on the machine running Terraform, holds
+    the cluster CA `ca.crt` and each member's `<name>.crt` and `<name>.key`, made before the
+    apply (`anthill certs`); the user data writes them to /etc/anthill/tls/ and the
+    configuration names them. Empty: no TLS. Peers check a node's certificate against its
+    member name, so it need not name an address. `server_name`: the name clients check every
+    node's certificate against (`--tls-server-name`), which each certificate must carry as
+    well; only for the message that says how to make missing files.
+  EOT
+  type = object({
+    dir         = optional(string, "")
+    server_name = optional(string, "")
+  })
+  default = {}
+}

@@ -88,3 +88,35 @@ run "no_token_no_token_file_and_overrides_merge_into_the_cluster_settings" {
     error_message = "an override of one cluster setting lost the others (members) or was not applied"
   }
 }
+
+run "tls_files_are_written_and_named_in_the_configuration" {
+  command = plan
+  variables {
+    tls = { dir = "tests/tls" }
+  }
+
+  assert {
+    condition     = yamldecode(output.yaml["a-2"]).tls.cert_file == "/etc/anthill/tls/node.crt" && yamldecode(output.yaml["a-2"]).tls.key_file == "/etc/anthill/tls/node.key" && yamldecode(output.yaml["a-2"]).tls.ca_file == "/etc/anthill/tls/ca.crt"
+    error_message = "the configuration does not name the TLS files"
+  }
+  assert {
+    condition     = strcontains(output.cloud_init["a-2"], base64encode(file("tests/tls/a-2.key"))) && strcontains(output.cloud_init["a-2"], base64encode(file("tests/tls/ca.crt"))) && !strcontains(output.cloud_init["a-2"], base64encode(file("tests/tls/a-3.key")))
+    error_message = "a-2's user data does not write its own key and the CA, or writes another member's key"
+  }
+  assert {
+    condition     = strcontains(output.cloud_init["a-2"], "path: /etc/anthill/tls/node.key")
+    error_message = "the key is not written where the configuration names it"
+  }
+}
+
+run "a_missing_tls_file_is_named" {
+  command = plan
+  variables {
+    tls = { dir = "tests/tls" }
+    members = [
+      { name = "a-1", address = "10.0.1.10", raft_id = 1 },
+      { name = "a-9", address = "10.0.2.10", raft_id = 2 },
+    ]
+  }
+  expect_failures = [output.cloud_init, output.tls_files]
+}
