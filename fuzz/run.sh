@@ -7,7 +7,8 @@
 #
 #   fuzz/run.sh [--seconds N] [--json] [target...]
 #
-# Targets: record replica_message append_request config spec_file sealed_event
+# Targets: record replica_message append_request config spec_file sealed_event partition_image
+# undo_journal raft_message coordination_entry coordination_snapshot tables
 # (node/src/fuzzing.rs). Progress goes to stderr; --json prints a report on stdout.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,13 +17,13 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) seconds="$2"; shift 2 ;;
         --json) json=true; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         -*) echo "fuzz/run.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
 case "$seconds" in ''|*[!0-9]*|0) echo "fuzz/run.sh: --seconds takes a whole number of at least 1, got $seconds" >&2; exit 2 ;; esac
-all=(record replica_message append_request config spec_file sealed_event)
+all=(record replica_message append_request config spec_file sealed_event partition_image undo_journal raft_message coordination_entry coordination_snapshot tables)
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
     [[ " ${all[*]} " == *" $t "* ]] || { echo "fuzz/run.sh: unknown target $t (one of: ${all[*]})" >&2; exit 2; }

@@ -57,6 +57,9 @@ fn main() -> anyhow::Result<()> {
     own.extend_from_slice(b"1:0123456789abcdef");
     own.extend_from_slice(&[0u8; 40]);
     write("sealed_event", "own-marker", &own)?;
+    for (target, name, bytes) in anthill_node::fuzzing::internal_seeds() {
+        write(target, name, &bytes)?;
+    }
     eprintln!("seeds written under {}", out.display());
     Ok(())
 }

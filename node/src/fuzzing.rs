@@ -21,6 +21,12 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("spec_file", spec_file),
     ("sealed_event", sealed_event),
+    ("partition_image", partition_image),
+    ("undo_journal", undo_journal),
+    ("raft_message", raft_message),
+    ("coordination_entry", coordination_entry),
+    ("coordination_snapshot", coordination_snapshot),
+    ("tables", tables),
 ];
 
 /// A stored event record, as read back from LMDB. The input's checksum is set right first
@@ -113,4 +119,201 @@ pub fn sealed_event(bytes: &[u8]) {
     if let Ok(opened) = keys.open_event(event) {
         assert!(opened.metadata.iter().all(|(k, _)| k != crate::security::keys::SEALED_KEY), "opened but still marked sealed");
     }
+}
+
+/// A partition image, as a follower receives it from its leader to install (or reads back
+/// from disk): what decodes encodes back to an image that decodes equal.
+pub fn partition_image(bytes: &[u8]) {
+    let Ok(image) = crate::storage::PartitionImage::decode(bytes) else { return };
+    let again = crate::storage::PartitionImage::decode(&image.encode()).expect("an image that encodes decodes again");
+    assert_eq!(again, image, "decode(encode(image)) is the image");
+}
+
+/// A write's undo journal, as stored beside the partition (read back at a truncation).
+pub fn undo_journal(bytes: &[u8]) {
+    let Some(journal) = crate::storage::undo::Journal::decode(bytes) else { return };
+    let again = crate::storage::undo::Journal::decode(&journal.encode()).expect("a journal that encodes decodes again");
+    assert_eq!(again, journal, "decode(encode(journal)) is the journal");
+}
+
+/// A Raft message of the embedded coordination store, as a peer sends it: decoded, and what
+/// decodes encodes back to a message that decodes equal.
+pub fn raft_message(bytes: &[u8]) {
+    use protobuf::Message as _;
+    let Ok(message) = raft::eraftpb::Message::parse_from_bytes(bytes) else { return };
+    let encoded = message.write_to_bytes().expect("a decoded message encodes");
+    assert_eq!(raft::eraftpb::Message::parse_from_bytes(&encoded).expect("it decodes again"), message);
+}
+
+/// A committed coordination entry (from the log on disk, or a peer): its proposal applied to a
+/// store holding a session, a lock and a key. Every node applies it alike (two copies end
+/// equal), and a snapshot of the result restores the same state.
+pub fn coordination_entry(bytes: &[u8]) {
+    use crate::coordination::state::{KvState, Op};
+    let Ok(proposal) = serde_json::from_slice::<crate::coordination::embedded::Proposal>(bytes) else { return };
+    let mut state = KvState::default();
+    let crate::coordination::state::Outcome::Session(session) =
+        state.apply(&Op::CreateSession { node: "node-1".into(), ttl_ms: 1_000 }, 1_000)
+    else {
+        unreachable!("a new store makes a session")
+    };
+    state.apply(&Op::Acquire { key: "leaders/0".into(), value: b"node-1".to_vec(), session }, 1_000);
+    state.apply(&Op::Put { key: "members/node-1".into(), value: b"10.0.0.1:7400".to_vec(), cas: crate::coordination::Cas::Any }, 1_000);
+    let mut other = state.clone();
+    let outcome = state.apply(&proposal.op, proposal.now_ms);
+    assert_eq!(other.apply(&proposal.op, proposal.now_ms), outcome, "two nodes applied one entry differently");
+    assert_eq!(other, state, "two nodes applied one entry differently");
+    restores(&state);
+}
+
+/// A coordination snapshot (from disk, or a leader catching a member up): what decodes takes
+/// the store's operations, and snapshots again to the same state.
+pub fn coordination_snapshot(bytes: &[u8]) {
+    use crate::coordination::state::Op;
+    let snapshot = raft::eraftpb::Snapshot { data: bytes.to_vec().into(), ..Default::default() };
+    let Ok(mut state) = crate::coordination::embedded::decode_snapshot(&snapshot) else { return };
+    restores(&state);
+    for (key, entry) in state.list("").into_iter().map(|e| (e.key.clone(), e)) {
+        let _ = crate::coordination::election::Placement::decode(&String::from_utf8_lossy(&entry.value));
+        state.apply(&Op::Delete { key, cas: crate::coordination::Cas::Any }, 0);
+    }
+    state.apply(&Op::RenewAll, u64::MAX);
+    state.apply(&Op::Tick, u64::MAX);
+    assert_eq!(state.next_expiry_ms(), None, "a session outlived the end of time");
+}
+
+/// The snapshot of `state` restores it.
+fn restores(state: &crate::coordination::state::KvState) {
+    let data = serde_json::to_vec(state).expect("a state serializes");
+    let snapshot = raft::eraftpb::Snapshot { data: data.into(), ..Default::default() };
+    let restored = crate::coordination::embedded::decode_snapshot(&snapshot).expect("a snapshot decodes");
+    assert_eq!(&restored, state, "a snapshot restores the state it was taken of");
+}
+
+/// The replicated tables as a node loads them (a single node's file; a cluster's come the same
+/// way from the coordination store): the first byte picks the auth table or the key table.
+/// What loads is used: every principal's and token's caller and grants; every tenant's data key
+/// unwrapped with the node's key-encryption key to open an event of that tenant.
+pub fn tables(bytes: &[u8]) {
+    use std::sync::OnceLock;
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"));
+    let Some((&which, json)) = bytes.split_first() else { return };
+    let path = dir.path().join(format!("table-{}.json", std::process::id()));
+    std::fs::write(&path, json).expect("the table file is written");
+    if which % 2 == 0 {
+        use crate::security::auth::{Auth, Role};
+        let Ok(auth) = Auth::in_file(path, vec!["admin".into()]) else { return };
+        let table = auth.table();
+        // A grant lets its holder do what it names, on the tenant it names.
+        for (name, grants) in &table.principals {
+            let caller = auth.certificate_caller(name);
+            for grant in grants.iter().filter(|g| g.role != Role::ClusterAdmin) {
+                assert!(caller.may(&grant.tenant, grant.role), "{name}'s grant {grant} does not let it");
+            }
+        }
+        for id in table.tokens.keys() {
+            let _ = auth.token_caller(&format!("{id}.{}", "0".repeat(64)));
+        }
+    } else {
+        use crate::security::keys::{Kek, Keys};
+        let kek = Kek::from_hex(&"11".repeat(32)).expect("a key");
+        let Ok(keys) = Keys::in_file(path, vec![kek]) else { return };
+        let table = keys.table();
+        for (tenant, key) in &table.tenants {
+            let _ = keys.is_forgotten(tenant);
+            let event = EventRecord {
+                partition: 0,
+                position: 1,
+                stream: format!("{tenant}/orders"),
+                stream_version: 1,
+                event_type: "Placed".into(),
+                payload: vec![0; 32],
+                metadata: vec![(crate::security::keys::SEALED_KEY.into(), format!("1:{}", key.dek_id))],
+                append_time_us: 0,
+                epoch: 1,
+                atomic_with_next: false,
+            };
+            let _ = keys.open_or_redact(event);
+        }
+    }
+}
+
+/// Seeds of the targets over the node's internal formats (target, file name, bytes), from the
+/// node's own encoders: `examples/fuzz_seeds.rs` writes them with the others.
+pub fn internal_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    use crate::coordination::state::{KvState, Op};
+    use protobuf::Message as _;
+    let mut seeds = Vec::new();
+    let record = EventRecord {
+        partition: 1,
+        position: 8,
+        stream: "acme/orders-1".into(),
+        stream_version: 2,
+        event_type: "OrderPlaced".into(),
+        payload: b"{}".to_vec(),
+        metadata: Vec::new(),
+        append_time_us: 1,
+        epoch: 2,
+        atomic_with_next: false,
+    };
+    let image = crate::storage::PartitionImage {
+        partition: 1,
+        position: 8,
+        floor: 7,
+        history: vec![(1, 0), (2, 5)],
+        records: vec![record],
+        stream_floors: vec![("acme/orders-1".into(), 1)],
+        state: vec![(b"acme/orders-1/total".to_vec(), b"12".to_vec())],
+        undo: vec![(8, vec![0, 0, 0, 1, b'k', 0])],
+    };
+    seeds.push(("partition_image", "one-event", image.encode()));
+    // A journal: key `k` had `v`, key `n` had nothing.
+    seeds.push(("undo_journal", "two-keys", vec![0, 0, 0, 1, b'k', 1, 0, 0, 0, 1, b'v', 0, 0, 0, 1, b'n', 0]));
+    let mut message = raft::eraftpb::Message::default();
+    message.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
+    (message.to, message.from, message.term, message.index, message.commit) = (2, 1, 3, 10, 9);
+    message.entries.push(raft::eraftpb::Entry { term: 3, index: 11, data: b"{}".to_vec().into(), ..Default::default() });
+    seeds.push(("raft_message", "append", message.write_to_bytes().expect("a message encodes")));
+    let proposal = |op| crate::coordination::embedded::Proposal { origin: 1, incarnation: 1, id: 1, now_ms: 2_000, op };
+    let put = proposal(Op::Put { key: "members/node-2".into(), value: b"10.0.0.2:7400".to_vec(), cas: crate::coordination::Cas::Absent });
+    seeds.push(("coordination_entry", "put", serde_json::to_vec(&put).expect("a proposal serializes")));
+    let session = proposal(Op::CreateSession { node: "node-2".into(), ttl_ms: 1_000 });
+    seeds.push(("coordination_entry", "session", serde_json::to_vec(&session).expect("a proposal serializes")));
+    let mut state = KvState::default();
+    let crate::coordination::state::Outcome::Session(id) = state.apply(&Op::CreateSession { node: "node-1".into(), ttl_ms: 1_000 }, 5)
+    else {
+        unreachable!("a new store makes a session")
+    };
+    state.apply(&Op::Acquire { key: "leaders/0".into(), value: b"node-1".to_vec(), session: id }, 5);
+    state.apply(&Op::Put { key: "placement/0".into(), value: b"node-1,node-2,node-3".to_vec(), cas: crate::coordination::Cas::Any }, 5);
+    seeds.push(("coordination_snapshot", "a-lock-and-a-placement", serde_json::to_vec(&state).expect("a state serializes")));
+    let auth = crate::security::auth::AuthTable {
+        tokens: [(
+            "0123456789abcdef".to_string(),
+            crate::security::auth::TokenRecord {
+                name: "ci".into(),
+                sha256: "ab".repeat(32),
+                grants: vec![crate::security::auth::Grant::parse("write:acme").expect("a grant")],
+                created_unix_ms: 1,
+            },
+        )]
+        .into(),
+        principals: [("ops".to_string(), vec![crate::security::auth::Grant::parse("read:*").expect("a grant")])].into(),
+    };
+    let mut bytes = vec![0u8];
+    bytes.extend(serde_json::to_vec(&auth).expect("a table serializes"));
+    seeds.push(("tables", "auth", bytes));
+    // A key table with one tenant's data key, wrapped by the target's key-encryption key.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("keys.json");
+    let kek = crate::security::keys::Kek::from_hex(&"11".repeat(32)).expect("a key");
+    let keys = crate::security::keys::Keys::in_file(path.clone(), vec![kek]).expect("a key table");
+    let mut events = [crate::log::NewEvent { event_type: "Placed".into(), payload: b"x".to_vec(), metadata: Vec::new() }];
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    runtime.block_on(keys.seal_events("acme/orders", &mut events)).expect("sealing works");
+    let mut bytes = vec![1u8];
+    bytes.extend(std::fs::read(&path).expect("the key table was written"));
+    seeds.push(("tables", "keys", bytes));
+    seeds
 }

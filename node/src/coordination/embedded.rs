@@ -65,15 +65,15 @@ pub enum RaftKvError {
 
 /// A Raft entry's payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Proposal {
+pub(crate) struct Proposal {
     /// The proposing node, its incarnation and its counter: who reports the outcome, and to
     /// which caller. After a restart the node re-applies its own old entries; their incarnation
     /// is not its current one, so their outcomes are not mistaken for new proposals'.
-    origin: RaftId,
-    incarnation: u64,
-    id: u64,
-    now_ms: u64,
-    op: Op,
+    pub(crate) origin: RaftId,
+    pub(crate) incarnation: u64,
+    pub(crate) id: u64,
+    pub(crate) now_ms: u64,
+    pub(crate) op: Op,
 }
 
 pub struct RaftKv {
@@ -516,7 +516,7 @@ impl RaftKv {
 }
 
 /// The store's state a snapshot carries.
-fn decode_snapshot(snapshot: &raft::eraftpb::Snapshot) -> Result<KvState, RaftKvError> {
+pub(crate) fn decode_snapshot(snapshot: &raft::eraftpb::Snapshot) -> Result<KvState, RaftKvError> {
     serde_json::from_slice(&snapshot.data).map_err(|e| {
         let reason = format!("undecodable coordination snapshot at index {}: {e}", snapshot.get_metadata().index);
         RaftKvError::Raft(raft::Error::Store(raft::StorageError::Other(reason.into())))

@@ -69,7 +69,7 @@ impl Journal {
         self.before.is_empty()
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.before.iter().map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len)).sum());
         for (key, value) in &self.before {
             out.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -86,7 +86,7 @@ impl Journal {
         out
     }
 
-    fn decode(mut bytes: &[u8]) -> Option<Journal> {
+    pub(crate) fn decode(mut bytes: &[u8]) -> Option<Journal> {
         fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
             let (head, rest) = (bytes.get(..n)?, bytes.get(n..)?);
             *bytes = rest;
