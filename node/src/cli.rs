@@ -185,6 +185,8 @@ pub struct NodeArgs {
     #[arg(long)]
     calls_per_second_per_caller: Option<u32>,
     #[arg(long)]
+    max_connections_per_address: Option<usize>,
+    #[arg(long)]
     command_id_retention_s: Option<u64>,
     /// `human` or `json`.
     #[arg(long, value_parser = parse_log_format)]
@@ -251,6 +253,7 @@ impl NodeArgs {
             max_subscribe_streams => limits.max_subscribe_streams,
             max_concurrent_calls_per_connection => limits.max_concurrent_calls_per_connection,
             calls_per_second_per_caller => limits.calls_per_second_per_caller,
+            max_connections_per_address => limits.max_connections_per_address,
             command_id_retention_s => app.command_id_retention_s,
             log_format => telemetry.log_format, log_level => telemetry.log_level,
             service_name => telemetry.service_name,

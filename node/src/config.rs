@@ -382,6 +382,9 @@ pub struct LimitsConfig {
     pub max_subscribe_streams: usize,
     /// Calls (HTTP/2 streams) one connection may have open at once; more wait their turn.
     pub max_concurrent_calls_per_connection: usize,
+    /// Connections one remote address may have open at once (peers and clients alike); more
+    /// are closed as soon as accepted. 0: no limit.
+    pub max_connections_per_address: usize,
     /// Calls per second one caller (a token, a certificate's principal) may start, over all
     /// its connections to this node; past it calls get `RESOURCE_EXHAUSTED`. 0: no limit. Only
     /// with TLS (without it nobody is told apart).
@@ -463,6 +466,7 @@ impl Default for LimitsConfig {
             max_session_in_flight: 1024,
             max_subscribe_streams: 1_000,
             max_concurrent_calls_per_connection: 1_024,
+            max_connections_per_address: 1_024,
             calls_per_second_per_caller: 0,
         }
     }

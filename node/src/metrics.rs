@@ -50,6 +50,9 @@ pub struct Metrics {
     pub tls_certificate_expiry_seconds: Gauge,
     /// Calls refused before reaching a service, by reason: `unauthenticated`, `not_a_member`.
     pub requests_refused: Family<Labels, Counter>,
+    /// Connections closed as soon as accepted: their address had
+    /// `limits.max_connections_per_address` open.
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +78,7 @@ impl Default for Metrics {
             tls_reload_failures: Counter::default(),
             tls_certificate_expiry_seconds: Gauge::default(),
             requests_refused: Family::default(),
+            connections_refused: Counter::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
             map_size_bytes: Gauge::default(),
@@ -97,6 +101,11 @@ impl Default for Metrics {
             m.tls_reload_failures.clone(),
         );
         registry.register("requests_refused", "Calls refused before any service saw them, by reason", m.requests_refused.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted: their address had limits.max_connections_per_address open",
+            m.connections_refused.clone(),
+        );
         registry.register("events_appended", "Events made durable", m.events_appended.clone());
         registry.register("commits", "Group commits (LMDB write transactions synced)", m.commits.clone());
         registry.register("batch_events", "Events per group commit", m.batch_events.clone());

@@ -23,7 +23,6 @@ use pb::tenants_server::TenantsServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
 use crate::api::auth::{AuthApi, TenantsApi};
@@ -168,16 +167,18 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     if retention.is_on() {
         tokio::spawn(crate::log::retention::run(log.clone(), retention, stopped.clone()));
     }
+    let max_connections_per_address = config.limits.max_connections_per_address;
     let mut tasks = vec![tokio::spawn({
         let (stopped, metrics) = (stopped.clone(), metrics.clone());
         async move {
+            let limits = crate::security::connections::PerAddress::new(max_connections_per_address, metrics.clone());
             match tls {
                 None => {
-                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    let incoming = crate::security::connections::incoming(listener, limits, stopped.clone());
                     router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?
                 }
                 Some(tls) => {
-                    let incoming = crate::security::tls::incoming(listener, tls, metrics, stopped.clone());
+                    let incoming = crate::security::tls::incoming(listener, tls, limits, metrics, stopped.clone());
                     router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?
                 }
             }

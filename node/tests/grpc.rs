@@ -402,3 +402,46 @@ async fn given_per_partition_start_positions_then_a_subscription_resumes_exactly
     assert!(expected.len() >= 2, "partition 0 holds too few events for the test: {status:?}");
     assert_eq!(replayed, expected);
 }
+
+/// Whether the node closed `stream` (it reads an end, or a reset) rather than keeping it open.
+fn closed_by_node(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    match stream.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_an_address_at_its_connection_limit_then_its_next_connection_is_closed_and_a_freed_place_is_taken_again() {
+    let mut t = start(&["--max-connections-per-address", "3"]).await;
+    t.clients.log.append(append("m", None, vec![event("A", "1")])).await.unwrap();
+    // The test's gRPC client holds at least one of the three places; raw connections take the
+    // rest, until one is closed at once.
+    let mut open = Vec::new();
+    let refused = loop {
+        let mut stream = std::net::TcpStream::connect(t.node.grpc_addr).unwrap();
+        if closed_by_node(&mut stream) {
+            break stream;
+        }
+        open.push(stream);
+        assert!(open.len() < 3, "three raw connections and the client's were all kept open");
+    };
+    drop(refused);
+    let metrics = http_get(t.node.metrics_addr.unwrap(), "/metrics");
+    assert!(metrics.contains("anthill_connections_refused_total 1"), "{metrics}");
+    // The client's own connection still serves.
+    t.clients.log.append(append("m", None, vec![event("A", "2")])).await.unwrap();
+    // A connection ended frees its place.
+    drop(open.pop().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = std::net::TcpStream::connect(t.node.grpc_addr).unwrap();
+        if !closed_by_node(&mut stream) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the freed place was not given again");
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod connections;
 pub mod identity;
 pub mod keys;
 pub mod table;

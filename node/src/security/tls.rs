@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::connections::{Counted, PerAddress};
 use crate::config::TlsConfig;
 use crate::coordination::transport::until_stopped;
 use crate::metrics::Metrics;
@@ -271,39 +272,32 @@ async fn watch_files(
 pub fn incoming(
     listener: TcpListener,
     tls: Tls,
+    limits: Arc<PerAddress>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+) -> ReceiverStream<std::io::Result<Counted<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
-            let (tcp, remote) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors, most likely: wait a little instead of spinning.
-                        tracing::warn!(error = %e, "cannot accept a connection; trying again in 100 ms");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = until_stopped(&mut stopped) => return,
+            let accepted = tokio::select! {
+                accepted = super::connections::accept(&listener, &limits, &mut stopped) => accepted,
                 _ = tx.closed() => return,
             };
+            let Some((tcp, place)) = accepted else { return };
+            let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 metrics.tls_handshake_failures.inc();
                 tracing::debug!(%remote, "too many TLS handshakes in progress; connection closed");
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
             let (tx, metrics) = (tx.clone(), metrics.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(Counted::new(stream, place))).await;
                     }
                     Ok(Err(e)) => {
                         metrics.tls_handshake_failures.inc();
