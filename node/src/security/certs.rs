@@ -178,13 +178,25 @@ pub struct Renewal {
 }
 
 /// Renews every node and client certificate in `dir` (`NAME.crt` with `NAME.key`, signed by
-/// `dir/ca.*`) that expires within `within_days` or has expired: a new key and a certificate
-/// with the same names, valid for `days`, in place of the old files (the key first, then the
-/// certificate, each whole: a run cut in between leaves a pair that does not match, which nodes
-/// refuse to load, keeping their old one, and which the next run renews again). A certificate
-/// the CA there did not sign is an error naming it, before anything is replaced.
+/// `dir/ca.*`) that expires within `within_days`, has expired, or does not go with its key: a
+/// new key and a certificate with the same names, valid for `days` and checked as its users
+/// will check it, in place of the old files (both written whole first, then the key renamed
+/// over the old one, then the certificate: a run cut in between leaves a pair that does not
+/// match, which nodes refuse to load, keeping their old one, and which the next run renews
+/// again). A certificate the CA there did not sign, or a CA file that is not one certificate
+/// going with `ca.key`, is an error naming it, before anything is replaced.
 pub fn renew(dir: &Path, within_days: u32, days: u32) -> Result<Vec<Renewal>, CertsError> {
     let ca = read_ca(dir)?;
+    let ca_invalid = |reason: String| CertsError::Invalid { what: dir.join("ca.crt").display().to_string(), reason };
+    match crate::security::tls::certificates(ca.cert_pem.as_bytes()).map_err(ca_invalid)?.len() {
+        1 => {}
+        n => {
+            return Err(ca_invalid(format!("holds {n} certificates; renewing needs the one CA that ca.key goes with (rotate CAs by hand)")));
+        }
+    }
+    if !key_matches(&ca.cert_pem, &ca.key_pem).map_err(ca_invalid)? {
+        return Err(ca_invalid("does not go with ca.key".into()));
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| CertsError::Read { path: dir.to_path_buf(), source })?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -198,19 +210,26 @@ pub fn renew(dir: &Path, within_days: u32, days: u32) -> Result<Vec<Renewal>, Ce
         let invalid = |reason: String| CertsError::Invalid { what: cert_file.display().to_string(), reason };
         let (kind, name, expires) = signed_leaf(&cert_pem, &ca.cert_pem).map_err(invalid)?;
         let key_file = cert_file.with_extension("key");
-        if !key_file.exists() {
-            return Err(invalid(format!("has no key beside it ({})", key_file.display())));
-        }
-        found.push((cert_file, key_file, kind, name, expires));
+        let key_pem = std::fs::read_to_string(&key_file)
+            .map_err(|e| invalid(format!("has no readable key beside it ({}: {e})", key_file.display())))?;
+        let pair = key_matches(&cert_pem, &key_pem).map_err(|e| invalid(format!("{}: {e}", key_file.display())))?;
+        found.push((cert_file, key_file, kind, name, expires, pair));
     }
     let mut report = Vec::new();
-    for (cert_file, key_file, kind, name, expires) in found {
+    for (cert_file, key_file, kind, name, expires, pair) in found {
         let label = if matches!(kind, Kind::Node { .. }) { "node" } else { "client" };
-        let renewed = expires <= deadline;
+        let renewed = expires <= deadline || !pair;
         let not_after = if renewed {
             let issued = issue(&kind, &name, days, Some(&ca))?;
-            replace(&key_file, issued.key_pem.as_bytes(), 0o600)?;
-            replace(&cert_file, issued.cert_pem.as_bytes(), 0o644)?;
+            valid_now(&issued.cert_pem, &ca.cert_pem)
+                .map_err(|reason| CertsError::Invalid { what: format!("the new certificate of {name:?}"), reason })?;
+            let (key_new, cert_new) = (staged(&key_file), staged(&cert_file));
+            let _ = (std::fs::remove_file(&key_new), std::fs::remove_file(&cert_new));
+            write_new(&key_new, issued.key_pem.as_bytes(), 0o600)?;
+            write_new(&cert_new, issued.cert_pem.as_bytes(), 0o644)?;
+            for (from, to) in [(&key_new, &key_file), (&cert_new, &cert_file)] {
+                std::fs::rename(from, to).map_err(|source| CertsError::Write { path: to.clone(), source })?;
+            }
             not_after(&issued.cert_pem)
         } else {
             not_after(&std::fs::read_to_string(&cert_file).unwrap_or_default())
@@ -266,12 +285,34 @@ fn ip(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// Puts `bytes` at `path` with `mode`, whole (a temporary file renamed over it).
-fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
-    let temporary = path.with_extension(format!("renewed-{}", std::process::id()));
-    let _ = std::fs::remove_file(&temporary);
-    write_new(&temporary, bytes, mode)?;
-    std::fs::rename(&temporary, path).map_err(|source| CertsError::Write { path: path.to_path_buf(), source })
+/// Where the renewed `path` is written before it is renamed over `path`.
+fn staged(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".renewed-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Whether PEM key `key_pem` is the key of the first certificate in `cert_pem`.
+fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, String> {
+    use rcgen::PublicKeyData as _;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| format!("not a key this tool reads: {e}"))?;
+    let der = crate::security::tls::certificates(cert_pem.as_bytes())?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not a certificate: {e}"))?;
+    Ok(cert.public_key().raw == key.subject_public_key_info().as_slice())
+}
+
+/// Whether `cert_pem` passes, now, the check nodes and clients make of a certificate of the CA
+/// `ca_pem` (an expired CA, or a CA file whose key is not `ca.key`, fails here).
+fn valid_now(cert_pem: &str, ca_pem: &str) -> Result<(), String> {
+    let der = crate::security::tls::certificates(cert_pem.as_bytes())?.remove(0);
+    let roots = crate::security::tls::root_store(ca_pem.as_bytes())?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, crate::security::tls::provider())
+        .build()
+        .map_err(|e| e.to_string())?;
+    verifier
+        .verify_client_cert(&der, &[], rustls_pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| format!("does not verify against ca.crt: {e}"))
 }
 
 /// The DER bytes of the first certificate in PEM `bytes` (empty when there is none).
@@ -377,6 +418,32 @@ mod tests {
         let Err(e) = renew(dir.path(), 30, 365) else { panic!("renewed") };
         assert!(e.to_string().contains("stranger.crt") && e.to_string().contains("not a certificate the CA beside it signed"), "{e}");
         assert_eq!(std::fs::read_to_string(dir.path().join("admin.key")).unwrap(), soon.key_pem);
+    }
+
+    #[test]
+    fn given_a_pair_that_does_not_match_when_renewing_then_it_is_renewed_however_far_its_end_and_two_cas_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = issue(&Kind::Ca, "test CA", 3650, None).unwrap();
+        write(dir.path(), "ca", &ca).unwrap();
+        let far = issue(&Kind::Client, "admin", 300, Some(&ca)).unwrap();
+        let other = issue(&Kind::Client, "admin", 300, Some(&ca)).unwrap();
+        // A run cut between the key and the certificate: the new key beside the old certificate.
+        write(dir.path(), "admin", &Issued { cert_pem: far.cert_pem.clone(), key_pem: other.key_pem }).unwrap();
+        let report = renew(dir.path(), 30, 365).unwrap();
+        assert!(report[0].renewed, "{report:?}");
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(key_matches(&read("admin.crt"), &read("admin.key")).unwrap());
+        assert!(!renew(dir.path(), 30, 365).unwrap()[0].renewed, "a matching pair far from its end is kept");
+
+        // A CA file holding two CAs (a rotation): which one signs is not for this tool to guess.
+        let second = issue(&Kind::Ca, "next CA", 3650, None).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), format!("{}{}", ca.cert_pem, second.cert_pem)).unwrap();
+        let Err(e) = renew(dir.path(), 400, 365) else { panic!("renewed with two CAs") };
+        assert!(e.to_string().contains("holds 2 certificates"), "{e}");
+        // A CA certificate that does not go with ca.key.
+        std::fs::write(dir.path().join("ca.crt"), &second.cert_pem).unwrap();
+        let Err(e) = renew(dir.path(), 400, 365) else { panic!("renewed with another CA's key") };
+        assert!(e.to_string().contains("does not go with ca.key"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! (a runaway client, a scanner) cannot take all of a node's file descriptors and starve the
 //! others. A connection over the limit is closed as soon as it is accepted, before any TLS
 //! handshake or HTTP/2, and counted in `anthill_connections_refused_total`. The count of an
-//! address drops when its connection ends, whoever ends it.
+//! address drops when its connection ends, whoever ends it. The TLS listener also keeps each
+//! address to 128 handshakes in progress (of 512 in all), counted alike.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

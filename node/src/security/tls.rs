@@ -37,6 +37,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; a connection accepted while this many are is closed at once
 /// (accepting never waits: a crowd of idle sockets cannot keep peers out).
 const MAX_HANDSHAKES: usize = 512;
+/// TLS handshakes of one remote address in progress at once; more are closed at once.
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 128;
 /// Handshaken connections waiting for the gRPC server to take them.
 const ACCEPTED_QUEUE: usize = 64;
 
@@ -279,13 +281,16 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        // One address cannot hold every handshake slot (and have the others' connections closed).
+        let handshaking = PerAddress::new(MAX_HANDSHAKES_PER_ADDRESS, metrics.clone());
         loop {
             let accepted = tokio::select! {
                 accepted = super::connections::accept(&listener, &limits, &mut stopped) => accepted,
                 _ = tx.closed() => return,
             };
             let Some((tcp, place)) = accepted else { return };
-            let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let Ok(remote) = tcp.peer_addr() else { continue };
+            let Some(handshake_place) = handshaking.admit(remote.ip()) else { continue };
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 metrics.tls_handshake_failures.inc();
                 tracing::debug!(%remote, "too many TLS handshakes in progress; connection closed");
@@ -294,7 +299,7 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
             let (tx, metrics) = (tx.clone(), metrics.clone());
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permits = (permit, handshake_place);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(Counted::new(stream, place))).await;

@@ -142,8 +142,8 @@ variable "tls" {
     of version control. Fixed at creation: nodes with and without TLS cannot talk.
     When the folder holds the CA's key, every converge renews the certificates ending within
     `renew_within_days` (`anthill certs renew`); the nodes reload them without a restart, so
-    `terraform apply -replace=module.anthill.terraform_data.converge` at least that often keeps
-    them valid.
+    `terraform apply -replace=module.anthill.terraform_data.converge` more often than that
+    keeps them valid.
   EOT
   type = object({
     enabled           = optional(bool, true)

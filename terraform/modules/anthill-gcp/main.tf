@@ -31,6 +31,15 @@ resource "terraform_data" "founders" {
   }
 }
 
+# TLS on or off as at the first apply: a later switch would reach only machines made after it
+# (the user data is written once), and nodes with and without TLS cannot talk.
+resource "terraform_data" "tls_fixed" {
+  input = var.tls.enabled
+  lifecycle {
+    ignore_changes = [input]
+  }
+}
+
 module "config" {
   source             = "../anthill-node-config"
   members            = local.members
@@ -146,5 +155,9 @@ resource "google_compute_instance" "node" {
   # is rolled one node at a time, drained, by the playbooks or by hand (docs/clouds.md).
   lifecycle {
     ignore_changes = [metadata_startup_script, boot_disk, machine_type]
+    precondition {
+      condition     = terraform_data.tls_fixed.output == var.tls.enabled
+      error_message = "tls.enabled is fixed at the first apply (the machines' user data is written once; nodes with and without TLS cannot talk). A cluster made before TLS existed sets tls = { enabled = false }."
+    }
   }
 }

@@ -38,6 +38,15 @@ resource "terraform_data" "founders" {
   }
 }
 
+# TLS on or off as at the first apply: a later switch would reach only machines made after it
+# (the user data is written once), and nodes with and without TLS cannot talk.
+resource "terraform_data" "tls_fixed" {
+  input = var.tls.enabled
+  lifecycle {
+    ignore_changes = [input]
+  }
+}
+
 module "config" {
   source             = "../anthill-node-config"
   members            = local.members
@@ -109,6 +118,10 @@ resource "hcloud_server" "node" {
   # is rolled one node at a time, drained, by the playbooks or by hand (docs/clouds.md).
   lifecycle {
     ignore_changes = [user_data, image, server_type]
+    precondition {
+      condition     = terraform_data.tls_fixed.output == var.tls.enabled
+      error_message = "tls.enabled is fixed at the first apply (the machines' user data is written once; nodes with and without TLS cannot talk). A cluster made before TLS existed sets tls = { enabled = false }."
+    }
   }
 
   depends_on = [hcloud_network_subnet.cluster]

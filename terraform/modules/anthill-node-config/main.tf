@@ -25,7 +25,13 @@ locals {
       }
     ] if local.tls_on
   }
-  tls_missing = distinct(flatten([for files in values(local.tls_files) : [for f in files : f.source if !fileexists(f.source)]]))
+  # The administrator's client certificate is not written to the machines, but the modules'
+  # status_command uses it.
+  tls_required = local.tls_on ? concat(
+    flatten([for files in values(local.tls_files) : [for f in files : f.source]]),
+    ["${var.tls.dir}/admin.crt", "${var.tls.dir}/admin.key"],
+  ) : []
+  tls_missing = distinct([for f in local.tls_required : f if !fileexists(f)])
   tls_contents = {
     for m in var.members : m.name => [
       for f in lookup(local.tls_files, m.name, []) : { path = f.path, content = fileexists(f.source) ? file(f.source) : "" }

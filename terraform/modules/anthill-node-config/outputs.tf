@@ -15,6 +15,10 @@ output "cloud_init" {
     condition     = length(local.tls_missing) == 0
     error_message = local.tls_missing_message
   }
+  precondition {
+    condition     = !contains([for m in var.members : m.name], var.tls.server_name)
+    error_message = "tls.server_name ${var.tls.server_name} is a member's name: every node's certificate carries it, so any node could pass for that member to its peers. Pick another name."
+  }
 }
 
 output "tls_files" {

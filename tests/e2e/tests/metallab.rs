@@ -542,6 +542,7 @@ fn scenario(coordination: Coordination) {
     // Certificates renewed under load: a converge renewing all of them (each ends within 400
     // days) places them, and every node serves its new one without a restart.
     let before: Vec<i64> = kept.iter().map(|h| lab.certificate_expiry(*h)).collect();
+    assert!(before.iter().all(|e| *e > 0), "every node reports its certificate's expiry: {before:?}");
     terraform.renew_within_days = 400;
     let renewing = Instant::now();
     let applied = steps.step("certificates renewed", || terraform.apply(&kept, version));

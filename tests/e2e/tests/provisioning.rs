@@ -103,7 +103,7 @@ fn the_node_configuration_of_the_cloud_modules_passes_its_tests_and_the_node_acc
     let data = tempfile::tempdir().unwrap();
     terraform(&module, data.path(), &["init", "-input=false", "-no-color"]).unwrap();
     let tested = terraform(&module, data.path(), &["test", "-no-color"]).unwrap();
-    assert!(tested.contains("7 passed, 0 failed"), "{tested}");
+    assert!(tested.contains("8 passed, 0 failed"), "{tested}");
 
     let root = tempfile::tempdir().unwrap();
     let members = r#"[{ name = "n-1", address = "10.0.0.1", raft_id = 1 }, { name = "n-2", address = "10.0.0.2", raft_id = 2 }, { name = "n-3", address = "10.0.0.3", raft_id = 3 }]"#;

@@ -120,3 +120,11 @@ run "a_missing_tls_file_is_named" {
   }
   expect_failures = [output.cloud_init, output.tls_files]
 }
+
+run "a_member_name_as_the_client_name_is_refused" {
+  command = plan
+  variables {
+    tls = { dir = "tests/tls", server_name = "a-2" }
+  }
+  expect_failures = [output.cloud_init]
+}
