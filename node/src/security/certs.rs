@@ -191,7 +191,9 @@ pub fn renew(dir: &Path, within_days: u32, days: u32) -> Result<Vec<Renewal>, Ce
     match crate::security::tls::certificates(ca.cert_pem.as_bytes()).map_err(ca_invalid)?.len() {
         1 => {}
         n => {
-            return Err(ca_invalid(format!("holds {n} certificates; renewing needs the one CA that ca.key goes with (rotate CAs by hand)")));
+            return Err(ca_invalid(format!(
+                "holds {n} certificates; renewing needs the one CA that ca.key goes with (rotate CAs by hand)"
+            )));
         }
     }
     if !key_matches(&ca.cert_pem, &ca.key_pem).map_err(ca_invalid)? {
