@@ -1,6 +1,7 @@
 //! Writes the seed inputs of the fuzz targets (`fuzz/seeds/<target>/`): one valid input of each
 //! decoder, from the node's own encoders, so libFuzzer starts from the format rather than from
-//! nothing. `cargo run -p anthill-node --example fuzz_seeds -- fuzz/seeds` (fuzz/run.sh does it).
+//! nothing; existing seed files are kept. `cargo run -p anthill-node --example fuzz_seeds -- fuzz/seeds`
+//! (fuzz/run.sh does it).
 
 use std::path::PathBuf;
 
@@ -14,7 +15,12 @@ fn main() -> anyhow::Result<()> {
     let write = |target: &str, name: &str, bytes: &[u8]| -> anyhow::Result<()> {
         let dir = out.join(target);
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join(name), bytes)?;
+        // An existing seed is kept (delete it to make it again): some hold random parts, such
+        // as the key table's data key, and would otherwise change at every fuzz run.
+        let path = dir.join(name);
+        if !path.exists() {
+            std::fs::write(path, bytes)?;
+        }
         Ok(())
     };
     let record = EventRecord {

@@ -28,4 +28,4 @@ cd "$repo"
 echo "metal-long.sh: building (release), then the lab's test ($coordination) with $hosts hosts and one added (at most 60 minutes)" >&2
 cargo build --release -q -p anthill-node --bin anthill
 ANTHILL_METALLAB_HOSTS="$hosts" timeout --kill-after=60 3600 \
-    cargo test --release -q -p anthill-e2e --test metallab -- --nocapture --test-threads=1 "$test"
+    cargo test --release -q -p anthill-e2e --test metallab -- --include-ignored --nocapture --test-threads=1 "$test"

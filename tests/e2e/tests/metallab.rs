@@ -12,7 +12,8 @@
 //! lost, and reports how long writes were unavailable during each step. The teardown leaves
 //! nothing running or mounted. The same again with coordination `consul`: the module runs
 //! Consul servers on three of the hosts (ACLs on, gossip encrypted) and a client agent on the
-//! others, and a host leaving takes its agent out of the Consul cluster. Both runs have TLS
+//! others, and a host leaving takes its agent out of the Consul cluster (not in `.ci/run`, for
+//! CI's time: `metal-long.sh --coordination consul --hosts 3`). Both runs have TLS
 //! (the module's default: a development CA and certificates made by the playbook) and
 //! encryption at rest on.
 
@@ -325,7 +326,10 @@ fn terraform_apply_on_bare_metal_hosts_makes_a_cluster_that_loses_no_acknowledge
     scenario(Coordination::Embedded);
 }
 
+/// Not in `.ci/run` (about ten minutes more than CI's budget allows): a command,
+/// `tests/e2e/lab/metal-long.sh --coordination consul [--hosts 3]` (docs/bare-metal.md).
 #[test]
+#[ignore = "CI's time: run it with tests/e2e/lab/metal-long.sh --coordination consul --hosts 3"]
 fn the_same_with_consul_servers_on_three_of_the_hosts_run_by_the_module() {
     scenario(Coordination::Consul);
 }
