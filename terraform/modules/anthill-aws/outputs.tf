@@ -5,10 +5,7 @@ output "client_endpoints" {
 
 output "status_command" {
   description = "The command that shows the cluster's members, partitions and leaders (from inside the VPC; with TLS, as the administrator, with the files of `tls.dir`)."
-  value = (var.tls.enabled
-    ? "anthill --tls-ca ${local.tls_dir}/ca.crt --tls-cert ${local.tls_dir}/admin.crt --tls-key ${local.tls_dir}/admin.key --tls-server-name ${local.tls_server_name} status --server https://${local.members[0].address}:7400"
-    : "anthill status --server http://${local.members[0].address}:7400"
-  )
+  value       = module.config.status_command
 }
 
 output "tls_server_name" {

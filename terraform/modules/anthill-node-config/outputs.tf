@@ -30,3 +30,11 @@ output "tls_files" {
     error_message = local.tls_missing_message
   }
 }
+
+output "status_command" {
+  description = "The command that shows the cluster's members, partitions and leaders, from where the first member's address is reached (with TLS: as the administrator, with the files of `tls.dir`, checking `tls.server_name`)."
+  value = (local.tls_on
+    ? "anthill --tls-ca ${var.tls.dir}/ca.crt --tls-cert ${var.tls.dir}/admin.crt --tls-key ${var.tls.dir}/admin.key${var.tls.server_name != "" ? " --tls-server-name ${var.tls.server_name}" : ""} status --server https://${var.members[0].address}:7400"
+    : "anthill status --server http://${var.members[0].address}:7400"
+  )
+}

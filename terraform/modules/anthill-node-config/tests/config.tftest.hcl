@@ -26,6 +26,10 @@ run "every_node_lists_every_member_and_only_later_ones_join" {
     error_message = "a-4, added after the founders, does not join"
   }
   assert {
+    condition     = output.status_command == "anthill status --server http://10.0.1.10:7400" && !can(yamldecode(output.yaml["a-1"]).tls)
+    error_message = "without tls.dir, TLS is configured or the status command uses it"
+  }
+  assert {
     condition     = yamldecode(output.yaml["a-1"]).cluster.coordination.kind == "embedded" && yamldecode(output.yaml["a-1"]).cluster.session_ttl_ms == 1000
     error_message = "the default is the embedded store with 1 s leases"
   }
@@ -92,7 +96,7 @@ run "no_token_no_token_file_and_overrides_merge_into_the_cluster_settings" {
 run "tls_files_are_written_and_named_in_the_configuration" {
   command = plan
   variables {
-    tls = { dir = "tests/tls" }
+    tls = { dir = "tests/tls", server_name = "shop" }
   }
 
   assert {
@@ -106,6 +110,10 @@ run "tls_files_are_written_and_named_in_the_configuration" {
   assert {
     condition     = strcontains(output.cloud_init["a-2"], "path: /etc/anthill/tls/node.key")
     error_message = "the key is not written where the configuration names it"
+  }
+  assert {
+    condition     = output.status_command == "anthill --tls-ca tests/tls/ca.crt --tls-cert tests/tls/admin.crt --tls-key tests/tls/admin.key --tls-server-name shop status --server https://10.0.1.10:7400"
+    error_message = "the status command does not use TLS as the administrator: ${output.status_command}"
   }
 }
 
