@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("coordination_entry", coordination_entry),
     ("coordination_snapshot", coordination_snapshot),
     ("tables", tables),
+    ("audit_batch", audit_batch),
 ];
 
 /// A stored event record, as read back from LMDB. The input's checksum is set right first
@@ -190,6 +191,26 @@ fn restores(state: &crate::coordination::state::KvState) {
     assert_eq!(&restored, state, "a snapshot restores the state it was taken of");
 }
 
+/// A member's audit records (`Cluster.Audit`): protobuf, then the leader's checks, as the
+/// member the batch names and as another one. What passes is whole: each event is a record of
+/// that member's.
+pub fn audit_batch(bytes: &[u8]) {
+    use crate::security::audit::{BATCH, EVENT_TYPE, Record, check_batch};
+    use crate::security::identity::Peer;
+    let Ok(batch) = pb::AuditBatch::decode(bytes) else { return };
+    let members = std::collections::BTreeMap::from([(1, "node-1".to_string()), (2, "node-2".to_string())]);
+    for peer in [None, Some(Peer { id: 1 }), Some(Peer { id: 2 })] {
+        let Ok(events) = check_batch(&members, peer, &batch) else { continue };
+        assert!(peer.is_none_or(|p| members[&p.id] == batch.member), "a member appended to another's stream");
+        assert!(!events.is_empty() && events.len() <= BATCH && events.len() == batch.records.len());
+        for event in events {
+            assert_eq!(event.event_type, EVENT_TYPE);
+            let record: Record = serde_json::from_slice(&event.payload).expect("a stored record parses");
+            assert!(record.id.starts_with(&format!("{}:", batch.member)), "{} stored under {}", record.id, batch.member);
+        }
+    }
+}
+
 /// The replicated tables as a node loads them (a single node's file; a cluster's come the same
 /// way from the coordination store): the first byte picks the auth table or the key table.
 /// What loads is used: every principal's and token's caller and grants; every tenant's data key
@@ -315,5 +336,15 @@ pub fn internal_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut bytes = vec![1u8];
     bytes.extend(std::fs::read(&path).expect("the key table was written"));
     seeds.push(("tables", "keys", bytes));
+    let record = crate::security::audit::Record {
+        id: "node-2:0a1b2c3d:7".into(),
+        at_unix_ms: 1,
+        by: "token 0123456789abcdef (\"ci\")".into(),
+        action: "refused: missing grant".into(),
+        outcome: "refused".into(),
+        detail: "needs write:globex".into(),
+    };
+    let batch = pb::AuditBatch { member: "node-2".into(), records: vec![serde_json::to_vec(&record).expect("a record serializes")] };
+    seeds.push(("audit_batch", "one-refusal", batch.encode_to_vec()));
     seeds
 }

@@ -53,6 +53,10 @@ pub struct Metrics {
     /// Connections closed as soon as accepted: their address had
     /// `limits.max_connections_per_address` open.
     pub connections_refused: Counter,
+    /// Audit records appended to the node's audit stream, and those dropped because too many
+    /// waited (they are in the log only).
+    pub audit_records_written: Counter,
+    pub audit_records_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -79,6 +83,8 @@ impl Default for Metrics {
             tls_certificate_expiry_seconds: Gauge::default(),
             requests_refused: Family::default(),
             connections_refused: Counter::default(),
+            audit_records_written: Counter::default(),
+            audit_records_dropped: Counter::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
             map_size_bytes: Gauge::default(),
@@ -92,7 +98,7 @@ impl Default for Metrics {
         registry.register("tls_reloads", "Changed TLS files put in force", m.tls_reloads.clone());
         registry.register(
             "tls_certificate_expiry_seconds",
-            "When the node's certificate in force expires, in seconds since the Unix epoch (alert well before: nothing renews it on bare metal)",
+            "When the node's certificate in force expires, in seconds since the Unix epoch (alert well before: on bare metal it is renewed only by a converge, `anthill certs renew`)",
             m.tls_certificate_expiry_seconds.clone(),
         );
         registry.register(
@@ -105,6 +111,12 @@ impl Default for Metrics {
             "connections_refused",
             "Connections closed as soon as accepted: their address had limits.max_connections_per_address open",
             m.connections_refused.clone(),
+        );
+        registry.register("audit_records_written", "Audit records appended to the node's audit stream", m.audit_records_written.clone());
+        registry.register(
+            "audit_records_dropped",
+            "Audit records not appended to the audit stream because too many waited (they are in the log on the anthill::audit target)",
+            m.audit_records_dropped.clone(),
         );
         registry.register("events_appended", "Events made durable", m.events_appended.clone());
         registry.register("commits", "Group commits (LMDB write transactions synced)", m.commits.clone());

@@ -80,6 +80,15 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let grpc_addr = listener.local_addr()?;
     let cluster = crate::coordination::member::start(config, log.clone(), tls.clone(), stopped.clone()).await?;
     let (cluster_handle, cluster_service) = cluster.map_or((None, None), |(h, s)| (Some(h), Some(s)));
+    // Admin actions and refusals, appended to `$audit/<node>` (here, or at that partition's
+    // leader).
+    let forwarding = cluster_handle.as_ref().map(|handle| crate::security::audit::Forwarding {
+        view: handle.view.clone(),
+        members: handle.members.clone(),
+        local: crate::coordination::transport::outgoing_address(config.listen_addr),
+        tls: tls.clone(),
+    });
+    let audit = crate::security::audit::start(config.node_id.clone(), log.clone(), forwarding, metrics.clone(), stopped.clone());
     let drain_on_stop = Duration::from_millis(config.cluster.drain_on_stop_ms);
     let cluster = cluster_handle.clone().map(|handle| (handle, drain_on_stop));
     let api = Api::new(log.clone(), config.node_id.clone(), stopped.clone()).with_cluster(cluster_handle);
@@ -119,7 +128,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     };
     let api = api.with_keys(keys.clone()).with_auth(auth.clone());
     // Health stays open (probes carry no certificate); every other service is behind a gate.
-    let client = ClientGate::new(auth.clone(), metrics.clone()).with_rate(config.limits.calls_per_second_per_caller);
+    let client = ClientGate::new(auth.clone(), metrics.clone()).with_rate(config.limits.calls_per_second_per_caller).with_audit(audit);
     let members = config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect();
     let peers = PeerGate::new(tls.is_some(), members, metrics.clone());
     let calls_per_connection = config.limits.max_concurrent_calls_per_connection;

@@ -55,6 +55,36 @@ async fn given_appended_events_when_read_back_then_every_field_round_trips() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_single_node_then_an_admin_operation_is_a_record_of_its_audit_stream_and_clients_cannot_write_that_stream() {
+    let mut t = start(&[]).await;
+    let node = t.clients.node.status(pb::StatusRequest {}).await.unwrap().into_inner().node_id;
+    let refused = t.clients.node.decommission(pb::DecommissionRequest { node: "node-9".into(), undo: false }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "a single node has no replica sets: {refused:?}");
+    let stream = format!("$audit/{node}");
+    let forged = t.clients.log.append(append(&stream, None, vec![event("audit-record", "{}")])).await.unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
+    assert!(forged.message().contains("reserved"), "{forged:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = t.clients.log.read(pb::ReadRequest { stream: stream.clone(), from_version: 1, max_count: 10, linearizable: false });
+        let events = read.await.unwrap().into_inner().events;
+        if let Some(e) = events.first() {
+            assert_eq!(events.len(), 1, "one operation, one record: {events:?}");
+            let record: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+            assert_eq!(
+                (e.r#type.as_str(), &record["action"], &record["outcome"]),
+                ("audit-record", &"decommission".into(), &"allowed".into())
+            );
+            assert_eq!(record["by"], "anonymous \"\"", "no TLS: nobody is authenticated");
+            assert!(record["detail"].as_str().unwrap().contains("node-9"), "{record}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit record in {stream} after 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_a_stale_expected_version_when_appending_then_failed_precondition_carries_the_actual_version() {
     let mut t = start(&[]).await;
     t.clients.log.append(append("acct", None, vec![event("A", "1"), event("B", "2")])).await.unwrap();

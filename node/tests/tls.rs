@@ -440,6 +440,103 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     assert_eq!(acme, vec![b"by the writer".to_vec(), b"session 1".to_vec()]);
 }
 
+/// The audit records of `node`'s stream, read by the admin (through any node).
+async fn audit_records(router: &Router, node: &str) -> Vec<anthill_node::security::audit::Record> {
+    let events = router.read_stream_all(&anthill_node::security::audit::stream_of(node)).await.unwrap();
+    events.iter().map(|e| serde_json::from_slice(&e.payload).expect("an audit record")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_admin_actions_and_refusals_then_each_is_a_record_in_the_audit_stream_of_the_node_that_saw_it_even_one_leading_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let _reset = TokenReset;
+
+    // Node-2 hands its leaderships over: its records can reach its stream only through the
+    // leader of that stream's partition, another node.
+    let mut admin_on_2 = client::connect(&cluster.url(1)).await.unwrap();
+    admin_on_2.node.drain(pb::DrainRequest { node: "node-2".into(), undo: false }).await.unwrap();
+    let leads_nothing = async |admin: &mut client::Clients| {
+        let status = admin.node.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        status.cluster.unwrap().partitions.iter().all(|p| p.leader != "node-2")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leads_nothing(&mut admin_on_2).await {
+        assert!(Instant::now() < deadline, "node-2 still leads a partition 30 s after its drain");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    let grant = pb::Grant { role: "write".into(), tenant: "acme".into() };
+    let made = admin.auth.create_token(pb::CreateTokenRequest { name: "acme-writer".into(), grants: vec![grant] }).await;
+    let made = made.unwrap().into_inner();
+
+    // The token's refusals on node-2 (once node-2 knows the token).
+    client::use_token(Some(made.token.clone())).unwrap();
+    let mut writer_on_2 = client::connect(&cluster.url(1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let read =
+            writer_on_2.log.read(pb::ReadRequest { stream: "globex/orders".into(), from_version: 1, max_count: 1, linearizable: false });
+        match refusal(read.await) {
+            Some((tonic::Code::PermissionDenied, _)) => break,
+            other => assert!(Instant::now() < deadline, "node-2 never refused the token's read of globex: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = writer_on_2.node.drain(pb::DrainRequest { node: String::new(), undo: true }).await;
+    assert_eq!(refusal(drain).map(|r| r.0), Some(tonic::Code::PermissionDenied));
+    let read_audit =
+        writer_on_2.log.read(pb::ReadRequest { stream: "$audit/node-2".into(), from_version: 1, max_count: 10, linearizable: false });
+    assert_eq!(
+        refusal(read_audit.await).map(|r| r.0),
+        Some(tonic::Code::PermissionDenied),
+        "only read:* and cluster-admin read audit streams"
+    );
+    client::use_token(None).unwrap();
+
+    // Not even a cluster admin writes an audit stream.
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    let forged = router.append(append("$audit/node-2", "forged".into())).await;
+    let (code, message) = refusal(forged).expect("the forged record refused");
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+
+    // Every record is in its node's stream: node-2's through the Cluster.Audit call.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let token_by = format!("token {} (\"acme-writer\")", made.id);
+    let expected = |records: &[anthill_node::security::audit::Record]| {
+        let has = |by: &str, action: &str, outcome: &str, detail: &str| {
+            records.iter().any(|r| r.by == by && r.action == action && r.outcome == outcome && r.detail.contains(detail))
+        };
+        has("certificate \"admin\"", "drain", "allowed", "node-2")
+            && has(&token_by, "refused: missing grant", "refused", "needs read:globex")
+            && has(&token_by, "drain", "refused", "needs cluster-admin")
+            && has(&token_by, "refused: missing grant", "refused", "needs read:$audit")
+    };
+    loop {
+        let records = audit_records(&router, "node-2").await;
+        if expected(&records) {
+            assert!(records.iter().all(|r| r.id.starts_with("node-2:")), "{records:?}");
+            assert!(!records.iter().any(|r| r.detail.contains("forged")), "{records:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-2's audit stream lacks records: {records:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let created = |records: &[anthill_node::security::audit::Record]| {
+        records.iter().any(|r| r.action == "token created" && r.detail.contains(&made.id) && r.detail.contains("write:acme"))
+    };
+    while !created(&audit_records(&router, "node-1").await) {
+        assert!(Instant::now() < deadline, "node-1's audit stream lacks the token's creation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(leads_nothing(&mut admin_on_2).await, "node-2 led a partition meanwhile: its records may not have been forwarded");
+    assert!(metric(&cluster, 1, "anthill_audit_records_written_total").await >= 4);
+    assert_eq!(metric(&cluster, 1, "anthill_audit_records_dropped_total").await, 0);
+}
+
 /// Whether any file under `dir` (recursively) contains `needle`.
 fn any_file_contains(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();

@@ -1,7 +1,7 @@
 //! The `Auth` service: tokens and the grants of certificate principals (docs/security.md), and
 //! the `Tenants` service (forgetting a tenant, re-wrapping data keys). Every
-//! call but `WhoAmI` needs `cluster-admin`; each change is logged on the `anthill::audit` target
-//! with who made it. Without TLS there is nobody to authenticate, and the calls that change the
+//! call but `WhoAmI` needs `cluster-admin`; each change is an audit record
+//! ([`crate::security::audit`]) with who made it. Without TLS there is nobody to authenticate, and the calls that change the
 //! table are refused.
 
 use anthill_proto::v1 as pb;
@@ -52,7 +52,7 @@ impl pb::auth_server::Auth for AuthApi {
         let grants = grants_from_wire(r.grants)?;
         let shown: Vec<String> = grants.iter().map(Grant::to_string).collect();
         let (id, token) = auth.create_token(&r.name, grants).await?;
-        tracing::info!(target: "anthill::audit", by = %caller.name, token = %id, name = %r.name, grants = ?shown, "token created");
+        caller.audit("token created", "done", format!("token {id} ({:?}) with {}", r.name, shown.join(", ")));
         Ok(Response::new(pb::CreateTokenResponse { id, token }))
     }
 
@@ -76,7 +76,7 @@ impl pb::auth_server::Auth for AuthApi {
         let (auth, caller) = self.admin(&request)?;
         let id = request.into_inner().id;
         let revoked = auth.revoke_token(&id).await?;
-        tracing::info!(target: "anthill::audit", by = %caller.name, token = %id, revoked, "token revoked");
+        caller.audit("token revoked", "done", format!("token {id:?}{}", if revoked { "" } else { " (was not there)" }));
         Ok(Response::new(pb::RevokeTokenResponse { revoked }))
     }
 
@@ -86,7 +86,7 @@ impl pb::auth_server::Auth for AuthApi {
         let grants = grants_from_wire(r.grants)?;
         let shown: Vec<String> = grants.iter().map(Grant::to_string).collect();
         auth.set_grants(&r.principal, grants).await?;
-        tracing::info!(target: "anthill::audit", by = %caller.name, principal = %r.principal, grants = ?shown, "grants set");
+        caller.audit("grants set", "done", format!("principal {:?} holds: {}", r.principal, shown.join(", ")));
         Ok(Response::new(pb::SetGrantsResponse {}))
     }
 
@@ -139,7 +139,7 @@ impl pb::tenants_server::Tenants for TenantsApi {
         crate::security::auth::check_tenant(&tenant).map_err(Status::invalid_argument)?;
         caller.require(&tenant, Role::Admin)?;
         let had_key = self.keys()?.forget(&tenant).await?;
-        tracing::warn!(target: "anthill::audit", by = %caller.name, %tenant, had_key, "tenant forgotten: its events can never be read again");
+        caller.audit("tenant forgotten", "done", format!("tenant {tenant}{}", if had_key { "" } else { " (it had no data key yet)" }));
         Ok(Response::new(pb::ForgetTenantResponse { had_key }))
     }
 
@@ -147,7 +147,7 @@ impl pb::tenants_server::Tenants for TenantsApi {
         let caller = Caller::of(&request)?;
         caller.require("", Role::ClusterAdmin)?;
         let rewrapped = self.keys()?.rewrap().await?;
-        tracing::info!(target: "anthill::audit", by = %caller.name, rewrapped, "data keys re-wrapped with the current key-encryption key");
+        caller.audit("data keys re-wrapped", "done", format!("{rewrapped} data keys re-wrapped with the current key-encryption key"));
         Ok(Response::new(pb::RewrapKeysResponse { rewrapped: rewrapped as u32 }))
     }
 }

@@ -31,6 +31,7 @@ use crate::log::Log;
 use crate::replication::NodeId;
 use crate::replication::manager::start_partition;
 use crate::replication::replica::ReplicaConfig;
+use crate::security::audit::Acceptor;
 use crate::security::tls::Tls;
 
 /// The cluster's key prefix in the embedded store (Consul's is `cluster.coordination.key_prefix`).
@@ -275,6 +276,7 @@ pub async fn start(
     let transport =
         Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, outgoing_address(config.listen_addr), tls, stopped.clone()));
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();
+    let audit_log = log.clone();
     let replication =
         Replication { log, me: me.id as NodeId, name: me.name.clone(), ids, partitions: partitions.clone(), transport, handovers };
     tokio::spawn(follow_ownership(replication, view.clone(), stopped));
@@ -291,7 +293,8 @@ pub async fn start(
         prefix,
         replication_factor: config.cluster.replication_factor,
     };
-    Ok(Some((handle, ClusterService::new(raft_inbox, partitions))))
+    let service = ClusterService::new(raft_inbox, partitions).with_audit(Acceptor::new(audit_log, &config.cluster.members));
+    Ok(Some((handle, service)))
 }
 
 /// The Consul store `consul` describes, its ACL token read from `token_file` or the environment.

@@ -29,6 +29,7 @@ use crate::replication::NodeId;
 use crate::replication::manager::{PartitionHandle, ReplicaTransport};
 use crate::replication::message::Message as ReplicaMessage;
 use crate::replication::wire::{from_wire, to_wire};
+use crate::security::audit::Acceptor;
 use crate::security::identity::Peer;
 use crate::security::tls::Tls;
 
@@ -269,16 +270,20 @@ impl PeerLink {
     /// The endpoint of the next connection, with the TLS files as they are now (a rotated
     /// certificate is used from the next connection on).
     fn endpoint(&self) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-        let address = &self.member.address;
-        match &self.tls {
-            None => {
-                Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                    .expect("a checked host:port is a valid URI authority"))
-            }
-            Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{address}"))
-                .expect("a checked host:port is a valid URI authority")
-                .tls_config(tls.current().client_to(&self.member.name)),
+        peer_endpoint(&self.member.name, &self.member.address.to_string(), self.tls.as_ref())
+    }
+}
+
+/// The endpoint of a connection to member `name` at `address` (`host:port`), with this node's
+/// TLS files as they are now: the peer must present a certificate naming it.
+pub(crate) fn peer_endpoint(name: &str, address: &str, tls: Option<&Tls>) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    match tls {
+        None => {
+            Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("a checked host:port is a valid URI authority"))
         }
+        Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+            .expect("a checked host:port is a valid URI authority")
+            .tls_config(tls.current().client_to(name)),
     }
 }
 
@@ -290,16 +295,23 @@ pub(crate) async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
 pub type PartitionTasks = Arc<RwLock<HashMap<u32, PartitionHandle>>>;
 
 /// The `Cluster` service: Raft messages from peers go to the local member's driver, replication
-/// messages to the partitions' tasks.
+/// messages to the partitions' tasks, audit records to the log ([`Acceptor`]).
 pub struct ClusterService {
     /// `None` when the node coordinates through Consul: it runs no embedded store member.
     inbox: Option<mpsc::Sender<Message>>,
     partitions: PartitionTasks,
+    audit: Option<Acceptor>,
 }
 
 impl ClusterService {
     pub fn new(inbox: Option<mpsc::Sender<Message>>, partitions: PartitionTasks) -> Self {
-        ClusterService { inbox, partitions }
+        ClusterService { inbox, partitions, audit: None }
+    }
+
+    /// Takes the members' audit records for the partitions this node leads.
+    pub fn with_audit(mut self, acceptor: Acceptor) -> Self {
+        self.audit = Some(acceptor);
+        self
     }
 }
 
@@ -352,6 +364,13 @@ impl pb::cluster_server::Cluster for ClusterService {
             }
         }
         Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn audit(&self, request: Request<pb::AuditBatch>) -> Result<Response<pb::AuditAck>, Status> {
+        let Some(acceptor) = &self.audit else { return Err(Status::unimplemented("this node takes no audit records")) };
+        let peer = request.extensions().get::<Peer>().copied();
+        acceptor.accept(peer, request.into_inner()).await?;
+        Ok(Response::new(pb::AuditAck {}))
     }
 }
 

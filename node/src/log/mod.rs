@@ -537,8 +537,30 @@ impl Log {
         answer.await.map_err(|_| AppendError::ShuttingDown)?
     }
 
+    /// Appends to a node's audit stream (`$audit/<node>`, [`crate::security::audit`]), which
+    /// [`Log::append`] refuses like every stream starting with `$`.
+    pub async fn append_audit(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+        let checked = if request.stream.starts_with(crate::security::audit::STREAM_PREFIX) {
+            validate_stream_id(&self.limits, &request.stream).and_then(|()| validate_events(&self.limits, &request))
+        } else {
+            Err(format!("stream: {:?} is not an audit stream", request.stream))
+        };
+        let queued = match checked {
+            Ok(()) => self.enqueue(request).await,
+            Err(e) => Err(AppendError::Invalid(e)),
+        };
+        if let Err(error) = &queued {
+            self.metrics.count_append(failure_label(error));
+        }
+        queued?.outcome().await
+    }
+
     async fn queue_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         validate_append(&self.limits, &request).map_err(AppendError::Invalid)?;
+        self.enqueue(request).await
+    }
+
+    async fn enqueue(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         let queue = self.queue.lock().clone().ok_or(AppendError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
         queue.send_async(writer::Job::Append { request, reply }).await.map_err(|_| AppendError::ShuttingDown)?;
@@ -827,6 +849,11 @@ pub fn validate_append(limits: &LimitsConfig, request: &AppendRequest) -> Result
     if crate::app::is_domain_stream(&request.stream) {
         return Err(format!("stream: {:?} belongs to a domain; only its commands append to it (e.g. `anthill ledger`)", request.stream));
     }
+    validate_events(limits, request)
+}
+
+/// Checks an append's events against the limits.
+fn validate_events(limits: &LimitsConfig, request: &AppendRequest) -> Result<(), String> {
     if request.events.is_empty() {
         return Err("events: an append needs at least one event".into());
     }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::Status;
 
+use super::audit::Audit;
 use super::table::Replicated;
 use crate::coordination::member::Coordination;
 
@@ -180,6 +181,8 @@ pub struct Caller {
     pub grants: Vec<Grant>,
     /// The token's id, for a token.
     pub token_id: Option<String>,
+    /// Where the node's audit records go ([`Caller::audit`]); the gate sets it.
+    pub audit: Option<Audit>,
 }
 
 impl Caller {
@@ -190,6 +193,23 @@ impl Caller {
             kind: CallerKind::Anonymous,
             grants: vec![Grant { role: Role::ClusterAdmin, tenant: String::new() }],
             token_id: None,
+            audit: None,
+        }
+    }
+
+    /// The caller, its audit records going to `audit`.
+    pub fn audited_by(mut self, audit: Option<Audit>) -> Caller {
+        self.audit = audit;
+        self
+    }
+
+    /// Records what the caller did or was refused: on the `anthill::audit` log target, and in
+    /// the node's audit stream ([`crate::security::audit`]).
+    pub fn audit(&self, action: &str, outcome: &str, detail: String) {
+        let by = self.who();
+        tracing::info!(target: "anthill::audit", by = %by, action, outcome, detail = %detail, "audit");
+        if let Some(audit) = &self.audit {
+            audit.record(&by, action, outcome, detail);
         }
     }
 
@@ -207,7 +227,7 @@ impl Caller {
         let Some(auth) = auth else { return Some(self.clone()) };
         match (self.kind, &self.token_id) {
             (CallerKind::Anonymous, _) => Some(self.clone()),
-            (CallerKind::Certificate, _) => Some(auth.certificate_caller(&self.name)),
+            (CallerKind::Certificate, _) => Some(auth.certificate_caller(&self.name).audited_by(self.audit.clone())),
             (CallerKind::Token, Some(id)) => auth.table().tokens.get(id).map(|t| Caller { grants: t.grants.clone(), ..self.clone() }),
             (CallerKind::Token, None) => None,
         }
@@ -217,14 +237,21 @@ impl Caller {
         self.grants.iter().any(|g| g.covers(tenant, need))
     }
 
-    /// `PERMISSION_DENIED` naming the caller and what it lacks, unless it may.
+    /// `PERMISSION_DENIED` naming the caller and what it lacks, unless it may; a refusal is an
+    /// audit record.
     pub fn require(&self, tenant: &str, need: Role) -> Result<(), Status> {
+        self.require_to("refused: missing grant", tenant, need)
+    }
+
+    /// [`Caller::require`], the refusal's audit record naming `action` (an operation audited
+    /// whether allowed or not).
+    pub fn require_to(&self, action: &str, tenant: &str, need: Role) -> Result<(), Status> {
         if self.may(tenant, need) {
             return Ok(());
         }
         let wanted = if need == Role::ClusterAdmin { "cluster-admin".to_string() } else { format!("{}:{tenant}", need.as_str()) };
         let held: Vec<String> = self.grants.iter().map(Grant::to_string).collect();
-        tracing::info!(target: "anthill::audit", caller = %self.who(), needs = %wanted, "refused: missing grant");
+        self.audit(action, "refused", format!("needs {wanted}"));
         Err(Status::permission_denied(format!(
             "{} {:?} may not do this: it needs {wanted}, and holds {}",
             self.kind.as_str(),
@@ -292,7 +319,7 @@ impl Auth {
         if self.cluster_admins.iter().any(|a| a == name) {
             grants.push(Grant { role: Role::ClusterAdmin, tenant: String::new() });
         }
-        Caller { name: name.to_string(), kind: CallerKind::Certificate, grants, token_id: None }
+        Caller { name: name.to_string(), kind: CallerKind::Certificate, grants, token_id: None, audit: None }
     }
 
     /// The caller bearer `token` stands for, when it is a valid, unrevoked token.
@@ -306,6 +333,7 @@ impl Auth {
             kind: CallerKind::Token,
             grants: record.grants.clone(),
             token_id: Some(id.to_string()),
+            audit: None,
         })
     }
 
@@ -408,6 +436,7 @@ mod tests {
             kind: CallerKind::Token,
             grants: grants.iter().map(|g| Grant::parse(g).unwrap()).collect(),
             token_id: Some("0123456789abcdef".into()),
+            audit: None,
         };
         let writer = caller(&["write:acme"]);
         assert!(writer.may("acme", Role::Read) && writer.may("acme", Role::Write));

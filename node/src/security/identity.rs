@@ -22,6 +22,7 @@ use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::metrics::Metrics;
+use crate::security::audit::Audit;
 use crate::security::auth::{Auth, Caller};
 
 /// The names one certificate carries.
@@ -85,6 +86,8 @@ pub struct ClientGate {
     /// Calls per second per caller (0: no limit), and each caller's bucket.
     rate: u32,
     buckets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Bucket>>>,
+    /// Where callers' audit records go.
+    audit: Option<Audit>,
 }
 
 /// A token bucket: up to a second's worth of calls at once, refilled at the rate.
@@ -98,7 +101,13 @@ const MAX_BUCKETS: usize = 10_000;
 
 impl ClientGate {
     pub fn new(auth: Option<Auth>, metrics: Arc<Metrics>) -> Self {
-        ClientGate { auth, metrics, rate: 0, buckets: Arc::default() }
+        ClientGate { auth, metrics, rate: 0, buckets: Arc::default(), audit: None }
+    }
+
+    /// Callers' audit records go to `audit`'s stream.
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = Some(audit);
+        self
     }
 
     /// Limits each caller to `calls_per_second` (0: no limit).
@@ -139,7 +148,7 @@ impl ClientGate {
 impl Interceptor for ClientGate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let Some(auth) = &self.auth else {
-            request.extensions_mut().insert(Caller::anonymous());
+            request.extensions_mut().insert(Caller::anonymous().audited_by(self.audit.clone()));
             return Ok(request);
         };
         // A bearer token wins over the certificate (a shared client certificate may only get
@@ -166,7 +175,7 @@ impl Interceptor for ClientGate {
                 self.rate
             )));
         }
-        request.extensions_mut().insert(caller);
+        request.extensions_mut().insert(caller.audited_by(self.audit.clone()));
         Ok(request)
     }
 }

@@ -1,0 +1,422 @@
+//! The audit stream: every admin action and every call refused for a missing grant, as an
+//! event of the reserved stream `$audit/<node>` of the node that saw it (docs/security.md
+//! "Audit").
+//!
+//! - A record is made where the action is decided ([`crate::security::auth::Caller::audit`]):
+//!   logged on the `anthill::audit` target, then queued without waiting ([`Audit::record`]). At
+//!   most [`QUEUE`] records wait; past that a record is counted in
+//!   `anthill_audit_records_dropped_total` and kept in the log only, so a flood of refusals
+//!   cannot hold up calls or fill memory.
+//! - One task per node appends what waits, up to [`BATCH`] records per append, acknowledged by a
+//!   quorum of the stream's partition: here when this node leads that partition, else through
+//!   the `Cluster.Audit` call of its leader ([`Acceptor`]), which appends to the calling
+//!   member's own stream only (with TLS, the member its certificate names). A batch not
+//!   acknowledged is sent again until it is, so after a failover a record may be stored twice:
+//!   each carries an id (`<node>:<boot>:<sequence>`) to tell.
+//! - Clients cannot append to a stream whose id starts with `$` (the log refuses it; only
+//!   [`Log::append_audit`] appends to `$audit/...`); reading
+//!   `$audit/...` needs `read:*` or `cluster-admin` (its tenant, `$audit`, is one no tenant
+//!   grant can name).
+//!
+//! Records queued when a node stops and not yet appended are lost from the stream (the log has
+//! them). The records are not sealed by encryption at rest: they hold names, token ids, grants
+//! and tenants, never payloads or secrets.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anthill_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::config::MemberConfig;
+use crate::coordination::election::ClusterView;
+use crate::coordination::transport::{peer_endpoint, until_stopped};
+use crate::log::{self, AppendError, AppendRequest, ExpectedVersion, Log, NewEvent};
+use crate::metrics::Metrics;
+use crate::security::identity::Peer;
+use crate::security::tls::Tls;
+
+/// Every node's audit stream is `$audit/<node>`.
+pub const STREAM_PREFIX: &str = "$audit/";
+/// The type of the audit stream's events (a JSON [`Record`] each).
+pub const EVENT_TYPE: &str = "audit-record";
+/// Records that may wait for their append; past it new ones are dropped (and counted).
+pub const QUEUE: usize = 4096;
+/// Most records in one append (and in one `Cluster.Audit` call).
+pub const BATCH: usize = 256;
+/// Largest record `Cluster.Audit` takes.
+pub const MAX_RECORD_BYTES: usize = 16 << 10;
+/// How long a forwarded batch may wait for its acknowledgement.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+const PAUSE_MIN: Duration = Duration::from_millis(100);
+const PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// A node's audit stream.
+pub fn stream_of(node: &str) -> String {
+    format!("{STREAM_PREFIX}{node}")
+}
+
+/// One audited action, as stored (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// `<node>:<boot>:<sequence>`: a record stored twice (a batch sent again) has one id.
+    pub id: String,
+    pub at_unix_ms: u64,
+    /// Who asked: `certificate "alice"`, `token 0123456789abcdef ("ci")`, `anonymous ""`.
+    pub by: String,
+    /// What was asked: `drain`, `token created`, `refused: missing grant`, ...
+    pub action: String,
+    /// `done`, `allowed` (an operation let through, before it runs) or `refused`.
+    pub outcome: String,
+    /// What it was about: the token, the grants, the tenant, the grant that was missing.
+    pub detail: String,
+}
+
+/// Queues a node's audit records for its stream; cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: String,
+    /// Tells this run's records from those of the node's earlier runs.
+    boot: String,
+    sequence: AtomicU64,
+    queue: mpsc::Sender<Record>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Audit({})", stream_of(&self.inner.node))
+    }
+}
+
+/// Two handles are equal when they feed the same stream's queue.
+impl PartialEq for Audit {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Eq for Audit {}
+
+impl Audit {
+    /// Queues a record; never waits (a full queue drops it, counted).
+    pub fn record(&self, by: &str, action: &str, outcome: &str, detail: String) {
+        let inner = &self.inner;
+        let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed);
+        let record = Record {
+            id: format!("{}:{}:{sequence}", inner.node, inner.boot),
+            at_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            by: by.to_string(),
+            action: action.to_string(),
+            outcome: outcome.to_string(),
+            detail,
+        };
+        if inner.queue.try_send(record).is_err() {
+            inner.metrics.audit_records_dropped.inc();
+        }
+    }
+}
+
+/// How a node that does not lead its audit stream's partition reaches the one that does.
+pub struct Forwarding {
+    /// The cluster as this node's member sees it: who leads which partition, where members are.
+    pub view: watch::Receiver<ClusterView>,
+    /// The configured members (addresses of those the view has none for).
+    pub members: Vec<MemberConfig>,
+    /// The address connections leave from ([`crate::coordination::transport::outgoing_address`]).
+    pub local: Option<IpAddr>,
+    pub tls: Option<Tls>,
+}
+
+/// Starts the task that appends `node`'s records to its stream until `stopped`; `forwarding` is
+/// `None` on a single node (it leads every partition).
+pub fn start(node: String, log: Arc<Log>, forwarding: Option<Forwarding>, metrics: Arc<Metrics>, stopped: watch::Receiver<bool>) -> Audit {
+    let (queue, waiting) = mpsc::channel(QUEUE);
+    let boot = format!("{:08x}", rand::random::<u32>());
+    let audit = Audit { inner: Arc::new(Inner { node: node.clone(), boot, sequence: AtomicU64::new(1), queue, metrics: metrics.clone() }) };
+    let writer = Writer { stream: stream_of(&node), node, log, forwarding, channel: None, metrics };
+    tokio::spawn(writer.run(waiting, stopped));
+    audit
+}
+
+struct Writer {
+    node: String,
+    stream: String,
+    log: Arc<Log>,
+    forwarding: Option<Forwarding>,
+    /// The connection to the leader last forwarded to, by its name.
+    channel: Option<(String, tonic::transport::Channel)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    async fn run(mut self, mut waiting: mpsc::Receiver<Record>, mut stopped: watch::Receiver<bool>) {
+        let mut batch: Vec<Record> = Vec::new();
+        let mut pause = PAUSE_MIN;
+        let mut failures = 0u32;
+        loop {
+            if batch.is_empty() {
+                tokio::select! {
+                    record = waiting.recv() => match record {
+                        Some(record) => batch.push(record),
+                        None => return,
+                    },
+                    _ = until_stopped(&mut stopped) => return,
+                }
+            }
+            while batch.len() < BATCH {
+                let Ok(record) = waiting.try_recv() else { break };
+                batch.push(record);
+            }
+            let sent = tokio::select! {
+                sent = self.append(&batch) => sent,
+                _ = until_stopped(&mut stopped) => return,
+            };
+            match sent {
+                Ok(()) => {
+                    self.metrics.audit_records_written.inc_by(batch.len() as u64);
+                    batch.clear();
+                    (pause, failures) = (PAUSE_MIN, 0);
+                }
+                Err(e) => {
+                    // Expected for a moment at start and during failovers; worth a warning
+                    // when it lasts.
+                    failures = failures.saturating_add(1);
+                    if failures >= 8 && failures.is_power_of_two() {
+                        tracing::warn!(stream = %self.stream, records = batch.len(), error = %e, failures, "audit records not appended yet; still trying");
+                    } else {
+                        tracing::debug!(stream = %self.stream, error = %e, "audit records not appended; trying again");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = until_stopped(&mut stopped) => return,
+                    }
+                    pause = (pause * 2).min(PAUSE_MAX);
+                }
+            }
+        }
+    }
+
+    /// Appends `batch` to the stream, here or at its partition's leader.
+    async fn append(&mut self, batch: &[Record]) -> Result<(), String> {
+        let partition = self.log.partition_of(&self.stream);
+        let Some(forwarding) = &self.forwarding else {
+            return append_here(&self.log, &self.stream, batch.iter().map(event).collect()).await.map_err(|e| e.to_string());
+        };
+        if self.log.leads(partition) {
+            return append_here(&self.log, &self.stream, batch.iter().map(event).collect()).await.map_err(|e| e.to_string());
+        }
+        let (leader, address) = {
+            let view = forwarding.view.borrow();
+            let leader = view.partitions.get(&partition).and_then(|o| o.leader.as_ref()).map(|(name, _)| name.clone());
+            let Some(leader) = leader else { return Err(format!("partition {partition} has no leader")) };
+            let address = view
+                .members
+                .get(&leader)
+                .cloned()
+                .or_else(|| forwarding.members.iter().find(|m| m.name == leader).map(|m| m.address.to_string()));
+            (leader, address)
+        };
+        if leader == self.node {
+            return Err(format!("partition {partition} is becoming this node's"));
+        }
+        let Some(address) = address else { return Err(format!("the address of {leader}, partition {partition}'s leader, is unknown")) };
+        let channel = match &self.channel {
+            Some((name, channel)) if *name == leader => channel.clone(),
+            _ => {
+                let endpoint = peer_endpoint(&leader, &address, forwarding.tls.as_ref()).map_err(|e| e.to_string())?;
+                let channel = endpoint.connect_timeout(Duration::from_secs(1)).local_address(forwarding.local).connect_lazy();
+                self.channel = Some((leader.clone(), channel.clone()));
+                channel
+            }
+        };
+        let records = batch.iter().map(|r| serde_json::to_vec(r).expect("a record serializes")).collect();
+        let mut request = tonic::Request::new(pb::AuditBatch { member: self.node.clone(), records });
+        request.set_timeout(CALL_TIMEOUT);
+        match pb::cluster_client::ClusterClient::new(channel).audit(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => {
+                // Connect again next time, with the TLS files as they are then.
+                self.channel = None;
+                Err(format!("{leader}: {status}"))
+            }
+        }
+    }
+}
+
+fn event(record: &Record) -> NewEvent {
+    NewEvent { event_type: EVENT_TYPE.into(), payload: serde_json::to_vec(record).expect("a record serializes"), metadata: Vec::new() }
+}
+
+/// Appends `events` to `stream` on this node (which must lead its partition), acknowledged by
+/// a quorum.
+async fn append_here(log: &Log, stream: &str, events: Vec<NewEvent>) -> Result<(), AppendError> {
+    let done = log.append_audit(AppendRequest { stream: stream.to_string(), expected: ExpectedVersion::Any, events }).await?;
+    log.wait_quorum(&done, log::QUORUM_WAIT).await
+}
+
+/// The leader's side of `Cluster.Audit`: appends a member's records to that member's stream.
+pub struct Acceptor {
+    log: Arc<Log>,
+    /// Member names by id.
+    members: BTreeMap<u64, String>,
+}
+
+impl Acceptor {
+    pub fn new(log: Arc<Log>, members: &[MemberConfig]) -> Self {
+        Acceptor { log, members: members.iter().map(|m| (m.id, m.name.clone())).collect() }
+    }
+
+    /// Checks `batch` ([`check_batch`]) and appends it to its member's stream.
+    pub async fn accept(&self, peer: Option<Peer>, batch: pb::AuditBatch) -> Result<(), Status> {
+        let events = check_batch(&self.members, peer, &batch)?;
+        append_here(&self.log, &stream_of(&batch.member), events).await.map_err(crate::api::append_status)
+    }
+}
+
+/// The events of a `Cluster.Audit` batch, once checked: `peer` is the member the caller's
+/// certificate names (with TLS), and a member appends to its own stream only; without TLS the
+/// batch's member must be one of `members` (nothing is authenticated then; docs/security.md).
+/// Each record must parse, be at most [`MAX_RECORD_BYTES`] and carry one of its member's ids.
+pub fn check_batch(members: &BTreeMap<u64, String>, peer: Option<Peer>, batch: &pb::AuditBatch) -> Result<Vec<NewEvent>, Status> {
+    match peer {
+        Some(peer) if members.get(&peer.id) != Some(&batch.member) => {
+            return Err(Status::permission_denied(format!(
+                "member {} may append audit records to its own stream only, not to {:?}'s",
+                peer.id, batch.member
+            )));
+        }
+        Some(_) => {}
+        None if !members.values().any(|m| *m == batch.member) => {
+            return Err(Status::invalid_argument(format!("member: {:?} is not a member of this cluster", batch.member)));
+        }
+        None => {}
+    }
+    if batch.records.is_empty() || batch.records.len() > BATCH {
+        return Err(Status::invalid_argument(format!("records: {} of them; 1 to {BATCH} per call", batch.records.len())));
+    }
+    let own = format!("{}:", batch.member);
+    let mut events = Vec::with_capacity(batch.records.len());
+    for (i, bytes) in batch.records.iter().enumerate() {
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(Status::invalid_argument(format!("records[{i}]: {} bytes, the limit is {MAX_RECORD_BYTES}", bytes.len())));
+        }
+        let record: Record =
+            serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("records[{i}]: not an audit record: {e}")))?;
+        if !record.id.starts_with(&own) {
+            return Err(Status::invalid_argument(format!("records[{i}]: id {:?} is not one of {:?}'s", record.id, batch.member)));
+        }
+        events.push(event(&record));
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_audit_streams_then_they_name_their_node_and_a_tenant_no_grant_names() {
+        assert_eq!(stream_of("node-2"), "$audit/node-2");
+        assert_eq!(crate::security::auth::tenant_of(&stream_of("node-2")), "$audit");
+    }
+
+    #[tokio::test]
+    async fn given_a_full_queue_then_records_are_dropped_and_counted_without_waiting() {
+        let metrics = Arc::new(Metrics::default());
+        let (queue, mut waiting) = mpsc::channel(2);
+        let audit = Audit {
+            inner: Arc::new(Inner {
+                node: "node-1".into(),
+                boot: "b".into(),
+                sequence: AtomicU64::new(1),
+                queue,
+                metrics: metrics.clone(),
+            }),
+        };
+        for i in 0..5 {
+            audit.record("certificate \"alice\"", "drain", "refused", format!("call {i}"));
+        }
+        assert_eq!(metrics.audit_records_dropped.get(), 3);
+        let first = waiting.recv().await.unwrap();
+        assert_eq!((first.id.as_str(), first.detail.as_str()), ("node-1:b:1", "call 0"));
+        assert_eq!(waiting.recv().await.unwrap().id, "node-1:b:2");
+        assert!(waiting.try_recv().is_err());
+    }
+
+    fn record(id: &str) -> Vec<u8> {
+        let record = Record {
+            id: id.into(),
+            at_unix_ms: 1,
+            by: "token 0123456789abcdef (\"ci\")".into(),
+            action: "refused: missing grant".into(),
+            outcome: "refused".into(),
+            detail: "needs write:globex".into(),
+        };
+        serde_json::to_vec(&record).unwrap()
+    }
+
+    #[tokio::test]
+    async fn given_batches_from_members_then_each_goes_to_its_senders_stream_only_and_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::config::StorageConfig { partitions: 4, ..Default::default() };
+        let store = Arc::new(crate::storage::Store::open(dir.path(), &storage).unwrap());
+        let log = Arc::new(
+            Log::start(store.clone(), &Default::default(), &Default::default(), &Default::default(), Arc::new(Metrics::default())).unwrap(),
+        );
+        let members: Vec<MemberConfig> =
+            serde_yaml::from_str("[{id: 1, name: node-1, address: '127.0.0.1:1'}, {id: 2, name: node-2, address: '127.0.0.1:2'}]").unwrap();
+        let acceptor = Acceptor::new(log.clone(), &members);
+        let batch = |member: &str, records: Vec<Vec<u8>>| pb::AuditBatch { member: member.into(), records };
+        let code = |outcome: Result<(), Status>| outcome.unwrap_err().code();
+
+        // Member 2's certificate cannot write member 1's stream, nor records with its ids.
+        let as_2 = Some(Peer { id: 2 });
+        assert_eq!(code(acceptor.accept(as_2, batch("node-1", vec![record("node-1:b:1")])).await), tonic::Code::PermissionDenied);
+        assert_eq!(code(acceptor.accept(as_2, batch("node-2", vec![record("node-1:b:1")])).await), tonic::Code::InvalidArgument);
+        // Without TLS the member must be one; bad records refuse the whole batch.
+        assert_eq!(code(acceptor.accept(None, batch("node-9", vec![record("node-9:b:1")])).await), tonic::Code::InvalidArgument);
+        let mixed = vec![record("node-2:b:1"), b"{not json".to_vec()];
+        assert_eq!(code(acceptor.accept(as_2, batch("node-2", mixed)).await), tonic::Code::InvalidArgument);
+        assert_eq!(
+            code(acceptor.accept(as_2, batch("node-2", vec![vec![b' '; MAX_RECORD_BYTES + 1]])).await),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(code(acceptor.accept(as_2, batch("node-2", Vec::new())).await), tonic::Code::InvalidArgument);
+        assert_eq!(code(acceptor.accept(as_2, batch("node-2", vec![record("node-2:b:1"); BATCH + 1])).await), tonic::Code::InvalidArgument);
+        // The log refuses clients' appends to `$` streams, and audit appends to others.
+        let to = |stream: &str| AppendRequest {
+            stream: stream.into(),
+            expected: ExpectedVersion::Any,
+            events: vec![event(&serde_json::from_slice(&record("node-2:b:9")).unwrap())],
+        };
+        assert!(matches!(log.append(to("$audit/node-2")).await, Err(AppendError::Invalid(_))));
+        assert!(matches!(log.append_audit(to("$epochs-0")).await, Err(AppendError::Invalid(_))));
+        assert!(matches!(log.append_audit(to("acme/orders")).await, Err(AppendError::Invalid(_))));
+        let all = crate::storage::ReadLimit { max_events: 100, max_bytes: usize::MAX };
+        for node in ["node-1", "node-2", "node-9"] {
+            assert!(store.read_stream(&stream_of(node), 0, u64::MAX, all).unwrap().events.is_empty(), "{node}: nothing refused is stored");
+        }
+
+        acceptor.accept(as_2, batch("node-2", vec![record("node-2:b:1"), record("node-2:b:2")])).await.unwrap();
+        let stored = store.read_stream("$audit/node-2", 0, u64::MAX, all).unwrap().events;
+        let ids: Vec<String> = stored
+            .iter()
+            .map(|e| {
+                assert_eq!(e.event_type, EVENT_TYPE);
+                serde_json::from_slice::<Record>(&e.payload).unwrap().id
+            })
+            .collect();
+        assert_eq!(ids, vec!["node-2:b:1", "node-2:b:2"]);
+        log.close();
+    }
+}
