@@ -43,8 +43,9 @@ use crate::security::keys::Keys;
 /// (a refusal is one too, made by the grant check).
 fn audited<T: std::fmt::Debug>(request: &Request<T>, action: &str) -> Result<(), Status> {
     let caller = Caller::of(request)?;
-    caller.require_to(action, "", Role::ClusterAdmin)?;
-    caller.audit(action, "allowed", format!("{:?}", request.get_ref()));
+    let about = format!("{:?}", request.get_ref());
+    caller.require_to(action, &format!(", for {about}"), "", Role::ClusterAdmin)?;
+    caller.audit(action, "allowed", about);
     Ok(())
 }
 use crate::storage::{EventRecord, ReadLimit, Slice, StorageError};
@@ -291,6 +292,7 @@ impl pb::node_server::Node for Api {
         // or reader), not for every certificate the CA ever signed.
         let caller = Caller::of(&request)?;
         if caller.grants.is_empty() {
+            caller.audit("refused: missing grant", "refused", "needs any grant, for Node.Status".into());
             return Err(Status::permission_denied(format!("{} holds no grant: Status needs at least one", caller.who())));
         }
         let heads = self.log.commits().borrow().heads.clone();

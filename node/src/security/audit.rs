@@ -49,8 +49,9 @@ pub const EVENT_TYPE: &str = "audit-record";
 pub const QUEUE: usize = 4096;
 /// Most records in one append (and in one `Cluster.Audit` call).
 pub const BATCH: usize = 256;
-/// Largest record `Cluster.Audit` takes.
-pub const MAX_RECORD_BYTES: usize = 16 << 10;
+/// Largest record `Cluster.Audit` takes (a record's fields are clipped to [`MAX_FIELD_BYTES`],
+/// which JSON escaping can grow up to six times).
+pub const MAX_RECORD_BYTES: usize = 64 << 10;
 /// How long a forwarded batch may wait for its acknowledgement.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 const PAUSE_MIN: Duration = Duration::from_millis(100);
@@ -89,6 +90,7 @@ struct Inner {
     boot: String,
     sequence: AtomicU64,
     queue: mpsc::Sender<Record>,
+    refusals: parking_lot::Mutex<Refusals>,
     metrics: Arc<Metrics>,
 }
 
@@ -108,22 +110,70 @@ impl PartialEq for Audit {
 impl Eq for Audit {}
 
 impl Audit {
-    /// Queues a record; never waits (a full queue drops it, counted).
-    pub fn record(&self, by: &str, action: &str, outcome: &str, detail: String) {
+    /// Queues a record; never waits. Dropped (and counted) when the queue is full, and a refusal
+    /// also when half of it is taken or its caller had [`REFUSALS_PER_SECOND`] this second: a
+    /// caller who sends refused calls as fast as it can fills neither the queue nor the stream,
+    /// and leaves room for the operations.
+    pub fn record(&self, by: &str, action: &str, outcome: &str, detail: &str) {
         let inner = &self.inner;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        if outcome == "refused"
+            && (inner.queue.capacity() < inner.queue.max_capacity() / 2 || !inner.refusals.lock().take(by, now.as_secs()))
+        {
+            inner.metrics.audit_records_dropped.inc();
+            return;
+        }
         let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed);
         let record = Record {
             id: format!("{}:{}:{sequence}", inner.node, inner.boot),
-            at_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-            by: by.to_string(),
-            action: action.to_string(),
+            at_unix_ms: now.as_millis() as u64,
+            by: clipped(by),
+            action: clipped(action),
             outcome: outcome.to_string(),
-            detail,
+            detail: clipped(detail),
         };
         if inner.queue.try_send(record).is_err() {
             inner.metrics.audit_records_dropped.inc();
         }
     }
+}
+
+/// Refusals a caller may add to the stream per second (the rest are logged only).
+pub const REFUSALS_PER_SECOND: u32 = 20;
+/// Callers whose refusals of the current second are counted; past it the count starts over.
+const MAX_COUNTED: usize = 10_000;
+/// Longest `by`, `action` or `detail` kept (a caller's stream or tenant name can be long).
+pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// The refusals of each caller in the current second.
+#[derive(Default)]
+struct Refusals {
+    second: u64,
+    counts: std::collections::HashMap<String, u32>,
+}
+
+impl Refusals {
+    /// Counts one refusal of `by` in `second`; `false` past the caller's allowance.
+    fn take(&mut self, by: &str, second: u64) -> bool {
+        if second != self.second || self.counts.len() >= MAX_COUNTED {
+            (self.second, self.counts) = (second, Default::default());
+        }
+        let count = self.counts.entry(by.to_string()).or_default();
+        *count += 1;
+        *count <= REFUSALS_PER_SECOND
+    }
+}
+
+/// `text`, cut to [`MAX_FIELD_BYTES`] (on a character boundary) with a mark saying so.
+fn clipped(text: &str) -> String {
+    if text.len() <= MAX_FIELD_BYTES {
+        return text.to_string();
+    }
+    let mut end = MAX_FIELD_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
 /// How a node that does not lead its audit stream's partition reaches the one that does.
@@ -142,8 +192,11 @@ pub struct Forwarding {
 pub fn start(node: String, log: Arc<Log>, forwarding: Option<Forwarding>, metrics: Arc<Metrics>, stopped: watch::Receiver<bool>) -> Audit {
     let (queue, waiting) = mpsc::channel(QUEUE);
     let boot = format!("{:08x}", rand::random::<u32>());
-    let audit = Audit { inner: Arc::new(Inner { node: node.clone(), boot, sequence: AtomicU64::new(1), queue, metrics: metrics.clone() }) };
-    let writer = Writer { stream: stream_of(&node), node, log, forwarding, channel: None, metrics };
+    let inner =
+        Inner { node: node.clone(), boot, sequence: AtomicU64::new(1), queue, refusals: Default::default(), metrics: metrics.clone() };
+    let audit = Audit { inner: Arc::new(inner) };
+    let batch = BATCH.min(log.limits().max_events_per_append).max(1);
+    let writer = Writer { stream: stream_of(&node), node, log, forwarding, channel: None, metrics, batch };
     tokio::spawn(writer.run(waiting, stopped));
     audit
 }
@@ -156,38 +209,65 @@ struct Writer {
     /// The connection to the leader last forwarded to, by its name.
     channel: Option<(String, tonic::transport::Channel)>,
     metrics: Arc<Metrics>,
+    /// Most records per append: [`BATCH`], or fewer when `limits.max_events_per_append` says so.
+    batch: usize,
+}
+
+/// Why an append of records failed.
+enum Failure {
+    /// It may work later (no leader yet, a failover, a peer away, a leader of an older version).
+    Passing(String),
+    /// The log or the leader refused the records: sent again, they would be refused again.
+    Refused(String),
 }
 
 impl Writer {
     async fn run(mut self, mut waiting: mpsc::Receiver<Record>, mut stopped: watch::Receiver<bool>) {
-        let mut batch: Vec<Record> = Vec::new();
+        // Records taken from the queue, oldest first; the next append takes up to a batch of
+        // them, or one while `one_by_one` records of a refused batch are left (so one bad record
+        // costs only itself).
+        let mut pending: std::collections::VecDeque<Record> = Default::default();
+        let mut one_by_one = 0usize;
         let mut pause = PAUSE_MIN;
         let mut failures = 0u32;
         loop {
-            if batch.is_empty() {
+            if pending.is_empty() {
                 tokio::select! {
                     record = waiting.recv() => match record {
-                        Some(record) => batch.push(record),
+                        Some(record) => pending.push_back(record),
                         None => return,
                     },
                     _ = until_stopped(&mut stopped) => return,
                 }
             }
-            while batch.len() < BATCH {
+            while pending.len() < self.batch {
                 let Ok(record) = waiting.try_recv() else { break };
-                batch.push(record);
+                pending.push_back(record);
             }
+            let n = if one_by_one > 0 { 1 } else { pending.len().min(self.batch) };
+            let batch: Vec<Record> = pending.iter().take(n).cloned().collect();
             let sent = tokio::select! {
                 sent = self.append(&batch) => sent,
                 _ = until_stopped(&mut stopped) => return,
             };
             match sent {
                 Ok(()) => {
-                    self.metrics.audit_records_written.inc_by(batch.len() as u64);
-                    batch.clear();
+                    self.metrics.audit_records_written.inc_by(n as u64);
+                    pending.drain(..n);
+                    one_by_one = one_by_one.saturating_sub(n);
                     (pause, failures) = (PAUSE_MIN, 0);
                 }
-                Err(e) => {
+                Err(Failure::Refused(e)) if n > 1 => {
+                    tracing::warn!(stream = %self.stream, records = n, error = %e, "a batch of audit records was refused; sending them one by one");
+                    one_by_one = n;
+                }
+                Err(Failure::Refused(e)) => {
+                    let record = pending.pop_front().expect("the record just sent");
+                    tracing::error!(stream = %self.stream, id = %record.id, error = %e, "an audit record was refused; it is in the log only");
+                    self.metrics.audit_records_dropped.inc();
+                    one_by_one = one_by_one.saturating_sub(1);
+                }
+                Err(Failure::Passing(e)) => {
                     // Expected for a moment at start and during failovers; worth a warning
                     // when it lasts.
                     failures = failures.saturating_add(1);
@@ -207,18 +287,19 @@ impl Writer {
     }
 
     /// Appends `batch` to the stream, here or at its partition's leader.
-    async fn append(&mut self, batch: &[Record]) -> Result<(), String> {
+    async fn append(&mut self, batch: &[Record]) -> Result<(), Failure> {
         let partition = self.log.partition_of(&self.stream);
-        let Some(forwarding) = &self.forwarding else {
-            return append_here(&self.log, &self.stream, batch.iter().map(event).collect()).await.map_err(|e| e.to_string());
-        };
-        if self.log.leads(partition) {
-            return append_here(&self.log, &self.stream, batch.iter().map(event).collect()).await.map_err(|e| e.to_string());
+        if self.forwarding.is_none() || self.log.leads(partition) {
+            return append_here(&self.log, &self.stream, batch.iter().map(event).collect()).await.map_err(|e| match e {
+                AppendError::Invalid(_) => Failure::Refused(e.to_string()),
+                _ => Failure::Passing(e.to_string()),
+            });
         }
+        let forwarding = self.forwarding.as_ref().expect("checked above");
         let (leader, address) = {
             let view = forwarding.view.borrow();
-            let leader = view.partitions.get(&partition).and_then(|o| o.leader.as_ref()).map(|(name, _)| name.clone());
-            let Some(leader) = leader else { return Err(format!("partition {partition} has no leader")) };
+            let leader = view.partitions.get(&partition).and_then(|o| o.serving_leader()).map(|(name, _)| name.to_string());
+            let Some(leader) = leader else { return Err(Failure::Passing(format!("partition {partition} has no leader"))) };
             let address = view
                 .members
                 .get(&leader)
@@ -227,13 +308,15 @@ impl Writer {
             (leader, address)
         };
         if leader == self.node {
-            return Err(format!("partition {partition} is becoming this node's"));
+            return Err(Failure::Passing(format!("partition {partition} is becoming this node's")));
         }
-        let Some(address) = address else { return Err(format!("the address of {leader}, partition {partition}'s leader, is unknown")) };
+        let Some(address) = address else {
+            return Err(Failure::Passing(format!("the address of {leader}, partition {partition}'s leader, is unknown")));
+        };
         let channel = match &self.channel {
             Some((name, channel)) if *name == leader => channel.clone(),
             _ => {
-                let endpoint = peer_endpoint(&leader, &address, forwarding.tls.as_ref()).map_err(|e| e.to_string())?;
+                let endpoint = peer_endpoint(&leader, &address, forwarding.tls.as_ref()).map_err(|e| Failure::Passing(e.to_string()))?;
                 let channel = endpoint.connect_timeout(Duration::from_secs(1)).local_address(forwarding.local).connect_lazy();
                 self.channel = Some((leader.clone(), channel.clone()));
                 channel
@@ -244,10 +327,14 @@ impl Writer {
         request.set_timeout(CALL_TIMEOUT);
         match pb::cluster_client::ClusterClient::new(channel).audit(request).await {
             Ok(_) => Ok(()),
+            // The leader checked the records and refused them.
+            // (Not `PERMISSION_DENIED`: a leader that does not list this node yet, in a
+            // membership change, refuses it that way for a while.)
+            Err(status) if status.code() == tonic::Code::InvalidArgument => Err(Failure::Refused(format!("{leader}: {status}"))),
             Err(status) => {
                 // Connect again next time, with the TLS files as they are then.
                 self.channel = None;
-                Err(format!("{leader}: {status}"))
+                Err(Failure::Passing(format!("{leader}: {status}")))
             }
         }
     }
@@ -290,6 +377,7 @@ impl Acceptor {
 pub fn check_batch(members: &BTreeMap<u64, String>, peer: Option<Peer>, batch: &pb::AuditBatch) -> Result<Vec<NewEvent>, Status> {
     match peer {
         Some(peer) if members.get(&peer.id) != Some(&batch.member) => {
+            tracing::warn!(member = peer.id, claimed = %batch.member, "a member sent audit records for another member's stream; refused");
             return Err(Status::permission_denied(format!(
                 "member {} may append audit records to its own stream only, not to {:?}'s",
                 peer.id, batch.member
@@ -340,17 +428,82 @@ mod tests {
                 boot: "b".into(),
                 sequence: AtomicU64::new(1),
                 queue,
+                refusals: Default::default(),
                 metrics: metrics.clone(),
             }),
         };
         for i in 0..5 {
-            audit.record("certificate \"alice\"", "drain", "refused", format!("call {i}"));
+            audit.record("certificate \"alice\"", "drain", "refused", &format!("call {i}"));
         }
         assert_eq!(metrics.audit_records_dropped.get(), 3);
         let first = waiting.recv().await.unwrap();
         assert_eq!((first.id.as_str(), first.detail.as_str()), ("node-1:b:1", "call 0"));
         assert_eq!(waiting.recv().await.unwrap().id, "node-1:b:2");
         assert!(waiting.try_recv().is_err());
+    }
+
+    #[test]
+    fn given_long_fields_then_they_are_cut_on_a_character_boundary_and_say_so() {
+        assert_eq!(clipped("short"), "short");
+        let long = "é".repeat(MAX_FIELD_BYTES); // two bytes each
+        let cut = clipped(&long);
+        assert!(cut.len() < MAX_FIELD_BYTES + 40 && cut.ends_with(&format!("… ({} bytes in all)", long.len())), "{cut}");
+        let odd = format!("x{long}");
+        assert!(clipped(&odd).starts_with('x'), "an odd cut lands on a boundary without panicking");
+    }
+
+    #[tokio::test]
+    async fn given_a_caller_refused_again_and_again_then_only_its_first_refusals_of_a_second_and_every_operation_are_queued() {
+        let metrics = Arc::new(Metrics::default());
+        let (queue, mut waiting) = mpsc::channel(QUEUE);
+        let inner = Inner {
+            node: "n".into(),
+            boot: "b".into(),
+            sequence: AtomicU64::new(1),
+            queue,
+            refusals: Default::default(),
+            metrics: metrics.clone(),
+        };
+        let audit = Audit { inner: Arc::new(inner) };
+        for _ in 0..(REFUSALS_PER_SECOND + 30) {
+            audit.record("token t (\"flood\")", "refused: missing grant", "refused", "needs write:x");
+        }
+        audit.record("certificate \"other\"", "refused: missing grant", "refused", "needs write:x");
+        audit.record("certificate \"admin\"", "drain", "allowed", "node-2");
+        let mut queued = Vec::new();
+        while let Ok(record) = waiting.try_recv() {
+            queued.push(record.by);
+        }
+        // (A second may turn between two records: then a few more of the flood are queued.)
+        let flood = queued.iter().filter(|b| b.contains("flood")).count();
+        assert!((REFUSALS_PER_SECOND as usize..=2 * REFUSALS_PER_SECOND as usize).contains(&flood), "{flood} of the flood queued");
+        assert!(queued.iter().any(|b| b.contains("other")) && queued.last().unwrap().contains("admin"), "{queued:?}");
+        assert_eq!(metrics.audit_records_dropped.get() as usize, REFUSALS_PER_SECOND as usize + 30 - flood);
+    }
+
+    #[tokio::test]
+    async fn given_a_record_the_log_refuses_then_it_alone_is_dropped_and_the_others_are_appended_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::config::StorageConfig { partitions: 2, ..Default::default() };
+        let store = Arc::new(crate::storage::Store::open(dir.path(), &storage).unwrap());
+        let limits = crate::config::LimitsConfig { max_event_bytes: 600, ..Default::default() };
+        let metrics = Arc::new(Metrics::default());
+        let log = Arc::new(Log::start(store.clone(), &Default::default(), &limits, &Default::default(), metrics.clone()).unwrap());
+        let (_stop, stopped) = watch::channel(false);
+        let audit = start("node-1".into(), log.clone(), None, metrics.clone(), stopped);
+        audit.record("certificate \"admin\"", "drain", "allowed", "first");
+        audit.record("certificate \"admin\"", "drain", "allowed", &"x".repeat(700));
+        audit.record("certificate \"admin\"", "drain", "allowed", "third");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.audit_records_written.get() + metrics.audit_records_dropped.get() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the records were neither appended nor dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((metrics.audit_records_written.get(), metrics.audit_records_dropped.get()), (2, 1));
+        let all = crate::storage::ReadLimit { max_events: 100, max_bytes: usize::MAX };
+        let stored = store.read_stream("$audit/node-1", 0, u64::MAX, all).unwrap().events;
+        let details: Vec<String> = stored.iter().map(|e| serde_json::from_slice::<Record>(&e.payload).unwrap().detail).collect();
+        assert_eq!(details, vec!["first", "third"]);
     }
 
     fn record(id: &str) -> Vec<u8> {

@@ -209,7 +209,7 @@ impl Caller {
         let by = self.who();
         tracing::info!(target: "anthill::audit", by = %by, action, outcome, detail = %detail, "audit");
         if let Some(audit) = &self.audit {
-            audit.record(&by, action, outcome, detail);
+            audit.record(&by, action, outcome, &detail);
         }
     }
 
@@ -240,18 +240,18 @@ impl Caller {
     /// `PERMISSION_DENIED` naming the caller and what it lacks, unless it may; a refusal is an
     /// audit record.
     pub fn require(&self, tenant: &str, need: Role) -> Result<(), Status> {
-        self.require_to("refused: missing grant", tenant, need)
+        self.require_to("refused: missing grant", "", tenant, need)
     }
 
     /// [`Caller::require`], the refusal's audit record naming `action` (an operation audited
-    /// whether allowed or not).
-    pub fn require_to(&self, action: &str, tenant: &str, need: Role) -> Result<(), Status> {
+    /// whether allowed or not) and what it was `about`.
+    pub fn require_to(&self, action: &str, about: &str, tenant: &str, need: Role) -> Result<(), Status> {
         if self.may(tenant, need) {
             return Ok(());
         }
         let wanted = if need == Role::ClusterAdmin { "cluster-admin".to_string() } else { format!("{}:{tenant}", need.as_str()) };
         let held: Vec<String> = self.grants.iter().map(Grant::to_string).collect();
-        self.audit(action, "refused", format!("needs {wanted}"));
+        self.audit(action, "refused", format!("needs {wanted}{about}"));
         Err(Status::permission_denied(format!(
             "{} {:?} may not do this: it needs {wanted}, and holds {}",
             self.kind.as_str(),
