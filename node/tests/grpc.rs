@@ -433,17 +433,6 @@ async fn given_per_partition_start_positions_then_a_subscription_resumes_exactly
     assert_eq!(replayed, expected);
 }
 
-/// Whether the node closed `stream` (it reads an end, or a reset) rather than keeping it open.
-fn closed_by_node(stream: &mut std::net::TcpStream) -> bool {
-    use std::io::Read;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    match stream.read(&mut [0u8; 64]) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_an_address_at_its_connection_limit_then_its_next_connection_is_closed_and_a_freed_place_is_taken_again() {
     let mut t = start(&["--max-connections-per-address", "3"]).await;
@@ -453,7 +442,7 @@ async fn given_an_address_at_its_connection_limit_then_its_next_connection_is_cl
     let mut open = Vec::new();
     let refused = loop {
         let mut stream = std::net::TcpStream::connect(t.node.grpc_addr).unwrap();
-        if closed_by_node(&mut stream) {
+        if common::closed_by_node(&mut stream) {
             break stream;
         }
         open.push(stream);
@@ -469,7 +458,7 @@ async fn given_an_address_at_its_connection_limit_then_its_next_connection_is_cl
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut stream = std::net::TcpStream::connect(t.node.grpc_addr).unwrap();
-        if !closed_by_node(&mut stream) {
+        if !common::closed_by_node(&mut stream) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the freed place was not given again");

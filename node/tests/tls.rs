@@ -440,6 +440,41 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     assert_eq!(acme, vec![b"by the writer".to_vec(), b"session 1".to_vec()]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_tls_and_an_address_at_its_connection_limit_then_its_next_connection_is_closed_before_any_handshake() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The members reach each other from their own addresses (127.0.0.11-13); this process
+    // connects from 127.0.0.1.
+    let spec = ClusterSpec { node_args: vec!["--max-connections-per-address".into(), "3".into()], ..spec() };
+    let cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    admin.node.status(pb::StatusRequest {}).await.unwrap();
+    let addr = cluster.nodes[0].as_ref().unwrap().grpc_addr;
+    // Raw connections that never start a handshake take the places the admin's does not.
+    let mut open = Vec::new();
+    let refused = loop {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        if common::closed_by_node(&mut stream) {
+            break stream;
+        }
+        open.push(stream);
+        assert!(open.len() < 3, "three raw connections and the admin's were all kept open");
+    };
+    drop(refused);
+    assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, 1);
+    // The admin's connection still serves.
+    admin.node.status(pb::StatusRequest {}).await.unwrap();
+    // Connections ended free their places: a new TLS client (the router) reaches node-1 again.
+    drop(open);
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    for stream in anthill_node::local::streams_per_partition("limited", PARTITIONS) {
+        router.append(append(&stream, "after".into())).await.unwrap();
+    }
+    assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, 1);
+}
+
 /// The audit records of `node`'s stream, read by the admin (through any node).
 async fn audit_records(router: &Router, node: &str) -> Vec<anthill_node::security::audit::Record> {
     let events = router.read_stream_all(&anthill_node::security::audit::stream_of(node)).await.unwrap();

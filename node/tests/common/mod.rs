@@ -84,3 +84,14 @@ pub fn http_get_any(addr: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut body).unwrap();
     body
 }
+
+/// Whether the node closed `stream` (it reads an end, or a reset) rather than keeping it open.
+pub fn closed_by_node(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+    match stream.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}

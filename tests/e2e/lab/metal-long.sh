@@ -25,7 +25,7 @@ case "$coordination" in
 esac
 [[ "$hosts" =~ ^[0-9]+$ ]] && ((hosts >= 3 && hosts <= 11)) || { echo "metal-long.sh: --hosts must be 3 to 11" >&2; exit 2; }
 cd "$repo"
-echo "metal-long.sh: building (release), then the lab's test ($coordination) with $hosts hosts and one added (at most 60 minutes)" >&2
+echo "metal-long.sh: building (release), then the lab's test ($coordination) with $hosts hosts and one added (at most 90 minutes)" >&2
 cargo build --release -q -p anthill-node --bin anthill
-ANTHILL_METALLAB_HOSTS="$hosts" timeout --kill-after=60 3600 \
+ANTHILL_METALLAB_HOSTS="$hosts" timeout --kill-after=60 5400 \
     cargo test --release -q -p anthill-e2e --test metallab -- --include-ignored --nocapture --test-threads=1 "$test"

@@ -233,10 +233,7 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 /// `NRestarts` counts the restarts its `Restart=on-failure` made. Either failure prints the
 /// hosts' node journals.
 fn whole_after_apply(lab: &Lab, address: &str, hosts: &[u32]) -> Option<Value> {
-    let journals = || -> String {
-        let journal = |i: &u32| lab.run(&["ssh", &i.to_string(), "journalctl -u anthill --no-pager -n 40 -o short-precise"]);
-        hosts.iter().map(|i| format!("host-{i:02}:\n{}", journal(i).unwrap_or_else(|e| e))).collect::<Vec<_>>().join("\n")
-    };
+    let journals = || journals(lab, hosts);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut status = lab.status(address);
     while !whole(&status, hosts) {
@@ -249,6 +246,15 @@ fn whole_after_apply(lab: &Lab, address: &str, hosts: &[u32]) -> Option<Value> {
         assert_eq!(restarts.trim(), "0", "systemd restarted host-{i:02}'s node: it crashed\n{}", journals());
     }
     status
+}
+
+/// The last lines of the node's journal on each of `hosts`, with systemd's restart count.
+fn journals(lab: &Lab, hosts: &[u32]) -> String {
+    let journal = |i: &u32| {
+        let command = "systemctl show anthill -p NRestarts; journalctl -u anthill --no-pager -n 40 -o short-precise";
+        lab.run(&["ssh", &i.to_string(), command]).unwrap_or_else(|e| e)
+    };
+    hosts.iter().map(|i| format!("host-{i:02}:\n{}", journal(i))).collect::<Vec<_>>().join("\n")
 }
 
 /// Whether `status` shows the nodes of `hosts` (ordinals) live and every partition led.
@@ -569,9 +575,10 @@ fn scenario(coordination: Coordination) {
     let out = load.wait();
     assert!(
         out.status.success(),
-        "the workload failed:\n{}\n{}",
+        "the workload failed:\n{}\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
-        tail(&String::from_utf8_lossy(&out.stderr), 40)
+        tail(&String::from_utf8_lossy(&out.stderr), 40),
+        journals(&lab, &kept)
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["passed"], true, "{report}");
