@@ -1,8 +1,8 @@
 //! The `Auth` service: tokens and the grants of certificate principals (docs/security.md), and
-//! the `Tenants` service (forgetting a tenant, re-wrapping data keys). Every
-//! call but `WhoAmI` needs `cluster-admin`; each change is an audit record
-//! ([`crate::security::audit`]) with who made it. Without TLS there is nobody to authenticate, and the calls that change the
-//! table are refused.
+//! the `Tenants` service (forgetting a tenant, re-wrapping data keys). Every call but `WhoAmI`
+//! needs `cluster-admin`; each change is an audit record ([`crate::security::audit`]) with who
+//! made it. Without TLS there is nobody to authenticate, and the calls that change the table are
+//! refused.
 
 use anthill_proto::v1 as pb;
 use tonic::{Request, Response, Status};
