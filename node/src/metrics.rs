@@ -57,6 +57,8 @@ pub struct Metrics {
     /// waited (they are in the log only).
     pub audit_records_written: Counter,
     pub audit_records_dropped: Counter,
+    /// Audit records queued or being appended: not in the stream yet.
+    pub audit_records_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,6 +87,7 @@ impl Default for Metrics {
             connections_refused: Counter::default(),
             audit_records_written: Counter::default(),
             audit_records_dropped: Counter::default(),
+            audit_records_pending: Gauge::default(),
             append_queue_depth: Gauge::default(),
             db_used_bytes: Gauge::default(),
             map_size_bytes: Gauge::default(),
@@ -117,6 +120,11 @@ impl Default for Metrics {
             "audit_records_dropped",
             "Audit records not appended to the audit stream because too many waited (they are in the log on the anthill::audit target)",
             m.audit_records_dropped.clone(),
+        );
+        registry.register(
+            "audit_records_pending",
+            "Audit records queued or being appended, not in the audit stream yet (growing: the stream's leader is not reached)",
+            m.audit_records_pending.clone(),
         );
         registry.register("events_appended", "Events made durable", m.events_appended.clone());
         registry.register("commits", "Group commits (LMDB write transactions synced)", m.commits.clone());

@@ -132,8 +132,9 @@ impl Audit {
             outcome: outcome.to_string(),
             detail: clipped(detail),
         };
-        if inner.queue.try_send(record).is_err() {
-            inner.metrics.audit_records_dropped.inc();
+        match inner.queue.try_send(record) {
+            Ok(()) => _ = inner.metrics.audit_records_pending.inc(),
+            Err(_) => _ = inner.metrics.audit_records_dropped.inc(),
         }
     }
 }
@@ -253,6 +254,7 @@ impl Writer {
             match sent {
                 Ok(()) => {
                     self.metrics.audit_records_written.inc_by(n as u64);
+                    self.metrics.audit_records_pending.dec_by(n as i64);
                     pending.drain(..n);
                     one_by_one = one_by_one.saturating_sub(n);
                     (pause, failures) = (PAUSE_MIN, 0);
@@ -265,6 +267,7 @@ impl Writer {
                     let record = pending.pop_front().expect("the record just sent");
                     tracing::error!(stream = %self.stream, id = %record.id, error = %e, "an audit record was refused; it is in the log only");
                     self.metrics.audit_records_dropped.inc();
+                    self.metrics.audit_records_pending.dec();
                     one_by_one = one_by_one.saturating_sub(1);
                 }
                 Err(Failure::Passing(e)) => {
@@ -435,7 +438,7 @@ mod tests {
         for i in 0..5 {
             audit.record("certificate \"alice\"", "drain", "refused", &format!("call {i}"));
         }
-        assert_eq!(metrics.audit_records_dropped.get(), 3);
+        assert_eq!((metrics.audit_records_dropped.get(), metrics.audit_records_pending.get()), (3, 2));
         let first = waiting.recv().await.unwrap();
         assert_eq!((first.id.as_str(), first.detail.as_str()), ("node-1:b:1", "call 0"));
         assert_eq!(waiting.recv().await.unwrap().id, "node-1:b:2");
@@ -500,6 +503,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!((metrics.audit_records_written.get(), metrics.audit_records_dropped.get()), (2, 1));
+        assert_eq!(metrics.audit_records_pending.get(), 0, "none left waiting");
         let all = crate::storage::ReadLimit { max_events: 100, max_bytes: usize::MAX };
         let stored = store.read_stream("$audit/node-1", 0, u64::MAX, all).unwrap().events;
         let details: Vec<String> = stored.iter().map(|e| serde_json::from_slice::<Record>(&e.payload).unwrap().detail).collect();
