@@ -126,6 +126,11 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
             })
         }
     };
+    if let Some(keys) = &keys {
+        // The ledger's events and state are sealed by the writer (a follower refuses a sealed
+        // event it receives before this, and is sent it again).
+        log.set_keys(keys.clone());
+    }
     let api = api.with_keys(keys.clone()).with_auth(auth.clone());
     // Health stays open (probes carry no certificate); every other service is behind a gate.
     let client = ClientGate::new(auth.clone(), metrics.clone()).with_rate(config.limits.calls_per_second_per_caller).with_audit(audit);

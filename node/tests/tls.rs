@@ -603,7 +603,8 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
             appended.push((tenant, stream));
         }
     }
-    // A book of acme's in the ledger (its events are the processor's, not sealed).
+    // A book of acme's in the ledger: the processor seals its events and state, followers open
+    // them to keep their read models.
     let mut admin = client::connect(&cluster.url(0)).await.unwrap();
     let open_account = pb::OpenAccountRequest {
         book: "acme:shop".into(),
@@ -619,6 +620,39 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
         assert!(Instant::now() < deadline, "the ledger refused acme's account: {e:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let safe = pb::OpenAccountRequest { command_id: "open-2".into(), account: "safe".into(), ..open_account.clone() };
+    on_leader.ledger.open_account(safe).await.unwrap();
+    let deposit = pb::DepositRequest { book: "acme:shop".into(), command_id: "in-1".into(), account: "till".into(), amount: 500 };
+    on_leader.ledger.deposit(deposit).await.unwrap();
+    let transfer = pb::TransferRequest {
+        book: "acme:shop".into(),
+        command_id: "move-1".into(),
+        from: "till".into(),
+        to: "safe".into(),
+        amount: 120,
+        transfer: "ACME-TRANSFER-MARKER".into(),
+    };
+    on_leader.ledger.transfer(transfer.clone()).await.unwrap();
+    // A retry on the leader is a duplicate (the id was recorded with the sealed events).
+    assert!(on_leader.ledger.transfer(transfer).await.unwrap().into_inner().duplicate);
+    // Every replica's read model followed the sealed events.
+    for i in 0..NODES {
+        let mut c = client::connect(&cluster.url(i)).await.unwrap();
+        let ask = pb::GetBalanceRequest { book: "acme:shop".into(), account: "safe".into() };
+        loop {
+            let balance = c.ledger.get_balance(ask.clone()).await;
+            if balance.as_ref().is_ok_and(|b| b.get_ref().balance == 120) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{}: the safe's balance {balance:?}", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Read back through the log API, the book's events come opened.
+    let book = router.read_stream_all("ledger/acme:shop").await.unwrap();
+    assert_eq!(book.len(), 4, "{book:?}");
+    assert!(String::from_utf8_lossy(&book[3].payload).contains("ACME-TRANSFER-MARKER"), "{:?}", book[3]);
+    assert_eq!(book[3].metadata.get("anthill.command_id").map(String::as_str), Some("move-1"));
     // Client metadata may not pose as a sealed event.
     let mut posing = append("globex/orders-x", "posing".into());
     posing.events[0].metadata.insert("anthill-enc".into(), "1:0000".into());
@@ -634,7 +668,7 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
     // metadata in clear, on any node.
     let data: Vec<_> = (0..NODES).map(|i| dir.path().join(LocalCluster::name(i))).collect();
     assert!(data.iter().all(|d| !any_file_contains(d, appended[0].1.as_bytes()).is_empty()), "the scan reads the data files");
-    for needle in ["ACME-SECRET", "ACME-META", "GLOBEX-SECRET", "GLOBEX-META"] {
+    for needle in ["ACME-SECRET", "ACME-META", "GLOBEX-SECRET", "GLOBEX-META", "ACME-TRANSFER-MARKER"] {
         let found: Vec<_> = data.iter().flat_map(|d| any_file_contains(d, needle.as_bytes())).collect();
         assert!(found.is_empty(), "{needle} in clear in {found:?}");
     }
@@ -689,10 +723,10 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
     }
     let refused = router.append(append("acme/orders-new", "after forgetting".into())).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    // The book, though never sealed, is gone with its tenant.
+    // The book is gone with its tenant.
     let balance = on_leader.ledger.get_balance(pb::GetBalanceRequest { book: "acme:shop".into(), account: "till".into() }).await;
     assert_eq!(balance.map_err(|e| e.code()).err(), Some(tonic::Code::FailedPrecondition));
-    for needle in ["ACME-SECRET", "ACME-META", "after forgetting"] {
+    for needle in ["ACME-SECRET", "ACME-META", "after forgetting", "ACME-TRANSFER-MARKER"] {
         let found: Vec<_> = data.iter().flat_map(|d| any_file_contains(d, needle.as_bytes())).collect();
         assert!(found.is_empty(), "{needle} in clear in {found:?}");
     }

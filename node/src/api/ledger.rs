@@ -80,6 +80,11 @@ impl LedgerApi {
             validate_id("command_id", &command_id, MAX_COMMAND_ID_BYTES).map_err(Status::invalid_argument)?;
             Some(command_id)
         };
+        if let Some(keys) = &self.keys {
+            // The writer seals the book's events and state with the tenant's key: made here at
+            // the tenant's first write, since the writer cannot wait for the store.
+            keys.data_key_for_write(scope_tenant(&book)).await?;
+        }
         let command = Command::<Ledger>::new(book, command_id, command);
         let command_id = command.command_id.clone();
         let done = self.log.command(Box::new(command)).await.map_err(|e| match e {

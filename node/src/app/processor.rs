@@ -19,6 +19,7 @@ use serde_json::Value as Json;
 use super::commands::{self, CommandRecord};
 use super::{Context, Domain, Refusal, Rejection, RejectionKind, State, StateError, state};
 use crate::log::NewEvent;
+use crate::security::keys::DataKey;
 use crate::storage::Journal;
 
 /// What an accepted or repeated command did.
@@ -130,7 +131,8 @@ pub fn decide<D: Domain>(
 /// `place` gets the transaction, the events once they are in state, and the command's hash when
 /// its id is remembered (else 0), and says where the events landed; it is not called for a
 /// rejection or a duplicate. `journal`, when given, notes what the command's state writes replace
-/// (a replicated node, `storage/undo.rs`).
+/// (a replicated node, `storage/undo.rs`). `data_key`, when given, seals the state values written
+/// and opens those read (encryption at rest).
 #[allow(clippy::too_many_arguments)]
 pub fn execute<D: Domain>(
     txn: &mut RwTxn<'_>,
@@ -140,11 +142,12 @@ pub fn execute<D: Domain>(
     command: &D::Command,
     ctx: &Context<'_>,
     mut journal: Option<&mut Journal>,
+    data_key: Option<&DataKey>,
     place: impl FnOnce(&mut RwTxn<'_>, &[D::Event], u64) -> Result<CommandRecord, StateError>,
 ) -> ExecuteResult<D::Event, D::Error> {
     let decision = {
         let view_txn: &RwTxn<'_> = txn;
-        decide::<D>(&state::StateView::new(view_txn, db, &[]), stream, scope, command, ctx)?
+        decide::<D>(&state::StateView::new(view_txn, db, &[]).sealed(data_key), stream, scope, command, ctx)?
     };
     let (events, command_hash) = match decision {
         Decision::Decided { events, command_hash } => (events, command_hash),
@@ -153,7 +156,7 @@ pub fn execute<D: Domain>(
     };
     let prefix = state::subspace(D::NAME, scope);
     {
-        let mut state = State::journaled(txn, db, &prefix, journal.as_deref_mut());
+        let mut state = State::journaled(txn, db, &prefix, journal.as_deref_mut()).sealed(data_key);
         for event in &events {
             D::evolve(&mut state, event)?;
         }
@@ -172,7 +175,9 @@ pub trait Routed: Send + Sync {
     /// A rough size for group-commit batching.
     fn size_bytes(&self) -> usize;
     /// [`execute`] with the events handed to `place` in their log form.
-    /// Ids recorded before `ids_since_us` have expired.
+    /// Ids recorded before `ids_since_us` have expired. With `data_key` (the tenant's, encryption
+    /// at rest) the events' payloads and metadata and the state values are sealed.
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
         txn: &mut RwTxn<'_>,
@@ -180,6 +185,7 @@ pub trait Routed: Send + Sync {
         now_us: u64,
         ids_since_us: u64,
         journal: Option<&mut Journal>,
+        data_key: Option<&DataKey>,
         place: &mut PlaceInLog<'_>,
     ) -> ExecuteResult<(), Rejected>;
 }
@@ -225,17 +231,22 @@ impl<D: Domain> Routed for Command<D> {
         now_us: u64,
         ids_since_us: u64,
         journal: Option<&mut Journal>,
+        data_key: Option<&DataKey>,
         place: &mut PlaceInLog<'_>,
     ) -> ExecuteResult<(), Rejected> {
         let ctx = Context { now_us, command_id: &self.command_id, remember_id: self.client_chose_id, ids_since_us };
-        let executed = execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, journal, |txn, events, command_hash| {
-            let mut events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
-            // Followers record the id from the last event (app/follow.rs); metadata stays sorted.
-            if let Some(last) = events.last_mut().filter(|_| command_hash != 0) {
-                last.metadata.insert(0, (super::COMMAND_HASH_METADATA_KEY.to_string(), command_hash.to_string()));
-            }
-            place(txn, events)
-        })?;
+        let executed =
+            execute::<D>(txn, db, &self.stream, &self.scope, &self.command, &ctx, journal, data_key, |txn, events, command_hash| {
+                let mut events = events.iter().map(|e| super::to_new_event(e, &self.command_id)).collect::<Result<Vec<_>, _>>()?;
+                // Followers record the id from the last event (app/follow.rs); metadata stays sorted.
+                if let Some(last) = events.last_mut().filter(|_| command_hash != 0) {
+                    last.metadata.insert(0, (super::COMMAND_HASH_METADATA_KEY.to_string(), command_hash.to_string()));
+                }
+                if let Some(data_key) = data_key {
+                    events.iter_mut().for_each(|event| data_key.seal_event(&self.stream, event));
+                }
+                place(txn, events)
+            })?;
         Ok(match executed {
             Ok(Executed::Accepted { record, .. }) => Ok(Executed::Accepted { events: Vec::new(), record }),
             Ok(Executed::Duplicate(record)) => Ok(Executed::Duplicate(record)),

@@ -6,7 +6,8 @@
 //! only the elements after the scope, so two domains, or two scopes (ledger books) of one domain,
 //! can never touch each other's keys, and a query over, say, every account of a book is one
 //! key-range scan. Values are JSON (readable in a dump, and `serde(default)` lets a record gain
-//! fields without a format change).
+//! fields without a format change), sealed with the book's tenant's data key when encryption at
+//! rest is on ([`State::sealed`], [`StateView::sealed`]; keys stay in clear).
 //!
 //! [`StateView`] reads (decide and queries); [`State`] also writes (evolve). Both work on an
 //! LMDB transaction the caller owns: the log's writer gives its group-commit transaction, so a
@@ -21,6 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::security::keys::{DataKey, SEALED_VALUE};
 use crate::storage::Journal;
 use crate::storage::keys::{Elem, Value, pack, pack_into, unpack};
 
@@ -72,8 +74,22 @@ fn full_key(prefix: &[u8], elems: &[Elem<'_>]) -> Vec<u8> {
     key
 }
 
-fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StateError> {
-    serde_json::from_slice(bytes).map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })
+/// A value as stored: JSON, or sealed with its tenant's data key ([`DataKey::seal_value`]).
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8], data_key: Option<&DataKey>) -> Result<T, StateError> {
+    let undecodable = |reason: String| StateError::Undecodable { key: format!("{key:02x?}"), reason };
+    if bytes.first() == Some(&SEALED_VALUE) {
+        let data_key = data_key.ok_or_else(|| {
+            undecodable(
+                "sealed with its tenant's data key, which this node does not have (encryption is off here, or the key has not reached it)"
+                    .into(),
+            )
+        })?;
+        let plain = data_key
+            .open_value(key, bytes)
+            .ok_or_else(|| undecodable("a sealed value that does not open: changed on disk, or moved from another key".into()))?;
+        return serde_json::from_slice(&plain).map_err(|e| undecodable(e.to_string()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| undecodable(e.to_string()))
 }
 
 /// State kept in memory: every key and value, in key order (as LMDB keeps them).
@@ -122,21 +138,28 @@ impl Source<'_> {
 pub struct StateView<'t> {
     source: Source<'t>,
     prefix: &'t [u8],
+    /// Opens values sealed with the scope's tenant's data key (encryption at rest).
+    data_key: Option<&'t DataKey>,
 }
 
 impl<'t> StateView<'t> {
     pub fn new(txn: &'t RoTxn<'t, WithoutTls>, db: Database<Bytes, Bytes>, prefix: &'t [u8]) -> Self {
-        StateView { source: Source::Lmdb(txn, db), prefix }
+        StateView { source: Source::Lmdb(txn, db), prefix, data_key: None }
     }
 
     /// A view of state kept in memory.
     pub fn memory(state: &'t MemoryState, prefix: &'t [u8]) -> Self {
-        StateView { source: Source::Memory(state), prefix }
+        StateView { source: Source::Memory(state), prefix, data_key: None }
+    }
+
+    /// The same view, opening values sealed with `data_key` (values kept in clear read as before).
+    pub fn sealed(self, data_key: Option<&'t DataKey>) -> Self {
+        StateView { data_key, ..self }
     }
 
     /// The same state seen through another subspace.
     pub fn with_prefix<'a>(&'a self, prefix: &'a [u8]) -> StateView<'a> {
-        StateView { source: self.source, prefix }
+        StateView { source: self.source, prefix, data_key: self.data_key }
     }
 
     /// The bytes under a whole key, outside any subspace (the command records, `commands.rs`).
@@ -148,7 +171,7 @@ impl<'t> StateView<'t> {
     pub fn get<T: DeserializeOwned>(&self, elems: &[Elem<'_>]) -> Result<Option<T>, StateError> {
         let key = full_key(self.prefix, elems);
         match self.source.get(&key)? {
-            Some(bytes) => decode(&key, bytes).map(Some),
+            Some(bytes) => decode(&key, bytes, self.data_key).map(Some),
             None => Ok(None),
         }
     }
@@ -191,7 +214,7 @@ impl<'t> StateView<'t> {
             }
             let rest =
                 unpack(&key[prefix.len()..]).map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })?;
-            visit(rest, decode(key, value)?)?;
+            visit(rest, decode(key, value, self.data_key)?)?;
             visited += 1;
             Ok(true)
         })?;
@@ -209,6 +232,8 @@ enum Sink<'t, 'e> {
 pub struct State<'t, 'e> {
     sink: Sink<'t, 'e>,
     prefix: &'t [u8],
+    /// Seals the values written, and opens those read, with the scope's tenant's data key.
+    data_key: Option<&'t DataKey>,
     buf: Vec<u8>,
     /// Notes each key's value before its first write, when the append may be undone
     /// (`storage/undo.rs`).
@@ -217,17 +242,23 @@ pub struct State<'t, 'e> {
 
 impl<'t, 'e> State<'t, 'e> {
     pub fn new(txn: &'t mut RwTxn<'e>, db: Database<Bytes, Bytes>, prefix: &'t [u8]) -> Self {
-        State { sink: Sink::Lmdb(txn, db), prefix, buf: Vec::new(), journal: None }
+        State { sink: Sink::Lmdb(txn, db), prefix, data_key: None, buf: Vec::new(), journal: None }
     }
 
     /// Like [`State::new`], noting in `journal` (when given) what each write replaces.
     pub fn journaled(txn: &'t mut RwTxn<'e>, db: Database<Bytes, Bytes>, prefix: &'t [u8], journal: Option<&'t mut Journal>) -> Self {
-        State { sink: Sink::Lmdb(txn, db), prefix, buf: Vec::new(), journal }
+        State { sink: Sink::Lmdb(txn, db), prefix, data_key: None, buf: Vec::new(), journal }
     }
 
     /// State kept in memory, noting in `journal` (when given) what each write replaces.
     pub fn memory(state: &'t mut MemoryState, prefix: &'t [u8], journal: Option<&'t mut Journal>) -> Self {
-        State { sink: Sink::Memory(state), prefix, buf: Vec::new(), journal }
+        State { sink: Sink::Memory(state), prefix, data_key: None, buf: Vec::new(), journal }
+    }
+
+    /// The same state, its values sealed with `data_key` when written and opened when read
+    /// (encryption at rest: `security/keys.rs`); values kept in clear read as before.
+    pub fn sealed(self, data_key: Option<&'t DataKey>) -> Self {
+        State { data_key, ..self }
     }
 
     /// Reads through the same transaction, so they see this transaction's own writes.
@@ -236,7 +267,7 @@ impl<'t, 'e> State<'t, 'e> {
             Sink::Lmdb(txn, db) => Source::Lmdb(txn, *db),
             Sink::Memory(map) => Source::Memory(map),
         };
-        StateView { source, prefix: self.prefix }
+        StateView { source, prefix: self.prefix, data_key: self.data_key }
     }
 
     pub fn get<T: DeserializeOwned>(&self, elems: &[Elem<'_>]) -> Result<Option<T>, StateError> {
@@ -248,6 +279,9 @@ impl<'t, 'e> State<'t, 'e> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, value)
             .map_err(|e| StateError::Undecodable { key: format!("{key:02x?}"), reason: e.to_string() })?;
+        if let Some(data_key) = self.data_key {
+            self.buf = data_key.seal_value(&key, &self.buf);
+        }
         self.note(&key)?;
         match &mut self.sink {
             Sink::Lmdb(txn, db) => db.put(txn, &key, &self.buf)?,
@@ -300,6 +334,41 @@ mod tests {
     use super::*;
     use crate::app::ledger::{Ledger, LedgerCommand};
     use crate::app::{Context, Domain};
+
+    #[tokio::test]
+    async fn given_a_data_key_then_values_are_stored_sealed_open_with_it_only_and_clear_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let keks = vec![crate::security::keys::Kek::from_hex(&"07".repeat(32)).unwrap()];
+        let keys = crate::security::keys::Keys::in_file(dir.path().join("keys.json"), keks).unwrap();
+        let data_key = keys.data_key_for_write("acme").await.unwrap();
+        // SAFETY: a fresh directory, opened once.
+        let env = unsafe { heed::EnvOpenOptions::new().read_txn_without_tls().max_dbs(1).open(dir.path()).unwrap() };
+        let mut txn = env.write_txn().unwrap();
+        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("state")).unwrap();
+        let prefix = subspace("ledger", "acme:shop");
+        let mut state = State::new(&mut txn, db, &prefix);
+        state.put(&[Elem::Str("old")], &"IN-CLEAR").unwrap();
+        let mut state = state.sealed(Some(&data_key));
+        state.put(&[Elem::Str("a"), Elem::Str("till")], &"SEALED-MARKER").unwrap();
+        assert_eq!(state.get::<String>(&[Elem::Str("a"), Elem::Str("till")]).unwrap().unwrap(), "SEALED-MARKER");
+        assert_eq!(state.get::<String>(&[Elem::Str("old")]).unwrap().unwrap(), "IN-CLEAR", "written before encryption was on");
+        let raw: Vec<Vec<u8>> = db.iter(&txn).unwrap().map(|e| e.unwrap().1.to_vec()).collect();
+        assert!(raw.iter().all(|v| !v.windows(6).any(|w| w == b"SEALED")), "no plaintext stored");
+        assert!(raw.iter().any(|v| v.first() == Some(&SEALED_VALUE)));
+        let scanned = StateView::new(&txn, db, &prefix).sealed(Some(&data_key)).scan::<String>(&[Elem::Str("a")], None, 10).unwrap();
+        assert_eq!(scanned, vec![(vec![Value::Str("till".into())], "SEALED-MARKER".to_string())]);
+        // Without the key, or moved under another key, it does not read.
+        let Err(StateError::Undecodable { reason, .. }) =
+            StateView::new(&txn, db, &prefix).get::<String>(&[Elem::Str("a"), Elem::Str("till")])
+        else {
+            panic!("a sealed value read without its key")
+        };
+        assert!(reason.contains("does not have"), "{reason}");
+        let sealed = db.get(&txn, &full_key(&prefix, &[Elem::Str("a"), Elem::Str("till")])).unwrap().unwrap().to_vec();
+        db.put(&mut txn, &full_key(&prefix, &[Elem::Str("a"), Elem::Str("moved")]), &sealed).unwrap();
+        let moved = StateView::new(&txn, db, &prefix).sealed(Some(&data_key)).get::<String>(&[Elem::Str("a"), Elem::Str("moved")]);
+        assert!(matches!(moved, Err(StateError::Undecodable { .. })), "{moved:?}");
+    }
 
     /// A fixed walk of ledger commands over three accounts and two holds: money in and out,
     /// transfers, holds placed, captured and released, many refused.

@@ -25,6 +25,7 @@ use crate::app::processor::{Rejected, Routed};
 use crate::app::{StateView, state::subspace};
 use crate::config::{AppConfig, GroupCommitConfig, LimitsConfig};
 use crate::metrics::Metrics;
+use crate::security::keys::{Keys, OpenError};
 use crate::storage::{ReadLimit, Slice, StorageError, Store};
 pub use expected::ExpectedVersion;
 pub use partitioning::partition_of;
@@ -290,6 +291,9 @@ pub struct Log {
     replicated: std::sync::atomic::AtomicBool,
     /// Per partition, where this node's replica takes linearizable read requests.
     read_indexes: parking_lot::Mutex<Vec<Option<tokio::sync::mpsc::Sender<ReadIndexRequest>>>>,
+    /// The tenants' data keys, with encryption at rest on ([`Log::set_keys`]): domains' events
+    /// and state are sealed with them.
+    keys: Arc<std::sync::OnceLock<Keys>>,
 }
 
 /// A linearizable read's request to its partition's replica: answered with the position to read
@@ -326,7 +330,9 @@ impl Log {
         let poison = Arc::new(writer::Poison::default());
         let roles = Arc::new(Roles::new(store.partition_count(), SINGLE_NODE_EPOCH));
         let partition_heads: Arc<[watch::Sender<u64>]> = heads.iter().map(|h| watch::Sender::new(*h)).collect();
+        let keys = Arc::new(std::sync::OnceLock::new());
         let writer = writer::Writer {
+            keys: keys.clone(),
             partition_heads: partition_heads.clone(),
             store: store.clone(),
             rx,
@@ -359,7 +365,23 @@ impl Log {
             partition_heads,
             roles,
             replicated: std::sync::atomic::AtomicBool::new(false),
+            keys,
         })
+    }
+
+    /// Turns encryption at rest on for the domains (the ledger): from now on the writer seals
+    /// the events and state values of a book with its tenant's data key, and opens them where
+    /// it follows a leader or re-applies events. Set once, before the node serves; a domain's
+    /// sealed event that arrives earlier is refused and replicated again later.
+    pub fn set_keys(&self, keys: Keys) {
+        if self.keys.set(keys).is_err() {
+            tracing::warn!("the log's keys were set already; the first ones stay");
+        }
+    }
+
+    /// The tenants' keys, with encryption at rest on.
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.get()
     }
 
     /// This node's partitions are replicated (a cluster): `quorum` appends wait for a majority.
@@ -644,12 +666,22 @@ impl Log {
         R: Send + 'static,
     {
         let (store, prefix) = (self.store.clone(), subspace(domain, scope));
-        let partition = self.partition_of(&crate::app::stream_of(domain, scope));
+        let stream = crate::app::stream_of(domain, scope);
+        let partition = self.partition_of(&stream);
         let truncations = self.truncations_of(partition);
-        let (answer, seq) = tokio::task::spawn_blocking(move || store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix))))
-            .await
-            .map_err(|_| AppendError::ShuttingDown)?
-            .map_err(|e| AppendError::Storage(Arc::new(e)))?;
+        // Values sealed with the tenant's key open with it; without one yet, the values are in
+        // clear (or the node has not heard of the key: the read reports them undecodable).
+        let data_key = match self.keys.get().map(|keys| keys.data_key(crate::security::auth::tenant_of(&stream))) {
+            None | Some(Err(OpenError::NotYet(_))) => None,
+            Some(Ok(key)) => Some(key),
+            Some(Err(e)) => return Err(AppendError::Invalid(e.to_string())),
+        };
+        let (answer, seq) = tokio::task::spawn_blocking(move || {
+            store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix).sealed(data_key.as_ref())))
+        })
+        .await
+        .map_err(|_| AppendError::ShuttingDown)?
+        .map_err(|e| AppendError::Storage(Arc::new(e)))?;
         let mut commits = self.commits.clone();
         if commits.borrow().seq < seq {
             tokio::select! {

@@ -58,6 +58,7 @@ use crate::app::processor::{Executed, Failure, Routed};
 use crate::config::GroupCommitConfig;
 use crate::metrics::Metrics;
 use crate::replication::EpochHistory;
+use crate::security::keys::Keys;
 use crate::storage::{Appender, EventRecord, Journal, PartitionImage, RecordRef, StorageError, Store, undo};
 
 type Db = heed::Database<heed::types::Bytes, heed::types::Bytes>;
@@ -234,6 +235,8 @@ pub(super) struct Writer {
     pub command_id_retention: Duration,
     /// Per partition, through which position the undo journal was pruned (`storage/undo.rs`).
     pub pruned: Vec<u64>,
+    /// The tenants' data keys, once encryption at rest is on (`Log::set_keys`).
+    pub keys: Arc<std::sync::OnceLock<Keys>>,
 }
 
 impl Writer {
@@ -331,7 +334,8 @@ impl Writer {
     /// is published (so no older heads are published after the new ones), the store truncates
     /// (`storage/truncate.rs`) and the partition's head moves back.
     fn truncate(&mut self, partition: u32, after: u64) -> Result<usize, AppendError> {
-        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
+        let keys = self.keys.clone();
+        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us(), keys: keys.get() };
         // Taking back a scope's state rewrites it in the truncation's transaction, which may not
         // fit the map.
         let removed =
@@ -410,7 +414,8 @@ impl Writer {
         self.wait_published()?;
         let head = self.heads[partition as usize];
         let committed = if self.roles.journaling() { self.roles.known_committed(partition) } else { head };
-        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
+        let keys = self.keys.clone();
+        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us(), keys: keys.get() };
         self.store.partition_image(partition, head, committed, self.last_seq, &derived).map_err(|e| AppendError::Storage(Arc::new(e)))
     }
 
@@ -422,7 +427,8 @@ impl Writer {
             return Err(AppendError::Invalid(format!("partition {partition} does not exist")));
         }
         let history = EpochHistory::try_from_starts(image.history.clone()).map_err(AppendError::Invalid)?;
-        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us() };
+        let keys = self.keys.clone();
+        let derived = crate::app::follow::DomainState { ids_since_us: self.ids_since_us(), keys: keys.get() };
         let growth = image.encode().len() as u64 * 3 + TRUNCATE_GROWTH_BYTES;
         let entries = self.alone("installing a partition image", growth, |w| w.store.install_image(image, w.last_seq, &derived))?;
         self.last_seq += entries.len() as u64;
@@ -545,6 +551,7 @@ impl Writer {
             histories: &self.histories,
             changed_histories: BTreeMap::new(),
             journaling: self.roles.journaling(),
+            keys: self.keys.get(),
         };
         let mut log_txn = self.store.write()?;
         let parts = log_txn.parts();
@@ -637,6 +644,8 @@ struct Placer<'b, 'h> {
     ids_since_us: u64,
     /// Appends that change state keep an undo journal (`storage/undo.rs`).
     journaling: bool,
+    /// The tenants' data keys, with encryption at rest on: a book's events and state are sealed.
+    keys: Option<&'h Keys>,
 }
 
 impl<'b> Placer<'b, '_> {
@@ -682,6 +691,13 @@ impl<'b> Placer<'b, '_> {
         if epoch == 0 {
             return Ok(Err(CommandError::Failed(AppendError::NotLeader { partition })));
         }
+        // With encryption on, the book's events and state are sealed with its tenant's key (the
+        // API made sure it exists before sending the command).
+        let data_key = match self.keys.map(|keys| keys.data_key(crate::security::auth::tenant_of(stream))) {
+            None => None,
+            Some(Ok(key)) => Some(key),
+            Some(Err(e)) => return Ok(Err(CommandError::Failed(AppendError::Invalid(format!("{stream}: {e}"))))),
+        };
         let mut place = |txn: &mut RwTxn<'_>, events: Vec<NewEvent>| -> Result<CommandRecord, StateError> {
             let record = CommandRecord {
                 partition: partition_of(stream, self.partition_count),
@@ -705,7 +721,7 @@ impl<'b> Placer<'b, '_> {
             })
         };
         let mut journal = journaling.then(Journal::default);
-        let executed = command.execute(txn, state_db, now_us, ids_since_us, journal.as_mut(), &mut place)?;
+        let executed = command.execute(txn, state_db, now_us, ids_since_us, journal.as_mut(), data_key.as_ref(), &mut place)?;
         if let (Some(journal), Ok(Executed::Accepted { record, .. })) = (&journal, &executed)
             && record.events > 0
         {
@@ -771,7 +787,7 @@ impl<'b> Placer<'b, '_> {
             versions.insert(&record.stream, record.stream_version);
             // A domain's event that cannot be read refuses the job here, before anything of it
             // is written; one that `evolve` refuses below fails the whole batch (like a command's).
-            match crate::app::follow::decode(record) {
+            match crate::app::follow::decode(record, self.keys) {
                 Ok(event) => decoded.push(event),
                 Err(e) => return Ok(Err(AppendError::Invalid(format!("replicated event at position {}: {e}", record.position)))),
             }

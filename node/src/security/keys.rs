@@ -15,6 +15,9 @@
 //!   memory as the table change reaches it; its events stay in the log (positions stay dense,
 //!   replication is unaffected), and reading them answers "tenant forgotten".
 //! - Rotating the KEK re-wraps the DEKs ([`Keys::rewrap`]); the log is not rewritten.
+//! - The ledger's books are sealed by the log's writer thread with a [`DataKey`] (events as a
+//!   client's, state values with [`DataKey::seal_value`]); followers open them to keep their read
+//!   models (`app/follow.rs`).
 //!
 //! A sealed event carries the metadata entry `anthill-enc` = `1:<dek id>[:<sealed metadata,
 //! hex>]`; its payload is nonce ‖ ciphertext ‖ tag.
@@ -166,6 +169,61 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The first byte of a sealed state value (JSON, how values are kept in clear, never starts
+/// with it).
+pub const SEALED_VALUE: u8 = 1;
+
+/// One tenant's data key, unwrapped: what seals and opens its values where nothing may wait
+/// (the log's writer thread, which writes a ledger book's events and state).
+#[derive(Clone)]
+pub struct DataKey {
+    dek_id: String,
+    key: Arc<LessSafeKey>,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        write!(f, "DataKey({})", self.dek_id)
+    }
+}
+
+impl DataKey {
+    /// Seals the payload and metadata of `event`, appended to `stream` (the module doc's form).
+    pub fn seal_event(&self, stream: &str, event: &mut NewEvent) {
+        event.payload = seal(&self.key, &aad(stream, &event.event_type, "payload"), &event.payload);
+        let mut marker = format!("{FORMAT}:{}", self.dek_id);
+        if !event.metadata.is_empty() {
+            let metadata = serde_json::to_vec(&event.metadata).expect("pairs of strings serialize");
+            marker.push(':');
+            marker.push_str(&to_hex(&seal(&self.key, &aad(stream, &event.event_type, "metadata"), &metadata)));
+        }
+        event.metadata = vec![(SEALED_KEY.to_string(), marker)];
+    }
+
+    /// Seals a state value kept under `key`: [`SEALED_VALUE`] ‖ nonce ‖ ciphertext ‖ tag, with
+    /// the key as associated data (a value copied under another key does not open).
+    pub fn seal_value(&self, key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + value.len() + AES_256_GCM.tag_len());
+        out.push(SEALED_VALUE);
+        out.extend_from_slice(&seal(&self.key, &value_aad(key), value));
+        out
+    }
+
+    /// A value [`DataKey::seal_value`] sealed under `key`, opened; `None` when it does not open.
+    pub fn open_value(&self, key: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        let (&SEALED_VALUE, body) = sealed.split_first()? else { return None };
+        open(&self.key, &value_aad(key), body)
+    }
+}
+
+/// The associated data of a state value: the key it is kept under, marked as such.
+fn value_aad(key: &[u8]) -> Vec<u8> {
+    let mut out = b"anthill state value\0".to_vec();
+    out.extend_from_slice(key);
+    out
+}
+
 /// Unwrapped DEKs by (tenant, DEK id).
 type DekCache = HashMap<(String, String), Arc<LessSafeKey>>;
 
@@ -227,11 +285,11 @@ impl Keys {
     }
 
     /// The tenant's DEK for a write, made (and stored wrapped) at its first write.
-    async fn dek_for_write(&self, tenant: &str) -> Result<(String, Arc<LessSafeKey>), Status> {
+    pub async fn data_key_for_write(&self, tenant: &str) -> Result<DataKey, Status> {
         // Only a tenant that can be named can be forgotten.
         super::auth::check_tenant(tenant).map_err(|e| Status::invalid_argument(format!("stream: with encryption on, {e}")))?;
         if let Some(entry) = self.table.get().tenants.get(tenant) {
-            return self.unwrap_dek(tenant, entry).map(|k| (entry.dek_id.clone(), k)).map_err(|e| e.status());
+            return self.unwrap_dek(tenant, entry).map(|key| DataKey { dek_id: entry.dek_id.clone(), key }).map_err(|e| e.status());
         }
         let dek = random::<32>();
         let dek_id = to_hex(&random::<8>());
@@ -254,21 +312,22 @@ impl Keys {
                 Ok(entry.clone())
             })
             .await?;
-        self.unwrap_dek(tenant, &stored).map(|k| (stored.dek_id.clone(), k)).map_err(|e| e.status())
+        self.unwrap_dek(tenant, &stored).map(|key| DataKey { dek_id: stored.dek_id.clone(), key }).map_err(|e| e.status())
+    }
+
+    /// The tenant's DEK as this node's table holds it now, without waiting (the log's writer
+    /// thread): `NotYet` when the table holds none for it.
+    pub fn data_key(&self, tenant: &str) -> Result<DataKey, OpenError> {
+        let table = self.table.get();
+        let entry = table.tenants.get(tenant).ok_or_else(|| OpenError::NotYet(tenant.to_string()))?;
+        self.unwrap_dek(tenant, entry).map(|key| DataKey { dek_id: entry.dek_id.clone(), key })
     }
 
     /// Seals the payload and metadata of `events`, appended to `stream`.
     pub async fn seal_events(&self, stream: &str, events: &mut [NewEvent]) -> Result<(), Status> {
-        let (dek_id, key) = self.dek_for_write(tenant_of(stream)).await?;
+        let key = self.data_key_for_write(tenant_of(stream)).await?;
         for event in events {
-            event.payload = seal(&key, &aad(stream, &event.event_type, "payload"), &event.payload);
-            let mut marker = format!("{FORMAT}:{dek_id}");
-            if !event.metadata.is_empty() {
-                let metadata = serde_json::to_vec(&event.metadata).expect("pairs of strings serialize");
-                marker.push(':');
-                marker.push_str(&to_hex(&seal(&key, &aad(stream, &event.event_type, "metadata"), &metadata)));
-            }
-            event.metadata = vec![(SEALED_KEY.to_string(), marker)];
+            key.seal_event(stream, event);
         }
         Ok(())
     }

@@ -92,7 +92,7 @@ proptest! {
                     version += events.len() as u64;
                     Ok(CommandRecord { partition: 0, first_position: 0, last_position: 0, stream_version: version, events: events.len() as u32, recorded_at_us: 0, command_hash: 0 })
                 };
-                match execute::<Ledger>(txn, db, &stream, SCOPE, command, &ctx, None, place).unwrap() {
+                match execute::<Ledger>(txn, db, &stream, SCOPE, command, &ctx, None, None, place).unwrap() {
                     Ok(Executed::Accepted { events, .. }) => {
                         prop_assert_eq!(events.len(), 1, "every ledger command makes one event");
                         for event in &events {

@@ -136,7 +136,7 @@ impl<D: Domain> Session<'_, D> {
                 command_hash: 0,
             })
         };
-        match execute::<D>(txn, self.db, &self.stream, &self.spec.scope, command, &ctx, None, place) {
+        match execute::<D>(txn, self.db, &self.stream, &self.spec.scope, command, &ctx, None, None, place) {
             Ok(Ok(Executed::Accepted { events, .. })) => Ok(Outcome::Accepted(events)),
             Ok(Ok(Executed::Duplicate(_))) => Ok(Outcome::Duplicate),
             Ok(Err(Failure::Rejected(e))) => Ok(Outcome::Rejected(e)),
