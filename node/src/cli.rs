@@ -444,6 +444,13 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        why = node.failed() => {
+            // No drain: nobody can reach the node any more. Exits with a failure, so that
+            // systemd (`Restart=on-failure`) or the kubelet starts it again.
+            node.stop();
+            let _ = node.stopped().await;
+            anyhow::bail!("{why}; stopped");
+        }
     }
     // A cluster node hands its leaderships over first (`cluster.drain_on_stop_ms`).
     node.drain_before_stop(async {

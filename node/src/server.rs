@@ -45,6 +45,8 @@ pub struct RunningNode {
     pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// Why the node cannot go on (its gRPC server ended while it ran), once it cannot.
+    failed: watch::Receiver<Option<String>>,
     log: Arc<Log>,
     /// The node's cluster member, and how long it drains before it stops.
     cluster: Option<(crate::coordination::member::ClusterHandle, Duration)>,
@@ -182,20 +184,33 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         tokio::spawn(crate::log::retention::run(log.clone(), retention, stopped.clone()));
     }
     let max_connections_per_address = config.limits.max_connections_per_address;
+    let (fail, failed) = watch::channel(None);
     let mut tasks = vec![tokio::spawn({
         let (stopped, metrics) = (stopped.clone(), metrics.clone());
         async move {
             let limits = crate::security::connections::PerAddress::new(max_connections_per_address, metrics.clone());
-            match tls {
+            let served = match tls {
                 None => {
                     let incoming = crate::security::connections::incoming(listener, limits, stopped.clone());
-                    router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?
+                    router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped.clone())).await
                 }
                 Some(tls) => {
                     let incoming = crate::security::tls::incoming(listener, tls, limits, metrics, stopped.clone());
-                    router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped)).await?
+                    router.serve_with_incoming_shutdown(incoming, wait_for_stop(stopped.clone())).await
                 }
+            };
+            // The server ends when the node stops. Ended otherwise (its listener gone: the
+            // accept task ended or panicked), the node would run on without taking a
+            // connection: it says so and stops, so that its supervisor starts it again.
+            if !*stopped.borrow() {
+                let why = match &served {
+                    Ok(()) => "it stopped accepting connections".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %why, "the gRPC server ended while the node runs; stopping the node");
+                fail.send_replace(Some(format!("the gRPC server ended while the node ran: {why}")));
             }
+            served?;
             Ok(())
         }
     })];
@@ -212,7 +227,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         }));
     }
     tracing::info!(node_id = %config.node_id, %grpc_addr, ?metrics_addr, "node serving");
-    Ok(RunningNode { grpc_addr, metrics_addr, stop, tasks, log, cluster })
+    Ok(RunningNode { grpc_addr, metrics_addr, stop, tasks, failed, log, cluster })
 }
 
 async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
@@ -253,6 +268,17 @@ impl RunningNode {
                 tracing::warn!(partitions = left, "still leading when the drain's time ran out; stopping anyway");
             }
             _ = cut_short => tracing::info!("second signal: stopping without waiting for the drain"),
+        }
+    }
+
+    /// Resolves, with the reason, if the node cannot go on (its gRPC server ended while it ran):
+    /// the caller stops it and exits with a failure.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.failed.clone();
+        match failed.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The serve task is gone without a word: it panicked.
+            Err(_) => "the gRPC server's task ended (a panic?)".to_string(),
         }
     }
 

@@ -251,7 +251,9 @@ fn whole_after_apply(lab: &Lab, address: &str, hosts: &[u32]) -> Option<Value> {
 /// The last lines of the node's journal on each of `hosts`, with systemd's restart count.
 fn journals(lab: &Lab, hosts: &[u32]) -> String {
     let journal = |i: &u32| {
-        let command = "systemctl show anthill -p NRestarts; journalctl -u anthill --no-pager -n 40 -o short-precise";
+        // What listens (a node running without its gRPC listener was seen once), then its log.
+        let command = "systemctl show anthill -p NRestarts -p ActiveState; (ss -ltnp 2>/dev/null || cat /proc/net/tcp) | head -12; \
+                       journalctl -u anthill --no-pager -n 40 -o short-precise";
         lab.run(&["ssh", &i.to_string(), command]).unwrap_or_else(|e| e)
     };
     hosts.iter().map(|i| format!("host-{i:02}:\n{}", journal(i))).collect::<Vec<_>>().join("\n")
