@@ -222,21 +222,7 @@ impl Derived for DomainState<'_> {
 mod tests {
     use super::*;
     use crate::security::keys::Kek;
-
-    fn record(stream: &str, event: crate::log::NewEvent) -> EventRecord {
-        EventRecord {
-            partition: 0,
-            position: 1,
-            stream: stream.into(),
-            stream_version: 1,
-            event_type: event.event_type,
-            payload: event.payload,
-            metadata: event.metadata,
-            append_time_us: 0,
-            epoch: 1,
-            atomic_with_next: false,
-        }
-    }
+    use crate::security::keys::tests::record;
 
     #[tokio::test]
     async fn given_a_sealed_book_event_then_a_follower_opens_it_with_the_key_refuses_it_without_and_skips_it_once_forgotten() {

@@ -379,11 +379,6 @@ impl Log {
         }
     }
 
-    /// The tenants' keys, with encryption at rest on.
-    pub fn keys(&self) -> Option<&Keys> {
-        self.keys.get()
-    }
-
     /// This node's partitions are replicated (a cluster): `quorum` appends wait for a majority.
     pub fn set_replicated(&self) {
         self.roles.journaling.store(true, std::sync::atomic::Ordering::Release);

@@ -477,14 +477,15 @@ pub fn check_metadata_keys(metadata: &[(String, String)]) -> Result<(), String> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn kek(byte: u8) -> Kek {
         Kek::from_hex(&format!("{byte:02x}").repeat(32)).unwrap()
     }
 
-    fn record(stream: &str, event: NewEvent) -> EventRecord {
+    /// `event` as stored at position 1 of `stream`.
+    pub(crate) fn record(stream: &str, event: NewEvent) -> EventRecord {
         EventRecord {
             partition: 0,
             position: 1,
