@@ -452,27 +452,64 @@ async fn given_tls_and_an_address_at_its_connection_limit_then_its_next_connecti
     let mut admin = client::connect(&cluster.url(0)).await.unwrap();
     admin.node.status(pb::StatusRequest {}).await.unwrap();
     let addr = cluster.nodes[0].as_ref().unwrap().grpc_addr;
-    // Raw connections that never start a handshake take the places the admin's does not.
+    let certs = dir.path().join("certs");
+    // Three connections from one address finish their handshakes; its fourth is closed before
+    // any. The node accepts in the order the connections were made, so this holds however slow
+    // it is.
     let mut open = Vec::new();
-    let refused = loop {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        if common::closed_by_node(&mut stream) {
-            break stream;
-        }
-        open.push(stream);
-        assert!(open.len() < 3, "three raw connections and the admin's were all kept open");
-    };
-    drop(refused);
-    assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, 1);
-    // The admin's connection still serves.
-    admin.node.status(pb::StatusRequest {}).await.unwrap();
-    // Connections ended free their places: a new TLS client (the router) reaches node-1 again.
-    drop(open);
-    let router = Router::connect(&cluster.urls()).await.unwrap();
-    for stream in anthill_node::local::streams_per_partition("limited", PARTITIONS) {
-        router.append(append(&stream, "after".into())).await.unwrap();
+    for n in 1..=3 {
+        open.push(tls_from_limited_source(&certs, addr).await.unwrap_or_else(|e| panic!("connection {n} of 3: {e}")));
     }
+    let fourth = tls_from_limited_source(&certs, addr).await.map(|_| ());
+    assert!(fourth.as_ref().is_err_and(closed_unread), "a fourth connection from one address: {fourth:?}");
     assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, 1);
+    // The admin, at another address, is still served.
+    admin.node.status(pb::StatusRequest {}).await.unwrap();
+    // A connection ended frees its place (once the node has seen it end).
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = 1;
+    loop {
+        match tls_from_limited_source(&certs, addr).await {
+            Ok(_) => break,
+            Err(e) if closed_unread(&e) => refused += 1,
+            Err(e) => panic!("a connection after one ended: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the freed place was not given again");
+    }
+    assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, refused);
+}
+
+/// A TLS connection to `addr` from [`common::LIMITED_SOURCE`], as `admin` of the CA under
+/// `certs`: Ok once its handshake is done (it holds one of the address's places), an error when
+/// the node closed it first. Waits for one or the other however slowly the node accepts.
+async fn tls_from_limited_source(
+    certs: &Path,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use anthill_node::security::tls;
+    use rustls_pki_types::pem::PemObject;
+    let pem = |name: &str| std::fs::read(certs.join(name)).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem("admin.key")).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(tls::root_store(&pem("ca.crt")).unwrap())
+        .with_client_auth_cert(tls::certificates(&pem("admin.crt")).unwrap(), key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = common::connect_from_limited_source(addr).await;
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    tokio::time::timeout(Duration::from_secs(60), handshake)
+        .await
+        .expect("the node neither finished a handshake nor closed the connection in 60 s")
+}
+
+/// Whether a handshake failed because the node closed the connection (not over a certificate).
+fn closed_unread(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe)
 }
 
 /// The audit records of `node`'s stream, read by the admin (through any node).

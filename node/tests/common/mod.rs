@@ -85,13 +85,25 @@ pub fn http_get_any(addr: std::net::SocketAddr, path: &str) -> String {
     body
 }
 
-/// Whether the node closed `stream` (it reads an end, or a reset) rather than keeping it open.
-pub fn closed_by_node(stream: &mut std::net::TcpStream) -> bool {
-    use std::io::Read;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-    match stream.read(&mut [0u8; 64]) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+/// A loopback address no other part of the tests connects from: only a test's own
+/// connections count against its connection limit.
+pub const LIMITED_SOURCE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 50));
+
+/// A TCP connection to `addr` from [`LIMITED_SOURCE`].
+pub async fn connect_from_limited_source(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(LIMITED_SOURCE, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Whether a node without TLS serves `stream` (its HTTP/2 server speaks first, with its
+/// settings) rather than closing it unread. Waits for one or the other however slowly the
+/// node accepts, so the answer never depends on timing.
+pub async fn served_in_plain(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    match tokio::time::timeout(std::time::Duration::from_secs(60), stream.read(&mut [0u8; 64])).await {
+        Err(_) => panic!("the node neither served nor closed a connection in 60 s"),
+        Ok(Ok(read)) => read > 0,
+        Ok(Err(_reset)) => false,
     }
 }
