@@ -5,7 +5,8 @@
 #     N: the hosts of the first apply (default 11); coordination: the nodes' own Raft group
 #     (default) or Consul servers on three of the hosts
 # Prints the test's report (each step's write unavailability, the workload's counts); exits 0
-# only when it passed. docs/bare-metal.md records its results.
+# only when it passed. docs/bare-metal.md records its results. With ANTHILL_METALLAB_HOLD_MINUTES=N
+# a failed run keeps the lab up N minutes (at most 60) for a look at its hosts before the teardown.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"

@@ -91,7 +91,24 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            hold_for_inspection();
+        }
         let _ = Command::new("bash").arg(metal_sh()).arg("down").status();
+    }
+}
+
+/// After a failure, with `ANTHILL_METALLAB_HOLD_MINUTES=N` (at most 60), keeps the lab up for
+/// N minutes, or until the file the message names exists, so that its hosts can be looked at
+/// (`metal.sh ssh I …`) before the teardown.
+fn hold_for_inspection() {
+    let Some(minutes) = std::env::var("ANTHILL_METALLAB_HOLD_MINUTES").ok().and_then(|m| m.parse::<u64>().ok()) else { return };
+    let release = std::env::temp_dir().join("anthill-metallab-release");
+    let _ = std::fs::remove_file(&release);
+    eprintln!("metallab: the lab stays up {} min for inspection; `touch {}` tears it down now", minutes.min(60), release.display());
+    let until = Instant::now() + Duration::from_secs(minutes.min(60) * 60);
+    while Instant::now() < until && !release.exists() {
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
@@ -252,7 +269,8 @@ fn whole_after_apply(lab: &Lab, address: &str, hosts: &[u32]) -> Option<Value> {
 fn journals(lab: &Lab, hosts: &[u32]) -> String {
     let journal = |i: &u32| {
         // What listens (a node running without its gRPC listener was seen once), then its log.
-        let command = "systemctl show anthill -p NRestarts -p ActiveState; (ss -ltnp 2>/dev/null || cat /proc/net/tcp) | head -12; \
+        let command = "systemctl show anthill -p NRestarts -p ActiveState -p MainPID; (ss -ltnp 2>/dev/null || cat /proc/net/tcp) | head -12; \
+                       pid=$(systemctl show anthill -p MainPID --value); echo \"fds: $(ls /proc/$pid/fd 2>/dev/null | wc -l), threads: $(ls /proc/$pid/task 2>/dev/null | wc -l)\"; \
                        journalctl -u anthill --no-pager -n 40 -o short-precise";
         lab.run(&["ssh", &i.to_string(), command]).unwrap_or_else(|e| e)
     };
