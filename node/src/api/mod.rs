@@ -414,6 +414,8 @@ pub(crate) fn append_status(error: AppendError) -> Status {
             status.metadata_mut().insert(NOT_LEADER_TRAILER, partition.to_string().parse().expect("a number is valid metadata"));
             status
         }
+        // Not yet here: UNAVAILABLE (retry); forgotten: FAILED_PRECONDITION, as a read's.
+        AppendError::TenantKey { error: key, .. } => Status::new(key.status().code(), error.to_string()),
     }
 }
 
@@ -424,5 +426,23 @@ fn storage_status(error: &StorageError) -> Status {
         // Transient: too many concurrent readers; the client may retry.
         StorageError::Lmdb(heed::Error::Mdb(heed::MdbError::ReadersFull)) => Status::unavailable(error.to_string()),
         _ => Status::internal(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::keys::OpenError;
+
+    #[test]
+    fn given_a_tenant_key_missing_at_the_writer_then_not_yet_is_unavailable_and_forgotten_a_failed_precondition() {
+        let status = |error: OpenError| append_status(AppendError::TenantKey { stream: "acme/book-1".into(), error });
+        let not_yet = status(OpenError::NotYet("acme".into()));
+        assert_eq!(not_yet.code(), tonic::Code::Unavailable);
+        assert!(not_yet.message().starts_with("acme/book-1: ") && not_yet.message().contains("try again"), "{}", not_yet.message());
+        let forgotten = status(OpenError::Forgotten("acme".into()));
+        assert_eq!(forgotten.code(), tonic::Code::FailedPrecondition);
+        assert!(forgotten.message().contains("forgotten"), "{}", forgotten.message());
+        assert_eq!(status(OpenError::Failed("unwrap failed".into())).code(), tonic::Code::Internal);
     }
 }

@@ -103,6 +103,10 @@ pub enum AppendError {
     /// Nothing of the request was written, so it is safe to send again.
     #[error("this node does not lead partition {partition} now; send the request to its leader")]
     NotLeader { partition: u32 },
+    /// With encryption at rest, the stream's tenant key cannot be used here: it has not
+    /// reached this node yet (retry), or the tenant was forgotten. Nothing was written.
+    #[error("{stream}: {error}")]
+    TenantKey { stream: String, error: crate::security::keys::OpenError },
     /// A `quorum` append was written here, but this node stopped leading the partition before a
     /// majority confirmed it: the new leader may or may not hold it.
     #[error(

@@ -696,7 +696,7 @@ impl<'b> Placer<'b, '_> {
         let data_key = match self.keys.map(|keys| keys.data_key(crate::security::auth::tenant_of(stream))) {
             None => None,
             Some(Ok(key)) => Some(key),
-            Some(Err(e)) => return Ok(Err(CommandError::Failed(AppendError::Invalid(format!("{stream}: {e}"))))),
+            Some(Err(error)) => return Ok(Err(CommandError::Failed(AppendError::TenantKey { stream: stream.to_string(), error }))),
         };
         let mut place = |txn: &mut RwTxn<'_>, events: Vec<NewEvent>| -> Result<CommandRecord, StateError> {
             let record = CommandRecord {

@@ -140,7 +140,7 @@ pub struct KeyTable {
 }
 
 /// Why an event cannot be opened.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum OpenError {
     #[error("tenant {0:?} was forgotten: its events can never be read again")]
     Forgotten(String),

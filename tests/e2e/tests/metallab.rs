@@ -488,7 +488,9 @@ fn scenario(coordination: Coordination) {
 
     let steps = Steps(dir.path().join("steps"));
     // Each step restarts every node at most once, about 25 s each; the stop line ends it sooner.
-    let load = workload(&steps.0, Duration::from_secs(600 + 150 * u64::from(n)), &lab);
+    // A bound far past the steps' time (the test's own is 90 minutes): a run where the workload's
+    // limit (then 600 + 150 s a host) came before the last step's end could not measure it.
+    let load = workload(&steps.0, Duration::from_secs(900 + 300 * u64::from(n)), &lab);
     std::thread::sleep(Duration::from_secs(5));
 
     // A rolling upgrade: each node drained, restarted on the new version, healthy again. The
@@ -609,6 +611,9 @@ fn scenario(coordination: Coordination) {
     assert_eq!(report["verdict"]["lost"], serde_json::json!([]), "{report}");
     assert!(report["acknowledged"].as_u64().unwrap() > 1000, "{report}");
     let steps = report["steps"].as_array().unwrap();
+    let ran_ms = (report["seconds"].as_f64().unwrap() * 1000.0) as u64;
+    let last_end = steps.iter().filter_map(|s| s["ended_ms"].as_u64()).max().unwrap_or(0);
+    assert!(ran_ms > last_end + 5_000, "the workload's time limit ended it before the steps did (ran {ran_ms} ms): {report}");
     let expected = 5 + usize::from(upgrade) + usize::from(coordination == Coordination::Consul);
     assert_eq!(steps.len(), expected, "{report}");
     for step in steps {
