@@ -921,10 +921,10 @@ async fn given_retention_when_a_replica_comes_back_after_its_leader_gave_up_what
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A follower of the book's partition is down while the book moves on past the limit. It
-    // holds at most what its leader holds now.
+    // holds at most what its leader held when it died.
     let away = (0..NODES).find(|i| *i != leader).unwrap();
-    let away_holds_at_most = partition_on(&cluster, leader, partition).await.expect("the leader answers").head_position;
     cluster.kill9(away);
+    let away_holds_at_most = partition_on(&cluster, leader, partition).await.expect("the leader answers").head_position;
     let deposit = |i: usize| {
         let request = pb::DepositRequest { book: book.into(), command_id: format!("d-{i}"), account: "a".into(), amount: i as u64 };
         router.on_leader(partition, move |mut c| {

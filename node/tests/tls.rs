@@ -465,19 +465,24 @@ async fn given_tls_and_an_address_at_its_connection_limit_then_its_next_connecti
     assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, 1);
     // The admin, at another address, is still served.
     admin.node.status(pb::StatusRequest {}).await.unwrap();
-    // A connection ended frees its place (once the node has seen it end).
+    // A connection ended frees its place (once the node has seen it end). Until then each
+    // attempt is closed: refused, or (a starved node) its handshake timed out.
     drop(open.pop());
+    let handshake_failures = metric(&cluster, 0, "anthill_tls_handshake_failures_total").await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut refused = 1;
+    let mut closed = 0;
     loop {
         match tls_from_limited_source(&certs, addr).await {
             Ok(_) => break,
-            Err(e) if closed_unread(&e) => refused += 1,
+            Err(e) if closed_unread(&e) => closed += 1,
             Err(e) => panic!("a connection after one ended: {e}"),
         }
         assert!(Instant::now() < deadline, "the freed place was not given again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(metric(&cluster, 0, "anthill_connections_refused_total").await, refused);
+    let refused = metric(&cluster, 0, "anthill_connections_refused_total").await - 1;
+    let failed = metric(&cluster, 0, "anthill_tls_handshake_failures_total").await - handshake_failures;
+    assert_eq!(refused + failed, closed, "each closed attempt is a refusal or a failed handshake");
 }
 
 /// A TLS connection to `addr` from [`common::LIMITED_SOURCE`], as `admin` of the CA under

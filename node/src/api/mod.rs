@@ -414,7 +414,8 @@ pub(crate) fn append_status(error: AppendError) -> Status {
             status.metadata_mut().insert(NOT_LEADER_TRAILER, partition.to_string().parse().expect("a number is valid metadata"));
             status
         }
-        // Not yet here: UNAVAILABLE (retry); forgotten: FAILED_PRECONDITION, as a read's.
+        // Not yet here: UNAVAILABLE (retry); forgotten: FAILED_PRECONDITION, as for reads of
+        // its streams.
         AppendError::TenantKey { error: key, .. } => Status::new(key.status().code(), error.to_string()),
     }
 }

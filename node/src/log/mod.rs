@@ -673,7 +673,7 @@ impl Log {
         let data_key = match self.keys.get().map(|keys| keys.data_key(crate::security::auth::tenant_of(&stream))) {
             None | Some(Err(OpenError::NotYet(_))) => None,
             Some(Ok(key)) => Some(key),
-            Some(Err(e)) => return Err(AppendError::Invalid(e.to_string())),
+            Some(Err(error)) => return Err(AppendError::TenantKey { stream, error }),
         };
         let (answer, seq) = tokio::task::spawn_blocking(move || {
             store.read_state(|txn, db| read(&StateView::new(txn, db, &prefix).sealed(data_key.as_ref())))

@@ -28,5 +28,9 @@ esac
 cd "$repo"
 echo "metal-long.sh: building (release), then the lab's test ($coordination) with $hosts hosts and one added (at most 90 minutes)" >&2
 cargo build --release -q -p anthill-node --bin anthill
-ANTHILL_METALLAB_HOSTS="$hosts" timeout --kill-after=60 5400 \
+# A failed run's hold (ANTHILL_METALLAB_HOLD_MINUTES) comes on top of the 90 minutes; should the
+# timeout still kill the test before its teardown, the lab is taken down here.
+hold=$((${ANTHILL_METALLAB_HOLD_MINUTES:-0} > 60 ? 60 : ${ANTHILL_METALLAB_HOLD_MINUTES:-0}))
+trap 'bash "$here/metal.sh" down >/dev/null 2>&1 || true' EXIT
+ANTHILL_METALLAB_HOSTS="$hosts" timeout --kill-after=60 $((5400 + hold * 60)) \
     cargo test --release -q -p anthill-e2e --test metallab -- --include-ignored --nocapture --test-threads=1 "$test"

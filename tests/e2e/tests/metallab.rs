@@ -488,8 +488,9 @@ fn scenario(coordination: Coordination) {
 
     let steps = Steps(dir.path().join("steps"));
     // Each step restarts every node at most once, about 25 s each; the stop line ends it sooner.
-    // A bound far past the steps' time (the test's own is 90 minutes): a run where the workload's
-    // limit (then 600 + 150 s a host) came before the last step's end could not measure it.
+    // A bound past the steps' time (a run where the workload's limit, then 600 + 150 s a host,
+    // came before the last step's end could not measure it), within metal-long.sh's 90 minutes
+    // for the whole run.
     let load = workload(&steps.0, Duration::from_secs(900 + 300 * u64::from(n)), &lab);
     std::thread::sleep(Duration::from_secs(5));
 
