@@ -470,3 +470,60 @@ async fn given_an_address_at_its_connection_limit_then_its_next_connection_is_cl
     }
     assert_eq!(refused_total(), Some(refused));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_node_whose_listener_is_lost_when_the_next_connection_comes_then_the_node_exits_with_a_failure() {
+    use std::io::BufRead;
+    // `ANTHILL_TEST_ACCEPTS=1` (debug builds, security/connections.rs): the accept loop ends at
+    // the connection after the first, as if the listener were lost.
+    let dir = tempfile::tempdir().unwrap();
+    let log_file = dir.path().join("node.log");
+    let mut child = std::process::Command::new(common::exe())
+        .args(["node", "--data-dir"])
+        .arg(dir.path().join("node"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("ANTHILL_TEST_ACCEPTS", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let ready = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.starts_with(anthill_node::local::READY_PREFIX))
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(60), ready).await.unwrap().unwrap().expect("the node's ready line");
+    let (grpc_addr, _) = anthill_node::local::parse_ready_line(&ready).unwrap();
+
+    // The one connection it accepts is served.
+    let mut clients = anthill_node::client::connect(&format!("http://{grpc_addr}")).await.unwrap();
+    clients.log.append(append("before", None, vec![event("Served", "1")])).await.unwrap();
+    drop(clients);
+
+    // The next finds the listener gone: closed unserved, and the node stops with a failure
+    // (so that systemd or the kubelet starts it again) saying why.
+    let mut next = tokio::net::TcpStream::connect(grpc_addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut next, &mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the connection after the listener's loss was not closed: {read:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the node still runs 30 s after losing its listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(!status.success(), "the node exited with {status}; its log:\n{log}");
+    assert!(log.contains("the gRPC server ended while the node ran"), "the node's log does not say why it stopped:\n{log}");
+    assert!(tokio::net::TcpStream::connect(grpc_addr).await.is_err(), "the port still takes connections after the node exited");
+}

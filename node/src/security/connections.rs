@@ -142,10 +142,35 @@ pub async fn accept(
             },
             _ = until_stopped(stopped) => return None,
         };
+        #[cfg(debug_assertions)]
+        if test_fault::listener_lost() {
+            // The connection that found the listener gone is closed unserved.
+            return None;
+        }
         if let Some(place) = limits.admit(remote.ip()) {
             let _ = tcp.set_nodelay(true);
             return Some((tcp, place));
         }
+    }
+}
+
+/// A fault only tests can set (debug builds; compiled out of a release): with
+/// `ANTHILL_TEST_ACCEPTS=N` in its environment, a node's accept loop ends at the connection after
+/// its N-th, as if its listener were lost, so that a test can see the node notice and exit.
+#[cfg(debug_assertions)]
+mod test_fault {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Connections still to accept; `None` when the variable is not set.
+    fn left() -> Option<&'static AtomicU64> {
+        static LEFT: OnceLock<Option<AtomicU64>> = OnceLock::new();
+        LEFT.get_or_init(|| std::env::var("ANTHILL_TEST_ACCEPTS").ok().and_then(|n| n.parse().ok()).map(AtomicU64::new)).as_ref()
+    }
+
+    /// True once the N connections are spent: the accept loop is to end.
+    pub fn listener_lost() -> bool {
+        left().is_some_and(|left| left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err())
     }
 }
 
