@@ -768,6 +768,9 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
     // The book is gone with its tenant.
     let balance = on_leader.ledger.get_balance(pb::GetBalanceRequest { book: "acme:shop".into(), account: "till".into() }).await;
     assert_eq!(balance.map_err(|e| e.code()).err(), Some(tonic::Code::FailedPrecondition));
+    let late = pb::DepositRequest { book: "acme:shop".into(), command_id: "in-2".into(), account: "till".into(), amount: 1 };
+    let refused = on_leader.ledger.deposit(late).await.unwrap_err();
+    assert!(refused.code() == tonic::Code::FailedPrecondition && refused.message().contains("forgotten"), "{refused:?}");
     for needle in ["ACME-SECRET", "ACME-META", "after forgetting", "ACME-TRANSFER-MARKER"] {
         let found: Vec<_> = data.iter().flat_map(|d| any_file_contains(d, needle.as_bytes())).collect();
         assert!(found.is_empty(), "{needle} in clear in {found:?}");
