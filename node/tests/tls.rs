@@ -43,11 +43,7 @@ fn append(stream: &str, payload: String) -> pb::AppendRequest {
 /// The value of metric `name` (summed over its label sets) on node `i`.
 async fn metric(cluster: &LocalCluster, i: usize, name: &str) -> u64 {
     let addr = cluster.nodes[i].as_ref().and_then(|n| n.metrics_addr).expect("a running node with metrics");
-    let body = http_get(addr, "/metrics").await;
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum::<f64>() as u64
+    common::metric_sum(&http_get(addr, "/metrics").await, name)
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -31,6 +31,14 @@ pub async fn start_in(data_dir: &Path, extra_args: &[&str]) -> (ChildNode, Clien
     (node, clients)
 }
 
+/// The sum of a metric's samples (whatever their labels) in a `/metrics` page; 0 when absent.
+pub fn metric_sum(page: &str, name: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
 pub fn event(ty: &str, payload: &str) -> pb::EventData {
     pb::EventData { r#type: ty.into(), payload: payload.as_bytes().to_vec(), metadata: Default::default() }
 }
