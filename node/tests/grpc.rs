@@ -524,3 +524,32 @@ async fn given_a_node_whose_listener_is_lost_when_the_next_connection_comes_then
     assert!(log.contains("the gRPC server ended while the node ran"), "the node's log does not say why it stopped:\n{log}");
     assert!(tokio::net::TcpStream::connect(grpc_addr).await.is_err(), "the port still takes connections after the node exited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_stream_id_that_is_not_utf8_then_the_append_is_refused_naming_the_field_and_nothing_is_stored() {
+    /// `AppendRequest` with its `stream` as bytes: what a hostile client can put on the wire.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawAppend {
+        #[prost(bytes = "vec", tag = "1")]
+        stream: Vec<u8>,
+        #[prost(message, repeated, tag = "3")]
+        events: Vec<pb::EventData>,
+    }
+    let mut t = start(&[]).await;
+    let channel = tonic::transport::Channel::from_shared(t.node.url()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for stream in [b"order-\xff\xfe".to_vec(), b"acme/\xc3(".to_vec()] {
+        let raw = RawAppend { stream, events: vec![event("OrderPlaced", "1")] };
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static("/anthill.v1.EventLog/Append");
+        let codec = tonic_prost::ProstCodec::<RawAppend, pb::AppendResponse>::default();
+        let refused = grpc.unary(tonic::Request::new(raw), path, codec).await.unwrap_err();
+        // The protobuf decoder's refusal, INTERNAL as in every gRPC implementation (grpc-go's
+        // "error unmarshalling request" too), naming the message, the field and why.
+        assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+        assert!(refused.message().contains("AppendRequest.stream") && refused.message().contains("UTF-8"), "{}", refused.message());
+    }
+    assert_eq!(total_events(&mut t.clients).await, 0);
+    // The node serves on.
+    t.clients.log.append(append("order-1", None, vec![event("OrderPlaced", "1")])).await.unwrap();
+}
