@@ -553,3 +553,51 @@ async fn given_a_stream_id_that_is_not_utf8_then_the_append_is_refused_naming_th
     // The node serves on.
     t.clients.log.append(append("order-1", None, vec![event("OrderPlaced", "1")])).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_subscribe_naming_more_streams_than_the_limit_then_it_is_refused_naming_the_limit() {
+    let mut t = start(&["--max-subscribe-streams", "3"]).await;
+    let streams = |n: usize| (0..n).map(|i| format!("s-{i}")).collect::<Vec<_>>();
+    let refused = t.clients.log.subscribe(pb::SubscribeRequest { streams: streams(4), ..Default::default() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("4 streams in one Subscribe, the limit is 3 (limits.max_subscribe_streams)"),
+        "{}",
+        refused.message()
+    );
+    // At the limit, it follows.
+    t.clients.log.append(append("s-2", None, vec![event("A", "1")])).await.unwrap();
+    let mut followed =
+        t.clients.log.subscribe(pb::SubscribeRequest { streams: streams(3), ..Default::default() }).await.unwrap().into_inner();
+    // Past the other partitions' caught-up marks, the event.
+    let event = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), followed.next()).await.unwrap().unwrap().unwrap();
+        match next.message {
+            Some(pb::subscribe_response::Message::CaughtUp(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(matches!(&event, Some(pb::subscribe_response::Message::Event(e)) if e.stream == "s-2"), "{event:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_connection_at_its_call_limit_then_its_next_call_waits_for_a_place_and_other_connections_are_served() {
+    let mut t = start(&["--max-concurrent-calls-per-connection", "2"]).await;
+    // Two subscriptions hold the connection's two places (open calls that never end).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(t.clients.log.subscribe(pb::SubscribeRequest::default()).await.unwrap().into_inner());
+    }
+    let mut same = t.clients.log.clone();
+    let waiting = tokio::spawn(async move { same.append(append("waits", None, vec![event("A", "1")])).await });
+    // Another connection is served meanwhile; the third call on the first is not.
+    let mut other = anthill_node::client::connect(&t.node.url()).await.unwrap();
+    other.log.append(append("other", None, vec![event("A", "1")])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a third call on a connection limited to two was answered: {:?}", waiting.await);
+    // A place freed, it goes through.
+    drop(held.pop());
+    let answered = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the waiting call after a place was freed");
+    answered.unwrap().unwrap();
+    assert_eq!(total_events(&mut other).await, 2);
+}

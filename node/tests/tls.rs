@@ -83,6 +83,51 @@ async fn served_certificate(addr: std::net::SocketAddr, ca: &Path) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_rate_per_caller_then_a_caller_past_it_gets_resource_exhausted_and_another_caller_does_not() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node_args = vec!["--calls-per-second-per-caller".to_string(), "20".to_string()];
+    let spec = ClusterSpec { tls: true, node_args, ..ClusterSpec::embedded(1, 1, 1, 2_000) };
+    let cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let certs = dir.path().join("certs");
+    ensure_certificate(&certs, &Kind::Client, "alice").unwrap();
+    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let grants = vec![pb::Grant { role: "read".into(), tenant: "acme".into() }];
+    admin.auth.set_grants(pb::SetGrantsRequest { principal: "alice".into(), grants }).await.unwrap();
+    // A full bucket (20 calls), then a burst of 80: the caller gets about 20, then refusals.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let started = Instant::now();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..80 {
+        match admin.node.status(pb::StatusRequest {}).await {
+            Ok(_) => served += 1,
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                assert!(
+                    s.message()
+                        .contains("certificate \"admin\" started more than 20 calls in a second (limits.calls_per_second_per_caller)"),
+                    "{s:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    let refill = (started.elapsed().as_secs_f64() * 20.0).ceil() as u32;
+    assert!(refused > 0 && served >= 20 && served <= 20 + refill, "{served} served, {refused} refused in {:?}", started.elapsed());
+    // Another caller has a bucket of its own.
+    let alice = raw_client(&cluster.url(0), &certs.join("ca.crt"), Some((&certs, "alice"))).await.unwrap();
+    let read = pb::ReadRequest { stream: "acme/orders".into(), from_version: 1, max_count: 10, linearizable: false };
+    let alices = pb::event_log_client::EventLogClient::new(alice).read(read).await;
+    assert!(alices.as_ref().is_ok_and(|r| r.get_ref().events.is_empty()), "{alices:?}");
+    assert!(metric(&cluster, 0, "anthill_requests_refused_total{reason=\"rate_limited\"}").await >= refused);
+    // A second later the first is served again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    admin.node.status(pb::StatusRequest {}).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_tls_on_then_the_cluster_serves_members_and_admin_and_refuses_everyone_else() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
