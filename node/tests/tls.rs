@@ -154,15 +154,53 @@ async fn given_tls_on_then_the_cluster_serves_members_and_admin_and_refuses_ever
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("client certificate"), "{status:?}");
 
-    // A certificate of another CA: the handshake fails.
+    // A certificate of another CA: the node's TLS refuses it in the handshake, before any
+    // service (whose refusal would be a gRPC status) sees the call, and counts the failure.
     let other = dir.path().join("other");
     ensure_certificate(&other, &Kind::Ca, "ca").unwrap();
     ensure_certificate(&other, &Kind::Client, "mallory").unwrap();
-    let refused = match raw_client(&url, &certs.join("ca.crt"), Some((&other, "mallory"))).await {
-        Err(_) => true,
-        Ok(channel) => pb::node_client::NodeClient::new(channel).status(pb::StatusRequest {}).await.is_err(),
+    let failures_before = metric(&cluster, 0, "anthill_tls_handshake_failures_total").await;
+    let outcome = match raw_client(&url, &certs.join("ca.crt"), Some((&other, "mallory"))).await {
+        Err(e) => format!("{e:?}"),
+        Ok(channel) => match pb::node_client::NodeClient::new(channel).status(pb::StatusRequest {}).await {
+            Ok(_) => panic!("a client with another CA's certificate was served"),
+            Err(s) => {
+                assert!(
+                    !matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied),
+                    "another CA's certificate got past the handshake to the gate: {s:?}"
+                );
+                format!("{s:?}")
+            }
+        },
     };
-    assert!(refused, "a client with another CA's certificate was served");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&cluster, 0, "anthill_tls_handshake_failures_total").await < failures_before + 1 {
+        assert!(Instant::now() < deadline, "the node counted no failed handshake for another CA's certificate ({outcome})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A node dialing a peer checks the certificate names that peer, whatever the address: as
+    // node-2 (its own files, as its peer connections are made), node-1's address is node-1's
+    // and nobody else's.
+    let node_2 = anthill_node::config::TlsConfig {
+        cert_file: certs.join("node-2.crt"),
+        key_file: certs.join("node-2.key"),
+        ca_file: certs.join("ca.crt"),
+        reload_interval_ms: anthill_node::config::TlsConfig::DEFAULT_RELOAD_INTERVAL_MS,
+    };
+    let node_2 = anthill_node::security::tls::Material::load(&node_2, "node-2").unwrap();
+    // Past the handshake, the call reaches the node's gate (which gives a member no client
+    // grant: PERMISSION_DENIED); refused in it, it never does.
+    let reaches_the_gate = |peer: &str| {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().tls_config(node_2.client_to(peer)).unwrap();
+        async move {
+            let Ok(channel) = endpoint.connect().await else { return false };
+            let status = pb::node_client::NodeClient::new(channel).status(pb::StatusRequest {}).await;
+            matches!(status.map_err(|s| s.code()), Ok(_) | Err(tonic::Code::PermissionDenied))
+        }
+    };
+    assert!(!reaches_the_gate("node-3").await, "node-1's certificate was taken for node-3's");
+    assert!(reaches_the_gate("node-1").await, "node-2 could not reach node-1 as node-1");
 
     // The right CA, but no member's name: the Cluster service refuses it.
     ensure_certificate(&certs, &Kind::Node { hosts: vec![] }, "node-9").unwrap();
