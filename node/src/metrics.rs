@@ -50,6 +50,9 @@ pub struct Metrics {
     pub tls_certificate_expiry_seconds: Gauge,
     /// Calls refused before reaching a service, by reason: `unauthenticated`, `not_a_member`.
     pub requests_refused: Family<Labels, Counter>,
+    /// Calls to peers opened, by call (`raft`, `replicate`): one per peer and call at start,
+    /// then one per reconnection.
+    pub peer_calls_opened: Family<Labels, Counter>,
     /// Connections closed as soon as accepted: their address had
     /// `limits.max_connections_per_address` open.
     pub connections_refused: Counter,
@@ -84,6 +87,7 @@ impl Default for Metrics {
             tls_reload_failures: Counter::default(),
             tls_certificate_expiry_seconds: Gauge::default(),
             requests_refused: Family::default(),
+            peer_calls_opened: Family::default(),
             connections_refused: Counter::default(),
             audit_records_written: Counter::default(),
             audit_records_dropped: Counter::default(),
@@ -110,6 +114,11 @@ impl Default for Metrics {
             m.tls_reload_failures.clone(),
         );
         registry.register("requests_refused", "Calls refused before any service saw them, by reason", m.requests_refused.clone());
+        registry.register(
+            "peer_calls_opened",
+            "Long-lived calls to peers opened, by call (raft, replicate): one per peer at start, then one per reconnection",
+            m.peer_calls_opened.clone(),
+        );
         registry.register(
             "connections_refused",
             "Connections closed as soon as accepted: their address had limits.max_connections_per_address open",

@@ -202,6 +202,20 @@ async fn given_tls_on_then_the_cluster_serves_members_and_admin_and_refuses_ever
     assert!(!reaches_the_gate("node-3").await, "node-1's certificate was taken for node-3's");
     assert!(reaches_the_gate("node-1").await, "node-2 could not reach node-1 as node-1");
 
+    // Files that do not load (node-2's certificate beside node-1's key) leave the ones in force.
+    let in_force = served_certificate(cluster.addrs[0], &certs.join("ca.crt")).await;
+    let node_1_crt = std::fs::read(certs.join("node-1.crt")).unwrap();
+    let failures_before = metric(&cluster, 0, "anthill_tls_reload_failures_total").await;
+    std::fs::copy(certs.join("node-2.crt"), certs.join("node-1.crt")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&cluster, 0, "anthill_tls_reload_failures_total").await < failures_before + 1 {
+        assert!(Instant::now() < deadline, "node-1 never noticed its certificate file changed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served_certificate(cluster.addrs[0], &certs.join("ca.crt")).await, in_force);
+    assert_eq!(metric(&cluster, 0, "anthill_tls_reloads_total").await, 0);
+    std::fs::write(certs.join("node-1.crt"), node_1_crt).unwrap();
+
     // The right CA, but no member's name: the Cluster service refuses it.
     ensure_certificate(&certs, &Kind::Node { hosts: vec![] }, "node-9").unwrap();
     let channel = raw_client(&url, &certs.join("ca.crt"), Some((&certs, "node-9"))).await.unwrap();
@@ -335,6 +349,13 @@ async fn given_a_quorum_load_when_every_nodes_certificate_is_rotated_then_no_ack
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The peer calls open now: a reload that dropped them would open new ones.
+    let mut opened_before = Vec::new();
+    for i in 0..NODES {
+        opened_before.push(metric(&cluster, i, "anthill_peer_calls_opened_total").await);
+    }
+    // A Raft call and a replication call to each of two peers, at least.
+    assert!(opened_before.iter().all(|&n| n >= 4), "peer calls opened: {opened_before:?}");
 
     // New keys and certificates for every node, same CA, each put in place by a rename.
     let ca = certs::read_ca(&certs).unwrap();
@@ -365,6 +386,11 @@ async fn given_a_quorum_load_when_every_nodes_certificate_is_rotated_then_no_ack
         let served = served_certificate(cluster.addrs[i], &certs.join("ca.crt")).await;
         assert_eq!(served, certs::first_certificate_der(&fingerprint(i)), "node-{} does not serve its new certificate", i + 1);
         assert_ne!(certs::first_certificate_der(old), served);
+    }
+    // In-flight replication and coordination went on over the calls opened before: not one
+    // was dropped and opened again.
+    for (i, before) in opened_before.iter().enumerate() {
+        assert_eq!(metric(&cluster, i, "anthill_peer_calls_opened_total").await, *before, "node-{} opened peer calls again", i + 1);
     }
     // Members accept each other's new certificates: a restarted member rejoins.
     cluster.kill9(1).unwrap();

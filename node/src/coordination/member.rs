@@ -249,7 +249,7 @@ pub async fn start(
             node.set_prefix(PREFIX, config.cluster.members.iter().map(|m| (m.name.clone(), m.id)).collect());
             let (inbox_tx, inbox) = mpsc::channel(QUEUE_MESSAGES);
             let peers: Vec<MemberConfig> = config.cluster.members.iter().filter(|m| m.id != me.id).cloned().collect();
-            let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), tls.clone(), stopped.clone());
+            let transport = GrpcTransport::start(&peers, outgoing_address(config.listen_addr), tls.clone(), log.metrics(), stopped.clone());
             let store = EmbeddedStore::start(node, inbox, Arc::new(transport));
             let elector = Elector::new(Arc::new(store.clone()), elector_config(PREFIX));
             let (handovers, drain) = (elector.handovers(), elector.drain_switch());
@@ -273,8 +273,14 @@ pub async fn start(
     }
     let partitions: PartitionTasks = Arc::default();
     let replica_peers: Vec<MemberConfig> = config.cluster.members.iter().filter(|m| m.id != me.id).cloned().collect();
-    let transport =
-        Arc::new(GrpcReplicaTransport::start(me.id as NodeId, &replica_peers, outgoing_address(config.listen_addr), tls, stopped.clone()));
+    let transport = Arc::new(GrpcReplicaTransport::start(
+        me.id as NodeId,
+        &replica_peers,
+        outgoing_address(config.listen_addr),
+        tls,
+        log.metrics(),
+        stopped.clone(),
+    ));
     let ids: HashMap<String, NodeId> = config.cluster.members.iter().map(|m| (m.name.clone(), m.id as NodeId)).collect();
     let audit_log = log.clone();
     let replication =

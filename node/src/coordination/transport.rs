@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 use super::driver::Transport;
 use super::embedded::RaftId;
 use crate::config::MemberConfig;
+use crate::metrics::Metrics;
 use crate::replication::NodeId;
 use crate::replication::manager::{PartitionHandle, ReplicaTransport};
 use crate::replication::message::Message as ReplicaMessage;
@@ -50,13 +51,20 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// Starts a sender task for every peer, its connections from `local` (see
     /// [`outgoing_address`]); they end when `stopped` turns true.
-    pub fn start(peers: &[MemberConfig], local: Option<IpAddr>, tls: Option<Tls>, stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(
+        peers: &[MemberConfig],
+        local: Option<IpAddr>,
+        tls: Option<Tls>,
+        metrics: &Metrics,
+        stopped: watch::Receiver<bool>,
+    ) -> Self {
+        let opened = metrics.peer_calls_opened.get_or_create_owned(&vec![("call", "raft")]);
         let peers = peers
             .iter()
             .map(|member| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
                 tokio::spawn(stream_to_peer(
-                    PeerLink { member: member.clone(), local, tls: tls.clone() },
+                    PeerLink { member: member.clone(), local, tls: tls.clone(), opened: opened.clone() },
                     rx,
                     stopped.clone(),
                     |message: Message| message.write_to_bytes().map(|message| pb::RaftMessage { message }).map_err(|e| e.to_string()),
@@ -86,13 +94,21 @@ pub struct GrpcReplicaTransport {
 }
 
 impl GrpcReplicaTransport {
-    pub fn start(me: NodeId, peers: &[MemberConfig], local: Option<IpAddr>, tls: Option<Tls>, stopped: watch::Receiver<bool>) -> Self {
+    pub fn start(
+        me: NodeId,
+        peers: &[MemberConfig],
+        local: Option<IpAddr>,
+        tls: Option<Tls>,
+        metrics: &Metrics,
+        stopped: watch::Receiver<bool>,
+    ) -> Self {
+        let opened = metrics.peer_calls_opened.get_or_create_owned(&vec![("call", "replicate")]);
         let peers = peers
             .iter()
             .map(|member| {
                 let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
                 tokio::spawn(stream_to_peer(
-                    PeerLink { member: member.clone(), local, tls: tls.clone() },
+                    PeerLink { member: member.clone(), local, tls: tls.clone(), opened: opened.clone() },
                     rx,
                     stopped.clone(),
                     Ok,
@@ -181,6 +197,7 @@ where
         match connected {
             Ok(channel) => {
                 failures = 0;
+                link.opened.inc();
                 let client = pb::cluster_client::ClusterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
                 let (tx, rx) = mpsc::channel::<W>(256);
                 let mut call = tokio::spawn(open(client, tokio_stream::wrappers::ReceiverStream::new(rx)));
@@ -264,6 +281,8 @@ struct PeerLink {
     /// This node's TLS, when on: the peer is reached over TLS, must present a certificate naming
     /// it, and is shown this node's certificate.
     tls: Option<Tls>,
+    /// Counts the calls opened (`peer_calls_opened`).
+    opened: prometheus_client::metrics::counter::Counter,
 }
 
 impl PeerLink {
@@ -442,8 +461,13 @@ mod tests {
         };
         let (runtime, mut received) = peer(address).await;
         let (_stop, stopped) = watch::channel(false);
-        let transport =
-            GrpcTransport::start(&[MemberConfig { id: 2, name: "node-2".into(), address: address.into() }], None, None, stopped);
+        let transport = GrpcTransport::start(
+            &[MemberConfig { id: 2, name: "node-2".into(), address: address.into() }],
+            None,
+            None,
+            &Metrics::default(),
+            stopped,
+        );
         // The first call may find the peer not listening yet: its backoff is short.
         transport.send(message(1));
         let first = tokio::time::timeout(Duration::from_secs(5), async {
