@@ -288,7 +288,7 @@ impl NodeArgs {
 pub(crate) struct ServerArg {
     /// Node to talk to; for `append`, any node of the cluster (or several, comma-separated):
     /// the append goes to its partition's leader.
-    #[arg(long, short, env = "ANTHILL_SERVER", default_value = DEFAULT_SERVER)]
+    #[arg(long, short, env = "ANTHILL_SERVER", default_value = DEFAULT_SERVER, global = true)]
     pub(crate) server: String,
 }
 
@@ -649,4 +649,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         print!("{}", client::status_text(&status));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Clap's own checks (clashing flags, a global flag shadowed by a subcommand's, ...),
+        // which it otherwise makes only when a command is parsed.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -881,3 +881,121 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
         assert!(found.is_empty(), "{needle} in clear in {found:?}");
     }
 }
+
+/// Every acme and globex event node `url` holds, opened: (partition, position, stream, payload).
+async fn tenant_events(url: &str) -> Vec<(u32, u64, String, Vec<u8>)> {
+    let mut c = client::connect(url).await.unwrap();
+    let mut held = Vec::new();
+    for partition in 0..PARTITIONS {
+        let read = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 1000, linearizable: false };
+        for e in c.log.read_partition(read).await.unwrap().into_inner().events {
+            if e.stream.starts_with("acme/") || e.stream.starts_with("globex/") {
+                held.push((partition, e.position, e.stream, e.payload));
+            }
+        }
+    }
+    held
+}
+
+/// Rewrites every node's config so `encryption` reads `section`, and restarts the nodes one at
+/// a time, the cluster whole again after each.
+async fn restart_with_encryption(cluster: &mut LocalCluster, spec: &ClusterSpec, dir: &Path, section: &str) {
+    for i in 0..NODES {
+        let file = dir.join(format!("{}.yaml", LocalCluster::name(i)));
+        let config = std::fs::read_to_string(&file).unwrap();
+        let (head, _) = config.split_once("encryption:\n").expect("an encryption section, last in the file");
+        std::fs::write(&file, format!("{head}encryption:\n{section}")).unwrap();
+        cluster.terminate(i, Duration::from_secs(30)).unwrap();
+        cluster.start_node(i, &[]).unwrap();
+        cluster.wait_whole(spec, Duration::from_secs(60)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_every_node_reads_with_the_new_key_alone_and_the_log_is_unchanged()
+ {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec { encrypt: true, ..spec() };
+    let mut cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    for tenant in ["acme", "globex"] {
+        for stream in anthill_node::local::streams_per_partition(&format!("{tenant}/orders"), PARTITIONS) {
+            router.append(append(&stream, format!("{tenant}-ROTATED-{stream}"))).await.unwrap();
+        }
+    }
+    // What every replica holds once replication caught up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        let first = tenant_events(&cluster.url(0)).await;
+        let (second, third) = (tenant_events(&cluster.url(1)).await, tenant_events(&cluster.url(2)).await);
+        if first.len() == 2 * PARTITIONS as usize && first == second && first == third {
+            break first;
+        }
+        assert!(Instant::now() < deadline, "the replicas never held the same events: {first:?} {second:?} {third:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(before.iter().all(|(_, _, stream, payload)| payload.ends_with(stream.as_bytes())), "{before:?}");
+
+    // (1) The new KEK in force on every node, the old one beside it.
+    let (old, new) = (dir.path().join("kek"), dir.path().join("kek-2"));
+    let key: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    std::fs::write(&new, key).unwrap();
+    let both = format!("  key_file: \"{}\"\n  previous_key_files: [\"{}\"]\n", new.display(), old.display());
+    restart_with_encryption(&mut cluster, &spec, dir.path(), &both).await;
+    // (2) Re-wrap, with the command an operator runs.
+    let certs = dir.path().join("certs");
+    let url = cluster.url(0);
+    let anthill = |args: &[&str]| {
+        std::process::Command::new(common::exe())
+            .arg("--tls-ca")
+            .arg(certs.join("ca.crt"))
+            .arg("--tls-cert")
+            .arg(certs.join("admin.crt"))
+            .arg("--tls-key")
+            .arg(certs.join("admin.key"))
+            .args(args)
+            .args(["--server", &url])
+            .output()
+            .unwrap()
+    };
+    let rewrap = || {
+        let out = anthill(&["tenant", "rewrap-keys", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["rewrapped"].as_u64().unwrap()
+    };
+    assert!(rewrap() >= 2, "acme's and globex's keys at least");
+    assert_eq!(rewrap(), 0, "every key is wrapped by the new KEK already");
+    // (3) The old KEK gone: every node still opens every event, at the positions it had.
+    restart_with_encryption(&mut cluster, &spec, dir.path(), &format!("  key_file: \"{}\"\n", new.display())).await;
+    for i in 0..NODES {
+        assert_eq!(tenant_events(&cluster.url(i)).await, before, "node-{} after the rotation", i + 1);
+    }
+
+    // Forgetting a tenant with the command: only with --yes.
+    let unconfirmed = anthill(&["tenant", "forget", "globex"]);
+    assert!(!unconfirmed.status.success());
+    assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("run again with --yes"), "{unconfirmed:?}");
+    let forgot = anthill(&["tenant", "forget", "globex", "--yes", "--json"]);
+    assert!(forgot.status.success(), "{}", String::from_utf8_lossy(&forgot.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&forgot.stdout).unwrap();
+    assert_eq!((report["forgotten"].as_bool(), report["had_key"].as_bool()), (Some(true), Some(true)), "{report}");
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    let globex = before.iter().find(|e| e.2.starts_with("globex/")).unwrap().2.clone();
+    let read = pb::ReadRequest { stream: globex, from_version: 1, max_count: 10, linearizable: false };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match router.read(read.clone()).await {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition && s.message().contains("forgotten") => break,
+            other => assert!(Instant::now() < deadline, "globex read after forgetting: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = audit_records(&router, "node-1").await;
+    let has = |action: &str, detail: &str| {
+        records.iter().any(|r| r.by == "certificate \"admin\"" && r.action == action && r.outcome == "done" && r.detail.contains(detail))
+    };
+    assert!(has("data keys re-wrapped", "re-wrapped") && has("tenant forgotten", "globex"), "{records:#?}");
+}
