@@ -20,6 +20,7 @@ use anthill_node::local::{ClusterSpec, LocalCluster, ensure_certificate};
 use anthill_node::router::Router;
 use anthill_node::security::certs::{self, Kind};
 use anthill_proto::v1 as pb;
+use tokio_stream::StreamExt as _;
 
 const NODES: usize = 3;
 const PARTITIONS: u32 = 4;
@@ -870,6 +871,53 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
     }
     let refused = router.append(append("acme/orders-new", "after forgetting".into())).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    // Replication goes on: a globex event written after the forgetting reaches every replica,
+    // each partition's positions dense from 1 (acme's events hold their places).
+    let late = router.append(append(&appended.iter().find(|(t, _)| *t == "globex").unwrap().1, "GLOBEX-SECRET-late".into())).await;
+    let late = late.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        let mut c = client::connect(&cluster.url(i)).await.unwrap();
+        loop {
+            let mut seen_late = false;
+            for partition in 0..PARTITIONS {
+                let read = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 1000, linearizable: false };
+                let events = c.log.read_partition(read).await.unwrap().into_inner().events;
+                let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+                assert!(
+                    positions.iter().enumerate().all(|(k, p)| *p == k as u64 + 1),
+                    "node-{} partition {partition}: {positions:?}",
+                    i + 1
+                );
+                seen_late |= events.iter().any(|e| e.position == late.last_position && e.payload == b"GLOBEX-SECRET-late");
+            }
+            if seen_late {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{} never got globex's event written after the forgetting", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A subscription from the start gets acme's events redacted, globex's opened.
+    let mut c = client::connect(&cluster.url(1)).await.unwrap();
+    let mut feed = c.log.subscribe(pb::SubscribeRequest { from_position: 1, ..Default::default() }).await.unwrap().into_inner();
+    let (mut caught_up, mut acme_seen, mut globex_seen) = (0, 0, 0);
+    while caught_up < PARTITIONS {
+        let next = tokio::time::timeout(Duration::from_secs(10), feed.next()).await.expect("the subscription stalled").unwrap().unwrap();
+        match next.message {
+            Some(pb::subscribe_response::Message::CaughtUp(_)) => caught_up += 1,
+            Some(pb::subscribe_response::Message::Event(e)) if e.stream.starts_with("acme/") || e.stream == "ledger/acme:shop" => {
+                assert!(e.payload.is_empty() && e.metadata.get("anthill-forgotten").map(String::as_str) == Some("acme"), "{e:?}");
+                acme_seen += 1;
+            }
+            Some(pb::subscribe_response::Message::Event(e)) if e.stream.starts_with("globex/") => {
+                assert!(e.payload.starts_with(b"GLOBEX-SECRET"), "{e:?}");
+                globex_seen += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(acme_seen > PARTITIONS as usize && globex_seen > PARTITIONS as usize, "{acme_seen} acme, {globex_seen} globex events");
     // The book is gone with its tenant.
     let balance = on_leader.ledger.get_balance(pb::GetBalanceRequest { book: "acme:shop".into(), account: "till".into() }).await;
     assert_eq!(balance.map_err(|e| e.code()).err(), Some(tonic::Code::FailedPrecondition));

@@ -9,8 +9,8 @@
 //! - DEKs are kept wrapped (sealed) by the key-encryption key (KEK) in a [`Replicated`] table
 //!   (`{prefix}keys/table` in the coordination store, or `data_dir/keys.json`): every node can
 //!   open every tenant's events where it needs the plaintext (answering a read) and nowhere else.
-//!   The KEK comes from a key file (`encryption.key_file`); a KMS would replace [`Kek`]'s
-//!   source (docs/security.md, "Key provider").
+//!   The KEK comes from a key file (`encryption.key_file`, [`Kek`]); a KMS would be another
+//!   [`KeyProvider`] (docs/security.md, "Key provider").
 //! - Forgetting a tenant removes its wrapped DEK from the table and drops it from every node's
 //!   memory as the table change reaches it; its events stay in the log (positions stay dense,
 //!   replication is unaffected), and reading them answers "tenant forgotten".
@@ -71,6 +71,43 @@ impl Kek {
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let id = to_hex(&digest.as_ref()[..8]);
         Ok(Kek { id, key: aes_key(&bytes) })
+    }
+}
+
+/// Where a key-encryption key lives: what wraps and unwraps tenants' 32-byte data keys, and
+/// the id stored beside each data key it wrapped (which picks the provider that unwraps it).
+/// [`Kek`] is the key-file provider. A KMS provider (AWS KMS, Google Cloud KMS, Vault's transit
+/// engine) makes the same two calls over the network with a key that never leaves the KMS; a
+/// node unwraps a tenant's data key once and keeps it in memory, so the KMS is called at a
+/// tenant's first write or read after a start, at a new tenant's first write, and by
+/// `anthill tenant rewrap-keys` (docs/security.md, "Key provider"). Both calls block the
+/// calling thread: a network provider must bound its time and answer with an error, never hang.
+pub trait KeyProvider: Send + Sync + std::fmt::Debug {
+    fn id(&self) -> &str;
+    /// `dek` sealed under this key, `aad` bound to it.
+    fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, String>;
+    /// What [`KeyProvider::wrap`] sealed with the same `aad`; an error when it does not open
+    /// (or the provider cannot be reached).
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+impl KeyProvider for Kek {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(seal(&self.key, aad, dek))
+    }
+
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String> {
+        open(&self.key, aad, wrapped).ok_or_else(|| "it does not open (another key, or changed)".to_string())
+    }
+}
+
+impl From<Kek> for Arc<dyn KeyProvider> {
+    fn from(kek: Kek) -> Self {
+        Arc::new(kek)
     }
 }
 
@@ -231,7 +268,7 @@ type DekCache = HashMap<(String, String), Arc<LessSafeKey>>;
 #[derive(Clone)]
 pub struct Keys {
     table: Replicated<KeyTable>,
-    keks: Arc<Vec<Kek>>,
+    keks: Arc<Vec<Arc<dyn KeyProvider>>>,
     /// Unwrapped DEKs by (tenant, DEK id); an entry is used only while the table still holds
     /// that DEK for the tenant, so a forgotten tenant's key is gone from use at once.
     cache: Arc<Mutex<DekCache>>,
@@ -245,15 +282,21 @@ impl std::fmt::Debug for Keys {
 
 impl Keys {
     /// `keks`: the current KEK, then previous ones (still able to unwrap during a rotation).
-    pub fn in_file(path: PathBuf, keks: Vec<Kek>) -> anyhow::Result<Keys> {
+    pub fn in_file(path: PathBuf, keks: impl IntoIterator<Item = impl Into<Arc<dyn KeyProvider>>>) -> anyhow::Result<Keys> {
         Ok(Keys::new(Replicated::in_file(path, "key table")?, keks))
     }
 
-    pub fn in_store(coordination: Coordination, key: String, keks: Vec<Kek>, stopped: watch::Receiver<bool>) -> Keys {
+    pub fn in_store(
+        coordination: Coordination,
+        key: String,
+        keks: impl IntoIterator<Item = impl Into<Arc<dyn KeyProvider>>>,
+        stopped: watch::Receiver<bool>,
+    ) -> Keys {
         Keys::new(Replicated::in_store(coordination, key, "key table", stopped), keks)
     }
 
-    fn new(table: Replicated<KeyTable>, keks: Vec<Kek>) -> Keys {
+    fn new(table: Replicated<KeyTable>, keks: impl IntoIterator<Item = impl Into<Arc<dyn KeyProvider>>>) -> Keys {
+        let keks: Vec<Arc<dyn KeyProvider>> = keks.into_iter().map(Into::into).collect();
         assert!(!keks.is_empty(), "at least the current KEK");
         Keys { table, keks: Arc::new(keks), cache: Arc::default() }
     }
@@ -269,16 +312,17 @@ impl Keys {
         if let Some(key) = self.cache.lock().get(&cache_key) {
             return Ok(key.clone());
         }
-        let kek = self.keks.iter().find(|k| k.id == entry.kek_id).ok_or_else(|| {
+        let kek = self.keks.iter().find(|k| k.id() == entry.kek_id).ok_or_else(|| {
             OpenError::Failed(format!(
                 "tenant {tenant:?}'s data key is wrapped by key {}, which is not among this node's keys (encryption.key_file, previous_key_files)",
                 entry.kek_id
             ))
         })?;
         let wrapped = from_hex(&entry.wrapped).unwrap_or_default();
-        let dek = open(&kek.key, &wrap_aad(tenant, &entry.dek_id), &wrapped)
-            .filter(|d| d.len() == 32)
-            .ok_or_else(|| OpenError::Failed(format!("tenant {tenant:?}'s wrapped data key does not open with key {}", kek.id)))?;
+        let dek = kek
+            .unwrap(&wrap_aad(tenant, &entry.dek_id), &wrapped)
+            .and_then(|d| if d.len() == 32 { Ok(d) } else { Err(format!("it holds {} bytes, not 32", d.len())) })
+            .map_err(|e| OpenError::Failed(format!("tenant {tenant:?}'s wrapped data key does not open with key {}: {e}", kek.id())))?;
         let key = Arc::new(aes_key(&dek));
         self.cache.lock().insert(cache_key, key.clone());
         Ok(key)
@@ -294,10 +338,13 @@ impl Keys {
         let dek = random::<32>();
         let dek_id = to_hex(&random::<8>());
         let kek = &self.keks[0];
+        let wrapped = kek
+            .wrap(&wrap_aad(tenant, &dek_id), &dek)
+            .map_err(|e| Status::unavailable(format!("cannot wrap tenant {tenant:?}'s new data key with key {}: {e}", kek.id())))?;
         let made = TenantKey {
             dek_id: dek_id.clone(),
-            kek_id: kek.id.clone(),
-            wrapped: to_hex(&seal(&kek.key, &wrap_aad(tenant, &dek_id), &dek)),
+            kek_id: kek.id().to_string(),
+            wrapped: to_hex(&wrapped),
             created_unix_ms: now_ms(),
             forgotten_unix_ms: None,
         };
@@ -419,20 +466,24 @@ impl Keys {
             .update(|table| {
                 let mut count = 0;
                 for (tenant, entry) in table.tenants.iter_mut() {
-                    if entry.forgotten_unix_ms.is_some() || entry.kek_id == current.id {
+                    if entry.forgotten_unix_ms.is_some() || entry.kek_id == current.id() {
                         continue;
                     }
-                    let kek = self.keks.iter().find(|k| k.id == entry.kek_id).ok_or_else(|| {
+                    let kek = self.keks.iter().find(|k| k.id() == entry.kek_id).ok_or_else(|| {
                         Status::failed_precondition(format!(
                             "tenant {tenant:?}'s data key is wrapped by key {}, which this node does not have (previous_key_files)",
                             entry.kek_id
                         ))
                     })?;
                     let aad = wrap_aad(tenant, &entry.dek_id);
-                    let dek = open(&kek.key, &aad, &from_hex(&entry.wrapped).unwrap_or_default())
-                        .ok_or_else(|| Status::internal(format!("tenant {tenant:?}'s data key does not open with key {}", kek.id)))?;
-                    entry.wrapped = to_hex(&seal(&current.key, &aad, &dek));
-                    entry.kek_id = current.id.clone();
+                    let dek = kek
+                        .unwrap(&aad, &from_hex(&entry.wrapped).unwrap_or_default())
+                        .map_err(|e| Status::internal(format!("tenant {tenant:?}'s data key does not open with key {}: {e}", kek.id())))?;
+                    let wrapped = current.wrap(&aad, &dek).map_err(|e| {
+                        Status::unavailable(format!("cannot wrap tenant {tenant:?}'s data key with key {}: {e}", current.id()))
+                    })?;
+                    entry.wrapped = to_hex(&wrapped);
+                    entry.kek_id = current.id().to_string();
                     count += 1;
                 }
                 Ok(count)
@@ -559,6 +610,71 @@ pub(crate) mod tests {
             panic!("opened with a key that never wrapped it")
         };
         assert!(why.contains("not among this node's keys"), "{why}");
+    }
+
+    /// A provider standing in for a KMS: wraps with a key it keeps, counts its calls, and can
+    /// be made unreachable.
+    #[derive(Debug)]
+    struct Remote {
+        key: Kek,
+        calls: std::sync::atomic::AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl KeyProvider for Remote {
+        fn id(&self) -> &str {
+            "kms:orders-key"
+        }
+
+        fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, String> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("the KMS did not answer within 2 s".into());
+            }
+            self.key.wrap(aad, dek)
+        }
+
+        fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("the KMS did not answer within 2 s".into());
+            }
+            self.key.unwrap(aad, wrapped)
+        }
+    }
+
+    #[tokio::test]
+    async fn given_another_key_provider_then_it_wraps_by_its_id_is_called_once_per_key_and_its_failures_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let remote = Arc::new(Remote { key: kek(9), calls: Default::default(), down: Default::default() });
+        let provider: Arc<dyn KeyProvider> = remote.clone();
+        // A file key moved to the KMS: the KMS is current, the file key still unwraps.
+        let mut old = vec![event("under the file key")];
+        Keys::in_file(path.clone(), vec![kek(1)]).unwrap().seal_events("acme/x", &mut old).await.unwrap();
+        let keys = Keys::in_file(path.clone(), [provider.clone(), kek(1).into()]).unwrap();
+        let mut new = vec![event("under the KMS")];
+        keys.seal_events("globex/x", &mut new).await.unwrap();
+        assert_eq!(keys.table().tenants["globex"].kek_id, "kms:orders-key");
+        assert_eq!(keys.rewrap().await.unwrap(), 1, "acme's key moves to the KMS");
+        let calls = remote.calls.load(std::sync::atomic::Ordering::Relaxed);
+        // A node with the KMS alone opens both; each data key is unwrapped once, then kept.
+        let moved = Keys::in_file(path.clone(), [provider.clone()]).unwrap();
+        for _ in 0..3 {
+            assert_eq!(moved.open_event(record("acme/x", old[0].clone())).unwrap().payload, b"under the file key");
+            assert_eq!(moved.open_event(record("globex/x", new[0].clone())).unwrap().payload, b"under the KMS");
+        }
+        assert_eq!(remote.calls.load(std::sync::atomic::Ordering::Relaxed), calls + 2);
+        // Unreachable: a new tenant's first write is refused as retryable, nothing is stored;
+        // a key not in memory yet cannot be opened, and the error says why.
+        remote.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let refused = moved.seal_events("initech/x", &mut [event("not now")]).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("the KMS did not answer"), "{refused:?}");
+        assert!(!moved.table().tenants.contains_key("initech"));
+        let fresh = Keys::in_file(path, [provider]).unwrap();
+        let Err(OpenError::Failed(why)) = fresh.open_event(record("acme/x", old[0].clone())) else { panic!("opened without the KMS") };
+        assert!(why.contains("kms:orders-key") && why.contains("the KMS did not answer"), "{why}");
     }
 
     #[test]
