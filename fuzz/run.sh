@@ -8,8 +8,8 @@
 #   fuzz/run.sh [--seconds N] [--json] [target...]
 #
 # Targets: record replica_message append_request config spec_file sealed_event partition_image
-# undo_journal raft_message coordination_entry coordination_snapshot tables audit_batch
-# (node/src/fuzzing.rs). Progress goes to stderr; --json prints a report on stdout.
+# undo_journal raft_message coordination_entry coordination_snapshot tables audit_batch requests
+# ledger_event consul_reply storage_key key_material (node/src/fuzzing.rs). Progress goes to stderr; --json prints a report on stdout.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 seconds=60 json=false targets=()
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$seconds" in ''|*[!0-9]*|0) echo "fuzz/run.sh: --seconds takes a whole number of at least 1, got $seconds" >&2; exit 2 ;; esac
-all=(record replica_message append_request config spec_file sealed_event partition_image undo_journal raft_message coordination_entry coordination_snapshot tables audit_batch)
+all=(record replica_message append_request config spec_file sealed_event partition_image undo_journal raft_message coordination_entry coordination_snapshot tables audit_batch requests ledger_event consul_reply storage_key key_material)
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
     [[ " ${all[*]} " == *" $t "* ]] || { echo "fuzz/run.sh: unknown target $t (one of: ${all[*]})" >&2; exit 2; }

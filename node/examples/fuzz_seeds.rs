@@ -63,6 +63,37 @@ fn main() -> anyhow::Result<()> {
     own.extend_from_slice(b"1:0123456789abcdef");
     own.extend_from_slice(&[0u8; 40]);
     write("sealed_event", "own-marker", &own)?;
+    // `fuzzing::requests`: the first byte picks the message.
+    let transfer = pb::TransferRequest {
+        book: "acme:shop".into(),
+        command_id: "c-1".into(),
+        from: "till".into(),
+        to: "safe".into(),
+        amount: 120,
+        transfer: "t-1".into(),
+    };
+    write("requests", "transfer", &[&[7u8][..], &transfer.encode_to_vec()].concat())?;
+    let token = pb::CreateTokenRequest { name: "ci".into(), grants: vec![pb::Grant { role: "write".into(), tenant: "acme".into() }] };
+    write("requests", "create-token", &[&[17u8][..], &token.encode_to_vec()].concat())?;
+    let session = pb::AppendSessionRequest { id: 1, append: Some(append.clone()) };
+    write("requests", "append-session", &[&[3u8][..], &session.encode_to_vec()].concat())?;
+    let subscribe = pb::SubscribeRequest { streams: vec!["acme/orders-17".into()], from_position: 1, ..Default::default() };
+    write("requests", "subscribe", &[&[2u8][..], &subscribe.encode_to_vec()].concat())?;
+    // `fuzzing::ledger_event`: the first byte picks the event type.
+    write("ledger_event", "transferred", &[&[3u8][..], br#"{"transfer":"t-1","from":"till","to":"safe","amount":120}"#].concat())?;
+    write("ledger_event", "opened", &[&[0u8][..], br#"{"account":"till","currency":"EUR","credit_limit":0,"opened_at_us":1}"#].concat())?;
+    // `fuzzing::consul_reply`: the first byte picks the parser (and, over 8, the status).
+    let listing = br#"[{"Key":"anthill/leaders/0","CreateIndex":1,"ModifyIndex":2,"LockIndex":1,"Value":"bm9kZS0x","Session":"5c1f"}]"#;
+    write("consul_reply", "listing", &[&[4u8][..], listing].concat())?;
+    write("consul_reply", "session", &[&[0u8][..], br#"{"ID":"5c1f"}"#].concat())?;
+    use anthill_node::storage::keys::{Elem, pack};
+    write("storage_key", "stream", &pack(&[Elem::Str("acme/orders-17"), Elem::U64(7)]))?;
+    write("storage_key", "event", &anthill_node::storage::keys::event_key(3, 42))?;
+    let ca = anthill_node::security::certs::issue(&anthill_node::security::certs::Kind::Ca, "ca", 30, None)?;
+    write("key_material", "ca.crt", ca.cert_pem.as_bytes())?;
+    write("key_material", "ca.der", &anthill_node::security::certs::first_certificate_der(ca.cert_pem.as_bytes()))?;
+    write("key_material", "ca.key", ca.key_pem.as_bytes())?;
+    write("key_material", "kek", "11".repeat(32).as_bytes())?;
     for (target, name, bytes) in anthill_node::fuzzing::internal_seeds() {
         write(target, name, &bytes)?;
     }

@@ -28,6 +28,11 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("coordination_snapshot", coordination_snapshot),
     ("tables", tables),
     ("audit_batch", audit_batch),
+    ("requests", requests),
+    ("ledger_event", ledger_event),
+    ("consul_reply", consul_reply),
+    ("storage_key", storage_key),
+    ("key_material", key_material),
 ];
 
 /// A stored event record, as read back from LMDB. The input's checksum is set right first
@@ -85,19 +90,7 @@ pub fn spec_file(bytes: &[u8]) {
 /// changed disk, a hostile backup): opening it must fail cleanly or give back what was sealed,
 /// never panic. The first byte is the marker's length; the marker, then the payload follow.
 pub fn sealed_event(bytes: &[u8]) {
-    use std::sync::OnceLock;
-    static KEYS: OnceLock<(tempfile::TempDir, crate::security::keys::Keys, String)> = OnceLock::new();
-    let (_, keys, sealed_marker) = KEYS.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let kek = crate::security::keys::Kek::from_hex(&"11".repeat(32)).expect("a key");
-        let keys = crate::security::keys::Keys::in_file(dir.path().join("keys.json"), vec![kek]).expect("a key table");
-        // acme gets its data key by sealing one event (the marker names it).
-        let mut events = [crate::log::NewEvent { event_type: "Placed".into(), payload: b"x".to_vec(), metadata: Vec::new() }];
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
-        runtime.block_on(keys.seal_events("acme/orders", &mut events)).expect("sealing works");
-        let marker = events[0].metadata[0].1.clone();
-        (dir, keys, marker)
-    });
+    let (_, keys, sealed_marker) = acme_keys();
     let Some((&length, rest)) = bytes.split_first() else { return };
     let (marker, payload) = rest.split_at(usize::from(length).min(rest.len()));
     // Half the inputs keep the real marker (the key is found; the payload and metadata blob are
@@ -120,6 +113,24 @@ pub fn sealed_event(bytes: &[u8]) {
     if let Ok(opened) = keys.open_event(event) {
         assert!(opened.metadata.iter().all(|(k, _)| k != crate::security::keys::SEALED_KEY), "opened but still marked sealed");
     }
+}
+
+/// A key table in a temporary file holding tenant `acme`'s data key, and the marker of an event
+/// sealed with it (made once per fuzzing process).
+fn acme_keys() -> &'static (tempfile::TempDir, crate::security::keys::Keys, String) {
+    use std::sync::OnceLock;
+    static KEYS: OnceLock<(tempfile::TempDir, crate::security::keys::Keys, String)> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let kek = crate::security::keys::Kek::from_hex(&"11".repeat(32)).expect("a key");
+        let keys = crate::security::keys::Keys::in_file(dir.path().join("keys.json"), vec![kek]).expect("a key table");
+        // acme gets its data key by sealing one event (the marker names it).
+        let mut events = [crate::log::NewEvent { event_type: "Placed".into(), payload: b"x".to_vec(), metadata: Vec::new() }];
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+        runtime.block_on(keys.seal_events("acme/orders", &mut events)).expect("sealing works");
+        let marker = events[0].metadata[0].1.clone();
+        (dir, keys, marker)
+    })
 }
 
 /// A partition image, as a follower receives it from its leader to install (or reads back
@@ -257,6 +268,228 @@ pub fn tables(bytes: &[u8]) {
             };
             let _ = keys.open_or_redact(event);
         }
+    }
+}
+
+/// Every gRPC request other than an Append (which has a target of its own) and the peers'
+/// messages (`replica_message`, `raft_message`, `audit_batch`): the first byte picks the
+/// message, the rest is its protobuf; what decodes goes through the checks the node makes
+/// before any state is touched (ids, grants, an AppendSession's appends).
+pub fn requests(bytes: &[u8]) {
+    use crate::app::{MAX_SCOPE_BYTES, validate_id};
+    let Some((&which, body)) = bytes.split_first() else { return };
+    let ids = |pairs: &[(&str, &str)]| {
+        for (what, id) in pairs {
+            let _ = validate_id(what, id, MAX_SCOPE_BYTES);
+        }
+    };
+    macro_rules! decode {
+        ($message:ty) => {
+            match <$message>::decode(body) {
+                Ok(message) => message,
+                Err(_) => return,
+            }
+        };
+    }
+    match which % 24 {
+        0 => {
+            let r = decode!(pb::ReadRequest);
+            ids(&[("stream", &r.stream)]);
+        }
+        1 => {
+            decode!(pb::ReadPartitionRequest);
+        }
+        2 => {
+            let r = decode!(pb::SubscribeRequest);
+            for stream in &r.streams {
+                ids(&[("stream", stream)]);
+            }
+        }
+        3 => {
+            let r = decode!(pb::AppendSessionRequest);
+            if let Some(append) = r.append
+                && let Ok(append) = crate::api::append_request(append)
+            {
+                let _ = crate::log::validate_append(&crate::config::LimitsConfig::default(), &append);
+            }
+        }
+        4 => {
+            let r = decode!(pb::OpenAccountRequest);
+            ids(&[("book", &r.book), ("command_id", &r.command_id), ("account", &r.account), ("currency", &r.currency)]);
+        }
+        5 => {
+            let r = decode!(pb::DepositRequest);
+            ids(&[("book", &r.book), ("command_id", &r.command_id), ("account", &r.account)]);
+        }
+        6 => {
+            let r = decode!(pb::WithdrawRequest);
+            ids(&[("book", &r.book), ("command_id", &r.command_id), ("account", &r.account)]);
+        }
+        7 => {
+            let r = decode!(pb::TransferRequest);
+            ids(&[("book", &r.book), ("from", &r.from), ("to", &r.to), ("transfer", &r.transfer)]);
+        }
+        8 => {
+            let r = decode!(pb::PlaceHoldRequest);
+            ids(&[("book", &r.book), ("hold", &r.hold), ("account", &r.account)]);
+        }
+        9 => {
+            let r = decode!(pb::CaptureHoldRequest);
+            ids(&[("book", &r.book), ("hold", &r.hold), ("to", &r.to)]);
+        }
+        10 => {
+            let r = decode!(pb::ReleaseHoldRequest);
+            ids(&[("book", &r.book), ("hold", &r.hold)]);
+        }
+        11 => {
+            let r = decode!(pb::CloseAccountRequest);
+            ids(&[("book", &r.book), ("account", &r.account)]);
+        }
+        12 => {
+            let r = decode!(pb::GetBalanceRequest);
+            ids(&[("book", &r.book), ("account", &r.account)]);
+        }
+        13 => {
+            let r = decode!(pb::GetHoldRequest);
+            ids(&[("book", &r.book), ("hold", &r.hold)]);
+        }
+        14 => {
+            let r = decode!(pb::GetHistoryRequest);
+            ids(&[("book", &r.book), ("account", &r.account)]);
+        }
+        15 => {
+            let r = decode!(pb::GetTotalsRequest);
+            ids(&[("book", &r.book)]);
+        }
+        16 => {
+            let r = decode!(pb::AuditRequest);
+            ids(&[("book", &r.book)]);
+        }
+        17 => {
+            let r = decode!(pb::CreateTokenRequest);
+            if let Ok(grants) = crate::api::auth::grants_from_wire(r.grants) {
+                // A grant that parses prints as what parses to it again.
+                for grant in grants {
+                    assert_eq!(crate::security::auth::Grant::parse(&grant.to_string()).as_ref(), Ok(&grant));
+                }
+            }
+        }
+        18 => {
+            let r = decode!(pb::SetGrantsRequest);
+            let _ = crate::api::auth::grants_from_wire(r.grants);
+        }
+        19 => {
+            decode!(pb::RevokeTokenRequest);
+        }
+        20 => {
+            let r = decode!(pb::ForgetTenantRequest);
+            let _ = crate::security::auth::check_tenant(&r.tenant);
+        }
+        21 => {
+            decode!(pb::DrainRequest);
+        }
+        22 => {
+            decode!(pb::DecommissionRequest);
+        }
+        _ => {
+            decode!(pb::ListGrantsRequest);
+        }
+    }
+}
+
+/// A ledger book's stored event as a follower reads it to keep its read model
+/// (`app/follow.rs`): the first byte picks the event type, the rest is its payload. What
+/// decodes encodes back to the same event. The same bytes as one of acme's sealed state values
+/// do not open (that would be a forged AES-GCM tag).
+pub fn ledger_event(bytes: &[u8]) {
+    use crate::app::follow::{DomainEvent, decode};
+    const TYPES: [&str; 10] = [
+        "AccountOpened",
+        "Deposited",
+        "Withdrawn",
+        "Transferred",
+        "HoldPlaced",
+        "HoldCaptured",
+        "HoldReleased",
+        "AccountClosed",
+        "Unknown",
+        "",
+    ];
+    let Some((&which, payload)) = bytes.split_first() else { return };
+    let record = EventRecord {
+        partition: 0,
+        position: 1,
+        stream: "ledger/acme:shop".into(),
+        stream_version: 1,
+        event_type: TYPES[usize::from(which) % TYPES.len()].into(),
+        payload: payload.to_vec(),
+        metadata: Vec::new(),
+        append_time_us: 0,
+        epoch: 1,
+        atomic_with_next: false,
+    };
+    if let Ok(Some(decoded)) = decode(&record, None) {
+        let DomainEvent::Ledger(event) = decoded.event;
+        let stored = crate::app::to_new_event(&event, "c-1").expect("a decoded event encodes");
+        let again: crate::app::ledger::LedgerEvent =
+            crate::app::from_log_event(&stored.event_type, &stored.payload).expect("an encoded event decodes");
+        assert_eq!(again, event, "decode(encode(event)) is the event");
+    }
+    let (_, keys, _) = acme_keys();
+    let key = keys.data_key("acme").expect("acme has a data key");
+    assert!(key.open_value(b"acme-state", bytes).is_none(), "a made-up sealed value opened");
+}
+
+/// Consul's answers to the node's calls (a Consul agent is trusted to exist, not to be sane):
+/// the first byte picks the parser and the HTTP status, the rest is the body.
+pub fn consul_reply(bytes: &[u8]) {
+    use crate::coordination::consul::{self, Reply};
+    let Some((&which, body)) = bytes.split_first() else { return };
+    let status = [200, 404, 500][usize::from(which / 8) % 3];
+    let status = http::StatusCode::from_u16(status).expect("a status");
+    let reply = Reply::new(status, &http::HeaderMap::new(), bytes::Bytes::copy_from_slice(body));
+    match which % 6 {
+        0 => drop(consul::parse_session_created(&reply)),
+        1 => drop(consul::parse_session_renewed(&reply)),
+        2 => drop(consul::parse_session_destroyed(&reply)),
+        3 => drop(consul::parse_entry("anthill/leaders/0", &reply)),
+        4 => drop(consul::parse_listing(&reply)),
+        _ => drop(consul::parse_written(&reply)),
+    }
+}
+
+/// A key of the node's LMDB databases, as read back from the disk: what unpacks packs back to
+/// a key that unpacks equal.
+pub fn storage_key(bytes: &[u8]) {
+    use crate::storage::keys::{Elem, Value, decode_event_key, decode_log_key, pack, unpack};
+    let _ = decode_log_key(bytes);
+    let _ = decode_event_key(bytes);
+    let Ok(values) = unpack(bytes) else { return };
+    let elems: Vec<Elem<'_>> = values
+        .iter()
+        .map(|v| match v {
+            Value::Bytes(b) => Elem::Bytes(b),
+            Value::Str(s) => Elem::Str(s),
+            Value::U64(n) => Elem::U64(*n),
+        })
+        .collect();
+    assert_eq!(unpack(&pack(&elems)).as_ref(), Ok(&values), "unpack(pack(key)) is the key");
+}
+
+/// What a node reads as keys and certificates: a key-encryption key file, PEM certificate
+/// chains, CA bundles and private keys (its own files), and a peer's or client's certificate
+/// (DER, from the TLS handshake) for the names it carries.
+pub fn key_material(bytes: &[u8]) {
+    use rustls_pki_types::pem::PemObject as _;
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let _ = crate::security::keys::Kek::from_hex(text);
+        let _ = crate::security::certs::not_after_unix(text);
+    }
+    let _ = crate::security::tls::certificates(bytes);
+    let _ = crate::security::tls::root_store(bytes);
+    let _ = rustls_pki_types::PrivateKeyDer::from_pem_slice(bytes);
+    if let Some(names) = crate::security::identity::CertNames::of(bytes) {
+        let _ = names.principal();
     }
 }
 

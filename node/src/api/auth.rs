@@ -33,7 +33,7 @@ impl AuthApi {
     }
 }
 
-fn grants_from_wire(grants: Vec<pb::Grant>) -> Result<Vec<Grant>, Status> {
+pub(crate) fn grants_from_wire(grants: Vec<pb::Grant>) -> Result<Vec<Grant>, Status> {
     grants
         .into_iter()
         .map(|g| Role::parse(&g.role).and_then(|role| Grant::new(role, &g.tenant)).map_err(Status::invalid_argument))
