@@ -439,11 +439,28 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     let certs = dir.path().join("certs");
     let _reset = TokenReset;
 
-    // The admin (a certificate named in auth.cluster_admins) makes a token on node-1.
-    let mut admin = client::connect(&cluster.url(0)).await.unwrap();
+    // The admin (a certificate named in auth.cluster_admins) makes a token on node-1, with the
+    // command an operator runs.
     let grant = |role: &str, tenant: &str| pb::Grant { role: role.into(), tenant: tenant.into() };
-    let made = admin.auth.create_token(pb::CreateTokenRequest { name: "acme-writer".into(), grants: vec![grant("write", "acme")] }).await;
-    let made = made.unwrap().into_inner();
+    let created = admin_cli(&certs, &cluster.url(0), &["auth", "create-token", "acme-writer", "--grant", "write:acme", "--json"]);
+    let made: serde_json::Value = serde_json::from_slice(&created).unwrap();
+    let made = pb::CreateTokenResponse { id: made["id"].as_str().unwrap().into(), token: made["token"].as_str().unwrap().into() };
+    let secret = made.token.rsplit_once('_').expect("<prefix><id>_<secret>").1.to_string();
+    assert!(secret.len() >= 32, "{secret}");
+    // Listed by every node once the table reached it: its id, name and grants, not its secret.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        loop {
+            let listed = String::from_utf8(admin_cli(&certs, &cluster.url(i), &["auth", "list-tokens", "--json"])).unwrap();
+            if listed.contains(&made.id) {
+                assert!(listed.contains("acme-writer") && listed.contains("write:acme"), "{listed}");
+                assert!(!listed.contains(&secret), "node-{} listed a token's secret", i + 1);
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{} never listed the token: {listed}", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     // With the token, through every node's leaderships (the table reached them all).
     client::use_token(Some(made.token.clone())).unwrap();
@@ -475,7 +492,7 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     // A certificate principal gets the grants the table gives its name.
     client::use_token(None).unwrap();
     ensure_certificate(&certs, &Kind::Client, "alice").unwrap();
-    admin.auth.set_grants(pb::SetGrantsRequest { principal: "alice".into(), grants: vec![grant("read", "acme")] }).await.unwrap();
+    admin_cli(&certs, &cluster.url(0), &["auth", "set-grants", "alice", "--grant", "read:acme"]);
     let alice = raw_client(&cluster.url(2), &certs.join("ca.crt"), Some((&certs, "alice"))).await.unwrap();
     let mut alice = pb::event_log_client::EventLogClient::new(alice);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -521,8 +538,9 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     }
     client::use_token(None).unwrap();
     // Revoked on node-1, refused by every node.
-    let revoked = admin.auth.revoke_token(pb::RevokeTokenRequest { id: made.id.clone() }).await.unwrap().into_inner();
-    assert!(revoked.revoked);
+    let revoked: serde_json::Value =
+        serde_json::from_slice(&admin_cli(&certs, &cluster.url(0), &["auth", "revoke-token", &made.id, "--json"])).unwrap();
+    assert_eq!(revoked["revoked"].as_bool(), Some(true), "{revoked}");
     client::use_token(Some(made.token.clone())).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     for i in 0..NODES {
@@ -544,6 +562,45 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
     assert!(router.read_stream_all("globex/orders-1").await.unwrap().is_empty());
     let acme: Vec<Vec<u8>> = router.read_stream_all("acme/orders-0").await.unwrap().into_iter().map(|e| e.payload).collect();
     assert_eq!(acme, vec![b"by the writer".to_vec(), b"session 1".to_vec()]);
+    // The replicated table keeps the token as a hash: no node's files hold its secret (they do
+    // hold its id, so the scan reads where the table is kept).
+    for i in 0..NODES {
+        assert!(!any_file_contains(&dir.path().join(LocalCluster::name(i)), made.id.as_bytes()).is_empty(), "node-{}", i + 1);
+        let found = any_file_contains(&dir.path().join(LocalCluster::name(i)), secret.as_bytes());
+        assert!(found.is_empty(), "the token's secret in {found:?}");
+    }
+    // Each change is in the audit stream of the node that made it.
+    let records = audit_records(&router, "node-1").await;
+    for (action, detail) in [("token created", made.id.as_str()), ("grants set", "alice"), ("token revoked", made.id.as_str())] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.by == "certificate \"admin\"" && r.action == action && r.outcome == "done" && r.detail.contains(detail)),
+            "no {action:?} record about {detail}: {records:#?}"
+        );
+    }
+}
+
+/// Runs the `anthill` command as the admin against `url`; its standard output, once it succeeded.
+fn admin_cli(certs: &Path, url: &str, args: &[&str]) -> Vec<u8> {
+    let out = admin_command(certs, url, args);
+    assert!(out.status.success(), "anthill {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Runs the `anthill` command as the admin against `url`.
+fn admin_command(certs: &Path, url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::exe())
+        .arg("--tls-ca")
+        .arg(certs.join("ca.crt"))
+        .arg("--tls-cert")
+        .arg(certs.join("admin.crt"))
+        .arg("--tls-key")
+        .arg(certs.join("admin.key"))
+        .args(args)
+        .args(["--server", url])
+        .output()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -995,23 +1052,8 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
     // (2) Re-wrap, with the command an operator runs.
     let certs = dir.path().join("certs");
     let url = cluster.url(0);
-    let anthill = |args: &[&str]| {
-        std::process::Command::new(common::exe())
-            .arg("--tls-ca")
-            .arg(certs.join("ca.crt"))
-            .arg("--tls-cert")
-            .arg(certs.join("admin.crt"))
-            .arg("--tls-key")
-            .arg(certs.join("admin.key"))
-            .args(args)
-            .args(["--server", &url])
-            .output()
-            .unwrap()
-    };
     let rewrap = || {
-        let out = anthill(&["tenant", "rewrap-keys", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&admin_cli(&certs, &url, &["tenant", "rewrap-keys", "--json"])).unwrap();
         report["rewrapped"].as_u64().unwrap()
     };
     assert!(rewrap() >= 2, "acme's and globex's keys at least");
@@ -1023,12 +1065,11 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
     }
 
     // Forgetting a tenant with the command: only with --yes.
-    let unconfirmed = anthill(&["tenant", "forget", "globex"]);
+    let unconfirmed = admin_command(&certs, &url, &["tenant", "forget", "globex"]);
     assert!(!unconfirmed.status.success());
     assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("run again with --yes"), "{unconfirmed:?}");
-    let forgot = anthill(&["tenant", "forget", "globex", "--yes", "--json"]);
-    assert!(forgot.status.success(), "{}", String::from_utf8_lossy(&forgot.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&forgot.stdout).unwrap();
+    let forgot = admin_cli(&certs, &url, &["tenant", "forget", "globex", "--yes", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&forgot).unwrap();
     assert_eq!((report["forgotten"].as_bool(), report["had_key"].as_bool()), (Some(true), Some(true)), "{report}");
     let router = Router::connect(&cluster.urls()).await.unwrap();
     let globex = before.iter().find(|e| e.2.starts_with("globex/")).unwrap().2.clone();
