@@ -41,6 +41,18 @@ fn append(stream: &str, payload: String) -> pb::AppendRequest {
     }
 }
 
+#[test]
+fn no_openssl_is_built_into_anything_of_the_workspace() {
+    // rustls everywhere (issue 11): neither OpenSSL's bindings nor native-tls are in the build.
+    // (`openssl-probe` only finds the system's CA bundle, for rustls-native-certs.)
+    let lock = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock")).unwrap();
+    let packages: Vec<&str> = lock.lines().filter_map(|l| l.strip_prefix("name = \"")?.strip_suffix('"')).collect();
+    assert!(packages.contains(&"rustls"), "the lock file lists its packages");
+    for banned in ["openssl", "openssl-sys", "native-tls"] {
+        assert!(!packages.contains(&banned), "{banned} is in Cargo.lock");
+    }
+}
+
 /// The value of metric `name` (summed over its label sets) on node `i`.
 async fn metric(cluster: &LocalCluster, i: usize, name: &str) -> u64 {
     let addr = cluster.nodes[i].as_ref().and_then(|n| n.metrics_addr).expect("a running node with metrics");
