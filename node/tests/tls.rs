@@ -1076,11 +1076,19 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
         assert_eq!(tenant_events(&cluster.url(i)).await, before, "node-{} after the rotation", i + 1);
     }
 
-    // Forgetting a tenant with the command: only with --yes.
-    let unconfirmed = admin_command(&certs, &url, &["tenant", "forget", "globex"]);
+    // Forgetting a tenant takes that tenant's admin: acme's may not forget globex; globex's
+    // may, with the command, and only with --yes.
+    let token = |name: &str, grant: &str| {
+        let made = admin_cli(&certs, &url, &["auth", "create-token", name, "--grant", grant, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&made).unwrap()["token"].as_str().unwrap().to_string()
+    };
+    let (acme_admin, globex_admin) = (token("acme-admin", "admin:acme"), token("globex-admin", "admin:globex"));
+    let refused = admin_command(&certs, &url, &["--token", &acme_admin, "tenant", "forget", "globex", "--yes"]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("needs admin:globex"), "{refused:?}");
+    let unconfirmed = admin_command(&certs, &url, &["--token", &globex_admin, "tenant", "forget", "globex"]);
     assert!(!unconfirmed.status.success());
     assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("run again with --yes"), "{unconfirmed:?}");
-    let forgot = admin_cli(&certs, &url, &["tenant", "forget", "globex", "--yes", "--json"]);
+    let forgot = admin_cli(&certs, &url, &["--token", &globex_admin, "tenant", "forget", "globex", "--yes", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&forgot).unwrap();
     assert_eq!((report["forgotten"].as_bool(), report["had_key"].as_bool()), (Some(true), Some(true)), "{report}");
     let router = Router::connect(&cluster.urls()).await.unwrap();
@@ -1095,8 +1103,9 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let records = audit_records(&router, "node-1").await;
-    let has = |action: &str, detail: &str| {
-        records.iter().any(|r| r.by == "certificate \"admin\"" && r.action == action && r.outcome == "done" && r.detail.contains(detail))
+    let has = |by: &str, action: &str, detail: &str| {
+        records.iter().any(|r| r.by.contains(by) && r.action == action && r.outcome == "done" && r.detail.contains(detail))
     };
-    assert!(has("data keys re-wrapped", "re-wrapped") && has("tenant forgotten", "globex"), "{records:#?}");
+    assert!(has("certificate \"admin\"", "data keys re-wrapped", "re-wrapped"), "{records:#?}");
+    assert!(has("(\"globex-admin\")", "tenant forgotten", "globex"), "{records:#?}");
 }
