@@ -1109,3 +1109,110 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
     assert!(has("certificate \"admin\"", "data keys re-wrapped", "re-wrapped"), "{records:#?}");
     assert!(has("(\"globex-admin\")", "tenant forgotten", "globex"), "{records:#?}");
 }
+
+/// Writes `bytes` to `path` by a rename, as a deployment tool puts a file in place.
+fn put_in_place(path: &Path, bytes: &[u8]) {
+    let staging = path.with_extension("staging");
+    std::fs::write(&staging, bytes).unwrap();
+    std::fs::rename(&staging, path).unwrap();
+}
+
+/// Waits until every node of `cluster` counted `at_least` TLS reloads.
+async fn reloaded(cluster: &LocalCluster, at_least: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        while metric(cluster, i, "anthill_tls_reloads_total").await < at_least {
+            assert!(Instant::now() < deadline, "node-{} never put in force {what}", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_the_documented_ca_rotation_then_the_cluster_serves_throughout_and_ends_trusting_the_new_ca_alone() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut cluster = LocalCluster::start(&common::exe(), dir.path(), &spec).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    let certs = dir.path().join("certs");
+    let old_ca = certs::read_ca(&certs).unwrap();
+    let new_ca = certs::issue(&Kind::Ca, "Anthill local cluster CA 2", 30, None).unwrap();
+    // A client of the old CA, to be refused at the end.
+    let old_client = dir.path().join("old-client");
+    certs::write(&old_client, "olduser", &certs::issue(&Kind::Client, "olduser", 30, Some(&old_ca)).unwrap()).unwrap();
+    std::fs::copy(certs.join("ca.crt"), old_client.join("ca.crt")).unwrap();
+    let (urls, mut acked) = (cluster.urls(), Vec::new());
+    let mut write = async |step: &str| {
+        let router = Router::connect(&urls).await.unwrap();
+        for stream in anthill_node::local::streams_per_partition("rotation", PARTITIONS) {
+            router.append(append(&stream, format!("{step} {stream}"))).await.unwrap_or_else(|e| panic!("{step}: {stream}: {e:?}"));
+            acked.push((stream.clone(), format!("{step} {stream}")));
+        }
+    };
+    write("before").await;
+
+    // (1) Both CAs in every node's ca_file (and this client's), (2) in force everywhere.
+    put_in_place(&certs.join("ca.crt"), format!("{}{}", old_ca.cert_pem, new_ca.cert_pem).as_bytes());
+    anthill_node::local::use_tls_as_admin(&certs).unwrap();
+    reloaded(&cluster, 1, "the two CAs").await;
+    write("both CAs").await;
+    // (3) Every node's and the admin's certificate from the new CA, each put in place by renames.
+    for i in 0..NODES {
+        let name = LocalCluster::name(i);
+        let issued = certs::issue(&Kind::Node { hosts: vec![cluster.addrs[i].ip().to_string()] }, &name, 30, Some(&new_ca)).unwrap();
+        put_in_place(&certs.join(format!("{name}.key")), issued.key_pem.as_bytes());
+        put_in_place(&certs.join(format!("{name}.crt")), issued.cert_pem.as_bytes());
+    }
+    let admin = certs::issue(&Kind::Client, "admin", 30, Some(&new_ca)).unwrap();
+    put_in_place(&certs.join("admin.key"), admin.key_pem.as_bytes());
+    put_in_place(&certs.join("admin.crt"), admin.cert_pem.as_bytes());
+    anthill_node::local::use_tls_as_admin(&certs).unwrap();
+    reloaded(&cluster, 2, "its new certificate").await;
+    write("new certificates").await;
+    // (4) The old CA gone from the files.
+    put_in_place(&certs.join("ca.crt"), new_ca.cert_pem.as_bytes());
+    anthill_node::local::use_tls_as_admin(&certs).unwrap();
+    reloaded(&cluster, 3, "the new CA alone").await;
+    write("new CA alone").await;
+
+    // A member restarted now joins its peers on the new CA alone.
+    cluster.kill9(1).unwrap();
+    cluster.start_node(1, &[]).unwrap();
+    cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
+    write("after a restart").await;
+    // The old CA's client is refused in the handshake, as a stranger's would be.
+    let stranger = raw_client(&cluster.url(0), &certs.join("ca.crt"), Some((&old_client, "olduser"))).await;
+    let served = match stranger {
+        Err(_) => None,
+        Ok(channel) => pb::node_client::NodeClient::new(channel).status(pb::StatusRequest {}).await.err().map(|s| s.code()),
+    };
+    assert!(
+        !matches!(served, Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)),
+        "a client of the old CA got past the handshake: {served:?}"
+    );
+    // Every acknowledged write is there, on every replica.
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    for (stream, payload) in &acked {
+        let stored = router.read_stream_all(stream).await.unwrap();
+        assert!(stored.iter().any(|e| e.payload == payload.as_bytes()), "{stream}: {payload:?} lost");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        while tenant_count(&cluster.url(i), "rotation-").await < acked.len() {
+            assert!(Instant::now() < deadline, "node-{} holds fewer than the {} writes", i + 1, acked.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// How many events of streams starting with `prefix` node `url` holds.
+async fn tenant_count(url: &str, prefix: &str) -> usize {
+    let mut c = client::connect(url).await.unwrap();
+    let mut count = 0;
+    for partition in 0..PARTITIONS {
+        let read = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 1000, linearizable: false };
+        count += c.log.read_partition(read).await.unwrap().into_inner().events.iter().filter(|e| e.stream.starts_with(prefix)).count();
+    }
+    count
+}
