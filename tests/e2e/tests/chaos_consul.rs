@@ -1,6 +1,6 @@
 //! The chaos suite with Consul as the coordination store (issue 7, docs/chaos.md): `anthill
 //! chaos --coordination consul` starts a real Consul server beside each of three nodes (ACLs
-//! on, the nodes holding a least-privilege token), kills partition leaders and a Consul server
+//! on, the nodes holding a least-privilege token; TLS and encryption at rest on), kills partition leaders and a Consul server
 //! and cuts a leader's host off, then runs the same checks as with the embedded store.
 
 use std::process::Command;
@@ -53,6 +53,8 @@ fn given_consul_as_the_coordination_store_when_leaders_and_a_consul_server_are_k
         "25",
         "--seed",
         "11",
+        "--tls",
+        "--encrypt",
         "--json",
         "--dir",
         &dir_arg,
@@ -62,6 +64,7 @@ fn given_consul_as_the_coordination_store_when_leaders_and_a_consul_server_are_k
     let report: Value = serde_json::from_str(&stdout).expect("a JSON report");
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(report["coordination"], "consul");
+    assert_eq!((&report["tls"], &report["encrypted"]), (&Value::Bool(true), &Value::Bool(true)), "TLS and encryption on: {report:#}");
     let verdict = &report["verdict"];
     for check in ["lost", "duplicated", "failed_but_stored", "missing_on_a_replica", "diverged"] {
         assert_eq!(verdict[check].as_array().map(Vec::len), Some(0), "{check}: {verdict:#}");

@@ -1,4 +1,4 @@
-//! The chaos suite on 5 real nodes (issue 6, docs/chaos.md): one cycle of the nemesis — five
+//! The chaos suite on 5 real nodes (issue 6, docs/chaos.md), TLS and encryption at rest on: one cycle of the nemesis — five
 //! leader kills and one of every other fault, where a split cuts two nodes off from three — in
 //! fixed-rate mode, and the same checks as on 3 nodes. A file of its own so cargo runs it after the 3-node suite,
 //! not beside it on the same cores.
@@ -13,7 +13,7 @@ fn given_five_nodes_under_load_when_one_cycle_of_faults_runs_then_nothing_acknow
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(anthill_e2e::anthill())
         .args(["chaos", "--nodes", "5", "--partitions", "5", "--fault-count", "11", "--fault-every", "2", "--seed", "11"])
-        .args(["--rate", "300", "--json"])
+        .args(["--rate", "300", "--tls", "--encrypt", "--json"])
         .arg("--dir")
         .arg(dir.path())
         .output()
@@ -22,6 +22,7 @@ fn given_five_nodes_under_load_when_one_cycle_of_faults_runs_then_nothing_acknow
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("a JSON report");
     assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!((&report["tls"], &report["encrypted"]), (&Value::Bool(true), &Value::Bool(true)), "TLS and encryption on: {report:#}");
     assert_eq!(report["verdict"]["lost"].as_array().map(Vec::len), Some(0));
     assert_eq!(report["ledger"]["replicas_checked"], 15, "5 books on 3 replicas each");
     let counts = &report["fault_counts"];
