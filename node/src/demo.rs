@@ -205,6 +205,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
+                "url": url,
                 "events_acknowledged": acknowledged,
                 "seconds": elapsed,
                 "events_per_sec": acknowledged as f64 / elapsed,

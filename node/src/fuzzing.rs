@@ -245,7 +245,8 @@ pub fn tables(bytes: &[u8]) {
             }
         }
         for id in table.tokens.keys() {
-            let _ = auth.token_caller(&format!("{id}.{}", "0".repeat(64)));
+            // The token format (`ah_<id>_<secret>`), a secret that does not match.
+            assert!(auth.token_caller(&format!("ah_{id}_{}", "0".repeat(64))).is_none() || table.tokens[id].sha256 == sha256_of_zeros());
         }
     } else {
         use crate::security::keys::{Kek, Keys};
@@ -491,6 +492,12 @@ pub fn key_material(bytes: &[u8]) {
     if let Some(names) = crate::security::identity::CertNames::of(bytes) {
         let _ = names.principal();
     }
+}
+
+/// The SHA-256 (hex) of a secret of 64 zeros: the one stored hash that secret matches.
+fn sha256_of_zeros() -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, "0".repeat(64).as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Seeds of the targets over the node's internal formats (target, file name, bytes), from the

@@ -18,6 +18,8 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 fn the_demo_appends_races_runs_the_ledger_restarts_and_finds_every_acknowledged_event() {
     let report = run_json(&["demo", "--events", "2000", "--json"]);
     assert_eq!(report["events_acknowledged"], 2000);
+    // TLS is on by default: the demo's clients spoke https to its node.
+    assert!(report["url"].as_str().unwrap().starts_with("https://"), "{report}");
     // Ledger: 20 accounts opened and funded, the accepted transfers, and at most one more if the
     // retried t-0 had been refused the first time.
     let ledger = &report["ledger"];
