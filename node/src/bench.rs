@@ -14,7 +14,11 @@
 //! - `disk`: no node and no LMDB: random page writes and a sync in a loop, the disk's own cost
 //!   and stalls, measured in the same run as the rest;
 //! - `raw`: the same appends as `append`, into a [`Log`] in this process — the same LMDB writer
-//!   and group commit, no gRPC, no network: the baseline that shows what the API costs.
+//!   and group commit, no gRPC, no network: the baseline that shows what the API costs;
+//! - `seal`: no node, no LMDB, no disk: `--concurrency` threads sealing `--batch` events of
+//!   `--event-size` bytes (payload and one metadata entry) with a tenant's data key, as the API
+//!   seals a client's events with encryption at rest on — what encryption costs the CPU, apart
+//!   from the disk's noise.
 //!
 //! `--cluster N` runs `append` against one node (the baseline), then against N nodes started on
 //! loopback, through the routing client, and with `--kills K` measures K failovers (each a
@@ -60,6 +64,8 @@ pub enum Workload {
     /// and over, in a file beside the node's data (or in the temporary directory) — what a group
     /// commit costs the disk, without LMDB, to judge the other figures (and their tail latency) by.
     Disk,
+    /// Sealing alone (encryption at rest): events sealed with a tenant's data key in memory.
+    Seal,
 }
 
 #[derive(Args, Clone)]
@@ -180,7 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.cpu_per_node.is_some() {
         bail!("--cpu-per-node needs --cluster (it holds the nodes the cluster benchmark starts)");
     }
-    let needs_node = args.suite || !matches!(args.workload, Workload::Raw | Workload::Disk);
+    let needs_node = args.suite || !matches!(args.workload, Workload::Raw | Workload::Disk | Workload::Seal);
     let (node, _dir, url) = match (&args.server, needs_node) {
         (Some(server), _) => (None, None, server.clone()),
         (None, false) => (None, None, String::new()),
@@ -550,6 +556,24 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
             let (seconds, progress, histogram) = (args.seconds, progress.clone(), histogram.clone());
             tokio::task::spawn_blocking(move || probe_disk(&file, seconds, &progress, &histogram)).await??;
         }
+        Workload::Seal => {
+            let dir = tempfile::Builder::new().prefix("anthill-bench-seal-").tempdir()?;
+            let kek: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+            let kek = crate::security::keys::Kek::from_hex(&kek).map_err(anyhow::Error::msg)?;
+            let keys = crate::security::keys::Keys::in_file(dir.path().join("keys.json"), [kek])?;
+            let key = keys.data_key_for_write("bench").await.map_err(client::status_error)?;
+            let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+            let budget = Arc::new(AtomicU64::new(args.count.unwrap_or(u64::MAX)));
+            let mut workers = Vec::new();
+            for _ in 0..args.concurrency.max(1) {
+                let (key, budget, progress, histogram) = (key.clone(), budget.clone(), progress.clone(), histogram.clone());
+                let (size, batch) = (args.event_size, args.batch);
+                workers.push(tokio::task::spawn_blocking(move || seal_loop(&key, size, batch, deadline, &budget, &progress, &histogram)));
+            }
+            for worker in workers {
+                worker.await??;
+            }
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     let written = written_before.zip(disk.as_deref().and_then(disk_written_bytes)).map(|(before, after)| after.saturating_sub(before));
@@ -584,7 +608,7 @@ async fn one(args: &BenchArgs, server: &Server, name: Option<&str>) -> anyhow::R
             max: h.max(),
         },
         disk_write_bytes_per_event: written
-            .filter(|_| !matches!(args.workload, Workload::Read | Workload::Disk))
+            .filter(|_| !matches!(args.workload, Workload::Read | Workload::Disk | Workload::Seal))
             .map(|bytes| bytes as f64 / events.max(1) as f64),
         baseline: None,
         ratio_to_baseline: None,
@@ -880,6 +904,35 @@ fn probe_disk(file: &tempfile::NamedTempFile, seconds: f64, progress: &Progress,
         let _ = local.record(start.elapsed().as_micros().max(1) as u64);
         progress.requests.fetch_add(1, Ordering::Relaxed);
         progress.events.fetch_add(1, Ordering::Relaxed);
+    }
+    histogram.lock().add(&local)?;
+    Ok(())
+}
+
+/// One thread of the `seal` workload: `batch` events of `size` bytes sealed as the API seals a
+/// client's (payload and metadata, stream and type bound to them), until `deadline`.
+fn seal_loop(
+    key: &crate::security::keys::DataKey,
+    size: usize,
+    batch: usize,
+    deadline: Instant,
+    budget: &AtomicU64,
+    progress: &Progress,
+    histogram: &Mutex<Histogram<u64>>,
+) -> anyhow::Result<()> {
+    let payload = vec![b'x'; size];
+    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while Instant::now() < deadline && take_one(budget) {
+        let start = Instant::now();
+        for _ in 0..batch {
+            let mut event =
+                NewEvent { event_type: "BenchEvent".into(), payload: payload.clone(), metadata: vec![("trace".into(), "t-1".into())] };
+            key.seal_event("bench/stream", &mut event);
+            std::hint::black_box(&event);
+        }
+        let _ = local.record(start.elapsed().as_micros().max(1) as u64);
+        progress.requests.fetch_add(1, Ordering::Relaxed);
+        progress.events.fetch_add(batch as u64, Ordering::Relaxed);
     }
     histogram.lock().add(&local)?;
     Ok(())

@@ -56,6 +56,16 @@ fn bench_reports_throughput_and_latency_percentiles_as_json() {
     assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
 }
 
+#[test]
+fn bench_measures_sealing_alone_without_a_node() {
+    let report = run_json(&["bench", "--workload", "seal", "--seconds", "1", "--concurrency", "1", "--batch", "10", "--json"]);
+    let r = &report["results"][0];
+    assert_eq!(r["workload"], "seal", "{r}");
+    assert!(r["events"].as_u64().unwrap() > 0 && r["errors"] == 0, "{r}");
+    assert_eq!(r["events"].as_u64().unwrap(), r["requests"].as_u64().unwrap() * 10);
+    assert!(r["disk_write_bytes_per_event"].is_null(), "sealing writes nothing: {r}");
+}
+
 fn temp_dir_has_block_device_counters() -> bool {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(std::env::temp_dir()).unwrap().dev();
