@@ -109,12 +109,18 @@ async fn given_a_rate_per_caller_then_a_caller_past_it_gets_resource_exhausted_a
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let grants = vec![pb::Grant { role: "read".into(), tenant: "acme".into() }];
     admin.auth.set_grants(pb::SetGrantsRequest { principal: "alice".into(), grants }).await.unwrap();
-    // A full bucket (20 calls), then a burst of 80: the caller gets about 20, then refusals.
+    // A full bucket (20 calls), then a burst of 80 at once: the caller gets about 20, then
+    // refusals.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let started = Instant::now();
-    let (mut served, mut refused) = (0, 0);
+    let mut burst = tokio::task::JoinSet::new();
     for _ in 0..80 {
-        match admin.node.status(pb::StatusRequest {}).await {
+        let mut node = admin.node.clone();
+        burst.spawn(async move { node.status(pb::StatusRequest {}).await });
+    }
+    let (mut served, mut refused) = (0, 0);
+    while let Some(outcome) = burst.join_next().await {
+        match outcome.unwrap() {
             Ok(_) => served += 1,
             Err(s) => {
                 assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
@@ -581,15 +587,19 @@ async fn given_tokens_and_grants_then_a_tenants_writer_can_neither_read_nor_writ
         let found = any_file_contains(&dir.path().join(LocalCluster::name(i)), secret.as_bytes());
         assert!(found.is_empty(), "the token's secret in {found:?}");
     }
-    // Each change is in the audit stream of the node that made it.
-    let records = audit_records(&router, "node-1").await;
+    // Each change is in the audit stream of the node that made it (records are appended a moment
+    // after the action).
+    let deadline = Instant::now() + Duration::from_secs(20);
     for (action, detail) in [("token created", made.id.as_str()), ("grants set", "alice"), ("token revoked", made.id.as_str())] {
-        assert!(
-            records
-                .iter()
-                .any(|r| r.by == "certificate \"admin\"" && r.action == action && r.outcome == "done" && r.detail.contains(detail)),
-            "no {action:?} record about {detail}: {records:#?}"
-        );
+        loop {
+            let records = audit_records(&router, "node-1").await;
+            let by_admin = |r: &anthill_node::security::audit::Record| r.by == "certificate \"admin\"" && r.outcome == "done";
+            if records.iter().any(|r| by_admin(r) && r.action == action && r.detail.contains(detail)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no {action:?} record about {detail}: {records:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -1001,30 +1011,52 @@ async fn given_encryption_when_a_tenant_is_forgotten_then_no_replica_returns_its
 
 /// Every acme and globex event node `url` holds, opened: (partition, position, stream, payload).
 async fn tenant_events(url: &str) -> Vec<(u32, u64, String, Vec<u8>)> {
+    tenant_events_at(url).await.unwrap()
+}
+
+/// [`tenant_events`], or the node's refusal.
+async fn tenant_events_at(url: &str) -> Result<Vec<(u32, u64, String, Vec<u8>)>, tonic::Status> {
     let mut c = client::connect(url).await.unwrap();
     let mut held = Vec::new();
     for partition in 0..PARTITIONS {
         let read = pb::ReadPartitionRequest { partition, from_position: 1, max_count: 1000, linearizable: false };
-        for e in c.log.read_partition(read).await.unwrap().into_inner().events {
+        for e in c.log.read_partition(read).await?.into_inner().events {
             if e.stream.starts_with("acme/") || e.stream.starts_with("globex/") {
                 held.push((partition, e.position, e.stream, e.payload));
             }
         }
     }
-    held
+    Ok(held)
 }
 
-/// Rewrites every node's config so `encryption` reads `section`, and restarts the nodes one at
-/// a time, the cluster whole again after each.
-async fn restart_with_encryption(cluster: &mut LocalCluster, spec: &ClusterSpec, dir: &Path, section: &str) {
+/// Rewrites node `i`'s config so its `encryption` has `key_file` and `previous_key_files`, and
+/// restarts it; returns once the cluster is whole again.
+async fn restart_with_keys(cluster: &mut LocalCluster, spec: &ClusterSpec, dir: &Path, i: usize, key_file: &Path, previous: &[&Path]) {
+    let file = dir.join(format!("{}.yaml", LocalCluster::name(i)));
+    let config = std::fs::read_to_string(&file).unwrap();
+    let (head, _) = config.split_once("encryption:\n").expect("an encryption section, last in the file");
+    let previous: Vec<String> = previous.iter().map(|p| format!("\"{}\"", p.display())).collect();
+    let section = format!("  key_file: \"{}\"\n  previous_key_files: [{}]\n", key_file.display(), previous.join(", "));
+    std::fs::write(&file, format!("{head}encryption:\n{section}")).unwrap();
+    cluster.terminate(i, Duration::from_secs(30)).unwrap();
+    cluster.start_node(i, &[]).unwrap();
+    cluster.wait_whole(spec, Duration::from_secs(60)).await.unwrap();
+}
+
+/// Waits until every node answers `stream`'s read with the one event holding `payload`.
+async fn readable_everywhere(cluster: &LocalCluster, stream: &str, payload: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
     for i in 0..NODES {
-        let file = dir.join(format!("{}.yaml", LocalCluster::name(i)));
-        let config = std::fs::read_to_string(&file).unwrap();
-        let (head, _) = config.split_once("encryption:\n").expect("an encryption section, last in the file");
-        std::fs::write(&file, format!("{head}encryption:\n{section}")).unwrap();
-        cluster.terminate(i, Duration::from_secs(30)).unwrap();
-        cluster.start_node(i, &[]).unwrap();
-        cluster.wait_whole(spec, Duration::from_secs(60)).await.unwrap();
+        let mut c = client::connect(&cluster.url(i)).await.unwrap();
+        let read = pb::ReadRequest { stream: stream.into(), from_version: 1, max_count: 10, linearizable: false };
+        loop {
+            let outcome = c.log.read(read.clone()).await;
+            if outcome.as_ref().is_ok_and(|r| r.get_ref().events.iter().any(|e| e.payload == payload.as_bytes())) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{} never read {stream}: {outcome:?}", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -1055,13 +1087,25 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
     };
     assert!(before.iter().all(|(_, _, stream, payload)| payload.ends_with(stream.as_bytes())), "{before:?}");
 
-    // (1) The new KEK in force on every node, the old one beside it.
+    // (1) The new KEK beside the old one on every node, the old one still current: once every
+    // node has both, (2) the new one current, node after node. Meanwhile each new tenant's key is
+    // wrapped by whichever key is current where it is made, and every node opens it.
     let (old, new) = (dir.path().join("kek"), dir.path().join("kek-2"));
     let key: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     std::fs::write(&new, key).unwrap();
-    let both = format!("  key_file: \"{}\"\n  previous_key_files: [\"{}\"]\n", new.display(), old.display());
-    restart_with_encryption(&mut cluster, &spec, dir.path(), &both).await;
-    // (2) Re-wrap, with the command an operator runs.
+    for i in 0..NODES {
+        restart_with_keys(&mut cluster, &spec, dir.path(), i, &old, &[&new]).await;
+    }
+    for i in 0..NODES {
+        restart_with_keys(&mut cluster, &spec, dir.path(), i, &new, &[&old]).await;
+        let router = Router::connect(&cluster.urls()).await.unwrap();
+        for n in 0..PARTITIONS {
+            let stream = format!("initech{i}-{n}/orders");
+            router.append(append(&stream, format!("{stream} during the rotation"))).await.unwrap();
+            readable_everywhere(&cluster, &stream, &format!("{stream} during the rotation")).await;
+        }
+    }
+    // (3) Re-wrap, with the command an operator runs; its audit record is in before a restart.
     let certs = dir.path().join("certs");
     let url = cluster.url(0);
     let rewrap = || {
@@ -1070,10 +1114,39 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
     };
     assert!(rewrap() >= 2, "acme's and globex's keys at least");
     assert_eq!(rewrap(), 0, "every key is wrapped by the new KEK already");
-    // (3) The old KEK gone: every node still opens every event, at the positions it had.
-    restart_with_encryption(&mut cluster, &spec, dir.path(), &format!("  key_file: \"{}\"\n", new.display())).await;
+    let router = Router::connect(&cluster.urls()).await.unwrap();
+    let rewrapped = |records: &[anthill_node::security::audit::Record]| {
+        records.iter().any(|r| r.by == "certificate \"admin\"" && r.action == "data keys re-wrapped" && r.outcome == "done")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rewrapped(&audit_records(&router, "node-1").await) {
+        assert!(Instant::now() < deadline, "node-1's audit stream lacks the re-wrap");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // (4) The old KEK gone: every node still opens every event, at the positions it had.
     for i in 0..NODES {
-        assert_eq!(tenant_events(&cluster.url(i)).await, before, "node-{} after the rotation", i + 1);
+        restart_with_keys(&mut cluster, &spec, dir.path(), i, &new, &[]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        // A restarted node loads its copy of the key table in the background: until then its
+        // reads answer UNAVAILABLE (retry).
+        loop {
+            let held = tenant_events_at(&cluster.url(i)).await;
+            match &held {
+                Ok(held) if *held == before => break,
+                Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "node-{} after the rotation: {s:?}", i + 1),
+                Ok(_) => {}
+            }
+            assert!(Instant::now() < deadline, "node-{} after the rotation holds {held:?}, not {before:?}", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for i in 0..NODES {
+        for n in 0..PARTITIONS {
+            let stream = format!("initech{i}-{n}/orders");
+            readable_everywhere(&cluster, &stream, &format!("{stream} during the rotation")).await;
+        }
     }
 
     // Forgetting a tenant takes that tenant's admin: acme's may not forget globex; globex's
@@ -1102,12 +1175,14 @@ async fn given_encryption_when_the_kek_is_rotated_and_the_keys_rewrapped_then_ev
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let records = audit_records(&router, "node-1").await;
-    let has = |by: &str, action: &str, detail: &str| {
-        records.iter().any(|r| r.by.contains(by) && r.action == action && r.outcome == "done" && r.detail.contains(detail))
+    let forgotten = |records: &[anthill_node::security::audit::Record]| {
+        records.iter().any(|r| r.by.contains("(\"globex-admin\")") && r.action == "tenant forgotten" && r.detail.contains("globex"))
     };
-    assert!(has("certificate \"admin\"", "data keys re-wrapped", "re-wrapped"), "{records:#?}");
-    assert!(has("(\"globex-admin\")", "tenant forgotten", "globex"), "{records:#?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !forgotten(&audit_records(&router, "node-1").await) {
+        assert!(Instant::now() < deadline, "node-1's audit stream lacks the forgetting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Writes `bytes` to `path` by a rename, as a deployment tool puts a file in place.
@@ -1182,15 +1257,22 @@ async fn given_the_documented_ca_rotation_then_the_cluster_serves_throughout_and
     cluster.wait_whole(&spec, Duration::from_secs(60)).await.unwrap();
     write("after a restart").await;
     // The old CA's client is refused in the handshake, as a stranger's would be.
-    let stranger = raw_client(&cluster.url(0), &certs.join("ca.crt"), Some((&old_client, "olduser"))).await;
-    let served = match stranger {
-        Err(_) => None,
-        Ok(channel) => pb::node_client::NodeClient::new(channel).status(pb::StatusRequest {}).await.err().map(|s| s.code()),
-    };
-    assert!(
-        !matches!(served, Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)),
-        "a client of the old CA got past the handshake: {served:?}"
-    );
+    let failures_before = metric(&cluster, 0, "anthill_tls_handshake_failures_total").await;
+    match raw_client(&cluster.url(0), &certs.join("ca.crt"), Some((&old_client, "olduser"))).await {
+        Err(_) => {}
+        Ok(channel) => match pb::node_client::NodeClient::new(channel).status(pb::StatusRequest {}).await {
+            Ok(_) => panic!("a client of the old CA was served"),
+            Err(s) => assert!(
+                !matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+                "a client of the old CA got past the handshake: {s:?}"
+            ),
+        },
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&cluster, 0, "anthill_tls_handshake_failures_total").await < failures_before + 1 {
+        assert!(Instant::now() < deadline, "node-1 counted no failed handshake for the old CA's client");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Every acknowledged write is there, on every replica.
     let router = Router::connect(&cluster.urls()).await.unwrap();
     for (stream, payload) in &acked {

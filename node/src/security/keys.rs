@@ -85,10 +85,20 @@ impl Kek {
 pub trait KeyProvider: Send + Sync + std::fmt::Debug {
     fn id(&self) -> &str;
     /// `dek` sealed under this key, `aad` bound to it.
-    fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, String>;
-    /// What [`KeyProvider::wrap`] sealed with the same `aad`; an error when it does not open
-    /// (or the provider cannot be reached).
-    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String>;
+    fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, ProviderError>;
+    /// What [`KeyProvider::wrap`] sealed with the same `aad`.
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, ProviderError>;
+}
+
+/// Why a [`KeyProvider`] call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider could not be asked now (a KMS not reached in time): the caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// It answered no: the wrapped key does not open with this key (another key, changed bytes).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl KeyProvider for Kek {
@@ -96,12 +106,12 @@ impl KeyProvider for Kek {
         &self.id
     }
 
-    fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, String> {
+    fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, ProviderError> {
         Ok(seal(&self.key, aad, dek))
     }
 
-    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String> {
-        open(&self.key, aad, wrapped).ok_or_else(|| "it does not open (another key, or changed)".to_string())
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, ProviderError> {
+        open(&self.key, aad, wrapped).ok_or_else(|| ProviderError::Refused("it does not open (another key, or changed)".into()))
     }
 }
 
@@ -185,6 +195,9 @@ pub enum OpenError {
     /// another node a moment ago): retry.
     #[error("tenant {0:?}'s data key has not reached this node yet; try again")]
     NotYet(String),
+    /// The key provider could not be asked now (a KMS not reached): retry.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -196,7 +209,7 @@ impl OpenError {
     pub fn status(&self) -> Status {
         match self {
             OpenError::Forgotten(_) => Status::failed_precondition(self.to_string()),
-            OpenError::NotYet(_) => Status::unavailable(self.to_string()),
+            OpenError::NotYet(_) | OpenError::Unavailable(_) => Status::unavailable(self.to_string()),
             OpenError::Failed(_) => Status::internal(self.to_string()),
         }
     }
@@ -319,10 +332,22 @@ impl Keys {
             ))
         })?;
         let wrapped = from_hex(&entry.wrapped).unwrap_or_default();
-        let dek = kek
-            .unwrap(&wrap_aad(tenant, &entry.dek_id), &wrapped)
-            .and_then(|d| if d.len() == 32 { Ok(d) } else { Err(format!("it holds {} bytes, not 32", d.len())) })
-            .map_err(|e| OpenError::Failed(format!("tenant {tenant:?}'s wrapped data key does not open with key {}: {e}", kek.id())))?;
+        let dek = kek.unwrap(&wrap_aad(tenant, &entry.dek_id), &wrapped).map_err(|e| match e {
+            ProviderError::Unavailable(why) => OpenError::Unavailable(format!(
+                "tenant {tenant:?}'s data key cannot be unwrapped now: key {} is not reachable: {why}",
+                kek.id()
+            )),
+            ProviderError::Refused(why) => {
+                OpenError::Failed(format!("tenant {tenant:?}'s wrapped data key does not open with key {}: {why}", kek.id()))
+            }
+        })?;
+        if dek.len() != 32 {
+            return Err(OpenError::Failed(format!(
+                "tenant {tenant:?}'s data key unwrapped by key {} holds {} bytes, not 32",
+                kek.id(),
+                dek.len()
+            )));
+        }
         let key = Arc::new(aes_key(&dek));
         self.cache.lock().insert(cache_key, key.clone());
         Ok(key)
@@ -340,7 +365,7 @@ impl Keys {
         let kek = &self.keks[0];
         let wrapped = kek
             .wrap(&wrap_aad(tenant, &dek_id), &dek)
-            .map_err(|e| Status::unavailable(format!("cannot wrap tenant {tenant:?}'s new data key with key {}: {e}", kek.id())))?;
+            .map_err(|e| provider_status(&e, format!("cannot wrap tenant {tenant:?}'s new data key with key {}", kek.id())))?;
         let made = TenantKey {
             dek_id: dek_id.clone(),
             kek_id: kek.id().to_string(),
@@ -478,10 +503,10 @@ impl Keys {
                     let aad = wrap_aad(tenant, &entry.dek_id);
                     let dek = kek
                         .unwrap(&aad, &from_hex(&entry.wrapped).unwrap_or_default())
-                        .map_err(|e| Status::internal(format!("tenant {tenant:?}'s data key does not open with key {}: {e}", kek.id())))?;
-                    let wrapped = current.wrap(&aad, &dek).map_err(|e| {
-                        Status::unavailable(format!("cannot wrap tenant {tenant:?}'s data key with key {}: {e}", current.id()))
-                    })?;
+                        .map_err(|e| provider_status(&e, format!("tenant {tenant:?}'s data key does not open with key {}", kek.id())))?;
+                    let wrapped = current
+                        .wrap(&aad, &dek)
+                        .map_err(|e| provider_status(&e, format!("cannot wrap tenant {tenant:?}'s data key with key {}", current.id())))?;
                     entry.wrapped = to_hex(&wrapped);
                     entry.kek_id = current.id().to_string();
                     count += 1;
@@ -498,6 +523,14 @@ impl Keys {
 
     pub fn table(&self) -> Arc<KeyTable> {
         self.table.get()
+    }
+}
+
+/// The status of a key provider's failure to do `what`: UNAVAILABLE when it may work later.
+fn provider_status(error: &ProviderError, what: String) -> Status {
+    match error {
+        ProviderError::Unavailable(why) => Status::unavailable(format!("{what}: the key provider is not reachable: {why}")),
+        ProviderError::Refused(why) => Status::internal(format!("{what}: {why}")),
     }
 }
 
@@ -626,18 +659,18 @@ pub(crate) mod tests {
             "kms:orders-key"
         }
 
-        fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, String> {
+        fn wrap(&self, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, ProviderError> {
             self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if self.down.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err("the KMS did not answer within 2 s".into());
+                return Err(ProviderError::Unavailable("the KMS did not answer within 2 s".into()));
             }
             self.key.wrap(aad, dek)
         }
 
-        fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String> {
+        fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, ProviderError> {
             self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if self.down.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err("the KMS did not answer within 2 s".into());
+                return Err(ProviderError::Unavailable("the KMS did not answer within 2 s".into()));
             }
             self.key.unwrap(aad, wrapped)
         }
@@ -672,9 +705,17 @@ pub(crate) mod tests {
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
         assert!(refused.message().contains("the KMS did not answer"), "{refused:?}");
         assert!(!moved.table().tenants.contains_key("initech"));
-        let fresh = Keys::in_file(path, [provider]).unwrap();
-        let Err(OpenError::Failed(why)) = fresh.open_event(record("acme/x", old[0].clone())) else { panic!("opened without the KMS") };
-        assert!(why.contains("kms:orders-key") && why.contains("the KMS did not answer"), "{why}");
+        let fresh = Keys::in_file(path.clone(), [provider.clone()]).unwrap();
+        let unreachable = fresh.open_event(record("acme/x", old[0].clone())).unwrap_err();
+        assert_eq!(unreachable.status().code(), tonic::Code::Unavailable, "{unreachable:?}");
+        assert!(unreachable.to_string().contains("kms:orders-key") && unreachable.to_string().contains("did not answer"), "{unreachable}");
+        // Reachable again, it opens; a key that does not open is a failure, not a retry.
+        remote.down.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(fresh.open_event(record("acme/x", old[0].clone())).unwrap().payload, b"under the file key");
+        let other: Arc<dyn KeyProvider> = Arc::new(Remote { key: kek(8), calls: Default::default(), down: Default::default() });
+        let stranger = Keys::in_file(path, [other]).unwrap();
+        let Err(OpenError::Failed(why)) = stranger.open_event(record("acme/x", old[0].clone())) else { panic!("opened with another key") };
+        assert!(why.contains("does not open"), "{why}");
     }
 
     #[test]
