@@ -758,6 +758,18 @@ async fn given_quorum_load_when_a_member_joins_and_another_is_decommissioned_the
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["partitions_naming_it"], serde_json::json!([]), "{report}");
     assert!(!report["partitions_at_start"].as_array().unwrap().is_empty(), "{report}");
+    // The operation is in the audit stream of the node that was asked (node-2).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = router.read_stream_all("$audit/node-2").await.unwrap_or_default();
+        let records: Vec<anthill_node::security::audit::Record> =
+            events.iter().filter_map(|e| serde_json::from_slice(&e.payload).ok()).collect();
+        if records.iter().any(|r| r.action == "decommission" && r.outcome == "allowed" && r.detail.contains("node-1")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node-2's audit stream lacks the decommission: {records:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let out = decommission(&cluster, 1, &["node-9"]).await;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown member \"node-9\""), "{out:?}");
     let out = decommission(&cluster, 1, &["node-2"]).await;
